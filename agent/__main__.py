@@ -1,0 +1,109 @@
+"""``python -m agent --scheduler tcp://HOST:5555 --slots N --runtime docker``"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+
+import uvloop
+
+from agent.runtime import make_runtime
+from agent.server import AgentServer
+from aviato._daemon import exit_with_parent
+
+
+def _labels(pairs: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--label takes KEY=VALUE, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m agent", description=__doc__)
+    p.add_argument(
+        "--scheduler",
+        default=os.environ.get("AVIATO_SCHEDULER"),
+        help="scheduler endpoint, e.g. tcp://10.0.0.1:5555 (default $AVIATO_SCHEDULER)",
+    )
+    p.add_argument(
+        "--slots",
+        type=int,
+        default=max(8, 4 * (os.cpu_count() or 1)),
+        help="how many sandboxes this host runs at once",
+    )
+    p.add_argument(
+        "--runtime",
+        default=os.environ.get("AVIATO_RUNTIME", "docker"),
+        choices=["docker", "auto"],
+        help="sandbox runtime",
+    )
+    p.add_argument(
+        "--agent-id",
+        default=socket.gethostname(),
+        help="stable id; containers labelled with it are reaped at start",
+    )
+    p.add_argument(
+        "--bind",
+        default="tcp://0.0.0.0:0",
+        help="data-plane endpoint for clients (port 0: any free port)",
+    )
+    p.add_argument("--advertise-host", help="host name or address clients use to reach us")
+    p.add_argument("--label", action="append", default=[], help="KEY=VALUE, repeatable")
+    p.add_argument("--pids-limit", type=int, default=1024)
+    p.add_argument("--token", default=os.environ.get("AVIATO_TOKEN"))
+    p.add_argument(
+        "--keep-on-exit",
+        action="store_true",
+        help="leave sandboxes running when the agent exits (default: stop them)",
+    )
+    p.add_argument("--log-level", default=os.environ.get("AVIATO_LOG_LEVEL", "INFO"))
+    return p
+
+
+async def run(args: argparse.Namespace) -> None:
+    runtime = make_runtime(args.runtime, pids_limit=args.pids_limit)
+    server = AgentServer(
+        runtime,
+        scheduler=args.scheduler,
+        agent_id=args.agent_id,
+        slots=args.slots,
+        bind=args.bind,
+        advertise_host=args.advertise_host,
+        labels=_labels(args.label),
+        token=args.token,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stop)
+    parent = os.environ.get("AVIATO_PARENT_PID")
+    async with asyncio.TaskGroup() as tg:
+        watcher = tg.create_task(exit_with_parent(int(parent), server.stop)) if parent else None
+        await server.serve(cleanup_on_exit=not args.keep_on_exit)
+        if watcher is not None:
+            watcher.cancel()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if not args.scheduler:
+        print("agent: --scheduler (or $AVIATO_SCHEDULER) is required", file=sys.stderr)
+        raise SystemExit(2)
+    if args.slots < 1:
+        raise SystemExit("agent: --slots must be at least 1")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    uvloop.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""The small interface every sandbox runtime implements.
+
+The agent talks to sandboxes only through this. A runtime translates its own
+errors into :mod:`aviato.exceptions` (``SandboxFailedError`` for a create that
+cannot happen, ``SandboxNotRunningError`` for a sandbox that is gone,
+``SandboxFileError`` for file trouble); nothing else escapes it. Every method may
+block on I/O, so each is async: blocking work runs off the event loop.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+
+from aviato.protocol import SandboxSpec, from_wire, to_wire
+
+# Labels every sandbox carries, so an agent finds its own after a restart and
+# can report them to a scheduler that restarted.
+LABEL_MANAGED = "aviato.managed"
+LABEL_SANDBOX = "aviato.sandbox"
+LABEL_AGENT = "aviato.agent"
+LABEL_SESSION = "aviato.session"
+LABEL_SPEC = "aviato.spec"
+LABEL_CREATED = "aviato.created"
+
+
+def sandbox_labels(
+    sandbox_id: str, agent_id: str, spec: SandboxSpec, created_at: float
+) -> dict[str, str]:
+    return {
+        LABEL_MANAGED: "1",
+        LABEL_SANDBOX: sandbox_id,
+        LABEL_AGENT: agent_id,
+        LABEL_SESSION: spec.session_id or "",
+        LABEL_SPEC: json.dumps(to_wire(spec), separators=(",", ":")),
+        LABEL_CREATED: repr(created_at),
+    }
+
+
+def spec_from_labels(labels: Mapping[str, str]) -> SandboxSpec | None:
+    """The spec a sandbox was created with, or None when its labels are not ours."""
+    try:
+        spec: SandboxSpec = from_wire(SandboxSpec, json.loads(labels[LABEL_SPEC]), "spec")
+        return spec
+    except Exception:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeSandbox:
+    """One sandbox as the runtime sees it (from ``list``)."""
+
+    sandbox_id: str
+    labels: dict[str, str]
+    running: bool
+    exit_code: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OutputChunk:
+    fd: int  # 1 stdout, 2 stderr
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ExitStatus:
+    returncode: int
+    timed_out: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ExecOutput:
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    timed_out: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxExit:
+    """A sandbox's main process ended by itself (not through ``stop``)."""
+
+    sandbox_id: str
+    exit_code: int | None
+    oom_killed: bool = False
+
+
+class Runtime(abc.ABC):
+    #: Shown in ``aviato status`` and on each sandbox (e.g. "docker", "local").
+    name: str = "abstract"
+    #: True when sandboxes are isolated from the host (containers, bubblewrap).
+    isolated: bool = True
+
+    @abc.abstractmethod
+    async def create(self, sandbox_id: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
+        """Create and start the sandbox; return once its command runs.
+
+        Raises ``SandboxFailedError`` naming the image (and what to do) when it
+        cannot start."""
+
+    @abc.abstractmethod
+    def exec_stream(
+        self,
+        sandbox_id: str,
+        argv: tuple[str, ...],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_seconds: float | None = None,
+    ) -> AsyncIterator[OutputChunk | ExitStatus]:
+        """Run ``argv``; yield output chunks as produced, then exactly one ExitStatus.
+
+        When ``timeout_seconds`` passes the process is killed and the ExitStatus
+        has ``timed_out=True``."""
+
+    async def exec(
+        self,
+        sandbox_id: str,
+        argv: tuple[str, ...],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_seconds: float | None = None,
+    ) -> ExecOutput:
+        out: list[bytes] = []
+        err: list[bytes] = []
+        status = ExitStatus(returncode=-1)
+        async for event in self.exec_stream(
+            sandbox_id, argv, cwd=cwd, env=env, timeout_seconds=timeout_seconds
+        ):
+            if isinstance(event, OutputChunk):
+                (out if event.fd == 1 else err).append(event.data)
+            else:
+                status = event
+        return ExecOutput(status.returncode, b"".join(out), b"".join(err), status.timed_out)
+
+    @abc.abstractmethod
+    async def read_file(self, sandbox_id: str, path: str) -> bytes:
+        """The file's bytes; ``SandboxFileError`` (with ``.filepath``) when missing."""
+
+    @abc.abstractmethod
+    async def write_file(
+        self, sandbox_id: str, path: str, data: bytes | memoryview, mode: int = 0o644
+    ) -> None:
+        """Write ``data`` at ``path``, creating parent directories."""
+
+    @abc.abstractmethod
+    async def logs(self, sandbox_id: str) -> bytes:
+        """The main process's output so far."""
+
+    @abc.abstractmethod
+    async def stop(self, sandbox_id: str) -> None:
+        """Kill and remove the sandbox. Idempotent: an unknown id is not an error."""
+
+    @abc.abstractmethod
+    async def list(self, agent_id: str) -> list[RuntimeSandbox]:
+        """Every sandbox labelled as belonging to ``agent_id``, running or not."""
+
+    @abc.abstractmethod
+    def exits(self) -> AsyncIterator[SandboxExit]:
+        """Sandboxes whose main process ended, as they end (runs until ``close``)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the runtime's resources (not its sandboxes)."""

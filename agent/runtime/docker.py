@@ -1,0 +1,658 @@
+"""Sandboxes as Docker containers, through the Docker SDK.
+
+Every SDK call blocks, so each runs on a dedicated thread pool; the loop only
+awaits futures. ``docker`` is imported here alone, and every error it raises is
+translated to :mod:`aviato.exceptions` before it leaves this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import io
+import logging
+import posixpath
+import tarfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar, TypeVarTuple
+
+import docker
+import docker.errors
+import psutil
+
+from agent.runtime.base import (
+    LABEL_AGENT,
+    LABEL_MANAGED,
+    LABEL_SANDBOX,
+    ExecOutput,
+    ExitStatus,
+    OutputChunk,
+    Runtime,
+    RuntimeSandbox,
+    SandboxExit,
+    spec_from_labels,
+)
+from aviato.exceptions import (
+    SandboxError,
+    SandboxFailedError,
+    SandboxFileError,
+    SandboxNotFoundError,
+    SandboxNotRunningError,
+)
+from aviato.protocol import SandboxSpec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+THREADS = 32  # pool threads == HTTP connections, so concurrent calls never wait for a socket
+CAPS = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "NET_BIND_SERVICE"]
+EXIT_LOG_BYTES = 1024 * 1024  # logs kept per sandbox that exited by itself
+EXIT_LOG_SANDBOXES = 64
+KILL_GRACE = 2.0  # after a timeout kill, how long the output may take to end before we cut it
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_DIR_BIT = 1 << 31  # Go's os.ModeDir, in the archive stat header
+DockerError = (docker.errors.DockerException, OSError)  # requests' errors are OSErrors
+
+
+def docker_available(timeout: float = 2.0) -> bool:
+    """True when a Docker engine answers a ping within ``timeout`` seconds."""
+    try:
+        client = docker.from_env(timeout=timeout)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False
+
+
+def _why(exc: BaseException) -> str:
+    return str(getattr(exc, "explanation", None) or exc)
+
+
+def _status(exc: BaseException) -> int | None:
+    return getattr(exc, "status_code", None)
+
+
+@dataclass
+class _Exec:
+    """One exec in flight, shared by its reader thread and whoever may abort it."""
+
+    target: str
+    argv: list[str]
+    cwd: str | None
+    env: dict[str, str] | None
+    exec_id: str | None = None
+    stream: Any = None
+    aborted: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    out: list[bytes] = field(default_factory=list)
+    err: list[bytes] = field(default_factory=list)
+
+
+class DockerRuntime(Runtime):
+    name = "docker"
+    isolated = True
+
+    def __init__(
+        self,
+        *,
+        pids_limit: int = 1024,
+        pull: str = "missing",
+        client: docker.DockerClient | None = None,
+    ) -> None:
+        if pull not in ("missing", "never"):
+            raise ValueError(f"pull must be 'missing' or 'never', not {pull!r}")
+        self.pids_limit = pids_limit
+        self.pull = pull
+        self._given_client = client
+        self._client_obj: Any = client
+        self._client_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="aviato-docker")
+        # sandbox id -> container id; exec/files address containers without a lookup.
+        self._ids: dict[str, str] = {}
+        self._workdirs: dict[str, str] = {}
+        # _lock orders the events thread's claim of an exit against create and stop.
+        self._lock = threading.Lock()
+        self._starting: set[str] = set()
+        self._early: dict[str, dict[str, Any]] = {}  # die events that came during start
+        self._stopping: set[str] = set()
+        self._oom: set[str] = set()
+        self._last_logs: OrderedDict[str, bytes] = OrderedDict()
+        self._exit_q: asyncio.Queue[SandboxExit | None] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._events: Any = None
+        self._events_lock = asyncio.Lock()
+        self._watcher: threading.Thread | None = None
+        self._closed = threading.Event()
+
+    # ------------------------------------------------------------------ plumbing
+
+    @property
+    def _client(self) -> Any:
+        # Built lazily, on a pool thread: from_env asks the engine for its API version.
+        with self._client_lock:
+            if self._client_obj is None:
+                self._client_obj = docker.from_env(max_pool_size=THREADS, timeout=120)
+            return self._client_obj
+
+    @property
+    def _api(self) -> Any:
+        return self._client.api
+
+    async def _run(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _target(self, sandbox_id: str) -> str:
+        return self._ids.get(sandbox_id) or f"aviato-{sandbox_id}"
+
+    def _path(self, sandbox_id: str, path: str) -> str:
+        full = posixpath.normpath(posixpath.join(self._workdirs.get(sandbox_id, "/"), path))
+        return "/" + full.lstrip("/")  # normpath keeps a leading "//"
+
+    def _gone(self, sandbox_id: str, exc: BaseException) -> SandboxError | None:
+        """The error for a sandbox whose container is missing or stopped, else None."""
+        why = _why(exc)
+        if _status(exc) == 409 or "no such container" in why.lower():
+            return SandboxNotRunningError(
+                f"sandbox {sandbox_id} is not running ({why})", sandbox_id=sandbox_id
+            )
+        return None
+
+    def _engine_error(self, sandbox_id: str, what: str, exc: BaseException) -> SandboxError:
+        return self._gone(sandbox_id, exc) or SandboxFailedError(
+            f"{what} in sandbox {sandbox_id} failed: {_why(exc)} (is the Docker engine healthy?)",
+            sandbox_id=sandbox_id,
+        )
+
+    # ------------------------------------------------------------------ create
+
+    async def create(self, sandbox_id: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
+        await self._ensure_events()
+        await self._run(self._create_sync, sandbox_id, spec, labels)
+
+    def _create_sync(self, sandbox_id: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
+        api, image = self._api, spec.image
+        host_config = api.create_host_config(
+            init=True,  # docker-init reaps zombies and forwards signals
+            security_opt=["no-new-privileges"],
+            cap_drop=["ALL"],
+            cap_add=CAPS,
+            pids_limit=spec.pids_limit or self.pids_limit,
+            mem_limit=spec.memory_bytes,
+            nano_cpus=int(spec.cpus * 1e9) if spec.cpus else None,
+            network_mode="none" if spec.network == "none" else None,
+        )
+        kwargs: dict[str, Any] = dict(
+            name=f"aviato-{sandbox_id}",
+            entrypoint=[spec.command],  # also drops the image's CMD
+            command=list(spec.args),
+            environment=dict(spec.env),
+            working_dir=spec.working_dir,
+            labels=labels,
+            host_config=host_config,
+            detach=True,
+        )
+
+        def fail(msg: str) -> SandboxFailedError:
+            return SandboxFailedError(msg, sandbox_id=sandbox_id)
+
+        try:
+            try:
+                cid: str = api.create_container(image, **kwargs)["Id"]
+            except docker.errors.ImageNotFound as exc:
+                if self.pull == "never":
+                    reason = "pull='never'"
+                else:
+                    try:
+                        self._client.images.pull(image)
+                        reason = ""
+                    except DockerError as pull_exc:
+                        reason = _why(pull_exc)
+                if reason:
+                    raise fail(
+                        f"image {image!r} is not on this host and no registry could provide it"
+                        f" ({reason}). Build it locally with scripts/build-image.sh (for"
+                        f" python:3.11), or `docker pull {image}` on a machine with registry"
+                        " access and `docker save | docker load` it here."
+                    ) from exc
+                cid = api.create_container(image, **kwargs)["Id"]
+        except DockerError as exc:
+            if _status(exc) == 409:
+                raise fail(
+                    f"a container named aviato-{sandbox_id} already exists; remove it with"
+                    f" `docker rm -f aviato-{sandbox_id}` or use another sandbox id"
+                ) from exc
+            raise fail(f"could not create sandbox from image {image!r}: {_why(exc)}") from exc
+        with self._lock:
+            self._ids[sandbox_id] = cid
+            self._starting.add(sandbox_id)
+        self._workdirs[sandbox_id] = spec.working_dir or "/"
+        try:
+            # docker-init (init=True) hides a missing command until after start (the
+            # sandbox just exits 127): look it up first so that create fails instead.
+            if not self._has_command(cid, spec):
+                raise fail(
+                    f"command {spec.command!r} was not found in image {image!r}: give a"
+                    " program that exists in the image (or its full path)"
+                )
+            api.start(cid)
+        except (SandboxFailedError, *DockerError) as exc:
+            with self._lock:
+                self._starting.discard(sandbox_id)
+                self._ids.pop(sandbox_id, None)
+                self._early.pop(cid, None)
+            self._workdirs.pop(sandbox_id, None)
+            with contextlib.suppress(*DockerError):
+                api.remove_container(cid, force=True)
+            if isinstance(exc, SandboxFailedError):
+                raise
+            raise fail(f"sandbox could not start from image {image!r}: {_why(exc)}") from exc
+        with self._lock:
+            self._starting.discard(sandbox_id)
+            early = self._early.pop(cid, None)
+        if early is not None:  # the command ended before start() even returned
+            self._on_event(early)
+
+    def _has_command(self, cid: str, spec: SandboxSpec) -> bool:
+        api, cmd = self._api, spec.command
+        if "/" in cmd:
+            paths = [posixpath.join(spec.working_dir or "/", cmd)]
+        else:  # search the container's PATH, as runc will
+            env = api.inspect_container(cid)["Config"]["Env"] or []
+            path = next((e[5:] for e in env if e.startswith("PATH=")), DEFAULT_PATH)
+            paths = [posixpath.join(d, cmd) for d in path.split(":") if d.startswith("/")]
+        url = api._url("/containers/{0}/archive", cid)  # HEAD: a stat, no archive
+        for p in paths:
+            if api.head(url, params={"path": p}, timeout=30).status_code != 404:
+                return True  # found, or cannot tell: start() will say
+        return False
+
+    # ------------------------------------------------------------------ exec
+
+    def _exec_sync(self, sandbox_id: str, h: _Exec, emit: Callable[[int, bytes], None]) -> int:
+        api = self._api
+        try:
+            try:
+                h.exec_id = api.exec_create(h.target, h.argv, workdir=h.cwd, environment=h.env)[
+                    "Id"
+                ]
+                if h.aborted:
+                    return -9
+                h.stream = api.exec_start(h.exec_id, stream=True, demux=True)
+                for out, err in h.stream:  # ends early when an abort closes the stream
+                    if out:
+                        emit(1, out)
+                    if err:
+                        emit(2, err)
+                h.stream.close()
+                for _ in range(20):  # the stream can end just before the exit is recorded
+                    info = api.exec_inspect(h.exec_id)
+                    if info["ExitCode"] is not None or h.aborted:
+                        break
+                    time.sleep(0.005)
+            except DockerError as exc:
+                raise self._engine_error(sandbox_id, "exec", exc) from exc
+            code = info["ExitCode"]
+            return int(code) if code is not None else -9 if h.aborted else -1
+        finally:
+            h.done.set()
+
+    def _abort_sync(self, h: _Exec) -> None:
+        """Kill the exec's process tree (host pids: we run beside dockerd), then make
+        sure its reader returns even if an orphan keeps the output open."""
+        h.aborted = True
+        with contextlib.suppress(*DockerError, KeyError, TypeError):
+            info = self._api.exec_inspect(h.exec_id)
+            if info["Running"] and info["Pid"]:
+                with contextlib.suppress(psutil.Error):
+                    proc = psutil.Process(info["Pid"])
+                    for p in [proc, *proc.children(recursive=True)]:
+                        with contextlib.suppress(psutil.Error):
+                            p.kill()
+        if not h.done.wait(KILL_GRACE) and h.stream is not None:
+            with contextlib.suppress(Exception):
+                h.stream.close()
+
+    def _new_exec(
+        self, sandbox_id: str, argv: tuple[str, ...], cwd: str | None, env: Mapping[str, str] | None
+    ) -> _Exec:
+        return _Exec(self._target(sandbox_id), list(argv), cwd, dict(env) if env else None)
+
+    async def exec(
+        self,
+        sandbox_id: str,
+        argv: tuple[str, ...],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_seconds: float | None = None,
+    ) -> ExecOutput:
+        # Fast path: create, run, read and inspect in ONE thread hop.
+        h = self._new_exec(sandbox_id, argv, cwd, env)
+
+        def collect(fd: int, data: bytes) -> None:
+            (h.out if fd == 1 else h.err).append(data)
+
+        fut = asyncio.get_running_loop().run_in_executor(
+            self._pool, self._exec_sync, sandbox_id, h, collect
+        )
+        try:
+            if timeout_seconds is None:
+                code = await fut
+            else:
+                try:
+                    code = await asyncio.wait_for(asyncio.shield(fut), timeout_seconds)
+                except TimeoutError:
+                    await self._run(self._abort_sync, h)
+                    code = await fut
+        except asyncio.CancelledError:
+            with contextlib.suppress(RuntimeError):  # pool already shut down
+                self._pool.submit(self._abort_sync, h)
+            raise
+        return ExecOutput(code, b"".join(h.out), b"".join(h.err), h.aborted)
+
+    async def exec_stream(
+        self,
+        sandbox_id: str,
+        argv: tuple[str, ...],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_seconds: float | None = None,
+    ) -> AsyncIterator[OutputChunk | ExitStatus]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[OutputChunk | ExitStatus | BaseException] = asyncio.Queue()
+        h = self._new_exec(sandbox_id, argv, cwd, env)
+
+        def pump() -> None:
+            def emit(fd: int, data: bytes) -> None:
+                loop.call_soon_threadsafe(q.put_nowait, OutputChunk(fd, data))
+
+            item: ExitStatus | BaseException
+            try:
+                item = ExitStatus(self._exec_sync(sandbox_id, h, emit), h.aborted)
+            except BaseException as exc:
+                item = exc
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(q.put_nowait, item)
+
+        loop.run_in_executor(self._pool, pump)
+        deadline = None if timeout_seconds is None else loop.time() + timeout_seconds
+        finished = False
+        try:
+            while True:
+                if deadline is None:
+                    item = await q.get()
+                else:
+                    try:
+                        item = await asyncio.wait_for(q.get(), max(0.0, deadline - loop.time()))
+                    except TimeoutError:
+                        deadline = None
+                        loop.run_in_executor(self._pool, self._abort_sync, h)
+                        continue
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                if isinstance(item, ExitStatus):
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:  # the consumer left early: don't leave the command running
+                with contextlib.suppress(RuntimeError):
+                    self._pool.submit(self._abort_sync, h)
+
+    # ------------------------------------------------------------------ files and logs
+
+    async def write_file(
+        self, sandbox_id: str, path: str, data: bytes | memoryview, mode: int = 0o644
+    ) -> None:
+        await self._run(self._write_sync, sandbox_id, self._path(sandbox_id, path), data, mode)
+
+    def _write_sync(self, sandbox_id: str, path: str, data: bytes | memoryview, mode: int) -> None:
+        if path == "/":
+            raise SandboxFileError("cannot write to '/'", filepath=path, sandbox_id=sandbox_id)
+        # One member named by the full path: docker creates the missing parent dirs.
+        info = tarfile.TarInfo(path.lstrip("/"))
+        info.size, info.mode, info.mtime = len(data), mode, int(time.time())
+        pad = b"\0" * ((-len(data)) % 512 + 1024)  # block padding + end-of-archive
+        archive = b"".join((info.tobuf(format=tarfile.PAX_FORMAT), data, pad))
+        try:
+            self._api.put_archive(self._target(sandbox_id), "/", archive)
+        except DockerError as exc:
+            raise self._gone(sandbox_id, exc) or SandboxFileError(
+                f"cannot write {path} in sandbox {sandbox_id}: {_why(exc)}",
+                filepath=path,
+                sandbox_id=sandbox_id,
+            ) from exc
+
+    async def read_file(self, sandbox_id: str, path: str) -> bytes:
+        return await self._run(self._read_sync, sandbox_id, self._path(sandbox_id, path))
+
+    def _read_sync(self, sandbox_id: str, path: str) -> bytes:
+        def fail(msg: str) -> SandboxFileError:
+            return SandboxFileError(
+                f"{msg} (sandbox {sandbox_id})", filepath=path, sandbox_id=sandbox_id
+            )
+
+        where = path
+        for _ in range(8):  # follow a few symlinks
+            try:
+                chunks, stat = self._api.get_archive(self._target(sandbox_id), where)
+                if stat and stat.get("mode", 0) & _DIR_BIT:
+                    raise fail(f"{path} is a directory, not a file")  # don't tar it all
+                buf = b"".join(chunks)
+            except DockerError as exc:
+                gone = self._gone(sandbox_id, exc)
+                if gone is not None:
+                    raise gone from exc
+                if _status(exc) == 404:
+                    raise fail(f"no such file: {path}") from exc
+                raise fail(f"cannot read {path}: {_why(exc)}") from exc
+            with tarfile.open(fileobj=io.BytesIO(buf)) as tar:
+                member = tar.next()
+            if member is not None and member.issym():
+                target = (stat or {}).get("linkTarget") or member.linkname
+                where = posixpath.join(posixpath.dirname(where), target)
+                continue
+            if member is None or not member.isreg():
+                raise fail(f"{path} is not a regular file")
+            return buf[member.offset_data : member.offset_data + member.size]
+        raise fail(f"{path}: too many levels of symbolic links")
+
+    async def logs(self, sandbox_id: str) -> bytes:
+        return await self._run(self._logs_sync, sandbox_id)
+
+    def _logs_sync(self, sandbox_id: str) -> bytes:
+        kept = self._last_logs.get(sandbox_id)
+        if kept is not None and sandbox_id not in self._ids:
+            return kept
+        try:
+            return bytes(self._api.logs(self._target(sandbox_id), stdout=True, stderr=True))
+        except DockerError as exc:
+            if kept is not None:
+                return kept
+            if _status(exc) == 404:
+                raise SandboxNotFoundError(
+                    f"no sandbox {sandbox_id} on this host (and no logs kept for it)",
+                    sandbox_id=sandbox_id,
+                ) from exc
+            raise self._engine_error(sandbox_id, "reading logs", exc) from exc
+
+    # ------------------------------------------------------------------ stop and list
+
+    async def stop(self, sandbox_id: str) -> None:
+        with self._lock:  # claimed here, so the events thread won't report it as an exit
+            cid = self._ids.pop(sandbox_id, None)
+            self._stopping.add(sandbox_id)
+        try:
+            await self._run(self._remove_sync, sandbox_id, cid or f"aviato-{sandbox_id}")
+        finally:
+            self._stopping.discard(sandbox_id)
+            self._workdirs.pop(sandbox_id, None)
+
+    def _remove_sync(self, sandbox_id: str, target: str) -> None:
+        try:
+            self._api.remove_container(target, force=True)
+        except DockerError as exc:
+            if _status(exc) not in (404, 409):  # 409: a removal is already under way
+                raise SandboxFailedError(
+                    f"could not remove sandbox {sandbox_id}: {_why(exc)}", sandbox_id=sandbox_id
+                ) from exc
+
+    async def list(self, agent_id: str) -> list[RuntimeSandbox]:
+        await self._ensure_events()
+        return await self._run(self._list_sync, agent_id)
+
+    def _list_sync(self, agent_id: str) -> builtins.list[RuntimeSandbox]:
+        api = self._api
+        try:
+            rows = api.containers(all=True, filters={"label": f"{LABEL_AGENT}={agent_id}"})
+            found = []
+            for row in rows:
+                labels: dict[str, str] = row.get("Labels") or {}
+                sid = labels.get(LABEL_SANDBOX)
+                with self._lock:  # a sandbox being stopped must not come back
+                    if not sid or sid in self._stopping:
+                        continue
+                    self._ids[sid] = row["Id"]
+                running = row.get("State") == "running"
+                code = None if running else api.inspect_container(row["Id"])["State"]["ExitCode"]
+                spec = spec_from_labels(labels)
+                self._workdirs[sid] = (spec.working_dir if spec else None) or "/"
+                found.append(RuntimeSandbox(sid, labels, running, code))
+            return found
+        except DockerError as exc:
+            if _status(exc) == 404:  # removed between the listing and its inspect: retry
+                return self._list_sync(agent_id)
+            raise SandboxFailedError(f"could not list sandboxes: {_why(exc)}") from exc
+
+    # ------------------------------------------------------------------ exits
+
+    async def exits(self) -> AsyncIterator[SandboxExit]:
+        await self._ensure_events()
+        while not self._closed.is_set():
+            item = await self._exit_q.get()
+            if item is None:
+                self._exit_q.put_nowait(None)  # for any other consumer
+                return
+            yield item
+
+    async def _ensure_events(self) -> None:
+        # Subscribed before the first create returns, so no exit can slip by.
+        async with self._events_lock:
+            if self._watcher is not None or self._closed.is_set():
+                return
+            self._loop = asyncio.get_running_loop()
+            self._events = await self._run(self._subscribe, None)
+            self._watcher = threading.Thread(
+                target=self._watch, name="aviato-docker-events", daemon=True
+            )
+            self._watcher.start()
+
+    def _subscribe(self, since: int | None) -> Any:
+        try:
+            return self._client.events(
+                decode=True,
+                since=since,
+                filters={
+                    "type": "container",
+                    "event": ["die", "oom"],
+                    "label": [f"{LABEL_MANAGED}=1"],
+                },
+            )
+        except DockerError as exc:
+            raise SandboxFailedError(f"cannot watch Docker events: {_why(exc)}") from exc
+
+    def _watch(self) -> None:
+        since: int | None = None
+        while not self._closed.is_set():
+            try:
+                if self._events is None:
+                    self._events = self._subscribe(since)
+                    if self._closed.is_set():
+                        break
+                for event in self._events:  # ends when close() shuts the stream
+                    since = event.get("time", since)
+                    self._on_event(event)
+            except Exception:
+                log.warning("docker events stream failed; reconnecting", exc_info=True)
+            self._events = None
+            self._closed.wait(1.0)
+        self._emit(None)
+
+    def _emit(self, item: SandboxExit | None) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._exit_q.put_nowait, item)
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        actor = event.get("Actor") or {}
+        attrs: dict[str, str] = actor.get("Attributes") or {}
+        cid = str(actor.get("ID") or event.get("id") or "")
+        sid, action = attrs.get(LABEL_SANDBOX), event.get("Action") or event.get("status")
+        if action == "oom":
+            self._oom.add(cid)
+            return
+        if action != "die" or not sid:
+            return
+        with self._lock:
+            if self._ids.get(sid) != cid:  # stopped, or not ours (another agent's)
+                self._oom.discard(cid)
+                return
+            if sid in self._starting:
+                self._early[cid] = event
+                return
+            del self._ids[sid]  # claimed: stop() won't touch it now
+        try:
+            code: int | None = int(attrs["exitCode"])
+        except (KeyError, ValueError):
+            code = None
+        self._finish_exit(sid, cid, code)
+
+    def _finish_exit(self, sid: str, cid: str, code: int | None) -> None:
+        api = self._api
+        oom = cid in self._oom
+        self._oom.discard(cid)
+        with contextlib.suppress(*DockerError):
+            if not oom and code == 137:  # the oom event is not guaranteed
+                oom = bool(api.inspect_container(cid)["State"].get("OOMKilled"))
+        logs = b""
+        with contextlib.suppress(*DockerError):  # tail bounds the memory a chatty one costs
+            logs = bytes(api.logs(cid, stdout=True, stderr=True, tail=10_000))[-EXIT_LOG_BYTES:]
+        with self._lock:
+            self._last_logs[sid] = logs
+            while len(self._last_logs) > EXIT_LOG_SANDBOXES:
+                self._last_logs.popitem(last=False)
+        self._emit(SandboxExit(sid, code, oom))
+        try:
+            api.remove_container(cid, force=True)
+        except DockerError as exc:
+            if _status(exc) not in (404, 409):
+                log.warning("could not remove exited sandbox %s: %s", sid, _why(exc))
+        self._workdirs.pop(sid, None)
+
+    # ------------------------------------------------------------------ close
+
+    async def close(self) -> None:
+        self._closed.set()
+        events, watcher = self._events, self._watcher
+        if events is not None:
+            with contextlib.suppress(Exception):
+                events.close()
+        self._exit_q.put_nowait(None)
+        if watcher is not None:
+            await asyncio.get_running_loop().run_in_executor(None, watcher.join, 5.0)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._given_client is None and self._client_obj is not None:
+            with contextlib.suppress(Exception):
+                self._client_obj.close()

@@ -1,0 +1,468 @@
+"""The agent daemon: registers with the scheduler, runs sandboxes through a Runtime,
+and serves the data plane (exec, files, logs) to clients on its own ROUTER socket."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from agent.runtime.base import (
+    LABEL_CREATED,
+    ExitStatus,
+    Runtime,
+    sandbox_labels,
+    spec_from_labels,
+)
+from aviato import _zmq
+from aviato._errors import error_reply
+from aviato.exceptions import AviatoError, SandboxNotFoundError, SandboxNotRunningError
+from aviato.protocol import (
+    AgentHeartbeat,
+    Decoded,
+    DecodeError,
+    ErrorCode,
+    ErrorReply,
+    Exec,
+    ExecChunk,
+    ExecReply,
+    FileReply,
+    GetLogs,
+    HeartbeatReply,
+    LogsReply,
+    Message,
+    OkReply,
+    Ping,
+    PlaceSandbox,
+    Pong,
+    ReadFile,
+    RegisterAgent,
+    RegisterReply,
+    SandboxExited,
+    SandboxInfo,
+    SandboxReply,
+    SandboxSpec,
+    SandboxStatus,
+    StopSandbox,
+    WriteFile,
+    decode,
+    encode,
+)
+
+log = logging.getLogger("aviato.agent")
+
+#: How many ended sandbox ids to remember, to tell "not running" from "unknown".
+ENDED_MEMORY = 4096
+
+
+@dataclass(slots=True)
+class Running:
+    spec: SandboxSpec
+    created_at: float
+
+
+class AgentServer:
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        scheduler: str,
+        agent_id: str,
+        slots: int,
+        bind: str = "tcp://127.0.0.1:0",
+        advertise_host: str | None = None,
+        labels: dict[str, str] | None = None,
+        token: str | None = None,
+        register_timeout: float = 2.0,
+    ) -> None:
+        self.runtime = runtime
+        self.scheduler = scheduler
+        self.agent_id = agent_id
+        self.slots = slots
+        self.bind = bind
+        self.advertise_host = advertise_host
+        self.labels = labels or {}
+        self.token = token
+        self.register_timeout = register_timeout
+        self.address = ""
+        self.ready = asyncio.Event()  # set once registered the first time
+        self.sandboxes: dict[str, Running] = {}
+        self.creating: set[str] = set()
+        self.ended: OrderedDict[str, str] = OrderedDict()
+        self._stop = asyncio.Event()
+        self._ctx = zmq.asyncio.Context()
+        self._data: zmq.asyncio.Socket | None = None
+        self._sched: zmq.asyncio.Socket | None = None
+        self._pending: dict[int, asyncio.Future[Message]] = {}
+        self._next_id = 0
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._data_handlers: dict[type[Message], Callable[[bytes, Decoded], Awaitable[None]]] = {
+            Exec: self._on_exec,
+            WriteFile: self._on_write,
+            ReadFile: self._on_read,
+            GetLogs: self._on_logs,
+            Ping: self._on_ping,
+        }
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def serve(self, *, cleanup_on_exit: bool = True) -> None:
+        data, bound = _zmq.router(self._ctx, self.bind)
+        self._data = data
+        self.address = _zmq.advertised(bound, self.advertise_host)
+        log.info(
+            "agent %s serving clients on %s (runtime %s)", self.agent_id, bound, self.runtime.name
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                self._task(self._data_loop(data))
+                self._task(self._scheduler_link())
+                self._task(self._exits_loop())
+                await self._stop.wait()
+                for task in list(self._tasks):
+                    task.cancel()
+        finally:
+            if cleanup_on_exit:
+                await self._stop_all()
+            await self.runtime.close()
+            data.close(linger=0)
+            if self._sched is not None:
+                self._sched.close(linger=0)
+            self._ctx.term()
+
+    async def _stop_all(self) -> None:
+        ids = list(self.sandboxes) + list(self.creating)
+        if ids:
+            log.info("agent %s stopping %d sandbox(es) on exit", self.agent_id, len(ids))
+        results = await asyncio.gather(
+            *(asyncio.wait_for(self.runtime.stop(s), 30) for s in ids), return_exceptions=True
+        )
+        for sid, result in zip(ids, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("could not stop %s on exit: %s", sid, result)
+
+    def _task(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Start ``coro`` in the agent's task group; tracked so ``stop`` can cancel it."""
+        assert self._tg is not None
+        task = self._tg.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        self._task(self._guard(coro))
+
+    @staticmethod
+    async def _guard(coro: Awaitable[None]) -> None:
+        # A failing request handler is logged; it must not take the task group down.
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("agent: request handler failed")
+
+    # ------------------------------------------------------------------ scheduler link
+
+    def _new_scheduler_socket(self) -> zmq.asyncio.Socket:
+        if self._sched is not None:
+            self._sched.close(linger=0)
+        sock = _zmq.dealer(self._ctx, self.scheduler)
+        self._sched = sock
+        return sock
+
+    async def _scheduler_link(self) -> None:
+        fresh = True
+        backoff = 0.1
+        sock = self._new_scheduler_socket()
+        reader = self._task(self._scheduler_recv(sock))
+        while True:
+            reply = await self._register(fresh)
+            if reply is None:
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                if backoff >= 1.6:
+                    # A fresh socket drops whatever the old one had queued.
+                    reader.cancel()
+                    sock = self._new_scheduler_socket()
+                    reader = self._task(self._scheduler_recv(sock))
+                continue
+            fresh, backoff = False, 0.1
+            self.ready.set()
+            await self._heartbeat_until_lost(reply.heartbeat_interval)
+            log.warning("agent %s: scheduler lost or restarted; registering again", self.agent_id)
+
+    async def _register(self, fresh: bool) -> RegisterReply | None:
+        reported: list[SandboxInfo] = []
+        if fresh:
+            for found in await self.runtime.list(self.agent_id):
+                spec = spec_from_labels(found.labels)
+                created = float(found.labels.get(LABEL_CREATED, "0") or 0)
+                if found.running and spec is not None:
+                    self.sandboxes.setdefault(found.sandbox_id, Running(spec, created))
+                else:
+                    await self.runtime.stop(found.sandbox_id)
+        for sid, run in self.sandboxes.items():
+            reported.append(
+                SandboxInfo(sid, run.spec, SandboxStatus.RUNNING, created_at=run.created_at)
+            )
+        msg = RegisterAgent(
+            agent_id=self.agent_id,
+            address=self.address,
+            slots=self.slots,
+            runtime=self.runtime.name,
+            fresh=fresh,
+            labels=self.labels,
+            sandboxes=tuple(reported),
+        )
+        reply = await self._ask_scheduler(msg, self.register_timeout)
+        if not isinstance(reply, RegisterReply):
+            if isinstance(reply, ErrorReply):
+                log.error("scheduler refused registration: %s", reply.message)
+            return None
+        for sid in reply.reap:
+            log.info("reaping sandbox %s unknown to the scheduler", sid)
+            self._forget(sid, "reaped: unknown to the scheduler")
+            await self.runtime.stop(sid)
+        log.info("agent %s registered with %s", self.agent_id, self.scheduler)
+        return reply
+
+    async def _heartbeat_until_lost(self, interval: float) -> None:
+        misses = 0
+        while True:
+            await asyncio.sleep(interval)
+            running = tuple(self.sandboxes) + tuple(self.creating)
+            reply = await self._ask_scheduler(
+                AgentHeartbeat(self.agent_id, running), max(1.0, 2 * interval)
+            )
+            if isinstance(reply, HeartbeatReply):
+                if not reply.registered:
+                    return
+                misses = 0
+            else:
+                misses += 1
+                if misses >= 3:
+                    return
+
+    async def _ask_scheduler(self, msg: Message, timeout: float) -> Message | None:
+        """A request to the scheduler; None when it does not answer in time."""
+        sock = self._sched
+        assert sock is not None
+        self._next_id += 1
+        request_id = self._next_id
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            await sock.send_multipart(encode(msg, request_id, token=self.token))
+            return await asyncio.wait_for(future, timeout)
+        except (TimeoutError, zmq.ZMQError):
+            return None
+        finally:
+            self._pending.pop(request_id, None)
+
+    async def _scheduler_recv(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            try:
+                decoded = decode(frames)
+            except DecodeError as exc:
+                log.warning("agent: undecodable message from the scheduler: %s", exc)
+                continue
+            msg = decoded.msg
+            if isinstance(msg, PlaceSandbox):
+                self._spawn(self._on_place(sock, decoded.request_id, msg.sandbox))
+            elif isinstance(msg, StopSandbox):
+                self._spawn(self._on_stop(sock, decoded.request_id, msg))
+            else:
+                future = self._pending.get(decoded.request_id)
+                if future is not None and not future.done():
+                    future.set_result(msg)
+
+    async def _reply_scheduler(
+        self, sock: zmq.asyncio.Socket, request_id: int, msg: Message
+    ) -> None:
+        try:
+            await sock.send_multipart(encode(msg, request_id, token=self.token))
+        except zmq.ZMQError as exc:
+            log.warning("could not answer the scheduler: %s", exc)
+
+    async def _on_place(self, sock: zmq.asyncio.Socket, request_id: int, info: SandboxInfo) -> None:
+        sid = info.sandbox_id
+        if sid not in self.sandboxes:
+            self.creating.add(sid)
+            labels = sandbox_labels(sid, self.agent_id, info.spec, info.created_at)
+            try:
+                await self.runtime.create(sid, info.spec, labels)
+            except Exception as exc:
+                log.info("create of %s failed: %s", sid, exc)
+                await self._reply_scheduler(sock, request_id, error_reply(exc))
+                return
+            finally:
+                self.creating.discard(sid)
+            self.sandboxes[sid] = Running(info.spec, info.created_at)
+        running = dataclasses.replace(info, status=SandboxStatus.RUNNING)
+        await self._reply_scheduler(sock, request_id, SandboxReply(running))
+
+    async def _on_stop(self, sock: zmq.asyncio.Socket, request_id: int, msg: StopSandbox) -> None:
+        self._forget(msg.sandbox_id, msg.reason)
+        try:
+            await self.runtime.stop(msg.sandbox_id)
+        except Exception as exc:
+            await self._reply_scheduler(sock, request_id, error_reply(exc))
+            return
+        await self._reply_scheduler(sock, request_id, OkReply())
+
+    def _forget(self, sandbox_id: str, reason: str) -> None:
+        self.sandboxes.pop(sandbox_id, None)
+        self.ended[sandbox_id] = reason
+        while len(self.ended) > ENDED_MEMORY:
+            self.ended.popitem(last=False)
+
+    async def _exits_loop(self) -> None:
+        async for exit_ in self.runtime.exits():
+            if exit_.sandbox_id not in self.sandboxes:
+                continue
+            reason = ""
+            if exit_.oom_killed:
+                reason = "killed: out of memory (raise memory_bytes)"
+            self._forget(exit_.sandbox_id, reason or f"exited with code {exit_.exit_code}")
+            log.info(
+                "sandbox %s exited (%s, oom=%s)",
+                exit_.sandbox_id,
+                exit_.exit_code,
+                exit_.oom_killed,
+            )
+            if self._sched is not None:
+                # Best effort: a lost report is caught by the heartbeat's running list.
+                await self._ask_scheduler(
+                    SandboxExited(exit_.sandbox_id, exit_.exit_code, reason), 2.0
+                )
+
+    # ------------------------------------------------------------------ data plane
+
+    async def _data_loop(self, sock: zmq.asyncio.Socket) -> None:
+        while True:
+            frames = await sock.recv_multipart(copy=False)
+            identity = frames[0].bytes
+            try:
+                decoded = decode(frames[1:])
+            except DecodeError as exc:
+                await _zmq.reply_decode_error(sock, identity, exc, f"agent {self.agent_id}")
+                continue
+            if self.token is not None and decoded.token != self.token:
+                await self._send(
+                    identity,
+                    decoded.request_id,
+                    ErrorReply(ErrorCode.UNAUTHORIZED, "missing or wrong cluster token"),
+                )
+                continue
+            handler = self._data_handlers.get(type(decoded.msg))
+            if handler is None:
+                error = ErrorReply(
+                    ErrorCode.BAD_REQUEST,
+                    f"an agent does not serve {type(decoded.msg).__name__}",
+                )
+                await self._send(identity, decoded.request_id, error)
+                continue
+            self._spawn(self._serve_one(handler, identity, decoded))
+
+    async def _serve_one(
+        self, handler: Callable[[bytes, Decoded], Awaitable[None]], identity: bytes, d: Decoded
+    ) -> None:
+        try:
+            await handler(identity, d)
+        except Exception as exc:
+            if not isinstance(exc, AviatoError):
+                log.exception("agent: %s failed", type(d.msg).__name__)
+            await self._send(identity, d.request_id, error_reply(exc))
+
+    async def _send(
+        self, identity: bytes, request_id: int, msg: Message, payloads: tuple[bytes, ...] = ()
+    ) -> None:
+        assert self._data is not None
+        await _zmq.send_to(self._data, identity, msg, request_id, payloads)
+
+    def _check_running(self, sandbox_id: str) -> None:
+        if sandbox_id in self.sandboxes:
+            return
+        reason = self.ended.get(sandbox_id)
+        if reason is not None or sandbox_id in self.creating:
+            raise SandboxNotRunningError(
+                f"sandbox {sandbox_id} is not running ({reason or 'still starting'})",
+                sandbox_id=sandbox_id,
+            )
+        raise SandboxNotFoundError(
+            f"sandbox {sandbox_id} is not on agent {self.agent_id}", sandbox_id=sandbox_id
+        )
+
+    async def _on_exec(self, identity: bytes, d: Decoded) -> None:
+        msg = d.msg
+        assert isinstance(msg, Exec)
+        self._check_running(msg.sandbox_id)
+        if not msg.argv or not msg.argv[0]:
+            raise ValueError("exec needs a non-empty argv, e.g. ['echo', 'hi']")
+        if d.payloads:
+            raise ValueError("exec with stdin is not supported yet")
+        if not msg.stream:
+            out = await self.runtime.exec(
+                msg.sandbox_id,
+                msg.argv,
+                cwd=msg.cwd,
+                env=msg.env,
+                timeout_seconds=msg.timeout_seconds,
+            )
+            reply = ExecReply(out.returncode, out.timed_out)
+            await self._send(identity, d.request_id, reply, (out.stdout, out.stderr))
+            return
+        async for event in self.runtime.exec_stream(
+            msg.sandbox_id,
+            msg.argv,
+            cwd=msg.cwd,
+            env=msg.env,
+            timeout_seconds=msg.timeout_seconds,
+        ):
+            if isinstance(event, ExitStatus):
+                await self._send(
+                    identity, d.request_id, ExecReply(event.returncode, event.timed_out)
+                )
+            else:
+                await self._send(identity, d.request_id, ExecChunk(event.fd), (event.data,))
+
+    async def _on_write(self, identity: bytes, d: Decoded) -> None:
+        msg = d.msg
+        assert isinstance(msg, WriteFile)
+        self._check_running(msg.sandbox_id)
+        if len(d.payloads) != 1:
+            raise ValueError("write_file carries exactly one payload frame (the data)")
+        await self.runtime.write_file(msg.sandbox_id, msg.path, d.payloads[0], msg.mode)
+        await self._send(identity, d.request_id, OkReply())
+
+    async def _on_read(self, identity: bytes, d: Decoded) -> None:
+        msg = d.msg
+        assert isinstance(msg, ReadFile)
+        self._check_running(msg.sandbox_id)
+        data = await self.runtime.read_file(msg.sandbox_id, msg.path)
+        await self._send(identity, d.request_id, FileReply(len(data)), (data,))
+
+    async def _on_logs(self, identity: bytes, d: Decoded) -> None:
+        msg = d.msg
+        assert isinstance(msg, GetLogs)
+        if msg.sandbox_id not in self.sandboxes and msg.sandbox_id not in self.ended:
+            self._check_running(msg.sandbox_id)
+        data = await self.runtime.logs(msg.sandbox_id)
+        await self._send(identity, d.request_id, LogsReply(), (data,))
+
+    async def _on_ping(self, identity: bytes, d: Decoded) -> None:
+        await self._send(identity, d.request_id, Pong(server="agent", server_id=self.agent_id))

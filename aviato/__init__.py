@@ -1,0 +1,61 @@
+"""aviato: sandboxes on your own cluster, with a Ray-style parallel-function API.
+
+async with Sandbox.session(SandboxDefaults(container_image="python:3.11")) as session:
+    sb = session.create(command="sleep", args=["infinity"])
+    async with sb:
+        r = await sb.exec(["echo", "hi"])   # r.stdout == b"hi\\n"
+"""
+
+from aviato._defaults import SandboxDefaults
+from aviato._sandbox import ExecStream, Sandbox
+from aviato._session import Session
+from aviato._types import ExecResult, OutputChunk
+from aviato.exceptions import (
+    AsyncFunctionError,
+    AviatoError,
+    ClusterUnavailableError,
+    FunctionError,
+    FunctionSerializationError,
+    PayloadTooLargeError,
+    ProtocolError,
+    SandboxError,
+    SandboxExecutionError,
+    SandboxFailedError,
+    SandboxFileError,
+    SandboxNotFoundError,
+    SandboxNotRunningError,
+    SandboxTerminatedError,
+    SandboxTimeoutError,
+    UnauthorizedError,
+)
+from aviato.protocol import PROTOCOL_VERSION, SandboxStatus
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "AsyncFunctionError",
+    "AviatoError",
+    "ClusterUnavailableError",
+    "ExecResult",
+    "ExecStream",
+    "FunctionError",
+    "FunctionSerializationError",
+    "OutputChunk",
+    "PayloadTooLargeError",
+    "ProtocolError",
+    "Sandbox",
+    "SandboxDefaults",
+    "SandboxError",
+    "SandboxExecutionError",
+    "SandboxFailedError",
+    "SandboxFileError",
+    "SandboxNotFoundError",
+    "SandboxNotRunningError",
+    "SandboxStatus",
+    "SandboxTerminatedError",
+    "SandboxTimeoutError",
+    "Session",
+    "UnauthorizedError",
+    "__version__",
+]

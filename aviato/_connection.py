@@ -1,0 +1,156 @@
+"""One DEALER connection to a daemon: request ids mapped to futures, a reader task.
+
+Connections belong to one event loop; :func:`connection` hands out one per
+(loop, address) so concurrent requests share a socket and a reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import weakref
+from collections.abc import AsyncIterator, Sequence
+
+import zmq
+import zmq.asyncio
+
+from aviato import _zmq
+from aviato._errors import to_exception
+from aviato.exceptions import ClusterUnavailableError, PayloadTooLargeError
+from aviato.protocol import (
+    MAX_PAYLOAD_BYTES,
+    Decoded,
+    DecodeError,
+    ErrorReply,
+    Message,
+    Payload,
+    decode,
+    encode,
+    payload_size,
+)
+
+_ids = itertools.count(1)
+_CTX: zmq.asyncio.Context | None = None
+
+
+def _context() -> zmq.asyncio.Context:
+    global _CTX
+    if _CTX is None:
+        _CTX = zmq.asyncio.Context()
+    return _CTX
+
+
+class Connection:
+    def __init__(self, address: str, token: str | None = None) -> None:
+        self.address = address
+        self.token = token
+        self._sock = _zmq.dealer(_context(), address)
+        self._waiting: dict[int, asyncio.Queue[Decoded]] = {}
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        self.closed = False
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self._sock.recv_multipart(copy=False)
+            try:
+                decoded = decode(frames)
+            except DecodeError:
+                continue  # nothing to route it to; the request's deadline will fire
+            queue = self._waiting.get(decoded.request_id)
+            if queue is not None:
+                queue.put_nowait(decoded)
+
+    async def _send(self, request_id: int, msg: Message, payloads: Sequence[Payload]) -> None:
+        size = payload_size(payloads)
+        if size > MAX_PAYLOAD_BYTES:
+            raise PayloadTooLargeError(
+                f"{type(msg).__name__} carries {size} bytes, above the {MAX_PAYLOAD_BYTES}-byte "
+                "limit; split the data into smaller pieces"
+            )
+        frames = encode(msg, request_id, payloads, token=self.token)
+        await self._sock.send_multipart(frames, copy=size < 64 * 1024)
+
+    async def request(
+        self, msg: Message, payloads: Sequence[Payload] = (), *, timeout: float
+    ) -> Decoded:
+        """Send ``msg`` and return its reply; error replies raise their exception."""
+        request_id = next(_ids)
+        queue: asyncio.Queue[Decoded] = asyncio.Queue()
+        self._waiting[request_id] = queue
+        try:
+            await self._send(request_id, msg, payloads)
+            try:
+                async with asyncio.timeout(timeout):
+                    reply = await queue.get()
+            except TimeoutError:
+                raise ClusterUnavailableError(
+                    f"no answer from {self.address} to {type(msg).__name__} within {timeout:g}s"
+                ) from None
+        finally:
+            del self._waiting[request_id]
+        if isinstance(reply.msg, ErrorReply):
+            raise to_exception(reply.msg)
+        return reply
+
+    async def stream(
+        self,
+        msg: Message,
+        payloads: Sequence[Payload] = (),
+        *,
+        idle_timeout: float,
+        is_last: type[Message],
+    ) -> AsyncIterator[Decoded]:
+        """Send ``msg`` and yield replies until one of type ``is_last``."""
+        request_id = next(_ids)
+        queue: asyncio.Queue[Decoded] = asyncio.Queue()
+        self._waiting[request_id] = queue
+        try:
+            await self._send(request_id, msg, payloads)
+            while True:
+                try:
+                    async with asyncio.timeout(idle_timeout):
+                        reply = await queue.get()
+                except TimeoutError:
+                    raise ClusterUnavailableError(
+                        f"{self.address} went silent for {idle_timeout:g}s during "
+                        f"{type(msg).__name__}"
+                    ) from None
+                if isinstance(reply.msg, ErrorReply):
+                    raise to_exception(reply.msg)
+                yield reply
+                if isinstance(reply.msg, is_last):
+                    return
+        finally:
+            del self._waiting[request_id]
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._reader.cancel()
+            self._sock.close(linger=0)
+
+
+_by_loop: weakref.WeakKeyDictionary[
+    asyncio.AbstractEventLoop, dict[tuple[str, str | None], Connection]
+] = weakref.WeakKeyDictionary()
+
+
+def connection(address: str, token: str | None = None) -> Connection:
+    """The shared connection to ``address`` for the running loop."""
+    loop = asyncio.get_running_loop()
+    conns = _by_loop.setdefault(loop, {})
+    conn = conns.get((address, token))
+    if conn is None or conn.closed:
+        conn = Connection(address, token)
+        conns[(address, token)] = conn
+    return conn
+
+
+def close_all() -> None:
+    """Close the running loop's connections (a session does this when it closes)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    for conn in _by_loop.pop(loop, {}).values():
+        conn.close()

@@ -1,0 +1,96 @@
+"""``SandboxDefaults``: settings a session hands to every sandbox it creates."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aviato.protocol import SandboxSpec
+
+
+@dataclass(frozen=True)
+class SandboxDefaults:
+    container_image: str = "python:3.11"
+    command: str | None = None
+    args: tuple[str, ...] = ()
+    max_lifetime_seconds: float | None = None
+    tags: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    #: Scheduler endpoint; else $AVIATO_SCHEDULER; else an embedded local cluster.
+    scheduler: str | None = None
+    #: Deadline for one control or data request (not for an exec's own run time).
+    request_timeout_seconds: float = 30.0
+    #: How long ``start()`` waits for a free slot before ``SandboxTimeoutError``.
+    start_timeout_seconds: float = 120.0
+    #: A session's lease: if its client stops renewing it, its sandboxes are stopped.
+    lease_seconds: float = 15.0
+    memory_bytes: int | None = None
+    cpus: float | None = None
+    network: str | None = None
+    working_dir: str | None = None
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        # Accept lists for convenience; keep the frozen value hashable-ish and immutable.
+        object.__setattr__(self, "args", tuple(self.args))
+        object.__setattr__(self, "tags", tuple(self.tags))
+        object.__setattr__(self, "env", dict(self.env))
+
+    def replace(self, **changes: Any) -> SandboxDefaults:
+        return dataclasses.replace(self, **changes)
+
+    def scheduler_address(self) -> str | None:
+        return self.scheduler or os.environ.get("AVIATO_SCHEDULER") or None
+
+    def cluster_token(self) -> str | None:
+        return self.token or os.environ.get("AVIATO_TOKEN") or None
+
+
+def merge_spec(
+    defaults: SandboxDefaults,
+    *,
+    session_id: str | None,
+    command: str | None = None,
+    args: Sequence[str] | None = None,
+    container_image: str | None = None,
+    tags: Sequence[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    max_lifetime_seconds: float | None = None,
+    memory_bytes: int | None = None,
+    cpus: float | None = None,
+    network: str | None = None,
+    working_dir: str | None = None,
+) -> SandboxSpec:
+    """Per-sandbox arguments over the defaults; tags and env are combined, not replaced."""
+    if isinstance(args, str):
+        raise TypeError("args must be a list of strings, e.g. args=['infinity']")
+    cmd = command if command is not None else defaults.command
+    if not cmd or not cmd.strip():
+        raise ValueError(
+            "a sandbox needs a command: pass command='sleep', args=['infinity'] "
+            "(or set SandboxDefaults(command=...))"
+        )
+    merged_tags = tuple(dict.fromkeys((*defaults.tags, *(tags or ()))))
+    image = container_image or defaults.container_image
+    if not image or not image.strip():
+        raise ValueError("container_image is empty: name an image such as 'python:3.11'")
+    return SandboxSpec(
+        image=image,
+        command=cmd,
+        args=tuple(args) if args is not None else (defaults.args if command is None else ()),
+        env={**defaults.env, **(env or {})},
+        tags=merged_tags,
+        session_id=session_id,
+        max_lifetime_seconds=(
+            max_lifetime_seconds
+            if max_lifetime_seconds is not None
+            else defaults.max_lifetime_seconds
+        ),
+        memory_bytes=memory_bytes if memory_bytes is not None else defaults.memory_bytes,
+        cpus=cpus if cpus is not None else defaults.cpus,
+        network=network if network is not None else defaults.network,
+        working_dir=working_dir if working_dir is not None else defaults.working_dir,
+    )

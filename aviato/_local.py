@@ -1,0 +1,168 @@
+"""The embedded cluster: a private scheduler and one agent on loopback.
+
+With no scheduler address configured, the first sandbox or session in a process
+starts one (as ``ray.init()`` does) and it is torn down, with its sandboxes, when
+the interpreter exits. The daemons also exit by themselves if this process dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+from aviato.exceptions import ClusterUnavailableError
+from aviato.protocol import ClusterStatus, ClusterStatusReply, decode, encode
+
+log = logging.getLogger("aviato.local")
+
+
+class LocalCluster:
+    def __init__(
+        self,
+        *,
+        slots: int | None = None,
+        runtime: str | None = None,
+        agent_id: str | None = None,
+        bind_host: str = "127.0.0.1",
+    ) -> None:
+        self.slots = slots or int(
+            os.environ.get("AVIATO_LOCAL_SLOTS", max(8, 4 * (os.cpu_count() or 1)))
+        )
+        self.runtime = runtime or os.environ.get("AVIATO_RUNTIME", "auto")
+        self.agent_id = agent_id or f"embedded-{os.getpid()}"
+        self.bind_host = bind_host
+        self.address = ""
+        self._dir = Path(tempfile.mkdtemp(prefix="aviato-local-"))
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        logfile = open(self._dir / f"{name}.log", "wb")
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", name, *args, "--log-level", "WARNING"],
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "AVIATO_PARENT_PID": str(os.getpid())},
+                start_new_session=True,  # Ctrl-C in a terminal reaches us, not them
+            )
+        finally:
+            logfile.close()
+        self._procs.append(proc)
+        return proc
+
+    def _log_tail(self) -> str:
+        parts = []
+        for path in sorted(self._dir.glob("*.log")):
+            text = path.read_text(errors="replace").strip().splitlines()[-15:]
+            parts.append(f"--- {path.name}\n" + "\n".join(text))
+        return "\n".join(parts)
+
+    def start(self, timeout: float = 60.0) -> str:
+        """Start both daemons and return the scheduler address once an agent is live."""
+        deadline = time.monotonic() + timeout
+        ready = self._dir / "scheduler.addr"
+        sched = self._spawn(
+            "scheduler", ["--bind", f"tcp://{self.bind_host}:*", "--ready-file", str(ready)]
+        )
+        while not ready.exists():
+            self._check_alive(sched, "scheduler", deadline)
+            time.sleep(0.01)
+        self.address = ready.read_text().strip()
+        agent = self._spawn(
+            "agent",
+            [
+                "--scheduler",
+                self.address,
+                "--slots",
+                str(self.slots),
+                "--runtime",
+                self.runtime,
+                "--agent-id",
+                self.agent_id,
+                "--bind",
+                f"tcp://{self.bind_host}:*",
+            ],
+        )
+        while not self._agent_live():
+            self._check_alive(agent, "agent", deadline)
+            time.sleep(0.02)
+        log.info("embedded aviato cluster at %s (agent %s)", self.address, self.agent_id)
+        return self.address
+
+    def _check_alive(self, proc: subprocess.Popen[bytes], name: str, deadline: float) -> None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            why = "exited" if proc.returncode is not None else "did not come up in time"
+            tail = self._log_tail()
+            self.stop()
+            raise ClusterUnavailableError(f"embedded aviato {name} {why}:\n{tail}")
+
+    def _agent_live(self) -> bool:
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(self.address)
+            sock.send_multipart(encode(ClusterStatus(), 1))
+            if not sock.poll(500):
+                return False
+            reply = decode(sock.recv_multipart()).msg
+            return isinstance(reply, ClusterStatusReply) and any(a.alive for a in reply.agents)
+        finally:
+            sock.close()
+
+    def stop(self) -> None:
+        """Agent first (it stops its sandboxes), then the scheduler; idempotent."""
+        for proc in reversed(self._procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self._procs.clear()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+_cluster: LocalCluster | None = None
+_lock = threading.Lock()
+
+
+def ensure_cluster_sync() -> str:
+    global _cluster
+    with _lock:
+        if _cluster is None:
+            cluster = LocalCluster()
+            cluster.start()
+            _cluster = cluster
+            atexit.register(shutdown)
+        return _cluster.address
+
+
+async def ensure_cluster() -> str:
+    """The embedded cluster's address, starting it on first use."""
+    if _cluster is not None:
+        return _cluster.address
+    # Spawning and waiting block; keep the caller's loop free meanwhile.
+    return await asyncio.to_thread(ensure_cluster_sync)
+
+
+def shutdown() -> None:
+    global _cluster
+    with _lock:
+        if _cluster is not None:
+            _cluster.stop()
+            _cluster = None

@@ -1,0 +1,495 @@
+"""``Sandbox``: one isolated container somewhere in the cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from aviato import _local
+from aviato._connection import Connection, connection
+from aviato._defaults import SandboxDefaults, merge_spec
+from aviato._types import ExecResult, OutputChunk
+from aviato.exceptions import (
+    SandboxExecutionError,
+    SandboxFailedError,
+    SandboxNotRunningError,
+    SandboxTerminatedError,
+    SandboxTimeoutError,
+)
+from aviato.protocol import (
+    CreateSandbox,
+    Exec,
+    ExecChunk,
+    ExecReply,
+    FileReply,
+    GetLogs,
+    GetSandbox,
+    ListSandboxes,
+    LogsReply,
+    ReadFile,
+    SandboxInfo,
+    SandboxListReply,
+    SandboxReply,
+    SandboxSpec,
+    SandboxStatus,
+    StopSandbox,
+    WaitSandbox,
+    WriteFile,
+)
+
+if TYPE_CHECKING:
+    from aviato._session import Session
+
+#: Longest single long-poll of ``wait``; the loop re-asks until its own deadline.
+_WAIT_POLL_SECONDS = 20.0
+#: Deadline for an exec given no timeout of its own (a day: "forever", but bounded).
+_EXEC_NO_TIMEOUT_SECONDS = 24 * 3600.0
+
+
+async def scheduler_connection(defaults: SandboxDefaults) -> Connection:
+    address = defaults.scheduler_address() or await _local.ensure_cluster()
+    return connection(address, defaults.cluster_token())
+
+
+class Sandbox:
+    """A sandbox: create it (``start()`` or ``async with``), run commands, stop it.
+
+    ``Sandbox(command="sleep", args=["infinity"])`` describes one; nothing runs
+    until ``await sb.start()``.
+    """
+
+    def __init__(
+        self,
+        *,
+        command: str | None = None,
+        args: Sequence[str] | None = None,
+        container_image: str | None = None,
+        tags: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        max_lifetime_seconds: float | None = None,
+        memory_bytes: int | None = None,
+        cpus: float | None = None,
+        network: str | None = None,
+        working_dir: str | None = None,
+        defaults: SandboxDefaults | None = None,
+        _session: Session | None = None,
+    ) -> None:
+        self._defaults = defaults or (_session.defaults if _session else SandboxDefaults())
+        self._session = _session
+        self._spec: SandboxSpec = merge_spec(
+            self._defaults,
+            session_id=_session.session_id if _session else None,
+            command=command,
+            args=args,
+            container_image=container_image,
+            tags=tags,
+            env=env,
+            max_lifetime_seconds=max_lifetime_seconds,
+            memory_bytes=memory_bytes,
+            cpus=cpus,
+            network=network,
+            working_dir=working_dir,
+        )
+        self._info: SandboxInfo | None = None
+        self._starting: asyncio.Task[str] | None = None
+        self._stopped_by_us = False
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    async def create(cls, *command_and_args: str, **kwargs: Any) -> Sandbox:
+        """Create and start a sandbox: ``await Sandbox.create("sleep", "infinity")``."""
+        if command_and_args:
+            kwargs.setdefault("command", command_and_args[0])
+            kwargs.setdefault("args", list(command_and_args[1:]))
+        sandbox = cls(**kwargs)
+        await sandbox.start()
+        return sandbox
+
+    @staticmethod
+    def session(defaults: SandboxDefaults | None = None) -> Session:
+        """A session: shared defaults, and cleanup of every sandbox it made."""
+        from aviato._session import Session
+
+        return Session(defaults)
+
+    @classmethod
+    def _attached(cls, info: SandboxInfo, defaults: SandboxDefaults) -> Sandbox:
+        sandbox = cls.__new__(cls)
+        sandbox._defaults = defaults
+        sandbox._session = None
+        sandbox._spec = info.spec
+        sandbox._info = info
+        sandbox._starting = None
+        sandbox._stopped_by_us = False
+        return sandbox
+
+    @classmethod
+    async def from_id(cls, sandbox_id: str, *, defaults: SandboxDefaults | None = None) -> Sandbox:
+        """Reconnect to a sandbox by id (from this process or any other)."""
+        defaults = defaults or SandboxDefaults()
+        conn = await scheduler_connection(defaults)
+        reply = await conn.request(GetSandbox(sandbox_id), timeout=defaults.request_timeout_seconds)
+        assert isinstance(reply.msg, SandboxReply)
+        return cls._attached(reply.msg.sandbox, defaults)
+
+    @classmethod
+    async def list(
+        cls,
+        *,
+        tags: Sequence[str] = (),
+        status: Sequence[SandboxStatus | str] | None = None,
+        defaults: SandboxDefaults | None = None,
+    ) -> list[Sandbox]:
+        """Sandboxes carrying every tag in ``tags``; by default the live ones."""
+        defaults = defaults or SandboxDefaults()
+        statuses = (
+            (SandboxStatus.CREATING, SandboxStatus.RUNNING)
+            if status is None
+            else tuple(SandboxStatus(s) for s in status)
+        )
+        conn = await scheduler_connection(defaults)
+        reply = await conn.request(
+            ListSandboxes(tags=tuple(tags), statuses=statuses),
+            timeout=defaults.request_timeout_seconds,
+        )
+        assert isinstance(reply.msg, SandboxListReply)
+        return [cls._attached(info, defaults) for info in reply.msg.sandboxes]
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def sandbox_id(self) -> str | None:
+        return self._info.sandbox_id if self._info else None
+
+    @property
+    def returncode(self) -> int | None:
+        """The main command's exit code, once it is known to have exited."""
+        return self._info.exit_code if self._info else None
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return self._spec.tags
+
+    @property
+    def container_image(self) -> str:
+        return self._spec.image
+
+    @property
+    def runtime(self) -> str:
+        """The runtime the sandbox runs in ("docker"), once started."""
+        return self._info.runtime if self._info else ""
+
+    @property
+    def info(self) -> SandboxInfo | None:
+        """The last row the scheduler reported for this sandbox."""
+        return self._info
+
+    def __repr__(self) -> str:
+        state = self._info.status.value if self._info else "not started"
+        return f"<Sandbox {self.sandbox_id or '-'} {self._spec.image} {state}>"
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> str:
+        """Create the sandbox in the cluster; returns its id. Starting twice starts one."""
+        if self._info is not None:
+            return self._info.sandbox_id
+        if self._starting is None:
+            if self._session is not None:
+                self._session._check_open()
+            self._starting = asyncio.ensure_future(self._start())
+        return await asyncio.shield(self._starting)
+
+    async def _start(self) -> str:
+        if self._session is not None:
+            await self._session._ensure_open()
+        conn = await scheduler_connection(self._defaults)
+        wait = self._defaults.start_timeout_seconds
+        try:
+            reply = await conn.request(
+                CreateSandbox(self._spec, wait),
+                timeout=wait + self._defaults.request_timeout_seconds + 120.0,
+            )
+        except SandboxTimeoutError:
+            self._starting = None  # a later start() may try again
+            raise
+        except SandboxFailedError:
+            self._starting = None
+            raise
+        assert isinstance(reply.msg, SandboxReply)
+        self._info = reply.msg.sandbox
+        return self._info.sandbox_id
+
+    async def stop(self) -> None:
+        """Stop and remove the sandbox. Idempotent; a never-started sandbox is a no-op."""
+        if self._starting is not None and self._info is None:
+            try:
+                await self._starting
+            except Exception:
+                return
+        if self._info is None or self._stopped_by_us:
+            return
+        self._stopped_by_us = True
+        conn = await scheduler_connection(self._defaults)
+        reply = await conn.request(
+            StopSandbox(self._info.sandbox_id), timeout=self._defaults.request_timeout_seconds
+        )
+        assert isinstance(reply.msg, SandboxReply)
+        self._info = reply.msg.sandbox
+
+    async def status(self) -> SandboxStatus:
+        """Ask the scheduler for the sandbox's current status."""
+        info = await self._refresh()
+        return info.status
+
+    async def _refresh(self) -> SandboxInfo:
+        info = self._require_started()
+        conn = await scheduler_connection(self._defaults)
+        reply = await conn.request(
+            GetSandbox(info.sandbox_id), timeout=self._defaults.request_timeout_seconds
+        )
+        assert isinstance(reply.msg, SandboxReply)
+        self._info = reply.msg.sandbox
+        return self._info
+
+    async def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the main command to end; returns its exit code.
+
+        Raises ``SandboxFailedError`` when it could not run to the end (agent lost,
+        out of memory), ``SandboxTerminatedError`` when something else stopped it,
+        ``SandboxTimeoutError`` when ``timeout`` passes first."""
+        info = self._require_started()
+        conn = await scheduler_connection(self._defaults)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not info.status.is_terminal:
+            left = _WAIT_POLL_SECONDS if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise SandboxTimeoutError(
+                    f"sandbox {info.sandbox_id} still {info.status.value} after {timeout:g}s",
+                    sandbox_id=info.sandbox_id,
+                )
+            poll = min(left, _WAIT_POLL_SECONDS)
+            reply = await conn.request(
+                WaitSandbox(info.sandbox_id, poll),
+                timeout=poll + self._defaults.request_timeout_seconds,
+            )
+            assert isinstance(reply.msg, SandboxReply)
+            info = self._info = reply.msg.sandbox
+        if info.status is SandboxStatus.FAILED:
+            raise SandboxFailedError(
+                f"sandbox {info.sandbox_id} failed: {info.reason}", sandbox_id=info.sandbox_id
+            )
+        if info.status is SandboxStatus.TERMINATED and not self._stopped_by_us:
+            raise SandboxTerminatedError(
+                f"sandbox {info.sandbox_id} was terminated: {info.reason}",
+                sandbox_id=info.sandbox_id,
+            )
+        return info.exit_code
+
+    async def __aenter__(self) -> Sandbox:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ data plane
+
+    def _require_started(self) -> SandboxInfo:
+        if self._info is None:
+            raise SandboxNotRunningError(
+                "sandbox is not started: call `await sb.start()` or use `async with sb:`"
+            )
+        return self._info
+
+    def _agent(self) -> tuple[SandboxInfo, Connection]:
+        info = self._require_started()
+        if self._stopped_by_us:
+            raise SandboxNotRunningError(
+                f"sandbox {info.sandbox_id} was stopped", sandbox_id=info.sandbox_id
+            )
+        if info.agent_address is None:
+            raise SandboxNotRunningError(
+                f"sandbox {info.sandbox_id} has no agent ({info.status.value}: {info.reason})",
+                sandbox_id=info.sandbox_id,
+            )
+        return info, connection(info.agent_address, self._defaults.cluster_token())
+
+    def _exec_deadline(self, timeout_seconds: float | None) -> float:
+        slack = self._defaults.request_timeout_seconds
+        if timeout_seconds is not None:
+            return timeout_seconds + slack
+        if self._info is not None and self._info.deadline is not None:
+            return max(0.0, self._info.deadline - time.time()) + slack
+        return _EXEC_NO_TIMEOUT_SECONDS
+
+    async def exec(
+        self,
+        command: Sequence[str],
+        *,
+        check: bool = False,
+        timeout_seconds: float | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> ExecResult:
+        """Run ``command`` (an argv list) in the sandbox and return its output as bytes."""
+        argv = _argv(command)
+        info, conn = self._agent()
+        reply = await conn.request(
+            Exec(info.sandbox_id, argv, cwd, dict(env or {}), timeout_seconds),
+            timeout=self._exec_deadline(timeout_seconds),
+        )
+        assert isinstance(reply.msg, ExecReply)
+        stdout, stderr = (bytes(p) for p in reply.payloads[:2])
+        result = ExecResult(stdout, stderr, reply.msg.returncode, argv)
+        return self._judge(result, reply.msg.timed_out, check, timeout_seconds)
+
+    def _judge(
+        self, result: ExecResult, timed_out: bool, check: bool, timeout_seconds: float | None
+    ) -> ExecResult:
+        if timed_out:
+            raise SandboxTimeoutError(
+                f"{' '.join(result.command)!r} did not finish within {timeout_seconds:g}s "
+                "and was killed (partial output on .exec_result)",
+                sandbox_id=self.sandbox_id,
+                exec_result=result,
+            )
+        if check and result.returncode != 0:
+            raise SandboxExecutionError(
+                f"{' '.join(result.command)!r} exited with code {result.returncode}: "
+                f"{result.stderr[-500:].decode(errors='replace').strip()}",
+                exec_result=result,
+                sandbox_id=self.sandbox_id,
+            )
+        return result
+
+    def exec_stream(
+        self,
+        command: Sequence[str],
+        *,
+        check: bool = False,
+        timeout_seconds: float | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> ExecStream:
+        """Run ``command`` and yield its output as it is produced::
+
+        stream = sb.exec_stream(["sh", "-c", "echo a; sleep 1; echo b"])
+        async for chunk in stream:
+            print(chunk.stream, chunk.data)
+        print(stream.returncode)
+        """
+        return ExecStream(self, _argv(command), check, timeout_seconds, cwd, dict(env or {}))
+
+    async def read_file(self, path: str) -> bytes:
+        info, conn = self._agent()
+        reply = await conn.request(
+            ReadFile(info.sandbox_id, path), timeout=self._defaults.request_timeout_seconds
+        )
+        assert isinstance(reply.msg, FileReply)
+        return bytes(reply.payloads[0]) if reply.payloads else b""
+
+    async def write_file(
+        self, path: str, data: bytes | bytearray | memoryview | str, *, mode: int = 0o644
+    ) -> None:
+        """Write ``data`` (bytes; a str is written as UTF-8) at ``path``, making parent dirs."""
+        if isinstance(data, str):
+            data = data.encode()
+        payload = data if isinstance(data, bytes | memoryview) else bytes(data)
+        info, conn = self._agent()
+        await conn.request(
+            WriteFile(info.sandbox_id, path, mode),
+            (payload,),
+            timeout=self._defaults.request_timeout_seconds,
+        )
+
+    async def logs(self) -> bytes:
+        """The main command's output so far (stdout and stderr together)."""
+        info = self._require_started()
+        if info.agent_address is None:
+            return b""
+        conn = connection(info.agent_address, self._defaults.cluster_token())
+        reply = await conn.request(
+            GetLogs(info.sandbox_id), timeout=self._defaults.request_timeout_seconds
+        )
+        assert isinstance(reply.msg, LogsReply)
+        return bytes(reply.payloads[0]) if reply.payloads else b""
+
+
+class ExecStream:
+    """Streamed output of one exec: iterate for chunks, then read ``returncode``."""
+
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        argv: tuple[str, ...],
+        check: bool,
+        timeout_seconds: float | None,
+        cwd: str | None,
+        env: dict[str, str],
+    ) -> None:
+        self._sandbox = sandbox
+        self.command = argv
+        self._check = check
+        self._timeout = timeout_seconds
+        self._cwd = cwd
+        self._env = env
+        self.returncode: int | None = None
+        self._stdout: list[bytes] = []
+        self._stderr: list[bytes] = []
+
+    def __aiter__(self) -> AsyncIterator[OutputChunk]:
+        return self._run()
+
+    async def _run(self) -> AsyncIterator[OutputChunk]:
+        if self.returncode is not None:
+            return
+        info, conn = self._sandbox._agent()
+        msg = Exec(info.sandbox_id, self.command, self._cwd, self._env, self._timeout, True)
+        async for reply in conn.stream(
+            msg,
+            idle_timeout=self._sandbox._exec_deadline(self._timeout),
+            is_last=ExecReply,
+        ):
+            if isinstance(reply.msg, ExecChunk):
+                data = bytes(reply.payloads[0]) if reply.payloads else b""
+                (self._stdout if reply.msg.fd == 1 else self._stderr).append(data)
+                yield OutputChunk(reply.msg.fd, data)
+            elif isinstance(reply.msg, ExecReply):
+                self.returncode = reply.msg.returncode
+                self._sandbox._judge(
+                    self._result(), reply.msg.timed_out, self._check, self._timeout
+                )
+
+    def _result(self) -> ExecResult:
+        return ExecResult(
+            b"".join(self._stdout), b"".join(self._stderr), self.returncode or 0, self.command
+        )
+
+    async def result(self) -> ExecResult:
+        """Run to the end (if not iterated yet) and return everything as one ExecResult."""
+        async for _ in self:
+            pass
+        return self._result()
+
+
+def _argv(command: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(command, str):
+        raise TypeError(
+            f"exec takes an argv list, not a string: use [{command!r}] or ['sh', '-c', {command!r}]"
+        )
+    argv = tuple(command)
+    if not argv or not argv[0]:
+        raise ValueError("exec needs a non-empty command, e.g. ['echo', 'hi']")
+    if not all(isinstance(a, str) for a in argv):
+        raise TypeError("every exec argument must be a str")
+    return argv

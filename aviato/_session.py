@@ -1,0 +1,149 @@
+"""``Session``: shared defaults, a lease the scheduler watches, and cleanup at exit."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+from aviato._connection import close_all
+from aviato._defaults import SandboxDefaults
+from aviato._sandbox import Sandbox, scheduler_connection
+from aviato.exceptions import AviatoError, SandboxError
+from aviato.protocol import SessionClose, SessionKeepalive
+
+log = logging.getLogger("aviato.session")
+
+
+class Session:
+    """Made by ``Sandbox.session(defaults)``; use it as ``async with``."""
+
+    def __init__(self, defaults: SandboxDefaults | None = None) -> None:
+        self.defaults = defaults or SandboxDefaults()
+        self.session_id = "ses-" + uuid.uuid4().hex[:16]
+        self._sandboxes: list[Sandbox] = []
+        self._closed = False
+        self._opened = False
+        self._open_lock = asyncio.Lock()
+        self._keepalive: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Session {self.session_id} {state} sandboxes={self.sandbox_count}>"
+
+    # ------------------------------------------------------------------ sandboxes
+
+    def create(
+        self,
+        *,
+        command: str | None = None,
+        args: Sequence[str] | None = None,
+        container_image: str | None = None,
+        tags: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        max_lifetime_seconds: float | None = None,
+        **kwargs: Any,
+    ) -> Sandbox:
+        """An unstarted sandbox inheriting this session's defaults (tags are combined)."""
+        self._check_open()
+        sandbox = Sandbox(
+            command=command,
+            args=args,
+            container_image=container_image,
+            tags=tags,
+            env=env,
+            max_lifetime_seconds=max_lifetime_seconds,
+            _session=self,
+            **kwargs,
+        )
+        self._sandboxes.append(sandbox)
+        return sandbox
+
+    @property
+    def sandbox_count(self) -> int:
+        """Sandboxes of this session that are started and not known to have ended."""
+        return sum(1 for sb in self._sandboxes if _live(sb))
+
+    def function(self, **options: Any) -> Callable[[Callable[..., Any]], Any]:
+        """Decorator for remote functions (see ``aviato._function``)."""
+        raise NotImplementedError("remote functions are not built yet (issue 3)")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SandboxError(
+                f"session {self.session_id} is closed: create sandboxes inside "
+                "`async with Sandbox.session(...)`"
+            )
+
+    async def _ensure_open(self) -> None:
+        self._check_open()
+        async with self._open_lock:
+            if self._opened:
+                return
+            await self._renew()
+            self._opened = True
+            self._keepalive = asyncio.create_task(self._keepalive_loop())
+
+    async def _renew(self) -> None:
+        conn = await scheduler_connection(self.defaults)
+        await conn.request(
+            SessionKeepalive(self.session_id, self.defaults.lease_seconds),
+            timeout=self.defaults.request_timeout_seconds,
+        )
+
+    async def _keepalive_loop(self) -> None:
+        interval = max(0.05, self.defaults.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._renew()
+            except AviatoError as exc:
+                log.warning("session %s: keepalive failed: %s", self.session_id, exc)
+
+    async def __aenter__(self) -> Session:
+        await self._ensure_open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop every sandbox this session started that is still running, concurrently."""
+        if self._closed:
+            return
+        self._closed = True
+        results = await asyncio.gather(
+            *(sb.stop() for sb in self._sandboxes if _live(sb) or sb._starting is not None),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, AviatoError):
+                log.warning("session %s: stopping a sandbox failed: %r", self.session_id, result)
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalive
+        if self._opened:
+            # The scheduler also stops anything of ours we did not know about.
+            with contextlib.suppress(AviatoError):
+                conn = await scheduler_connection(self.defaults)
+                await conn.request(
+                    SessionClose(self.session_id), timeout=self.defaults.request_timeout_seconds
+                )
+        close_all()
+
+
+def _live(sb: Sandbox) -> bool:
+    info = sb.info
+    return info is not None and not sb._stopped_by_us and not info.status.is_terminal

@@ -1,0 +1,36 @@
+"""Small public value types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aviato.protocol import SandboxStatus
+
+__all__ = ["ExecResult", "OutputChunk", "SandboxStatus"]
+
+
+@dataclass(frozen=True, slots=True)
+class ExecResult:
+    """What one ``exec`` produced. ``stdout`` and ``stderr`` are bytes, as the program wrote
+    them: ``r.stdout.decode()`` for text."""
+
+    stdout: bytes
+    stderr: bytes
+    returncode: int
+    command: tuple[str, ...] = field(default=())
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+@dataclass(frozen=True, slots=True)
+class OutputChunk:
+    """A piece of streamed exec output: ``fd`` is 1 (stdout) or 2 (stderr)."""
+
+    fd: int
+    data: bytes
+
+    @property
+    def stream(self) -> str:
+        return "stdout" if self.fd == 1 else "stderr"

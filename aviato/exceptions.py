@@ -1,0 +1,136 @@
+"""The one exception tree of aviato.
+
+Every error a user can see is one of these; the daemons send a wire error code
+(:class:`aviato.protocol.ErrorCode`) and the client rebuilds the matching class::
+
+    AviatoError
+    ├── ProtocolError                  malformed message, or another protocol version
+    ├── ClusterUnavailableError        no answer from the scheduler or an agent in time
+    ├── UnauthorizedError              a daemon refused the credentials
+    ├── FunctionError                  a remote function raised a type we cannot rebuild
+    └── SandboxError
+        ├── SandboxNotFoundError       no sandbox with that id
+        ├── SandboxNotRunningError     not started yet, or already stopped / exited
+        ├── SandboxTimeoutError        a deadline passed (queue, exec, request); also TimeoutError
+        ├── SandboxTerminatedError     stopped by a user, its lifetime or its session's lease
+        ├── SandboxFailedError         could not start (bad image, ...) or its agent was lost
+        ├── SandboxExecutionError      exec with check=True exited non-zero (.exec_result)
+        ├── SandboxFileError           read/write failed (.filepath)
+        ├── PayloadTooLargeError       a message above the size limit; nothing was sent
+        ├── FunctionSerializationError a function or argument cannot be pickled
+        └── AsyncFunctionError         @session.function() on an async def; also TypeError
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aviato._types import ExecResult
+
+
+class AviatoError(Exception):
+    """Root of every aviato error."""
+
+
+class ProtocolError(AviatoError):
+    """A message could not be decoded, or the peer speaks another protocol version."""
+
+
+class ClusterUnavailableError(AviatoError):
+    """The scheduler or an agent did not answer before the deadline."""
+
+
+class UnauthorizedError(AviatoError):
+    """A daemon refused the request's credentials."""
+
+
+class FunctionError(AviatoError):
+    """A remote function raised an exception whose type cannot be rebuilt locally."""
+
+    def __init__(self, message: str, *, type_name: str = "", traceback_text: str = "") -> None:
+        super().__init__(message)
+        self.type_name = type_name
+        self.traceback_text = traceback_text
+
+    def __str__(self) -> str:
+        base = super().__str__()
+        if self.traceback_text:
+            return f"{base}\n\nRemote traceback:\n{self.traceback_text}"
+        return base
+
+
+class SandboxError(AviatoError):
+    """Base of every error about one sandbox."""
+
+    def __init__(self, message: str, *, sandbox_id: str | None = None) -> None:
+        super().__init__(message)
+        self.sandbox_id = sandbox_id
+
+
+class SandboxNotFoundError(SandboxError):
+    """No sandbox with that id is known to the cluster."""
+
+
+class SandboxNotRunningError(SandboxError):
+    """The sandbox is not running (never started, stopped, or exited)."""
+
+
+class SandboxTimeoutError(SandboxError, TimeoutError):
+    """A deadline passed: waiting for a slot, an exec, or a request."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        sandbox_id: str | None = None,
+        exec_result: ExecResult | None = None,
+    ) -> None:
+        super().__init__(message, sandbox_id=sandbox_id)
+        self.exec_result = exec_result
+
+
+class SandboxTerminatedError(SandboxError):
+    """The sandbox was stopped by a user, its max lifetime, or its session's lease."""
+
+
+class SandboxFailedError(SandboxError):
+    """The sandbox could not start, or was lost with its agent."""
+
+
+class SandboxExecutionError(SandboxError):
+    """``exec(..., check=True)`` exited with a non-zero code."""
+
+    def __init__(self, message: str, *, exec_result: ExecResult, sandbox_id: str | None = None):
+        super().__init__(message, sandbox_id=sandbox_id)
+        self.exec_result = exec_result
+
+
+class SandboxFileError(SandboxError):
+    """Reading or writing a file in the sandbox failed."""
+
+    def __init__(self, message: str, *, filepath: str, sandbox_id: str | None = None) -> None:
+        super().__init__(message, sandbox_id=sandbox_id)
+        self.filepath = filepath
+
+
+class PayloadTooLargeError(SandboxError):
+    """A request or reply above the configured size limit; nothing was sent."""
+
+
+class FunctionSerializationError(SandboxError):
+    """A function, or one of its arguments, cannot be serialized."""
+
+
+class AsyncFunctionError(SandboxError, TypeError):
+    """``@session.function()`` takes a sync function; an ``async def`` was given."""
+
+
+def error_detail(exc: BaseException) -> dict[str, Any]:
+    """Extra fields worth carrying on the wire for ``exc`` (used by the daemons)."""
+    detail: dict[str, Any] = {}
+    if isinstance(exc, SandboxError) and exc.sandbox_id:
+        detail["sandbox_id"] = exc.sandbox_id
+    if isinstance(exc, SandboxFileError):
+        detail["filepath"] = exc.filepath
+    return detail

@@ -1,0 +1,602 @@
+"""The wire protocol: every message aviato's processes exchange, and its encoding.
+
+A message travels as ZeroMQ frames ``[envelope, *payloads]``. The envelope is a
+msgpack map ``{"v": version, "t": type, "id": request id, "tok": token, "b": body}``
+where ``body`` holds the message dataclass's fields. Payloads (file contents,
+command output, pickled user data) are opaque extra frames: they are never put
+inside the msgpack body, never copied to be decoded, and never unpickled here.
+
+Every request carries a request id; its replies echo it. ``decode`` checks the
+version and every field's type, so a daemon can answer a malformed message with
+an :class:`ErrorReply` instead of failing somewhere deeper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeAlias
+
+import msgpack
+
+from aviato.exceptions import ProtocolError
+
+PROTOCOL_VERSION = 1
+
+#: Default cap on the bytes of one message's payloads; larger requests are refused
+#: before they are sent (:class:`aviato.exceptions.PayloadTooLargeError`).
+MAX_PAYLOAD_BYTES = 512 * 1024 * 1024
+#: Daemons drop any single inbound frame above this (ZMQ_MAXMSGSIZE): a safety net
+#: against a peer that ignores the limit above.
+MAX_FRAME_BYTES = MAX_PAYLOAD_BYTES + 1024 * 1024
+
+Payload: TypeAlias = bytes | memoryview
+Frame: TypeAlias = bytes | memoryview
+
+
+class MsgType(enum.IntEnum):
+    # replies shared by every request
+    OK = 1
+    ERROR = 2
+    # client <-> scheduler (control plane)
+    CREATE_SANDBOX = 10
+    GET_SANDBOX = 11
+    LIST_SANDBOXES = 12
+    STOP_SANDBOX = 13
+    WAIT_SANDBOX = 14
+    SESSION_KEEPALIVE = 15
+    SESSION_CLOSE = 16
+    CLUSTER_STATUS = 17
+    SANDBOX_REPLY = 20
+    SANDBOX_LIST_REPLY = 21
+    SESSION_CLOSE_REPLY = 22
+    CLUSTER_STATUS_REPLY = 23
+    # agent <-> scheduler
+    REGISTER_AGENT = 30
+    REGISTER_REPLY = 31
+    AGENT_HEARTBEAT = 32
+    HEARTBEAT_REPLY = 33
+    PLACE_SANDBOX = 34
+    SANDBOX_EXITED = 35
+    # client <-> agent (data plane)
+    EXEC = 50
+    EXEC_CHUNK = 51
+    EXEC_REPLY = 52
+    WRITE_FILE = 53
+    READ_FILE = 54
+    FILE_REPLY = 55
+    GET_LOGS = 56
+    LOGS_REPLY = 57
+    PING = 58
+    PONG = 59
+
+
+class SandboxStatus(enum.StrEnum):
+    CREATING = "creating"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TERMINATED = "terminated"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({SandboxStatus.COMPLETED, SandboxStatus.FAILED, SandboxStatus.TERMINATED})
+
+
+class ErrorCode(enum.StrEnum):
+    """Why a request failed; the client maps each to one exception class."""
+
+    MALFORMED = "malformed"
+    VERSION_MISMATCH = "version_mismatch"
+    UNAUTHORIZED = "unauthorized"
+    BAD_REQUEST = "bad_request"
+    NOT_FOUND = "not_found"
+    NOT_RUNNING = "not_running"
+    TIMEOUT = "timeout"
+    FAILED = "failed"
+    TERMINATED = "terminated"
+    FILE_ERROR = "file_error"
+    TOO_LARGE = "too_large"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxSpec:
+    """What to run: everything the agent needs to create the sandbox."""
+
+    image: str
+    command: str
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    session_id: str | None = None
+    max_lifetime_seconds: float | None = None
+    memory_bytes: int | None = None
+    cpus: float | None = None
+    pids_limit: int | None = None
+    network: str | None = None
+    working_dir: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxInfo:
+    """One row of the scheduler's sandbox table, as the client sees it."""
+
+    sandbox_id: str
+    spec: SandboxSpec
+    status: SandboxStatus
+    agent_id: str | None = None
+    agent_address: str | None = None
+    exit_code: int | None = None
+    reason: str = ""
+    created_at: float = 0.0
+    deadline: float | None = None
+    runtime: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentInfo:
+    agent_id: str
+    address: str
+    slots: int
+    used: int
+    alive: bool
+    runtime: str
+    labels: dict[str, str] = field(default_factory=dict)
+    seconds_since_heartbeat: float = 0.0
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    TYPE: ClassVar[MsgType]
+
+
+@dataclass(frozen=True, slots=True)
+class OkReply(Message):
+    TYPE = MsgType.OK
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply(Message):
+    TYPE = MsgType.ERROR
+    code: ErrorCode
+    message: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CreateSandbox(Message):
+    """Place a sandbox; the reply comes once it runs, or ``timeout_seconds`` passed."""
+
+    TYPE = MsgType.CREATE_SANDBOX
+    spec: SandboxSpec
+    timeout_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class GetSandbox(Message):
+    TYPE = MsgType.GET_SANDBOX
+    sandbox_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ListSandboxes(Message):
+    TYPE = MsgType.LIST_SANDBOXES
+    tags: tuple[str, ...] = ()
+    statuses: tuple[SandboxStatus, ...] = ()
+    session_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StopSandbox(Message):
+    """Client -> scheduler, and scheduler -> agent."""
+
+    TYPE = MsgType.STOP_SANDBOX
+    sandbox_id: str
+    reason: str = "stopped by user"
+
+
+@dataclass(frozen=True, slots=True)
+class WaitSandbox(Message):
+    """Long poll: answered when the sandbox ends, or with its status at the deadline."""
+
+    TYPE = MsgType.WAIT_SANDBOX
+    sandbox_id: str
+    timeout_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKeepalive(Message):
+    TYPE = MsgType.SESSION_KEEPALIVE
+    session_id: str
+    lease_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClose(Message):
+    TYPE = MsgType.SESSION_CLOSE
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStatus(Message):
+    TYPE = MsgType.CLUSTER_STATUS
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxReply(Message):
+    TYPE = MsgType.SANDBOX_REPLY
+    sandbox: SandboxInfo
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxListReply(Message):
+    TYPE = MsgType.SANDBOX_LIST_REPLY
+    sandboxes: tuple[SandboxInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCloseReply(Message):
+    TYPE = MsgType.SESSION_CLOSE_REPLY
+    stopped: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterStatusReply(Message):
+    TYPE = MsgType.CLUSTER_STATUS_REPLY
+    agents: tuple[AgentInfo, ...]
+    sandbox_counts: dict[str, int]
+    sessions: int
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterAgent(Message):
+    """``fresh`` is true on the first registration after the agent process started:
+    the scheduler then reaps what it does not know instead of adopting it."""
+
+    TYPE = MsgType.REGISTER_AGENT
+    agent_id: str
+    address: str
+    slots: int
+    runtime: str
+    fresh: bool
+    labels: dict[str, str] = field(default_factory=dict)
+    sandboxes: tuple[SandboxInfo, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RegisterReply(Message):
+    TYPE = MsgType.REGISTER_REPLY
+    heartbeat_interval: float
+    adopt: tuple[str, ...] = ()
+    reap: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AgentHeartbeat(Message):
+    TYPE = MsgType.AGENT_HEARTBEAT
+    agent_id: str
+    running: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReply(Message):
+    """``registered`` false means the scheduler forgot us (it restarted): register again."""
+
+    TYPE = MsgType.HEARTBEAT_REPLY
+    registered: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PlaceSandbox(Message):
+    TYPE = MsgType.PLACE_SANDBOX
+    sandbox: SandboxInfo
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxExited(Message):
+    TYPE = MsgType.SANDBOX_EXITED
+    sandbox_id: str
+    exit_code: int | None
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Exec(Message):
+    """Payloads: ``[stdin]`` optionally. Buffered reply: ``ExecReply`` with payloads
+    ``[stdout, stderr]``; streamed: ``ExecChunk``s then an ``ExecReply`` with none."""
+
+    TYPE = MsgType.EXEC
+    sandbox_id: str
+    argv: tuple[str, ...]
+    cwd: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    timeout_seconds: float | None = None
+    stream: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ExecChunk(Message):
+    """One piece of streamed output; payload ``[data]``. ``fd`` is 1 or 2."""
+
+    TYPE = MsgType.EXEC_CHUNK
+    fd: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExecReply(Message):
+    TYPE = MsgType.EXEC_REPLY
+    returncode: int
+    timed_out: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class WriteFile(Message):
+    """Payload ``[data]``."""
+
+    TYPE = MsgType.WRITE_FILE
+    sandbox_id: str
+    path: str
+    mode: int = 0o644
+
+
+@dataclass(frozen=True, slots=True)
+class ReadFile(Message):
+    TYPE = MsgType.READ_FILE
+    sandbox_id: str
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class FileReply(Message):
+    """Payload ``[data]``."""
+
+    TYPE = MsgType.FILE_REPLY
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class GetLogs(Message):
+    TYPE = MsgType.GET_LOGS
+    sandbox_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class LogsReply(Message):
+    """Payload ``[data]``: the sandbox's combined output, as its runtime kept it."""
+
+    TYPE = MsgType.LOGS_REPLY
+
+
+@dataclass(frozen=True, slots=True)
+class Ping(Message):
+    TYPE = MsgType.PING
+
+
+@dataclass(frozen=True, slots=True)
+class Pong(Message):
+    TYPE = MsgType.PONG
+    server: str
+    server_id: str = ""
+
+
+MESSAGE_TYPES: dict[MsgType, type[Message]] = {cls.TYPE: cls for cls in Message.__subclasses__()}
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+class DecodeError(ProtocolError):
+    """A message that cannot be decoded; carries what could be read of it."""
+
+    def __init__(self, message: str, *, code: ErrorCode, request_id: int | None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    msg: Message
+    request_id: int
+    payloads: tuple[Payload, ...] = ()
+    token: str | None = None
+
+
+def to_wire(value: Any) -> Any:
+    """A dataclass tree as plain msgpack-able values (enums become their values)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple | list):
+        return [to_wire(v) for v in value]
+    if isinstance(value, dict):
+        return {k: to_wire(v) for k, v in value.items()}
+    return value
+
+
+def encode(
+    msg: Message,
+    request_id: int,
+    payloads: Sequence[Payload] = (),
+    *,
+    token: str | None = None,
+) -> list[Frame]:
+    envelope: dict[str, Any] = {
+        "v": PROTOCOL_VERSION,
+        "t": int(msg.TYPE),
+        "id": request_id,
+        "b": to_wire(msg),
+    }
+    if token is not None:
+        envelope["tok"] = token
+    return [msgpack.packb(envelope, use_bin_type=True), *payloads]
+
+
+def _frame_bytes(frame: Any) -> Payload:
+    # zmq.Frame (copy=False) exposes .buffer; keep payloads as zero-copy memoryviews.
+    buffer = getattr(frame, "buffer", None)
+    if buffer is not None:
+        return memoryview(buffer)
+    if isinstance(frame, bytes | memoryview):
+        return frame
+    if isinstance(frame, bytearray):
+        return bytes(frame)
+    raise DecodeError(
+        f"frame of type {type(frame).__name__}", code=ErrorCode.MALFORMED, request_id=None
+    )
+
+
+def decode(frames: Sequence[Any]) -> Decoded:
+    """Decode ``[envelope, *payloads]``; raises :class:`DecodeError`, never anything else."""
+    if not frames:
+        raise DecodeError("empty message", code=ErrorCode.MALFORMED, request_id=None)
+    try:
+        envelope = msgpack.unpackb(_frame_bytes(frames[0]), raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise DecodeError(
+            f"envelope is not msgpack: {exc}", code=ErrorCode.MALFORMED, request_id=None
+        ) from None
+    if not isinstance(envelope, dict):
+        raise DecodeError("envelope is not a map", code=ErrorCode.MALFORMED, request_id=None)
+    request_id = envelope.get("id")
+    if not isinstance(request_id, int) or isinstance(request_id, bool):
+        raise DecodeError("envelope has no integer 'id'", code=ErrorCode.MALFORMED, request_id=None)
+    version = envelope.get("v")
+    if version != PROTOCOL_VERSION:
+        raise DecodeError(
+            f"peer speaks aviato protocol version {version!r}, this side speaks "
+            f"{PROTOCOL_VERSION}; upgrade the older side so both match",
+            code=ErrorCode.VERSION_MISMATCH,
+            request_id=request_id,
+        )
+    try:
+        cls = MESSAGE_TYPES[MsgType(envelope.get("t", -1))]
+    except (ValueError, KeyError):
+        raise DecodeError(
+            f"unknown message type {envelope.get('t')!r}",
+            code=ErrorCode.MALFORMED,
+            request_id=request_id,
+        ) from None
+    token = envelope.get("tok")
+    if token is not None and not isinstance(token, str):
+        raise DecodeError("token is not a string", code=ErrorCode.MALFORMED, request_id=request_id)
+    try:
+        msg = from_wire(cls, envelope.get("b", {}), cls.__name__)
+        payloads = tuple(_frame_bytes(f) for f in frames[1:])
+    except DecodeError as exc:
+        exc.request_id = request_id
+        raise
+    return Decoded(msg=msg, request_id=request_id, payloads=payloads, token=token)
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = typing.get_type_hints(cls)
+        _HINTS[cls] = hints
+    return hints
+
+
+def _bad(where: str, expected: str, value: Any) -> DecodeError:
+    return DecodeError(
+        f"{where}: expected {expected}, got {type(value).__name__}",
+        code=ErrorCode.MALFORMED,
+        request_id=None,
+    )
+
+
+def from_wire(tp: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and build the typed value."""
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if not isinstance(value, dict):
+            raise _bad(where, "a map", value)
+        hints = _hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        unknown = set(value) - names
+        if unknown:
+            raise DecodeError(
+                f"{where}: unknown field(s) {sorted(map(str, unknown))}",
+                code=ErrorCode.MALFORMED,
+                request_id=None,
+            )
+        kwargs = {k: from_wire(hints[k], v, f"{where}.{k}") for k, v in value.items()}
+        try:
+            return tp(**kwargs)
+        except TypeError as exc:  # a required field is missing
+            raise DecodeError(
+                f"{where}: {exc}", code=ErrorCode.MALFORMED, request_id=None
+            ) from None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return from_wire(arg, value, where)
+            except DecodeError as exc:
+                errors.append(str(exc))
+        raise DecodeError("; ".join(errors), code=ErrorCode.MALFORMED, request_id=None)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise _bad(where, "a list", value)
+        (item, _ellipsis) = typing.get_args(tp)
+        return tuple(from_wire(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _bad(where, "a map", value)
+        key_tp, val_tp = typing.get_args(tp)
+        return {
+            from_wire(key_tp, k, f"{where} key"): from_wire(val_tp, v, f"{where}[{k!r}]")
+            for k, v in value.items()
+        }
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise DecodeError(
+                f"{where}: {value!r} is not a {tp.__name__}",
+                code=ErrorCode.MALFORMED,
+                request_id=None,
+            ) from None
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise _bad(where, "a number", value)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _bad(where, "an integer", value)
+    if tp in (str, bool, bytes):
+        if isinstance(value, tp):
+            return value
+        raise _bad(where, tp.__name__, value)
+    raise DecodeError(f"{where}: unsupported type {tp!r}", code=ErrorCode.INTERNAL, request_id=None)
+
+
+def payload_size(payloads: Sequence[Payload]) -> int:
+    return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in payloads)

@@ -1,0 +1,1 @@
+"""The aviato scheduler: one process on the control path (see DESIGN.md)."""

@@ -1,0 +1,77 @@
+"""``python -m scheduler --bind tcp://127.0.0.1:5555``"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import uvloop
+
+from aviato._daemon import exit_with_parent
+from scheduler.server import SchedulerServer
+from scheduler.state import Config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m scheduler", description=__doc__)
+    p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
+    p.add_argument(
+        "--dead-after",
+        type=float,
+        default=3.0,
+        help="seconds without a heartbeat before an agent is declared dead",
+    )
+    p.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=0.5,
+        help="seconds between agent heartbeats (told to each agent)",
+    )
+    p.add_argument(
+        "--token",
+        default=os.environ.get("AVIATO_TOKEN"),
+        help="shared secret every request must carry (default $AVIATO_TOKEN)",
+    )
+    p.add_argument("--ready-file", help="write the bound address here once listening")
+    p.add_argument("--log-level", default=os.environ.get("AVIATO_LOG_LEVEL", "INFO"))
+    return p
+
+
+async def run(args: argparse.Namespace) -> None:
+    config = Config(dead_after_seconds=args.dead_after, heartbeat_interval=args.heartbeat_interval)
+    server = SchedulerServer(args.bind, config=config, token=args.token)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stop)
+    parent = os.environ.get("AVIATO_PARENT_PID")
+
+    async def announce() -> None:
+        await server.ready.wait()
+        if args.ready_file:
+            with open(args.ready_file + ".tmp", "w") as f:  # noqa: ASYNC230 (tiny, once)
+                f.write(server.address or "")
+            os.replace(args.ready_file + ".tmp", args.ready_file)
+        print(f"aviato scheduler listening on {server.address}", file=sys.stderr, flush=True)
+
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(announce())
+        watcher = tg.create_task(exit_with_parent(int(parent), server.stop)) if parent else None
+        await server.serve()
+        if watcher is not None:
+            watcher.cancel()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    uvloop.run(run(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,521 @@
+"""The scheduler's decisions, as a pure state machine: no sockets, no clock.
+
+Every entry point takes the current time and returns the :data:`Action` list the
+socket layer must carry out (a reply to a client, a request to an agent). The
+tables here are soft state: after a restart they are rebuilt from what agents
+report when they register again.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+from collections.abc import Callable, Hashable, Iterable
+from dataclasses import dataclass, field
+
+from aviato.protocol import (
+    AgentInfo,
+    ClusterStatusReply,
+    ErrorCode,
+    ErrorReply,
+    Message,
+    PlaceSandbox,
+    RegisterAgent,
+    RegisterReply,
+    SandboxInfo,
+    SandboxListReply,
+    SandboxReply,
+    SandboxSpec,
+    SandboxStatus,
+    StopSandbox,
+)
+
+#: Who is waiting for a reply: opaque to this module (the server uses identity + id).
+ReplyKey = Hashable
+
+ACTIVE = frozenset({SandboxStatus.CREATING, SandboxStatus.RUNNING})
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    to: ReplyKey
+    msg: Message
+
+
+@dataclass(frozen=True, slots=True)
+class SendToAgent:
+    agent_id: str
+    msg: Message
+
+
+Action = Reply | SendToAgent
+
+
+@dataclass(slots=True)
+class Config:
+    dead_after_seconds: float = 3.0
+    heartbeat_interval: float = 0.5
+    #: Extra time an agent gets to start a placed sandbox (image pulls, slow disks).
+    placement_grace_seconds: float = 120.0
+    #: How long ended sandboxes stay visible to get/list.
+    keep_ended_seconds: float = 600.0
+    #: Lease given to a session first seen through an agent's report (after a restart).
+    adopted_lease_seconds: float = 30.0
+
+
+@dataclass(slots=True)
+class AgentRecord:
+    agent_id: str
+    address: str
+    slots: int
+    runtime: str
+    labels: dict[str, str]
+    last_seen: float
+    alive: bool = True
+    active: set[str] = field(default_factory=set)
+
+    @property
+    def free(self) -> int:
+        return self.slots - len(self.active)
+
+
+@dataclass(slots=True)
+class SandboxRecord:
+    sandbox_id: str
+    spec: SandboxSpec
+    status: SandboxStatus
+    created_at: float
+    agent_id: str | None = None
+    exit_code: int | None = None
+    reason: str = ""
+    deadline: float | None = None
+    ended_at: float | None = None
+    #: The create request to answer once the agent has started it.
+    creator: ReplyKey | None = None
+    creator_deadline: float | None = None
+
+
+@dataclass(slots=True)
+class PendingCreate:
+    key: ReplyKey
+    spec: SandboxSpec
+    deadline: float
+    queued_at: float
+
+
+@dataclass(slots=True)
+class Waiter:
+    key: ReplyKey
+    deadline: float
+
+
+def _new_sandbox_id() -> str:
+    return "sb-" + uuid.uuid4().hex[:16]
+
+
+class SchedulerState:
+    def __init__(
+        self, config: Config | None = None, new_id: Callable[[], str] = _new_sandbox_id
+    ) -> None:
+        self.config = config or Config()
+        self._new_id = new_id
+        self.agents: dict[str, AgentRecord] = {}
+        self.sandboxes: dict[str, SandboxRecord] = {}
+        self.pending: deque[PendingCreate] = deque()
+        self.sessions: dict[str, float] = {}  # session id -> lease expiry
+        self.waiters: dict[str, list[Waiter]] = {}
+
+    # ------------------------------------------------------------------ queries
+
+    def info(self, rec: SandboxRecord) -> SandboxInfo:
+        agent = self.agents.get(rec.agent_id) if rec.agent_id else None
+        return SandboxInfo(
+            sandbox_id=rec.sandbox_id,
+            spec=rec.spec,
+            status=rec.status,
+            agent_id=rec.agent_id,
+            agent_address=agent.address if agent else None,
+            exit_code=rec.exit_code,
+            reason=rec.reason,
+            created_at=rec.created_at,
+            deadline=rec.deadline,
+            runtime=agent.runtime if agent else "",
+        )
+
+    def get(self, sandbox_id: str) -> Message:
+        rec = self.sandboxes.get(sandbox_id)
+        if rec is None:
+            return _not_found(sandbox_id)
+        return SandboxReply(self.info(rec))
+
+    def list_sandboxes(
+        self,
+        tags: Iterable[str] = (),
+        statuses: Iterable[SandboxStatus] = (),
+        session_id: str | None = None,
+    ) -> SandboxListReply:
+        want_tags = set(tags)
+        want_status = set(statuses)
+        rows = [
+            self.info(rec)
+            for rec in self.sandboxes.values()
+            if want_tags <= set(rec.spec.tags)
+            and (not want_status or rec.status in want_status)
+            and (session_id is None or rec.spec.session_id == session_id)
+        ]
+        rows.sort(key=lambda i: (i.created_at, i.sandbox_id))
+        return SandboxListReply(tuple(rows))
+
+    def status(self, now: float) -> ClusterStatusReply:
+        counts: dict[str, int] = {s.value: 0 for s in SandboxStatus}
+        for rec in self.sandboxes.values():
+            counts[rec.status.value] += 1
+        counts["queued"] = len(self.pending)
+        agents = tuple(
+            AgentInfo(
+                agent_id=a.agent_id,
+                address=a.address,
+                slots=a.slots,
+                used=len(a.active),
+                alive=a.alive,
+                runtime=a.runtime,
+                labels=dict(a.labels),
+                seconds_since_heartbeat=max(0.0, now - a.last_seen),
+            )
+            for a in sorted(self.agents.values(), key=lambda a: a.agent_id)
+        )
+        return ClusterStatusReply(agents=agents, sandbox_counts=counts, sessions=len(self.sessions))
+
+    # ------------------------------------------------------------------ agents
+
+    def register_agent(self, msg: RegisterAgent, now: float) -> tuple[RegisterReply, list[Action]]:
+        """An agent (re)joins. Reported sandboxes are adopted or reaped (see RegisterAgent)."""
+        actions: list[Action] = []
+        agent = self.agents.get(msg.agent_id)
+        if agent is None:
+            agent = AgentRecord(
+                agent_id=msg.agent_id,
+                address=msg.address,
+                slots=msg.slots,
+                runtime=msg.runtime,
+                labels=dict(msg.labels),
+                last_seen=now,
+            )
+            self.agents[msg.agent_id] = agent
+        else:
+            agent.address, agent.slots, agent.runtime = msg.address, msg.slots, msg.runtime
+            agent.labels, agent.last_seen, agent.alive = dict(msg.labels), now, True
+        reported = {s.sandbox_id: s for s in msg.sandboxes}
+        adopt: list[str] = []
+        reap: list[str] = []
+        for sid, reported_info in reported.items():
+            rec = self.sandboxes.get(sid)
+            if rec is not None and rec.agent_id == msg.agent_id and rec.status in ACTIVE:
+                adopt.append(sid)
+                if rec.status is SandboxStatus.CREATING and reported_info.status is (
+                    SandboxStatus.RUNNING
+                ):
+                    actions += self._started(rec)
+            elif rec is None and not msg.fresh:
+                adopt.append(sid)
+                actions += self._adopt(reported_info, msg.agent_id, now)
+            else:
+                reap.append(sid)
+        # Anything we placed there that the agent no longer has is gone.
+        for sid in list(agent.active):
+            if sid not in reported:
+                rec = self.sandboxes[sid]
+                if rec.status is SandboxStatus.CREATING and not msg.fresh:
+                    continue  # its placement reply is still on the way
+                actions += self._end(
+                    rec, SandboxStatus.FAILED, now, f"lost when agent {msg.agent_id} restarted"
+                )
+        actions += self._dispatch(now)
+        reply = RegisterReply(
+            heartbeat_interval=self.config.heartbeat_interval,
+            adopt=tuple(adopt),
+            reap=tuple(reap),
+        )
+        return reply, actions
+
+    def is_registered(self, agent_id: str) -> bool:
+        agent = self.agents.get(agent_id)
+        return agent is not None and agent.alive
+
+    def heartbeat(self, agent_id: str, running: Iterable[str], now: float) -> list[Action]:
+        agent = self.agents.get(agent_id)
+        if agent is None or not agent.alive:
+            return []
+        agent.last_seen = now
+        actions: list[Action] = []
+        still = set(running)
+        for sid in list(agent.active):
+            rec = self.sandboxes[sid]
+            if rec.status is SandboxStatus.RUNNING and sid not in still:
+                actions += self._end(rec, SandboxStatus.COMPLETED, now, "vanished from its agent")
+        return actions
+
+    def _adopt(self, reported: SandboxInfo, agent_id: str, now: float) -> list[Action]:
+        """Rebuild a row from an agent's report (the scheduler restarted)."""
+        spec = reported.spec
+        deadline = None
+        if spec.max_lifetime_seconds is not None:
+            deadline = reported.created_at + spec.max_lifetime_seconds
+        rec = SandboxRecord(
+            sandbox_id=reported.sandbox_id,
+            spec=spec,
+            status=SandboxStatus.RUNNING,
+            created_at=reported.created_at,
+            agent_id=agent_id,
+            deadline=deadline,
+        )
+        self.sandboxes[rec.sandbox_id] = rec
+        self.agents[agent_id].active.add(rec.sandbox_id)
+        if spec.session_id and spec.session_id not in self.sessions:
+            # The client, if alive, renews this with its next keepalive.
+            self.sessions[spec.session_id] = now + self.config.adopted_lease_seconds
+        return []
+
+    # ------------------------------------------------------------------ create / place
+
+    def request_create(
+        self, key: ReplyKey, spec: SandboxSpec, timeout_seconds: float, now: float
+    ) -> list[Action]:
+        problem = validate_spec(spec)
+        if problem:
+            return [Reply(key, ErrorReply(ErrorCode.BAD_REQUEST, problem))]
+        self.pending.append(PendingCreate(key, spec, now + max(0.0, timeout_seconds), now))
+        return self._dispatch(now)
+
+    def choose_agent(self) -> AgentRecord | None:
+        """Spread: the live agent with the most free slots (ties by id, for determinism)."""
+        best: AgentRecord | None = None
+        for agent in self.agents.values():
+            if not agent.alive or agent.free <= 0:
+                continue
+            if best is None or (agent.free, best.agent_id) > (best.free, agent.agent_id):
+                best = agent
+        return best
+
+    def _dispatch(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        while self.pending:
+            agent = self.choose_agent()
+            if agent is None:
+                break
+            req = self.pending.popleft()
+            sid = self._new_id()
+            deadline = None
+            if req.spec.max_lifetime_seconds is not None:
+                deadline = now + req.spec.max_lifetime_seconds
+            rec = SandboxRecord(
+                sandbox_id=sid,
+                spec=req.spec,
+                status=SandboxStatus.CREATING,
+                created_at=now,
+                agent_id=agent.agent_id,
+                deadline=deadline,
+                creator=req.key,
+                creator_deadline=req.deadline + self.config.placement_grace_seconds,
+            )
+            self.sandboxes[sid] = rec
+            agent.active.add(sid)
+            actions.append(SendToAgent(agent.agent_id, PlaceSandbox(self.info(rec))))
+        return actions
+
+    def placement_done(self, sandbox_id: str, error: ErrorReply | None, now: float) -> list[Action]:
+        """The agent answered a PlaceSandbox."""
+        rec = self.sandboxes.get(sandbox_id)
+        if rec is None:
+            return []
+        if rec.status is not SandboxStatus.CREATING:
+            # Stopped (or lost) while starting: make sure it does not linger.
+            if error is None and rec.agent_id:
+                return [SendToAgent(rec.agent_id, StopSandbox(sandbox_id, rec.reason))]
+            return []
+        if error is not None:
+            creator = rec.creator
+            rec.creator = None
+            actions = self._end(rec, SandboxStatus.FAILED, now, error.message)
+            if creator is not None:
+                detail = {**error.detail, "sandbox_id": sandbox_id}
+                actions.append(Reply(creator, ErrorReply(error.code, error.message, detail)))
+            return actions
+        return self._started(rec)
+
+    def _started(self, rec: SandboxRecord) -> list[Action]:
+        rec.status = SandboxStatus.RUNNING
+        actions: list[Action] = []
+        if rec.creator is not None:
+            actions.append(Reply(rec.creator, SandboxReply(self.info(rec))))
+            rec.creator = None
+        return actions
+
+    # ------------------------------------------------------------------ ending
+
+    def request_stop(
+        self, sandbox_id: str, reason: str, now: float
+    ) -> tuple[Message, list[Action]]:
+        rec = self.sandboxes.get(sandbox_id)
+        if rec is None:
+            return _not_found(sandbox_id), []
+        actions: list[Action] = []
+        if rec.status in ACTIVE:
+            actions = self._end(rec, SandboxStatus.TERMINATED, now, reason, stop=True)
+        return SandboxReply(self.info(rec)), actions
+
+    def sandbox_exited(
+        self, sandbox_id: str, exit_code: int | None, reason: str, now: float
+    ) -> list[Action]:
+        rec = self.sandboxes.get(sandbox_id)
+        if rec is None or rec.status not in ACTIVE:
+            return []
+        rec.exit_code = exit_code
+        status = SandboxStatus.FAILED if reason else SandboxStatus.COMPLETED
+        return self._end(rec, status, now, reason or f"exited with code {exit_code}")
+
+    def _end(
+        self,
+        rec: SandboxRecord,
+        status: SandboxStatus,
+        now: float,
+        reason: str,
+        *,
+        stop: bool = False,
+    ) -> list[Action]:
+        """Move an active sandbox to a terminal status; free its slot; wake waiters."""
+        actions: list[Action] = []
+        agent = self.agents.get(rec.agent_id) if rec.agent_id else None
+        if agent is not None:
+            agent.active.discard(rec.sandbox_id)
+            if stop and agent.alive:
+                actions.append(SendToAgent(agent.agent_id, StopSandbox(rec.sandbox_id, reason)))
+        rec.status = status
+        rec.reason = reason
+        rec.ended_at = now
+        if rec.creator is not None:
+            code = ErrorCode.TERMINATED if status is SandboxStatus.TERMINATED else ErrorCode.FAILED
+            detail = {"sandbox_id": rec.sandbox_id}
+            actions.append(Reply(rec.creator, ErrorReply(code, reason, detail)))
+            rec.creator = None
+        for waiter in self.waiters.pop(rec.sandbox_id, []):
+            actions.append(Reply(waiter.key, SandboxReply(self.info(rec))))
+        actions += self._dispatch(now)
+        return actions
+
+    def wait(
+        self, key: ReplyKey, sandbox_id: str, timeout_seconds: float, now: float
+    ) -> list[Action]:
+        rec = self.sandboxes.get(sandbox_id)
+        if rec is None:
+            return [Reply(key, _not_found(sandbox_id))]
+        if rec.status not in ACTIVE or timeout_seconds <= 0:
+            return [Reply(key, SandboxReply(self.info(rec)))]
+        self.waiters.setdefault(sandbox_id, []).append(Waiter(key, now + timeout_seconds))
+        return []
+
+    # ------------------------------------------------------------------ sessions
+
+    def session_keepalive(self, session_id: str, lease_seconds: float, now: float) -> None:
+        self.sessions[session_id] = now + max(0.1, lease_seconds)
+
+    def session_close(
+        self, session_id: str, reason: str, now: float
+    ) -> tuple[list[str], list[Action]]:
+        self.sessions.pop(session_id, None)
+        stopped: list[str] = []
+        actions: list[Action] = []
+        for rec in list(self.sandboxes.values()):
+            if rec.spec.session_id == session_id and rec.status in ACTIVE:
+                stopped.append(rec.sandbox_id)
+                actions += self._end(rec, SandboxStatus.TERMINATED, now, reason, stop=True)
+        for req in [p for p in self.pending if p.spec.session_id == session_id]:
+            self.pending.remove(req)
+            actions.append(Reply(req.key, ErrorReply(ErrorCode.TERMINATED, reason)))
+        return stopped, actions
+
+    # ------------------------------------------------------------------ time
+
+    def tick(self, now: float) -> list[Action]:
+        """Everything that happens because time passed."""
+        actions: list[Action] = []
+        for agent in self.agents.values():
+            if agent.alive and now - agent.last_seen > self.config.dead_after_seconds:
+                agent.alive = False
+                reason = (
+                    f"agent {agent.agent_id} lost: no heartbeat for {now - agent.last_seen:.1f}s"
+                )
+                for sid in list(agent.active):
+                    actions += self._end(self.sandboxes[sid], SandboxStatus.FAILED, now, reason)
+        for rec in list(self.sandboxes.values()):
+            if rec.status not in ACTIVE:
+                if rec.ended_at is not None and now - rec.ended_at > self.config.keep_ended_seconds:
+                    del self.sandboxes[rec.sandbox_id]
+                continue
+            if rec.deadline is not None and now >= rec.deadline:
+                reason = f"max lifetime of {rec.spec.max_lifetime_seconds:g}s reached"
+                actions += self._end(rec, SandboxStatus.TERMINATED, now, reason, stop=True)
+            elif rec.creator_deadline is not None and rec.status is SandboxStatus.CREATING:
+                if now >= rec.creator_deadline:
+                    actions += self._end(
+                        rec, SandboxStatus.FAILED, now, "agent did not start it in time", stop=True
+                    )
+        for session_id, expiry in list(self.sessions.items()):
+            if now >= expiry:
+                _, more = self.session_close(
+                    session_id, f"session {session_id} lease expired (client gone)", now
+                )
+                actions += more
+        expired = [p for p in self.pending if p.deadline <= now]
+        for req in expired:
+            self.pending.remove(req)
+            waited = now - req.queued_at
+            actions.append(
+                Reply(
+                    req.key,
+                    ErrorReply(
+                        ErrorCode.TIMEOUT,
+                        f"no free sandbox slot in the cluster after {waited:.1f}s "
+                        f"({self.free_slots()} free, {len(self.pending)} still queued); "
+                        "raise the timeout, stop sandboxes, or add agents",
+                    ),
+                )
+            )
+        for sid, waiters in list(self.waiters.items()):
+            keep = [w for w in waiters if w.deadline > now]
+            found = self.sandboxes.get(sid)
+            for w in waiters:
+                if w.deadline <= now:
+                    msg: Message = SandboxReply(self.info(found)) if found else _not_found(sid)
+                    actions.append(Reply(w.key, msg))
+            if keep:
+                self.waiters[sid] = keep
+            else:
+                del self.waiters[sid]
+        return actions
+
+    def free_slots(self) -> int:
+        return sum(a.free for a in self.agents.values() if a.alive)
+
+
+def validate_spec(spec: SandboxSpec) -> str | None:
+    """Why a spec cannot be placed, or None."""
+    if not spec.image.strip():
+        return "container_image is empty: name an image such as 'python:3.11'"
+    if not spec.command.strip():
+        return "command is empty: give the program to run, e.g. command='sleep'"
+    if spec.max_lifetime_seconds is not None and spec.max_lifetime_seconds <= 0:
+        return f"max_lifetime_seconds must be positive, got {spec.max_lifetime_seconds}"
+    if spec.memory_bytes is not None and spec.memory_bytes < 6 * 1024 * 1024:
+        return f"memory_bytes must be at least 6 MiB, got {spec.memory_bytes}"
+    if spec.network not in (None, "none", "bridge"):
+        return f"network must be None, 'none' or 'bridge', got {spec.network!r}"
+    return None
+
+
+def _not_found(sandbox_id: str) -> ErrorReply:
+    return ErrorReply(
+        ErrorCode.NOT_FOUND,
+        f"no sandbox {sandbox_id!r} in this cluster (never existed, or ended long ago)",
+        {"sandbox_id": sandbox_id},
+    )
