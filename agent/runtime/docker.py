@@ -55,6 +55,7 @@ THREADS = 32  # pool threads == HTTP connections, so concurrent calls never wait
 CAPS = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "NET_BIND_SERVICE"]
 EXIT_LOG_BYTES = 1024 * 1024  # logs kept per sandbox that exited by itself
 EXIT_LOG_SANDBOXES = 64
+CHUNK = 1 << 20  # file transfer piece size
 KILL_GRACE = 2.0  # after a timeout kill, how long the output may take to end before we cut it
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _DIR_BIT = 1 << 31  # Go's os.ModeDir, in the archive stat header
@@ -97,6 +98,18 @@ class _Exec:
     err: list[bytes] = field(default_factory=list)
 
 
+def _cut(chunks: list[bytes], start: int, end: int) -> bytes:
+    """``b"".join(chunks)[start:end]`` without one big copy under the GIL: joining
+    only ``bytes`` lets CPython release the GIL, slicing a big buffer does not."""
+    pieces, pos = [], 0
+    for c in chunks:
+        a, b = max(start - pos, 0), min(end - pos, len(c))
+        if a < b:
+            pieces.append(c if a == 0 and b == len(c) else c[a:b])
+        pos += len(c)
+    return b"".join(pieces)
+
+
 class DockerRuntime(Runtime):
     name = "docker"
     isolated = True
@@ -123,7 +136,7 @@ class DockerRuntime(Runtime):
         self._lock = threading.Lock()
         self._starting: set[str] = set()
         self._early: dict[str, dict[str, Any]] = {}  # die events that came during start
-        self._stopping: set[str] = set()
+        self._removing: set[str] = set()
         self._oom: set[str] = set()
         self._last_logs: OrderedDict[str, bytes] = OrderedDict()
         self._exit_q: asyncio.Queue[SandboxExit | None] = asyncio.Queue()
@@ -277,7 +290,9 @@ class DockerRuntime(Runtime):
 
     # ------------------------------------------------------------------ exec
 
-    def _exec_sync(self, sandbox_id: str, h: _Exec, emit: Callable[[int, bytes], None]) -> int:
+    def _exec_sync(
+        self, sandbox_id: str, h: _Exec, emit: Callable[[_Exec, int, bytes], None]
+    ) -> int:
         api = self._api
         try:
             try:
@@ -289,9 +304,9 @@ class DockerRuntime(Runtime):
                 h.stream = api.exec_start(h.exec_id, stream=True, demux=True)
                 for out, err in h.stream:  # ends early when an abort closes the stream
                     if out:
-                        emit(1, out)
+                        emit(h, 1, out)
                     if err:
-                        emit(2, err)
+                        emit(h, 2, err)
                 h.stream.close()
                 for _ in range(20):  # the stream can end just before the exit is recorded
                     info = api.exec_inspect(h.exec_id)
@@ -321,10 +336,27 @@ class DockerRuntime(Runtime):
             with contextlib.suppress(Exception):
                 h.stream.close()
 
-    def _new_exec(
-        self, sandbox_id: str, argv: tuple[str, ...], cwd: str | None, env: Mapping[str, str] | None
-    ) -> _Exec:
-        return _Exec(self._target(sandbox_id), list(argv), cwd, dict(env) if env else None)
+    def _start_exec(
+        self,
+        sandbox_id: str,
+        argv: tuple[str, ...],
+        cwd: str | None,
+        env: Mapping[str, str] | None,
+        timeout: float | None,
+        emit: Callable[[_Exec, int, bytes], None],
+    ) -> tuple[_Exec, asyncio.Future[int], asyncio.TimerHandle | None]:
+        loop = asyncio.get_running_loop()
+        h = _Exec(self._target(sandbox_id), list(argv), cwd, dict(env) if env else None)
+        fut = loop.run_in_executor(self._pool, self._exec_sync, sandbox_id, h, emit)
+        timer = None
+        if timeout is not None:
+            timer = loop.call_later(timeout, self._abort, h)
+        return h, fut, timer
+
+    def _abort(self, h: _Exec) -> None:
+        if not h.done.is_set():
+            with contextlib.suppress(RuntimeError):  # the pool is shut down: we are closing
+                self._pool.submit(self._abort_sync, h)
 
     async def exec(
         self,
@@ -335,28 +367,17 @@ class DockerRuntime(Runtime):
         env: Mapping[str, str] | None = None,
         timeout_seconds: float | None = None,
     ) -> ExecOutput:
-        # Fast path: create, run, read and inspect in ONE thread hop.
-        h = self._new_exec(sandbox_id, argv, cwd, env)
-
-        def collect(fd: int, data: bytes) -> None:
+        # Fast path: create, start, read and inspect all in ONE thread hop.
+        def collect(h: _Exec, fd: int, data: bytes) -> None:
             (h.out if fd == 1 else h.err).append(data)
 
-        fut = asyncio.get_running_loop().run_in_executor(
-            self._pool, self._exec_sync, sandbox_id, h, collect
-        )
+        h, fut, timer = self._start_exec(sandbox_id, argv, cwd, env, timeout_seconds, collect)
         try:
-            if timeout_seconds is None:
-                code = await fut
-            else:
-                try:
-                    code = await asyncio.wait_for(asyncio.shield(fut), timeout_seconds)
-                except TimeoutError:
-                    await self._run(self._abort_sync, h)
-                    code = await fut
-        except asyncio.CancelledError:
-            with contextlib.suppress(RuntimeError):  # pool already shut down
-                self._pool.submit(self._abort_sync, h)
-            raise
+            code = await fut
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._abort(h)  # no-op unless we were cancelled
         return ExecOutput(code, b"".join(h.out), b"".join(h.err), h.aborted)
 
     async def exec_stream(
@@ -369,47 +390,21 @@ class DockerRuntime(Runtime):
         timeout_seconds: float | None = None,
     ) -> AsyncIterator[OutputChunk | ExitStatus]:
         loop = asyncio.get_running_loop()
-        q: asyncio.Queue[OutputChunk | ExitStatus | BaseException] = asyncio.Queue()
-        h = self._new_exec(sandbox_id, argv, cwd, env)
+        q: asyncio.Queue[OutputChunk | None] = asyncio.Queue()
 
-        def pump() -> None:
-            def emit(fd: int, data: bytes) -> None:
-                loop.call_soon_threadsafe(q.put_nowait, OutputChunk(fd, data))
+        def emit(h: _Exec, fd: int, data: bytes) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, OutputChunk(fd, data))
 
-            item: ExitStatus | BaseException
-            try:
-                item = ExitStatus(self._exec_sync(sandbox_id, h, emit), h.aborted)
-            except BaseException as exc:
-                item = exc
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(q.put_nowait, item)
-
-        loop.run_in_executor(self._pool, pump)
-        deadline = None if timeout_seconds is None else loop.time() + timeout_seconds
-        finished = False
+        h, fut, timer = self._start_exec(sandbox_id, argv, cwd, env, timeout_seconds, emit)
+        fut.add_done_callback(lambda _: q.put_nowait(None))  # runs after the queued chunks
         try:
-            while True:
-                if deadline is None:
-                    item = await q.get()
-                else:
-                    try:
-                        item = await asyncio.wait_for(q.get(), max(0.0, deadline - loop.time()))
-                    except TimeoutError:
-                        deadline = None
-                        loop.run_in_executor(self._pool, self._abort_sync, h)
-                        continue
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                if isinstance(item, ExitStatus):
-                    finished = True
-                yield item
-                if finished:
-                    return
+            while (chunk := await q.get()) is not None:
+                yield chunk
+            yield ExitStatus(await fut, h.aborted)
         finally:
-            if not finished:  # the consumer left early: don't leave the command running
-                with contextlib.suppress(RuntimeError):
-                    self._pool.submit(self._abort_sync, h)
+            if timer is not None:
+                timer.cancel()
+            self._abort(h)  # the consumer left early: don't leave the command running
 
     # ------------------------------------------------------------------ files and logs
 
@@ -422,12 +417,15 @@ class DockerRuntime(Runtime):
         if path == "/":
             raise SandboxFileError("cannot write to '/'", filepath=path, sandbox_id=sandbox_id)
         # One member named by the full path: docker creates the missing parent dirs.
+        # Sent as a chunked stream of slices: no 64 MiB copy holding the GIL.
         info = tarfile.TarInfo(path.lstrip("/"))
         info.size, info.mode, info.mtime = len(data), mode, int(time.time())
-        pad = b"\0" * ((-len(data)) % 512 + 1024)  # block padding + end-of-archive
-        archive = b"".join((info.tobuf(format=tarfile.PAX_FORMAT), data, pad))
+        view = memoryview(data).cast("B")
+        archive: list[bytes | memoryview] = [info.tobuf(format=tarfile.PAX_FORMAT)]
+        archive += [view[i : i + CHUNK] for i in range(0, len(view), CHUNK)]
+        archive.append(b"\0" * ((-len(view)) % 512 + 1024))  # padding + end-of-archive
         try:
-            self._api.put_archive(self._target(sandbox_id), "/", archive)
+            self._api.put_archive(self._target(sandbox_id), "/", iter(archive))
         except DockerError as exc:
             raise self._gone(sandbox_id, exc) or SandboxFileError(
                 f"cannot write {path} in sandbox {sandbox_id}: {_why(exc)}",
@@ -450,7 +448,7 @@ class DockerRuntime(Runtime):
                 chunks, stat = self._api.get_archive(self._target(sandbox_id), where)
                 if stat and stat.get("mode", 0) & _DIR_BIT:
                     raise fail(f"{path} is a directory, not a file")  # don't tar it all
-                buf = b"".join(chunks)
+                chunks = list(chunks)
             except DockerError as exc:
                 gone = self._gone(sandbox_id, exc)
                 if gone is not None:
@@ -458,7 +456,10 @@ class DockerRuntime(Runtime):
                 if _status(exc) == 404:
                     raise fail(f"no such file: {path}") from exc
                 raise fail(f"cannot read {path}: {_why(exc)}") from exc
-            with tarfile.open(fileobj=io.BytesIO(buf)) as tar:
+            head, n = b"", 0
+            while len(head) < 65536 and n < len(chunks):  # enough for the (PAX) headers
+                head, n = head + chunks[n][:65536], n + 1
+            with tarfile.open(fileobj=io.BytesIO(head), mode="r:") as tar:
                 member = tar.next()
             if member is not None and member.issym():
                 target = (stat or {}).get("linkTarget") or member.linkname
@@ -466,7 +467,7 @@ class DockerRuntime(Runtime):
                 continue
             if member is None or not member.isreg():
                 raise fail(f"{path} is not a regular file")
-            return buf[member.offset_data : member.offset_data + member.size]
+            return _cut(chunks, member.offset_data, member.offset_data + member.size)
         raise fail(f"{path}: too many levels of symbolic links")
 
     async def logs(self, sandbox_id: str) -> bytes:
@@ -493,11 +494,11 @@ class DockerRuntime(Runtime):
     async def stop(self, sandbox_id: str) -> None:
         with self._lock:  # claimed here, so the events thread won't report it as an exit
             cid = self._ids.pop(sandbox_id, None)
-            self._stopping.add(sandbox_id)
+            self._removing.add(sandbox_id)
         try:
             await self._run(self._remove_sync, sandbox_id, cid or f"aviato-{sandbox_id}")
         finally:
-            self._stopping.discard(sandbox_id)
+            self._removing.discard(sandbox_id)
             self._workdirs.pop(sandbox_id, None)
 
     def _remove_sync(self, sandbox_id: str, target: str) -> None:
@@ -522,7 +523,7 @@ class DockerRuntime(Runtime):
                 labels: dict[str, str] = row.get("Labels") or {}
                 sid = labels.get(LABEL_SANDBOX)
                 with self._lock:  # a sandbox being stopped must not come back
-                    if not sid or sid in self._stopping:
+                    if not sid or sid in self._removing:
                         continue
                     self._ids[sid] = row["Id"]
                 running = row.get("State") == "running"
@@ -613,6 +614,7 @@ class DockerRuntime(Runtime):
                 self._early[cid] = event
                 return
             del self._ids[sid]  # claimed: stop() won't touch it now
+            self._removing.add(sid)
         try:
             code: int | None = int(attrs["exitCode"])
         except (KeyError, ValueError):
@@ -640,6 +642,7 @@ class DockerRuntime(Runtime):
             if _status(exc) not in (404, 409):
                 log.warning("could not remove exited sandbox %s: %s", sid, _why(exc))
         self._workdirs.pop(sid, None)
+        self._removing.discard(sid)
 
     # ------------------------------------------------------------------ close
 

@@ -1,0 +1,187 @@
+"""The ``aviato`` command: run the daemons, and look at or act on a cluster.
+
+    aviato up                      embedded scheduler + agent in the foreground
+    aviato scheduler --bind ...    same as ``python -m scheduler``
+    aviato agent --scheduler ...   same as ``python -m agent``
+    aviato status | ps [--tag T] [--all] | stop ID | exec ID -- CMD... | logs ID
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from aviato._connection import connection
+from aviato._defaults import SandboxDefaults
+from aviato._sandbox import Sandbox
+from aviato.exceptions import AviatoError
+from aviato.protocol import ClusterStatus, ClusterStatusReply, SandboxStatus
+
+console = Console()
+
+
+def _defaults(args: argparse.Namespace) -> SandboxDefaults:
+    address = args.scheduler or os.environ.get("AVIATO_SCHEDULER")
+    if not address:
+        raise SystemExit(
+            "aviato: no cluster address: pass --scheduler tcp://HOST:PORT or set "
+            "AVIATO_SCHEDULER (run `aviato up` to start a local cluster)"
+        )
+    return SandboxDefaults(scheduler=address, request_timeout_seconds=args.timeout)
+
+
+async def _status(args: argparse.Namespace) -> int:
+    defaults = _defaults(args)
+    conn = connection(defaults.scheduler or "", defaults.cluster_token())
+    reply = await conn.request(ClusterStatus(), timeout=defaults.request_timeout_seconds)
+    assert isinstance(reply.msg, ClusterStatusReply)
+    status = reply.msg
+    table = Table(title=f"aviato cluster at {defaults.scheduler}")
+    for col in ("agent", "address", "runtime", "slots used", "slots free", "alive", "heartbeat"):
+        table.add_column(col)
+    for a in status.agents:
+        isolated = "" if a.runtime == "docker" else " (not isolated)"
+        table.add_row(
+            a.agent_id,
+            a.address,
+            a.runtime + isolated,
+            str(a.used),
+            str(a.slots - a.used),
+            "yes" if a.alive else "DEAD",
+            f"{a.seconds_since_heartbeat:.1f}s ago",
+        )
+    console.print(table)
+    counts = ", ".join(f"{k} {v}" for k, v in status.sandbox_counts.items())
+    console.print(f"sandboxes: {counts}; sessions: {status.sessions}")
+    return 0
+
+
+async def _ps(args: argparse.Namespace) -> int:
+    defaults = _defaults(args)
+    statuses = list(SandboxStatus) if args.all else None
+    sandboxes = await Sandbox.list(tags=args.tag, status=statuses, defaults=defaults)
+    table = Table()
+    for col in ("sandbox", "status", "image", "command", "agent", "tags", "exit", "reason"):
+        table.add_column(col)
+    for sb in sandboxes:
+        info = sb.info
+        assert info is not None
+        table.add_row(
+            info.sandbox_id,
+            info.status.value,
+            info.spec.image,
+            " ".join((info.spec.command, *info.spec.args)),
+            info.agent_id or "-",
+            ",".join(info.spec.tags),
+            "" if info.exit_code is None else str(info.exit_code),
+            info.reason,
+        )
+    console.print(table)
+    return 0
+
+
+async def _stop(args: argparse.Namespace) -> int:
+    defaults = _defaults(args)
+    for sandbox_id in args.ids:
+        sb = await Sandbox.from_id(sandbox_id, defaults=defaults)
+        await sb.stop()
+        console.print(f"stopped {sandbox_id}")
+    return 0
+
+
+async def _exec(args: argparse.Namespace) -> int:
+    defaults = _defaults(args)
+    command = [c for c in args.command if c != "--"] if args.command[:1] == ["--"] else args.command
+    sb = await Sandbox.from_id(args.id, defaults=defaults)
+    stream = sb.exec_stream(command, timeout_seconds=args.exec_timeout)
+    async for chunk in stream:
+        out = sys.stdout.buffer if chunk.fd == 1 else sys.stderr.buffer
+        out.write(chunk.data)
+        out.flush()
+    return stream.returncode or 0
+
+
+async def _logs(args: argparse.Namespace) -> int:
+    sb = await Sandbox.from_id(args.id, defaults=_defaults(args))
+    sys.stdout.buffer.write(await sb.logs())
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from aviato._local import LocalCluster
+
+    cluster = LocalCluster(slots=args.slots, runtime=args.runtime, bind_host=args.host)
+    # Block the signals first so sigwait, not KeyboardInterrupt, receives them.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    address = cluster.start()
+    print(f"aviato cluster up: export AVIATO_SCHEDULER={address}", flush=True)
+    print("Ctrl-C stops it (and every sandbox it runs).", flush=True)
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        cluster.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="aviato", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--scheduler", help="cluster address (default $AVIATO_SCHEDULER)")
+    p.add_argument("--timeout", type=float, default=10.0, help="request deadline, seconds")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("scheduler", help="run a scheduler (python -m scheduler)", add_help=False)
+    sub.add_parser("agent", help="run an agent (python -m agent)", add_help=False)
+    up = sub.add_parser("up", help="run a local scheduler and agent in the foreground")
+    up.add_argument("--slots", type=int)
+    up.add_argument("--runtime", default=None)
+    up.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for others)")
+    sub.add_parser("status", help="agents, slots and sandbox counts")
+    ps = sub.add_parser("ps", help="list sandboxes")
+    ps.add_argument("--tag", action="append", default=[], help="only sandboxes with this tag")
+    ps.add_argument("--all", action="store_true", help="include ended sandboxes")
+    stop = sub.add_parser("stop", help="stop sandboxes")
+    stop.add_argument("ids", nargs="+")
+    ex = sub.add_parser("exec", help="run a command in a sandbox: aviato exec ID -- CMD...")
+    ex.add_argument("id")
+    ex.add_argument("--exec-timeout", type=float, default=None)
+    ex.add_argument("command", nargs=argparse.REMAINDER)
+    logs = sub.add_parser("logs", help="a sandbox's output")
+    logs.add_argument("id")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The daemons own their flags: hand everything after the word to them.
+    for daemon in ("scheduler", "agent"):
+        if daemon in argv and all(a.startswith("-") for a in argv[: argv.index(daemon)]):
+            rest = argv[argv.index(daemon) + 1 :]
+            if daemon == "scheduler":
+                from scheduler.__main__ import main as daemon_main
+            else:
+                from agent.__main__ import main as daemon_main
+            daemon_main(rest)
+            return
+    args = build_parser().parse_args(argv)
+    if args.cmd == "up":
+        raise SystemExit(_up(args))
+    if args.cmd == "exec" and not [c for c in args.command if c != "--"]:
+        raise SystemExit("aviato exec: give a command after the id: aviato exec ID -- echo hi")
+    handlers = {"status": _status, "ps": _ps, "stop": _stop, "exec": _exec, "logs": _logs}
+    try:
+        code = asyncio.run(handlers[args.cmd](args))
+    except AviatoError as exc:
+        console.print(f"[red]aviato: {type(exc).__name__}: {exc}[/red]")
+        code = 1
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

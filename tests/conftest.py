@@ -1,0 +1,187 @@
+"""Fixtures: a real cluster (scheduler + agents as processes on loopback) and leak checks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = "python:3.11"
+RUN_ID = uuid.uuid4().hex[:8]
+REQUIRE_DOCKER = os.environ.get("AVIATO_REQUIRE_DOCKER") == "1"
+
+
+def docker_problem() -> str | None:
+    """Why Docker tests cannot run here, or None."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=5)
+        client.ping()
+        try:
+            client.images.get(IMAGE)
+        except docker.errors.ImageNotFound:
+            return f"image {IMAGE} missing: run scripts/build-image.sh"
+        finally:
+            client.close()
+    except Exception as exc:
+        return f"no Docker engine answers: {exc}"
+    return None
+
+
+def need_docker() -> None:
+    problem = docker_problem()
+    if problem is None:
+        return
+    if REQUIRE_DOCKER:
+        pytest.fail(f"AVIATO_REQUIRE_DOCKER=1 but {problem}")
+    pytest.skip(problem)
+
+
+def containers_of(agent_ids: list[str]) -> list[str]:
+    """Names of containers (running or not) labelled with any of these agent ids."""
+    names: list[str] = []
+    for agent_id in agent_ids:
+        out = subprocess.run(
+            ["docker", "ps", "-a", "--filter", f"label=aviato.agent={agent_id}",
+             "--format", "{{.Names}}"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout.split()
+        names += out
+    return names
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class Cluster:
+    """A real scheduler and agents, each its own process, on loopback."""
+
+    def __init__(self, tmp: Path, agents: int = 2, slots: int = 3) -> None:
+        self.tmp = tmp
+        self.slots = slots
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.agent_ids = [f"t{RUN_ID}-{uuid.uuid4().hex[:6]}-{i}" for i in range(agents)]
+        self.address = ""
+        self.start_scheduler()
+        for agent_id in self.agent_ids:
+            self.start_agent(agent_id)
+        self.wait_agents(len(self.agent_ids))
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.tmp / f"{name}.log", "ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, "AVIATO_LOG_LEVEL": "INFO"},
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def start_scheduler(self, port: int | None = None) -> None:
+        ready = self.tmp / "scheduler.addr"
+        ready.unlink(missing_ok=True)
+        bind = f"tcp://127.0.0.1:{port or '*'}"
+        self._spawn("scheduler", ["scheduler", "--bind", bind, "--ready-file", str(ready),
+                                  "--dead-after", "1.5", "--heartbeat-interval", "0.2"])
+        wait_until(ready.exists, 15, 0.02, "scheduler to listen")
+        self.address = ready.read_text().strip()
+
+    def start_agent(self, agent_id: str) -> None:
+        self._spawn(agent_id, ["agent", "--scheduler", self.address, "--agent-id", agent_id,
+                               "--slots", str(self.slots), "--bind", "tcp://127.0.0.1:*"])
+
+    def status(self):
+        import asyncio
+
+        from aviato._connection import Connection
+        from aviato.protocol import ClusterStatus
+
+        async def ask():
+            conn = Connection(self.address)
+            try:
+                return (await conn.request(ClusterStatus(), timeout=5)).msg
+            finally:
+                conn.close()
+
+        return asyncio.run(ask())
+
+    def wait_agents(self, n: int, timeout: float = 20) -> None:
+        wait_until(lambda: sum(a.alive for a in self.status().agents) >= n, timeout, 0.1,
+                   f"{n} live agents")
+
+    def kill(self, name: str, sig: int = 9) -> None:
+        proc = self.procs[name]
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}"
+            for p in sorted(self.tmp.glob("*.log"))
+        )
+
+    def close(self) -> None:
+        # Agents first: on SIGTERM each stops its sandboxes.
+        for name, proc in sorted(self.procs.items(), key=lambda kv: kv[0] == "scheduler"):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    need_docker()
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        yield c
+    finally:
+        c.close()
+        left = containers_of(c.agent_ids)
+        if left:
+            subprocess.run(["docker", "rm", "-f", *left], capture_output=True, timeout=60)
+            pytest.fail(f"containers left behind after the cluster stopped: {left}")
+
+
+@pytest.fixture
+def fresh_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A cluster of its own, for tests that kill or restart its processes."""
+    need_docker()
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.close()
+        left = containers_of(c.agent_ids)
+        if left:
+            subprocess.run(["docker", "rm", "-f", *left], capture_output=True, timeout=60)
+            pytest.fail(f"containers left behind: {left}\n{c.logs()}")
+
+
+@pytest.fixture
+def defaults(cluster: Cluster):
+    """SandboxDefaults pointing at the shared cluster; after the test, its sandboxes are gone."""
+    from aviato import SandboxDefaults
+
+    yield SandboxDefaults(container_image=IMAGE, scheduler=cluster.address, lease_seconds=5)
+    wait_until(lambda: not containers_of(cluster.agent_ids), 15, 0.2,
+               "the test's containers to be removed")

@@ -1,0 +1,184 @@
+"""The Sandbox and Session API against a real cluster with real containers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from aviato import (
+    ExecResult,
+    Sandbox,
+    SandboxDefaults,
+    SandboxError,
+    SandboxExecutionError,
+    SandboxFileError,
+    SandboxNotRunningError,
+    SandboxStatus,
+    SandboxTimeoutError,
+)
+from tests.conftest import ROOT, containers_of
+
+
+async def test_exec_bytes_returncode_and_check(defaults: SandboxDefaults) -> None:
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        r = await sb.exec(["echo", "hi"])
+        assert isinstance(r, ExecResult)
+        assert r.stdout == b"hi\n" and r.stderr == b"" and r.returncode == 0
+        assert r.command == ("echo", "hi")
+        r = await sb.exec(["sh", "-c", "printf out; printf err >&2; exit 7"])
+        assert (r.stdout, r.stderr, r.returncode) == (b"out", b"err", 7)
+        with pytest.raises(SandboxExecutionError) as info:
+            await sb.exec(["sh", "-c", "echo boom >&2; exit 3"], check=True)
+        assert info.value.exec_result.returncode == 3
+        assert b"boom" in info.value.exec_result.stderr
+        r = await sb.exec(["sh", "-c", 'echo "$FOO $(pwd)"'], cwd="/tmp", env={"FOO": "bar"})
+        assert r.stdout == b"bar /tmp\n"
+
+
+async def test_exec_timeout_kills_the_process(defaults: SandboxDefaults) -> None:
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        t0 = time.monotonic()
+        with pytest.raises(SandboxTimeoutError) as info:
+            await sb.exec(["sh", "-c", "echo started; sleep 30"], timeout_seconds=1)
+        assert time.monotonic() - t0 < 10
+        assert info.value.exec_result is not None
+        assert b"started" in info.value.exec_result.stdout
+        ps = await sb.exec(["sh", "-c", "ps -eo args 2>/dev/null || ls /proc"])
+        assert b"sleep 30" not in ps.stdout
+        # the sandbox is still usable
+        assert (await sb.exec(["true"])).returncode == 0
+
+
+async def test_exec_stream_yields_output_as_produced(defaults: SandboxDefaults) -> None:
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        stream = sb.exec_stream(["sh", "-c", "echo a; sleep 1.5; echo b >&2; exit 4"])
+        t0 = time.monotonic()
+        seen = []
+        async for chunk in stream:
+            seen.append((chunk.fd, chunk.data, time.monotonic() - t0))
+        assert [(fd, data) for fd, data, _ in seen] == [(1, b"a\n"), (2, b"b\n")]
+        assert seen[0][2] < 1.2 <= seen[1][2]  # the first chunk came before the sleep ended
+        assert stream.returncode == 4
+
+
+async def test_files_binary_safe_large_and_missing(defaults: SandboxDefaults) -> None:
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        every_byte = bytes(range(256)) * 4
+        await sb.write_file("/tmp/deep/dir/bytes.bin", every_byte)
+        assert await sb.read_file("/tmp/deep/dir/bytes.bin") == every_byte
+        big = os.urandom(64 * 1024 * 1024)
+        await sb.write_file("/tmp/big.bin", big)
+        r = await sb.exec(["sh", "-c", "wc -c < /tmp/big.bin"])
+        assert int(r.stdout) == len(big)
+        assert await sb.read_file("/tmp/big.bin") == big
+        with pytest.raises(SandboxFileError) as info:
+            await sb.read_file("/no/such/file")
+        assert info.value.filepath == "/no/such/file"
+
+
+async def test_start_twice_and_stop_idempotent(defaults: SandboxDefaults) -> None:
+    sb = Sandbox(command="sleep", args=["infinity"], defaults=defaults, tags=["twice"])
+    first, second = await asyncio.gather(sb.start(), sb.start())
+    assert first == second == sb.sandbox_id
+    assert await sb.start() == first
+    listed = await Sandbox.list(tags=["twice"], defaults=defaults)
+    assert [s.sandbox_id for s in listed] == [first]
+    await sb.stop()
+    await sb.stop()
+    assert await sb.status() is SandboxStatus.TERMINATED
+    with pytest.raises(SandboxNotRunningError):
+        await sb.exec(["true"])
+
+
+async def test_create_classmethod_wait_and_returncode(defaults: SandboxDefaults) -> None:
+    sb = await Sandbox.create("sh", "-c", "exit 5", defaults=defaults)
+    assert await sb.wait(timeout=20) == 5
+    assert sb.returncode == 5
+    assert await sb.status() is SandboxStatus.COMPLETED
+    with pytest.raises(SandboxNotRunningError):
+        await sb.exec(["true"])
+
+
+async def test_wait_timeout(defaults: SandboxDefaults) -> None:
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        with pytest.raises(SandboxTimeoutError):
+            await sb.wait(timeout=0.5)
+
+
+async def test_spread_over_both_agents(cluster, defaults: SandboxDefaults) -> None:
+    async with Sandbox.session(defaults) as session:
+        sbs = [session.create(command="sleep", args=["infinity"]) for _ in range(2)]
+        await asyncio.gather(*(sb.start() for sb in sbs))
+        agents = {sb.info.agent_id for sb in sbs if sb.info}
+        assert agents == set(cluster.agent_ids)
+
+
+async def test_queue_waits_for_a_free_slot_then_times_out(cluster, defaults) -> None:
+    capacity = cluster.slots * len(cluster.agent_ids)
+    async with Sandbox.session(defaults) as session:
+        full = [session.create(command="sleep", args=["infinity"]) for _ in range(capacity)]
+        await asyncio.gather(*(sb.start() for sb in full))
+        waiting = session.create(command="sleep", args=["infinity"])
+        task = asyncio.create_task(waiting.start())
+        await asyncio.sleep(1.0)
+        assert not task.done()  # queued, not dropped and not failed
+        await full[0].stop()
+        await asyncio.wait_for(task, 20)
+        assert await waiting.status() is SandboxStatus.RUNNING
+        # Full again: a short start timeout gives a clear SandboxTimeoutError.
+        impatient = Sandbox(command="sleep", args=["infinity"],
+                            defaults=defaults.replace(start_timeout_seconds=0.5))
+        with pytest.raises(SandboxTimeoutError, match="no free sandbox slot"):
+            await impatient.start()
+
+
+async def test_max_lifetime_is_enforced_by_the_scheduler(cluster, defaults) -> None:
+    sb = await Sandbox.create("sleep", "infinity", defaults=defaults, max_lifetime_seconds=1.5)
+    name = f"aviato-{sb.sandbox_id}"
+    assert name in containers_of(cluster.agent_ids)
+    with pytest.raises(SandboxError, match="max lifetime"):
+        await sb.wait(timeout=15)
+    assert await sb.status() is SandboxStatus.TERMINATED
+    deadline = time.monotonic() + 10
+    while name in containers_of(cluster.agent_ids) and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert name not in containers_of(cluster.agent_ids)
+
+
+async def test_session_closes_forgotten_sandboxes(defaults: SandboxDefaults) -> None:
+    async with Sandbox.session(defaults.replace(tags=("sess",))) as session:
+        kept = session.create(command="sleep", args=["infinity"], tags=["extra"])
+        await kept.start()
+        assert kept.tags == ("sess", "extra")
+        assert session.sandbox_count == 1
+        unstarted = session.create(command="sleep", args=["infinity"])
+        assert session.sandbox_count == 1
+    assert await kept.status() is SandboxStatus.TERMINATED
+    assert unstarted.sandbox_id is None
+    with pytest.raises(SandboxError, match="closed"):
+        session.create(command="sleep", args=["infinity"])
+
+
+async def test_from_id_and_list_from_another_process(defaults: SandboxDefaults) -> None:
+    async with Sandbox(command="sleep", args=["infinity"], tags=["shared-x"],
+                       defaults=defaults) as sb:
+        await sb.write_file("/tmp/note", b"from parent")
+        code = f"""
+import asyncio
+from aviato import Sandbox, SandboxDefaults
+async def main():
+    d = SandboxDefaults(scheduler={defaults.scheduler!r})
+    again = await Sandbox.from_id({sb.sandbox_id!r}, defaults=d)
+    print((await again.read_file("/tmp/note")).decode())
+    print([s.sandbox_id for s in await Sandbox.list(tags=["shared-x"], defaults=d)])
+asyncio.run(main())
+"""
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=60, cwd=ROOT)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.splitlines() == ["from parent", str([sb.sandbox_id])]
