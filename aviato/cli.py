@@ -24,7 +24,8 @@ from aviato._sandbox import Sandbox
 from aviato.exceptions import AviatoError
 from aviato.protocol import ClusterStatus, ClusterStatusReply, SandboxStatus
 
-console = Console()
+# Piped output (scripts, tests) gets full rows instead of an 80-column squeeze.
+console = Console(width=None if sys.stdout.isatty() else 250)
 
 
 def _defaults(args: argparse.Namespace) -> SandboxDefaults:

@@ -107,19 +107,20 @@ class Cluster:
                                "--slots", str(self.slots), "--bind", "tcp://127.0.0.1:*"])
 
     def status(self):
-        import asyncio
+        """The scheduler's ClusterStatusReply (a sync socket: callable from async tests)."""
+        import zmq
 
-        from aviato._connection import Connection
-        from aviato.protocol import ClusterStatus
+        from aviato.protocol import ClusterStatus, decode, encode
 
-        async def ask():
-            conn = Connection(self.address)
-            try:
-                return (await conn.request(ClusterStatus(), timeout=5)).msg
-            finally:
-                conn.close()
-
-        return asyncio.run(ask())
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(self.address)
+            sock.send_multipart(encode(ClusterStatus(), 1))
+            assert sock.poll(5000), "scheduler did not answer ClusterStatus"
+            return decode(sock.recv_multipart()).msg
+        finally:
+            sock.close()
 
     def wait_agents(self, n: int, timeout: float = 20) -> None:
         wait_until(lambda: sum(a.alive for a in self.status().agents) >= n, timeout, 0.1,

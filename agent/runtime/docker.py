@@ -112,7 +112,6 @@ def _cut(chunks: list[bytes], start: int, end: int) -> bytes:
 
 class DockerRuntime(Runtime):
     name = "docker"
-    isolated = True
 
     def __init__(
         self,
@@ -125,7 +124,7 @@ class DockerRuntime(Runtime):
             raise ValueError(f"pull must be 'missing' or 'never', not {pull!r}")
         self.pids_limit = pids_limit
         self.pull = pull
-        self._given_client = client
+        self._owns_client = client is None
         self._client_obj: Any = client
         self._client_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(THREADS, thread_name_prefix="aviato-docker")
@@ -648,14 +647,12 @@ class DockerRuntime(Runtime):
 
     async def close(self) -> None:
         self._closed.set()
-        events, watcher = self._events, self._watcher
-        if events is not None:
-            with contextlib.suppress(Exception):
-                events.close()
+        with contextlib.suppress(Exception):
+            self._events.close()  # wakes the events thread, which then ends
         self._exit_q.put_nowait(None)
-        if watcher is not None:
-            await asyncio.get_running_loop().run_in_executor(None, watcher.join, 5.0)
+        if self._watcher is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._watcher.join, 5.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._given_client is None and self._client_obj is not None:
+        if self._owns_client and self._client_obj is not None:
             with contextlib.suppress(Exception):
                 self._client_obj.close()

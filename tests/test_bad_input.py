@@ -1,0 +1,136 @@
+"""Bad input gets a typed error a user can act on, and the daemons keep serving."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import zmq
+import zmq.asyncio
+
+from aviato import (
+    PayloadTooLargeError,
+    Sandbox,
+    SandboxDefaults,
+    SandboxFailedError,
+    SandboxNotFoundError,
+    SandboxNotRunningError,
+)
+from aviato import _connection
+from aviato.protocol import (
+    PROTOCOL_VERSION,
+    ErrorCode,
+    ErrorReply,
+    Ping,
+    Pong,
+    decode,
+    encode,
+)
+
+
+def test_empty_command_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="needs a command"):
+        Sandbox(command="", defaults=SandboxDefaults(scheduler="tcp://127.0.0.1:1"))
+    with pytest.raises(ValueError, match="needs a command"):
+        Sandbox(defaults=SandboxDefaults(scheduler="tcp://127.0.0.1:1"))
+
+
+async def test_exec_argument_errors(defaults: SandboxDefaults) -> None:
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        with pytest.raises(TypeError, match="argv list"):
+            await sb.exec("echo hi")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="non-empty"):
+            await sb.exec([])
+
+
+async def test_unknown_image_names_the_image(defaults: SandboxDefaults) -> None:
+    sb = Sandbox(command="sleep", args=["infinity"], container_image="aviato-test/nope:404",
+                 defaults=defaults)
+    with pytest.raises(SandboxFailedError, match="aviato-test/nope:404") as info:
+        await sb.start()
+    assert "build-image.sh" in str(info.value) or "pull" in str(info.value)
+
+
+async def test_exec_on_a_stopped_sandbox(defaults: SandboxDefaults) -> None:
+    sb = await Sandbox.create("sleep", "infinity", defaults=defaults)
+    await sb.stop()
+    with pytest.raises(SandboxNotRunningError):
+        await sb.exec(["true"])
+    # Another handle to the same sandbox asks the agent, which also refuses.
+    again = await Sandbox.from_id(sb.sandbox_id or "", defaults=defaults)
+    with pytest.raises(SandboxNotRunningError):
+        await again.exec(["true"])
+
+
+async def test_never_started_sandbox(defaults: SandboxDefaults) -> None:
+    sb = Sandbox(command="sleep", args=["infinity"], defaults=defaults)
+    with pytest.raises(SandboxNotRunningError, match="start"):
+        await sb.exec(["true"])
+
+
+async def test_unknown_sandbox_id(defaults: SandboxDefaults) -> None:
+    with pytest.raises(SandboxNotFoundError, match="sb-doesnotexist"):
+        await Sandbox.from_id("sb-doesnotexist", defaults=defaults)
+
+
+async def test_oversized_payload_is_refused_before_sending(
+    defaults: SandboxDefaults, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        monkeypatch.setattr(_connection, "MAX_PAYLOAD_BYTES", 1024)
+        with pytest.raises(PayloadTooLargeError, match="limit"):
+            await sb.write_file("/tmp/x", b"x" * 2048)
+        monkeypatch.undo()
+        assert (await sb.exec(["true"])).returncode == 0
+
+
+async def _raw(address: str, frames: list[bytes], expect_reply: bool = True):
+    ctx = zmq.asyncio.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    try:
+        await sock.send_multipart(frames)
+        if not expect_reply:
+            return None
+        assert await sock.poll(5000), "no reply"
+        return decode(await sock.recv_multipart())
+    finally:
+        sock.close()
+
+
+async def _agent_address(defaults: SandboxDefaults) -> tuple[str, Sandbox]:
+    sb = await Sandbox.create("sleep", "infinity", defaults=defaults)
+    assert sb.info and sb.info.agent_address
+    return sb.info.agent_address, sb
+
+
+@pytest.mark.parametrize("target", ["scheduler", "agent"])
+async def test_daemons_refuse_malformed_and_foreign_messages(
+    target: str, defaults: SandboxDefaults
+) -> None:
+    sb = None
+    address = defaults.scheduler or ""
+    if target == "agent":
+        address, sb = await _agent_address(defaults)
+    try:
+        # Another protocol version: a clear refusal naming both versions.
+        foreign = msgpack.packb({"v": PROTOCOL_VERSION + 1, "t": int(Ping.TYPE), "id": 9, "b": {}})
+        reply = await _raw(address, [foreign])
+        assert isinstance(reply.msg, ErrorReply) and reply.request_id == 9
+        assert reply.msg.code is ErrorCode.VERSION_MISMATCH
+        assert str(PROTOCOL_VERSION + 1) in reply.msg.message
+        # A well-formed envelope with a bad body: MALFORMED, with the request id.
+        bad = msgpack.packb({"v": PROTOCOL_VERSION, "t": 11, "id": 10, "b": {"sandbox_id": 5}})
+        reply = await _raw(address, [bad])
+        assert isinstance(reply.msg, ErrorReply) and reply.msg.code is ErrorCode.MALFORMED
+        # Garbage with no request id: dropped, nothing to answer.
+        await _raw(address, [b"\xc1garbage"], expect_reply=False)
+        # A message the daemon does not serve.
+        reply = await _raw(address, encode(Pong(server="x"), 11))
+        assert isinstance(reply.msg, ErrorReply) and reply.msg.code is ErrorCode.BAD_REQUEST
+        # ... and it still serves.
+        reply = await _raw(address, encode(Ping(), 12))
+        assert isinstance(reply.msg, Pong) and reply.msg.server == target
+    finally:
+        if sb is not None:
+            await sb.stop()

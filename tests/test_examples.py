@@ -1,0 +1,80 @@
+"""The seed's examples as written, the embedded cluster, and the CLI, as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import psutil
+
+from tests.conftest import ROOT, Cluster, need_docker
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float = 180):
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+def test_seed_examples_on_the_embedded_cluster() -> None:
+    need_docker()
+    env = {k: v for k, v in os.environ.items() if k != "AVIATO_SCHEDULER"}
+    before = {p.pid for p in psutil.process_iter()}
+    out = _run([sys.executable, "examples/parallel_sandboxes.py"], env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("Sandbox 1: sb-") and lines[1].startswith("Sandbox 2: sb-")
+    assert lines[2:] == ["sb1: from sandbox 1", "sb2: from sandbox 2"]
+    out = _run([sys.executable, "examples/session_benefits.py"], env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "sb1: image python:3.11, tags ['my-app']",
+        "sb2: image python:3.11, tags ['my-app']",
+        "before exit: 1 live sandbox(es) in the session",
+        "after exit: sb2 is terminated",
+    ]
+    # The embedded scheduler and agent went away with the interpreter, and their containers.
+    leftovers = [
+        p.info["cmdline"] for p in psutil.process_iter(["cmdline", "status"])
+        if p.pid not in before and p.info["status"] != psutil.STATUS_ZOMBIE
+        and "embedded-" in " ".join(p.info["cmdline"] or ())
+    ]
+    assert leftovers == []
+    names = subprocess.run(
+        ["docker", "ps", "-a", "--filter", "label=aviato.managed=1", "--format", "{{.Labels}}"],
+        capture_output=True, text=True, timeout=30,
+    ).stdout
+    assert "aviato.agent=embedded-" not in names
+
+
+def test_cli_status_ps_exec_logs_stop(cluster: Cluster) -> None:
+    env = {**os.environ, "AVIATO_SCHEDULER": cluster.address}
+    aviato = [sys.executable, "-m", "aviato.cli"]
+    out = _run([*aviato, "status"], env)
+    assert out.returncode == 0, out.stderr
+    for agent_id in cluster.agent_ids:
+        assert agent_id in out.stdout
+    code = f"""
+import asyncio
+from aviato import Sandbox, SandboxDefaults
+async def main():
+    sb = await Sandbox.create("sh", "-c", "echo booted; sleep infinity", tags=["cli"],
+        defaults=SandboxDefaults(scheduler={cluster.address!r}))
+    print(sb.sandbox_id)
+asyncio.run(main())
+"""
+    created = _run([sys.executable, "-c", code], env)
+    assert created.returncode == 0, created.stderr
+    sandbox_id = created.stdout.strip()
+    out = _run([*aviato, "ps", "--tag", "cli"], env)
+    assert sandbox_id in out.stdout and "running" in out.stdout
+    out = _run([*aviato, "exec", sandbox_id, "--", "sh", "-c", "echo out; echo err >&2; exit 3"],
+               env)
+    assert (out.returncode, out.stdout, out.stderr) == (3, "out\n", "err\n")
+    out = _run([*aviato, "logs", sandbox_id], env)
+    assert out.stdout == "booted\n"
+    out = _run([*aviato, "stop", sandbox_id], env)
+    assert out.returncode == 0 and sandbox_id in out.stdout
+    out = _run([*aviato, "ps", "--all", "--tag", "cli"], env)
+    assert "terminated" in out.stdout
+    out = _run([*aviato, "exec", sandbox_id, "--", "true"], env)
+    assert out.returncode == 1 and "SandboxNotRunningError" in out.stdout

@@ -1,0 +1,135 @@
+"""Failures: a killed client, a killed agent, a restarted scheduler, orphaned containers."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import docker
+import pytest
+
+from aviato import Sandbox, SandboxDefaults, SandboxFailedError, SandboxStatus
+from tests.conftest import IMAGE, ROOT, Cluster, containers_of, wait_until
+
+
+async def test_killed_client_session_is_reaped_within_its_lease(cluster: Cluster) -> None:
+    code = f"""
+import asyncio
+from aviato import Sandbox, SandboxDefaults
+async def main():
+    d = SandboxDefaults(container_image={IMAGE!r}, scheduler={cluster.address!r},
+                        lease_seconds=1.5)
+    async with Sandbox.session(d) as s:
+        sb = s.create(command="sleep", args=["infinity"])
+        await sb.start()
+        print(sb.sandbox_id, flush=True)
+        await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=ROOT)
+    try:
+        assert proc.stdout is not None
+        sandbox_id = proc.stdout.readline().decode().strip()
+        assert sandbox_id.startswith("sb-")
+        await asyncio.sleep(2.5)  # renewed past its first lease while alive
+        assert f"aviato-{sandbox_id}" in containers_of(cluster.agent_ids)
+        proc.kill()
+        proc.wait(timeout=10)
+        killed_at = time.monotonic()
+        await asyncio.to_thread(
+            wait_until, lambda: f"aviato-{sandbox_id}" not in containers_of(cluster.agent_ids),
+            10, 0.2, "the killed client's container to go",
+        )
+        assert time.monotonic() - killed_at < 1.5 + 5
+    finally:
+        proc.kill()
+    sb = await Sandbox.from_id(sandbox_id, defaults=SandboxDefaults(scheduler=cluster.address))
+    assert await sb.status() is SandboxStatus.TERMINATED
+    assert sb.info is not None and "lease expired" in sb.info.reason
+
+
+async def test_killed_agent_is_declared_dead_and_orphans_reaped_on_restart(
+    fresh_cluster: Cluster,
+) -> None:
+    c = fresh_cluster
+    d = SandboxDefaults(container_image=IMAGE, scheduler=c.address)
+    sbs = [await Sandbox.create("sleep", "infinity", defaults=d) for _ in range(2)]
+    victim = sbs[0].info.agent_id if sbs[0].info else ""
+    on_victim = [sb for sb in sbs if sb.info and sb.info.agent_id == victim]
+    c.kill(victim)  # kill -9: its containers stay behind, orphaned
+    t0 = time.monotonic()
+    for sb in on_victim:
+        with pytest.raises(SandboxFailedError, match=f"agent {victim} lost"):
+            await sb.wait(timeout=10)
+    assert time.monotonic() - t0 < 1.5 + 3
+    assert all(a.alive is False for a in c.status().agents if a.agent_id == victim)
+    assert containers_of([victim]), "kill -9 should leave the containers (that is the point)"
+    # The agent comes back with the same id: it reaps what the scheduler no longer wants.
+    c.start_agent(victim)
+    await asyncio.to_thread(wait_until, lambda: not containers_of([victim]), 20, 0.2,
+                            "the orphans to be reaped")
+    c.wait_agents(2)
+    # and the cluster still places work on it
+    for sb in sbs:
+        await sb.stop()
+
+
+async def test_scheduler_restart_rebuilds_tables_from_agents(fresh_cluster: Cluster) -> None:
+    c = fresh_cluster
+    d = SandboxDefaults(container_image=IMAGE, scheduler=c.address, lease_seconds=5)
+    async with Sandbox.session(d) as session:
+        sbs = [session.create(command="sleep", args=["infinity"], tags=["survivor"])
+               for _ in range(3)]
+        await asyncio.gather(*(sb.start() for sb in sbs))
+        port = int(c.address.rsplit(":", 1)[1])
+        c.kill("scheduler")
+        # The data plane does not need the scheduler.
+        assert (await sbs[0].exec(["echo", "still here"])).stdout == b"still here\n"
+        c.start_scheduler(port)
+        c.wait_agents(2)
+
+        async def listed() -> set[str | None]:
+            return {s.sandbox_id for s in await Sandbox.list(tags=["survivor"], defaults=d)}
+
+        deadline = time.monotonic() + 15
+        while await listed() != {sb.sandbox_id for sb in sbs}:
+            assert time.monotonic() < deadline, "sandboxes not rebuilt after restart"
+            await asyncio.sleep(0.2)
+        rows = await Sandbox.list(tags=["survivor"], defaults=d)
+        assert all(r.info and r.info.spec.session_id == session.session_id for r in rows)
+        assert all(await asyncio.gather(*(s.status() for s in sbs))) and all(
+            st is SandboxStatus.RUNNING for st in await asyncio.gather(*(s.status() for s in sbs))
+        )
+    # The session close after the restart still stops them all.
+    await asyncio.to_thread(wait_until, lambda: not containers_of(c.agent_ids), 15, 0.2,
+                            "the session's containers to go")
+
+
+async def test_agent_reaps_labelled_orphans_at_start(cluster: Cluster, tmp_path) -> None:
+    agent_id = f"{cluster.agent_ids[0]}-orphans"
+    client = docker.from_env()
+    try:
+        orphan = client.containers.run(
+            IMAGE, ["sleep", "infinity"], detach=True, name=f"aviato-orphan-{agent_id}",
+            labels={"aviato.managed": "1", "aviato.agent": agent_id,
+                    "aviato.sandbox": "sb-orphan"},
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "--scheduler", cluster.address, "--agent-id",
+             agent_id, "--slots", "1", "--bind", "tcp://127.0.0.1:*"],
+            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            await asyncio.to_thread(wait_until, lambda: not containers_of([agent_id]), 20, 0.2,
+                                    "the orphan to be reaped")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+        with pytest.raises(docker.errors.NotFound):
+            client.containers.get(orphan.id)
+    finally:
+        for name in containers_of([agent_id]):
+            client.containers.get(name).remove(force=True)
+        client.close()

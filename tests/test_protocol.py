@@ -1,0 +1,560 @@
+"""The wire protocol: every message round-trips; every malformed envelope is refused
+with a DecodeError (and never another exception); error codes <-> exceptions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aviato import exceptions as exc
+from aviato._errors import error_reply, to_exception
+from aviato.protocol import (
+    MESSAGE_TYPES,
+    PROTOCOL_VERSION,
+    AgentHeartbeat,
+    AgentInfo,
+    ClusterStatus,
+    ClusterStatusReply,
+    CreateSandbox,
+    Decoded,
+    DecodeError,
+    ErrorCode,
+    ErrorReply,
+    Exec,
+    ExecChunk,
+    ExecReply,
+    FileReply,
+    GetLogs,
+    GetSandbox,
+    HeartbeatReply,
+    ListSandboxes,
+    LogsReply,
+    Message,
+    MsgType,
+    OkReply,
+    Ping,
+    PlaceSandbox,
+    Pong,
+    ReadFile,
+    RegisterAgent,
+    RegisterReply,
+    SandboxExited,
+    SandboxInfo,
+    SandboxListReply,
+    SandboxReply,
+    SandboxSpec,
+    SandboxStatus,
+    SessionClose,
+    SessionCloseReply,
+    SessionKeepalive,
+    StopSandbox,
+    WaitSandbox,
+    WriteFile,
+    decode,
+    encode,
+)
+
+# --------------------------------------------------------------------------- samples
+
+SPEC = SandboxSpec(
+    image="python:3.11",
+    command="python",
+    args=("-c", "print(1)"),
+    env={"A": "1", "B": "two"},
+    tags=("ml", "batch"),
+    session_id="sess-1",
+    max_lifetime_seconds=42.5,
+    memory_bytes=256 * 1024 * 1024,
+    cpus=1.5,
+    pids_limit=64,
+    network="bridge",
+    working_dir="/work",
+)
+
+INFO = SandboxInfo(
+    sandbox_id="sb-1",
+    spec=SPEC,
+    status=SandboxStatus.RUNNING,
+    agent_id="agent-a",
+    agent_address="tcp://10.0.0.1:7000",
+    exit_code=3,
+    reason="because",
+    created_at=1234.5,
+    deadline=1277.0,
+    runtime="docker",
+)
+
+INFO2 = SandboxInfo(
+    sandbox_id="sb-2",
+    spec=SandboxSpec(image="alpine", command="sleep"),
+    status=SandboxStatus.FAILED,
+)
+
+AGENT = AgentInfo(
+    agent_id="agent-a",
+    address="tcp://10.0.0.1:7000",
+    slots=8,
+    used=3,
+    alive=False,
+    runtime="docker",
+    labels={"zone": "eu"},
+    seconds_since_heartbeat=2.25,
+)
+
+#: One representative instance per message class, with non-default values.
+SAMPLES: list[Message] = [
+    OkReply(),
+    ErrorReply(ErrorCode.NOT_FOUND, "no such sandbox", {"sandbox_id": "sb-1", "n": [1, 2]}),
+    CreateSandbox(spec=SPEC, timeout_seconds=9.5),
+    GetSandbox(sandbox_id="sb-1"),
+    ListSandboxes(
+        tags=("a", "b"),
+        statuses=(SandboxStatus.RUNNING, SandboxStatus.TERMINATED),
+        session_id="sess-1",
+    ),
+    StopSandbox(sandbox_id="sb-1", reason="enough"),
+    WaitSandbox(sandbox_id="sb-1", timeout_seconds=3.0),
+    SessionKeepalive(session_id="sess-1", lease_seconds=15.0),
+    SessionClose(session_id="sess-1"),
+    ClusterStatus(),
+    SandboxReply(sandbox=INFO),
+    SandboxListReply(sandboxes=(INFO, INFO2)),
+    SessionCloseReply(stopped=("sb-1", "sb-2")),
+    ClusterStatusReply(agents=(AGENT,), sandbox_counts={"running": 2, "queued": 1}, sessions=4),
+    RegisterAgent(
+        agent_id="agent-a",
+        address="tcp://10.0.0.1:7000",
+        slots=8,
+        runtime="docker",
+        fresh=True,
+        labels={"zone": "eu"},
+        sandboxes=(INFO, INFO2),
+    ),
+    RegisterReply(heartbeat_interval=0.25, adopt=("sb-1",), reap=("sb-2", "sb-3")),
+    AgentHeartbeat(agent_id="agent-a", running=("sb-1", "sb-2")),
+    HeartbeatReply(registered=True),
+    PlaceSandbox(sandbox=INFO),
+    SandboxExited(sandbox_id="sb-1", exit_code=137, reason="oom killed"),
+    Exec(
+        sandbox_id="sb-1",
+        argv=("ls", "-l"),
+        cwd="/tmp",
+        env={"X": "y"},
+        timeout_seconds=5.0,
+        stream=True,
+    ),
+    ExecChunk(fd=2),
+    ExecReply(returncode=-9, timed_out=True),
+    WriteFile(sandbox_id="sb-1", path="/tmp/f", mode=0o600),
+    ReadFile(sandbox_id="sb-1", path="/tmp/f"),
+    FileReply(size=12345),
+    GetLogs(sandbox_id="sb-1"),
+    LogsReply(),
+    Ping(),
+    Pong(server="agent", server_id="agent-a"),
+]
+
+
+def test_every_message_class_has_a_sample() -> None:
+    covered = [type(m) for m in SAMPLES]
+    assert len(covered) == len(set(covered)), "a message class is sampled twice"
+    assert set(covered) == set(MESSAGE_TYPES.values())
+
+
+def test_message_types_maps_to_the_module_classes() -> None:
+    # dataclass(slots=True) replaces each class, so Message.__subclasses__() also lists
+    # the discarded originals: MESSAGE_TYPES must hold the classes the module exports.
+    import aviato.protocol as protocol
+
+    module_classes = {
+        obj
+        for obj in vars(protocol).values()
+        if isinstance(obj, type) and issubclass(obj, Message) and obj is not Message
+    }
+    assert set(MESSAGE_TYPES.values()) == module_classes
+    assert len({cls.TYPE for cls in module_classes}) == len(module_classes)
+    for t, cls in MESSAGE_TYPES.items():
+        assert cls.TYPE is t
+        assert getattr(protocol, cls.__name__) is cls
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(msg: Message) -> None:
+    payloads = [b"first", memoryview(b"second payload")]
+    frames = encode(msg, 987654321, payloads, token="s3cret")
+    d = decode(frames)
+    assert isinstance(d, Decoded)
+    assert d.msg == msg
+    assert type(d.msg) is type(msg)
+    assert d.request_id == 987654321
+    assert d.token == "s3cret"
+    assert [bytes(p) for p in d.payloads] == [b"first", b"second payload"]
+
+
+@pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip_without_token_or_payloads(msg: Message) -> None:
+    d = decode(encode(msg, 0))
+    assert d.msg == msg
+    assert d.request_id == 0
+    assert d.token is None
+    assert d.payloads == ()
+
+
+def test_round_trip_keeps_enum_and_tuple_types() -> None:
+    d = decode(encode(SandboxListReply(sandboxes=(INFO,)), 1))
+    info = d.msg.sandboxes[0]  # type: ignore[attr-defined]
+    assert isinstance(d.msg.sandboxes, tuple)  # type: ignore[attr-defined]
+    assert info.status is SandboxStatus.RUNNING
+    assert isinstance(info.spec.args, tuple)
+    assert isinstance(info.spec, SandboxSpec)
+    err = decode(encode(ErrorReply(ErrorCode.TIMEOUT, "late"), 2)).msg
+    assert err.code is ErrorCode.TIMEOUT  # type: ignore[attr-defined]
+
+
+def test_int_sent_for_float_field_decodes_as_float() -> None:
+    d = decode(encode(WaitSandbox(sandbox_id="sb", timeout_seconds=3), 1))  # type: ignore[arg-type]
+    assert d.msg.timeout_seconds == 3.0  # type: ignore[attr-defined]
+    assert isinstance(d.msg.timeout_seconds, float)  # type: ignore[attr-defined]
+
+
+def test_payloads_are_separate_frames_not_in_the_body() -> None:
+    big = b"\xaa" * 100_000
+    view = memoryview(b"\xbb" * 1000)
+    frames = encode(WriteFile(sandbox_id="sb", path="/f"), 5, [big, view])
+    assert len(frames) == 3
+    assert frames[1] is big
+    assert frames[2] is view
+    envelope = frames[0]
+    assert isinstance(envelope, bytes)
+    assert len(envelope) < 200
+    assert b"\xaa\xaa\xaa\xaa" not in envelope
+    d = decode(frames)
+    assert d.payloads[0] is big
+    assert d.payloads[1] is view
+
+
+def test_envelope_layout() -> None:
+    frames = encode(GetSandbox(sandbox_id="sb-9"), 17, token="t")
+    env = msgpack.unpackb(frames[0], raw=False)
+    assert env == {
+        "v": PROTOCOL_VERSION,
+        "t": int(MsgType.GET_SANDBOX),
+        "id": 17,
+        "tok": "t",
+        "b": {"sandbox_id": "sb-9"},
+    }
+
+
+def test_bytearray_envelope_is_accepted() -> None:
+    frames = encode(Ping(), 3)
+    assert decode([bytearray(frames[0])]).msg == Ping()
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _env(**over: Any) -> bytes:
+    env: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": int(MsgType.GET_SANDBOX), "id": 7}
+    env["b"] = {"sandbox_id": "sb-1"}
+    env.update(over)
+    return msgpack.packb({k: v for k, v in env.items() if v is not _DROP}, use_bin_type=True)
+
+
+_DROP = object()
+
+
+def _refused(frame: Any) -> DecodeError:
+    with pytest.raises(DecodeError) as info:
+        decode([frame])
+    return info.value
+
+
+def test_valid_baseline_envelope_decodes() -> None:
+    assert decode([_env()]).msg == GetSandbox(sandbox_id="sb-1")
+
+
+def test_wrong_version_is_version_mismatch() -> None:
+    err = _refused(_env(v=PROTOCOL_VERSION + 98))
+    assert err.code is ErrorCode.VERSION_MISMATCH
+    assert err.request_id == 7
+    assert str(PROTOCOL_VERSION + 98) in str(err)
+    assert str(PROTOCOL_VERSION) in str(err)
+    assert isinstance(err, exc.ProtocolError)
+
+
+def test_missing_version_is_version_mismatch() -> None:
+    err = _refused(_env(v=_DROP))
+    assert err.code is ErrorCode.VERSION_MISMATCH
+    assert err.request_id == 7
+
+
+def test_empty_frame_list_is_malformed() -> None:
+    with pytest.raises(DecodeError) as info:
+        decode([])
+    assert info.value.code is ErrorCode.MALFORMED
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [b"", b"\xc1", b"\x81", b"not msgpack at all \xff\xfe", msgpack.packb(1) + b"extra"],
+    ids=["empty", "never-used-byte", "truncated-map", "garbage", "trailing-data"],
+)
+def test_non_msgpack_is_malformed(frame: bytes) -> None:
+    err = _refused(frame)
+    assert err.code is ErrorCode.MALFORMED
+    assert err.request_id is None
+
+
+@pytest.mark.parametrize("value", [[1, 2], 5, "envelope", None])
+def test_envelope_not_a_map_is_malformed(value: Any) -> None:
+    err = _refused(msgpack.packb(value))
+    assert err.code is ErrorCode.MALFORMED
+    assert err.request_id is None
+
+
+@pytest.mark.parametrize("rid", [_DROP, "7", True, 1.5, None])
+def test_missing_or_non_integer_id_is_malformed(rid: Any) -> None:
+    err = _refused(_env(id=rid))
+    assert err.code is ErrorCode.MALFORMED
+    assert err.request_id is None
+
+
+def test_frame_of_unsupported_type_is_malformed() -> None:
+    with pytest.raises(DecodeError) as info:
+        decode(["a str is not a frame"])
+    assert info.value.code is ErrorCode.MALFORMED
+
+
+@pytest.mark.parametrize("t", [999, 0, -1, "10", _DROP])
+def test_unknown_type_is_malformed(t: Any) -> None:
+    err = _refused(_env(t=t))
+    assert err.code is ErrorCode.MALFORMED
+    assert err.request_id == 7
+
+
+def test_non_string_token_is_malformed() -> None:
+    err = _refused(_env(tok=12))
+    assert err.code is ErrorCode.MALFORMED
+    assert err.request_id == 7
+
+
+@pytest.mark.parametrize(
+    ("t", "body"),
+    [
+        # unknown field
+        (MsgType.GET_SANDBOX, {"sandbox_id": "sb", "extra": 1}),
+        # missing required field
+        (MsgType.GET_SANDBOX, {}),
+        (MsgType.CREATE_SANDBOX, {"spec": {"image": "i", "command": "c"}}),
+        # unknown / missing field in a nested record
+        (
+            MsgType.CREATE_SANDBOX,
+            {"spec": {"image": "i", "command": "c", "bogus": 1}, "timeout_seconds": 1.0},
+        ),
+        (MsgType.CREATE_SANDBOX, {"spec": {"image": "i"}, "timeout_seconds": 1.0}),
+        # str where int
+        (MsgType.EXEC_CHUNK, {"fd": "1"}),
+        # bool where int
+        (MsgType.EXEC_CHUNK, {"fd": True}),
+        (MsgType.FILE_REPLY, {"size": False}),
+        # bool where float
+        (MsgType.WAIT_SANDBOX, {"sandbox_id": "sb", "timeout_seconds": True}),
+        # str where float
+        (MsgType.WAIT_SANDBOX, {"sandbox_id": "sb", "timeout_seconds": "3"}),
+        # int where str, int where bool
+        (MsgType.GET_SANDBOX, {"sandbox_id": 5}),
+        (MsgType.HEARTBEAT_REPLY, {"registered": 1}),
+        # bytes where str
+        (MsgType.GET_SANDBOX, {"sandbox_id": b"sb"}),
+        # list where map
+        (MsgType.ERROR, {"code": "timeout", "message": "m", "detail": [1, 2]}),
+        (MsgType.SANDBOX_REPLY, {"sandbox": ["sb-1"]}),
+        # map where list; wrong item type in a list
+        (MsgType.SESSION_CLOSE_REPLY, {"stopped": {"a": 1}}),
+        (MsgType.SESSION_CLOSE_REPLY, {"stopped": ["ok", 3]}),
+        # wrong value type in a dict; non-string dict key
+        (MsgType.CLUSTER_STATUS_REPLY, {"agents": [], "sandbox_counts": {"a": "1"}, "sessions": 0}),
+        (MsgType.CLUSTER_STATUS_REPLY, {"agents": [], "sandbox_counts": {b"a": 1}, "sessions": 0}),
+        # None for a non-optional field
+        (MsgType.EXEC_REPLY, {"returncode": None}),
+        # bad enum values
+        (MsgType.ERROR, {"code": "no_such_code", "message": "m"}),
+        (MsgType.ERROR, {"code": 1, "message": "m"}),
+        (MsgType.LIST_SANDBOXES, {"statuses": ["running", "sleeping"]}),
+        # body that is not a map
+        (MsgType.PING, [1]),
+        (MsgType.PING, "body"),
+    ],
+)
+def test_bad_body_is_malformed(t: MsgType, body: Any) -> None:
+    err = _refused(_env(t=int(t), b=body))
+    assert err.code is ErrorCode.MALFORMED, str(err)
+    assert err.request_id == 7
+
+
+def test_malformed_message_names_the_field() -> None:
+    err = _refused(_env(t=int(MsgType.EXEC_CHUNK), b={"fd": "1"}))
+    assert "fd" in str(err)
+
+
+def test_missing_body_is_fine_for_a_message_without_fields() -> None:
+    assert decode([_env(t=int(MsgType.PING), b=_DROP)]).msg == Ping()
+
+
+# --------------------------------------------------------------------------- property
+
+
+def _check_decode_total(frame: bytes) -> None:
+    try:
+        result = decode([frame])
+    except DecodeError as err:
+        assert isinstance(err.code, ErrorCode)
+        assert err.request_id is None or isinstance(err.request_id, int)
+    else:
+        assert isinstance(result, Decoded)
+        assert isinstance(result.msg, Message)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_decode_of_arbitrary_bytes_never_raises_anything_else(data: bytes) -> None:
+    _check_decode_total(data)
+
+
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=True)
+    | st.text(max_size=8)
+    | st.binary(max_size=8)
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=8) | st.binary(max_size=4), inner, max_size=4),
+    max_leaves=12,
+)
+_type_numbers = st.sampled_from([int(t) for t in MsgType]) | _values
+_field_names = st.sampled_from(
+    sorted({name for cls in MESSAGE_TYPES.values() for name in cls.__dataclass_fields__})
+    + sorted(SandboxSpec.__dataclass_fields__)
+    + sorted(SandboxInfo.__dataclass_fields__)
+)
+# Bodies that use real field names, so the checks deep inside from_wire are reached.
+_bodies = _values | st.dictionaries(_field_names, _values, max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    v=st.just(PROTOCOL_VERSION) | _values,
+    t=_type_numbers,
+    rid=st.integers(min_value=-(2**63), max_value=2**64 - 1) | _values,
+    b=_bodies,
+    tok=st.none() | st.text(max_size=4) | _values,
+    drop=st.sets(st.sampled_from(["v", "t", "id", "b", "tok"])),
+)
+def test_decode_of_arbitrary_envelopes_never_raises_anything_else(
+    v: Any, t: Any, rid: Any, b: Any, tok: Any, drop: set[str]
+) -> None:
+    env = {"v": v, "t": t, "id": rid, "b": b, "tok": tok}
+    for key in drop:
+        del env[key]
+    _check_decode_total(msgpack.packb(env, use_bin_type=True))
+
+
+@settings(max_examples=200, deadline=None)
+@given(cls=st.sampled_from(sorted(MESSAGE_TYPES.values(), key=lambda c: c.TYPE)), data=st.data())
+def test_decode_of_well_formed_bodies_with_random_field_values(cls: type, data: Any) -> None:
+    names = sorted(cls.__dataclass_fields__)
+    body = data.draw(st.dictionaries(st.sampled_from(names), _values) if names else st.just({}))
+    frame = msgpack.packb(
+        {"v": PROTOCOL_VERSION, "t": int(cls.TYPE), "id": 1, "b": body}, use_bin_type=True
+    )
+    _check_decode_total(frame)
+
+
+# --------------------------------------------------------------------------- error mapping
+
+#: Every exception class with its own wire code, and that code.
+CODED: list[tuple[type[exc.AviatoError], ErrorCode]] = [
+    (exc.ProtocolError, ErrorCode.MALFORMED),
+    (exc.UnauthorizedError, ErrorCode.UNAUTHORIZED),
+    (exc.ClusterUnavailableError, ErrorCode.UNAVAILABLE),
+    (exc.SandboxError, ErrorCode.BAD_REQUEST),
+    (exc.SandboxNotFoundError, ErrorCode.NOT_FOUND),
+    (exc.SandboxNotRunningError, ErrorCode.NOT_RUNNING),
+    (exc.SandboxTimeoutError, ErrorCode.TIMEOUT),
+    (exc.SandboxFailedError, ErrorCode.FAILED),
+    (exc.SandboxTerminatedError, ErrorCode.TERMINATED),
+    (exc.SandboxFileError, ErrorCode.FILE_ERROR),
+    (exc.PayloadTooLargeError, ErrorCode.TOO_LARGE),
+]
+
+
+def _make(cls: type[exc.AviatoError], message: str) -> exc.AviatoError:
+    if cls is exc.SandboxFileError:
+        return exc.SandboxFileError(message, filepath="/tmp/x.txt", sandbox_id="sb-7")
+    if issubclass(cls, exc.SandboxError):
+        return cls(message, sandbox_id="sb-7")
+    return cls(message)
+
+
+@pytest.mark.parametrize(("cls", "code"), CODED, ids=lambda x: getattr(x, "__name__", str(x)))
+def test_error_round_trip(cls: type[exc.AviatoError], code: ErrorCode) -> None:
+    original = _make(cls, "it went wrong")
+    reply = error_reply(original)
+    assert reply.code is code
+    assert reply.message == "it went wrong"
+    # ...and survives the wire
+    reply = decode(encode(reply, 1)).msg  # type: ignore[assignment]
+    back = to_exception(reply)
+    assert type(back) is cls
+    assert str(back) == "it went wrong"
+    if isinstance(original, exc.SandboxError):
+        assert isinstance(back, exc.SandboxError)
+        assert back.sandbox_id == "sb-7"
+    if isinstance(original, exc.SandboxFileError):
+        assert isinstance(back, exc.SandboxFileError)
+        assert back.filepath == "/tmp/x.txt"
+
+
+def test_coded_list_covers_every_mapped_exception_class() -> None:
+    mapped = {type(to_exception(ErrorReply(code, "m"))) for code in ErrorCode}
+    assert mapped - {exc.AviatoError} == {cls for cls, _ in CODED}
+
+
+def test_every_code_maps_to_an_aviato_error() -> None:
+    for code in ErrorCode:
+        e = to_exception(ErrorReply(code, "msg", {"sandbox_id": "sb-1"}))
+        assert isinstance(e, exc.AviatoError)
+        assert str(e) == "msg"
+    assert isinstance(to_exception(ErrorReply(ErrorCode.TIMEOUT, "t")), TimeoutError)
+    assert type(to_exception(ErrorReply(ErrorCode.VERSION_MISMATCH, "v"))) is exc.ProtocolError
+
+
+def test_sandbox_id_absent_or_bad_type_becomes_none() -> None:
+    e = to_exception(ErrorReply(ErrorCode.NOT_FOUND, "m", {"sandbox_id": 5}))
+    assert isinstance(e, exc.SandboxNotFoundError)
+    assert e.sandbox_id is None
+    f = to_exception(ErrorReply(ErrorCode.FILE_ERROR, "m"))
+    assert isinstance(f, exc.SandboxFileError)
+    assert f.filepath == ""
+    assert f.sandbox_id is None
+
+
+def test_value_error_is_bad_request_and_unknown_is_internal() -> None:
+    assert error_reply(ValueError("bad arg")).code is ErrorCode.BAD_REQUEST
+    reply = error_reply(KeyError("boom"))
+    assert reply.code is ErrorCode.INTERNAL
+    assert "KeyError" in reply.message
+    assert type(to_exception(reply)) is exc.AviatoError
+
+
+def test_decode_error_maps_to_protocol_error() -> None:
+    err = _refused(b"\xc1")
+    assert error_reply(err).code is ErrorCode.MALFORMED
