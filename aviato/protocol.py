@@ -478,7 +478,7 @@ def decode(frames: Sequence[Any]) -> Decoded:
     if not isinstance(request_id, int) or isinstance(request_id, bool):
         raise DecodeError("envelope has no integer 'id'", code=ErrorCode.MALFORMED, request_id=None)
     version = envelope.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise DecodeError(
             f"peer speaks aviato protocol version {version!r}, this side speaks "
             f"{PROTOCOL_VERSION}; upgrade the older side so both match",

@@ -425,13 +425,14 @@ class SchedulerState:
         self.sessions.pop(session_id, None)
         stopped: list[str] = []
         actions: list[Action] = []
+        # Its queued creates go first: the slots freed below must not be given to them.
+        for req in [p for p in self.pending if p.spec.session_id == session_id]:
+            self.pending.remove(req)
+            actions.append(Reply(req.key, ErrorReply(ErrorCode.TERMINATED, reason)))
         for rec in list(self.sandboxes.values()):
             if rec.spec.session_id == session_id and rec.status in ACTIVE:
                 stopped.append(rec.sandbox_id)
                 actions += self._end(rec, SandboxStatus.TERMINATED, now, reason, stop=True)
-        for req in [p for p in self.pending if p.spec.session_id == session_id]:
-            self.pending.remove(req)
-            actions.append(Reply(req.key, ErrorReply(ErrorCode.TERMINATED, reason)))
         return stopped, actions
 
     # ------------------------------------------------------------------ time

@@ -139,7 +139,7 @@ class Cluster:
 
     def close(self) -> None:
         # Agents first: on SIGTERM each stops its sandboxes.
-        for name, proc in sorted(self.procs.items(), key=lambda kv: kv[0] == "scheduler"):
+        for _name, proc in sorted(self.procs.items(), key=lambda kv: kv[0] == "scheduler"):
             if proc.poll() is None:
                 proc.terminate()
                 try:

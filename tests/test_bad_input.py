@@ -14,8 +14,8 @@ from aviato import (
     SandboxFailedError,
     SandboxNotFoundError,
     SandboxNotRunningError,
+    _connection,
 )
-from aviato import _connection
 from aviato.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,

@@ -1,0 +1,741 @@
+"""SchedulerState, the scheduler's pure state machine: fake clock (plain floats),
+deterministic sandbox ids (sb-1, sb-2, ...), reply keys are plain strings."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import pytest
+
+from aviato.protocol import (
+    ErrorCode,
+    ErrorReply,
+    PlaceSandbox,
+    RegisterAgent,
+    RegisterReply,
+    SandboxInfo,
+    SandboxReply,
+    SandboxSpec,
+    SandboxStatus,
+    StopSandbox,
+)
+from scheduler.state import (
+    Action,
+    Config,
+    Reply,
+    SchedulerState,
+    SendToAgent,
+    validate_spec,
+)
+
+RUNNING = SandboxStatus.RUNNING
+CREATING = SandboxStatus.CREATING
+
+
+def spec(**kw: Any) -> SandboxSpec:
+    base: dict[str, Any] = {"image": "python:3.11", "command": "sleep", "args": ("1000",)}
+    base.update(kw)
+    return SandboxSpec(**base)
+
+
+def make_state(**config: Any) -> SchedulerState:
+    # Agents never go silent unless a test says so (tests do not send heartbeats).
+    config.setdefault("dead_after_seconds", 1e9)
+    counter = itertools.count(1)
+    return SchedulerState(Config(**config), new_id=lambda: f"sb-{next(counter)}")
+
+
+def register(
+    state: SchedulerState,
+    agent_id: str,
+    slots: int = 1,
+    now: float = 0.0,
+    *,
+    fresh: bool = True,
+    sandboxes: Sequence[SandboxInfo] = (),
+) -> tuple[RegisterReply, list[Action]]:
+    msg = RegisterAgent(
+        agent_id=agent_id,
+        address=f"tcp://{agent_id}:7000",
+        slots=slots,
+        runtime="docker",
+        fresh=fresh,
+        labels={"name": agent_id},
+        sandboxes=tuple(sandboxes),
+    )
+    return state.register_agent(msg, now)
+
+
+def placed(actions: Iterable[Action]) -> list[tuple[str, str]]:
+    """(agent_id, sandbox_id) of every PlaceSandbox sent."""
+    return [
+        (a.agent_id, a.msg.sandbox.sandbox_id)
+        for a in actions
+        if isinstance(a, SendToAgent) and isinstance(a.msg, PlaceSandbox)
+    ]
+
+
+def stops(actions: Iterable[Action]) -> list[tuple[str, str]]:
+    """(agent_id, sandbox_id) of every StopSandbox sent."""
+    return [
+        (a.agent_id, a.msg.sandbox_id)
+        for a in actions
+        if isinstance(a, SendToAgent) and isinstance(a.msg, StopSandbox)
+    ]
+
+
+def replies_to(actions: Iterable[Action], key: object) -> list[Any]:
+    return [a.msg for a in actions if isinstance(a, Reply) and a.to == key]
+
+
+def status_of(state: SchedulerState, sandbox_id: str) -> SandboxStatus:
+    return state.sandboxes[sandbox_id].status
+
+
+def run(state: SchedulerState, key: str, now: float = 0.0, **spec_kw: Any) -> str:
+    """Create a sandbox and have its agent start it; returns its id."""
+    actions = state.request_create(key, spec(**spec_kw), 30.0, now)
+    [(_, sid)] = placed(actions)
+    [reply] = replies_to(state.placement_done(sid, None, now), key)
+    assert isinstance(reply, SandboxReply)
+    return sid
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def test_register_agent_reply_and_is_registered() -> None:
+    state = make_state(heartbeat_interval=0.7)
+    reply, actions = register(state, "a", slots=4)
+    assert reply == RegisterReply(heartbeat_interval=0.7, adopt=(), reap=())
+    assert actions == []
+    assert state.is_registered("a")
+    assert not state.is_registered("b")
+    assert state.free_slots() == 4
+
+
+def test_spread_places_on_the_agent_with_most_free_slots_ties_by_id() -> None:
+    state = make_state()
+    register(state, "a", slots=2)
+    register(state, "b", slots=3)
+    where = [placed(state.request_create(f"k{i}", spec(), 10.0, 0.0))[0][0] for i in range(5)]
+    # b(3) a(2) -> b; a2 b2 tie -> a; a1 b2 -> b; a1 b1 -> a; a0 b1 -> b
+    assert where == ["b", "a", "b", "a", "b"]
+    assert state.free_slots() == 0
+
+
+def test_place_message_and_creator_reply_once_started() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    actions = state.request_create("k", spec(tags=("t",)), 10.0, 5.0)
+    [send] = actions
+    assert isinstance(send, SendToAgent) and isinstance(send.msg, PlaceSandbox)
+    info = send.msg.sandbox
+    assert (info.sandbox_id, info.status, info.agent_id) == ("sb-1", CREATING, "a")
+    assert info.spec.tags == ("t",)
+    assert info.created_at == 5.0
+    [reply] = state.placement_done("sb-1", None, 6.0)
+    assert isinstance(reply, Reply) and reply.to == "k"
+    assert isinstance(reply.msg, SandboxReply)
+    got = reply.msg.sandbox
+    assert got.status is RUNNING
+    assert (got.agent_address, got.runtime) == ("tcp://a:7000", "docker")
+
+
+def test_placement_done_for_unknown_sandbox_is_ignored() -> None:
+    assert make_state().placement_done("sb-404", None, 0.0) == []
+
+
+# --------------------------------------------------------------------------- queueing
+
+
+def test_create_queues_when_every_slot_is_taken() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    run(state, "k1")
+    assert state.request_create("k2", spec(), 10.0, 1.0) == []
+    assert len(state.pending) == 1
+    assert state.status(1.0).sandbox_counts["queued"] == 1
+
+
+def test_create_queues_when_there_is_no_agent_and_places_on_registration() -> None:
+    state = make_state()
+    assert state.request_create("k", spec(), 10.0, 0.0) == []
+    _, actions = register(state, "a", slots=1, now=1.0)
+    assert placed(actions) == [("a", "sb-1")]
+
+
+def test_queued_create_placed_when_a_stop_frees_the_slot() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    sid = run(state, "k1")
+    state.request_create("k2", spec(), 10.0, 1.0)
+    reply, actions = state.request_stop(sid, "done", 2.0)
+    assert isinstance(reply, SandboxReply) and reply.sandbox.status is SandboxStatus.TERMINATED
+    assert stops(actions) == [("a", sid)]
+    assert placed(actions) == [("a", "sb-2")]
+    assert state.sandboxes["sb-2"].creator == "k2"
+    [started] = replies_to(state.placement_done("sb-2", None, 3.0), "k2")
+    assert started.sandbox.sandbox_id == "sb-2"
+
+
+def test_queued_create_placed_when_a_sandbox_exits() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    sid = run(state, "k1")
+    state.request_create("k2", spec(), 10.0, 1.0)
+    actions = state.sandbox_exited(sid, 0, "", 2.0)
+    assert status_of(state, sid) is SandboxStatus.COMPLETED
+    assert state.sandboxes[sid].exit_code == 0
+    assert placed(actions) == [("a", "sb-2")]
+
+
+def test_queue_is_first_in_first_out() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    sid = run(state, "k1")
+    state.request_create("k2", spec(), 10.0, 1.0)
+    state.request_create("k3", spec(), 10.0, 1.5)
+    state.request_stop(sid, "done", 2.0)
+    assert state.sandboxes["sb-2"].creator == "k2"
+    assert [p.key for p in state.pending] == ["k3"]
+
+
+def test_queued_create_times_out_in_tick() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    run(state, "k1")
+    state.request_create("k2", spec(), 5.0, 1.0)
+    assert replies_to(state.tick(5.9), "k2") == []
+    [err] = replies_to(state.tick(6.0), "k2")
+    assert isinstance(err, ErrorReply)
+    assert err.code is ErrorCode.TIMEOUT
+    assert "no free sandbox slot" in err.message
+    assert not state.pending
+
+
+# --------------------------------------------------------------------------- placement failure
+
+
+def test_placement_failure_fails_the_sandbox_and_tells_the_creator() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    state.request_create("k", spec(image="nope:latest"), 10.0, 0.0)
+    error = ErrorReply(ErrorCode.FAILED, "image nope:latest not found", {"image": "nope:latest"})
+    actions = state.placement_done("sb-1", error, 1.0)
+    [reply] = replies_to(actions, "k")
+    assert reply.code is ErrorCode.FAILED
+    assert reply.message == "image nope:latest not found"
+    assert reply.detail == {"image": "nope:latest", "sandbox_id": "sb-1"}
+    assert len(actions) == 1  # exactly one reply, nothing sent to the agent
+    rec = state.sandboxes["sb-1"]
+    assert rec.status is SandboxStatus.FAILED
+    assert rec.reason == "image nope:latest not found"
+    assert state.free_slots() == 1
+
+
+# --------------------------------------------------------------------------- max lifetime
+
+
+def test_max_lifetime_terminates_at_the_deadline() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    sid = run(state, "k", now=2.0, max_lifetime_seconds=10.0)
+    assert state.sandboxes[sid].deadline == 12.0
+    assert state.tick(11.9) == []
+    actions = state.tick(12.0)
+    assert stops(actions) == [("a", sid)]
+    rec = state.sandboxes[sid]
+    assert rec.status is SandboxStatus.TERMINATED
+    assert "max lifetime" in rec.reason
+    assert state.free_slots() == 1
+
+
+# --------------------------------------------------------------------------- sessions
+
+
+def test_session_lease_expiry_stops_only_that_sessions_sandboxes() -> None:
+    state = make_state()
+    register(state, "a", slots=3)
+    state.session_keepalive("s1", 5.0, 0.0)
+    state.session_keepalive("s2", 100.0, 0.0)
+    mine = run(state, "k1", session_id="s1")
+    other = run(state, "k2", session_id="s2")
+    lone = run(state, "k3")
+    assert state.tick(4.9) == []
+    actions = state.tick(5.0)
+    assert stops(actions) == [("a", mine)]
+    assert status_of(state, mine) is SandboxStatus.TERMINATED
+    assert "lease expired" in state.sandboxes[mine].reason
+    assert status_of(state, other) is RUNNING
+    assert status_of(state, lone) is RUNNING
+    assert set(state.sessions) == {"s2"}
+
+
+def test_keepalive_renews_the_lease() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    state.session_keepalive("s1", 5.0, 0.0)
+    sid = run(state, "k", session_id="s1")
+    state.session_keepalive("s1", 5.0, 4.0)
+    assert state.tick(8.9) == []
+    assert status_of(state, sid) is RUNNING
+    assert stops(state.tick(9.0)) == [("a", sid)]
+
+
+def test_session_close_stops_its_sandboxes_and_fails_its_queued_creates() -> None:
+    state = make_state()
+    register(state, "a", slots=2)
+    state.session_keepalive("s1", 60.0, 0.0)
+    mine = run(state, "k1", session_id="s1")
+    other = run(state, "k2", session_id="s2")
+    # q-s2 is ahead of q-s1, so the slot freed by the close goes to q-s2 (see the
+    # regression test below for the case where the closed session's create is first).
+    state.request_create("q-s2", spec(session_id="s2"), 30.0, 1.0)
+    state.request_create("q-s1", spec(session_id="s1"), 30.0, 1.0)
+    stopped, actions = state.session_close("s1", "session closed", 2.0)
+    assert stopped == [mine]
+    assert stops(actions) == [("a", mine)]
+    assert status_of(state, mine) is SandboxStatus.TERMINATED
+    [err] = replies_to(actions, "q-s1")
+    assert err.code is ErrorCode.TERMINATED
+    assert status_of(state, other) is RUNNING
+    assert "s1" not in state.sessions
+    assert placed(actions) == [("a", "sb-3")]
+    assert state.sandboxes["sb-3"].spec.session_id == "s2"
+    assert not state.pending
+
+
+def test_session_close_does_not_place_its_own_queued_create() -> None:
+    """Regression (scheduler/state.py, session_close): stopping the session's sandboxes frees
+    slots, and ``_end`` -> ``_dispatch`` places the session's *own* queued creates
+    before the loop that fails them runs. The closed session then gets a new sandbox
+    with no lease (it runs until max lifetime, or forever) and the queued creator is
+    never told TERMINATED. Same path for lease expiry in tick(). Fix: remove (and fail)
+    the session's pending creates *before* ending its sandboxes."""
+    state = make_state()
+    register(state, "a", slots=1)
+    state.session_keepalive("s1", 60.0, 0.0)
+    mine = run(state, "k1", session_id="s1")
+    state.request_create("q", spec(session_id="s1"), 30.0, 1.0)
+    stopped, actions = state.session_close("s1", "session closed", 2.0)
+    assert stopped == [mine]
+    assert placed(actions) == [], "a closed session's queued create was placed"
+    [err] = replies_to(actions, "q")
+    assert err.code is ErrorCode.TERMINATED
+
+
+def test_session_close_of_unknown_session_is_harmless() -> None:
+    stopped, actions = make_state().session_close("nope", "closed", 0.0)
+    assert (stopped, actions) == ([], [])
+
+
+# --------------------------------------------------------------------------- agent death
+
+
+def test_silent_agent_is_declared_dead_and_its_sandboxes_fail() -> None:
+    state = make_state(dead_after_seconds=3.0)
+    register(state, "a", slots=1)
+    register(state, "b", slots=1)
+    on_a = run(state, "k1")
+    on_b = run(state, "k2")
+    assert state.sandboxes[on_a].agent_id == "a"
+    assert state.wait("w", on_a, 100.0, 0.0) == []
+    state.heartbeat("b", [on_b], 2.5)
+    assert state.tick(3.0) == []  # exactly dead_after: not yet
+    actions = state.tick(3.1)
+    assert not state.is_registered("a")
+    assert state.is_registered("b")
+    rec = state.sandboxes[on_a]
+    assert rec.status is SandboxStatus.FAILED
+    assert "agent a" in rec.reason
+    [woken] = replies_to(actions, "w")
+    assert woken.sandbox.status is SandboxStatus.FAILED
+    assert stops(actions) == []  # nobody to tell
+    assert status_of(state, on_b) is RUNNING
+    agents = {a.agent_id: a for a in state.status(3.1).agents}
+    assert agents["a"].alive is False and agents["a"].used == 0
+    assert agents["b"].alive is True
+
+
+def test_dead_agent_fails_a_creating_sandbox_to_its_creator() -> None:
+    state = make_state(dead_after_seconds=3.0)
+    register(state, "a", slots=1)
+    state.request_create("k", spec(), 30.0, 0.0)
+    [err] = replies_to(state.tick(4.0), "k")
+    assert err.code is ErrorCode.FAILED
+    assert err.detail == {"sandbox_id": "sb-1"}
+
+
+def test_dead_agent_gets_no_placements_and_its_heartbeat_is_ignored() -> None:
+    state = make_state(dead_after_seconds=3.0)
+    register(state, "a", slots=2)
+    state.tick(4.0)
+    assert state.heartbeat("a", [], 4.5) == []
+    assert not state.is_registered("a")
+    assert state.request_create("k", spec(), 30.0, 5.0) == []
+    assert state.free_slots() == 0
+
+
+# --------------------------------------------------------------------------- heartbeat
+
+
+def test_heartbeat_ends_a_running_sandbox_missing_from_the_running_list() -> None:
+    state = make_state()
+    register(state, "a", slots=3)
+    kept = run(state, "k1")
+    gone = run(state, "k2")
+    state.request_create("k3", spec(), 30.0, 0.0)  # sb-3 still CREATING
+    state.heartbeat("a", [kept], 1.0)
+    assert status_of(state, kept) is RUNNING
+    assert status_of(state, gone).is_terminal
+    assert status_of(state, "sb-3") is CREATING  # placement reply may still be on its way
+    assert state.agents["a"].active == {kept, "sb-3"}
+
+
+def test_heartbeat_keeps_the_agent_alive() -> None:
+    state = make_state(dead_after_seconds=3.0)
+    register(state, "a", slots=1)
+    state.heartbeat("a", [], 2.0)
+    state.tick(4.0)
+    assert state.is_registered("a")
+
+
+# --------------------------------------------------------------------------- re-registration
+
+
+def _reported(old: SchedulerState, sid: str) -> SandboxInfo:
+    return old.info(old.sandboxes[sid])
+
+
+def test_scheduler_restart_adopts_reported_sandboxes() -> None:
+    old = make_state()
+    register(old, "a", slots=2)
+    old.session_keepalive("s1", 60.0, 10.0)
+    sid = run(old, "k", now=10.0, tags=("x", "y"), session_id="s1", max_lifetime_seconds=100.0)
+    info = _reported(old, sid)
+
+    new = make_state(adopted_lease_seconds=30.0)
+    reply, _ = register(new, "a", slots=2, now=50.0, fresh=False, sandboxes=[info])
+    assert reply.adopt == (sid,)
+    assert reply.reap == ()
+    [row] = new.list_sandboxes().sandboxes
+    assert row.sandbox_id == sid
+    assert row.status is RUNNING
+    assert row.agent_id == "a"
+    assert row.spec.tags == ("x", "y")
+    assert row.spec.session_id == "s1"
+    assert row.created_at == 10.0
+    assert row.deadline == 110.0
+    assert new.sessions == {"s1": 80.0}
+    assert new.free_slots() == 1
+    # the recomputed deadline is enforced
+    assert stops(new.tick(110.0)) == [("a", sid)]
+
+
+def test_fresh_registration_reaps_unknown_sandboxes() -> None:
+    old = make_state()
+    register(old, "a", slots=1)
+    info = _reported(old, run(old, "k"))
+    new = make_state()
+    reply, _ = register(new, "a", slots=1, fresh=True, sandboxes=[info])
+    assert reply.adopt == ()
+    assert reply.reap == (info.sandbox_id,)
+    assert new.list_sandboxes().sandboxes == ()
+    assert new.free_slots() == 1
+
+
+def test_re_registering_agent_gets_known_terminal_sandbox_reaped() -> None:
+    state = make_state(dead_after_seconds=3.0)
+    register(state, "a", slots=1)
+    sid = run(state, "k")
+    info = _reported(state, sid)
+    state.tick(10.0)  # agent a declared dead: sid FAILED
+    assert status_of(state, sid) is SandboxStatus.FAILED
+    reply, _ = register(state, "a", slots=1, now=11.0, fresh=False, sandboxes=[info])
+    assert reply.reap == (sid,)
+    assert reply.adopt == ()
+    assert status_of(state, sid) is SandboxStatus.FAILED
+    assert state.is_registered("a")
+    assert state.free_slots() == 1
+
+
+def test_re_registering_agent_keeps_known_active_sandboxes() -> None:
+    state = make_state()
+    register(state, "a", slots=2)
+    sid = run(state, "k")
+    reply, actions = register(
+        state, "a", slots=2, now=1.0, fresh=False, sandboxes=[_reported(state, sid)]
+    )
+    assert reply.adopt == (sid,)
+    assert actions == []
+    assert status_of(state, sid) is RUNNING
+
+
+def test_re_registration_reporting_running_completes_a_creating_sandbox() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    state.request_create("k", spec(), 30.0, 0.0)
+    reported = _reported(state, "sb-1")
+    reported = SandboxInfo(**{**_fields(reported), "status": RUNNING})
+    reply, actions = register(state, "a", slots=1, now=1.0, fresh=False, sandboxes=[reported])
+    assert reply.adopt == ("sb-1",)
+    [started] = replies_to(actions, "k")
+    assert started.sandbox.status is RUNNING
+
+
+def test_re_registration_fails_placed_sandboxes_the_agent_no_longer_has() -> None:
+    state = make_state()
+    register(state, "a", slots=2)
+    sid = run(state, "k1")
+    state.request_create("k2", spec(), 30.0, 0.0)  # sb-2 CREATING
+    register(state, "a", slots=2, now=1.0, fresh=False, sandboxes=[])
+    assert status_of(state, sid) is SandboxStatus.FAILED
+    assert "agent a restarted" in state.sandboxes[sid].reason
+    assert status_of(state, "sb-2") is CREATING  # its placement reply may be in flight
+    register(state, "a", slots=2, now=2.0, fresh=True, sandboxes=[])
+    assert status_of(state, "sb-2") is SandboxStatus.FAILED
+
+
+def _fields(info: SandboxInfo) -> dict[str, Any]:
+    return {name: getattr(info, name) for name in SandboxInfo.__dataclass_fields__}
+
+
+# --------------------------------------------------------------------------- wait
+
+
+def test_wait_on_an_ended_sandbox_replies_at_once() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    sid = run(state, "k")
+    state.sandbox_exited(sid, 3, "", 1.0)
+    [reply] = replies_to(state.wait("w", sid, 60.0, 2.0), "w")
+    assert reply.sandbox.status is SandboxStatus.COMPLETED
+    assert reply.sandbox.exit_code == 3
+
+
+def test_wait_replies_when_the_sandbox_ends() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    sid = run(state, "k")
+    assert state.wait("w", sid, 60.0, 0.0) == []
+    [reply] = replies_to(state.sandbox_exited(sid, None, "oom killed", 1.0), "w")
+    assert reply.sandbox.status is SandboxStatus.FAILED
+    assert reply.sandbox.reason == "oom killed"
+    assert state.waiters == {}
+
+
+def test_wait_replies_with_current_status_at_its_deadline() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    sid = run(state, "k")
+    assert state.wait("w", sid, 5.0, 1.0) == []
+    assert replies_to(state.tick(5.9), "w") == []
+    [reply] = replies_to(state.tick(6.0), "w")
+    assert reply.sandbox.status is RUNNING
+    assert state.waiters == {}
+    assert replies_to(state.tick(7.0), "w") == []  # answered once
+
+
+def test_wait_with_zero_timeout_replies_at_once() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    sid = run(state, "k")
+    [reply] = replies_to(state.wait("w", sid, 0.0, 1.0), "w")
+    assert reply.sandbox.status is RUNNING
+
+
+# --------------------------------------------------------------------------- get / stop
+
+
+def test_get_stop_and_wait_of_unknown_id_give_not_found() -> None:
+    state = make_state()
+    for msg in (
+        state.get("sb-x"),
+        state.request_stop("sb-x", "r", 0.0)[0],
+        replies_to(state.wait("w", "sb-x", 5.0, 0.0), "w")[0],
+    ):
+        assert isinstance(msg, ErrorReply)
+        assert msg.code is ErrorCode.NOT_FOUND
+        assert msg.detail == {"sandbox_id": "sb-x"}
+    assert state.request_stop("sb-x", "r", 0.0)[1] == []
+
+
+def test_get_returns_the_row() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    sid = run(state, "k", tags=("t",))
+    reply = state.get(sid)
+    assert isinstance(reply, SandboxReply)
+    assert reply.sandbox.sandbox_id == sid and reply.sandbox.spec.tags == ("t",)
+
+
+def test_stop_is_idempotent() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    sid = run(state, "k")
+    _, first = state.request_stop(sid, "first", 1.0)
+    assert stops(first) == [("a", sid)]
+    reply, second = state.request_stop(sid, "second", 2.0)
+    assert second == []
+    assert isinstance(reply, SandboxReply)
+    assert reply.sandbox.status is SandboxStatus.TERMINATED
+    assert reply.sandbox.reason == "first"
+
+
+def test_stop_of_an_exited_sandbox_keeps_its_status() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    sid = run(state, "k")
+    state.sandbox_exited(sid, 0, "", 1.0)
+    reply, actions = state.request_stop(sid, "late", 2.0)
+    assert actions == []
+    assert reply.sandbox.status is SandboxStatus.COMPLETED  # type: ignore[attr-defined]
+
+
+def test_stop_while_creating_tells_the_creator_and_stops_a_late_start() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    state.request_create("k", spec(), 30.0, 0.0)
+    _, actions = state.request_stop("sb-1", "changed my mind", 1.0)
+    [err] = replies_to(actions, "k")
+    assert err.code is ErrorCode.TERMINATED
+    assert stops(actions) == [("a", "sb-1")]
+    # the agent's success arrives afterwards: it must not linger
+    assert stops(state.placement_done("sb-1", None, 2.0)) == [("a", "sb-1")]
+    assert status_of(state, "sb-1") is SandboxStatus.TERMINATED
+
+
+def test_sandbox_exited_twice_or_unknown_is_ignored() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    sid = run(state, "k")
+    state.sandbox_exited(sid, 1, "", 1.0)
+    assert state.sandbox_exited(sid, 2, "", 2.0) == []
+    assert state.sandboxes[sid].exit_code == 1
+    assert state.sandbox_exited("sb-x", 0, "", 2.0) == []
+
+
+def test_agent_that_never_starts_a_sandbox_fails_it_after_the_grace() -> None:
+    state = make_state(placement_grace_seconds=10.0, dead_after_seconds=1000.0)
+    register(state, "a", slots=1)
+    state.request_create("k", spec(), 5.0, 0.0)
+    assert state.tick(14.9) == []
+    actions = state.tick(15.0)
+    [err] = replies_to(actions, "k")
+    assert err.code is ErrorCode.FAILED
+    assert stops(actions) == [("a", "sb-1")]
+
+
+# --------------------------------------------------------------------------- list / status
+
+
+def _three(state: SandboxSpec | None = None) -> tuple[SchedulerState, str, str, str]:
+    s = make_state()
+    register(s, "a", slots=3)
+    xy = run(s, "k1", now=1.0, tags=("x", "y"), session_id="s1")
+    x = run(s, "k2", now=2.0, tags=("x",), session_id="s2")
+    none = run(s, "k3", now=3.0)
+    return s, xy, x, none
+
+
+def _ids(reply: Any) -> list[str]:
+    return [i.sandbox_id for i in reply.sandboxes]
+
+
+def test_list_filters_by_tags_all_of_which_must_match() -> None:
+    state, xy, x, none = _three()
+    assert _ids(state.list_sandboxes()) == [xy, x, none]
+    assert _ids(state.list_sandboxes(tags=["x"])) == [xy, x]
+    assert _ids(state.list_sandboxes(tags=["x", "y"])) == [xy]
+    assert _ids(state.list_sandboxes(tags=["y", "z"])) == []
+
+
+def test_list_filters_by_status_and_session() -> None:
+    state, xy, x, none = _three()
+    state.request_stop(x, "bye", 4.0)
+    assert _ids(state.list_sandboxes(statuses=[SandboxStatus.TERMINATED])) == [x]
+    both = [RUNNING, SandboxStatus.TERMINATED]
+    assert _ids(state.list_sandboxes(statuses=both)) == [xy, x, none]
+    assert _ids(state.list_sandboxes(session_id="s1")) == [xy]
+    assert _ids(state.list_sandboxes(tags=["x"], statuses=[RUNNING])) == [xy]
+    assert _ids(state.list_sandboxes(session_id="s2", statuses=[RUNNING])) == []
+
+
+def test_ended_sandboxes_are_forgotten_after_keep_ended_seconds() -> None:
+    state = make_state(keep_ended_seconds=100.0)
+    register(state, "a", slots=1)
+    sid = run(state, "k")
+    state.request_stop(sid, "bye", 1.0)
+    state.heartbeat("a", [], 100.0)
+    state.tick(101.0)
+    assert sid in state.sandboxes
+    state.heartbeat("a", [], 101.5)
+    state.tick(101.5)
+    assert sid not in state.sandboxes
+    assert isinstance(state.get(sid), ErrorReply)
+
+
+def test_status_counts() -> None:
+    state = make_state()
+    register(state, "b", slots=2, now=0.0)
+    register(state, "a", slots=1, now=0.0)
+    state.session_keepalive("s1", 60.0, 0.0)
+    run(state, "k1")  # RUNNING
+    state.request_create("k2", spec(), 30.0, 0.0)  # CREATING
+    gone = run(state, "k3")
+    state.request_stop(gone, "bye", 1.0)  # TERMINATED, frees a slot
+    state.request_create("k4", spec(), 30.0, 1.0)  # CREATING on the freed slot
+    state.request_create("k5", spec(), 30.0, 1.0)  # queued
+    reply = state.status(2.0)
+    assert reply.sandbox_counts == {
+        "creating": 2,
+        "running": 1,
+        "completed": 0,
+        "failed": 0,
+        "terminated": 1,
+        "queued": 1,
+    }
+    assert reply.sessions == 1
+    assert [a.agent_id for a in reply.agents] == ["a", "b"]
+    assert sum(a.used for a in reply.agents) == 3
+    assert all(a.seconds_since_heartbeat == 2.0 for a in reply.agents)
+    assert reply.agents[0].labels == {"name": "a"}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    ("kw", "words"),
+    [
+        ({"image": ""}, "container_image"),
+        ({"image": "   "}, "container_image"),
+        ({"command": ""}, "command"),
+        ({"command": " \t"}, "command"),
+        ({"max_lifetime_seconds": 0.0}, "max_lifetime_seconds"),
+        ({"max_lifetime_seconds": -5.0}, "max_lifetime_seconds"),
+        ({"memory_bytes": 1024}, "memory_bytes"),
+        ({"network": "host"}, "network"),
+    ],
+)
+def test_validate_spec_rejects(kw: dict[str, Any], words: str) -> None:
+    problem = validate_spec(spec(**kw))
+    assert problem is not None and words in problem
+
+
+@pytest.mark.parametrize("network", [None, "none", "bridge"])
+def test_validate_spec_accepts(network: str | None) -> None:
+    assert validate_spec(spec(network=network, max_lifetime_seconds=1.0)) is None
+
+
+def test_invalid_create_is_refused_and_not_queued() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    [reply] = state.request_create("k", spec(command=""), 10.0, 0.0)
+    assert reply == Reply("k", reply.msg)  # type: ignore[union-attr]
+    assert reply.msg.code is ErrorCode.BAD_REQUEST  # type: ignore[union-attr]
+    assert not state.pending
+    assert state.sandboxes == {}
