@@ -78,6 +78,12 @@ IMAGE = "python:3.11"
 RUN_ID = uuid.uuid4().hex[:8]
 BENCH_LABEL = "aviato-bench.run"
 ROOT = Path(__file__).resolve().parent.parent
+# What aviato's Docker runtime asks for on create (agent/runtime/docker.py at the time of
+# writing), replayed through the SDK to split aviato's create time into Docker's and its own.
+AVIATO_CAPS = [
+    "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "NET_BIND_SERVICE"
+]  # fmt: skip
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 T = TypeVar("T")
 
 console = Console(width=None if sys.stdout.isatty() else 150)
@@ -337,6 +343,56 @@ class DockerBaselines:
             c.remove(force=True)
         return elapsed
 
+    def aviato_calls_create_exec(self, steps: dict[str, Stats], n: int) -> float:
+        """The Docker API calls aviato's runtime makes to create a sandbox and run its first
+        exec, made directly: create_container (init, dropped caps, no-new-privileges, pids
+        limit), inspect + HEAD /archive per $PATH entry (the "command exists?" probe),
+        start, then a streamed exec + exec_inspect. ``steps`` gets each step's time."""
+        api = self.client.api
+        t0 = time.perf_counter()
+        host_config = api.create_host_config(
+            init=True,
+            security_opt=["no-new-privileges"],
+            cap_drop=["ALL"],
+            cap_add=AVIATO_CAPS,
+            pids_limit=1024,
+        )
+        cid = api.create_container(
+            IMAGE,
+            name=f"aviato-bench-{RUN_ID}-{n}",
+            entrypoint=["sleep"],
+            command=["infinity"],
+            labels=self.labels,
+            host_config=host_config,
+            detach=True,
+        )["Id"]
+        try:
+            t1 = time.perf_counter()
+            env = api.inspect_container(cid)["Config"]["Env"] or []
+            path = next((e[5:] for e in env if e.startswith("PATH=")), DEFAULT_PATH)
+            url = api._url("/containers/{0}/archive", cid)
+            probes = 0
+            for d in path.split(":"):
+                probes += 1
+                if api.head(url, params={"path": f"{d}/sleep"}, timeout=30).status_code != 404:
+                    break
+            t2 = time.perf_counter()
+            api.start(cid)
+            t3 = time.perf_counter()
+            retries: list[int] = []
+            self.sdk_stream_exec(cid, retries)
+            t4 = time.perf_counter()
+        finally:
+            api.remove_container(cid, force=True)
+        for name, dt in (
+            ("create_container", t1 - t0),
+            (f"inspect + {probes} HEAD /archive probes", t2 - t1),
+            ("start", t3 - t2),
+            ("first exec (create/start/inspect)", t4 - t3),
+        ):
+            steps.setdefault(name, Stats(name)).add(dt)
+        return t4 - t0
+
     async def cli_exec(self, cid: str) -> float:
         t0 = time.perf_counter()
         await sh("docker", "exec", cid, "true")
@@ -438,27 +494,41 @@ async def aviato_create_exec(docker_b: DockerBaselines) -> tuple[float, str]:
     return elapsed, sid
 
 
-async def bench_create(plan: Plan, docker_b: DockerBaselines) -> list[Stats]:
+@dataclass
+class CreateResults:
+    rows: list[Stats]  # aviato, docker CLI, Docker SDK
+    replica: Stats  # the SDK making aviato's Docker calls
+    steps: list[Stats]  # the replica's steps
+
+
+async def bench_create(plan: Plan, docker_b: DockerBaselines) -> CreateResults:
     avi, cli, sdk = Stats("aviato"), Stats("docker CLI"), Stats("Docker SDK")
+    rep = Stats("SDK making aviato's Docker calls")
+    steps: dict[str, Stats] = {}
+    counter = iter(range(1_000_000))
 
     async def one(s: Stats, record: bool) -> None:
         if s is avi:
             elapsed, _ = await aviato_create_exec(docker_b)
         elif s is cli:
             elapsed = await cli_create_exec_t(docker_b)
-        else:
+        elif s is sdk:
             elapsed = docker_b.sdk_create_exec()
+        else:
+            elapsed = docker_b.aviato_calls_create_exec(steps, next(counter))
         if record:
             s.add(elapsed)
 
-    for s in (avi, cli, sdk):  # warm-up: caches, first connections; not recorded
+    methods = [avi, cli, sdk, rep]
+    for s in methods:  # warm-up: caches, first connections; not recorded
         await one(s, record=False)
+    steps.clear()
     with console.status("create→first exec") as status:
         for i in range(plan.create_n):
-            for s in rotated([avi, cli, sdk], i):
+            for s in rotated(methods, i):
                 status.update(f"create→first exec: sample {i + 1}/{plan.create_n} ({s.name})")
                 await one(s, record=True)
-    return [avi, cli, sdk]
+    return CreateResults([avi, cli, sdk], rep, list(steps.values()))
 
 
 async def cli_create_exec_t(docker_b: DockerBaselines) -> float:
@@ -750,16 +820,18 @@ class SchedResult:
     end_rss: float
 
 
-async def bench_scheduler(plan: Plan, cleanup: Cleanup) -> SchedResult:
+async def bench_scheduler(plan: Plan, cleanup: Cleanup, profile: str | None = None) -> SchedResult:
     tmp = tempfile.mkdtemp(prefix="aviato-bench-")
     cleanup.dirs.append(tmp)
     ready = Path(tmp) / "scheduler.addr"
     env = {k: v for k, v in os.environ.items() if k != "AVIATO_TOKEN"}
     env["AVIATO_PARENT_PID"] = str(os.getpid())  # it exits by itself if we die
     with open(Path(tmp) / "scheduler.log", "wb") as log:
+        prof = ["-m", "cProfile", "-o", profile] if profile else []
         proc = subprocess.Popen(
             [
                 sys.executable,
+                *prof,
                 "-m",
                 "scheduler",
                 "--bind",
@@ -891,7 +963,7 @@ class Results:
     plan: Plan
     start: StartResult | None = None
     first_create: float | None = None
-    create: list[Stats] = field(default_factory=list)
+    create: CreateResults | None = None
     exec: ExecResults | None = None
     loaded_rss: dict[str, float] = field(default_factory=dict)
     sched: SchedResult | None = None
@@ -924,9 +996,15 @@ def print_report(r: Results) -> None:
             + ", ".join(f"{k} {v:.1f}" for k, v in sorted(r.loaded_rss.items()))
             + ")"
         )
-    if r.create:
+    if r.create is not None:
+        rows = r.create.rows
+        console.print(latency_table("1. create → first exec(['true'])", rows, baseline=rows[2]))
         console.print(
-            latency_table("1. create → first exec(['true'])", r.create, baseline=r.create[2])
+            latency_table(
+                "   where aviato's create time goes",
+                [rows[0], r.create.replica, *r.create.steps],
+                baseline=rows[0],
+            )
         )
     if r.exec is not None:
         console.print(
@@ -996,8 +1074,8 @@ def print_markdown(r: Results) -> None:
         "| Benchmark | aviato | docker CLI | Docker SDK | aviato / CLI | aviato / SDK | target |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
-    if r.create:
-        a, c, s = r.create
+    if r.create is not None:
+        a, c, s = r.create.rows
         lines += [
             f"| create → first exec, p50 (ms, n={len(a.samples)}) | {ms(a.p50)} | {ms(c.p50)} |"
             f" {ms(s.p50)} | {ratio(a.p50, c.p50)} | {ratio(a.p50, s.p50)} | ≤ 1.3x raw |",
@@ -1038,7 +1116,7 @@ def print_markdown(r: Results) -> None:
 # --------------------------------------------------------------------------- main
 
 
-async def amain(plan: Plan, cleanup: Cleanup, only: set[str]) -> Results:
+async def amain(plan: Plan, cleanup: Cleanup, only: set[str], profile: str | None) -> Results:
     task = asyncio.current_task()
     assert task is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
@@ -1071,7 +1149,7 @@ async def amain(plan: Plan, cleanup: Cleanup, only: set[str]) -> Results:
                 _local.shutdown()
         if "sched" in only:
             with console.status("scheduler throughput"):
-                results.sched = await bench_scheduler(plan, cleanup)
+                results.sched = await bench_scheduler(plan, cleanup, profile)
     finally:
         docker_b.close()
     return results
@@ -1085,6 +1163,11 @@ def main(argv: list[str] | None = None) -> int:
         default="start,create,exec,sched",
         help="comma-separated subset of: start,create,exec,sched",
     )
+    parser.add_argument(
+        "--profile-scheduler",
+        metavar="FILE",
+        help="run benchmark 3's scheduler under cProfile, writing its stats to FILE",
+    )
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
     if not only <= {"start", "create", "exec", "sched"}:
@@ -1097,7 +1180,7 @@ def main(argv: list[str] | None = None) -> int:
     cleanup = Cleanup()
     t0 = time.perf_counter()
     try:
-        results = uvloop.run(amain(plan, cleanup, only))
+        results = uvloop.run(amain(plan, cleanup, only, args.profile_scheduler))
     except (KeyboardInterrupt, asyncio.CancelledError):
         console.print("[red]interrupted: cleaning up[/]")
         return 130

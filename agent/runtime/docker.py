@@ -295,9 +295,8 @@ class DockerRuntime(Runtime):
         api = self._api
         try:
             try:
-                h.exec_id = api.exec_create(h.target, h.argv, workdir=h.cwd, environment=h.env)[
-                    "Id"
-                ]
+                made = api.exec_create(h.target, h.argv, workdir=h.cwd, environment=h.env)
+                h.exec_id = made["Id"]
                 if h.aborted:
                     return -9
                 h.stream = api.exec_start(h.exec_id, stream=True, demux=True)
