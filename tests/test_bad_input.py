@@ -134,3 +134,39 @@ async def test_daemons_refuse_malformed_and_foreign_messages(
     finally:
         if sb is not None:
             await sb.stop()
+
+
+async def test_token_is_checked_by_the_scheduler(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from aviato import UnauthorizedError
+    from aviato._connection import Connection
+    from aviato.protocol import ClusterStatus, ClusterStatusReply
+    from tests.conftest import ROOT, wait_until
+
+    ready = tmp_path / "addr"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scheduler", "--bind", "tcp://127.0.0.1:*", "--ready-file",
+         str(ready), "--token", "s3cret"], cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(ready.exists, 15, 0.02, "scheduler")
+        address = ready.read_text().strip()
+        for token in (None, "wrong"):
+            conn = Connection(address, token)
+            try:
+                with pytest.raises(UnauthorizedError, match="token"):
+                    await conn.request(ClusterStatus(), timeout=5)
+            finally:
+                conn.close()
+        conn = Connection(address, "s3cret")
+        try:
+            reply = await conn.request(ClusterStatus(), timeout=5)
+            assert isinstance(reply.msg, ClusterStatusReply)
+        finally:
+            conn.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
