@@ -21,6 +21,7 @@ from agent.runtime.base import (
     sandbox_labels,
     spec_from_labels,
 )
+from agent.workers import WorkerHub
 from aviato import _zmq
 from aviato._errors import error_reply
 from aviato.exceptions import AviatoError, SandboxNotFoundError, SandboxNotRunningError
@@ -39,12 +40,14 @@ from aviato.protocol import (
     LogsReply,
     Message,
     OkReply,
+    Payload,
     Ping,
     PlaceSandbox,
     Pong,
     ReadFile,
     RegisterAgent,
     RegisterReply,
+    RunCalls,
     SandboxExited,
     SandboxInfo,
     SandboxReply,
@@ -60,6 +63,8 @@ log = logging.getLogger("aviato.agent")
 
 #: How many ended sandbox ids to remember, to tell "not running" from "unknown".
 ENDED_MEMORY = 4096
+#: How long a function worker may take from container start to its hello.
+WORKER_START_SECONDS = 60.0
 
 
 @dataclass(slots=True)
@@ -110,7 +115,9 @@ class AgentServer:
             ReadFile: self._on_read,
             GetLogs: self._on_logs,
             Ping: self._on_ping,
+            RunCalls: self._on_run_calls,
         }
+        self._hub: WorkerHub | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -127,6 +134,7 @@ class AgentServer:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+                self._hub = WorkerHub(self._send, self._spawn)
                 self._task(self._data_loop(data))
                 self._task(self._scheduler_link())
                 self._task(self._exits_loop())
@@ -136,6 +144,8 @@ class AgentServer:
         finally:
             if cleanup_on_exit:
                 await self._stop_all()
+            if self._hub is not None:
+                await self._hub.close_all()
             await self.runtime.close()
             data.close(linger=0)
             if self._sched is not None:
@@ -210,7 +220,8 @@ class AgentServer:
             for found in await self.runtime.list(self.agent_id):
                 spec = spec_from_labels(found.labels)
                 created = float(found.labels.get(LABEL_CREATED, "0") or 0)
-                if found.running and spec is not None:
+                # A function worker cannot be reconnected to a new agent process.
+                if found.running and spec is not None and not spec.function_worker:
                     self.sandboxes.setdefault(found.sandbox_id, Running(spec, created))
                 else:
                     await self.runtime.stop(found.sandbox_id)
@@ -304,7 +315,7 @@ class AgentServer:
             self.creating.add(sid)
             labels = sandbox_labels(sid, self.agent_id, info.spec, info.created_at)
             try:
-                await self.runtime.create(sid, info.spec, labels)
+                await self._create(sid, info.spec, labels)
             except Exception as exc:
                 log.info("create of %s failed: %s", sid, exc)
                 await self._reply_scheduler(sock, request_id, error_reply(exc))
@@ -315,8 +326,27 @@ class AgentServer:
         running = dataclasses.replace(info, status=SandboxStatus.RUNNING)
         await self._reply_scheduler(sock, request_id, SandboxReply(running))
 
+    async def _create(self, sid: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
+        if not spec.function_worker:
+            await self.runtime.create(sid, spec, labels)
+            return
+        assert self._hub is not None
+        command, args = self._hub.worker_command()
+        env = {**spec.env, **self._hub.worker_env()}
+        spec = dataclasses.replace(spec, command=command, args=args, env=env)
+        mounts = await self._hub.prepare(sid)
+        try:
+            await self.runtime.create(sid, spec, labels, mounts)
+            await self._hub.wait_ready(sid, WORKER_START_SECONDS)
+        except BaseException:
+            await self._hub.close(sid, "failed to start")
+            await self.runtime.stop(sid)
+            raise
+
     async def _on_stop(self, sock: zmq.asyncio.Socket, request_id: int, msg: StopSandbox) -> None:
         self._forget(msg.sandbox_id, msg.reason)
+        if self._hub is not None:
+            await self._hub.close(msg.sandbox_id, msg.reason)
         try:
             await self.runtime.stop(msg.sandbox_id)
         except Exception as exc:
@@ -337,7 +367,10 @@ class AgentServer:
             reason = ""
             if exit_.oom_killed:
                 reason = "killed: out of memory (raise memory_bytes)"
-            self._forget(exit_.sandbox_id, reason or f"exited with code {exit_.exit_code}")
+            how = reason or f"exited with code {exit_.exit_code}"
+            self._forget(exit_.sandbox_id, how)
+            if self._hub is not None:
+                self._hub.exited(exit_.sandbox_id, how)
             log.info(
                 "sandbox %s exited (%s, oom=%s)",
                 exit_.sandbox_id,
@@ -389,7 +422,7 @@ class AgentServer:
             await self._send(identity, d.request_id, error_reply(exc))
 
     async def _send(
-        self, identity: bytes, request_id: int, msg: Message, payloads: tuple[bytes, ...] = ()
+        self, identity: bytes, request_id: int, msg: Message, payloads: tuple[Payload, ...] = ()
     ) -> None:
         assert self._data is not None
         await _zmq.send_to(self._data, identity, msg, request_id, payloads)
@@ -463,6 +496,12 @@ class AgentServer:
             self._check_running(msg.sandbox_id)
         data = await self.runtime.logs(msg.sandbox_id)
         await self._send(identity, d.request_id, LogsReply(), (data,))
+
+    async def _on_run_calls(self, identity: bytes, d: Decoded) -> None:
+        msg = d.msg
+        assert isinstance(msg, RunCalls) and self._hub is not None
+        self._check_running(msg.sandbox_id)
+        await self._hub.run_calls(identity, d.request_id, msg, d.payloads)
 
     async def _on_ping(self, identity: bytes, d: Decoded) -> None:
         await self._send(identity, d.request_id, Pong(server="agent", server_id=self.agent_id))

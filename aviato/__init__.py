@@ -7,6 +7,7 @@ async with Sandbox.session(SandboxDefaults(container_image="python:3.11")) as se
 """
 
 from aviato._defaults import SandboxDefaults
+from aviato._function import FunctionResult, RemoteFunction, Serialization
 from aviato._sandbox import ExecStream, Sandbox
 from aviato._session import Session
 from aviato._types import ExecResult, OutputChunk
@@ -27,6 +28,7 @@ from aviato.exceptions import (
     SandboxTerminatedError,
     SandboxTimeoutError,
     UnauthorizedError,
+    WorkerLostError,
 )
 from aviato.protocol import PROTOCOL_VERSION, SandboxStatus
 
@@ -40,10 +42,12 @@ __all__ = [
     "ExecResult",
     "ExecStream",
     "FunctionError",
+    "FunctionResult",
     "FunctionSerializationError",
     "OutputChunk",
     "PayloadTooLargeError",
     "ProtocolError",
+    "RemoteFunction",
     "Sandbox",
     "SandboxDefaults",
     "SandboxError",
@@ -55,7 +59,9 @@ __all__ = [
     "SandboxStatus",
     "SandboxTerminatedError",
     "SandboxTimeoutError",
+    "Serialization",
     "Session",
     "UnauthorizedError",
+    "WorkerLostError",
     "__version__",
 ]

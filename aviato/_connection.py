@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -29,6 +31,7 @@ from aviato.protocol import (
     payload_size,
 )
 
+log = logging.getLogger("aviato.connection")
 _ids = itertools.count(1)
 _CTX: zmq.asyncio.Context | None = None
 
@@ -45,7 +48,8 @@ class Connection:
         self.address = address
         self.token = token
         self._sock = _zmq.dealer(_context(), address)
-        self._waiting: dict[int, asyncio.Queue[Decoded]] = {}
+        # request id -> what to do with each reply to it (a future, a queue, a pool)
+        self._waiting: dict[int, Callable[[Decoded], None]] = {}
         self._reader = asyncio.get_running_loop().create_task(self._read())
         self.closed = False
 
@@ -56,9 +60,9 @@ class Connection:
                 decoded = decode(frames)
             except DecodeError:
                 continue  # nothing to route it to; the request's deadline will fire
-            queue = self._waiting.get(decoded.request_id)
-            if queue is not None:
-                queue.put_nowait(decoded)
+            handler = self._waiting.get(decoded.request_id)
+            if handler is not None:
+                handler(decoded)
 
     async def _send(self, request_id: int, msg: Message, payloads: Sequence[Payload]) -> None:
         size = payload_size(payloads)
@@ -76,7 +80,7 @@ class Connection:
         """Send ``msg`` and return its reply; error replies raise their exception."""
         request_id = next(_ids)
         queue: asyncio.Queue[Decoded] = asyncio.Queue()
-        self._waiting[request_id] = queue
+        self._waiting[request_id] = queue.put_nowait
         try:
             await self._send(request_id, msg, payloads)
             try:
@@ -103,7 +107,7 @@ class Connection:
         """Send ``msg`` and yield replies until one of type ``is_last``."""
         request_id = next(_ids)
         queue: asyncio.Queue[Decoded] = asyncio.Queue()
-        self._waiting[request_id] = queue
+        self._waiting[request_id] = queue.put_nowait
         try:
             await self._send(request_id, msg, payloads)
             while True:
@@ -123,11 +127,40 @@ class Connection:
         finally:
             del self._waiting[request_id]
 
+    def send_nowait(
+        self, msg: Message, payloads: Sequence[Payload], handler: Callable[[Decoded], None]
+    ) -> int:
+        """Send without waiting; every reply to it goes to ``handler`` until ``forget``.
+
+        For the function pool, which dispatches from plain callbacks: zmq queues the
+        frames at once (the socket's high-water mark is far above what the pool keeps
+        in flight)."""
+        size = payload_size(payloads)
+        if size > MAX_PAYLOAD_BYTES:
+            raise PayloadTooLargeError(
+                f"{type(msg).__name__} carries {size} bytes, above the {MAX_PAYLOAD_BYTES}-byte "
+                "limit; pass smaller arguments (or write big data to a file in the sandbox)"
+            )
+        request_id = next(_ids)
+        self._waiting[request_id] = handler
+        frames = encode(msg, request_id, payloads, token=self.token)
+        sent = asyncio.ensure_future(self._sock.send_multipart(frames, copy=size < 64 * 1024))
+        sent.add_done_callback(_log_send_failure)
+        return request_id
+
+    def forget(self, request_id: int) -> None:
+        self._waiting.pop(request_id, None)
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self._reader.cancel()
             self._sock.close(linger=0)
+
+
+def _log_send_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("send failed: %s", future.exception())
 
 
 _by_loop: weakref.WeakKeyDictionary[

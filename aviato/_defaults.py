@@ -63,6 +63,7 @@ def merge_spec(
     cpus: float | None = None,
     network: str | None = None,
     working_dir: str | None = None,
+    function_worker: bool = False,
 ) -> SandboxSpec:
     """Per-sandbox arguments over the defaults; tags and env are combined, not replaced."""
     if isinstance(args, str):
@@ -93,4 +94,5 @@ def merge_spec(
         cpus=cpus if cpus is not None else defaults.cpus,
         network=network if network is not None else defaults.network,
         working_dir=working_dir if working_dir is not None else defaults.working_dir,
+        function_worker=function_worker,
     )

@@ -76,6 +76,7 @@ class Sandbox:
         working_dir: str | None = None,
         defaults: SandboxDefaults | None = None,
         _session: Session | None = None,
+        _function_worker: bool = False,
     ) -> None:
         self._defaults = defaults or (_session.defaults if _session else SandboxDefaults())
         self._session = _session
@@ -92,6 +93,7 @@ class Sandbox:
             cpus=cpus,
             network=network,
             working_dir=working_dir,
+            function_worker=_function_worker,
         )
         self._info: SandboxInfo | None = None
         self._starting: asyncio.Task[str] | None = None

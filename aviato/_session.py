@@ -8,15 +8,18 @@ import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 from aviato._connection import close_all
 from aviato._defaults import SandboxDefaults
+from aviato._function import FunctionOptions, RemoteFunction, Serialization
+from aviato._pool import FunctionPool
 from aviato._sandbox import Sandbox, scheduler_connection
 from aviato.exceptions import AviatoError, SandboxError
 from aviato.protocol import SessionClose, SessionKeepalive
 
 log = logging.getLogger("aviato.session")
+T = TypeVar("T")
 
 
 class Session:
@@ -30,6 +33,7 @@ class Session:
         self._opened = False
         self._open_lock = asyncio.Lock()
         self._keepalive: asyncio.Task[None] | None = None
+        self._pools: dict[tuple[Any, ...], FunctionPool] = {}
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -68,9 +72,62 @@ class Session:
         """Sandboxes of this session that are started and not known to have ended."""
         return sum(1 for sb in self._sandboxes if _live(sb))
 
-    def function(self, **options: Any) -> Callable[[Callable[..., Any]], Any]:
-        """Decorator for remote functions (see ``aviato._function``)."""
-        raise NotImplementedError("remote functions are not built yet (issue 3)")
+    def function(
+        self,
+        *,
+        container_image: str | None = None,
+        env: Mapping[str, str] | None = None,
+        memory_bytes: int | None = None,
+        cpus: float | None = None,
+        network: str | None = None,
+        serialization: Serialization = Serialization.PICKLE,
+        retries: int = 2,
+        retry_on: tuple[type[BaseException], ...] = (),
+        timeout_seconds: float | None = None,
+        max_workers: int | None = None,
+    ) -> Callable[[Callable[..., T]], RemoteFunction[T]]:
+        """Run a sync function in this session's pool of worker sandboxes::
+
+            @session.function()
+            def square(n): return n * n
+            results = await asyncio.gather(*(square(i) for i in range(100)))
+            values = [r.value for r in results]
+
+        ``retries`` re-runs a call whose worker died (user exceptions are not retried
+        unless their type is in ``retry_on``); ``timeout_seconds`` bounds each call;
+        ``max_workers`` bounds the pool (default: the cluster's free slots)."""
+        self._check_open()
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        options = FunctionOptions(
+            container_image=container_image or self.defaults.container_image,
+            env=tuple(sorted({**self.defaults.env, **(env or {})}.items())),
+            memory_bytes=memory_bytes if memory_bytes is not None else self.defaults.memory_bytes,
+            cpus=cpus if cpus is not None else self.defaults.cpus,
+            network=network if network is not None else self.defaults.network,
+            serialization=Serialization(serialization),
+            retries=retries,
+            retry_on=tuple(retry_on),
+            timeout_seconds=timeout_seconds,
+            max_workers=max_workers,
+        )
+
+        def decorate(fn: Callable[..., T]) -> RemoteFunction[T]:
+            return RemoteFunction(fn, self, options)
+
+        return decorate
+
+    def _pool_for(self, options: FunctionOptions) -> FunctionPool:
+        self._check_open()
+        key = options.pool_key()
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = FunctionPool(self, options)
+        elif options.max_workers is not None and (
+            pool.max_workers is None or options.max_workers > pool.max_workers
+        ):
+            pool.max_workers = options.max_workers
+        return pool
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -123,6 +180,7 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        await asyncio.gather(*(pool.close() for pool in self._pools.values()))
         results = await asyncio.gather(
             *(sb.stop() for sb in self._sandboxes if _live(sb) or sb._starting is not None),
             return_exceptions=True,

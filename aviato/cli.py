@@ -1,9 +1,9 @@
 """The ``aviato`` command: run the daemons, and look at or act on a cluster.
 
-    aviato up                      embedded scheduler + agent in the foreground
-    aviato scheduler --bind ...    same as ``python -m scheduler``
-    aviato agent --scheduler ...   same as ``python -m agent``
-    aviato status | ps [--tag T] [--all] | stop ID | exec ID -- CMD... | logs ID
+aviato up                      embedded scheduler + agent in the foreground
+aviato scheduler --bind ...    same as ``python -m scheduler``
+aviato agent --scheduler ...   same as ``python -m agent``
+aviato status | ps [--tag T] [--all] | stop ID | exec ID -- CMD... | logs ID
 """
 
 from __future__ import annotations
@@ -132,8 +132,9 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="aviato", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="aviato", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--scheduler", help="cluster address (default $AVIATO_SCHEDULER)")
     p.add_argument("--timeout", type=float, default=10.0, help="request deadline, seconds")
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -14,6 +14,7 @@ Every error a user can see is one of these; the daemons send a wire error code
         ├── SandboxTimeoutError        a deadline passed (queue, exec, request); also TimeoutError
         ├── SandboxTerminatedError     stopped by a user, its lifetime or its session's lease
         ├── SandboxFailedError         could not start (bad image, ...) or its agent was lost
+        │   └── WorkerLostError        a remote call's worker died (killed, OOM) past its retries
         ├── SandboxExecutionError      exec with check=True exited non-zero (.exec_result)
         ├── SandboxFileError           read/write failed (.filepath)
         ├── PayloadTooLargeError       a message above the size limit; nothing was sent
@@ -96,6 +97,10 @@ class SandboxTerminatedError(SandboxError):
 
 class SandboxFailedError(SandboxError):
     """The sandbox could not start, or was lost with its agent."""
+
+
+class WorkerLostError(SandboxFailedError):
+    """A remote function's worker died while running the call, more times than retries."""
 
 
 class SandboxExecutionError(SandboxError):

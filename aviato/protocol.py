@@ -73,6 +73,9 @@ class MsgType(enum.IntEnum):
     LOGS_REPLY = 57
     PING = 58
     PONG = 59
+    # client <-> agent <-> function worker
+    RUN_CALLS = 70
+    CALL_RESULTS = 71
 
 
 class SandboxStatus(enum.StrEnum):
@@ -127,6 +130,8 @@ class SandboxSpec:
     pids_limit: int | None = None
     network: str | None = None
     working_dir: str | None = None
+    #: Runs aviato's function worker: the agent mounts the worker and its socket in.
+    function_worker: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -394,7 +399,54 @@ class Pong(Message):
     server_id: str = ""
 
 
-MESSAGE_TYPES: dict[MsgType, type[Message]] = {cls.TYPE: cls for cls in Message.__subclasses__()}
+@dataclass(frozen=True, slots=True)
+class CallHeader:
+    """One function call in a RunCalls batch. Its payload frames, in order: the pickled
+    function when ``ship_function`` (once per worker and digest), then the arguments."""
+
+    call_id: int
+    digest: str
+    ship_function: bool
+    serialization: str  # "pickle" | "json"
+
+
+@dataclass(frozen=True, slots=True)
+class RunCalls(Message):
+    """Client -> agent: run these calls on the worker in ``sandbox_id``. Answered by one
+    or more CallResults (echoing the request id) until every call has an outcome."""
+
+    TYPE = MsgType.RUN_CALLS
+    sandbox_id: str
+    calls: tuple[CallHeader, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CallOutcome:
+    """``status``: "ok" (payload: the result), "error" (payload: the error record),
+    or "lost" (the worker died; no payload, ``detail`` says how)."""
+
+    call_id: int
+    status: str
+    seconds: float = 0.0
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CallResults(Message):
+    """One payload frame per outcome with status ok/error, in order."""
+
+    TYPE = MsgType.CALL_RESULTS
+    sandbox_id: str
+    outcomes: tuple[CallOutcome, ...]
+
+
+# From the module's names, not Message.__subclasses__(): slots=True dataclasses leave
+# their discarded pre-slots class among the subclasses.
+MESSAGE_TYPES: dict[MsgType, type[Message]] = {
+    obj.TYPE: obj
+    for obj in list(globals().values())
+    if isinstance(obj, type) and issubclass(obj, Message) and obj is not Message
+}
 
 
 # --------------------------------------------------------------------------- encoding

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from aviato.protocol import SandboxSpec, from_wire, to_wire
@@ -46,6 +46,15 @@ def spec_from_labels(labels: Mapping[str, str]) -> SandboxSpec | None:
         return spec
     except Exception:
         return None
+
+
+@dataclass(frozen=True, slots=True)
+class Mount:
+    """A host directory made visible inside the sandbox."""
+
+    source: str
+    target: str
+    read_only: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +103,14 @@ class Runtime(abc.ABC):
     isolated: bool = True
 
     @abc.abstractmethod
-    async def create(self, sandbox_id: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
-        """Create and start the sandbox; return once its command runs.
+    async def create(
+        self,
+        sandbox_id: str,
+        spec: SandboxSpec,
+        labels: dict[str, str],
+        mounts: Sequence[Mount] = (),
+    ) -> None:
+        """Create and start the sandbox, with ``mounts``; return once its command runs.
 
         Raises ``SandboxFailedError`` naming the image (and what to do) when it
         cannot start."""

@@ -17,7 +17,7 @@ import tarfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, TypeVarTuple
@@ -32,6 +32,7 @@ from agent.runtime.base import (
     LABEL_SANDBOX,
     ExecOutput,
     ExitStatus,
+    Mount,
     OutputChunk,
     Runtime,
     RuntimeSandbox,
@@ -186,13 +187,25 @@ class DockerRuntime(Runtime):
 
     # ------------------------------------------------------------------ create
 
-    async def create(self, sandbox_id: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
+    async def create(
+        self,
+        sandbox_id: str,
+        spec: SandboxSpec,
+        labels: dict[str, str],
+        mounts: Sequence[Mount] = (),
+    ) -> None:
         await self._ensure_events()
-        await self._run(self._create_sync, sandbox_id, spec, labels)
+        await self._run(self._create_sync, sandbox_id, spec, labels, mounts)
 
-    def _create_sync(self, sandbox_id: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
+    def _create_sync(
+        self, sandbox_id: str, spec: SandboxSpec, labels: dict[str, str], mounts: Sequence[Mount]
+    ) -> None:
         api, image = self._api, spec.image
         host_config = api.create_host_config(
+            binds={
+                m.source: {"bind": m.target, "mode": "ro" if m.read_only else "rw"} for m in mounts
+            }
+            or None,
             init=True,  # docker-init reaps zombies and forwards signals
             security_opt=["no-new-privileges"],
             cap_drop=["ALL"],
@@ -204,6 +217,7 @@ class DockerRuntime(Runtime):
         )
         kwargs: dict[str, Any] = dict(
             name=f"aviato-{sandbox_id}",
+            volumes=[m.target for m in mounts] or None,
             entrypoint=[spec.command],  # also drops the image's CMD
             command=list(spec.args),
             environment=dict(spec.env),

@@ -1,0 +1,259 @@
+"""The agent's side of function workers: one Unix socket per worker sandbox, relaying
+RunCalls batches from clients to the worker and its outcomes back, unopened.
+
+The agent never unpickles anything here: blobs go through as bytes. When a worker's
+socket closes, every call routed to it gets a "lost" outcome saying how it died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import struct
+import tempfile
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+
+from agent.runtime.base import Mount
+from aviato.exceptions import SandboxFailedError, SandboxNotRunningError
+from aviato.protocol import CallOutcome, CallResults, Message, Payload, RunCalls
+
+log = logging.getLogger("aviato.agent.workers")
+
+_COUNT = struct.Struct("!I")
+_LEN = struct.Struct("!Q")
+SOCKET_DIR = "/run/aviato"
+LIB_DIR = "/opt/aviato"
+
+Send = Callable[[bytes, int, Message, tuple[Payload, ...]], Awaitable[None]]
+Spawn = Callable[[Coroutine[Any, Any, None]], object]
+
+
+@dataclass(slots=True)
+class Route:
+    identity: bytes
+    request_id: int
+
+
+@dataclass(slots=True)
+class WorkerLink:
+    sandbox_id: str
+    directory: Path
+    server: asyncio.Server | None = None
+    writer: asyncio.StreamWriter | None = None
+    hello: asyncio.Future[dict[str, Any]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    routes: dict[int, Route] = field(default_factory=dict)
+    exit_detail: asyncio.Future[str] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    closed: bool = False
+
+
+class WorkerHub:
+    def __init__(self, send: Send, spawn: Spawn) -> None:
+        self._send = send
+        self._spawn = spawn
+        # Short path: Unix socket paths are limited to about 107 bytes.
+        self.root = Path(tempfile.mkdtemp(prefix="avw-"))
+        self.lib = self.root / "lib"
+        self._links: dict[str, WorkerLink] = {}
+        self._prepare_lib()
+
+    def _prepare_lib(self) -> None:
+        """What workers mount read-only: the worker module and cloudpickle (pure Python)."""
+        self.lib.mkdir()
+        shutil.copy(Path(__file__).with_name("worker.py"), self.lib / "aviato_worker.py")
+        shutil.copytree(
+            Path(cloudpickle.__file__).parent,
+            self.lib / "cloudpickle",
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
+        for path in [self.root, self.lib, *self.lib.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+
+    @staticmethod
+    def worker_env() -> dict[str, str]:
+        return {
+            "PYTHONPATH": LIB_DIR,
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "AVIATO_WORKER_SOCKET": f"{SOCKET_DIR}/worker.sock",
+        }
+
+    @staticmethod
+    def worker_command() -> tuple[str, tuple[str, ...]]:
+        return "python", ("-u", f"{LIB_DIR}/aviato_worker.py")
+
+    async def prepare(self, sandbox_id: str) -> list[Mount]:
+        """Listen for the worker of ``sandbox_id``; returns the mounts its sandbox needs."""
+        directory = self.root / sandbox_id
+        directory.mkdir(mode=0o755, exist_ok=True)
+        link = WorkerLink(sandbox_id, directory)
+        self._links[sandbox_id] = link
+
+        async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if link.writer is not None or link.closed:
+                writer.close()  # one worker per sandbox
+                return
+            link.writer = writer
+            await self._read(link, reader)
+
+        link.server = await asyncio.start_unix_server(
+            connected, path=str(directory / "worker.sock"), limit=1 << 20
+        )
+        return [
+            Mount(str(directory), SOCKET_DIR, read_only=False),
+            Mount(str(self.lib), LIB_DIR, read_only=True),
+        ]
+
+    async def wait_ready(self, sandbox_id: str, timeout: float) -> dict[str, Any]:
+        link = self._links[sandbox_id]
+        try:
+            async with asyncio.timeout(timeout):
+                hello = await asyncio.shield(link.hello)
+        except TimeoutError:
+            raise SandboxFailedError(
+                f"the function worker in {sandbox_id} did not start within {timeout:g}s: "
+                "the image needs a `python` on its PATH",
+                sandbox_id=sandbox_id,
+            ) from None
+        if "error" in hello:
+            raise SandboxFailedError(str(hello["error"]), sandbox_id=sandbox_id)
+        return hello
+
+    def is_worker(self, sandbox_id: str) -> bool:
+        return sandbox_id in self._links
+
+    async def run_calls(
+        self, identity: bytes, request_id: int, msg: RunCalls, payloads: tuple[Payload, ...]
+    ) -> None:
+        link = self._links.get(msg.sandbox_id)
+        if link is None or link.writer is None or link.closed:
+            raise SandboxNotRunningError(
+                f"sandbox {msg.sandbox_id} has no live function worker on this agent",
+                sandbox_id=msg.sandbox_id,
+            )
+        expected = sum(2 if c.ship_function else 1 for c in msg.calls)
+        if expected != len(payloads):
+            raise ValueError(
+                f"RunCalls names {expected} payload frames but carries {len(payloads)}"
+            )
+        route = Route(identity, request_id)
+        for call in msg.calls:
+            link.routes[call.call_id] = route
+        header = {
+            "op": "calls",
+            "calls": [
+                {"id": c.call_id, "digest": c.digest, "fn": c.ship_function, "ser": c.serialization}
+                for c in msg.calls
+            ],
+        }
+        frames: list[Payload] = [json.dumps(header).encode(), *payloads]
+        parts: list[Payload] = [_COUNT.pack(len(frames))]
+        for frame in frames:
+            parts.append(_LEN.pack(len(frame) if isinstance(frame, bytes) else frame.nbytes))
+            parts.append(frame)
+        link.writer.writelines(parts)
+        await link.writer.drain()
+
+    async def _read(self, link: WorkerLink, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                frames = await _read_message(reader)
+                if frames is None:
+                    break
+                header = json.loads(frames[0])
+                if header.get("op") == "hello":
+                    if not link.hello.done():
+                        link.hello.set_result(header)
+                elif header.get("op") == "results":
+                    await self._forward(link, header["outcomes"], frames[1:])
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
+            log.info("worker %s: connection ended: %s", link.sandbox_id, exc)
+        finally:
+            if not link.hello.done():
+                link.hello.set_result({"error": "the function worker exited before saying hello"})
+            self._spawn(self._fail_routes(link))
+
+    async def _forward(
+        self, link: WorkerLink, outcomes: list[dict[str, Any]], blobs: list[bytes]
+    ) -> None:
+        by_route: dict[tuple[bytes, int], tuple[list[CallOutcome], list[Payload]]] = {}
+        for raw, blob in zip(outcomes, blobs, strict=True):
+            route = link.routes.pop(raw["id"], None)
+            if route is None:
+                continue
+            out, payloads = by_route.setdefault((route.identity, route.request_id), ([], []))
+            out.append(CallOutcome(raw["id"], raw["status"], float(raw["secs"])))
+            payloads.append(blob)
+        for (identity, request_id), (out, payloads) in by_route.items():
+            msg = CallResults(link.sandbox_id, tuple(out))
+            await self._send(identity, request_id, msg, tuple(payloads))
+
+    async def _fail_routes(self, link: WorkerLink) -> None:
+        """The worker is gone: every call still routed to it is lost. Say how, if the
+        runtime tells us within a moment (exit code, OOM)."""
+        if not link.routes:
+            return
+        try:
+            async with asyncio.timeout(2.0):
+                detail = await asyncio.shield(link.exit_detail)
+        except TimeoutError:
+            detail = "its connection to the agent closed"
+        by_route: dict[tuple[bytes, int], list[CallOutcome]] = {}
+        for call_id, route in link.routes.items():
+            by_route.setdefault((route.identity, route.request_id), []).append(
+                CallOutcome(call_id, "lost", detail=f"worker {link.sandbox_id} died: {detail}")
+            )
+        link.routes.clear()
+        for (identity, request_id), out in by_route.items():
+            await self._send(identity, request_id, CallResults(link.sandbox_id, tuple(out)), ())
+
+    def exited(self, sandbox_id: str, detail: str) -> None:
+        """The runtime saw the worker's sandbox end (or it was stopped)."""
+        link = self._links.get(sandbox_id)
+        if link is not None and not link.exit_detail.done():
+            link.exit_detail.set_result(detail)
+
+    async def close(self, sandbox_id: str, detail: str) -> None:
+        link = self._links.pop(sandbox_id, None)
+        if link is None:
+            return
+        if not link.exit_detail.done():
+            link.exit_detail.set_result(detail)
+        link.closed = True
+        if link.server is not None:
+            link.server.close()
+        if link.writer is not None:
+            link.writer.close()
+            with contextlib.suppress(Exception):
+                await link.writer.wait_closed()
+        else:
+            self._spawn(self._fail_routes(link))
+        shutil.rmtree(link.directory, ignore_errors=True)
+
+    async def close_all(self) -> None:
+        for sandbox_id in list(self._links):
+            await self.close(sandbox_id, "the agent is shutting down")
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+async def _read_message(reader: asyncio.StreamReader) -> list[bytes] | None:
+    try:
+        head = await reader.readexactly(_COUNT.size)
+    except asyncio.IncompleteReadError:
+        return None
+    (count,) = _COUNT.unpack(head)
+    frames = []
+    for _ in range(count):
+        (length,) = _LEN.unpack(await reader.readexactly(_LEN.size))
+        frames.append(await reader.readexactly(length))
+    return frames

@@ -1,0 +1,239 @@
+"""Remote functions: ``@session.function()`` and what a call gives back.
+
+Calling a remote function queues the call at once and returns an asyncio future;
+awaiting it gives a :class:`FunctionResult` whose ``.value`` is the return value,
+or raises the function's own exception (with the remote traceback attached).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import enum
+import functools
+import hashlib
+import inspect
+import json
+import pickle
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import cloudpickle
+
+from aviato.exceptions import AsyncFunctionError, FunctionError, FunctionSerializationError
+
+if TYPE_CHECKING:
+    from aviato._pool import FunctionPool
+    from aviato._session import Session
+
+T = TypeVar("T")
+
+
+class Serialization(enum.Enum):
+    """How arguments and results travel. The function itself is always cloudpickled."""
+
+    PICKLE = "pickle"
+    JSON = "json"
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionResult(Generic[T]):
+    """One call's outcome: ``value``, and where and how it ran."""
+
+    value: T
+    sandbox_id: str
+    attempts: int
+    seconds: float  # time the function itself ran, inside the sandbox
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionOptions:
+    container_image: str | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    memory_bytes: int | None = None
+    cpus: float | None = None
+    network: str | None = None
+    serialization: Serialization = Serialization.PICKLE
+    retries: int = 2
+    retry_on: tuple[type[BaseException], ...] = ()
+    timeout_seconds: float | None = None
+    max_workers: int | None = None
+
+    def pool_key(self) -> tuple[Any, ...]:
+        """Calls whose sandboxes look the same share one pool of workers."""
+        return (self.container_image, self.env, self.memory_bytes, self.cpus, self.network)
+
+
+@dataclass(slots=True)
+class Shipped:
+    """A function pickled once: its bytes and their digest (the worker's cache key)."""
+
+    blob: bytes
+    digest: str
+    name: str
+
+
+@dataclass(eq=False, slots=True)
+class Call:
+    """One call's life in the client: queued, in flight on a worker, or done."""
+
+    call_id: int
+    fn: RemoteFunction[Any]
+    args_blob: bytes
+    future: asyncio.Future[FunctionResult[Any]]
+    attempts: int = 0
+    worker: Any = None  # the WorkerHandle running it, while in flight
+    timer: asyncio.TimerHandle | None = field(default=None)
+
+
+class RemoteFunction(Generic[T]):
+    """What ``@session.function()`` makes of a sync function."""
+
+    def __init__(self, fn: Callable[..., T], session: Session, options: FunctionOptions) -> None:
+        if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            raise AsyncFunctionError(
+                f"{fn.__qualname__} is an async def: @session.function() runs sync "
+                "functions in worker processes; make it a plain def"
+            )
+        if not callable(fn):
+            raise TypeError(f"@session.function() needs a function, got {type(fn).__name__}")
+        functools.update_wrapper(self, fn)
+        self._fn = fn
+        self._session = session
+        self.options = options
+        self._shipped: Shipped | None = None
+        #: Moving average of the function's run time, to size batches.
+        self.mean_seconds: float | None = None
+
+    @property
+    def name(self) -> str:
+        return getattr(self._fn, "__qualname__", repr(self._fn))
+
+    def __repr__(self) -> str:
+        return f"<RemoteFunction {self.name}>"
+
+    def shipped(self) -> Shipped:
+        """Pickle the function once, at its first call."""
+        if self._shipped is None:
+            try:
+                blob = cloudpickle.dumps(self._fn, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:
+                raise FunctionSerializationError(
+                    f"function {self._fn.__qualname__} cannot be pickled: {exc} "
+                    "(it, or a global it uses, holds something like a lock or a socket)"
+                ) from exc
+            digest = hashlib.sha256(blob).hexdigest()[:24]
+            self._shipped = Shipped(blob, digest, self._fn.__qualname__)
+        return self._shipped
+
+    def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+        name = self._fn.__qualname__
+        if self.options.serialization is Serialization.JSON:
+            try:
+                return json.dumps([args, kwargs]).encode()
+            except (TypeError, ValueError) as exc:
+                raise FunctionSerializationError(
+                    f"arguments of {name}() are not JSON ({exc}); use "
+                    "serialization=Serialization.PICKLE for other types"
+                ) from exc
+        try:
+            blob: bytes = cloudpickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+            return blob
+        except Exception as exc:
+            raise FunctionSerializationError(
+                f"{_culprit(args, kwargs)} of {name}() cannot be pickled: {exc}"
+            ) from exc
+
+    def decode_value(self, blob: bytes | memoryview) -> Any:
+        if self.options.serialization is Serialization.JSON:
+            return json.loads(bytes(blob))
+        return cloudpickle.loads(blob)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> asyncio.Future[FunctionResult[T]]:
+        """Queue one call now; await the returned future for its result."""
+        self.shipped()
+        blob = self.encode_args(args, kwargs)
+        return self._pool().submit(self, blob)
+
+    def _pool(self) -> FunctionPool:
+        return self._session._pool_for(self.options)
+
+    async def map(
+        self,
+        iterable: Iterable[Any],
+        *,
+        return_exceptions: bool = False,
+        ordered: bool = True,
+        progress: bool = False,
+    ) -> AsyncIterator[FunctionResult[T] | BaseException]:
+        """Call once per item (an item that is a tuple is not unpacked). Yields results in
+        input order, or as they complete with ``ordered=False``. With
+        ``return_exceptions=True`` a failure is yielded in place instead of raised."""
+        futures = [self(item) for item in iterable]
+        bar = _progress(len(futures), self._fn.__qualname__) if progress else None
+        try:
+            source = futures if ordered else asyncio.as_completed(futures)
+            for pending in source:
+                try:
+                    result: FunctionResult[T] | BaseException = await pending
+                except Exception as exc:
+                    if not return_exceptions:
+                        raise
+                    result = exc
+                if bar is not None:
+                    bar.update(1)
+                yield result
+        finally:
+            if bar is not None:
+                bar.close()
+            for future in futures:
+                future.cancel()  # no-op for the finished ones; stops the rest if we left early
+
+
+def _progress(total: int, name: str) -> Any:
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
+    return tqdm(total=total, desc=name, unit="call")
+
+
+def _culprit(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    """Name the first argument that does not pickle."""
+    items = [(f"argument {i}", v) for i, v in enumerate(args)]
+    items += [(f"argument {k!r}", v) for k, v in kwargs.items()]
+    for label, value in items:
+        try:
+            cloudpickle.dumps(value)
+        except Exception:
+            return f"{label} (a {type(value).__name__})"
+    return "the arguments"
+
+
+def rebuild_error(blob: bytes | memoryview) -> BaseException:
+    """The exception a remote call raised: the original type when it can be rebuilt,
+    with the remote traceback as a note; else :class:`FunctionError`."""
+    record = pickle.loads(blob)
+    traceback_text = str(record.get("traceback", ""))
+    type_name = str(record.get("type", "Exception"))
+    message = str(record.get("message", ""))
+    exc: BaseException | None = None
+    if record.get("exception") is not None:
+        try:
+            exc = cloudpickle.loads(record["exception"])
+        except Exception:
+            exc = None
+    if exc is None and type_name.startswith("builtins."):
+        cls = getattr(builtins, type_name.removeprefix("builtins."), None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            try:
+                exc = cls(message)
+            except Exception:
+                exc = None
+    if exc is None or not isinstance(exc, BaseException):
+        return FunctionError(
+            f"remote function raised {type_name}: {message}",
+            type_name=type_name,
+            traceback_text=traceback_text,
+        )
+    exc.add_note(f"\nRemote traceback (in the sandbox):\n{traceback_text}")
+    return exc

@@ -1,0 +1,448 @@
+"""The warm pool behind remote functions: worker sandboxes, a client-side queue, and
+dispatch in batches straight to each worker's agent.
+
+Everything here runs on the session's event loop, in plain callbacks: submitting
+10,000 calls queues them and schedules one dispatch pass, which sends each worker
+at most a bounded batch. Each call's future resolves exactly once; a reply for a
+call that was already moved elsewhere (its worker was declared dead) is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import logging
+import math
+import sys
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aviato._connection import Connection, connection
+from aviato._function import (
+    Call,
+    FunctionOptions,
+    FunctionResult,
+    RemoteFunction,
+    rebuild_error,
+)
+from aviato._sandbox import Sandbox, scheduler_connection
+from aviato.exceptions import (
+    AviatoError,
+    FunctionError,
+    FunctionSerializationError,
+    SandboxError,
+    SandboxTimeoutError,
+    WorkerLostError,
+)
+from aviato.protocol import (
+    CallHeader,
+    CallResults,
+    ClusterStatus,
+    ClusterStatusReply,
+    Decoded,
+    ErrorReply,
+    Payload,
+    RunCalls,
+)
+
+if TYPE_CHECKING:
+    from aviato._session import Session
+
+log = logging.getLogger("aviato.pool")
+
+_call_ids = itertools.count(1)
+#: Work a batch should hold (seconds of function time): fewer messages for tiny calls.
+BATCH_SECONDS = 0.01
+MAX_BATCH = 256
+#: Grow the pool only when the queue holds more than this much work per worker.
+GROW_BACKLOG_SECONDS = 0.5
+
+
+@dataclass(eq=False, slots=True)
+class WorkerHandle:
+    sandbox: Sandbox
+    conn: Connection
+    inflight: dict[int, Call] = field(default_factory=dict)
+    requests: dict[int, set[int]] = field(default_factory=dict)  # request id -> call ids
+    shipped: set[str] = field(default_factory=set)
+    alive: bool = True
+
+    @property
+    def sandbox_id(self) -> str:
+        return self.sandbox.sandbox_id or "?"
+
+
+def batch_size(fn: RemoteFunction[Any]) -> int:
+    """One call at a time for slow or unknown functions; batches for tiny ones."""
+    mean = fn.mean_seconds
+    if mean is None or mean >= BATCH_SECONDS:
+        return 1
+    return max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(mean, 1e-6))))
+
+
+class FunctionPool:
+    def __init__(self, session: Session, options: FunctionOptions) -> None:
+        self.session = session
+        self.options = options
+        self.max_workers: int | None = options.max_workers
+        self.queue: deque[Call] = deque()
+        self.workers: list[WorkerHandle] = []
+        self.starting = 0
+        self.closed = False
+        self._pump_scheduled = False
+        self._sizing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._start_error: BaseException | None = None
+
+    # ------------------------------------------------------------------ submit
+
+    def submit(self, fn: RemoteFunction[Any], args_blob: bytes) -> asyncio.Future[Any]:
+        if self.closed:
+            raise SandboxError("the session is closed: call remote functions inside it")
+        loop = asyncio.get_running_loop()
+        call = Call(next(_call_ids), fn, args_blob, loop.create_future())
+        call.future.add_done_callback(functools.partial(self._on_done, call))
+        self.queue.append(call)
+        self._schedule_pump()
+        return call.future
+
+    def _schedule_pump(self) -> None:
+        if not self._pump_scheduled and not self.closed:
+            self._pump_scheduled = True
+            asyncio.get_running_loop().call_soon(self._pump)
+
+    def _task(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _pump(self) -> None:
+        self._pump_scheduled = False
+        while self.queue and self.queue[0].future.done():
+            self.queue.popleft()
+        for worker in self.workers:
+            if not self.queue:
+                break
+            self._fill(worker)
+        if self.queue:
+            self._grow()
+
+    def _fill(self, worker: WorkerHandle) -> None:
+        while self.queue:
+            size = batch_size(self.queue[0].fn)
+            room = (size if size == 1 else 2 * size) - len(worker.inflight)
+            if room <= 0:
+                return
+            batch: list[Call] = []
+            while self.queue and len(batch) < min(size, room):
+                call = self.queue.popleft()
+                if not call.future.done():
+                    batch.append(call)
+            if batch:
+                self._send(worker, batch)
+
+    def _send(self, worker: WorkerHandle, batch: list[Call]) -> None:
+        headers: list[CallHeader] = []
+        payloads: list[Payload] = []
+        for call in batch:
+            shipped = call.fn.shipped()
+            ship = shipped.digest not in worker.shipped
+            if ship:
+                worker.shipped.add(shipped.digest)
+                payloads.append(shipped.blob)
+            payloads.append(call.args_blob)
+            headers.append(
+                CallHeader(call.call_id, shipped.digest, ship, call.fn.options.serialization.value)
+            )
+            call.attempts += 1
+            call.worker = worker
+            worker.inflight[call.call_id] = call
+            timeout = call.fn.options.timeout_seconds
+            if timeout is not None:
+                call.timer = asyncio.get_running_loop().call_later(
+                    timeout, self._on_timeout, call, timeout
+                )
+        msg = RunCalls(worker.sandbox_id, tuple(headers))
+        try:
+            request_id = worker.conn.send_nowait(
+                msg, payloads, functools.partial(self._on_reply, worker)
+            )
+        except AviatoError as exc:  # too large: fail these calls, keep the worker
+            for call in batch:
+                worker.inflight.pop(call.call_id, None)
+                self._settle(call, exc)
+            return
+        worker.requests[request_id] = {c.call_id for c in batch}
+
+    # ------------------------------------------------------------------ replies
+
+    def _on_reply(self, worker: WorkerHandle, decoded: Decoded) -> None:
+        ids = worker.requests.get(decoded.request_id, set())
+        msg = decoded.msg
+        if isinstance(msg, ErrorReply):
+            # The agent refused the batch (the sandbox is gone): the worker is lost.
+            self._worker_lost(worker, msg.message)
+            return
+        if not isinstance(msg, CallResults):
+            return
+        blobs = iter(decoded.payloads)
+        for outcome in msg.outcomes:
+            blob = next(blobs) if outcome.status != "lost" else b""
+            ids.discard(outcome.call_id)
+            call = worker.inflight.pop(outcome.call_id, None)
+            if call is None or call.worker is not worker:
+                continue  # moved elsewhere already: a late reply, dropped
+            call.worker = None
+            if call.timer is not None:
+                call.timer.cancel()
+            fn = call.fn
+            if outcome.status == "lost":
+                self._retry_or_fail(call, outcome.detail)
+                continue
+            fn.mean_seconds = (
+                outcome.seconds
+                if fn.mean_seconds is None
+                else 0.8 * fn.mean_seconds + 0.2 * outcome.seconds
+            )
+            if outcome.status == "ok":
+                try:
+                    value = fn.decode_value(blob)
+                except Exception as exc:
+                    self._settle(
+                        call,
+                        FunctionSerializationError(
+                            f"the result of {fn.name}() cannot be unpickled here: {exc}"
+                        ),
+                    )
+                    continue
+                self._settle(
+                    call, FunctionResult(value, worker.sandbox_id, call.attempts, outcome.seconds)
+                )
+            else:
+                error = rebuild_error(blob)
+                retry_on = fn.options.retry_on
+                if retry_on and isinstance(error, retry_on) and call.attempts <= fn.options.retries:
+                    self.queue.appendleft(call)
+                else:
+                    self._settle(call, error)
+        if not ids:
+            worker.requests.pop(decoded.request_id, None)
+            worker.conn.forget(decoded.request_id)
+        self._schedule_pump()
+
+    def _settle(self, call: Call, outcome: FunctionResult[Any] | BaseException) -> None:
+        """Resolve a call's future: the one place that does, so it happens once."""
+        call.worker = None
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
+        if call.future.done():
+            return
+        if isinstance(outcome, FunctionResult):
+            call.future.set_result(outcome)
+        elif isinstance(outcome, Exception):
+            call.future.set_exception(outcome)
+        else:  # SystemExit and friends must not escape into the event loop
+            call.future.set_exception(
+                FunctionError(
+                    f"remote function raised {type(outcome).__name__}: {outcome}",
+                    type_name=type(outcome).__name__,
+                )
+            )
+
+    def _retry_or_fail(self, call: Call, detail: str) -> None:
+        if call.future.done():
+            return
+        if call.attempts <= call.fn.options.retries:
+            log.info("retrying call %d of %s: %s", call.call_id, call.fn.name, detail)
+            self.queue.appendleft(call)
+            self._schedule_pump()
+        else:
+            self._settle(
+                call,
+                WorkerLostError(
+                    f"{call.fn.name}() failed: {detail}; gave up after {call.attempts} "
+                    f"attempt(s) (retries={call.fn.options.retries})"
+                ),
+            )
+
+    # ------------------------------------------------------------------ losing workers
+
+    def _drop(self, worker: WorkerHandle, *, stop: bool = True) -> list[Call]:
+        """Take a worker out of the pool; returns the calls it had in flight."""
+        if not worker.alive:
+            return []
+        worker.alive = False
+        if worker in self.workers:
+            self.workers.remove(worker)
+        for request_id in worker.requests:
+            worker.conn.forget(request_id)
+        worker.requests.clear()
+        calls = list(worker.inflight.values())
+        worker.inflight.clear()
+        for call in calls:
+            call.worker = None
+            if call.timer is not None:
+                call.timer.cancel()
+                call.timer = None
+        if stop:
+            self._task(self._stop_quietly(worker.sandbox))
+        return calls
+
+    def _worker_lost(self, worker: WorkerHandle, detail: str) -> None:
+        for call in self._drop(worker):
+            self._retry_or_fail(call, detail)
+        self._schedule_pump()
+
+    def _kill_worker_for(self, victim: Call, worker: WorkerHandle) -> None:
+        """Stop ``victim``'s run by killing its worker; the other calls it held run again
+        elsewhere without being charged an attempt."""
+        for call in self._drop(worker):
+            if call is not victim and not call.future.done():
+                call.attempts -= 1
+                self.queue.appendleft(call)
+        self._schedule_pump()
+
+    def _on_timeout(self, call: Call, timeout: float) -> None:
+        worker = call.worker
+        if call.future.done() or worker is None:
+            return
+        self._settle(
+            call,
+            SandboxTimeoutError(
+                f"{call.fn.name}() did not finish within {timeout:g}s; its worker "
+                f"({worker.sandbox_id}) was stopped and will be replaced",
+                sandbox_id=worker.sandbox_id,
+            ),
+        )
+        self._kill_worker_for(call, worker)
+
+    def _on_done(self, call: Call, _future: asyncio.Future[Any]) -> None:
+        if call.future.cancelled() and call.worker is not None:
+            self._kill_worker_for(call, call.worker)
+
+    @staticmethod
+    async def _stop_quietly(sandbox: Sandbox) -> None:
+        with contextlib.suppress(AviatoError):
+            await sandbox.stop()
+
+    # ------------------------------------------------------------------ growing
+
+    def _grow(self) -> None:
+        if self.max_workers is None:
+            if not self._sizing:
+                self._sizing = True
+                self._task(self._size())
+            return
+        queued = sum(1 for c in self.queue if not c.future.done())
+        if not queued:
+            return
+        fn = self.queue[0].fn
+        have = len(self.workers) + self.starting
+        if fn.mean_seconds is not None and self.workers:
+            backlog = queued * fn.mean_seconds / len(self.workers)
+            if backlog < GROW_BACKLOG_SECONDS:
+                return
+        want = min(self.max_workers, have + math.ceil(queued / batch_size(fn)))
+        for _ in range(want - have):
+            self.starting += 1
+            self._task(self._start_worker())
+
+    async def _size(self) -> None:
+        """Default pool bound: what the cluster's free slots allow, at least one."""
+        try:
+            conn = await scheduler_connection(self.session.defaults)
+            reply = await conn.request(
+                ClusterStatus(), timeout=self.session.defaults.request_timeout_seconds
+            )
+            assert isinstance(reply.msg, ClusterStatusReply)
+            free = sum(a.slots - a.used for a in reply.msg.agents if a.alive)
+            self.max_workers = max(1, free)
+        except AviatoError as exc:
+            log.warning("could not size the function pool (%s); using 1 worker", exc)
+            self.max_workers = 1
+        self._schedule_pump()
+
+    def _worker_sandbox(self) -> Sandbox:
+        opts = self.options
+        return Sandbox(
+            # The agent replaces command and args with its worker's; it owns that path.
+            command="python",
+            container_image=opts.container_image,
+            env={**dict(opts.env), "AVIATO_CLIENT_PYTHON": client_python()},
+            memory_bytes=opts.memory_bytes,
+            cpus=opts.cpus,
+            network=opts.network,
+            _session=self.session,
+            _function_worker=True,
+        )
+
+    async def _start_worker(self) -> None:
+        sandbox = self._worker_sandbox()
+        try:
+            await sandbox.start()
+            info = sandbox.info
+            assert info is not None and info.agent_address is not None
+        except BaseException as exc:
+            self.starting -= 1
+            if isinstance(exc, asyncio.CancelledError):
+                await self._stop_quietly(sandbox)
+                raise
+            self._start_failed(exc)
+            return
+        self.starting -= 1
+        if self.closed:
+            await self._stop_quietly(sandbox)
+            return
+        conn = connection(info.agent_address, self.session.defaults.cluster_token())
+        worker = WorkerHandle(sandbox, conn)
+        self.workers.append(worker)
+        self._task(self._watch(worker))
+        self._schedule_pump()
+
+    def _start_failed(self, exc: BaseException) -> None:
+        """No worker could start: with none running, the queued calls cannot run either."""
+        log.warning("function worker failed to start: %s", exc)
+        if self.workers or self.starting:
+            return
+        error = exc if isinstance(exc, Exception) else SandboxError(str(exc))
+        while self.queue:
+            self._settle(self.queue.popleft(), error)
+
+    async def _watch(self, worker: WorkerHandle) -> None:
+        """Notice a worker sandbox that ends (killed, OOM, agent lost)."""
+        detail = "its sandbox ended"
+        try:
+            code = await worker.sandbox.wait()
+            detail = f"its sandbox exited with code {code}"
+        except AviatoError as exc:
+            detail = str(exc)
+        if worker.alive:
+            self._worker_lost(worker, detail)
+
+    # ------------------------------------------------------------------ closing
+
+    async def close(self) -> None:
+        self.closed = True
+        error = SandboxError("the session closed before this call ran")
+        while self.queue:
+            self._settle(self.queue.popleft(), error)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        workers = list(self.workers)
+        for worker in workers:
+            for call in self._drop(worker, stop=False):
+                self._settle(call, error)
+        await asyncio.gather(
+            *(self._stop_quietly(w.sandbox) for w in workers), return_exceptions=True
+        )
+
+
+def client_python() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"

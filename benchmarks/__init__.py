@@ -1,0 +1,1 @@
+"""aviato's benchmarks: ``python benchmarks/cluster.py`` (or ``python -m benchmarks.cluster``)."""

@@ -1,0 +1,100 @@
+"""What every part of the cluster benchmark shares: the run's constants, the sample plan,
+the console, and small process / timing helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from rich.console import Console
+
+IMAGE = "python:3.11"
+RUN_ID = uuid.uuid4().hex[:8]
+BENCH_LABEL = "aviato-bench.run"
+ROOT = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+console = Console(width=None if sys.stdout.isatty() else 150)
+
+
+@dataclass(frozen=True)
+class Plan:
+    create_n: int  # samples per method, benchmark 1
+    exec_n: int  # samples per method, benchmark 2
+    sched_sandboxes: int  # sandboxes per scheduler phase (each one create + one stop)
+    fake_agents: int = 50
+    agent_slots: int = 100_000
+    clients: int = 4
+    window: int = 64  # outstanding requests per client socket
+    create_timeout: float = 5.0  # CreateSandbox.timeout_seconds in benchmark 3
+
+
+FULL = Plan(create_n=20, exec_n=200, sched_sandboxes=2500)
+QUICK = Plan(create_n=5, exec_n=40, sched_sandboxes=500)
+
+
+async def sh(*argv: str, timeout: float = 60.0) -> str:
+    """Run a command; its stdout, stripped. Killed (and raised) after ``timeout``."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        raise
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {err.decode().strip()}")
+    return out.decode().strip()
+
+
+async def timed(coro: Awaitable[T], timeout: float, what: str) -> T:
+    try:
+        async with asyncio.timeout(timeout):
+            return await coro
+    except TimeoutError:
+        raise TimeoutError(f"{what} took more than {timeout:g}s") from None
+
+
+def wait_until(pred: Callable[[], bool], timeout: float, what: str, every: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(every)
+
+
+def rotated(items: list[T], k: int) -> list[T]:
+    k %= len(items)
+    return items[k:] + items[:k]
+
+
+def check_exit(code: int | None, what: str) -> None:
+    """Raise unless ``what`` (a ``true`` run somewhere) exited 0."""
+    if code != 0:
+        raise RuntimeError(f"{what} exited {code}")
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM ``proc`` if it still runs; SIGKILL it after 10 s."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
