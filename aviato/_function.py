@@ -14,7 +14,10 @@ import functools
 import hashlib
 import inspect
 import json
+import os
 import pickle
+import sys
+import sysconfig
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -116,6 +119,7 @@ class RemoteFunction(Generic[T]):
     def shipped(self) -> Shipped:
         """Pickle the function once, at its first call."""
         if self._shipped is None:
+            by_value(getattr(self._fn, "__module__", None))
             try:
                 blob = cloudpickle.dumps(self._fn, protocol=pickle.HIGHEST_PROTOCOL)
             except Exception as exc:
@@ -137,6 +141,8 @@ class RemoteFunction(Generic[T]):
                     f"arguments of {name}() are not JSON ({exc}); use "
                     "serialization=Serialization.PICKLE for other types"
                 ) from exc
+        for value in (*args, *kwargs.values()):
+            by_value(type(value).__module__)
         try:
             blob: bytes = cloudpickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
             return blob
@@ -189,6 +195,30 @@ class RemoteFunction(Generic[T]):
                 bar.close()
             for future in futures:
                 future.cancel()  # no-op for the finished ones; stops the rest if we left early
+
+
+_LIBRARY_DIRS = tuple(
+    {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+)
+_by_value_checked: set[str] = set()
+
+
+def by_value(module_name: str | None) -> None:
+    """Pickle the user's own modules (a test file, a script's helpers) by value: the
+    sandbox has the same Python but not the user's files. Installed libraries and the
+    standard library stay by reference, to be imported in the sandbox."""
+    if not module_name or module_name in _by_value_checked:
+        return
+    _by_value_checked.add(module_name)
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None)
+    if module is None or path is None or module_name == "__main__":
+        return  # builtins; __main__ is by value already
+    if module_name.split(".")[0] in ("aviato", "cloudpickle"):
+        return
+    if os.path.abspath(path).startswith(_LIBRARY_DIRS):
+        return
+    cloudpickle.register_pickle_by_value(module)
 
 
 def _progress(total: int, name: str) -> Any:

@@ -191,6 +191,7 @@ class FunctionPool:
         if not isinstance(msg, CallResults):
             return
         blobs = iter(decoded.payloads)
+        lost = ""
         for outcome in msg.outcomes:
             blob = next(blobs) if outcome.status != "lost" else b""
             ids.discard(outcome.call_id)
@@ -202,6 +203,7 @@ class FunctionPool:
                 call.timer.cancel()
             fn = call.fn
             if outcome.status == "lost":
+                lost = outcome.detail
                 self._retry_or_fail(call, outcome.detail)
                 continue
             fn.mean_seconds = (
@@ -233,6 +235,8 @@ class FunctionPool:
         if not ids:
             worker.requests.pop(decoded.request_id, None)
             worker.conn.forget(decoded.request_id)
+        if lost:
+            self._worker_lost(worker, lost)  # a dead worker takes no more calls
         self._schedule_pump()
 
     def _settle(self, call: Call, outcome: FunctionResult[Any] | BaseException) -> None:

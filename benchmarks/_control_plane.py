@@ -49,9 +49,10 @@ from ._stats import Stats
 
 def _frame(t: MsgType, request_id: int, body: dict[str, Any]) -> bytes:
     """One envelope, exactly as ``aviato.protocol.encode`` lays it out (no token)."""
-    return msgpack.packb(
+    frame: bytes = msgpack.packb(
         {"v": PROTOCOL_VERSION, "t": int(t), "id": request_id, "b": body}, use_bin_type=True
     )
+    return frame
 
 
 def _unpack(frame: bytes) -> dict[str, Any]:
@@ -68,7 +69,7 @@ def _dealer(ctx: zmq.asyncio.Context, address: str) -> zmq.asyncio.Socket:
     return sock
 
 
-async def _request(sock: zmq.asyncio.Socket, msg: Any, request_id: int, what: str) -> Message:
+async def _request(sock: zmq.asyncio.Socket, msg: Message, request_id: int, what: str) -> Message:
     """Send ``msg`` through the full codec; the decoded reply (``what``, for errors)."""
     await sock.send_multipart(encode(msg, request_id))
     if not await sock.poll(10_000):

@@ -25,6 +25,10 @@ async def new_sandbox() -> Sandbox:
     )
 
 
+async def stop_sandbox(sb: Sandbox) -> None:
+    await timed(sb.stop(), 60, "Sandbox.stop")
+
+
 async def exec_true(sb: Sandbox, timeout: float, what: str) -> None:
     result = await timed(sb.exec(["true"]), timeout, what)
     check_exit(result.returncode, "exec(['true'])")
@@ -37,7 +41,7 @@ async def aviato_create_exec(peers: DockerPeers) -> float:
         await exec_true(sb, 60, "first exec")
         elapsed = time.perf_counter() - t0
     finally:
-        await timed(sb.stop(), 60, "Sandbox.stop")
+        await stop_sandbox(sb)
     sid = sb.sandbox_id or ""
     # The scheduler answers the stop at once and the agent removes the container after:
     # wait for that too, so no removal overlaps the next sample (nor the baselines').
@@ -154,5 +158,5 @@ async def bench_exec(n: int, peers: DockerPeers) -> ExecResults:
         # Blocks of 10 per method in turn, so drift hits all of them alike.
         await interleave(runs, n, 10, "exec round trip")
     finally:
-        await timed(sb.stop(), 60, "Sandbox.stop")
+        await stop_sandbox(sb)
     return ExecResults([avi, cli, sdk], [avi, stream, sdk, ping, sched_ping], retries)

@@ -17,6 +17,9 @@ from aviato.protocol import (
     PROTOCOL_VERSION,
     AgentHeartbeat,
     AgentInfo,
+    CallHeader,
+    CallOutcome,
+    CallResults,
     ClusterStatus,
     ClusterStatusReply,
     CreateSandbox,
@@ -42,6 +45,7 @@ from aviato.protocol import (
     ReadFile,
     RegisterAgent,
     RegisterReply,
+    RunCalls,
     SandboxExited,
     SandboxInfo,
     SandboxListReply,
@@ -156,6 +160,14 @@ SAMPLES: list[Message] = [
     LogsReply(),
     Ping(),
     Pong(server="agent", server_id="agent-a"),
+    RunCalls(
+        sandbox_id="sb-9",
+        calls=(CallHeader(1, "abc123", True, "pickle"), CallHeader(2, "abc123", False, "json")),
+    ),
+    CallResults(
+        sandbox_id="sb-9",
+        outcomes=(CallOutcome(1, "ok", 0.25), CallOutcome(2, "lost", 0.0, "worker died")),
+    ),
 ]
 
 

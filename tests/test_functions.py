@@ -1,0 +1,260 @@
+"""Remote functions on a real cluster: real worker containers, real agents."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+
+from aviato import (
+    AsyncFunctionError,
+    FunctionError,
+    FunctionSerializationError,
+    Sandbox,
+    SandboxDefaults,
+    SandboxFailedError,
+    SandboxTimeoutError,
+    Serialization,
+    WorkerLostError,
+    _pool,
+)
+
+OFFSET = 1000
+
+
+class Point:
+    def __init__(self, x: int, y: int) -> None:
+        self.x, self.y = x, y
+
+    def norm1(self) -> int:
+        return abs(self.x) + abs(self.y)
+
+
+class CustomError(Exception):
+    pass
+
+
+class Unrebuildable(Exception):
+    def __init__(self, a: int, b: int) -> None:  # two args: unpickling it fails
+        super().__init__(f"{a}/{b}")
+
+
+async def test_seed_example_parallel_in_about_a_second(defaults: SandboxDefaults) -> None:
+    async with Sandbox.session(defaults) as session:
+        @session.function()
+        def compute(n: int) -> int:
+            import time
+
+            time.sleep(1)  # Simulate work
+            return n * n
+
+        results = await asyncio.gather(compute(1), compute(2), compute(3))
+        assert [r.value for r in results] == [1, 4, 9]
+        t0 = time.monotonic()
+        results = await asyncio.gather(compute(1), compute(2), compute(3))
+        elapsed = time.monotonic() - t0
+        assert [r.value for r in results] == [1, 4, 9]
+        assert elapsed < 2.5, f"warm pool took {elapsed:.2f}s for 3 parallel 1 s calls"
+        assert len({r.sandbox_id for r in results}) == 3
+        assert all(r.attempts == 1 and r.seconds >= 1.0 for r in results)
+
+
+async def test_what_cloudpickle_carries(defaults: SandboxDefaults) -> None:
+    factor = 3
+
+    def helper(v: int) -> int:
+        return v + OFFSET
+
+    async with Sandbox.session(defaults) as session:
+        closure = session.function(max_workers=1)(lambda n: helper(n) * factor)
+        assert (await closure(2)).value == (2 + OFFSET) * 3
+
+        @session.function(max_workers=1)
+        def uses_class(p: Point) -> tuple[int, str]:
+            return p.norm1(), type(p).__name__
+
+        assert (await uses_class(Point(3, -4))).value == (7, "Point")
+
+        @session.function(max_workers=1)
+        def echo(blob: bytes) -> bytes:
+            return blob[::-1]
+
+        big = os.urandom(8 * 1024 * 1024)
+        assert (await echo(big)).value == big[::-1]
+
+        @session.function(max_workers=1)
+        def makes_point(x: int) -> Point:
+            return Point(x, x)
+
+        assert (await makes_point(5)).value.norm1() == 10
+
+
+async def test_exceptions_keep_their_type_and_remote_traceback(defaults) -> None:
+    async with Sandbox.session(defaults) as session:
+        @session.function(max_workers=1)
+        def fails(kind: str) -> None:
+            if kind == "value":
+                raise ValueError("bad value 42")
+            if kind == "custom":
+                raise CustomError("mine")
+            raise Unrebuildable(1, 2)
+
+        with pytest.raises(ValueError, match="bad value 42") as info:
+            await fails("value")
+        notes = "\n".join(getattr(info.value, "__notes__", []))
+        assert "Remote traceback" in notes and "in fails" in notes
+        with pytest.raises(CustomError, match="mine"):
+            await fails("custom")
+        with pytest.raises(FunctionError) as info2:
+            await fails("other")
+        assert "Unrebuildable" in info2.value.type_name
+        assert "in fails" in info2.value.traceback_text
+        assert "Remote traceback" in str(info2.value)
+
+
+async def test_bad_functions_and_arguments_fail_before_sending(defaults) -> None:
+    lock = threading.Lock()
+    async with Sandbox.session(defaults) as session:
+        @session.function(max_workers=1)
+        def takes(x: object) -> str:
+            return type(x).__name__
+
+        with pytest.raises(FunctionSerializationError, match=r"argument 0 \(a lock\)"):
+            takes(lock)
+
+        @session.function(max_workers=1)
+        def holds_lock() -> bool:
+            return lock.locked()
+
+        with pytest.raises(FunctionSerializationError, match="cannot be pickled"):
+            holds_lock()
+        with pytest.raises(AsyncFunctionError) as info:
+            @session.function()
+            async def nope() -> None:
+                pass
+        assert isinstance(info.value, TypeError)
+        assert (await takes(1)).value == "int"  # nothing was broken by the refusals
+
+
+async def test_json_serialization(defaults: SandboxDefaults) -> None:
+    async with Sandbox.session(defaults) as session:
+        @session.function(serialization=Serialization.JSON, max_workers=1)
+        def merge(a: dict, b: list) -> dict:
+            return {**a, "items": b, "n": len(b)}
+
+        assert (await merge({"x": 1}, [1, "two", None])).value == {
+            "x": 1, "items": [1, "two", None], "n": 3,
+        }
+        with pytest.raises(FunctionSerializationError, match="not JSON"):
+            merge({"x": {1, 2}}, [])
+
+
+async def test_map_order_return_exceptions_and_as_completed(defaults) -> None:
+    async with Sandbox.session(defaults) as session:
+        @session.function(max_workers=2)
+        def inverse(n: int) -> float:
+            import time
+
+            time.sleep(0.05 * (5 - n) if n < 5 else 0)
+            return 1 / n
+
+        got = [r async for r in inverse.map([1, 2, 0, 4], return_exceptions=True)]
+        assert [r.value for r in got if not isinstance(r, BaseException)] == [1, 0.5, 0.25]
+        assert isinstance(got[2], ZeroDivisionError)
+        with pytest.raises(ZeroDivisionError):
+            async for _ in inverse.map([1, 0]):
+                pass
+        done = [r.value async for r in inverse.map([1, 2, 4], ordered=False)]
+        assert sorted(done) == [0.25, 0.5, 1]
+
+
+async def test_cancellation_and_timeout_keep_the_pool_usable(defaults) -> None:
+    async with Sandbox.session(defaults) as session:
+        @session.function(max_workers=1)
+        def sleepy(s: float) -> float:
+            import time
+
+            time.sleep(s)
+            return s
+
+        first = (await sleepy(0)).sandbox_id
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(sleepy(30), 1.0)
+        after = await asyncio.wait_for(sleepy(0.1), 60)
+        assert after.value == 0.1 and after.sandbox_id != first  # the worker was replaced
+
+        @session.function(max_workers=1, timeout_seconds=1.0)
+        def bounded(s: float) -> float:
+            import time
+
+            time.sleep(s)
+            return s
+
+        t0 = time.monotonic()
+        with pytest.raises(SandboxTimeoutError, match="did not finish within 1s"):
+            await bounded(30)
+        assert time.monotonic() - t0 < 10
+        assert (await bounded(0.1)).value == 0.1
+
+
+async def test_killed_worker_call_is_retried_and_delivered_once(defaults) -> None:
+    async with Sandbox.session(defaults) as session:
+        @session.function(max_workers=2, retries=2)
+        def slow_square(n: int) -> int:
+            import time
+
+            time.sleep(2)
+            return n * n
+
+        warm = await asyncio.gather(slow_square(1), slow_square(1))
+        assert {w.value for w in warm} == {1}
+        future = slow_square(7)
+        await asyncio.sleep(0.7)  # it is running now, on one of the two workers
+        pool = next(iter(session._pools.values()))
+        [victim] = [w for w in pool.workers if w.inflight]
+        subprocess.run(["docker", "kill", f"aviato-{victim.sandbox_id}"], check=True,
+                       capture_output=True, timeout=30)
+        result = await asyncio.wait_for(future, 60)
+        assert result.value == 49 and result.attempts == 2
+        assert result.sandbox_id != victim.sandbox_id
+        assert future.done() and not future.cancelled()
+
+
+async def test_a_worker_that_always_dies_fails_after_retries(defaults) -> None:
+    async with Sandbox.session(defaults) as session:
+        @session.function(max_workers=1, retries=1)
+        def dies() -> None:
+            import os
+
+            os._exit(1)
+
+        with pytest.raises(WorkerLostError, match=r"died.*gave up after 2 attempt") as info:
+            await asyncio.wait_for(dies(), 120)
+        assert "code 1" in str(info.value) or "closed" in str(info.value)
+
+
+async def test_python_version_mismatch_names_both(defaults, monkeypatch) -> None:
+    monkeypatch.setattr(_pool, "client_python", lambda: "3.99")
+    async with Sandbox.session(defaults) as session:
+        @session.function(max_workers=1)
+        def f() -> int:
+            return 1
+
+        with pytest.raises(SandboxFailedError, match=r"3\.11.*3\.99"):
+            await asyncio.wait_for(f(), 120)
+
+
+async def test_ten_thousand_noop_calls_in_one_gather(defaults: SandboxDefaults) -> None:
+    async with Sandbox.session(defaults) as session:
+        @session.function(max_workers=2)
+        def ident(i: int) -> int:
+            return i
+
+        results = await asyncio.wait_for(
+            asyncio.gather(*(ident(i) for i in range(10_000))), 300
+        )
+        assert [r.value for r in results] == list(range(10_000))
