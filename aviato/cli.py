@@ -119,9 +119,10 @@ def _up(args: argparse.Namespace) -> int:
     from aviato._local import LocalCluster
 
     cluster = LocalCluster(slots=args.slots, runtime=args.runtime, bind_host=args.host)
-    # Block the signals first so sigwait, not KeyboardInterrupt, receives them.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     address = cluster.start()
+    # Block the signals so sigwait, not KeyboardInterrupt, receives them; only after the
+    # daemons started, since children inherit the mask and must still see SIGTERM.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     print(f"aviato cluster up: export AVIATO_SCHEDULER={address}", flush=True)
     print("Ctrl-C stops it (and every sandbox it runs).", flush=True)
     try:

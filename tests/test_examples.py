@@ -78,3 +78,39 @@ asyncio.run(main())
     assert "terminated" in out.stdout
     out = _run([*aviato, "exec", sandbox_id, "--", "true"], env)
     assert out.returncode == 1 and "SandboxNotRunningError" in out.stdout
+
+
+def test_aviato_up_serves_other_processes_and_cleans_up() -> None:
+    need_docker()
+    import signal
+
+    env = {k: v for k, v in os.environ.items() if k != "AVIATO_SCHEDULER"}
+    proc = subprocess.Popen([sys.executable, "-m", "aviato.cli", "up", "--slots", "2"],
+                            stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "AVIATO_SCHEDULER=" in line, line
+        address = line.strip().split("AVIATO_SCHEDULER=")[1]
+        env["AVIATO_SCHEDULER"] = address
+        code = """
+import asyncio
+from aviato import Sandbox
+async def main():
+    sb = await Sandbox.create("sleep", "infinity")
+    print((await sb.exec(["echo", "via up"])).stdout.decode().strip())
+asyncio.run(main())
+"""
+        out = _run([sys.executable, "-c", code], env)
+        assert out.stdout.strip() == "via up", out.stderr
+        status = _run([sys.executable, "-m", "aviato.cli", "status"], env)
+        assert "running 1" in status.stdout
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    names = subprocess.run(
+        ["docker", "ps", "-a", "--filter", "label=aviato.managed=1", "--format", "{{.Labels}}"],
+        capture_output=True, text=True, timeout=30,
+    ).stdout
+    assert f"aviato.agent=embedded-{proc.pid}" not in names
