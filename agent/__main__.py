@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pids-limit", type=int, default=1024)
     p.add_argument("--token", default=os.environ.get("AVIATO_TOKEN"))
     p.add_argument(
+        "--no-supervisor",
+        action="store_true",
+        help="exec and files through the runtime (docker exec) instead of the in-sandbox"
+        " supervisor",
+    )
+    p.add_argument(
         "--keep-on-exit",
         action="store_true",
         help="leave sandboxes running when the agent exits (default: stop them)",
@@ -80,6 +86,7 @@ async def run(args: argparse.Namespace) -> None:
         advertise_host=args.advertise_host,
         labels=_labels(args.label),
         token=args.token,
+        supervisor=not args.no_supervisor,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

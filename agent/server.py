@@ -4,6 +4,7 @@ and serves the data plane (exec, files, logs) to clients on its own ROUTER socke
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 from collections import OrderedDict
@@ -86,6 +87,7 @@ class AgentServer:
         labels: dict[str, str] | None = None,
         token: str | None = None,
         register_timeout: float = 2.0,
+        supervisor: bool = True,
     ) -> None:
         self.runtime = runtime
         self.scheduler = scheduler
@@ -96,6 +98,8 @@ class AgentServer:
         self.labels = labels or {}
         self.token = token
         self.register_timeout = register_timeout
+        #: Run exec and files through an in-sandbox supervisor when the image has Python.
+        self.supervisor = supervisor
         self.address = ""
         self.ready = asyncio.Event()  # set once registered the first time
         self.sandboxes: dict[str, Running] = {}
@@ -327,21 +331,35 @@ class AgentServer:
         await self._reply_scheduler(sock, request_id, SandboxReply(running))
 
     async def _create(self, sid: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
-        if not spec.function_worker:
-            await self.runtime.create(sid, spec, labels)
-            return
-        assert self._hub is not None
-        command, args = self._hub.worker_command()
-        env = {**spec.env, **self._hub.worker_env()}
-        spec = dataclasses.replace(spec, command=command, args=args, env=env)
-        mounts = await self._hub.prepare(sid)
+        """Create the sandbox with the supervisor's socket and library mounted in. A
+        function worker's main command is the supervisor; any other sandbox gets one
+        started beside its command, when the image has a Python (else exec and files
+        go through the runtime, transparently)."""
+        hub = self._hub
+        assert hub is not None
+        mounts = await hub.prepare(sid)
         try:
+            if spec.function_worker:
+                command, args = hub.worker_command()
+                env = {**spec.env, **hub.worker_env()}
+                spec = dataclasses.replace(spec, command=command, args=args, env=env)
             await self.runtime.create(sid, spec, labels, mounts)
-            await self._hub.wait_ready(sid, WORKER_START_SECONDS)
+            if spec.function_worker:
+                await hub.wait_ready(sid, WORKER_START_SECONDS)
         except BaseException:
-            await self._hub.close(sid, "failed to start")
+            await hub.close(sid, "failed to start")
             await self.runtime.stop(sid)
             raise
+        if not spec.function_worker and self.supervisor:
+            self._spawn(self._start_supervisor(sid))
+
+    async def _start_supervisor(self, sid: str) -> None:
+        assert self._hub is not None
+        command, args = self._hub.worker_command("python3")
+        if await self.runtime.start_sidecar(sid, (command, *args), self._hub.worker_env()):
+            with contextlib.suppress(AviatoError):
+                hello = await self._hub.wait_ready(sid, WORKER_START_SECONDS)
+                log.debug("supervisor up in %s (python %s)", sid, hello.get("python"))
 
     async def _on_stop(self, sock: zmq.asyncio.Socket, request_id: int, msg: StopSandbox) -> None:
         self._forget(msg.sandbox_id, msg.reason)
@@ -370,7 +388,7 @@ class AgentServer:
             how = reason or f"exited with code {exit_.exit_code}"
             self._forget(exit_.sandbox_id, how)
             if self._hub is not None:
-                self._hub.exited(exit_.sandbox_id, how)
+                await self._hub.close(exit_.sandbox_id, how)
             log.info(
                 "sandbox %s exited (%s, oom=%s)",
                 exit_.sandbox_id,
@@ -448,8 +466,12 @@ class AgentServer:
             raise ValueError("exec needs a non-empty argv, e.g. ['echo', 'hi']")
         if d.payloads:
             raise ValueError("exec with stdin is not supported yet")
+        hub = self._hub
+        via: Runtime | WorkerHub = (
+            hub if hub is not None and hub.supervised(msg.sandbox_id) else self.runtime
+        )
         if not msg.stream:
-            out = await self.runtime.exec(
+            out = await via.exec(
                 msg.sandbox_id,
                 msg.argv,
                 cwd=msg.cwd,
@@ -459,7 +481,7 @@ class AgentServer:
             reply = ExecReply(out.returncode, out.timed_out)
             await self._send(identity, d.request_id, reply, (out.stdout, out.stderr))
             return
-        async for event in self.runtime.exec_stream(
+        async for event in via.exec_stream(
             msg.sandbox_id,
             msg.argv,
             cwd=msg.cwd,
@@ -479,15 +501,21 @@ class AgentServer:
         self._check_running(msg.sandbox_id)
         if len(d.payloads) != 1:
             raise ValueError("write_file carries exactly one payload frame (the data)")
-        await self.runtime.write_file(msg.sandbox_id, msg.path, d.payloads[0], msg.mode)
+        await self._files(msg.sandbox_id).write_file(
+            msg.sandbox_id, msg.path, d.payloads[0], msg.mode
+        )
         await self._send(identity, d.request_id, OkReply())
 
     async def _on_read(self, identity: bytes, d: Decoded) -> None:
         msg = d.msg
         assert isinstance(msg, ReadFile)
         self._check_running(msg.sandbox_id)
-        data = await self.runtime.read_file(msg.sandbox_id, msg.path)
+        data = await self._files(msg.sandbox_id).read_file(msg.sandbox_id, msg.path)
         await self._send(identity, d.request_id, FileReply(len(data)), (data,))
+
+    def _files(self, sandbox_id: str) -> Runtime | WorkerHub:
+        hub = self._hub
+        return hub if hub is not None and hub.supervised(sandbox_id) else self.runtime
 
     async def _on_logs(self, identity: bytes, d: Decoded) -> None:
         msg = d.msg

@@ -1,13 +1,18 @@
-"""The function worker: runs INSIDE a sandbox, with the standard library and cloudpickle
-only (the agent mounts this file and cloudpickle read-only at /opt/aviato).
+"""The in-sandbox supervisor and function worker: runs INSIDE a sandbox, with the
+standard library only (and cloudpickle, for function calls; the agent mounts this
+file and cloudpickle read-only at /opt/aviato).
 
 It connects to the agent over a Unix socket mounted into the container (so a
-sandbox with no network still works), says hello, then loops: read a batch of
-calls, run them one after another, send the outcomes back. It exits when the
-agent closes the socket.
+sandbox with no network still works), says hello, then serves:
 
-Framing on the socket: ``u32 frame count``, then per frame ``u64 length`` + bytes.
-Frame 0 is a JSON header; the rest are opaque blobs (pickled or JSON data).
+- ``calls``: batches of remote-function calls, run one after another on the main
+  thread (a function may use signals) with outcomes sent back as they finish;
+- ``exec``: a command spawned with pipes, its output streamed or collected, its
+  exit code reported (each exec on its own thread, so many run at once);
+- ``read`` / ``write``: files.
+
+It exits when the agent closes the socket. Framing: ``u32 frame count``, then per
+frame ``u64 length`` + bytes; frame 0 is a JSON header, the rest opaque blobs.
 """
 
 from __future__ import annotations
@@ -15,9 +20,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import queue
+import signal
 import socket
 import struct
+import subprocess
 import sys
+import threading
 import time
 import traceback
 from typing import Any
@@ -26,6 +35,9 @@ _COUNT = struct.Struct("!I")
 _LEN = struct.Struct("!Q")
 #: Outcomes are sent at the latest this long after the first unsent one finished.
 FLUSH_SECONDS = 0.002
+#: Variables the agent sets for us, kept out of the commands we run.
+OUR_ENV = ("AVIATO_WORKER_SOCKET", "AVIATO_CLIENT_PYTHON")
+CHUNK = 65536
 
 
 def read_message(stream: Any) -> list[bytes] | None:
@@ -48,22 +60,12 @@ def read_message(stream: Any) -> list[bytes] | None:
 
 
 def pack_message(frames: list[bytes]) -> list[bytes]:
-    """Frames with their length prefixes, ready for one sendmsg/sendall."""
+    """Frames with their length prefixes, ready for one sendall."""
     parts = [_COUNT.pack(len(frames))]
     for frame in frames:
         parts.append(_LEN.pack(len(frame)))
         parts.append(frame)
     return parts
-
-
-def send_message(sock: socket.socket, frames: list[bytes]) -> None:
-    parts = pack_message(frames)
-    total = sum(len(p) for p in parts)
-    if total < 1 << 20:
-        sock.sendall(b"".join(parts))
-    else:
-        for part in parts:  # large blobs: no joined copy
-            sock.sendall(part)
 
 
 def _qualname(cls: type) -> str:
@@ -89,15 +91,69 @@ def error_record(exc: BaseException, dumps: Any) -> bytes:
     return pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-class Worker:
-    def __init__(self, sock: socket.socket) -> None:
-        import cloudpickle
+def _user_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in OUR_ENV}
 
+
+class Supervisor:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
-        self.cloudpickle = cloudpickle
+        self.lock = threading.Lock()
+        self.calls: queue.SimpleQueue[tuple[dict[str, Any], list[bytes]] | None] = (
+            queue.SimpleQueue()
+        )
         self.functions: dict[str, Any] = {}
+        self.cloudpickle: Any = None
+        self.base_env = _user_env()
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    # ------------------------------------------------------------------ sending
+
+    def send(self, header: dict[str, Any], blobs: list[bytes] | None = None) -> None:
+        parts = pack_message([json.dumps(header).encode(), *(blobs or ())])
+        with self.lock:
+            if sum(len(p) for p in parts) < 1 << 20:
+                self.sock.sendall(b"".join(parts))
+            else:
+                for part in parts:  # large blobs: no joined copy
+                    self.sock.sendall(part)
+
+    # ------------------------------------------------------------------ reading
+
+    def reader(self) -> None:
+        stream = self.sock.makefile("rb", buffering=1 << 16)
+        try:
+            while True:
+                frames = read_message(stream)
+                if frames is None:
+                    break
+                header = json.loads(frames[0])
+                op = header.get("op")
+                if op == "calls":
+                    self.calls.put((header, frames[1:]))
+                elif op in ("exec", "read", "write"):
+                    handler = getattr(self, f"do_{op}")
+                    threading.Thread(target=handler, args=(header, frames[1:]), daemon=True).start()
+                elif op == "kill":
+                    self.kill(header["rid"])
+        finally:
+            # The agent went away: so do we (and the calls we were running).
+            os._exit(0)
+
+    # ------------------------------------------------------------------ calls
+
+    def serve_calls(self) -> None:
+        while True:
+            item = self.calls.get()
+            if item is None:
+                return
+            self.run_batch(*item)
 
     def run_batch(self, header: dict[str, Any], blobs: list[bytes]) -> None:
+        if self.cloudpickle is None:
+            import cloudpickle
+
+            self.cloudpickle = cloudpickle
         outcomes: list[dict[str, Any]] = []
         payloads: list[bytes] = []
         first_unsent = 0.0
@@ -116,33 +172,30 @@ class Worker:
             if not first_unsent:
                 first_unsent = now
             if now - first_unsent >= FLUSH_SECONDS or outcome["secs"] >= FLUSH_SECONDS:
-                self.send(outcomes, payloads)
+                self.send({"op": "results", "outcomes": outcomes}, payloads)
                 outcomes, payloads, first_unsent = [], [], 0.0
         if outcomes:
-            self.send(outcomes, payloads)
+            self.send({"op": "results", "outcomes": outcomes}, payloads)
 
     def run_one(
         self, call: dict[str, Any], fn_blob: bytes | None, args_blob: bytes
     ) -> tuple[dict[str, Any], bytes]:
-        digest = call["digest"]
+        cp = self.cloudpickle
         use_json = call["ser"] == "json"
         started = time.perf_counter()
         try:
             if fn_blob is not None:
-                self.functions[digest] = self.cloudpickle.loads(fn_blob)
-            fn = self.functions.get(digest)
+                self.functions[call["digest"]] = cp.loads(fn_blob)
+            fn = self.functions.get(call["digest"])
             if fn is None:
-                raise LookupError(f"function {digest} was never shipped to this worker")
-            if use_json:
-                args, kwargs = json.loads(args_blob)
-            else:
-                args, kwargs = self.cloudpickle.loads(args_blob)
+                raise LookupError(f"function {call['digest']} was never shipped to this worker")
+            args, kwargs = json.loads(args_blob) if use_json else cp.loads(args_blob)
             value = fn(*args, **kwargs)
             try:
                 blob = (
                     json.dumps(value).encode()
                     if use_json
-                    else self.cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+                    else cp.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
                 )
             except Exception as exc:
                 raise TypeError(
@@ -150,27 +203,126 @@ class Worker:
                 ) from exc
             status = "ok"
         except BaseException as exc:  # user code may raise anything, SystemExit included
-            blob = error_record(exc, None if use_json else self.cloudpickle.dumps)
+            blob = error_record(exc, None if use_json else cp.dumps)
             status = "error"
         secs = time.perf_counter() - started
         return {"id": call["id"], "status": status, "secs": secs}, blob
 
-    def send(self, outcomes: list[dict[str, Any]], payloads: list[bytes]) -> None:
-        header = json.dumps({"op": "results", "outcomes": outcomes}).encode()
-        send_message(self.sock, [header, *payloads])
+    # ------------------------------------------------------------------ exec
 
-    def serve(self) -> None:
-        stream = self.sock.makefile("rb", buffering=1 << 16)
-        while True:
-            frames = read_message(stream)
-            if frames is None:
-                return  # the agent went away: so do we
-            header = json.loads(frames[0])
-            if header.get("op") == "calls":
-                self.run_batch(header, frames[1:])
+    def do_exec(self, header: dict[str, Any], _blobs: list[bytes]) -> None:
+        rid, stream = header["rid"], bool(header.get("stream"))
+        env = {**self.base_env, **(header.get("env") or {})}
+        try:
+            proc = subprocess.Popen(
+                header["argv"],
+                cwd=header.get("cwd") or None,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # a timeout kills the whole group
+            )
+        except OSError as exc:
+            code = 127 if isinstance(exc, FileNotFoundError) else 126
+            message = f"exec {header['argv'][0]!r}: {exc.strerror or exc}\n".encode()
+            if stream:
+                self.send({"op": "out", "rid": rid, "fd": 2}, [message])
+                self.send({"op": "exit", "rid": rid, "code": code, "timed_out": False})
+            else:
+                self.send(
+                    {"op": "exit", "rid": rid, "code": code, "timed_out": False}, [b"", message]
+                )
+            return
+        self.procs[rid] = proc
+        collected: dict[int, list[bytes]] = {1: [], 2: []}
+
+        def pump(fd: int, pipe: Any) -> None:
+            while True:
+                data = os.read(pipe.fileno(), CHUNK)
+                if not data:
+                    return
+                if stream:
+                    self.send({"op": "out", "rid": rid, "fd": fd}, [data])
+                else:
+                    collected[fd].append(data)
+
+        readers = [
+            threading.Thread(target=pump, args=(1, proc.stdout), daemon=True),
+            threading.Thread(target=pump, args=(2, proc.stderr), daemon=True),
+        ]
+        for t in readers:
+            t.start()
+        timed_out = False
+        try:
+            code = proc.wait(timeout=header.get("timeout"))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                proc.kill()
+            code = proc.wait()
+        for t in readers:
+            t.join(timeout=2.0 if timed_out else None)  # an escaped grandchild may hold a pipe
+        self.procs.pop(rid, None)
+        head = {"op": "exit", "rid": rid, "code": code, "timed_out": timed_out}
+        if stream:
+            self.send(head)
+        else:
+            self.send(head, [b"".join(collected[1]), b"".join(collected[2])])
+
+    def kill(self, rid: int) -> None:
+        """The agent gave up on an exec (its client left): kill its process group."""
+        proc = self.procs.get(rid)
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                proc.kill()
+
+    # ------------------------------------------------------------------ files
+
+    def do_read(self, header: dict[str, Any], _blobs: list[bytes]) -> None:
+        rid, path = header["rid"], header["path"]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            self.send({"op": "file", "rid": rid, "error": _file_error(exc)})
+            return
+        self.send({"op": "file", "rid": rid}, [data])
+
+    def do_write(self, header: dict[str, Any], blobs: list[bytes]) -> None:
+        rid, path = header["rid"], header["path"]
+        try:
+            parent = os.path.dirname(path)
+            if parent:
+                os.makedirs(parent, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, header.get("mode", 0o644))
+            with os.fdopen(fd, "wb") as f:
+                f.write(blobs[0] if blobs else b"")
+            os.chmod(path, header.get("mode", 0o644))
+        except OSError as exc:
+            self.send({"op": "file", "rid": rid, "error": _file_error(exc)})
+            return
+        self.send({"op": "file", "rid": rid})
+
+
+def _file_error(exc: OSError) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, IsADirectoryError):
+        return "is a directory"
+    if isinstance(exc, PermissionError):
+        return "permission denied"
+    return exc.strerror or str(exc)
 
 
 def main() -> int:
+    # cloudpickle sits beside this file; found without touching PYTHONPATH, which the
+    # commands we run would inherit.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     path = os.environ.get("AVIATO_WORKER_SOCKET", "/run/aviato/worker.sock")
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     deadline = time.monotonic() + 30
@@ -184,22 +336,24 @@ def main() -> int:
                 return 2
             time.sleep(0.01)
     mine = f"{sys.version_info.major}.{sys.version_info.minor}"
-    want = os.environ.get("AVIATO_CLIENT_PYTHON", mine)
+    want = os.environ.get("AVIATO_CLIENT_PYTHON")
     hello: dict[str, Any] = {"op": "hello", "python": sys.version.split()[0], "pid": os.getpid()}
-    if want != mine:
+    if want and want != mine:
         hello["error"] = (
             f"the image's Python is {mine} but the client's is {want}: functions are "
             f"pickled by the client, so both must match; use an image with Python {want}"
         )
-    else:
+    elif want:  # a function worker: it needs cloudpickle
         try:
             import cloudpickle  # noqa: F401
         except ImportError as exc:
             hello["error"] = f"the worker cannot import cloudpickle: {exc}"
-    send_message(sock, [json.dumps(hello).encode()])
+    supervisor = Supervisor(sock)
+    supervisor.send(hello)
     if "error" in hello:
         return 3
-    Worker(sock).serve()
+    threading.Thread(target=supervisor.reader, daemon=True).start()
+    supervisor.serve_calls()
     return 0
 
 

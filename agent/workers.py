@@ -9,20 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import shutil
 import struct
 import tempfile
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
 
-from agent.runtime.base import Mount
-from aviato.exceptions import SandboxFailedError, SandboxNotRunningError
+from agent.runtime.base import ExecOutput, ExitStatus, Mount, OutputChunk
+from aviato.exceptions import SandboxFailedError, SandboxFileError, SandboxNotRunningError
 from aviato.protocol import CallOutcome, CallResults, Message, Payload, RunCalls
 
 log = logging.getLogger("aviato.agent.workers")
@@ -52,6 +53,8 @@ class WorkerLink:
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     routes: dict[int, Route] = field(default_factory=dict)
+    #: Exec and file requests to the supervisor: request id -> where its replies go.
+    pending: dict[int, Callable[[dict[str, Any], list[bytes]], None]] = field(default_factory=dict)
     exit_detail: asyncio.Future[str] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -66,6 +69,7 @@ class WorkerHub:
         self.root = Path(tempfile.mkdtemp(prefix="avw-"))
         self.lib = self.root / "lib"
         self._links: dict[str, WorkerLink] = {}
+        self._rids = itertools.count(1)
         self._prepare_lib()
 
     def _prepare_lib(self) -> None:
@@ -82,15 +86,11 @@ class WorkerHub:
 
     @staticmethod
     def worker_env() -> dict[str, str]:
-        return {
-            "PYTHONPATH": LIB_DIR,
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "AVIATO_WORKER_SOCKET": f"{SOCKET_DIR}/worker.sock",
-        }
+        return {"AVIATO_WORKER_SOCKET": f"{SOCKET_DIR}/worker.sock"}
 
     @staticmethod
-    def worker_command() -> tuple[str, tuple[str, ...]]:
-        return "python", ("-u", f"{LIB_DIR}/aviato_worker.py")
+    def worker_command(python: str = "python") -> tuple[str, tuple[str, ...]]:
+        return python, ("-u", "-B", f"{LIB_DIR}/aviato_worker.py")
 
     async def prepare(self, sandbox_id: str) -> list[Mount]:
         """Listen for the worker of ``sandbox_id``; returns the mounts its sandbox needs."""
@@ -129,6 +129,128 @@ class WorkerHub:
             raise SandboxFailedError(str(hello["error"]), sandbox_id=sandbox_id)
         return hello
 
+    def supervised(self, sandbox_id: str) -> bool:
+        """Whether exec and files can go through the sandbox's supervisor."""
+        link = self._links.get(sandbox_id)
+        return (
+            link is not None
+            and not link.closed
+            and link.writer is not None
+            and link.hello.done()
+            and "error" not in link.hello.result()
+        )
+
+    async def _ask(
+        self, sandbox_id: str, header: dict[str, Any], blobs: Sequence[Payload] = ()
+    ) -> tuple[int, asyncio.Queue[tuple[dict[str, Any], list[bytes]]], WorkerLink]:
+        link = self._links.get(sandbox_id)
+        if link is None or link.writer is None or link.closed:
+            raise SandboxNotRunningError(
+                f"sandbox {sandbox_id} is not running", sandbox_id=sandbox_id
+            )
+        rid = next(self._rids)
+        replies: asyncio.Queue[tuple[dict[str, Any], list[bytes]]] = asyncio.Queue()
+        link.pending[rid] = lambda h, b: replies.put_nowait((h, b))
+        await self._write(link, [json.dumps({**header, "rid": rid}).encode(), *blobs])
+        return rid, replies, link
+
+    @staticmethod
+    def _gone(sandbox_id: str) -> SandboxNotRunningError:
+        return SandboxNotRunningError(
+            f"sandbox {sandbox_id} stopped during the request", sandbox_id=sandbox_id
+        )
+
+    async def exec_stream(
+        self,
+        sandbox_id: str,
+        argv: tuple[str, ...],
+        *,
+        cwd: str | None,
+        env: Mapping[str, str] | None,
+        timeout_seconds: float | None,
+    ) -> AsyncIterator[OutputChunk | ExitStatus]:
+        header = {
+            "op": "exec",
+            "argv": list(argv),
+            "cwd": cwd,
+            "env": dict(env or {}),
+            "timeout": timeout_seconds,
+            "stream": True,
+        }
+        rid, replies, link = await self._ask(sandbox_id, header)
+        finished = False
+        try:
+            while True:
+                reply, blobs = await replies.get()
+                op = reply.get("op")
+                if op == "out":
+                    yield OutputChunk(int(reply["fd"]), blobs[0] if blobs else b"")
+                elif op == "exit":
+                    finished = True
+                    yield ExitStatus(int(reply["code"]), bool(reply["timed_out"]))
+                    return
+                else:
+                    raise self._gone(sandbox_id)
+        finally:
+            link.pending.pop(rid, None)
+            if not finished and not link.closed and link.writer is not None:
+                # The consumer left early: don't leave the command running.
+                with contextlib.suppress(Exception):
+                    await self._write(link, [json.dumps({"op": "kill", "rid": rid}).encode()])
+
+    async def exec(
+        self,
+        sandbox_id: str,
+        argv: tuple[str, ...],
+        *,
+        cwd: str | None,
+        env: Mapping[str, str] | None,
+        timeout_seconds: float | None,
+    ) -> ExecOutput:
+        header = {
+            "op": "exec",
+            "argv": list(argv),
+            "cwd": cwd,
+            "env": dict(env or {}),
+            "timeout": timeout_seconds,
+            "stream": False,
+        }
+        rid, replies, link = await self._ask(sandbox_id, header)
+        try:
+            reply, blobs = await replies.get()
+        finally:
+            link.pending.pop(rid, None)
+        if reply.get("op") != "exit":
+            raise self._gone(sandbox_id)
+        out, err = [*blobs, b"", b""][:2]
+        return ExecOutput(int(reply["code"]), out, err, bool(reply["timed_out"]))
+
+    async def _file_op(
+        self, sandbox_id: str, header: dict[str, Any], blobs: Sequence[Payload] = ()
+    ) -> list[bytes]:
+        rid, replies, link = await self._ask(sandbox_id, header, blobs)
+        try:
+            reply, data = await replies.get()
+        finally:
+            link.pending.pop(rid, None)
+        if reply.get("op") != "file":
+            raise self._gone(sandbox_id)
+        if "error" in reply:
+            path = str(header["path"])
+            raise SandboxFileError(
+                f"{path}: {reply['error']} in sandbox {sandbox_id}",
+                filepath=path,
+                sandbox_id=sandbox_id,
+            )
+        return data
+
+    async def read_file(self, sandbox_id: str, path: str) -> bytes:
+        data = await self._file_op(sandbox_id, {"op": "read", "path": path})
+        return data[0] if data else b""
+
+    async def write_file(self, sandbox_id: str, path: str, data: Payload, mode: int) -> None:
+        await self._file_op(sandbox_id, {"op": "write", "path": path, "mode": mode}, [data])
+
     def is_worker(self, sandbox_id: str) -> bool:
         return sandbox_id in self._links
 
@@ -156,7 +278,14 @@ class WorkerHub:
                 for c in msg.calls
             ],
         }
-        frames: list[Payload] = [json.dumps(header).encode(), *payloads]
+        await self._write(link, [json.dumps(header).encode(), *payloads])
+
+    @staticmethod
+    async def _write(link: WorkerLink, frames: Sequence[Payload]) -> None:
+        if link.writer is None:
+            raise SandboxNotRunningError(
+                f"sandbox {link.sandbox_id} has no supervisor", sandbox_id=link.sandbox_id
+            )
         parts: list[Payload] = [_COUNT.pack(len(frames))]
         for frame in frames:
             parts.append(_LEN.pack(len(frame) if isinstance(frame, bytes) else frame.nbytes))
@@ -176,11 +305,18 @@ class WorkerHub:
                         link.hello.set_result(header)
                 elif header.get("op") == "results":
                     await self._forward(link, header["outcomes"], frames[1:])
+                else:
+                    deliver = link.pending.get(header.get("rid", -1))
+                    if deliver is not None:
+                        deliver(header, frames[1:])
         except (ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
             log.info("worker %s: connection ended: %s", link.sandbox_id, exc)
         finally:
             if not link.hello.done():
                 link.hello.set_result({"error": "the function worker exited before saying hello"})
+            link.closed = True
+            for deliver in list(link.pending.values()):
+                deliver({"op": "gone"}, [])
             self._spawn(self._fail_routes(link))
 
     async def _forward(

@@ -151,6 +151,13 @@ class Runtime(abc.ABC):
                 status = event
         return ExecOutput(status.returncode, b"".join(out), b"".join(err), status.timed_out)
 
+    async def start_sidecar(
+        self, sandbox_id: str, argv: tuple[str, ...], env: Mapping[str, str]
+    ) -> bool:
+        """Start a helper process beside the sandbox's command (the supervisor);
+        False when this runtime cannot."""
+        return False
+
     @abc.abstractmethod
     async def read_file(self, sandbox_id: str, path: str) -> bytes:
         """The file's bytes; ``SandboxFileError`` (with ``.filepath``) when missing."""

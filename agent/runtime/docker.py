@@ -301,6 +301,23 @@ class DockerRuntime(Runtime):
                 return True  # found, or cannot tell: start() will say
         return False
 
+    async def start_sidecar(
+        self, sandbox_id: str, argv: tuple[str, ...], env: Mapping[str, str]
+    ) -> bool:
+        return await self._run(self._sidecar_sync, sandbox_id, argv, dict(env))
+
+    def _sidecar_sync(self, sandbox_id: str, argv: tuple[str, ...], env: dict[str, str]) -> bool:
+        api = self._api
+        try:
+            made = api.exec_create(
+                self._target(sandbox_id), list(argv), environment=env, stdout=False, stderr=False
+            )
+            api.exec_start(made["Id"], detach=True)
+        except DockerError as exc:
+            log.info("no sidecar in %s: %s", sandbox_id, _why(exc))
+            return False
+        return True
+
     # ------------------------------------------------------------------ exec
 
     def _exec_sync(
