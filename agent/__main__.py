@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--runtime",
         default=os.environ.get("AVIATO_RUNTIME", "docker"),
-        choices=["docker", "auto"],
+        choices=["docker", "local", "auto"],
         help="sandbox runtime",
     )
     p.add_argument(

@@ -25,7 +25,12 @@ from agent.runtime.base import (
 from agent.workers import WorkerHub
 from aviato import _zmq
 from aviato._errors import error_reply
-from aviato.exceptions import AviatoError, SandboxNotFoundError, SandboxNotRunningError
+from aviato.exceptions import (
+    AviatoError,
+    SandboxFailedError,
+    SandboxNotFoundError,
+    SandboxNotRunningError,
+)
 from aviato.protocol import (
     AgentHeartbeat,
     Decoded,
@@ -344,13 +349,21 @@ class AgentServer:
                 env = {**spec.env, **hub.worker_env()}
                 spec = dataclasses.replace(spec, command=command, args=args, env=env)
             await self.runtime.create(sid, spec, labels, mounts)
-            if spec.function_worker:
-                await hub.wait_ready(sid, WORKER_START_SECONDS)
+            if spec.function_worker or self.runtime.supervisor_is_main:
+                try:
+                    await hub.wait_ready(sid, WORKER_START_SECONDS)
+                except SandboxFailedError as exc:
+                    tail = (await self.runtime.logs(sid))[-2000:].decode(errors="replace")
+                    if tail.strip():
+                        raise SandboxFailedError(
+                            f"{exc}\n--- sandbox output:\n{tail}", sandbox_id=sid
+                        ) from exc
+                    raise
         except BaseException:
             await hub.close(sid, "failed to start")
             await self.runtime.stop(sid)
             raise
-        if not spec.function_worker and self.supervisor:
+        if not spec.function_worker and self.supervisor and not self.runtime.supervisor_is_main:
             self._spawn(self._start_supervisor(sid))
 
     async def _start_supervisor(self, sid: str) -> None:
@@ -380,6 +393,9 @@ class AgentServer:
 
     async def _exits_loop(self) -> None:
         async for exit_ in self.runtime.exits():
+            if exit_.sandbox_id in self.creating and self._hub is not None:
+                # Ended while starting: let a create waiting for its supervisor fail now.
+                await self._hub.close(exit_.sandbox_id, f"exited with code {exit_.exit_code}")
             if exit_.sandbox_id not in self.sandboxes:
                 continue
             reason = ""

@@ -1,6 +1,6 @@
 """The in-sandbox supervisor and function worker: runs INSIDE a sandbox, with the
 standard library only (and cloudpickle, for function calls; the agent mounts this
-file and cloudpickle read-only at /opt/aviato).
+file and cloudpickle read-only at /run/aviato-lib).
 
 It connects to the agent over a Unix socket mounted into the container (so a
 sandbox with no network still works), says hello, then serves:
@@ -319,7 +319,22 @@ def _file_error(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
+def run_main_command(argv: list[str]) -> subprocess.Popen[bytes] | None:
+    """``--main -- CMD...``: the sandbox's own command, as our child (local runtime)."""
+    try:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=_user_env())
+    except OSError as exc:
+        print(f"aviato: cannot run {argv[0]!r}: {exc.strerror or exc}", file=sys.stderr)
+        return None
+
+
 def main() -> int:
+    main_proc = None
+    if "--main" in sys.argv:
+        rest = sys.argv[sys.argv.index("--main") + 1 :]
+        main_proc = run_main_command(rest[1:] if rest[:1] == ["--"] else rest)
+        if main_proc is None:
+            return 127
     # cloudpickle sits beside this file; found without touching PYTHONPATH, which the
     # commands we run would inherit.
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -353,6 +368,9 @@ def main() -> int:
     if "error" in hello:
         return 3
     threading.Thread(target=supervisor.reader, daemon=True).start()
+    if main_proc is not None:
+        code = main_proc.wait()  # the sandbox lives as long as its command
+        os._exit(code if code >= 0 else 128 - code)
     supervisor.serve_calls()
     return 0
 

@@ -31,7 +31,7 @@ log = logging.getLogger("aviato.agent.workers")
 _COUNT = struct.Struct("!I")
 _LEN = struct.Struct("!Q")
 SOCKET_DIR = "/run/aviato"
-LIB_DIR = "/opt/aviato"
+LIB_DIR = "/run/aviato-lib"
 
 Send = Callable[[bytes, int, Message, tuple[Payload, ...]], Awaitable[None]]
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
@@ -365,6 +365,10 @@ class WorkerHub:
             return
         if not link.exit_detail.done():
             link.exit_detail.set_result(detail)
+        if not link.hello.done():
+            link.hello.set_result(
+                {"error": f"the sandbox ended before its supervisor started: {detail}"}
+            )
         link.closed = True
         if link.server is not None:
             link.server.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from agent.runtime.base import (
@@ -12,7 +13,8 @@ from agent.runtime.base import (
     RuntimeSandbox,
     SandboxExit,
 )
-from aviato.exceptions import SandboxFailedError
+
+log = logging.getLogger("aviato.agent")
 
 __all__ = [
     "ExecOutput",
@@ -26,17 +28,28 @@ __all__ = [
 
 
 def make_runtime(name: str, **kwargs: Any) -> Runtime:
-    """The runtime called ``name`` ("docker", "local" or "auto"), built with ``kwargs``."""
-    if name in ("docker", "auto"):
+    """The runtime called ``name``: "docker", "local", or "auto" (Docker when an engine
+    answers, else local), built with ``kwargs``."""
+    if name == "auto":
         # Imported here so importing the agent never needs the docker SDK.
-        from agent.runtime.docker import DockerRuntime, docker_available
+        from agent.runtime.docker import docker_available
 
-        if name == "auto" and not docker_available():
-            raise SandboxFailedError(
-                "no Docker engine answers on this host: start dockerd (or set DOCKER_HOST to"
-                " one that runs), then start the agent again"
-            )
+        name = "docker" if docker_available() else "local"
+        log.info(
+            "runtime auto: %s",
+            "a Docker engine answers"
+            if name == "docker"
+            else "no Docker engine answers, using the local runtime",
+        )
+    if name == "docker":
+        from agent.runtime.docker import DockerRuntime
+
         return DockerRuntime(**kwargs)
     if name == "local":
-        raise ValueError("the local runtime is not built yet")
+        from agent.runtime.local import LocalRuntime
+
+        runtime = LocalRuntime(**kwargs)
+        if not runtime.isolated:
+            log.warning("local runtime WITHOUT isolation: bubblewrap (bwrap) is not installed")
+        return runtime
     raise ValueError(f"unknown runtime {name!r}: expected 'docker', 'local' or 'auto'")

@@ -101,6 +101,9 @@ class Runtime(abc.ABC):
     name: str = "abstract"
     #: True when sandboxes are isolated from the host (containers, bubblewrap).
     isolated: bool = True
+    #: True when the runtime runs every sandbox's command under the supervisor itself
+    #: (so exec and files always go through it); else the agent starts one beside it.
+    supervisor_is_main: bool = False
 
     @abc.abstractmethod
     async def create(
