@@ -72,9 +72,18 @@ def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "co
 class Cluster:
     """A real scheduler and agents, each its own process, on loopback."""
 
-    def __init__(self, tmp: Path, agents: int = 2, slots: int = 3) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        agents: int = 2,
+        slots: int = 3,
+        runtime: str = "docker",
+        agent_env: dict[str, str] | None = None,
+    ) -> None:
         self.tmp = tmp
         self.slots = slots
+        self.runtime = runtime
+        self.agent_env = agent_env or {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.agent_ids = [f"t{RUN_ID}-{uuid.uuid4().hex[:6]}-{i}" for i in range(agents)]
         self.address = ""
@@ -83,11 +92,13 @@ class Cluster:
             self.start_agent(agent_id)
         self.wait_agents(len(self.agent_ids))
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self, name: str, args: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "AVIATO_LOG_LEVEL": "INFO"},
+            env={**os.environ, "AVIATO_LOG_LEVEL": "INFO", **(env or {})},
         )
         log.close()
         self.procs[name] = proc
@@ -104,7 +115,8 @@ class Cluster:
 
     def start_agent(self, agent_id: str) -> None:
         self._spawn(agent_id, ["agent", "--scheduler", self.address, "--agent-id", agent_id,
-                               "--slots", str(self.slots), "--bind", "tcp://127.0.0.1:*"])
+                               "--slots", str(self.slots), "--bind", "tcp://127.0.0.1:*",
+                               "--runtime", self.runtime], self.agent_env)
 
     def status(self):
         """The scheduler's ClusterStatusReply (a sync socket: callable from async tests)."""

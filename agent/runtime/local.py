@@ -99,6 +99,7 @@ class LocalRuntime(Runtime):
         self._stopping: set[str] = set()
         self._exits: asyncio.Queue[SandboxExit | None] = asyncio.Queue()
         self._waiters: set[asyncio.Task[None]] = set()
+        self._ended_logs: dict[str, bytes] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -270,6 +271,13 @@ class LocalRuntime(Runtime):
         self._procs.pop(sandbox_id, None)
         if sandbox_id in self._stopping:
             return
+        # Ended by itself: keep its last output for `logs`, then leave nothing behind.
+        self._ended_logs[sandbox_id] = await self.logs(sandbox_id)
+        while len(self._ended_logs) > 64:
+            self._ended_logs.pop(next(iter(self._ended_logs)))
+        home = self._find_dir(sandbox_id)
+        if home is not None:
+            shutil.rmtree(home, ignore_errors=True)
         exit_code = code if code >= 0 else 128 - code
         oom = False  # setrlimit makes allocations fail instead; no OOM killer here
         await self._exits.put(SandboxExit(sandbox_id, exit_code, oom))
@@ -303,6 +311,8 @@ class LocalRuntime(Runtime):
         raise self._no_supervisor(sandbox_id)
 
     async def logs(self, sandbox_id: str) -> bytes:
+        if sandbox_id in self._ended_logs:
+            return self._ended_logs[sandbox_id]
         home = self._find_dir(sandbox_id)
         if home is None or not (home / "log").exists():
             return b""

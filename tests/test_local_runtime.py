@@ -1,0 +1,118 @@
+"""The local runtime (no Docker): the same behaviour, and isolation shown from inside."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from aviato import (
+    Sandbox,
+    SandboxDefaults,
+    SandboxError,
+    SandboxFailedError,
+    SandboxStatus,
+)
+from tests.conftest import Cluster, wait_until
+from tests.test_supervisor import _same_behaviour
+
+STATE = Path(tempfile.gettempdir()) / "aviato-local"
+
+
+def _leftovers(c: Cluster) -> list[str]:
+    dirs = [str(p) for a in c.agent_ids for p in (STATE / a).glob("*")]
+    procs = [
+        " ".join(p.info["cmdline"] or ())
+        for p in psutil.process_iter(["cmdline"])
+        if any(a in " ".join(p.info["cmdline"] or ()) for a in dirs)
+    ]
+    return dirs + procs
+
+
+def _local_cluster(tmp: Path, **env: str) -> Iterator[Cluster]:
+    if shutil.which("bwrap") is None and "AVIATO_LOCAL_NO_BWRAP" not in env:
+        pytest.fail("bubblewrap (bwrap) is not installed: .ci/run installs it")
+    c = Cluster(tmp, runtime="local", agent_env=env)
+    try:
+        yield c
+    finally:
+        c.close()
+        left = _leftovers(c)
+        assert not left, f"local sandboxes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    yield from _local_cluster(tmp_path_factory.mktemp("local"))
+
+
+@pytest.fixture
+def ldefaults(local: Cluster) -> Iterator[SandboxDefaults]:
+    yield SandboxDefaults(container_image="python:3.11", scheduler=local.address, lease_seconds=5)
+    wait_until(lambda: not _leftovers(local), 15, 0.2, "the test's sandboxes to be removed")
+
+
+async def test_same_exec_and_file_behaviour(ldefaults: SandboxDefaults) -> None:
+    async with Sandbox(command="sleep", args=["infinity"], defaults=ldefaults) as sb:
+        assert sb.runtime == "local (bubblewrap)"
+        await _same_behaviour(sb)
+
+
+async def test_lifecycle_exit_code_lifetime_and_functions(ldefaults) -> None:
+    sb = await Sandbox.create("sh", "-c", "exit 4", defaults=ldefaults)
+    assert await sb.wait(timeout=20) == 4
+    sb = await Sandbox.create("sleep", "infinity", defaults=ldefaults, max_lifetime_seconds=1)
+    with pytest.raises(SandboxError, match="max lifetime"):
+        await sb.wait(timeout=15)
+    async with Sandbox.session(ldefaults) as session:
+        @session.function(max_workers=2)
+        def compute(n: int) -> int:
+            import time
+
+            time.sleep(0.2)
+            return n * n
+
+        results = await asyncio.gather(compute(1), compute(2), compute(3))
+        assert [r.value for r in results] == [1, 4, 9]
+
+
+async def test_other_images_are_refused_naming_them(ldefaults) -> None:
+    with pytest.raises(SandboxFailedError, match=r"'ubuntu:22.04'.*Docker engine"):
+        await Sandbox.create("sleep", "1", container_image="ubuntu:22.04", defaults=ldefaults)
+    with pytest.raises(SandboxFailedError, match="Python 3.2"):
+        await Sandbox.create("sleep", "1", container_image="python:3.2", defaults=ldefaults)
+
+
+async def test_isolation_from_inside(ldefaults: SandboxDefaults) -> None:
+    async with Sandbox(command="sleep", args=["infinity"], defaults=ldefaults) as a, \
+            Sandbox(command="sleep", args=["infinity"], defaults=ldefaults,
+                    network="none") as b:
+        await a.write_file("/tmp/secret", b"a's")
+        r = await b.exec(["sh", "-c", "cat /tmp/secret; echo rc=$?"])
+        assert b"a's" not in r.stdout  # another sandbox's /tmp is invisible
+        r = await a.exec(["sh", "-c", "ls /proc | grep -c '^[0-9]'"])
+        assert int(r.stdout) < 10  # its own PID namespace: the host's processes are invisible
+        r = await a.exec(["sh", "-c", "touch /etc/x /root/x /usr/x; echo done"])
+        assert r.stderr.count(b"Read-only file system") == 3
+        r = await a.exec(["sh", "-c", "grep CapEff /proc/self/status"])
+        assert r.stdout.split()[-1] == b"0000000000000000"
+        r = await b.exec(["sh", "-c", "tail -n +3 /proc/net/dev | cut -d: -f1"])
+        assert r.stdout.split() == [b"lo"]  # network="none": loopback only
+        r = await a.exec(["sh", "-c", "tail -n +3 /proc/net/dev | cut -d: -f1"])
+        assert len(r.stdout.split()) > 1  # the default shares the host's network
+
+
+async def test_without_bubblewrap_it_says_it_is_not_isolated(tmp_path: Path) -> None:
+    for c in _local_cluster(tmp_path, AVIATO_LOCAL_NO_BWRAP="1"):
+        d = SandboxDefaults(scheduler=c.address)
+        agents = c.status().agents
+        assert all("NOT isolated" in a.runtime for a in agents)
+        async with Sandbox(command="sleep", args=["infinity"], defaults=d) as sb:
+            assert "NOT isolated" in sb.runtime
+            assert (await sb.exec(["echo", "works"])).stdout == b"works\n"
+            assert await sb.status() is SandboxStatus.RUNNING
