@@ -69,6 +69,8 @@ log = logging.getLogger("aviato.agent")
 
 #: How many ended sandbox ids to remember, to tell "not running" from "unknown".
 ENDED_MEMORY = 4096
+#: Data-plane requests served in the receive loop itself rather than in a task each.
+INLINE = (RunCalls, Ping)
 #: How long a function worker may take from container start to its hello.
 WORKER_START_SECONDS = 60.0
 
@@ -162,7 +164,15 @@ class AgentServer:
             self._ctx.term()
 
     async def _stop_all(self) -> None:
-        ids = list(self.sandboxes) + list(self.creating)
+        """Stop everything of ours, including stops still under way when we were told to
+        exit (their tasks were just cancelled): ask the runtime, not only our tables."""
+        wanted = set(self.sandboxes) | self.creating
+        try:
+            async with asyncio.timeout(30):
+                wanted |= {s.sandbox_id for s in await self.runtime.list(self.agent_id)}
+        except Exception as exc:
+            log.warning("could not list sandboxes to stop on exit: %s", exc)
+        ids = sorted(wanted)
         if ids:
             log.info("agent %s stopping %d sandbox(es) on exit", self.agent_id, len(ids))
         results = await asyncio.gather(
@@ -443,7 +453,11 @@ class AgentServer:
                 )
                 await self._send(identity, decoded.request_id, error)
                 continue
-            self._spawn(self._serve_one(handler, identity, decoded))
+            if type(decoded.msg) in INLINE:
+                # Hot and short: no task per request (a worker socket write, a pong).
+                await self._serve_one(handler, identity, decoded)
+            else:
+                self._spawn(self._serve_one(handler, identity, decoded))
 
     async def _serve_one(
         self, handler: Callable[[bytes, Decoded], Awaitable[None]], identity: bytes, d: Decoded

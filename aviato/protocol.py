@@ -13,16 +13,14 @@ an :class:`ErrorReply` instead of failing somewhere deeper.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-import types
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias
 
 import msgpack
 
+from aviato._codec import CodecError, decoder, encode_value
 from aviato.exceptions import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -471,15 +469,7 @@ class Decoded:
 
 def to_wire(value: Any) -> Any:
     """A dataclass tree as plain msgpack-able values (enums become their values)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_wire(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, enum.Enum):
-        return value.value
-    if isinstance(value, tuple | list):
-        return [to_wire(v) for v in value]
-    if isinstance(value, dict):
-        return {k: to_wire(v) for k, v in value.items()}
-    return value
+    return encode_value(value)
 
 
 def encode(
@@ -557,97 +547,19 @@ def decode(frames: Sequence[Any]) -> Decoded:
     return Decoded(msg=msg, request_id=request_id, payloads=payloads, token=token)
 
 
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = typing.get_type_hints(cls)
-        _HINTS[cls] = hints
-    return hints
-
-
-def _bad(where: str, expected: str, value: Any) -> DecodeError:
-    return DecodeError(
-        f"{where}: expected {expected}, got {type(value).__name__}",
-        code=ErrorCode.MALFORMED,
-        request_id=None,
-    )
-
-
 def from_wire(tp: Any, value: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and build the typed value."""
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        if not isinstance(value, dict):
-            raise _bad(where, "a map", value)
-        hints = _hints(tp)
-        names = {f.name for f in dataclasses.fields(tp)}
-        unknown = set(value) - names
-        if unknown:
-            raise DecodeError(
-                f"{where}: unknown field(s) {sorted(map(str, unknown))}",
-                code=ErrorCode.MALFORMED,
-                request_id=None,
-            )
-        kwargs = {k: from_wire(hints[k], v, f"{where}.{k}") for k, v in value.items()}
-        try:
-            return tp(**kwargs)
-        except TypeError as exc:  # a required field is missing
-            raise DecodeError(
-                f"{where}: {exc}", code=ErrorCode.MALFORMED, request_id=None
-            ) from None
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return from_wire(arg, value, where)
-            except DecodeError as exc:
-                errors.append(str(exc))
-        raise DecodeError("; ".join(errors), code=ErrorCode.MALFORMED, request_id=None)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise _bad(where, "a list", value)
-        (item, _ellipsis) = typing.get_args(tp)
-        return tuple(from_wire(item, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _bad(where, "a map", value)
-        key_tp, val_tp = typing.get_args(tp)
-        return {
-            from_wire(key_tp, k, f"{where} key"): from_wire(val_tp, v, f"{where}[{k!r}]")
-            for k, v in value.items()
-        }
-    if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        try:
-            return tp(value)
-        except ValueError:
-            raise DecodeError(
-                f"{where}: {value!r} is not a {tp.__name__}",
-                code=ErrorCode.MALFORMED,
-                request_id=None,
-            ) from None
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise _bad(where, "a number", value)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _bad(where, "an integer", value)
-    if tp in (str, bool, bytes):
-        if isinstance(value, tp):
-            return value
-        raise _bad(where, tp.__name__, value)
-    raise DecodeError(f"{where}: unsupported type {tp!r}", code=ErrorCode.INTERNAL, request_id=None)
+    try:
+        return decoder(tp)(value)
+    except CodecError as exc:
+        path = (
+            f"{where}.{exc.path}"
+            if exc.path and not exc.path.startswith("[")
+            else (f"{where}{exc.path}")
+        )
+        raise DecodeError(
+            f"{path}: {exc.message}", code=ErrorCode.MALFORMED, request_id=None
+        ) from None
 
 
 def payload_size(payloads: Sequence[Payload]) -> int:

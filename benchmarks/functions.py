@@ -272,14 +272,19 @@ def aviato_daemons() -> list[psutil.Process]:
 
 
 def container_procs(sandbox_ids: Iterable[str]) -> list[psutil.Process]:
-    """Host processes of aviato's worker containers, with each container's shim."""
+    """Host processes of aviato's worker containers, with each container's shim (none
+    for a sandbox that is not a Docker container)."""
     import docker
 
     client = docker.from_env()
     procs: list[psutil.Process] = []
     try:
         for sid in sandbox_ids:
-            top = client.containers.get(f"aviato-{sid}").top()
+            try:
+                top = client.containers.get(f"aviato-{sid}").top()
+            except docker.errors.DockerException as exc:
+                console.print(f"[yellow]no container for {sid}: {escape(str(exc))}[/]")
+                continue
             col = top["Titles"].index("PID")
             for row in top["Processes"]:
                 with contextlib.suppress(psutil.Error):

@@ -84,7 +84,7 @@ async def test_lifecycle_exit_code_lifetime_and_functions(ldefaults) -> None:
 async def test_other_images_are_refused_naming_them(ldefaults) -> None:
     with pytest.raises(SandboxFailedError, match=r"'ubuntu:22.04'.*Docker engine"):
         await Sandbox.create("sleep", "1", container_image="ubuntu:22.04", defaults=ldefaults)
-    with pytest.raises(SandboxFailedError, match="Python 3.2"):
+    with pytest.raises(SandboxFailedError, match=r"Python 3\.2"):
         await Sandbox.create("sleep", "1", container_image="python:3.2", defaults=ldefaults)
 
 
