@@ -15,35 +15,48 @@ def _run(args: list[str], env: dict[str, str], timeout: float = 180):
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
+def _run_example(path: str, env: dict[str, str]) -> tuple[list[str], int]:
+    proc = subprocess.Popen([sys.executable, path], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err
+    return out.splitlines(), proc.pid
+
+
+def _embedded_leftovers(pid: int) -> list[str]:
+    """Containers and daemons of the embedded cluster the process ``pid`` started."""
+    names = subprocess.run(
+        ["docker", "ps", "-a", "--filter", f"label=aviato.agent=embedded-{pid}",
+         "--format", "{{.Names}}"],
+        capture_output=True, text=True, timeout=30,
+    ).stdout.split()
+    procs = [
+        " ".join(p.info["cmdline"] or ())
+        for p in psutil.process_iter(["cmdline", "status"])
+        if p.info["status"] != psutil.STATUS_ZOMBIE
+        and f"embedded-{pid}" in " ".join(p.info["cmdline"] or ())
+    ]
+    return names + procs
+
+
 def test_seed_examples_on_the_embedded_cluster() -> None:
     need_docker()
     env = {k: v for k, v in os.environ.items() if k != "AVIATO_SCHEDULER"}
-    before = {p.pid for p in psutil.process_iter()}
-    out = _run([sys.executable, "examples/parallel_sandboxes.py"], env)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
+    lines, pid1 = _run_example("examples/parallel_sandboxes.py", env)
     assert lines[0].startswith("Sandbox 1: sb-") and lines[1].startswith("Sandbox 2: sb-")
     assert lines[2:] == ["sb1: from sandbox 1", "sb2: from sandbox 2"]
-    out = _run([sys.executable, "examples/session_benefits.py"], env)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == [
+    lines, pid2 = _run_example("examples/session_benefits.py", env)
+    assert lines == [
         "sb1: image python:3.11, tags ['my-app']",
         "sb2: image python:3.11, tags ['my-app']",
         "before exit: 1 live sandbox(es) in the session",
         "after exit: sb2 is terminated",
     ]
+    lines, pid3 = _run_example("examples/parallel_functions.py", env)
+    assert lines == ["[1, 4, 9]"]
     # The embedded scheduler and agent went away with the interpreter, and their containers.
-    leftovers = [
-        p.info["cmdline"] for p in psutil.process_iter(["cmdline", "status"])
-        if p.pid not in before and p.info["status"] != psutil.STATUS_ZOMBIE
-        and "embedded-" in " ".join(p.info["cmdline"] or ())
-    ]
-    assert leftovers == []
-    names = subprocess.run(
-        ["docker", "ps", "-a", "--filter", "label=aviato.managed=1", "--format", "{{.Labels}}"],
-        capture_output=True, text=True, timeout=30,
-    ).stdout
-    assert "aviato.agent=embedded-" not in names
+    for pid in (pid1, pid2, pid3):
+        assert _embedded_leftovers(pid) == []
 
 
 def test_cli_status_ps_exec_logs_stop(cluster: Cluster) -> None:

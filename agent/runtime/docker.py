@@ -12,7 +12,9 @@ import builtins
 import contextlib
 import io
 import logging
+import os
 import posixpath
+import signal
 import tarfile
 import threading
 import time
@@ -356,11 +358,7 @@ class DockerRuntime(Runtime):
         with contextlib.suppress(*DockerError, KeyError, TypeError):
             info = self._api.exec_inspect(h.exec_id)
             if info["Running"] and info["Pid"]:
-                with contextlib.suppress(psutil.Error):
-                    proc = psutil.Process(info["Pid"])
-                    for p in [proc, *proc.children(recursive=True)]:
-                        with contextlib.suppress(psutil.Error):
-                            p.kill()
+                _kill_tree(int(info["Pid"]))
         if not h.done.wait(KILL_GRACE) and h.stream is not None:
             with contextlib.suppress(Exception):
                 h.stream.close()
@@ -686,3 +684,17 @@ class DockerRuntime(Runtime):
         if self._owns_client and self._client_obj is not None:
             with contextlib.suppress(Exception):
                 self._client_obj.close()
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and its descendants. The children are listed first (a dead
+    parent's children are reparented and lost from view), and each kill stands alone:
+    listing can fail under load when other processes come and go."""
+    children: list[psutil.Process] = []
+    with contextlib.suppress(psutil.Error):
+        children = psutil.Process(pid).children(recursive=True)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
