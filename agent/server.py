@@ -19,6 +19,7 @@ from agent.runtime.base import (
     LABEL_CREATED,
     ExitStatus,
     Runtime,
+    SandboxExit,
     sandbox_labels,
     spec_from_labels,
 )
@@ -111,6 +112,7 @@ class AgentServer:
         self.ready = asyncio.Event()  # set once registered the first time
         self.sandboxes: dict[str, Running] = {}
         self.creating: set[str] = set()
+        self._early_exits: dict[str, SandboxExit] = {}
         self.ended: OrderedDict[str, str] = OrderedDict()
         self._stop = asyncio.Event()
         self._ctx = zmq.asyncio.Context()
@@ -336,6 +338,7 @@ class AgentServer:
             try:
                 await self._create(sid, info.spec, labels)
             except Exception as exc:
+                self._early_exits.pop(sid, None)
                 log.info("create of %s failed: %s", sid, exc)
                 await self._reply_scheduler(sock, request_id, error_reply(exc))
                 return
@@ -344,6 +347,9 @@ class AgentServer:
             self.sandboxes[sid] = Running(info.spec, info.created_at)
         running = dataclasses.replace(info, status=SandboxStatus.RUNNING)
         await self._reply_scheduler(sock, request_id, SandboxReply(running))
+        early = self._early_exits.pop(sid, None)
+        if early is not None:
+            await self._handle_exit(early)
 
     async def _create(self, sid: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
         """Create the sandbox with the supervisor's socket and library mounted in. A
@@ -403,29 +409,32 @@ class AgentServer:
 
     async def _exits_loop(self) -> None:
         async for exit_ in self.runtime.exits():
-            if exit_.sandbox_id in self.creating and self._hub is not None:
-                # Ended while starting: let a create waiting for its supervisor fail now.
-                await self._hub.close(exit_.sandbox_id, f"exited with code {exit_.exit_code}")
-            if exit_.sandbox_id not in self.sandboxes:
+            if exit_.sandbox_id in self.creating:
+                # Ended while starting: handled once its create is answered (the
+                # scheduler must hear "running" before "exited"); a create still
+                # waiting for the supervisor's hello fails now instead of timing out.
+                self._early_exits[exit_.sandbox_id] = exit_
+                if self._hub is not None and not self._hub.supervised(exit_.sandbox_id):
+                    await self._hub.close(exit_.sandbox_id, f"exited with code {exit_.exit_code}")
                 continue
-            reason = ""
-            if exit_.oom_killed:
-                reason = "killed: out of memory (raise memory_bytes)"
-            how = reason or f"exited with code {exit_.exit_code}"
-            self._forget(exit_.sandbox_id, how)
-            if self._hub is not None:
-                await self._hub.close(exit_.sandbox_id, how)
-            log.info(
-                "sandbox %s exited (%s, oom=%s)",
-                exit_.sandbox_id,
-                exit_.exit_code,
-                exit_.oom_killed,
-            )
-            if self._sched is not None:
-                # Best effort: a lost report is caught by the heartbeat's running list.
-                await self._ask_scheduler(
-                    SandboxExited(exit_.sandbox_id, exit_.exit_code, reason), 2.0
-                )
+            await self._handle_exit(exit_)
+
+    async def _handle_exit(self, exit_: SandboxExit) -> None:
+        if exit_.sandbox_id not in self.sandboxes:
+            return
+        reason = ""
+        if exit_.oom_killed:
+            reason = "killed: out of memory (raise memory_bytes)"
+        how = reason or f"exited with code {exit_.exit_code}"
+        self._forget(exit_.sandbox_id, how)
+        if self._hub is not None:
+            await self._hub.close(exit_.sandbox_id, how)
+        log.info(
+            "sandbox %s exited (%s, oom=%s)", exit_.sandbox_id, exit_.exit_code, exit_.oom_killed
+        )
+        if self._sched is not None:
+            # Best effort: a lost report is caught by the heartbeat's running list.
+            await self._ask_scheduler(SandboxExited(exit_.sandbox_id, exit_.exit_code, reason), 2.0)
 
     # ------------------------------------------------------------------ data plane
 

@@ -11,8 +11,8 @@ sandbox with no network still works), says hello, then serves:
   exit code reported (each exec on its own thread, so many run at once);
 - ``read`` / ``write``: files.
 
-It exits when the agent closes the socket. Framing: ``u32 frame count``, then per
-frame ``u64 length`` + bytes; frame 0 is a JSON header, the rest opaque blobs.
+It exits when the agent closes the socket. Framing: ``u32 frame count``, the frames'
+``u64`` lengths, then the frames; frame 0 is a JSON header, the rest opaque blobs.
 """
 
 from __future__ import annotations
@@ -46,26 +46,27 @@ def read_message(stream: Any) -> list[bytes] | None:
     if len(head) < _COUNT.size:
         return None
     (count,) = _COUNT.unpack(head)
-    frames = []
-    for _ in range(count):
-        raw = stream.read(_LEN.size)
-        if len(raw) < _LEN.size:
-            return None
-        (length,) = _LEN.unpack(raw)
-        data = stream.read(length)
-        if len(data) < length:
-            return None
-        frames.append(data)
+    raw = stream.read(_LEN.size * count)
+    if len(raw) < _LEN.size * count:
+        return None
+    lengths = struct.unpack(f"!{count}Q", raw)
+    body = stream.read(sum(lengths))
+    if len(body) < sum(lengths):
+        return None
+    frames, at = [], 0
+    for length in lengths:
+        frames.append(body[at : at + length])
+        at += length
     return frames
 
 
 def pack_message(frames: list[bytes]) -> list[bytes]:
-    """Frames with their length prefixes, ready for one sendall."""
-    parts = [_COUNT.pack(len(frames))]
-    for frame in frames:
-        parts.append(_LEN.pack(len(frame)))
-        parts.append(frame)
-    return parts
+    """``u32 count``, the ``u64`` lengths, then the frames: one sendall, three reads."""
+    return [
+        _COUNT.pack(len(frames)),
+        struct.pack(f"!{len(frames)}Q", *(len(f) for f in frames)),
+        *frames,
+    ]
 
 
 def _qualname(cls: type) -> str:

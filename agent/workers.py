@@ -33,6 +33,7 @@ _LEN = struct.Struct("!Q")
 SOCKET_DIR = "/run/aviato"
 LIB_DIR = "/run/aviato-lib"
 
+Deliver = Callable[[dict[str, Any], list[memoryview]], None]
 Send = Callable[[bytes, int, Message, tuple[Payload, ...]], Awaitable[None]]
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
 
@@ -54,7 +55,7 @@ class WorkerLink:
     )
     routes: dict[int, Route] = field(default_factory=dict)
     #: Exec and file requests to the supervisor: request id -> where its replies go.
-    pending: dict[int, Callable[[dict[str, Any], list[bytes]], None]] = field(default_factory=dict)
+    pending: dict[int, Deliver] = field(default_factory=dict)
     exit_detail: asyncio.Future[str] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -142,14 +143,14 @@ class WorkerHub:
 
     async def _ask(
         self, sandbox_id: str, header: dict[str, Any], blobs: Sequence[Payload] = ()
-    ) -> tuple[int, asyncio.Queue[tuple[dict[str, Any], list[bytes]]], WorkerLink]:
+    ) -> tuple[int, asyncio.Queue[tuple[dict[str, Any], list[memoryview]]], WorkerLink]:
         link = self._links.get(sandbox_id)
         if link is None or link.writer is None or link.closed:
             raise SandboxNotRunningError(
                 f"sandbox {sandbox_id} is not running", sandbox_id=sandbox_id
             )
         rid = next(self._rids)
-        replies: asyncio.Queue[tuple[dict[str, Any], list[bytes]]] = asyncio.Queue()
+        replies: asyncio.Queue[tuple[dict[str, Any], list[memoryview]]] = asyncio.Queue()
         link.pending[rid] = lambda h, b: replies.put_nowait((h, b))
         await self._write(link, [json.dumps({**header, "rid": rid}).encode(), *blobs])
         return rid, replies, link
@@ -184,7 +185,7 @@ class WorkerHub:
                 reply, blobs = await replies.get()
                 op = reply.get("op")
                 if op == "out":
-                    yield OutputChunk(int(reply["fd"]), blobs[0] if blobs else b"")
+                    yield OutputChunk(int(reply["fd"]), bytes(blobs[0]) if blobs else b"")
                 elif op == "exit":
                     finished = True
                     yield ExitStatus(int(reply["code"]), bool(reply["timed_out"]))
@@ -222,12 +223,12 @@ class WorkerHub:
             link.pending.pop(rid, None)
         if reply.get("op") != "exit":
             raise self._gone(sandbox_id)
-        out, err = [*blobs, b"", b""][:2]
+        out, err = [bytes(b) for b in [*blobs, b"", b""][:2]]
         return ExecOutput(int(reply["code"]), out, err, bool(reply["timed_out"]))
 
     async def _file_op(
         self, sandbox_id: str, header: dict[str, Any], blobs: Sequence[Payload] = ()
-    ) -> list[bytes]:
+    ) -> list[memoryview]:
         rid, replies, link = await self._ask(sandbox_id, header, blobs)
         try:
             reply, data = await replies.get()
@@ -246,7 +247,7 @@ class WorkerHub:
 
     async def read_file(self, sandbox_id: str, path: str) -> bytes:
         data = await self._file_op(sandbox_id, {"op": "read", "path": path})
-        return data[0] if data else b""
+        return bytes(data[0]) if data else b""
 
     async def write_file(self, sandbox_id: str, path: str, data: Payload, mode: int) -> None:
         await self._file_op(sandbox_id, {"op": "write", "path": path, "mode": mode}, [data])
@@ -286,10 +287,12 @@ class WorkerHub:
             raise SandboxNotRunningError(
                 f"sandbox {link.sandbox_id} has no supervisor", sandbox_id=link.sandbox_id
             )
-        parts: list[Payload] = [_COUNT.pack(len(frames))]
-        for frame in frames:
-            parts.append(_LEN.pack(len(frame) if isinstance(frame, bytes) else frame.nbytes))
-            parts.append(frame)
+        sizes = [len(f) if isinstance(f, bytes) else f.nbytes for f in frames]
+        parts: list[Payload] = [
+            _COUNT.pack(len(frames)),
+            struct.pack(f"!{len(frames)}Q", *sizes),
+            *frames,
+        ]
         link.writer.writelines(parts)
         await link.writer.drain()
 
@@ -299,7 +302,7 @@ class WorkerHub:
                 frames = await _read_message(reader)
                 if frames is None:
                     break
-                header = json.loads(frames[0])
+                header = json.loads(bytes(frames[0]))
                 if header.get("op") == "hello":
                     if not link.hello.done():
                         link.hello.set_result(header)
@@ -320,7 +323,7 @@ class WorkerHub:
             self._spawn(self._fail_routes(link))
 
     async def _forward(
-        self, link: WorkerLink, outcomes: list[dict[str, Any]], blobs: list[bytes]
+        self, link: WorkerLink, outcomes: list[dict[str, Any]], blobs: Sequence[Payload]
     ) -> None:
         by_route: dict[tuple[bytes, int], tuple[list[CallOutcome], list[Payload]]] = {}
         for raw, blob in zip(outcomes, blobs, strict=True):
@@ -386,14 +389,17 @@ class WorkerHub:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-async def _read_message(reader: asyncio.StreamReader) -> list[bytes] | None:
+async def _read_message(reader: asyncio.StreamReader) -> list[memoryview] | None:
+    """See agent/worker.py for the framing: three reads a message, whatever its size."""
     try:
         head = await reader.readexactly(_COUNT.size)
     except asyncio.IncompleteReadError:
         return None
     (count,) = _COUNT.unpack(head)
-    frames = []
-    for _ in range(count):
-        (length,) = _LEN.unpack(await reader.readexactly(_LEN.size))
-        frames.append(await reader.readexactly(length))
+    lengths = struct.unpack(f"!{count}Q", await reader.readexactly(_LEN.size * count))
+    body = memoryview(await reader.readexactly(sum(lengths)))
+    frames, at = [], 0
+    for length in lengths:
+        frames.append(body[at : at + length])
+        at += length
     return frames

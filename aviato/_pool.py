@@ -106,6 +106,14 @@ class FunctionPool:
         call = Call(next(_call_ids), fn, args_blob, loop.create_future())
         call.future.add_done_callback(functools.partial(self._on_done, call))
         self.queue.append(call)
+        if len(self.queue) == 1 and not self._pump_scheduled:
+            # A lone call (sequential use) goes out now; calls submitted together in
+            # one loop step are dispatched as batches by the pass scheduled below.
+            idle = next((w for w in self.workers if not w.inflight), None)
+            if idle is not None:
+                self.queue.popleft()
+                self._send(idle, [call])
+                return call.future
         self._schedule_pump()
         return call.future
 

@@ -15,9 +15,11 @@ from aviato.protocol import (
     Frame,
     Message,
     encode,
+    payload_size,
 )
 
 log = logging.getLogger("aviato.zmq")
+ZERO_COPY_BYTES = 64 * 1024
 
 
 def router(ctx: zmq.asyncio.Context, bind: str) -> tuple[zmq.asyncio.Socket, str]:
@@ -69,7 +71,8 @@ async def send_to(
     """Send on a ROUTER; a peer that vanished is logged, not raised (it cannot be told)."""
     frames: list[Frame] = [identity, *encode(msg, request_id, payloads)]
     try:
-        await sock.send_multipart(frames, copy=not payloads)
+        # Zero-copy only pays off for big frames; small ones are cheaper copied.
+        await sock.send_multipart(frames, copy=payload_size(payloads) < ZERO_COPY_BYTES)
     except zmq.ZMQError as exc:
         log.debug("dropping %s to a gone peer: %s", type(msg).__name__, exc)
         return False
