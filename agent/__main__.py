@@ -14,7 +14,7 @@ import uvloop
 
 from agent.runtime import make_runtime
 from agent.server import AgentServer
-from aviato._daemon import exit_with_parent
+from aviato._daemon import daemon_setup, exit_with_parent
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
@@ -101,6 +101,7 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    daemon_setup()
     if not args.scheduler:
         print("agent: --scheduler (or $AVIATO_SCHEDULER) is required", file=sys.stderr)
         raise SystemExit(2)

@@ -384,7 +384,7 @@ class AgentServer:
 
     async def _start_supervisor(self, sid: str) -> None:
         assert self._hub is not None
-        command, args = self._hub.worker_command("python3")
+        command, args = self._hub.worker_command("python3", functions=False)
         if await self.runtime.start_sidecar(sid, (command, *args), self._hub.worker_env()):
             with contextlib.suppress(AviatoError):
                 hello = await self._hub.wait_ready(sid, WORKER_START_SECONDS)

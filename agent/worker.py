@@ -28,8 +28,10 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing costs milliseconds at start-up; only the checker needs it
+    from typing import Any
 
 _COUNT = struct.Struct("!I")
 _LEN = struct.Struct("!Q")
@@ -76,6 +78,8 @@ def _qualname(cls: type) -> str:
 def error_record(exc: BaseException, dumps: Any) -> bytes:
     """What the client needs to rebuild ``exc``: the pickled exception when possible,
     and always its type name, message and formatted traceback."""
+    import traceback  # only when something failed
+
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     pickled = None
     if dumps is not None:

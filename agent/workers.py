@@ -90,8 +90,13 @@ class WorkerHub:
         return {"AVIATO_WORKER_SOCKET": f"{SOCKET_DIR}/worker.sock"}
 
     @staticmethod
-    def worker_command(python: str = "python") -> tuple[str, tuple[str, ...]]:
-        return python, ("-u", "-B", f"{LIB_DIR}/aviato_worker.py")
+    def worker_command(
+        python: str = "python", *, functions: bool = True
+    ) -> tuple[str, tuple[str, ...]]:
+        """A function worker needs site-packages (user code imports libraries); a plain
+        supervisor starts faster without them (-S)."""
+        flags = ("-u", "-B") if functions else ("-u", "-B", "-S")
+        return python, (*flags, f"{LIB_DIR}/aviato_worker.py")
 
     async def prepare(self, sandbox_id: str) -> list[Mount]:
         """Listen for the worker of ``sandbox_id``; returns the mounts its sandbox needs."""

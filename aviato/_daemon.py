@@ -15,3 +15,33 @@ async def exit_with_parent(parent_pid: int, stop: Callable[[], None]) -> None:
         if os.getppid() != parent_pid:
             stop()
             return
+
+
+def forbid_unpickling() -> None:
+    """Make every unpickling entry point raise in this process. The daemons never
+    unpickle (user data stays opaque bytes outside the sandbox); with
+    ``AVIATO_FORBID_UNPICKLE=1`` the test suite runs them this way to prove it."""
+    import pickle
+
+    def refuse(*_args: object, **_kwargs: object) -> object:
+        raise RuntimeError("unpickling is forbidden in aviato daemons")
+
+    class Refused(pickle.Unpickler):
+        def __init__(self, *_args: object, **_kwargs: object) -> None:
+            refuse()
+
+    pickle.loads = refuse
+    pickle.load = refuse
+    pickle.Unpickler = Refused  # type: ignore[misc]
+    try:
+        import cloudpickle
+    except ImportError:
+        return
+    cloudpickle.loads = refuse
+    cloudpickle.load = refuse
+
+
+def daemon_setup() -> None:
+    """What both daemons do first, from their environment."""
+    if os.environ.get("AVIATO_FORBID_UNPICKLE") == "1":
+        forbid_unpickling()

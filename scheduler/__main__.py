@@ -11,7 +11,7 @@ import sys
 
 import uvloop
 
-from aviato._daemon import exit_with_parent
+from aviato._daemon import daemon_setup, exit_with_parent
 from scheduler.server import SchedulerServer
 from scheduler.state import Config
 
@@ -67,6 +67,7 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    daemon_setup()
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )

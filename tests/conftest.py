@@ -98,7 +98,10 @@ class Cluster:
         log = open(self.tmp / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-            env={**os.environ, "AVIATO_LOG_LEVEL": "INFO", **(env or {})},
+            # Every test cluster runs with unpickling made to fail in its daemons: the
+            # whole suite passing proves neither scheduler nor agent unpickles.
+            env={**os.environ, "AVIATO_LOG_LEVEL": "INFO", "AVIATO_FORBID_UNPICKLE": "1",
+                 **(env or {})},
         )
         log.close()
         self.procs[name] = proc

@@ -170,3 +170,27 @@ async def test_token_is_checked_by_the_scheduler(tmp_path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_the_daemons_really_cannot_unpickle() -> None:
+    """The suite's clusters run with AVIATO_FORBID_UNPICKLE=1: check that it bites."""
+    import pickle
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = (
+        "import pickle, cloudpickle\n"
+        "from aviato._daemon import daemon_setup\n"
+        "daemon_setup()\n"
+        "for f in (pickle.loads, cloudpickle.loads, lambda b: pickle.Unpickler(b)):\n"
+        "    try:\n"
+        "        f(%r)\n"
+        "    except RuntimeError as e:\n"
+        "        print('refused')\n" % pickle.dumps(1)
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=ROOT, env={"AVIATO_FORBID_UNPICKLE": "1", "PATH": "/usr/bin:/bin"},
+                         timeout=60)
+    assert out.stdout.split() == ["refused"] * 3, out.stderr
