@@ -175,14 +175,7 @@ class WorkerHub:
         env: Mapping[str, str] | None,
         timeout_seconds: float | None,
     ) -> AsyncIterator[OutputChunk | ExitStatus]:
-        header = {
-            "op": "exec",
-            "argv": list(argv),
-            "cwd": cwd,
-            "env": dict(env or {}),
-            "timeout": timeout_seconds,
-            "stream": True,
-        }
+        header = _exec_header(argv, cwd, env, timeout_seconds, stream=True)
         rid, replies, link = await self._ask(sandbox_id, header)
         finished = False
         try:
@@ -213,14 +206,7 @@ class WorkerHub:
         env: Mapping[str, str] | None,
         timeout_seconds: float | None,
     ) -> ExecOutput:
-        header = {
-            "op": "exec",
-            "argv": list(argv),
-            "cwd": cwd,
-            "env": dict(env or {}),
-            "timeout": timeout_seconds,
-            "stream": False,
-        }
+        header = _exec_header(argv, cwd, env, timeout_seconds, stream=False)
         rid, replies, link = await self._ask(sandbox_id, header)
         try:
             reply, blobs = await replies.get()
@@ -392,6 +378,24 @@ class WorkerHub:
         for sandbox_id in list(self._links):
             await self.close(sandbox_id, "the agent is shutting down")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _exec_header(
+    argv: tuple[str, ...],
+    cwd: str | None,
+    env: Mapping[str, str] | None,
+    timeout: float | None,
+    *,
+    stream: bool,
+) -> dict[str, Any]:
+    return {
+        "op": "exec",
+        "argv": list(argv),
+        "cwd": cwd,
+        "env": dict(env or {}),
+        "timeout": timeout,
+        "stream": stream,
+    }
 
 
 async def _read_message(reader: asyncio.StreamReader) -> list[memoryview] | None:

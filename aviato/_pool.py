@@ -141,9 +141,16 @@ class FunctionPool:
             self._grow()
 
     def _fill(self, worker: WorkerHandle) -> None:
+        pool_full = self.max_workers is not None and len(self.workers) >= self.max_workers
         while self.queue:
-            size = batch_size(self.queue[0].fn)
-            room = (size if size == 1 else 2 * size) - len(worker.inflight)
+            fn = self.queue[0].fn
+            size = batch_size(fn)
+            # Two batches in flight keep a worker busy while the next one travels. For
+            # slow calls (batch of one) only once the pool cannot grow (a call queued
+            # behind another on a busy worker would wait for it instead of a new worker)
+            # and never with a timeout (it runs from dispatch, so no queueing there).
+            prefetch = size > 1 or (pool_full and fn.options.timeout_seconds is None)
+            room = (2 * size if prefetch else 1) - len(worker.inflight)
             if room <= 0:
                 return
             batch: list[Call] = []

@@ -164,10 +164,10 @@ class Cluster:
                     proc.wait()
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def docker_cluster(tmp: Path) -> Iterator[Cluster]:
+    """A Docker cluster that must leave no container behind when it stops."""
     need_docker()
-    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    c = Cluster(tmp)
     try:
         yield c
     finally:
@@ -175,22 +175,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         left = containers_of(c.agent_ids)
         if left:
             subprocess.run(["docker", "rm", "-f", *left], capture_output=True, timeout=60)
-            pytest.fail(f"containers left behind after the cluster stopped: {left}")
+            pytest.fail(f"containers left behind after the cluster stopped: {left}\n{c.logs()}")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    yield from docker_cluster(tmp_path_factory.mktemp("cluster"))
 
 
 @pytest.fixture
 def fresh_cluster(tmp_path: Path) -> Iterator[Cluster]:
     """A cluster of its own, for tests that kill or restart its processes."""
-    need_docker()
-    c = Cluster(tmp_path)
-    try:
-        yield c
-    finally:
-        c.close()
-        left = containers_of(c.agent_ids)
-        if left:
-            subprocess.run(["docker", "rm", "-f", *left], capture_output=True, timeout=60)
-            pytest.fail(f"containers left behind: {left}\n{c.logs()}")
+    yield from docker_cluster(tmp_path)
 
 
 @pytest.fixture

@@ -180,15 +180,16 @@ def test_the_daemons_really_cannot_unpickle() -> None:
 
     from tests.conftest import ROOT
 
+    blob = pickle.dumps(1)
     code = (
         "import pickle, cloudpickle\n"
         "from aviato._daemon import daemon_setup\n"
         "daemon_setup()\n"
         "for f in (pickle.loads, cloudpickle.loads, lambda b: pickle.Unpickler(b)):\n"
         "    try:\n"
-        "        f(%r)\n"
+        f"        f({blob!r})\n"
         "    except RuntimeError as e:\n"
-        "        print('refused')\n" % pickle.dumps(1)
+        "        print('refused')\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, env={"AVIATO_FORBID_UNPICKLE": "1", "PATH": "/usr/bin:/bin"},

@@ -134,6 +134,7 @@ class DockerRuntime(Runtime):
         # sandbox id -> container id; exec/files address containers without a lookup.
         self._ids: dict[str, str] = {}
         self._workdirs: dict[str, str] = {}
+        self._commands_found: set[tuple[str, str, str | None]] = set()
         # _lock orders the events thread's claim of an exit against create and stop.
         self._lock = threading.Lock()
         self._starting: set[str] = set()
@@ -266,7 +267,7 @@ class DockerRuntime(Runtime):
         try:
             # docker-init (init=True) hides a missing command until after start (the
             # sandbox just exits 127): look it up first so that create fails instead.
-            if not self._has_command(cid, spec):
+            if not self._command_known(cid, spec):
                 raise fail(
                     f"command {spec.command!r} was not found in image {image!r}: give a"
                     " program that exists in the image (or its full path)"
@@ -288,6 +289,17 @@ class DockerRuntime(Runtime):
             early = self._early.pop(cid, None)
         if early is not None:  # the command ended before start() even returned
             self._on_event(early)
+
+    def _command_known(self, cid: str, spec: SandboxSpec) -> bool:
+        """Whether the command exists in the image; a found one is remembered per image,
+        so only a sandbox's first create of an image pays the lookup (~20 ms)."""
+        key = (spec.image, spec.command, spec.working_dir)
+        if key in self._commands_found:
+            return True
+        found = self._has_command(cid, spec)
+        if found:
+            self._commands_found.add(key)
+        return found
 
     def _has_command(self, cid: str, spec: SandboxSpec) -> bool:
         api, cmd = self._api, spec.command
