@@ -27,7 +27,7 @@ import cloudpickle
 from aviato.exceptions import AsyncFunctionError, FunctionError, FunctionSerializationError
 
 if TYPE_CHECKING:
-    from aviato._pool import FunctionPool
+    from aviato._pool import FunctionPool, PoolStatistics
     from aviato._session import Session
 
 T = TypeVar("T")
@@ -86,6 +86,9 @@ class Call:
     args_blob: bytes
     future: asyncio.Future[FunctionResult[Any]]
     attempts: int = 0
+    #: Was in flight on a worker that died beside others: it runs alone from now on,
+    #: so that a death can be pinned on the call that caused it.
+    suspect: bool = False
     worker: Any = None  # the WorkerHandle running it, while in flight
     timer: asyncio.TimerHandle | None = field(default=None)
 
@@ -164,6 +167,10 @@ class RemoteFunction(Generic[T]):
 
     def _pool(self) -> FunctionPool:
         return self._session._pool_for(self.options)
+
+    def statistics(self) -> PoolStatistics:
+        """Workers, queue and failures of this function's pool, right now."""
+        return self._pool().statistics()
 
     async def map(
         self,

@@ -75,6 +75,19 @@ class WorkerHandle:
         return self.sandbox.sandbox_id or "?"
 
 
+@dataclass(frozen=True, slots=True)
+class PoolStatistics:
+    """A snapshot of a function pool (``fn.statistics()``)."""
+
+    workers: int
+    starting: int
+    queued: int
+    in_flight: int
+    workers_started: int
+    workers_lost: int
+    calls_retried: int
+
+
 def batch_size(fn: RemoteFunction[Any]) -> int:
     """One call at a time for slow or unknown functions; batches for tiny ones."""
     mean = fn.mean_seconds
@@ -95,7 +108,20 @@ class FunctionPool:
         self._pump_scheduled = False
         self._sizing = False
         self._tasks: set[asyncio.Task[None]] = set()
-        self._start_error: BaseException | None = None
+        self._started_total = 0
+        self._lost_total = 0
+        self._retried_total = 0
+
+    def statistics(self) -> PoolStatistics:
+        return PoolStatistics(
+            workers=len(self.workers),
+            starting=self.starting,
+            queued=sum(1 for c in self.queue if not c.future.done()),
+            in_flight=sum(len(w.inflight) for w in self.workers),
+            workers_started=self._started_total,
+            workers_lost=self._lost_total,
+            calls_retried=self._retried_total,
+        )
 
     # ------------------------------------------------------------------ submit
 
@@ -151,10 +177,14 @@ class FunctionPool:
             # and never with a timeout (it runs from dispatch, so no queueing there).
             prefetch = size > 1 or (pool_full and fn.options.timeout_seconds is None)
             room = (2 * size if prefetch else 1) - len(worker.inflight)
+            if self.queue[0].suspect:
+                room = 0 if worker.inflight else 1  # alone on an idle worker
             if room <= 0:
                 return
             batch: list[Call] = []
             while self.queue and len(batch) < min(size, room):
+                if batch and self.queue[0].suspect:
+                    break  # a suspect never shares a batch
                 call = self.queue.popleft()
                 if not call.future.done():
                     batch.append(call)
@@ -210,6 +240,9 @@ class FunctionPool:
         for outcome in msg.outcomes:
             blob = next(blobs) if outcome.status != "lost" else b""
             ids.discard(outcome.call_id)
+            if outcome.status == "lost":
+                lost = outcome.detail  # handled below, with every call the worker held
+                continue
             call = worker.inflight.pop(outcome.call_id, None)
             if call is None or call.worker is not worker:
                 continue  # moved elsewhere already: a late reply, dropped
@@ -217,10 +250,6 @@ class FunctionPool:
             if call.timer is not None:
                 call.timer.cancel()
             fn = call.fn
-            if outcome.status == "lost":
-                lost = outcome.detail
-                self._retry_or_fail(call, outcome.detail)
-                continue
             fn.mean_seconds = (
                 outcome.seconds
                 if fn.mean_seconds is None
@@ -278,6 +307,7 @@ class FunctionPool:
         if call.future.done():
             return
         if call.attempts <= call.fn.options.retries:
+            self._retried_total += 1
             log.info("retrying call %d of %s: %s", call.call_id, call.fn.name, detail)
             self.queue.appendleft(call)
             self._schedule_pump()
@@ -314,8 +344,21 @@ class FunctionPool:
         return calls
 
     def _worker_lost(self, worker: WorkerHandle, detail: str) -> None:
-        for call in self._drop(worker):
-            self._retry_or_fail(call, detail)
+        """The worker died. With one call in flight, that call is charged an attempt.
+        With several, we cannot tell which one was running (outcomes travel in
+        batches): none is charged, and each runs again alone, as a suspect."""
+        if worker.alive:
+            self._lost_total += 1
+        calls = self._drop(worker)
+        if len(calls) == 1:
+            self._retry_or_fail(calls[0], detail)
+        else:
+            for call in reversed(calls):
+                if not call.future.done():
+                    call.attempts -= 1
+                    call.suspect = True
+                    self._retried_total += 1
+                    self.queue.appendleft(call)
         self._schedule_pump()
 
     def _kill_worker_for(self, victim: Call, worker: WorkerHandle) -> None:
@@ -420,6 +463,7 @@ class FunctionPool:
             return
         conn = connection(info.agent_address, self.session.defaults.cluster_token())
         worker = WorkerHandle(sandbox, conn)
+        self._started_total += 1
         self.workers.append(worker)
         self._task(self._watch(worker))
         self._schedule_pump()

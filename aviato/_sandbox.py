@@ -229,9 +229,14 @@ class Sandbox:
     async def stop(self) -> None:
         """Stop and remove the sandbox. Idempotent; a never-started sandbox is a no-op."""
         if self._starting is not None and self._info is None:
+            if not self._starting.done() and self._session is not None:
+                # Still queued for a slot: give up on it. Closing the session makes the
+                # scheduler drop the queued create too (it may wait minutes for a slot).
+                self._starting.cancel()
+                return
             try:
                 await self._starting
-            except Exception:
+            except (Exception, asyncio.CancelledError):
                 return
         if self._info is None or self._stopped_by_us:
             return

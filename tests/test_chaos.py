@@ -1,0 +1,100 @@
+"""Remote functions under failure: an agent killed mid-run, a poison task in a map,
+hostile limits inside the sandbox (pids, memory, network)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from aviato import Sandbox, SandboxDefaults, WorkerLostError
+from tests.conftest import IMAGE, Cluster, containers_of, wait_until
+
+
+async def test_agent_killed_mid_run_loses_no_result(fresh_cluster: Cluster) -> None:
+    c = fresh_cluster
+    d = SandboxDefaults(container_image=IMAGE, scheduler=c.address, lease_seconds=5)
+    async with Sandbox.session(d) as session:
+        @session.function(max_workers=4, retries=3)
+        def slow_id(i: int) -> int:
+            import time
+
+            time.sleep(0.01)
+            return i
+
+        warm = await asyncio.gather(*(slow_id(i) for i in range(40)))
+        assert sorted(r.value for r in warm) == list(range(40))
+        pool = next(iter(session._pools.values()))
+        agents = {w.sandbox.info.agent_id for w in pool.workers if w.sandbox.info}
+        assert len(agents) == 2, "workers should be spread over both agents"
+        futures = [slow_id(i) for i in range(1000)]
+        await asyncio.sleep(0.5)
+        victim = sorted(agents)[0]
+        c.kill(victim)  # kill -9 with calls in flight on it
+        results = await asyncio.wait_for(asyncio.gather(*futures), 180)
+        assert [r.value for r in results] == list(range(1000))  # each once, correct, in order
+        stats = slow_id.statistics()
+        assert stats.workers_lost >= 1 and stats.calls_retried >= 1, stats  # really ran again
+        assert all(f.done() and not f.cancelled() for f in futures)
+    c.start_agent(victim)  # it comes back and reaps what it left
+    await asyncio.to_thread(wait_until, lambda: not containers_of(c.agent_ids), 30, 0.2,
+                            "the killed agent's containers to be reaped")
+
+
+async def test_poison_call_in_a_map_fails_alone(defaults: SandboxDefaults) -> None:
+    async with Sandbox.session(defaults) as session:
+        @session.function(max_workers=2, retries=1)
+        def maybe_die(i: int) -> int:
+            import os
+
+            if i == 3:
+                os._exit(9)
+            return i * 10
+
+        out = [r async for r in maybe_die.map(range(8), return_exceptions=True)]
+        assert isinstance(out[3], WorkerLostError)
+        assert "gave up after 2 attempt" in str(out[3]) and "code 9" in str(out[3])
+        assert [r.value for i, r in enumerate(out) if i != 3] == [0, 10, 20, 40, 50, 60, 70]
+        stats = maybe_die.statistics()
+        # retries + 1 deaths pinned on it, plus at most one while it shared a batch
+        assert stats.workers_lost <= 1 + 1 + 1, stats
+
+
+async def test_hostile_code_inside_a_container(defaults: SandboxDefaults) -> None:
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        r = await sb.exec(["sh", "-c", "grep -E 'CapEff|NoNewPrivs' /proc/self/status"])
+        status = dict(line.split(":\t") for line in r.stdout.decode().splitlines())
+        assert status["CapEff"].strip() != "000001ffffffffff"  # not all capabilities
+        assert status["NoNewPrivs"].strip() == "1"
+        r = await sb.exec(["sh", "-c", "ls /var/run/docker.sock /run/docker.sock 2>&1; true"])
+        assert b"No such file" in r.stdout
+        # a fork bomb stops at the pids limit, and the sandbox (and host) stay usable
+        t0 = time.monotonic()
+        bomb = "i=0; while [ $i -lt 3000 ]; do sleep 30 & i=$((i+1)); done 2>&1 | tail -1"
+        r = await sb.exec(["sh", "-c", bomb], timeout_seconds=60)
+        assert b"fork" in r.stdout.lower() or b"resource" in r.stdout.lower()
+        assert time.monotonic() - t0 < 60
+        await sb.exec(["sh", "-c", "pkill sleep; true"])
+    async with Sandbox(command="sleep", args=["infinity"], network="none",
+                       defaults=defaults) as sb:
+        r = await sb.exec(["sh", "-c", "tail -n +3 /proc/net/dev | cut -d: -f1"])
+        assert r.stdout.split() == [b"lo"]
+        host, port = (defaults.scheduler or "").removeprefix("tcp://").rsplit(":", 1)
+        probe = (
+            "import socket,sys\n"
+            "s=socket.socket(); s.settimeout(2)\n"
+            f"sys.exit(s.connect_ex(('{host}', {port})) == 0)\n"
+        )
+        r = await sb.exec(["python", "-c", probe])
+        assert r.returncode == 0, "the scheduler port must be unreachable without a network"
+
+
+async def test_memory_hog_is_oom_killed_and_reported_as_such(defaults) -> None:
+    hog = "x = bytearray(400 * 1024 * 1024); import time; time.sleep(5)"
+    sb = await Sandbox.create("python", "-c", hog, defaults=defaults,
+                              memory_bytes=64 * 1024 * 1024)
+    with pytest.raises(Exception, match="out of memory") as info:
+        await sb.wait(timeout=60)
+    assert type(info.value).__name__ == "SandboxFailedError"
+    assert sb.returncode == 137
