@@ -38,7 +38,7 @@ async def _wait_for_supervisor(sb: Sandbox) -> bool:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         r = await sb.exec(["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"])
-        if b"aviato_worker.py" in r.stdout:
+        if b"aviato_worker" in r.stdout:
             return True
         time.sleep(0.1)
     return False
@@ -71,7 +71,7 @@ async def test_supervisor_serves_exec_and_files(defaults: SandboxDefaults) -> No
         await _same_behaviour(sb)
         # the command really ran under the supervisor, not through docker exec
         r = await sb.exec(["sh", "-c", "cat /proc/$PPID/cmdline"])
-        assert b"aviato_worker.py" in r.stdout
+        assert b"aviato_worker" in r.stdout
 
 
 async def test_images_without_python_fall_back_to_docker_exec(
@@ -82,5 +82,5 @@ async def test_images_without_python_fall_back_to_docker_exec(
         r = await sb.exec(["sh", "-c", "command -v python3 python || echo none"])
         assert r.stdout == b"none\n"
         r = await sb.exec(["sh", "-c", "cat /proc/$PPID/cmdline"])
-        assert b"aviato_worker.py" not in r.stdout
+        assert b"aviato_worker" not in r.stdout
         await _same_behaviour(sb)

@@ -39,6 +39,7 @@ from agent.runtime.base import (
     RuntimeSandbox,
     SandboxExit,
 )
+from agent.workers import WorkerHub
 from aviato.exceptions import SandboxFailedError, SandboxNotRunningError
 from aviato.protocol import SandboxSpec
 
@@ -162,22 +163,11 @@ class LocalRuntime(Runtime):
             raise SandboxFailedError(
                 "the local runtime needs the supervisor library mount", sandbox_id=sandbox_id
             )
-        supervisor = f"{lib.target}/aviato_worker.py"
         if spec.function_worker:
             argv = [spec.command, *spec.args]  # the function worker is itself the supervisor
         else:
-            # -S: the supervisor needs no site-packages, and starts faster without them.
-            argv = [
-                "python",
-                "-u",
-                "-B",
-                "-S",
-                supervisor,
-                "--main",
-                "--",
-                spec.command,
-                *spec.args,
-            ]
+            python_cmd, flags = WorkerHub.worker_command(functions=False)
+            argv = [python_cmd, *flags, "--main", "--", spec.command, *spec.args]
         bin_dir = "/run/aviato-bin" if self.bwrap else str(home / "bin")
         sockets = next((m for m in mounts if not m.read_only), None)
         env = {
