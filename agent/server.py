@@ -147,7 +147,7 @@ class AgentServer:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                self._hub = WorkerHub(self._send, self._spawn)
+                self._hub = WorkerHub(self._send, self._spawn, self.agent_id)
                 self._task(self._data_loop(data))
                 self._task(self._scheduler_link())
                 self._task(self._exits_loop())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import compileall
 import contextlib
+import hashlib
 import itertools
 import json
 import logging
@@ -70,11 +71,18 @@ class WorkerLink:
 
 
 class WorkerHub:
-    def __init__(self, send: Send, spawn: Spawn) -> None:
+    def __init__(self, send: Send, spawn: Spawn, agent_id: str = "") -> None:
         self._send = send
         self._spawn = spawn
-        # Short path: Unix socket paths are limited to about 107 bytes.
-        self.root = Path(tempfile.mkdtemp(prefix="avw-"))
+        # One directory per agent id (short: Unix socket paths are limited to about
+        # 107 bytes), so that an agent restarted after kill -9 clears its old one.
+        if agent_id:
+            digest = hashlib.sha256(agent_id.encode()).hexdigest()[:12]
+            self.root = Path(tempfile.gettempdir()) / f"avw-{digest}"
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root.mkdir(mode=0o755)
+        else:
+            self.root = Path(tempfile.mkdtemp(prefix="avw-"))
         self.lib = self.root / "lib"
         self._links: dict[str, WorkerLink] = {}
         self._rids = itertools.count(1)

@@ -189,6 +189,34 @@ def fresh_cluster(tmp_path: Path) -> Iterator[Cluster]:
     yield from docker_cluster(tmp_path)
 
 
+def _our_leftovers() -> list[str]:
+    """Processes, state and socket directories of this run's test agents."""
+    import tempfile
+
+    import psutil
+
+    tmp = Path(tempfile.gettempdir())
+    found = [str(p) for p in (tmp / "aviato-local").glob(f"t{RUN_ID}-*")]
+    for p in psutil.process_iter(["cmdline"]):
+        line = " ".join(p.info["cmdline"] or ())
+        if f"t{RUN_ID}-" in line and "pytest" not in line:
+            found.append(line[:200])
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leaks_at_the_end() -> Iterator[None]:
+    """After the whole run: no process or state directory of any test agent remains,
+    and no agent socket directory (they are per agent id) is left behind."""
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("avw-*"))
+    yield
+    left = _our_leftovers()
+    new_sockets = set(Path(tempfile.gettempdir()).glob("avw-*")) - before
+    assert not left and not new_sockets, f"leaked: {left} {sorted(map(str, new_sockets))}"
+
+
 @pytest.fixture
 def defaults(cluster: Cluster):
     """SandboxDefaults pointing at the shared cluster; after the test, its sandboxes are gone."""

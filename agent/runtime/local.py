@@ -361,6 +361,12 @@ class LocalRuntime(Runtime):
 
     async def close(self) -> None:
         await self._exits.put(None)
+        # Agent directories left empty (their sandboxes are gone) go too.
+        for agent_dir in self.root.glob("*"):
+            with contextlib.suppress(OSError):
+                agent_dir.rmdir()
+        with contextlib.suppress(OSError):
+            self.root.rmdir()
         for task in list(self._waiters):
             task.cancel()
 
