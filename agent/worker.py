@@ -105,6 +105,23 @@ def to_json(value: Any) -> bytes:
     return _json(value).encode("utf-8", "backslashreplace")
 
 
+def too_large_record(size: int, limit: int) -> bytes:
+    """An aviato error (rebuilt as PayloadTooLargeError by the client), not the result."""
+    import pickle
+
+    message = (
+        f"the function's result is {size} bytes, above its max_result_bytes of {limit}: "
+        "return less (write big data to a file in the sandbox), or raise the limit"
+    )
+    record = {
+        "type": "aviato.exceptions.PayloadTooLargeError",
+        "message": message,
+        "traceback": "",
+        "exception": None,
+    }
+    return pickle.dumps(record)
+
+
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -244,6 +261,10 @@ class Supervisor:
                 raise TypeError(
                     f"the return value ({type(value).__name__}) cannot be serialized: {exc}"
                 ) from exc
+            limit = call.get("max") or 0
+            if limit and len(blob) > limit:
+                blob = too_large_record(len(blob), limit)
+                return {"id": call["id"], "status": "error", "secs": 0.0}, blob
             status = "ok"
         except BaseException as exc:  # user code may raise anything, SystemExit included
             blob = error_record(exc, None if use_json else cp.dumps)

@@ -284,7 +284,13 @@ class WorkerHub:
         header = {
             "op": "calls",
             "calls": [
-                {"id": c.call_id, "digest": c.digest, "fn": c.ship_function, "ser": c.serialization}
+                {
+                    "id": c.call_id,
+                    "digest": c.digest,
+                    "fn": c.ship_function,
+                    "ser": c.serialization,
+                    "max": c.max_result_bytes,
+                }
                 for c in msg.calls
             ],
         }

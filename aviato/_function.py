@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import cloudpickle
 
+from aviato import exceptions
 from aviato.exceptions import AsyncFunctionError, FunctionError, FunctionSerializationError
 
 if TYPE_CHECKING:
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from aviato._session import Session
 
 T = TypeVar("T")
+#: Results above this are refused by the worker (PayloadTooLargeError), not shipped.
+DEFAULT_MAX_RESULT_BYTES = 256 * 1024 * 1024
 
 
 class Serialization(enum.Enum):
@@ -62,6 +65,7 @@ class FunctionOptions:
     retry_on: tuple[type[BaseException], ...] = ()
     timeout_seconds: float | None = None
     max_workers: int | None = None
+    max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
 
     def pool_key(self) -> tuple[Any, ...]:
         """Calls whose sandboxes look the same share one pool of workers."""
@@ -259,6 +263,10 @@ def rebuild_error(blob: bytes | memoryview) -> BaseException:
             exc = cloudpickle.loads(record["exception"])
         except Exception:
             exc = None
+    if exc is None and type_name.startswith("aviato.exceptions."):
+        ours = getattr(exceptions, type_name.rsplit(".", 1)[1], None)
+        if isinstance(ours, type) and issubclass(ours, exceptions.SandboxError):
+            return ours(message)
     if exc is None and type_name.startswith("builtins."):
         cls = getattr(builtins, type_name.removeprefix("builtins."), None)
         if isinstance(cls, type) and issubclass(cls, BaseException):

@@ -201,8 +201,15 @@ class FunctionPool:
                 worker.shipped.add(shipped.digest)
                 payloads.append(shipped.blob)
             payloads.append(call.args_blob)
+            options = call.fn.options
             headers.append(
-                CallHeader(call.call_id, shipped.digest, ship, call.fn.options.serialization.value)
+                CallHeader(
+                    call.call_id,
+                    shipped.digest,
+                    ship,
+                    options.serialization.value,
+                    options.max_result_bytes,
+                )
             )
             call.attempts += 1
             call.worker = worker

@@ -12,7 +12,12 @@ from typing import Any, TypeVar
 
 from aviato._connection import close_all
 from aviato._defaults import SandboxDefaults
-from aviato._function import FunctionOptions, RemoteFunction, Serialization
+from aviato._function import (
+    DEFAULT_MAX_RESULT_BYTES,
+    FunctionOptions,
+    RemoteFunction,
+    Serialization,
+)
 from aviato._pool import FunctionPool
 from aviato._sandbox import Sandbox, scheduler_connection
 from aviato.exceptions import AviatoError, SandboxError
@@ -85,6 +90,7 @@ class Session:
         retry_on: tuple[type[BaseException], ...] = (),
         timeout_seconds: float | None = None,
         max_workers: int | None = None,
+        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
     ) -> Callable[[Callable[..., T]], RemoteFunction[T]]:
         """Run a sync function in this session's pool of worker sandboxes::
 
@@ -95,7 +101,8 @@ class Session:
 
         ``retries`` re-runs a call whose worker died (user exceptions are not retried
         unless their type is in ``retry_on``); ``timeout_seconds`` bounds each call;
-        ``max_workers`` bounds the pool (default: the cluster's free slots)."""
+        ``max_workers`` bounds the pool (default: the cluster's free slots);
+        a result above ``max_result_bytes`` raises PayloadTooLargeError."""
         self._check_open()
         if retries < 0:
             raise ValueError("retries must be >= 0")
@@ -110,6 +117,7 @@ class Session:
             retry_on=tuple(retry_on),
             timeout_seconds=timeout_seconds,
             max_workers=max_workers,
+            max_result_bytes=max_result_bytes,
         )
 
         def decorate(fn: Callable[..., T]) -> RemoteFunction[T]:

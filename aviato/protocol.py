@@ -406,6 +406,8 @@ class CallHeader:
     digest: str
     ship_function: bool
     serialization: str  # "pickle" | "json"
+    #: The worker refuses a result larger than this (0: no limit).
+    max_result_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

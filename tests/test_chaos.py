@@ -98,3 +98,35 @@ async def test_memory_hog_is_oom_killed_and_reported_as_such(defaults) -> None:
         await sb.wait(timeout=60)
     assert type(info.value).__name__ == "SandboxFailedError"
     assert sb.returncode == 137
+
+
+async def test_big_results_are_refused_at_the_limit(defaults: SandboxDefaults) -> None:
+    from aviato import PayloadTooLargeError
+
+    async with Sandbox.session(defaults) as session:
+        @session.function(max_workers=1, max_result_bytes=1024 * 1024)
+        def make(n: int) -> bytes:
+            return b"x" * n
+
+        assert len((await make(1000)).value) == 1000
+        too_big = r"result is 83886\d\d bytes, above its max_result_bytes of 1048576"
+        with pytest.raises(PayloadTooLargeError, match=too_big):
+            await make(8 * 1024 * 1024)
+        assert len((await make(10)).value) == 10  # the worker is fine afterwards
+        assert make.statistics().workers_lost == 0
+
+
+async def test_a_call_that_never_returns_ends_with_the_session_lifetime(defaults) -> None:
+    d = defaults.replace(max_lifetime_seconds=2.0)
+    async with Sandbox.session(d) as session:
+        @session.function(max_workers=1, retries=0)
+        def forever() -> None:
+            import time
+
+            while True:
+                time.sleep(1)
+
+        t0 = time.monotonic()
+        with pytest.raises(WorkerLostError, match="max lifetime"):
+            await asyncio.wait_for(forever(), 60)
+        assert time.monotonic() - t0 < 30
