@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--bind",
-        default="tcp://0.0.0.0:0",
-        help="data-plane endpoint for clients (port 0: any free port)",
+        default="tcp://127.0.0.1:0",
+        help="data-plane endpoint for clients (port 0: any free port); loopback by default,"
+        " use tcp://0.0.0.0:PORT with --advertise-host for other hosts",
     )
     p.add_argument("--advertise-host", help="host name or address clients use to reach us")
     p.add_argument("--label", action="append", default=[], help="KEY=VALUE, repeatable")

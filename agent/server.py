@@ -25,6 +25,7 @@ from agent.runtime.base import (
 )
 from agent.workers import WorkerHub
 from aviato import _zmq
+from aviato._daemon import warn_if_open
 from aviato._errors import error_reply
 from aviato.exceptions import (
     AviatoError,
@@ -144,6 +145,7 @@ class AgentServer:
         log.info(
             "agent %s serving clients on %s (runtime %s)", self.agent_id, bound, self.runtime.name
         )
+        warn_if_open(log, f"agent {self.agent_id}", bound, self.token)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Callable
 
@@ -45,3 +46,19 @@ def daemon_setup() -> None:
     """What both daemons do first, from their environment."""
     if os.environ.get("AVIATO_FORBID_UNPICKLE") == "1":
         forbid_unpickling()
+
+
+def warn_if_open(log_: logging.Logger, what: str, address: str, token: str | None) -> None:
+    """Say plainly when a daemon listens beyond loopback with no credentials."""
+    loopback = "127.0.0.1" in address or "localhost" in address or "[::1]" in address
+    if token:
+        log_.info("%s: requests must carry the cluster token", what)
+    elif loopback:
+        log_.info("%s: no authentication; listening on loopback only (%s)", what, address)
+    else:
+        log_.warning(
+            "%s: NO AUTHENTICATION and listening on %s: anyone who reaches it can run "
+            "code; set --token (or AVIATO_TOKEN) or bind to loopback",
+            what,
+            address,
+        )

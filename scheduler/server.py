@@ -12,6 +12,7 @@ import zmq
 import zmq.asyncio
 
 from aviato import _zmq
+from aviato._daemon import warn_if_open
 from aviato._errors import error_reply
 from aviato.protocol import (
     AgentHeartbeat,
@@ -100,6 +101,7 @@ class SchedulerServer:
         sock, self.address = _zmq.router(ctx, self.bind)
         self._sock = sock
         log.info("scheduler listening on %s", self.address)
+        warn_if_open(log, "scheduler", self.address, self.token)
         self.ready.set()
         try:
             async with asyncio.TaskGroup() as tg:

@@ -195,3 +195,27 @@ def test_the_daemons_really_cannot_unpickle() -> None:
                          cwd=ROOT, env={"AVIATO_FORBID_UNPICKLE": "1", "PATH": "/usr/bin:/bin"},
                          timeout=60)
     assert out.stdout.split() == ["refused"] * 3, out.stderr
+
+
+def test_daemons_say_when_they_listen_openly(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, wait_until
+
+    for bind, expect in (("tcp://127.0.0.1:*", "loopback only"),
+                         ("tcp://0.0.0.0:*", "NO AUTHENTICATION")):
+        log = tmp_path / "sched.log"
+        ready = tmp_path / "addr"
+        ready.unlink(missing_ok=True)
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "scheduler", "--bind", bind, "--ready-file", str(ready)],
+                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+            )
+        try:
+            wait_until(ready.exists, 15, 0.02, "scheduler")
+            wait_until(lambda e=expect, f=log: e in f.read_text(), 10, 0.05, f"{expect!r} logged")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
