@@ -12,10 +12,12 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+import psutil
 import zmq
 import zmq.asyncio
 
 from agent.runtime.base import (
+    LABEL_AGENT,
     LABEL_CREATED,
     ExitStatus,
     Runtime,
@@ -71,6 +73,8 @@ log = logging.getLogger("aviato.agent")
 
 #: How many ended sandbox ids to remember, to tell "not running" from "unknown".
 ENDED_MEMORY = 4096
+#: Agent ids of embedded clusters: this prefix and the owning process's pid.
+EMBEDDED_PREFIX = "embedded-"
 #: Data-plane requests served in the receive loop itself rather than in a task each.
 INLINE = (RunCalls, Ping)
 #: How long a function worker may take from container start to its hello.
@@ -248,6 +252,8 @@ class AgentServer:
                     self.sandboxes.setdefault(found.sandbox_id, Running(spec, created))
                 else:
                     await self.runtime.stop(found.sandbox_id)
+            if self.agent_id.startswith(EMBEDDED_PREFIX):
+                await self._reap_dead_embedded()
         for sid, run in self.sandboxes.items():
             reported.append(
                 SandboxInfo(sid, run.spec, SandboxStatus.RUNNING, created_at=run.created_at)
@@ -272,6 +278,19 @@ class AgentServer:
             await self.runtime.stop(sid)
         log.info("agent %s registered with %s", self.agent_id, self.scheduler)
         return reply
+
+    async def _reap_dead_embedded(self) -> None:
+        """Embedded agents are named after their owner's pid, so one killed with its
+        owner (kill -9 of both) would leave its sandboxes to nobody: the next embedded
+        agent on this host removes those whose owner process is gone."""
+        for found in await self.runtime.list_all():
+            owner = found.labels.get(LABEL_AGENT, "")
+            if not owner.startswith(EMBEDDED_PREFIX) or owner == self.agent_id:
+                continue
+            pid = owner.removeprefix(EMBEDDED_PREFIX)
+            if pid.isdigit() and not psutil.pid_exists(int(pid)):
+                log.info("reaping %s of dead embedded agent %s", found.sandbox_id, owner)
+                await self.runtime.stop(found.sandbox_id)
 
     async def _heartbeat_until_lost(self, interval: float) -> None:
         misses = 0

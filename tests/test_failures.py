@@ -133,3 +133,32 @@ async def test_agent_reaps_labelled_orphans_at_start(cluster: Cluster, tmp_path)
         for name in containers_of([agent_id]):
             client.containers.get(name).remove(force=True)
         client.close()
+
+
+async def test_embedded_cluster_reaps_sandboxes_of_dead_embedded_agents() -> None:
+    """An embedded agent killed together with its owner leaves its containers to
+    nobody; the next embedded cluster on the host removes them."""
+    from aviato._local import LocalCluster
+
+    client = docker.from_env()
+    dead = 2**22 + 12345  # above pid_max here: no such process
+    name = f"aviato-sb-orphan{dead}"  # sandboxes are named aviato-<sandbox id>
+    try:
+        client.containers.run(
+            IMAGE, ["sleep", "infinity"], detach=True, name=name,
+            labels={"aviato.managed": "1", "aviato.agent": f"embedded-{dead}",
+                    "aviato.sandbox": f"sb-orphan{dead}"},
+        )
+        cluster = LocalCluster(runtime="docker")
+        try:
+            await asyncio.to_thread(cluster.start)
+            await asyncio.to_thread(
+                wait_until, lambda: not containers_of([f"embedded-{dead}"]), 20, 0.2,
+                "the dead embedded agent's container to be reaped",
+            )
+        finally:
+            await asyncio.to_thread(cluster.stop)
+    finally:
+        for leftover in containers_of([f"embedded-{dead}"]):
+            client.containers.get(leftover).remove(force=True)
+        client.close()

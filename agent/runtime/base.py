@@ -10,6 +10,7 @@ block on I/O, so each is async: blocking work runs off the event loop.
 from __future__ import annotations
 
 import abc
+import builtins
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -182,6 +183,10 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def list(self, agent_id: str) -> list[RuntimeSandbox]:
         """Every sandbox labelled as belonging to ``agent_id``, running or not."""
+
+    async def list_all(self) -> builtins.list[RuntimeSandbox]:
+        """Every aviato sandbox this runtime can see, whatever its agent."""
+        return []
 
     @abc.abstractmethod
     def exits(self) -> AsyncIterator[SandboxExit]:

@@ -553,6 +553,23 @@ class DockerRuntime(Runtime):
         await self._ensure_events()
         return await self._run(self._list_sync, agent_id)
 
+    async def list_all(self) -> builtins.list[RuntimeSandbox]:
+        def everything() -> builtins.list[RuntimeSandbox]:
+            rows = self._api.containers(all=True, filters={"label": f"{LABEL_MANAGED}=1"})
+            found = []
+            for row in rows:
+                labels: dict[str, str] = row.get("Labels") or {}
+                if labels.get(LABEL_SANDBOX):
+                    running = row.get("State") == "running"
+                    found.append(RuntimeSandbox(labels[LABEL_SANDBOX], labels, running))
+            return found
+
+        try:
+            return await self._run(everything)
+        except DockerError as exc:
+            log.warning("could not list all aviato containers: %s", _why(exc))
+            return []
+
     def _list_sync(self, agent_id: str) -> builtins.list[RuntimeSandbox]:
         api = self._api
         try:

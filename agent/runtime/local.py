@@ -17,6 +17,7 @@ answer that the supervisor is not up.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import json
 import logging
@@ -350,6 +351,12 @@ class LocalRuntime(Runtime):
                 continue
             running = home.name in self._procs or _live_pid(home) is not None
             found.append(RuntimeSandbox(home.name, labels, running))
+        return found
+
+    async def list_all(self) -> builtins.list[RuntimeSandbox]:
+        found: builtins.list[RuntimeSandbox] = []
+        for agent_dir in self.root.glob("*"):
+            found += await self.list(agent_dir.name)
         return found
 
     async def exits(self) -> AsyncIterator[SandboxExit]:
