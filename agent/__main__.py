@@ -111,7 +111,18 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    uvloop.run(run(args))
+    code = 0
+    try:
+        uvloop.run(run(args))
+    except BaseException:
+        logging.getLogger("aviato.agent").exception("agent failed")
+        code = 1
+    # Everything is stopped and closed by now. Exit at once: a Docker SDK call stuck in
+    # a pool thread must not hold the process at the interpreter's thread joins.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ class Cluster:
         self.runtime = runtime
         self.agent_env = agent_env or {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.killed_at_close: list[str] = []  # did not stop within 60 s of SIGTERM
         self.agent_ids = [f"t{RUN_ID}-{uuid.uuid4().hex[:6]}-{i}" for i in range(agents)]
         self.address = ""
         self.start_scheduler()
@@ -154,7 +155,7 @@ class Cluster:
 
     def close(self) -> None:
         # Agents first: on SIGTERM each stops its sandboxes.
-        for _name, proc in sorted(self.procs.items(), key=lambda kv: kv[0] == "scheduler"):
+        for name, proc in sorted(self.procs.items(), key=lambda kv: kv[0] == "scheduler"):
             if proc.poll() is None:
                 proc.terminate()
                 try:
@@ -162,6 +163,7 @@ class Cluster:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+                    self.killed_at_close.append(name)
 
 
 def docker_cluster(tmp: Path) -> Iterator[Cluster]:
@@ -176,6 +178,8 @@ def docker_cluster(tmp: Path) -> Iterator[Cluster]:
         if left:
             subprocess.run(["docker", "rm", "-f", *left], capture_output=True, timeout=60)
             pytest.fail(f"containers left behind after the cluster stopped: {left}\n{c.logs()}")
+        if c.killed_at_close:
+            pytest.fail(f"{c.killed_at_close} did not stop within 60 s of SIGTERM\n{c.logs()}")
 
 
 @pytest.fixture(scope="module")
