@@ -413,13 +413,16 @@ class AgentServer:
 
     async def _on_stop(self, sock: zmq.asyncio.Socket, request_id: int, msg: StopSandbox) -> None:
         self._forget(msg.sandbox_id, msg.reason)
-        if self._hub is not None:
-            await self._hub.close(msg.sandbox_id, msg.reason)
         try:
+            # The runtime first: it kills the sandbox's whole process tree while the
+            # supervisor still holds it together.
             await self.runtime.stop(msg.sandbox_id)
         except Exception as exc:
             await self._reply_scheduler(sock, request_id, error_reply(exc))
             return
+        finally:
+            if self._hub is not None:
+                await self._hub.close(msg.sandbox_id, msg.reason)
         await self._reply_scheduler(sock, request_id, OkReply())
 
     def _forget(self, sandbox_id: str, reason: str) -> None:

@@ -163,6 +163,7 @@ class Supervisor:
         self.cloudpickle: Any = None
         self.base_env = _user_env()
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.main: subprocess.Popen[bytes] | None = None  # the sandbox's command (--main)
 
     # ------------------------------------------------------------------ sending
 
@@ -194,7 +195,13 @@ class Supervisor:
                 elif op == "kill":
                     self.kill(header["rid"])
         finally:
-            # The agent went away: so do we (and the calls we were running).
+            # The agent went away: so do we, and everything we started (a watchdog:
+            # without namespaces nothing else would stop them).
+            for proc in [*self.procs.values(), *([self.main] if self.main else [])]:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    proc.kill()
             os._exit(0)
 
     # ------------------------------------------------------------------ calls
@@ -384,9 +391,10 @@ def _file_error(exc: OSError) -> str:
 
 
 def run_main_command(argv: list[str]) -> subprocess.Popen[bytes] | None:
-    """``--main -- CMD...``: the sandbox's own command, as our child (local runtime)."""
+    """``--main -- CMD...``: the sandbox's own command, as our child (local runtime),
+    in a process group of its own so that it can be killed with all its children."""
     try:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=_user_env())
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=_user_env(), process_group=0)
     except OSError as exc:
         print(f"aviato: cannot run {argv[0]!r}: {exc.strerror or exc}", file=sys.stderr)
         return None
@@ -428,6 +436,7 @@ def main() -> int:
         except ImportError as exc:
             hello["error"] = f"the worker cannot import cloudpickle: {exc}"
     supervisor = Supervisor(sock)
+    supervisor.main = main_proc
     supervisor.send(hello)
     if "error" in hello:
         return 3

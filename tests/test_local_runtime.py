@@ -116,3 +116,24 @@ async def test_without_bubblewrap_it_says_it_is_not_isolated(tmp_path: Path) -> 
             assert "NOT isolated" in sb.runtime
             assert (await sb.exec(["echo", "works"])).stdout == b"works\n"
             assert await sb.status() is SandboxStatus.RUNNING
+
+
+async def test_a_killed_agent_leaves_nothing_once_restarted(tmp_path: Path) -> None:
+    """kill -9 of a local agent takes its sandboxes down with it (bubblewrap's
+    --die-with-parent); its state is reaped when it starts again."""
+    for c in _local_cluster(tmp_path):
+        d = SandboxDefaults(scheduler=c.address)
+        sb = await Sandbox.create("sleep", "infinity", defaults=d)
+        owner = sb.info.agent_id if sb.info else ""
+        home = STATE / owner / (sb.sandbox_id or "")
+        assert home.exists()
+        c.kill(owner)
+        def gone(path: Path = home) -> bool:
+            lines = [" ".join(p.info["cmdline"] or ()) for p in psutil.process_iter(["cmdline"])]
+            return not any(str(path) in line for line in lines)
+
+        await asyncio.to_thread(wait_until, gone, 10, 0.1, "its processes to die")
+        c.start_agent(owner)
+        await asyncio.to_thread(wait_until, lambda p=home: not p.exists(), 20, 0.1,
+                                f"the restarted agent to reap {home}\n{c.logs()}")
+        c.wait_agents(2)

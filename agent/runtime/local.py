@@ -394,7 +394,10 @@ def _live_pid(home: Path | None) -> int | None:
     try:
         pid_text, created = (home / "pid").read_text().split()
         proc = psutil.Process(int(pid_text))
-        if abs(proc.create_time() - float(created)) < 0.01:
+        # A zombie is dead (its parent, a killed agent, is gone and init may not reap).
+        if abs(proc.create_time() - float(created)) < 0.01 and (
+            proc.status() != psutil.STATUS_ZOMBIE
+        ):
             return proc.pid
     except (OSError, ValueError, psutil.Error):
         return None
