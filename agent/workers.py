@@ -178,6 +178,16 @@ class WorkerHub:
         await self._write(link, [marshal.dumps({**header, "rid": rid}), *blobs])
         return rid, replies, link
 
+    async def _one_reply(
+        self, sandbox_id: str, header: dict[str, Any], blobs: Sequence[Payload] = ()
+    ) -> tuple[dict[str, Any], list[memoryview]]:
+        """A request to the supervisor answered by a single reply."""
+        rid, replies, link = await self._ask(sandbox_id, header, blobs)
+        try:
+            return await replies.get()
+        finally:
+            link.pending.pop(rid, None)
+
     @staticmethod
     def _gone(sandbox_id: str) -> SandboxNotRunningError:
         return SandboxNotRunningError(
@@ -225,11 +235,7 @@ class WorkerHub:
         timeout_seconds: float | None,
     ) -> ExecOutput:
         header = _exec_header(argv, cwd, env, timeout_seconds, stream=False)
-        rid, replies, link = await self._ask(sandbox_id, header)
-        try:
-            reply, blobs = await replies.get()
-        finally:
-            link.pending.pop(rid, None)
+        reply, blobs = await self._one_reply(sandbox_id, header)
         if reply.get("op") != "exit":
             raise self._gone(sandbox_id)
         out, err = [bytes(b) for b in [*blobs, b"", b""][:2]]
@@ -238,11 +244,7 @@ class WorkerHub:
     async def _file_op(
         self, sandbox_id: str, header: dict[str, Any], blobs: Sequence[Payload] = ()
     ) -> list[memoryview]:
-        rid, replies, link = await self._ask(sandbox_id, header, blobs)
-        try:
-            reply, data = await replies.get()
-        finally:
-            link.pending.pop(rid, None)
+        reply, data = await self._one_reply(sandbox_id, header, blobs)
         if reply.get("op") != "file":
             raise self._gone(sandbox_id)
         if "error" in reply:
@@ -260,9 +262,6 @@ class WorkerHub:
 
     async def write_file(self, sandbox_id: str, path: str, data: Payload, mode: int) -> None:
         await self._file_op(sandbox_id, {"op": "write", "path": path, "mode": mode}, [data])
-
-    def is_worker(self, sandbox_id: str) -> bool:
-        return sandbox_id in self._links
 
     async def run_calls(
         self, identity: bytes, request_id: int, msg: RunCalls, payloads: tuple[Payload, ...]
@@ -370,12 +369,6 @@ class WorkerHub:
         link.routes.clear()
         for (identity, request_id), out in by_route.items():
             await self._send(identity, request_id, CallResults(link.sandbox_id, tuple(out)), ())
-
-    def exited(self, sandbox_id: str, detail: str) -> None:
-        """The runtime saw the worker's sandbox end (or it was stopped)."""
-        link = self._links.get(sandbox_id)
-        if link is not None and not link.exit_detail.done():
-            link.exit_detail.set_result(detail)
 
     async def close(self, sandbox_id: str, detail: str) -> None:
         link = self._links.pop(sandbox_id, None)

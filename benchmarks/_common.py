@@ -98,3 +98,22 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def spawn_daemon(args: list[str], logfile: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    """``python ARGS`` as a quiet daemon logging to ``logfile``: no token from our
+    environment, its own session, and it exits by itself if this process dies."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "AVIATO_TOKEN"}
+    env["AVIATO_PARENT_PID"] = str(os.getpid())
+    with open(logfile, "wb") as log:
+        return subprocess.Popen(
+            [sys.executable, *args, "--log-level", "WARNING"],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )

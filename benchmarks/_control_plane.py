@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from collections import deque
@@ -41,7 +40,7 @@ from aviato.protocol import (
 )
 
 from ._cleanup import Cleanup
-from ._common import IMAGE, ROOT, RUN_ID, Plan, stop_process, timed
+from ._common import IMAGE, ROOT, RUN_ID, Plan, spawn_daemon, stop_process, timed
 from ._stats import Stats
 
 # --------------------------------------------------------------------------- wire
@@ -281,21 +280,9 @@ async def start_scheduler(
     tmp = tempfile.mkdtemp(prefix="aviato-bench-")
     cleanup.dirs.append(tmp)
     ready, logfile = Path(tmp) / "scheduler.addr", Path(tmp) / "scheduler.log"
-    env = {k: v for k, v in os.environ.items() if k != "AVIATO_TOKEN"}
-    env["AVIATO_PARENT_PID"] = str(os.getpid())  # it exits by itself if we die
     prof = ["-m", "cProfile", "-o", profile] if profile else []
-    argv = [sys.executable, *prof, "-m", "scheduler", "--bind", "tcp://127.0.0.1:*"]
-    argv += ["--ready-file", str(ready), "--log-level", "WARNING"]
-    with open(logfile, "wb") as log:
-        proc = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+    argv = [*prof, "-m", "scheduler", "--bind", "tcp://127.0.0.1:*", "--ready-file", str(ready)]
+    proc = spawn_daemon(argv, logfile, ROOT)
     cleanup.procs.append(proc)
     deadline = time.monotonic() + 20
     while not ready.exists():

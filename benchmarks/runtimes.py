@@ -69,7 +69,16 @@ from aviato._connection import close_all, connection
 from aviato._local import LocalCluster
 from aviato.protocol import AgentInfo, ClusterStatus, ClusterStatusReply, Ping
 from benchmarks._cleanup import Cleanup
-from benchmarks._common import IMAGE, ROOT, RUN_ID, check_exit, console, rotated, timed
+from benchmarks._common import (
+    IMAGE,
+    ROOT,
+    RUN_ID,
+    check_exit,
+    console,
+    rotated,
+    spawn_daemon,
+    timed,
+)
 from benchmarks._control_plane import start_scheduler
 from benchmarks._docker_peers import DockerPeers
 from benchmarks._latency import Run, interleave, warm_up
@@ -151,22 +160,10 @@ async def start_no_supervisor(cleanup: Cleanup) -> Cluster:
     c.procs.append(sched)
     tmp = Path(tempfile.mkdtemp(prefix="aviato-bench-"))
     cleanup.dirs.append(str(tmp))
-    env = {k: v for k, v in os.environ.items() if k != "AVIATO_TOKEN"}
-    env["AVIATO_PARENT_PID"] = str(os.getpid())  # it exits by itself if we die
-    argv = [sys.executable, "-m", "agent", "--scheduler", c.address, "--agent-id", c.agent_id]
+    argv = ["-m", "agent", "--scheduler", c.address, "--agent-id", c.agent_id]
     argv += ["--runtime", "docker", "--no-supervisor", "--bind", "tcp://127.0.0.1:*"]
-    argv += ["--log-level", "WARNING"]
     logfile = tmp / "agent.log"
-    with open(logfile, "wb") as log:
-        agent = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+    agent = spawn_daemon(argv, logfile, ROOT)
     cleanup.procs.insert(0, agent)  # swept before the scheduler: it stops its sandboxes
     c.procs.insert(0, agent)
     deadline = time.monotonic() + 60
