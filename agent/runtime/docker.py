@@ -367,10 +367,20 @@ class DockerRuntime(Runtime):
         """Kill the exec's process tree (host pids: we run beside dockerd), then make
         sure its reader returns even if an orphan keeps the output open."""
         h.aborted = True
-        with contextlib.suppress(*DockerError, KeyError, TypeError):
-            info = self._api.exec_inspect(h.exec_id)
-            if info["Running"] and info["Pid"]:
+        # dockerd marks an exec running only after its start call returns, and output can
+        # flow before that: under load, "not running, no exit code" means "not yet".
+        deadline = time.monotonic() + 10
+        while h.exec_id is not None and time.monotonic() < deadline:
+            try:
+                info = self._api.exec_inspect(h.exec_id)
+            except (*DockerError, KeyError, TypeError):
+                break
+            if info.get("Running") and info.get("Pid"):
                 _kill_tree(int(info["Pid"]))
+                break
+            if info.get("ExitCode") is not None or h.done.is_set():
+                break
+            time.sleep(0.02)
         if not h.done.wait(KILL_GRACE) and h.stream is not None:
             with contextlib.suppress(Exception):
                 h.stream.close()
@@ -544,10 +554,29 @@ class DockerRuntime(Runtime):
         try:
             self._api.remove_container(target, force=True)
         except DockerError as exc:
-            if _status(exc) not in (404, 409):  # 409: a removal is already under way
+            if _status(exc) == 409:  # a removal is already under way: wait for it to finish
+                self._wait_removed(sandbox_id, target)
+            elif _status(exc) != 404:
                 raise SandboxFailedError(
                     f"could not remove sandbox {sandbox_id}: {_why(exc)}", sandbox_id=sandbox_id
                 ) from exc
+
+    def _wait_removed(self, sandbox_id: str, target: str, timeout: float = 25) -> None:
+        """Return once ``target`` is gone: "stopped" must mean gone from ``docker ps -a``
+        (an agent exits right after stopping everything; a half-removed container would
+        be left to nobody)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self._api.inspect_container(target)
+            except DockerError as exc:
+                if _status(exc) == 404:
+                    return
+            time.sleep(0.05)
+        raise SandboxFailedError(
+            f"sandbox {sandbox_id} still exists {timeout:.0f} s after its removal began",
+            sandbox_id=sandbox_id,
+        )
 
     async def list(self, agent_id: str) -> list[RuntimeSandbox]:
         await self._ensure_events()
