@@ -14,7 +14,9 @@ import uvloop
 
 from agent.runtime import make_runtime
 from agent.server import AgentServer
+from aviato._auth import CurveKeys, ServerKeys, agent_keys
 from aviato._daemon import daemon_setup, exit_with_parent
+from aviato.exceptions import UnauthorizedError
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
@@ -62,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pids-limit", type=int, default=1024)
     p.add_argument("--token", default=os.environ.get("AVIATO_TOKEN"))
     p.add_argument(
+        "--keys",
+        default=os.environ.get("AVIATO_KEYS"),
+        help="CURVE key directory from `aviato keys` (default $AVIATO_KEYS): authenticate to"
+        " the scheduler and serve only client keys",
+    )
+    p.add_argument(
+        "--agent-key",
+        default=os.environ.get("AVIATO_AGENT_KEY"),
+        help="this host's key in KEYS/agents (default $AVIATO_AGENT_KEY, else the only one"
+        " whose secret is there)",
+    )
+    p.add_argument(
         "--no-supervisor",
         action="store_true",
         help="exec and files through the runtime (docker exec) instead of the in-sandbox"
@@ -76,7 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def run(args: argparse.Namespace) -> None:
+def _keys(args: argparse.Namespace) -> tuple[ServerKeys, CurveKeys] | None:
+    if not args.keys:
+        return None
+    try:
+        return agent_keys(args.keys, args.agent_key)
+    except UnauthorizedError as exc:
+        raise SystemExit(f"agent: {exc}") from None
+
+
+async def run(args: argparse.Namespace, keys: tuple[ServerKeys, CurveKeys] | None) -> None:
     runtime = make_runtime(args.runtime, pids_limit=args.pids_limit)
     server = AgentServer(
         runtime,
@@ -87,6 +110,7 @@ async def run(args: argparse.Namespace) -> None:
         advertise_host=args.advertise_host,
         labels=_labels(args.label),
         token=args.token,
+        keys=keys,
         supervisor=not args.no_supervisor,
     )
     loop = asyncio.get_running_loop()
@@ -108,12 +132,13 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     if args.slots < 1:
         raise SystemExit("agent: --slots must be at least 1")
+    keys = _keys(args)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
     code = 0
     try:
-        uvloop.run(run(args))
+        uvloop.run(run(args, keys))
     except BaseException:
         logging.getLogger("aviato.agent").exception("agent failed")
         code = 1

@@ -27,6 +27,7 @@ from agent.runtime.base import (
 )
 from agent.workers import WorkerHub
 from aviato import _zmq
+from aviato._auth import CurveKeys, ServerKeys, ZapHandler, log_refused_handshakes
 from aviato._daemon import warn_if_open
 from aviato._errors import error_reply
 from aviato.exceptions import (
@@ -99,6 +100,7 @@ class AgentServer:
         advertise_host: str | None = None,
         labels: dict[str, str] | None = None,
         token: str | None = None,
+        keys: tuple[ServerKeys, CurveKeys] | None = None,
         register_timeout: float = 2.0,
         supervisor: bool = True,
     ) -> None:
@@ -110,6 +112,8 @@ class AgentServer:
         self.advertise_host = advertise_host
         self.labels = labels or {}
         self.token = token
+        #: CURVE: the data plane's server keys (client keys only), the scheduler link's.
+        self.keys = keys
         self.register_timeout = register_timeout
         #: Run exec and files through an in-sandbox supervisor when the image has Python.
         self.supervisor = supervisor
@@ -143,17 +147,23 @@ class AgentServer:
     # ------------------------------------------------------------------ lifecycle
 
     async def serve(self, *, cleanup_on_exit: bool = True) -> None:
-        data, bound = _zmq.router(self._ctx, self.bind)
+        server_keys = self.keys[0] if self.keys is not None else None
+        who = f"agent {self.agent_id}"
+        zap = ZapHandler(self._ctx, server_keys, who) if server_keys is not None else None
+        data, bound = _zmq.router(self._ctx, self.bind, server_keys)
         self._data = data
         self.address = _zmq.advertised(bound, self.advertise_host)
         log.info(
             "agent %s serving clients on %s (runtime %s)", self.agent_id, bound, self.runtime.name
         )
-        warn_if_open(log, f"agent {self.agent_id}", bound, self.token)
+        warn_if_open(log, who, bound, self.token, server_keys.directory if server_keys else None)
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 self._hub = WorkerHub(self._send, self._spawn, self.agent_id)
+                if zap is not None:
+                    self._task(zap.run())
+                    self._task(log_refused_handshakes(data, who))
                 self._task(self._data_loop(data))
                 self._task(self._scheduler_link())
                 self._task(self._exits_loop())
@@ -164,8 +174,10 @@ class AgentServer:
             if cleanup_on_exit:
                 await self._stop_all()
             if self._hub is not None:
-                await self._hub.close_all()
+                await self._hub.close_all(detach=not cleanup_on_exit)
             await self.runtime.close()
+            if zap is not None:
+                zap.close()
             data.close(linger=0)
             if self._sched is not None:
                 self._sched.close(linger=0)
@@ -216,7 +228,7 @@ class AgentServer:
     def _new_scheduler_socket(self) -> zmq.asyncio.Socket:
         if self._sched is not None:
             self._sched.close(linger=0)
-        sock = _zmq.dealer(self._ctx, self.scheduler)
+        sock = _zmq.dealer(self._ctx, self.scheduler, self.keys[1] if self.keys else None)
         self._sched = sock
         return sock
 
@@ -266,6 +278,7 @@ class AgentServer:
             fresh=fresh,
             labels=self.labels,
             sandboxes=tuple(reported),
+            public_key=self.keys[0].public.decode() if self.keys is not None else "",
         )
         reply = await self._ask_scheduler(msg, self.register_timeout)
         if not isinstance(reply, RegisterReply):
@@ -406,7 +419,9 @@ class AgentServer:
     async def _start_supervisor(self, sid: str) -> None:
         assert self._hub is not None
         command, args = self._hub.worker_command("python3", functions=False)
-        if await self.runtime.start_sidecar(sid, (command, *args), self._hub.worker_env()):
+        # A sidecar is its container's watchdog: it stops the container if we vanish.
+        env = {**self._hub.worker_env(), "AVIATO_WATCHDOG": "container"}
+        if await self.runtime.start_sidecar(sid, (command, *args), env):
             with contextlib.suppress(AviatoError):
                 hello = await self._hub.wait_ready(sid, WORKER_START_SECONDS)
                 log.debug("supervisor up in %s (python %s)", sid, hello.get("python"))
@@ -464,6 +479,9 @@ class AgentServer:
 
     async def _data_loop(self, sock: zmq.asyncio.Socket) -> None:
         while True:
+            # A receive (and a send) with messages queued completes without yielding:
+            # under a flood this loop would starve every other task (heartbeats, ticks).
+            await asyncio.sleep(0)
             frames = await sock.recv_multipart(copy=False)
             identity = frames[0].bytes
             try:

@@ -39,7 +39,7 @@ _LEN = struct.Struct("!Q")
 #: Outcomes are sent at the latest this long after the first unsent one finished.
 FLUSH_SECONDS = 0.002
 #: Variables the agent sets for us, kept out of the commands we run.
-OUR_ENV = ("AVIATO_WORKER_SOCKET", "AVIATO_CLIENT_PYTHON")
+OUR_ENV = ("AVIATO_WORKER_SOCKET", "AVIATO_CLIENT_PYTHON", "AVIATO_WATCHDOG")
 CHUNK = 65536
 
 
@@ -152,6 +152,22 @@ def _user_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in OUR_ENV}
 
 
+def _watchdog() -> bool:
+    """Set for a sidecar beside the container's command, only ever inside a container's
+    own PID namespace: an agent killed, or gone for good, would leave it running."""
+    return os.environ.get("AVIATO_WATCHDOG") == "container"
+
+
+def _stop_container() -> None:
+    """Take every process of the container down but us; its init then exits, and the
+    container stops. Then go too."""
+    try:
+        os.kill(-1, signal.SIGKILL)
+    except OSError:
+        pass
+    os._exit(0)
+
+
 class Supervisor:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -164,6 +180,7 @@ class Supervisor:
         self.base_env = _user_env()
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
         self.main: subprocess.Popen[bytes] | None = None  # the sandbox's command (--main)
+        self.detached = False
 
     # ------------------------------------------------------------------ sending
 
@@ -194,15 +211,23 @@ class Supervisor:
                     threading.Thread(target=handler, args=(header, frames[1:]), daemon=True).start()
                 elif op == "kill":
                     self.kill(header["rid"])
+                elif op == "detach":  # the agent exits but leaves its sandboxes running
+                    self.detached = True
         finally:
             # The agent went away: so do we, and everything we started (a watchdog:
             # without namespaces nothing else would stop them).
+            keep = [self.main] if self.main and self.detached else []
             for proc in [*self.procs.values(), *([self.main] if self.main else [])]:
+                if proc in keep:
+                    continue
                 try:
                     os.killpg(proc.pid, signal.SIGKILL)
                 except OSError:
                     proc.kill()
-            os._exit(0)
+            if _watchdog() and not self.detached:
+                _stop_container()
+            if not keep:  # else the main thread waits on the sandbox's command
+                os._exit(0)
 
     # ------------------------------------------------------------------ calls
 
@@ -417,7 +442,9 @@ def main() -> int:
         try:
             sock.connect(path)
             break
-        except OSError:
+        except OSError as exc:
+            if isinstance(exc, ConnectionRefusedError) and _watchdog():
+                _stop_container()  # the agent that listened there is gone already
             if time.monotonic() > deadline:
                 print(f"aviato worker: cannot reach the agent at {path}", file=sys.stderr)
                 return 2

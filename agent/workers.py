@@ -387,12 +387,22 @@ class WorkerHub:
             link.writer.close()
             with contextlib.suppress(Exception):
                 await link.writer.wait_closed()
-        else:
+        elif link.routes:
             self._spawn(self._fail_routes(link))
         shutil.rmtree(link.directory, ignore_errors=True)
 
-    async def close_all(self) -> None:
+    async def close_all(self, *, detach: bool = False) -> None:
+        """Close every link; ``detach``: tell each supervisor first that its sandbox
+        stays (else a sidecar's watchdog stops the container when the link closes)."""
         for sandbox_id in list(self._links):
+            link = self._links[sandbox_id]
+            if detach and link.writer is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(
+                        self._write(link, [marshal.dumps({"op": "detach"})]), 5
+                    )
+            link.routes.clear()  # the agent's tasks are gone: nobody is left to answer
+            await self.close(sandbox_id, "the agent is shutting down")
             await self.close(sandbox_id, "the agent is shutting down")
         shutil.rmtree(self.root, ignore_errors=True)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import reprlib
 import types
 import typing
 from collections.abc import Callable
@@ -35,6 +36,24 @@ class CodecError(ValueError):
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class _Brief(reprlib.Repr):
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxstring = self.maxother = 60
+
+    def repr_bytes(self, x: bytes, level: int) -> str:
+        return self.repr_str(x, level)  # type: ignore[arg-type]  # slices first: works on bytes
+
+
+_BRIEF = _Brief()
+
+
+def brief(value: Any) -> str:
+    """``repr(value)`` cut short: a peer's value echoed in an error (and the log) must
+    not be its megabytes back again, four times over for bytes."""
+    return _BRIEF.repr(value)
 
 
 def _expected(what: str, value: Any) -> CodecError:
@@ -88,7 +107,7 @@ def _build_decoder(tp: Any) -> Convert:
                 try:
                     out[key(k)] = val(v)
                 except CodecError as exc:
-                    raise exc.within(f"[{k!r}]") from None
+                    raise exc.within(f"[{brief(k)}]") from None
             return out
 
         return dict_
@@ -99,7 +118,7 @@ def _build_decoder(tp: Any) -> Convert:
             try:
                 return enum_tp(value)
             except ValueError:
-                raise CodecError(f"{value!r} is not a {enum_tp.__name__}") from None
+                raise CodecError(f"{brief(value)} is not a {enum_tp.__name__}") from None
 
         return enum_
     if tp is float:
@@ -145,7 +164,7 @@ def _union_decoder(args: tuple[Any, ...]) -> Convert:
                 return option(value)
             except CodecError as exc:
                 errors.append(str(exc))
-        raise CodecError("; ".join(errors) or f"unexpected {value!r}")
+        raise CodecError("; ".join(errors) or f"unexpected {brief(value)}")
 
     return union
 
@@ -173,7 +192,7 @@ def _dataclass_decoder(cls: type) -> Convert:
         for k, v in value.items():
             convert = fields.get(k)
             if convert is None:
-                raise CodecError(f"unknown field {k!r}")
+                raise CodecError(f"unknown field {brief(k)}")
             try:
                 kwargs[k] = convert(v)
             except CodecError as exc:

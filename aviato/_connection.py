@@ -7,6 +7,7 @@ Connections belong to one event loop; :func:`connection` hands out one per
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import weakref
@@ -15,17 +16,26 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 from aviato import _zmq
+from aviato._auth import CurveKeys, handshake_refusal
 from aviato._errors import to_exception
-from aviato.exceptions import ClusterUnavailableError, PayloadTooLargeError
+from aviato.exceptions import (
+    AviatoError,
+    ClusterUnavailableError,
+    PayloadTooLargeError,
+    UnauthorizedError,
+)
 from aviato.protocol import (
     MAX_PAYLOAD_BYTES,
     Decoded,
     DecodeError,
+    ErrorCode,
     ErrorReply,
     Message,
     Payload,
+    Ping,
     decode,
     encode,
     payload_size,
@@ -43,14 +53,30 @@ def _context() -> zmq.asyncio.Context:
     return _CTX
 
 
+#: Handshake outcomes a connection watches: a daemon refusing our credentials.
+_HANDSHAKE_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+)
+
+
 class Connection:
-    def __init__(self, address: str, token: str | None = None) -> None:
+    def __init__(
+        self, address: str, token: str | None = None, curve: CurveKeys | None = None
+    ) -> None:
         self.address = address
         self.token = token
-        self._sock = _zmq.dealer(_context(), address)
+        self.curve = curve
+        self._sock = _zmq.dealer(_context(), address, curve)
+        #: Why the daemon refused our handshake, until one succeeds ("" otherwise).
+        self.refused = ""
         # request id -> what to do with each reply to it (a future, a queue, a pool)
         self._waiting: dict[int, Callable[[Decoded], None]] = {}
-        self._reader = asyncio.get_running_loop().create_task(self._read())
+        loop = asyncio.get_running_loop()
+        self._monitor = self._sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+        self._reader = loop.create_task(self._read())
+        self._watcher = loop.create_task(self._watch())
         self.closed = False
 
     async def _read(self) -> None:
@@ -63,6 +89,37 @@ class Connection:
             handler = self._waiting.get(decoded.request_id)
             if handler is not None:
                 handler(decoded)
+
+    async def _watch(self) -> None:
+        """A refused handshake (no key, an unknown key, another mechanism) would leave
+        requests to time out in silence: fail them now with the reason."""
+        while True:
+            event = await recv_monitor_message(self._monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.refused = ""
+                continue
+            why = handshake_refusal(
+                event["event"], event["value"], self.address, self.curve is not None
+            )
+            if not why:
+                continue
+            if why != self.refused:
+                log.info("%s", why)  # the waiting requests raise it
+            self.refused = why
+            refusal = ErrorReply(ErrorCode.UNAUTHORIZED, why)
+            for request_id, handler in list(self._waiting.items()):
+                handler(Decoded(refusal, request_id))
+
+    def _no_answer(self, what: str) -> Exception:
+        if self.refused:
+            return UnauthorizedError(self.refused)
+        hint = (
+            "check that this client's key is one the cluster knows (AVIATO_KEYS, "
+            "AVIATO_CLIENT_KEY)"
+            if self.curve is not None
+            else "is it running and reachable? (if the cluster uses keys, set AVIATO_KEYS)"
+        )
+        return ClusterUnavailableError(f"{what}; {hint}")
 
     async def _send(self, request_id: int, msg: Message, payloads: Sequence[Payload]) -> None:
         size = payload_size(payloads)
@@ -87,7 +144,7 @@ class Connection:
                 async with asyncio.timeout(timeout):
                     reply = await queue.get()
             except TimeoutError:
-                raise ClusterUnavailableError(
+                raise self._no_answer(
                     f"no answer from {self.address} to {type(msg).__name__} within {timeout:g}s"
                 ) from None
         finally:
@@ -95,6 +152,31 @@ class Connection:
         if isinstance(reply.msg, ErrorReply):
             raise to_exception(reply.msg)
         return reply
+
+    async def request_probed(
+        self, msg: Message, payloads: Sequence[Payload] = (), *, timeout: float, probe: float
+    ) -> Decoded:
+        """``request`` for a reply that may rightly take long (a create queued for a
+        slot): meanwhile the peer must answer a Ping every ``probe`` seconds, so a dead
+        or restarted daemon is a prompt ``ClusterUnavailableError``, not a long hang."""
+        main = asyncio.ensure_future(self.request(msg, payloads, timeout=timeout))
+        try:
+            while True:
+                done, _ = await asyncio.wait({main}, timeout=probe)
+                if done:
+                    return main.result()
+                try:
+                    await self.request(Ping(), timeout=probe)
+                except ClusterUnavailableError as exc:
+                    raise ClusterUnavailableError(
+                        f"{exc} (while waiting for the reply to {type(msg).__name__}; "
+                        "it may have been lost)"
+                    ) from None
+        finally:
+            if not main.done():
+                main.cancel()
+                with contextlib.suppress(asyncio.CancelledError, AviatoError):
+                    await main
 
     async def stream(
         self,
@@ -115,7 +197,7 @@ class Connection:
                     async with asyncio.timeout(idle_timeout):
                         reply = await queue.get()
                 except TimeoutError:
-                    raise ClusterUnavailableError(
+                    raise self._no_answer(
                         f"{self.address} went silent for {idle_timeout:g}s during "
                         f"{type(msg).__name__}"
                     ) from None
@@ -151,10 +233,18 @@ class Connection:
     def forget(self, request_id: int) -> None:
         self._waiting.pop(request_id, None)
 
+    def redirect(self, request_id: int, handler: Callable[[Decoded], None]) -> None:
+        """Send a reply still awaited for ``request_id`` to ``handler`` instead."""
+        if request_id in self._waiting:
+            self._waiting[request_id] = handler
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self._reader.cancel()
+            self._watcher.cancel()
+            self._sock.disable_monitor()
+            self._monitor.close(linger=0)
             self._sock.close(linger=0)
 
 
@@ -163,19 +253,22 @@ def _log_send_failure(future: asyncio.Future[Any]) -> None:
         log.warning("send failed: %s", future.exception())
 
 
-_by_loop: weakref.WeakKeyDictionary[
-    asyncio.AbstractEventLoop, dict[tuple[str, str | None], Connection]
-] = weakref.WeakKeyDictionary()
+_Key = tuple[str, str | None, CurveKeys | None]
+_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_Key, Connection]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def connection(address: str, token: str | None = None) -> Connection:
+def connection(
+    address: str, token: str | None = None, curve: CurveKeys | None = None
+) -> Connection:
     """The shared connection to ``address`` for the running loop."""
     loop = asyncio.get_running_loop()
     conns = _by_loop.setdefault(loop, {})
-    conn = conns.get((address, token))
+    conn = conns.get((address, token, curve))
     if conn is None or conn.closed:
-        conn = Connection(address, token)
-        conns[(address, token)] = conn
+        conn = Connection(address, token, curve)
+        conns[(address, token, curve)] = conn
     return conn
 
 

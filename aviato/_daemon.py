@@ -48,10 +48,14 @@ def daemon_setup() -> None:
         forbid_unpickling()
 
 
-def warn_if_open(log_: logging.Logger, what: str, address: str, token: str | None) -> None:
+def warn_if_open(
+    log_: logging.Logger, what: str, address: str, token: str | None, keys: str | None = None
+) -> None:
     """Say plainly when a daemon listens beyond loopback with no credentials."""
     loopback = "127.0.0.1" in address or "localhost" in address or "[::1]" in address
-    if token:
+    if keys:
+        log_.info("%s: CURVE authentication on: only keys from %s are served", what, keys)
+    elif token:
         log_.info("%s: requests must carry the cluster token", what)
     elif loopback:
         log_.info("%s: no authentication; listening on loopback only (%s)", what, address)

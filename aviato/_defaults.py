@@ -8,7 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aviato.protocol import SandboxSpec
+from aviato._auth import CurveKeys, client_keys, scheduler_public_key
+from aviato.protocol import SandboxInfo, SandboxSpec
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,11 @@ class SandboxDefaults:
     network: str | None = None
     working_dir: str | None = None
     token: str | None = None
+    #: CURVE key directory (``aviato keys DIR``); else $AVIATO_KEYS; else no keys.
+    keys: str | None = None
+    #: This client's key in KEYS/clients; else $AVIATO_CLIENT_KEY; else the only one
+    #: whose secret is there.
+    client_key: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists for convenience; keep the frozen value hashable-ish and immutable.
@@ -47,6 +53,27 @@ class SandboxDefaults:
 
     def cluster_token(self) -> str | None:
         return self.token or os.environ.get("AVIATO_TOKEN") or None
+
+    def key_dir(self) -> str | None:
+        return self.keys or os.environ.get("AVIATO_KEYS") or None
+
+    def _client_key_name(self) -> str | None:
+        return self.client_key or os.environ.get("AVIATO_CLIENT_KEY") or None
+
+    def scheduler_curve(self) -> CurveKeys | None:
+        """This client's CURVE keys for the scheduler; None when keys are off."""
+        directory = self.key_dir()
+        if directory is None:
+            return None
+        return client_keys(directory, self._client_key_name(), scheduler_public_key(directory))
+
+    def agent_curve(self, info: SandboxInfo) -> CurveKeys | None:
+        """This client's CURVE keys for the agent running ``info``'s sandbox (its public
+        key comes from the scheduler); None when that agent serves without keys."""
+        directory = self.key_dir()
+        if directory is None or not info.agent_public_key:
+            return None
+        return client_keys(directory, self._client_key_name(), info.agent_public_key)
 
 
 def merge_spec(

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import zmq
 
+from aviato._auth import client_keys, scheduler_public_key
 from aviato.exceptions import ClusterUnavailableError
 from aviato.protocol import ClusterStatus, ClusterStatusReply, decode, encode
 
@@ -36,6 +37,8 @@ class LocalCluster:
         runtime: str | None = None,
         agent_id: str | None = None,
         bind_host: str = "127.0.0.1",
+        keys: str | None = None,
+        client_key: str | None = None,
     ) -> None:
         self.slots = slots or int(
             os.environ.get("AVIATO_LOCAL_SLOTS", max(8, 4 * (os.cpu_count() or 1)))
@@ -43,6 +46,9 @@ class LocalCluster:
         self.runtime = runtime or os.environ.get("AVIATO_RUNTIME", "auto")
         self.agent_id = agent_id or f"embedded-{os.getpid()}"
         self.bind_host = bind_host
+        #: CURVE key directory (``aviato up --keys``); the embedded default has none.
+        self.keys = keys
+        self.client_key = client_key
         self.address = ""
         self._dir = Path(tempfile.mkdtemp(prefix="aviato-local-"))
         self._procs: list[subprocess.Popen[bytes]] = []
@@ -55,13 +61,22 @@ class LocalCluster:
                 stdin=subprocess.DEVNULL,
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "AVIATO_PARENT_PID": str(os.getpid())},
+                env={**self._env(), "AVIATO_PARENT_PID": str(os.getpid())},
                 start_new_session=True,  # Ctrl-C in a terminal reaches us, not them
             )
         finally:
             logfile.close()
         self._procs.append(proc)
         return proc
+
+    def _env(self) -> dict[str, str]:
+        # Keys only when asked for: $AVIATO_KEYS names a real cluster's, not ours.
+        env = dict(os.environ)
+        env.pop("AVIATO_KEYS", None)
+        return env
+
+    def _key_args(self) -> list[str]:
+        return ["--keys", self.keys] if self.keys else []
 
     def _log_tail(self) -> str:
         parts = []
@@ -75,7 +90,8 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         ready = self._dir / "scheduler.addr"
         sched = self._spawn(
-            "scheduler", ["--bind", f"tcp://{self.bind_host}:*", "--ready-file", str(ready)]
+            "scheduler",
+            ["--bind", f"tcp://{self.bind_host}:*", "--ready-file", str(ready), *self._key_args()],
         )
         while not ready.exists():
             self._check_alive(sched, "scheduler", deadline)
@@ -94,6 +110,7 @@ class LocalCluster:
                 self.agent_id,
                 "--bind",
                 f"tcp://{self.bind_host}:*",
+                *self._key_args(),
             ],
         )
         while not self._agent_live():
@@ -113,6 +130,9 @@ class LocalCluster:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.keys:
+            public = scheduler_public_key(self.keys)
+            client_keys(self.keys, self.client_key, public).apply(sock)
         try:
             sock.connect(self.address)
             sock.send_multipart(encode(ClusterStatus(), 1))

@@ -31,6 +31,7 @@ from aviato._function import (
 from aviato._sandbox import Sandbox, scheduler_connection
 from aviato.exceptions import (
     AviatoError,
+    ClusterUnavailableError,
     FunctionError,
     FunctionSerializationError,
     SandboxError,
@@ -86,6 +87,9 @@ class PoolStatistics:
     workers_started: int
     workers_lost: int
     calls_retried: int
+    #: replies that came from a worker after its calls had moved on (dropped, not
+    #: delivered twice)
+    late_replies_dropped: int = 0
 
 
 def batch_size(fn: RemoteFunction[Any]) -> int:
@@ -111,6 +115,7 @@ class FunctionPool:
         self._started_total = 0
         self._lost_total = 0
         self._retried_total = 0
+        self._late_total = 0
 
     def statistics(self) -> PoolStatistics:
         return PoolStatistics(
@@ -121,6 +126,7 @@ class FunctionPool:
             workers_started=self._started_total,
             workers_lost=self._lost_total,
             calls_retried=self._retried_total,
+            late_replies_dropped=self._late_total,
         )
 
     # ------------------------------------------------------------------ submit
@@ -252,6 +258,7 @@ class FunctionPool:
                 continue
             call = worker.inflight.pop(outcome.call_id, None)
             if call is None or call.worker is not worker:
+                self._late_total += 1
                 continue  # moved elsewhere already: a late reply, dropped
             call.worker = None
             if call.timer is not None:
@@ -329,6 +336,10 @@ class FunctionPool:
 
     # ------------------------------------------------------------------ losing workers
 
+    def _late_reply(self, conn: Connection, decoded: Decoded) -> None:
+        conn.forget(decoded.request_id)
+        self._late_total += 1
+
     def _drop(self, worker: WorkerHandle, *, stop: bool = True) -> list[Call]:
         """Take a worker out of the pool; returns the calls it had in flight."""
         if not worker.alive:
@@ -337,7 +348,9 @@ class FunctionPool:
         if worker in self.workers:
             self.workers.remove(worker)
         for request_id in worker.requests:
-            worker.conn.forget(request_id)
+            # A worker cut off or frozen is not dead: its reply may still come. It is
+            # counted and dropped, never delivered (its calls have moved on).
+            worker.conn.redirect(request_id, functools.partial(self._late_reply, worker.conn))
         worker.requests.clear()
         calls = list(worker.inflight.values())
         worker.inflight.clear()
@@ -468,7 +481,8 @@ class FunctionPool:
         if self.closed:
             await self._stop_quietly(sandbox)
             return
-        conn = connection(info.agent_address, self.session.defaults.cluster_token())
+        defaults = self.session.defaults
+        conn = connection(info.agent_address, defaults.cluster_token(), defaults.agent_curve(info))
         worker = WorkerHandle(sandbox, conn)
         self._started_total += 1
         self.workers.append(worker)
@@ -487,11 +501,18 @@ class FunctionPool:
     async def _watch(self, worker: WorkerHandle) -> None:
         """Notice a worker sandbox that ends (killed, OOM, agent lost)."""
         detail = "its sandbox ended"
-        try:
-            code = await worker.sandbox.wait()
-            detail = f"its sandbox exited with code {code}"
-        except AviatoError as exc:
-            detail = str(exc)
+        while worker.alive:
+            try:
+                code = await worker.sandbox.wait()
+                detail = f"its sandbox exited with code {code}"
+            except ClusterUnavailableError:
+                # The scheduler restarting is no news of the worker: ask again (the
+                # agent's replies, not this watch, carry most losses anyway).
+                await asyncio.sleep(0.5)
+                continue
+            except AviatoError as exc:
+                detail = str(exc)
+            break
         if worker.alive:
             self._worker_lost(worker, detail)
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -13,6 +15,7 @@ from aviato._connection import Connection, connection
 from aviato._defaults import SandboxDefaults, merge_spec
 from aviato._types import ExecResult, OutputChunk
 from aviato.exceptions import (
+    AviatoError,
     SandboxExecutionError,
     SandboxFailedError,
     SandboxNotRunningError,
@@ -44,14 +47,17 @@ if TYPE_CHECKING:
     from aviato._session import Session
 
 #: Longest single long-poll of ``wait``; the loop re-asks until its own deadline.
-_WAIT_POLL_SECONDS = 20.0
+_WAIT_POLL_SECONDS = 5.0  # short: a poll lost in a scheduler restart is re-sent soon
 #: Deadline for an exec given no timeout of its own (a day: "forever", but bounded).
 _EXEC_NO_TIMEOUT_SECONDS = 24 * 3600.0
 
 
 async def scheduler_connection(defaults: SandboxDefaults) -> Connection:
-    address = defaults.scheduler_address() or await _local.ensure_cluster()
-    return connection(address, defaults.cluster_token())
+    address = defaults.scheduler_address()
+    if address is None:
+        # The embedded cluster is private to this process and never uses keys.
+        return connection(await _local.ensure_cluster(), defaults.cluster_token())
+    return connection(address, defaults.cluster_token(), defaults.scheduler_curve())
 
 
 class Sandbox:
@@ -211,16 +217,22 @@ class Sandbox:
             await self._session._ensure_open()
         conn = await scheduler_connection(self._defaults)
         wait = self._defaults.start_timeout_seconds
+        # Our own id: a create we give up on may still arrive (queued in the socket
+        # across an outage); the stop sent after it, in order, then cancels it.
+        sandbox_id = "sb-" + uuid.uuid4().hex[:16]
         try:
-            reply = await conn.request(
-                CreateSandbox(self._spec, wait),
+            reply = await conn.request_probed(
+                CreateSandbox(self._spec, wait, sandbox_id),
                 timeout=wait + self._defaults.request_timeout_seconds + 120.0,
+                probe=self._defaults.request_timeout_seconds,
             )
-        except SandboxTimeoutError:
-            self._starting = None  # a later start() may try again
-            raise
-        except SandboxFailedError:
-            self._starting = None
+        except BaseException as exc:
+            if not isinstance(exc, SandboxFailedError):  # else the scheduler dropped it
+                with contextlib.suppress(AviatoError):
+                    stop = StopSandbox(sandbox_id, "its creator gave up waiting")
+                    conn.forget(conn.send_nowait(stop, (), lambda _: None))
+            if isinstance(exc, AviatoError):
+                self._starting = None  # a later start() may try again, with a new id
             raise
         assert isinstance(reply.msg, SandboxReply)
         self._info = reply.msg.sandbox
@@ -280,9 +292,10 @@ class Sandbox:
                     sandbox_id=info.sandbox_id,
                 )
             poll = min(left, _WAIT_POLL_SECONDS)
+            # A small slack: a poll lost with a restarted scheduler is noticed soon.
             reply = await conn.request(
                 WaitSandbox(info.sandbox_id, poll),
-                timeout=poll + self._defaults.request_timeout_seconds,
+                timeout=poll + min(5.0, self._defaults.request_timeout_seconds),
             )
             assert isinstance(reply.msg, SandboxReply)
             info = self._info = reply.msg.sandbox
@@ -329,7 +342,8 @@ class Sandbox:
                 f"sandbox {info.sandbox_id} has no agent ({info.status.value}: {info.reason})",
                 sandbox_id=info.sandbox_id,
             )
-        return info, connection(info.agent_address, self._defaults.cluster_token())
+        curve = self._defaults.agent_curve(info)
+        return info, connection(info.agent_address, self._defaults.cluster_token(), curve)
 
     def _exec_deadline(self, timeout_seconds: float | None) -> float:
         slack = self._defaults.request_timeout_seconds
@@ -424,7 +438,9 @@ class Sandbox:
         info = self._require_started()
         if info.agent_address is None:
             return b""
-        conn = connection(info.agent_address, self._defaults.cluster_token())
+        conn = connection(
+            info.agent_address, self._defaults.cluster_token(), self._defaults.agent_curve(info)
+        )
         reply = await conn.request(
             GetLogs(info.sandbox_id), timeout=self._defaults.request_timeout_seconds
         )

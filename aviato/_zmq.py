@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import zmq
 import zmq.asyncio
@@ -18,13 +20,21 @@ from aviato.protocol import (
     payload_size,
 )
 
+if TYPE_CHECKING:
+    from aviato._auth import CurveKeys, ServerKeys
+
 log = logging.getLogger("aviato.zmq")
 ZERO_COPY_BYTES = 64 * 1024
 
 
-def router(ctx: zmq.asyncio.Context, bind: str) -> tuple[zmq.asyncio.Socket, str]:
-    """A daemon's ROUTER socket, bound; returns it and the address it really got."""
+def router(
+    ctx: zmq.asyncio.Context, bind: str, keys: ServerKeys | None = None
+) -> tuple[zmq.asyncio.Socket, str]:
+    """A daemon's ROUTER socket, bound; returns it and the address it really got.
+    With ``keys`` it is a CURVE server (start the context's ZapHandler first)."""
     sock = ctx.socket(zmq.ROUTER)
+    if keys is not None:
+        keys.apply(sock)
     sock.setsockopt(zmq.LINGER, 0)
     # A frame above the limit makes libzmq drop that peer's connection instead of
     # buffering an unbounded message; the peer reconnects.
@@ -40,8 +50,12 @@ def router(ctx: zmq.asyncio.Context, bind: str) -> tuple[zmq.asyncio.Socket, str
     return sock, address
 
 
-def dealer(ctx: zmq.asyncio.Context, connect: str) -> zmq.asyncio.Socket:
+def dealer(
+    ctx: zmq.asyncio.Context, connect: str, keys: CurveKeys | None = None
+) -> zmq.asyncio.Socket:
     sock = ctx.socket(zmq.DEALER)
+    if keys is not None:
+        keys.apply(sock)
     sock.setsockopt(zmq.LINGER, 0)
     # Reconnect with backoff (100 ms doubling to 5 s) when the peer goes away.
     sock.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -68,15 +82,43 @@ async def send_to(
     request_id: int,
     payloads: Sequence[Frame] = (),
 ) -> bool:
-    """Send on a ROUTER; a peer that vanished is logged, not raised (it cannot be told)."""
+    """Send on a ROUTER; a peer that vanished, or let SNDHWM replies pile up unread, is
+    logged, not raised (it cannot be told)."""
     frames: list[Frame] = [identity, *encode(msg, request_id, payloads)]
     try:
-        # Zero-copy only pays off for big frames; small ones are cheaper copied.
-        await sock.send_multipart(frames, copy=payload_size(payloads) < ZERO_COPY_BYTES)
+        # DONTWAIT: waiting for one peer that does not read would hold up every send on
+        # this socket. Zero-copy only pays off for big frames; small ones are cheaper copied.
+        await sock.send_multipart(
+            frames, flags=zmq.DONTWAIT, copy=payload_size(payloads) < ZERO_COPY_BYTES
+        )
     except zmq.ZMQError as exc:
-        log.debug("dropping %s to a gone peer: %s", type(msg).__name__, exc)
+        log.debug("dropping %s to a gone or unread peer: %s", type(msg).__name__, exc)
         return False
     return True
+
+
+class _Throttle:
+    """At most ``burst`` warnings per ``window`` seconds, then a count of the rest: a
+    peer sending junk as fast as it can must not fill the disk (or spend our time)."""
+
+    def __init__(self, burst: int, window: float) -> None:
+        self.burst, self.window = burst, window
+        self.start, self.count, self.skipped = -window, 0, 0
+
+    def warning(self, fmt: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.start >= self.window:
+            if self.skipped:
+                log.warning("... and %d more like it in %gs", self.skipped, self.window)
+            self.start, self.count, self.skipped = now, 0, 0
+        if self.count < self.burst:
+            self.count += 1
+            log.warning(fmt, *args)
+        else:
+            self.skipped += 1
+
+
+_refusals = _Throttle(burst=20, window=10.0)
 
 
 async def reply_decode_error(
@@ -84,7 +126,7 @@ async def reply_decode_error(
 ) -> None:
     """Answer a message we could not decode, when it told us whom to answer."""
     if error.request_id is None:
-        log.warning("%s: dropped an undecodable message: %s", who, error)
+        _refusals.warning("%s: dropped an undecodable message: %s", who, error)
         return
-    log.warning("%s: refused a message: %s", who, error)
+    _refusals.warning("%s: refused a message: %s", who, error)
     await send_to(sock, identity, ErrorReply(error.code, str(error)), error.request_id)

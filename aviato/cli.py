@@ -1,6 +1,7 @@
 """The ``aviato`` command: run the daemons, and look at or act on a cluster.
 
 aviato up                      embedded scheduler + agent in the foreground
+aviato keys DIR [--agents N] [--clients M] [--force]   a cluster's CURVE keys
 aviato scheduler --bind ...    same as ``python -m scheduler``
 aviato agent --scheduler ...   same as ``python -m agent``
 aviato status | ps [--tag T] [--all] | stop ID | exec ID -- CMD... | logs ID
@@ -35,12 +36,19 @@ def _defaults(args: argparse.Namespace) -> SandboxDefaults:
             "aviato: no cluster address: pass --scheduler tcp://HOST:PORT or set "
             "AVIATO_SCHEDULER (run `aviato up` to start a local cluster)"
         )
-    return SandboxDefaults(scheduler=address, request_timeout_seconds=args.timeout)
+    return SandboxDefaults(
+        scheduler=address,
+        request_timeout_seconds=args.timeout,
+        keys=args.keys,
+        client_key=args.client_key,
+    )
 
 
 async def _status(args: argparse.Namespace) -> int:
     defaults = _defaults(args)
-    conn = connection(defaults.scheduler or "", defaults.cluster_token())
+    conn = connection(
+        defaults.scheduler or "", defaults.cluster_token(), defaults.scheduler_curve()
+    )
     reply = await conn.request(ClusterStatus(), timeout=defaults.request_timeout_seconds)
     assert isinstance(reply.msg, ClusterStatusReply)
     status = reply.msg
@@ -118,17 +126,44 @@ async def _logs(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from aviato._local import LocalCluster
 
-    cluster = LocalCluster(slots=args.slots, runtime=args.runtime, bind_host=args.host)
+    cluster = LocalCluster(
+        slots=args.slots,
+        runtime=args.runtime,
+        bind_host=args.host,
+        keys=args.keys,
+        client_key=args.client_key,
+    )
     address = cluster.start()
     # Block the signals so sigwait, not KeyboardInterrupt, receives them; only after the
     # daemons started, since children inherit the mask and must still see SIGTERM.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     print(f"aviato cluster up: export AVIATO_SCHEDULER={address}", flush=True)
+    if args.keys:
+        print(f"it serves only keys from {args.keys}: export AVIATO_KEYS={args.keys}", flush=True)
     print("Ctrl-C stops it (and every sandbox it runs).", flush=True)
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
         cluster.stop()
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from aviato._auth import create_cluster_keys
+
+    try:
+        files = create_cluster_keys(args.dir, args.agents, args.clients, force=args.force)
+    except (FileExistsError, ValueError) as exc:
+        console.print(f"[red]aviato keys: {exc}[/red]")
+        return 1
+    for path in files:
+        console.print(str(path), highlight=False)
+    console.print(
+        f"Give every host the public files (*.key) and its own secret only: the scheduler "
+        f"{args.dir}/scheduler.key_secret, each agent host agents/NAME.key_secret, each "
+        "client clients/NAME.key_secret. Then --keys DIR (or AVIATO_KEYS=DIR) everywhere.",
+        highlight=False,
+    )
     return 0
 
 
@@ -138,6 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--scheduler", help="cluster address (default $AVIATO_SCHEDULER)")
     p.add_argument("--timeout", type=float, default=10.0, help="request deadline, seconds")
+    p.add_argument(
+        "--keys",
+        default=os.environ.get("AVIATO_KEYS"),
+        help="CURVE key directory (default $AVIATO_KEYS); `aviato up` serves only its keys",
+    )
+    p.add_argument(
+        "--client-key",
+        default=os.environ.get("AVIATO_CLIENT_KEY"),
+        help="this client's key name in KEYS/clients (default $AVIATO_CLIENT_KEY, else the"
+        " only one whose secret is there)",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("scheduler", help="run a scheduler (python -m scheduler)", add_help=False)
     sub.add_parser("agent", help="run an agent (python -m agent)", add_help=False)
@@ -145,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--slots", type=int)
     up.add_argument("--runtime", default=None)
     up.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for others)")
+    keys = sub.add_parser("keys", help="generate a cluster's CURVE keys in DIR")
+    keys.add_argument("dir")
+    keys.add_argument("--agents", type=int, default=1, help="agent keypairs (agent-1...)")
+    keys.add_argument("--clients", type=int, default=1, help="client keypairs (client-1...)")
+    keys.add_argument("--force", action="store_true", help="replace the keys already in DIR")
     sub.add_parser("status", help="agents, slots and sandbox counts")
     ps = sub.add_parser("ps", help="list sandboxes")
     ps.add_argument("--tag", action="append", default=[], help="only sandboxes with this tag")
@@ -175,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.cmd == "up":
         raise SystemExit(_up(args))
+    if args.cmd == "keys":
+        raise SystemExit(_keys(args))
     if args.cmd == "exec" and not [c for c in args.command if c != "--"]:
         raise SystemExit("aviato exec: give a command after the id: aviato exec ID -- echo hi")
     handlers = {"status": _status, "ps": _ps, "stop": _stop, "exec": _exec, "logs": _logs}

@@ -6,7 +6,7 @@ Every error a user can see is one of these; the daemons send a wire error code
     AviatoError
     ├── ProtocolError                  malformed message, or another protocol version
     ├── ClusterUnavailableError        no answer from the scheduler or an agent in time
-    ├── UnauthorizedError              a daemon refused the credentials
+    ├── UnauthorizedError              a daemon refused the token or CURVE key (or none loads)
     ├── FunctionError                  a remote function raised a type we cannot rebuild
     └── SandboxError
         ├── SandboxNotFoundError       no sandbox with that id
@@ -24,7 +24,7 @@ Every error a user can see is one of these; the daemons send a wire error code
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
     from aviato._types import ExecResult
@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 
 class AviatoError(Exception):
     """Root of every aviato error."""
+
+    #: True when the same request may well succeed if simply tried again (a daemon
+    #: restarting, a host lost): callers can catch ``AviatoError`` and test this.
+    retryable: ClassVar[bool] = False
 
 
 class ProtocolError(AviatoError):
@@ -41,9 +45,12 @@ class ProtocolError(AviatoError):
 class ClusterUnavailableError(AviatoError):
     """The scheduler or an agent did not answer before the deadline."""
 
+    retryable = True
+
 
 class UnauthorizedError(AviatoError):
-    """A daemon refused the request's credentials."""
+    """A daemon refused the request's credentials (cluster token or CURVE key), or this
+    process's key files could not be loaded."""
 
 
 class FunctionError(AviatoError):
@@ -101,6 +108,8 @@ class SandboxFailedError(SandboxError):
 
 class WorkerLostError(SandboxFailedError):
     """A remote function's worker died while running the call, more times than retries."""
+
+    retryable = True
 
 
 class SandboxExecutionError(SandboxError):

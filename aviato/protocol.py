@@ -20,7 +20,7 @@ from typing import Any, ClassVar, TypeAlias
 
 import msgpack
 
-from aviato._codec import CodecError, decoder, encode_value
+from aviato._codec import CodecError, brief, decoder, encode_value
 from aviato.exceptions import ProtocolError
 
 PROTOCOL_VERSION = 1
@@ -146,6 +146,8 @@ class SandboxInfo:
     created_at: float = 0.0
     deadline: float | None = None
     runtime: str = ""
+    #: The agent's CURVE public key (z85) for its data plane; "" when keys are off.
+    agent_public_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +190,9 @@ class CreateSandbox(Message):
     TYPE = MsgType.CREATE_SANDBOX
     spec: SandboxSpec
     timeout_seconds: float
+    #: Chosen by the client ("" lets the scheduler choose): a create it gave up on can
+    #: then be stopped by id, and a retried create is not a second sandbox.
+    sandbox_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +284,8 @@ class RegisterAgent(Message):
     fresh: bool
     labels: dict[str, str] = field(default_factory=dict)
     sandboxes: tuple[SandboxInfo, ...] = ()
+    #: The CURVE public key (z85) its data plane serves with; "" when keys are off.
+    public_key: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -524,7 +531,7 @@ def decode(frames: Sequence[Any]) -> Decoded:
     version = envelope.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise DecodeError(
-            f"peer speaks aviato protocol version {version!r}, this side speaks "
+            f"peer speaks aviato protocol version {brief(version)}, this side speaks "
             f"{PROTOCOL_VERSION}; upgrade the older side so both match",
             code=ErrorCode.VERSION_MISMATCH,
             request_id=request_id,
@@ -533,7 +540,7 @@ def decode(frames: Sequence[Any]) -> Decoded:
         cls = MESSAGE_TYPES[MsgType(envelope.get("t", -1))]
     except (ValueError, KeyError):
         raise DecodeError(
-            f"unknown message type {envelope.get('t')!r}",
+            f"unknown message type {brief(envelope.get('t'))}",
             code=ErrorCode.MALFORMED,
             request_id=request_id,
         ) from None

@@ -100,16 +100,24 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=10)
 
 
-def spawn_daemon(args: list[str], logfile: Path, cwd: Path) -> subprocess.Popen[bytes]:
+def spawn_daemon(
+    args: list[str],
+    logfile: Path,
+    cwd: Path,
+    *,
+    log_level: str = "WARNING",
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
     """``python ARGS`` as a quiet daemon logging to ``logfile``: no token from our
     environment, its own session, and it exits by itself if this process dies."""
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "AVIATO_TOKEN"}
     env["AVIATO_PARENT_PID"] = str(os.getpid())
+    env.update(extra_env or {})
     with open(logfile, "wb") as log:
         return subprocess.Popen(
-            [sys.executable, *args, "--log-level", "WARNING"],
+            [sys.executable, *args, "--log-level", log_level],
             cwd=cwd,
             stdin=subprocess.DEVNULL,
             stdout=log,

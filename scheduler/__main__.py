@@ -11,7 +11,9 @@ import sys
 
 import uvloop
 
+from aviato._auth import scheduler_keys
 from aviato._daemon import daemon_setup, exit_with_parent
+from aviato.exceptions import UnauthorizedError
 from scheduler.server import SchedulerServer
 from scheduler.state import Config
 
@@ -36,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("AVIATO_TOKEN"),
         help="shared secret every request must carry (default $AVIATO_TOKEN)",
     )
+    p.add_argument(
+        "--keys",
+        default=os.environ.get("AVIATO_KEYS"),
+        help="CURVE key directory from `aviato keys` (default $AVIATO_KEYS): serve only the "
+        "agent and client keys found there",
+    )
     p.add_argument("--ready-file", help="write the bound address here once listening")
     p.add_argument("--log-level", default=os.environ.get("AVIATO_LOG_LEVEL", "INFO"))
     return p
@@ -43,7 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def run(args: argparse.Namespace) -> None:
     config = Config(dead_after_seconds=args.dead_after, heartbeat_interval=args.heartbeat_interval)
-    server = SchedulerServer(args.bind, config=config, token=args.token)
+    keys = None
+    if args.keys:
+        try:
+            keys = scheduler_keys(args.keys)
+        except UnauthorizedError as exc:
+            raise SystemExit(f"scheduler: {exc}") from None
+    server = SchedulerServer(args.bind, config=config, token=args.token, keys=keys)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)

@@ -12,6 +12,14 @@ import zmq
 import zmq.asyncio
 
 from aviato import _zmq
+from aviato._auth import (
+    LogThrottle,
+    Role,
+    ServerKeys,
+    ZapHandler,
+    log_refused_handshakes,
+    request_refusal,
+)
 from aviato._daemon import warn_if_open
 from aviato._errors import error_reply
 from aviato.protocol import (
@@ -57,6 +65,13 @@ class Outgoing:
     sent_at: float
 
 
+def _peer_address(frame: zmq.Frame) -> str:
+    try:
+        return str(frame.get("Peer-Address"))
+    except zmq.ZMQError:
+        return "?"
+
+
 class SchedulerServer:
     def __init__(
         self,
@@ -64,11 +79,16 @@ class SchedulerServer:
         *,
         config: Config | None = None,
         token: str | None = None,
+        keys: ServerKeys | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.bind = bind
         self.state = SchedulerState(config)
         self.token = token
+        #: CURVE: admit only these agent and client keys, each to its own messages.
+        self.keys = keys
+        self._agent_keys = keys.public_keys(Role.AGENT) if keys is not None else {}
+        self._refusals = LogThrottle()
         self.clock = clock
         self.address: str | None = None
         self.ready = asyncio.Event()
@@ -98,19 +118,25 @@ class SchedulerServer:
 
     async def serve(self) -> None:
         ctx = zmq.asyncio.Context()
-        sock, self.address = _zmq.router(ctx, self.bind)
+        zap = ZapHandler(ctx, self.keys, "scheduler") if self.keys is not None else None
+        sock, self.address = _zmq.router(ctx, self.bind, self.keys)
         self._sock = sock
         log.info("scheduler listening on %s", self.address)
-        warn_if_open(log, "scheduler", self.address, self.token)
+        key_dir = self.keys.directory if self.keys else None
+        warn_if_open(log, "scheduler", self.address, self.token, key_dir)
         self.ready.set()
         try:
             async with asyncio.TaskGroup() as tg:
-                recv = tg.create_task(self._recv_loop(sock))
-                tick = tg.create_task(self._tick_loop())
+                tasks = [tg.create_task(self._recv_loop(sock)), tg.create_task(self._tick_loop())]
+                if zap is not None:
+                    tasks.append(tg.create_task(zap.run()))
+                    tasks.append(tg.create_task(log_refused_handshakes(sock, "scheduler")))
                 await self._stop.wait()
-                recv.cancel()
-                tick.cancel()
+                for task in tasks:
+                    task.cancel()
         finally:
+            if zap is not None:
+                zap.close()
             sock.close(linger=0)
             ctx.term()
 
@@ -118,6 +144,9 @@ class SchedulerServer:
 
     async def _recv_loop(self, sock: zmq.asyncio.Socket) -> None:
         while True:
+            # A receive (and a send) with messages queued completes without yielding:
+            # under a flood this loop would starve every other task (heartbeats, ticks).
+            await asyncio.sleep(0)
             frames = await sock.recv_multipart(copy=False)
             identity = frames[0].bytes
             try:
@@ -125,11 +154,33 @@ class SchedulerServer:
             except DecodeError as exc:
                 await _zmq.reply_decode_error(sock, identity, exc, "scheduler")
                 continue
+            if self.keys is not None and not await self._authorized(frames[0], decoded):
+                continue
             try:
                 await self._handle(identity, decoded)
             except Exception as exc:  # one bad request must never stop the daemon
                 log.exception("scheduler: error handling %s", type(decoded.msg).__name__)
                 await _zmq.send_to(sock, identity, error_reply(exc), decoded.request_id)
+
+    async def _authorized(self, first: zmq.Frame, decoded: Decoded) -> bool:
+        """Serve an agent's key agent messages only, a client's key client ones only."""
+        try:
+            peer: str | None = str(first.get("User-Id"))
+        except zmq.ZMQError:  # no ZAP verdict on this connection
+            peer = None
+        refusal = request_refusal(peer, decoded.msg, self._agent_keys)
+        if not refusal:
+            return True
+        held = self._refusals.admit(f"{peer} {refusal}")
+        if held is not None:
+            more = f" ({held} more like it held back)" if held else ""
+            log.warning(
+                "scheduler: refused %s from %s: %s%s", peer, _peer_address(first), refusal, more
+            )
+        assert self._sock is not None
+        reply = ErrorReply(ErrorCode.UNAUTHORIZED, refusal)
+        await _zmq.send_to(self._sock, first.bytes, reply, decoded.request_id)
+        return False
 
     async def _tick_loop(self) -> None:
         while True:
@@ -195,7 +246,7 @@ class SchedulerServer:
     def _on_create(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, CreateSandbox)
         return self.state.request_create(
-            (identity, d.request_id), d.msg.spec, d.msg.timeout_seconds, now
+            (identity, d.request_id), d.msg.spec, d.msg.timeout_seconds, now, d.msg.sandbox_id
         )
 
     def _on_get(self, identity: bytes, d: Decoded, now: float) -> list[Action]:

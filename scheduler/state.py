@@ -8,11 +8,13 @@ report when they register again.
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 
+from aviato._codec import brief
 from aviato.protocol import (
     AgentInfo,
     ClusterStatusReply,
@@ -34,6 +36,8 @@ from aviato.protocol import (
 ReplyKey = Hashable
 
 ACTIVE = frozenset({SandboxStatus.CREATING, SandboxStatus.RUNNING})
+#: stops of unknown sandboxes remembered at most (a flood of junk ids stays bounded)
+MAX_STOPPED_UNKNOWN = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,7 @@ class AgentRecord:
     last_seen: float
     alive: bool = True
     active: set[str] = field(default_factory=set)
+    public_key: str = ""
 
     @property
     def free(self) -> int:
@@ -101,6 +106,7 @@ class PendingCreate:
     spec: SandboxSpec
     deadline: float
     queued_at: float
+    sandbox_id: str = ""  # the client's choice, if it made one
 
 
 @dataclass(slots=True)
@@ -113,6 +119,16 @@ def _new_sandbox_id() -> str:
     return "sb-" + uuid.uuid4().hex[:16]
 
 
+_SANDBOX_ID = re.compile(r"sb-[0-9a-f]{8,32}")
+
+
+def _check_sandbox_id(sandbox_id: str) -> str:
+    """What is wrong with a client-chosen sandbox id ("" for none, or fine)."""
+    if sandbox_id and not _SANDBOX_ID.fullmatch(sandbox_id):
+        return f"sandbox id {sandbox_id!r} must look like sb-<8 to 32 hex digits>"
+    return ""
+
+
 class SchedulerState:
     def __init__(
         self, config: Config | None = None, new_id: Callable[[], str] = _new_sandbox_id
@@ -123,6 +139,12 @@ class SchedulerState:
         self.sandboxes: dict[str, SandboxRecord] = {}
         self.pending: deque[PendingCreate] = deque()
         self.sessions: dict[str, float] = {}  # session id -> lease expiry
+        #: session id -> when it closed: a create for it arriving late (queued in a
+        #: socket across an outage) must not start a sandbox nobody will stop
+        self.closed_sessions: dict[str, float] = {}
+        #: sandbox id -> when a stop for it came while we did not know it (just after a
+        #: restart, before its agent re-registered): reaped when the agent reports it
+        self.stopped_unknown: dict[str, float] = {}
         self.waiters: dict[str, list[Waiter]] = {}
 
     # ------------------------------------------------------------------ queries
@@ -140,6 +162,7 @@ class SchedulerState:
             created_at=rec.created_at,
             deadline=rec.deadline,
             runtime=agent.runtime if agent else "",
+            agent_public_key=agent.public_key if agent else "",
         )
 
     def get(self, sandbox_id: str) -> Message:
@@ -200,11 +223,13 @@ class SchedulerState:
                 runtime=msg.runtime,
                 labels=dict(msg.labels),
                 last_seen=now,
+                public_key=msg.public_key,
             )
             self.agents[msg.agent_id] = agent
         else:
             agent.address, agent.slots, agent.runtime = msg.address, msg.slots, msg.runtime
             agent.labels, agent.last_seen, agent.alive = dict(msg.labels), now, True
+            agent.public_key = msg.public_key
         reported = {s.sandbox_id: s for s in msg.sandboxes}
         adopt: list[str] = []
         reap: list[str] = []
@@ -216,7 +241,7 @@ class SchedulerState:
                     SandboxStatus.RUNNING
                 ):
                     actions += self._started(rec)
-            elif rec is None and not msg.fresh:
+            elif rec is None and not msg.fresh and not self._unwanted(reported_info):
                 adopt.append(sid)
                 actions += self._adopt(reported_info, msg.agent_id, now)
             else:
@@ -255,6 +280,14 @@ class SchedulerState:
                 actions += self._end(rec, SandboxStatus.COMPLETED, now, "vanished from its agent")
         return actions
 
+    def _unwanted(self, reported: SandboxInfo) -> bool:
+        """Stopped, or its session closed, while we did not know it (after a restart,
+        before its agent re-registered): reap it, don't adopt it."""
+        session_id = reported.spec.session_id
+        return reported.sandbox_id in self.stopped_unknown or bool(
+            session_id and session_id in self.closed_sessions
+        )
+
     def _adopt(self, reported: SandboxInfo, agent_id: str, now: float) -> list[Action]:
         """Rebuild a row from an agent's report (the scheduler restarted)."""
         spec = reported.spec
@@ -279,12 +312,34 @@ class SchedulerState:
     # ------------------------------------------------------------------ create / place
 
     def request_create(
-        self, key: ReplyKey, spec: SandboxSpec, timeout_seconds: float, now: float
+        self,
+        key: ReplyKey,
+        spec: SandboxSpec,
+        timeout_seconds: float,
+        now: float,
+        sandbox_id: str = "",
     ) -> list[Action]:
-        problem = validate_spec(spec)
+        problem = validate_spec(spec) or _check_sandbox_id(sandbox_id)
         if problem:
             return [Reply(key, ErrorReply(ErrorCode.BAD_REQUEST, problem))]
-        self.pending.append(PendingCreate(key, spec, now + max(0.0, timeout_seconds), now))
+        if sandbox_id in self.stopped_unknown:
+            why = f"sandbox {sandbox_id} was stopped before its create arrived"
+            return [Reply(key, ErrorReply(ErrorCode.TERMINATED, why))]
+        if sandbox_id in self.sandboxes or any(p.sandbox_id == sandbox_id and sandbox_id
+                                               for p in self.pending):
+            why = f"sandbox id {sandbox_id} is taken: a create is sent once per id"
+            return [Reply(key, ErrorReply(ErrorCode.BAD_REQUEST, why))]
+        session_id = spec.session_id
+        if session_id and session_id in self.closed_sessions:
+            why = f"session {session_id} is closed; open a new session"
+            return [Reply(key, ErrorReply(ErrorCode.TERMINATED, why))]
+        if session_id and session_id not in self.sessions:
+            # Not heard of since a restart: a lease of its own, renewed by a live client,
+            # so that its sandboxes are reaped if none is.
+            self.sessions[session_id] = now + self.config.adopted_lease_seconds
+        self.pending.append(
+            PendingCreate(key, spec, now + max(0.0, timeout_seconds), now, sandbox_id)
+        )
         return self._dispatch(now)
 
     def choose_agent(self) -> AgentRecord | None:
@@ -304,7 +359,7 @@ class SchedulerState:
             if agent is None:
                 break
             req = self.pending.popleft()
-            sid = self._new_id()
+            sid = req.sandbox_id or self._new_id()
             deadline = None
             if req.spec.max_lifetime_seconds is not None:
                 deadline = now + req.spec.max_lifetime_seconds
@@ -358,6 +413,16 @@ class SchedulerState:
     ) -> tuple[Message, list[Action]]:
         rec = self.sandboxes.get(sandbox_id)
         if rec is None:
+            queued = [p for p in self.pending if p.sandbox_id == sandbox_id]
+            if queued and sandbox_id:  # still waiting for a slot: it never starts
+                self.pending.remove(queued[0])
+                why = f"sandbox {sandbox_id} was stopped while queued: {reason}"
+                return _not_found(sandbox_id), [
+                    Reply(queued[0].key, ErrorReply(ErrorCode.TERMINATED, why))
+                ]
+            if len(self.stopped_unknown) >= MAX_STOPPED_UNKNOWN:  # bounded: oldest goes
+                del self.stopped_unknown[next(iter(self.stopped_unknown))]
+            self.stopped_unknown[sandbox_id] = now
             return _not_found(sandbox_id), []
         actions: list[Action] = []
         if rec.status in ACTIVE:
@@ -417,12 +482,14 @@ class SchedulerState:
     # ------------------------------------------------------------------ sessions
 
     def session_keepalive(self, session_id: str, lease_seconds: float, now: float) -> None:
-        self.sessions[session_id] = now + max(0.1, lease_seconds)
+        if session_id not in self.closed_sessions:  # a keepalive late after the close
+            self.sessions[session_id] = now + max(0.1, lease_seconds)
 
     def session_close(
         self, session_id: str, reason: str, now: float
     ) -> tuple[list[str], list[Action]]:
         self.sessions.pop(session_id, None)
+        self.closed_sessions[session_id] = now
         stopped: list[str] = []
         actions: list[Action] = []
         # Its queued creates go first: the slots freed below must not be given to them.
@@ -461,6 +528,10 @@ class SchedulerState:
                     actions += self._end(
                         rec, SandboxStatus.FAILED, now, "agent did not start it in time", stop=True
                     )
+        for forget in (self.closed_sessions, self.stopped_unknown):
+            for key, when in list(forget.items()):
+                if now - when > self.config.keep_ended_seconds:
+                    del forget[key]
         for session_id, expiry in list(self.sessions.items()):
             if now >= expiry:
                 _, more = self.session_close(
@@ -510,13 +581,13 @@ def validate_spec(spec: SandboxSpec) -> str | None:
     if spec.memory_bytes is not None and spec.memory_bytes < 6 * 1024 * 1024:
         return f"memory_bytes must be at least 6 MiB, got {spec.memory_bytes}"
     if spec.network not in (None, "none", "bridge"):
-        return f"network must be None, 'none' or 'bridge', got {spec.network!r}"
+        return f"network must be None, 'none' or 'bridge', got {brief(spec.network)}"
     return None
 
 
 def _not_found(sandbox_id: str) -> ErrorReply:
     return ErrorReply(
         ErrorCode.NOT_FOUND,
-        f"no sandbox {sandbox_id!r} in this cluster (never existed, or ended long ago)",
+        f"no sandbox {brief(sandbox_id)} in this cluster (never existed, or ended long ago)",
         {"sandbox_id": sandbox_id},
     )

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -58,6 +59,14 @@ def containers_of(agent_ids: list[str]) -> list[str]:
     return names
 
 
+def running_of(agent_id: str) -> list[str]:
+    """Names of the running containers labelled with this agent id."""
+    return subprocess.run(
+        ["docker", "ps", "--filter", f"label=aviato.agent={agent_id}", "--format", "{{.Names}}"],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout.split()
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:
@@ -79,8 +88,11 @@ class Cluster:
         slots: int = 3,
         runtime: str = "docker",
         agent_env: dict[str, str] | None = None,
+        keys: Path | None = None,
     ) -> None:
         self.tmp = tmp
+        #: CURVE key directory (`aviato keys`, with an agent key per agent and client-1).
+        self.keys = keys
         self.slots = slots
         self.runtime = runtime
         self.agent_env = agent_env or {}
@@ -96,6 +108,10 @@ class Cluster:
     def _spawn(
         self, name: str, args: list[str], env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
+        if self.keys is not None:  # every daemon gets the keys; agent i uses agent-(i+1)
+            args = [*args, "--keys", str(self.keys)]
+            if args[0] == "agent":
+                args += ["--agent-key", f"agent-{self.agent_ids.index(name) + 1}"]
         log = open(self.tmp / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
@@ -117,10 +133,10 @@ class Cluster:
         wait_until(ready.exists, 15, 0.02, "scheduler to listen")
         self.address = ready.read_text().strip()
 
-    def start_agent(self, agent_id: str) -> None:
+    def start_agent(self, agent_id: str, extra: list[str] | None = None) -> None:
         self._spawn(agent_id, ["agent", "--scheduler", self.address, "--agent-id", agent_id,
                                "--slots", str(self.slots), "--bind", "tcp://127.0.0.1:*",
-                               "--runtime", self.runtime], self.agent_env)
+                               "--runtime", self.runtime, *(extra or [])], self.agent_env)
 
     def status(self):
         """The scheduler's ClusterStatusReply (a sync socket: callable from async tests)."""
@@ -130,6 +146,11 @@ class Cluster:
 
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self.keys is not None:
+            from aviato._auth import client_keys, scheduler_public_key
+
+            keys = str(self.keys)
+            client_keys(keys, "client-1", scheduler_public_key(keys)).apply(sock)
         try:
             sock.connect(self.address)
             sock.send_multipart(encode(ClusterStatus(), 1))
@@ -154,22 +175,29 @@ class Cluster:
         )
 
     def close(self) -> None:
-        # Agents first: on SIGTERM each stops its sandboxes.
-        for name, proc in sorted(self.procs.items(), key=lambda kv: kv[0] == "scheduler"):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-                    self.killed_at_close.append(name)
+        self.killed_at_close += stop_daemons(self.procs)
 
 
-def docker_cluster(tmp: Path) -> Iterator[Cluster]:
+def stop_daemons(procs: dict[str, subprocess.Popen[bytes]]) -> list[str]:
+    """SIGTERM every daemon, agents first (each stops its sandboxes), then the
+    scheduler; returns those that needed SIGKILL after 60 s."""
+    killed = []
+    for name, proc in sorted(procs.items(), key=lambda kv: kv[0] == "scheduler"):
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                killed.append(name)
+    return killed
+
+
+def docker_cluster(tmp: Path, **options: Any) -> Iterator[Cluster]:
     """A Docker cluster that must leave no container behind when it stops."""
     need_docker()
-    c = Cluster(tmp)
+    c = Cluster(tmp, **options)
     try:
         yield c
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import docker
 import pytest
 
 from aviato import Sandbox, SandboxDefaults, SandboxFailedError, SandboxStatus
-from tests.conftest import IMAGE, ROOT, Cluster, containers_of, wait_until
+from tests.conftest import IMAGE, ROOT, Cluster, containers_of, running_of, wait_until
 
 
 async def test_killed_client_session_is_reaped_within_its_lease(cluster: Cluster) -> None:
@@ -58,8 +59,13 @@ async def test_killed_agent_is_declared_dead_and_orphans_reaped_on_restart(
     sbs = [await Sandbox.create("sleep", "infinity", defaults=d) for _ in range(2)]
     victim = sbs[0].info.agent_id if sbs[0].info else ""
     on_victim = [sb for sb in sbs if sb.info and sb.info.agent_id == victim]
+    assert (await on_victim[0].exec(["true"])).returncode == 0  # its supervisor is up
     c.kill(victim)  # kill -9: its containers stay behind, orphaned
     t0 = time.monotonic()
+    # Each container's own watchdog (its supervisor) stops it within twice the liveness
+    # window (1.5 s here), even if the agent never returns.
+    await asyncio.to_thread(wait_until, lambda: not running_of(victim), 2 * 1.5, 0.05,
+                            "the watchdog to stop the orphaned containers")
     for sb in on_victim:
         with pytest.raises(SandboxFailedError, match=f"agent {victim} lost"):
             await sb.wait(timeout=10)
@@ -162,3 +168,39 @@ async def test_embedded_cluster_reaps_sandboxes_of_dead_embedded_agents() -> Non
         for leftover in containers_of([f"embedded-{dead}"]):
             client.containers.get(leftover).remove(force=True)
         client.close()
+
+
+async def test_agent_kept_on_exit_leaves_its_sandboxes_running(fresh_cluster: Cluster) -> None:
+    """``--keep-on-exit``: the agent tells each supervisor to detach first, so the
+    watchdog does not stop the containers the user asked to keep."""
+    c = fresh_cluster
+    victim = c.agent_ids[0]
+
+    def address() -> str | None:
+        return next((a.address for a in c.status().agents
+                     if a.agent_id == victim and a.alive), None)
+
+    before = address()
+    c.kill(victim, signal.SIGTERM)
+    c.start_agent(victim, ["--keep-on-exit"])
+    await asyncio.to_thread(wait_until, lambda: address() not in (None, before), 20, 0.1,
+                            "the agent to come back")
+    before = address()
+    d = SandboxDefaults(container_image=IMAGE, scheduler=c.address)
+    sbs = [await Sandbox.create("sleep", "infinity", defaults=d) for _ in range(4)]
+    kept = [sb for sb in sbs if sb.info and sb.info.agent_id == victim]
+    assert kept, "spread placement puts some on each agent"
+    for sb in kept:  # their supervisors are up
+        assert (await sb.exec(["true"])).returncode == 0
+    c.kill(victim, signal.SIGTERM)
+    await asyncio.sleep(1.0)
+    assert len(running_of(victim)) == len(kept)
+    # Back with the same id: it adopts them (back within the liveness window) or reaps
+    # them (the scheduler wrote them off); either way a stop leaves nothing.
+    c.start_agent(victim)
+    await asyncio.to_thread(wait_until, lambda: address() not in (None, before), 20, 0.1,
+                            "the agent to come back")
+    for sb in sbs:
+        await sb.stop()
+    await asyncio.to_thread(wait_until, lambda: not containers_of([victim]), 20, 0.2,
+                            "the kept sandboxes to go")

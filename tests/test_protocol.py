@@ -60,6 +60,7 @@ from aviato.protocol import (
     WriteFile,
     decode,
     encode,
+    to_wire,
 )
 
 # --------------------------------------------------------------------------- samples
@@ -90,6 +91,7 @@ INFO = SandboxInfo(
     created_at=1234.5,
     deadline=1277.0,
     runtime="docker",
+    agent_public_key="rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7",
 )
 
 INFO2 = SandboxInfo(
@@ -137,6 +139,7 @@ SAMPLES: list[Message] = [
         fresh=True,
         labels={"zone": "eu"},
         sandboxes=(INFO, INFO2),
+        public_key="Yne@$w-vo<fVvi]a<NY6T1ed:M$fCG*[IaLV{hID",
     ),
     RegisterReply(heartbeat_interval=0.25, adopt=("sb-1",), reap=("sb-2", "sb-3")),
     AgentHeartbeat(agent_id="agent-a", running=("sb-1", "sb-2")),
@@ -205,6 +208,20 @@ def test_round_trip(msg: Message) -> None:
     assert d.request_id == 987654321
     assert d.token == "s3cret"
     assert [bytes(p) for p in d.payloads] == [b"first", b"second payload"]
+
+
+def test_curve_keys_ride_along_and_default_to_none() -> None:
+    """The agent's data-plane key travels in RegisterAgent and every SandboxInfo; a
+    body without it (keys off) decodes to "" rather than failing."""
+    reg = next(m for m in SAMPLES if isinstance(m, RegisterAgent))
+    assert decode(encode(reg, 1)).msg.public_key == reg.public_key != ""
+    body = {k: v for k, v in to_wire(reg).items() if k != "public_key"}
+    frames = [msgpack.packb({"v": PROTOCOL_VERSION, "t": int(reg.TYPE), "id": 2, "b": body})]
+    assert decode(frames).msg.public_key == ""
+    reply = decode(encode(SandboxReply(INFO), 3)).msg
+    assert isinstance(reply, SandboxReply)
+    assert reply.sandbox.agent_public_key == INFO.agent_public_key
+    assert SandboxInfo("sb", SPEC, SandboxStatus.RUNNING).agent_public_key == ""
 
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)

@@ -327,6 +327,71 @@ def test_session_close_does_not_place_its_own_queued_create() -> None:
     assert err.code is ErrorCode.TERMINATED
 
 
+def test_create_for_a_closed_session_is_refused() -> None:
+    """A create sent before an outage can reach a restarted scheduler after its client
+    gave up and closed the session: it must not start a sandbox nobody will stop."""
+    state = make_state()
+    register(state, "a", slots=2)
+    state.session_keepalive("s1", 60.0, 0.0)
+    state.session_close("s1", "session closed", 1.0)
+    actions = state.request_create("late", spec(session_id="s1"), 30.0, 2.0)
+    [err] = replies_to(actions, "late")
+    assert err.code is ErrorCode.TERMINATED and "s1 is closed" in err.message
+    assert placed(actions) == []
+    state.session_keepalive("s1", 60.0, 3.0)  # a keepalive late too: no lease again
+    assert "s1" not in state.sessions
+
+
+def test_create_for_an_unheard_of_session_gets_a_lease() -> None:
+    """After a scheduler restart, a session's first message may be a create: it gets a
+    lease, so its sandboxes are reaped if no client renews it."""
+    state = make_state(adopted_lease_seconds=30.0)
+    register(state, "a", slots=1)
+    sid = run(state, "k", session_id="s9", now=1.0)
+    assert state.sessions["s9"] == 31.0
+    assert stops(state.tick(31.0)) == [("a", sid)]
+
+
+def _report(sid: str, session_id: str | None = None) -> SandboxInfo:
+    return SandboxInfo(sandbox_id=sid, spec=spec(session_id=session_id), status=RUNNING,
+                       agent_id="a", created_at=0.0)
+
+
+def test_after_a_restart_stops_and_closes_that_came_first_reap_on_report() -> None:
+    """A restarted scheduler hears a client's stop, or its session close, before the
+    agent re-registers: what the agent then reports for them is reaped, not adopted."""
+    state = make_state()
+    state.request_stop("sb-old", "stopped by client", 1.0)
+    state.session_close("s1", "session closed", 1.0)
+    reply, _ = register(state, "a", slots=4, now=2.0, fresh=False, sandboxes=[
+        _report("sb-old"), _report("sb-x", "s1"), _report("sb-keep", "s2")])
+    assert set(reply.reap) == {"sb-old", "sb-x"}
+    assert reply.adopt == ("sb-keep",)
+
+
+def test_client_chosen_ids_let_a_late_create_be_cancelled() -> None:
+    """A client that gave up on a create sends a stop for the id it chose; whichever
+    order they arrive in, the sandbox never runs."""
+    state = make_state()
+    # The stop first (the create still on its way): the create is refused.
+    state.request_stop("sb-aaaaaaaa", "its creator gave up waiting", 0.0)
+    [err] = replies_to(state.request_create("k1", spec(), 30.0, 0.0, "sb-aaaaaaaa"), "k1")
+    assert err.code is ErrorCode.TERMINATED
+    # The create first, queued for a slot: the stop takes it out of the queue.
+    state.request_create("k2", spec(), 30.0, 0.0, "sb-bbbbbbbb")
+    _, actions = state.request_stop("sb-bbbbbbbb", "its creator gave up waiting", 1.0)
+    [err] = replies_to(actions, "k2")
+    assert err.code is ErrorCode.TERMINATED and not state.pending
+    assert placed(register(state, "a", slots=1, now=2.0)[1]) == []
+    # Placed: the sandbox has the client's id; the same id again is refused.
+    assert placed(state.request_create("k3", spec(), 30.0, 3.0, "sb-cccccccc")) == [
+        ("a", "sb-cccccccc")]
+    [err] = replies_to(state.request_create("k4", spec(), 30.0, 3.0, "sb-cccccccc"), "k4")
+    assert err.code is ErrorCode.BAD_REQUEST and "taken" in err.message
+    [err] = replies_to(state.request_create("k5", spec(), 30.0, 3.0, "../etc"), "k5")
+    assert err.code is ErrorCode.BAD_REQUEST and "sb-<8 to 32 hex" in err.message
+
+
 def test_session_close_of_unknown_session_is_harmless() -> None:
     stopped, actions = make_state().session_close("nope", "closed", 0.0)
     assert (stopped, actions) == ([], [])
