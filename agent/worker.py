@@ -152,6 +152,21 @@ def _user_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in OUR_ENV}
 
 
+RUNNING = struct.Struct("!q")
+
+
+def _open_running_marker() -> int | None:
+    """The agent made ``running`` beside our socket, writable by any user."""
+    path = os.path.join(
+        os.path.dirname(os.environ.get("AVIATO_WORKER_SOCKET", "/run/aviato/worker.sock")),
+        "running",
+    )
+    try:
+        return os.open(path, os.O_WRONLY)
+    except OSError:
+        return None
+
+
 def _watchdog() -> bool:
     """Set for a sidecar beside the container's command, only ever inside a container's
     own PID namespace: an agent killed, or gone for good, would leave it running."""
@@ -171,6 +186,7 @@ def _stop_container() -> None:
 class Supervisor:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.running_fd = _open_running_marker()
         self.lock = threading.Lock()
         self.calls: queue.SimpleQueue[tuple[dict[str, Any], list[bytes]] | None] = (
             queue.SimpleQueue()
@@ -254,7 +270,9 @@ class Supervisor:
                 index += 1
             args_blob = blobs[index]
             index += 1
+            self.mark_running(call["id"])
             outcome, payload = self.run_one(call, fn_blob, args_blob)
+            self.mark_running(0)
             outcomes.append(outcome)
             payloads.append(payload)
             now = time.monotonic()
@@ -265,6 +283,15 @@ class Supervisor:
                 outcomes, payloads, first_unsent = [], [], 0.0
         if outcomes:
             self.send({"op": "results", "outcomes": outcomes}, payloads)
+
+    def mark_running(self, call_id: int) -> None:
+        """Which call runs now, in a file the agent reads if we die: it is the one to
+        charge an attempt, not the others of its batch (two syscalls, about 2 us)."""
+        if self.running_fd is not None:
+            try:
+                os.pwrite(self.running_fd, RUNNING.pack(call_id), 0)
+            except OSError:
+                self.running_fd = None
 
     def run_one(
         self, call: dict[str, Any], fn_blob: bytes | None, args_blob: bytes

@@ -133,6 +133,11 @@ class WorkerHub:
         link.server = await asyncio.start_unix_server(
             connected, path=str(directory / "worker.sock"), limit=1 << 20
         )
+        # Where the worker notes the call it is running (see worker.mark_running);
+        # made here, so that a worker running as any user can write it.
+        marker = directory / RUNNING_FILE
+        marker.write_bytes(bytes(RUNNING.size))
+        marker.chmod(0o666)
         return [
             Mount(str(directory), SOCKET_DIR, read_only=False),
             Mount(str(self.lib), LIB_DIR, read_only=True),
@@ -361,10 +366,13 @@ class WorkerHub:
                 detail = await asyncio.shield(link.exit_detail)
         except TimeoutError:
             detail = "its connection to the agent closed"
+        culprit = _running_call(link.directory)
         by_route: dict[tuple[bytes, int], list[CallOutcome]] = {}
         for call_id, route in link.routes.items():
+            # "crashed": the call it was running (charged an attempt); "lost": the rest.
+            status = "crashed" if call_id == culprit else "lost"
             by_route.setdefault((route.identity, route.request_id), []).append(
-                CallOutcome(call_id, "lost", detail=f"worker {link.sandbox_id} died: {detail}")
+                CallOutcome(call_id, status, detail=f"worker {link.sandbox_id} died: {detail}")
             )
         link.routes.clear()
         for (identity, request_id), out in by_route.items():
@@ -405,6 +413,19 @@ class WorkerHub:
             await self.close(sandbox_id, "the agent is shutting down")
             await self.close(sandbox_id, "the agent is shutting down")
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+RUNNING_FILE = "running"
+RUNNING = struct.Struct("!q")
+
+
+def _running_call(directory: Path) -> int:
+    """The call the worker in ``directory`` was running when it died (0: none known)."""
+    try:
+        data = (directory / RUNNING_FILE).read_bytes()[: RUNNING.size]
+        return int(RUNNING.unpack(data)[0]) if len(data) == RUNNING.size else 0
+    except OSError:
+        return 0
 
 
 def _exec_header(

@@ -250,11 +250,15 @@ class FunctionPool:
             return
         blobs = iter(decoded.payloads)
         lost = ""
+        culprit = 0
         for outcome in msg.outcomes:
-            blob = next(blobs) if outcome.status != "lost" else b""
+            died = outcome.status in ("lost", "crashed")
+            blob = b"" if died else next(blobs)
             ids.discard(outcome.call_id)
-            if outcome.status == "lost":
+            if died:
                 lost = outcome.detail  # handled below, with every call the worker held
+                if outcome.status == "crashed":
+                    culprit = outcome.call_id
                 continue
             call = worker.inflight.pop(outcome.call_id, None)
             if call is None or call.worker is not worker:
@@ -294,7 +298,7 @@ class FunctionPool:
             worker.requests.pop(decoded.request_id, None)
             worker.conn.forget(decoded.request_id)
         if lost:
-            self._worker_lost(worker, lost)  # a dead worker takes no more calls
+            self._worker_lost(worker, lost, culprit)  # a dead worker takes no more calls
         self._schedule_pump()
 
     def _settle(self, call: Call, outcome: FunctionResult[Any] | BaseException) -> None:
@@ -363,14 +367,23 @@ class FunctionPool:
             self._task(self._stop_quietly(worker.sandbox))
         return calls
 
-    def _worker_lost(self, worker: WorkerHandle, detail: str) -> None:
-        """The worker died. With one call in flight, that call is charged an attempt.
-        With several, we cannot tell which one was running (outcomes travel in
-        batches): none is charged, and each runs again alone, as a suspect."""
+    def _worker_lost(self, worker: WorkerHandle, detail: str, culprit: int = 0) -> None:
+        """The worker died. The call it was running (``culprit``, from the worker's
+        own note; or the only call in flight) is charged an attempt; the others run
+        again uncharged. When several were in flight and none is known to have been
+        running, none is charged, and each runs again alone, as a suspect."""
         if worker.alive:
             self._lost_total += 1
         calls = self._drop(worker)
-        if len(calls) == 1:
+        running = [c for c in calls if c.call_id == culprit] if culprit else []
+        if running:
+            for call in reversed(calls):
+                if call is not running[0] and not call.future.done():
+                    call.attempts -= 1
+                    self._retried_total += 1
+                    self.queue.appendleft(call)
+            self._retry_or_fail(running[0], detail)
+        elif len(calls) == 1:
             self._retry_or_fail(calls[0], detail)
         else:
             for call in reversed(calls):
@@ -513,6 +526,10 @@ class FunctionPool:
             except AviatoError as exc:
                 detail = str(exc)
             break
+        if worker.alive and worker.inflight:
+            # The agent's own report says which call the worker was running; it is
+            # usually here first, but give it a moment (this path cannot tell).
+            await asyncio.sleep(1.0)
         if worker.alive:
             self._worker_lost(worker, detail)
 

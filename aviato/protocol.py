@@ -430,7 +430,8 @@ class RunCalls(Message):
 @dataclass(frozen=True, slots=True)
 class CallOutcome:
     """``status``: "ok" (payload: the result), "error" (payload: the error record),
-    or "lost" (the worker died; no payload, ``detail`` says how)."""
+    "crashed" (the worker died running this call) or "lost" (the worker died with
+    this call queued or unsent): neither has a payload; ``detail`` says how."""
 
     call_id: int
     status: str

@@ -1,12 +1,13 @@
 """A client for the several-host tests, run on the client's own host (namespace).
 
-    python tests/_mh_client.py SCHEDULER CALLS SECONDS_PER_CALL [HOLD]
+    python tests/_mh_client.py SCHEDULER CALLS SECONDS_PER_CALL [HOLD [LEASE]]
 
 Fans CALLS function calls out over the cluster, prints ``ready`` once the first result
 is in, ``progress N`` every 50 results, then ``summary {json}``: how many results came
 back, whether each was the right one for its input, how many attempts they took, and
 the pool's statistics. With HOLD, it first starts that many plain sandboxes (tagged
-``held``), and at the end checks that each still runs a command.
+``held``, session lease LEASE seconds), prints ``held N``, and at the end checks
+that each still runs a command; with CALLS 0 it then just waits, to be killed.
 """
 
 from __future__ import annotations
@@ -22,13 +23,18 @@ from collections import Counter
 from aviato import AviatoError, Sandbox, SandboxDefaults
 
 
-async def main(address: str, calls: int, seconds: float, hold: int) -> None:
-    defaults = SandboxDefaults(container_image="python:3.11", scheduler=address)
+async def main(address: str, calls: int, seconds: float, hold: int, lease: float) -> None:
+    defaults = SandboxDefaults(
+        container_image="python:3.11", scheduler=address, lease_seconds=lease
+    )
     done = 0
     async with Sandbox.session(defaults) as session:
         held = [session.create(command="sleep", args=["infinity"], tags=["held"])
                 for _ in range(hold)]
         await asyncio.gather(*(sb.start() for sb in held))
+        print(f"held {len(held)}", flush=True)
+        if calls == 0:
+            await asyncio.sleep(3600)  # until killed
 
         @session.function(retries=3, timeout_seconds=120)
         def work(i: int, seconds: float) -> tuple[int, int]:
@@ -83,4 +89,5 @@ async def main(address: str, calls: int, seconds: float, hold: int) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     hold = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), hold))
+    lease = float(sys.argv[5]) if len(sys.argv) > 5 else 15.0
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), hold, lease))

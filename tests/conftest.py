@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -236,6 +237,54 @@ def _our_leftovers() -> list[str]:
     return found
 
 
+def our_containers() -> list[str]:
+    """Containers (running or not) of any agent of this test run."""
+    try:
+        out = subprocess.run(
+            ["docker", "ps", "-a", "--filter", "label=aviato.managed=1",
+             "--format", '{{.Label "aviato.agent"}} {{.Names}}'],
+            capture_output=True, text=True, timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []  # no Docker here: nothing of ours either
+    return [line.split()[1] for line in out.splitlines()
+            if line.startswith(f"t{RUN_ID}-") and len(line.split()) == 2]
+
+
+@functools.cache
+def _docker_here() -> bool:
+    return REQUIRE_DOCKER or docker_problem() is None
+
+
+@pytest.fixture(autouse=True)
+def no_container_left_by_the_test() -> Iterator[None]:
+    """After every test, none of this run's containers remains (sessions close
+    asynchronously: a few seconds' grace)."""
+    yield
+    if _docker_here():
+        wait_until(lambda: not our_containers(), 20, 0.2,
+                   "the test's containers to be gone (a leak)")
+
+
+def _foreign_dirs() -> set[Path]:
+    """Socket directories of live agents that are not this run's (another test run, a
+    benchmark, a user's cluster on this machine): theirs to clean up, not ours."""
+    import hashlib
+    import tempfile
+
+    import psutil
+
+    dirs = set()
+    for p in psutil.process_iter(["cmdline"]):
+        argv = p.info["cmdline"] or []
+        if "agent" in argv and "--agent-id" in argv[:-1]:
+            agent_id = argv[argv.index("--agent-id") + 1]
+            if not agent_id.startswith(f"t{RUN_ID}-"):
+                digest = hashlib.sha256(agent_id.encode()).hexdigest()[:12]
+                dirs.add(Path(tempfile.gettempdir()) / f"avw-{digest}")
+    return dirs
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_leaks_at_the_end() -> Iterator[None]:
     """After the whole run: no process or state directory of any test agent remains,
@@ -245,7 +294,7 @@ def no_leaks_at_the_end() -> Iterator[None]:
     before = set(Path(tempfile.gettempdir()).glob("avw-*"))
     yield
     left = _our_leftovers()
-    new_sockets = set(Path(tempfile.gettempdir()).glob("avw-*")) - before
+    new_sockets = set(Path(tempfile.gettempdir()).glob("avw-*")) - before - _foreign_dirs()
     assert not left and not new_sockets, f"leaked: {left} {sorted(map(str, new_sockets))}"
 
 

@@ -52,17 +52,23 @@ async def test_poison_call_in_a_map_fails_alone(defaults: SandboxDefaults) -> No
         def maybe_die(i: int) -> int:
             import os
 
-            if i == 3:
+            if i == 103:
                 os._exit(9)
             return i * 10
 
-        out = [r async for r in maybe_die.map(range(8), return_exceptions=True)]
+        # Fast calls first: the pool then sends them in batches, so the poison call
+        # dies with others in flight on its worker.
+        assert [r.value for r in await asyncio.gather(*(maybe_die(i) for i in range(100)))] \
+            == [i * 10 for i in range(100)]
+        out = [r async for r in maybe_die.map(range(100, 300), return_exceptions=True)]
         assert isinstance(out[3], WorkerLostError)
         assert "gave up after 2 attempt" in str(out[3]) and "code 9" in str(out[3])
-        assert [r.value for i, r in enumerate(out) if i != 3] == [0, 10, 20, 40, 50, 60, 70]
+        assert [r.value for i, r in enumerate(out) if i != 3] == [
+            i * 10 for i in range(100, 300) if i != 103]
         stats = maybe_die.statistics()
-        # retries + 1 deaths pinned on it, plus at most one while it shared a batch
-        assert stats.workers_lost <= 1 + 1 + 1, stats
+        # The worker notes which call it runs: only the poison call is charged, and it
+        # destroys at most retries + 1 sandboxes.
+        assert stats.workers_lost <= 1 + 1, stats
 
 
 async def test_hostile_code_inside_a_container(defaults: SandboxDefaults) -> None:
@@ -118,6 +124,44 @@ async def test_big_results_are_refused_at_the_limit(defaults: SandboxDefaults) -
             await make(8 * 1024 * 1024)
         assert len((await make(10)).value) == 10  # the worker is fine afterwards
         assert make.statistics().workers_lost == 0
+
+
+async def test_a_1gb_result_is_refused_and_no_daemon_holds_it(
+    cluster: Cluster, defaults: SandboxDefaults
+) -> None:
+    """The default max_result_bytes (256 MiB) refuses it in the worker: neither the agent
+    nor the scheduler ever holds the gigabyte (sampled while the call runs)."""
+    import threading
+
+    import psutil
+
+    from aviato import PayloadTooLargeError
+
+    daemons = [psutil.Process(p.pid) for p in cluster.procs.values()]
+    base = {d.pid: d.memory_info().rss for d in daemons}
+    peak = dict(base)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            for d in daemons:
+                peak[d.pid] = max(peak[d.pid], d.memory_info().rss)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        async with Sandbox.session(defaults) as session:
+            @session.function(max_workers=1)
+            def gigabyte() -> bytes:
+                return b"x" * (1 << 30)
+
+            with pytest.raises(PayloadTooLargeError, match="above its max_result_bytes"):
+                await asyncio.wait_for(gigabyte(), 120)
+    finally:
+        done.set()
+        sampler.join()
+    growth = {pid: (peak[pid] - base[pid]) >> 20 for pid in base}
+    assert max(growth.values()) < 100, f"daemon RSS growth in MiB: {growth}"
 
 
 async def test_a_call_that_never_returns_ends_with_the_session_lifetime(defaults) -> None:

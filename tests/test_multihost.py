@@ -163,3 +163,19 @@ async def test_scheduler_restart_under_load(mh: MultiHostCluster) -> None:
     except AssertionError:
         raise AssertionError(f"{containers_of(c.agent_ids)}\n{c.logs()}\n--- client\n"
                              f"{run.stderr[-5000:]}") from None
+
+
+def test_killed_client_leaves_nothing_on_any_host(mh: MultiHostCluster) -> None:
+    c = mh
+    lease = 3.0
+    run = c.client("_mh_client.py", "0", "0", "6", str(lease))
+    try:
+        run.wait_line("held 6", 120)
+        assert all(running_of(a) for a in c.agent_ids), "spread: sandboxes on every host"
+        run.proc.kill()  # kill -9 of the client process
+        t0 = time.monotonic()
+        wait_until(lambda: not containers_of(c.agent_ids), lease + HEARTBEAT + 5, 0.1,
+                   "every sandbox of the killed client's session to go")
+        print(f"gone {time.monotonic() - t0:.1f}s after the kill (lease {lease:g}s)")
+    finally:
+        run.close()

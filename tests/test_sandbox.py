@@ -1,4 +1,6 @@
-"""The Sandbox and Session API against a real cluster with real containers."""
+"""The runtime conformance suite: the Sandbox and Session API, the same tests against a
+real cluster of each runtime (Docker containers; the local runtime's bubblewrap
+process trees)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -21,7 +24,36 @@ from aviato import (
     SandboxStatus,
     SandboxTimeoutError,
 )
-from tests.conftest import ROOT, containers_of
+from tests.conftest import ROOT, Cluster, containers_of, docker_cluster, wait_until
+from tests.test_local_runtime import STATE, _local_cluster
+
+RUNTIMES = ["docker", "local"]
+
+
+@pytest.fixture(scope="module", params=RUNTIMES)
+def cluster(request: pytest.FixtureRequest,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """This module's cluster, once per runtime (overrides conftest's Docker one)."""
+    tmp = tmp_path_factory.mktemp(request.param)
+    if request.param == "docker":
+        yield from docker_cluster(tmp)
+    else:
+        yield from _local_cluster(tmp)
+
+
+def sandboxes_of(cluster: Cluster) -> list[str]:
+    """The sandboxes the cluster's runtime still holds (containers; local state dirs)."""
+    if cluster.runtime == "docker":
+        return [name.removeprefix("aviato-") for name in containers_of(cluster.agent_ids)]
+    return [p.name for a in cluster.agent_ids for p in (STATE / a).glob("*")]
+
+
+@pytest.fixture
+def defaults(cluster: Cluster) -> Iterator[SandboxDefaults]:
+    yield SandboxDefaults(container_image="python:3.11", scheduler=cluster.address,
+                          lease_seconds=5)
+    wait_until(lambda: not sandboxes_of(cluster), 15, 0.2,
+               "the test's sandboxes to be removed")
 
 
 async def test_exec_bytes_returncode_and_check(defaults: SandboxDefaults) -> None:
@@ -139,15 +171,14 @@ async def test_queue_waits_for_a_free_slot_then_times_out(cluster, defaults) -> 
 
 async def test_max_lifetime_is_enforced_by_the_scheduler(cluster, defaults) -> None:
     sb = await Sandbox.create("sleep", "infinity", defaults=defaults, max_lifetime_seconds=1.5)
-    name = f"aviato-{sb.sandbox_id}"
-    assert name in containers_of(cluster.agent_ids)
+    assert sb.sandbox_id in sandboxes_of(cluster)
     with pytest.raises(SandboxError, match="max lifetime"):
         await sb.wait(timeout=15)
     assert await sb.status() is SandboxStatus.TERMINATED
     deadline = time.monotonic() + 10
-    while name in containers_of(cluster.agent_ids) and time.monotonic() < deadline:
+    while sb.sandbox_id in sandboxes_of(cluster) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
-    assert name not in containers_of(cluster.agent_ids)
+    assert sb.sandbox_id not in sandboxes_of(cluster)
 
 
 async def test_session_closes_forgotten_sandboxes(defaults: SandboxDefaults) -> None:
