@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--advertise-host", help="host name or address clients use to reach us")
     p.add_argument("--label", action="append", default=[], help="KEY=VALUE, repeatable")
     p.add_argument("--pids-limit", type=int, default=1024)
+    p.add_argument(
+        "--cap-add",
+        action="append",
+        default=[],
+        metavar="CAP",
+        help="a capability sandboxes keep (Docker runtime; repeatable; default none, e.g."
+        " CHOWN SETUID SETGID for images whose tools drop privileges)",
+    )
     p.add_argument("--token", default=os.environ.get("AVIATO_TOKEN"))
     p.add_argument(
         "--keys",
@@ -100,7 +108,10 @@ def _keys(args: argparse.Namespace) -> tuple[ServerKeys, CurveKeys] | None:
 
 
 async def run(args: argparse.Namespace, keys: tuple[ServerKeys, CurveKeys] | None) -> None:
-    runtime = make_runtime(args.runtime, pids_limit=args.pids_limit)
+    if args.cap_add and args.runtime != "docker":
+        raise SystemExit("--cap-add applies to the Docker runtime only (--runtime docker)")
+    extra = {"cap_add": args.cap_add} if args.cap_add else {}
+    runtime = make_runtime(args.runtime, pids_limit=args.pids_limit, **extra)
     server = AgentServer(
         runtime,
         scheduler=args.scheduler,

@@ -266,11 +266,12 @@ class RuntimeConformance:
             host = _inspect(sid)["HostConfig"]
             assert "no-new-privileges" in host["SecurityOpt"]
             assert host["CapDrop"] == ["ALL"]
-            assert "SYS_ADMIN" not in host["CapAdd"] and "KILL" in host["CapAdd"]
+            assert not host["CapAdd"]  # no capability kept by default
             assert host["PidsLimit"] == 1024 and host["Init"] is True
             assert host["Memory"] == 256 * 1024 * 1024 and host["NanoCpus"] == 500_000_000
         status = (await runtime.exec(sid, ("cat", "/proc/self/status"))).stdout
         assert b"NoNewPrivs:\t1" in status
+        assert b"CapEff:\t0000000000000000" in status
 
     async def test_network_none(self, runtime: Runtime, agent_id: str) -> None:
         sid = await new_sandbox(runtime, agent_id, network="none")
@@ -322,3 +323,26 @@ class RuntimeConformance:
 
 class TestRuntime(RuntimeConformance):
     pass
+
+
+async def test_operator_may_keep_some_capabilities() -> None:
+    if problem := _docker_problem():
+        if REQUIRE:
+            pytest.fail(f"{problem} (AVIATO_REQUIRE_DOCKER=1)")
+        pytest.skip(problem)
+    from agent.runtime.docker import DockerRuntime
+
+    aid = f"test-{RUN_ID}-{next(_counter)}"
+    rt = DockerRuntime(cap_add=["chown", "CAP_SETUID"])  # agent --cap-add
+    try:
+        sid = await new_sandbox(rt, aid)
+        assert sorted(_inspect(sid)["HostConfig"]["CapAdd"]) == ["CHOWN", "SETUID"]
+        status = (await rt.exec(sid, ("cat", "/proc/self/status"))).stdout
+        assert b"CapEff:\t0000000000000081" in status  # CHOWN (bit 0) + SETUID (bit 7) only
+        await rt.stop(sid)
+    finally:
+        await rt.close()
+        left = _docker_ps(aid)
+        if left:
+            subprocess.run(["docker", "rm", "-f", *left], capture_output=True, check=False)
+        assert not left

@@ -55,7 +55,9 @@ T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 THREADS = 32  # pool threads == HTTP connections, so concurrent calls never wait for a socket
-CAPS = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "NET_BIND_SERVICE"]
+#: None by default: sandboxes run untrusted code, so even their root has no effective
+#: capability (it still owns what root owns). Operators may add some (--cap-add).
+CAPS: tuple[str, ...] = ()
 EXIT_LOG_BYTES = 1024 * 1024  # logs kept per sandbox that exited by itself
 EXIT_LOG_SANDBOXES = 64
 CHUNK = 1 << 20  # file transfer piece size
@@ -122,10 +124,12 @@ class DockerRuntime(Runtime):
         pids_limit: int = 1024,
         pull: str = "missing",
         client: docker.DockerClient | None = None,
+        cap_add: Sequence[str] = CAPS,
     ) -> None:
         if pull not in ("missing", "never"):
             raise ValueError(f"pull must be 'missing' or 'never', not {pull!r}")
         self.pids_limit = pids_limit
+        self.cap_add = [c.upper().removeprefix("CAP_") for c in cap_add]
         self.pull = pull
         self._owns_client = client is None
         self._client_obj: Any = client
@@ -212,7 +216,7 @@ class DockerRuntime(Runtime):
             init=True,  # docker-init reaps zombies and forwards signals
             security_opt=["no-new-privileges"],
             cap_drop=["ALL"],
-            cap_add=CAPS,
+            cap_add=self.cap_add,
             pids_limit=spec.pids_limit or self.pids_limit,
             mem_limit=spec.memory_bytes,
             nano_cpus=int(spec.cpus * 1e9) if spec.cpus else None,
