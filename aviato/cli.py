@@ -56,11 +56,10 @@ async def _status(args: argparse.Namespace) -> int:
     for col in ("agent", "address", "runtime", "slots used", "slots free", "alive", "heartbeat"):
         table.add_column(col)
     for a in status.agents:
-        isolated = "" if a.runtime == "docker" else " (not isolated)"
         table.add_row(
             a.agent_id,
             a.address,
-            a.runtime + isolated,
+            a.runtime,  # says "NOT isolated" itself when it is not
             str(a.used),
             str(a.slots - a.used),
             "yes" if a.alive else "DEAD",

@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ROOT, RUN_ID, containers_of, stop_daemons, wait_until
+from tests.conftest import AGENT_IDS, ROOT, RUN_ID, containers_of, stop_daemons, wait_until
 
 PREFIX = "avn"  # namespaces and links of these tests, for the leak check
 
@@ -121,6 +121,7 @@ class MultiHostCluster:
         self.slots = slots
         self.dead_after, self.heartbeat = dead_after, heartbeat
         self.agent_ids = [f"t{RUN_ID}-mh{uuid.uuid4().hex[:4]}-{i}" for i in range(agents)]
+        AGENT_IDS.update(self.agent_ids)
         self.hosts = Hosts(["scheduler", *self.agent_ids, "client"])
         self.address = f"tcp://{self.hosts.addresses['scheduler']}:5555"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}

@@ -17,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "python:3.11"
 RUN_ID = uuid.uuid4().hex[:8]
+AGENT_IDS: set[str] = set()  # every test agent of this run, for the per-test leak check
 REQUIRE_DOCKER = os.environ.get("AVIATO_REQUIRE_DOCKER") == "1"
 
 
@@ -100,6 +101,7 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.killed_at_close: list[str] = []  # did not stop within 60 s of SIGTERM
         self.agent_ids = [f"t{RUN_ID}-{uuid.uuid4().hex[:6]}-{i}" for i in range(agents)]
+        AGENT_IDS.update(self.agent_ids)
         self.address = ""
         self.start_scheduler()
         for agent_id in self.agent_ids:
@@ -258,12 +260,29 @@ def _docker_here() -> bool:
 
 @pytest.fixture(autouse=True)
 def no_container_left_by_the_test() -> Iterator[None]:
-    """After every test, none of this run's containers remains (sessions close
-    asynchronously: a few seconds' grace)."""
+    """After every test, none of this run's containers remains, nor a sandbox's socket
+    directory or local-runtime state (sessions close asynchronously: a few seconds'
+    grace). Daemons and temp dirs are checked when their cluster stops."""
     yield
     if _docker_here():
         wait_until(lambda: not our_containers(), 20, 0.2,
                    "the test's containers to be gone (a leak)")
+    wait_until(lambda: not our_sandbox_dirs(), 20, 0.2,
+               "the test's sandbox socket and state directories to be gone (a leak)")
+
+
+def our_sandbox_dirs() -> list[str]:
+    """Per-sandbox directories of this run's agents: worker sockets, local state."""
+    import hashlib
+    import tempfile
+
+    tmp = Path(tempfile.gettempdir())
+    found: list[str] = []
+    for agent_id in AGENT_IDS:
+        digest = hashlib.sha256(agent_id.encode()).hexdigest()[:12]
+        found += [str(p) for p in (tmp / f"avw-{digest}").glob("*") if p.name != "lib"]
+        found += [str(p) for p in (tmp / "aviato-local" / agent_id).glob("*")]
+    return found
 
 
 def _foreign_dirs() -> set[Path]:

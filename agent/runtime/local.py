@@ -40,6 +40,7 @@ from agent.runtime.base import (
     RuntimeSandbox,
     SandboxExit,
 )
+from agent.runtime.cgroups import Cgroups
 from agent.workers import WorkerHub
 from aviato.exceptions import SandboxFailedError, SandboxNotRunningError
 from aviato.protocol import SandboxSpec
@@ -86,13 +87,20 @@ class LocalRuntime(Runtime):
         use_bwrap: bool | None = None,
         state_dir: str | None = None,
         pythons: Mapping[str, str] | None = None,
+        use_cgroups: bool = True,
     ) -> None:
         bwrap = shutil.which("bwrap")
         if use_bwrap is None:
             use_bwrap = bwrap is not None and os.environ.get("AVIATO_LOCAL_NO_BWRAP") != "1"
         self.bwrap = bwrap if use_bwrap else None
         self.isolated = self.bwrap is not None
-        self.name = "local (bubblewrap)" if self.isolated else "local (NOT isolated: no bubblewrap)"
+        self.cgroups = Cgroups() if use_cgroups else Cgroups(root="/nonexistent")
+        if not self.isolated:
+            self.name = "local (NOT isolated: no bubblewrap)"
+        elif self.cgroups.version:
+            self.name = f"local (bubblewrap, cgroup v{self.cgroups.version} limits)"
+        else:
+            self.name = "local (bubblewrap)"
         self.pids_limit = pids_limit
         self.root = Path(state_dir or Path(tempfile.gettempdir()) / "aviato-local")
         self.pythons = dict(pythons or {})
@@ -192,6 +200,18 @@ class LocalRuntime(Runtime):
             cmd = [host(a) for a in argv]
             env = {k: host(v) for k, v in env.items()}
             cwd = str(home / "tmp")
+        try:
+            groups = self.cgroups.make(
+                sandbox_id,
+                memory=spec.memory_bytes,
+                pids=spec.pids_limit or self.pids_limit,
+                cpus=spec.cpus,
+            )
+        except OSError as exc:
+            shutil.rmtree(home, ignore_errors=True)
+            raise SandboxFailedError(
+                f"could not set the sandbox's cgroup limits: {exc}", sandbox_id=sandbox_id
+            ) from exc
         # Small local file the child owns from here on.
         logfile = open(home / "log", "wb")  # noqa: ASYNC230
         try:
@@ -203,10 +223,11 @@ class LocalRuntime(Runtime):
                 env=env,
                 cwd=cwd,
                 start_new_session=True,
-                preexec_fn=self._limits(spec),
+                preexec_fn=self._limits(spec, groups),
             )
         except OSError as exc:
             shutil.rmtree(home, ignore_errors=True)
+            await asyncio.to_thread(self.cgroups.remove, sandbox_id)
             raise SandboxFailedError(
                 f"could not start sandbox process: {exc}", sandbox_id=sandbox_id
             ) from exc
@@ -256,11 +277,23 @@ class LocalRuntime(Runtime):
             argv += ["--ro-bind" if m.read_only else "--bind", m.source, m.target]
         return argv
 
-    def _limits(self, spec: SandboxSpec) -> Callable[[], None]:
+    def _limits(self, spec: SandboxSpec, groups: Sequence[str]) -> Callable[[], None]:
+        """What the child does before it execs: join its cgroups (whose limits then
+        hold for its whole tree), else fall back to per-process setrlimit."""
         memory = spec.memory_bytes
         pids = spec.pids_limit or self.pids_limit
+        procs = [p.encode() for p in groups]
 
-        def apply() -> None:  # runs in the child, before exec
+        def apply() -> None:  # runs in the child, before exec: syscalls only
+            if procs:
+                me = str(os.getpid()).encode()
+                for path in procs:
+                    fd = os.open(path, os.O_WRONLY)
+                    try:
+                        os.write(fd, me)
+                    finally:
+                        os.close(fd)
+                return
             if memory:
                 resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
             with contextlib.suppress(ValueError, OSError):  # root ignores NPROC anyway
@@ -281,7 +314,9 @@ class LocalRuntime(Runtime):
         if home is not None:
             shutil.rmtree(home, ignore_errors=True)
         exit_code = code if code >= 0 else 128 - code
-        oom = False  # setrlimit makes allocations fail instead; no OOM killer here
+        # Without cgroups, setrlimit makes allocations fail instead: no OOM killer.
+        oom = self.cgroups.oom_killed(sandbox_id)
+        await asyncio.to_thread(self.cgroups.remove, sandbox_id)
         await self._exits.put(SandboxExit(sandbox_id, exit_code, oom))
 
     # ------------------------------------------------------------------ the rest
@@ -338,6 +373,8 @@ class LocalRuntime(Runtime):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(10):
                         await proc.wait()
+        # Also kills what left the tree (a double fork) but not the group.
+        await asyncio.to_thread(self.cgroups.remove, sandbox_id)
         if home is not None:
             shutil.rmtree(home, ignore_errors=True)
 
