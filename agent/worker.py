@@ -19,21 +19,23 @@ opaque blobs.
 
 from __future__ import annotations
 
+# Builtin modules only at start-up: socket, subprocess, threading, queue and signal
+# would cost a sandbox ~20 ms before it can serve its first exec.
+import _queue
+import _socket
+import _thread
+import io
 import marshal
 import os
-import queue
-import signal
-import socket
 import struct
-import subprocess
 import sys
-import threading
 import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds at start-up; only the checker needs it
     from typing import Any
 
+SIGKILL = 9  # Linux; the signal module would cost an import (enum) at start-up
 _COUNT = struct.Struct("!I")
 _LEN = struct.Struct("!Q")
 #: Outcomes are sent at the latest this long after the first unsent one finished.
@@ -177,25 +179,25 @@ def _stop_container() -> None:
     """Take every process of the container down but us; its init then exits, and the
     container stops. Then go too."""
     try:
-        os.kill(-1, signal.SIGKILL)
+        os.kill(-1, SIGKILL)
     except OSError:
         pass
     os._exit(0)
 
 
 class Supervisor:
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
         self.running_fd = _open_running_marker()
-        self.lock = threading.Lock()
-        self.calls: queue.SimpleQueue[tuple[dict[str, Any], list[bytes]] | None] = (
-            queue.SimpleQueue()
+        self.lock = _thread.allocate_lock()
+        self.calls: _queue.SimpleQueue[tuple[dict[str, Any], list[bytes]] | None] = (
+            _queue.SimpleQueue()
         )
         self.functions: dict[str, Any] = {}
         self.cloudpickle: Any = None
         self.base_env = _user_env()
-        self.procs: dict[int, subprocess.Popen[bytes]] = {}
-        self.main: subprocess.Popen[bytes] | None = None  # the sandbox's command (--main)
+        self.procs: dict[int, int] = {}  # exec request id -> its process (group) id
+        self.main: int | None = None  # the sandbox's command (--main): pid = its group
         self.detached = False
 
     # ------------------------------------------------------------------ sending
@@ -212,7 +214,7 @@ class Supervisor:
     # ------------------------------------------------------------------ reading
 
     def reader(self) -> None:
-        stream = self.sock.makefile("rb", buffering=1 << 16)
+        stream = io.BufferedReader(io.FileIO(self.sock.fileno(), "rb", closefd=False), 1 << 16)
         try:
             while True:
                 frames = read_message(stream)
@@ -224,7 +226,7 @@ class Supervisor:
                     self.calls.put((header, frames[1:]))
                 elif op in ("exec", "read", "write"):
                     handler = getattr(self, f"do_{op}")
-                    threading.Thread(target=handler, args=(header, frames[1:]), daemon=True).start()
+                    _thread.start_new_thread(handler, (header, frames[1:]))
                 elif op == "kill":
                     self.kill(header["rid"])
                 elif op == "detach":  # the agent exits but leaves its sandboxes running
@@ -233,13 +235,9 @@ class Supervisor:
             # The agent went away: so do we, and everything we started (a watchdog:
             # without namespaces nothing else would stop them).
             keep = [self.main] if self.main and self.detached else []
-            for proc in [*self.procs.values(), *([self.main] if self.main else [])]:
-                if proc in keep:
-                    continue
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except OSError:
-                    proc.kill()
+            for pid in [*self.procs.values(), *([self.main] if self.main else [])]:
+                if pid not in keep:
+                    _kill_group(pid)
             if _watchdog() and not self.detached:
                 _stop_container()
             if not keep:  # else the main thread waits on the sandbox's command
@@ -337,15 +335,8 @@ class Supervisor:
         rid, stream = header["rid"], bool(header.get("stream"))
         env = {**self.base_env, **(header.get("env") or {})}
         try:
-            proc = subprocess.Popen(
-                header["argv"],
-                cwd=header.get("cwd") or None,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,  # a timeout kills the whole group
-            )
+            # A session of its own: a timeout kills the whole group.
+            pid, out_r, err_r = spawn(header["argv"], env, header.get("cwd") or None)
         except OSError as exc:
             code = 127 if isinstance(exc, FileNotFoundError) else 126
             message = f"exec {header['argv'][0]!r}: {exc.strerror or exc}\n".encode()
@@ -357,39 +348,46 @@ class Supervisor:
                     {"op": "exit", "rid": rid, "code": code, "timed_out": False}, [b"", message]
                 )
             return
-        self.procs[rid] = proc
+        self.procs[rid] = pid
         collected: dict[int, list[bytes]] = {1: [], 2: []}
 
-        def pump(fd: int, pipe: Any) -> None:
-            while True:
-                data = os.read(pipe.fileno(), CHUNK)
-                if not data:
-                    return
-                if stream:
-                    self.send({"op": "out", "rid": rid, "fd": fd}, [data])
-                else:
-                    collected[fd].append(data)
-
-        readers = [
-            threading.Thread(target=pump, args=(1, proc.stdout), daemon=True),
-            threading.Thread(target=pump, args=(2, proc.stderr), daemon=True),
-        ]
-        for t in readers:
-            t.start()
-        timed_out = False
-        try:
-            code = proc.wait(timeout=header.get("timeout"))
-        except subprocess.TimeoutExpired:
-            timed_out = True
+        def pump(fd: int, pipe: int, done: Any) -> None:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                proc.kill()
-            code = proc.wait()
-        for t in readers:
-            t.join(timeout=2.0 if timed_out else None)  # an escaped grandchild may hold a pipe
+                while True:
+                    data = os.read(pipe, CHUNK)
+                    if not data:
+                        return
+                    if stream:
+                        self.send({"op": "out", "rid": rid, "fd": fd}, [data])
+                    else:
+                        collected[fd].append(data)
+            finally:
+                os.close(pipe)
+                done.release()
+
+        readers = [_thread.allocate_lock(), _thread.allocate_lock()]
+        for fd, pipe, done in ((1, out_r, readers[0]), (2, err_r, readers[1])):
+            done.acquire()
+            _thread.start_new_thread(pump, (fd, pipe, done))
+        exited = _thread.allocate_lock()
+        exited.acquire()
+        timed_out = []
+        timeout = header.get("timeout")
+        if timeout is not None:
+
+            def watchdog() -> None:
+                if not exited.acquire(timeout=max(timeout, 0.0)):
+                    timed_out.append(True)
+                    _kill_group(pid)
+
+            _thread.start_new_thread(watchdog, ())
+        code = _wait(pid)
+        exited.release()
+        for done in readers:  # an escaped grandchild may hold a pipe: not for ever
+            if done.acquire(timeout=2.0 if timed_out else -1):
+                done.release()
         self.procs.pop(rid, None)
-        head = {"op": "exit", "rid": rid, "code": code, "timed_out": timed_out}
+        head = {"op": "exit", "rid": rid, "code": code, "timed_out": bool(timed_out)}
         if stream:
             self.send(head)
         else:
@@ -397,12 +395,9 @@ class Supervisor:
 
     def kill(self, rid: int) -> None:
         """The agent gave up on an exec (its client left): kill its process group."""
-        proc = self.procs.get(rid)
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                proc.kill()
+        pid = self.procs.get(rid)
+        if pid is not None:
+            _kill_group(pid)
 
     # ------------------------------------------------------------------ files
 
@@ -442,11 +437,81 @@ def _file_error(exc: OSError) -> str:
     return exc.strerror or str(exc)
 
 
-def run_main_command(argv: list[str]) -> subprocess.Popen[bytes] | None:
+def _find(argv0: str, env: dict[str, str]) -> str:
+    """The executable ``argv0`` names, searched on the command's own PATH."""
+    if "/" in argv0:
+        return argv0
+    for d in env.get("PATH", os.defpath).split(os.pathsep):
+        path = os.path.join(d or ".", argv0)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    raise FileNotFoundError(2, "No such file or directory", argv0)
+
+
+def spawn(argv: list[str], env: dict[str, str], cwd: str | None) -> tuple[int, int, int]:
+    """Start ``argv`` in a session of its own, stdin empty, output to two pipes;
+    returns its pid and the pipes' read ends. posix_spawn: no fork of this process."""
+    if cwd is not None:
+        if not os.path.isdir(cwd):
+            raise FileNotFoundError(2, "No such file or directory", cwd)
+        # posix_spawn cannot chdir (before Python 3.13): a shell does, then execs.
+        argv = ["/bin/sh", "-c", 'cd -- "$0" && exec "$@"', cwd, *argv]
+    path = _find(argv[0], env)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    try:
+        pid = os.posix_spawn(
+            path,
+            argv,
+            env,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, out_w, 1),
+                (os.POSIX_SPAWN_DUP2, err_w, 2),
+            ],
+            setsid=True,
+        )
+    except BaseException:
+        os.close(out_r)
+        os.close(err_r)
+        raise
+    finally:
+        os.close(out_w)
+        os.close(err_w)
+    return pid, out_r, err_r
+
+
+def _wait(pid: int) -> int:
+    """The exit code, as subprocess gives it: negative for a signal."""
+    while True:
+        try:
+            return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+        except InterruptedError:
+            continue
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, SIGKILL)
+    except OSError:
+        try:
+            os.kill(pid, SIGKILL)
+        except OSError:
+            pass
+
+
+def run_main_command(argv: list[str]) -> int | None:
     """``--main -- CMD...``: the sandbox's own command, as our child (local runtime),
     in a process group of its own so that it can be killed with all its children."""
+    env = _user_env()
     try:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, env=_user_env(), process_group=0)
+        return os.posix_spawn(
+            _find(argv[0], env),
+            argv,
+            env,
+            file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)],
+            setpgroup=0,
+        )
     except OSError as exc:
         print(f"aviato: cannot run {argv[0]!r}: {exc.strerror or exc}", file=sys.stderr)
         return None
@@ -463,7 +528,7 @@ def main() -> int:
     # commands we run would inherit.
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     path = os.environ.get("AVIATO_WORKER_SOCKET", "/run/aviato/worker.sock")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -494,9 +559,9 @@ def main() -> int:
     supervisor.send(hello)
     if "error" in hello:
         return 3
-    threading.Thread(target=supervisor.reader, daemon=True).start()
+    _thread.start_new_thread(supervisor.reader, ())
     if main_proc is not None:
-        code = main_proc.wait()  # the sandbox lives as long as its command
+        code = _wait(main_proc)  # the sandbox lives as long as its command
         os._exit(code if code >= 0 else 128 - code)
     supervisor.serve_calls()
     return 0
