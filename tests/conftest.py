@@ -285,6 +285,13 @@ def our_sandbox_dirs() -> list[str]:
     return found
 
 
+def _sandbox_cgroups() -> set[Path]:
+    """Local-runtime sandbox and parked-process cgroups on this host (v1 or v2)."""
+    root = Path("/sys/fs/cgroup")
+    return {d for pattern in ("aviato/*", "*/aviato/*") for d in root.glob(pattern)
+            if d.is_dir() and d.name.startswith(("sb-", "park-"))}
+
+
 def _foreign_dirs() -> set[Path]:
     """Socket directories of live agents that are not this run's (another test run, a
     benchmark, a user's cluster on this machine): theirs to clean up, not ours."""
@@ -311,8 +318,11 @@ def no_leaks_at_the_end() -> Iterator[None]:
     import tempfile
 
     before = set(Path(tempfile.gettempdir()).glob("avw-*"))
+    groups_before = _sandbox_cgroups()
     yield
     left = _our_leftovers()
+    left += sorted(str(d) for d in _sandbox_cgroups() - groups_before
+                   if not (d / "cgroup.procs").read_text().strip())
     new_sockets = set(Path(tempfile.gettempdir()).glob("avw-*")) - before - _foreign_dirs()
     assert not left and not new_sockets, f"leaked: {left} {sorted(map(str, new_sockets))}"
 

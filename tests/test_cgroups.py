@@ -34,9 +34,10 @@ def test_v1_a_hierarchy_per_controller(tmp_path: Path) -> None:
     assert cg.version == 1
     procs = cg.make("sb-2", memory=1 << 30, pids=None, cpus=2)
     assert procs == sorted(str(tmp_path / c / "aviato" / "sb-2" / "cgroup.procs")
-                           for c in ("memory", "pids", "cpu"))
+                           for c in ("memory", "cpu"))  # only what is limited: joins cost
     assert (tmp_path / "memory/aviato/sb-2/memory.limit_in_bytes").read_text() == str(1 << 30)
-    assert not (tmp_path / "pids/aviato/sb-2/pids.max").exists()  # no limit asked
+    assert not (tmp_path / "pids/aviato/sb-2").exists()  # no limit asked: not joined
+    assert cg.make("sb-4", memory=None, pids=None, cpus=None) == []
     assert (tmp_path / "cpu/aviato/sb-2/cpu.cfs_quota_us").read_text() == "200000"
     (tmp_path / "memory/aviato/sb-2/memory.oom_control").write_text(
         "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
@@ -49,3 +50,18 @@ def test_without_a_writable_hierarchy_nothing_happens(tmp_path: Path) -> None:
     assert cg.make("sb-3", memory=1, pids=1, cpus=1) == []
     assert not cg.oom_killed("sb-3")
     cg.remove("sb-3")  # a no-op, not an error
+
+
+def test_parked_groups_of_a_dead_agent_are_swept(tmp_path: Path) -> None:
+    import os
+
+    (tmp_path / "cgroup.controllers").write_text("cpu memory pids\n")
+    (tmp_path / "cgroup.subtree_control").write_text("")
+    base = tmp_path / "aviato"
+    base.mkdir()
+    (base / "cgroup.subtree_control").write_text("")
+    dead, alive = base / "park-999999999-aaaa", base / f"park-{os.getpid()}-bbbb"
+    dead.mkdir()
+    alive.mkdir()
+    Cgroups(root=str(tmp_path))
+    assert not dead.exists() and alive.exists()

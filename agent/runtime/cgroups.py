@@ -23,6 +23,16 @@ CONTROLLERS = ("memory", "pids", "cpu")
 CPU_PERIOD_US = 100_000
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _write(path: Path, value: str) -> None:
     path.write_text(value)
 
@@ -38,6 +48,23 @@ class Cgroups:
             log.info("no cgroup limits for local sandboxes (%s): setrlimit only", exc)
         if self.version:
             log.info("local sandboxes get cgroup v%d limits under %s", self.version, self.root)
+            self._sweep_parked()
+
+    def _sweep_parked(self) -> None:
+        """Groups of processes parked by an agent that was killed: they exited (their
+        pipe closed), their groups stayed. Named ``park-<agent pid>-...``: those of a
+        dead agent go (rmdir refuses a group that still holds a process)."""
+        bases = (
+            [self.root / self.name]
+            if self.version == 2
+            else [self.root / c / self.name for c in CONTROLLERS]
+        )
+        for base in bases:
+            for d in base.glob("park-*-*"):
+                owner = d.name.split("-")[1]
+                if owner.isdigit() and not _alive(int(owner)):
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
 
     def _setup(self) -> int:
         if (self.root / "cgroup.controllers").exists():  # v2: one unified tree
@@ -66,36 +93,63 @@ class Cgroups:
         files its first process must write its pid to (before it execs)."""
         if not self.version:
             return []
-        dirs = self._dirs(sandbox_id)
+        limited = {"memory": bool(memory), "pids": bool(pids), "cpu": bool(cpus)}
+        # Only the hierarchies with a limit: each join may cost an RCU grace period.
+        wanted = [c for c in CONTROLLERS if limited[c]]
+        if not wanted:
+            return []
+        procs = self._create(sandbox_id, wanted)
+        self.set_limits(sandbox_id, memory=memory, pids=pids, cpus=cpus)
+        return procs
+
+    def create_all(self, name: str) -> list[str]:
+        """Groups in every hierarchy, no limits yet (see ``set_limits``): for a
+        process parked ahead of need, whose limits are not known yet."""
+        return self._create(name, list(CONTROLLERS)) if self.version else []
+
+    def _create(self, name: str, controllers: list[str]) -> list[str]:
+        dirs = self._dirs(name)
         try:
-            for d in set(dirs.values()):
+            for d in {dirs[c] for c in controllers}:
                 d.mkdir(exist_ok=True)
-            v2 = self.version == 2
-            if memory:
+        except OSError:
+            self.remove(name)
+            raise
+        return sorted({str(dirs[c] / "cgroup.procs") for c in controllers})
+
+    def set_limits(
+        self, name: str, *, memory: int | None, pids: int | None, cpus: float | None
+    ) -> None:
+        """Set (or lift: None) each limit on the groups that exist for ``name``."""
+        dirs = self._dirs(name)
+        v2 = self.version == 2
+        try:
+            if dirs["memory"].exists():
                 _write(dirs["memory"] / ("memory.max" if v2 else "memory.limit_in_bytes"),
-                       str(memory))
+                       str(memory) if memory else ("max" if v2 else "-1"))
                 swap = dirs["memory"] / "memory.swap.max"
                 if v2 and swap.exists():  # the limit is a limit, not a cue to swap
-                    _write(swap, "0")
-            if pids:
-                _write(dirs["pids"] / "pids.max", str(pids))
-            if cpus:
-                quota = max(1000, int(cpus * CPU_PERIOD_US))
+                    _write(swap, "0" if memory else "max")
+            if dirs["pids"].exists():
+                _write(dirs["pids"] / "pids.max", str(pids) if pids else "max")
+            if dirs["cpu"].exists():
+                quota = max(1000, int(cpus * CPU_PERIOD_US)) if cpus else None
                 if v2:
-                    _write(dirs["cpu"] / "cpu.max", f"{quota} {CPU_PERIOD_US}")
+                    _write(dirs["cpu"] / "cpu.max", f"{quota or 'max'} {CPU_PERIOD_US}")
                 else:
                     _write(dirs["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
-                    _write(dirs["cpu"] / "cpu.cfs_quota_us", str(quota))
+                    _write(dirs["cpu"] / "cpu.cfs_quota_us", str(quota or -1))
         except OSError:
-            self.remove(sandbox_id)
+            self.remove(name)
             raise
-        return sorted({str(d / "cgroup.procs") for d in dirs.values()})
 
     def oom_killed(self, sandbox_id: str) -> bool:
         """Whether the kernel's OOM killer killed a process of the sandbox."""
         if not self.version:
             return False
         d = self._dirs(sandbox_id)["memory"]
+        if not d.exists():
+            return False
         name = "memory.events" if self.version == 2 else "memory.oom_control"
         with contextlib.suppress(OSError, ValueError):
             for line in (d / name).read_text().splitlines():
@@ -119,7 +173,7 @@ class Cgroups:
         if not self.version:
             return
         deadline = time.monotonic() + timeout
-        for d in set(self._dirs(sandbox_id).values()):
+        for d in {d for d in self._dirs(sandbox_id).values() if d.exists()}:
             while d.exists():
                 for pid in self.pids(sandbox_id):
                     with contextlib.suppress(ProcessLookupError, PermissionError):

@@ -25,10 +25,12 @@ import os
 import re
 import resource
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -41,6 +43,7 @@ from agent.runtime.base import (
     SandboxExit,
 )
 from agent.runtime.cgroups import Cgroups
+from agent.runtime.parked import Parked, ParkedPool
 from agent.workers import WorkerHub
 from aviato.exceptions import SandboxFailedError, SandboxNotRunningError
 from aviato.protocol import SandboxSpec
@@ -77,6 +80,64 @@ def find_python(version: str, configured: Mapping[str, str] | None = None) -> st
     return None
 
 
+#: ``sh -c JOIN_CGROUPS sh PROCS... -- CMD...``: the shell puts itself in each group,
+#: then becomes the sandbox; whatever it starts is inside from the first instant.
+JOIN_CGROUPS = (
+    'for f; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 126; shift; done; '
+    'shift; exec "$@"'
+)
+
+
+class _Child:
+    """A sandbox's first process, and its exit code to come (negative: a signal)."""
+
+    def __init__(self, pid: int, exited: asyncio.Future[int]) -> None:
+        self.pid = pid
+        self.exited = exited
+
+
+def _spawn_watched(cmd: Sequence[str], env: Mapping[str, str], logfd: int) -> _Child:
+    """posix_spawn ``cmd`` in a session of its own, output to ``logfd``."""
+    pid = os.posix_spawn(
+        cmd[0],
+        list(cmd),
+        dict(env),
+        file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_DUP2, logfd, 1),
+            (os.POSIX_SPAWN_DUP2, logfd, 2),
+        ],
+        setsid=True,
+    )
+    return _Child(pid, _watch_exit(pid))
+
+
+def _watch_exit(pid: int) -> asyncio.Future[int]:
+    """The exit code to come of our child ``pid``, noticed through a pidfd on the event
+    loop (no thread, no SIGCHLD handler)."""
+    loop = asyncio.get_running_loop()
+    exited: asyncio.Future[int] = loop.create_future()
+
+    def reaped(status: int) -> None:
+        if not exited.done():
+            exited.set_result(os.waitstatus_to_exitcode(status))
+
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # a kernel before 5.3: a pool thread waits instead
+        loop.run_in_executor(None, lambda: os.waitpid(pid, 0)[1]).add_done_callback(
+            lambda f: reaped(f.result())
+        )
+        return exited
+
+    def on_exit() -> None:
+        loop.remove_reader(pidfd)
+        os.close(pidfd)
+        reaped(os.waitpid(pid, 0)[1])
+
+    loop.add_reader(pidfd, on_exit)
+    return exited
+
 class LocalRuntime(Runtime):
     supervisor_is_main = True
 
@@ -87,8 +148,10 @@ class LocalRuntime(Runtime):
         use_bwrap: bool | None = None,
         state_dir: str | None = None,
         pythons: Mapping[str, str] | None = None,
-        use_cgroups: bool = True,
+        use_cgroups: bool | None = None,
     ) -> None:
+        if use_cgroups is None:
+            use_cgroups = os.environ.get("AVIATO_LOCAL_CGROUPS", "1") != "0"
         bwrap = shutil.which("bwrap")
         if use_bwrap is None:
             use_bwrap = bwrap is not None and os.environ.get("AVIATO_LOCAL_NO_BWRAP") != "1"
@@ -105,7 +168,10 @@ class LocalRuntime(Runtime):
         self.root = Path(state_dir or Path(tempfile.gettempdir()) / "aviato-local")
         self.pythons = dict(pythons or {})
         self._python_cache: dict[str, str | None] = {}
-        self._procs: dict[str, asyncio.subprocess.Process] = {}
+        self._procs: dict[str, _Child] = {}
+        self._groups: dict[str, str] = {}  # sandbox id -> its cgroups' name
+        # Processes parked in their cgroups ahead of need (see parked.py).
+        self._parked = ParkedPool(self.cgroups, _watch_exit) if self.cgroups.version else None
         self._stopping: set[str] = set()
         self._exits: asyncio.Queue[SandboxExit | None] = asyncio.Queue()
         self._waiters: set[asyncio.Task[None]] = set()
@@ -200,31 +266,91 @@ class LocalRuntime(Runtime):
             cmd = [host(a) for a in argv]
             env = {k: host(v) for k, v in env.items()}
             cwd = str(home / "tmp")
+        limits = {"memory": spec.memory_bytes, "pids": spec.pids_limit or self.pids_limit,
+                  "cpus": spec.cpus}
+        parked = self._parked.take() if self._parked is not None else None
+        if parked is not None:
+            child = await self._launch_parked(sandbox_id, parked, home, cmd, env, cwd, limits)
+        else:
+            child = await self._spawn(sandbox_id, spec, home, cmd, env, cwd, limits)
+        self._groups[sandbox_id] = parked.group if parked is not None else sandbox_id
+        (home / "cgroup").write_text(self._groups[sandbox_id])
+        (home / "pid").write_text(f"{child.pid} {psutil.Process(child.pid).create_time()}")
+        self._procs[sandbox_id] = child
+        task = asyncio.get_running_loop().create_task(self._wait(sandbox_id, child))
+        self._waiters.add(task)
+        task.add_done_callback(self._waiters.discard)
+
+    async def _launch_parked(
+        self,
+        sandbox_id: str,
+        parked: Parked,
+        home: Path,
+        cmd: list[str],
+        env: dict[str, str],
+        cwd: str | None,
+        limits: dict[str, Any],
+    ) -> _Child:
+        """The fast path: a process already in its cgroups becomes the sandbox."""
         try:
-            groups = self.cgroups.make(
-                sandbox_id,
-                memory=spec.memory_bytes,
-                pids=spec.pids_limit or self.pids_limit,
-                cpus=spec.cpus,
-            )
+            self.cgroups.set_limits(parked.group, **limits)
+            path = cmd[0] if "/" in cmd[0] else shutil.which(cmd[0], path=env.get("PATH"))
+            if path is None:
+                raise FileNotFoundError(2, "No such file or directory", cmd[0])
+            parked.launch(path, cmd, env, str(home / "log"), cwd)
+        except OSError as exc:
+            shutil.rmtree(home, ignore_errors=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(parked.pid, signal.SIGKILL)
+            await asyncio.to_thread(self.cgroups.remove, parked.group)
+            raise SandboxFailedError(
+                f"could not start sandbox process: {exc}", sandbox_id=sandbox_id
+            ) from exc
+        return _Child(parked.pid, parked.exited)
+
+    async def _spawn(
+        self,
+        sandbox_id: str,
+        spec: SandboxSpec,
+        home: Path,
+        cmd: list[str],
+        env: dict[str, str],
+        cwd: str | None,
+        limits: dict[str, Any],
+    ) -> _Child:
+        """Start the sandbox's first process now (no parked one was ready)."""
+        if self._parked is not None:
+            self._parked.fill()
+        try:
+            groups = self.cgroups.make(sandbox_id, **limits)
         except OSError as exc:
             shutil.rmtree(home, ignore_errors=True)
             raise SandboxFailedError(
                 f"could not set the sandbox's cgroup limits: {exc}", sandbox_id=sandbox_id
             ) from exc
+        if groups:
+            cmd = ["/bin/sh", "-c", JOIN_CGROUPS, "sh", *groups, "--", *cmd]
+        elif "/" not in cmd[0]:  # posix_spawn does not search PATH
+            cmd = [shutil.which(cmd[0], path=env.get("PATH")) or cmd[0], *cmd[1:]]
         # Small local file the child owns from here on.
         logfile = open(home / "log", "wb")  # noqa: ASYNC230
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=cwd,
-                start_new_session=True,
-                preexec_fn=self._limits(spec, groups),
-            )
+            if cwd is None and (groups or not spec.memory_bytes):
+                # posix_spawn: no fork of the agent (~5 ms at its size); the cgroups
+                # are joined by a shell that then execs the sandbox.
+                child = _spawn_watched(cmd, env, logfile.fileno())
+            else:  # setrlimit needs Python in the child before exec
+                proc = await asyncio.create_subprocess_exec(
+                    *cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logfile,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=cwd,
+                    start_new_session=True,
+                    preexec_fn=self._limits(spec),
+                )
+                child = _Child(proc.pid, asyncio.ensure_future(proc.wait()))
         except OSError as exc:
             shutil.rmtree(home, ignore_errors=True)
             await asyncio.to_thread(self.cgroups.remove, sandbox_id)
@@ -233,11 +359,7 @@ class LocalRuntime(Runtime):
             ) from exc
         finally:
             logfile.close()
-        (home / "pid").write_text(f"{proc.pid} {psutil.Process(proc.pid).create_time()}")
-        self._procs[sandbox_id] = proc
-        task = asyncio.get_running_loop().create_task(self._wait(sandbox_id, proc))
-        self._waiters.add(task)
-        task.add_done_callback(self._waiters.discard)
+        return child
 
     def _bwrap_argv(self, home: Path, spec: SandboxSpec, mounts: Sequence[Mount]) -> list[str]:
         assert self.bwrap is not None
@@ -277,23 +399,12 @@ class LocalRuntime(Runtime):
             argv += ["--ro-bind" if m.read_only else "--bind", m.source, m.target]
         return argv
 
-    def _limits(self, spec: SandboxSpec, groups: Sequence[str]) -> Callable[[], None]:
-        """What the child does before it execs: join its cgroups (whose limits then
-        hold for its whole tree), else fall back to per-process setrlimit."""
+    def _limits(self, spec: SandboxSpec) -> Callable[[], None]:
+        """Without cgroups: per-process setrlimit, in the child before it execs."""
         memory = spec.memory_bytes
         pids = spec.pids_limit or self.pids_limit
-        procs = [p.encode() for p in groups]
 
-        def apply() -> None:  # runs in the child, before exec: syscalls only
-            if procs:
-                me = str(os.getpid()).encode()
-                for path in procs:
-                    fd = os.open(path, os.O_WRONLY)
-                    try:
-                        os.write(fd, me)
-                    finally:
-                        os.close(fd)
-                return
+        def apply() -> None:  # runs in the child, before exec
             if memory:
                 resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
             with contextlib.suppress(ValueError, OSError):  # root ignores NPROC anyway
@@ -301,8 +412,16 @@ class LocalRuntime(Runtime):
 
         return apply
 
-    async def _wait(self, sandbox_id: str, proc: asyncio.subprocess.Process) -> None:
-        code = await proc.wait()
+    def _group(self, sandbox_id: str, home: Path | None) -> str:
+        """The name of the sandbox's cgroups (a parked process's, or its own id)."""
+        group = self._groups.pop(sandbox_id, None)
+        if group is None and home is not None:
+            with contextlib.suppress(OSError):
+                group = (home / "cgroup").read_text().strip()
+        return group or sandbox_id
+
+    async def _wait(self, sandbox_id: str, child: _Child) -> None:
+        code = await asyncio.shield(child.exited)
         self._procs.pop(sandbox_id, None)
         if sandbox_id in self._stopping:
             return
@@ -311,12 +430,13 @@ class LocalRuntime(Runtime):
         while len(self._ended_logs) > 64:
             self._ended_logs.pop(next(iter(self._ended_logs)))
         home = self._find_dir(sandbox_id)
+        group = self._group(sandbox_id, home)
         if home is not None:
             shutil.rmtree(home, ignore_errors=True)
         exit_code = code if code >= 0 else 128 - code
         # Without cgroups, setrlimit makes allocations fail instead: no OOM killer.
-        oom = self.cgroups.oom_killed(sandbox_id)
-        await asyncio.to_thread(self.cgroups.remove, sandbox_id)
+        oom = self.cgroups.oom_killed(group)
+        await asyncio.to_thread(self.cgroups.remove, group)
         await self._exits.put(SandboxExit(sandbox_id, exit_code, oom))
 
     # ------------------------------------------------------------------ the rest
@@ -372,9 +492,9 @@ class LocalRuntime(Runtime):
             if proc is not None:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(10):
-                        await proc.wait()
+                        await asyncio.shield(proc.exited)
         # Also kills what left the tree (a double fork) but not the group.
-        await asyncio.to_thread(self.cgroups.remove, sandbox_id)
+        await asyncio.to_thread(self.cgroups.remove, self._group(sandbox_id, home))
         if home is not None:
             shutil.rmtree(home, ignore_errors=True)
 
@@ -404,6 +524,8 @@ class LocalRuntime(Runtime):
             yield item
 
     async def close(self) -> None:
+        if self._parked is not None:
+            await self._parked.close()
         await self._exits.put(None)
         # Agent directories left empty (their sandboxes are gone) go too.
         for agent_dir in self.root.glob("*"):
