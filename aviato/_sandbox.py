@@ -16,8 +16,10 @@ from aviato._defaults import SandboxDefaults, merge_spec
 from aviato._types import ExecResult, OutputChunk
 from aviato.exceptions import (
     AviatoError,
+    ClusterUnavailableError,
     SandboxExecutionError,
     SandboxFailedError,
+    SandboxNotFoundError,
     SandboxNotRunningError,
     SandboxTerminatedError,
     SandboxTimeoutError,
@@ -47,6 +49,9 @@ if TYPE_CHECKING:
     from aviato._session import Session
 
 #: Longest single long-poll of ``wait``; the loop re-asks until its own deadline.
+#: How long ``wait`` rides out a scheduler that does not answer (or, just after, does
+#: not know the sandbox yet) before it raises.
+OUTAGE_SECONDS = 30.0
 _WAIT_POLL_SECONDS = 5.0  # short: a poll lost in a scheduler restart is re-sent soon
 #: Deadline for an exec given no timeout of its own (a day: "forever", but bounded).
 _EXEC_NO_TIMEOUT_SECONDS = 24 * 3600.0
@@ -280,10 +285,13 @@ class Sandbox:
 
         Raises ``SandboxFailedError`` when it could not run to the end (agent lost,
         out of memory), ``SandboxTerminatedError`` when something else stopped it,
-        ``SandboxTimeoutError`` when ``timeout`` passes first."""
+        ``SandboxTimeoutError`` when ``timeout`` passes first. It rides out a scheduler
+        restart (until its agent reports the sandbox again); after ``OUTAGE_SECONDS``
+        of no scheduler it raises ``ClusterUnavailableError``."""
         info = self._require_started()
         conn = await scheduler_connection(self._defaults)
         deadline = None if timeout is None else time.monotonic() + timeout
+        outage_since: float | None = None
         while not info.status.is_terminal:
             left = _WAIT_POLL_SECONDS if deadline is None else deadline - time.monotonic()
             if left <= 0:
@@ -292,11 +300,24 @@ class Sandbox:
                     sandbox_id=info.sandbox_id,
                 )
             poll = min(left, _WAIT_POLL_SECONDS)
-            # A small slack: a poll lost with a restarted scheduler is noticed soon.
-            reply = await conn.request(
-                WaitSandbox(info.sandbox_id, poll),
-                timeout=poll + min(5.0, self._defaults.request_timeout_seconds),
-            )
+            try:
+                # A small slack: a poll lost with a restarted scheduler is noticed soon.
+                reply = await conn.request(
+                    WaitSandbox(info.sandbox_id, poll),
+                    timeout=poll + min(5.0, self._defaults.request_timeout_seconds),
+                )
+            except (ClusterUnavailableError, SandboxNotFoundError) as exc:
+                # Not found is "not yet" only just after the scheduler went away: a
+                # restarted one learns the sandbox when its agent registers again.
+                now = time.monotonic()
+                if isinstance(exc, SandboxNotFoundError) and outage_since is None:
+                    raise
+                outage_since = outage_since or now
+                if now - outage_since > OUTAGE_SECONDS:
+                    raise
+                await asyncio.sleep(0.5)
+                continue
+            outage_since = None
             assert isinstance(reply.msg, SandboxReply)
             info = self._info = reply.msg.sandbox
         if info.status is SandboxStatus.FAILED:

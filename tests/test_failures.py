@@ -204,3 +204,16 @@ async def test_agent_kept_on_exit_leaves_its_sandboxes_running(fresh_cluster: Cl
         await sb.stop()
     await asyncio.to_thread(wait_until, lambda: not containers_of([victim]), 20, 0.2,
                             "the kept sandboxes to go")
+
+
+async def test_wait_rides_out_a_scheduler_restart(fresh_cluster: Cluster) -> None:
+    c = fresh_cluster
+    d = SandboxDefaults(container_image=IMAGE, scheduler=c.address, request_timeout_seconds=2)
+    sb = await Sandbox.create("sh", "-c", "sleep 5; exit 3", defaults=d)
+    waiting = asyncio.create_task(sb.wait(timeout=60))
+    await asyncio.sleep(0.5)
+    port = int(c.address.rsplit(":", 1)[1])
+    c.kill("scheduler")
+    await asyncio.sleep(2.0)  # its poll is lost with the scheduler
+    c.start_scheduler(port)
+    assert await asyncio.wait_for(waiting, 60) == 3  # the exit code, after the restart
