@@ -24,7 +24,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import AGENT_IDS, ROOT, RUN_ID, containers_of, stop_daemons, wait_until
+from tests.conftest import (
+    AGENT_IDS,
+    ROOT,
+    RUN_ID,
+    Cluster,
+    containers_of,
+    stop_daemons,
+    wait_until,
+)
 
 PREFIX = "avn"  # namespaces and links of these tests, for the leak check
 
@@ -112,8 +120,10 @@ class Hosts:
         self._made.clear()
 
 
-class MultiHostCluster:
-    """A scheduler, agents and a client, each on a host of its own (see ``Hosts``)."""
+class MultiHostCluster(Cluster):
+    """A scheduler, agents and a client, each on a host of its own (see ``Hosts``); the
+    test watches them over its own leg (``status``, ``wait_agents``, ``kill``, ``logs``
+    are Cluster's)."""
 
     def __init__(self, tmp: Path, agents: int = 3, slots: int = 2, dead_after: float = 3.0,
                  heartbeat: float = 1.0) -> None:
@@ -126,6 +136,7 @@ class MultiHostCluster:
         self.address = f"tcp://{self.hosts.addresses['scheduler']}:5555"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.killed_at_close: list[str] = []
+        self.runtime, self.agent_env, self.keys = "docker", {}, None
         try:
             self.start_scheduler()
             for agent_id in self.agent_ids:
@@ -135,7 +146,7 @@ class MultiHostCluster:
             self.close()
             raise
 
-    def _spawn(self, name: str, host: str, args: list[str]) -> subprocess.Popen[bytes]:
+    def _spawn_on(self, name: str, host: str, args: list[str]) -> subprocess.Popen[bytes]:
         log = open(self.tmp / f"{name}.log", "ab")
         proc = subprocess.Popen(
             ["ip", "netns", "exec", self.hosts.ns(host), sys.executable, "-m", *args],
@@ -147,13 +158,13 @@ class MultiHostCluster:
         return proc
 
     def start_scheduler(self) -> None:
-        self._spawn("scheduler", "scheduler", [
+        self._spawn_on("scheduler", "scheduler", [
             "scheduler", "--bind", self.address, "--dead-after", str(self.dead_after),
             "--heartbeat-interval", str(self.heartbeat)])
         wait_until(self._scheduler_answers, 20, 0.1, "the scheduler to answer")
 
     def start_agent(self, agent_id: str) -> None:
-        self._spawn(agent_id, agent_id, [
+        self._spawn_on(agent_id, agent_id, [
             "agent", "--scheduler", self.address, "--agent-id", agent_id,
             "--slots", str(self.slots), "--runtime", "docker",
             "--bind", f"tcp://{self.hosts.addresses[agent_id]}:0"])
@@ -165,35 +176,11 @@ class MultiHostCluster:
         except AssertionError:
             return False
 
-    def status(self, timeout_ms: int = 5000):
-        """The scheduler's ClusterStatusReply, asked over the test's own leg."""
-        import zmq
-
-        from aviato.protocol import ClusterStatus, decode, encode
-
-        sock = zmq.Context.instance().socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        try:
-            sock.connect(self.address)
-            sock.send_multipart(encode(ClusterStatus(), 1))
-            assert sock.poll(timeout_ms), "scheduler did not answer ClusterStatus"
-            return decode(sock.recv_multipart()).msg
-        finally:
-            sock.close()
-
     def alive(self) -> set[str]:
         return {a.agent_id for a in self.status().agents if a.alive}
 
-    def wait_agents(self, n: int, timeout: float = 30) -> None:
-        wait_until(lambda: len(self.alive()) >= n, timeout, 0.1, f"{n} live agents")
-
     def signal(self, name: str, sig: int) -> None:
         self.procs[name].send_signal(sig)
-
-    def kill(self, name: str) -> None:
-        proc = self.procs[name]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
 
     def client(self, script: str, *args: str) -> ClientRun:
         """Run ``script`` (a file in tests/) as a client on the client host."""
@@ -204,12 +191,6 @@ class MultiHostCluster:
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         return ClientRun(proc)
-
-    def logs(self) -> str:
-        return "\n".join(
-            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
-            for p in sorted(self.tmp.glob("*.log"))
-        )
 
     def log_of(self, name: str) -> str:
         return (self.tmp / f"{name}.log").read_text(errors="replace")

@@ -48,13 +48,13 @@ def need_docker() -> None:
     pytest.skip(problem)
 
 
-def containers_of(agent_ids: list[str]) -> list[str]:
+def containers_of(agent_ids: list[str], *, running_only: bool = False) -> list[str]:
     """Names of containers (running or not) labelled with any of these agent ids."""
     names: list[str] = []
     for agent_id in agent_ids:
         out = subprocess.run(
-            ["docker", "ps", "-a", "--filter", f"label=aviato.agent={agent_id}",
-             "--format", "{{.Names}}"],
+            ["docker", "ps", *([] if running_only else ["-a"]),
+             "--filter", f"label=aviato.agent={agent_id}", "--format", "{{.Names}}"],
             capture_output=True, text=True, timeout=30, check=True,
         ).stdout.split()
         names += out
@@ -63,10 +63,7 @@ def containers_of(agent_ids: list[str]) -> list[str]:
 
 def running_of(agent_id: str) -> list[str]:
     """Names of the running containers labelled with this agent id."""
-    return subprocess.run(
-        ["docker", "ps", "--filter", f"label=aviato.agent={agent_id}", "--format", "{{.Names}}"],
-        capture_output=True, text=True, timeout=30, check=True,
-    ).stdout.split()
+    return containers_of([agent_id], running_only=True)
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.1, what: str = "condition"):
@@ -141,7 +138,7 @@ class Cluster:
                                "--slots", str(self.slots), "--bind", "tcp://127.0.0.1:*",
                                "--runtime", self.runtime, *(extra or [])], self.agent_env)
 
-    def status(self):
+    def status(self, timeout_ms: int = 5000):
         """The scheduler's ClusterStatusReply (a sync socket: callable from async tests)."""
         import zmq
 
@@ -157,7 +154,7 @@ class Cluster:
         try:
             sock.connect(self.address)
             sock.send_multipart(encode(ClusterStatus(), 1))
-            assert sock.poll(5000), "scheduler did not answer ClusterStatus"
+            assert sock.poll(timeout_ms), "scheduler did not answer ClusterStatus"
             return decode(sock.recv_multipart()).msg
         finally:
             sock.close()

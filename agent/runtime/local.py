@@ -169,7 +169,6 @@ class LocalRuntime(Runtime):
         self.pythons = dict(pythons or {})
         self._python_cache: dict[str, str | None] = {}
         self._procs: dict[str, _Child] = {}
-        self._groups: dict[str, str] = {}  # sandbox id -> its cgroups' name
         # Processes parked in their cgroups ahead of need (see parked.py).
         self._parked = ParkedPool(self.cgroups, _watch_exit) if self.cgroups.version else None
         self._stopping: set[str] = set()
@@ -266,6 +265,8 @@ class LocalRuntime(Runtime):
             cmd = [host(a) for a in argv]
             env = {k: host(v) for k, v in env.items()}
             cwd = str(home / "tmp")
+        if "/" not in cmd[0]:  # posix_spawn and execve do not search PATH
+            cmd[0] = shutil.which(cmd[0], path=env.get("PATH")) or cmd[0]
         limits = {"memory": spec.memory_bytes, "pids": spec.pids_limit or self.pids_limit,
                   "cpus": spec.cpus}
         parked = self._parked.take() if self._parked is not None else None
@@ -273,8 +274,7 @@ class LocalRuntime(Runtime):
             child = await self._launch_parked(sandbox_id, parked, home, cmd, env, cwd, limits)
         else:
             child = await self._spawn(sandbox_id, spec, home, cmd, env, cwd, limits)
-        self._groups[sandbox_id] = parked.group if parked is not None else sandbox_id
-        (home / "cgroup").write_text(self._groups[sandbox_id])
+        (home / "cgroup").write_text(parked.group if parked is not None else sandbox_id)
         (home / "pid").write_text(f"{child.pid} {psutil.Process(child.pid).create_time()}")
         self._procs[sandbox_id] = child
         task = asyncio.get_running_loop().create_task(self._wait(sandbox_id, child))
@@ -294,10 +294,7 @@ class LocalRuntime(Runtime):
         """The fast path: a process already in its cgroups becomes the sandbox."""
         try:
             self.cgroups.set_limits(parked.group, **limits)
-            path = cmd[0] if "/" in cmd[0] else shutil.which(cmd[0], path=env.get("PATH"))
-            if path is None:
-                raise FileNotFoundError(2, "No such file or directory", cmd[0])
-            parked.launch(path, cmd, env, str(home / "log"), cwd)
+            parked.launch(cmd[0], cmd, env, str(home / "log"), cwd)
         except OSError as exc:
             shutil.rmtree(home, ignore_errors=True)
             with contextlib.suppress(ProcessLookupError):
@@ -319,8 +316,6 @@ class LocalRuntime(Runtime):
         limits: dict[str, Any],
     ) -> _Child:
         """Start the sandbox's first process now (no parked one was ready)."""
-        if self._parked is not None:
-            self._parked.fill()
         try:
             groups = self.cgroups.make(sandbox_id, **limits)
         except OSError as exc:
@@ -330,8 +325,6 @@ class LocalRuntime(Runtime):
             ) from exc
         if groups:
             cmd = ["/bin/sh", "-c", JOIN_CGROUPS, "sh", *groups, "--", *cmd]
-        elif "/" not in cmd[0]:  # posix_spawn does not search PATH
-            cmd = [shutil.which(cmd[0], path=env.get("PATH")) or cmd[0], *cmd[1:]]
         # Small local file the child owns from here on.
         logfile = open(home / "log", "wb")  # noqa: ASYNC230
         try:
@@ -412,13 +405,13 @@ class LocalRuntime(Runtime):
 
         return apply
 
-    def _group(self, sandbox_id: str, home: Path | None) -> str:
+    @staticmethod
+    def _group(sandbox_id: str, home: Path | None) -> str:
         """The name of the sandbox's cgroups (a parked process's, or its own id)."""
-        group = self._groups.pop(sandbox_id, None)
-        if group is None and home is not None:
+        if home is not None:
             with contextlib.suppress(OSError):
-                group = (home / "cgroup").read_text().strip()
-        return group or sandbox_id
+                return (home / "cgroup").read_text().strip() or sandbox_id
+        return sandbox_id
 
     async def _wait(self, sandbox_id: str, child: _Child) -> None:
         code = await asyncio.shield(child.exited)

@@ -19,7 +19,8 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any
 
 from agent.runtime.cgroups import Cgroups
 
@@ -91,17 +92,20 @@ class ParkedPool:
             candidate = self.ready.popleft()
             if not candidate.exited.done():
                 parked = candidate
-            else:
-                self.cgroups.remove(candidate.group, timeout=0.2)
+            else:  # it died while parked: its groups go, off the loop
+                self._track(asyncio.to_thread(self.cgroups.remove, candidate.group))
         self.fill()
         return parked
 
     def fill(self) -> None:
         while not self.closed and len(self.ready) + self._starting < self.size:
             self._starting += 1
-            task = asyncio.get_running_loop().create_task(self._park())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._track(self._park())
+
+    def _track(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _park(self) -> None:
         # Our pid in the name: a later agent removes the groups of a killed one.
