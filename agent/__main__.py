@@ -15,8 +15,10 @@ import uvloop
 from agent.runtime import make_runtime
 from agent.server import AgentServer
 from aviato._auth import CurveKeys, ServerKeys, agent_keys
-from aviato._daemon import daemon_setup, exit_with_parent
+from aviato._daemon import daemon_setup, exit_watchdog, exit_with_parent
 from aviato.exceptions import UnauthorizedError
+
+SHUTDOWN_GRACE = 50.0  # seconds from a stop request to exit, stuck or not
 
 
 def _labels(pairs: list[str]) -> dict[str, str]:
@@ -124,12 +126,23 @@ async def run(args: argparse.Namespace, keys: tuple[ServerKeys, CurveKeys] | Non
         keys=keys,
         supervisor=not args.no_supervisor,
     )
+    stopping = False
+
+    def stop() -> None:
+        # Stopping its sandboxes may take 30 s; whoever stops us may wait 60. Stuck or
+        # not, we are gone within SHUTDOWN_GRACE, with our stacks in the log if stuck.
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            exit_watchdog(SHUTDOWN_GRACE, f"agent {args.agent_id}")
+        server.stop()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, server.stop)
+        loop.add_signal_handler(sig, stop)
     parent = os.environ.get("AVIATO_PARENT_PID")
     async with asyncio.TaskGroup() as tg:
-        watcher = tg.create_task(exit_with_parent(int(parent), server.stop)) if parent else None
+        watcher = tg.create_task(exit_with_parent(int(parent), stop)) if parent else None
         await server.serve(cleanup_on_exit=not args.keep_on_exit)
         if watcher is not None:
             watcher.cancel()

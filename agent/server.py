@@ -181,7 +181,7 @@ class AgentServer:
             data.close(linger=0)
             if self._sched is not None:
                 self._sched.close(linger=0)
-            self._ctx.term()
+            self._ctx.destroy(linger=0)  # term() would wait on any socket left open
 
     async def _stop_all(self) -> None:
         """Stop everything of ours, including stops still under way when we were told to
@@ -252,6 +252,11 @@ class AgentServer:
             self.ready.set()
             await self._heartbeat_until_lost(reply.heartbeat_interval)
             log.warning("agent %s: scheduler lost or restarted; registering again", self.agent_id)
+            # On a fresh socket: once (under heavy load, seen in CI) the old one
+            # stopped delivering replies, and registering on it failed for 10 s.
+            reader.cancel()
+            sock = self._new_scheduler_socket()
+            reader = self._task(self._scheduler_recv(sock))
 
     async def _register(self, fresh: bool) -> RegisterReply | None:
         reported: list[SandboxInfo] = []

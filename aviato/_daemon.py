@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable
 
 
@@ -43,9 +46,28 @@ def forbid_unpickling() -> None:
 
 
 def daemon_setup() -> None:
-    """What both daemons do first, from their environment."""
+    """What both daemons do first, from their environment. SIGUSR1 dumps every
+    thread's stack to stderr (from C: it works even when the event loop is stuck)."""
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if os.environ.get("AVIATO_FORBID_UNPICKLE") == "1":
         forbid_unpickling()
+
+
+def exit_watchdog(grace: float, what: str) -> None:
+    """Once shutdown has begun: if the process still runs after ``grace`` seconds,
+    dump every thread's stack (for whoever reads the log) and exit. A daemon whose
+    shutdown is stuck must still go away, and say where it was stuck."""
+
+    def expire() -> None:
+        logging.getLogger("aviato").error(
+            "%s: shutdown stuck for %g s; stacks follow, exiting", what, grace
+        )
+        faulthandler.dump_traceback(all_threads=True)
+        os._exit(70)
+
+    timer = threading.Timer(grace, expire)
+    timer.daemon = True
+    timer.start()
 
 
 def warn_if_open(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -188,6 +189,8 @@ def stop_daemons(procs: dict[str, subprocess.Popen[bytes]]) -> list[str]:
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGUSR1)  # its stacks, into its log
+                time.sleep(1.0)
                 proc.kill()
                 proc.wait()
                 killed.append(name)
