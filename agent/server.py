@@ -1,5 +1,6 @@
 """The agent daemon: registers with the scheduler, runs sandboxes through a Runtime,
-and serves the data plane (exec, files, logs) to clients on its own ROUTER socket."""
+and serves the data plane (exec, files, logs, function calls) to clients on its own
+ROUTER socket, and to clients on its host over its local lane (agent/lane.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import contextlib
 import dataclasses
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ import psutil
 import zmq
 import zmq.asyncio
 
+from agent.lane import LaneServer
 from agent.runtime.base import (
     LABEL_AGENT,
     LABEL_CREATED,
@@ -76,8 +78,6 @@ log = logging.getLogger("aviato.agent")
 ENDED_MEMORY = 4096
 #: Agent ids of embedded clusters: this prefix and the owning process's pid.
 EMBEDDED_PREFIX = "embedded-"
-#: Data-plane requests served in the receive loop itself rather than in a task each.
-INLINE = (RunCalls, Ping)
 #: How long a function worker may take from container start to its hello.
 WORKER_START_SECONDS = 60.0
 
@@ -136,10 +136,11 @@ class AgentServer:
             WriteFile: self._on_write,
             ReadFile: self._on_read,
             GetLogs: self._on_logs,
-            Ping: self._on_ping,
-            RunCalls: self._on_run_calls,
         }
         self._hub: WorkerHub | None = None
+        self._lane: LaneServer | None = None
+        #: Where clients on this host reach the data plane without ZeroMQ ("": nowhere).
+        self.lane_address = ""
 
     def stop(self) -> None:
         self._stop.set()
@@ -161,6 +162,7 @@ class AgentServer:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 self._hub = WorkerHub(self._send, self._spawn, self.agent_id)
+                self._start_lane(self._hub)
                 if zap is not None:
                     self._task(zap.run())
                     self._task(log_refused_handshakes(data, who))
@@ -173,6 +175,8 @@ class AgentServer:
         finally:
             if cleanup_on_exit:
                 await self._stop_all()
+            if self._lane is not None:
+                self._lane.close()
             if self._hub is not None:
                 await self._hub.close_all(detach=not cleanup_on_exit)
             await self.runtime.close()
@@ -182,6 +186,16 @@ class AgentServer:
             if self._sched is not None:
                 self._sched.close(linger=0)
             self._ctx.destroy(linger=0)  # term() would wait on any socket left open
+
+    def _start_lane(self, hub: WorkerHub) -> None:
+        lane = LaneServer(hub.root / "lane", self._on_message)
+        try:
+            lane.start()
+        except OSError as exc:  # clients then use the ZeroMQ data plane, as remote ones do
+            log.warning("agent %s: no local lane (%s)", self.agent_id, exc)
+            return
+        self._lane = lane
+        self.lane_address = lane.address
 
     async def _stop_all(self) -> None:
         """Stop everything of ours, including stops still under way when we were told to
@@ -284,6 +298,7 @@ class AgentServer:
             labels=self.labels,
             sandboxes=tuple(reported),
             public_key=self.keys[0].public.decode() if self.keys is not None else "",
+            lane=self.lane_address,
         )
         reply = await self._ask_scheduler(msg, self.register_timeout)
         if not isinstance(reply, RegisterReply):
@@ -488,32 +503,48 @@ class AgentServer:
             # under a flood this loop would starve every other task (heartbeats, ticks).
             await asyncio.sleep(0)
             frames = await sock.recv_multipart(copy=False)
-            identity = frames[0].bytes
-            try:
-                decoded = decode(frames[1:])
-            except DecodeError as exc:
-                await _zmq.reply_decode_error(sock, identity, exc, f"agent {self.agent_id}")
-                continue
-            if self.token is not None and decoded.token != self.token:
-                await self._send(
-                    identity,
-                    decoded.request_id,
-                    ErrorReply(ErrorCode.UNAUTHORIZED, "missing or wrong cluster token"),
-                )
-                continue
-            handler = self._data_handlers.get(type(decoded.msg))
-            if handler is None:
-                error = ErrorReply(
-                    ErrorCode.BAD_REQUEST,
-                    f"an agent does not serve {type(decoded.msg).__name__}",
-                )
-                await self._send(identity, decoded.request_id, error)
-                continue
-            if type(decoded.msg) in INLINE:
-                # Hot and short: no task per request (a worker socket write, a pong).
-                await self._serve_one(handler, identity, decoded)
+            self._on_message(frames[0].bytes, frames[1:])
+
+    def _on_message(self, identity: bytes, frames: Sequence[Any]) -> None:
+        """One data-plane request, from ZeroMQ or the lane. Function calls and pings are
+        served right here (no task: they are the hot path); the rest get a task each."""
+        try:
+            decoded = decode(frames)
+        except DecodeError as exc:
+            who = f"agent {self.agent_id}"
+            if exc.request_id is None:
+                _zmq.refusals.warning("%s: dropped an undecodable message: %s", who, exc)
             else:
-                self._spawn(self._serve_one(handler, identity, decoded))
+                _zmq.refusals.warning("%s: refused a message: %s", who, exc)
+                self._send_now(identity, exc.request_id, ErrorReply(exc.code, str(exc)))
+            return
+        if self.token is not None and decoded.token != self.token:
+            error = ErrorReply(ErrorCode.UNAUTHORIZED, "missing or wrong cluster token")
+            self._send_now(identity, decoded.request_id, error)
+            return
+        msg = decoded.msg
+        if type(msg) is RunCalls:
+            try:
+                assert self._hub is not None
+                self._check_running(msg.sandbox_id)
+                self._hub.run_calls(identity, decoded.request_id, msg, decoded.payloads)
+            except Exception as exc:
+                if not isinstance(exc, AviatoError):
+                    log.exception("agent: RunCalls failed")
+                self._send_now(identity, decoded.request_id, error_reply(exc))
+            return
+        if type(msg) is Ping:
+            pong = Pong(server="agent", server_id=self.agent_id)
+            self._send_now(identity, decoded.request_id, pong)
+            return
+        handler = self._data_handlers.get(type(msg))
+        if handler is None:
+            error = ErrorReply(
+                ErrorCode.BAD_REQUEST, f"an agent does not serve {type(msg).__name__}"
+            )
+            self._send_now(identity, decoded.request_id, error)
+            return
+        self._spawn(self._serve_one(handler, identity, decoded))
 
     async def _serve_one(
         self, handler: Callable[[bytes, Decoded], Awaitable[None]], identity: bytes, d: Decoded
@@ -528,8 +559,19 @@ class AgentServer:
     async def _send(
         self, identity: bytes, request_id: int, msg: Message, payloads: tuple[Payload, ...] = ()
     ) -> None:
+        self._send_now(identity, request_id, msg, payloads)
+
+    def _send_now(
+        self, identity: bytes, request_id: int, msg: Message, payloads: Sequence[Payload] = ()
+    ) -> None:
+        """Replies never wait: a peer that went away (or reads nothing) loses them."""
+        lane = self._lane
+        if lane is not None and lane.owns(identity):
+            if not lane.send(identity, encode(msg, request_id, payloads)):
+                log.debug("dropping %s to a closed lane", type(msg).__name__)
+            return
         assert self._data is not None
-        await _zmq.send_to(self._data, identity, msg, request_id, payloads)
+        _zmq.send_now(self._data, identity, msg, request_id, payloads)
 
     def _check_running(self, sandbox_id: str) -> None:
         if sandbox_id in self.sandboxes:
@@ -610,12 +652,3 @@ class AgentServer:
             self._check_running(msg.sandbox_id)
         data = await self.runtime.logs(msg.sandbox_id)
         await self._send(identity, d.request_id, LogsReply(), (data,))
-
-    async def _on_run_calls(self, identity: bytes, d: Decoded) -> None:
-        msg = d.msg
-        assert isinstance(msg, RunCalls) and self._hub is not None
-        self._check_running(msg.sandbox_id)
-        await self._hub.run_calls(identity, d.request_id, msg, d.payloads)
-
-    async def _on_ping(self, identity: bytes, d: Decoded) -> None:
-        await self._send(identity, d.request_id, Pong(server="agent", server_id=self.agent_id))

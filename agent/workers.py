@@ -26,7 +26,12 @@ from typing import Any
 import cloudpickle
 
 from agent.runtime.base import ExecOutput, ExitStatus, Mount, OutputChunk
-from aviato.exceptions import SandboxFailedError, SandboxFileError, SandboxNotRunningError
+from aviato.exceptions import (
+    SandboxError,
+    SandboxFailedError,
+    SandboxFileError,
+    SandboxNotRunningError,
+)
 from aviato.protocol import CallOutcome, CallResults, Message, Payload, RunCalls
 
 log = logging.getLogger("aviato.agent.workers")
@@ -34,6 +39,9 @@ log = logging.getLogger("aviato.agent.workers")
 _COUNT = struct.Struct("!I")
 _LEN = struct.Struct("!Q")
 SOCKET_DIR = "/run/aviato"
+#: Calls a worker may leave unread on its socket before the agent refuses more (the
+#: client keeps at most two batches in flight per worker: far below this).
+MAX_UNREAD_BYTES = 1 << 30
 LIB_DIR = "/run/aviato-lib"
 #: Imported rather than run as a script, so that its compiled bytecode is used.
 WORKER_ENTRY = (
@@ -268,9 +276,11 @@ class WorkerHub:
     async def write_file(self, sandbox_id: str, path: str, data: Payload, mode: int) -> None:
         await self._file_op(sandbox_id, {"op": "write", "path": path, "mode": mode}, [data])
 
-    async def run_calls(
+    def run_calls(
         self, identity: bytes, request_id: int, msg: RunCalls, payloads: tuple[Payload, ...]
     ) -> None:
+        """Hand a batch to its worker now (no waiting: the agent's receive loop and the
+        lane call this inline); a worker that leaves too much unread is refused more."""
         link = self._links.get(msg.sandbox_id)
         if link is None or link.writer is None or link.closed:
             raise SandboxNotRunningError(
@@ -281,6 +291,13 @@ class WorkerHub:
         if expected != len(payloads):
             raise ValueError(
                 f"RunCalls names {expected} payload frames but carries {len(payloads)}"
+            )
+        unread = link.writer.transport.get_write_buffer_size()
+        if unread > MAX_UNREAD_BYTES:
+            raise SandboxError(
+                f"the function worker in {msg.sandbox_id} has {unread} bytes of calls unread; "
+                "send fewer calls at a time",
+                sandbox_id=msg.sandbox_id,
             )
         route = Route(identity, request_id)
         for call in msg.calls:
@@ -298,10 +315,16 @@ class WorkerHub:
                 for c in msg.calls
             ],
         }
-        await self._write(link, [marshal.dumps(header), *payloads])
+        self._write_now(link, [marshal.dumps(header), *payloads])
+
+    @classmethod
+    async def _write(cls, link: WorkerLink, frames: Sequence[Payload]) -> None:
+        cls._write_now(link, frames)
+        assert link.writer is not None
+        await link.writer.drain()
 
     @staticmethod
-    async def _write(link: WorkerLink, frames: Sequence[Payload]) -> None:
+    def _write_now(link: WorkerLink, frames: Sequence[Payload]) -> None:
         if link.writer is None:
             raise SandboxNotRunningError(
                 f"sandbox {link.sandbox_id} has no supervisor", sandbox_id=link.sandbox_id
@@ -313,7 +336,6 @@ class WorkerHub:
             *frames,
         ]
         link.writer.writelines(parts)
-        await link.writer.drain()
 
     async def _read(self, link: WorkerLink, reader: asyncio.StreamReader) -> None:
         try:
@@ -406,9 +428,7 @@ class WorkerHub:
             link = self._links[sandbox_id]
             if detach and link.writer is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(
-                        self._write(link, [marshal.dumps({"op": "detach"})]), 5
-                    )
+                    await asyncio.wait_for(self._write(link, [marshal.dumps({"op": "detach"})]), 5)
             link.routes.clear()  # the agent's tasks are gone: nobody is left to answer
             await self.close(sandbox_id, "the agent is shutting down")
             await self.close(sandbox_id, "the agent is shutting down")

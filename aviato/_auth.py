@@ -290,8 +290,10 @@ def own_keypair(directory: str, role: Role, name: str | None) -> tuple[str, byte
         found = sorted(p.name.removesuffix(".key_secret") for p in folder.glob("*.key_secret"))
         if len(found) != 1:
             flag = "--agent-key (AVIATO_AGENT_KEY)" if role is Role.AGENT else "AVIATO_CLIENT_KEY"
-            why = f"{len(found)} secret {role.value} keys ({', '.join(found)})" if found else (
-                f"no secret {role.value} key"
+            why = (
+                f"{len(found)} secret {role.value} keys ({', '.join(found)})"
+                if found
+                else (f"no secret {role.value} key")
             )
             raise UnauthorizedError(
                 f"{folder} holds {why}: name this host's key with {flag}, or keep only "
@@ -352,9 +354,7 @@ class LogThrottle:
     """At most one log line per key every ``seconds``: a refused peer reconnects about
     ten times a second (libzmq resets its backoff after each TCP connect)."""
 
-    def __init__(
-        self, seconds: float = 10.0, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, seconds: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.seconds = seconds
         self.clock = clock
         self._last: dict[str, tuple[float, int]] = {}  # key -> (logged at, held back since)

@@ -1,6 +1,9 @@
-"""One DEALER connection to a daemon: request ids mapped to futures, a reader task.
+"""Connections to a daemon: request ids mapped to futures (or handlers), replies routed
+by id. :class:`Connection` is a ZeroMQ DEALER with a reader task; :class:`LaneConnection`
+is an agent's local lane, a Unix socket for a client on the agent's host (see
+aviato/_lane.py). Both are a :class:`Channel`.
 
-Connections belong to one event loop; :func:`connection` hands out one per
+Channels belong to one event loop; :func:`connection` hands out one per
 (loop, address) so concurrent requests share a socket and a reader.
 """
 
@@ -10,9 +13,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import socket
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.asyncio
@@ -21,25 +25,33 @@ from zmq.utils.monitor import recv_monitor_message
 from aviato import _zmq
 from aviato._auth import CurveKeys, handshake_refusal
 from aviato._errors import to_exception
+from aviato._lane import FramedSocket, connect_unix, local_path
 from aviato.exceptions import (
     AviatoError,
     ClusterUnavailableError,
     PayloadTooLargeError,
+    SandboxNotRunningError,
     UnauthorizedError,
 )
 from aviato.protocol import (
+    MAX_FRAME_BYTES,
     MAX_PAYLOAD_BYTES,
     Decoded,
     DecodeError,
     ErrorCode,
     ErrorReply,
+    Frame,
     Message,
     Payload,
     Ping,
+    SandboxInfo,
     decode,
     encode,
     payload_size,
 )
+
+if TYPE_CHECKING:
+    from aviato._defaults import SandboxDefaults
 
 log = logging.getLogger("aviato.connection")
 _ids = itertools.count(1)
@@ -61,75 +73,67 @@ _HANDSHAKE_EVENTS = (
 )
 
 
-class Connection:
+class Channel:
+    """Requests to one daemon and their replies, whatever carries them."""
+
     def __init__(
         self, address: str, token: str | None = None, curve: CurveKeys | None = None
     ) -> None:
         self.address = address
         self.token = token
         self.curve = curve
-        self._sock = _zmq.dealer(_context(), address, curve)
         #: Why the daemon refused our handshake, until one succeeds ("" otherwise).
         self.refused = ""
         # request id -> what to do with each reply to it (a future, a queue, a pool)
         self._waiting: dict[int, Callable[[Decoded], None]] = {}
-        loop = asyncio.get_running_loop()
-        self._monitor = self._sock.get_monitor_socket(_HANDSHAKE_EVENTS)
-        self._reader = loop.create_task(self._read())
-        self._watcher = loop.create_task(self._watch())
         self.closed = False
 
-    async def _read(self) -> None:
-        while True:
-            frames = await self._sock.recv_multipart(copy=False)
-            try:
-                decoded = decode(frames)
-            except DecodeError:
-                continue  # nothing to route it to; the request's deadline will fire
-            handler = self._waiting.get(decoded.request_id)
-            if handler is not None:
-                handler(decoded)
+    # ------------------------------------------------------------------ transport
 
-    async def _watch(self) -> None:
-        """A refused handshake (no key, an unknown key, another mechanism) would leave
-        requests to time out in silence: fail them now with the reason."""
-        while True:
-            event = await recv_monitor_message(self._monitor)
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.refused = ""
-                continue
-            why = handshake_refusal(
-                event["event"], event["value"], self.address, self.curve is not None
-            )
-            if not why:
-                continue
-            if why != self.refused:
-                log.info("%s", why)  # the waiting requests raise it
-            self.refused = why
-            refusal = ErrorReply(ErrorCode.UNAUTHORIZED, why)
-            for request_id, handler in list(self._waiting.items()):
-                handler(Decoded(refusal, request_id))
+    async def _transmit(self, frames: list[Frame], size: int) -> None:
+        raise NotImplementedError
+
+    def _transmit_nowait(self, request_id: int, frames: list[Frame], size: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def _route(self, frames: Sequence[Any]) -> None:
+        try:
+            decoded = decode(frames)
+        except DecodeError:
+            return  # nothing to route it to; the request's deadline will fire
+        handler = self._waiting.get(decoded.request_id)
+        if handler is not None:
+            handler(decoded)
+
+    # ------------------------------------------------------------------ requests
 
     def _no_answer(self, what: str) -> Exception:
         if self.refused:
             return UnauthorizedError(self.refused)
         hint = (
-            "check that this client's key is one the cluster knows (AVIATO_KEYS, "
-            "AVIATO_CLIENT_KEY)"
+            "check that this client's key is one the cluster knows (AVIATO_KEYS, AVIATO_CLIENT_KEY)"
             if self.curve is not None
             else "is it running and reachable? (if the cluster uses keys, set AVIATO_KEYS)"
         )
         return ClusterUnavailableError(f"{what}; {hint}")
 
-    async def _send(self, request_id: int, msg: Message, payloads: Sequence[Payload]) -> None:
+    def _frames(
+        self, request_id: int, msg: Message, payloads: Sequence[Payload], hint: str
+    ) -> tuple[list[Frame], int]:
         size = payload_size(payloads)
         if size > MAX_PAYLOAD_BYTES:
             raise PayloadTooLargeError(
                 f"{type(msg).__name__} carries {size} bytes, above the {MAX_PAYLOAD_BYTES}-byte "
-                "limit; split the data into smaller pieces"
+                f"limit; {hint}"
             )
-        frames = encode(msg, request_id, payloads, token=self.token)
-        await self._sock.send_multipart(frames, copy=size < 64 * 1024)
+        return encode(msg, request_id, payloads, token=self.token), size
+
+    async def _send(self, request_id: int, msg: Message, payloads: Sequence[Payload]) -> None:
+        frames, size = self._frames(request_id, msg, payloads, "split the data into smaller pieces")
+        await self._transmit(frames, size)
 
     async def request(
         self, msg: Message, payloads: Sequence[Payload] = (), *, timeout: float
@@ -214,20 +218,18 @@ class Connection:
     ) -> int:
         """Send without waiting; every reply to it goes to ``handler`` until ``forget``.
 
-        For the function pool, which dispatches from plain callbacks: zmq queues the
-        frames at once (the socket's high-water mark is far above what the pool keeps
-        in flight)."""
-        size = payload_size(payloads)
-        if size > MAX_PAYLOAD_BYTES:
-            raise PayloadTooLargeError(
-                f"{type(msg).__name__} carries {size} bytes, above the {MAX_PAYLOAD_BYTES}-byte "
-                "limit; pass smaller arguments (or write big data to a file in the sandbox)"
-            )
+        For the function pool, which dispatches from plain callbacks: the frames are
+        queued at once (ZeroMQ's high-water mark is far above what the pool keeps in
+        flight; a lane queues without limit)."""
         request_id = next(_ids)
+        frames, size = self._frames(
+            request_id,
+            msg,
+            payloads,
+            "pass smaller arguments (or write big data to a file in the sandbox)",
+        )
         self._waiting[request_id] = handler
-        frames = encode(msg, request_id, payloads, token=self.token)
-        sent = asyncio.ensure_future(self._sock.send_multipart(frames, copy=size < 64 * 1024))
-        sent.add_done_callback(_log_send_failure)
+        self._transmit_nowait(request_id, frames, size)
         return request_id
 
     def forget(self, request_id: int) -> None:
@@ -237,6 +239,53 @@ class Connection:
         """Send a reply still awaited for ``request_id`` to ``handler`` instead."""
         if request_id in self._waiting:
             self._waiting[request_id] = handler
+
+
+class Connection(Channel):
+    """A ZeroMQ DEALER to a daemon, with a reader task and a handshake watcher."""
+
+    def __init__(
+        self, address: str, token: str | None = None, curve: CurveKeys | None = None
+    ) -> None:
+        super().__init__(address, token, curve)
+        self._sock = _zmq.dealer(_context(), address, curve)
+        loop = asyncio.get_running_loop()
+        self._monitor = self._sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+        self._reader = loop.create_task(self._read())
+        self._watcher = loop.create_task(self._watch())
+
+    async def _read(self) -> None:
+        while True:
+            self._route(await self._sock.recv_multipart(copy=False))
+
+    async def _watch(self) -> None:
+        """A refused handshake (no key, an unknown key, another mechanism) would leave
+        requests to time out in silence: fail them now with the reason."""
+        while True:
+            event = await recv_monitor_message(self._monitor)
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.refused = ""
+                continue
+            why = handshake_refusal(
+                event["event"], event["value"], self.address, self.curve is not None
+            )
+            if not why:
+                continue
+            if why != self.refused:
+                log.info("%s", why)  # the waiting requests raise it
+            self.refused = why
+            refusal = ErrorReply(ErrorCode.UNAUTHORIZED, why)
+            for request_id, handler in list(self._waiting.items()):
+                handler(Decoded(refusal, request_id))
+
+    async def _transmit(self, frames: list[Frame], size: int) -> None:
+        await self._sock.send_multipart(frames, copy=size < _zmq.ZERO_COPY_BYTES)
+
+    def _transmit_nowait(self, request_id: int, frames: list[Frame], size: int) -> None:
+        sent = asyncio.ensure_future(
+            self._sock.send_multipart(frames, copy=size < _zmq.ZERO_COPY_BYTES)
+        )
+        sent.add_done_callback(_log_send_failure)
 
     def close(self) -> None:
         if not self.closed:
@@ -248,28 +297,100 @@ class Connection:
             self._sock.close(linger=0)
 
 
+class LaneConnection(Channel):
+    """An agent's data plane over its local lane. Sends go straight to the socket, and
+    replies are handled in the loop's reader callback: no task, no I/O thread."""
+
+    def __init__(self, address: str, path: str, sock: socket.socket, token: str | None) -> None:
+        super().__init__(address, token)
+        self.path = path
+        self._lane = FramedSocket(sock, self._route, self._lost, max_message=MAX_FRAME_BYTES)
+
+    def _lost(self, exc: BaseException | None) -> None:
+        """The agent closed the lane (it exited, or was killed): every request still
+        waiting fails now, as a ZeroMQ request would at its deadline."""
+        self.closed = True
+        why = f"the agent at {self.address} closed its local connection"
+        self._fail_waiting(f"{why}: {exc}" if exc is not None else why)
+
+    def _fail_waiting(self, why: str) -> None:
+        error = ErrorReply(ErrorCode.UNAVAILABLE, why)
+        for request_id, handler in list(self._waiting.items()):
+            handler(Decoded(error, request_id))
+
+    async def _transmit(self, frames: list[Frame], size: int) -> None:
+        if not self._lane.send(frames):
+            self.closed = True
+            raise ClusterUnavailableError(
+                f"the local connection to the agent at {self.address} is closed"
+            )
+
+    def _transmit_nowait(self, request_id: int, frames: list[Frame], size: int) -> None:
+        if not self._lane.send(frames):
+            # Like a reply: the handler hears of it from the loop, not from inside its call.
+            self.closed = True
+            error = ErrorReply(ErrorCode.UNAVAILABLE, f"the agent at {self.address} is gone")
+            handler = self._waiting.get(request_id)
+            if handler is not None:
+                asyncio.get_running_loop().call_soon(handler, Decoded(error, request_id))
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+        self._lane.close()
+
+
 def _log_send_failure(future: asyncio.Future[Any]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.warning("send failed: %s", future.exception())
 
 
 _Key = tuple[str, str | None, CurveKeys | None]
-_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_Key, Connection]] = (
+_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_Key, Channel]] = (
     weakref.WeakKeyDictionary()
 )
 
 
 def connection(
-    address: str, token: str | None = None, curve: CurveKeys | None = None
-) -> Connection:
-    """The shared connection to ``address`` for the running loop."""
+    address: str, token: str | None = None, curve: CurveKeys | None = None, lane: str = ""
+) -> Channel:
+    """The shared connection to ``address`` for the running loop: over ``lane`` (an
+    agent's local lane) when it is on this host and lets us in, else ZeroMQ."""
     loop = asyncio.get_running_loop()
     conns = _by_loop.setdefault(loop, {})
-    conn = conns.get((address, token, curve))
+    key = (address, token, curve)
+    conn = conns.get(key)
     if conn is None or conn.closed:
-        conn = Connection(address, token, curve)
-        conns[(address, token, curve)] = conn
+        conn = _lane_connection(address, lane, token) or Connection(address, token, curve)
+        conns[key] = conn
     return conn
+
+
+def _lane_connection(address: str, lane: str, token: str | None) -> LaneConnection | None:
+    path = local_path(lane) if lane else None
+    if path is None:
+        return None
+    try:
+        sock = connect_unix(path)
+    except OSError as exc:  # not ours (another user's agent), or just gone
+        log.debug("not using the local lane %s: %s", path, exc)
+        return None
+    return LaneConnection(address, path, sock, token)
+
+
+def agent_connection(info: SandboxInfo, defaults: SandboxDefaults) -> Channel:
+    """The connection to the agent running ``info``'s sandbox."""
+    if info.agent_address is None:
+        raise SandboxNotRunningError(
+            f"sandbox {info.sandbox_id} has no agent ({info.status.value}: {info.reason})",
+            sandbox_id=info.sandbox_id,
+        )
+    return connection(
+        info.agent_address,
+        defaults.cluster_token(),
+        defaults.agent_curve(info),
+        info.agent_lane if defaults.lane_enabled() else "",
+    )
 
 
 def close_all() -> None:

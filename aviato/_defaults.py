@@ -38,6 +38,9 @@ class SandboxDefaults:
     #: This client's key in KEYS/clients; else $AVIATO_CLIENT_KEY; else the only one
     #: whose secret is there.
     client_key: str | None = None
+    #: Reach an agent on this host over its local lane (a Unix socket) rather than
+    #: ZeroMQ; else $AVIATO_LOCAL_LANE ("0" turns it off); else on.
+    local_lane: bool | None = None
 
     def __post_init__(self) -> None:
         # Accept lists for convenience; keep the frozen value hashable-ish and immutable.
@@ -53,6 +56,12 @@ class SandboxDefaults:
 
     def cluster_token(self) -> str | None:
         return self.token or os.environ.get("AVIATO_TOKEN") or None
+
+    def lane_enabled(self) -> bool:
+        if self.local_lane is not None:
+            return self.local_lane
+        value = os.environ.get("AVIATO_LOCAL_LANE", "").strip().lower()
+        return value not in ("0", "false", "no", "off")
 
     def key_dir(self) -> str | None:
         return self.keys or os.environ.get("AVIATO_KEYS") or None

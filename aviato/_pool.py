@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from aviato._connection import Connection, connection
+from aviato._connection import Channel, agent_connection
 from aviato._function import (
     Call,
     FunctionOptions,
@@ -65,7 +65,7 @@ GROW_BACKLOG_SECONDS = 0.5
 @dataclass(eq=False, slots=True)
 class WorkerHandle:
     sandbox: Sandbox
-    conn: Connection
+    conn: Channel
     inflight: dict[int, Call] = field(default_factory=dict)
     requests: dict[int, set[int]] = field(default_factory=dict)  # request id -> call ids
     shipped: set[str] = field(default_factory=set)
@@ -340,7 +340,7 @@ class FunctionPool:
 
     # ------------------------------------------------------------------ losing workers
 
-    def _late_reply(self, conn: Connection, decoded: Decoded) -> None:
+    def _late_reply(self, conn: Channel, decoded: Decoded) -> None:
         conn.forget(decoded.request_id)
         self._late_total += 1
 
@@ -494,8 +494,7 @@ class FunctionPool:
         if self.closed:
             await self._stop_quietly(sandbox)
             return
-        defaults = self.session.defaults
-        conn = connection(info.agent_address, defaults.cluster_token(), defaults.agent_curve(info))
+        conn = agent_connection(info, self.session.defaults)
         worker = WorkerHandle(sandbox, conn)
         self._started_total += 1
         self.workers.append(worker)

@@ -11,7 +11,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from aviato import _local
-from aviato._connection import Connection, connection
+from aviato._connection import Channel, agent_connection, connection
 from aviato._defaults import SandboxDefaults, merge_spec
 from aviato._types import ExecResult, OutputChunk
 from aviato.exceptions import (
@@ -57,7 +57,7 @@ _WAIT_POLL_SECONDS = 5.0  # short: a poll lost in a scheduler restart is re-sent
 _EXEC_NO_TIMEOUT_SECONDS = 24 * 3600.0
 
 
-async def scheduler_connection(defaults: SandboxDefaults) -> Connection:
+async def scheduler_connection(defaults: SandboxDefaults) -> Channel:
     address = defaults.scheduler_address()
     if address is None:
         # The embedded cluster is private to this process and never uses keys.
@@ -352,19 +352,13 @@ class Sandbox:
             )
         return self._info
 
-    def _agent(self) -> tuple[SandboxInfo, Connection]:
+    def _agent(self) -> tuple[SandboxInfo, Channel]:
         info = self._require_started()
         if self._stopped_by_us:
             raise SandboxNotRunningError(
                 f"sandbox {info.sandbox_id} was stopped", sandbox_id=info.sandbox_id
             )
-        if info.agent_address is None:
-            raise SandboxNotRunningError(
-                f"sandbox {info.sandbox_id} has no agent ({info.status.value}: {info.reason})",
-                sandbox_id=info.sandbox_id,
-            )
-        curve = self._defaults.agent_curve(info)
-        return info, connection(info.agent_address, self._defaults.cluster_token(), curve)
+        return info, agent_connection(info, self._defaults)
 
     def _exec_deadline(self, timeout_seconds: float | None) -> float:
         slack = self._defaults.request_timeout_seconds
@@ -459,9 +453,7 @@ class Sandbox:
         info = self._require_started()
         if info.agent_address is None:
             return b""
-        conn = connection(
-            info.agent_address, self._defaults.cluster_token(), self._defaults.agent_curve(info)
-        )
+        conn = agent_connection(info, self._defaults)
         reply = await conn.request(
             GetLogs(info.sandbox_id), timeout=self._defaults.request_timeout_seconds
         )

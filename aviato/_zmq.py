@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.asyncio
@@ -97,6 +98,31 @@ async def send_to(
     return True
 
 
+def send_now(
+    sock: zmq.asyncio.Socket,
+    identity: bytes,
+    msg: Message,
+    request_id: int,
+    payloads: Sequence[Frame] = (),
+) -> None:
+    """:func:`send_to` for callers that do not wait: with DONTWAIT pyzmq sends at once
+    (its future is done on return) unless earlier sends are still queued."""
+    frames: list[Frame] = [identity, *encode(msg, request_id, payloads)]
+    try:
+        sent = sock.send_multipart(
+            frames, flags=zmq.DONTWAIT, copy=payload_size(payloads) < ZERO_COPY_BYTES
+        )
+    except zmq.ZMQError as exc:
+        log.debug("dropping %s to a gone or unread peer: %s", type(msg).__name__, exc)
+        return
+    asyncio.ensure_future(sent).add_done_callback(_dropped)
+
+
+def _dropped(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.debug("dropped a message to a gone or unread peer: %s", future.exception())
+
+
 class _Throttle:
     """At most ``burst`` warnings per ``window`` seconds, then a count of the rest: a
     peer sending junk as fast as it can must not fill the disk (or spend our time)."""
@@ -118,7 +144,7 @@ class _Throttle:
             self.skipped += 1
 
 
-_refusals = _Throttle(burst=20, window=10.0)
+refusals = _Throttle(burst=20, window=10.0)
 
 
 async def reply_decode_error(
@@ -126,7 +152,7 @@ async def reply_decode_error(
 ) -> None:
     """Answer a message we could not decode, when it told us whom to answer."""
     if error.request_id is None:
-        _refusals.warning("%s: dropped an undecodable message: %s", who, error)
+        refusals.warning("%s: dropped an undecodable message: %s", who, error)
         return
-    _refusals.warning("%s: refused a message: %s", who, error)
+    refusals.warning("%s: refused a message: %s", who, error)
     await send_to(sock, identity, ErrorReply(error.code, str(error)), error.request_id)

@@ -148,6 +148,9 @@ class SandboxInfo:
     runtime: str = ""
     #: The agent's CURVE public key (z85) for its data plane; "" when keys are off.
     agent_public_key: str = ""
+    #: The agent's local lane (``unix:<host key>:<path>``; see aviato/_lane.py), which
+    #: a client on its host uses instead of ``agent_address``; "" when it has none.
+    agent_lane: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +163,8 @@ class AgentInfo:
     runtime: str
     labels: dict[str, str] = field(default_factory=dict)
     seconds_since_heartbeat: float = 0.0
+    #: Its local lane for clients on its host ("" when it has none).
+    lane: str = ""
 
 
 # --------------------------------------------------------------------------- messages
@@ -286,6 +291,8 @@ class RegisterAgent(Message):
     sandboxes: tuple[SandboxInfo, ...] = ()
     #: The CURVE public key (z85) its data plane serves with; "" when keys are off.
     public_key: str = ""
+    #: Its local lane for clients on its host ("" when it has none).
+    lane: str = ""
 
 
 @dataclass(frozen=True, slots=True)

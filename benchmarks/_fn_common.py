@@ -24,6 +24,7 @@ IMAGE = "python:3.11"
 LABELS = {
     "aviato": "aviato",
     "aviato-uvloop": "aviato (uvloop)",
+    "aviato-zmq": "aviato (ZeroMQ, as from another host)",
     "ray": "Ray",
     "dask": "Dask",
     "ppe": "ProcessPoolExecutor",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """aviato's remote functions against Ray tasks, Dask distributed and ProcessPoolExecutor.
 
-    python benchmarks/functions.py [--quick] [--only aviato,aviato-uvloop,ray,dask,ppe]
+    python benchmarks/functions.py [--quick] [--only aviato,aviato-uvloop,aviato-zmq,ray,dask,ppe]
     python -m benchmarks.functions ...  (the same, from the repo root)
 
 One run, one machine, each system alone in turn (the previous one shut down first):
@@ -19,7 +19,10 @@ One run, one machine, each system alone in turn (the previous one shut down firs
 aviato runs with the example's defaults: the embedded cluster (``$AVIATO_SCHEDULER`` is
 ignored), ``SandboxDefaults(container_image="python:3.11")`` and ``@session.function(
 max_workers=k)``; every call runs in a worker process inside a Docker container. It is
-measured on asyncio's default loop (as ``asyncio.run`` gives) and again on uvloop.
+measured on asyncio's default loop (as ``asyncio.run`` gives) and again on uvloop; the
+client reaches the agent over its local lane (a Unix socket: the client is on the
+agent's host). "aviato-zmq" turns the lane off (``local_lane=False``): ZeroMQ over TCP,
+as a client on another host talks to an agent.
 Ray uses ``ray.init(num_cpus=2)`` and ``@ray.remote`` tasks (fractional ``num_cpus=2/k``
 for k sleeping workers); Dask ``LocalCluster(n_workers=2, threads_per_worker=1,
 processes=True)``, ``client.map``/``client.submit`` (scaled to k workers for the sleep
@@ -75,10 +78,10 @@ from benchmarks._fn_common import (
 from benchmarks._fn_peers import run_dask, run_ppe, run_ray
 from benchmarks._fn_report import markdown, print_tables, verdicts
 
-SYSTEMS = ("aviato", "aviato-uvloop", "ray", "dask", "ppe")
+SYSTEMS = ("aviato", "aviato-uvloop", "aviato-zmq", "ray", "dask", "ppe")
 #: ProcessPoolExecutor first, so that it forks a small client (no Ray or Dask imported);
 #: aviato's two loops next to each other, as they share one embedded cluster.
-RUN_ORDER = ("ppe", "aviato", "aviato-uvloop", "ray", "dask")
+RUN_ORDER = ("ppe", "aviato", "aviato-uvloop", "aviato-zmq", "ray", "dask")
 
 
 # ---------------------------------------------------------------------- aviato
@@ -121,7 +124,7 @@ def container_procs(sandbox_ids: Iterable[str]) -> list[psutil.Process]:
     return procs
 
 
-async def bench_aviato(res: Result, plan: Plan, measure_start: bool) -> None:
+async def bench_aviato(res: Result, plan: Plan, measure_start: bool, lane: bool = True) -> None:
     from aviato import Sandbox, SandboxDefaults, _local
 
     if measure_start:
@@ -135,7 +138,7 @@ async def bench_aviato(res: Result, plan: Plan, measure_start: bool) -> None:
         res.start_note = "cluster already up"
     async with (
         asyncio.timeout(TIMEOUT),
-        Sandbox.session(SandboxDefaults(container_image=IMAGE)) as session,
+        Sandbox.session(SandboxDefaults(container_image=IMAGE, local_lane=lane)) as session,
     ):
         fn = session.function(max_workers=2)(noop)
 
@@ -188,8 +191,8 @@ async def bench_aviato(res: Result, plan: Plan, measure_start: bool) -> None:
             res.sleep[k] = SleepRun(n, time.perf_counter() - t0, len(set(ids)))
 
 
-def run_aviato(res: Result, plan: Plan, loop: str, measure_start: bool) -> None:
-    coro = bench_aviato(res, plan, measure_start)
+def run_aviato(res: Result, plan: Plan, loop: str, measure_start: bool, lane: bool = True) -> None:
+    coro = bench_aviato(res, plan, measure_start, lane)
     if loop == "uvloop":
         import uvloop
 
@@ -332,7 +335,8 @@ def run_one(system: str, plan: Plan, results: list[Result], started: bool) -> bo
         with console.status(f"{res.label}"):
             if system.startswith("aviato"):
                 loop = "uvloop" if system == "aviato-uvloop" else "asyncio"
-                run_aviato(res, plan, loop, measure_start=not started)
+                lane = system != "aviato-zmq"
+                run_aviato(res, plan, loop, measure_start=not started, lane=lane)
             else:
                 {"ray": run_ray, "dask": run_dask, "ppe": run_ppe}[system](res, plan)
     except Exception as exc:

@@ -9,9 +9,11 @@ defaults = SandboxDefaults(container_image="python:3.11")
 
 async def main():
     async with Sandbox.session(defaults) as session:
+
         @session.function()
         def compute(n: int) -> int:
             import time
+
             time.sleep(1)  # Simulate work
             return n * n
 

@@ -78,6 +78,7 @@ class AgentRecord:
     alive: bool = True
     active: set[str] = field(default_factory=set)
     public_key: str = ""
+    lane: str = ""
 
     @property
     def free(self) -> int:
@@ -163,6 +164,7 @@ class SchedulerState:
             deadline=rec.deadline,
             runtime=agent.runtime if agent else "",
             agent_public_key=agent.public_key if agent else "",
+            agent_lane=agent.lane if agent else "",
         )
 
     def get(self, sandbox_id: str) -> Message:
@@ -204,6 +206,7 @@ class SchedulerState:
                 runtime=a.runtime,
                 labels=dict(a.labels),
                 seconds_since_heartbeat=max(0.0, now - a.last_seen),
+                lane=a.lane,
             )
             for a in sorted(self.agents.values(), key=lambda a: a.agent_id)
         )
@@ -224,12 +227,13 @@ class SchedulerState:
                 labels=dict(msg.labels),
                 last_seen=now,
                 public_key=msg.public_key,
+                lane=msg.lane,
             )
             self.agents[msg.agent_id] = agent
         else:
             agent.address, agent.slots, agent.runtime = msg.address, msg.slots, msg.runtime
             agent.labels, agent.last_seen, agent.alive = dict(msg.labels), now, True
-            agent.public_key = msg.public_key
+            agent.public_key, agent.lane = msg.public_key, msg.lane
         reported = {s.sandbox_id: s for s in msg.sandboxes}
         adopt: list[str] = []
         reap: list[str] = []
@@ -325,8 +329,9 @@ class SchedulerState:
         if sandbox_id in self.stopped_unknown:
             why = f"sandbox {sandbox_id} was stopped before its create arrived"
             return [Reply(key, ErrorReply(ErrorCode.TERMINATED, why))]
-        if sandbox_id in self.sandboxes or any(p.sandbox_id == sandbox_id and sandbox_id
-                                               for p in self.pending):
+        if sandbox_id in self.sandboxes or any(
+            p.sandbox_id == sandbox_id and sandbox_id for p in self.pending
+        ):
             why = f"sandbox id {sandbox_id} is taken: a create is sent once per id"
             return [Reply(key, ErrorReply(ErrorCode.BAD_REQUEST, why))]
         session_id = spec.session_id

@@ -4,6 +4,7 @@ junk generators, and the probes that say whether a daemon is still healthy."""
 from __future__ import annotations
 
 import random
+import select
 import socket
 import statistics
 import struct
@@ -16,6 +17,7 @@ import msgpack
 import psutil
 import zmq
 
+from aviato._lane import COUNT, local_path, pack_head
 from aviato.protocol import (
     PROTOCOL_VERSION,
     Decoded,
@@ -40,7 +42,7 @@ FENCE_BASE = 2**62
 class Target:
     """One daemon's ROUTER under attack."""
 
-    kind: str  # "scheduler" | "agent"
+    kind: str  # "scheduler" | "agent" | "lane" (an agent's local lane)
     name: str  # its key in Cluster.procs
     address: str
     pid: int
@@ -57,15 +59,24 @@ class Baseline:
 
 
 class Peer:
-    """A DEALER that sends raw frames; :meth:`exchange` tells "no reply" from "slow"
-    by following each message with a Ping fence on the same connection."""
+    """A DEALER that sends raw frames (or, for a ``unix:`` address, a client of an
+    agent's local lane: the same frames, in the lane's framing); :meth:`exchange` tells
+    "no reply" from "slow" by following each message with a Ping fence on the same
+    connection."""
 
     def __init__(self, address: str, **options: int) -> None:
-        self.sock = zmq.Context.instance().socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        for name, value in options.items():
-            self.sock.setsockopt(getattr(zmq, name), value)
-        self.sock.connect(address)
+        self.lane: socket.socket | None = None
+        if address.startswith("unix:"):
+            path = local_path(address)
+            assert path is not None, f"{address} is not on this host"
+            self.lane = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.lane.connect(path)
+        else:
+            self.sock = zmq.Context.instance().socket(zmq.DEALER)
+            self.sock.setsockopt(zmq.LINGER, 0)
+            for name, value in options.items():
+                self.sock.setsockopt(getattr(zmq, name), value)
+            self.sock.connect(address)
         self._fences = 0
         #: Replies still owed, by request id (ids repeat: junk reuses them).
         self.owed: Counter[int] = Counter()
@@ -74,12 +85,26 @@ class Peer:
         return self
 
     def __exit__(self, *_: object) -> None:
-        self.sock.close()
+        if self.lane is not None:
+            self.lane.close()
+        else:
+            self.sock.close()
 
     def send(self, frames: Frames) -> None:
-        self.sock.send_multipart(frames)
+        if self.lane is not None:
+            self.lane.settimeout(None)
+            self.lane.sendall(pack_head(frames) + b"".join(frames))
+        else:
+            self.sock.send_multipart(frames)
 
     def recv(self, timeout: float) -> Decoded | None:
+        if self.lane is not None:
+            if not select.select([self.lane], [], [], timeout)[0]:
+                return None
+            self.lane.settimeout(10)
+            (count,) = COUNT.unpack(_read_exactly(self.lane, COUNT.size))
+            lengths = struct.unpack(f"!{count}Q", _read_exactly(self.lane, 8 * count))
+            return decode([_read_exactly(self.lane, n) for n in lengths])
         if not self.sock.poll(int(timeout * 1000)):
             return None
         return decode(self.sock.recv_multipart())
@@ -225,7 +250,12 @@ def junk_pool(seed: int, n: int) -> list[Frames]:
 
 #: ZMTP 3.0 greeting of a NULL-mechanism client (rfc.zeromq.org/spec/23).
 GREETING = (
-    b"\xff" + b"\x00" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\x00") + b"\x00"
+    b"\xff"
+    + b"\x00" * 8
+    + b"\x7f"
+    + b"\x03\x00"
+    + b"NULL".ljust(20, b"\x00")
+    + b"\x00"
     + b"\x00" * 31
 )
 
@@ -269,8 +299,7 @@ def zmtp_dealer(address: str, timeout: float = 5.0) -> socket.socket:
     sock = socket.create_connection((host, int(port)), timeout=timeout)
     try:
         sock.sendall(GREETING)
-        sock.sendall(short_frame(b"\x05READY" + _property(b"Socket-Type", b"DEALER"),
-                                 command=True))
+        sock.sendall(short_frame(b"\x05READY" + _property(b"Socket-Type", b"DEALER"), command=True))
         theirs = _read_exactly(sock, 64)
         assert theirs[:1] == b"\xff" and theirs[10] == 3, f"not a ZMTP 3 greeting: {theirs!r}"
         flags, ready = read_frame(sock)

@@ -29,8 +29,9 @@ async def main(address: str, calls: int, seconds: float, hold: int, lease: float
     )
     done = 0
     async with Sandbox.session(defaults) as session:
-        held = [session.create(command="sleep", args=["infinity"], tags=["held"])
-                for _ in range(hold)]
+        held = [
+            session.create(command="sleep", args=["infinity"], tags=["held"]) for _ in range(hold)
+        ]
         await asyncio.gather(*(sb.start() for sb in held))
         print(f"held {len(held)}", flush=True)
         if calls == 0:
@@ -61,29 +62,38 @@ async def main(address: str, calls: int, seconds: float, hold: int, lease: float
         outcomes = await asyncio.gather(*(one(i) for i in range(calls)))
         elapsed = time.monotonic() - t0
         stats = dataclasses.asdict(work.statistics())
+        # How the client reached its workers' agents (on other hosts: never the lane).
+        channels = sorted(
+            {type(w.conn).__name__ for pool in session._pools.values() for w in pool.workers}
+        )
         still = [(await sb.exec(["echo", "ok"])).stdout == b"ok\n" for sb in held]
         closing = time.monotonic()
     close_seconds = time.monotonic() - closing
     seen = Counter(i for i, _ in outcomes)
-    right = sum(
-        1 for i, o in outcomes if isinstance(o, tuple) and tuple(o[0]) == (i, i * i)
-    )
+    right = sum(1 for i, o in outcomes if isinstance(o, tuple) and tuple(o[0]) == (i, i * i))
     errors = [o[0] for _, o in outcomes if isinstance(o, list)]
     attempts = Counter(o[1] for _, o in outcomes if isinstance(o, tuple))
-    print("summary " + json.dumps({
-        "calls": calls,
-        "results": len(outcomes),
-        "distinct": len(seen),
-        "right": right,
-        "errors": errors[:10],
-        "error_count": len(errors),
-        "retryable_errors": sum(1 for _, o in outcomes if isinstance(o, list) and o[1]),
-        "held_ok": still,
-        "attempts": {str(k): v for k, v in sorted(attempts.items())},
-        "stats": stats,
-        "seconds": round(elapsed, 2),
-        "close_seconds": round(close_seconds, 2),
-    }), flush=True)
+    print(
+        "summary "
+        + json.dumps(
+            {
+                "calls": calls,
+                "results": len(outcomes),
+                "distinct": len(seen),
+                "right": right,
+                "errors": errors[:10],
+                "error_count": len(errors),
+                "retryable_errors": sum(1 for _, o in outcomes if isinstance(o, list) and o[1]),
+                "held_ok": still,
+                "attempts": {str(k): v for k, v in sorted(attempts.items())},
+                "stats": stats,
+                "channels": channels,
+                "seconds": round(elapsed, 2),
+                "close_seconds": round(close_seconds, 2),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -57,8 +57,7 @@ def _ip(*args: str) -> None:
 
 def leftover_namespaces() -> list[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    return [line.split()[0] for line in out.splitlines()
-            if line.startswith(f"{PREFIX}{RUN_ID}")]
+    return [line.split()[0] for line in out.splitlines() if line.startswith(f"{PREFIX}{RUN_ID}")]
 
 
 class Hosts:
@@ -88,8 +87,20 @@ class Hosts:
             _ip("netns", "add", ns)
             self._made.append(ns)
             port = f"p{i}"
-            _ip("-n", self.switch, "link", "add", port, "type", "veth", "peer", "name", "eth0",
-                "netns", ns)
+            _ip(
+                "-n",
+                self.switch,
+                "link",
+                "add",
+                port,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ns,
+            )
             _ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
             address = f"{self.subnet}.{i}"
             _ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
@@ -97,8 +108,20 @@ class Hosts:
             _ip("-n", ns, "link", "set", "lo", "up")
             self.addresses[name] = address
             self.ports[name] = port
-        _ip("-n", self.switch, "link", "add", "ctl", "type", "veth", "peer", "name", self._ctl,
-            "netns", "1")
+        _ip(
+            "-n",
+            self.switch,
+            "link",
+            "add",
+            "ctl",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            self._ctl,
+            "netns",
+            "1",
+        )
         _ip("-n", self.switch, "link", "set", "ctl", "master", "br0", "up")
         _ip("addr", "add", f"{self.subnet}.254/24", "dev", self._ctl)
         _ip("link", "set", self._ctl, "up")
@@ -125,8 +148,14 @@ class MultiHostCluster(Cluster):
     test watches them over its own leg (``status``, ``wait_agents``, ``kill``, ``logs``
     are Cluster's)."""
 
-    def __init__(self, tmp: Path, agents: int = 3, slots: int = 2, dead_after: float = 3.0,
-                 heartbeat: float = 1.0) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        agents: int = 3,
+        slots: int = 2,
+        dead_after: float = 3.0,
+        heartbeat: float = 1.0,
+    ) -> None:
         self.tmp = tmp
         self.slots = slots
         self.dead_after, self.heartbeat = dead_after, heartbeat
@@ -136,7 +165,7 @@ class MultiHostCluster(Cluster):
         self.address = f"tcp://{self.hosts.addresses['scheduler']}:5555"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.killed_at_close: list[str] = []
-        self.runtime, self.agent_env, self.keys = "docker", {}, None
+        self.runtime, self.agent_env, self.keys, self.token = "docker", {}, None, None
         try:
             self.start_scheduler()
             for agent_id in self.agent_ids:
@@ -150,7 +179,9 @@ class MultiHostCluster(Cluster):
         log = open(self.tmp / f"{name}.log", "ab")
         proc = subprocess.Popen(
             ["ip", "netns", "exec", self.hosts.ns(host), sys.executable, "-m", *args],
-            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
             env={**os.environ, "AVIATO_LOG_LEVEL": "INFO", "AVIATO_FORBID_UNPICKLE": "1"},
         )
         log.close()
@@ -158,16 +189,39 @@ class MultiHostCluster(Cluster):
         return proc
 
     def start_scheduler(self) -> None:
-        self._spawn_on("scheduler", "scheduler", [
-            "scheduler", "--bind", self.address, "--dead-after", str(self.dead_after),
-            "--heartbeat-interval", str(self.heartbeat)])
+        self._spawn_on(
+            "scheduler",
+            "scheduler",
+            [
+                "scheduler",
+                "--bind",
+                self.address,
+                "--dead-after",
+                str(self.dead_after),
+                "--heartbeat-interval",
+                str(self.heartbeat),
+            ],
+        )
         wait_until(self._scheduler_answers, 20, 0.1, "the scheduler to answer")
 
     def start_agent(self, agent_id: str) -> None:
-        self._spawn_on(agent_id, agent_id, [
-            "agent", "--scheduler", self.address, "--agent-id", agent_id,
-            "--slots", str(self.slots), "--runtime", "docker",
-            "--bind", f"tcp://{self.hosts.addresses[agent_id]}:0"])
+        self._spawn_on(
+            agent_id,
+            agent_id,
+            [
+                "agent",
+                "--scheduler",
+                self.address,
+                "--agent-id",
+                agent_id,
+                "--slots",
+                str(self.slots),
+                "--runtime",
+                "docker",
+                "--bind",
+                f"tcp://{self.hosts.addresses[agent_id]}:0",
+            ],
+        )
 
     def _scheduler_answers(self) -> bool:
         try:
@@ -185,9 +239,20 @@ class MultiHostCluster(Cluster):
     def client(self, script: str, *args: str) -> ClientRun:
         """Run ``script`` (a file in tests/) as a client on the client host."""
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.hosts.ns("client"), sys.executable,
-             str(ROOT / "tests" / script), self.address, *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.hosts.ns("client"),
+                sys.executable,
+                str(ROOT / "tests" / script),
+                self.address,
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         return ClientRun(proc)

@@ -54,9 +54,19 @@ def containers_of(agent_ids: list[str], *, running_only: bool = False) -> list[s
     names: list[str] = []
     for agent_id in agent_ids:
         out = subprocess.run(
-            ["docker", "ps", *([] if running_only else ["-a"]),
-             "--filter", f"label=aviato.agent={agent_id}", "--format", "{{.Names}}"],
-            capture_output=True, text=True, timeout=30, check=True,
+            [
+                "docker",
+                "ps",
+                *([] if running_only else ["-a"]),
+                "--filter",
+                f"label=aviato.agent={agent_id}",
+                "--format",
+                "{{.Names}}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         ).stdout.split()
         names += out
     return names
@@ -89,8 +99,10 @@ class Cluster:
         runtime: str = "docker",
         agent_env: dict[str, str] | None = None,
         keys: Path | None = None,
+        token: str | None = None,
     ) -> None:
         self.tmp = tmp
+        self.token = token
         #: CURVE key directory (`aviato keys`, with an agent key per agent and client-1).
         self.keys = keys
         self.slots = slots
@@ -115,11 +127,19 @@ class Cluster:
                 args += ["--agent-key", f"agent-{self.agent_ids.index(name) + 1}"]
         log = open(self.tmp / f"{name}.log", "ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+            [sys.executable, "-m", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
             # Every test cluster runs with unpickling made to fail in its daemons: the
             # whole suite passing proves neither scheduler nor agent unpickles.
-            env={**os.environ, "AVIATO_LOG_LEVEL": "INFO", "AVIATO_FORBID_UNPICKLE": "1",
-                 **(env or {})},
+            env={
+                **os.environ,
+                "AVIATO_LOG_LEVEL": "INFO",
+                "AVIATO_FORBID_UNPICKLE": "1",
+                **({"AVIATO_TOKEN": self.token} if self.token else {}),
+                **(env or {}),
+            },
         )
         log.close()
         self.procs[name] = proc
@@ -129,15 +149,42 @@ class Cluster:
         ready = self.tmp / "scheduler.addr"
         ready.unlink(missing_ok=True)
         bind = f"tcp://127.0.0.1:{port or '*'}"
-        self._spawn("scheduler", ["scheduler", "--bind", bind, "--ready-file", str(ready),
-                                  "--dead-after", "1.5", "--heartbeat-interval", "0.2"])
+        self._spawn(
+            "scheduler",
+            [
+                "scheduler",
+                "--bind",
+                bind,
+                "--ready-file",
+                str(ready),
+                "--dead-after",
+                "1.5",
+                "--heartbeat-interval",
+                "0.2",
+            ],
+        )
         wait_until(ready.exists, 15, 0.02, "scheduler to listen")
         self.address = ready.read_text().strip()
 
     def start_agent(self, agent_id: str, extra: list[str] | None = None) -> None:
-        self._spawn(agent_id, ["agent", "--scheduler", self.address, "--agent-id", agent_id,
-                               "--slots", str(self.slots), "--bind", "tcp://127.0.0.1:*",
-                               "--runtime", self.runtime, *(extra or [])], self.agent_env)
+        self._spawn(
+            agent_id,
+            [
+                "agent",
+                "--scheduler",
+                self.address,
+                "--agent-id",
+                agent_id,
+                "--slots",
+                str(self.slots),
+                "--bind",
+                "tcp://127.0.0.1:*",
+                "--runtime",
+                self.runtime,
+                *(extra or []),
+            ],
+            self.agent_env,
+        )
 
     def status(self, timeout_ms: int = 5000):
         """The scheduler's ClusterStatusReply (a sync socket: callable from async tests)."""
@@ -154,15 +201,19 @@ class Cluster:
             client_keys(keys, "client-1", scheduler_public_key(keys)).apply(sock)
         try:
             sock.connect(self.address)
-            sock.send_multipart(encode(ClusterStatus(), 1))
+            sock.send_multipart(encode(ClusterStatus(), 1, token=self.token))
             assert sock.poll(timeout_ms), "scheduler did not answer ClusterStatus"
             return decode(sock.recv_multipart()).msg
         finally:
             sock.close()
 
     def wait_agents(self, n: int, timeout: float = 20) -> None:
-        wait_until(lambda: sum(a.alive for a in self.status().agents) >= n, timeout, 0.1,
-                   f"{n} live agents")
+        wait_until(
+            lambda: sum(a.alive for a in self.status().agents) >= n,
+            timeout,
+            0.1,
+            f"{n} live agents",
+        )
 
     def kill(self, name: str, sig: int = 9) -> None:
         proc = self.procs[name]
@@ -243,14 +294,26 @@ def our_containers() -> list[str]:
     """Containers (running or not) of any agent of this test run."""
     try:
         out = subprocess.run(
-            ["docker", "ps", "-a", "--filter", "label=aviato.managed=1",
-             "--format", '{{.Label "aviato.agent"}} {{.Names}}'],
-            capture_output=True, text=True, timeout=30,
+            [
+                "docker",
+                "ps",
+                "-a",
+                "--filter",
+                "label=aviato.managed=1",
+                "--format",
+                '{{.Label "aviato.agent"}} {{.Names}}',
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []  # no Docker here: nothing of ours either
-    return [line.split()[1] for line in out.splitlines()
-            if line.startswith(f"t{RUN_ID}-") and len(line.split()) == 2]
+    return [
+        line.split()[1]
+        for line in out.splitlines()
+        if line.startswith(f"t{RUN_ID}-") and len(line.split()) == 2
+    ]
 
 
 @functools.cache
@@ -265,10 +328,15 @@ def no_container_left_by_the_test() -> Iterator[None]:
     grace). Daemons and temp dirs are checked when their cluster stops."""
     yield
     if _docker_here():
-        wait_until(lambda: not our_containers(), 20, 0.2,
-                   "the test's containers to be gone (a leak)")
-    wait_until(lambda: not our_sandbox_dirs(), 20, 0.2,
-               "the test's sandbox socket and state directories to be gone (a leak)")
+        wait_until(
+            lambda: not our_containers(), 20, 0.2, "the test's containers to be gone (a leak)"
+        )
+    wait_until(
+        lambda: not our_sandbox_dirs(),
+        20,
+        0.2,
+        "the test's sandbox socket and state directories to be gone (a leak)",
+    )
 
 
 def our_sandbox_dirs() -> list[str]:
@@ -280,7 +348,8 @@ def our_sandbox_dirs() -> list[str]:
     found: list[str] = []
     for agent_id in AGENT_IDS:
         digest = hashlib.sha256(agent_id.encode()).hexdigest()[:12]
-        found += [str(p) for p in (tmp / f"avw-{digest}").glob("*") if p.name != "lib"]
+        mine = (tmp / f"avw-{digest}").glob("*")
+        found += [str(p) for p in mine if p.name not in ("lib", "lane")]
         found += [str(p) for p in (tmp / "aviato-local" / agent_id).glob("*")]
     return found
 
@@ -288,8 +357,12 @@ def our_sandbox_dirs() -> list[str]:
 def _sandbox_cgroups() -> set[Path]:
     """Local-runtime sandbox and parked-process cgroups on this host (v1 or v2)."""
     root = Path("/sys/fs/cgroup")
-    return {d for pattern in ("aviato/*", "*/aviato/*") for d in root.glob(pattern)
-            if d.is_dir() and d.name.startswith(("sb-", "park-"))}
+    return {
+        d
+        for pattern in ("aviato/*", "*/aviato/*")
+        for d in root.glob(pattern)
+        if d.is_dir() and d.name.startswith(("sb-", "park-"))
+    }
 
 
 def _foreign_dirs() -> set[Path]:
@@ -321,8 +394,11 @@ def no_leaks_at_the_end() -> Iterator[None]:
     groups_before = _sandbox_cgroups()
     yield
     left = _our_leftovers()
-    left += sorted(str(d) for d in _sandbox_cgroups() - groups_before
-                   if not (d / "cgroup.procs").read_text().strip())
+    left += sorted(
+        str(d)
+        for d in _sandbox_cgroups() - groups_before
+        if not (d / "cgroup.procs").read_text().strip()
+    )
     new_sockets = set(Path(tempfile.gettempdir()).glob("avw-*")) - before - _foreign_dirs()
     assert not left and not new_sockets, f"leaked: {left} {sorted(map(str, new_sockets))}"
 
@@ -333,5 +409,6 @@ def defaults(cluster: Cluster):
     from aviato import SandboxDefaults
 
     yield SandboxDefaults(container_image=IMAGE, scheduler=cluster.address, lease_seconds=5)
-    wait_until(lambda: not containers_of(cluster.agent_ids), 15, 0.2,
-               "the test's containers to be removed")
+    wait_until(
+        lambda: not containers_of(cluster.agent_ids), 15, 0.2, "the test's containers to be removed"
+    )

@@ -142,8 +142,12 @@ async def test_silence_hints_at_keys() -> None:
 def _aviato(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("AVIATO_")}
     return subprocess.run(
-        [sys.executable, "-m", "aviato.cli", *args], cwd=ROOT, capture_output=True, text=True,
-        timeout=60, env={**base, **(env or {})},
+        [sys.executable, "-m", "aviato.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, **(env or {})},
     )
 
 
@@ -173,7 +177,9 @@ def test_keys_command_layout_permissions_and_force(tmp_path: Path) -> None:
     assert load_certificate(keys / "scheduler.key")[0] != before
     # --force replaces the whole set: the old agent-2 and client-2/3 are gone.
     assert sorted(p.name for p in (keys / "agents").iterdir()) == [
-        "agent-1.key", "agent-1.key_secret"]
+        "agent-1.key",
+        "agent-1.key_secret",
+    ]
     assert len(list((keys / "clients").iterdir())) == 2
     # Files outside the layout are never touched, even with --force.
     (keys / "notes.key").write_text("mine")
@@ -244,14 +250,27 @@ async def _refused(conn: Connection, match: str) -> None:
     assert time.monotonic() - started < 10
 
 
-async def test_right_client_key_runs_sandboxes_and_functions(keyed: Cluster, keys: Path) -> None:
-    defaults = SandboxDefaults(container_image=IMAGE, scheduler=keyed.address, lease_seconds=5,
-                               keys=str(keys), client_key="client-1")
+@pytest.mark.parametrize("lane", [False, True], ids=["zeromq", "lane"])
+async def test_right_client_key_runs_sandboxes_and_functions(
+    keyed: Cluster, keys: Path, lane: bool
+) -> None:
+    """Over CURVE end to end; and, on the agent's host, over its local lane (whose
+    directory permissions stand in for the keys)."""
+    defaults = SandboxDefaults(
+        container_image=IMAGE,
+        scheduler=keyed.address,
+        lease_seconds=5,
+        keys=str(keys),
+        client_key="client-1",
+        local_lane=lane,
+    )
     async with Sandbox.session(defaults) as session:
         sb = session.create(command="sleep", args=["infinity"])
         async with sb:
             assert sb.info is not None
             assert sb.info.agent_public_key == _agent_public(keys).decode()
+            conn = _connection.agent_connection(sb.info, defaults)
+            assert isinstance(conn, _connection.LaneConnection if lane else Connection)
             r = await sb.exec(["echo", "over curve"])
             assert r.stdout == b"over curve\n" and r.returncode == 0
 
@@ -296,9 +315,7 @@ async def test_unknown_client_key_gets_no_service(
         _log_has(keyed, daemon, "WARNING", "from 127.0.0.1", f"unknown key {public.decode()}")
 
 
-async def test_agent_key_cannot_act_as_a_client(
-    keyed: Cluster, keys: Path, tmp_path: Path
-) -> None:
+async def test_agent_key_cannot_act_as_a_client(keyed: Cluster, keys: Path, tmp_path: Path) -> None:
     impostor = _look_alike(tmp_path, keys, "agent-1", source=keys / "agents" / "agent-1")
     as_client = SandboxDefaults(scheduler=keyed.address, keys=str(impostor))
     try:
@@ -338,9 +355,24 @@ async def test_agent_with_an_unknown_key_is_not_registered(
     name = f"{keyed.agent_ids[0]}-rogue"
     log = open(keyed.tmp / f"{name}.log", "ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "agent", "--scheduler", keyed.address, "--agent-id", name,
-         "--bind", "tcp://127.0.0.1:*", "--runtime", "local", "--keys", str(rogue)],
-        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "--scheduler",
+            keyed.address,
+            "--agent-id",
+            name,
+            "--bind",
+            "tcp://127.0.0.1:*",
+            "--runtime",
+            "local",
+            "--keys",
+            str(rogue),
+        ],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     log.close()
     try:
@@ -367,4 +399,3 @@ async def test_keyed_scheduler_still_answers_a_ping_from_an_agent_key(
         assert isinstance(reply.msg, Pong) and reply.msg.server == "scheduler"
     finally:
         conn.close()
-

@@ -43,8 +43,12 @@ async def test_exec_argument_errors(defaults: SandboxDefaults) -> None:
 
 
 async def test_unknown_image_names_the_image(defaults: SandboxDefaults) -> None:
-    sb = Sandbox(command="sleep", args=["infinity"], container_image="aviato-test/nope:404",
-                 defaults=defaults)
+    sb = Sandbox(
+        command="sleep",
+        args=["infinity"],
+        container_image="aviato-test/nope:404",
+        defaults=defaults,
+    )
     with pytest.raises(SandboxFailedError, match="aviato-test/nope:404") as info:
         await sb.start()
     assert "build-image.sh" in str(info.value) or "pull" in str(info.value)
@@ -147,9 +151,20 @@ async def test_token_is_checked_by_the_scheduler(tmp_path) -> None:
 
     ready = tmp_path / "addr"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "scheduler", "--bind", "tcp://127.0.0.1:*", "--ready-file",
-         str(ready), "--token", "s3cret"], cwd=ROOT,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "scheduler",
+            "--bind",
+            "tcp://127.0.0.1:*",
+            "--ready-file",
+            str(ready),
+            "--token",
+            "s3cret",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_until(ready.exists, 15, 0.02, "scheduler")
@@ -191,9 +206,14 @@ def test_the_daemons_really_cannot_unpickle() -> None:
         "    except RuntimeError as e:\n"
         "        print('refused')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=ROOT, env={"AVIATO_FORBID_UNPICKLE": "1", "PATH": "/usr/bin:/bin"},
-                         timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={"AVIATO_FORBID_UNPICKLE": "1", "PATH": "/usr/bin:/bin"},
+        timeout=60,
+    )
     assert out.stdout.split() == ["refused"] * 3, out.stderr
 
 
@@ -203,15 +223,19 @@ def test_daemons_say_when_they_listen_openly(tmp_path) -> None:
 
     from tests.conftest import ROOT, wait_until
 
-    for bind, expect in (("tcp://127.0.0.1:*", "loopback only"),
-                         ("tcp://0.0.0.0:*", "NO AUTHENTICATION")):
+    for bind, expect in (
+        ("tcp://127.0.0.1:*", "loopback only"),
+        ("tcp://0.0.0.0:*", "NO AUTHENTICATION"),
+    ):
         log = tmp_path / "sched.log"
         ready = tmp_path / "addr"
         ready.unlink(missing_ok=True)
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "scheduler", "--bind", bind, "--ready-file", str(ready)],
-                cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         try:
             wait_until(ready.exists, 15, 0.02, "scheduler")

@@ -33,14 +33,16 @@ def test_v1_a_hierarchy_per_controller(tmp_path: Path) -> None:
     cg = Cgroups(root=str(tmp_path))
     assert cg.version == 1
     procs = cg.make("sb-2", memory=1 << 30, pids=None, cpus=2)
-    assert procs == sorted(str(tmp_path / c / "aviato" / "sb-2" / "cgroup.procs")
-                           for c in ("memory", "cpu"))  # only what is limited: joins cost
+    assert procs == sorted(
+        str(tmp_path / c / "aviato" / "sb-2" / "cgroup.procs") for c in ("memory", "cpu")
+    )  # only what is limited: joins cost
     assert (tmp_path / "memory/aviato/sb-2/memory.limit_in_bytes").read_text() == str(1 << 30)
     assert not (tmp_path / "pids/aviato/sb-2").exists()  # no limit asked: not joined
     assert cg.make("sb-4", memory=None, pids=None, cpus=None) == []
     assert (tmp_path / "cpu/aviato/sb-2/cpu.cfs_quota_us").read_text() == "200000"
     (tmp_path / "memory/aviato/sb-2/memory.oom_control").write_text(
-        "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n")
+        "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n"
+    )
     assert cg.oom_killed("sb-2")
 
 

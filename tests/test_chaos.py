@@ -10,6 +10,7 @@ import time
 import pytest
 
 from aviato import Sandbox, SandboxDefaults, WorkerLostError
+from aviato._connection import LaneConnection
 from tests.conftest import IMAGE, Cluster, containers_of, wait_until
 
 
@@ -17,6 +18,7 @@ async def test_agent_killed_mid_run_loses_no_result(fresh_cluster: Cluster) -> N
     c = fresh_cluster
     d = SandboxDefaults(container_image=IMAGE, scheduler=c.address, lease_seconds=5)
     async with Sandbox.session(d) as session:
+
         @session.function(max_workers=4, retries=3)
         def slow_id(i: int) -> int:
             import time
@@ -31,6 +33,8 @@ async def test_agent_killed_mid_run_loses_no_result(fresh_cluster: Cluster) -> N
             pool = next(iter(session._pools.values()))
             agents = {w.sandbox.info.agent_id for w in pool.workers if w.sandbox.info}
             if len(agents) == 2:
+                # On the agents' host: calls and their loss travel the local lanes.
+                assert all(isinstance(w.conn, LaneConnection) for w in pool.workers)
                 break
             assert time.monotonic() < deadline, "workers should be spread over both agents"
         futures = [slow_id(i) for i in range(1000)]
@@ -43,12 +47,18 @@ async def test_agent_killed_mid_run_loses_no_result(fresh_cluster: Cluster) -> N
         assert stats.workers_lost >= 1 and stats.calls_retried >= 1, stats  # really ran again
         assert all(f.done() and not f.cancelled() for f in futures)
     c.start_agent(victim)  # it comes back and reaps what it left
-    await asyncio.to_thread(wait_until, lambda: not containers_of(c.agent_ids), 30, 0.2,
-                            "the killed agent's containers to be reaped")
+    await asyncio.to_thread(
+        wait_until,
+        lambda: not containers_of(c.agent_ids),
+        30,
+        0.2,
+        "the killed agent's containers to be reaped",
+    )
 
 
 async def test_poison_call_in_a_map_fails_alone(defaults: SandboxDefaults) -> None:
     async with Sandbox.session(defaults) as session:
+
         @session.function(max_workers=2, retries=1)
         def maybe_die(i: int) -> int:
             import os
@@ -59,13 +69,15 @@ async def test_poison_call_in_a_map_fails_alone(defaults: SandboxDefaults) -> No
 
         # Fast calls first: the pool then sends them in batches, so the poison call
         # dies with others in flight on its worker.
-        assert [r.value for r in await asyncio.gather(*(maybe_die(i) for i in range(100)))] \
-            == [i * 10 for i in range(100)]
+        assert [r.value for r in await asyncio.gather(*(maybe_die(i) for i in range(100)))] == [
+            i * 10 for i in range(100)
+        ]
         out = [r async for r in maybe_die.map(range(100, 300), return_exceptions=True)]
         assert isinstance(out[3], WorkerLostError)
         assert "gave up after 2 attempt" in str(out[3]) and "code 9" in str(out[3])
         assert [r.value for i, r in enumerate(out) if i != 3] == [
-            i * 10 for i in range(100, 300) if i != 103]
+            i * 10 for i in range(100, 300) if i != 103
+        ]
         stats = maybe_die.statistics()
         # The worker notes which call it runs: only the poison call is charged, and it
         # destroys at most retries + 1 sandboxes.
@@ -92,13 +104,14 @@ async def test_hostile_code_inside_a_container(defaults: SandboxDefaults) -> Non
         subprocess.run(["true"], check=True, timeout=10)
         assert time.monotonic() - t1 < 1.0
         await sb.exec(["sh", "-c", "pkill sleep; true"])
-    async with Sandbox(command="sleep", args=["infinity"], network="none",
-                       defaults=defaults) as sb:
+    async with Sandbox(command="sleep", args=["infinity"], network="none", defaults=defaults) as sb:
         r = await sb.exec(["sh", "-c", "tail -n +3 /proc/net/dev | cut -d: -f1"])
         assert r.stdout.split() == [b"lo"]
         assert sb.info and sb.info.agent_address
-        for what, address in (("scheduler", defaults.scheduler or ""),
-                              ("agent", sb.info.agent_address)):
+        for what, address in (
+            ("scheduler", defaults.scheduler or ""),
+            ("agent", sb.info.agent_address),
+        ):
             host, port = address.removeprefix("tcp://").rsplit(":", 1)
             probe = (
                 "import socket,sys\n"
@@ -111,8 +124,7 @@ async def test_hostile_code_inside_a_container(defaults: SandboxDefaults) -> Non
 
 async def test_memory_hog_is_oom_killed_and_reported_as_such(defaults) -> None:
     hog = "x = bytearray(400 * 1024 * 1024); import time; time.sleep(5)"
-    sb = await Sandbox.create("python", "-c", hog, defaults=defaults,
-                              memory_bytes=64 * 1024 * 1024)
+    sb = await Sandbox.create("python", "-c", hog, defaults=defaults, memory_bytes=64 * 1024 * 1024)
     with pytest.raises(Exception, match="out of memory") as info:
         await sb.wait(timeout=60)
     assert type(info.value).__name__ == "SandboxFailedError"
@@ -123,6 +135,7 @@ async def test_big_results_are_refused_at_the_limit(defaults: SandboxDefaults) -
     from aviato import PayloadTooLargeError
 
     async with Sandbox.session(defaults) as session:
+
         @session.function(max_workers=1, max_result_bytes=1024 * 1024)
         def make(n: int) -> bytes:
             return b"x" * n
@@ -160,6 +173,7 @@ async def test_a_1gb_result_is_refused_and_no_daemon_holds_it(
     sampler.start()
     try:
         async with Sandbox.session(defaults) as session:
+
             @session.function(max_workers=1)
             def gigabyte() -> bytes:
                 return b"x" * (1 << 30)
@@ -176,6 +190,7 @@ async def test_a_1gb_result_is_refused_and_no_daemon_holds_it(
 async def test_a_call_that_never_returns_ends_with_the_session_lifetime(defaults) -> None:
     d = defaults.replace(max_lifetime_seconds=2.0)
     async with Sandbox.session(d) as session:
+
         @session.function(max_workers=1, retries=0)
         def forever() -> None:
             import time

@@ -16,8 +16,9 @@ def test_a_stuck_shutdown_still_exits_with_its_stacks_logged() -> None:
         "exit_watchdog(0.5, 'agent x')\n"
         "time.sleep(60)  # stuck\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=20, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=20, cwd=ROOT
+    )
     assert out.returncode == 70
     assert "agent x: shutdown stuck for 0.5 s; stacks follow, exiting" in out.stderr
     assert "time.sleep(60)" in out.stderr or "line 5" in out.stderr  # where it was stuck

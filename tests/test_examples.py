@@ -16,8 +16,14 @@ def _run(args: list[str], env: dict[str, str], timeout: float = 180):
 
 
 def _run_example(path: str, env: dict[str, str]) -> tuple[list[str], int]:
-    proc = subprocess.Popen([sys.executable, path], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
     return out.splitlines(), proc.pid
@@ -26,9 +32,18 @@ def _run_example(path: str, env: dict[str, str]) -> tuple[list[str], int]:
 def _embedded_leftovers(pid: int) -> list[str]:
     """Containers and daemons of the embedded cluster the process ``pid`` started."""
     names = subprocess.run(
-        ["docker", "ps", "-a", "--filter", f"label=aviato.agent=embedded-{pid}",
-         "--format", "{{.Names}}"],
-        capture_output=True, text=True, timeout=30,
+        [
+            "docker",
+            "ps",
+            "-a",
+            "--filter",
+            f"label=aviato.agent=embedded-{pid}",
+            "--format",
+            "{{.Names}}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     ).stdout.split()
     procs = [
         " ".join(p.info["cmdline"] or ())
@@ -80,8 +95,9 @@ asyncio.run(main())
     sandbox_id = created.stdout.strip()
     out = _run([*aviato, "ps", "--tag", "cli"], env)
     assert sandbox_id in out.stdout and "running" in out.stdout
-    out = _run([*aviato, "exec", sandbox_id, "--", "sh", "-c", "echo out; echo err >&2; exit 3"],
-               env)
+    out = _run(
+        [*aviato, "exec", sandbox_id, "--", "sh", "-c", "echo out; echo err >&2; exit 3"], env
+    )
     assert (out.returncode, out.stdout, out.stderr) == (3, "out\n", "err\n")
     out = _run([*aviato, "logs", sandbox_id], env)
     assert out.stdout == "booted\n"
@@ -98,8 +114,13 @@ def test_aviato_up_serves_other_processes_and_cleans_up() -> None:
     import signal
 
     env = {k: v for k, v in os.environ.items() if k != "AVIATO_SCHEDULER"}
-    proc = subprocess.Popen([sys.executable, "-m", "aviato.cli", "up", "--slots", "2"],
-                            stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aviato.cli", "up", "--slots", "2"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
@@ -124,6 +145,8 @@ asyncio.run(main())
     assert proc.returncode == 0
     names = subprocess.run(
         ["docker", "ps", "-a", "--filter", "label=aviato.managed=1", "--format", "{{.Labels}}"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     ).stdout
     assert f"aviato.agent=embedded-{proc.pid}" not in names

@@ -40,8 +40,11 @@ asyncio.run(main())
         proc.wait(timeout=10)
         killed_at = time.monotonic()
         await asyncio.to_thread(
-            wait_until, lambda: f"aviato-{sandbox_id}" not in containers_of(cluster.agent_ids),
-            10, 0.2, "the killed client's container to go",
+            wait_until,
+            lambda: f"aviato-{sandbox_id}" not in containers_of(cluster.agent_ids),
+            10,
+            0.2,
+            "the killed client's container to go",
         )
         assert time.monotonic() - killed_at < 1.5 + 5
     finally:
@@ -64,8 +67,13 @@ async def test_killed_agent_is_declared_dead_and_orphans_reaped_on_restart(
     t0 = time.monotonic()
     # Each container's own watchdog (its supervisor) stops it within twice the liveness
     # window (1.5 s here), even if the agent never returns.
-    await asyncio.to_thread(wait_until, lambda: not running_of(victim), 2 * 1.5, 0.05,
-                            "the watchdog to stop the orphaned containers")
+    await asyncio.to_thread(
+        wait_until,
+        lambda: not running_of(victim),
+        2 * 1.5,
+        0.05,
+        "the watchdog to stop the orphaned containers",
+    )
     for sb in on_victim:
         with pytest.raises(SandboxFailedError, match=f"agent {victim} lost"):
             await sb.wait(timeout=10)
@@ -74,8 +82,9 @@ async def test_killed_agent_is_declared_dead_and_orphans_reaped_on_restart(
     assert containers_of([victim]), "kill -9 should leave the containers (that is the point)"
     # The agent comes back with the same id: it reaps what the scheduler no longer wants.
     c.start_agent(victim)
-    await asyncio.to_thread(wait_until, lambda: not containers_of([victim]), 20, 0.2,
-                            "the orphans to be reaped")
+    await asyncio.to_thread(
+        wait_until, lambda: not containers_of([victim]), 20, 0.2, "the orphans to be reaped"
+    )
     c.wait_agents(2)
     # and the cluster still places work on it
     for sb in sbs:
@@ -86,8 +95,9 @@ async def test_scheduler_restart_rebuilds_tables_from_agents(fresh_cluster: Clus
     c = fresh_cluster
     d = SandboxDefaults(container_image=IMAGE, scheduler=c.address, lease_seconds=5)
     async with Sandbox.session(d) as session:
-        sbs = [session.create(command="sleep", args=["infinity"], tags=["survivor"])
-               for _ in range(3)]
+        sbs = [
+            session.create(command="sleep", args=["infinity"], tags=["survivor"]) for _ in range(3)
+        ]
         await asyncio.gather(*(sb.start() for sb in sbs))
         port = int(c.address.rsplit(":", 1)[1])
         c.kill("scheduler")
@@ -109,8 +119,13 @@ async def test_scheduler_restart_rebuilds_tables_from_agents(fresh_cluster: Clus
             st is SandboxStatus.RUNNING for st in await asyncio.gather(*(s.status() for s in sbs))
         )
     # The session close after the restart still stops them all.
-    await asyncio.to_thread(wait_until, lambda: not containers_of(c.agent_ids), 15, 0.2,
-                            "the session's containers to go")
+    await asyncio.to_thread(
+        wait_until,
+        lambda: not containers_of(c.agent_ids),
+        15,
+        0.2,
+        "the session's containers to go",
+    )
 
 
 async def test_agent_reaps_labelled_orphans_at_start(cluster: Cluster, tmp_path) -> None:
@@ -118,18 +133,38 @@ async def test_agent_reaps_labelled_orphans_at_start(cluster: Cluster, tmp_path)
     client = docker.from_env()
     try:
         orphan = client.containers.run(
-            IMAGE, ["sleep", "infinity"], detach=True, name=f"aviato-orphan-{agent_id}",
-            labels={"aviato.managed": "1", "aviato.agent": agent_id,
-                    "aviato.sandbox": "sb-orphan"},
+            IMAGE,
+            ["sleep", "infinity"],
+            detach=True,
+            name=f"aviato-orphan-{agent_id}",
+            labels={"aviato.managed": "1", "aviato.agent": agent_id, "aviato.sandbox": "sb-orphan"},
         )
         proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "--scheduler", cluster.address, "--agent-id",
-             agent_id, "--slots", "1", "--bind", "tcp://127.0.0.1:*"],
-            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "--scheduler",
+                cluster.address,
+                "--agent-id",
+                agent_id,
+                "--slots",
+                "1",
+                "--bind",
+                "tcp://127.0.0.1:*",
+            ],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         try:
-            await asyncio.to_thread(wait_until, lambda: not containers_of([agent_id]), 20, 0.2,
-                                    "the orphan to be reaped")
+            await asyncio.to_thread(
+                wait_until,
+                lambda: not containers_of([agent_id]),
+                20,
+                0.2,
+                "the orphan to be reaped",
+            )
         finally:
             proc.terminate()
             proc.wait(timeout=30)
@@ -151,15 +186,24 @@ async def test_embedded_cluster_reaps_sandboxes_of_dead_embedded_agents() -> Non
     name = f"aviato-sb-orphan{dead}"  # sandboxes are named aviato-<sandbox id>
     try:
         client.containers.run(
-            IMAGE, ["sleep", "infinity"], detach=True, name=name,
-            labels={"aviato.managed": "1", "aviato.agent": f"embedded-{dead}",
-                    "aviato.sandbox": f"sb-orphan{dead}"},
+            IMAGE,
+            ["sleep", "infinity"],
+            detach=True,
+            name=name,
+            labels={
+                "aviato.managed": "1",
+                "aviato.agent": f"embedded-{dead}",
+                "aviato.sandbox": f"sb-orphan{dead}",
+            },
         )
         cluster = LocalCluster(runtime="docker")
         try:
             await asyncio.to_thread(cluster.start)
             await asyncio.to_thread(
-                wait_until, lambda: not containers_of([f"embedded-{dead}"]), 20, 0.2,
+                wait_until,
+                lambda: not containers_of([f"embedded-{dead}"]),
+                20,
+                0.2,
                 "the dead embedded agent's container to be reaped",
             )
         finally:
@@ -177,14 +221,16 @@ async def test_agent_kept_on_exit_leaves_its_sandboxes_running(fresh_cluster: Cl
     victim = c.agent_ids[0]
 
     def address() -> str | None:
-        return next((a.address for a in c.status().agents
-                     if a.agent_id == victim and a.alive), None)
+        return next(
+            (a.address for a in c.status().agents if a.agent_id == victim and a.alive), None
+        )
 
     before = address()
     c.kill(victim, signal.SIGTERM)
     c.start_agent(victim, ["--keep-on-exit"])
-    await asyncio.to_thread(wait_until, lambda: address() not in (None, before), 20, 0.1,
-                            "the agent to come back")
+    await asyncio.to_thread(
+        wait_until, lambda: address() not in (None, before), 20, 0.1, "the agent to come back"
+    )
     before = address()
     d = SandboxDefaults(container_image=IMAGE, scheduler=c.address)
     sbs = [await Sandbox.create("sleep", "infinity", defaults=d) for _ in range(4)]
@@ -198,12 +244,14 @@ async def test_agent_kept_on_exit_leaves_its_sandboxes_running(fresh_cluster: Cl
     # Back with the same id: it adopts them (back within the liveness window) or reaps
     # them (the scheduler wrote them off); either way a stop leaves nothing.
     c.start_agent(victim)
-    await asyncio.to_thread(wait_until, lambda: address() not in (None, before), 20, 0.1,
-                            "the agent to come back")
+    await asyncio.to_thread(
+        wait_until, lambda: address() not in (None, before), 20, 0.1, "the agent to come back"
+    )
     for sb in sbs:
         await sb.stop()
-    await asyncio.to_thread(wait_until, lambda: not containers_of([victim]), 20, 0.2,
-                            "the kept sandboxes to go")
+    await asyncio.to_thread(
+        wait_until, lambda: not containers_of([victim]), 20, 0.2, "the kept sandboxes to go"
+    )
 
 
 async def test_wait_rides_out_a_scheduler_restart(fresh_cluster: Cluster) -> None:

@@ -45,6 +45,7 @@ class Unrebuildable(Exception):
 
 async def test_seed_example_parallel_in_about_a_second(defaults: SandboxDefaults) -> None:
     async with Sandbox.session(defaults) as session:
+
         @session.function()
         def compute(n: int) -> int:
             import time
@@ -95,6 +96,7 @@ async def test_what_cloudpickle_carries(defaults: SandboxDefaults) -> None:
 
 async def test_exceptions_keep_their_type_and_remote_traceback(defaults) -> None:
     async with Sandbox.session(defaults) as session:
+
         @session.function(max_workers=1)
         def fails(kind: str) -> None:
             if kind == "value":
@@ -119,6 +121,7 @@ async def test_exceptions_keep_their_type_and_remote_traceback(defaults) -> None
 async def test_bad_functions_and_arguments_fail_before_sending(defaults) -> None:
     lock = threading.Lock()
     async with Sandbox.session(defaults) as session:
+
         @session.function(max_workers=1)
         def takes(x: object) -> str:
             return type(x).__name__
@@ -133,21 +136,26 @@ async def test_bad_functions_and_arguments_fail_before_sending(defaults) -> None
         with pytest.raises(FunctionSerializationError, match="cannot be pickled"):
             holds_lock()
         with pytest.raises(AsyncFunctionError) as info:
+
             @session.function()
             async def nope() -> None:
                 pass
+
         assert isinstance(info.value, TypeError)
         assert (await takes(1)).value == "int"  # nothing was broken by the refusals
 
 
 async def test_json_serialization(defaults: SandboxDefaults) -> None:
     async with Sandbox.session(defaults) as session:
+
         @session.function(serialization=Serialization.JSON, max_workers=1)
         def merge(a: dict, b: list) -> dict:
             return {**a, "items": b, "n": len(b)}
 
         assert (await merge({"x": 1}, [1, "two", None])).value == {
-            "x": 1, "items": [1, "two", None], "n": 3,
+            "x": 1,
+            "items": [1, "two", None],
+            "n": 3,
         }
         with pytest.raises(FunctionSerializationError, match="not JSON"):
             merge({"x": {1, 2}}, [])
@@ -155,6 +163,7 @@ async def test_json_serialization(defaults: SandboxDefaults) -> None:
 
 async def test_map_order_return_exceptions_and_as_completed(defaults) -> None:
     async with Sandbox.session(defaults) as session:
+
         @session.function(max_workers=2)
         def inverse(n: int) -> float:
             import time
@@ -174,6 +183,7 @@ async def test_map_order_return_exceptions_and_as_completed(defaults) -> None:
 
 async def test_cancellation_and_timeout_keep_the_pool_usable(defaults) -> None:
     async with Sandbox.session(defaults) as session:
+
         @session.function(max_workers=1)
         def sleepy(s: float) -> float:
             import time
@@ -203,6 +213,7 @@ async def test_cancellation_and_timeout_keep_the_pool_usable(defaults) -> None:
 
 async def test_killed_worker_call_is_retried_and_delivered_once(defaults) -> None:
     async with Sandbox.session(defaults) as session:
+
         @session.function(max_workers=2, retries=2)
         def slow_square(n: int) -> int:
             import time
@@ -216,8 +227,12 @@ async def test_killed_worker_call_is_retried_and_delivered_once(defaults) -> Non
         await asyncio.sleep(0.7)  # it is running now, on one of the two workers
         pool = next(iter(session._pools.values()))
         [victim] = [w for w in pool.workers if w.inflight]
-        subprocess.run(["docker", "kill", f"aviato-{victim.sandbox_id}"], check=True,
-                       capture_output=True, timeout=30)
+        subprocess.run(
+            ["docker", "kill", f"aviato-{victim.sandbox_id}"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
         result = await asyncio.wait_for(future, 60)
         assert result.value == 49 and result.attempts == 2
         assert result.sandbox_id != victim.sandbox_id
@@ -226,6 +241,7 @@ async def test_killed_worker_call_is_retried_and_delivered_once(defaults) -> Non
 
 async def test_a_worker_that_always_dies_fails_after_retries(defaults) -> None:
     async with Sandbox.session(defaults) as session:
+
         @session.function(max_workers=1, retries=1)
         def dies() -> None:
             import os
@@ -240,6 +256,7 @@ async def test_a_worker_that_always_dies_fails_after_retries(defaults) -> None:
 async def test_python_version_mismatch_names_both(defaults, monkeypatch) -> None:
     monkeypatch.setattr(_pool, "client_python", lambda: "3.99")
     async with Sandbox.session(defaults) as session:
+
         @session.function(max_workers=1)
         def f() -> int:
             return 1
@@ -250,11 +267,10 @@ async def test_python_version_mismatch_names_both(defaults, monkeypatch) -> None
 
 async def test_ten_thousand_noop_calls_in_one_gather(defaults: SandboxDefaults) -> None:
     async with Sandbox.session(defaults) as session:
+
         @session.function(max_workers=2)
         def ident(i: int) -> int:
             return i
 
-        results = await asyncio.wait_for(
-            asyncio.gather(*(ident(i) for i in range(10_000))), 300
-        )
+        results = await asyncio.wait_for(asyncio.gather(*(ident(i) for i in range(10_000))), 300)
         assert [r.value for r in results] == list(range(10_000))

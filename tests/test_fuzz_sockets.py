@@ -8,6 +8,9 @@ small as before, and the agent must keep its link to the scheduler throughout.
 from __future__ import annotations
 
 import asyncio
+import random
+import socket
+import struct
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +24,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from aviato import _zmq
+from aviato._lane import MAX_FRAMES, local_path
 from aviato.protocol import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -64,7 +68,9 @@ from tests.conftest import IMAGE, Cluster, docker_cluster
 
 MiB = 1024 * 1024
 ABSENT = object()
-KINDS = ["scheduler", "agent"]
+#: The scheduler's ROUTER, an agent's ROUTER, and that agent's local lane (the same
+#: messages over a Unix socket, in the lane's framing).
+KINDS = ["scheduler", "agent", "lane"]
 #: Every example is a live round trip: deterministic, so a failure replays exactly.
 FUZZ = settings(
     max_examples=100,
@@ -87,17 +93,28 @@ def baselines(fuzz_cluster: Cluster) -> dict[str, tuple[Target, Baseline]]:
     agent_id = fuzz_cluster.agent_ids[0]
     (agent,) = fuzz_cluster.status().agents
     targets = [
-        Target("scheduler", "scheduler", fuzz_cluster.address,
-               fuzz_cluster.procs["scheduler"].pid, ClusterStatus()),
+        Target(
+            "scheduler",
+            "scheduler",
+            fuzz_cluster.address,
+            fuzz_cluster.procs["scheduler"].pid,
+            ClusterStatus(),
+        ),
         Target("agent", agent_id, agent.address, fuzz_cluster.procs[agent_id].pid, Ping()),
+        Target("lane", agent_id, agent.lane, fuzz_cluster.procs[agent_id].pid, Ping()),
     ]
-    return {
-        t.kind: (t, Baseline(median_latency(t.address, t.probe), rss(t.pid))) for t in targets
-    }
+    return {t.kind: (t, Baseline(median_latency(t.address, t.probe), rss(t.pid))) for t in targets}
 
 
 @pytest.fixture(params=KINDS)
 def target(
+    request: pytest.FixtureRequest, baselines: dict[str, tuple[Target, Baseline]]
+) -> tuple[Target, Baseline]:
+    return baselines[request.param]
+
+
+@pytest.fixture(params=["scheduler", "agent"])
+def zmq_target(
     request: pytest.FixtureRequest, baselines: dict[str, tuple[Target, Baseline]]
 ) -> tuple[Target, Baseline]:
     return baselines[request.param]
@@ -159,8 +176,10 @@ _scalars = (
 )
 _values = st.recursive(
     _scalars,
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=8) | st.binary(max_size=4), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=8) | st.binary(max_size=4), inner, max_size=4)
+    ),
     max_leaves=10,
 )
 _keys = st.sampled_from(["v", "t", "id", "b", "tok", "sandbox_id", "spec"]) | st.text(max_size=4)
@@ -185,9 +204,7 @@ def test_random_frames(fuzz_cluster: Cluster, target: tuple[Target, Baseline]) -
     assert_healthy(fuzz_cluster, t, base)
 
 
-def test_msgpack_of_the_wrong_shape(
-    fuzz_cluster: Cluster, target: tuple[Target, Baseline]
-) -> None:
+def test_msgpack_of_the_wrong_shape(fuzz_cluster: Cluster, target: tuple[Target, Baseline]) -> None:
     """Valid msgpack that is no envelope, or an envelope with wrong keys, types, bodies,
     tokens and stray payload frames."""
     t, base = target
@@ -197,10 +214,15 @@ def test_msgpack_of_the_wrong_shape(
         @given(
             top=_values | st.dictionaries(_keys, _values, max_size=6),
             env=st.fixed_dictionaries(
-                {"v": st.just(PROTOCOL_VERSION), "t": _type_numbers,
-                 "id": st.integers(min_value=0, max_value=2**40)},
-                optional={"b": st.dictionaries(_keys, _values, max_size=4) | _values,
-                          "tok": _values},
+                {
+                    "v": st.just(PROTOCOL_VERSION),
+                    "t": _type_numbers,
+                    "id": st.integers(min_value=0, max_value=2**40),
+                },
+                optional={
+                    "b": st.dictionaries(_keys, _values, max_size=4) | _values,
+                    "tok": _values,
+                },
             ),
             which=st.booleans(),
             payloads=_payloads,
@@ -225,7 +247,10 @@ def test_other_protocol_versions_are_refused_by_name(
         @FUZZ
         @given(
             version=st.integers(min_value=-(2**63), max_value=2**64 - 1).filter(
-                lambda v: v != PROTOCOL_VERSION) | st.text(max_size=5) | st.none()
+                lambda v: v != PROTOCOL_VERSION
+            )
+            | st.text(max_size=5)
+            | st.none()
             | st.just(ABSENT),
             rid=st.none() | st.integers(min_value=0, max_value=2**63 - 1),
             kind=_type_numbers,
@@ -279,16 +304,21 @@ def test_huge_values_are_not_echoed_back(
     cases = [
         envelope(v=PROTOCOL_VERSION, t=big, id=1),
         envelope(v=big, t=int(MsgType.PING), id=2),
-        envelope(v=PROTOCOL_VERSION, t=int(MsgType.LIST_SANDBOXES), id=3,
-                 b={"statuses": [big]}),
+        envelope(v=PROTOCOL_VERSION, t=int(MsgType.LIST_SANDBOXES), id=3, b={"statuses": [big]}),
         envelope(v=PROTOCOL_VERSION, t=int(MsgType.GET_SANDBOX), id=4, b={huge_str: 1}),
-        envelope(v=PROTOCOL_VERSION, t=int(MsgType.EXEC), id=5,
-                 b={"sandbox_id": "sb-1", "argv": ["x"], "env": {huge_str: 1}}),
+        envelope(
+            v=PROTOCOL_VERSION,
+            t=int(MsgType.EXEC),
+            id=5,
+            b={"sandbox_id": "sb-1", "argv": ["x"], "env": {huge_str: 1}},
+        ),
     ]
     if t.kind == "scheduler":  # well-formed requests whose refusals quoted a field
         spec = SandboxSpec(image=IMAGE, command="sleep", network=huge_str)
-        cases += [encode(GetSandbox(huge_str[: 2 * MiB]), 6)[0],
-                  encode(CreateSandbox(spec, 1.0), 7)[0]]
+        cases += [
+            encode(GetSandbox(huge_str[: 2 * MiB]), 6)[0],
+            encode(CreateSandbox(spec, 1.0), 7)[0],
+        ]
     with Peer(t.address) as peer:
         for rid, frame in enumerate(cases, 1):
             (reply,) = peer.exchange([frame], rid, timeout=10)
@@ -301,11 +331,11 @@ def test_huge_values_are_not_echoed_back(
 
 
 def test_oversize_frame_drops_the_connection(
-    fuzz_cluster: Cluster, target: tuple[Target, Baseline]
+    fuzz_cluster: Cluster, zmq_target: tuple[Target, Baseline]
 ) -> None:
     """ZMQ_MAXMSGSIZE: a frame announced above MAX_FRAME_BYTES gets the peer
     disconnected at its header, before any body is buffered; one at the limit does not."""
-    t, base = target
+    t, base = zmq_target
     with zmtp_dealer(t.address) as raw:
         # The raw connection really speaks ZMTP: a Ping through it is answered.
         raw.sendall(short_frame(envelope(v=PROTOCOL_VERSION, t=int(MsgType.PING), id=5, b={})))
@@ -316,6 +346,48 @@ def test_oversize_frame_drops_the_connection(
     with zmtp_dealer(t.address) as raw:
         raw.sendall(long_frame_header(MAX_FRAME_BYTES))
         assert not closed_by_peer(raw, 0.5), "a frame at the limit dropped the connection"
+    assert_healthy(fuzz_cluster, t, base)
+
+
+def _lane(address: str) -> socket.socket:
+    path = local_path(address)
+    assert path is not None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    return sock
+
+
+def test_lane_framing_violations_drop_the_connection(
+    fuzz_cluster: Cluster, baselines: dict[str, tuple[Target, Baseline]]
+) -> None:
+    """The lane's own framing: a message announced above MAX_FRAME_BYTES, with no
+    frames, or with more than MAX_FRAMES gets the connection closed at its header (no
+    body buffered); one at the limit does not; random bytes end in silence or a close.
+    Other connections are served throughout."""
+    t, base = baselines["lane"]
+    bad_heads = [
+        struct.pack("!I", 0),
+        struct.pack("!I", MAX_FRAMES + 1),
+        struct.pack("!IQ", 1, MAX_FRAME_BYTES + 1),
+        struct.pack("!IQQ", 2, MAX_FRAME_BYTES, 1),
+    ]
+    with Peer(t.address) as witness:
+        for head in bad_heads:
+            with _lane(t.address) as raw:
+                raw.sendall(head)
+                assert closed_by_peer(raw, 5.0), f"{head[:16]!r}... did not close the lane"
+            (pong,) = witness.exchange(encode(Ping(), 1), 1)
+            assert isinstance(pong.msg, Pong)
+        with _lane(t.address) as raw:
+            raw.sendall(struct.pack("!IQ", 1, MAX_FRAME_BYTES))
+            assert not closed_by_peer(raw, 0.5), "a message at the limit closed the lane"
+        rng = random.Random(7)
+        for _ in range(50):
+            with _lane(t.address) as raw:
+                raw.sendall(rng.randbytes(rng.randrange(1, 2000)))
+                closed_by_peer(raw, 0.05)  # either is right; the agent must not care
+        (pong,) = witness.exchange(encode(Ping(), 2), 2)
+        assert isinstance(pong.msg, Pong)
     assert_healthy(fuzz_cluster, t, base)
 
 
@@ -380,8 +452,10 @@ async def test_replies_to_a_peer_that_never_reads_are_dropped_not_waited_for() -
         identity = (await router.recv_multipart())[0]
         blob = b"x" * (64 * 1024)
         async with asyncio.timeout(10):  # it hung here
-            sent = [await _zmq.send_to(router, identity, Pong(server="t"), i, (blob,))
-                    for i in range(1000)]
+            sent = [
+                await _zmq.send_to(router, identity, Pong(server="t"), i, (blob,))
+                for i in range(1000)
+            ]
         # The first went out; past the queue and the kernel's buffers the rest dropped.
         assert sent[0] and not sent[-1], sent.count(True)
     finally:
@@ -436,8 +510,9 @@ def test_wrong_payload_counts_are_refused(
             assert isinstance(reply.msg, ErrorReply), reply.msg
             assert reply.msg.code is ErrorCode.BAD_REQUEST and words in reply.msg.message
         # Junk where the worker expects a pickled function and JSON arguments.
-        (reply,) = peer.exchange(encode(RunCalls(sid, (call,)), 20, [b"\x80junk", b"{"]), 20,
-                                 timeout=30)
+        (reply,) = peer.exchange(
+            encode(RunCalls(sid, (call,)), 20, [b"\x80junk", b"{"]), 20, timeout=30
+        )
         assert isinstance(reply.msg, CallResults), reply.msg
         assert [o.status for o in reply.msg.outcomes] == ["error"]
         # ... and the worker still runs a real call (len, shipped by reference).

@@ -70,6 +70,7 @@ async def test_lifecycle_exit_code_lifetime_and_functions(ldefaults) -> None:
     with pytest.raises(SandboxError, match="max lifetime"):
         await sb.wait(timeout=15)
     async with Sandbox.session(ldefaults) as session:
+
         @session.function(max_workers=2)
         def compute(n: int) -> int:
             import time
@@ -89,9 +90,10 @@ async def test_other_images_are_refused_naming_them(ldefaults) -> None:
 
 
 async def test_isolation_from_inside(ldefaults: SandboxDefaults) -> None:
-    async with Sandbox(command="sleep", args=["infinity"], defaults=ldefaults) as a, \
-            Sandbox(command="sleep", args=["infinity"], defaults=ldefaults,
-                    network="none") as b:
+    async with (
+        Sandbox(command="sleep", args=["infinity"], defaults=ldefaults) as a,
+        Sandbox(command="sleep", args=["infinity"], defaults=ldefaults, network="none") as b,
+    ):
         await a.write_file("/tmp/secret", b"a's")
         r = await b.exec(["sh", "-c", "cat /tmp/secret; echo rc=$?"])
         assert b"a's" not in r.stdout  # another sandbox's /tmp is invisible
@@ -112,8 +114,9 @@ async def test_limits_hold_for_the_whole_sandbox(ldefaults: SandboxDefaults) -> 
     sandbox's whole tree, and a memory hog is OOM-killed and reported as such, as with
     Docker. Without them, setrlimit: its allocation fails inside the process."""
     hog = "x = bytearray(400 * 1024 * 1024); x[::4096] = b'1' * len(x[::4096])"
-    sb = await Sandbox.create("python", "-c", hog, defaults=ldefaults,
-                              memory_bytes=64 * 1024 * 1024)
+    sb = await Sandbox.create(
+        "python", "-c", hog, defaults=ldefaults, memory_bytes=64 * 1024 * 1024
+    )
     if "cgroup" in sb.runtime:
         with pytest.raises(SandboxFailedError, match="out of memory"):
             await sb.wait(timeout=60)
@@ -151,12 +154,18 @@ async def test_a_killed_agent_leaves_nothing_once_restarted(tmp_path: Path) -> N
         home = STATE / owner / (sb.sandbox_id or "")
         assert home.exists()
         c.kill(owner)
+
         def gone(path: Path = home) -> bool:
             lines = [" ".join(p.info["cmdline"] or ()) for p in psutil.process_iter(["cmdline"])]
             return not any(str(path) in line for line in lines)
 
         await asyncio.to_thread(wait_until, gone, 10, 0.1, "its processes to die")
         c.start_agent(owner)
-        await asyncio.to_thread(wait_until, lambda p=home: not p.exists(), 20, 0.1,
-                                f"the restarted agent to reap {home}\n{c.logs()}")
+        await asyncio.to_thread(
+            wait_until,
+            lambda p=home: not p.exists(),
+            20,
+            0.1,
+            f"the restarted agent to reap {home}\n{c.logs()}",
+        )
         c.wait_agents(2)

@@ -34,8 +34,7 @@ def mh(tmp_path: Path) -> Iterator[MultiHostCluster]:
         if os.environ.get("AVIATO_REQUIRE_NETNS") == "1":
             pytest.fail(f"AVIATO_REQUIRE_NETNS=1 but {problem}")
         pytest.skip(problem)
-    c = MultiHostCluster(tmp_path, agents=3, slots=2, dead_after=DEAD_AFTER,
-                         heartbeat=HEARTBEAT)
+    c = MultiHostCluster(tmp_path, agents=3, slots=2, dead_after=DEAD_AFTER, heartbeat=HEARTBEAT)
     try:
         yield c
     finally:
@@ -50,6 +49,8 @@ def check_every_result(summary: dict[str, Any]) -> None:
     assert summary["results"] == summary["distinct"] == CALLS, summary
     assert summary["error_count"] == 0, summary["errors"]
     assert summary["right"] == CALLS, summary
+    # The agents are on other hosts (network namespaces): ZeroMQ, not their local lanes.
+    assert summary["channels"] == ["Connection"], summary
 
 
 def time_until_dead(c: MultiHostCluster, agent_id: str, since: float) -> float:
@@ -67,8 +68,12 @@ def test_agent_killed_mid_run(mh: MultiHostCluster) -> None:
         c.kill(victim)
         t0 = time.monotonic()
         # Its containers' own watchdogs stop them within twice the liveness window.
-        wait_until(lambda: not running_of(victim), 2 * DEAD_AFTER, 0.05,
-                   "the killed agent's containers to stop")
+        wait_until(
+            lambda: not running_of(victim),
+            2 * DEAD_AFTER,
+            0.05,
+            "the killed agent's containers to stop",
+        )
         assert time_until_dead(c, victim, t0) < DEAD_AFTER + HEARTBEAT + 1  # within 5 s
         summary = run.result(180)
     finally:
@@ -99,8 +104,12 @@ def _outage(c: MultiHostCluster, victim: str, begin: Any, end: Any) -> dict[str,
             end()
         # It re-registers cleanly, and the sandboxes written off while it was away go.
         c.wait_agents(3, timeout=30)
-        wait_until(lambda: not before & set(containers_of([victim])), 30, 0.2,
-                   "its written-off sandboxes to be reaped")
+        wait_until(
+            lambda: not before & set(containers_of([victim])),
+            30,
+            0.2,
+            "its written-off sandboxes to be reaped",
+        )
         summary = run.result(180)
     finally:
         run.close()
@@ -120,8 +129,12 @@ def test_host_cut_off_then_back(mh: MultiHostCluster) -> None:
 
 def test_frozen_agent_then_thawed(mh: MultiHostCluster) -> None:
     victim = mh.agent_ids[2]
-    _outage(mh, victim, lambda: mh.signal(victim, signal.SIGSTOP),
-            lambda: mh.signal(victim, signal.SIGCONT))
+    _outage(
+        mh,
+        victim,
+        lambda: mh.signal(victim, signal.SIGSTOP),
+        lambda: mh.signal(victim, signal.SIGCONT),
+    )
 
 
 async def test_scheduler_restart_under_load(mh: MultiHostCluster) -> None:
@@ -133,8 +146,7 @@ async def test_scheduler_restart_under_load(mh: MultiHostCluster) -> None:
         c.kill("scheduler")
         # Meanwhile a client gets a typed, retryable error within its timeout (a create
         # probes the scheduler every request timeout); no hang.
-        d = SandboxDefaults(container_image=IMAGE, scheduler=c.address,
-                            request_timeout_seconds=1.0)
+        d = SandboxDefaults(container_image=IMAGE, scheduler=c.address, request_timeout_seconds=1.0)
         t0 = time.monotonic()
         with pytest.raises(ClusterUnavailableError) as caught:
             await Sandbox.create("sleep", "infinity", defaults=d)
@@ -161,8 +173,9 @@ async def test_scheduler_restart_under_load(mh: MultiHostCluster) -> None:
     try:
         wait_until(lambda: not containers_of(c.agent_ids), 30, 0.2, "the session's sandboxes")
     except AssertionError:
-        raise AssertionError(f"{containers_of(c.agent_ids)}\n{c.logs()}\n--- client\n"
-                             f"{run.stderr[-5000:]}") from None
+        raise AssertionError(
+            f"{containers_of(c.agent_ids)}\n{c.logs()}\n--- client\n{run.stderr[-5000:]}"
+        ) from None
 
 
 def test_killed_client_leaves_nothing_on_any_host(mh: MultiHostCluster) -> None:
@@ -174,8 +187,12 @@ def test_killed_client_leaves_nothing_on_any_host(mh: MultiHostCluster) -> None:
         assert all(running_of(a) for a in c.agent_ids), "spread: sandboxes on every host"
         run.proc.kill()  # kill -9 of the client process
         t0 = time.monotonic()
-        wait_until(lambda: not containers_of(c.agent_ids), lease + HEARTBEAT + 5, 0.1,
-                   "every sandbox of the killed client's session to go")
+        wait_until(
+            lambda: not containers_of(c.agent_ids),
+            lease + HEARTBEAT + 5,
+            0.1,
+            "every sandbox of the killed client's session to go",
+        )
         print(f"gone {time.monotonic() - t0:.1f}s after the kill (lease {lease:g}s)")
     finally:
         run.close()

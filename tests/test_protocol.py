@@ -464,8 +464,10 @@ _scalars = (
 )
 _values = st.recursive(
     _scalars,
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.text(max_size=8) | st.binary(max_size=4), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.text(max_size=8) | st.binary(max_size=4), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 _type_numbers = st.sampled_from([int(t) for t in MsgType]) | _values

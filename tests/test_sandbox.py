@@ -31,8 +31,9 @@ RUNTIMES = ["docker", "local"]
 
 
 @pytest.fixture(scope="module", params=RUNTIMES)
-def cluster(request: pytest.FixtureRequest,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
     """This module's cluster, once per runtime (overrides conftest's Docker one)."""
     tmp = tmp_path_factory.mktemp(request.param)
     if request.param == "docker":
@@ -50,10 +51,8 @@ def sandboxes_of(cluster: Cluster) -> list[str]:
 
 @pytest.fixture
 def defaults(cluster: Cluster) -> Iterator[SandboxDefaults]:
-    yield SandboxDefaults(container_image="python:3.11", scheduler=cluster.address,
-                          lease_seconds=5)
-    wait_until(lambda: not sandboxes_of(cluster), 15, 0.2,
-               "the test's sandboxes to be removed")
+    yield SandboxDefaults(container_image="python:3.11", scheduler=cluster.address, lease_seconds=5)
+    wait_until(lambda: not sandboxes_of(cluster), 15, 0.2, "the test's sandboxes to be removed")
 
 
 async def test_exec_bytes_returncode_and_check(defaults: SandboxDefaults) -> None:
@@ -163,8 +162,9 @@ async def test_queue_waits_for_a_free_slot_then_times_out(cluster, defaults) -> 
         await asyncio.wait_for(task, 20)
         assert await waiting.status() is SandboxStatus.RUNNING
         # Full again: a short start timeout gives a clear SandboxTimeoutError.
-        impatient = Sandbox(command="sleep", args=["infinity"],
-                            defaults=defaults.replace(start_timeout_seconds=0.5))
+        impatient = Sandbox(
+            command="sleep", args=["infinity"], defaults=defaults.replace(start_timeout_seconds=0.5)
+        )
         with pytest.raises(SandboxTimeoutError, match="no free sandbox slot"):
             await impatient.start()
 
@@ -196,8 +196,9 @@ async def test_session_closes_forgotten_sandboxes(defaults: SandboxDefaults) -> 
 
 
 async def test_from_id_and_list_from_another_process(defaults: SandboxDefaults) -> None:
-    async with Sandbox(command="sleep", args=["infinity"], tags=["shared-x"],
-                       defaults=defaults) as sb:
+    async with Sandbox(
+        command="sleep", args=["infinity"], tags=["shared-x"], defaults=defaults
+    ) as sb:
         await sb.write_file("/tmp/note", b"from parent")
         code = f"""
 import asyncio
@@ -209,7 +210,8 @@ async def main():
     print([s.sandbox_id for s in await Sandbox.list(tags=["shared-x"], defaults=d)])
 asyncio.run(main())
 """
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=60, cwd=ROOT)
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+        )
         assert out.returncode == 0, out.stderr
         assert out.stdout.splitlines() == ["from parent", str([sb.sandbox_id])]

@@ -353,8 +353,13 @@ def test_create_for_an_unheard_of_session_gets_a_lease() -> None:
 
 
 def _report(sid: str, session_id: str | None = None) -> SandboxInfo:
-    return SandboxInfo(sandbox_id=sid, spec=spec(session_id=session_id), status=RUNNING,
-                       agent_id="a", created_at=0.0)
+    return SandboxInfo(
+        sandbox_id=sid,
+        spec=spec(session_id=session_id),
+        status=RUNNING,
+        agent_id="a",
+        created_at=0.0,
+    )
 
 
 def test_after_a_restart_stops_and_closes_that_came_first_reap_on_report() -> None:
@@ -363,8 +368,14 @@ def test_after_a_restart_stops_and_closes_that_came_first_reap_on_report() -> No
     state = make_state()
     state.request_stop("sb-old", "stopped by client", 1.0)
     state.session_close("s1", "session closed", 1.0)
-    reply, _ = register(state, "a", slots=4, now=2.0, fresh=False, sandboxes=[
-        _report("sb-old"), _report("sb-x", "s1"), _report("sb-keep", "s2")])
+    reply, _ = register(
+        state,
+        "a",
+        slots=4,
+        now=2.0,
+        fresh=False,
+        sandboxes=[_report("sb-old"), _report("sb-x", "s1"), _report("sb-keep", "s2")],
+    )
     assert set(reply.reap) == {"sb-old", "sb-x"}
     assert reply.adopt == ("sb-keep",)
 
@@ -385,7 +396,8 @@ def test_client_chosen_ids_let_a_late_create_be_cancelled() -> None:
     assert placed(register(state, "a", slots=1, now=2.0)[1]) == []
     # Placed: the sandbox has the client's id; the same id again is refused.
     assert placed(state.request_create("k3", spec(), 30.0, 3.0, "sb-cccccccc")) == [
-        ("a", "sb-cccccccc")]
+        ("a", "sb-cccccccc")
+    ]
     [err] = replies_to(state.request_create("k4", spec(), 30.0, 3.0, "sb-cccccccc"), "k4")
     assert err.code is ErrorCode.BAD_REQUEST and "taken" in err.message
     [err] = replies_to(state.request_create("k5", spec(), 30.0, 3.0, "../etc"), "k5")

@@ -21,13 +21,24 @@ def no_python_image() -> str:
     name = "aviato-test-build-no-python"
     subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
     subprocess.run(
-        ["docker", "run", "--name", name, IMAGE, "sh", "-c",
-         "rm -f /usr/bin/python* /usr/local/bin/python*"],
-        check=True, capture_output=True, timeout=120,
+        [
+            "docker",
+            "run",
+            "--name",
+            name,
+            IMAGE,
+            "sh",
+            "-c",
+            "rm -f /usr/bin/python* /usr/local/bin/python*",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     try:
-        subprocess.run(["docker", "commit", name, NO_PYTHON], check=True, capture_output=True,
-                       timeout=120)
+        subprocess.run(
+            ["docker", "commit", name, NO_PYTHON], check=True, capture_output=True, timeout=120
+        )
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
     yield NO_PYTHON
@@ -77,8 +88,9 @@ async def test_supervisor_serves_exec_and_files(defaults: SandboxDefaults) -> No
 async def test_images_without_python_fall_back_to_docker_exec(
     defaults: SandboxDefaults, no_python_image: str
 ) -> None:
-    async with Sandbox(command="sleep", args=["infinity"], container_image=no_python_image,
-                       defaults=defaults) as sb:
+    async with Sandbox(
+        command="sleep", args=["infinity"], container_image=no_python_image, defaults=defaults
+    ) as sb:
         r = await sb.exec(["sh", "-c", "command -v python3 python || echo none"])
         assert r.stdout == b"none\n"
         r = await sb.exec(["sh", "-c", "cat /proc/$PPID/cmdline"])

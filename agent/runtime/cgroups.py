@@ -125,8 +125,10 @@ class Cgroups:
         v2 = self.version == 2
         try:
             if dirs["memory"].exists():
-                _write(dirs["memory"] / ("memory.max" if v2 else "memory.limit_in_bytes"),
-                       str(memory) if memory else ("max" if v2 else "-1"))
+                _write(
+                    dirs["memory"] / ("memory.max" if v2 else "memory.limit_in_bytes"),
+                    str(memory) if memory else ("max" if v2 else "-1"),
+                )
                 swap = dirs["memory"] / "memory.swap.max"
                 if v2 and swap.exists():  # the limit is a limit, not a cue to swap
                     _write(swap, "0" if memory else "max")

@@ -83,8 +83,7 @@ def find_python(version: str, configured: Mapping[str, str] | None = None) -> st
 #: ``sh -c JOIN_CGROUPS sh PROCS... -- CMD...``: the shell puts itself in each group,
 #: then becomes the sandbox; whatever it starts is inside from the first instant.
 JOIN_CGROUPS = (
-    'for f; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 126; shift; done; '
-    'shift; exec "$@"'
+    'for f; do [ "$f" = -- ] && break; echo $$ > "$f" || exit 126; shift; done; shift; exec "$@"'
 )
 
 
@@ -137,6 +136,7 @@ def _watch_exit(pid: int) -> asyncio.Future[int]:
 
     loop.add_reader(pidfd, on_exit)
     return exited
+
 
 class LocalRuntime(Runtime):
     supervisor_is_main = True
@@ -267,8 +267,11 @@ class LocalRuntime(Runtime):
             cwd = str(home / "tmp")
         if "/" not in cmd[0]:  # posix_spawn and execve do not search PATH
             cmd[0] = shutil.which(cmd[0], path=env.get("PATH")) or cmd[0]
-        limits = {"memory": spec.memory_bytes, "pids": spec.pids_limit or self.pids_limit,
-                  "cpus": spec.cpus}
+        limits = {
+            "memory": spec.memory_bytes,
+            "pids": spec.pids_limit or self.pids_limit,
+            "cpus": spec.cpus,
+        }
         parked = self._parked.take() if self._parked is not None else None
         if parked is not None:
             child = await self._launch_parked(sandbox_id, parked, home, cmd, env, cwd, limits)

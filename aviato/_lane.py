@@ -1,0 +1,291 @@
+"""Framed messages over a stream socket, driven by the event loop's reader and writer
+callbacks: no task per message, no I/O thread.
+
+The agent's *local lane* uses it: a client on the agent's own host (and in its network
+namespace) reaches the agent's data plane over a Unix socket rather than ZeroMQ over
+TCP. A ZeroMQ message wakes three threads per hop (the sender's I/O thread, the
+receiver's I/O thread, the receiver); a stream socket wakes one, which is most of a
+function call's round trip. The socket's directory is the agent user's alone (0700):
+whoever can connect could read the agent's keys anyway, so the lane needs no CURVE.
+
+Framing (the agent's links to its function workers use the same; see agent/worker.py):
+``u32 frame count``, the frames' ``u64`` lengths, then the frames. Each frame list is
+what :func:`aviato.protocol.encode` makes; a lane carries exactly what ZeroMQ would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import logging
+import os
+import socket
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from aviato.exceptions import ProtocolError
+from aviato.protocol import Frame
+
+log = logging.getLogger("aviato.lane")
+
+COUNT = struct.Struct("!I")
+LENGTH = struct.Struct("!Q")
+#: Frames in one message at most: a RunCalls batch carries at most two per call.
+MAX_FRAMES = 1 << 16
+#: One read's size; a message at least BIG is read straight into its own buffer.
+RECV_BYTES = 256 * 1024
+BIG = 1 << 20
+#: Buffers handed to one sendmsg (Linux's IOV_MAX is 1024).
+IOV = 512
+SCHEME = "unix:"
+
+OnMessage = Callable[[list[memoryview]], None]
+OnClose = Callable[[BaseException | None], None]
+
+
+class FramingError(ProtocolError):
+    """The peer sent something that is not our framing (or breaks its limits)."""
+
+
+def frame_size(frame: Frame) -> int:
+    return len(frame) if isinstance(frame, bytes) else frame.nbytes
+
+
+def pack_head(frames: Sequence[Frame]) -> bytes:
+    count = len(frames)
+    return struct.pack(f"!I{count}Q", count, *(frame_size(f) for f in frames))
+
+
+def _split(body: memoryview, start: int, lengths: Sequence[int]) -> list[memoryview]:
+    frames = []
+    for length in lengths:
+        frames.append(body[start : start + length])
+        start += length
+    return frames
+
+
+class FramedSocket:
+    """A connected, non-blocking stream socket carrying framed messages both ways.
+
+    ``on_message`` gets each complete message as memoryviews of one buffer (zero copies
+    after the read); ``on_close`` once, when the peer or an error ends the connection
+    (not when :meth:`close` is called). Writes go out at once when the socket takes
+    them, else they queue; ``max_pending`` bytes queued unread by the peer close it."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        on_message: OnMessage,
+        on_close: OnClose,
+        *,
+        max_message: int,
+        max_pending: int | None = None,
+    ) -> None:
+        sock.setblocking(False)
+        self._loop = asyncio.get_running_loop()
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._on_message = on_message
+        self._on_close = on_close
+        self._max_message = max_message
+        self._max_pending = max_pending
+        self._buf = bytearray()
+        # A big message being read straight into its own buffer.
+        self._body: bytearray | None = None
+        self._filled = 0
+        self._lengths: tuple[int, ...] = ()
+        self._out: deque[memoryview] = deque()
+        self.pending = 0
+        self._writing = False
+        self.closed = False
+        self._loop.add_reader(self._fd, self._on_readable)
+
+    # ------------------------------------------------------------------ writing
+
+    def send(self, frames: Sequence[Frame]) -> bool:
+        """Queue one message and write what the socket takes now; False once closed."""
+        if self.closed:
+            return False
+        out = self._out
+        out.append(memoryview(pack_head(frames)))
+        size = 0
+        for frame in frames:
+            view = memoryview(frame)
+            if view.nbytes:
+                out.append(view)
+                size += view.nbytes
+        self.pending += size
+        if not self._writing:
+            self._flush()
+        if self._max_pending is not None and self.pending > self._max_pending:
+            self._fail(FramingError(f"the peer left {self.pending} bytes unread; closing its lane"))
+            return False
+        return not self.closed
+
+    def _flush(self) -> None:
+        out = self._out
+        while out:
+            batch = [out[i] for i in range(min(len(out), IOV))]
+            try:
+                sent = self._sock.sendmsg(batch)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._fail(exc)
+                return
+            while sent:
+                head = out[0]
+                if sent >= head.nbytes:
+                    sent -= head.nbytes
+                    self.pending -= head.nbytes
+                    out.popleft()
+                else:
+                    out[0] = head[sent:]
+                    self.pending -= sent
+                    sent = 0
+        self.pending = max(self.pending, 0)
+        if out and not self._writing:
+            self._writing = True
+            self._loop.add_writer(self._fd, self._flush)
+        elif not out and self._writing:
+            self._writing = False
+            self._loop.remove_writer(self._fd)
+
+    # ------------------------------------------------------------------ reading
+
+    def _on_readable(self) -> None:
+        try:
+            if self._body is not None:
+                count = self._sock.recv_into(memoryview(self._body)[self._filled :])
+                if count:
+                    self._filled += count
+                    if self._filled == len(self._body):
+                        body, self._body = self._body, None
+                        self._deliver(_split(memoryview(body), 0, self._lengths))
+                    return
+            else:
+                data = self._sock.recv(RECV_BYTES)
+                if data:
+                    self._buf += data
+                    self._parse()
+                    return
+        except (BlockingIOError, InterruptedError):
+            return
+        except FramingError as exc:
+            self._fail(exc)
+            return
+        except OSError as exc:
+            self._fail(None if exc.errno in (errno.ECONNRESET, errno.EPIPE) else exc)
+            return
+        self._fail(None)  # end of stream
+
+    def _parse(self) -> None:
+        while not self.closed:
+            buf = self._buf
+            if len(buf) < COUNT.size:
+                return
+            (count,) = COUNT.unpack_from(buf)
+            if not 0 < count <= MAX_FRAMES:
+                raise FramingError(f"a message of {count} frames (at most {MAX_FRAMES})")
+            head = COUNT.size + LENGTH.size * count
+            if len(buf) < head:
+                return
+            lengths = struct.unpack_from(f"!{count}Q", buf, COUNT.size)
+            total = sum(lengths)
+            if total > self._max_message:
+                raise FramingError(
+                    f"a message of {total} bytes, above the {self._max_message}-byte limit"
+                )
+            end = head + total
+            if len(buf) < end:
+                if total >= BIG:  # read the rest straight into the message's own buffer
+                    body = bytearray(total)
+                    have = len(buf) - head
+                    body[:have] = buf[head:]
+                    self._body, self._filled, self._lengths = body, have, lengths
+                    self._buf = bytearray()
+                return
+            if end == len(buf):  # the common case: hand over the buffer itself
+                self._buf = bytearray()
+                self._deliver(_split(memoryview(buf), head, lengths))
+            else:
+                body = buf[head:end]
+                del buf[:end]
+                self._deliver(_split(memoryview(body), 0, lengths))
+
+    def _deliver(self, frames: list[memoryview]) -> None:
+        try:
+            self._on_message(frames)
+        except Exception:  # one bad message must not end the connection
+            log.exception("lane: handling a message failed")
+
+    # ------------------------------------------------------------------ closing
+
+    def _fail(self, exc: BaseException | None) -> None:
+        if self.closed:
+            return
+        self.close()
+        self._on_close(exc)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._loop.remove_reader(self._fd)
+        if self._writing:
+            self._loop.remove_writer(self._fd)
+        self._out.clear()
+        self._sock.close()
+
+
+# --------------------------------------------------------------------------- addresses
+
+
+_host_key: str | None = None
+
+
+def host_key() -> str:
+    """Who shares a filesystem and a network with us: this boot of this machine, in this
+    network namespace ("" when /proc cannot tell). Hosts simulated with network
+    namespaces on one machine (the tests do) differ, as real hosts do."""
+    global _host_key
+    if _host_key is None:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                boot = f.read().strip()
+            netns = os.stat("/proc/self/ns/net").st_ino
+            _host_key = hashlib.sha256(f"{boot}:{netns}".encode()).hexdigest()[:16]
+        except OSError:
+            _host_key = ""
+    return _host_key
+
+
+def lane_address(path: str) -> str:
+    """How an agent advertises its lane: ``unix:<host key>:<socket path>``."""
+    key = host_key()
+    return f"{SCHEME}{key}:{path}" if key else ""
+
+
+def local_path(lane: str) -> str | None:
+    """The socket path of ``lane`` when it is on this host, else None."""
+    if not lane.startswith(SCHEME):
+        return None
+    key, _, path = lane[len(SCHEME) :].partition(":")
+    if not key or key != host_key() or not path:
+        return None
+    return path
+
+
+def connect_unix(path: str, timeout: float = 1.0) -> socket.socket:
+    """Connect to a local lane (raises OSError: no such socket, not ours, refused)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock

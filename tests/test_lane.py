@@ -1,0 +1,284 @@
+"""The local lane: framing (aviato/_lane.py) on socket pairs, then a real agent's lane:
+chosen on its host, refused to other users, token-checked, and failed over promptly
+when the agent goes away."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import stat
+import struct
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aviato import Sandbox, SandboxDefaults, UnauthorizedError, _connection
+from aviato._connection import Connection, LaneConnection, agent_connection, connection
+from aviato._lane import (
+    BIG,
+    MAX_FRAMES,
+    FramedSocket,
+    FramingError,
+    host_key,
+    lane_address,
+    local_path,
+    pack_head,
+)
+from aviato.exceptions import ClusterUnavailableError
+from aviato.protocol import Ping, Pong
+from tests.conftest import Cluster, docker_cluster
+
+Messages = list[list[bytes]]
+
+
+def _stream(messages: Messages) -> bytes:
+    return b"".join(pack_head(m) + b"".join(m) for m in messages)
+
+
+class _Ends:
+    """A FramedSocket on one end of a socket pair; the other end is a plain socket."""
+
+    def __init__(self, **options: int | None) -> None:
+        self.got: list[list[bytes]] = []
+        self.closed: list[BaseException | None] = []
+        mine, self.theirs = socket.socketpair()
+        self.framed = FramedSocket(
+            mine,
+            lambda frames: self.got.append([bytes(f) for f in frames]),
+            self.closed.append,
+            max_message=options.get("max_message") or 64 << 20,
+            max_pending=options.get("max_pending"),
+        )
+
+    def close(self) -> None:
+        self.framed.close()
+        self.theirs.close()
+
+
+async def _until(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.001)
+
+
+# --------------------------------------------------------------------------- framing
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(
+    messages=st.lists(
+        st.lists(st.binary(max_size=300), min_size=1, max_size=5), min_size=1, max_size=8
+    ),
+    cuts=st.lists(st.integers(min_value=1, max_value=97), max_size=20),
+)
+def test_any_split_of_the_stream_gives_the_same_messages(messages: Messages, cuts: list[int]):
+    """However the bytes arrive (one at a time, coalesced, split mid-header), each
+    message comes out whole, in order, exactly once."""
+
+    async def run() -> None:
+        ends = _Ends()
+        try:
+            data, at = _stream(messages), 0
+            for cut in [*cuts, len(data)]:
+                piece = data[at : at + cut]
+                at += len(piece)
+                ends.theirs.sendall(piece)
+                await asyncio.sleep(0)
+            await _until(lambda: len(ends.got) == len(messages))
+            assert ends.got == messages and not ends.closed
+        finally:
+            ends.close()
+
+    asyncio.run(run())
+
+
+async def test_a_big_message_is_read_into_its_own_buffer_and_sent_in_pieces() -> None:
+    """Above BIG a message is read straight into one buffer; a send larger than the
+    socket takes queues the rest and finishes when the peer reads."""
+    a, b = _Ends(), _Ends()
+    loop = asyncio.get_running_loop()
+    try:
+        big = os.urandom(3 * BIG + 17)
+        message = [b"head", big, b""]
+        assert a.framed.send(message)
+        assert a.framed.pending > 0, "a socket pair's buffer cannot take 3 MiB at once"
+        received = b""
+        want = len(pack_head(message)) + sum(map(len, message))
+        a.theirs.setblocking(False)
+        while len(received) < want:
+            await asyncio.sleep(0.001)
+            try:
+                received += a.theirs.recv(1 << 20)
+            except BlockingIOError:
+                pass
+        assert a.framed.pending == 0
+        b.theirs.setblocking(False)  # the reader is on this loop: never block it
+        await loop.sock_sendall(b.theirs, received[:100])
+        await asyncio.sleep(0.01)
+        await loop.sock_sendall(b.theirs, received[100:])
+        await _until(lambda: len(b.got) == 1)
+        assert b.got == [message]
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize(
+    ("head", "words"),
+    [
+        (struct.pack("!I", 0), "0 frames"),
+        (struct.pack("!I", MAX_FRAMES + 1), f"at most {MAX_FRAMES}"),
+        (struct.pack("!IQ", 1, (64 << 20) + 1), "above the"),
+    ],
+)
+async def test_framing_violations_close_with_a_reason(head: bytes, words: str) -> None:
+    ends = _Ends()
+    try:
+        ends.theirs.sendall(head)
+        await _until(lambda: bool(ends.closed))
+        (why,) = ends.closed
+        assert isinstance(why, FramingError) and words in str(why)
+        assert ends.framed.closed and not ends.framed.send([b"x"])
+    finally:
+        ends.close()
+
+
+async def test_peer_closing_is_reported_once_without_an_error() -> None:
+    ends = _Ends()
+    ends.theirs.sendall(_stream([[b"last words"]]))
+    ends.theirs.close()
+    await _until(lambda: bool(ends.closed))
+    await asyncio.sleep(0.01)
+    assert ends.got == [[b"last words"]] and ends.closed == [None]
+    ends.framed.close()
+
+
+async def test_a_peer_that_reads_nothing_is_cut_off_at_max_pending() -> None:
+    ends = _Ends(max_pending=1 << 20)
+    try:
+        sent = [ends.framed.send([b"x" * 65536]) for _ in range(64)]
+        assert sent[0] and not sent[-1]
+        (why,) = ends.closed
+        assert isinstance(why, FramingError) and "unread" in str(why)
+    finally:
+        ends.close()
+
+
+def test_lane_addresses_name_this_host_only() -> None:
+    assert host_key(), "/proc tells the boot id and network namespace on Linux"
+    address = lane_address("/tmp/x/agent.sock")
+    assert local_path(address) == "/tmp/x/agent.sock"
+    assert local_path(address.replace(host_key(), "0" * 16)) is None
+    for junk in ("", "unix:", "unix::/p", "tcp://127.0.0.1:5", f"unix:{host_key()}:"):
+        assert local_path(junk) is None
+
+
+async def test_a_lane_that_cannot_be_reached_falls_back_to_zeromq(tmp_path: Path) -> None:
+    missing = lane_address(str(tmp_path / "nobody-listens.sock"))
+    conn = connection("tcp://127.0.0.1:1", lane=missing)
+    try:
+        assert isinstance(conn, Connection)
+    finally:
+        _connection.close_all()
+
+
+async def test_requests_fail_at_once_when_the_lane_closes(tmp_path: Path) -> None:
+    """The agent's end going away fails a waiting request with ClusterUnavailableError
+    now, not at its deadline, and the next connection() is a new one."""
+    path = tmp_path / "agent.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    try:
+        conn = connection("tcp://127.0.0.1:1", lane=lane_address(str(path)))
+        assert isinstance(conn, LaneConnection)
+        peer, _ = server.accept()
+        request = asyncio.ensure_future(conn.request(Ping(), timeout=60))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        peer.close()
+        with pytest.raises(ClusterUnavailableError, match="closed its local connection"):
+            await request
+        assert time.monotonic() - started < 1.0
+        assert conn.closed
+        with pytest.raises(ClusterUnavailableError):
+            await conn.request(Ping(), timeout=60)
+        again = connection("tcp://127.0.0.1:1", lane=lane_address(str(path)))
+        assert again is not conn
+    finally:
+        _connection.close_all()
+        server.close()
+
+
+# --------------------------------------------------------------------------- a real agent
+
+
+async def test_sessions_on_the_agents_host_use_its_lane(defaults: SandboxDefaults) -> None:
+    """Exec and function calls go over the lane by default, and over ZeroMQ with
+    local_lane=False; both give the same answers."""
+    for lane in (True, False):
+        d = defaults.replace(local_lane=lane)
+        async with Sandbox.session(d) as session:
+            sb = session.create(command="sleep", args=["infinity"])
+            await sb.start()
+            assert sb.info is not None and local_path(sb.info.agent_lane)
+            conn = agent_connection(sb.info, d)
+            assert isinstance(conn, LaneConnection if lane else Connection)
+            r = await sb.exec(["echo", "hi"])
+            assert r.stdout == b"hi\n"
+
+            @session.function()
+            def square(n: int) -> int:
+                return n * n
+
+            results = await asyncio.gather(*(square(i) for i in range(50)))
+            assert [r.value for r in results] == [i * i for i in range(50)]
+
+
+def test_the_lane_is_the_agent_users_alone(cluster: Cluster) -> None:
+    """Its directory is 0700: another user cannot connect (and so gets ZeroMQ)."""
+    (agent, *_) = cluster.status().agents
+    path = local_path(agent.lane)
+    assert path is not None
+    mode = stat.S_IMODE(os.stat(Path(path).parent).st_mode)
+    assert mode == 0o700, oct(mode)
+    probe = (
+        "import socket,sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(3)\n"
+    )
+    done = subprocess.run(
+        # The system's Python: another user may not reach the one running the tests.
+        ["/usr/bin/python3", "-S", "-c", probe, path],
+        user=65534,
+        capture_output=True,
+        timeout=30,
+    )
+    assert done.returncode == 3, done
+
+
+@pytest.fixture(scope="module")
+def token_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    yield from docker_cluster(tmp_path_factory.mktemp("token"), agents=1, token="s3cret")
+
+
+async def test_the_lane_checks_the_cluster_token(token_cluster: Cluster) -> None:
+    (agent,) = token_cluster.status().agents
+    for token in (None, "wrong"):
+        conn = connection(agent.address, token, lane=agent.lane)
+        assert isinstance(conn, LaneConnection)
+        with pytest.raises(UnauthorizedError, match="token"):
+            await conn.request(Ping(), timeout=5)
+        _connection.close_all()
+    conn = connection(agent.address, "s3cret", lane=agent.lane)
+    try:
+        reply = await conn.request(Ping(), timeout=5)
+        assert isinstance(reply.msg, Pong)
+    finally:
+        _connection.close_all()
