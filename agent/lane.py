@@ -13,6 +13,7 @@ import functools
 import itertools
 import logging
 import os
+import resource
 import socket
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,11 +23,18 @@ from aviato.protocol import MAX_FRAME_BYTES, Frame
 
 log = logging.getLogger("aviato.agent.lane")
 
-#: Connections at once; more are refused (each client loop needs one per agent).
-MAX_PEERS = 1024
-#: Replies a client leaves unread before its lane is closed (ZeroMQ drops at SNDHWM).
-MAX_PENDING = 1 << 30
+#: Connections at once, well below the descriptor limit (worker links, Docker and
+#: ZeroMQ need theirs); more are refused. Each client loop needs one per agent.
+MAX_PEERS = max(16, min(1024, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4))
+#: A client that leaves this much of its replies unread is not read until it catches
+#: up (it cannot make the agent hold more); at MAX_PENDING it is cut off.
+PAUSE_ABOVE = 64 << 20
+MAX_PENDING = 256 << 20
+#: Identities of lane peers. Never a ZeroMQ peer's: the data loop drops any message
+#: from a ZeroMQ peer that names itself so (a DEALER may choose its routing id).
 PREFIX = b"\xfflane:"
+#: After running out of descriptors, accepting resumes this much later.
+ACCEPT_BACKOFF = 0.5
 
 OnMessage = Callable[[bytes, list[memoryview]], None]
 
@@ -70,8 +78,9 @@ class LaneServer:
                 conn, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # out of descriptors: keep serving the others
-                log.warning("lane: accept failed: %s", exc)
+            except OSError as exc:  # out of descriptors: serve the others, retry later
+                log.warning("lane: accept failed (retrying in %gs): %s", ACCEPT_BACKOFF, exc)
+                self._pause_accepting()
                 return
             if len(self._peers) >= MAX_PEERS:
                 log.warning("lane: refusing a connection (%d open)", len(self._peers))
@@ -84,7 +93,18 @@ class LaneServer:
                 functools.partial(self._closed, identity),
                 max_message=MAX_FRAME_BYTES,
                 max_pending=MAX_PENDING,
+                pause_above=PAUSE_ABOVE,
             )
+
+    def _pause_accepting(self) -> None:
+        # The pending connection stays queued: a level-triggered reader would spin.
+        assert self._listener is not None and self._loop is not None
+        self._loop.remove_reader(self._listener.fileno())
+        self._loop.call_later(ACCEPT_BACKOFF, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self._listener is not None and self._loop is not None:
+            self._loop.add_reader(self._listener.fileno(), self._accept)
 
     def _closed(self, identity: bytes, exc: BaseException | None) -> None:
         self._peers.pop(identity, None)

@@ -503,7 +503,16 @@ class AgentServer:
             # under a flood this loop would starve every other task (heartbeats, ticks).
             await asyncio.sleep(0)
             frames = await sock.recv_multipart(copy=False)
-            self._on_message(frames[0].bytes, frames[1:])
+            identity = frames[0].bytes
+            if self._lane is not None and self._lane.owns(identity):
+                # A DEALER that chose a lane peer's routing id: its replies would go to
+                # that local client. Nothing can be told to it; drop it.
+                _zmq.refusals.warning(
+                    "agent %s: dropped a message from a ZeroMQ peer posing as a local lane client",
+                    self.agent_id,
+                )
+                continue
+            self._on_message(identity, frames[1:])
 
     def _on_message(self, identity: bytes, frames: Sequence[Any]) -> None:
         """One data-plane request, from ZeroMQ or the lane. Function calls and pings are

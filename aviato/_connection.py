@@ -305,17 +305,24 @@ class LaneConnection(Channel):
         super().__init__(address, token)
         self.path = path
         self._lane = FramedSocket(sock, self._route, self._lost, max_message=MAX_FRAME_BYTES)
+        #: Why the lane is gone, once it is.
+        self._why: str | None = None
 
     def _lost(self, exc: BaseException | None) -> None:
         """The agent closed the lane (it exited, or was killed): every request still
-        waiting fails now, as a ZeroMQ request would at its deadline."""
+        waiting fails now, not at its deadline (FramedSocket calls this from the loop,
+        never from inside a send)."""
         self.closed = True
         why = f"the agent at {self.address} closed its local connection"
-        self._fail_waiting(f"{why}: {exc}" if exc is not None else why)
-
-    def _fail_waiting(self, why: str) -> None:
-        error = ErrorReply(ErrorCode.UNAVAILABLE, why)
+        self._why = f"{why}: {exc}" if exc is not None else why
+        error = ErrorReply(ErrorCode.UNAVAILABLE, self._why)
         for request_id, handler in list(self._waiting.items()):
+            handler(Decoded(error, request_id))
+
+    def _fail_one(self, request_id: int) -> None:
+        handler = self._waiting.get(request_id)
+        if handler is not None:
+            error = ErrorReply(ErrorCode.UNAVAILABLE, self._why or "the lane is closed")
             handler(Decoded(error, request_id))
 
     async def _transmit(self, frames: list[Frame], size: int) -> None:
@@ -327,16 +334,16 @@ class LaneConnection(Channel):
 
     def _transmit_nowait(self, request_id: int, frames: list[Frame], size: int) -> None:
         if not self._lane.send(frames):
-            # Like a reply: the handler hears of it from the loop, not from inside its call.
             self.closed = True
-            error = ErrorReply(ErrorCode.UNAVAILABLE, f"the agent at {self.address} is gone")
-            handler = self._waiting.get(request_id)
-            if handler is not None:
-                asyncio.get_running_loop().call_soon(handler, Decoded(error, request_id))
+            if self._why is not None:
+                # Lost earlier: no _lost() is on its way to fail this one. Like a reply,
+                # the handler hears of it from the loop, not from inside this call.
+                asyncio.get_running_loop().call_soon(self._fail_one, request_id)
 
     def close(self) -> None:
-        if not self.closed:
-            self.closed = True
+        self.closed = True
+        if self._why is None:
+            self._why = "the connection was closed"
         self._lane.close()
 
 

@@ -19,6 +19,7 @@ import asyncio
 import errno
 import hashlib
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -71,8 +72,11 @@ class FramedSocket:
 
     ``on_message`` gets each complete message as memoryviews of one buffer (zero copies
     after the read); ``on_close`` once, when the peer or an error ends the connection
-    (not when :meth:`close` is called). Writes go out at once when the socket takes
-    them, else they queue; ``max_pending`` bytes queued unread by the peer close it."""
+    (not when :meth:`close` is called), always from the event loop, never from inside
+    :meth:`send`. Writes go out at once when the socket takes them, else they queue.
+    A server sets ``pause_above``: while more than that is queued for a peer that does
+    not read, that peer is not read either (it cannot pile up replies); past
+    ``max_pending`` it is cut off."""
 
     def __init__(
         self,
@@ -82,6 +86,7 @@ class FramedSocket:
         *,
         max_message: int,
         max_pending: int | None = None,
+        pause_above: int | None = None,
     ) -> None:
         sock.setblocking(False)
         self._loop = asyncio.get_running_loop()
@@ -91,14 +96,17 @@ class FramedSocket:
         self._on_close = on_close
         self._max_message = max_message
         self._max_pending = max_pending
+        self._pause_above = pause_above
         self._buf = bytearray()
         # A big message being read straight into its own buffer.
-        self._body: bytearray | None = None
+        self._body: mmap.mmap | None = None
         self._filled = 0
         self._lengths: tuple[int, ...] = ()
         self._out: deque[memoryview] = deque()
+        #: Bytes queued for the peer, headers included.
         self.pending = 0
         self._writing = False
+        self._reading = True
         self.closed = False
         self._loop.add_reader(self._fd, self._on_readable)
 
@@ -109,20 +117,29 @@ class FramedSocket:
         if self.closed:
             return False
         out = self._out
-        out.append(memoryview(pack_head(frames)))
-        size = 0
+        head = pack_head(frames)
+        out.append(memoryview(head))
+        size = len(head)
         for frame in frames:
             view = memoryview(frame)
+            if view.format != "B" or view.ndim != 1:
+                view = view.cast("B")
             if view.nbytes:
                 out.append(view)
                 size += view.nbytes
         self.pending += size
         if not self._writing:
             self._flush()
-        if self._max_pending is not None and self.pending > self._max_pending:
-            self._fail(FramingError(f"the peer left {self.pending} bytes unread; closing its lane"))
+        if self.closed:
             return False
-        return not self.closed
+        if self._max_pending is not None and self.pending > self._max_pending:
+            why = f"the peer left {self.pending} bytes unread; closing the connection"
+            self._fail_soon(FramingError(why))
+            return False
+        if self._pause_above is not None and self.pending > self._pause_above and self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._fd)
+        return True
 
     def _flush(self) -> None:
         out = self._out
@@ -133,19 +150,22 @@ class FramedSocket:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
-                self._fail(exc)
+                self._fail_soon(exc)
                 return
+            self.pending -= sent
             while sent:
                 head = out[0]
                 if sent >= head.nbytes:
                     sent -= head.nbytes
-                    self.pending -= head.nbytes
                     out.popleft()
                 else:
                     out[0] = head[sent:]
-                    self.pending -= sent
                     sent = 0
-        self.pending = max(self.pending, 0)
+        if not self._reading and self.pending <= (self._pause_above or 0) // 2:
+            self._reading = True
+            self._loop.add_reader(self._fd, self._on_readable)
+            if self._buf:  # requests read before the pause: from the loop, not from here
+                self._loop.call_soon(self._parse_later)
         if out and not self._writing:
             self._writing = True
             self._loop.add_writer(self._fd, self._flush)
@@ -158,7 +178,8 @@ class FramedSocket:
     def _on_readable(self) -> None:
         try:
             if self._body is not None:
-                count = self._sock.recv_into(memoryview(self._body)[self._filled :])
+                with memoryview(self._body) as whole:
+                    count = self._sock.recv_into(whole[self._filled :])
                 if count:
                     self._filled += count
                     if self._filled == len(self._body):
@@ -181,8 +202,15 @@ class FramedSocket:
             return
         self._fail(None)  # end of stream
 
+    def _parse_later(self) -> None:
+        try:
+            self._parse()
+        except FramingError as exc:
+            self._fail(exc)
+
     def _parse(self) -> None:
-        while not self.closed:
+        # Paused (the peer reads none of its replies): what is buffered waits too.
+        while not self.closed and self._reading:
             buf = self._buf
             if len(buf) < COUNT.size:
                 return
@@ -201,9 +229,11 @@ class FramedSocket:
             end = head + total
             if len(buf) < end:
                 if total >= BIG:  # read the rest straight into the message's own buffer
-                    body = bytearray(total)
+                    # Anonymous memory is committed as it is written: a header that
+                    # announces 500 MB costs nothing until the bytes come.
+                    body = mmap.mmap(-1, total)
                     have = len(buf) - head
-                    body[:have] = buf[head:]
+                    body[:have] = bytes(buf[head:])
                     self._body, self._filled, self._lengths = body, have, lengths
                     self._buf = bytearray()
                 return
@@ -211,9 +241,9 @@ class FramedSocket:
                 self._buf = bytearray()
                 self._deliver(_split(memoryview(buf), head, lengths))
             else:
-                body = buf[head:end]
+                body_bytes = buf[head:end]
                 del buf[:end]
-                self._deliver(_split(memoryview(body), 0, lengths))
+                self._deliver(_split(memoryview(body_bytes), 0, lengths))
 
     def _deliver(self, frames: list[memoryview]) -> None:
         try:
@@ -229,14 +259,24 @@ class FramedSocket:
         self.close()
         self._on_close(exc)
 
+    def _fail_soon(self, exc: BaseException | None) -> None:
+        """Close now, tell the owner from the loop: a failing send must not run its
+        owner's callbacks inside the caller (which may be iterating what they change)."""
+        if self.closed:
+            return
+        self.close()
+        self._loop.call_soon(self._on_close, exc)
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        self._loop.remove_reader(self._fd)
+        if self._reading:
+            self._loop.remove_reader(self._fd)
         if self._writing:
             self._loop.remove_writer(self._fd)
         self._out.clear()
+        self._body = None
         self._sock.close()
 
 
@@ -278,14 +318,26 @@ def local_path(lane: str) -> str | None:
     return path
 
 
-def connect_unix(path: str, timeout: float = 1.0) -> socket.socket:
-    """Connect to a local lane (raises OSError: no such socket, not ours, refused)."""
+_PEERCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+def connect_unix(path: str) -> socket.socket:
+    """Connect to a local lane without blocking (a Unix connect completes at once, or
+    fails with EAGAIN when the listener's queue is full). Raises OSError: no such
+    socket, not ours to reach, refused, busy, or served by another user (a stale path
+    re-created by someone else must not get our token and arguments)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.settimeout(timeout)
+        sock.setblocking(False)
         sock.connect(path)
+        _, uid, _ = _PEERCRED.unpack(
+            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+        )
+        if uid != os.geteuid():
+            raise PermissionError(
+                errno.EACCES, f"{path} is served by uid {uid}, not by ours ({os.geteuid()})"
+            )
     except BaseException:
         sock.close()
         raise
-    sock.setblocking(False)
     return sock

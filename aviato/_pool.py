@@ -165,7 +165,7 @@ class FunctionPool:
         self._pump_scheduled = False
         while self.queue and self.queue[0].future.done():
             self.queue.popleft()
-        for worker in self.workers:
+        for worker in list(self.workers):
             if not self.queue:
                 break
             self._fill(worker)
@@ -174,7 +174,7 @@ class FunctionPool:
 
     def _fill(self, worker: WorkerHandle) -> None:
         pool_full = self.max_workers is not None and len(self.workers) >= self.max_workers
-        while self.queue:
+        while self.queue and worker.alive:
             fn = self.queue[0].fn
             size = batch_size(fn)
             # Two batches in flight keep a worker busy while the next one travels. For

@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import socket
 import stat
 import struct
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent.lane import PREFIX as LANE_PREFIX
 from aviato import Sandbox, SandboxDefaults, UnauthorizedError, _connection
 from aviato._connection import Connection, LaneConnection, agent_connection, connection
 from aviato._lane import (
@@ -25,13 +29,15 @@ from aviato._lane import (
     MAX_FRAMES,
     FramedSocket,
     FramingError,
+    connect_unix,
     host_key,
     lane_address,
     local_path,
     pack_head,
 )
 from aviato.exceptions import ClusterUnavailableError
-from aviato.protocol import Ping, Pong
+from aviato.protocol import Decoded, Ping, Pong, encode
+from tests._fuzz import Peer
 from tests.conftest import Cluster, docker_cluster
 
 Messages = list[list[bytes]]
@@ -164,6 +170,8 @@ async def test_a_peer_that_reads_nothing_is_cut_off_at_max_pending() -> None:
     try:
         sent = [ends.framed.send([b"x" * 65536]) for _ in range(64)]
         assert sent[0] and not sent[-1]
+        assert not ends.closed, "told from inside send"
+        await asyncio.sleep(0)
         (why,) = ends.closed
         assert isinstance(why, FramingError) and "unread" in str(why)
     finally:
@@ -282,3 +290,142 @@ async def test_the_lane_checks_the_cluster_token(token_cluster: Cluster) -> None
         assert isinstance(reply.msg, Pong)
     finally:
         _connection.close_all()
+
+
+async def test_a_peer_that_reads_nothing_is_not_read_either() -> None:
+    """Server side (pause_above): a peer sending requests without reading the replies
+    is paused once a megabyte of replies waits; when it reads, every reply arrives, in
+    order, and its remaining requests are served."""
+    replies = 0
+
+    def serve(frames: list[memoryview]) -> None:
+        nonlocal replies
+        replies += 1
+        ends.framed.send([bytes(frames[0]), b"r" * 65536])
+
+    mine, theirs = socket.socketpair()
+    ends = _Ends.__new__(_Ends)
+    ends.theirs, ends.got, ends.closed = theirs, [], []
+    ends.framed = FramedSocket(
+        mine, serve, ends.closed.append, max_message=1 << 20, pause_above=1 << 20
+    )
+    loop = asyncio.get_running_loop()
+    try:
+        theirs.setblocking(False)
+        requests = _stream([[b"%06d" % i] for i in range(200)])
+        sending = asyncio.ensure_future(loop.sock_sendall(theirs, requests))
+        await asyncio.sleep(0.5)
+        assert replies < 200, "it kept reading a peer that reads nothing"
+        assert ends.framed.pending <= (1 << 20) + 70_000 * 2
+        received = bytearray()
+        want = 200 * (len(pack_head([b"x" * 6, b""])) + 6 + 65536)
+        async with asyncio.timeout(20):
+            while len(received) < want:
+                try:
+                    received += await loop.sock_recv(theirs, 1 << 20)
+                except BlockingIOError:
+                    await asyncio.sleep(0)
+        await sending
+        assert replies == 200 and not ends.closed
+        ids, at = [], 0
+        while at < len(received):
+            _, first, second = struct.unpack_from("!IQQ", received, at)
+            at += 20
+            ids.append(bytes(received[at : at + first]))
+            at += first + second
+        assert ids == [b"%06d" % i for i in range(200)]
+    finally:
+        ends.close()
+
+
+async def test_a_failed_send_tells_the_waiting_once_and_from_the_loop(tmp_path: Path) -> None:
+    """Regression (review): a send that hit a closed lane ran the pool's reply handler
+    inside send_nowait, while the pool iterated its workers, and told it twice."""
+    path = tmp_path / "agent.sock"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    try:
+        conn = connection("tcp://127.0.0.1:1", lane=lane_address(str(path)))
+        assert isinstance(conn, LaneConnection)
+        peer, _ = server.accept()
+        peer.close()
+        told: list[tuple[int, bool]] = []
+        inside = False
+
+        def handler(decoded: Decoded) -> None:
+            told.append((decoded.request_id, inside))
+
+        ids = []
+        for _ in range(3):  # before the loss is seen, while it is, and after
+            inside = True
+            ids.append(conn.send_nowait(Ping(), [b"x" * 100_000], handler))
+            inside = False
+            await asyncio.sleep(0.05)
+        assert sorted(told) == sorted((i, False) for i in ids), told
+    finally:
+        _connection.close_all()
+        server.close()
+
+
+def test_a_lane_served_by_another_user_is_not_used() -> None:
+    """SO_PEERCRED: a socket at the lane's path, re-created by another user, gets
+    neither our token nor our arguments; connection() goes to ZeroMQ instead."""
+    shared = Path(tempfile.mkdtemp(prefix="lane-squat-"))  # reachable by another user
+    shared.chmod(0o777)
+    path = shared / "agent.sock"
+    squatter = subprocess.Popen(
+        [
+            "/usr/bin/python3",
+            "-S",
+            "-c",
+            "import socket,sys,time\n"
+            "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(8)\n"
+            "print('ready', flush=True); time.sleep(60)\n",
+            str(path),
+        ],
+        user=65534,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert squatter.stdout is not None and squatter.stdout.readline() == b"ready\n"
+        with pytest.raises(PermissionError, match="served by uid 65534"):
+            connect_unix(str(path))
+
+        async def pick() -> type:
+            try:
+                return type(connection("tcp://127.0.0.1:1", lane=lane_address(str(path))))
+            finally:
+                _connection.close_all()
+
+        assert asyncio.run(pick()) is Connection
+    finally:
+        squatter.kill()
+        squatter.wait()
+        shutil.rmtree(shared)
+
+
+def test_a_zeromq_peer_posing_as_a_lane_client_gets_nothing(cluster: Cluster) -> None:
+    """A DEALER may choose its routing id: one naming itself like a lane peer is
+    dropped, so no reply of its requests reaches a local client."""
+    (agent, *_) = cluster.status().agents
+    with Peer(agent.lane) as local:
+        (pong,) = local.exchange(encode(Ping(), 1), 1)  # the lane peer exists
+        ctx = zmq.Context.instance()
+        posers = []
+        for n in range(1, 65):
+            poser = ctx.socket(zmq.DEALER)
+            poser.setsockopt(zmq.LINGER, 0)
+            poser.setsockopt(zmq.ROUTING_ID, LANE_PREFIX + str(n).encode())
+            poser.connect(agent.address)
+            poser.send_multipart(encode(Ping(), 777))
+            posers.append(poser)
+        try:
+            time.sleep(0.5)
+            assert local.recv(0.2) is None, "a reply to a ZeroMQ peer reached the lane"
+            assert not any(p.poll(0) for p in posers)
+            (pong,) = local.exchange(encode(Ping(), 2), 2)
+            assert isinstance(pong.msg, Pong)
+        finally:
+            for poser in posers:
+                poser.close()
