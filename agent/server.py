@@ -161,7 +161,7 @@ class AgentServer:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                self._hub = WorkerHub(self._send, self._spawn, self.agent_id)
+                self._hub = WorkerHub(self._send_now, self._spawn, self.agent_id)
                 self._start_lane(self._hub)
                 if zap is not None:
                     self._task(zap.run())

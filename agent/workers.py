@@ -10,15 +10,17 @@ from __future__ import annotations
 import asyncio
 import compileall
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
 import logging
 import marshal
 import shutil
+import socket
 import struct
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +28,14 @@ from typing import Any
 import cloudpickle
 
 from agent.runtime.base import ExecOutput, ExitStatus, Mount, OutputChunk
+from aviato._lane import FramedSocket
 from aviato.exceptions import (
     SandboxError,
     SandboxFailedError,
     SandboxFileError,
     SandboxNotRunningError,
 )
-from aviato.protocol import CallOutcome, CallResults, Message, Payload, RunCalls
+from aviato.protocol import MAX_FRAME_BYTES, CallOutcome, CallResults, Message, Payload, RunCalls
 
 log = logging.getLogger("aviato.agent.workers")
 
@@ -50,7 +53,7 @@ WORKER_ENTRY = (
 )
 
 Deliver = Callable[[dict[str, Any], list[memoryview]], None]
-Send = Callable[[bytes, int, Message, tuple[Payload, ...]], Awaitable[None]]
+SendNow = Callable[[bytes, int, Message, tuple[Payload, ...]], None]
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
 
 
@@ -64,14 +67,18 @@ class Route:
 class WorkerLink:
     sandbox_id: str
     directory: Path
-    server: asyncio.Server | None = None
-    writer: asyncio.StreamWriter | None = None
+    listener: socket.socket | None = None
+    #: The worker's connection (see aviato/_lane.py): its messages are handled in the
+    #: loop's reader callback, and a batch of calls is written without waiting.
+    framed: FramedSocket | None = None
     hello: asyncio.Future[dict[str, Any]] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     routes: dict[int, Route] = field(default_factory=dict)
     #: Exec and file requests to the supervisor: request id -> where its replies go.
     pending: dict[int, Deliver] = field(default_factory=dict)
+    #: The call the worker was running when its connection ended (its own note).
+    culprit: int = 0
     exit_detail: asyncio.Future[str] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -79,7 +86,7 @@ class WorkerLink:
 
 
 class WorkerHub:
-    def __init__(self, send: Send, spawn: Spawn, agent_id: str = "") -> None:
+    def __init__(self, send: SendNow, spawn: Spawn, agent_id: str = "") -> None:
         self._send = send
         self._spawn = spawn
         # One directory per agent id (short: Unix socket paths are limited to about
@@ -131,16 +138,16 @@ class WorkerHub:
         link = WorkerLink(sandbox_id, directory)
         self._links[sandbox_id] = link
 
-        async def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            if link.writer is not None or link.closed:
-                writer.close()  # one worker per sandbox
-                return
-            link.writer = writer
-            await self._read(link, reader)
-
-        link.server = await asyncio.start_unix_server(
-            connected, path=str(directory / "worker.sock"), limit=1 << 20
-        )
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(directory / "worker.sock"))
+            listener.listen(4)
+            listener.setblocking(False)
+        except BaseException:
+            listener.close()
+            raise
+        link.listener = listener
+        asyncio.get_running_loop().add_reader(listener.fileno(), self._accept, link)
         # Where the worker notes the call it is running (see worker.mark_running);
         # made here, so that a worker running as any user can write it.
         marker = directory / RUNNING_FILE
@@ -150,6 +157,34 @@ class WorkerHub:
             Mount(str(directory), SOCKET_DIR, read_only=False),
             Mount(str(self.lib), LIB_DIR, read_only=True),
         ]
+
+    def _accept(self, link: WorkerLink) -> None:
+        """The worker connects once; then nothing else may (one worker per sandbox)."""
+        self._stop_listening(link)
+        if link.listener is None:
+            return
+        try:
+            conn, _ = link.listener.accept()
+        except OSError as exc:
+            log.warning("worker %s: accept failed: %s", link.sandbox_id, exc)
+            return
+        finally:
+            link.listener.close()
+            link.listener = None
+        if link.closed:
+            conn.close()
+            return
+        link.framed = FramedSocket(
+            conn,
+            functools.partial(self._on_frames, link),
+            functools.partial(self._on_end, link),
+            max_message=MAX_FRAME_BYTES,
+        )
+
+    @staticmethod
+    def _stop_listening(link: WorkerLink) -> None:
+        if link.listener is not None:
+            asyncio.get_running_loop().remove_reader(link.listener.fileno())
 
     async def wait_ready(self, sandbox_id: str, timeout: float) -> dict[str, Any]:
         link = self._links[sandbox_id]
@@ -172,7 +207,7 @@ class WorkerHub:
         return (
             link is not None
             and not link.closed
-            and link.writer is not None
+            and link.framed is not None
             and link.hello.done()
             and "error" not in link.hello.result()
         )
@@ -181,7 +216,7 @@ class WorkerHub:
         self, sandbox_id: str, header: dict[str, Any], blobs: Sequence[Payload] = ()
     ) -> tuple[int, asyncio.Queue[tuple[dict[str, Any], list[memoryview]]], WorkerLink]:
         link = self._links.get(sandbox_id)
-        if link is None or link.writer is None or link.closed:
+        if link is None or link.framed is None or link.closed:
             raise SandboxNotRunningError(
                 f"sandbox {sandbox_id} is not running", sandbox_id=sandbox_id
             )
@@ -233,7 +268,7 @@ class WorkerHub:
                     raise self._gone(sandbox_id)
         finally:
             link.pending.pop(rid, None)
-            if not finished and not link.closed and link.writer is not None:
+            if not finished and not link.closed and link.framed is not None:
                 # The consumer left early: don't leave the command running.
                 with contextlib.suppress(Exception):
                     await self._write(link, [marshal.dumps({"op": "kill", "rid": rid})])
@@ -282,7 +317,7 @@ class WorkerHub:
         """Hand a batch to its worker now (no waiting: the agent's receive loop and the
         lane call this inline); a worker that leaves too much unread is refused more."""
         link = self._links.get(msg.sandbox_id)
-        if link is None or link.writer is None or link.closed:
+        if link is None or link.framed is None or link.closed:
             raise SandboxNotRunningError(
                 f"sandbox {msg.sandbox_id} has no live function worker on this agent",
                 sandbox_id=msg.sandbox_id,
@@ -292,7 +327,7 @@ class WorkerHub:
             raise ValueError(
                 f"RunCalls names {expected} payload frames but carries {len(payloads)}"
             )
-        unread = link.writer.transport.get_write_buffer_size()
+        unread = link.framed.pending
         if unread > MAX_UNREAD_BYTES:
             raise SandboxError(
                 f"the function worker in {msg.sandbox_id} has {unread} bytes of calls unread; "
@@ -320,50 +355,56 @@ class WorkerHub:
     @classmethod
     async def _write(cls, link: WorkerLink, frames: Sequence[Payload]) -> None:
         cls._write_now(link, frames)
-        assert link.writer is not None
-        await link.writer.drain()
+        assert link.framed is not None
+        await link.framed.drain()
 
     @staticmethod
     def _write_now(link: WorkerLink, frames: Sequence[Payload]) -> None:
-        if link.writer is None:
+        if link.framed is None or not link.framed.send(frames):
             raise SandboxNotRunningError(
                 f"sandbox {link.sandbox_id} has no supervisor", sandbox_id=link.sandbox_id
             )
-        sizes = [len(f) if isinstance(f, bytes) else f.nbytes for f in frames]
-        parts: list[Payload] = [
-            _COUNT.pack(len(frames)),
-            struct.pack(f"!{len(frames)}Q", *sizes),
-            *frames,
-        ]
-        link.writer.writelines(parts)
 
-    async def _read(self, link: WorkerLink, reader: asyncio.StreamReader) -> None:
+    def _on_frames(self, link: WorkerLink, frames: list[memoryview]) -> None:
         try:
-            while True:
-                frames = await _read_message(reader)
-                if frames is None:
-                    break
-                header = json.loads(bytes(frames[0]))
-                if header.get("op") == "hello":
-                    if not link.hello.done():
-                        link.hello.set_result(header)
-                elif header.get("op") == "results":
-                    await self._forward(link, header["outcomes"], frames[1:])
-                else:
-                    deliver = link.pending.get(header.get("rid", -1))
-                    if deliver is not None:
-                        deliver(header, frames[1:])
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError) as exc:
-            log.info("worker %s: connection ended: %s", link.sandbox_id, exc)
-        finally:
+            header = json.loads(bytes(frames[0]))
+            op = header.get("op")
+        except (ValueError, AttributeError) as exc:  # the sandbox is not to be trusted
+            log.warning("worker %s sent a malformed header: %s", link.sandbox_id, exc)
+            self._end(link)
+            return
+        if op == "results":
+            self._forward(link, header["outcomes"], frames[1:])
+        elif op == "hello":
             if not link.hello.done():
-                link.hello.set_result({"error": "the function worker exited before saying hello"})
-            link.closed = True
-            for deliver in list(link.pending.values()):
-                deliver({"op": "gone"}, [])
+                link.hello.set_result(header)
+        else:
+            deliver = link.pending.get(header.get("rid", -1))
+            if deliver is not None:
+                deliver(header, frames[1:])
+
+    def _on_end(self, link: WorkerLink, exc: BaseException | None) -> None:
+        log.info("worker %s: connection ended%s", link.sandbox_id, f": {exc}" if exc else "")
+        self._end(link)
+
+    def _end(self, link: WorkerLink) -> None:
+        """The worker's connection is over: whatever waits on it hears so, once."""
+        if link.framed is not None:
+            link.framed.close()
+        if link.closed and not link.routes and not link.pending:
+            return
+        if not link.hello.done():
+            link.hello.set_result({"error": "the function worker exited before saying hello"})
+        link.closed = True
+        for deliver in list(link.pending.values()):
+            deliver({"op": "gone"}, [])
+        link.pending.clear()
+        if link.routes:
+            # Now: close() removes the directory (and the note in it) right after.
+            link.culprit = _running_call(link.directory)
             self._spawn(self._fail_routes(link))
 
-    async def _forward(
+    def _forward(
         self, link: WorkerLink, outcomes: list[dict[str, Any]], blobs: Sequence[Payload]
     ) -> None:
         by_route: dict[tuple[bytes, int], tuple[list[CallOutcome], list[Payload]]] = {}
@@ -376,7 +417,7 @@ class WorkerHub:
             payloads.append(blob)
         for (identity, request_id), (out, payloads) in by_route.items():
             msg = CallResults(link.sandbox_id, tuple(out))
-            await self._send(identity, request_id, msg, tuple(payloads))
+            self._send(identity, request_id, msg, tuple(payloads))
 
     async def _fail_routes(self, link: WorkerLink) -> None:
         """The worker is gone: every call still routed to it is lost. Say how, if the
@@ -388,7 +429,7 @@ class WorkerHub:
                 detail = await asyncio.shield(link.exit_detail)
         except TimeoutError:
             detail = "its connection to the agent closed"
-        culprit = _running_call(link.directory)
+        culprit = link.culprit
         by_route: dict[tuple[bytes, int], list[CallOutcome]] = {}
         for call_id, route in link.routes.items():
             # "crashed": the call it was running (charged an attempt); "lost": the rest.
@@ -398,7 +439,7 @@ class WorkerHub:
             )
         link.routes.clear()
         for (identity, request_id), out in by_route.items():
-            await self._send(identity, request_id, CallResults(link.sandbox_id, tuple(out)), ())
+            self._send(identity, request_id, CallResults(link.sandbox_id, tuple(out)), ())
 
     async def close(self, sandbox_id: str, detail: str) -> None:
         link = self._links.pop(sandbox_id, None)
@@ -410,15 +451,11 @@ class WorkerHub:
             link.hello.set_result(
                 {"error": f"the sandbox ended before its supervisor started: {detail}"}
             )
-        link.closed = True
-        if link.server is not None:
-            link.server.close()
-        if link.writer is not None:
-            link.writer.close()
-            with contextlib.suppress(Exception):
-                await link.writer.wait_closed()
-        elif link.routes:
-            self._spawn(self._fail_routes(link))
+        self._stop_listening(link)
+        if link.listener is not None:
+            link.listener.close()
+            link.listener = None
+        self._end(link)
         shutil.rmtree(link.directory, ignore_errors=True)
 
     async def close_all(self, *, detach: bool = False) -> None:
@@ -426,11 +463,10 @@ class WorkerHub:
         stays (else a sidecar's watchdog stops the container when the link closes)."""
         for sandbox_id in list(self._links):
             link = self._links[sandbox_id]
-            if detach and link.writer is not None:
+            if detach and link.framed is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._write(link, [marshal.dumps({"op": "detach"})]), 5)
             link.routes.clear()  # the agent's tasks are gone: nobody is left to answer
-            await self.close(sandbox_id, "the agent is shutting down")
             await self.close(sandbox_id, "the agent is shutting down")
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -464,19 +500,3 @@ def _exec_header(
         "timeout": timeout,
         "stream": stream,
     }
-
-
-async def _read_message(reader: asyncio.StreamReader) -> list[memoryview] | None:
-    """See agent/worker.py for the framing: three reads a message, whatever its size."""
-    try:
-        head = await reader.readexactly(_COUNT.size)
-    except asyncio.IncompleteReadError:
-        return None
-    (count,) = _COUNT.unpack(head)
-    lengths = struct.unpack(f"!{count}Q", await reader.readexactly(_LEN.size * count))
-    body = memoryview(await reader.readexactly(sum(lengths)))
-    frames, at = [], 0
-    for length in lengths:
-        frames.append(body[at : at + length])
-        at += length
-    return frames

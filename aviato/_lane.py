@@ -107,6 +107,7 @@ class FramedSocket:
         self.pending = 0
         self._writing = False
         self._reading = True
+        self._drained: asyncio.Future[None] | None = None
         self.closed = False
         self._loop.add_reader(self._fd, self._on_readable)
 
@@ -172,6 +173,21 @@ class FramedSocket:
         elif not out and self._writing:
             self._writing = False
             self._loop.remove_writer(self._fd)
+        if not out:
+            self._wake_drain()
+
+    async def drain(self) -> None:
+        """Until everything queued is written (or the connection is gone)."""
+        if self._out and not self.closed:
+            if self._drained is None:
+                self._drained = self._loop.create_future()
+            await asyncio.shield(self._drained)
+
+    def _wake_drain(self) -> None:
+        if self._drained is not None:
+            if not self._drained.done():
+                self._drained.set_result(None)
+            self._drained = None
 
     # ------------------------------------------------------------------ reading
 
@@ -278,6 +294,7 @@ class FramedSocket:
         self._out.clear()
         self._body = None
         self._sock.close()
+        self._wake_drain()
 
 
 # --------------------------------------------------------------------------- addresses
