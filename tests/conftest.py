@@ -113,10 +113,14 @@ class Cluster:
         self.agent_ids = [f"t{RUN_ID}-{uuid.uuid4().hex[:6]}-{i}" for i in range(agents)]
         AGENT_IDS.update(self.agent_ids)
         self.address = ""
-        self.start_scheduler()
-        for agent_id in self.agent_ids:
-            self.start_agent(agent_id)
-        self.wait_agents(len(self.agent_ids))
+        try:
+            self.start_scheduler()
+            for agent_id in self.agent_ids:
+                self.start_agent(agent_id)
+            self.wait_agents(len(self.agent_ids))
+        except BaseException:
+            self.close()  # a cluster that failed to come up must not outlive the test
+            raise
 
     def _spawn(
         self, name: str, args: list[str], env: dict[str, str] | None = None
