@@ -167,6 +167,31 @@ def _user_env() -> dict[str, str]:
 RUNNING = struct.Struct("!q")
 
 
+def _send_all(sock: _socket.socket, parts: list[bytes]) -> None:
+    if sum(len(p) for p in parts) < 1 << 20:
+        sock.sendall(b"".join(parts))
+    else:
+        for part in parts:  # large blobs: no joined copy
+            sock.sendall(part)
+
+
+def _connect(path: str, timeout: float) -> _socket.socket | None:
+    """Connect to the agent's socket for this sandbox (None: it never listened)."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            sock.connect(path)
+            return sock
+        except OSError as exc:
+            if isinstance(exc, ConnectionRefusedError) and _watchdog():
+                _stop_container()  # the agent that listened there is gone already
+            if time.monotonic() > deadline:
+                sock.close()
+                return None
+            time.sleep(0.01)
+
+
 def _open_running_marker() -> int | None:
     """The agent made ``running`` beside our socket, writable by any user."""
     path = os.path.join(
@@ -209,18 +234,21 @@ class Supervisor:
         self.procs: dict[int, int] = {}  # exec request id -> its process (group) id
         self.main: int | None = None  # the sandbox's command (--main): pid = its group
         self.detached = False
+        #: Where results go: the calls link when there is one (see serve_calls_on).
+        self.results_to: _socket.socket | None = None
 
     # ------------------------------------------------------------------ sending
 
     def send(self, header: dict[str, Any] | bytes, blobs: list[bytes] | None = None) -> None:
         head = header if isinstance(header, bytes) else to_json(header)
-        parts = pack_message([head, *(blobs or ())])
         with self.lock:
-            if sum(len(p) for p in parts) < 1 << 20:
-                self.sock.sendall(b"".join(parts))
-            else:
-                for part in parts:  # large blobs: no joined copy
-                    self.sock.sendall(part)
+            _send_all(self.sock, pack_message([head, *(blobs or ())]))
+
+    def send_results(self, header: bytes, blobs: list[bytes]) -> None:
+        if self.results_to is None:
+            self.send(header, blobs)
+        else:  # only the main thread writes there: no lock
+            _send_all(self.results_to, pack_message([header, *blobs]))
 
     # ------------------------------------------------------------------ reading
 
@@ -263,6 +291,23 @@ class Supervisor:
                 return
             self.run_batch(*item)
 
+    def serve_calls_on(self, link: _socket.socket) -> None:
+        """Calls over a connection of their own, read by this (the main) thread: a call
+        then wakes one thread here, not the reader and then us. The reader keeps exec,
+        files and the watch on the agent; when the agent goes, it ends the process."""
+        self.results_to = link
+        _send_all(link, pack_message([to_json({"op": "calls-link"})]))
+        stream = io.BufferedReader(io.FileIO(link.fileno(), "rb", closefd=False), 1 << 16)
+        while True:
+            frames = read_message(stream)
+            if frames is None:
+                break
+            header = marshal.loads(frames[0])  # from the agent, which we trust
+            if header.get("op") == "calls":
+                self.run_batch(header, frames[1:])
+        while True:  # the reader sees the agent's end too, and cleans up
+            time.sleep(3600)
+
     def run_batch(self, header: dict[str, Any], blobs: list[bytes]) -> None:
         if self.cloudpickle is None:
             import cloudpickle
@@ -288,10 +333,10 @@ class Supervisor:
             if not first_unsent:
                 first_unsent = now
             if now - first_unsent >= FLUSH_SECONDS or outcome[2] >= FLUSH_SECONDS:
-                self.send(results_header(outcomes), payloads)
+                self.send_results(results_header(outcomes), payloads)
                 outcomes, payloads, first_unsent = [], [], 0.0
         if outcomes:
-            self.send(results_header(outcomes), payloads)
+            self.send_results(results_header(outcomes), payloads)
 
     def mark_running(self, call_id: int) -> None:
         """Which call runs now, in a file the agent reads if we die: it is the one to
@@ -541,19 +586,10 @@ def main() -> int:
     # commands we run would inherit.
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     path = os.environ.get("AVIATO_WORKER_SOCKET", "/run/aviato/worker.sock")
-    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            sock.connect(path)
-            break
-        except OSError as exc:
-            if isinstance(exc, ConnectionRefusedError) and _watchdog():
-                _stop_container()  # the agent that listened there is gone already
-            if time.monotonic() > deadline:
-                print(f"aviato worker: cannot reach the agent at {path}", file=sys.stderr)
-                return 2
-            time.sleep(0.01)
+    sock = _connect(path, 30)
+    if sock is None:
+        print(f"aviato worker: cannot reach the agent at {path}", file=sys.stderr)
+        return 2
     mine = f"{sys.version_info.major}.{sys.version_info.minor}"
     want = os.environ.get("AVIATO_CLIENT_PYTHON")
     hello: dict[str, Any] = {"op": "hello", "python": sys.version.split()[0], "pid": os.getpid()}
@@ -567,6 +603,11 @@ def main() -> int:
             import cloudpickle  # noqa: F401
         except ImportError as exc:
             hello["error"] = f"the worker cannot import cloudpickle: {exc}"
+    # A function worker takes calls on a second connection, made before the hello so
+    # that the agent, told of it there, is sure to get it.
+    calls = _connect(path, 5) if want and main_proc is None and "error" not in hello else None
+    if calls is not None:
+        hello["calls"] = True
     supervisor = Supervisor(sock)
     supervisor.main = main_proc
     supervisor.send(hello)
@@ -576,6 +617,8 @@ def main() -> int:
     if main_proc is not None:
         code = _wait(main_proc)  # the sandbox lives as long as its command
         os._exit(code if code >= 0 else 128 - code)
+    if calls is not None:
+        supervisor.serve_calls_on(calls)
     supervisor.serve_calls()
     return 0
 

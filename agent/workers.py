@@ -68,10 +68,17 @@ class WorkerLink:
     sandbox_id: str
     directory: Path
     listener: socket.socket | None = None
-    #: The worker's connection (see aviato/_lane.py): its messages are handled in the
+    #: The worker's connections (see aviato/_lane.py): messages are handled in the
     #: loop's reader callback, and a batch of calls is written without waiting.
+    conns: list[FramedSocket] = field(default_factory=list)
+    #: The supervisor's (the one that said hello): exec, files, and calls if no other.
     framed: FramedSocket | None = None
+    #: A function worker's second connection, for calls alone (read by its main thread).
+    calls: FramedSocket | None = None
     hello: asyncio.Future[dict[str, Any]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    calls_ready: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     routes: dict[int, Route] = field(default_factory=dict)
@@ -159,32 +166,39 @@ class WorkerHub:
         ]
 
     def _accept(self, link: WorkerLink) -> None:
-        """The worker connects once; then nothing else may (one worker per sandbox)."""
-        self._stop_listening(link)
+        """The worker connects once or twice (supervisor, then calls); then nothing
+        else may (one worker per sandbox)."""
         if link.listener is None:
             return
         try:
             conn, _ = link.listener.accept()
+        except BlockingIOError:
+            return
         except OSError as exc:
             log.warning("worker %s: accept failed: %s", link.sandbox_id, exc)
+            self._stop_listening(link)
             return
-        finally:
-            link.listener.close()
-            link.listener = None
         if link.closed:
             conn.close()
             return
-        link.framed = FramedSocket(
+        holder: list[FramedSocket] = []
+        framed = FramedSocket(
             conn,
-            functools.partial(self._on_frames, link),
+            functools.partial(self._on_frames, link, holder),
             functools.partial(self._on_end, link),
             max_message=MAX_FRAME_BYTES,
         )
+        holder.append(framed)
+        link.conns.append(framed)
+        if len(link.conns) >= 2:
+            self._stop_listening(link)
 
     @staticmethod
     def _stop_listening(link: WorkerLink) -> None:
         if link.listener is not None:
             asyncio.get_running_loop().remove_reader(link.listener.fileno())
+            link.listener.close()
+            link.listener = None
 
     async def wait_ready(self, sandbox_id: str, timeout: float) -> dict[str, Any]:
         link = self._links[sandbox_id]
@@ -199,6 +213,20 @@ class WorkerHub:
             ) from None
         if "error" in hello:
             raise SandboxFailedError(str(hello["error"]), sandbox_id=sandbox_id)
+        if hello.get("calls"):  # connected before its hello: it is here, or on its way
+            try:
+                async with asyncio.timeout(timeout):
+                    await asyncio.shield(link.calls_ready)
+            except TimeoutError:
+                raise SandboxFailedError(
+                    f"the function worker in {sandbox_id} opened no calls connection",
+                    sandbox_id=sandbox_id,
+                ) from None
+            if link.calls is None:
+                raise SandboxFailedError(
+                    f"the function worker in {sandbox_id} exited as it started",
+                    sandbox_id=sandbox_id,
+                )
         return hello
 
     def supervised(self, sandbox_id: str) -> bool:
@@ -327,7 +355,8 @@ class WorkerHub:
             raise ValueError(
                 f"RunCalls names {expected} payload frames but carries {len(payloads)}"
             )
-        unread = link.framed.pending
+        target = link.calls or link.framed
+        unread = target.pending
         if unread > MAX_UNREAD_BYTES:
             raise SandboxError(
                 f"the function worker in {msg.sandbox_id} has {unread} bytes of calls unread; "
@@ -350,7 +379,11 @@ class WorkerHub:
                 for c in msg.calls
             ],
         }
-        self._write_now(link, [marshal.dumps(header), *payloads])
+        if not target.send([marshal.dumps(header), *payloads]):
+            raise SandboxNotRunningError(
+                f"sandbox {msg.sandbox_id} has no live function worker on this agent",
+                sandbox_id=msg.sandbox_id,
+            )
 
     @classmethod
     async def _write(cls, link: WorkerLink, frames: Sequence[Payload]) -> None:
@@ -365,7 +398,9 @@ class WorkerHub:
                 f"sandbox {link.sandbox_id} has no supervisor", sandbox_id=link.sandbox_id
             )
 
-    def _on_frames(self, link: WorkerLink, frames: list[memoryview]) -> None:
+    def _on_frames(
+        self, link: WorkerLink, conn: list[FramedSocket], frames: list[memoryview]
+    ) -> None:
         try:
             header = json.loads(bytes(frames[0]))
             op = header.get("op")
@@ -377,7 +412,13 @@ class WorkerHub:
             self._forward(link, header["outcomes"], frames[1:])
         elif op == "hello":
             if not link.hello.done():
+                link.framed = conn[0]
                 link.hello.set_result(header)
+        elif op == "calls-link":
+            if link.calls is None:
+                link.calls = conn[0]
+            if not link.calls_ready.done():
+                link.calls_ready.set_result(None)
         else:
             deliver = link.pending.get(header.get("rid", -1))
             if deliver is not None:
@@ -389,8 +430,10 @@ class WorkerHub:
 
     def _end(self, link: WorkerLink) -> None:
         """The worker's connection is over: whatever waits on it hears so, once."""
-        if link.framed is not None:
-            link.framed.close()
+        for conn in link.conns:
+            conn.close()
+        if not link.calls_ready.done():
+            link.calls_ready.set_result(None)
         if link.closed and not link.routes and not link.pending:
             return
         if not link.hello.done():
@@ -452,9 +495,6 @@ class WorkerHub:
                 {"error": f"the sandbox ended before its supervisor started: {detail}"}
             )
         self._stop_listening(link)
-        if link.listener is not None:
-            link.listener.close()
-            link.listener = None
         self._end(link)
         shutil.rmtree(link.directory, ignore_errors=True)
 
