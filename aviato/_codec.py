@@ -205,6 +205,9 @@ def _dataclass_decoder(cls: type) -> Convert:
     return dataclass_
 
 
+_PLAIN = frozenset({str, int, float, bool, bytes, type(None)})
+
+
 def encode_value(value: Any) -> Any:
     """A dataclass tree as plain msgpack-able values (enums become their values)."""
     encoder = _ENCODERS.get(type(value))
@@ -218,7 +221,12 @@ def _build_encoder(cls: type) -> Convert:
         names = [f.name for f in dataclasses.fields(cls)]
 
         def dataclass_(value: Any) -> Any:
-            return {name: encode_value(getattr(value, name)) for name in names}
+            out = {}
+            for name in names:
+                v = getattr(value, name)
+                # Most fields are plain values: no lookup, no call (this is per message).
+                out[name] = v if type(v) in _PLAIN else encode_value(v)
+            return out
 
         return dataclass_
     if issubclass(cls, enum.Enum):
