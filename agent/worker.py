@@ -167,6 +167,14 @@ def _user_env() -> dict[str, str]:
 RUNNING = struct.Struct("!q")
 
 
+def _wait_for_the_reader() -> None:
+    """The agent is gone. The reader thread sees it too: it stops what we started (and
+    the container, as a watchdog) and ends the process. Returning from main instead
+    would race it."""
+    while True:
+        time.sleep(3600)
+
+
 def _send_all(sock: _socket.socket, parts: list[bytes]) -> None:
     if sum(len(p) for p in parts) < 1 << 20:
         sock.sendall(b"".join(parts))
@@ -285,11 +293,14 @@ class Supervisor:
     # ------------------------------------------------------------------ calls
 
     def serve_calls(self) -> None:
-        while True:
-            item = self.calls.get()
-            if item is None:
-                return
-            self.run_batch(*item)
+        try:
+            while True:
+                item = self.calls.get()
+                if item is None:
+                    return
+                self.run_batch(*item)
+        except OSError:  # the agent went away mid-send: the reader ends the process
+            _wait_for_the_reader()
 
     def serve_calls_on(self, link: _socket.socket) -> None:
         """Calls over a connection of their own, read by this (the main) thread: a call
@@ -298,15 +309,17 @@ class Supervisor:
         self.results_to = link
         _send_all(link, pack_message([to_json({"op": "calls-link"})]))
         stream = io.BufferedReader(io.FileIO(link.fileno(), "rb", closefd=False), 1 << 16)
-        while True:
-            frames = read_message(stream)
-            if frames is None:
-                break
-            header = marshal.loads(frames[0])  # from the agent, which we trust
-            if header.get("op") == "calls":
-                self.run_batch(header, frames[1:])
-        while True:  # the reader sees the agent's end too, and cleans up
-            time.sleep(3600)
+        try:
+            while True:
+                frames = read_message(stream)
+                if frames is None:
+                    break
+                header = marshal.loads(frames[0])  # from the agent, which we trust
+                if header.get("op") == "calls":
+                    self.run_batch(header, frames[1:])
+        except OSError:  # reset (the agent closed with our results unread)
+            pass
+        _wait_for_the_reader()
 
     def run_batch(self, header: dict[str, Any], blobs: list[bytes]) -> None:
         if self.cloudpickle is None:

@@ -185,12 +185,12 @@ class WorkerHub:
         framed = FramedSocket(
             conn,
             functools.partial(self._on_frames, link, holder),
-            functools.partial(self._on_end, link),
+            functools.partial(self._on_end, link, holder),
             max_message=MAX_FRAME_BYTES,
         )
         holder.append(framed)
         link.conns.append(framed)
-        if len(link.conns) >= 2:
+        if len(link.conns) >= 4:  # the worker needs two; junk ones are dropped
             self._stop_listening(link)
 
     @staticmethod
@@ -363,9 +363,6 @@ class WorkerHub:
                 "send fewer calls at a time",
                 sandbox_id=msg.sandbox_id,
             )
-        route = Route(identity, request_id)
-        for call in msg.calls:
-            link.routes[call.call_id] = route
         header = {
             "op": "calls",
             "calls": [
@@ -384,6 +381,11 @@ class WorkerHub:
                 f"sandbox {msg.sandbox_id} has no live function worker on this agent",
                 sandbox_id=msg.sandbox_id,
             )
+        # After the send: a refused batch is answered by the error alone, not also as
+        # lost when the link ends. (No outcome can arrive before we return.)
+        route = Route(identity, request_id)
+        for call in msg.calls:
+            link.routes[call.call_id] = route
 
     @classmethod
     async def _write(cls, link: WorkerLink, frames: Sequence[Payload]) -> None:
@@ -399,37 +401,66 @@ class WorkerHub:
             )
 
     def _on_frames(
-        self, link: WorkerLink, conn: list[FramedSocket], frames: list[memoryview]
+        self, link: WorkerLink, holder: list[FramedSocket], frames: list[memoryview]
     ) -> None:
+        conn = holder[0]
+        known = conn is link.framed or conn is link.calls
         try:
             header = json.loads(bytes(frames[0]))
             op = header.get("op")
         except (ValueError, AttributeError) as exc:  # the sandbox is not to be trusted
             log.warning("worker %s sent a malformed header: %s", link.sandbox_id, exc)
-            self._end(link)
+            self._drop_conn(link, conn)
             return
-        if op == "results":
-            self._forward(link, header["outcomes"], frames[1:])
-        elif op == "hello":
+        if op == "hello" and link.framed is None:
+            link.framed = conn
+            if not header.get("calls"):
+                self._stop_listening(link)  # nobody else is to connect
             if not link.hello.done():
-                link.framed = conn[0]
                 link.hello.set_result(header)
-        elif op == "calls-link":
-            if link.calls is None:
-                link.calls = conn[0]
-            if not link.calls_ready.done():
-                link.calls_ready.set_result(None)
-        else:
-            deliver = link.pending.get(header.get("rid", -1))
+        elif op == "calls-link" and link.calls is None and conn is not link.framed:
+            hello = link.hello.result() if link.hello.done() else None
+            if hello is not None and not hello.get("calls"):
+                self._drop_conn(link, conn)  # the worker announced none: not the worker's
+            else:
+                link.calls = conn
+                self._stop_listening(link)
+                if not link.calls_ready.done():
+                    link.calls_ready.set_result(None)
+        elif op == "results" and known:
+            if not self._forward(link, header.get("outcomes"), frames[1:]):
+                log.warning("worker %s sent malformed results", link.sandbox_id)
+                self._end(link)
+        elif conn is link.framed and isinstance(header.get("rid"), int):
+            deliver = link.pending.get(header["rid"])
             if deliver is not None:
                 deliver(header, frames[1:])
+        elif not known:  # another process in the sandbox: it may not speak for the worker
+            self._drop_conn(link, conn)
 
-    def _on_end(self, link: WorkerLink, exc: BaseException | None) -> None:
-        log.info("worker %s: connection ended%s", link.sandbox_id, f": {exc}" if exc else "")
-        self._end(link)
+    def _drop_conn(self, link: WorkerLink, conn: FramedSocket) -> None:
+        """A connection misbehaved: the worker's own end the link; another's goes alone."""
+        if conn is link.framed or conn is link.calls:
+            self._end(link)
+        else:
+            conn.close()
+            if conn in link.conns:
+                link.conns.remove(conn)
+
+    def _on_end(
+        self, link: WorkerLink, holder: list[FramedSocket], exc: BaseException | None
+    ) -> None:
+        conn = holder[0]
+        if conn is link.framed or conn is link.calls:
+            why = f": {exc}" if exc else ""
+            log.info("worker %s: connection ended%s", link.sandbox_id, why)
+            self._end(link)
+        elif conn in link.conns:
+            link.conns.remove(conn)
 
     def _end(self, link: WorkerLink) -> None:
         """The worker's connection is over: whatever waits on it hears so, once."""
+        self._stop_listening(link)
         for conn in link.conns:
             conn.close()
         if not link.calls_ready.done():
@@ -447,20 +478,29 @@ class WorkerHub:
             link.culprit = _running_call(link.directory)
             self._spawn(self._fail_routes(link))
 
-    def _forward(
-        self, link: WorkerLink, outcomes: list[dict[str, Any]], blobs: Sequence[Payload]
-    ) -> None:
+    def _forward(self, link: WorkerLink, outcomes: Any, blobs: Sequence[Payload]) -> bool:
+        """Relay a worker's outcomes to whoever sent each call; False (and nothing
+        relayed) when they are malformed: checked whole before any route is used."""
+        try:
+            if not isinstance(outcomes, list) or len(outcomes) != len(blobs):
+                return False
+            parsed = [(int(o["id"]), str(o["status"]), float(o["secs"])) for o in outcomes]
+        except (KeyError, TypeError, ValueError):
+            return False
+        if any(status not in ("ok", "error") for _, status, _ in parsed):
+            return False
         by_route: dict[tuple[bytes, int], tuple[list[CallOutcome], list[Payload]]] = {}
-        for raw, blob in zip(outcomes, blobs, strict=True):
-            route = link.routes.pop(raw["id"], None)
+        for (call_id, status, secs), blob in zip(parsed, blobs, strict=True):
+            route = link.routes.pop(call_id, None)
             if route is None:
                 continue
             out, payloads = by_route.setdefault((route.identity, route.request_id), ([], []))
-            out.append(CallOutcome(raw["id"], raw["status"], float(raw["secs"])))
+            out.append(CallOutcome(call_id, status, secs))
             payloads.append(blob)
         for (identity, request_id), (out, payloads) in by_route.items():
             msg = CallResults(link.sandbox_id, tuple(out))
             self._send(identity, request_id, msg, tuple(payloads))
+        return True
 
     async def _fail_routes(self, link: WorkerLink) -> None:
         """The worker is gone: every call still routed to it is lost. Say how, if the

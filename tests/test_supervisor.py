@@ -85,6 +85,46 @@ async def test_supervisor_serves_exec_and_files(defaults: SandboxDefaults) -> No
         assert b"aviato_worker" in r.stdout
 
 
+_INTRUDE = """
+import socket, struct
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect("/run/aviato/worker.sock")
+except OSError as exc:
+    print("refused", type(exc).__name__)
+else:
+    s.sendall(struct.pack("!IQ", 1, 5) + b"junk!")
+    print("connected")
+"""
+
+
+async def test_other_processes_cannot_speak_for_the_supervisor(
+    defaults: SandboxDefaults,
+) -> None:
+    """Once the supervisor (or a function worker, with its calls link) is connected,
+    the agent listens no more: code in the sandbox cannot connect and cut the link
+    with junk. Regression (review): an extra connection that sent junk ended it."""
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        assert await _wait_for_supervisor(sb)
+        r = await sb.exec(["python", "-c", _INTRUDE])
+        assert r.stdout.startswith(b"refused"), r
+        assert (await sb.exec(["echo", "still"])).stdout == b"still\n"
+    async with Sandbox.session(defaults) as session:
+
+        @session.function()
+        def intrude(code: str) -> str:
+            import contextlib
+            import io
+
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                exec(code)
+            return out.getvalue()
+
+        assert (await intrude(_INTRUDE)).value.startswith("refused")
+        assert (await intrude("print('fine')")).value == "fine\n"
+
+
 async def test_images_without_python_fall_back_to_docker_exec(
     defaults: SandboxDefaults, no_python_image: str
 ) -> None:
