@@ -387,18 +387,14 @@ class WorkerHub:
         for call in msg.calls:
             link.routes[call.call_id] = route
 
-    @classmethod
-    async def _write(cls, link: WorkerLink, frames: Sequence[Payload]) -> None:
-        cls._write_now(link, frames)
-        assert link.framed is not None
-        await link.framed.drain()
-
     @staticmethod
-    def _write_now(link: WorkerLink, frames: Sequence[Payload]) -> None:
+    async def _write(link: WorkerLink, frames: Sequence[Payload]) -> None:
+        """To the supervisor, once written (exec and file requests, detach)."""
         if link.framed is None or not link.framed.send(frames):
             raise SandboxNotRunningError(
                 f"sandbox {link.sandbox_id} has no supervisor", sandbox_id=link.sandbox_id
             )
+        await link.framed.drain()
 
     def _on_frames(
         self, link: WorkerLink, holder: list[FramedSocket], frames: list[memoryview]
@@ -534,7 +530,6 @@ class WorkerHub:
             link.hello.set_result(
                 {"error": f"the sandbox ended before its supervisor started: {detail}"}
             )
-        self._stop_listening(link)
         self._end(link)
         shutil.rmtree(link.directory, ignore_errors=True)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -76,6 +76,26 @@ def advertised(address: str, host: str | None) -> str:
     return address.replace("0.0.0.0", "127.0.0.1")
 
 
+def _start_send(
+    sock: zmq.asyncio.Socket,
+    identity: bytes,
+    msg: Message,
+    request_id: int,
+    payloads: Sequence[Frame],
+) -> Awaitable[Any] | None:
+    """Start a send on a ROUTER; None when it failed at once (the peer is gone)."""
+    frames: list[Frame] = [identity, *encode(msg, request_id, payloads)]
+    try:
+        # DONTWAIT: waiting for one peer that does not read would hold up every send on
+        # this socket (pyzmq then sends at once). Zero-copy only pays off for big frames.
+        return sock.send_multipart(
+            frames, flags=zmq.DONTWAIT, copy=payload_size(payloads) < ZERO_COPY_BYTES
+        )
+    except zmq.ZMQError as exc:
+        log.debug("dropping %s to a gone or unread peer: %s", type(msg).__name__, exc)
+        return None
+
+
 async def send_to(
     sock: zmq.asyncio.Socket,
     identity: bytes,
@@ -85,13 +105,11 @@ async def send_to(
 ) -> bool:
     """Send on a ROUTER; a peer that vanished, or let SNDHWM replies pile up unread, is
     logged, not raised (it cannot be told)."""
-    frames: list[Frame] = [identity, *encode(msg, request_id, payloads)]
+    sent = _start_send(sock, identity, msg, request_id, payloads)
+    if sent is None:
+        return False
     try:
-        # DONTWAIT: waiting for one peer that does not read would hold up every send on
-        # this socket. Zero-copy only pays off for big frames; small ones are cheaper copied.
-        await sock.send_multipart(
-            frames, flags=zmq.DONTWAIT, copy=payload_size(payloads) < ZERO_COPY_BYTES
-        )
+        await sent
     except zmq.ZMQError as exc:
         log.debug("dropping %s to a gone or unread peer: %s", type(msg).__name__, exc)
         return False
@@ -105,17 +123,10 @@ def send_now(
     request_id: int,
     payloads: Sequence[Frame] = (),
 ) -> None:
-    """:func:`send_to` for callers that do not wait: with DONTWAIT pyzmq sends at once
-    (its future is done on return) unless earlier sends are still queued."""
-    frames: list[Frame] = [identity, *encode(msg, request_id, payloads)]
-    try:
-        sent = sock.send_multipart(
-            frames, flags=zmq.DONTWAIT, copy=payload_size(payloads) < ZERO_COPY_BYTES
-        )
-    except zmq.ZMQError as exc:
-        log.debug("dropping %s to a gone or unread peer: %s", type(msg).__name__, exc)
-        return
-    asyncio.ensure_future(sent).add_done_callback(_dropped)
+    """:func:`send_to` for callers that do not wait."""
+    sent = _start_send(sock, identity, msg, request_id, payloads)
+    if sent is not None:
+        asyncio.ensure_future(sent).add_done_callback(_dropped)
 
 
 def _dropped(future: asyncio.Future[Any]) -> None:

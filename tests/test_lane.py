@@ -13,7 +13,7 @@ import struct
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -50,16 +50,21 @@ def _stream(messages: Messages) -> bytes:
 class _Ends:
     """A FramedSocket on one end of a socket pair; the other end is a plain socket."""
 
-    def __init__(self, **options: int | None) -> None:
+    def __init__(
+        self,
+        on_message: Callable[[list[memoryview]], None] | None = None,
+        **options: int | None,
+    ) -> None:
         self.got: list[list[bytes]] = []
         self.closed: list[BaseException | None] = []
         mine, self.theirs = socket.socketpair()
         self.framed = FramedSocket(
             mine,
-            lambda frames: self.got.append([bytes(f) for f in frames]),
+            on_message or (lambda frames: self.got.append([bytes(f) for f in frames])),
             self.closed.append,
             max_message=options.get("max_message") or 64 << 20,
             max_pending=options.get("max_pending"),
+            pause_above=options.get("pause_above"),
         )
 
     def close(self) -> None:
@@ -196,13 +201,19 @@ async def test_a_lane_that_cannot_be_reached_falls_back_to_zeromq(tmp_path: Path
         _connection.close_all()
 
 
+def _listener(path: Path) -> socket.socket:
+    """A stand-in for an agent's lane socket at ``path``."""
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(path))
+    server.listen(1)
+    return server
+
+
 async def test_requests_fail_at_once_when_the_lane_closes(tmp_path: Path) -> None:
     """The agent's end going away fails a waiting request with ClusterUnavailableError
     now, not at its deadline, and the next connection() is a new one."""
     path = tmp_path / "agent.sock"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(1)
+    server = _listener(path)
     try:
         conn = connection("tcp://127.0.0.1:1", lane=lane_address(str(path)))
         assert isinstance(conn, LaneConnection)
@@ -303,12 +314,8 @@ async def test_a_peer_that_reads_nothing_is_not_read_either() -> None:
         replies += 1
         ends.framed.send([bytes(frames[0]), b"r" * 65536])
 
-    mine, theirs = socket.socketpair()
-    ends = _Ends.__new__(_Ends)
-    ends.theirs, ends.got, ends.closed = theirs, [], []
-    ends.framed = FramedSocket(
-        mine, serve, ends.closed.append, max_message=1 << 20, pause_above=1 << 20
-    )
+    ends = _Ends(serve, max_message=1 << 20, pause_above=1 << 20)
+    theirs = ends.theirs
     loop = asyncio.get_running_loop()
     try:
         theirs.setblocking(False)
@@ -342,9 +349,7 @@ async def test_a_failed_send_tells_the_waiting_once_and_from_the_loop(tmp_path: 
     """Regression (review): a send that hit a closed lane ran the pool's reply handler
     inside send_nowait, while the pool iterated its workers, and told it twice."""
     path = tmp_path / "agent.sock"
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(str(path))
-    server.listen(1)
+    server = _listener(path)
     try:
         conn = connection("tcp://127.0.0.1:1", lane=lane_address(str(path)))
         assert isinstance(conn, LaneConnection)
