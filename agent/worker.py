@@ -7,8 +7,9 @@ sandbox with no network still works), says hello, then serves:
 
 - ``calls``: batches of remote-function calls, run one after another on the main
   thread (a function may use signals) with outcomes sent back as they finish;
-- ``exec``: a command spawned with pipes, its output streamed or collected, its
-  exit code reported (each exec on its own thread, so many run at once);
+- ``exec``: a command spawned with pipes (its stdin the request's blob, then EOF, or
+  empty), its output streamed or collected, its exit code reported (each exec on its
+  own thread, so many run at once);
 - ``read`` / ``write``: files.
 
 It exits when the agent closes the socket. Framing: ``u32 frame count``, the frames'
@@ -402,12 +403,15 @@ class Supervisor:
 
     # ------------------------------------------------------------------ exec
 
-    def do_exec(self, header: dict[str, Any], _blobs: list[bytes]) -> None:
+    def do_exec(self, header: dict[str, Any], blobs: list[bytes]) -> None:
         rid, stream = header["rid"], bool(header.get("stream"))
         env = {**self.base_env, **(header.get("env") or {})}
+        stdin = (blobs[0] if blobs else b"") if header.get("stdin") else None
         try:
             # A session of its own: a timeout kills the whole group.
-            pid, out_r, err_r = spawn(header["argv"], env, header.get("cwd") or None)
+            pid, out_r, err_r, in_w = spawn(
+                header["argv"], env, header.get("cwd") or None, stdin is not None
+            )
         except OSError as exc:
             code = 127 if isinstance(exc, FileNotFoundError) else 126
             message = f"exec {header['argv'][0]!r}: {exc.strerror or exc}\n".encode()
@@ -420,6 +424,9 @@ class Supervisor:
                 )
             return
         self.procs[rid] = pid
+        if in_w is not None:
+            # On a thread of its own: the command may write before it reads.
+            _thread.start_new_thread(_feed, (in_w, stdin or b""))
         collected: dict[int, list[bytes]] = {1: [], 2: []}
 
         def pump(fd: int, pipe: int, done: Any) -> None:
@@ -519,9 +526,25 @@ def _find(argv0: str, env: dict[str, str]) -> str:
     raise FileNotFoundError(2, "No such file or directory", argv0)
 
 
-def spawn(argv: list[str], env: dict[str, str], cwd: str | None) -> tuple[int, int, int]:
-    """Start ``argv`` in a session of its own, stdin empty, output to two pipes;
-    returns its pid and the pipes' read ends. posix_spawn: no fork of this process."""
+def _feed(pipe: int, data: bytes) -> None:
+    """Write an exec's stdin, then close it: the command sees EOF. A command that exits
+    (or closes its stdin) without reading it all just loses the rest."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(pipe, view[:CHUNK]) :]
+    except OSError:  # EPIPE: it stopped reading
+        pass
+    finally:
+        os.close(pipe)
+
+
+def spawn(
+    argv: list[str], env: dict[str, str], cwd: str | None, stdin: bool = False
+) -> tuple[int, int, int, int | None]:
+    """Start ``argv`` in a session of its own, output to two pipes; stdin empty, or a
+    pipe when ``stdin``. Returns its pid, the output pipes' read ends and the stdin
+    pipe's write end (None without). posix_spawn: no fork of this process."""
     if cwd is not None:
         if not os.path.isdir(cwd):
             raise FileNotFoundError(2, "No such file or directory", cwd)
@@ -530,26 +553,31 @@ def spawn(argv: list[str], env: dict[str, str], cwd: str | None) -> tuple[int, i
     path = _find(argv[0], env)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    # Pipes are close-on-exec: the child keeps only what is dup2'ed onto 0, 1 and 2.
+    in_r, in_w = os.pipe() if stdin else (-1, None)
+    first: Any = (
+        (os.POSIX_SPAWN_DUP2, in_r, 0)
+        if stdin
+        else (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)
+    )
     try:
         pid = os.posix_spawn(
             path,
             argv,
             env,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, out_w, 1),
-                (os.POSIX_SPAWN_DUP2, err_w, 2),
-            ],
+            file_actions=[first, (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)],
             setsid=True,
         )
     except BaseException:
-        os.close(out_r)
-        os.close(err_r)
+        for fd in (out_r, err_r, in_w):
+            if fd is not None:
+                os.close(fd)
         raise
     finally:
-        os.close(out_w)
-        os.close(err_w)
-    return pid, out_r, err_r
+        for fd in (out_w, err_w, in_r):
+            if fd >= 0:
+                os.close(fd)
+    return pid, out_r, err_r, in_w
 
 
 def _wait(pid: int) -> int:

@@ -278,9 +278,10 @@ class WorkerHub:
         cwd: str | None,
         env: Mapping[str, str] | None,
         timeout_seconds: float | None,
+        stdin: Payload | None = None,
     ) -> AsyncIterator[OutputChunk | ExitStatus]:
-        header = _exec_header(argv, cwd, env, timeout_seconds, stream=True)
-        rid, replies, link = await self._ask(sandbox_id, header)
+        header = _exec_header(argv, cwd, env, timeout_seconds, stream=True, stdin=stdin)
+        rid, replies, link = await self._ask(sandbox_id, header, _stdin_blobs(stdin))
         finished = False
         try:
             while True:
@@ -309,9 +310,10 @@ class WorkerHub:
         cwd: str | None,
         env: Mapping[str, str] | None,
         timeout_seconds: float | None,
+        stdin: Payload | None = None,
     ) -> ExecOutput:
-        header = _exec_header(argv, cwd, env, timeout_seconds, stream=False)
-        reply, blobs = await self._one_reply(sandbox_id, header)
+        header = _exec_header(argv, cwd, env, timeout_seconds, stream=False, stdin=stdin)
+        reply, blobs = await self._one_reply(sandbox_id, header, _stdin_blobs(stdin))
         if reply.get("op") != "exit":
             raise self._gone(sandbox_id)
         out, err = [bytes(b) for b in [*blobs, b"", b""][:2]]
@@ -566,7 +568,9 @@ def _exec_header(
     timeout: float | None,
     *,
     stream: bool,
+    stdin: Payload | None = None,
 ) -> dict[str, Any]:
+    """The supervisor's exec request; with ``stdin`` its one blob is the command's stdin."""
     return {
         "op": "exec",
         "argv": list(argv),
@@ -574,4 +578,9 @@ def _exec_header(
         "env": dict(env or {}),
         "timeout": timeout,
         "stream": stream,
+        "stdin": stdin is not None,
     }
+
+
+def _stdin_blobs(stdin: Payload | None) -> tuple[Payload, ...]:
+    return () if stdin is None else (stdin,)

@@ -17,6 +17,7 @@ from aviato._types import ExecResult, OutputChunk
 from aviato.exceptions import (
     AviatoError,
     ClusterUnavailableError,
+    PayloadTooLargeError,
     SandboxExecutionError,
     SandboxFailedError,
     SandboxNotFoundError,
@@ -25,6 +26,7 @@ from aviato.exceptions import (
     SandboxTimeoutError,
 )
 from aviato.protocol import (
+    MAX_PAYLOAD_BYTES,
     CreateSandbox,
     Exec,
     ExecChunk,
@@ -376,12 +378,19 @@ class Sandbox:
         timeout_seconds: float | None = None,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
+        stdin: bytes | bytearray | memoryview | str | None = None,
     ) -> ExecResult:
-        """Run ``command`` (an argv list) in the sandbox and return its output as bytes."""
+        """Run ``command`` (an argv list) in the sandbox and return its output as bytes.
+
+        ``stdin``: what the command reads on its standard input (a str as UTF-8), then
+        end of file; by default its stdin is empty. At most the payload limit
+        (``PayloadTooLargeError`` beyond it, nothing sent)."""
         argv = _argv(command)
+        payloads = _stdin_payloads(stdin)
         info, conn = self._agent()
         reply = await conn.request(
             Exec(info.sandbox_id, argv, cwd, dict(env or {}), timeout_seconds),
+            payloads,
             timeout=self._exec_deadline(timeout_seconds),
         )
         assert isinstance(reply.msg, ExecReply)
@@ -416,6 +425,7 @@ class Sandbox:
         timeout_seconds: float | None = None,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
+        stdin: bytes | bytearray | memoryview | str | None = None,
     ) -> ExecStream:
         """Run ``command`` and yield its output as it is produced::
 
@@ -423,8 +433,18 @@ class Sandbox:
         async for chunk in stream:
             print(chunk.stream, chunk.data)
         print(stream.returncode)
+
+        ``stdin`` as for :meth:`exec`: sent whole with the request, then end of file.
         """
-        return ExecStream(self, _argv(command), check, timeout_seconds, cwd, dict(env or {}))
+        return ExecStream(
+            self,
+            _argv(command),
+            check,
+            timeout_seconds,
+            cwd,
+            dict(env or {}),
+            _stdin_payloads(stdin),
+        )
 
     async def read_file(self, path: str) -> bytes:
         info, conn = self._agent()
@@ -472,8 +492,10 @@ class ExecStream:
         timeout_seconds: float | None,
         cwd: str | None,
         env: dict[str, str],
+        stdin: tuple[bytes | memoryview, ...] = (),
     ) -> None:
         self._sandbox = sandbox
+        self._stdin = stdin
         self.command = argv
         self._check = check
         self._timeout = timeout_seconds
@@ -493,6 +515,7 @@ class ExecStream:
         msg = Exec(info.sandbox_id, self.command, self._cwd, self._env, self._timeout, True)
         async for reply in conn.stream(
             msg,
+            self._stdin,
             idle_timeout=self._sandbox._exec_deadline(self._timeout),
             is_last=ExecReply,
         ):
@@ -516,6 +539,30 @@ class ExecStream:
         async for _ in self:
             pass
         return self._result()
+
+
+def _stdin_payloads(
+    stdin: bytes | bytearray | memoryview | str | None,
+) -> tuple[bytes | memoryview, ...]:
+    """An exec's stdin as its one payload frame (none: an empty stdin), checked against
+    the payload limit here so that the error names stdin."""
+    if stdin is None:
+        return ()
+    if isinstance(stdin, str):
+        stdin = stdin.encode()
+    elif isinstance(stdin, bytearray):
+        stdin = bytes(stdin)
+    elif isinstance(stdin, memoryview):
+        stdin = stdin.cast("B")
+    elif not isinstance(stdin, bytes):
+        raise TypeError(f"stdin must be bytes or str, not {type(stdin).__name__}")
+    size = len(stdin)
+    if size > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLargeError(
+            f"stdin of {size} bytes is above the {MAX_PAYLOAD_BYTES}-byte payload limit; "
+            "write the data to files in the sandbox in smaller pieces and read them instead"
+        )
+    return (stdin,)
 
 
 def _argv(command: Sequence[str]) -> tuple[str, ...]:

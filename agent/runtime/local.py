@@ -452,6 +452,7 @@ class LocalRuntime(Runtime):
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         timeout_seconds: float | None = None,
+        stdin: bytes | memoryview | None = None,
     ) -> AsyncIterator[OutputChunk | ExitStatus]:
         raise self._no_supervisor(sandbox_id)
 
