@@ -74,6 +74,23 @@ async def _same_behaviour(sb: Sandbox) -> None:
     assert info.value.filepath == "/nope/none"
     r = await sb.exec(["no-such-program"])
     assert r.returncode in (126, 127)
+    await _stdin_behaviour(sb)
+
+
+async def _stdin_behaviour(sb: Sandbox) -> None:
+    """stdin=: the command reads it, then EOF; none given: an empty stdin."""
+    assert (await sb.exec(["cat"], stdin=b"hello")).stdout == b"hello"
+    assert (await sb.exec(["cat"])).stdout == b""
+    assert (await sb.exec(["wc", "-c"], stdin="héllo")).stdout.strip() == b"6"  # str: UTF-8
+    big = bytes(range(256)) * 20_000  # 5 MB: far above any pipe buffer, both ways
+    r = await sb.exec(["sh", "-c", "cat; echo done >&2"], stdin=big)
+    assert (r.stdout == big, r.stderr, r.returncode) == (True, b"done\n", 0)
+    # A command that stops reading early is not stuck on the rest.
+    r = await sb.exec(["head", "-c", "3"], stdin=big, timeout_seconds=30)
+    assert (r.stdout, r.returncode) == (b"\x00\x01\x02", 0)
+    stream = sb.exec_stream(["sh", "-c", "tr a-z A-Z; exit 5"], stdin=b"streamed")
+    assert [(c.fd, c.data) async for c in stream] == [(1, b"STREAMED")]
+    assert stream.returncode == 5
 
 
 async def test_supervisor_serves_exec_and_files(defaults: SandboxDefaults) -> None:
