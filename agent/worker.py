@@ -139,25 +139,34 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _try(dumps: Any, value: Any) -> bytes | None:
+    try:
+        blob: bytes = dumps(value)
+        return blob
+    except Exception:
+        return None
+
+
 def error_record(exc: BaseException, dumps: Any) -> bytes:
-    """What the client needs to rebuild ``exc``: the pickled exception when possible,
-    and always its type name, message and formatted traceback."""
+    """What the client needs to rebuild ``exc``: the pickled exception when possible;
+    its class, ``args`` and each attribute pickled apart, for the client to rebuild it
+    as pickle does (``cls(*args)``) when the whole does not travel (an attribute that
+    does not pickle, say); and always its type name, message and formatted traceback."""
     import pickle
     import traceback  # only when something failed
 
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    pickled = None
-    if dumps is not None:
-        try:
-            pickled = dumps(exc)
-        except Exception:
-            pickled = None
-    record = {
+    record: dict[str, Any] = {
         "type": _qualname(type(exc)),
         "message": str(exc),
         "traceback": tb,
-        "exception": pickled,
+        "exception": None,
     }
+    if dumps is not None:
+        record["exception"] = _try(dumps, exc)
+        record["class"] = _try(dumps, type(exc))
+        record["args"] = _try(dumps, exc.args)
+        record["state"] = {k: _try(dumps, v) for k, v in getattr(exc, "__dict__", {}).items()}
     return pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
 
 

@@ -43,6 +43,16 @@ class Unrebuildable(Exception):
         super().__init__(f"{a}/{b}")
 
 
+class HoldsALock(Exception):
+    """Several arguments, and an attribute that does not pickle: the whole exception
+    cannot travel, but its args allow ``cls(*args)``, as pickle would rebuild it."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.lock = threading.Lock()
+
+
 async def test_seed_example_parallel_in_about_a_second(defaults: SandboxDefaults) -> None:
     async with Sandbox.session(defaults) as session:
 
@@ -103,6 +113,8 @@ async def test_exceptions_keep_their_type_and_remote_traceback(defaults) -> None
                 raise ValueError("bad value 42")
             if kind == "custom":
                 raise CustomError("mine")
+            if kind == "lock":
+                raise HoldsALock(7, "busy")
             raise Unrebuildable(1, 2)
 
         with pytest.raises(ValueError, match="bad value 42") as info:
@@ -111,6 +123,11 @@ async def test_exceptions_keep_their_type_and_remote_traceback(defaults) -> None
         assert "Remote traceback" in notes and "in fails" in notes
         with pytest.raises(CustomError, match="mine"):
             await fails("custom")
+        with pytest.raises(HoldsALock) as info3:
+            await fails("lock")
+        assert info3.value.args == (7, "busy") and info3.value.code == 7
+        notes = "\n".join(info3.value.__notes__)
+        assert "could not be brought back: lock" in notes and "in fails" in notes
         with pytest.raises(FunctionError) as info2:
             await fails("other")
         assert "Unrebuildable" in info2.value.type_name
