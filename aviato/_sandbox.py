@@ -447,6 +447,10 @@ class Sandbox:
         )
 
     async def read_file(self, path: str) -> bytes:
+        """The file at ``path`` (a missing one raises ``SandboxFileError``). A relative
+        path is taken from the sandbox's working directory, where ``exec`` runs by
+        default: its ``working_dir``, else the image's ``WORKDIR``, else ``/`` (under the
+        local runtime, ``/tmp``)."""
         info, conn = self._agent()
         reply = await conn.request(
             ReadFile(info.sandbox_id, path), timeout=self._defaults.request_timeout_seconds
@@ -457,7 +461,9 @@ class Sandbox:
     async def write_file(
         self, path: str, data: bytes | bytearray | memoryview | str, *, mode: int = 0o644
     ) -> None:
-        """Write ``data`` (bytes; a str is written as UTF-8) at ``path``, making parent dirs."""
+        """Write ``data`` (bytes; a str is written as UTF-8) at ``path``, replacing any
+        file there, with ``mode``. Missing parent directories are created. A relative path
+        is taken from the sandbox's working directory, as for :meth:`read_file`."""
         if isinstance(data, str):
             data = data.encode()
         payload = data if isinstance(data, bytes | memoryview) else bytes(data)

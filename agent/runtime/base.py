@@ -167,13 +167,15 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     async def read_file(self, sandbox_id: str, path: str) -> bytes:
-        """The file's bytes; ``SandboxFileError`` (with ``.filepath``) when missing."""
+        """The file's bytes; ``SandboxFileError`` (with ``.filepath``) when missing. A
+        relative ``path`` is taken from the sandbox's working directory (exec's default)."""
 
     @abc.abstractmethod
     async def write_file(
         self, sandbox_id: str, path: str, data: bytes | memoryview, mode: int = 0o644
     ) -> None:
-        """Write ``data`` at ``path``, creating parent directories."""
+        """Write ``data`` at ``path``, creating parent directories; a relative ``path``
+        as for ``read_file``."""
 
     @abc.abstractmethod
     async def logs(self, sandbox_id: str) -> bytes:

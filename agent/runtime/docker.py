@@ -177,9 +177,21 @@ class DockerRuntime(Runtime):
     def _target(self, sandbox_id: str) -> str:
         return self._ids.get(sandbox_id) or f"aviato-{sandbox_id}"
 
-    def _path(self, sandbox_id: str, path: str) -> str:
-        full = posixpath.normpath(posixpath.join(self._workdirs.get(sandbox_id, "/"), path))
-        return "/" + full.lstrip("/")  # normpath keeps a leading "//"
+    def _path_sync(self, sandbox_id: str, path: str) -> str:
+        """``path`` made absolute: a relative one is taken from the sandbox's working
+        directory, where exec runs by default (its working_dir, else the image's WORKDIR,
+        else /); the image's is asked of the engine once, when first needed."""
+        if not path.startswith("/"):
+            base = self._workdirs.get(sandbox_id)
+            if base is None:
+                try:
+                    config = self._api.inspect_container(self._target(sandbox_id))["Config"]
+                except DockerError as exc:
+                    what = "finding its working directory"
+                    raise self._engine_error(sandbox_id, what, exc) from exc
+                base = self._workdirs[sandbox_id] = config.get("WorkingDir") or "/"
+            path = posixpath.join(base, path)
+        return "/" + posixpath.normpath(path).lstrip("/")  # normpath keeps a leading "//"
 
     def _gone(self, sandbox_id: str, exc: BaseException) -> SandboxError | None:
         """The error for a sandbox whose container is missing or stopped, else None."""
@@ -271,7 +283,8 @@ class DockerRuntime(Runtime):
         with self._lock:
             self._ids[sandbox_id] = cid
             self._starting.add(sandbox_id)
-        self._workdirs[sandbox_id] = spec.working_dir or "/"
+        if spec.working_dir:  # else the image's, asked for when a relative path needs it
+            self._workdirs[sandbox_id] = spec.working_dir
         try:
             # docker-init (init=True) hides a missing command until after start (the
             # sandbox just exits 127): look it up first so that create fails instead.
@@ -509,14 +522,15 @@ class DockerRuntime(Runtime):
     async def write_file(
         self, sandbox_id: str, path: str, data: bytes | memoryview, mode: int = 0o644
     ) -> None:
-        await self._run(self._write_sync, sandbox_id, self._path(sandbox_id, path), data, mode)
+        await self._run(self._write_sync, sandbox_id, path, data, mode)
 
     def _write_sync(self, sandbox_id: str, path: str, data: bytes | memoryview, mode: int) -> None:
-        if path == "/":
+        full = self._path_sync(sandbox_id, path)
+        if full == "/":
             raise SandboxFileError("cannot write to '/'", filepath=path, sandbox_id=sandbox_id)
         # One member named by the full path: docker creates the missing parent dirs.
         # Sent as a chunked stream of slices: no 64 MiB copy holding the GIL.
-        info = tarfile.TarInfo(path.lstrip("/"))
+        info = tarfile.TarInfo(full.lstrip("/"))
         info.size, info.mode, info.mtime = len(data), mode, int(time.time())
         view = memoryview(data).cast("B")
         archive: list[bytes | memoryview] = [info.tobuf(format=tarfile.PAX_FORMAT)]
@@ -532,7 +546,7 @@ class DockerRuntime(Runtime):
             ) from exc
 
     async def read_file(self, sandbox_id: str, path: str) -> bytes:
-        return await self._run(self._read_sync, sandbox_id, self._path(sandbox_id, path))
+        return await self._run(self._read_sync, sandbox_id, path)
 
     def _read_sync(self, sandbox_id: str, path: str) -> bytes:
         def fail(msg: str) -> SandboxFileError:
@@ -540,7 +554,7 @@ class DockerRuntime(Runtime):
                 f"{msg} (sandbox {sandbox_id})", filepath=path, sandbox_id=sandbox_id
             )
 
-        where = path
+        where = self._path_sync(sandbox_id, path)
         for _ in range(8):  # follow a few symlinks
             try:
                 chunks, stat = self._api.get_archive(self._target(sandbox_id), where)
@@ -663,7 +677,8 @@ class DockerRuntime(Runtime):
                 running = row.get("State") == "running"
                 code = None if running else api.inspect_container(row["Id"])["State"]["ExitCode"]
                 spec = spec_from_labels(labels)
-                self._workdirs[sid] = (spec.working_dir if spec else None) or "/"
+                if spec is not None and spec.working_dir:
+                    self._workdirs[sid] = spec.working_dir
                 found.append(RuntimeSandbox(sid, labels, running, code))
             return found
         except DockerError as exc:
