@@ -201,7 +201,11 @@ class WorkerHub:
             link.listener = None
 
     async def wait_ready(self, sandbox_id: str, timeout: float) -> dict[str, Any]:
-        link = self._links[sandbox_id]
+        link = self._links.get(sandbox_id)
+        if link is None:  # closed (stopped) while its sandbox was being created
+            raise SandboxFailedError(
+                f"sandbox {sandbox_id} was stopped while it started", sandbox_id=sandbox_id
+            )
         try:
             async with asyncio.timeout(timeout):
                 hello = await asyncio.shield(link.hello)
@@ -525,6 +529,10 @@ class WorkerHub:
     async def close(self, sandbox_id: str, detail: str) -> None:
         link = self._links.pop(sandbox_id, None)
         if link is None:
+            # Closed already; but a container created after that (a stop that raced its
+            # create) made its bind-mount source again: Docker creates missing ones.
+            if sandbox_id.strip(".") and "/" not in sandbox_id:
+                shutil.rmtree(self.root / sandbox_id, ignore_errors=True)
             return
         if not link.exit_detail.done():
             link.exit_detail.set_result(detail)

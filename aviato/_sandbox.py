@@ -217,6 +217,10 @@ class Sandbox:
             if self._session is not None:
                 self._session._check_open()
             self._starting = asyncio.ensure_future(self._start())
+            # Shielded: a caller that gives up (cancelled, or a failed sibling in a
+            # TaskGroup) leaves the create running, and its failure, if any, to no one;
+            # those still awaiting get it raised, so asyncio need not warn of it.
+            self._starting.add_done_callback(_mark_retrieved)
         return await asyncio.shield(self._starting)
 
     async def _start(self) -> str:
@@ -545,6 +549,11 @@ class ExecStream:
         async for _ in self:
             pass
         return self._result()
+
+
+def _mark_retrieved(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _stdin_payloads(
