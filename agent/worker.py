@@ -37,6 +37,9 @@ if TYPE_CHECKING:  # typing costs milliseconds at start-up; only the checker nee
     from typing import Any
 
 SIGKILL = 9  # Linux; the signal module would cost an import (enum) at start-up
+#: SIGPIPE and SIGXFSZ, which Python ignores and a spawned program would inherit ignored
+#: (`yes | head` would then end in "Broken pipe" errors): reset, as subprocess does.
+RESTORED_SIGNALS = (13, 25)
 _COUNT = struct.Struct("!I")
 _LEN = struct.Struct("!Q")
 #: Outcomes are sent at the latest this long after the first unsent one finished.
@@ -576,6 +579,7 @@ def spawn(
             env,
             file_actions=[first, (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)],
             setsid=True,
+            setsigdef=RESTORED_SIGNALS,
         )
     except BaseException:
         for fd in (out_r, err_r, in_w):
@@ -619,6 +623,7 @@ def run_main_command(argv: list[str]) -> int | None:
             env,
             file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)],
             setpgroup=0,
+            setsigdef=RESTORED_SIGNALS,
         )
     except OSError as exc:
         print(f"aviato: cannot run {argv[0]!r}: {exc.strerror or exc}", file=sys.stderr)

@@ -107,6 +107,9 @@ async def _stdin_behaviour(sb: Sandbox) -> None:
     # A command that stops reading early is not stuck on the rest.
     r = await sb.exec(["head", "-c", "3"], stdin=big, timeout_seconds=30)
     assert (r.stdout, r.returncode) == (b"\x00\x01\x02", 0)
+    # A reader that stops early ends its writer with SIGPIPE, silently, as in a shell.
+    r = await sb.exec(["sh", "-c", "cat | head -c 2"], stdin=big, timeout_seconds=30)
+    assert (r.stdout, r.stderr, r.returncode) == (b"\x00\x01", b"", 0)
     stream = sb.exec_stream(["sh", "-c", "tr a-z A-Z; exit 5"], stdin=b"streamed")
     assert [(c.fd, c.data) async for c in stream] == [(1, b"STREAMED")]
     assert stream.returncode == 5
