@@ -159,12 +159,17 @@ async def test_a_venv_under_tmp_serves_sandboxes(tmp_path: Path) -> None:
             check=True,
             timeout=120,
         )
+        # A module only the venv has: sandboxes run the venv's Python, packages and all.
+        (venv / "lib" / "python3.11" / "site-packages" / "only_in_the_venv.py").write_text(
+            "VALUE = 42\n"
+        )
         path = f"{venv}/bin:{os.environ['PATH']}"  # as when the venv is activated
         for c in _local_cluster(tmp_path, PATH=path):
             d = SandboxDefaults(scheduler=c.address, container_image="python:3.11")
             async with Sandbox(command="sleep", args=["infinity"], defaults=d) as sb:
-                r = await sb.exec(["python", "-c", "print('from the venv')"])
-                assert r.stdout == b"from the venv\n", r
+                probe = "import sys, only_in_the_venv as m; print(sys.prefix, m.VALUE)"
+                r = await sb.exec(["python", "-c", probe])
+                assert r.stdout == f"{venv} 42\n".encode(), r
                 # read-only, and the sandbox's own /tmp is still its own
                 r = await sb.exec(["sh", "-c", f"touch {venv}/x; ls /tmp"])
                 assert b"Read-only file system" in r.stderr
@@ -172,10 +177,12 @@ async def test_a_venv_under_tmp_serves_sandboxes(tmp_path: Path) -> None:
             async with Sandbox.session(d) as session:
 
                 @session.function()
-                def square(n: int) -> int:
-                    return n * n
+                def from_the_venv(n: int) -> int:
+                    import only_in_the_venv
 
-                assert (await square(7)).value == 49
+                    return int(only_in_the_venv.VALUE) * n
+
+                assert (await from_the_venv(2)).value == 84
     finally:
         shutil.rmtree(venv)
 

@@ -61,7 +61,15 @@ class Interpreter:
     its base installation's prefixes)."""
 
     path: str
+    #: sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix
     prefixes: tuple[str, ...] = ()
+
+    @property
+    def venv(self) -> str | None:
+        """The virtual environment it belongs to, if any."""
+        if len(self.prefixes) == 4 and self.prefixes[0] != self.prefixes[2]:
+            return self.prefixes[0]
+        return None
 
 
 _PROBE = (
@@ -293,6 +301,10 @@ class LocalRuntime(Runtime):
             python_cmd, flags = WorkerHub.worker_command(functions=False)
             argv = [python_cmd, *flags, "--main", "--", spec.command, *spec.args]
         bin_dir = "/run/aviato-bin" if self.bwrap else str(home / "bin")
+        if python.venv:
+            # Its own bin first, as when activated: a `python` found there is the venv's
+            # (Python recognises a venv by the path it was started by, not a symlink's).
+            bin_dir = f"{python.venv}/bin:{bin_dir}"
         sockets = next((m for m in mounts if not m.read_only), None)
         env = {
             "PATH": f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
