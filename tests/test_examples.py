@@ -12,7 +12,17 @@ from tests.conftest import ROOT, Cluster, need_docker
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float = 180):
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    # stdin: /dev/null, not ours: `aviato exec` reads a stdin that is not a terminal to its
+    # end, and a runner's open pipe would never end.
+    return subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _run_example(path: str, env: dict[str, str]) -> tuple[list[str], int]:
