@@ -109,6 +109,9 @@ class Sandbox:
         self._info: SandboxInfo | None = None
         self._starting: asyncio.Task[str] | None = None
         self._stopped_by_us = False
+        #: Chosen here, not by the scheduler: a stop during the start can name it.
+        self._pending_id = _new_id()
+        self._stop_requested = False
 
     # ------------------------------------------------------------------ constructors
 
@@ -138,6 +141,8 @@ class Sandbox:
         sandbox._info = info
         sandbox._starting = None
         sandbox._stopped_by_us = False
+        sandbox._pending_id = info.sandbox_id
+        sandbox._stop_requested = False
         return sandbox
 
     @classmethod
@@ -215,7 +220,16 @@ class Sandbox:
             if self._session is not None:
                 self._session._check_open()
             self._starting = asyncio.ensure_future(self._start())
-        return await asyncio.shield(self._starting)
+        starting = self._starting
+        try:
+            return await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            if self._stop_requested and starting.cancelled():  # stop(), not our caller
+                raise SandboxTerminatedError(
+                    f"sandbox {self._pending_id} was stopped while starting",
+                    sandbox_id=self._pending_id,
+                ) from None
+            raise
 
     async def _start(self) -> str:
         if self._session is not None:
@@ -224,7 +238,7 @@ class Sandbox:
         wait = self._defaults.start_timeout_seconds
         # Our own id: a create we give up on may still arrive (queued in the socket
         # across an outage); the stop sent after it, in order, then cancels it.
-        sandbox_id = "sb-" + uuid.uuid4().hex[:16]
+        sandbox_id = self._pending_id
         try:
             reply = await conn.request_probed(
                 CreateSandbox(self._spec, wait, sandbox_id),
@@ -236,8 +250,14 @@ class Sandbox:
                 with contextlib.suppress(AviatoError):
                     stop = StopSandbox(sandbox_id, "its creator gave up waiting")
                     conn.forget(conn.send_nowait(stop, (), lambda _: None))
+            if self._stop_requested:
+                # stop() cancelled us: the start fails as the sandbox's would have.
+                raise SandboxTerminatedError(
+                    f"sandbox {sandbox_id} was stopped while starting", sandbox_id=sandbox_id
+                ) from None
             if isinstance(exc, AviatoError):
                 self._starting = None  # a later start() may try again, with a new id
+                self._pending_id = _new_id()
             raise
         assert isinstance(reply.msg, SandboxReply)
         self._info = reply.msg.sandbox
@@ -246,10 +266,20 @@ class Sandbox:
     async def stop(self) -> None:
         """Stop and remove the sandbox. Idempotent; a never-started sandbox is a no-op."""
         if self._starting is not None and self._info is None:
-            if not self._starting.done() and self._session is not None:
-                # Still queued for a slot: give up on it. Closing the session makes the
-                # scheduler drop the queued create too (it may wait minutes for a slot).
+            if not self._starting.done():
+                # Still queued for a slot, or starting: give up on it; start() raises
+                # SandboxTerminatedError. The create may have reached the scheduler (or
+                # an agent): stopping its id, in order after it, ends it there too.
+                self._stop_requested = True
                 self._starting.cancel()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await self._starting
+                conn = await scheduler_connection(self._defaults)
+                with contextlib.suppress(SandboxNotFoundError):
+                    await conn.request(
+                        StopSandbox(self._pending_id, "stopped while starting"),
+                        timeout=self._defaults.request_timeout_seconds,
+                    )
                 return
             try:
                 await self._starting
@@ -516,6 +546,10 @@ class ExecStream:
         async for _ in self:
             pass
         return self._result()
+
+
+def _new_id() -> str:
+    return "sb-" + uuid.uuid4().hex[:16]
 
 
 def _argv(command: Sequence[str]) -> tuple[str, ...]:
