@@ -39,7 +39,9 @@ from aviato.exceptions import (
     SandboxNotRunningError,
 )
 from aviato.protocol import (
+    MAX_PAYLOAD_BYTES,
     AgentHeartbeat,
+    Cancel,
     Decoded,
     DecodeError,
     ErrorCode,
@@ -137,6 +139,8 @@ class AgentServer:
             ReadFile: self._on_read,
             GetLogs: self._on_logs,
         }
+        #: Data-plane requests under way, by (client, request id): a Cancel stops one.
+        self._inflight: dict[tuple[bytes, int], asyncio.Task[None]] = {}
         self._hub: WorkerHub | None = None
         self._lane: LaneServer | None = None
         #: Where clients on this host reach the data plane without ZeroMQ ("": nowhere).
@@ -546,6 +550,11 @@ class AgentServer:
             pong = Pong(server="agent", server_id=self.agent_id)
             self._send_now(identity, decoded.request_id, pong)
             return
+        if type(msg) is Cancel:  # the client gave up: stop the work where it runs
+            task = self._inflight.pop((identity, decoded.request_id), None)
+            if task is not None:
+                task.cancel()
+            return
         handler = self._data_handlers.get(type(msg))
         if handler is None:
             error = ErrorReply(
@@ -553,7 +562,10 @@ class AgentServer:
             )
             self._send_now(identity, decoded.request_id, error)
             return
-        self._spawn(self._serve_one(handler, identity, decoded))
+        key = (identity, decoded.request_id)
+        task = self._task(self._guard(self._serve_one(handler, identity, decoded)))
+        self._inflight[key] = task
+        task.add_done_callback(lambda _: self._inflight.pop(key, None))
 
     async def _serve_one(
         self, handler: Callable[[bytes, Decoded], Awaitable[None]], identity: bytes, d: Decoded
@@ -647,7 +659,10 @@ class AgentServer:
         msg = d.msg
         assert isinstance(msg, ReadFile)
         self._check_running(msg.sandbox_id)
-        data = await self._files(msg.sandbox_id).read_file(msg.sandbox_id, msg.path)
+        if msg.max_bytes < 0:
+            raise ValueError(f"max_bytes must be positive (or 0: the limit), not {msg.max_bytes}")
+        limit = min(msg.max_bytes or MAX_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES)
+        data = await self._files(msg.sandbox_id).read_file(msg.sandbox_id, msg.path, limit)
         await self._send(identity, d.request_id, FileReply(len(data)), (data,))
 
     def _files(self, sandbox_id: str) -> Runtime | WorkerHub:

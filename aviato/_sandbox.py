@@ -25,6 +25,7 @@ from aviato.exceptions import (
     SandboxTimeoutError,
 )
 from aviato.protocol import (
+    MAX_PAYLOAD_BYTES,
     CreateSandbox,
     Exec,
     ExecChunk,
@@ -413,6 +414,7 @@ class Sandbox:
         reply = await conn.request(
             Exec(info.sandbox_id, argv, cwd, dict(env or {}), timeout_seconds),
             timeout=self._exec_deadline(timeout_seconds),
+            cancel_at_source=True,
         )
         assert isinstance(reply.msg, ExecReply)
         stdout, stderr = (bytes(p) for p in reply.payloads[:2])
@@ -456,10 +458,24 @@ class Sandbox:
         """
         return ExecStream(self, _argv(command), check, timeout_seconds, cwd, dict(env or {}))
 
-    async def read_file(self, path: str) -> bytes:
+    async def read_file(self, path: str, *, max_bytes: int | None = None) -> bytes:
+        """The file's bytes. A file larger than ``max_bytes`` (by default the payload
+        limit, 512 MiB) raises ``PayloadTooLargeError``: the sandbox stops reading it
+        there, so an endless file (``/dev/zero``) costs no more than that."""
+        if max_bytes is not None and (
+            isinstance(max_bytes, bool)
+            or not isinstance(max_bytes, int)
+            or not 0 < max_bytes <= MAX_PAYLOAD_BYTES
+        ):
+            raise ValueError(
+                f"max_bytes must be an int from 1 to {MAX_PAYLOAD_BYTES} (the payload "
+                f"limit), got {max_bytes!r}"
+            )
         info, conn = self._agent()
         reply = await conn.request(
-            ReadFile(info.sandbox_id, path), timeout=self._defaults.request_timeout_seconds
+            ReadFile(info.sandbox_id, path, max_bytes or 0),
+            timeout=self._defaults.request_timeout_seconds,
+            cancel_at_source=True,
         )
         assert isinstance(reply.msg, FileReply)
         return bytes(reply.payloads[0]) if reply.payloads else b""
@@ -476,6 +492,7 @@ class Sandbox:
             WriteFile(info.sandbox_id, path, mode),
             (payload,),
             timeout=self._defaults.request_timeout_seconds,
+            cancel_at_source=True,
         )
 
     async def logs(self) -> bytes:
@@ -525,6 +542,7 @@ class ExecStream:
             msg,
             idle_timeout=self._sandbox._exec_deadline(self._timeout),
             is_last=ExecReply,
+            cancel_at_source=True,
         ):
             if isinstance(reply.msg, ExecChunk):
                 data = bytes(reply.payloads[0]) if reply.payloads else b""

@@ -15,7 +15,7 @@ import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from aviato.protocol import SandboxSpec, from_wire, to_wire
+from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec, from_wire, to_wire
 
 # Labels every sandbox carries, so an agent finds its own after a restart and
 # can report them to a scheduler that restarted.
@@ -163,8 +163,12 @@ class Runtime(abc.ABC):
         return False
 
     @abc.abstractmethod
-    async def read_file(self, sandbox_id: str, path: str) -> bytes:
-        """The file's bytes; ``SandboxFileError`` (with ``.filepath``) when missing."""
+    async def read_file(
+        self, sandbox_id: str, path: str, max_bytes: int = MAX_PAYLOAD_BYTES
+    ) -> bytes:
+        """The file's bytes; ``SandboxFileError`` (with ``.filepath``) when missing,
+        ``PayloadTooLargeError`` past ``max_bytes``, found while reading (an endless
+        file must not be read on). Cancelling the call stops the reading."""
 
     @abc.abstractmethod
     async def write_file(

@@ -42,13 +42,14 @@ from agent.runtime.base import (
     spec_from_labels,
 )
 from aviato.exceptions import (
+    PayloadTooLargeError,
     SandboxError,
     SandboxFailedError,
     SandboxFileError,
     SandboxNotFoundError,
     SandboxNotRunningError,
 )
-from aviato.protocol import SandboxSpec
+from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -349,7 +350,16 @@ class DockerRuntime(Runtime):
                 if h.aborted:
                     return -9
                 h.stream = api.exec_start(h.exec_id, stream=True, demux=True)
+                held: bytes | None = None  # runc's own failure, on stdout, comes first
+                first = True
                 for out, err in h.stream:  # ends early when an abort closes the stream
+                    if first and out and not err and out.startswith(_OCI_FAILED):
+                        held, first = out, False
+                        continue
+                    first = False
+                    if held is not None:  # output follows: it was the program's own
+                        emit(h, 1, held)
+                        held = None
                     if out:
                         emit(h, 1, out)
                     if err:
@@ -363,6 +373,12 @@ class DockerRuntime(Runtime):
             except DockerError as exc:
                 raise self._engine_error(sandbox_id, "exec", exc) from exc
             code = info["ExitCode"]
+            if held is not None:
+                if code == 126:  # said as the supervisor says it: 127 when not found
+                    code, message = _exec_failure(h.argv[0], held)
+                    emit(h, 2, message)
+                else:
+                    emit(h, 1, held)
             return int(code) if code is not None else -9 if h.aborted else -1
         finally:
             h.done.set()
@@ -486,10 +502,20 @@ class DockerRuntime(Runtime):
                 sandbox_id=sandbox_id,
             ) from exc
 
-    async def read_file(self, sandbox_id: str, path: str) -> bytes:
-        return await self._run(self._read_sync, sandbox_id, self._path(sandbox_id, path))
+    async def read_file(
+        self, sandbox_id: str, path: str, max_bytes: int = MAX_PAYLOAD_BYTES
+    ) -> bytes:
+        cancelled = threading.Event()
+        try:
+            return await self._run(
+                self._read_sync, sandbox_id, self._path(sandbox_id, path), max_bytes, cancelled
+            )
+        finally:
+            cancelled.set()  # we were cancelled (or are done): the thread stops reading
 
-    def _read_sync(self, sandbox_id: str, path: str) -> bytes:
+    def _read_sync(
+        self, sandbox_id: str, path: str, max_bytes: int, cancelled: threading.Event
+    ) -> bytes:
         def fail(msg: str) -> SandboxFileError:
             return SandboxFileError(
                 f"{msg} (sandbox {sandbox_id})", filepath=path, sandbox_id=sandbox_id
@@ -498,10 +524,16 @@ class DockerRuntime(Runtime):
         where = path
         for _ in range(8):  # follow a few symlinks
             try:
-                chunks, stat = self._api.get_archive(self._target(sandbox_id), where)
+                stream, stat = self._api.get_archive(self._target(sandbox_id), where)
                 if stat and stat.get("mode", 0) & _DIR_BIT:
                     raise fail(f"{path} is a directory, not a file")  # don't tar it all
-                chunks = list(chunks)
+                if stat and not stat.get("linkTarget") and int(stat.get("size") or 0) > max_bytes:
+                    raise _too_large(sandbox_id, path, max_bytes)
+                chunks = _read_capped(stream, max_bytes + _TAR_SLACK, cancelled)
+                if chunks is None:
+                    raise _too_large(sandbox_id, path, max_bytes)
+                if cancelled.is_set():
+                    raise fail(f"reading {path} was cancelled")
             except DockerError as exc:
                 gone = self._gone(sandbox_id, exc)
                 if gone is not None:
@@ -520,6 +552,8 @@ class DockerRuntime(Runtime):
                 continue
             if member is None or not member.isreg():
                 raise fail(f"{path} is not a regular file")
+            if member.size > max_bytes:
+                raise _too_large(sandbox_id, path, max_bytes)
             return _cut(chunks, member.offset_data, member.offset_data + member.size)
         raise fail(f"{path}: too many levels of symbolic links")
 
@@ -746,6 +780,51 @@ class DockerRuntime(Runtime):
         if self._owns_client and self._client_obj is not None:
             with contextlib.suppress(Exception):
                 self._client_obj.close()
+
+
+_OCI_FAILED = b"OCI runtime exec failed"
+
+
+def _exec_failure(argv0: str, oci: bytes) -> tuple[int, bytes]:
+    """runc's exec failure as a shell (and the supervisor) reports it: 127 and "No such
+    file or directory" for a missing program or working directory, else 126."""
+    text = oci.decode(errors="replace").lower()
+    if "not found" in text or "no such file" in text:
+        return 127, f"exec {argv0!r}: No such file or directory\n".encode()
+    if "permission denied" in text:
+        return 126, f"exec {argv0!r}: Permission denied\n".encode()
+    return 126, oci.rstrip(b"\r\n") + b"\n"
+
+
+#: Tar headers (PAX ones for long names), padding and end blocks around a file's data.
+_TAR_SLACK = 1 << 20
+
+
+def _too_large(sandbox_id: str, path: str, limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"{path} in sandbox {sandbox_id} is larger than the {limit}-byte read limit: "
+        "read less (pass a larger max_bytes, or split the file in the sandbox)",
+        sandbox_id=sandbox_id,
+    )
+
+
+def _read_capped(stream: Any, limit: int, cancelled: threading.Event) -> list[bytes] | None:
+    """The archive's chunks, or None past ``limit`` bytes: read while counting, so a
+    huge file is never held whole. Stops early (empty) once ``cancelled``."""
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        for chunk in stream:
+            if cancelled.is_set():
+                return []
+            total += len(chunk)
+            if total > limit:
+                return None
+            chunks.append(chunk)
+    finally:
+        with contextlib.suppress(Exception):
+            stream.close()  # the HTTP response goes with it, not read to its end
+    return chunks
 
 
 def _kill_tree(pid: int) -> None:

@@ -46,7 +46,7 @@ from agent.runtime.cgroups import Cgroups
 from agent.runtime.parked import Parked, ParkedPool
 from agent.workers import WorkerHub
 from aviato.exceptions import SandboxFailedError, SandboxNotRunningError
-from aviato.protocol import SandboxSpec
+from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec
 
 log = logging.getLogger(__name__)
 
@@ -455,7 +455,9 @@ class LocalRuntime(Runtime):
     ) -> AsyncIterator[OutputChunk | ExitStatus]:
         raise self._no_supervisor(sandbox_id)
 
-    async def read_file(self, sandbox_id: str, path: str) -> bytes:
+    async def read_file(
+        self, sandbox_id: str, path: str, max_bytes: int = MAX_PAYLOAD_BYTES
+    ) -> bytes:
         raise self._no_supervisor(sandbox_id)
 
     async def write_file(
