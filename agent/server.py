@@ -17,6 +17,7 @@ import psutil
 import zmq
 import zmq.asyncio
 
+from agent.kept_logs import KeptLogs
 from agent.lane import LaneServer
 from agent.runtime.base import (
     LABEL_AGENT,
@@ -125,6 +126,8 @@ class AgentServer:
         self.creating: set[str] = set()
         self._early_exits: dict[str, SandboxExit] = {}
         self.ended: OrderedDict[str, str] = OrderedDict()
+        #: Output of ended sandboxes (stopped or exited), for ``logs``.
+        self.kept_logs = KeptLogs()
         self._stop = asyncio.Event()
         self._ctx = zmq.asyncio.Context()
         self._data: zmq.asyncio.Socket | None = None
@@ -427,7 +430,8 @@ class AgentServer:
                 try:
                     await hub.wait_ready(sid, WORKER_START_SECONDS)
                 except SandboxFailedError as exc:
-                    tail = (await self.runtime.logs(sid))[-2000:].decode(errors="replace")
+                    output = b"".join(c.data for c in await self.runtime.logs(sid))
+                    tail = output[-2000:].decode(errors="replace")
                     if tail.strip():
                         raise SandboxFailedError(
                             f"{exc}\n--- sandbox output:\n{tail}", sandbox_id=sid
@@ -451,7 +455,10 @@ class AgentServer:
                 log.debug("supervisor up in %s (python %s)", sid, hello.get("python"))
 
     async def _on_stop(self, sock: zmq.asyncio.Socket, request_id: int, msg: StopSandbox) -> None:
+        was_running = msg.sandbox_id in self.sandboxes
         self._forget(msg.sandbox_id, msg.reason)
+        if was_running:
+            await self._keep_logs(msg.sandbox_id)
         try:
             # The runtime first: it kills the sandbox's whole process tree while the
             # supervisor still holds it together.
@@ -463,6 +470,14 @@ class AgentServer:
             if self._hub is not None:
                 await self._hub.close(msg.sandbox_id, msg.reason)
         await self._reply_scheduler(sock, request_id, OkReply())
+
+    async def _keep_logs(self, sandbox_id: str) -> None:
+        """Its output, read before the runtime removes it: ``logs`` still answers."""
+        try:
+            async with asyncio.timeout(10):
+                self.kept_logs.keep(sandbox_id, await self.runtime.logs(sandbox_id))
+        except Exception as exc:  # a stop goes on without them
+            log.info("could not keep the logs of %s: %s", sandbox_id, exc)
 
     def _forget(self, sandbox_id: str, reason: str) -> None:
         self.sandboxes.pop(sandbox_id, None)
@@ -490,6 +505,7 @@ class AgentServer:
             reason = "killed: out of memory (raise memory_bytes)"
         how = reason or f"exited with code {exit_.exit_code}"
         self._forget(exit_.sandbox_id, how)
+        await self._keep_logs(exit_.sandbox_id)  # the runtime kept them for the moment
         if self._hub is not None:
             await self._hub.close(exit_.sandbox_id, how)
         log.info(
@@ -672,7 +688,10 @@ class AgentServer:
     async def _on_logs(self, identity: bytes, d: Decoded) -> None:
         msg = d.msg
         assert isinstance(msg, GetLogs)
-        if msg.sandbox_id not in self.sandboxes and msg.sandbox_id not in self.ended:
-            self._check_running(msg.sandbox_id)
-        data = await self.runtime.logs(msg.sandbox_id)
-        await self._send(identity, d.request_id, LogsReply(), (data,))
+        chunks = self.kept_logs.get(msg.sandbox_id)
+        if chunks is None:
+            if msg.sandbox_id not in self.sandboxes and msg.sandbox_id not in self.ended:
+                self._check_running(msg.sandbox_id)
+            chunks = await self.runtime.logs(msg.sandbox_id)
+        reply = LogsReply(tuple(c.fd for c in chunks))
+        await self._send(identity, d.request_id, reply, tuple(c.data for c in chunks))

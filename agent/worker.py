@@ -45,7 +45,12 @@ _LEN = struct.Struct("!Q")
 #: Outcomes are sent at the latest this long after the first unsent one finished.
 FLUSH_SECONDS = 0.002
 #: Variables the agent sets for us, kept out of the commands we run.
-OUR_ENV = ("AVIATO_WORKER_SOCKET", "AVIATO_CLIENT_PYTHON", "AVIATO_WATCHDOG")
+OUR_ENV = ("AVIATO_WORKER_SOCKET", "AVIATO_CLIENT_PYTHON", "AVIATO_WATCHDOG", "AVIATO_TAG_OUTPUT")
+#: With AVIATO_TAG_OUTPUT (the local runtime, whose log is one file), our stdout and
+#: stderr and those of the command we run become records in that file: the magic, the
+#: stream (1 or 2), the length, then the bytes. Docker keeps the streams apart itself.
+LOG_MAGIC = b"\x00avl"
+LOG_RECORD = struct.Struct("!4sBI")
 CHUNK = 65536
 READ_CHUNK = 1 << 20  # a cancel or the size cap is noticed at most this late
 WRITE_CHUNK = 1 << 20
@@ -647,7 +652,68 @@ def run_main_command(argv: list[str]) -> int | None:
         return None
 
 
+def tag_output() -> Any:
+    """Send our stdout and stderr (and so those of what we start) through pipes, and
+    write what comes out as tagged records to where they went: one thread polls both,
+    so the records are in the order the output was read. Returns a lock held until
+    both pipes are closed (their writers all gone)."""
+    import select  # only under the local runtime: no start-up cost in containers
+
+    log_fd = os.dup(1)
+    pipes = {}
+    for fd in (1, 2):
+        r, w = os.pipe()
+        os.dup2(w, fd)
+        os.close(w)
+        pipes[r] = fd
+    done = _thread.allocate_lock()
+    done.acquire()
+
+    def pump() -> None:
+        poller = select.poll()
+        for r in pipes:
+            poller.register(r, select.POLLIN)
+        try:
+            while pipes:
+                for r, _ in poller.poll():
+                    data = os.read(r, CHUNK)
+                    if not data:
+                        poller.unregister(r)
+                        os.close(r)
+                        del pipes[r]
+                        continue
+                    record = memoryview(LOG_RECORD.pack(LOG_MAGIC, pipes[r], len(data)) + data)
+                    while record:
+                        record = record[os.write(log_fd, record) :]
+        except OSError:
+            pass
+        finally:
+            done.release()
+
+    _thread.start_new_thread(pump, ())
+    return done
+
+
+def _drain(tagged: Any) -> None:
+    """Our output's last records written (unless something we started holds the pipes)."""
+    if tagged is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        devnull = os.open("/dev/null", os.O_WRONLY)
+        os.dup2(devnull, 1)  # our ends of the pipes closed, the fds still valid
+        os.dup2(devnull, 2)
+        tagged.acquire(timeout=1.0)
+
+
 def main() -> int:
+    tagged = tag_output() if os.environ.get("AVIATO_TAG_OUTPUT") == "1" else None
+    try:
+        return _serve(tagged)
+    finally:  # an early error return; the usual ends are os._exit
+        _drain(tagged)
+
+
+def _serve(tagged: Any) -> int:
     main_proc = None
     if "--main" in sys.argv:
         rest = sys.argv[sys.argv.index("--main") + 1 :]
@@ -688,6 +754,7 @@ def main() -> int:
     _thread.start_new_thread(supervisor.reader, ())
     if main_proc is not None:
         code = _wait(main_proc)  # the sandbox lives as long as its command
+        _drain(tagged)
         os._exit(code if code >= 0 else 128 - code)
     if calls is not None:
         supervisor.serve_calls_on(calls)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import time
 import uuid
@@ -496,16 +497,28 @@ class Sandbox:
         )
 
     async def logs(self) -> bytes:
-        """The main command's output so far (stdout and stderr together)."""
+        """The main command's output so far, stdout and stderr together in the order
+        they were written (as ``docker logs`` shows them with ``2>&1``). Still there
+        after the sandbox stopped or exited, while its agent keeps them (the last MiB of
+        each; the oldest sandboxes' go first)."""
+        return b"".join(chunk.data for chunk in await self.log_chunks())
+
+    async def log_chunks(self) -> builtins.list[OutputChunk]:
+        """``logs`` as chunks in the order written, each with its stream
+        (``chunk.stream`` is "stdout" or "stderr"), as ``exec_stream`` yields them."""
         info = self._require_started()
         if info.agent_address is None:
-            return b""
+            return []
         conn = agent_connection(info, self._defaults)
         reply = await conn.request(
             GetLogs(info.sandbox_id), timeout=self._defaults.request_timeout_seconds
         )
         assert isinstance(reply.msg, LogsReply)
-        return bytes(reply.payloads[0]) if reply.payloads else b""
+        fds = reply.msg.fds or (1,) * len(reply.payloads)  # an older agent: one blob
+        return [
+            OutputChunk(2 if fd == 2 else 1, bytes(data))
+            for fd, data in zip(fds, reply.payloads, strict=False)
+        ]
 
 
 class ExecStream:

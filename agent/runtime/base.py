@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import builtins
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec, from_wire, to_wire
@@ -72,6 +72,32 @@ class RuntimeSandbox:
 class OutputChunk:
     fd: int  # 1 stdout, 2 stderr
     data: bytes
+
+
+def join_chunks(chunks: Iterable[OutputChunk]) -> list[OutputChunk]:
+    """``chunks`` with adjacent ones of one stream joined (and empty ones dropped)."""
+    out: list[OutputChunk] = []
+    for chunk in chunks:
+        if not chunk.data:
+            continue
+        if out and out[-1].fd == chunk.fd:
+            out[-1] = OutputChunk(chunk.fd, out[-1].data + chunk.data)
+        else:
+            out.append(chunk)
+    return out
+
+
+def tail_chunks(chunks: list[OutputChunk], limit: int) -> list[OutputChunk]:
+    """The last ``limit`` bytes of ``chunks`` (the first kept one cut at its front)."""
+    kept: list[OutputChunk] = []
+    size = 0
+    for chunk in reversed(chunks):
+        if size + len(chunk.data) >= limit:
+            kept.append(OutputChunk(chunk.fd, chunk.data[len(chunk.data) - (limit - size) :]))
+            break
+        kept.append(chunk)
+        size += len(chunk.data)
+    return [c for c in reversed(kept) if c.data]
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,8 +203,9 @@ class Runtime(abc.ABC):
         """Write ``data`` at ``path``, creating parent directories."""
 
     @abc.abstractmethod
-    async def logs(self, sandbox_id: str) -> bytes:
-        """The main process's output so far."""
+    async def logs(self, sandbox_id: str) -> builtins.list[OutputChunk]:
+        """The main process's output so far, in the order written, each chunk tagged
+        with its stream."""
 
     @abc.abstractmethod
     async def stop(self, sandbox_id: str) -> None:

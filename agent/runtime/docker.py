@@ -15,6 +15,7 @@ import logging
 import os
 import posixpath
 import signal
+import struct
 import tarfile
 import threading
 import time
@@ -39,7 +40,9 @@ from agent.runtime.base import (
     Runtime,
     RuntimeSandbox,
     SandboxExit,
+    join_chunks,
     spec_from_labels,
+    tail_chunks,
 )
 from aviato.exceptions import (
     PayloadTooLargeError,
@@ -146,7 +149,7 @@ class DockerRuntime(Runtime):
         self._early: dict[str, dict[str, Any]] = {}  # die events that came during start
         self._removing: set[str] = set()
         self._oom: set[str] = set()
-        self._last_logs: OrderedDict[str, bytes] = OrderedDict()
+        self._last_logs: OrderedDict[str, list[OutputChunk]] = OrderedDict()
         self._exit_q: asyncio.Queue[SandboxExit | None] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: Any = None
@@ -557,15 +560,15 @@ class DockerRuntime(Runtime):
             return _cut(chunks, member.offset_data, member.offset_data + member.size)
         raise fail(f"{path}: too many levels of symbolic links")
 
-    async def logs(self, sandbox_id: str) -> bytes:
+    async def logs(self, sandbox_id: str) -> builtins.list[OutputChunk]:
         return await self._run(self._logs_sync, sandbox_id)
 
-    def _logs_sync(self, sandbox_id: str) -> bytes:
+    def _logs_sync(self, sandbox_id: str) -> builtins.list[OutputChunk]:
         kept = self._last_logs.get(sandbox_id)
         if kept is not None and sandbox_id not in self._ids:
             return kept
         try:
-            return bytes(self._api.logs(self._target(sandbox_id), stdout=True, stderr=True))
+            return self._ordered_logs(self._target(sandbox_id))
         except DockerError as exc:
             if kept is not None:
                 return kept
@@ -575,6 +578,17 @@ class DockerRuntime(Runtime):
                     sandbox_id=sandbox_id,
                 ) from exc
             raise self._engine_error(sandbox_id, "reading logs", exc) from exc
+
+    def _ordered_logs(self, target: str, tail: int | None = None) -> builtins.list[OutputChunk]:
+        """The container's output in the order written. The engine returns each stream
+        whole, one after the other: entries are put back in order by their timestamps."""
+        api = self._api
+        params: dict[str, Any] = {"stdout": 1, "stderr": 1, "timestamps": 1}
+        if tail is not None:
+            params["tail"] = tail
+        res = api._get(api._url("/containers/{0}/logs", target), params=params)
+        api._raise_for_status(res)
+        return order_log_entries(res.content)
 
     # ------------------------------------------------------------------ stop and list
 
@@ -751,9 +765,9 @@ class DockerRuntime(Runtime):
         with contextlib.suppress(*DockerError):
             if not oom and code == 137:  # the oom event is not guaranteed
                 oom = bool(api.inspect_container(cid)["State"].get("OOMKilled"))
-        logs = b""
+        logs: list[OutputChunk] = []
         with contextlib.suppress(*DockerError):  # tail bounds the memory a chatty one costs
-            logs = bytes(api.logs(cid, stdout=True, stderr=True, tail=10_000))[-EXIT_LOG_BYTES:]
+            logs = tail_chunks(self._ordered_logs(cid, tail=10_000), EXIT_LOG_BYTES)
         with self._lock:
             self._last_logs[sid] = logs
             while len(self._last_logs) > EXIT_LOG_SANDBOXES:
@@ -780,6 +794,33 @@ class DockerRuntime(Runtime):
         if self._owns_client and self._client_obj is not None:
             with contextlib.suppress(Exception):
                 self._client_obj.close()
+
+
+_MUX_HEADER = struct.Struct(">BxxxL")  # stream (1 stdout, 2 stderr), length
+
+
+def order_log_entries(raw: bytes) -> list[OutputChunk]:
+    """Docker's multiplexed log stream, each entry prefixed with its RFC 3339 timestamp,
+    as chunks in the order written (adjacent ones of one stream joined)."""
+    entries: list[tuple[tuple[str, int], int, bytes]] = []
+    at = 0
+    while at + _MUX_HEADER.size <= len(raw):
+        fd, size = _MUX_HEADER.unpack_from(raw, at)
+        at += _MUX_HEADER.size
+        data, at = raw[at : at + size], at + size
+        stamp, _, text = data.partition(b" ")
+        entries.append((_stamp_key(stamp), 2 if fd == 2 else 1, text))
+    entries.sort(key=lambda e: e[0])  # stable: the engine's order among equal stamps
+    return join_chunks(OutputChunk(fd, text) for _, fd, text in entries)
+
+
+def _stamp_key(stamp: bytes) -> tuple[str, int]:
+    """A sortable key for "2026-11-30T20:16:00.2841Z" (trailing zeros are trimmed, so
+    the fraction is compared as nanoseconds, not as text)."""
+    text = stamp.decode(errors="replace").rstrip("Z")
+    whole, _, fraction = text.partition(".")
+    digits = "".join(c for c in fraction if c.isdigit())[:9]
+    return whole, int(digits.ljust(9, "0") or 0)
 
 
 _OCI_FAILED = b"OCI runtime exec failed"
