@@ -539,17 +539,29 @@ class TooLarge(Exception):
 def read_capped(path: str, limit: int, cancelled: list[bool]) -> bytearray | None:
     """The file's bytes, read a chunk at a time: past ``limit`` (0: none) it raises
     TooLarge, having held no more than that (an endless file, /dev/zero, ends there);
-    None once ``cancelled[0]`` is set. A FIFO with no writer reads as empty (opened
-    without blocking), instead of holding a thread for ever."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    None once ``cancelled[0]`` is set. A FIFO or device is polled, so that a cancel
+    also ends a wait for a writer that never comes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO must not block
     try:
-        os.set_blocking(fd, True)
         st = os.fstat(fd)
-        if limit and (st.st_mode & 0o170000) == 0o100000 and st.st_size > limit:
-            raise TooLarge  # a regular file: known too large before any read
+        poller = None
+        if (st.st_mode & 0o170000) == 0o100000:  # a regular file
+            if limit and st.st_size > limit:
+                raise TooLarge  # known too large before any read
+            os.set_blocking(fd, True)
+        else:
+            import select
+
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
         data = bytearray()
         while not cancelled[0]:
-            chunk = os.read(fd, READ_CHUNK)
+            if poller is not None and not poller.poll(200):
+                continue  # nothing yet (a FIFO with no writer so far): check the cancel
+            try:
+                chunk = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                continue
             if not chunk:
                 return data
             data += chunk

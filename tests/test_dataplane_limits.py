@@ -63,6 +63,17 @@ async def _until_gone(sb: Sandbox, marker: str, timeout: float = 15) -> None:
         await asyncio.sleep(0.1)
 
 
+async def _supervisor_threads(sb: Sandbox) -> int:
+    """The supervisor's thread count, seen from an exec (which adds its own, always the
+    same number)."""
+    script = (
+        "for p in /proc/[0-9]*; do grep -q aviato_worke[r] $p/cmdline 2>/dev/null && "
+        "grep Threads: $p/status; done"
+    )
+    r = await sb.exec(["sh", "-c", script])  # (and bubblewrap's init, one thread)
+    return sum(int(n) for n in re.findall(rb"Threads:\s+(\d+)", r.stdout))
+
+
 def _agent_of(sb: Sandbox, cluster: Cluster) -> psutil.Process:
     assert sb.info is not None and sb.info.agent_id is not None
     return psutil.Process(cluster.procs[sb.info.agent_id].pid)
@@ -122,6 +133,16 @@ async def test_cancelled_read_stops_reading_in_the_sandbox(
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(sb.read_file("/tmp/fifo"), 1.0)
     await _until_gone(sb, "feeding-fifo-7")
+    # A FIFO nobody writes to: the read waits, and a cancel ends the wait too (its
+    # thread in the supervisor ends, instead of blocking for ever in open()).
+    await sb.exec(["mkfifo", "/tmp/silent"])
+    threads = await _supervisor_threads(sb)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(sb.read_file("/tmp/silent"), 1.0)
+    deadline = time.monotonic() + 15
+    while await _supervisor_threads(sb) != threads:
+        assert time.monotonic() < deadline, "the cancelled read's thread still waits"
+        await asyncio.sleep(0.1)
 
 
 async def test_cancelled_exec_kills_its_process(flavour: tuple[Sandbox, Cluster]) -> None:
