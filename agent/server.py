@@ -81,6 +81,8 @@ log = logging.getLogger("aviato.agent")
 ENDED_MEMORY = 4096
 #: Agent ids of embedded clusters: this prefix and the owning process's pid.
 EMBEDDED_PREFIX = "embedded-"
+#: The last lines of an ended sandbox's output read to be kept (then cut to a MiB).
+KEPT_LOG_LINES = 10_000
 #: How long a function worker may take from container start to its hello.
 WORKER_START_SECONDS = 60.0
 
@@ -475,7 +477,8 @@ class AgentServer:
         """Its output, read before the runtime removes it: ``logs`` still answers."""
         try:
             async with asyncio.timeout(10):
-                self.kept_logs.keep(sandbox_id, await self.runtime.logs(sandbox_id))
+                chunks = await self.runtime.logs(sandbox_id, tail_lines=KEPT_LOG_LINES)
+                self.kept_logs.keep(sandbox_id, chunks)
         except Exception as exc:  # a stop goes on without them
             log.info("could not keep the logs of %s: %s", sandbox_id, exc)
 

@@ -203,9 +203,11 @@ class Runtime(abc.ABC):
         """Write ``data`` at ``path``, creating parent directories."""
 
     @abc.abstractmethod
-    async def logs(self, sandbox_id: str) -> builtins.list[OutputChunk]:
+    async def logs(
+        self, sandbox_id: str, tail_lines: int | None = None
+    ) -> builtins.list[OutputChunk]:
         """The main process's output so far, in the order written, each chunk tagged
-        with its stream."""
+        with its stream; ``tail_lines``: about that many of the last lines at most."""
 
     @abc.abstractmethod
     async def stop(self, sandbox_id: str) -> None:

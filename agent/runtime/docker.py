@@ -560,15 +560,17 @@ class DockerRuntime(Runtime):
             return _cut(chunks, member.offset_data, member.offset_data + member.size)
         raise fail(f"{path}: too many levels of symbolic links")
 
-    async def logs(self, sandbox_id: str) -> builtins.list[OutputChunk]:
-        return await self._run(self._logs_sync, sandbox_id)
+    async def logs(
+        self, sandbox_id: str, tail_lines: int | None = None
+    ) -> builtins.list[OutputChunk]:
+        return await self._run(self._logs_sync, sandbox_id, tail_lines)
 
-    def _logs_sync(self, sandbox_id: str) -> builtins.list[OutputChunk]:
+    def _logs_sync(self, sandbox_id: str, tail_lines: int | None) -> builtins.list[OutputChunk]:
         kept = self._last_logs.get(sandbox_id)
         if kept is not None and sandbox_id not in self._ids:
             return kept
         try:
-            return self._ordered_logs(self._target(sandbox_id))
+            return self._ordered_logs(self._target(sandbox_id), tail_lines)
         except DockerError as exc:
             if kept is not None:
                 return kept

@@ -468,7 +468,9 @@ class LocalRuntime(Runtime):
     ) -> None:
         raise self._no_supervisor(sandbox_id)
 
-    async def logs(self, sandbox_id: str) -> builtins.list[OutputChunk]:
+    async def logs(
+        self, sandbox_id: str, tail_lines: int | None = None
+    ) -> builtins.list[OutputChunk]:  # always a tail: the last LOG_LIMIT bytes
         if sandbox_id in self._ended_logs:
             return self._ended_logs[sandbox_id]
         home = self._find_dir(sandbox_id)
