@@ -197,7 +197,7 @@ class AgentServer:
             self._ctx.destroy(linger=0)  # term() would wait on any socket left open
 
     def _start_lane(self, hub: WorkerHub) -> None:
-        lane = LaneServer(hub.root / "lane", self._on_message)
+        lane = LaneServer(hub.root / "lane", self._on_message, self._client_gone)
         try:
             lane.start()
         except OSError as exc:  # clients then use the ZeroMQ data plane, as remote ones do
@@ -612,6 +612,12 @@ class AgentServer:
             return
         assert self._data is not None
         _zmq.send_now(self._data, identity, msg, request_id, payloads)
+
+    def _client_gone(self, identity: bytes) -> None:
+        """A local client closed its lane (exited, or was killed): what it asked for
+        and still waits on stops, as if it had cancelled each request."""
+        for key in [k for k in self._inflight if k[0] == identity]:
+            self._inflight.pop(key).cancel()
 
     def _check_running(self, sandbox_id: str) -> None:
         if sandbox_id in self.sandboxes:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -154,3 +156,24 @@ async def test_cancelled_exec_kills_its_process(flavour: tuple[Sandbox, Cluster]
     assert (await chunks.__anext__()).data == b"started\n"
     await chunks.aclose()  # type: ignore[attr-defined]  # the consumer leaves early
     await _until_gone(sb, "sleep 4343")
+
+
+async def test_exec_of_a_killed_local_client_is_killed(flavour: tuple[Sandbox, Cluster]) -> None:
+    """A client on the agent's host that dies (kill -9, so it sends no Cancel) closes its
+    local lane: what it ran stops too."""
+    sb, cluster = flavour
+    command = ["exec", sb.sandbox_id or "", "--", "sleep", "5252"]
+    cli = subprocess.Popen(
+        [sys.executable, "-m", "aviato.cli", "--scheduler", cluster.address, *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while "sleep 5252" not in await _processes(sb):
+            assert cli.poll() is None and time.monotonic() < deadline, "the exec never ran"
+            await asyncio.sleep(0.1)
+    finally:
+        cli.kill()
+        cli.wait(timeout=30)
+    await _until_gone(sb, "sleep 5252")
