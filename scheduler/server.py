@@ -244,7 +244,8 @@ class SchedulerServer:
         if isinstance(msg, ErrorReply):
             log.warning("agent refused %s: %s", type(outgoing.msg).__name__, msg.message)
         if isinstance(outgoing.msg, StopSandbox):
-            return self.state.stop_confirmed(outgoing.msg.sandbox_id)
+            error = msg if isinstance(msg, ErrorReply) else None
+            return self.state.stop_confirmed(outgoing.msg.sandbox_id, error)
         return []
 
     def _on_create(self, identity: bytes, d: Decoded, now: float) -> list[Action]:

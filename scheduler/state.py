@@ -460,12 +460,16 @@ class SchedulerState:
         rec.stops_unconfirmed += 1
         return SendToAgent(agent_id, StopSandbox(rec.sandbox_id, reason))
 
-    def stop_confirmed(self, sandbox_id: str) -> list[Action]:
-        """The agent answered a StopSandbox (done, or refused: it is all it will do)."""
+    def stop_confirmed(self, sandbox_id: str, error: ErrorReply | None = None) -> list[Action]:
+        """The agent answered a StopSandbox: done, or ``error`` (its runtime could not
+        remove the sandbox), which the stop's callers then get: not a false "stopped"."""
         rec = self.sandboxes.get(sandbox_id)
         if rec is None:
             return []
         rec.stops_unconfirmed = max(0, rec.stops_unconfirmed - 1)
+        if error is not None and rec.stop_waiters:
+            waiters, rec.stop_waiters = rec.stop_waiters, []
+            return [Reply(w.key, error) for w in waiters]
         return self._answer_stop_waiters(rec)
 
     def _answer_stop_waiters(self, rec: SandboxRecord, *, force: bool = False) -> list[Action]:

@@ -872,3 +872,13 @@ def test_stop_waiting_on_a_silent_agent_is_answered_when_it_dies_or_at_a_deadlin
     state.heartbeat("b", (), 20.0)
     [late] = replies_to(state.tick(1.0 + STOP_CONFIRM_SECONDS), "wb")
     assert late.sandbox.sandbox_id == on_b
+
+
+def test_a_stop_the_agent_could_not_carry_out_fails_for_its_callers() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    sid = run(state, "k")
+    state.request_stop(sid, "done", 1.0, key="stopper")
+    error = ErrorReply(ErrorCode.FAILED, f"could not remove sandbox {sid}: engine down")
+    [reply] = replies_to(state.stop_confirmed(sid, error), "stopper")
+    assert reply == error
