@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from aviato import Sandbox, SandboxDefaults, SandboxNotRunningError, SandboxTerminatedError
-from tests.conftest import IMAGE, Cluster, docker_cluster
+from tests.conftest import IMAGE, Cluster, containers_of, docker_cluster
 
 
 @pytest.fixture
@@ -67,3 +68,20 @@ async def test_stop_during_a_queued_start_fails_the_start(one_slot: Cluster) -> 
         # the slot is still the first one's: nothing was started behind our back
         assert (await first.exec(["true"])).returncode == 0
         assert [s.sandbox_id for s in await Sandbox.list(defaults=defaults)] == [first.sandbox_id]
+
+
+async def test_stop_while_the_agent_creates_leaves_nothing_running(one_slot: Cluster) -> None:
+    """A stop that reaches the agent while it is still creating the sandbox: the create
+    then finishes there. stop() returns only once that sandbox is gone too."""
+    defaults = _defaults(one_slot)
+    for _ in range(3):
+        sb = Sandbox(command="sleep", args=["infinity"], defaults=defaults)
+        starting = asyncio.ensure_future(sb.start())
+        deadline = time.monotonic() + 30
+        while not await Sandbox.list(status=["creating"], defaults=defaults):
+            assert not starting.done() and time.monotonic() < deadline, "never seen creating"
+            await asyncio.sleep(0.005)
+        await sb.stop()
+        assert containers_of(one_slot.agent_ids) == []  # not even an exited one
+        with pytest.raises(SandboxTerminatedError):
+            await asyncio.wait_for(starting, 30)
