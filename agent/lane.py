@@ -40,10 +40,17 @@ OnMessage = Callable[[bytes, list[memoryview]], None]
 
 
 class LaneServer:
-    def __init__(self, directory: Path, on_message: OnMessage) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        on_message: OnMessage,
+        on_closed: Callable[[bytes], None] | None = None,
+    ) -> None:
         self.directory = directory
         self.path = str(directory / "agent.sock")
         self._on_message = on_message
+        #: Told of each client that went (its requests under way have nobody to answer).
+        self._on_closed = on_closed
         self._peers: dict[bytes, FramedSocket] = {}
         self._ids = itertools.count(1)
         self._listener: socket.socket | None = None
@@ -110,6 +117,8 @@ class LaneServer:
         self._peers.pop(identity, None)
         if exc is not None:
             log.info("lane: a client connection ended: %s", exc)
+        if self._on_closed is not None:
+            self._on_closed(identity)
 
     def owns(self, identity: bytes) -> bool:
         return identity.startswith(PREFIX)

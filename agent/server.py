@@ -17,6 +17,7 @@ import psutil
 import zmq
 import zmq.asyncio
 
+from agent.kept_logs import KeptLogs
 from agent.lane import LaneServer
 from agent.runtime.base import (
     LABEL_AGENT,
@@ -39,7 +40,9 @@ from aviato.exceptions import (
     SandboxNotRunningError,
 )
 from aviato.protocol import (
+    MAX_PAYLOAD_BYTES,
     AgentHeartbeat,
+    Cancel,
     Decoded,
     DecodeError,
     ErrorCode,
@@ -78,6 +81,8 @@ log = logging.getLogger("aviato.agent")
 ENDED_MEMORY = 4096
 #: Agent ids of embedded clusters: this prefix and the owning process's pid.
 EMBEDDED_PREFIX = "embedded-"
+#: The last lines of an ended sandbox's output read to be kept (then cut to a MiB).
+KEPT_LOG_LINES = 10_000
 #: How long a function worker may take from container start to its hello.
 WORKER_START_SECONDS = 60.0
 
@@ -123,6 +128,8 @@ class AgentServer:
         self.creating: set[str] = set()
         self._early_exits: dict[str, SandboxExit] = {}
         self.ended: OrderedDict[str, str] = OrderedDict()
+        #: Output of ended sandboxes (stopped or exited), for ``logs``.
+        self.kept_logs = KeptLogs()
         self._stop = asyncio.Event()
         self._ctx = zmq.asyncio.Context()
         self._data: zmq.asyncio.Socket | None = None
@@ -137,6 +144,8 @@ class AgentServer:
             ReadFile: self._on_read,
             GetLogs: self._on_logs,
         }
+        #: Data-plane requests under way, by (client, request id): a Cancel stops one.
+        self._inflight: dict[tuple[bytes, int], asyncio.Task[None]] = {}
         self._hub: WorkerHub | None = None
         self._lane: LaneServer | None = None
         #: Where clients on this host reach the data plane without ZeroMQ ("": nowhere).
@@ -188,7 +197,7 @@ class AgentServer:
             self._ctx.destroy(linger=0)  # term() would wait on any socket left open
 
     def _start_lane(self, hub: WorkerHub) -> None:
-        lane = LaneServer(hub.root / "lane", self._on_message)
+        lane = LaneServer(hub.root / "lane", self._on_message, self._client_gone)
         try:
             lane.start()
         except OSError as exc:  # clients then use the ZeroMQ data plane, as remote ones do
@@ -423,7 +432,8 @@ class AgentServer:
                 try:
                     await hub.wait_ready(sid, WORKER_START_SECONDS)
                 except SandboxFailedError as exc:
-                    tail = (await self.runtime.logs(sid))[-2000:].decode(errors="replace")
+                    output = b"".join(c.data for c in await self.runtime.logs(sid))
+                    tail = output[-2000:].decode(errors="replace")
                     if tail.strip():
                         raise SandboxFailedError(
                             f"{exc}\n--- sandbox output:\n{tail}", sandbox_id=sid
@@ -447,7 +457,10 @@ class AgentServer:
                 log.debug("supervisor up in %s (python %s)", sid, hello.get("python"))
 
     async def _on_stop(self, sock: zmq.asyncio.Socket, request_id: int, msg: StopSandbox) -> None:
+        was_running = msg.sandbox_id in self.sandboxes
         self._forget(msg.sandbox_id, msg.reason)
+        if was_running:
+            await self._keep_logs(msg.sandbox_id)
         try:
             # The runtime first: it kills the sandbox's whole process tree while the
             # supervisor still holds it together.
@@ -459,6 +472,15 @@ class AgentServer:
             if self._hub is not None:
                 await self._hub.close(msg.sandbox_id, msg.reason)
         await self._reply_scheduler(sock, request_id, OkReply())
+
+    async def _keep_logs(self, sandbox_id: str) -> None:
+        """Its output, read before the runtime removes it: ``logs`` still answers."""
+        try:
+            async with asyncio.timeout(10):
+                chunks = await self.runtime.logs(sandbox_id, tail_lines=KEPT_LOG_LINES)
+                self.kept_logs.keep(sandbox_id, chunks)
+        except Exception as exc:  # a stop goes on without them
+            log.info("could not keep the logs of %s: %s", sandbox_id, exc)
 
     def _forget(self, sandbox_id: str, reason: str) -> None:
         self.sandboxes.pop(sandbox_id, None)
@@ -486,6 +508,7 @@ class AgentServer:
             reason = "killed: out of memory (raise memory_bytes)"
         how = reason or f"exited with code {exit_.exit_code}"
         self._forget(exit_.sandbox_id, how)
+        await self._keep_logs(exit_.sandbox_id)  # the runtime kept them for the moment
         if self._hub is not None:
             await self._hub.close(exit_.sandbox_id, how)
         log.info(
@@ -546,6 +569,11 @@ class AgentServer:
             pong = Pong(server="agent", server_id=self.agent_id)
             self._send_now(identity, decoded.request_id, pong)
             return
+        if type(msg) is Cancel:  # the client gave up: stop the work where it runs
+            task = self._inflight.pop((identity, decoded.request_id), None)
+            if task is not None:
+                task.cancel()
+            return
         handler = self._data_handlers.get(type(msg))
         if handler is None:
             error = ErrorReply(
@@ -553,7 +581,10 @@ class AgentServer:
             )
             self._send_now(identity, decoded.request_id, error)
             return
-        self._spawn(self._serve_one(handler, identity, decoded))
+        key = (identity, decoded.request_id)
+        task = self._task(self._guard(self._serve_one(handler, identity, decoded)))
+        self._inflight[key] = task
+        task.add_done_callback(lambda _: self._inflight.pop(key, None))
 
     async def _serve_one(
         self, handler: Callable[[bytes, Decoded], Awaitable[None]], identity: bytes, d: Decoded
@@ -581,6 +612,12 @@ class AgentServer:
             return
         assert self._data is not None
         _zmq.send_now(self._data, identity, msg, request_id, payloads)
+
+    def _client_gone(self, identity: bytes) -> None:
+        """A local client closed its lane (exited, or was killed): what it asked for
+        and still waits on stops, as if it had cancelled each request."""
+        for key in [k for k in self._inflight if k[0] == identity]:
+            self._inflight.pop(key).cancel()
 
     def _check_running(self, sandbox_id: str) -> None:
         if sandbox_id in self.sandboxes:
@@ -650,7 +687,10 @@ class AgentServer:
         msg = d.msg
         assert isinstance(msg, ReadFile)
         self._check_running(msg.sandbox_id)
-        data = await self._files(msg.sandbox_id).read_file(msg.sandbox_id, msg.path)
+        if msg.max_bytes < 0:
+            raise ValueError(f"max_bytes must be positive (or 0: the limit), not {msg.max_bytes}")
+        limit = min(msg.max_bytes or MAX_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES)
+        data = await self._files(msg.sandbox_id).read_file(msg.sandbox_id, msg.path, limit)
         await self._send(identity, d.request_id, FileReply(len(data)), (data,))
 
     def _files(self, sandbox_id: str) -> Runtime | WorkerHub:
@@ -660,7 +700,10 @@ class AgentServer:
     async def _on_logs(self, identity: bytes, d: Decoded) -> None:
         msg = d.msg
         assert isinstance(msg, GetLogs)
-        if msg.sandbox_id not in self.sandboxes and msg.sandbox_id not in self.ended:
-            self._check_running(msg.sandbox_id)
-        data = await self.runtime.logs(msg.sandbox_id)
-        await self._send(identity, d.request_id, LogsReply(), (data,))
+        chunks = self.kept_logs.get(msg.sandbox_id)
+        if chunks is None:
+            if msg.sandbox_id not in self.sandboxes and msg.sandbox_id not in self.ended:
+                self._check_running(msg.sandbox_id)
+            chunks = await self.runtime.logs(msg.sandbox_id)
+        reply = LogsReply(tuple(c.fd for c in chunks))
+        await self._send(identity, d.request_id, reply, tuple(c.data for c in chunks))

@@ -34,19 +34,27 @@ import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # typing costs milliseconds at start-up; only the checker needs it
+    from collections.abc import Sequence
     from typing import Any
 
 SIGKILL = 9  # Linux; the signal module would cost an import (enum) at start-up
-#: SIGPIPE and SIGXFSZ, which Python ignores and a spawned program would inherit ignored
-#: (`yes | head` would then end in "Broken pipe" errors): reset, as subprocess does.
-RESTORED_SIGNALS = (13, 25)
+#: Python ignores these; a program we start must not inherit that (a writer to a closed
+#: pipe dies of SIGPIPE, as under a shell or docker exec).
+DEFAULT_SIGNALS = (13, 25)  # SIGPIPE, SIGXFSZ
 _COUNT = struct.Struct("!I")
 _LEN = struct.Struct("!Q")
 #: Outcomes are sent at the latest this long after the first unsent one finished.
 FLUSH_SECONDS = 0.002
 #: Variables the agent sets for us, kept out of the commands we run.
-OUR_ENV = ("AVIATO_WORKER_SOCKET", "AVIATO_CLIENT_PYTHON", "AVIATO_WATCHDOG")
+OUR_ENV = ("AVIATO_WORKER_SOCKET", "AVIATO_CLIENT_PYTHON", "AVIATO_WATCHDOG", "AVIATO_TAG_OUTPUT")
+#: With AVIATO_TAG_OUTPUT (the local runtime, whose log is one file), our stdout and
+#: stderr and those of the command we run become records in that file: the magic, the
+#: stream (1 or 2), the length, then the bytes. Docker keeps the streams apart itself.
+LOG_MAGIC = b"\x00avl"
+LOG_RECORD = struct.Struct("!4sBI")
 CHUNK = 65536
+READ_CHUNK = 1 << 20  # a cancel or the size cap is noticed at most this late
+WRITE_CHUNK = 1 << 20
 
 
 def read_message(stream: Any) -> list[bytes] | None:
@@ -69,7 +77,7 @@ def read_message(stream: Any) -> list[bytes] | None:
     return frames
 
 
-def pack_message(frames: list[bytes]) -> list[bytes]:
+def pack_message(frames: Sequence[bytes | bytearray]) -> list[bytes | bytearray]:
     """``u32 count``, the ``u64`` lengths, then the frames: one sendall, three reads."""
     return [
         _COUNT.pack(len(frames)),
@@ -188,7 +196,7 @@ def _wait_for_the_reader() -> None:
         time.sleep(3600)
 
 
-def _send_all(sock: _socket.socket, parts: list[bytes]) -> None:
+def _send_all(sock: _socket.socket, parts: list[bytes | bytearray]) -> None:
     if sum(len(p) for p in parts) < 1 << 20:
         sock.sendall(b"".join(parts))
     else:
@@ -253,6 +261,8 @@ class Supervisor:
         self.cloudpickle: Any = None
         self.base_env = _user_env()
         self.procs: dict[int, int] = {}  # exec request id -> its process (group) id
+        #: read/write request id -> [cancelled]: set by a kill, seen between chunks.
+        self.files: dict[int, list[bool]] = {}
         self.main: int | None = None  # the sandbox's command (--main): pid = its group
         self.detached = False
         #: Where results go: the calls link when there is one (see serve_calls_on).
@@ -260,7 +270,9 @@ class Supervisor:
 
     # ------------------------------------------------------------------ sending
 
-    def send(self, header: dict[str, Any] | bytes, blobs: list[bytes] | None = None) -> None:
+    def send(
+        self, header: dict[str, Any] | bytes, blobs: Sequence[bytes | bytearray] | None = None
+    ) -> None:
         head = header if isinstance(header, bytes) else to_json(header)
         with self.lock:
             _send_all(self.sock, pack_message([head, *(blobs or ())]))
@@ -285,6 +297,8 @@ class Supervisor:
                 if op == "calls":
                     self.calls.put((header, frames[1:]))
                 elif op in ("exec", "read", "write"):
+                    if op != "exec":  # before its thread runs: a kill may come next
+                        self.files[header["rid"]] = [False]
                     handler = getattr(self, f"do_{op}")
                     _thread.start_new_thread(handler, (header, frames[1:]))
                 elif op == "kill":
@@ -484,37 +498,94 @@ class Supervisor:
             self.send(head, [b"".join(collected[1]), b"".join(collected[2])])
 
     def kill(self, rid: int) -> None:
-        """The agent gave up on an exec (its client left): kill its process group."""
+        """The agent gave up on a request (its client left): kill an exec's process
+        group; a read or write stops at its next chunk."""
         pid = self.procs.get(rid)
         if pid is not None:
             _kill_group(pid)
+        cancelled = self.files.get(rid)
+        if cancelled is not None:
+            cancelled[0] = True
 
     # ------------------------------------------------------------------ files
 
     def do_read(self, header: dict[str, Any], _blobs: list[bytes]) -> None:
         rid, path = header["rid"], header["path"]
+        cancelled = self.files.get(rid) or [False]
         try:
-            with open(path, "rb") as f:
-                data = f.read()
+            data = read_capped(path, header.get("max") or 0, cancelled)
         except OSError as exc:
             self.send({"op": "file", "rid": rid, "error": _file_error(exc)})
             return
-        self.send({"op": "file", "rid": rid}, [data])
+        except TooLarge:
+            self.send({"op": "file", "rid": rid, "error": "too large", "too_large": True})
+            return
+        finally:
+            self.files.pop(rid, None)
+        if data is not None:  # else the agent gave up on it: nobody waits
+            self.send({"op": "file", "rid": rid}, [data])
 
     def do_write(self, header: dict[str, Any], blobs: list[bytes]) -> None:
         rid, path = header["rid"], header["path"]
+        cancelled = self.files.get(rid) or [False]
         try:
             parent = os.path.dirname(path)
             if parent:
                 os.makedirs(parent, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, header.get("mode", 0o644))
             with os.fdopen(fd, "wb") as f:
-                f.write(blobs[0] if blobs else b"")
+                data = memoryview(blobs[0] if blobs else b"")
+                for at in range(0, len(data), WRITE_CHUNK):
+                    if cancelled[0]:
+                        return
+                    f.write(data[at : at + WRITE_CHUNK])
             os.chmod(path, header.get("mode", 0o644))
         except OSError as exc:
             self.send({"op": "file", "rid": rid, "error": _file_error(exc)})
             return
+        finally:
+            self.files.pop(rid, None)
         self.send({"op": "file", "rid": rid})
+
+
+class TooLarge(Exception):
+    pass
+
+
+def read_capped(path: str, limit: int, cancelled: list[bool]) -> bytearray | None:
+    """The file's bytes, read a chunk at a time: past ``limit`` (0: none) it raises
+    TooLarge, having held no more than that (an endless file, /dev/zero, ends there);
+    None once ``cancelled[0]`` is set. A FIFO or device is polled, so that a cancel
+    also ends a wait for a writer that never comes."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO must not block
+    try:
+        st = os.fstat(fd)
+        poller = None
+        if (st.st_mode & 0o170000) == 0o100000:  # a regular file
+            if limit and st.st_size > limit:
+                raise TooLarge  # known too large before any read
+            os.set_blocking(fd, True)
+        else:
+            import select
+
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+        data = bytearray()
+        while not cancelled[0]:
+            if poller is not None and not poller.poll(200):
+                continue  # nothing yet (a FIFO with no writer so far): check the cancel
+            try:
+                chunk = os.read(fd, READ_CHUNK)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                return data
+            data += chunk
+            if limit and len(data) > limit:
+                raise TooLarge
+        return None
+    finally:
+        os.close(fd)
 
 
 def _file_error(exc: OSError) -> str:
@@ -579,7 +650,7 @@ def spawn(
             env,
             file_actions=[first, (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)],
             setsid=True,
-            setsigdef=RESTORED_SIGNALS,
+            setsigdef=DEFAULT_SIGNALS,
         )
     except BaseException:
         for fd in (out_r, err_r, in_w):
@@ -623,14 +694,75 @@ def run_main_command(argv: list[str]) -> int | None:
             env,
             file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)],
             setpgroup=0,
-            setsigdef=RESTORED_SIGNALS,
+            setsigdef=DEFAULT_SIGNALS,
         )
     except OSError as exc:
         print(f"aviato: cannot run {argv[0]!r}: {exc.strerror or exc}", file=sys.stderr)
         return None
 
 
+def tag_output() -> Any:
+    """Send our stdout and stderr (and so those of what we start) through pipes, and
+    write what comes out as tagged records to where they went: one thread polls both,
+    so the records are in the order the output was read. Returns a lock held until
+    both pipes are closed (their writers all gone)."""
+    import select  # only under the local runtime: no start-up cost in containers
+
+    log_fd = os.dup(1)
+    pipes = {}
+    for fd in (1, 2):
+        r, w = os.pipe()
+        os.dup2(w, fd)
+        os.close(w)
+        pipes[r] = fd
+    done = _thread.allocate_lock()
+    done.acquire()
+
+    def pump() -> None:
+        poller = select.poll()
+        for r in pipes:
+            poller.register(r, select.POLLIN)
+        try:
+            while pipes:
+                for r, _ in poller.poll():
+                    data = os.read(r, CHUNK)
+                    if not data:
+                        poller.unregister(r)
+                        os.close(r)
+                        del pipes[r]
+                        continue
+                    record = memoryview(LOG_RECORD.pack(LOG_MAGIC, pipes[r], len(data)) + data)
+                    while record:
+                        record = record[os.write(log_fd, record) :]
+        except OSError:
+            pass
+        finally:
+            done.release()
+
+    _thread.start_new_thread(pump, ())
+    return done
+
+
+def _drain(tagged: Any) -> None:
+    """Our output's last records written (unless something we started holds the pipes)."""
+    if tagged is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        devnull = os.open("/dev/null", os.O_WRONLY)
+        os.dup2(devnull, 1)  # our ends of the pipes closed, the fds still valid
+        os.dup2(devnull, 2)
+        tagged.acquire(timeout=1.0)
+
+
 def main() -> int:
+    tagged = tag_output() if os.environ.get("AVIATO_TAG_OUTPUT") == "1" else None
+    try:
+        return _serve(tagged)
+    finally:  # an early error return; the usual ends are os._exit
+        _drain(tagged)
+
+
+def _serve(tagged: Any) -> int:
     main_proc = None
     if "--main" in sys.argv:
         rest = sys.argv[sys.argv.index("--main") + 1 :]
@@ -671,6 +803,7 @@ def main() -> int:
     _thread.start_new_thread(supervisor.reader, ())
     if main_proc is not None:
         code = _wait(main_proc)  # the sandbox lives as long as its command
+        _drain(tagged)
         os._exit(code if code >= 0 else 128 - code)
     if calls is not None:
         supervisor.serve_calls_on(calls)

@@ -30,12 +30,21 @@ import cloudpickle
 from agent.runtime.base import ExecOutput, ExitStatus, Mount, OutputChunk
 from aviato._lane import FramedSocket
 from aviato.exceptions import (
+    PayloadTooLargeError,
     SandboxError,
     SandboxFailedError,
     SandboxFileError,
     SandboxNotRunningError,
 )
-from aviato.protocol import MAX_FRAME_BYTES, CallOutcome, CallResults, Message, Payload, RunCalls
+from aviato.protocol import (
+    MAX_FRAME_BYTES,
+    MAX_PAYLOAD_BYTES,
+    CallOutcome,
+    CallResults,
+    Message,
+    Payload,
+    RunCalls,
+)
 
 log = logging.getLogger("aviato.agent.workers")
 
@@ -261,12 +270,25 @@ class WorkerHub:
     async def _one_reply(
         self, sandbox_id: str, header: dict[str, Any], blobs: Sequence[Payload] = ()
     ) -> tuple[dict[str, Any], list[memoryview]]:
-        """A request to the supervisor answered by a single reply."""
+        """A request to the supervisor answered by a single reply; given up on (the
+        client cancelled), the supervisor is told to stop it."""
         rid, replies, link = await self._ask(sandbox_id, header, blobs)
+        answered = False
         try:
-            return await replies.get()
+            reply = await replies.get()
+            answered = True
+            return reply
         finally:
             link.pending.pop(rid, None)
+            if not answered:
+                self._abandon(link, rid)
+
+    @staticmethod
+    def _abandon(link: WorkerLink, rid: int) -> None:
+        """Kill an exec's command, or stop a read or write, at once (no waiting: we may
+        be cancelled)."""
+        if not link.closed and link.framed is not None:
+            link.framed.send([marshal.dumps({"op": "kill", "rid": rid})])
 
     @staticmethod
     def _gone(sandbox_id: str) -> SandboxNotRunningError:
@@ -301,10 +323,8 @@ class WorkerHub:
                     raise self._gone(sandbox_id)
         finally:
             link.pending.pop(rid, None)
-            if not finished and not link.closed and link.framed is not None:
-                # The consumer left early: don't leave the command running.
-                with contextlib.suppress(Exception):
-                    await self._write(link, [marshal.dumps({"op": "kill", "rid": rid})])
+            if not finished:  # the consumer left early: don't leave the command running
+                self._abandon(link, rid)
 
     async def exec(
         self,
@@ -331,6 +351,13 @@ class WorkerHub:
             raise self._gone(sandbox_id)
         if "error" in reply:
             path = str(header["path"])
+            if reply.get("too_large"):
+                raise PayloadTooLargeError(
+                    f"{path} in sandbox {sandbox_id} is larger than the {header.get('max')}-"
+                    "byte read limit: read less (pass a larger max_bytes, or split the file "
+                    "in the sandbox)",
+                    sandbox_id=sandbox_id,
+                )
             raise SandboxFileError(
                 f"{path}: {reply['error']} in sandbox {sandbox_id}",
                 filepath=path,
@@ -338,8 +365,10 @@ class WorkerHub:
             )
         return data
 
-    async def read_file(self, sandbox_id: str, path: str) -> bytes:
-        data = await self._file_op(sandbox_id, {"op": "read", "path": path})
+    async def read_file(
+        self, sandbox_id: str, path: str, max_bytes: int = MAX_PAYLOAD_BYTES
+    ) -> bytes:
+        data = await self._file_op(sandbox_id, {"op": "read", "path": path, "max": max_bytes})
         return bytes(data[0]) if data else b""
 
     async def write_file(self, sandbox_id: str, path: str, data: Payload, mode: int) -> None:

@@ -36,6 +36,7 @@ from aviato.exceptions import (
 from aviato.protocol import (
     MAX_FRAME_BYTES,
     MAX_PAYLOAD_BYTES,
+    Cancel,
     Decoded,
     DecodeError,
     ErrorCode,
@@ -135,24 +136,42 @@ class Channel:
         frames, size = self._frames(request_id, msg, payloads, "split the data into smaller pieces")
         await self._transmit(frames, size)
 
+    def _abandon(self, request_id: int) -> None:
+        """Tell an agent we gave up on ``request_id``: it stops the work at its source
+        (kills the command, stops reading) instead of finishing it for nobody."""
+        with contextlib.suppress(Exception):
+            self._transmit_nowait(request_id, encode(Cancel(), request_id, token=self.token), 0)
+
     async def request(
-        self, msg: Message, payloads: Sequence[Payload] = (), *, timeout: float
+        self,
+        msg: Message,
+        payloads: Sequence[Payload] = (),
+        *,
+        timeout: float,
+        cancel_at_source: bool = False,
     ) -> Decoded:
-        """Send ``msg`` and return its reply; error replies raise their exception."""
+        """Send ``msg`` and return its reply; error replies raise their exception.
+        ``cancel_at_source``: if we leave without the reply (cancelled, timed out), the
+        agent is told to stop the request."""
         request_id = next(_ids)
         queue: asyncio.Queue[Decoded] = asyncio.Queue()
         self._waiting[request_id] = queue.put_nowait
+        sent = answered = False
         try:
             await self._send(request_id, msg, payloads)
+            sent = True
             try:
                 async with asyncio.timeout(timeout):
                     reply = await queue.get()
+                    answered = True
             except TimeoutError:
                 raise self._no_answer(
                     f"no answer from {self.address} to {type(msg).__name__} within {timeout:g}s"
                 ) from None
         finally:
             del self._waiting[request_id]
+            if cancel_at_source and sent and not answered:
+                self._abandon(request_id)
         if isinstance(reply.msg, ErrorReply):
             raise to_exception(reply.msg)
         return reply
@@ -191,13 +210,17 @@ class Channel:
         *,
         idle_timeout: float,
         is_last: type[Message],
+        cancel_at_source: bool = False,
     ) -> AsyncIterator[Decoded]:
-        """Send ``msg`` and yield replies until one of type ``is_last``."""
+        """Send ``msg`` and yield replies until one of type ``is_last`` (or an error).
+        ``cancel_at_source``: as for ``request``, when the consumer leaves before."""
         request_id = next(_ids)
         queue: asyncio.Queue[Decoded] = asyncio.Queue()
         self._waiting[request_id] = queue.put_nowait
+        sent = ended = False
         try:
             await self._send(request_id, msg, payloads)
+            sent = True
             while True:
                 try:
                     async with asyncio.timeout(idle_timeout):
@@ -208,12 +231,17 @@ class Channel:
                         f"{type(msg).__name__}"
                     ) from None
                 if isinstance(reply.msg, ErrorReply):
+                    ended = True
                     raise to_exception(reply.msg)
-                yield reply
                 if isinstance(reply.msg, is_last):
+                    ended = True
+                yield reply
+                if ended:
                     return
         finally:
             del self._waiting[request_id]
+            if cancel_at_source and sent and not ended:
+                self._abandon(request_id)
 
     def send_nowait(
         self, msg: Message, payloads: Sequence[Payload], handler: Callable[[Decoded], None]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import time
 import uuid
@@ -111,6 +112,9 @@ class Sandbox:
         self._info: SandboxInfo | None = None
         self._starting: asyncio.Task[str] | None = None
         self._stopped_by_us = False
+        #: Chosen here, not by the scheduler: a stop during the start can name it.
+        self._pending_id = _new_id()
+        self._stop_requested = False
 
     # ------------------------------------------------------------------ constructors
 
@@ -140,6 +144,8 @@ class Sandbox:
         sandbox._info = info
         sandbox._starting = None
         sandbox._stopped_by_us = False
+        sandbox._pending_id = info.sandbox_id
+        sandbox._stop_requested = False
         return sandbox
 
     @classmethod
@@ -221,7 +227,16 @@ class Sandbox:
             # TaskGroup) leaves the create running, and its failure, if any, to no one;
             # those still awaiting get it raised, so asyncio need not warn of it.
             self._starting.add_done_callback(_mark_retrieved)
-        return await asyncio.shield(self._starting)
+        starting = self._starting
+        try:
+            return await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            if self._stop_requested and starting.cancelled():  # stop(), not our caller
+                raise SandboxTerminatedError(
+                    f"sandbox {self._pending_id} was stopped while starting",
+                    sandbox_id=self._pending_id,
+                ) from None
+            raise
 
     async def _start(self) -> str:
         if self._session is not None:
@@ -230,7 +245,7 @@ class Sandbox:
         wait = self._defaults.start_timeout_seconds
         # Our own id: a create we give up on may still arrive (queued in the socket
         # across an outage); the stop sent after it, in order, then cancels it.
-        sandbox_id = "sb-" + uuid.uuid4().hex[:16]
+        sandbox_id = self._pending_id
         try:
             reply = await conn.request_probed(
                 CreateSandbox(self._spec, wait, sandbox_id),
@@ -242,8 +257,14 @@ class Sandbox:
                 with contextlib.suppress(AviatoError):
                     stop = StopSandbox(sandbox_id, "its creator gave up waiting")
                     conn.forget(conn.send_nowait(stop, (), lambda _: None))
+            if self._stop_requested:
+                # stop() cancelled us: the start fails as the sandbox's would have.
+                raise SandboxTerminatedError(
+                    f"sandbox {sandbox_id} was stopped while starting", sandbox_id=sandbox_id
+                ) from None
             if isinstance(exc, AviatoError):
                 self._starting = None  # a later start() may try again, with a new id
+                self._pending_id = _new_id()
             raise
         assert isinstance(reply.msg, SandboxReply)
         self._info = reply.msg.sandbox
@@ -252,10 +273,20 @@ class Sandbox:
     async def stop(self) -> None:
         """Stop and remove the sandbox. Idempotent; a never-started sandbox is a no-op."""
         if self._starting is not None and self._info is None:
-            if not self._starting.done() and self._session is not None:
-                # Still queued for a slot: give up on it. Closing the session makes the
-                # scheduler drop the queued create too (it may wait minutes for a slot).
+            if not self._starting.done():
+                # Still queued for a slot, or starting: give up on it; start() raises
+                # SandboxTerminatedError. The create may have reached the scheduler (or
+                # an agent): stopping its id, in order after it, ends it there too.
+                self._stop_requested = True
                 self._starting.cancel()
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await self._starting
+                conn = await scheduler_connection(self._defaults)
+                with contextlib.suppress(SandboxNotFoundError):
+                    await conn.request(
+                        StopSandbox(self._pending_id, "stopped while starting"),
+                        timeout=self._defaults.request_timeout_seconds,
+                    )
                 return
             try:
                 await self._starting
@@ -396,6 +427,7 @@ class Sandbox:
             Exec(info.sandbox_id, argv, cwd, dict(env or {}), timeout_seconds),
             payloads,
             timeout=self._exec_deadline(timeout_seconds),
+            cancel_at_source=True,
         )
         assert isinstance(reply.msg, ExecReply)
         stdout, stderr = (bytes(p) for p in reply.payloads[:2])
@@ -450,14 +482,27 @@ class Sandbox:
             _stdin_payloads(stdin),
         )
 
-    async def read_file(self, path: str) -> bytes:
+    async def read_file(self, path: str, *, max_bytes: int | None = None) -> bytes:
         """The file at ``path`` (a missing one raises ``SandboxFileError``). A relative
         path is taken from the sandbox's working directory, where ``exec`` runs by
         default: its ``working_dir``, else the image's ``WORKDIR``, else ``/`` (under the
-        local runtime, ``/tmp``)."""
+        local runtime, ``/tmp``). A file larger than ``max_bytes`` (by default the payload
+        limit, 512 MiB) raises ``PayloadTooLargeError``: the sandbox stops reading it
+        there, so an endless file (``/dev/zero``) costs no more than that."""
+        if max_bytes is not None and (
+            isinstance(max_bytes, bool)
+            or not isinstance(max_bytes, int)
+            or not 0 < max_bytes <= MAX_PAYLOAD_BYTES
+        ):
+            raise ValueError(
+                f"max_bytes must be an int from 1 to {MAX_PAYLOAD_BYTES} (the payload "
+                f"limit), got {max_bytes!r}"
+            )
         info, conn = self._agent()
         reply = await conn.request(
-            ReadFile(info.sandbox_id, path), timeout=self._defaults.request_timeout_seconds
+            ReadFile(info.sandbox_id, path, max_bytes or 0),
+            timeout=self._defaults.request_timeout_seconds,
+            cancel_at_source=True,
         )
         assert isinstance(reply.msg, FileReply)
         return bytes(reply.payloads[0]) if reply.payloads else b""
@@ -476,19 +521,32 @@ class Sandbox:
             WriteFile(info.sandbox_id, path, mode),
             (payload,),
             timeout=self._defaults.request_timeout_seconds,
+            cancel_at_source=True,
         )
 
     async def logs(self) -> bytes:
-        """The main command's output so far (stdout and stderr together)."""
+        """The main command's output so far, stdout and stderr together in the order
+        they were written (as ``docker logs`` shows them with ``2>&1``). Still there
+        after the sandbox stopped or exited, while its agent keeps them (the last MiB of
+        each; the oldest sandboxes' go first)."""
+        return b"".join(chunk.data for chunk in await self.log_chunks())
+
+    async def log_chunks(self) -> builtins.list[OutputChunk]:
+        """``logs`` as chunks in the order written, each with its stream
+        (``chunk.stream`` is "stdout" or "stderr"), as ``exec_stream`` yields them."""
         info = self._require_started()
         if info.agent_address is None:
-            return b""
+            return []
         conn = agent_connection(info, self._defaults)
         reply = await conn.request(
             GetLogs(info.sandbox_id), timeout=self._defaults.request_timeout_seconds
         )
         assert isinstance(reply.msg, LogsReply)
-        return bytes(reply.payloads[0]) if reply.payloads else b""
+        fds = reply.msg.fds or (1,) * len(reply.payloads)  # an older agent: one blob
+        return [
+            OutputChunk(2 if fd == 2 else 1, bytes(data))
+            for fd, data in zip(fds, reply.payloads, strict=False)
+        ]
 
 
 class ExecStream:
@@ -528,6 +586,7 @@ class ExecStream:
             self._stdin,
             idle_timeout=self._sandbox._exec_deadline(self._timeout),
             is_last=ExecReply,
+            cancel_at_source=True,
         ):
             if isinstance(reply.msg, ExecChunk):
                 data = bytes(reply.payloads[0]) if reply.payloads else b""
@@ -549,6 +608,10 @@ class ExecStream:
         async for _ in self:
             pass
         return self._result()
+
+
+def _new_id() -> str:
+    return "sb-" + uuid.uuid4().hex[:16]
 
 
 def _mark_retrieved(task: asyncio.Task[Any]) -> None:

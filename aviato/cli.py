@@ -126,7 +126,10 @@ def _piped_stdin() -> bytes | None:
 
 async def _logs(args: argparse.Namespace) -> int:
     sb = await Sandbox.from_id(args.id, defaults=_defaults(args))
-    sys.stdout.buffer.write(await sb.logs())
+    for chunk in await sb.log_chunks():  # each stream to its own, as `docker logs` does
+        out = sys.stdout.buffer if chunk.fd == 1 else sys.stderr.buffer
+        out.write(chunk.data)
+        out.flush()
     return 0
 
 

@@ -71,6 +71,7 @@ class MsgType(enum.IntEnum):
     LOGS_REPLY = 57
     PING = 58
     PONG = 59
+    CANCEL = 60
     # client <-> agent <-> function worker
     RUN_CALLS = 70
     CALL_RESULTS = 71
@@ -374,9 +375,13 @@ class WriteFile(Message):
 
 @dataclass(frozen=True, slots=True)
 class ReadFile(Message):
+    """``max_bytes``: a file larger than this is refused while it is read (0: the
+    payload limit), with a ``too_large`` error."""
+
     TYPE = MsgType.READ_FILE
     sandbox_id: str
     path: str
+    max_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,9 +400,19 @@ class GetLogs(Message):
 
 @dataclass(frozen=True, slots=True)
 class LogsReply(Message):
-    """Payload ``[data]``: the sandbox's combined output, as its runtime kept it."""
+    """The sandbox's output in the order it was written: one payload frame per chunk,
+    ``fds[i]`` naming the stream (1 stdout, 2 stderr) of frame ``i``."""
 
     TYPE = MsgType.LOGS_REPLY
+    fds: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel(Message):
+    """Client -> agent, no reply: the client gave up on the request whose id this
+    message carries (an exec, read or write); the agent stops it at its source."""
+
+    TYPE = MsgType.CANCEL
 
 
 @dataclass(frozen=True, slots=True)

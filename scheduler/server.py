@@ -228,6 +228,8 @@ class SchedulerServer:
                 identity = self._agent_identity.get(action.agent_id)
                 if identity is None:
                     log.warning("no connection to agent %s for %s", action.agent_id, action.msg)
+                    if isinstance(action.msg, StopSandbox):  # nobody to wait for
+                        await self._apply(self.state.stop_confirmed(action.msg.sandbox_id))
                     continue
                 self._next_id += 1
                 self._outgoing[(identity, self._next_id)] = Outgoing(action.msg, self.clock())
@@ -241,6 +243,9 @@ class SchedulerServer:
             return self.state.placement_done(sid, msg if isinstance(msg, ErrorReply) else None, now)
         if isinstance(msg, ErrorReply):
             log.warning("agent refused %s: %s", type(outgoing.msg).__name__, msg.message)
+        if isinstance(outgoing.msg, StopSandbox):
+            error = msg if isinstance(msg, ErrorReply) else None
+            return self.state.stop_confirmed(outgoing.msg.sandbox_id, error)
         return []
 
     def _on_create(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
@@ -260,8 +265,9 @@ class SchedulerServer:
 
     def _on_stop(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, StopSandbox)
-        reply, actions = self.state.request_stop(d.msg.sandbox_id, d.msg.reason, now)
-        return [*actions, Reply((identity, d.request_id), reply)]
+        key = (identity, d.request_id)
+        reply, actions = self.state.request_stop(d.msg.sandbox_id, d.msg.reason, now, key)
+        return actions if reply is None else [*actions, Reply(key, reply)]
 
     def _on_wait(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, WaitSandbox)

@@ -38,6 +38,9 @@ ReplyKey = Hashable
 ACTIVE = frozenset({SandboxStatus.CREATING, SandboxStatus.RUNNING})
 #: stops of unknown sandboxes remembered at most (a flood of junk ids stays bounded)
 MAX_STOPPED_UNKNOWN = 10_000
+#: A stop's reply waits for its agent to confirm at most this long (an agent that
+#: neither answers nor is declared dead); below a client's request timeout.
+STOP_CONFIRM_SECONDS = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +102,12 @@ class SandboxRecord:
     #: The create request to answer once the agent has started it.
     creator: ReplyKey | None = None
     creator_deadline: float | None = None
+    #: A PlaceSandbox is with the agent, unanswered.
+    placing: bool = False
+    #: StopSandbox requests with the agent, unanswered.
+    stops_unconfirmed: int = 0
+    #: Stop requests answered once the agent confirms: "stopped" means stopped there.
+    stop_waiters: list[Waiter] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -377,6 +386,7 @@ class SchedulerState:
                 deadline=deadline,
                 creator=req.key,
                 creator_deadline=req.deadline + self.config.placement_grace_seconds,
+                placing=True,
             )
             self.sandboxes[sid] = rec
             agent.active.add(sid)
@@ -388,11 +398,12 @@ class SchedulerState:
         rec = self.sandboxes.get(sandbox_id)
         if rec is None:
             return []
+        rec.placing = False
         if rec.status is not SandboxStatus.CREATING:
             # Stopped (or lost) while starting: make sure it does not linger.
             if error is None and rec.agent_id:
-                return [SendToAgent(rec.agent_id, StopSandbox(sandbox_id, rec.reason))]
-            return []
+                return [self._stop_on_agent(rec, rec.agent_id, rec.reason)]
+            return self._answer_stop_waiters(rec)
         if error is not None:
             creator = rec.creator
             rec.creator = None
@@ -414,8 +425,10 @@ class SchedulerState:
     # ------------------------------------------------------------------ ending
 
     def request_stop(
-        self, sandbox_id: str, reason: str, now: float
-    ) -> tuple[Message, list[Action]]:
+        self, sandbox_id: str, reason: str, now: float, key: ReplyKey | None = None
+    ) -> tuple[Message | None, list[Action]]:
+        """The reply (None: it comes later, to ``key``, once the agent has stopped the
+        sandbox) and the actions to take."""
         rec = self.sandboxes.get(sandbox_id)
         if rec is None:
             queued = [p for p in self.pending if p.sandbox_id == sandbox_id]
@@ -432,7 +445,39 @@ class SchedulerState:
         actions: list[Action] = []
         if rec.status in ACTIVE:
             actions = self._end(rec, SandboxStatus.TERMINATED, now, reason, stop=True)
+        if key is not None and self._stop_in_flight(rec):
+            # Answered once the agent has stopped it: a handle made after this reply
+            # must find nothing left to exec in (see stop_confirmed).
+            rec.stop_waiters.append(Waiter(key, now + STOP_CONFIRM_SECONDS))
+            return None, actions
         return SandboxReply(self.info(rec)), actions
+
+    @staticmethod
+    def _stop_in_flight(rec: SandboxRecord) -> bool:
+        return rec.placing or rec.stops_unconfirmed > 0
+
+    def _stop_on_agent(self, rec: SandboxRecord, agent_id: str, reason: str) -> SendToAgent:
+        rec.stops_unconfirmed += 1
+        return SendToAgent(agent_id, StopSandbox(rec.sandbox_id, reason))
+
+    def stop_confirmed(self, sandbox_id: str, error: ErrorReply | None = None) -> list[Action]:
+        """The agent answered a StopSandbox: done, or ``error`` (its runtime could not
+        remove the sandbox), which the stop's callers then get: not a false "stopped"."""
+        rec = self.sandboxes.get(sandbox_id)
+        if rec is None:
+            return []
+        rec.stops_unconfirmed = max(0, rec.stops_unconfirmed - 1)
+        if error is not None and rec.stop_waiters:
+            waiters, rec.stop_waiters = rec.stop_waiters, []
+            return [Reply(w.key, error) for w in waiters]
+        return self._answer_stop_waiters(rec)
+
+    def _answer_stop_waiters(self, rec: SandboxRecord, *, force: bool = False) -> list[Action]:
+        if not rec.stop_waiters or (self._stop_in_flight(rec) and not force):
+            return []
+        waiters, rec.stop_waiters = rec.stop_waiters, []
+        reply = SandboxReply(self.info(rec))
+        return [Reply(w.key, reply) for w in waiters]
 
     def sandbox_exited(
         self, sandbox_id: str, exit_code: int | None, reason: str, now: float
@@ -459,7 +504,7 @@ class SchedulerState:
         if agent is not None:
             agent.active.discard(rec.sandbox_id)
             if stop and agent.alive:
-                actions.append(SendToAgent(agent.agent_id, StopSandbox(rec.sandbox_id, reason)))
+                actions.append(self._stop_on_agent(rec, agent.agent_id, reason))
         rec.status = status
         rec.reason = reason
         rec.ended_at = now
@@ -520,7 +565,10 @@ class SchedulerState:
                 )
                 for sid in list(agent.active):
                     actions += self._end(self.sandboxes[sid], SandboxStatus.FAILED, now, reason)
+                actions += self._agent_gone(agent.agent_id)
         for rec in list(self.sandboxes.values()):
+            if rec.stop_waiters and any(w.deadline <= now for w in rec.stop_waiters):
+                actions += self._answer_stop_waiters(rec, force=True)  # best effort
             if rec.status not in ACTIVE:
                 if rec.ended_at is not None and now - rec.ended_at > self.config.keep_ended_seconds:
                     del self.sandboxes[rec.sandbox_id]
@@ -569,6 +617,15 @@ class SchedulerState:
                 self.waiters[sid] = keep
             else:
                 del self.waiters[sid]
+        return actions
+
+    def _agent_gone(self, agent_id: str) -> list[Action]:
+        """A dead agent answers nothing more: stops waiting on it are answered now."""
+        actions: list[Action] = []
+        for rec in self.sandboxes.values():
+            if rec.agent_id == agent_id and self._stop_in_flight(rec):
+                rec.placing, rec.stops_unconfirmed = False, 0
+                actions += self._answer_stop_waiters(rec)
         return actions
 
     def free_slots(self) -> int:

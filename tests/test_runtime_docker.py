@@ -243,7 +243,8 @@ class RuntimeConformance:
         await runtime.stop(stopped)  # a stopped sandbox is not an exit
         sid = await new_sandbox(runtime, agent_id, "-c", "echo bye; exit 3", command="sh")
         assert await next_exit(exits) == SandboxExit(sid, 3, False)
-        assert await runtime.logs(sid) == b"bye\n"  # kept after the container is gone
+        # kept after the container is gone
+        assert await runtime.logs(sid) == [OutputChunk(1, b"bye\n")]
         for _ in range(50):
             if not _docker_ps(agent_id):
                 break
@@ -251,14 +252,16 @@ class RuntimeConformance:
         assert _docker_ps(agent_id) == []
 
     async def test_logs(self, runtime: Runtime, agent_id: str) -> None:
-        sid = await new_sandbox(
-            runtime, agent_id, "-c", "echo out; echo err >&2; exec sleep 300", command="sh"
-        )
-        for _ in range(50):
-            if b"err" in (logs := await runtime.logs(sid)):
+        """In the order written, each chunk tagged with its stream. Regression: Docker
+        gave all of stderr, then all of stdout."""
+        script = "echo o1; sleep 0.1; echo e1 >&2; sleep 0.1; echo o2; exec sleep 300"
+        sid = await new_sandbox(runtime, agent_id, "-c", script, command="sh")
+        for _ in range(100):
+            logs = await runtime.logs(sid)
+            if b"o2" in b"".join(c.data for c in logs):
                 break
             await asyncio.sleep(0.05)
-        assert sorted(logs.splitlines()) == [b"err", b"out"]
+        assert logs == [OutputChunk(1, b"o1\n"), OutputChunk(2, b"e1\n"), OutputChunk(1, b"o2\n")]
 
     async def test_hardened_defaults(self, runtime: Runtime, agent_id: str) -> None:
         sid = await new_sandbox(runtime, agent_id, memory_bytes=256 * 1024 * 1024, cpus=0.5)

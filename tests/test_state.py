@@ -22,6 +22,7 @@ from aviato.protocol import (
     StopSandbox,
 )
 from scheduler.state import (
+    STOP_CONFIRM_SECONDS,
     Action,
     Config,
     Reply,
@@ -816,3 +817,68 @@ def test_invalid_create_is_refused_and_not_queued() -> None:
     assert reply.msg.code is ErrorCode.BAD_REQUEST  # type: ignore[union-attr]
     assert not state.pending
     assert state.sandboxes == {}
+
+
+def test_stop_is_answered_once_the_agent_has_stopped_it() -> None:
+    """A stop's reply waits for the agent: once the client hears "stopped", the agent
+    has dropped the sandbox, so no handle (made before or after) can exec in it."""
+    state = make_state()
+    register(state, "a", slots=2)
+    sid = run(state, "k")
+    reply, actions = state.request_stop(sid, "done", 1.0, key="stopper")
+    assert reply is None and stops(actions) == [("a", sid)]
+    # a second stop (another handle) waits for the same confirmation
+    again, more = state.request_stop(sid, "again", 1.5, key="second")
+    assert again is None and stops(more) == []
+    answered = state.stop_confirmed(sid)
+    [first] = replies_to(answered, "stopper")
+    [second] = replies_to(answered, "second")
+    assert first.sandbox.status is SandboxStatus.TERMINATED
+    assert second.sandbox.status is SandboxStatus.TERMINATED
+    # nothing in flight any more: answered at once
+    late, _ = state.request_stop(sid, "late", 2.0, key="late")
+    assert isinstance(late, SandboxReply)
+
+
+def test_stop_while_creating_waits_for_the_placement_and_its_stop() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    state.request_create("k", spec(), 30.0, 0.0)
+    reply, _ = state.request_stop("sb-1", "changed my mind", 1.0, key="stopper")
+    assert reply is None
+    # the agent confirms the first stop while the create is still under way there
+    assert replies_to(state.stop_confirmed("sb-1"), "stopper") == []
+    # the create then succeeds: stopped again, and only that confirmation answers
+    assert stops(state.placement_done("sb-1", None, 2.0)) == [("a", "sb-1")]
+    [done] = replies_to(state.stop_confirmed("sb-1"), "stopper")
+    assert done.sandbox.status is SandboxStatus.TERMINATED
+
+
+def test_stop_waiting_on_a_silent_agent_is_answered_when_it_dies_or_at_a_deadline() -> None:
+    state = make_state(dead_after_seconds=2.0)
+    register(state, "a", slots=1)
+    register(state, "b", slots=1)
+    sid_a = run(state, "ka")
+    sid_b = run(state, "kb")
+    assert {sid_a, sid_b} == {"sb-1", "sb-2"}
+    on_a = next(s for s, r in state.sandboxes.items() if r.agent_id == "a")
+    on_b = next(s for s, r in state.sandboxes.items() if r.agent_id == "b")
+    state.request_stop(on_a, "x", 1.0, key="wa")
+    state.request_stop(on_b, "x", 1.0, key="wb")
+    state.heartbeat("b", (), 2.5)  # b stays alive, and silent about the stop
+    [dead] = replies_to(state.tick(3.5), "wa")  # a missed its heartbeats
+    assert dead.sandbox.sandbox_id == on_a
+    assert replies_to(state.tick(3.5), "wb") == []
+    state.heartbeat("b", (), 20.0)
+    [late] = replies_to(state.tick(1.0 + STOP_CONFIRM_SECONDS), "wb")
+    assert late.sandbox.sandbox_id == on_b
+
+
+def test_a_stop_the_agent_could_not_carry_out_fails_for_its_callers() -> None:
+    state = make_state()
+    register(state, "a", slots=1)
+    sid = run(state, "k")
+    state.request_stop(sid, "done", 1.0, key="stopper")
+    error = ErrorReply(ErrorCode.FAILED, f"could not remove sandbox {sid}: engine down")
+    [reply] = replies_to(state.stop_confirmed(sid, error), "stopper")
+    assert reply == error

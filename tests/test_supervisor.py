@@ -76,10 +76,25 @@ async def _same_behaviour(sb: Sandbox) -> None:
     with pytest.raises(SandboxFileError) as info:
         await sb.read_file("/nope/none")
     assert info.value.filepath == "/nope/none"
-    r = await sb.exec(["no-such-program"])
-    assert r.returncode in (126, 127)
+    await _missing_program_is_127(sb)
+    # SIGPIPE (and SIGXFSZ) at their defaults, as under docker exec: not Python's ignore
+    r = await sb.exec(["grep", "SigIgn", "/proc/self/status"])
+    assert int(r.stdout.split()[1], 16) & (1 << 12 | 1 << 24) == 0, r
     await _stdin_behaviour(sb)
     await _relative_paths(sb)
+
+
+async def _missing_program_is_127(sb: Sandbox) -> None:
+    """As a shell says it, whatever path the exec took (supervisor or runtime)."""
+    r = await sb.exec(["no-such-program"])
+    assert (r.returncode, r.stdout) == (127, b""), r
+    assert b"no-such-program" in r.stderr and b"No such file" in r.stderr, r
+    chunks = [c async for c in sb.exec_stream(["no-such-program"])]
+    assert [c.fd for c in chunks] == [2] and b"no-such-program" in chunks[0].data
+    r = await sb.exec(["true"], cwd="/no/such/dir")
+    assert (r.returncode, r.stdout) == (127, b""), r
+    r = await sb.exec(["no-such-program"], stdin=b"x")  # docker exec attached for stdin
+    assert (r.returncode, r.stdout) == (127, b""), r
 
 
 async def _relative_paths(sb: Sandbox) -> None:
@@ -113,6 +128,15 @@ async def _stdin_behaviour(sb: Sandbox) -> None:
     stream = sb.exec_stream(["sh", "-c", "tr a-z A-Z; exit 5"], stdin=b"streamed")
     assert [(c.fd, c.data) async for c in stream] == [(1, b"STREAMED")]
     assert stream.returncode == 5
+
+
+async def test_missing_program_right_after_start_is_127(defaults: SandboxDefaults) -> None:
+    """Regression: straight after start (before the supervisor is up, so through docker
+    exec) it gave 126 with "OCI runtime exec failed" on stdout; later, 127 on stderr."""
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        await _missing_program_is_127(sb)
+        assert await _wait_for_supervisor(sb)
+        await _missing_program_is_127(sb)
 
 
 async def test_supervisor_serves_exec_and_files(defaults: SandboxDefaults) -> None:

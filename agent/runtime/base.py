@@ -12,10 +12,10 @@ from __future__ import annotations
 import abc
 import builtins
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from aviato.protocol import SandboxSpec, from_wire, to_wire
+from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec, from_wire, to_wire
 
 # Labels every sandbox carries, so an agent finds its own after a restart and
 # can report them to a scheduler that restarted.
@@ -72,6 +72,32 @@ class RuntimeSandbox:
 class OutputChunk:
     fd: int  # 1 stdout, 2 stderr
     data: bytes
+
+
+def join_chunks(chunks: Iterable[OutputChunk]) -> list[OutputChunk]:
+    """``chunks`` with adjacent ones of one stream joined (and empty ones dropped)."""
+    out: list[OutputChunk] = []
+    for chunk in chunks:
+        if not chunk.data:
+            continue
+        if out and out[-1].fd == chunk.fd:
+            out[-1] = OutputChunk(chunk.fd, out[-1].data + chunk.data)
+        else:
+            out.append(chunk)
+    return out
+
+
+def tail_chunks(chunks: list[OutputChunk], limit: int) -> list[OutputChunk]:
+    """The last ``limit`` bytes of ``chunks`` (the first kept one cut at its front)."""
+    kept: list[OutputChunk] = []
+    size = 0
+    for chunk in reversed(chunks):
+        if size + len(chunk.data) >= limit:
+            kept.append(OutputChunk(chunk.fd, chunk.data[len(chunk.data) - (limit - size) :]))
+            break
+        kept.append(chunk)
+        size += len(chunk.data)
+    return [c for c in reversed(kept) if c.data]
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,9 +192,13 @@ class Runtime(abc.ABC):
         return False
 
     @abc.abstractmethod
-    async def read_file(self, sandbox_id: str, path: str) -> bytes:
-        """The file's bytes; ``SandboxFileError`` (with ``.filepath``) when missing. A
-        relative ``path`` is taken from the sandbox's working directory (exec's default)."""
+    async def read_file(
+        self, sandbox_id: str, path: str, max_bytes: int = MAX_PAYLOAD_BYTES
+    ) -> bytes:
+        """The file's bytes; ``SandboxFileError`` (with ``.filepath``) when missing,
+        ``PayloadTooLargeError`` past ``max_bytes``, found while reading (an endless
+        file must not be read on). Cancelling the call stops the reading. A relative
+        ``path`` is taken from the sandbox's working directory (exec's default)."""
 
     @abc.abstractmethod
     async def write_file(
@@ -178,8 +208,11 @@ class Runtime(abc.ABC):
         as for ``read_file``."""
 
     @abc.abstractmethod
-    async def logs(self, sandbox_id: str) -> bytes:
-        """The main process's output so far."""
+    async def logs(
+        self, sandbox_id: str, tail_lines: int | None = None
+    ) -> builtins.list[OutputChunk]:
+        """The main process's output so far, in the order written, each chunk tagged
+        with its stream; ``tail_lines``: about that many of the last lines at most."""
 
     @abc.abstractmethod
     async def stop(self, sandbox_id: str) -> None:

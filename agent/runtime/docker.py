@@ -16,6 +16,7 @@ import os
 import posixpath
 import signal
 import socket
+import struct
 import tarfile
 import threading
 import time
@@ -41,16 +42,19 @@ from agent.runtime.base import (
     Runtime,
     RuntimeSandbox,
     SandboxExit,
+    join_chunks,
     spec_from_labels,
+    tail_chunks,
 )
 from aviato.exceptions import (
+    PayloadTooLargeError,
     SandboxError,
     SandboxFailedError,
     SandboxFileError,
     SandboxNotFoundError,
     SandboxNotRunningError,
 )
-from aviato.protocol import SandboxSpec
+from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -149,7 +153,7 @@ class DockerRuntime(Runtime):
         self._early: dict[str, dict[str, Any]] = {}  # die events that came during start
         self._removing: set[str] = set()
         self._oom: set[str] = set()
-        self._last_logs: OrderedDict[str, bytes] = OrderedDict()
+        self._last_logs: OrderedDict[str, list[OutputChunk]] = OrderedDict()
         self._exit_q: asyncio.Queue[SandboxExit | None] = asyncio.Queue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: Any = None
@@ -371,15 +375,16 @@ class DockerRuntime(Runtime):
                 h.exec_id = made["Id"]
                 if h.aborted:
                     return -9
+                relay = _HoldRuncFailure(emit)
                 if h.stdin is not None:
-                    self._attached_exec(h, emit)
+                    self._attached_exec(h, relay)
                 else:
                     h.stream = api.exec_start(h.exec_id, stream=True, demux=True)
                     for out, err in h.stream:  # ends early when an abort closes the stream
                         if out:
-                            emit(h, 1, out)
+                            relay(h, 1, out)
                         if err:
-                            emit(h, 2, err)
+                            relay(h, 2, err)
                     h.stream.close()
                 for _ in range(20):  # the stream can end just before the exit is recorded
                     info = api.exec_inspect(h.exec_id)
@@ -389,6 +394,13 @@ class DockerRuntime(Runtime):
             except DockerError as exc:
                 raise self._engine_error(sandbox_id, "exec", exc) from exc
             code = info["ExitCode"]
+            held = relay.held
+            if held is not None:
+                if code == 126:  # said as the supervisor says it: 127 when not found
+                    code, message = _exec_failure(h.argv[0], held)
+                    emit(h, 2, message)
+                else:
+                    emit(h, 1, held)
             return int(code) if code is not None else -9 if h.aborted else -1
         finally:
             h.done.set()
@@ -545,10 +557,18 @@ class DockerRuntime(Runtime):
                 sandbox_id=sandbox_id,
             ) from exc
 
-    async def read_file(self, sandbox_id: str, path: str) -> bytes:
-        return await self._run(self._read_sync, sandbox_id, path)
+    async def read_file(
+        self, sandbox_id: str, path: str, max_bytes: int = MAX_PAYLOAD_BYTES
+    ) -> bytes:
+        cancelled = threading.Event()
+        try:
+            return await self._run(self._read_sync, sandbox_id, path, max_bytes, cancelled)
+        finally:
+            cancelled.set()  # we were cancelled (or are done): the thread stops reading
 
-    def _read_sync(self, sandbox_id: str, path: str) -> bytes:
+    def _read_sync(
+        self, sandbox_id: str, path: str, max_bytes: int, cancelled: threading.Event
+    ) -> bytes:
         def fail(msg: str) -> SandboxFileError:
             return SandboxFileError(
                 f"{msg} (sandbox {sandbox_id})", filepath=path, sandbox_id=sandbox_id
@@ -557,10 +577,16 @@ class DockerRuntime(Runtime):
         where = self._path_sync(sandbox_id, path)
         for _ in range(8):  # follow a few symlinks
             try:
-                chunks, stat = self._api.get_archive(self._target(sandbox_id), where)
+                stream, stat = self._api.get_archive(self._target(sandbox_id), where)
                 if stat and stat.get("mode", 0) & _DIR_BIT:
                     raise fail(f"{path} is a directory, not a file")  # don't tar it all
-                chunks = list(chunks)
+                if stat and not stat.get("linkTarget") and int(stat.get("size") or 0) > max_bytes:
+                    raise _too_large(sandbox_id, path, max_bytes)
+                chunks = _read_capped(stream, max_bytes + _TAR_SLACK, cancelled)
+                if chunks is None:
+                    raise _too_large(sandbox_id, path, max_bytes)
+                if cancelled.is_set():
+                    raise fail(f"reading {path} was cancelled")
             except DockerError as exc:
                 gone = self._gone(sandbox_id, exc)
                 if gone is not None:
@@ -579,18 +605,22 @@ class DockerRuntime(Runtime):
                 continue
             if member is None or not member.isreg():
                 raise fail(f"{path} is not a regular file")
+            if member.size > max_bytes:
+                raise _too_large(sandbox_id, path, max_bytes)
             return _cut(chunks, member.offset_data, member.offset_data + member.size)
         raise fail(f"{path}: too many levels of symbolic links")
 
-    async def logs(self, sandbox_id: str) -> bytes:
-        return await self._run(self._logs_sync, sandbox_id)
+    async def logs(
+        self, sandbox_id: str, tail_lines: int | None = None
+    ) -> builtins.list[OutputChunk]:
+        return await self._run(self._logs_sync, sandbox_id, tail_lines)
 
-    def _logs_sync(self, sandbox_id: str) -> bytes:
+    def _logs_sync(self, sandbox_id: str, tail_lines: int | None) -> builtins.list[OutputChunk]:
         kept = self._last_logs.get(sandbox_id)
         if kept is not None and sandbox_id not in self._ids:
             return kept
         try:
-            return bytes(self._api.logs(self._target(sandbox_id), stdout=True, stderr=True))
+            return self._ordered_logs(self._target(sandbox_id), tail_lines)
         except DockerError as exc:
             if kept is not None:
                 return kept
@@ -600,6 +630,17 @@ class DockerRuntime(Runtime):
                     sandbox_id=sandbox_id,
                 ) from exc
             raise self._engine_error(sandbox_id, "reading logs", exc) from exc
+
+    def _ordered_logs(self, target: str, tail: int | None = None) -> builtins.list[OutputChunk]:
+        """The container's output in the order written. The engine returns each stream
+        whole, one after the other: entries are put back in order by their timestamps."""
+        api = self._api
+        params: dict[str, Any] = {"stdout": 1, "stderr": 1, "timestamps": 1}
+        if tail is not None:
+            params["tail"] = tail
+        res = api._get(api._url("/containers/{0}/logs", target), params=params)
+        api._raise_for_status(res)
+        return order_log_entries(res.content)
 
     # ------------------------------------------------------------------ stop and list
 
@@ -777,9 +818,9 @@ class DockerRuntime(Runtime):
         with contextlib.suppress(*DockerError):
             if not oom and code == 137:  # the oom event is not guaranteed
                 oom = bool(api.inspect_container(cid)["State"].get("OOMKilled"))
-        logs = b""
+        logs: list[OutputChunk] = []
         with contextlib.suppress(*DockerError):  # tail bounds the memory a chatty one costs
-            logs = bytes(api.logs(cid, stdout=True, stderr=True, tail=10_000))[-EXIT_LOG_BYTES:]
+            logs = tail_chunks(self._ordered_logs(cid, tail=10_000), EXIT_LOG_BYTES)
         with self._lock:
             self._last_logs[sid] = logs
             while len(self._last_logs) > EXIT_LOG_SANDBOXES:
@@ -822,6 +863,99 @@ class _Hijacked:
             self._raw.close()
         with contextlib.suppress(OSError):
             self._sock.close()
+
+
+class _HoldRuncFailure:
+    """Passes an exec's output on, except runc's own failure ("OCI runtime exec
+    failed", on stdout, before anything else), held for the exit code to explain."""
+
+    def __init__(self, emit: Callable[[_Exec, int, bytes], None]) -> None:
+        self._emit = emit
+        self._first = True
+        self.held: bytes | None = None
+
+    def __call__(self, h: _Exec, fd: int, chunk: bytes) -> None:
+        if self._first:
+            self._first = False
+            if fd == 1 and chunk.startswith(_OCI_FAILED):
+                self.held = chunk
+                return
+        if self.held is not None:  # output follows: it was the program's own
+            self._emit(h, 1, self.held)
+            self.held = None
+        self._emit(h, fd, chunk)
+
+
+_MUX_HEADER = struct.Struct(">BxxxL")  # stream (1 stdout, 2 stderr), length
+
+
+def order_log_entries(raw: bytes) -> list[OutputChunk]:
+    """Docker's multiplexed log stream, each entry prefixed with its RFC 3339 timestamp,
+    as chunks in the order written (adjacent ones of one stream joined)."""
+    entries: list[tuple[tuple[str, int], int, bytes]] = []
+    at = 0
+    while at + _MUX_HEADER.size <= len(raw):
+        fd, size = _MUX_HEADER.unpack_from(raw, at)
+        at += _MUX_HEADER.size
+        data, at = raw[at : at + size], at + size
+        stamp, _, text = data.partition(b" ")
+        entries.append((_stamp_key(stamp), 2 if fd == 2 else 1, text))
+    entries.sort(key=lambda e: e[0])  # stable: the engine's order among equal stamps
+    return join_chunks(OutputChunk(fd, text) for _, fd, text in entries)
+
+
+def _stamp_key(stamp: bytes) -> tuple[str, int]:
+    """A sortable key for "2026-11-30T20:16:00.2841Z" (trailing zeros are trimmed, so
+    the fraction is compared as nanoseconds, not as text)."""
+    text = stamp.decode(errors="replace").rstrip("Z")
+    whole, _, fraction = text.partition(".")
+    digits = "".join(c for c in fraction if c.isdigit())[:9]
+    return whole, int(digits.ljust(9, "0") or 0)
+
+
+_OCI_FAILED = b"OCI runtime exec failed"
+
+
+def _exec_failure(argv0: str, oci: bytes) -> tuple[int, bytes]:
+    """runc's exec failure as a shell (and the supervisor) reports it: 127 and "No such
+    file or directory" for a missing program or working directory, else 126."""
+    text = oci.decode(errors="replace").lower()
+    if "not found" in text or "no such file" in text:
+        return 127, f"exec {argv0!r}: No such file or directory\n".encode()
+    if "permission denied" in text:
+        return 126, f"exec {argv0!r}: Permission denied\n".encode()
+    return 126, oci.rstrip(b"\r\n") + b"\n"
+
+
+#: Tar headers (PAX ones for long names), padding and end blocks around a file's data.
+_TAR_SLACK = 1 << 20
+
+
+def _too_large(sandbox_id: str, path: str, limit: int) -> PayloadTooLargeError:
+    return PayloadTooLargeError(
+        f"{path} in sandbox {sandbox_id} is larger than the {limit}-byte read limit: "
+        "read less (pass a larger max_bytes, or split the file in the sandbox)",
+        sandbox_id=sandbox_id,
+    )
+
+
+def _read_capped(stream: Any, limit: int, cancelled: threading.Event) -> list[bytes] | None:
+    """The archive's chunks, or None past ``limit`` bytes: read while counting, so a
+    huge file is never held whole. Stops early (empty) once ``cancelled``."""
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        for chunk in stream:
+            if cancelled.is_set():
+                return []
+            total += len(chunk)
+            if total > limit:
+                return None
+            chunks.append(chunk)
+    finally:
+        with contextlib.suppress(Exception):
+            stream.close()  # the HTTP response goes with it, not read to its end
+    return chunks
 
 
 def _kill_tree(pid: int) -> None:

@@ -42,12 +42,14 @@ from agent.runtime.base import (
     Runtime,
     RuntimeSandbox,
     SandboxExit,
+    join_chunks,
 )
 from agent.runtime.cgroups import Cgroups
 from agent.runtime.parked import Parked, ParkedPool
+from agent.worker import LOG_MAGIC, LOG_RECORD
 from agent.workers import WorkerHub
 from aviato.exceptions import SandboxFailedError, SandboxNotRunningError
-from aviato.protocol import SandboxSpec
+from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +225,7 @@ class LocalRuntime(Runtime):
         self._stopping: set[str] = set()
         self._exits: asyncio.Queue[SandboxExit | None] = asyncio.Queue()
         self._waiters: set[asyncio.Task[None]] = set()
-        self._ended_logs: dict[str, bytes] = {}
+        self._ended_logs: dict[str, builtins.list[OutputChunk]] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -314,6 +316,7 @@ class LocalRuntime(Runtime):
         }
         if sockets is not None:
             env.setdefault("AVIATO_WORKER_SOCKET", f"{sockets.target}/worker.sock")
+        env["AVIATO_TAG_OUTPUT"] = "1"  # one log file: the supervisor tags each stream
         if self.bwrap:
             cmd = self._bwrap_argv(home, spec, mounts, binds) + argv
             cwd = None
@@ -522,7 +525,9 @@ class LocalRuntime(Runtime):
     ) -> AsyncIterator[OutputChunk | ExitStatus]:
         raise self._no_supervisor(sandbox_id)
 
-    async def read_file(self, sandbox_id: str, path: str) -> bytes:
+    async def read_file(
+        self, sandbox_id: str, path: str, max_bytes: int = MAX_PAYLOAD_BYTES
+    ) -> bytes:
         raise self._no_supervisor(sandbox_id)
 
     async def write_file(
@@ -530,15 +535,18 @@ class LocalRuntime(Runtime):
     ) -> None:
         raise self._no_supervisor(sandbox_id)
 
-    async def logs(self, sandbox_id: str) -> bytes:
+    async def logs(
+        self, sandbox_id: str, tail_lines: int | None = None
+    ) -> builtins.list[OutputChunk]:  # always a tail: the last LOG_LIMIT bytes
         if sandbox_id in self._ended_logs:
             return self._ended_logs[sandbox_id]
         home = self._find_dir(sandbox_id)
         if home is None or not (home / "log").exists():
-            return b""
+            return []
         with open(home / "log", "rb") as f:  # noqa: ASYNC230 (local disk, bounded read)
-            f.seek(max(0, (home / "log").stat().st_size - LOG_LIMIT))
-            return f.read()
+            start = max(0, (home / "log").stat().st_size - LOG_LIMIT)
+            f.seek(start)
+            return parse_tagged_log(f.read(), mid_record=start > 0)
 
     async def stop(self, sandbox_id: str) -> None:
         self._stopping.add(sandbox_id)
@@ -598,6 +606,30 @@ class LocalRuntime(Runtime):
             self.root.rmdir()
         for task in list(self._waiters):
             task.cancel()
+
+
+def parse_tagged_log(raw: bytes, *, mid_record: bool = False) -> builtins.list[OutputChunk]:
+    """The supervisor's tagged records (see agent/worker.py) as chunks. Bytes outside
+    any record were written before the supervisor ran, or by it dying: stderr.
+    ``mid_record``: ``raw`` may start inside a record (a tail): skip to the first."""
+    chunks: builtins.list[OutputChunk] = []
+    at = raw.find(LOG_MAGIC) if mid_record else 0
+    if at < 0:
+        return []
+    while at < len(raw):
+        start = raw.find(LOG_MAGIC, at)
+        if start < 0:
+            chunks.append(OutputChunk(2, raw[at:]))
+            break
+        if start > at:
+            chunks.append(OutputChunk(2, raw[at:start]))
+        if start + LOG_RECORD.size > len(raw):
+            break  # a record still being written
+        _, fd, size = LOG_RECORD.unpack_from(raw, start)
+        at = start + LOG_RECORD.size
+        chunks.append(OutputChunk(2 if fd == 2 else 1, raw[at : at + size]))
+        at += size
+    return join_chunks(chunks)
 
 
 def _command_exists(spec: SandboxSpec) -> bool:
