@@ -176,6 +176,16 @@ def handshake_refusal(event: int, value: int, address: str, keyed: bool) -> str:
             f"{address} refused this client's key (ZAP status {value}): it is not one of "
             "the cluster's client keys; check AVIATO_KEYS and AVIATO_CLIENT_KEY"
         )
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        # Seen again and again (the caller counts): a CURVE server that cannot read our
+        # hello, sealed for a server key that is not its own.
+        if not keyed:
+            return ""
+        return (
+            f"{address} does not accept this client's CURVE handshake: the scheduler.key "
+            "in AVIATO_KEYS is not its public key (keys made by another `aviato keys` "
+            "run?); use the cluster's key directory"
+        )
     if event != zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
         return ""
     if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
