@@ -297,7 +297,7 @@ def own_keypair(directory: str, role: Role, name: str | None) -> tuple[str, byte
     key of that role whose secret is in ``directory``."""
     folder = Path(directory) / role.folder
     if name is None:
-        found = sorted(p.name.removesuffix(".key_secret") for p in folder.glob("*.key_secret"))
+        found = secret_key_names(directory, role)
         if len(found) != 1:
             flag = "--agent-key (AVIATO_AGENT_KEY)" if role is Role.AGENT else "AVIATO_CLIENT_KEY"
             why = (
@@ -316,6 +316,12 @@ def own_keypair(directory: str, role: Role, name: str | None) -> tuple[str, byte
     if secret is None:
         raise UnauthorizedError(f"{folder / (name + '.key_secret')} holds no secret key")
     return name, public, secret
+
+
+def secret_key_names(directory: str, role: Role) -> list[str]:
+    """Names of the ``role`` keys whose secret is in ``directory``, sorted."""
+    folder = Path(directory) / role.folder
+    return sorted(p.name.removesuffix(".key_secret") for p in folder.glob("*.key_secret"))
 
 
 def scheduler_public_key(directory: str) -> bytes:

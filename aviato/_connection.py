@@ -302,6 +302,7 @@ class Connection(Channel):
         self._reader = loop.create_task(self._read())
         self._watcher = loop.create_task(self._watch())
         self._first_contact: asyncio.Task[None] | None = None
+        self._resolves = True  # until a look-up of the host's name fails
         if first_contact is not None and address not in _answered:
             self._first_contact = loop.create_task(self._give_up_unless_reached(first_contact))
 
@@ -310,20 +311,23 @@ class Connection(Channel):
             self._route(await self._sock.recv_multipart(copy=False))
 
     async def _give_up_unless_reached(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-        if self.address in _answered:
-            return
-        host = _zmq.endpoint_host(self.address)
-        try:
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + seconds
+        try:  # meanwhile, learn which message to give
             async with asyncio.timeout(seconds):
-                await asyncio.get_running_loop().getaddrinfo(host, None)
-            resolves = True
+                await loop.getaddrinfo(_zmq.endpoint_host(self.address), None)
         except (OSError, TimeoutError):
-            resolves = False
-        if self.address in _answered:
-            return
-        self.unreachable = nothing_answers(self.address, resolves)
-        self._fail_waiting(ErrorReply(ErrorCode.UNAVAILABLE, self.unreachable))
+            self._resolves = False
+        await asyncio.sleep(give_up_at - loop.time())
+        if self.address not in _answered:
+            self.unreachable = nothing_answers(self.address, self._resolves)
+            self._fail_waiting(ErrorReply(ErrorCode.UNAVAILABLE, self.unreachable))
+
+    def _no_answer(self, what: str) -> Exception:
+        if not self.refused and self._first_contact is not None and self.address not in _answered:
+            # A deadline shorter than the first-contact wait: the same, better, message.
+            return ClusterUnavailableError(nothing_answers(self.address, self._resolves))
+        return super()._no_answer(what)
 
     async def _watch(self) -> None:
         """A refused handshake (no key, an unknown key, another mechanism) would leave
