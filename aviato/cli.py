@@ -46,14 +46,13 @@ def _error(message: str) -> None:
 
 
 def _defaults(args: argparse.Namespace) -> SandboxDefaults:
-    address = args.scheduler or os.environ.get("AVIATO_SCHEDULER")
-    if not address:
+    if not (args.scheduler or os.environ.get("AVIATO_SCHEDULER")):
         raise ConfigurationError(
             "no cluster address: pass --scheduler tcp://HOST:PORT or set "
             "AVIATO_SCHEDULER (run `aviato up` to start a local cluster)"
         )
     return SandboxDefaults(
-        scheduler=address,
+        scheduler=args.scheduler,  # else $AVIATO_SCHEDULER, read (and checked) by it
         request_timeout_seconds=args.timeout,
         keys=args.keys,
         client_key=args.client_key,
@@ -62,15 +61,16 @@ def _defaults(args: argparse.Namespace) -> SandboxDefaults:
 
 async def _status(args: argparse.Namespace) -> int:
     defaults = _defaults(args)
+    address = defaults.scheduler_address() or ""
     conn = await scheduler_connection(defaults)
     reply = await conn.request(ClusterStatus(), timeout=defaults.request_timeout_seconds)
     assert isinstance(reply.msg, ClusterStatusReply)
     status = reply.msg
     if args.format == "json":
-        print_json(status_record(defaults.scheduler or "", status))
+        print_json(status_record(address, status))
         return 0
     rows = [agent_row(a) for a in status.agents]
-    print_table(AGENT_COLUMNS, rows, title=f"aviato cluster at {defaults.scheduler}")
+    print_table(AGENT_COLUMNS, rows, title=f"aviato cluster at {address}")
     counts = ", ".join(f"{k} {v}" for k, v in status.sandbox_counts.items())
     print(f"sandboxes: {counts}; sessions: {status.sessions}")
     return 0
