@@ -351,6 +351,13 @@ def test_ps_status_stop_and_exec_for_scripts(cluster: Cluster) -> None:
     env = _env(AVIATO_SCHEDULER=cluster.address)
     tag = f"cli-{time.monotonic_ns()}"
     first, second = _create(cluster.address, tag), _create(cluster.address, tag)
+    try:
+        _scripts(cluster, env, tag, first, second)
+    finally:  # even when it fails: no sandbox outlives the test
+        _aviato("stop", first, second, env=env)
+
+
+def _scripts(cluster: Cluster, env: dict[str, str], tag: str, first: str, second: str) -> None:
     # ps -q: ids only; --format json: records; piped table: plain, one row a line.
     done = _aviato("ps", "-q", "--tag", tag, env=env)
     assert sorted(done.stdout.split()) == sorted([first, second]), done.stderr
