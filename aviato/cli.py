@@ -274,8 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     up = command("up", help="run a local scheduler and agent in the foreground")
     up.add_argument("--port", type=int, default=UP_PORT, help=f"scheduler port ({UP_PORT})")
     up.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for others)")
-    up.add_argument("--slots", type=int)
-    up.add_argument("--runtime", default=None, choices=("docker", "local", "auto"))
+    up.add_argument("--slots", type=int, help="sandboxes at once (max(8, 4 x cores))")
+    up.add_argument(
+        "--runtime",
+        choices=("docker", "local", "auto"),
+        help="sandbox runtime (default $AVIATO_RUNTIME, else auto: Docker if it answers)",
+    )
     up.add_argument(
         "--log-level",
         type=log_level,
@@ -367,11 +371,15 @@ def _run(argv: list[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run the command; every aviato error is one line on stderr and exit status 1."""
+    """Run the command; every aviato error (and OSError) is one line on stderr and exit
+    status 1; usage errors are argparse's, status 2."""
     try:
         code = _run(list(sys.argv[1:] if argv is None else argv))
     except AviatoError as exc:
         _error(f"{type(exc).__name__}: {exc}")
+        code = 1
+    except OSError as exc:  # this machine's side: a folder we cannot write, ...
+        _error(str(exc))
         code = 1
     except KeyboardInterrupt:
         code = 130
