@@ -307,8 +307,15 @@ class Connection(Channel):
             self._first_contact = loop.create_task(self._give_up_unless_reached(first_contact))
 
     async def _read(self) -> None:
+        frames = await self._sock.recv_multipart(copy=False)
+        self._reached()  # the monitor may have missed the connect (attached after it)
         while True:
-            self._route(await self._sock.recv_multipart(copy=False))
+            self._route(frames)
+            frames = await self._sock.recv_multipart(copy=False)
+
+    def _reached(self) -> None:
+        _answered.add(self.address)
+        self.unreachable = ""
 
     async def _give_up_unless_reached(self, seconds: float) -> None:
         loop = asyncio.get_running_loop()
@@ -336,9 +343,8 @@ class Connection(Channel):
         while True:
             event = await recv_monitor_message(self._monitor)
             kind = event["event"]
+            self._reached()  # each event we watch says something is there
             if kind == zmq.EVENT_CONNECTED:
-                _answered.add(self.address)
-                self.unreachable = ""
                 continue
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.refused = ""
