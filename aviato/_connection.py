@@ -296,9 +296,14 @@ class Connection(Channel):
         at ``address`` (in this process), requests fail with ``ClusterUnavailableError``
         instead of waiting out their deadline (for a scheduler: see ``nothing_answers``)."""
         super().__init__(address, token, curve)
-        self._sock = _zmq.dealer(_context(), address, curve)
+        monitors: list[zmq.asyncio.Socket] = []
+
+        def monitor(sock: zmq.asyncio.Socket) -> None:
+            monitors.append(sock.get_monitor_socket(_WATCHED_EVENTS))
+
+        self._sock = _zmq.dealer(_context(), address, curve, before_connect=monitor)
+        self._monitor = monitors[0]
         loop = asyncio.get_running_loop()
-        self._monitor = self._sock.get_monitor_socket(_WATCHED_EVENTS)
         self._reader = loop.create_task(self._read())
         self._watcher = loop.create_task(self._watch())
         self._first_contact: asyncio.Task[None] | None = None
@@ -308,7 +313,7 @@ class Connection(Channel):
 
     async def _read(self) -> None:
         frames = await self._sock.recv_multipart(copy=False)
-        self._reached()  # the monitor may have missed the connect (attached after it)
+        self._reached()  # (a connect's event may come after its reply)
         while True:
             self._route(frames)
             frames = await self._sock.recv_multipart(copy=False)

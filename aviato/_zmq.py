@@ -6,7 +6,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -95,8 +95,13 @@ def router(
 
 
 def dealer(
-    ctx: zmq.asyncio.Context, connect: str, keys: CurveKeys | None = None
+    ctx: zmq.asyncio.Context,
+    connect: str,
+    keys: CurveKeys | None = None,
+    before_connect: Callable[[zmq.asyncio.Socket], object] | None = None,
 ) -> zmq.asyncio.Socket:
+    """A DEALER connected to ``connect``; ``before_connect`` sees it just before (to
+    attach a monitor that must not miss the connect's events)."""
     check_endpoint(connect)
     sock = ctx.socket(zmq.DEALER)
     if keys is not None:
@@ -108,6 +113,8 @@ def dealer(
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.RCVHWM, 100_000)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    if before_connect is not None:
+        before_connect(sock)
     sock.connect(connect)
     return sock
 
