@@ -601,8 +601,9 @@ class AgentServer:
         self._check_running(msg.sandbox_id)
         if not msg.argv or not msg.argv[0]:
             raise ValueError("exec needs a non-empty argv, e.g. ['echo', 'hi']")
-        if d.payloads:
-            raise ValueError("exec with stdin is not supported yet")
+        if len(d.payloads) > 1:
+            raise ValueError("exec carries at most one payload frame (its stdin)")
+        stdin = d.payloads[0] if d.payloads else None
         hub = self._hub
         via: Runtime | WorkerHub = (
             hub if hub is not None and hub.supervised(msg.sandbox_id) else self.runtime
@@ -614,6 +615,7 @@ class AgentServer:
                 cwd=msg.cwd,
                 env=msg.env,
                 timeout_seconds=msg.timeout_seconds,
+                stdin=stdin,
             )
             reply = ExecReply(out.returncode, out.timed_out)
             await self._send(identity, d.request_id, reply, (out.stdout, out.stderr))
@@ -624,6 +626,7 @@ class AgentServer:
             cwd=msg.cwd,
             env=msg.env,
             timeout_seconds=msg.timeout_seconds,
+            stdin=stdin,
         ):
             if isinstance(event, ExitStatus):
                 await self._send(

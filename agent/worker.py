@@ -7,8 +7,9 @@ sandbox with no network still works), says hello, then serves:
 
 - ``calls``: batches of remote-function calls, run one after another on the main
   thread (a function may use signals) with outcomes sent back as they finish;
-- ``exec``: a command spawned with pipes, its output streamed or collected, its
-  exit code reported (each exec on its own thread, so many run at once);
+- ``exec``: a command spawned with pipes (its stdin the request's blob, then EOF, or
+  empty), its output streamed or collected, its exit code reported (each exec on its
+  own thread, so many run at once);
 - ``read`` / ``write``: files.
 
 It exits when the agent closes the socket. Framing: ``u32 frame count``, the frames'
@@ -36,6 +37,9 @@ if TYPE_CHECKING:  # typing costs milliseconds at start-up; only the checker nee
     from typing import Any
 
 SIGKILL = 9  # Linux; the signal module would cost an import (enum) at start-up
+#: SIGPIPE and SIGXFSZ, which Python ignores and a spawned program would inherit ignored
+#: (`yes | head` would then end in "Broken pipe" errors): reset, as subprocess does.
+RESTORED_SIGNALS = (13, 25)
 _COUNT = struct.Struct("!I")
 _LEN = struct.Struct("!Q")
 #: Outcomes are sent at the latest this long after the first unsent one finished.
@@ -138,25 +142,34 @@ def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _try(dumps: Any, value: Any) -> bytes | None:
+    try:
+        blob: bytes = dumps(value)
+        return blob
+    except Exception:
+        return None
+
+
 def error_record(exc: BaseException, dumps: Any) -> bytes:
-    """What the client needs to rebuild ``exc``: the pickled exception when possible,
-    and always its type name, message and formatted traceback."""
+    """What the client needs to rebuild ``exc``: the pickled exception when possible;
+    its class, ``args`` and each attribute pickled apart, for the client to rebuild it
+    as pickle does (``cls(*args)``) when the whole does not travel (an attribute that
+    does not pickle, say); and always its type name, message and formatted traceback."""
     import pickle
     import traceback  # only when something failed
 
     tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    pickled = None
-    if dumps is not None:
-        try:
-            pickled = dumps(exc)
-        except Exception:
-            pickled = None
-    record = {
+    record: dict[str, Any] = {
         "type": _qualname(type(exc)),
         "message": str(exc),
         "traceback": tb,
-        "exception": pickled,
+        "exception": None,
     }
+    if dumps is not None:
+        record["exception"] = _try(dumps, exc)
+        record["class"] = _try(dumps, type(exc))
+        record["args"] = _try(dumps, exc.args)
+        record["state"] = {k: _try(dumps, v) for k, v in getattr(exc, "__dict__", {}).items()}
     return pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -402,12 +415,15 @@ class Supervisor:
 
     # ------------------------------------------------------------------ exec
 
-    def do_exec(self, header: dict[str, Any], _blobs: list[bytes]) -> None:
+    def do_exec(self, header: dict[str, Any], blobs: list[bytes]) -> None:
         rid, stream = header["rid"], bool(header.get("stream"))
         env = {**self.base_env, **(header.get("env") or {})}
+        stdin = (blobs[0] if blobs else b"") if header.get("stdin") else None
         try:
             # A session of its own: a timeout kills the whole group.
-            pid, out_r, err_r = spawn(header["argv"], env, header.get("cwd") or None)
+            pid, out_r, err_r, in_w = spawn(
+                header["argv"], env, header.get("cwd") or None, stdin is not None
+            )
         except OSError as exc:
             code = 127 if isinstance(exc, FileNotFoundError) else 126
             message = f"exec {header['argv'][0]!r}: {exc.strerror or exc}\n".encode()
@@ -420,6 +436,9 @@ class Supervisor:
                 )
             return
         self.procs[rid] = pid
+        if in_w is not None:
+            # On a thread of its own: the command may write before it reads.
+            _thread.start_new_thread(_feed, (in_w, stdin or b""))
         collected: dict[int, list[bytes]] = {1: [], 2: []}
 
         def pump(fd: int, pipe: int, done: Any) -> None:
@@ -519,9 +538,25 @@ def _find(argv0: str, env: dict[str, str]) -> str:
     raise FileNotFoundError(2, "No such file or directory", argv0)
 
 
-def spawn(argv: list[str], env: dict[str, str], cwd: str | None) -> tuple[int, int, int]:
-    """Start ``argv`` in a session of its own, stdin empty, output to two pipes;
-    returns its pid and the pipes' read ends. posix_spawn: no fork of this process."""
+def _feed(pipe: int, data: bytes) -> None:
+    """Write an exec's stdin, then close it: the command sees EOF. A command that exits
+    (or closes its stdin) without reading it all just loses the rest."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(pipe, view[:CHUNK]) :]
+    except OSError:  # EPIPE: it stopped reading
+        pass
+    finally:
+        os.close(pipe)
+
+
+def spawn(
+    argv: list[str], env: dict[str, str], cwd: str | None, stdin: bool = False
+) -> tuple[int, int, int, int | None]:
+    """Start ``argv`` in a session of its own, output to two pipes; stdin empty, or a
+    pipe when ``stdin``. Returns its pid, the output pipes' read ends and the stdin
+    pipe's write end (None without). posix_spawn: no fork of this process."""
     if cwd is not None:
         if not os.path.isdir(cwd):
             raise FileNotFoundError(2, "No such file or directory", cwd)
@@ -530,26 +565,32 @@ def spawn(argv: list[str], env: dict[str, str], cwd: str | None) -> tuple[int, i
     path = _find(argv[0], env)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
+    # Pipes are close-on-exec: the child keeps only what is dup2'ed onto 0, 1 and 2.
+    in_r, in_w = os.pipe() if stdin else (-1, None)
+    first: Any = (
+        (os.POSIX_SPAWN_DUP2, in_r, 0)
+        if stdin
+        else (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)
+    )
     try:
         pid = os.posix_spawn(
             path,
             argv,
             env,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, out_w, 1),
-                (os.POSIX_SPAWN_DUP2, err_w, 2),
-            ],
+            file_actions=[first, (os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2)],
             setsid=True,
+            setsigdef=RESTORED_SIGNALS,
         )
     except BaseException:
-        os.close(out_r)
-        os.close(err_r)
+        for fd in (out_r, err_r, in_w):
+            if fd is not None:
+                os.close(fd)
         raise
     finally:
-        os.close(out_w)
-        os.close(err_w)
-    return pid, out_r, err_r
+        for fd in (out_w, err_w, in_r):
+            if fd >= 0:
+                os.close(fd)
+    return pid, out_r, err_r, in_w
 
 
 def _wait(pid: int) -> int:
@@ -582,6 +623,7 @@ def run_main_command(argv: list[str]) -> int | None:
             env,
             file_actions=[(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0)],
             setpgroup=0,
+            setsigdef=RESTORED_SIGNALS,
         )
     except OSError as exc:
         print(f"aviato: cannot run {argv[0]!r}: {exc.strerror or exc}", file=sys.stderr)

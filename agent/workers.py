@@ -201,7 +201,11 @@ class WorkerHub:
             link.listener = None
 
     async def wait_ready(self, sandbox_id: str, timeout: float) -> dict[str, Any]:
-        link = self._links[sandbox_id]
+        link = self._links.get(sandbox_id)
+        if link is None:  # closed (stopped) while its sandbox was being created
+            raise SandboxFailedError(
+                f"sandbox {sandbox_id} was stopped while it started", sandbox_id=sandbox_id
+            )
         try:
             async with asyncio.timeout(timeout):
                 hello = await asyncio.shield(link.hello)
@@ -278,9 +282,10 @@ class WorkerHub:
         cwd: str | None,
         env: Mapping[str, str] | None,
         timeout_seconds: float | None,
+        stdin: Payload | None = None,
     ) -> AsyncIterator[OutputChunk | ExitStatus]:
-        header = _exec_header(argv, cwd, env, timeout_seconds, stream=True)
-        rid, replies, link = await self._ask(sandbox_id, header)
+        header = _exec_header(argv, cwd, env, timeout_seconds, stream=True, stdin=stdin)
+        rid, replies, link = await self._ask(sandbox_id, header, _stdin_blobs(stdin))
         finished = False
         try:
             while True:
@@ -309,9 +314,10 @@ class WorkerHub:
         cwd: str | None,
         env: Mapping[str, str] | None,
         timeout_seconds: float | None,
+        stdin: Payload | None = None,
     ) -> ExecOutput:
-        header = _exec_header(argv, cwd, env, timeout_seconds, stream=False)
-        reply, blobs = await self._one_reply(sandbox_id, header)
+        header = _exec_header(argv, cwd, env, timeout_seconds, stream=False, stdin=stdin)
+        reply, blobs = await self._one_reply(sandbox_id, header, _stdin_blobs(stdin))
         if reply.get("op") != "exit":
             raise self._gone(sandbox_id)
         out, err = [bytes(b) for b in [*blobs, b"", b""][:2]]
@@ -523,6 +529,10 @@ class WorkerHub:
     async def close(self, sandbox_id: str, detail: str) -> None:
         link = self._links.pop(sandbox_id, None)
         if link is None:
+            # Closed already; but a container created after that (a stop that raced its
+            # create) made its bind-mount source again: Docker creates missing ones.
+            if sandbox_id.strip(".") and "/" not in sandbox_id:
+                shutil.rmtree(self.root / sandbox_id, ignore_errors=True)
             return
         if not link.exit_detail.done():
             link.exit_detail.set_result(detail)
@@ -566,7 +576,9 @@ def _exec_header(
     timeout: float | None,
     *,
     stream: bool,
+    stdin: Payload | None = None,
 ) -> dict[str, Any]:
+    """The supervisor's exec request; with ``stdin`` its one blob is the command's stdin."""
     return {
         "op": "exec",
         "argv": list(argv),
@@ -574,4 +586,9 @@ def _exec_header(
         "env": dict(env or {}),
         "timeout": timeout,
         "stream": stream,
+        "stdin": stdin is not None,
     }
+
+
+def _stdin_blobs(stdin: Payload | None) -> tuple[Payload, ...]:
+    return () if stdin is None else (stdin,)

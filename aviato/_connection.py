@@ -221,6 +221,8 @@ class Channel:
                 main.cancel()
                 with contextlib.suppress(asyncio.CancelledError, AviatoError):
                     await main
+            elif not main.cancelled():
+                main.exception()  # we left another way (cancelled, a failed probe)
 
     async def stream(
         self,

@@ -258,11 +258,14 @@ def rebuild_error(blob: bytes | memoryview) -> BaseException:
     type_name = str(record.get("type", "Exception"))
     message = str(record.get("message", ""))
     exc: BaseException | None = None
+    dropped: list[str] = []
     if record.get("exception") is not None:
         try:
             exc = cloudpickle.loads(record["exception"])
         except Exception:
             exc = None
+    if exc is None:
+        exc, dropped = _rebuild_from_parts(record)
     if exc is None and type_name.startswith("aviato.exceptions."):
         ours = getattr(exceptions, type_name.rsplit(".", 1)[1], None)
         if isinstance(ours, type) and issubclass(ours, exceptions.SandboxError):
@@ -280,5 +283,33 @@ def rebuild_error(blob: bytes | memoryview) -> BaseException:
             type_name=type_name,
             traceback_text=traceback_text,
         )
+    if dropped:
+        exc.add_note(f"(attributes that could not be brought back: {', '.join(dropped)})")
     exc.add_note(f"\nRemote traceback (in the sandbox):\n{traceback_text}")
     return exc
+
+
+def _rebuild_from_parts(record: dict[str, Any]) -> tuple[BaseException | None, list[str]]:
+    """Rebuild an exception from its class and ``args`` as pickle does (``cls(*args)``),
+    then set each attribute that unpickles; returns it (None when its class, args or
+    ``__init__`` do not allow it) and the names of the attributes left out."""
+    if record.get("class") is None or record.get("args") is None:
+        return None, []
+    try:
+        cls = cloudpickle.loads(record["class"])
+        args = cloudpickle.loads(record["args"])
+        if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+            return None, []
+        exc = cls(*args)
+    except Exception:  # its __init__ wants other arguments than its args hold
+        return None, []
+    dropped = []
+    state = record.get("state")
+    for name, blob in (state if isinstance(state, dict) else {}).items():
+        try:
+            if blob is None:
+                raise ValueError("not picklable")
+            setattr(exc, name, cloudpickle.loads(blob))
+        except Exception:
+            dropped.append(str(name))
+    return exc, dropped

@@ -157,7 +157,14 @@ class FunctionPool:
     def _task(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        """The pool's tasks handle their own errors; one that escapes is logged here,
+        not left for asyncio to report at garbage collection."""
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("function pool task failed", exc_info=task.exception())
 
     # ------------------------------------------------------------------ dispatch
 

@@ -17,6 +17,7 @@ from aviato._types import ExecResult, OutputChunk
 from aviato.exceptions import (
     AviatoError,
     ClusterUnavailableError,
+    PayloadTooLargeError,
     SandboxExecutionError,
     SandboxFailedError,
     SandboxNotFoundError,
@@ -25,6 +26,7 @@ from aviato.exceptions import (
     SandboxTimeoutError,
 )
 from aviato.protocol import (
+    MAX_PAYLOAD_BYTES,
     CreateSandbox,
     Exec,
     ExecChunk,
@@ -221,6 +223,10 @@ class Sandbox:
             if self._session is not None:
                 self._session._check_open()
             self._starting = asyncio.ensure_future(self._start())
+            # Shielded: a caller that gives up (cancelled, or a failed sibling in a
+            # TaskGroup) leaves the create running, and its failure, if any, to no one;
+            # those still awaiting get it raised, so asyncio need not warn of it.
+            self._starting.add_done_callback(_mark_retrieved)
         return await asyncio.shield(self._starting)
 
     async def _start(self) -> str:
@@ -382,12 +388,19 @@ class Sandbox:
         timeout_seconds: float | None = None,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
+        stdin: bytes | bytearray | memoryview | str | None = None,
     ) -> ExecResult:
-        """Run ``command`` (an argv list) in the sandbox and return its output as bytes."""
+        """Run ``command`` (an argv list) in the sandbox and return its output as bytes.
+
+        ``stdin``: what the command reads on its standard input (a str as UTF-8), then
+        end of file; by default its stdin is empty. At most the payload limit
+        (``PayloadTooLargeError`` beyond it, nothing sent)."""
         argv = _argv(command)
+        payloads = _stdin_payloads(stdin)
         info, conn = self._agent()
         reply = await conn.request(
             Exec(info.sandbox_id, argv, cwd, dict(env or {}), timeout_seconds),
+            payloads,
             timeout=self._exec_deadline(timeout_seconds),
         )
         assert isinstance(reply.msg, ExecReply)
@@ -422,6 +435,7 @@ class Sandbox:
         timeout_seconds: float | None = None,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
+        stdin: bytes | bytearray | memoryview | str | None = None,
     ) -> ExecStream:
         """Run ``command`` and yield its output as it is produced::
 
@@ -429,10 +443,24 @@ class Sandbox:
         async for chunk in stream:
             print(chunk.stream, chunk.data)
         print(stream.returncode)
+
+        ``stdin`` as for :meth:`exec`: sent whole with the request, then end of file.
         """
-        return ExecStream(self, _argv(command), check, timeout_seconds, cwd, dict(env or {}))
+        return ExecStream(
+            self,
+            _argv(command),
+            check,
+            timeout_seconds,
+            cwd,
+            dict(env or {}),
+            _stdin_payloads(stdin),
+        )
 
     async def read_file(self, path: str) -> bytes:
+        """The file at ``path`` (a missing one raises ``SandboxFileError``). A relative
+        path is taken from the sandbox's working directory, where ``exec`` runs by
+        default: its ``working_dir``, else the image's ``WORKDIR``, else ``/`` (under the
+        local runtime, ``/tmp``)."""
         info, conn = self._agent()
         reply = await conn.request(
             ReadFile(info.sandbox_id, path), timeout=self._defaults.request_timeout_seconds
@@ -443,7 +471,9 @@ class Sandbox:
     async def write_file(
         self, path: str, data: bytes | bytearray | memoryview | str, *, mode: int = 0o644
     ) -> None:
-        """Write ``data`` (bytes; a str is written as UTF-8) at ``path``, making parent dirs."""
+        """Write ``data`` (bytes; a str is written as UTF-8) at ``path``, replacing any
+        file there, with ``mode``. Missing parent directories are created. A relative path
+        is taken from the sandbox's working directory, as for :meth:`read_file`."""
         if isinstance(data, str):
             data = data.encode()
         payload = data if isinstance(data, bytes | memoryview) else bytes(data)
@@ -478,8 +508,10 @@ class ExecStream:
         timeout_seconds: float | None,
         cwd: str | None,
         env: dict[str, str],
+        stdin: tuple[bytes | memoryview, ...] = (),
     ) -> None:
         self._sandbox = sandbox
+        self._stdin = stdin
         self.command = argv
         self._check = check
         self._timeout = timeout_seconds
@@ -499,6 +531,7 @@ class ExecStream:
         msg = Exec(info.sandbox_id, self.command, self._cwd, self._env, self._timeout, True)
         async for reply in conn.stream(
             msg,
+            self._stdin,
             idle_timeout=self._sandbox._exec_deadline(self._timeout),
             is_last=ExecReply,
         ):
@@ -522,6 +555,35 @@ class ExecStream:
         async for _ in self:
             pass
         return self._result()
+
+
+def _mark_retrieved(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _stdin_payloads(
+    stdin: bytes | bytearray | memoryview | str | None,
+) -> tuple[bytes | memoryview, ...]:
+    """An exec's stdin as its one payload frame (none: an empty stdin), checked against
+    the payload limit here so that the error names stdin."""
+    if stdin is None:
+        return ()
+    if isinstance(stdin, str):
+        stdin = stdin.encode()
+    elif isinstance(stdin, bytearray):
+        stdin = bytes(stdin)
+    elif isinstance(stdin, memoryview):
+        stdin = stdin.cast("B")
+    elif not isinstance(stdin, bytes):
+        raise TypeError(f"stdin must be bytes or str, not {type(stdin).__name__}")
+    size = len(stdin)
+    if size > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLargeError(
+            f"stdin of {size} bytes is above the {MAX_PAYLOAD_BYTES}-byte payload limit; "
+            "write the data to files in the sandbox in smaller pieces and read them instead"
+        )
+    return (stdin,)
 
 
 def _argv(command: Sequence[str]) -> tuple[str, ...]:

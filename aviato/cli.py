@@ -125,12 +125,20 @@ async def _exec(args: argparse.Namespace) -> int:
     defaults = _defaults(args)
     command = [c for c in args.command if c != "--"] if args.command[:1] == ["--"] else args.command
     sb = await Sandbox.from_id(args.id, defaults=defaults)
-    stream = sb.exec_stream(command, timeout_seconds=args.exec_timeout)
+    stream = sb.exec_stream(command, timeout_seconds=args.exec_timeout, stdin=_piped_stdin())
     async for chunk in stream:
         out = sys.stdout.buffer if chunk.fd == 1 else sys.stderr.buffer
         out.write(chunk.data)
         out.flush()
     return exit_status(stream.returncode)
+
+
+def _piped_stdin() -> bytes | None:
+    """Our stdin, read to its end, when it is not a terminal (``echo hi | aviato exec ID
+    -- cat``): the command gets it, then EOF. From a terminal it gets an empty stdin."""
+    if sys.stdin is None or sys.stdin.isatty():
+        return None
+    return sys.stdin.buffer.read()
 
 
 async def _logs(args: argparse.Namespace) -> int:

@@ -334,8 +334,9 @@ class SandboxExited(Message):
 
 @dataclass(frozen=True, slots=True)
 class Exec(Message):
-    """Payloads: ``[stdin]`` optionally. Buffered reply: ``ExecReply`` with payloads
-    ``[stdout, stderr]``; streamed: ``ExecChunk``s then an ``ExecReply`` with none."""
+    """Payloads: ``[stdin]`` optionally (the command reads it, then end of file; without
+    it, an empty stdin). Buffered reply: ``ExecReply`` with payloads ``[stdout, stderr]``;
+    streamed: ``ExecChunk``s then an ``ExecReply`` with none."""
 
     TYPE = MsgType.EXEC
     sandbox_id: str

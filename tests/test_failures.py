@@ -12,7 +12,15 @@ import docker
 import pytest
 
 from aviato import Sandbox, SandboxDefaults, SandboxFailedError, SandboxStatus
-from tests.conftest import IMAGE, ROOT, Cluster, containers_of, running_of, wait_until
+from tests.conftest import (
+    IMAGE,
+    ROOT,
+    Cluster,
+    containers_of,
+    need_docker,
+    running_of,
+    wait_until,
+)
 
 
 async def test_killed_client_session_is_reaped_within_its_lease(cluster: Cluster) -> None:
@@ -181,6 +189,7 @@ async def test_embedded_cluster_reaps_sandboxes_of_dead_embedded_agents() -> Non
     nobody; the next embedded cluster on the host removes them."""
     from aviato._local import LocalCluster
 
+    need_docker()
     client = docker.from_env()
     dead = 2**22 + 12345  # above pid_max here: no such process
     name = f"aviato-sb-orphan{dead}"  # sandboxes are named aviato-<sandbox id>

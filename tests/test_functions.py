@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 import threading
 import time
 
@@ -22,6 +23,7 @@ from aviato import (
     WorkerLostError,
     _pool,
 )
+from tests.conftest import ROOT
 
 OFFSET = 1000
 
@@ -41,6 +43,16 @@ class CustomError(Exception):
 class Unrebuildable(Exception):
     def __init__(self, a: int, b: int) -> None:  # two args: unpickling it fails
         super().__init__(f"{a}/{b}")
+
+
+class HoldsALock(Exception):
+    """Several arguments, and an attribute that does not pickle: the whole exception
+    cannot travel, but its args allow ``cls(*args)``, as pickle would rebuild it."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.lock = threading.Lock()
 
 
 async def test_seed_example_parallel_in_about_a_second(defaults: SandboxDefaults) -> None:
@@ -103,6 +115,8 @@ async def test_exceptions_keep_their_type_and_remote_traceback(defaults) -> None
                 raise ValueError("bad value 42")
             if kind == "custom":
                 raise CustomError("mine")
+            if kind == "lock":
+                raise HoldsALock(7, "busy")
             raise Unrebuildable(1, 2)
 
         with pytest.raises(ValueError, match="bad value 42") as info:
@@ -111,6 +125,11 @@ async def test_exceptions_keep_their_type_and_remote_traceback(defaults) -> None
         assert "Remote traceback" in notes and "in fails" in notes
         with pytest.raises(CustomError, match="mine"):
             await fails("custom")
+        with pytest.raises(HoldsALock) as info3:
+            await fails("lock")
+        assert info3.value.args == (7, "busy") and info3.value.code == 7
+        notes = "\n".join(info3.value.__notes__)
+        assert "could not be brought back: lock" in notes and "in fails" in notes
         with pytest.raises(FunctionError) as info2:
             await fails("other")
         assert "Unrebuildable" in info2.value.type_name
@@ -274,3 +293,77 @@ async def test_ten_thousand_noop_calls_in_one_gather(defaults: SandboxDefaults) 
 
         results = await asyncio.wait_for(asyncio.gather(*(ident(i) for i in range(10_000))), 300)
         assert [r.value for r in results] == list(range(10_000))
+
+
+_GATHER_THEN_GC = """
+import asyncio, gc, logging, sys, warnings
+
+seen = []
+
+
+class Keep(logging.Handler):
+    def emit(self, record):
+        seen.append(record.getMessage())
+
+
+logging.getLogger("asyncio").addHandler(Keep())
+warnings.simplefilter("always")
+from aviato import Sandbox, SandboxDefaults
+
+
+async def main(address):
+    d = SandboxDefaults(container_image="python:3.11", scheduler=address, lease_seconds=5)
+    # The issue's case: a gather of calls, several raising, and the session left at once
+    # (workers still starting: more than the cluster's slots).
+    try:
+        async with Sandbox.session(d) as session:
+
+            @session.function(max_workers=10)
+            def f(i):
+                if i % 3 == 0:
+                    raise ValueError(i)
+                return i
+
+            await asyncio.gather(*(f(i) for i in range(10)))
+    except ValueError:
+        pass
+    # Starts given up on (a sibling in their TaskGroup failed) whose creates then fail.
+    sbs = [Sandbox(command="no-such-command-xyz", defaults=d) for _ in range(3)]
+
+    async def sibling():
+        raise RuntimeError("sibling failed")
+
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for sb in sbs:
+                tg.create_task(sb.start())
+            tg.create_task(sibling())
+    except* RuntimeError:
+        pass
+    starting = [sb._starting for sb in sbs if sb._starting is not None]
+    assert starting, "the creates were not under way"
+    await asyncio.wait(starting, timeout=60)
+    del sbs, starting
+    gc.collect()
+    await asyncio.sleep(0)
+
+
+asyncio.run(main(sys.argv[1]))
+gc.collect()
+print("asyncio said:", seen)
+"""
+
+
+def test_no_never_retrieved_warnings_after_a_failed_gather(cluster) -> None:
+    """A failed gather of calls, and starts abandoned by a failed TaskGroup, leave no
+    "exception was never retrieved" (asyncio's logger, at garbage collection)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _GATHER_THEN_GC, cluster.address],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "never retrieved" not in out.stdout + out.stderr, out.stdout + out.stderr
+    assert "asyncio said: []" in out.stdout, out.stdout

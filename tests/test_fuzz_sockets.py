@@ -499,7 +499,7 @@ def test_wrong_payload_counts_are_refused(
     refused = [
         (WriteFile(sid, "/tmp/x"), [], "exactly one payload"),
         (WriteFile(sid, "/tmp/x"), [b"a", b"b"], "exactly one payload"),
-        (Exec(sid, ("true",)), [b"stdin"], "stdin"),
+        (Exec(sid, ("true",)), [b"in", b"more"], "at most one payload frame (its stdin)"),
         (RunCalls(sid, (call,)), [b"x"], "names 2 payload frames but carries 1"),
         (RunCalls(sid, (call,)), [b"x"] * 3, "names 2 payload frames but carries 3"),
         (RunCalls(sid, (call, call)), [b"x"] * 3, "names 4 payload frames but carries 3"),

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agent.runtime.local import interpreter_binds
 from aviato import (
     Sandbox,
     SandboxDefaults,
@@ -142,6 +146,55 @@ async def test_without_bubblewrap_it_says_it_is_not_isolated(tmp_path: Path) -> 
             assert "NOT isolated" in sb.runtime
             assert (await sb.exec(["echo", "works"])).stdout == b"works\n"
             assert await sb.status() is SandboxStatus.RUNNING
+
+
+async def test_a_venv_under_tmp_serves_sandboxes(tmp_path: Path) -> None:
+    """An agent whose Python is a venv under /tmp (where each sandbox has a /tmp of its
+    own): the venv is mounted read-only at its place. Regression: `bwrap: execvp python:
+    No such file or directory`."""
+    venv = Path(tempfile.mkdtemp(prefix="aviato-venv-", dir="/tmp"))
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", venv],
+            check=True,
+            timeout=120,
+        )
+        # A module only the venv has: sandboxes run the venv's Python, packages and all.
+        (venv / "lib" / "python3.11" / "site-packages" / "only_in_the_venv.py").write_text(
+            "VALUE = 42\n"
+        )
+        path = f"{venv}/bin:{os.environ['PATH']}"  # as when the venv is activated
+        for c in _local_cluster(tmp_path, PATH=path):
+            d = SandboxDefaults(scheduler=c.address, container_image="python:3.11")
+            async with Sandbox(command="sleep", args=["infinity"], defaults=d) as sb:
+                probe = "import sys, only_in_the_venv as m; print(sys.prefix, m.VALUE)"
+                r = await sb.exec(["python", "-c", probe])
+                assert r.stdout == f"{venv} 42\n".encode(), r
+                # read-only, and the sandbox's own /tmp is still its own
+                r = await sb.exec(["sh", "-c", f"touch {venv}/x; ls /tmp"])
+                assert b"Read-only file system" in r.stderr
+                assert r.stdout.split() == [venv.name.encode()], r  # just its mount point
+            async with Sandbox.session(d) as session:
+
+                @session.function()
+                def from_the_venv(n: int) -> int:
+                    import only_in_the_venv
+
+                    return int(only_in_the_venv.VALUE) * n
+
+                assert (await from_the_venv(2)).value == 84
+    finally:
+        shutil.rmtree(venv)
+
+
+def test_an_interpreter_right_in_tmp_is_refused_saying_why() -> None:
+    assert interpreter_binds(["/usr", "/tmp/v/env", "/tmp/v/env/lib", "/tmp/w"]) == [
+        "/tmp/v/env",
+        "/tmp/w",
+    ]
+    assert interpreter_binds(["/run/py/", "/opt/x"]) == ["/run/py"]
+    with pytest.raises(ValueError, match=r"installed right in /tmp.*private /tmp"):
+        interpreter_binds(["/tmp"])
 
 
 async def test_a_killed_agent_leaves_nothing_once_restarted(tmp_path: Path) -> None:

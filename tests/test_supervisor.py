@@ -16,7 +16,8 @@ NO_PYTHON = "aviato-test/no-python:1"
 
 @pytest.fixture(scope="module")
 def no_python_image() -> str:
-    """python:3.11 with every Python removed (built offline by committing a container)."""
+    """python:3.11 with every Python removed (built offline by committing a container),
+    and a WORKDIR of its own: relative paths and exec's default cwd must both use it."""
     need_docker()
     name = "aviato-test-build-no-python"
     subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
@@ -37,7 +38,10 @@ def no_python_image() -> str:
     )
     try:
         subprocess.run(
-            ["docker", "commit", name, NO_PYTHON], check=True, capture_output=True, timeout=120
+            ["docker", "commit", "--change", "WORKDIR /work", name, NO_PYTHON],
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
     finally:
         subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
@@ -74,6 +78,41 @@ async def _same_behaviour(sb: Sandbox) -> None:
     assert info.value.filepath == "/nope/none"
     r = await sb.exec(["no-such-program"])
     assert r.returncode in (126, 127)
+    await _stdin_behaviour(sb)
+    await _relative_paths(sb)
+
+
+async def _relative_paths(sb: Sandbox) -> None:
+    """A relative file path is taken from the sandbox's working directory, where exec
+    runs by default; missing parent directories are made."""
+    workdir = (await sb.exec(["pwd"])).stdout.decode().strip()
+    await sb.write_file("rel/dir/x.txt", b"relative")
+    assert (await sb.exec(["cat", f"{workdir.rstrip('/')}/rel/dir/x.txt"])).stdout == b"relative"
+    assert (await sb.exec(["cat", "rel/dir/x.txt"])).stdout == b"relative"
+    assert await sb.read_file("rel/dir/x.txt") == b"relative"
+    assert await sb.read_file("./rel/../rel/dir/x.txt") == b"relative"
+    with pytest.raises(SandboxFileError) as info:
+        await sb.read_file("rel/none.txt")
+    assert info.value.filepath == "rel/none.txt"  # as given
+
+
+async def _stdin_behaviour(sb: Sandbox) -> None:
+    """stdin=: the command reads it, then EOF; none given: an empty stdin."""
+    assert (await sb.exec(["cat"], stdin=b"hello")).stdout == b"hello"
+    assert (await sb.exec(["cat"])).stdout == b""
+    assert (await sb.exec(["wc", "-c"], stdin="héllo")).stdout.strip() == b"6"  # str: UTF-8
+    big = bytes(range(256)) * 20_000  # 5 MB: far above any pipe buffer, both ways
+    r = await sb.exec(["sh", "-c", "cat; echo done >&2"], stdin=big)
+    assert (r.stdout == big, r.stderr, r.returncode) == (True, b"done\n", 0)
+    # A command that stops reading early is not stuck on the rest.
+    r = await sb.exec(["head", "-c", "3"], stdin=big, timeout_seconds=30)
+    assert (r.stdout, r.returncode) == (b"\x00\x01\x02", 0)
+    # A reader that stops early ends its writer with SIGPIPE, silently, as in a shell.
+    r = await sb.exec(["sh", "-c", "cat | head -c 2"], stdin=big, timeout_seconds=30)
+    assert (r.stdout, r.stderr, r.returncode) == (b"\x00\x01", b"", 0)
+    stream = sb.exec_stream(["sh", "-c", "tr a-z A-Z; exit 5"], stdin=b"streamed")
+    assert [(c.fd, c.data) async for c in stream] == [(1, b"STREAMED")]
+    assert stream.returncode == 5
 
 
 async def test_supervisor_serves_exec_and_files(defaults: SandboxDefaults) -> None:
@@ -133,6 +172,7 @@ async def test_images_without_python_fall_back_to_docker_exec(
     ) as sb:
         r = await sb.exec(["sh", "-c", "command -v python3 python || echo none"])
         assert r.stdout == b"none\n"
+        assert (await sb.exec(["pwd"])).stdout == b"/work\n"  # the image's WORKDIR
         r = await sb.exec(["sh", "-c", "cat /proc/$PPID/cmdline"])
         assert b"aviato_worker" not in r.stdout
         await _same_behaviour(sb)

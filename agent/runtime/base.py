@@ -128,11 +128,13 @@ class Runtime(abc.ABC):
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         timeout_seconds: float | None = None,
+        stdin: bytes | memoryview | None = None,
     ) -> AsyncIterator[OutputChunk | ExitStatus]:
         """Run ``argv``; yield output chunks as produced, then exactly one ExitStatus.
 
-        When ``timeout_seconds`` passes the process is killed and the ExitStatus
-        has ``timed_out=True``."""
+        ``stdin``: what the process reads, then EOF (None: an empty stdin). When
+        ``timeout_seconds`` passes the process is killed and the ExitStatus has
+        ``timed_out=True``."""
 
     async def exec(
         self,
@@ -142,12 +144,13 @@ class Runtime(abc.ABC):
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         timeout_seconds: float | None = None,
+        stdin: bytes | memoryview | None = None,
     ) -> ExecOutput:
         out: list[bytes] = []
         err: list[bytes] = []
         status = ExitStatus(returncode=-1)
         async for event in self.exec_stream(
-            sandbox_id, argv, cwd=cwd, env=env, timeout_seconds=timeout_seconds
+            sandbox_id, argv, cwd=cwd, env=env, timeout_seconds=timeout_seconds, stdin=stdin
         ):
             if isinstance(event, OutputChunk):
                 (out if event.fd == 1 else err).append(event.data)
@@ -164,13 +167,15 @@ class Runtime(abc.ABC):
 
     @abc.abstractmethod
     async def read_file(self, sandbox_id: str, path: str) -> bytes:
-        """The file's bytes; ``SandboxFileError`` (with ``.filepath``) when missing."""
+        """The file's bytes; ``SandboxFileError`` (with ``.filepath``) when missing. A
+        relative ``path`` is taken from the sandbox's working directory (exec's default)."""
 
     @abc.abstractmethod
     async def write_file(
         self, sandbox_id: str, path: str, data: bytes | memoryview, mode: int = 0o644
     ) -> None:
-        """Write ``data`` at ``path``, creating parent directories."""
+        """Write ``data`` at ``path``, creating parent directories; a relative ``path``
+        as for ``read_file``."""
 
     @abc.abstractmethod
     async def logs(self, sandbox_id: str) -> bytes:

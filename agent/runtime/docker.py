@@ -15,6 +15,7 @@ import logging
 import os
 import posixpath
 import signal
+import socket
 import tarfile
 import threading
 import time
@@ -27,6 +28,7 @@ from typing import Any, TypeVar, TypeVarTuple
 import docker
 import docker.errors
 import psutil
+from docker.utils.socket import frames_iter
 
 from agent.runtime.base import (
     LABEL_AGENT,
@@ -95,6 +97,8 @@ class _Exec:
     argv: list[str]
     cwd: str | None
     env: dict[str, str] | None
+    #: Written to the process's stdin, then EOF (None: no stdin attached).
+    stdin: bytes | memoryview | None = None
     exec_id: str | None = None
     stream: Any = None
     aborted: bool = False
@@ -173,9 +177,21 @@ class DockerRuntime(Runtime):
     def _target(self, sandbox_id: str) -> str:
         return self._ids.get(sandbox_id) or f"aviato-{sandbox_id}"
 
-    def _path(self, sandbox_id: str, path: str) -> str:
-        full = posixpath.normpath(posixpath.join(self._workdirs.get(sandbox_id, "/"), path))
-        return "/" + full.lstrip("/")  # normpath keeps a leading "//"
+    def _path_sync(self, sandbox_id: str, path: str) -> str:
+        """``path`` made absolute: a relative one is taken from the sandbox's working
+        directory, where exec runs by default (its working_dir, else the image's WORKDIR,
+        else /); the image's is asked of the engine once, when first needed."""
+        if not path.startswith("/"):
+            base = self._workdirs.get(sandbox_id)
+            if base is None:
+                try:
+                    config = self._api.inspect_container(self._target(sandbox_id))["Config"]
+                except DockerError as exc:
+                    what = "finding its working directory"
+                    raise self._engine_error(sandbox_id, what, exc) from exc
+                base = self._workdirs[sandbox_id] = config.get("WorkingDir") or "/"
+            path = posixpath.join(base, path)
+        return "/" + posixpath.normpath(path).lstrip("/")  # normpath keeps a leading "//"
 
     def _gone(self, sandbox_id: str, exc: BaseException) -> SandboxError | None:
         """The error for a sandbox whose container is missing or stopped, else None."""
@@ -267,7 +283,8 @@ class DockerRuntime(Runtime):
         with self._lock:
             self._ids[sandbox_id] = cid
             self._starting.add(sandbox_id)
-        self._workdirs[sandbox_id] = spec.working_dir or "/"
+        if spec.working_dir:  # else the image's, asked for when a relative path needs it
+            self._workdirs[sandbox_id] = spec.working_dir
         try:
             # docker-init (init=True) hides a missing command until after start (the
             # sandbox just exits 127): look it up first so that create fails instead.
@@ -344,17 +361,26 @@ class DockerRuntime(Runtime):
         api = self._api
         try:
             try:
-                made = api.exec_create(h.target, h.argv, workdir=h.cwd, environment=h.env)
+                made = api.exec_create(
+                    h.target,
+                    h.argv,
+                    workdir=h.cwd,
+                    environment=h.env,
+                    stdin=h.stdin is not None,
+                )
                 h.exec_id = made["Id"]
                 if h.aborted:
                     return -9
-                h.stream = api.exec_start(h.exec_id, stream=True, demux=True)
-                for out, err in h.stream:  # ends early when an abort closes the stream
-                    if out:
-                        emit(h, 1, out)
-                    if err:
-                        emit(h, 2, err)
-                h.stream.close()
+                if h.stdin is not None:
+                    self._attached_exec(h, emit)
+                else:
+                    h.stream = api.exec_start(h.exec_id, stream=True, demux=True)
+                    for out, err in h.stream:  # ends early when an abort closes the stream
+                        if out:
+                            emit(h, 1, out)
+                        if err:
+                            emit(h, 2, err)
+                    h.stream.close()
                 for _ in range(20):  # the stream can end just before the exit is recorded
                     info = api.exec_inspect(h.exec_id)
                     if info["ExitCode"] is not None or h.aborted:
@@ -366,6 +392,33 @@ class DockerRuntime(Runtime):
             return int(code) if code is not None else -9 if h.aborted else -1
         finally:
             h.done.set()
+
+    def _attached_exec(self, h: _Exec, emit: Callable[[_Exec, int, bytes], None]) -> None:
+        """An exec with stdin: the raw (hijacked) connection, written by a thread of its
+        own (the command may write before it reads) and half-closed for EOF, read here."""
+        assert h.exec_id is not None and h.stdin is not None
+        raw = self._api.exec_start(h.exec_id, socket=True)
+        sock: socket.socket = getattr(raw, "_sock", raw)  # a SocketIO over a unix socket
+        h.stream = _Hijacked(sock, raw)
+        data = h.stdin
+
+        def feed() -> None:
+            with contextlib.suppress(OSError):  # it exited without reading it all
+                view = memoryview(data).cast("B")
+                for i in range(0, len(view), CHUNK):
+                    sock.sendall(view[i : i + CHUNK])
+                sock.shutdown(socket.SHUT_WR)
+
+        threading.Thread(target=feed, name="aviato-exec-stdin", daemon=True).start()
+        try:
+            for fd, chunk in frames_iter(raw, tty=False):
+                if chunk and fd in (1, 2):
+                    emit(h, fd, chunk)
+        except OSError:
+            if not h.aborted:  # an abort shuts the connection down to end this loop
+                raise
+        finally:
+            h.stream.close()
 
     def _abort_sync(self, h: _Exec) -> None:
         """Kill the exec's process tree (host pids: we run beside dockerd), then make
@@ -397,9 +450,10 @@ class DockerRuntime(Runtime):
         env: Mapping[str, str] | None,
         timeout: float | None,
         emit: Callable[[_Exec, int, bytes], None],
+        stdin: bytes | memoryview | None = None,
     ) -> tuple[_Exec, asyncio.Future[int], asyncio.TimerHandle | None]:
         loop = asyncio.get_running_loop()
-        h = _Exec(self._target(sandbox_id), list(argv), cwd, dict(env) if env else None)
+        h = _Exec(self._target(sandbox_id), list(argv), cwd, dict(env) if env else None, stdin)
         fut = loop.run_in_executor(self._pool, self._exec_sync, sandbox_id, h, emit)
         timer = None
         if timeout is not None:
@@ -419,12 +473,15 @@ class DockerRuntime(Runtime):
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         timeout_seconds: float | None = None,
+        stdin: bytes | memoryview | None = None,
     ) -> ExecOutput:
         # Fast path: create, start, read and inspect all in ONE thread hop.
         def collect(h: _Exec, fd: int, data: bytes) -> None:
             (h.out if fd == 1 else h.err).append(data)
 
-        h, fut, timer = self._start_exec(sandbox_id, argv, cwd, env, timeout_seconds, collect)
+        h, fut, timer = self._start_exec(
+            sandbox_id, argv, cwd, env, timeout_seconds, collect, stdin
+        )
         try:
             code = await fut
         finally:
@@ -441,6 +498,7 @@ class DockerRuntime(Runtime):
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         timeout_seconds: float | None = None,
+        stdin: bytes | memoryview | None = None,
     ) -> AsyncIterator[OutputChunk | ExitStatus]:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[OutputChunk | None] = asyncio.Queue()
@@ -448,7 +506,7 @@ class DockerRuntime(Runtime):
         def emit(h: _Exec, fd: int, data: bytes) -> None:
             loop.call_soon_threadsafe(q.put_nowait, OutputChunk(fd, data))
 
-        h, fut, timer = self._start_exec(sandbox_id, argv, cwd, env, timeout_seconds, emit)
+        h, fut, timer = self._start_exec(sandbox_id, argv, cwd, env, timeout_seconds, emit, stdin)
         fut.add_done_callback(lambda _: q.put_nowait(None))  # runs after the queued chunks
         try:
             while (chunk := await q.get()) is not None:
@@ -464,14 +522,15 @@ class DockerRuntime(Runtime):
     async def write_file(
         self, sandbox_id: str, path: str, data: bytes | memoryview, mode: int = 0o644
     ) -> None:
-        await self._run(self._write_sync, sandbox_id, self._path(sandbox_id, path), data, mode)
+        await self._run(self._write_sync, sandbox_id, path, data, mode)
 
     def _write_sync(self, sandbox_id: str, path: str, data: bytes | memoryview, mode: int) -> None:
-        if path == "/":
+        full = self._path_sync(sandbox_id, path)
+        if full == "/":
             raise SandboxFileError("cannot write to '/'", filepath=path, sandbox_id=sandbox_id)
         # One member named by the full path: docker creates the missing parent dirs.
         # Sent as a chunked stream of slices: no 64 MiB copy holding the GIL.
-        info = tarfile.TarInfo(path.lstrip("/"))
+        info = tarfile.TarInfo(full.lstrip("/"))
         info.size, info.mode, info.mtime = len(data), mode, int(time.time())
         view = memoryview(data).cast("B")
         archive: list[bytes | memoryview] = [info.tobuf(format=tarfile.PAX_FORMAT)]
@@ -487,7 +546,7 @@ class DockerRuntime(Runtime):
             ) from exc
 
     async def read_file(self, sandbox_id: str, path: str) -> bytes:
-        return await self._run(self._read_sync, sandbox_id, self._path(sandbox_id, path))
+        return await self._run(self._read_sync, sandbox_id, path)
 
     def _read_sync(self, sandbox_id: str, path: str) -> bytes:
         def fail(msg: str) -> SandboxFileError:
@@ -495,7 +554,7 @@ class DockerRuntime(Runtime):
                 f"{msg} (sandbox {sandbox_id})", filepath=path, sandbox_id=sandbox_id
             )
 
-        where = path
+        where = self._path_sync(sandbox_id, path)
         for _ in range(8):  # follow a few symlinks
             try:
                 chunks, stat = self._api.get_archive(self._target(sandbox_id), where)
@@ -618,7 +677,8 @@ class DockerRuntime(Runtime):
                 running = row.get("State") == "running"
                 code = None if running else api.inspect_container(row["Id"])["State"]["ExitCode"]
                 spec = spec_from_labels(labels)
-                self._workdirs[sid] = (spec.working_dir if spec else None) or "/"
+                if spec is not None and spec.working_dir:
+                    self._workdirs[sid] = spec.working_dir
                 found.append(RuntimeSandbox(sid, labels, running, code))
             return found
         except DockerError as exc:
@@ -746,6 +806,22 @@ class DockerRuntime(Runtime):
         if self._owns_client and self._client_obj is not None:
             with contextlib.suppress(Exception):
                 self._client_obj.close()
+
+
+class _Hijacked:
+    """An attached exec's connection; ``close`` also wakes a reader blocked on it."""
+
+    def __init__(self, sock: socket.socket, raw: Any) -> None:
+        self._sock = sock
+        self._raw = raw
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            self._raw.close()
+        with contextlib.suppress(OSError):
+            self._sock.close()
 
 
 def _kill_tree(pid: int) -> None:

@@ -29,6 +29,7 @@ import signal
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,30 +55,78 @@ LOG_LIMIT = 1024 * 1024
 _IMAGE = re.compile(r"^(?:docker\.io/)?(?:library/)?python:(\d+)\.(\d+)(?:[.\-][\w.\-]*)?$")
 
 
-def find_python(version: str, configured: Mapping[str, str] | None = None) -> str | None:
-    """The real path of a host interpreter for ``version`` ("3.11"), or None.
+@dataclass(frozen=True, slots=True)
+class Interpreter:
+    """A host Python: its real path, and the directories it runs from (its venv's and
+    its base installation's prefixes)."""
+
+    path: str
+    #: sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix
+    prefixes: tuple[str, ...] = ()
+
+    @property
+    def venv(self) -> str | None:
+        """The virtual environment it belongs to, if any."""
+        if len(self.prefixes) == 4 and self.prefixes[0] != self.prefixes[2]:
+            return self.prefixes[0]
+        return None
+
+
+_PROBE = (
+    "import sys\n"
+    "print('%d.%d' % sys.version_info[:2])\n"
+    "for p in (sys.executable, sys.prefix, sys.exec_prefix, sys.base_prefix,"
+    " sys.base_exec_prefix): print(p)"
+)
+
+
+def _probe(python: str) -> list[str] | None:
+    try:
+        return subprocess.run(
+            [python, "-c", _PROBE], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def find_python(version: str, configured: Mapping[str, str] | None = None) -> Interpreter | None:
+    """The host interpreter for ``version`` ("3.11"), or None.
 
     Resolved through ``sys.executable`` so that wrappers (pyenv shims) are not what
     runs inside the sandbox."""
     if configured and version in configured:
-        return configured[version]
+        probed = _probe(configured[version]) or []
+        return Interpreter(configured[version], tuple(probed[2:]))
     for name in (f"python{version}", "python3", "python"):
         found = shutil.which(name)
-        if not found:
-            continue
-        try:
-            out = subprocess.run(
-                [found, "-c", "import sys; print('%d.%d' % sys.version_info[:2], sys.executable)"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-                check=True,
-            ).stdout.split()
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if len(out) == 2 and out[0] == version:
-            return out[1]
+        out = _probe(found) if found else None
+        if out is not None and len(out) == 6 and out[0] == version:
+            return Interpreter(out[1], tuple(out[2:]))
     return None
+
+
+#: Host directories a bubblewrap sandbox does not see: it gets its own over them.
+SANDBOX_OWN_DIRS = ("/tmp", "/run")
+
+
+def interpreter_binds(prefixes: Sequence[str]) -> list[str]:
+    """The interpreter's directories that the sandbox's own /tmp or /run would hide (a
+    venv under /tmp, say), to mount read-only at the same place inside. Raises
+    ValueError for one that IS such a directory: mounting it would replace the
+    sandbox's own."""
+    binds: list[str] = []
+    for prefix in dict.fromkeys(os.path.normpath(p) for p in prefixes if p):
+        if prefix in SANDBOX_OWN_DIRS:
+            raise ValueError(
+                f"the Python to run in sandboxes is installed right in {prefix}, which every "
+                f"sandbox gets a private {prefix} of its own over; install it (or make the venv)"
+                f" in a directory of its own, e.g. {prefix}/venv or /opt/venv"
+            )
+        if prefix.startswith(tuple(d + "/" for d in SANDBOX_OWN_DIRS)) and not any(
+            prefix.startswith(b + "/") for b in binds
+        ):
+            binds.append(prefix)
+    return binds
 
 
 #: ``sh -c JOIN_CGROUPS sh PROCS... -- CMD...``: the shell puts itself in each group,
@@ -167,7 +216,7 @@ class LocalRuntime(Runtime):
         self.pids_limit = pids_limit
         self.root = Path(state_dir or Path(tempfile.gettempdir()) / "aviato-local")
         self.pythons = dict(pythons or {})
-        self._python_cache: dict[str, str | None] = {}
+        self._python_cache: dict[str, Interpreter | None] = {}
         self._procs: dict[str, _Child] = {}
         # Processes parked in their cgroups ahead of need (see parked.py).
         self._parked = ParkedPool(self.cgroups, _watch_exit) if self.cgroups.version else None
@@ -186,7 +235,7 @@ class LocalRuntime(Runtime):
             return path
         return None
 
-    def _python_for(self, sandbox_id: str, image: str) -> str:
+    def _python_for(self, sandbox_id: str, image: str) -> Interpreter:
         match = _IMAGE.match(image)
         if not match:
             raise SandboxFailedError(
@@ -207,6 +256,14 @@ class LocalRuntime(Runtime):
             )
         return python
 
+    def _interpreter_binds(self, sandbox_id: str, python: Interpreter) -> list[str]:
+        if not self.bwrap:
+            return []  # no namespaces: the host's /tmp is the sandbox's
+        try:
+            return interpreter_binds(python.prefixes)
+        except ValueError as exc:
+            raise SandboxFailedError(str(exc), sandbox_id=sandbox_id) from None
+
     # ------------------------------------------------------------------ create
 
     async def create(
@@ -217,6 +274,7 @@ class LocalRuntime(Runtime):
         mounts: Sequence[Mount] = (),
     ) -> None:
         python = self._python_for(sandbox_id, spec.image)
+        binds = self._interpreter_binds(sandbox_id, python)
         if not spec.function_worker and not _command_exists(spec):
             raise SandboxFailedError(
                 f"command {spec.command!r} was not found on this host (the local runtime's "
@@ -227,10 +285,10 @@ class LocalRuntime(Runtime):
         home = self._dir(agent_id, sandbox_id)
         (home / "tmp").mkdir(parents=True, exist_ok=True)
         (home / "bin").mkdir(exist_ok=True)
-        for alias in ("python", "python3", Path(python).name):
+        for alias in ("python", "python3", Path(python.path).name):
             link = home / "bin" / alias
             if not link.exists():
-                link.symlink_to(python)
+                link.symlink_to(python.path)
         (home / "labels.json").write_text(json.dumps(labels))
         lib = next((m for m in mounts if m.read_only), None)
         if lib is None:
@@ -243,6 +301,10 @@ class LocalRuntime(Runtime):
             python_cmd, flags = WorkerHub.worker_command(functions=False)
             argv = [python_cmd, *flags, "--main", "--", spec.command, *spec.args]
         bin_dir = "/run/aviato-bin" if self.bwrap else str(home / "bin")
+        if python.venv:
+            # Its own bin first, as when activated: a `python` found there is the venv's
+            # (Python recognises a venv by the path it was started by, not a symlink's).
+            bin_dir = f"{python.venv}/bin:{bin_dir}"
         sockets = next((m for m in mounts if not m.read_only), None)
         env = {
             "PATH": f"{bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -253,7 +315,7 @@ class LocalRuntime(Runtime):
         if sockets is not None:
             env.setdefault("AVIATO_WORKER_SOCKET", f"{sockets.target}/worker.sock")
         if self.bwrap:
-            cmd = self._bwrap_argv(home, spec, mounts) + argv
+            cmd = self._bwrap_argv(home, spec, mounts, binds) + argv
             cwd = None
         else:
             # No namespaces: mount targets become the host paths themselves.
@@ -357,7 +419,9 @@ class LocalRuntime(Runtime):
             logfile.close()
         return child
 
-    def _bwrap_argv(self, home: Path, spec: SandboxSpec, mounts: Sequence[Mount]) -> list[str]:
+    def _bwrap_argv(
+        self, home: Path, spec: SandboxSpec, mounts: Sequence[Mount], binds: Sequence[str] = ()
+    ) -> list[str]:
         assert self.bwrap is not None
         argv = [
             self.bwrap,
@@ -373,6 +437,8 @@ class LocalRuntime(Runtime):
             "--bind",
             str(home / "tmp"),
             "/tmp",
+            # The interpreter where our /tmp and /run hide it (a venv under /tmp).
+            *(arg for path in binds for arg in ("--ro-bind", path, path)),
             "--ro-bind",
             str(home / "bin"),
             "/run/aviato-bin",
@@ -452,6 +518,7 @@ class LocalRuntime(Runtime):
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         timeout_seconds: float | None = None,
+        stdin: bytes | memoryview | None = None,
     ) -> AsyncIterator[OutputChunk | ExitStatus]:
         raise self._no_supervisor(sandbox_id)
 
