@@ -49,6 +49,7 @@ def _aviato(
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "aviato.cli", *args],
+        stdin=subprocess.DEVNULL,  # not ours: `aviato exec` reads a piped stdin to its end
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -228,6 +229,7 @@ def _start_up(
     """Start `aviato up ARGS`; return it and what it printed up to its Ctrl-C line."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "aviato.cli", "up", *args],
+        stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
