@@ -15,7 +15,7 @@ import uvloop
 from agent.runtime import make_runtime
 from agent.server import AgentServer
 from aviato._auth import CurveKeys, ServerKeys, agent_keys
-from aviato._daemon import daemon_setup, exit_watchdog, exit_with_parent
+from aviato._daemon import daemon_setup, endpoint, exit_watchdog, exit_with_parent, log_level
 from aviato.exceptions import UnauthorizedError
 
 SHUTDOWN_GRACE = 50.0  # seconds from a stop request to exit, stuck or not
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scheduler",
         default=os.environ.get("AVIATO_SCHEDULER"),
+        type=endpoint(bind=False),
         help="scheduler endpoint, e.g. tcp://10.0.0.1:5555 (default $AVIATO_SCHEDULER)",
     )
     p.add_argument(
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--bind",
         default="tcp://127.0.0.1:0",
+        type=endpoint(bind=True),
         help="data-plane endpoint for clients (port 0: any free port); loopback by default,"
         " use tcp://0.0.0.0:PORT with --advertise-host for other hosts",
     )
@@ -96,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leave sandboxes running when the agent exits (default: stop them)",
     )
-    p.add_argument("--log-level", default=os.environ.get("AVIATO_LOG_LEVEL", "INFO"))
+    p.add_argument(
+        "--log-level", type=log_level, default=os.environ.get("AVIATO_LOG_LEVEL", "INFO")
+    )
     return p
 
 

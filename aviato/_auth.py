@@ -176,6 +176,16 @@ def handshake_refusal(event: int, value: int, address: str, keyed: bool) -> str:
             f"{address} refused this client's key (ZAP status {value}): it is not one of "
             "the cluster's client keys; check AVIATO_KEYS and AVIATO_CLIENT_KEY"
         )
+    if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        # Seen again and again (the caller counts): a CURVE server that cannot read our
+        # hello, sealed for a server key that is not its own.
+        if not keyed:
+            return ""
+        return (
+            f"{address} does not accept this client's CURVE handshake: the scheduler.key "
+            "in AVIATO_KEYS is not its public key (keys made by another `aviato keys` "
+            "run?); use the cluster's key directory"
+        )
     if event != zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
         return ""
     if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
@@ -287,7 +297,7 @@ def own_keypair(directory: str, role: Role, name: str | None) -> tuple[str, byte
     key of that role whose secret is in ``directory``."""
     folder = Path(directory) / role.folder
     if name is None:
-        found = sorted(p.name.removesuffix(".key_secret") for p in folder.glob("*.key_secret"))
+        found = secret_key_names(directory, role)
         if len(found) != 1:
             flag = "--agent-key (AVIATO_AGENT_KEY)" if role is Role.AGENT else "AVIATO_CLIENT_KEY"
             why = (
@@ -306,6 +316,12 @@ def own_keypair(directory: str, role: Role, name: str | None) -> tuple[str, byte
     if secret is None:
         raise UnauthorizedError(f"{folder / (name + '.key_secret')} holds no secret key")
     return name, public, secret
+
+
+def secret_key_names(directory: str, role: Role) -> list[str]:
+    """Names of the ``role`` keys whose secret is in ``directory``, sorted."""
+    folder = Path(directory) / role.folder
+    return sorted(p.name.removesuffix(".key_secret") for p in folder.glob("*.key_secret"))
 
 
 def scheduler_public_key(directory: str) -> bytes:

@@ -66,12 +66,40 @@ def _context() -> zmq.asyncio.Context:
     return _CTX
 
 
-#: Handshake outcomes a connection watches: a daemon refusing our credentials.
-_HANDSHAKE_EVENTS = (
-    zmq.EVENT_HANDSHAKE_SUCCEEDED
+#: What a connection watches: a daemon refusing our credentials, and whether anything
+#: ever accepted our TCP connection (see ``first_contact``).
+_WATCHED_EVENTS = (
+    zmq.EVENT_CONNECTED
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
     | zmq.EVENT_HANDSHAKE_FAILED_AUTH
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 )
+#: How long a first contact with a scheduler may find nothing listening before its
+#: requests fail (an address that never answered, not a daemon restarting).
+FIRST_CONTACT_SECONDS = 2.0
+#: Handshakes a CURVE server ended without a word, in a row, before we call it a
+#: refusal: the server cannot read our hello (keys made for another cluster). One
+#: alone may be a daemon going down mid-handshake; they come ~0.15 s apart.
+_SILENT_REFUSALS = 3
+#: Addresses that accepted a connection from this process: they are never "nothing
+#: listens", only down for a while (a restart), and get the full deadline.
+_answered: set[str] = set()
+
+
+def nothing_answers(address: str, resolves: bool) -> str:
+    """What a user reads when nothing ever accepted a connection at ``address``."""
+    host = _zmq.endpoint_host(address)
+    if not resolves:
+        return (
+            f"cannot reach a scheduler at {address}: the host name {host!r} does not "
+            "resolve; check --scheduler / $AVIATO_SCHEDULER"
+        )
+    return (
+        f"nothing answers at {address}: no aviato scheduler is listening there. Start one "
+        "with `aviato up` (then export AVIATO_SCHEDULER=tcp://127.0.0.1:5555), or fix "
+        "--scheduler / $AVIATO_SCHEDULER"
+    )
 
 
 class Channel:
@@ -85,6 +113,8 @@ class Channel:
         self.curve = curve
         #: Why the daemon refused our handshake, until one succeeds ("" otherwise).
         self.refused = ""
+        #: Why requests fail at once: nothing ever listened at the address ("" otherwise).
+        self.unreachable = ""
         # request id -> what to do with each reply to it (a future, a queue, a pool)
         self._waiting: dict[int, Callable[[Decoded], None]] = {}
         self.closed = False
@@ -110,6 +140,15 @@ class Channel:
             handler(decoded)
 
     # ------------------------------------------------------------------ requests
+
+    def _check_reachable(self) -> None:
+        """Fail at once while the first contact found nothing listening."""
+        if self.unreachable:
+            raise ClusterUnavailableError(self.unreachable)
+
+    def _fail_waiting(self, reply: ErrorReply) -> None:
+        for request_id, handler in list(self._waiting.items()):
+            handler(Decoded(reply, request_id))
 
     def _no_answer(self, what: str) -> Exception:
         if self.refused:
@@ -153,6 +192,7 @@ class Channel:
         """Send ``msg`` and return its reply; error replies raise their exception.
         ``cancel_at_source``: if we leave without the reply (cancelled, timed out), the
         agent is told to stop the request."""
+        self._check_reachable()
         request_id = next(_ids)
         queue: asyncio.Queue[Decoded] = asyncio.Queue()
         self._waiting[request_id] = queue.put_nowait
@@ -214,6 +254,7 @@ class Channel:
     ) -> AsyncIterator[Decoded]:
         """Send ``msg`` and yield replies until one of type ``is_last`` (or an error).
         ``cancel_at_source``: as for ``request``, when the consumer leaves before."""
+        self._check_reachable()
         request_id = next(_ids)
         queue: asyncio.Queue[Decoded] = asyncio.Queue()
         self._waiting[request_id] = queue.put_nowait
@@ -275,38 +316,85 @@ class Connection(Channel):
     """A ZeroMQ DEALER to a daemon, with a reader task and a handshake watcher."""
 
     def __init__(
-        self, address: str, token: str | None = None, curve: CurveKeys | None = None
+        self,
+        address: str,
+        token: str | None = None,
+        curve: CurveKeys | None = None,
+        first_contact: float | None = None,
     ) -> None:
+        """``first_contact``: seconds after which, if nothing ever accepted a connection
+        at ``address`` (in this process), requests fail with ``ClusterUnavailableError``
+        instead of waiting out their deadline (for a scheduler: see ``nothing_answers``)."""
         super().__init__(address, token, curve)
-        self._sock = _zmq.dealer(_context(), address, curve)
+        monitors: list[zmq.asyncio.Socket] = []
+
+        def monitor(sock: zmq.asyncio.Socket) -> None:
+            monitors.append(sock.get_monitor_socket(_WATCHED_EVENTS))
+
+        self._sock = _zmq.dealer(_context(), address, curve, before_connect=monitor)
+        self._monitor = monitors[0]
         loop = asyncio.get_running_loop()
-        self._monitor = self._sock.get_monitor_socket(_HANDSHAKE_EVENTS)
         self._reader = loop.create_task(self._read())
         self._watcher = loop.create_task(self._watch())
+        self._first_contact: asyncio.Task[None] | None = None
+        self._resolves = True  # until a look-up of the host's name fails
+        if first_contact is not None and address not in _answered:
+            self._first_contact = loop.create_task(self._give_up_unless_reached(first_contact))
 
     async def _read(self) -> None:
+        frames = await self._sock.recv_multipart(copy=False)
+        self._reached()  # (a connect's event may come after its reply)
         while True:
-            self._route(await self._sock.recv_multipart(copy=False))
+            self._route(frames)
+            frames = await self._sock.recv_multipart(copy=False)
+
+    def _reached(self) -> None:
+        _answered.add(self.address)
+        self.unreachable = ""
+
+    async def _give_up_unless_reached(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + seconds
+        try:  # meanwhile, learn which message to give
+            async with asyncio.timeout(seconds):
+                await loop.getaddrinfo(_zmq.endpoint_host(self.address), None)
+        except (OSError, TimeoutError):
+            self._resolves = False
+        await asyncio.sleep(give_up_at - loop.time())
+        if self.address not in _answered:
+            self.unreachable = nothing_answers(self.address, self._resolves)
+            self._fail_waiting(ErrorReply(ErrorCode.UNAVAILABLE, self.unreachable))
+
+    def _no_answer(self, what: str) -> Exception:
+        if not self.refused and self._first_contact is not None and self.address not in _answered:
+            # A deadline shorter than the first-contact wait: the same, better, message.
+            return ClusterUnavailableError(nothing_answers(self.address, self._resolves))
+        return super()._no_answer(what)
 
     async def _watch(self) -> None:
         """A refused handshake (no key, an unknown key, another mechanism) would leave
         requests to time out in silence: fail them now with the reason."""
+        silent = 0  # handshakes ended without a word, in a row
         while True:
             event = await recv_monitor_message(self._monitor)
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.refused = ""
+            kind = event["event"]
+            self._reached()  # each event we watch says something is there
+            if kind == zmq.EVENT_CONNECTED:
                 continue
-            why = handshake_refusal(
-                event["event"], event["value"], self.address, self.curve is not None
-            )
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.refused = ""
+                silent = 0
+                continue
+            silent = silent + 1 if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL else 0
+            if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and silent < _SILENT_REFUSALS:
+                continue
+            why = handshake_refusal(kind, event["value"], self.address, self.curve is not None)
             if not why:
                 continue
             if why != self.refused:
                 log.info("%s", why)  # the waiting requests raise it
             self.refused = why
-            refusal = ErrorReply(ErrorCode.UNAUTHORIZED, why)
-            for request_id, handler in list(self._waiting.items()):
-                handler(Decoded(refusal, request_id))
+            self._fail_waiting(ErrorReply(ErrorCode.UNAUTHORIZED, why))
 
     async def _transmit(self, frames: list[Frame], size: int) -> None:
         await self._sock.send_multipart(frames, copy=size < _zmq.ZERO_COPY_BYTES)
@@ -322,6 +410,8 @@ class Connection(Channel):
             self.closed = True
             self._reader.cancel()
             self._watcher.cancel()
+            if self._first_contact is not None:
+                self._first_contact.cancel()
             self._sock.disable_monitor()
             self._monitor.close(linger=0)
             self._sock.close(linger=0)
@@ -345,9 +435,7 @@ class LaneConnection(Channel):
         self.closed = True
         why = f"the agent at {self.address} closed its local connection"
         self._why = f"{why}: {exc}" if exc is not None else why
-        error = ErrorReply(ErrorCode.UNAVAILABLE, self._why)
-        for request_id, handler in list(self._waiting.items()):
-            handler(Decoded(error, request_id))
+        self._fail_waiting(ErrorReply(ErrorCode.UNAVAILABLE, self._why))
 
     def _fail_one(self, request_id: int) -> None:
         handler = self._waiting.get(request_id)
@@ -389,16 +477,23 @@ _by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_Key, Channe
 
 
 def connection(
-    address: str, token: str | None = None, curve: CurveKeys | None = None, lane: str = ""
+    address: str,
+    token: str | None = None,
+    curve: CurveKeys | None = None,
+    lane: str = "",
+    first_contact: float | None = None,
 ) -> Channel:
     """The shared connection to ``address`` for the running loop: over ``lane`` (an
-    agent's local lane) when it is on this host and lets us in, else ZeroMQ."""
+    agent's local lane) when it is on this host and lets us in, else ZeroMQ
+    (``first_contact``: see :class:`Connection`)."""
     loop = asyncio.get_running_loop()
     conns = _by_loop.setdefault(loop, {})
     key = (address, token, curve)
     conn = conns.get(key)
     if conn is None or conn.closed:
-        conn = _lane_connection(address, lane, token) or Connection(address, token, curve)
+        conn = _lane_connection(address, lane, token) or Connection(
+            address, token, curve, first_contact
+        )
         conns[key] = conn
     return conn
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import faulthandler
 import logging
@@ -9,6 +10,37 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+
+from aviato._zmq import check_endpoint
+from aviato.exceptions import ConfigurationError
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def log_level(value: str) -> str:
+    """A ``--log-level`` value (any case) as logging's name; for argparse's ``type=``,
+    which also applies it to a default read from $AVIATO_LOG_LEVEL."""
+    name = value.strip().upper()
+    if name == "WARN":
+        name = "WARNING"
+    if name not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"unknown log level {value!r}: use one of {', '.join(LOG_LEVELS)} (any case)"
+        )
+    return name
+
+
+def endpoint(*, bind: bool) -> Callable[[str], str]:
+    """argparse ``type=`` for an address flag: tcp://HOST:PORT, checked where the
+    client's addresses are (aviato._zmq.check_endpoint)."""
+
+    def parse(value: str) -> str:
+        try:
+            return check_endpoint(value, what="address", bind=bind)
+        except ConfigurationError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 async def exit_with_parent(parent_pid: int, stop: Callable[[], None]) -> None:

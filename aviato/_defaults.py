@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aviato._auth import CurveKeys, client_keys, scheduler_public_key
+from aviato._zmq import check_endpoint
 from aviato.protocol import SandboxInfo, SandboxSpec
 
 
@@ -52,7 +53,12 @@ class SandboxDefaults:
         return dataclasses.replace(self, **changes)
 
     def scheduler_address(self) -> str | None:
-        return self.scheduler or os.environ.get("AVIATO_SCHEDULER") or None
+        """The scheduler to use (checked: ``ConfigurationError`` if it is not an address);
+        None for the embedded cluster."""
+        if self.scheduler:
+            return check_endpoint(self.scheduler, what="scheduler address")
+        env = os.environ.get("AVIATO_SCHEDULER")
+        return check_endpoint(env, what="$AVIATO_SCHEDULER") if env else None
 
     def cluster_token(self) -> str | None:
         return self.token or os.environ.get("AVIATO_TOKEN") or None

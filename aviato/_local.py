@@ -22,7 +22,7 @@ from pathlib import Path
 
 import zmq
 
-from aviato._auth import client_keys, scheduler_public_key
+from aviato._auth import Role, client_keys, scheduler_public_key, secret_key_names
 from aviato.exceptions import ClusterUnavailableError
 from aviato.protocol import ClusterStatus, ClusterStatusReply, decode, encode
 
@@ -37,27 +37,48 @@ class LocalCluster:
         runtime: str | None = None,
         agent_id: str | None = None,
         bind_host: str = "127.0.0.1",
+        port: int | None = None,
         keys: str | None = None,
         client_key: str | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        log_level: str = "WARNING",
     ) -> None:
+        """``port``: the scheduler's (None: any free one). ``log_dir``: where the
+        daemons' logs go and stay after ``stop()`` (None: a temporary directory,
+        removed at ``stop()``)."""
         self.slots = slots or int(
             os.environ.get("AVIATO_LOCAL_SLOTS", max(8, 4 * (os.cpu_count() or 1)))
         )
         self.runtime = runtime or os.environ.get("AVIATO_RUNTIME", "auto")
         self.agent_id = agent_id or f"embedded-{os.getpid()}"
         self.bind_host = bind_host
+        self.port = port
         #: CURVE key directory (``aviato up --keys``); the embedded default has none.
         self.keys = keys
-        self.client_key = client_key
+        # With several keys in the folder (it is the whole cluster's), the first of each
+        # role: the agent's unless $AVIATO_AGENT_KEY names one, the probe's (a client).
+        self.agent_key = os.environ.get("AVIATO_AGENT_KEY") or _first_key(keys, Role.AGENT)
+        self.client_key = client_key or _first_key(keys, Role.CLIENT)
+        self.log_level = log_level
         self.address = ""
-        self._dir = Path(tempfile.mkdtemp(prefix="aviato-local-"))
+        #: What the agent says it runs sandboxes with (and how isolated), once it is up.
+        self.agent_runtime = ""
+        self.keep_logs = log_dir is not None
+        if log_dir is None:
+            self.dir = Path(tempfile.mkdtemp(prefix="aviato-local-"))
+        else:
+            self.dir = Path(log_dir)
+            self.dir.mkdir(parents=True, exist_ok=True)
         self._procs: list[subprocess.Popen[bytes]] = []
 
+    def log_path(self, name: str) -> Path:
+        return self.dir / f"{name}.log"
+
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        logfile = open(self._dir / f"{name}.log", "wb")
+        logfile = open(self.log_path(name), "wb")
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", name, *args, "--log-level", "WARNING"],
+                [sys.executable, "-m", name, *args, "--log-level", self.log_level],
                 stdin=subprocess.DEVNULL,
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
@@ -75,12 +96,16 @@ class LocalCluster:
         env.pop("AVIATO_KEYS", None)
         return env
 
-    def _key_args(self) -> list[str]:
-        return ["--keys", self.keys] if self.keys else []
+    def _key_args(self, name: str) -> list[str]:
+        if not self.keys:
+            return []
+        if name == "agent" and self.agent_key:
+            return ["--keys", self.keys, "--agent-key", self.agent_key]
+        return ["--keys", self.keys]
 
     def _log_tail(self) -> str:
         parts = []
-        for path in sorted(self._dir.glob("*.log")):
+        for path in sorted(self.dir.glob("*.log")):
             text = path.read_text(errors="replace").strip().splitlines()[-15:]
             parts.append(f"--- {path.name}\n" + "\n".join(text))
         return "\n".join(parts)
@@ -88,10 +113,18 @@ class LocalCluster:
     def start(self, timeout: float = 60.0) -> str:
         """Start both daemons and return the scheduler address once an agent is live."""
         deadline = time.monotonic() + timeout
-        ready = self._dir / "scheduler.addr"
+        ready = self.dir / "scheduler.addr"
+        ready.unlink(missing_ok=True)  # a kept directory may hold one from an earlier run
+        port = "*" if self.port is None else str(self.port)
         sched = self._spawn(
             "scheduler",
-            ["--bind", f"tcp://{self.bind_host}:*", "--ready-file", str(ready), *self._key_args()],
+            [
+                "--bind",
+                f"tcp://{self.bind_host}:{port}",
+                "--ready-file",
+                str(ready),
+                *self._key_args("scheduler"),
+            ],
         )
         while not ready.exists():
             self._check_alive(sched, "scheduler", deadline)
@@ -110,7 +143,7 @@ class LocalCluster:
                 self.agent_id,
                 "--bind",
                 f"tcp://{self.bind_host}:*",
-                *self._key_args(),
+                *self._key_args("agent"),
             ],
         )
         while not self._agent_live():
@@ -122,9 +155,14 @@ class LocalCluster:
     def _check_alive(self, proc: subprocess.Popen[bytes], name: str, deadline: float) -> None:
         if proc.poll() is not None or time.monotonic() > deadline:
             why = "exited" if proc.returncode is not None else "did not come up in time"
-            tail = self._log_tail()
+            if self.keep_logs:
+                # One line, and the log that stays: where the whole story is.
+                last = _last_error(self.log_path(name).read_text(errors="replace"))
+                message = f"aviato {name} {why}: {last} (its log: {self.log_path(name)})"
+            else:
+                message = f"embedded aviato {name} {why}:\n{self._log_tail()}"
             self.stop()
-            raise ClusterUnavailableError(f"embedded aviato {name} {why}:\n{tail}")
+            raise ClusterUnavailableError(message)
 
     def _agent_live(self) -> bool:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
@@ -139,7 +177,12 @@ class LocalCluster:
             if not sock.poll(500):
                 return False
             reply = decode(sock.recv_multipart()).msg
-            return isinstance(reply, ClusterStatusReply) and any(a.alive for a in reply.agents)
+            if not isinstance(reply, ClusterStatusReply):
+                return False
+            live = [a for a in reply.agents if a.alive]
+            if live:
+                self.agent_runtime = live[0].runtime
+            return bool(live)
         finally:
             sock.close()
 
@@ -154,7 +197,24 @@ class LocalCluster:
                     proc.kill()
                     proc.wait()
         self._procs.clear()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self.keep_logs:
+            (self.dir / "scheduler.addr").unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _first_key(directory: str | None, role: Role) -> str | None:
+    names = secret_key_names(directory, role) if directory else []
+    return names[0] if names else None
+
+
+def _last_error(log_text: str) -> str:
+    """The line of a daemon's log that best says why it stopped: its last error line."""
+    lines = [ln.strip(" |+-") for ln in log_text.splitlines() if ln.strip(" |+-")]
+    for line in reversed(lines):
+        if "Error" in line or "error" in line:
+            return line
+    return lines[-1] if lines else "(its log is empty)"
 
 
 _cluster: LocalCluster | None = None

@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from aviato import _local
-from aviato._connection import Channel, agent_connection, connection
+from aviato._connection import FIRST_CONTACT_SECONDS, Channel, agent_connection, connection
 from aviato._defaults import SandboxDefaults, merge_spec
 from aviato._types import ExecResult, OutputChunk
 from aviato.exceptions import (
@@ -65,7 +65,13 @@ async def scheduler_connection(defaults: SandboxDefaults) -> Channel:
     if address is None:
         # The embedded cluster is private to this process and never uses keys.
         return connection(await _local.ensure_cluster(), defaults.cluster_token())
-    return connection(address, defaults.cluster_token(), defaults.scheduler_curve())
+    # Nothing listening at a configured address fails in seconds, not at the deadline.
+    return connection(
+        address,
+        defaults.cluster_token(),
+        defaults.scheduler_curve(),
+        first_contact=FIRST_CONTACT_SECONDS,
+    )
 
 
 class Sandbox:

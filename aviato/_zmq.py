@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.asyncio
 
+from aviato.exceptions import ConfigurationError
 from aviato.protocol import (
     MAX_FRAME_BYTES,
     DecodeError,
@@ -28,11 +30,52 @@ log = logging.getLogger("aviato.zmq")
 ZERO_COPY_BYTES = 64 * 1024
 
 
+_ENDPOINT = re.compile(r"^tcp://(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]*]+):(?P<port>\*|\d{1,5})$")
+_EXAMPLE = "tcp://127.0.0.1:5555"
+
+
+def check_endpoint(address: object, *, what: str = "address", bind: bool = False) -> str:
+    """``address`` if it is a ZeroMQ endpoint we use: ``tcp://HOST:PORT`` (to bind,
+    the port may be ``*`` or 0: any free one). Else a ``ConfigurationError`` that says
+    what to write; every address given by a user passes here before a socket sees it."""
+    if not isinstance(address, str) or not address.strip():
+        raise ConfigurationError(f"{what} is empty: give tcp://HOST:PORT, e.g. {_EXAMPLE}")
+    match = _ENDPOINT.match(address)
+    if match is not None:
+        port = match["port"]
+        if port == "*" or int(port) == 0:
+            if bind:
+                return address
+            raise ConfigurationError(f"{what} {address!r} names no port to connect to")
+        if int(port) > 65535:
+            raise ConfigurationError(f"{what} {address!r}: port {port} is above 65535")
+        return address
+    if "://" not in address:
+        raise ConfigurationError(
+            f"{what} {address!r} lacks the transport: write tcp://{address.strip()}"
+            if re.match(r"^[^\s:/]+:\d+$", address.strip())
+            else f"{what} {address!r} is not tcp://HOST:PORT (e.g. {_EXAMPLE})"
+        )
+    scheme = address.split("://", 1)[0]
+    if scheme != "tcp":
+        raise ConfigurationError(
+            f"{what} {address!r}: only tcp:// endpoints are supported, e.g. {_EXAMPLE}"
+        )
+    raise ConfigurationError(f"{what} {address!r} is not tcp://HOST:PORT (e.g. {_EXAMPLE})")
+
+
+def endpoint_host(address: str) -> str:
+    """The host part of a checked endpoint (without an IPv6 literal's brackets)."""
+    match = _ENDPOINT.match(address)
+    return match["host"].strip("[]") if match else ""
+
+
 def router(
     ctx: zmq.asyncio.Context, bind: str, keys: ServerKeys | None = None
 ) -> tuple[zmq.asyncio.Socket, str]:
     """A daemon's ROUTER socket, bound; returns it and the address it really got.
     With ``keys`` it is a CURVE server (start the context's ZapHandler first)."""
+    check_endpoint(bind, what="bind address", bind=True)
     sock = ctx.socket(zmq.ROUTER)
     if keys is not None:
         keys.apply(sock)
@@ -52,8 +95,14 @@ def router(
 
 
 def dealer(
-    ctx: zmq.asyncio.Context, connect: str, keys: CurveKeys | None = None
+    ctx: zmq.asyncio.Context,
+    connect: str,
+    keys: CurveKeys | None = None,
+    before_connect: Callable[[zmq.asyncio.Socket], object] | None = None,
 ) -> zmq.asyncio.Socket:
+    """A DEALER connected to ``connect``; ``before_connect`` sees it just before (to
+    attach a monitor that must not miss the connect's events)."""
+    check_endpoint(connect)
     sock = ctx.socket(zmq.DEALER)
     if keys is not None:
         keys.apply(sock)
@@ -64,6 +113,8 @@ def dealer(
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.RCVHWM, 100_000)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    if before_connect is not None:
+        before_connect(sock)
     sock.connect(connect)
     return sock
 

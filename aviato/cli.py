@@ -1,10 +1,12 @@
 """The ``aviato`` command: run the daemons, and look at or act on a cluster.
 
-aviato up                      embedded scheduler + agent in the foreground
+aviato up [--port 5555] [--keys DIR]   a scheduler + agent in the foreground
 aviato keys DIR [--agents N] [--clients M] [--force]   a cluster's CURVE keys
 aviato scheduler --bind ...    same as ``python -m scheduler``
 aviato agent --scheduler ...   same as ``python -m agent``
-aviato status | ps [--tag T] [--all] | stop ID | exec ID -- CMD... | logs ID
+aviato status | ps [-q] [--tag T] [--all] | stop ID... | exec ID -- CMD... | logs ID
+The options --scheduler, --timeout, --keys and --client-key go before or after the
+command; --format json prints status and ps as JSON.
 """
 
 from __future__ import annotations
@@ -15,29 +17,42 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
-from aviato._connection import connection
+from aviato._cli_output import (
+    AGENT_COLUMNS,
+    SANDBOX_COLUMNS,
+    agent_row,
+    print_json,
+    print_table,
+    sandbox_record,
+    sandbox_row,
+    status_record,
+)
+from aviato._daemon import log_level
 from aviato._defaults import SandboxDefaults
-from aviato._sandbox import Sandbox
-from aviato.exceptions import AviatoError
+from aviato._sandbox import Sandbox, scheduler_connection
+from aviato.exceptions import AviatoError, ConfigurationError
 from aviato.protocol import ClusterStatus, ClusterStatusReply, SandboxStatus
 
-# Piped output (scripts, tests) gets full rows instead of an 80-column squeeze.
-console = Console(width=None if sys.stdout.isatty() else 250)
+#: ``aviato up``'s scheduler port unless --port says otherwise (the README's).
+UP_PORT = 5555
+#: Options every client command takes, before or after its name; those with a value.
+_GLOBAL_VALUE_OPTIONS = ("--scheduler", "--timeout", "--keys", "--client-key")
+
+
+def _error(message: str) -> None:
+    print(f"aviato: {message}", file=sys.stderr, flush=True)
 
 
 def _defaults(args: argparse.Namespace) -> SandboxDefaults:
-    address = args.scheduler or os.environ.get("AVIATO_SCHEDULER")
-    if not address:
-        raise SystemExit(
-            "aviato: no cluster address: pass --scheduler tcp://HOST:PORT or set "
+    if not (args.scheduler or os.environ.get("AVIATO_SCHEDULER")):
+        raise ConfigurationError(
+            "no cluster address: pass --scheduler tcp://HOST:PORT or set "
             "AVIATO_SCHEDULER (run `aviato up` to start a local cluster)"
         )
     return SandboxDefaults(
-        scheduler=address,
+        scheduler=args.scheduler,  # else $AVIATO_SCHEDULER, read (and checked) by it
         request_timeout_seconds=args.timeout,
         keys=args.keys,
         client_key=args.client_key,
@@ -46,28 +61,18 @@ def _defaults(args: argparse.Namespace) -> SandboxDefaults:
 
 async def _status(args: argparse.Namespace) -> int:
     defaults = _defaults(args)
-    conn = connection(
-        defaults.scheduler or "", defaults.cluster_token(), defaults.scheduler_curve()
-    )
+    address = defaults.scheduler_address() or ""
+    conn = await scheduler_connection(defaults)
     reply = await conn.request(ClusterStatus(), timeout=defaults.request_timeout_seconds)
     assert isinstance(reply.msg, ClusterStatusReply)
     status = reply.msg
-    table = Table(title=f"aviato cluster at {defaults.scheduler}")
-    for col in ("agent", "address", "runtime", "slots used", "slots free", "alive", "heartbeat"):
-        table.add_column(col)
-    for a in status.agents:
-        table.add_row(
-            a.agent_id,
-            a.address,
-            a.runtime,  # says "NOT isolated" itself when it is not
-            str(a.used),
-            str(a.slots - a.used),
-            "yes" if a.alive else "DEAD",
-            f"{a.seconds_since_heartbeat:.1f}s ago",
-        )
-    console.print(table)
+    if args.format == "json":
+        print_json(status_record(address, status))
+        return 0
+    rows = [agent_row(a) for a in status.agents]
+    print_table(AGENT_COLUMNS, rows, title=f"aviato cluster at {address}")
     counts = ", ".join(f"{k} {v}" for k, v in status.sandbox_counts.items())
-    console.print(f"sandboxes: {counts}; sessions: {status.sessions}")
+    print(f"sandboxes: {counts}; sessions: {status.sessions}")
     return 0
 
 
@@ -75,33 +80,45 @@ async def _ps(args: argparse.Namespace) -> int:
     defaults = _defaults(args)
     statuses = list(SandboxStatus) if args.all else None
     sandboxes = await Sandbox.list(tags=args.tag, status=statuses, defaults=defaults)
-    table = Table()
-    for col in ("sandbox", "status", "image", "command", "agent", "tags", "exit", "reason"):
-        table.add_column(col)
-    for sb in sandboxes:
-        info = sb.info
-        assert info is not None
-        table.add_row(
-            info.sandbox_id,
-            info.status.value,
-            info.spec.image,
-            " ".join((info.spec.command, *info.spec.args)),
-            info.agent_id or "-",
-            ",".join(info.spec.tags),
-            "" if info.exit_code is None else str(info.exit_code),
-            info.reason,
-        )
-    console.print(table)
+    infos = [sb.info for sb in sandboxes if sb.info is not None]
+    if args.quiet:
+        for info in infos:
+            print(info.sandbox_id)
+    elif args.format == "json":
+        print_json([sandbox_record(info) for info in infos])
+    else:
+        print_table(SANDBOX_COLUMNS, [sandbox_row(info) for info in infos])
     return 0
+
+
+async def _stop_one(sandbox_id: str, defaults: SandboxDefaults) -> AviatoError | None:
+    try:
+        sb = await Sandbox.from_id(sandbox_id, defaults=defaults)
+        await sb.stop()
+    except AviatoError as exc:
+        return exc
+    return None
 
 
 async def _stop(args: argparse.Namespace) -> int:
+    """Stop every id it can (at once), and name each it cannot, as ``docker stop``."""
     defaults = _defaults(args)
-    for sandbox_id in args.ids:
-        sb = await Sandbox.from_id(sandbox_id, defaults=defaults)
-        await sb.stop()
-        console.print(f"stopped {sandbox_id}")
-    return 0
+    ids = list(dict.fromkeys(args.ids))
+    errors = await asyncio.gather(*(_stop_one(i, defaults) for i in ids))
+    for sandbox_id, error in zip(ids, errors, strict=True):
+        if error is None:
+            print(sandbox_id, flush=True)
+        else:
+            _error(f"cannot stop {sandbox_id}: {type(error).__name__}: {error}")
+    return 1 if any(errors) else 0
+
+
+def exit_status(returncode: int | None) -> int:
+    """The shell's status for a command's return code: one killed by signal N (a
+    negative code) is 128+N, as ``docker exec`` and shells report it."""
+    if returncode is None:
+        return 0
+    return 128 - returncode if returncode < 0 else returncode
 
 
 async def _exec(args: argparse.Namespace) -> int:
@@ -113,7 +130,7 @@ async def _exec(args: argparse.Namespace) -> int:
         out = sys.stdout.buffer if chunk.fd == 1 else sys.stderr.buffer
         out.write(chunk.data)
         out.flush()
-    return stream.returncode or 0
+    return exit_status(stream.returncode)
 
 
 def _piped_stdin() -> bytes | None:
@@ -133,24 +150,65 @@ async def _logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _state_dir(port: int) -> Path:
+    """Where ``aviato up`` keeps its daemons' logs: they outlive it, for a post-mortem."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local/state")
+    return Path(base) / "aviato" / f"up-{port}"
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Say at once, in one line, that the port is taken (by an earlier ``aviato up``?)."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as libzmq binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise ConfigurationError(f"cannot listen on {host}:{port}: {exc}") from None
+            raise ConfigurationError(
+                f"address already in use: tcp://{host}:{port} (another `aviato up`?); "
+                "choose another with --port"
+            ) from None
+
+
 def _up(args: argparse.Namespace) -> int:
     from aviato._local import LocalCluster
 
+    if args.scheduler:
+        raise ConfigurationError("aviato up runs its own scheduler: drop --scheduler (--port)")
+    _check_port_free(args.host, args.port)
+    keys = os.path.abspath(args.keys) if args.keys else None
     cluster = LocalCluster(
         slots=args.slots,
         runtime=args.runtime,
         bind_host=args.host,
-        keys=args.keys,
+        port=args.port,
+        keys=keys,
         client_key=args.client_key,
+        log_dir=_state_dir(args.port),
+        log_level=args.log_level,
     )
     address = cluster.start()
     # Block the signals so sigwait, not KeyboardInterrupt, receives them; only after the
     # daemons started, since children inherit the mask and must still see SIGTERM.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    print(f"aviato cluster up: export AVIATO_SCHEDULER={address}", flush=True)
-    if args.keys:
-        print(f"it serves only keys from {args.keys}: export AVIATO_KEYS={args.keys}", flush=True)
-    print("Ctrl-C stops it (and every sandbox it runs).", flush=True)
+    local = address.replace("0.0.0.0", "127.0.0.1")
+    lines = [
+        f"aviato scheduler listening on {address}; agent {cluster.agent_id} with "
+        f"{cluster.slots} slots, runtime {cluster.agent_runtime}",
+        f"logs (kept after exit): {cluster.log_path('scheduler')} and {cluster.log_path('agent')}",
+        "in another shell:",
+        f"  export AVIATO_SCHEDULER={local}",
+    ]
+    if keys:
+        lines.append(f"  export AVIATO_KEYS={keys} AVIATO_CLIENT_KEY={cluster.client_key}")
+        lines.append(f"it serves only the keys in {keys}")
+    lines.append("Ctrl-C stops it (and every sandbox it runs).")
+    print("\n".join(lines), flush=True)
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     finally:
@@ -164,88 +222,178 @@ def _keys(args: argparse.Namespace) -> int:
     try:
         files = create_cluster_keys(args.dir, args.agents, args.clients, force=args.force)
     except (FileExistsError, ValueError) as exc:
-        console.print(f"[red]aviato keys: {exc}[/red]")
+        _error(f"keys: {exc}")
         return 1
     for path in files:
-        console.print(str(path), highlight=False)
-    console.print(
+        print(path)
+    print(
         f"Give every host the public files (*.key) and its own secret only: the scheduler "
         f"{args.dir}/scheduler.key_secret, each agent host agents/NAME.key_secret, each "
-        "client clients/NAME.key_secret. Then --keys DIR (or AVIATO_KEYS=DIR) everywhere.",
-        highlight=False,
+        "client clients/NAME.key_secret. Then --keys DIR (or AVIATO_KEYS=DIR) everywhere."
     )
     return 0
+
+
+def _add_global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
+    """The options of every client command. On the top-level parser they carry the
+    defaults; a command's parser takes them too (``aviato ps --timeout 2``), with
+    no default of its own so that it keeps the value given before the command."""
+
+    def default(value: object) -> object:
+        return value if top else argparse.SUPPRESS
+
+    p.add_argument(
+        "--scheduler", default=default(None), help="cluster address (default $AVIATO_SCHEDULER)"
+    )
+    p.add_argument("--timeout", type=float, default=default(10.0), help="request deadline, seconds")
+    p.add_argument(
+        "--keys",
+        default=default(os.environ.get("AVIATO_KEYS")),
+        help="CURVE key directory (default $AVIATO_KEYS); `aviato up` serves only its keys",
+    )
+    p.add_argument(
+        "--client-key",
+        default=default(os.environ.get("AVIATO_CLIENT_KEY")),
+        help="this client's key name in KEYS/clients (default $AVIATO_CLIENT_KEY, else the"
+        " only one whose secret is there)",
+    )
+
+
+def _add_format(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="table (plain aligned text when piped), or json",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="aviato", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--scheduler", help="cluster address (default $AVIATO_SCHEDULER)")
-    p.add_argument("--timeout", type=float, default=10.0, help="request deadline, seconds")
-    p.add_argument(
-        "--keys",
-        default=os.environ.get("AVIATO_KEYS"),
-        help="CURVE key directory (default $AVIATO_KEYS); `aviato up` serves only its keys",
-    )
-    p.add_argument(
-        "--client-key",
-        default=os.environ.get("AVIATO_CLIENT_KEY"),
-        help="this client's key name in KEYS/clients (default $AVIATO_CLIENT_KEY, else the"
-        " only one whose secret is there)",
-    )
+    _add_global_options(p, top=True)
     sub = p.add_subparsers(dest="cmd", required=True)
+
+    def command(name: str, **kwargs: str) -> argparse.ArgumentParser:
+        parser = sub.add_parser(name, **kwargs)  # type: ignore[arg-type]
+        _add_global_options(parser, top=False)
+        return parser
+
     sub.add_parser("scheduler", help="run a scheduler (python -m scheduler)", add_help=False)
     sub.add_parser("agent", help="run an agent (python -m agent)", add_help=False)
-    up = sub.add_parser("up", help="run a local scheduler and agent in the foreground")
-    up.add_argument("--slots", type=int)
-    up.add_argument("--runtime", default=None)
+    up = command("up", help="run a local scheduler and agent in the foreground")
+    up.add_argument("--port", type=int, default=UP_PORT, help=f"scheduler port ({UP_PORT})")
     up.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for others)")
+    up.add_argument("--slots", type=int, help="sandboxes at once (max(8, 4 x cores))")
+    up.add_argument(
+        "--runtime",
+        choices=("docker", "local", "auto"),
+        help="sandbox runtime (default $AVIATO_RUNTIME, else auto: Docker if it answers)",
+    )
+    up.add_argument(
+        "--log-level",
+        type=log_level,
+        default=os.environ.get("AVIATO_LOG_LEVEL", "INFO"),
+        help="the daemons' log level (INFO)",
+    )
     keys = sub.add_parser("keys", help="generate a cluster's CURVE keys in DIR")
     keys.add_argument("dir")
     keys.add_argument("--agents", type=int, default=1, help="agent keypairs (agent-1...)")
     keys.add_argument("--clients", type=int, default=1, help="client keypairs (client-1...)")
     keys.add_argument("--force", action="store_true", help="replace the keys already in DIR")
-    sub.add_parser("status", help="agents, slots and sandbox counts")
-    ps = sub.add_parser("ps", help="list sandboxes")
+    status = command("status", help="agents, slots and sandbox counts")
+    _add_format(status)
+    ps = command("ps", help="list sandboxes")
     ps.add_argument("--tag", action="append", default=[], help="only sandboxes with this tag")
-    ps.add_argument("--all", action="store_true", help="include ended sandboxes")
-    stop = sub.add_parser("stop", help="stop sandboxes")
+    ps.add_argument("-a", "--all", action="store_true", help="include ended sandboxes")
+    ps.add_argument("-q", "--quiet", action="store_true", help="sandbox ids only, one a line")
+    _add_format(ps)
+    stop = command("stop", help="stop sandboxes (each it can; says which it cannot)")
     stop.add_argument("ids", nargs="+")
-    ex = sub.add_parser("exec", help="run a command in a sandbox: aviato exec ID -- CMD...")
+    ex = command("exec", help="run a command in a sandbox: aviato exec ID -- CMD...")
     ex.add_argument("id")
     ex.add_argument("--exec-timeout", type=float, default=None)
     ex.add_argument("command", nargs=argparse.REMAINDER)
-    logs = sub.add_parser("logs", help="a sandbox's output")
+    logs = command("logs", help="a sandbox's output")
     logs.add_argument("id")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # The daemons own their flags: hand everything after the word to them.
-    for daemon in ("scheduler", "agent"):
-        if daemon in argv and all(a.startswith("-") for a in argv[: argv.index(daemon)]):
-            rest = argv[argv.index(daemon) + 1 :]
-            if daemon == "scheduler":
-                from scheduler.__main__ import main as daemon_main
-            else:
-                from agent.__main__ import main as daemon_main
-            daemon_main(rest)
-            return
+def _command_word(argv: Sequence[str]) -> int | None:
+    """Where the command's name is in ``argv``: the first word that is neither an
+    option nor an option's value."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in _GLOBAL_VALUE_OPTIONS:
+            i += 2
+        elif arg.startswith("-"):
+            i += 1
+        else:
+            return i
+    return None
+
+
+def _run_daemon(name: str, before: list[str], rest: list[str]) -> None:
+    """``aviato [options] scheduler|agent ARGS``: the daemon owns ARGS. Options given
+    before the word that mean something to it are handed on; others are an error."""
+    given = argparse.ArgumentParser(prog="aviato", add_help=False)
+    for option in _GLOBAL_VALUE_OPTIONS:
+        given.add_argument(option)
+    options, unknown = given.parse_known_args(before)
+    if unknown:
+        raise ConfigurationError(f"unknown option(s) before `{name}`: {' '.join(unknown)}")
+    passed = {"--keys": options.keys}
+    if name == "agent":
+        passed["--scheduler"] = options.scheduler
+    elif options.scheduler is not None:
+        raise ConfigurationError(
+            "--scheduler names a cluster to use; a scheduler's own address is --bind: "
+            "aviato scheduler --bind tcp://0.0.0.0:5555"
+        )
+    for option, value in (("--timeout", options.timeout), ("--client-key", options.client_key)):
+        if value is not None:
+            raise ConfigurationError(
+                f"{option} is for client commands (status, ps, exec, ...), not `aviato {name}`"
+            )
+    forwarded = [arg for option, value in passed.items() if value for arg in (option, value)]
+    if name == "scheduler":
+        from scheduler.__main__ import main as daemon_main
+    else:
+        from agent.__main__ import main as daemon_main
+    daemon_main([*forwarded, *rest])  # after ours, its own flags win
+
+
+def _run(argv: list[str]) -> int:
+    word = _command_word(argv)
+    if word is not None and argv[word] in ("scheduler", "agent"):
+        _run_daemon(argv[word], argv[:word], argv[word + 1 :])
+        return 0
     args = build_parser().parse_args(argv)
     if args.cmd == "up":
-        raise SystemExit(_up(args))
+        return _up(args)
     if args.cmd == "keys":
-        raise SystemExit(_keys(args))
+        return _keys(args)
     if args.cmd == "exec" and not [c for c in args.command if c != "--"]:
-        raise SystemExit("aviato exec: give a command after the id: aviato exec ID -- echo hi")
+        raise ConfigurationError("exec: give a command after the id: aviato exec ID -- echo hi")
     handlers = {"status": _status, "ps": _ps, "stop": _stop, "exec": _exec, "logs": _logs}
+    return asyncio.run(handlers[args.cmd](args))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the command; every aviato error (and OSError) is one line on stderr and exit
+    status 1; usage errors are argparse's, status 2."""
     try:
-        code = asyncio.run(handlers[args.cmd](args))
+        code = _run(list(sys.argv[1:] if argv is None else argv))
     except AviatoError as exc:
-        console.print(f"[red]aviato: {type(exc).__name__}: {exc}[/red]")
+        _error(f"{type(exc).__name__}: {exc}")
         code = 1
+    except OSError as exc:  # this machine's side: a folder we cannot write, ...
+        _error(str(exc))
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
     raise SystemExit(code)
 
 

@@ -7,6 +7,7 @@ Every error a user can see is one of these; the daemons send a wire error code
     ├── ProtocolError                  malformed message, or another protocol version
     ├── ClusterUnavailableError        no answer from the scheduler or an agent in time
     ├── UnauthorizedError              a daemon refused the token or CURVE key (or none loads)
+    ├── ConfigurationError             a bad setting (an address, a log level); also ValueError
     ├── FunctionError                  a remote function raised a type we cannot rebuild
     └── SandboxError
         ├── SandboxNotFoundError       no sandbox with that id
@@ -51,6 +52,11 @@ class ClusterUnavailableError(AviatoError):
 class UnauthorizedError(AviatoError):
     """A daemon refused the request's credentials (cluster token or CURVE key), or this
     process's key files could not be loaded."""
+
+
+class ConfigurationError(AviatoError, ValueError):
+    """A setting cannot be used as given (an address that is not ``tcp://HOST:PORT``, a
+    log level); the message says what to write instead."""
 
 
 class FunctionError(AviatoError):

@@ -12,7 +12,7 @@ import sys
 import uvloop
 
 from aviato._auth import scheduler_keys
-from aviato._daemon import daemon_setup, exit_with_parent
+from aviato._daemon import daemon_setup, endpoint, exit_with_parent, log_level
 from aviato.exceptions import UnauthorizedError
 from scheduler.server import SchedulerServer
 from scheduler.state import Config
@@ -20,7 +20,12 @@ from scheduler.state import Config
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m scheduler", description=__doc__)
-    p.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ endpoint to bind")
+    p.add_argument(
+        "--bind",
+        default="tcp://127.0.0.1:5555",
+        type=endpoint(bind=True),
+        help="ZeroMQ endpoint to bind",
+    )
     p.add_argument(
         "--dead-after",
         type=float,
@@ -45,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         "agent and client keys found there",
     )
     p.add_argument("--ready-file", help="write the bound address here once listening")
-    p.add_argument("--log-level", default=os.environ.get("AVIATO_LOG_LEVEL", "INFO"))
+    p.add_argument(
+        "--log-level", type=log_level, default=os.environ.get("AVIATO_LOG_LEVEL", "INFO")
+    )
     return p
 
 

@@ -169,7 +169,7 @@ def test_keys_command_layout_permissions_and_force(tmp_path: Path) -> None:
     before = load_certificate(keys / "scheduler.key")[0]
 
     again = _aviato("keys", str(keys))
-    assert again.returncode == 1 and "--force" in again.stdout
+    assert again.returncode == 1 and "--force" in again.stderr
     assert load_certificate(keys / "scheduler.key")[0] == before
 
     forced = _aviato("keys", str(keys), "--force")
@@ -339,8 +339,26 @@ def test_cli_with_and_without_keys(keyed: Cluster, keys: Path) -> None:
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert keyed.agent_ids[0] in ok.stdout
     refused = _aviato("--scheduler", keyed.address, "--timeout", "20", "status")
-    assert refused.returncode == 1 and "UnauthorizedError" in refused.stdout
-    assert "requires CURVE keys" in refused.stdout
+    assert refused.returncode == 1 and "UnauthorizedError" in refused.stderr
+    assert "requires CURVE keys" in refused.stderr and "Traceback" not in refused.stderr
+
+
+async def test_keys_of_another_cluster_are_refused_within_seconds(
+    keyed: Cluster, tmp_path: Path
+) -> None:
+    """A client whose key folder comes from another `aviato keys` run (another
+    scheduler.key too): the scheduler cannot read its hello and hangs up without a
+    word. That is UnauthorizedError within about a second, not a timeout."""
+    done = _aviato("keys", str(tmp_path / "foreign"))
+    assert done.returncode == 0, done.stderr
+    foreign = SandboxDefaults(scheduler=keyed.address, keys=str(tmp_path / "foreign"))
+    started = time.monotonic()
+    try:
+        with pytest.raises(UnauthorizedError, match="does not accept this client's CURVE"):
+            await Sandbox.list(defaults=foreign)
+    finally:
+        _connection.close_all()
+    assert time.monotonic() - started < 5
 
 
 async def test_agent_with_an_unknown_key_is_not_registered(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 
@@ -118,16 +119,21 @@ asyncio.run(main())
     out = _run([*aviato, "ps", "--all", "--tag", "cli"], env)
     assert "terminated" in out.stdout
     out = _run([*aviato, "exec", sandbox_id, "--", "true"], env)
-    assert out.returncode == 1 and "SandboxNotRunningError" in out.stdout
+    assert out.returncode == 1 and "SandboxNotRunningError" in out.stderr
 
 
-def test_aviato_up_serves_other_processes_and_cleans_up() -> None:
+def test_aviato_up_serves_other_processes_and_cleans_up(tmp_path: Path) -> None:
     need_docker()
     import signal
+    import socket
 
     env = {k: v for k, v in os.environ.items() if k != "AVIATO_SCHEDULER"}
+    env["XDG_STATE_HOME"] = str(tmp_path)  # its logs, kept after exit
+    with socket.socket() as s:  # not the default 5555: other runs may hold it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "aviato.cli", "up", "--slots", "2"],
+        [sys.executable, "-m", "aviato.cli", "up", "--slots", "2", "--port", str(port)],
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
@@ -135,9 +141,12 @@ def test_aviato_up_serves_other_processes_and_cleans_up() -> None:
     )
     try:
         assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "AVIATO_SCHEDULER=" in line, line
+        line = ""
+        while "AVIATO_SCHEDULER=" not in line:
+            line = proc.stdout.readline()
+            assert line, "aviato up ended before printing its address"
         address = line.strip().split("AVIATO_SCHEDULER=")[1]
+        assert address == f"tcp://127.0.0.1:{port}"
         env["AVIATO_SCHEDULER"] = address
         code = """
 import asyncio

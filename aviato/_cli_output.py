@@ -1,0 +1,124 @@
+"""How the CLI prints what it lists: a table sized to the terminal, aligned plain text
+when piped (no box drawing: ``grep``/``awk``/``cut`` friendly), or JSON records."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from typing import IO, Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from aviato.protocol import AgentInfo, ClusterStatusReply, SandboxInfo
+
+SANDBOX_COLUMNS = ("sandbox", "status", "image", "command", "agent", "tags", "exit", "reason")
+AGENT_COLUMNS = ("agent", "address", "runtime", "slots used", "slots free", "alive", "heartbeat")
+
+
+def sandbox_row(info: SandboxInfo) -> list[str]:
+    return [
+        info.sandbox_id,
+        info.status.value,
+        info.spec.image,
+        " ".join((info.spec.command, *info.spec.args)),
+        info.agent_id or "-",
+        ",".join(info.spec.tags),
+        "" if info.exit_code is None else str(info.exit_code),
+        info.reason,
+    ]
+
+
+def sandbox_record(info: SandboxInfo) -> dict[str, Any]:
+    """One sandbox for ``--format json``: plain JSON types, stable keys."""
+    return {
+        "sandbox_id": info.sandbox_id,
+        "status": info.status.value,
+        "image": info.spec.image,
+        "command": [info.spec.command, *info.spec.args],
+        "tags": list(info.spec.tags),
+        "session_id": info.spec.session_id,
+        "agent_id": info.agent_id,
+        "agent_address": info.agent_address,
+        "runtime": info.runtime,
+        "exit_code": info.exit_code,
+        "reason": info.reason,
+        "created_at": info.created_at,
+        "deadline": info.deadline,
+    }
+
+
+def agent_row(agent: AgentInfo) -> list[str]:
+    return [
+        agent.agent_id,
+        agent.address,
+        agent.runtime,  # says "NOT isolated" itself when it is not
+        str(agent.used),
+        str(agent.slots - agent.used),
+        "yes" if agent.alive else "DEAD",
+        f"{agent.seconds_since_heartbeat:.1f}s ago",
+    ]
+
+
+def status_record(address: str, status: ClusterStatusReply) -> dict[str, Any]:
+    return {
+        "scheduler": address,
+        "agents": [
+            {
+                "agent_id": a.agent_id,
+                "address": a.address,
+                "runtime": a.runtime,
+                "slots": a.slots,
+                "used": a.used,
+                "alive": a.alive,
+                "seconds_since_heartbeat": a.seconds_since_heartbeat,
+            }
+            for a in status.agents
+        ],
+        "sandbox_counts": dict(status.sandbox_counts),
+        "sessions": status.sessions,
+    }
+
+
+def plain_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns aligned with spaces, headers in capitals (as ``docker ps``); nothing cut,
+    the last column unpadded. Newlines in a cell become spaces: one row, one line."""
+    cells = [[c.upper().replace(" ", "_") for c in columns]]
+    cells += [[str(v).replace("\n", " ") for v in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    lines = []
+    for row in cells:
+        padded = [v.ljust(w) for v, w in zip(row[:-1], widths[:-1], strict=True)]
+        lines.append("   ".join([*padded, row[-1]]).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def print_table(
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    title: str | None = None,
+    out: IO[str] | None = None,
+) -> None:
+    """A terminal gets a table as wide as it is (long cells folded, ids never); a pipe
+    or file gets ``plain_table``."""
+    out = out or sys.stdout
+    if not out.isatty():
+        if title:
+            out.write(title + "\n")
+        out.write(plain_table(columns, rows))
+        return
+    table = Table(title=title, box=box.SIMPLE_HEAD, expand=False)
+    for i, col in enumerate(columns):
+        # The first column is the id a user copies into the next command: never cut.
+        table.add_column(col, no_wrap=i == 0, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    Console(file=out, highlight=False).print(table)
+
+
+def print_json(value: object, out: IO[str] | None = None) -> None:
+    out = out or sys.stdout
+    out.write(json.dumps(value, indent=2) + "\n")
