@@ -7,6 +7,8 @@ Every error a user can see is one of these; the daemons send a wire error code
     ├── ProtocolError                  malformed message, or another protocol version
     ├── ClusterUnavailableError        no answer from the scheduler or an agent in time
     ├── UnauthorizedError              a daemon refused the token or CURVE key (or none loads)
+    ├── AddressInUseError              a daemon cannot listen: another process has the address
+    ├── AgentIdInUseError              a live agent already holds this agent id
     ├── FunctionError                  a remote function raised a type we cannot rebuild
     └── SandboxError
         ├── SandboxNotFoundError       no sandbox with that id
@@ -51,6 +53,15 @@ class ClusterUnavailableError(AviatoError):
 class UnauthorizedError(AviatoError):
     """A daemon refused the request's credentials (cluster token or CURVE key), or this
     process's key files could not be loaded."""
+
+
+class AddressInUseError(AviatoError):
+    """A daemon cannot listen on its address: another process already does."""
+
+
+class AgentIdInUseError(AviatoError):
+    """An agent asked to register with an id that a live agent holds (on this host or
+    another): ids must be unique in a cluster."""
 
 
 class FunctionError(AviatoError):
