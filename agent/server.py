@@ -135,6 +135,7 @@ class AgentServer:
         self._refused = False
         self._registered = False
         self._last_dead_sweep = 0.0
+        self._last_heard = 0.0  # when the scheduler last sent us anything (monotonic)
         self._swept_dead: frozenset[str] = frozenset()
         #: Run exec and files through an in-sandbox supervisor when the image has Python.
         self.supervisor = supervisor
@@ -284,19 +285,20 @@ class AgentServer:
         backoff = 0.1
         sock = self._new_scheduler_socket()
         reader = self._task(self._scheduler_recv(sock))
-        silent_since = last_warned = time.monotonic()
+        last_warned = self._last_heard = time.monotonic()
         while True:
             reply = await self._register(fresh)
             if reply is None:
                 now = time.monotonic()
-                if now - last_warned >= SILENCE_WARN_SECONDS:
+                silent = now - self._last_heard  # (a refusal is an answer, logged apart)
+                if silent >= SILENCE_WARN_SECONDS and now - last_warned >= SILENCE_WARN_SECONDS:
                     last_warned = now
                     log.warning(
                         "agent %s: the scheduler at %s does not answer (for %.0f s); still "
                         "trying to register (is it running, and is the address right?)",
                         self.agent_id,
                         self.scheduler,
-                        now - silent_since,
+                        silent,
                     )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -315,7 +317,7 @@ class AgentServer:
                 self.agent_id,
                 self.scheduler,
             )
-            silent_since = last_warned = time.monotonic()
+            last_warned = time.monotonic()
             # On a fresh socket: once (under heavy load, seen in CI) the old one
             # stopped delivering replies, and registering on it failed for 10 s.
             reader.cancel()
@@ -463,6 +465,7 @@ class AgentServer:
     async def _scheduler_recv(self, sock: zmq.asyncio.Socket) -> None:
         while True:
             frames = await sock.recv_multipart(copy=False)
+            self._last_heard = time.monotonic()
             try:
                 decoded = decode(frames)
             except DecodeError as exc:
