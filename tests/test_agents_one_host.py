@@ -95,9 +95,20 @@ async def test_three_cli_agents_on_one_host_one_killed_mid_map(bare_cluster: Clu
         for agent_id, before in survivors.items():  # untouched: still running, same ids
             assert before <= set(running_of(agent_id)), (agent_id, before, c.logs())
         assert all("is not on agent" not in p.read_text() for p in c.tmp.glob("cli-*.log"))
+        # An agent that exits stops its own sandboxes only.
+        before = set(running_of(ids[2]))
+        c.kill("cli-1", 15)
+        assert not containers_of([ids[1]])
+        assert before <= set(running_of(ids[2]))
     # The same command line again: the same id, which reaps what the killed one left.
     c.start_agent(f"cli-{victim}", named=False, bind=f"tcp://127.0.0.1:{ports[victim]}")
-    await asyncio.to_thread(c.wait_agents, 3)
+    await asyncio.to_thread(
+        wait_until,
+        lambda: ports[victim] in live_ids_by_port(c),
+        30,
+        0.1,
+        "the killed agent to come back",
+    )
     assert live_ids_by_port(c)[ports[victim]] == ids[victim]
     await asyncio.to_thread(
         wait_until,
@@ -106,6 +117,43 @@ async def test_three_cli_agents_on_one_host_one_killed_mid_map(bare_cluster: Clu
         0.2,
         "the restarted agent to reap what it left",
     )
+
+
+@pytest.fixture
+def patient_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """Agents declared dead only 20 s after their last heartbeat."""
+    yield from docker_cluster(tmp_path, agents=0, slots=2, scheduler_args=["--dead-after", "20"])
+
+
+async def test_an_agent_restarted_after_kill_9_takes_its_id_back_at_once(
+    patient_cluster: Cluster,
+) -> None:
+    """Its predecessor still counts as live (no heartbeat missed long enough yet): the
+    restarted agent, holding the id's lock on this host, names it and is let in."""
+    c = patient_cluster
+    port = free_port()
+    c.start_agent("cli-0", named=False, bind=f"tcp://127.0.0.1:{port}")
+    c.wait_agents(1)
+    [agent_id] = live_ids_by_port(c).values()
+    c.adopt_ids([agent_id])
+    c.kill("cli-0")
+    killed_at = time.monotonic()
+    proc = c.start_agent("cli-0", named=False, bind=f"tcp://127.0.0.1:{port}")
+    await asyncio.to_thread(
+        wait_until,
+        lambda: (c.tmp / "cli-0.log").read_text().count(f"agent {agent_id} registered") >= 2,
+        30,
+        0.1,
+        "the restarted agent to register",
+    )
+    assert time.monotonic() - killed_at < 20, "registered before the old one was declared dead"
+    assert proc.poll() is None, c.logs()
+    [again] = [a for a in c.status().agents if a.alive]
+    assert again.agent_id == agent_id
+    d = SandboxDefaults(container_image=IMAGE, scheduler=c.address)
+    sb = await Sandbox.create("sleep", "infinity", defaults=d)
+    assert (await sb.exec(["true"])).returncode == 0
+    await sb.stop()
 
 
 def _run_agent(
