@@ -7,16 +7,24 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import sys
+from pathlib import Path
 
 import uvloop
 
+from agent.identity import Identity, claim, default_agent_id, state_dir
 from agent.runtime import make_runtime
 from agent.server import AgentServer
 from aviato._auth import CurveKeys, ServerKeys, agent_keys
-from aviato._daemon import daemon_setup, endpoint, exit_watchdog, exit_with_parent, log_level
-from aviato.exceptions import UnauthorizedError
+from aviato._daemon import (
+    daemon_setup,
+    endpoint,
+    exit_on_one_line_failure,
+    exit_watchdog,
+    exit_with_parent,
+    log_level,
+)
+from aviato.exceptions import AgentIdInUseError, UnauthorizedError
 
 SHUTDOWN_GRACE = 50.0  # seconds from a stop request to exit, stuck or not
 
@@ -53,8 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--agent-id",
-        default=socket.gethostname(),
-        help="stable id; containers labelled with it are reaped at start",
+        help="unique id in the cluster; its sandboxes are labelled with it and reaped when"
+        " it starts again (default: the hostname plus a suffix remembered in --state-dir"
+        " for this scheduler and --bind, so a restarted agent gets the same id)",
+    )
+    p.add_argument(
+        "--state-dir",
+        default=None,
+        help="where agent ids are remembered and locked (default $AVIATO_STATE_DIR, else"
+        " $XDG_STATE_HOME/aviato, else ~/.local/state/aviato)",
     )
     p.add_argument(
         "--bind",
@@ -113,7 +128,25 @@ def _keys(args: argparse.Namespace) -> tuple[ServerKeys, CurveKeys] | None:
         raise SystemExit(f"agent: {exc}") from None
 
 
-async def run(args: argparse.Namespace, keys: tuple[ServerKeys, CurveKeys] | None) -> None:
+def _identity(args: argparse.Namespace) -> Identity:
+    """Claim our agent id before touching anything keyed by it (see agent/identity.py)."""
+    directory = Path(args.state_dir) if args.state_dir else state_dir()
+    try:
+        if args.agent_id:
+            return claim(args.agent_id, directory)
+        return default_agent_id(args.scheduler, args.bind, directory)
+    except AgentIdInUseError as exc:
+        print(f"agent: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    except OSError as exc:
+        raise SystemExit(f"agent: cannot use the state directory {directory}: {exc}") from None
+
+
+async def run(
+    args: argparse.Namespace,
+    keys: tuple[ServerKeys, CurveKeys] | None,
+    identity: Identity,
+) -> None:
     if args.cap_add and args.runtime != "docker":
         raise SystemExit("--cap-add applies to the Docker runtime only (--runtime docker)")
     extra = {"cap_add": args.cap_add} if args.cap_add else {}
@@ -129,6 +162,8 @@ async def run(args: argparse.Namespace, keys: tuple[ServerKeys, CurveKeys] | Non
         token=args.token,
         keys=keys,
         supervisor=not args.no_supervisor,
+        instance=identity.instance,
+        replaces=identity.replaces,
     )
     stopping = False
 
@@ -145,9 +180,16 @@ async def run(args: argparse.Namespace, keys: tuple[ServerKeys, CurveKeys] | Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
     parent = os.environ.get("AVIATO_PARENT_PID")
+
+    async def note_address() -> None:
+        await server.ready.wait()
+        identity.note_address(server.address)
+
     async with asyncio.TaskGroup() as tg:
         watcher = tg.create_task(exit_with_parent(int(parent), stop)) if parent else None
+        noter = tg.create_task(note_address())
         await server.serve(cleanup_on_exit=not args.keep_on_exit)
+        noter.cancel()
         if watcher is not None:
             watcher.cancel()
 
@@ -164,12 +206,18 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    identity = _identity(args)
+    args.agent_id = identity.agent_id
     code = 0
     try:
-        uvloop.run(run(args, keys))
-    except BaseException:
+        uvloop.run(run(args, keys, identity))
+    except BaseException as exc:
+        identity.release()
+        exit_on_one_line_failure("agent", exc)
         logging.getLogger("aviato.agent").exception("agent failed")
         code = 1
+    # Any exit that gets here left nothing to take over (kill -9 never gets here).
+    identity.release()
     # Everything is stopped and closed by now. Exit at once: a Docker SDK call stuck in
     # a pool thread must not hold the process at the interpreter's thread joins.
     logging.shutdown()

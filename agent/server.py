@@ -8,6 +8,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -28,12 +30,13 @@ from agent.runtime.base import (
     sandbox_labels,
     spec_from_labels,
 )
-from agent.workers import WorkerHub
+from agent.workers import WorkerHub, remove_dead_agent_dir
 from aviato import _zmq
 from aviato._auth import CurveKeys, ServerKeys, ZapHandler, log_refused_handshakes
 from aviato._daemon import warn_if_open
 from aviato._errors import error_reply
 from aviato.exceptions import (
+    AgentIdInUseError,
     AviatoError,
     SandboxFailedError,
     SandboxNotFoundError,
@@ -45,6 +48,7 @@ from aviato.protocol import (
     Cancel,
     Decoded,
     DecodeError,
+    DeregisterAgent,
     ErrorCode,
     ErrorReply,
     Exec,
@@ -85,6 +89,12 @@ EMBEDDED_PREFIX = "embedded-"
 KEPT_LOG_LINES = 10_000
 #: How long a function worker may take from container start to its hello.
 WORKER_START_SECONDS = 60.0
+#: While the scheduler does not answer, a warning this often (seconds).
+SILENCE_WARN_SECONDS = 5.0
+#: How long a stopping agent waits for the scheduler to take its deregistration.
+DEREGISTER_SECONDS = 2.0
+#: Between two sweeps for the sandboxes of agents the scheduler declared dead.
+DEAD_SWEEP_SECONDS = 10.0
 
 
 @dataclass(slots=True)
@@ -108,6 +118,8 @@ class AgentServer:
         keys: tuple[ServerKeys, CurveKeys] | None = None,
         register_timeout: float = 2.0,
         supervisor: bool = True,
+        instance: str = "",
+        replaces: str = "",
     ) -> None:
         self.runtime = runtime
         self.scheduler = scheduler
@@ -120,6 +132,16 @@ class AgentServer:
         #: CURVE: the data plane's server keys (client keys only), the scheduler link's.
         self.keys = keys
         self.register_timeout = register_timeout
+        #: This process's nonce, and the one of the id's previous holder on this host
+        #: that died holding it (see RegisterAgent; agent/identity.py).
+        self.instance = instance or uuid.uuid4().hex
+        self.replaces = replaces
+        #: The scheduler refused our id: we own nothing, so we stop nothing on exit.
+        self._refused = False
+        self._registered = False
+        self._last_dead_sweep = 0.0
+        self._last_heard = 0.0  # when the scheduler last sent us anything (monotonic)
+        self._swept_dead: frozenset[str] = frozenset()
         #: Run exec and files through an in-sandbox supervisor when the image has Python.
         self.supervisor = supervisor
         self.address = ""
@@ -159,8 +181,17 @@ class AgentServer:
     async def serve(self, *, cleanup_on_exit: bool = True) -> None:
         server_keys = self.keys[0] if self.keys is not None else None
         who = f"agent {self.agent_id}"
+        # First: it locks our socket directory, refusing us (before we touch anything)
+        # when a live agent on this host has our id.
+        self._hub = hub = WorkerHub(self._send_now, self._spawn, self.agent_id)
         zap = ZapHandler(self._ctx, server_keys, who) if server_keys is not None else None
-        data, bound = _zmq.router(self._ctx, self.bind, server_keys)
+        try:
+            data, bound = _zmq.router(self._ctx, self.bind, server_keys)
+        except BaseException:
+            if zap is not None:
+                zap.close()
+            await hub.close_all()
+            raise
         self._data = data
         self.address = _zmq.advertised(bound, self.advertise_host)
         log.info(
@@ -170,8 +201,7 @@ class AgentServer:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                self._hub = WorkerHub(self._send_now, self._spawn, self.agent_id)
-                self._start_lane(self._hub)
+                self._start_lane(hub)
                 if zap is not None:
                     self._task(zap.run())
                     self._task(log_refused_handshakes(data, who))
@@ -182,7 +212,11 @@ class AgentServer:
                 for task in list(self._tasks):
                     task.cancel()
         finally:
-            if cleanup_on_exit:
+            if self._registered and not self._refused:
+                # First: clients hear at once that our sandboxes end, and we are not
+                # listed as dead (nor our kept sandboxes swept as a dead agent's).
+                await self._deregister()
+            if cleanup_on_exit and not self._refused:
                 await self._stop_all()
             if self._lane is not None:
                 self._lane.close()
@@ -260,9 +294,21 @@ class AgentServer:
         backoff = 0.1
         sock = self._new_scheduler_socket()
         reader = self._task(self._scheduler_recv(sock))
+        last_warned = self._last_heard = time.monotonic()
         while True:
             reply = await self._register(fresh)
             if reply is None:
+                now = time.monotonic()
+                silent = now - self._last_heard  # (a refusal is an answer, logged apart)
+                if silent >= SILENCE_WARN_SECONDS and now - last_warned >= SILENCE_WARN_SECONDS:
+                    last_warned = now
+                    log.warning(
+                        "agent %s: the scheduler at %s does not answer (for %.0f s); still "
+                        "trying to register (is it running, and is the address right?)",
+                        self.agent_id,
+                        self.scheduler,
+                        silent,
+                    )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
                 if backoff >= 1.6:
@@ -272,9 +318,15 @@ class AgentServer:
                     reader = self._task(self._scheduler_recv(sock))
                 continue
             fresh, backoff = False, 0.1
+            self._registered = True
             self.ready.set()
             await self._heartbeat_until_lost(reply.heartbeat_interval)
-            log.warning("agent %s: scheduler lost or restarted; registering again", self.agent_id)
+            log.warning(
+                "agent %s: the scheduler at %s stopped answering or restarted; registering again",
+                self.agent_id,
+                self.scheduler,
+            )
+            last_warned = time.monotonic()
             # On a fresh socket: once (under heavy load, seen in CI) the old one
             # stopped delivering replies, and registering on it failed for 10 s.
             reader.cancel()
@@ -283,6 +335,7 @@ class AgentServer:
 
     async def _register(self, fresh: bool) -> RegisterReply | None:
         reported: list[SandboxInfo] = []
+        leftovers: list[str] = []  # stopped once the id is ours (the scheduler agrees)
         if fresh:
             for found in await self.runtime.list(self.agent_id):
                 spec = spec_from_labels(found.labels)
@@ -291,9 +344,7 @@ class AgentServer:
                 if found.running and spec is not None and not spec.function_worker:
                     self.sandboxes.setdefault(found.sandbox_id, Running(spec, created))
                 else:
-                    await self.runtime.stop(found.sandbox_id)
-            if self.agent_id.startswith(EMBEDDED_PREFIX):
-                await self._reap_dead_embedded()
+                    leftovers.append(found.sandbox_id)
         for sid, run in self.sandboxes.items():
             reported.append(
                 SandboxInfo(sid, run.spec, SandboxStatus.RUNNING, created_at=run.created_at)
@@ -308,12 +359,22 @@ class AgentServer:
             sandboxes=tuple(reported),
             public_key=self.keys[0].public.decode() if self.keys is not None else "",
             lane=self.lane_address,
+            instance=self.instance,
+            replaces=self.replaces,
         )
         reply = await self._ask_scheduler(msg, self.register_timeout)
+        if isinstance(reply, ErrorReply) and reply.code is ErrorCode.ID_IN_USE:
+            # Another live agent has our id: taking it over would wreck it. Exit.
+            self._refused = True
+            raise AgentIdInUseError(reply.message)
         if not isinstance(reply, RegisterReply):
             if isinstance(reply, ErrorReply):
                 log.error("scheduler refused registration: %s", reply.message)
             return None
+        for sid in leftovers:
+            await self.runtime.stop(sid)
+        if fresh and self.agent_id.startswith(EMBEDDED_PREFIX):
+            await self._reap_dead_embedded()
         for sid in reply.reap:
             log.info("reaping sandbox %s unknown to the scheduler", sid)
             self._forget(sid, "reaped: unknown to the scheduler")
@@ -346,10 +407,53 @@ class AgentServer:
                 if not reply.registered:
                     return
                 misses = 0
+                if reply.dead_agents:
+                    self._sweep_dead_soon(frozenset(reply.dead_agents))
             else:
                 misses += 1
                 if misses >= 3:
                     return
+
+    def _sweep_dead_soon(self, dead: frozenset[str]) -> None:
+        """Remove what agents the scheduler declared dead (past its grace) left on our
+        engine, now and then: a killed agent that never returns leaves exited
+        containers that nothing else would remove."""
+        now = time.monotonic()
+        if dead == self._swept_dead and now - self._last_dead_sweep < DEAD_SWEEP_SECONDS:
+            return
+        self._swept_dead, self._last_dead_sweep = dead, now
+        self._spawn(self._sweep_dead(dead - {self.agent_id}))
+
+    async def _sweep_dead(self, dead: frozenset[str]) -> None:
+        for found in await self.runtime.list_all():
+            owner = found.labels.get(LABEL_AGENT, "")
+            if owner in dead:
+                log.info("removing sandbox %s of dead agent %s", found.sandbox_id, owner)
+                with contextlib.suppress(AviatoError):
+                    await self.runtime.stop(found.sandbox_id)
+        for agent_id in sorted(dead):  # and its socket directory, if it lived here
+            if await asyncio.to_thread(remove_dead_agent_dir, agent_id):
+                log.info("removed the socket directory of dead agent %s", agent_id)
+
+    async def _deregister(self) -> None:
+        """Tell the scheduler we leave (best effort, briefly: it may be gone too)."""
+        sock = self._sched
+        if sock is None:
+            return
+        self._next_id += 1
+        request_id = self._next_id
+        msg = DeregisterAgent(self.agent_id, self.instance)
+        try:
+            await sock.send_multipart(encode(msg, request_id, token=self.token))
+            async with asyncio.timeout(DEREGISTER_SECONDS):
+                while True:  # the link's reader is stopped by now: read the reply here
+                    frames = await sock.recv_multipart()
+                    with contextlib.suppress(DecodeError):
+                        if decode(frames).request_id == request_id:
+                            log.info("agent %s left the cluster", self.agent_id)
+                            return
+        except (TimeoutError, zmq.ZMQError):
+            log.info("agent %s: the scheduler did not take its deregistration", self.agent_id)
 
     async def _ask_scheduler(self, msg: Message, timeout: float) -> Message | None:
         """A request to the scheduler; None when it does not answer in time."""
@@ -370,6 +474,7 @@ class AgentServer:
     async def _scheduler_recv(self, sock: zmq.asyncio.Socket) -> None:
         while True:
             frames = await sock.recv_multipart(copy=False)
+            self._last_heard = time.monotonic()
             try:
                 decoded = decode(frames)
             except DecodeError as exc:

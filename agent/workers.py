@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import compileall
 import contextlib
+import fcntl
 import functools
 import hashlib
 import itertools
 import json
 import logging
 import marshal
+import os
 import shutil
 import socket
 import struct
@@ -30,6 +32,7 @@ import cloudpickle
 from agent.runtime.base import ExecOutput, ExitStatus, Mount, OutputChunk
 from aviato._lane import FramedSocket
 from aviato.exceptions import (
+    AgentIdInUseError,
     PayloadTooLargeError,
     SandboxError,
     SandboxFailedError,
@@ -107,11 +110,10 @@ class WorkerHub:
         self._spawn = spawn
         # One directory per agent id (short: Unix socket paths are limited to about
         # 107 bytes), so that an agent restarted after kill -9 clears its old one.
+        self._root_lock: int | None = None
         if agent_id:
-            digest = hashlib.sha256(agent_id.encode()).hexdigest()[:12]
-            self.root = Path(tempfile.gettempdir()) / f"avw-{digest}"
-            shutil.rmtree(self.root, ignore_errors=True)
-            self.root.mkdir(mode=0o755)
+            self.root = agent_dir(agent_id)
+            self._root_lock = _claim_dir(self.root, agent_id)
         else:
             self.root = Path(tempfile.mkdtemp(prefix="avw-"))
         self.lib = self.root / "lib"
@@ -583,6 +585,65 @@ class WorkerHub:
             link.routes.clear()  # the agent's tasks are gone: nobody is left to answer
             await self.close(sandbox_id, "the agent is shutting down")
         shutil.rmtree(self.root, ignore_errors=True)
+        if self._root_lock is not None:
+            os.close(self._root_lock)
+            self._root_lock = None
+
+
+def agent_dir(agent_id: str) -> Path:
+    digest = hashlib.sha256(agent_id.encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"avw-{digest}"
+
+
+def remove_dead_agent_dir(agent_id: str) -> bool:
+    """Remove the socket directory a dead agent on this host left (killed, never back);
+    True if it was there. Its lock says whether it is dead: a live one's stays."""
+    root = agent_dir(agent_id)
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+        return True
+    finally:
+        os.close(fd)
+
+
+def _claim_dir(root: Path, agent_id: str) -> int:
+    """Lock the agent's directory (a flock on it, held while we live) and empty it of
+    a dead predecessor's leftovers; ``AgentIdInUseError`` if a live agent on this host
+    holds it (one with our id, whatever its state directory): its sockets stay put."""
+    while True:
+        root.mkdir(mode=0o755, exist_ok=True)
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise AgentIdInUseError(
+                f"agent id {agent_id!r} is held by a live agent on this host (its socket "
+                f"directory {root} is locked); give this agent another --agent-id"
+            ) from None
+        try:
+            same = os.stat(root).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else its last holder removed it as we opened it: again
+            break
+        os.close(fd)
+    for child in root.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                child.unlink()
+    os.chmod(root, 0o755)
+    return fd
 
 
 RUNNING_FILE = "running"

@@ -41,6 +41,7 @@ from aviato.protocol import (
     AgentHeartbeat,
     ClusterStatus,
     CreateSandbox,
+    DeregisterAgent,
     ErrorReply,
     Exec,
     GetLogs,
@@ -80,7 +81,16 @@ class Role(enum.StrEnum):
 #: What an agent's key may send the scheduler: its own traffic and replies to requests
 #: the scheduler sent it (PlaceSandbox, StopSandbox).
 AGENT_MESSAGES: frozenset[type[Message]] = frozenset(
-    {RegisterAgent, AgentHeartbeat, SandboxExited, SandboxReply, OkReply, ErrorReply, Ping}
+    {
+        RegisterAgent,
+        DeregisterAgent,
+        AgentHeartbeat,
+        SandboxExited,
+        SandboxReply,
+        OkReply,
+        ErrorReply,
+        Ping,
+    }
 )
 #: What a client's key may send the scheduler (control) and an agent (data plane).
 CLIENT_MESSAGES: frozenset[type[Message]] = frozenset(

@@ -8,11 +8,12 @@ import faulthandler
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 
 from aviato._zmq import check_endpoint
-from aviato.exceptions import ConfigurationError
+from aviato.exceptions import AddressInUseError, AgentIdInUseError, ConfigurationError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -41,6 +42,32 @@ def endpoint(*, bind: bool) -> Callable[[str], str]:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
     return parse
+
+
+#: Failures a daemon reports in one line (no traceback): the user's to fix, not a bug.
+ONE_LINE_FAILURES = (AddressInUseError, AgentIdInUseError)
+
+
+def one_line_failure(exc: BaseException) -> str | None:
+    """The message of a failure to report in one line, found in ``exc`` or (task
+    groups wrap what their body raises) in an exception group around it; else None."""
+    if isinstance(exc, ONE_LINE_FAILURES):
+        return str(exc)
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = one_line_failure(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def exit_on_one_line_failure(what: str, exc: BaseException) -> None:
+    """Print ``what: message`` to stderr and exit 1 when ``exc`` is a one-line failure."""
+    message = one_line_failure(exc)
+    if message is not None:
+        print(f"{what}: {message}", file=sys.stderr, flush=True)
+        logging.shutdown()
+        os._exit(1)
 
 
 async def exit_with_parent(parent_pid: int, stop: Callable[[], None]) -> None:

@@ -18,6 +18,7 @@ _CODE_TO_EXC: dict[ErrorCode, type[exc.AviatoError]] = {
     ErrorCode.FILE_ERROR: exc.SandboxFileError,
     ErrorCode.TOO_LARGE: exc.PayloadTooLargeError,
     ErrorCode.UNAVAILABLE: exc.ClusterUnavailableError,
+    ErrorCode.ID_IN_USE: exc.AgentIdInUseError,
     ErrorCode.INTERNAL: exc.AviatoError,
 }
 
@@ -32,6 +33,7 @@ _EXC_TO_CODE: list[tuple[type[BaseException], ErrorCode]] = [
     (exc.UnauthorizedError, ErrorCode.UNAUTHORIZED),
     (exc.ProtocolError, ErrorCode.MALFORMED),
     (exc.ClusterUnavailableError, ErrorCode.UNAVAILABLE),
+    (exc.AgentIdInUseError, ErrorCode.ID_IN_USE),
     (exc.SandboxError, ErrorCode.BAD_REQUEST),
     (ValueError, ErrorCode.BAD_REQUEST),
 ]

@@ -23,7 +23,7 @@ from pathlib import Path
 import zmq
 
 from aviato._auth import Role, client_keys, scheduler_public_key, secret_key_names
-from aviato.exceptions import ClusterUnavailableError
+from aviato.exceptions import AddressInUseError, ClusterUnavailableError
 from aviato.protocol import ClusterStatus, ClusterStatusReply, decode, encode
 
 log = logging.getLogger("aviato.local")
@@ -153,6 +153,13 @@ class LocalCluster:
         return self.address
 
     def _check_alive(self, proc: subprocess.Popen[bytes], name: str, deadline: float) -> None:
+        if proc.poll() is not None:
+            # A daemon that cannot listen says so in one line: pass that on, alone.
+            lines = self.log_path(name).read_text(errors="replace").splitlines()
+            last = lines[-1] if lines else ""
+            if last.startswith(f"{name}: address already in use: "):
+                self.stop()
+                raise AddressInUseError(last.removeprefix(f"{name}: "))
         if proc.poll() is not None or time.monotonic() > deadline:
             why = "exited" if proc.returncode is not None else "did not come up in time"
             if self.keep_logs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
 import time
@@ -12,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 import zmq.asyncio
 
-from aviato.exceptions import ConfigurationError
+from aviato.exceptions import AddressInUseError, ConfigurationError
 from aviato.protocol import (
     MAX_FRAME_BYTES,
     DecodeError,
@@ -89,7 +90,13 @@ def router(
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.RCVHWM, 100_000)
-    sock.bind(bind)
+    try:
+        sock.bind(bind)
+    except zmq.ZMQError as exc:
+        sock.close(linger=0)
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUseError(f"address already in use: {bind}") from None
+        raise
     address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
     return sock, address
 

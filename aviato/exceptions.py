@@ -8,6 +8,8 @@ Every error a user can see is one of these; the daemons send a wire error code
     ├── ClusterUnavailableError        no answer from the scheduler or an agent in time
     ├── UnauthorizedError              a daemon refused the token or CURVE key (or none loads)
     ├── ConfigurationError             a bad setting (an address, a log level); also ValueError
+    ├── AddressInUseError              a daemon cannot listen: another process has the address
+    ├── AgentIdInUseError              a live agent already holds this agent id
     ├── FunctionError                  a remote function raised a type we cannot rebuild
     └── SandboxError
         ├── SandboxNotFoundError       no sandbox with that id
@@ -57,6 +59,15 @@ class UnauthorizedError(AviatoError):
 class ConfigurationError(AviatoError, ValueError):
     """A setting cannot be used as given (an address that is not ``tcp://HOST:PORT``, a
     log level); the message says what to write instead."""
+
+
+class AddressInUseError(AviatoError):
+    """A daemon cannot listen on its address: another process already does."""
+
+
+class AgentIdInUseError(AviatoError):
+    """An agent asked to register with an id that a live agent holds (on this host or
+    another): ids must be unique in a cluster."""
 
 
 class FunctionError(AviatoError):

@@ -60,6 +60,7 @@ class MsgType(enum.IntEnum):
     HEARTBEAT_REPLY = 33
     PLACE_SANDBOX = 34
     SANDBOX_EXITED = 35
+    DEREGISTER_AGENT = 36
     # client <-> agent (data plane)
     EXEC = 50
     EXEC_CHUNK = 51
@@ -107,6 +108,8 @@ class ErrorCode(enum.StrEnum):
     FILE_ERROR = "file_error"
     TOO_LARGE = "too_large"
     UNAVAILABLE = "unavailable"
+    #: An agent id that a live agent holds (a second agent asked to register with it).
+    ID_IN_USE = "id_in_use"
     INTERNAL = "internal"
 
 
@@ -280,7 +283,13 @@ class ClusterStatusReply(Message):
 @dataclass(frozen=True, slots=True)
 class RegisterAgent(Message):
     """``fresh`` is true on the first registration after the agent process started:
-    the scheduler then reaps what it does not know instead of adopting it."""
+    the scheduler then reaps what it does not know instead of adopting it.
+
+    ``instance`` is a nonce of the agent process: the same process registering again
+    (a lost link, a restarted scheduler) is told apart from a second agent claiming a
+    live agent's id, which is refused. ``replaces`` names the instance this process
+    succeeds (read from the agent's state file, whose lock it now holds): a restart
+    after ``kill -9`` takes its id back at once, before the old one is declared dead."""
 
     TYPE = MsgType.REGISTER_AGENT
     agent_id: str
@@ -294,6 +303,18 @@ class RegisterAgent(Message):
     public_key: str = ""
     #: Its local lane for clients on its host ("" when it has none).
     lane: str = ""
+    instance: str = ""
+    replaces: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeregisterAgent(Message):
+    """A cleanly stopping agent leaves the cluster (its sandboxes are stopped or kept
+    by ``--keep-on-exit``): the scheduler forgets it instead of declaring it dead."""
+
+    TYPE = MsgType.DEREGISTER_AGENT
+    agent_id: str
+    instance: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,10 +334,13 @@ class AgentHeartbeat(Message):
 
 @dataclass(frozen=True, slots=True)
 class HeartbeatReply(Message):
-    """``registered`` false means the scheduler forgot us (it restarted): register again."""
+    """``registered`` false means the scheduler forgot us (it restarted): register again.
+    ``dead_agents``: agents declared dead long enough ago that their sandboxes left on
+    an engine are anybody's to remove (a killed agent that never came back)."""
 
     TYPE = MsgType.HEARTBEAT_REPLY
     registered: bool
+    dead_agents: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

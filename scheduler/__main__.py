@@ -12,7 +12,13 @@ import sys
 import uvloop
 
 from aviato._auth import scheduler_keys
-from aviato._daemon import daemon_setup, endpoint, exit_with_parent, log_level
+from aviato._daemon import (
+    daemon_setup,
+    endpoint,
+    exit_on_one_line_failure,
+    exit_with_parent,
+    log_level,
+)
 from aviato.exceptions import UnauthorizedError
 from scheduler.server import SchedulerServer
 from scheduler.state import Config
@@ -49,6 +55,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="CURVE key directory from `aviato keys` (default $AVIATO_KEYS): serve only the "
         "agent and client keys found there",
     )
+    p.add_argument(
+        "--reap-orphans-after",
+        type=float,
+        default=30.0,
+        help="seconds after an agent is declared dead before other agents on its engine "
+        "remove the sandboxes it left",
+    )
+    p.add_argument(
+        "--forget-dead-after",
+        type=float,
+        default=600.0,
+        help="seconds a dead agent stays listed in `aviato status` (keep it above "
+        "--reap-orphans-after)",
+    )
+    p.add_argument(
+        "--startup-grace",
+        type=float,
+        default=10.0,
+        help="seconds after start in which a create waits for agents to register instead of "
+        "failing at once with 'no agents registered'",
+    )
     p.add_argument("--ready-file", help="write the bound address here once listening")
     p.add_argument(
         "--log-level", type=log_level, default=os.environ.get("AVIATO_LOG_LEVEL", "INFO")
@@ -57,7 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def run(args: argparse.Namespace) -> None:
-    config = Config(dead_after_seconds=args.dead_after, heartbeat_interval=args.heartbeat_interval)
+    config = Config(
+        dead_after_seconds=args.dead_after,
+        heartbeat_interval=args.heartbeat_interval,
+        orphan_grace_seconds=args.reap_orphans_after,
+        forget_dead_seconds=args.forget_dead_after,
+        startup_grace_seconds=args.startup_grace,
+    )
     keys = None
     if args.keys:
         try:
@@ -92,7 +125,11 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    uvloop.run(run(args))
+    try:
+        uvloop.run(run(args))
+    except BaseException as exc:
+        exit_on_one_line_failure("scheduler", exc)
+        raise
 
 
 if __name__ == "__main__":

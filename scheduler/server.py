@@ -28,6 +28,7 @@ from aviato.protocol import (
     CreateSandbox,
     Decoded,
     DecodeError,
+    DeregisterAgent,
     ErrorCode,
     ErrorReply,
     GetSandbox,
@@ -83,7 +84,7 @@ class SchedulerServer:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.bind = bind
-        self.state = SchedulerState(config)
+        self.state = SchedulerState(config, started_at=clock())
         self.token = token
         #: CURVE: admit only these agent and client keys, each to its own messages.
         self.keys = keys
@@ -108,6 +109,7 @@ class SchedulerServer:
             SessionClose: self._on_session_close,
             ClusterStatus: self._on_status,
             RegisterAgent: self._on_register,
+            DeregisterAgent: self._on_deregister,
             AgentHeartbeat: self._on_heartbeat,
             SandboxExited: self._on_exited,
             Ping: self._on_ping,
@@ -294,12 +296,15 @@ class SchedulerServer:
     def _on_register(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, RegisterAgent)
         msg = d.msg
+        reply, actions = self.state.register_agent(msg, now)
+        if isinstance(reply, ErrorReply):
+            log.warning("refused an agent's registration: %s", reply.message)
+            return [Reply((identity, d.request_id), reply)]
         old = self._agent_identity.get(msg.agent_id)
         if old is not None and old != identity:
             self._identity_agent.pop(old, None)
         self._agent_identity[msg.agent_id] = identity
         self._identity_agent[identity] = msg.agent_id
-        reply, actions = self.state.register_agent(msg, now)
         log.info(
             "agent %s registered at %s (%d slots, %s; adopt %d, reap %d)",
             msg.agent_id,
@@ -318,7 +323,20 @@ class SchedulerServer:
             self.state.is_registered(agent_id) and self._agent_identity.get(agent_id) == identity
         )
         actions = self.state.heartbeat(agent_id, d.msg.running, now) if known else []
-        return [Reply((identity, d.request_id), HeartbeatReply(registered=known)), *actions]
+        reply = HeartbeatReply(registered=known, dead_agents=self.state.dead_agents(now))
+        return [Reply((identity, d.request_id), reply), *actions]
+
+    def _on_deregister(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
+        assert isinstance(d.msg, DeregisterAgent)
+        agent_id = d.msg.agent_id
+        actions: list[Action] = []
+        if self._agent_identity.get(agent_id) == identity:  # only the holder may leave
+            actions = self.state.deregister_agent(agent_id, d.msg.instance, now)
+            if agent_id not in self.state.agents:
+                del self._agent_identity[agent_id]
+                self._identity_agent.pop(identity, None)
+                log.info("agent %s stopped and left the cluster", agent_id)
+        return [Reply((identity, d.request_id), OkReply()), *actions]
 
     def _on_exited(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, SandboxExited)

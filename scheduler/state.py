@@ -68,6 +68,14 @@ class Config:
     keep_ended_seconds: float = 600.0
     #: Lease given to a session first seen through an agent's report (after a restart).
     adopted_lease_seconds: float = 30.0
+    #: After an agent is declared dead, how long before the sandboxes it left on an
+    #: engine are anybody's to remove (it may come back and reap its own first).
+    orphan_grace_seconds: float = 30.0
+    #: How long a dead agent stays in the table (and in ``aviato status``).
+    forget_dead_seconds: float = 600.0
+    #: Just after the scheduler starts, agents are still registering (again): a create
+    #: then waits for one instead of failing at once with "no agents registered".
+    startup_grace_seconds: float = 10.0
 
 
 @dataclass(slots=True)
@@ -82,6 +90,10 @@ class AgentRecord:
     active: set[str] = field(default_factory=set)
     public_key: str = ""
     lane: str = ""
+    #: The agent process's nonce (see RegisterAgent.instance).
+    instance: str = ""
+    #: When it was declared dead (None while alive).
+    dead_since: float | None = None
 
     @property
     def free(self) -> int:
@@ -139,12 +151,32 @@ def _check_sandbox_id(sandbox_id: str) -> str:
     return ""
 
 
+def registration_refusal(holder: AgentRecord | None, msg: RegisterAgent) -> str:
+    """Why ``msg`` may not take its agent id ("" when it may). A live agent's id is
+    taken only by the same process registering again (same instance: a lost link, a
+    restarted scheduler) or by its successor (it names the holder's instance as the one
+    it replaces: it holds the id's lock on that host, so the holder is dead)."""
+    if holder is None or not holder.alive:
+        return ""
+    if msg.instance == holder.instance or (msg.replaces and msg.replaces == holder.instance):
+        return ""
+    return (
+        f"agent id {msg.agent_id!r} is held by a live agent at {holder.address}; the agent "
+        f"at {msg.address} cannot register with it: give each agent its own --agent-id "
+        "(or leave it unset: the default is unique per host and bind address)"
+    )
+
+
 class SchedulerState:
     def __init__(
-        self, config: Config | None = None, new_id: Callable[[], str] = _new_sandbox_id
+        self,
+        config: Config | None = None,
+        new_id: Callable[[], str] = _new_sandbox_id,
+        started_at: float = 0.0,
     ) -> None:
         self.config = config or Config()
         self._new_id = new_id
+        self.started_at = started_at
         self.agents: dict[str, AgentRecord] = {}
         self.sandboxes: dict[str, SandboxRecord] = {}
         self.pending: deque[PendingCreate] = deque()
@@ -223,10 +255,16 @@ class SchedulerState:
 
     # ------------------------------------------------------------------ agents
 
-    def register_agent(self, msg: RegisterAgent, now: float) -> tuple[RegisterReply, list[Action]]:
-        """An agent (re)joins. Reported sandboxes are adopted or reaped (see RegisterAgent)."""
+    def register_agent(
+        self, msg: RegisterAgent, now: float
+    ) -> tuple[RegisterReply | ErrorReply, list[Action]]:
+        """An agent (re)joins. Reported sandboxes are adopted or reaped (see RegisterAgent).
+        A second live agent with the same id is refused (see ``registration_refusal``)."""
         actions: list[Action] = []
         agent = self.agents.get(msg.agent_id)
+        refusal = registration_refusal(agent, msg)
+        if refusal:
+            return ErrorReply(ErrorCode.ID_IN_USE, refusal), []
         if agent is None:
             agent = AgentRecord(
                 agent_id=msg.agent_id,
@@ -237,12 +275,17 @@ class SchedulerState:
                 last_seen=now,
                 public_key=msg.public_key,
                 lane=msg.lane,
+                instance=msg.instance,
             )
             self.agents[msg.agent_id] = agent
         else:
+            if agent.instance != msg.instance:
+                # Another process now: its predecessor will confirm no stop it was sent.
+                actions += self._agent_gone(msg.agent_id)
             agent.address, agent.slots, agent.runtime = msg.address, msg.slots, msg.runtime
             agent.labels, agent.last_seen, agent.alive = dict(msg.labels), now, True
             agent.public_key, agent.lane = msg.public_key, msg.lane
+            agent.instance, agent.dead_since = msg.instance, None
         reported = {s.sandbox_id: s for s in msg.sandboxes}
         adopt: list[str] = []
         reap: list[str] = []
@@ -275,6 +318,33 @@ class SchedulerState:
             reap=tuple(reap),
         )
         return reply, actions
+
+    def deregister_agent(self, agent_id: str, instance: str, now: float) -> list[Action]:
+        """A cleanly stopping agent leaves: forgotten at once (not shown as dead), its
+        sandboxes ended (it stopped them, or keeps them for its return). A stale
+        deregistration (another instance holds the id now) changes nothing."""
+        agent = self.agents.get(agent_id)
+        if agent is None or agent.instance != instance:
+            return []
+        actions: list[Action] = []
+        reason = f"agent {agent_id} stopped"
+        for sid in list(agent.active):
+            actions += self._end(self.sandboxes[sid], SandboxStatus.TERMINATED, now, reason)
+        actions += self._agent_gone(agent_id)
+        del self.agents[agent_id]
+        return actions
+
+    def dead_agents(self, now: float) -> tuple[str, ...]:
+        """Agents dead for longer than the orphan grace: whatever they left on an engine
+        may be removed by any agent on it."""
+        grace = self.config.orphan_grace_seconds
+        return tuple(
+            sorted(
+                a.agent_id
+                for a in self.agents.values()
+                if a.dead_since is not None and now - a.dead_since >= grace
+            )
+        )
 
     def is_registered(self, agent_id: str) -> bool:
         agent = self.agents.get(agent_id)
@@ -335,6 +405,9 @@ class SchedulerState:
         problem = validate_spec(spec) or _check_sandbox_id(sandbox_id)
         if problem:
             return [Reply(key, ErrorReply(ErrorCode.BAD_REQUEST, problem))]
+        why_not = self._no_agents(now)
+        if why_not:
+            return [Reply(key, ErrorReply(ErrorCode.UNAVAILABLE, why_not))]
         if sandbox_id in self.stopped_unknown:
             why = f"sandbox {sandbox_id} was stopped before its create arrived"
             return [Reply(key, ErrorReply(ErrorCode.TERMINATED, why))]
@@ -355,6 +428,24 @@ class SchedulerState:
             PendingCreate(key, spec, now + max(0.0, timeout_seconds), now, sandbox_id)
         )
         return self._dispatch(now)
+
+    def _no_agents(self, now: float) -> str:
+        """Why a create cannot even wait for a slot ("" if it can): no live agent, past
+        the start-up grace (in which agents register, again after a restart)."""
+        if any(a.alive for a in self.agents.values()):
+            return ""
+        if now - self.started_at < self.config.startup_grace_seconds:
+            return ""
+        if not self.agents:
+            return (
+                "no agents registered with this scheduler: start one on each worker host "
+                "(python -m agent --scheduler tcp://SCHEDULER:PORT)"
+            )
+        lost = ", ".join(sorted(self.agents))
+        return (
+            f"no agents registered that are alive (lost: {lost}); restart them or start "
+            "another (python -m agent --scheduler tcp://SCHEDULER:PORT)"
+        )
 
     def choose_agent(self) -> AgentRecord | None:
         """Spread: the live agent with the most free slots (ties by id, for determinism)."""
@@ -557,15 +648,21 @@ class SchedulerState:
     def tick(self, now: float) -> list[Action]:
         """Everything that happens because time passed."""
         actions: list[Action] = []
-        for agent in self.agents.values():
+        for agent in list(self.agents.values()):
             if agent.alive and now - agent.last_seen > self.config.dead_after_seconds:
                 agent.alive = False
+                agent.dead_since = now
                 reason = (
                     f"agent {agent.agent_id} lost: no heartbeat for {now - agent.last_seen:.1f}s"
                 )
                 for sid in list(agent.active):
                     actions += self._end(self.sandboxes[sid], SandboxStatus.FAILED, now, reason)
                 actions += self._agent_gone(agent.agent_id)
+            elif (
+                agent.dead_since is not None
+                and now - agent.dead_since > self.config.forget_dead_seconds
+            ):
+                del self.agents[agent.agent_id]  # dead long ago: no longer news
         for rec in list(self.sandboxes.values()):
             if rec.stop_waiters and any(w.deadline <= now for w in rec.stop_waiters):
                 actions += self._answer_stop_waiters(rec, force=True)  # best effort

@@ -100,8 +100,11 @@ class Cluster:
         agent_env: dict[str, str] | None = None,
         keys: Path | None = None,
         token: str | None = None,
+        scheduler_args: list[str] | None = None,
     ) -> None:
         self.tmp = tmp
+        #: Extra flags for the scheduler (e.g. --reap-orphans-after 2).
+        self.scheduler_args = scheduler_args or []
         self.token = token
         #: CURVE key directory (`aviato keys`, with an agent key per agent and client-1).
         self.keys = keys
@@ -141,6 +144,8 @@ class Cluster:
                 **os.environ,
                 "AVIATO_LOG_LEVEL": "INFO",
                 "AVIATO_FORBID_UNPICKLE": "1",
+                # Agent ids are remembered and locked here, not in the user's home.
+                "AVIATO_STATE_DIR": str(self.tmp / "state"),
                 **({"AVIATO_TOKEN": self.token} if self.token else {}),
                 **(env or {}),
             },
@@ -165,30 +170,44 @@ class Cluster:
                 "1.5",
                 "--heartbeat-interval",
                 "0.2",
+                *self.scheduler_args,
             ],
         )
         wait_until(ready.exists, 15, 0.02, "scheduler to listen")
         self.address = ready.read_text().strip()
 
-    def start_agent(self, agent_id: str, extra: list[str] | None = None) -> None:
-        self._spawn(
+    def start_agent(
+        self,
+        agent_id: str,
+        extra: list[str] | None = None,
+        *,
+        named: bool = True,
+        bind: str = "tcp://127.0.0.1:*",
+    ) -> subprocess.Popen[bytes]:
+        """An agent process, called ``agent_id`` here; with ``named=False`` it is started
+        as the README does, without ``--agent-id`` (it picks its own id)."""
+        return self._spawn(
             agent_id,
             [
                 "agent",
                 "--scheduler",
                 self.address,
-                "--agent-id",
-                agent_id,
+                *(["--agent-id", agent_id] if named else []),
                 "--slots",
                 str(self.slots),
                 "--bind",
-                "tcp://127.0.0.1:*",
+                bind,
                 "--runtime",
                 self.runtime,
                 *(extra or []),
             ],
             self.agent_env,
         )
+
+    def adopt_ids(self, ids: list[str]) -> None:
+        """Agent ids the agents chose themselves: checked for leaks like ours."""
+        self.agent_ids += [i for i in ids if i not in self.agent_ids]
+        AGENT_IDS.update(ids)
 
     def status(self, timeout_ms: int = 5000):
         """The scheduler's ClusterStatusReply (a sync socket: callable from async tests)."""

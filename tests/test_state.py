@@ -4,6 +4,7 @@ deterministic sandbox ids (sb-1, sb-2, ...), reply keys are plain strings."""
 from __future__ import annotations
 
 import itertools
+from collections import deque
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -882,3 +883,123 @@ def test_a_stop_the_agent_could_not_carry_out_fails_for_its_callers() -> None:
     error = ErrorReply(ErrorCode.FAILED, f"could not remove sandbox {sid}: engine down")
     [reply] = replies_to(state.stop_confirmed(sid, error), "stopper")
     assert reply == error
+
+
+# --------------------------------------------------------------------------- agent ids
+
+
+def _register_as(
+    state: SchedulerState, agent_id: str, address: str, instance: str, now: float, **kw: Any
+) -> tuple[RegisterReply | ErrorReply, list[Action]]:
+    msg = RegisterAgent(
+        agent_id=agent_id,
+        address=address,
+        slots=1,
+        runtime="docker",
+        fresh=True,
+        instance=instance,
+        **kw,
+    )
+    return state.register_agent(msg, now)
+
+
+def test_a_second_live_agent_with_a_held_id_is_refused_naming_both_addresses() -> None:
+    state = make_state(dead_after_seconds=3.0)
+    reply, _ = _register_as(state, "vm", "tcp://10.0.0.1:7000", "one", 0.0)
+    assert isinstance(reply, RegisterReply)
+    refused, actions = _register_as(state, "vm", "tcp://10.0.0.2:7001", "two", 1.0)
+    assert isinstance(refused, ErrorReply) and actions == []
+    assert refused.code is ErrorCode.ID_IN_USE
+    assert "tcp://10.0.0.1:7000" in refused.message and "tcp://10.0.0.2:7001" in refused.message
+    assert state.agents["vm"].address == "tcp://10.0.0.1:7000"  # no silent takeover
+    assert state.agents["vm"].instance == "one"
+
+
+def test_the_same_agent_registers_again_and_a_dead_ones_id_is_free() -> None:
+    state = make_state(dead_after_seconds=3.0)
+    _register_as(state, "vm", "tcp://a:1", "one", 0.0)
+    # A lost link or a restarted scheduler: the same process, the same instance.
+    again, _ = _register_as(state, "vm", "tcp://a:1", "one", 1.0)
+    assert isinstance(again, RegisterReply)
+    # Its successor on that host (it holds the id's lock) names it and takes over at once.
+    successor, _ = _register_as(state, "vm", "tcp://a:2", "two", 1.5, replaces="one")
+    assert isinstance(successor, RegisterReply)
+    assert state.agents["vm"].instance == "two"
+    # Naming some other instance does not help.
+    forged, _ = _register_as(state, "vm", "tcp://b:1", "three", 1.6, replaces="one")
+    assert isinstance(forged, ErrorReply)
+    # Once the holder is declared dead, the id is free for anyone.
+    state.tick(5.0)
+    taken, _ = _register_as(state, "vm", "tcp://b:1", "three", 5.1)
+    assert isinstance(taken, RegisterReply)
+    assert state.is_registered("vm") and state.agents["vm"].address == "tcp://b:1"
+
+
+# --------------------------------------------------------------------------- leaving
+
+
+def test_deregistered_agent_is_gone_and_its_sandboxes_end() -> None:
+    state = make_state()
+    _register_as(state, "a", "tcp://a:1", "one", 0.0)
+    sid = run(state, "k")
+    assert state.wait("w", sid, 100.0, 0.0) == []
+    assert state.deregister_agent("a", "stale", 1.0) == []  # not the holder: ignored
+    assert "a" in state.agents
+    actions = state.deregister_agent("a", "one", 1.0)
+    assert "a" not in state.agents
+    assert [a.agent_id for a in state.status(1.0).agents] == []
+    assert status_of(state, sid) is SandboxStatus.TERMINATED
+    assert "agent a stopped" in state.sandboxes[sid].reason
+    [woken] = replies_to(actions, "w")
+    assert woken.sandbox.status is SandboxStatus.TERMINATED
+    assert stops(actions) == []  # it stopped them itself
+
+
+def test_dead_agents_are_listed_for_sweeping_after_the_grace_then_forgotten() -> None:
+    state = make_state(dead_after_seconds=3.0, orphan_grace_seconds=10.0, forget_dead_seconds=60.0)
+    register(state, "a")
+    register(state, "b")
+    state.heartbeat("b", [], 3.0)
+    state.tick(3.5)  # a is declared dead at 3.5
+    assert not state.is_registered("a")
+    assert state.dead_agents(13.0) == ()  # within the grace: it may come back
+    assert state.dead_agents(13.5) == ("a",)
+    state.heartbeat("b", [], 60.0)
+    state.tick(63.5)
+    assert "a" in state.agents  # exactly forget_dead_seconds: not yet
+    state.tick(63.6)
+    assert "a" not in state.agents and state.dead_agents(63.6) == ()
+    assert [a.agent_id for a in state.status(63.6).agents] == ["b"]
+
+
+def test_a_returning_agent_is_no_longer_listed_as_dead() -> None:
+    state = make_state(dead_after_seconds=3.0, orphan_grace_seconds=0.0)
+    register(state, "a")
+    state.tick(4.0)
+    assert state.dead_agents(4.0) == ("a",)
+    register(state, "a", now=5.0)
+    assert state.dead_agents(5.0) == ()
+
+
+# --------------------------------------------------------------------------- no agents
+
+
+def test_create_with_no_agents_fails_at_once_after_the_startup_grace() -> None:
+    state = SchedulerState(Config(startup_grace_seconds=10.0), started_at=100.0)
+    # Just started: agents are still registering, so the create waits for one.
+    assert state.request_create("early", spec(), 30.0, 105.0) == []
+    [err] = replies_to(state.request_create("late", spec(), 30.0, 110.0), "late")
+    assert err.code is ErrorCode.UNAVAILABLE
+    assert "no agents registered" in err.message
+    assert "python -m agent --scheduler" in err.message
+    assert len(state.pending) == 1  # only the early one waits
+
+
+def test_create_with_only_dead_agents_fails_at_once_naming_them() -> None:
+    state = SchedulerState(Config(dead_after_seconds=3.0, startup_grace_seconds=0.0))
+    register(state, "a")
+    state.tick(4.0)
+    [err] = replies_to(state.request_create("k", spec(), 30.0, 5.0), "k")
+    assert err.code is ErrorCode.UNAVAILABLE
+    assert "no agents registered that are alive (lost: a)" in err.message
+    assert state.pending == deque()

@@ -226,6 +226,9 @@ class LocalRuntime(Runtime):
         self._exits: asyncio.Queue[SandboxExit | None] = asyncio.Queue()
         self._waiters: set[asyncio.Task[None]] = set()
         self._ended_logs: dict[str, builtins.list[OutputChunk]] = {}
+        #: Agent ids we made directories for: only those are ours to tidy at close
+        #: (another agent on this host may be creating a sandbox in its own right now).
+        self._agent_dirs: set[str] = set()
 
     # ------------------------------------------------------------------ helpers
 
@@ -284,6 +287,7 @@ class LocalRuntime(Runtime):
                 sandbox_id=sandbox_id,
             )
         agent_id = labels.get("aviato.agent", "agent")
+        self._agent_dirs.add(agent_id)
         home = self._dir(agent_id, sandbox_id)
         (home / "tmp").mkdir(parents=True, exist_ok=True)
         (home / "bin").mkdir(exist_ok=True)
@@ -570,12 +574,19 @@ class LocalRuntime(Runtime):
             shutil.rmtree(home, ignore_errors=True)
 
     async def list(self, agent_id: str) -> list[RuntimeSandbox]:
+        self._agent_dirs.add(agent_id)  # asked by the agent itself: its directory
+        return self._list(agent_id, tidy=True)
+
+    def _list(self, agent_id: str, *, tidy: bool = False) -> builtins.list[RuntimeSandbox]:
         found = []
         for home in sorted((self.root / agent_id).glob("*")):
             try:
                 labels = json.loads((home / "labels.json").read_text())
             except (OSError, ValueError):
-                shutil.rmtree(home, ignore_errors=True)  # half-made: nothing runs there
+                # Half-made: nothing runs there. Only its agent may tidy it (another
+                # agent's may be half-made because it is being made right now).
+                if tidy:
+                    shutil.rmtree(home, ignore_errors=True)
                 continue
             running = home.name in self._procs or _live_pid(home) is not None
             found.append(RuntimeSandbox(home.name, labels, running))
@@ -584,7 +595,7 @@ class LocalRuntime(Runtime):
     async def list_all(self) -> builtins.list[RuntimeSandbox]:
         found: builtins.list[RuntimeSandbox] = []
         for agent_dir in self.root.glob("*"):
-            found += await self.list(agent_dir.name)
+            found += self._list(agent_dir.name)
         return found
 
     async def exits(self) -> AsyncIterator[SandboxExit]:
@@ -598,12 +609,11 @@ class LocalRuntime(Runtime):
         if self._parked is not None:
             await self._parked.close()
         await self._exits.put(None)
-        # Agent directories left empty (their sandboxes are gone) go too.
-        for agent_dir in self.root.glob("*"):
+        # Our agent directories left empty (their sandboxes are gone) go too; the root
+        # stays (other agents on this host use it).
+        for agent_id in self._agent_dirs:
             with contextlib.suppress(OSError):
-                agent_dir.rmdir()
-        with contextlib.suppress(OSError):
-            self.root.rmdir()
+                self._dir(agent_id, "").rmdir()
         for task in list(self._waiters):
             task.cancel()
 
