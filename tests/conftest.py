@@ -404,7 +404,30 @@ def _foreign_dirs() -> set[Path]:
             if not agent_id.startswith(f"t{RUN_ID}-"):
                 digest = hashlib.sha256(agent_id.encode()).hexdigest()[:12]
                 dirs.add(Path(tempfile.gettempdir()) / f"avw-{digest}")
+    # A live agent holds a flock on its directory (agents started without --agent-id
+    # too). At the end of the run ours are all gone, so a held lock is someone else's.
+    for d in Path(tempfile.gettempdir()).glob("avw-*"):
+        if _locked(d):
+            dirs.add(d)
     return dirs
+
+
+def _locked(directory: Path) -> bool:
+    import fcntl
+
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture(scope="session", autouse=True)
