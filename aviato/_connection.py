@@ -142,9 +142,13 @@ class Channel:
     # ------------------------------------------------------------------ requests
 
     def _check_reachable(self) -> None:
-        """Fail at once while the first contact found nothing listening."""
+        """After a first contact that found nothing listening, a new request tries
+        again (the daemon may have come up since): see ``_contact_again``."""
         if self.unreachable:
-            raise ClusterUnavailableError(self.unreachable)
+            self._contact_again()
+
+    def _contact_again(self) -> None:
+        raise ClusterUnavailableError(self.unreachable)
 
     def _fail_waiting(self, reply: ErrorReply) -> None:
         for request_id, handler in list(self._waiting.items()):
@@ -337,6 +341,7 @@ class Connection(Channel):
         self._reader = loop.create_task(self._read())
         self._watcher = loop.create_task(self._watch())
         self._first_contact: asyncio.Task[None] | None = None
+        self._first_contact_seconds = first_contact
         self._resolves = True  # until a look-up of the host's name fails
         if first_contact is not None and address not in _answered:
             self._first_contact = loop.create_task(self._give_up_unless_reached(first_contact))
@@ -364,6 +369,22 @@ class Connection(Channel):
         if self.address not in _answered:
             self.unreachable = nothing_answers(self.address, self._resolves)
             self._fail_waiting(ErrorReply(ErrorCode.UNAVAILABLE, self.unreachable))
+
+    def _contact_again(self) -> None:
+        """A fresh first-contact window for this request, and a connect attempt now
+        (ZeroMQ's reconnect backoff may have grown to seconds meanwhile)."""
+        self.unreachable = ""
+        self._resolves = True
+        if self._first_contact_seconds is None or (
+            self._first_contact is not None and not self._first_contact.done()
+        ):
+            return
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disconnect(self.address)
+            self._sock.connect(self.address)
+        self._first_contact = asyncio.get_running_loop().create_task(
+            self._give_up_unless_reached(self._first_contact_seconds)
+        )
 
     def _no_answer(self, what: str) -> Exception:
         if not self.refused and self._first_contact is not None and self.address not in _answered:

@@ -220,6 +220,32 @@ async def test_a_scheduler_that_answered_once_is_waited_for(tmp_path: Path) -> N
         _stop(proc)
 
 
+async def test_a_scheduler_that_comes_up_after_a_failed_first_contact_is_used(
+    tmp_path: Path,
+) -> None:
+    """Nothing listening fails fast, but is not remembered for ever: once a scheduler
+    listens there, the next request of the same process reaches it (the multihost
+    scheduler-restart test found a client stuck on its first "nothing answers")."""
+    port = _free_port()
+    defaults = SandboxDefaults(scheduler=f"tcp://127.0.0.1:{port}", request_timeout_seconds=30)
+    proc = None
+    try:
+        with pytest.raises(ClusterUnavailableError, match="nothing answers"):
+            await Sandbox.list(defaults=defaults)
+        proc = _scheduler(port, tmp_path)
+        deadline = time.monotonic() + 30
+        while True:  # each try waits its first-contact window for the new scheduler
+            try:
+                assert await Sandbox.list(defaults=defaults) == []
+                break
+            except ClusterUnavailableError:
+                assert time.monotonic() < deadline, "the scheduler was never reached"
+    finally:
+        _connection.close_all()
+        if proc is not None:
+            _stop(proc)
+
+
 # --------------------------------------------------------------------------- aviato up
 
 
