@@ -156,10 +156,10 @@ async def network_none_reaches_nothing(defaults: SandboxDefaults) -> None:
         async with Sandbox(
             command="sleep", args=["infinity"], network="none", defaults=defaults
         ) as sb:
-            r = await sb.exec(["sh", "-c", "tail -n +3 /proc/net/dev | cut -d: -f1"])
-            assert r.stdout.split() == [b"lo"]
             r = await sb.exec(["python", "-c", probe])
             assert r.returncode == 0 and b"unreachable" in r.stdout.lower(), r
+            r = await sb.exec(["sh", "-c", "tail -n +3 /proc/net/dev | cut -d: -f1"])
+            assert r.stdout.split() == [b"lo"]
         assert tally.connections == 1, "network='none' reached the host"
 
 

@@ -127,7 +127,9 @@ def agent_registrations(cluster: Cluster) -> int:
 
 def assert_agent_linked(cluster: Cluster) -> None:
     (agent,) = cluster.status().agents
-    assert agent.alive and agent.seconds_since_heartbeat < 1.0, agent
+    # Heartbeats every 0.2 s; 10x that only catches a stalled link (it is also declared
+    # dead past 1.5 s, and re-registers: counted below).
+    assert agent.alive and agent.seconds_since_heartbeat < 2.0, agent
     # One registration ever: the link never dropped (the agent re-registers when it
     # misses heartbeats or the scheduler declared it dead).
     assert agent_registrations(cluster) == 1, cluster.logs()
@@ -138,8 +140,9 @@ def assert_healthy(cluster: Cluster, target: Target, base: Baseline) -> None:
     assert cluster.procs[target.name].poll() is None, f"{target.name} died\n{cluster.logs()}"
     wait_idle(target.pid)
     latency = median_latency(target.address, target.probe)
-    # Sub-millisecond medians on a busy 2-core machine are noisy: 2x plus 2 ms of slack.
-    assert latency <= 2 * base.latency + 0.002, (
+    # A hang-catching bound (10x, plus 10 ms: sub-millisecond medians on a busy 2-core
+    # machine are noisy); the latency figures themselves are the benchmarks'.
+    assert latency <= 10 * base.latency + 0.010, (
         f"{target.kind} median round trip {latency * 1e3:.2f} ms after fuzzing, "
         f"{base.latency * 1e3:.2f} ms before"
     )

@@ -5,6 +5,7 @@ when the agent goes away."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -219,12 +220,20 @@ async def test_requests_fail_at_once_when_the_lane_closes(tmp_path: Path) -> Non
         assert isinstance(conn, LaneConnection)
         peer, _ = server.accept()
         request = asyncio.ensure_future(conn.request(Ping(), timeout=60))
-        await asyncio.sleep(0.05)
+        peer.setblocking(False)
+        deadline = time.monotonic() + 10
+        while True:  # until the request has reached the agent's end (it is in flight)
+            with contextlib.suppress(BlockingIOError):
+                if peer.recv(65536):
+                    break
+            assert time.monotonic() < deadline, "the request never reached the lane"
+            await asyncio.sleep(0.01)
         started = time.monotonic()
         peer.close()
         with pytest.raises(ClusterUnavailableError, match="closed its local connection"):
             await request
-        assert time.monotonic() - started < 1.0
+        # At once, not at its 60 s deadline (10x the expected ~0.1 s: a hang bound).
+        assert time.monotonic() - started < 10
         assert conn.closed
         with pytest.raises(ClusterUnavailableError):
             await conn.request(Ping(), timeout=60)

@@ -75,8 +75,10 @@ async def test_exec_bytes_returncode_and_check(defaults: SandboxDefaults) -> Non
 async def test_exec_timeout_kills_the_process(defaults: SandboxDefaults) -> None:
     async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
         t0 = time.monotonic()
+        # The shell stays the parent (a last command could be exec'd in its place): the
+        # whole process group must die, not the shell alone.
         with pytest.raises(SandboxTimeoutError) as info:
-            await sb.exec(["sh", "-c", "echo started; sleep 30"], timeout_seconds=1)
+            await sb.exec(["sh", "-c", "echo started; sleep 30; echo never"], timeout_seconds=1)
         assert time.monotonic() - t0 < 10
         assert info.value.exec_result is not None
         assert b"started" in info.value.exec_result.stdout

@@ -1,0 +1,196 @@
+"""Hypothesis strategies built from the protocol's own dataclass types.
+
+``instances(cls)`` draws valid instances of a message or record, field by field from
+its annotations (``dataclasses.fields``: the ``TYPE`` class variable is no field).
+``mutations(cls)`` draws a valid instance's wire body with ONE field changed: to a
+value of another type, to a well-typed extreme, or removed. ``conforms`` checks a
+decoded value against its annotations, written apart from the codec so that it can
+disagree with it. ``hostile`` gives well-typed values a handler must survive: odd
+paths and argv, extreme ids, timeouts, sizes and counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import types
+import typing
+from functools import cache
+from typing import Any
+
+from hypothesis import strategies as st
+
+from aviato.protocol import MESSAGE_TYPES, Message, to_wire
+
+INT64 = (-(2**63), 2**63 - 1)
+
+#: Well-typed values that are odd where a path, a name, an id or a command goes.
+ODD_STRINGS = [
+    "",
+    " ",
+    ".",
+    "..",
+    "/",
+    "//",
+    "/tmp",
+    "~",
+    "-",
+    "--help",
+    "*",
+    "%s%n",
+    "\x00",
+    "a\x00b",
+    "\n",
+    "\u202e",
+    "sb-",
+    "sb-does-not-exist",
+    "../../../../etc/shadow",
+    "/etc/passwd/x",
+    "/proc/self/status",
+    "/nonexistent/dir/file",
+    "relative/path",
+    "x" * 300,
+    "é" * 2000,
+]
+ODD_INTS = [0, -1, 1, 2**31 - 1, 2**31, 2**32, 2**63 - 1, -(2**63)]
+ODD_FLOATS = [0.0, -0.0, -1.0, 1e-9, 1e300, -1e300, math.inf, -math.inf, math.nan]
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def fields_of(cls: type) -> list[tuple[str, Any, bool]]:
+    """(name, annotation, required) of each real field: ClassVars are not fields."""
+    hints = _hints(cls)
+    return [
+        (
+            f.name,
+            hints[f.name],
+            f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+        )
+        for f in dataclasses.fields(cls)
+    ]
+
+
+@cache
+def valid(tp: Any) -> st.SearchStrategy[Any]:
+    """Any value of annotation ``tp``, plain or extreme."""
+    if tp is Any:
+        return st.none() | st.booleans() | st.integers(*INT64) | st.text(max_size=8)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return instances(tp)
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return st.one_of(*(st.none() if a is type(None) else valid(a) for a in args))
+    if origin is tuple:
+        return st.lists(valid(args[0]), max_size=4).map(tuple)
+    if origin is dict:
+        return st.dictionaries(valid(args[0]), valid(args[1]), max_size=4)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return st.sampled_from(list(tp))
+    if tp is bool:
+        return st.booleans()
+    if tp is int:
+        return st.integers(*INT64) | st.sampled_from(ODD_INTS)
+    if tp is float:
+        return st.floats() | st.sampled_from(ODD_FLOATS)
+    if tp is str:
+        return st.text(max_size=20) | st.sampled_from(ODD_STRINGS)
+    if tp is bytes:
+        return st.binary(max_size=20)
+    raise TypeError(f"no strategy for {tp!r}")
+
+
+def instances(cls: type) -> st.SearchStrategy[Any]:
+    """Valid instances of the dataclass ``cls``, every field drawn from its annotation."""
+    return st.builds(cls, **{name: valid(tp) for name, tp, _ in fields_of(cls)})
+
+
+def message_types() -> list[type[Message]]:
+    return sorted(MESSAGE_TYPES.values(), key=lambda c: int(c.TYPE))
+
+
+#: Plain msgpack values of every shape, for a field set to the wrong thing.
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8)
+)
+wire_values = st.recursive(
+    _scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.text(max_size=6) | st.binary(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+#: Values one step from right for some annotation: where a lax check slips.
+NEAR_MISSES: list[Any] = [True, False, 0, 1, 1.5, math.nan, "1", "", b"1", None, [], [1], {}]
+
+
+@st.composite
+def mutations(draw: st.DrawFn, cls: type) -> tuple[dict[str, Any], str, str]:
+    """(wire body, field, how): a valid instance's body with one field changed."""
+    body = to_wire(draw(instances(cls)))
+    fields = fields_of(cls)
+    if not fields:
+        return body, "", "none"
+    name, tp, _ = draw(st.sampled_from(fields))
+    how = draw(st.sampled_from(["wrong", "valid", "removed"]))
+    if how == "removed":
+        del body[name]
+    elif how == "valid":  # another valid value, extremes included
+        body[name] = to_wire(draw(valid(tp)))
+    else:  # near misses (a bool for an int, a number in a string...) or any shape
+        body[name] = draw(st.sampled_from(NEAR_MISSES) | wire_values)
+    return body, name, how
+
+
+def conforms(value: Any, tp: Any, where: str = "") -> str | None:
+    """Where ``value`` breaks annotation ``tp`` (a path), or None if it conforms."""
+    if tp is Any:
+        return None
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if type(value) is not tp:
+            return f"{where or tp.__name__}: {type(value).__name__}, not {tp.__name__}"
+        for name, hint, _ in fields_of(tp):
+            bad = conforms(getattr(value, name), hint, f"{where}.{name}")
+            if bad:
+                return bad
+        return None
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        fits = [conforms(value, a, where) for a in args if a is not type(None)]
+        return None if None in fits else f"{where}: {value!r:.60} fits none of {tp}"
+    if origin is tuple:
+        if type(value) is not tuple:
+            return f"{where}: {type(value).__name__}, not a tuple"
+        for i, item in enumerate(value):
+            bad = conforms(item, args[0], f"{where}[{i}]")
+            if bad:
+                return bad
+        return None
+    if origin is dict:
+        if type(value) is not dict:
+            return f"{where}: {type(value).__name__}, not a dict"
+        for k, v in value.items():
+            bad = conforms(k, args[0], f"{where}<key>") or conforms(v, args[1], f"{where}[{k!r}]")
+            if bad:
+                return bad
+        return None
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return None if isinstance(value, tp) else f"{where}: {value!r:.60} is not a {tp.__name__}"
+    if tp in (str, int, float, bool, bytes):
+        return None if type(value) is tp else f"{where}: {type(value).__name__}, not {tp.__name__}"
+    return f"{where}: no check for {tp!r}"
