@@ -325,8 +325,9 @@ class WorkerHub:
             raise self._gone(sandbox_id)
         if "error" in reply:
             path = str(header["path"])
+            shown = path if len(path) <= 80 else path[:77] + "..."  # not a peer's kilobytes
             raise SandboxFileError(
-                f"{path}: {reply['error']} in sandbox {sandbox_id}",
+                f"{shown}: {reply['error']} in sandbox {sandbox_id}",
                 filepath=path,
                 sandbox_id=sandbox_id,
             )

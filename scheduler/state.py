@@ -425,6 +425,8 @@ class SchedulerState:
                 return _not_found(sandbox_id), [
                     Reply(queued[0].key, ErrorReply(ErrorCode.TERMINATED, why))
                 ]
+            if not sandbox_id:  # "" names no sandbox: remembered, it refused every
+                return _not_found(sandbox_id), []  # create that lets us choose the id
             if len(self.stopped_unknown) >= MAX_STOPPED_UNKNOWN:  # bounded: oldest goes
                 del self.stopped_unknown[next(iter(self.stopped_unknown))]
             self.stopped_unknown[sandbox_id] = now
@@ -479,7 +481,7 @@ class SchedulerState:
         rec = self.sandboxes.get(sandbox_id)
         if rec is None:
             return [Reply(key, _not_found(sandbox_id))]
-        if rec.status not in ACTIVE or timeout_seconds <= 0:
+        if rec.status not in ACTIVE or not timeout_seconds > 0:  # NaN too: now, not never
             return [Reply(key, SandboxReply(self.info(rec)))]
         self.waiters.setdefault(sandbox_id, []).append(Waiter(key, now + timeout_seconds))
         return []

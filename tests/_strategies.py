@@ -194,3 +194,122 @@ def conforms(value: Any, tp: Any, where: str = "") -> str | None:
     if tp in (str, int, float, bool, bytes):
         return None if type(value) is tp else f"{where}: {type(value).__name__}, not {tp.__name__}"
     return f"{where}: no check for {tp!r}"
+
+
+# --------------------------------------------------------------------------- hostile requests
+
+#: Commands that end by themselves (random argv[0]s are never real programs: a random
+#: "yes" would run for ever); their arguments are drawn freely.
+SAFE_ARGV0 = ["true", "false", "echo", "cat", "ls", "env", "pwd", "/bin/true", "/nonexistent"]
+SAFE_SCRIPTS = ["exit 7", "echo out; echo err >&2", "kill -9 $$", "sleep 0.2", "printf '\\0\\1'"]
+TIMEOUTS = [None, 0.0, -1.0, 1e-9, 0.3, 5.0, 1e300, math.inf, -math.inf, math.nan]
+
+
+def odd_text(max_size: int = 30) -> st.SearchStrategy[str]:
+    return st.sampled_from(ODD_STRINGS) | st.text(max_size=max_size)
+
+
+def odd_ints() -> st.SearchStrategy[int]:
+    return st.sampled_from(ODD_INTS) | st.integers(*INT64)
+
+
+def argvs() -> st.SearchStrategy[tuple[str, ...]]:
+    free = st.lists(odd_text(), max_size=3)
+    return (
+        st.tuples(st.sampled_from(SAFE_ARGV0 + ODD_STRINGS), free).map(lambda a: (a[0], *a[1]))
+        | st.sampled_from(SAFE_SCRIPTS).map(lambda s: ("sh", "-c", s))
+        | st.just(())
+    )
+
+
+def envs() -> st.SearchStrategy[dict[str, str]]:
+    names = st.sampled_from(["PATH", "HOME", "LD_PRELOAD", "", "A=B", "\x00", "é"]) | odd_text(8)
+    return st.dictionaries(names, odd_text(), max_size=3)
+
+
+def paths() -> st.SearchStrategy[str]:
+    return odd_text() | odd_text(20).map(lambda s: "/tmp/" + s)
+
+
+def agent_requests(live: str) -> st.SearchStrategy[tuple[Any, list[bytes]]]:
+    """(request, payload frames) for an agent's data plane: well typed, hostile, and
+    aimed at the live sandbox ``live`` most of the time (else at no sandbox at all)."""
+    from aviato.protocol import CallHeader, Exec, GetLogs, Ping, ReadFile, RunCalls, WriteFile
+
+    ids = st.sampled_from([live] * 4) | odd_text()
+    timeouts = st.sampled_from(TIMEOUTS)
+    execs = st.builds(
+        Exec,
+        sandbox_id=ids,
+        argv=argvs(),
+        cwd=st.none() | paths(),
+        env=envs(),
+        timeout_seconds=timeouts,
+        stream=st.booleans(),
+    ).map(lambda m: (m, []))
+    writes = st.tuples(
+        st.builds(WriteFile, sandbox_id=ids, path=paths(), mode=odd_ints() | st.just(0o644)),
+        st.binary(max_size=2000).map(lambda b: [b]),
+    )
+    reads = st.builds(ReadFile, sandbox_id=ids, path=paths()).map(lambda m: (m, []))
+    logs = st.builds(GetLogs, sandbox_id=ids).map(lambda m: (m, []))
+    headers = st.builds(
+        CallHeader,
+        call_id=odd_ints(),
+        digest=odd_text(),
+        ship_function=st.booleans(),
+        serialization=st.sampled_from(["pickle", "json"]) | odd_text(),
+        max_result_bytes=odd_ints(),
+    )
+    calls = st.builds(RunCalls, sandbox_id=ids, calls=st.lists(headers, max_size=3).map(tuple)).map(
+        lambda m: (m, [b"\x80junk"] * sum(1 + c.ship_function for c in m.calls))
+    )
+    return st.one_of(execs, execs, writes, reads, logs, calls, st.just((Ping(), [])))
+
+
+def scheduler_requests(live: str, agent_id: str) -> st.SearchStrategy[tuple[Any, list[bytes]]]:
+    """Requests for the scheduler, hostile and well typed. Never one that would stop the
+    live sandbox or speak for the real agent (that is a test of something else)."""
+    from aviato.protocol import (
+        AgentHeartbeat,
+        ClusterStatus,
+        GetSandbox,
+        ListSandboxes,
+        Ping,
+        SandboxExited,
+        SandboxStatus,
+        SessionClose,
+        SessionKeepalive,
+        StopSandbox,
+        WaitSandbox,
+    )
+
+    others = odd_text().filter(lambda s: s not in (live, agent_id))
+    ids = st.sampled_from([live] * 3) | others
+    texts = st.lists(odd_text(), max_size=3).map(tuple)
+    short_waits = st.sampled_from([0.0, -1.0, 1e-9, 0.2, -math.inf, math.nan])
+    waits = st.one_of(
+        st.builds(WaitSandbox, sandbox_id=st.just(live), timeout_seconds=short_waits),
+        st.builds(WaitSandbox, sandbox_id=others, timeout_seconds=st.sampled_from(TIMEOUTS)),
+    )
+    leases = st.sampled_from([x for x in TIMEOUTS if x is not None])
+    messages = st.one_of(
+        st.builds(GetSandbox, sandbox_id=ids),
+        st.builds(
+            ListSandboxes,
+            tags=texts,
+            statuses=st.lists(st.sampled_from(list(SandboxStatus)), max_size=3).map(tuple),
+            session_id=st.none() | odd_text(),
+        ),
+        st.builds(StopSandbox, sandbox_id=others, reason=odd_text()),
+        waits,
+        st.builds(SessionKeepalive, session_id=others, lease_seconds=leases),
+        st.builds(SessionClose, session_id=others),
+        st.builds(AgentHeartbeat, agent_id=others, running=texts),
+        st.builds(
+            SandboxExited, sandbox_id=others, exit_code=st.none() | odd_ints(), reason=odd_text()
+        ),
+        st.just(ClusterStatus()),
+        st.just(Ping()),
+    )
+    return messages.map(lambda m: (m, []))
