@@ -74,6 +74,11 @@ async def test_exec_bytes_returncode_and_check(defaults: SandboxDefaults) -> Non
 
 async def test_exec_timeout_kills_the_process(defaults: SandboxDefaults) -> None:
     async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        # The default path: through the in-sandbox supervisor, once it is up (before,
+        # execs go through the runtime: `docker exec`).
+        await wait_for_async(
+            lambda: _any_running(sb, "aviato_worker"), 10, "the sandbox's supervisor"
+        )
         t0 = time.monotonic()
         # The shell stays the parent (a last command could be exec'd in its place): the
         # whole process group must die, not the shell alone.
@@ -99,8 +104,12 @@ async def command_lines(sb: Sandbox) -> list[str]:
     return [line.strip() for line in r.stdout.decode(errors="replace").splitlines()]
 
 
+async def _any_running(sb: Sandbox, needle: str) -> bool:
+    return any(needle in line for line in await command_lines(sb))
+
+
 async def _none_running(sb: Sandbox, needle: str) -> bool:
-    return not any(needle in line for line in await command_lines(sb))
+    return not await _any_running(sb, needle)
 
 
 async def wait_for_async(check: Callable[[], Awaitable[Any]], timeout: float, what: str) -> Any:
