@@ -624,16 +624,18 @@ def test_handlers_get_well_typed_hostile_requests(
     assert_healthy(fuzz_cluster, t, base)
 
 
+@pytest.mark.parametrize("kind", ["agent", "lane"])
 def test_requests_the_handler_fuzz_found_hanging_are_refused(
-    fuzz_cluster: Cluster, target: tuple[Target, Baseline], live_sandbox: str
+    fuzz_cluster: Cluster,
+    baselines: dict[str, tuple[Target, Baseline]],
+    live_sandbox: str,
+    kind: str,
 ) -> None:
     """Regression (found by the fuzz above): well-typed values the supervisor's handler
     threads could not take (a NUL in a path, argv or env, a mode past 0o7777) left the
     request unanswered for ever, as did a RunCalls with no call; a NaN timeout was
     silently no timeout. Each is now refused, at once."""
-    t, base = target
-    if t.kind == "scheduler":
-        pytest.skip("agent requests")
+    t, base = baselines[kind]
     sid = live_sandbox
     cases = [
         (WriteFile(sid, "\x00"), [b""], "NUL"),

@@ -146,15 +146,18 @@ async def test_limits_hold_for_the_whole_sandbox(ldefaults: SandboxDefaults) -> 
         assert r.stdout == b"ok\n"  # the sandbox is still usable
 
 
-async def test_without_cgroups_memory_fails_inside_the_process(tmp_path: Path) -> None:
+async def test_without_cgroups_memory_fails_inside_and_cpus_is_refused(tmp_path: Path) -> None:
     """The weaker branch, on purpose (cgroups turned off): setrlimit makes the hog's
-    allocation fail inside it; no OOM killer, so no OOM report."""
+    allocation fail inside it; no OOM killer, so no OOM report; no CPU share at all."""
     for c in _local_cluster(tmp_path, AVIATO_LOCAL_CGROUPS="0"):
         d = SandboxDefaults(scheduler=c.address)
         sb = await Sandbox.create("python", "-c", HOG, defaults=d, memory_bytes=64 * 1024 * 1024)
         assert "cgroup" not in sb.runtime, sb.runtime
         assert await sb.wait(timeout=60) == 1
         assert b"MemoryError" in await sb.logs()
+        # A CPU limit it cannot honour is refused, not ignored.
+        with pytest.raises(SandboxFailedError, match=r"cpus=0\.5 needs cgroups"):
+            await Sandbox.create("sleep", "1", defaults=d, cpus=0.5)
 
 
 async def test_without_bubblewrap_it_says_it_is_not_isolated(tmp_path: Path) -> None:
