@@ -313,3 +313,25 @@ def scheduler_requests(live: str, agent_id: str) -> st.SearchStrategy[tuple[Any,
         st.just(Ping()),
     )
     return messages.map(lambda m: (m, []))
+
+
+def hostile_specs() -> st.SearchStrategy[Any]:
+    """SandboxSpecs that decode, with hostile values in every field a runtime uses."""
+    from aviato.protocol import SandboxSpec
+
+    floats = st.sampled_from([x for x in TIMEOUTS if x is not None])
+    return st.builds(
+        SandboxSpec,
+        image=st.sampled_from(["python:3.11"] * 6) | odd_text(),
+        command=st.sampled_from(["sleep", "true", "sh"] * 2) | odd_text(),
+        args=st.sampled_from([("infinity",), ("-c", "exit 3"), ()])
+        | st.lists(odd_text(), max_size=2).map(tuple),
+        env=envs(),
+        tags=st.lists(odd_text(), max_size=2).map(tuple),
+        max_lifetime_seconds=st.none() | floats,
+        memory_bytes=st.none() | st.just(64 << 20) | odd_ints(),
+        cpus=st.none() | st.just(0.5) | floats,
+        pids_limit=st.none() | st.just(64) | odd_ints(),
+        network=st.none() | st.sampled_from(["none", "bridge", "host", "container:x", ""]),
+        working_dir=st.none() | paths(),
+    )

@@ -71,7 +71,7 @@ from tests._fuzz import (
     wait_idle,
     zmtp_dealer,
 )
-from tests._strategies import agent_requests, scheduler_requests
+from tests._strategies import agent_requests, hostile_specs, scheduler_requests
 from tests.conftest import IMAGE, Cluster, docker_cluster
 
 MiB = 1024 * 1024
@@ -657,3 +657,51 @@ def test_requests_the_handler_fuzz_found_hanging_are_refused(
                 reply.msg,
             )
     assert_healthy(fuzz_cluster, t, base)
+
+
+def test_creates_with_hostile_specs(fuzz_cluster: Cluster) -> None:
+    """CreateSandbox with hostile specs (odd images, commands, argv, env, working dirs,
+    NaN/negative/huge lifetimes, memory, CPUs and pids limits, networks) through the
+    scheduler to the agent's runtime: each create is answered (a sandbox with a finite
+    deadline, stopped at once, or a typed refusal), never INTERNAL; the daemons stay
+    well and linked."""
+    t, base = _scheduler_target(fuzz_cluster)
+    outcomes: Counter[str] = Counter()
+    print(f"fuzz seed {FUZZ_SEED} (AVIATO_FUZZ_SEED={FUZZ_SEED} replays it)")
+    with Peer(fuzz_cluster.address) as peer:
+        rids = iter(range(1, 2**31))
+
+        @seed(FUZZ_SEED)
+        @settings(
+            max_examples=40,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        )
+        @given(spec=hostile_specs(), timeout=st.sampled_from([5.0, 5.0, 0.0, -1.0, math.nan]))
+        def check(spec: SandboxSpec, timeout: float) -> None:
+            rid = next(rids)
+            reply = _final_reply(peer, encode(CreateSandbox(spec, timeout), rid), rid, 60)
+            if isinstance(reply.msg, SandboxReply):
+                info = reply.msg.sandbox
+                outcomes[f"created, {info.status.value}"] += 1
+                # A limit it took is a limit: a lifetime that never ends is not one.
+                assert info.deadline is None or math.isfinite(info.deadline), (spec, info)
+                rid = next(rids)
+                stop = StopSandbox(reply.msg.sandbox.sandbox_id)
+                stopped = _final_reply(peer, encode(stop, rid), rid, 60)
+                assert isinstance(stopped.msg, SandboxReply), stopped.msg
+                return
+            assert isinstance(reply.msg, ErrorReply), reply.msg
+            assert reply.msg.code is not ErrorCode.INTERNAL, (spec, reply.msg)
+            assert len(reply.msg.message) < 1000
+            outcomes[f"refused, {reply.msg.code.value}"] += 1
+
+        check()
+    print(f"creates: {dict(outcomes)}")
+    assert_healthy(fuzz_cluster, t, base)
+
+
+def _scheduler_target(cluster: Cluster) -> tuple[Target, Baseline]:
+    t = Target("scheduler", "scheduler", cluster.address, cluster.procs["scheduler"].pid, Ping())
+    return t, Baseline(median_latency(t.address, t.probe), rss(t.pid))

@@ -817,6 +817,16 @@ def test_status_counts() -> None:
         ({"max_lifetime_seconds": -5.0}, "max_lifetime_seconds"),
         ({"memory_bytes": 1024}, "memory_bytes"),
         ({"network": "host"}, "network"),
+        # Found by the create fuzz (tests/test_fuzz_sockets.py): NaN passed "<= 0"
+        # (a lifetime that never ends); 1e300 CPUs overflowed the runtime (INTERNAL).
+        ({"max_lifetime_seconds": float("nan")}, "max_lifetime_seconds"),
+        ({"max_lifetime_seconds": float("inf")}, "max_lifetime_seconds"),
+        ({"cpus": float("nan")}, "cpus"),
+        ({"cpus": 1e300}, "cpus"),
+        ({"cpus": 0.0}, "cpus"),
+        ({"cpus": -1.0}, "cpus"),
+        ({"pids_limit": 0}, "pids_limit"),
+        ({"image": "x" * 256}, "at most 255"),
     ],
 )
 def test_validate_spec_rejects(kw: dict[str, Any], words: str) -> None:
