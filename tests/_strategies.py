@@ -288,11 +288,11 @@ def scheduler_requests(live: str, agent_id: str) -> st.SearchStrategy[tuple[Any,
     ids = st.sampled_from([live] * 3) | others
     texts = st.lists(odd_text(), max_size=3).map(tuple)
     short_waits = st.sampled_from([0.0, -1.0, 1e-9, 0.2, -math.inf, math.nan])
+    numbers = st.sampled_from([x for x in TIMEOUTS if x is not None])  # no None: not optional
     waits = st.one_of(
         st.builds(WaitSandbox, sandbox_id=st.just(live), timeout_seconds=short_waits),
-        st.builds(WaitSandbox, sandbox_id=others, timeout_seconds=st.sampled_from(TIMEOUTS)),
+        st.builds(WaitSandbox, sandbox_id=others, timeout_seconds=numbers),
     )
-    leases = st.sampled_from([x for x in TIMEOUTS if x is not None])
     messages = st.one_of(
         st.builds(GetSandbox, sandbox_id=ids),
         st.builds(
@@ -303,7 +303,7 @@ def scheduler_requests(live: str, agent_id: str) -> st.SearchStrategy[tuple[Any,
         ),
         st.builds(StopSandbox, sandbox_id=others, reason=odd_text()),
         waits,
-        st.builds(SessionKeepalive, session_id=others, lease_seconds=leases),
+        st.builds(SessionKeepalive, session_id=others, lease_seconds=numbers),
         st.builds(SessionClose, session_id=others),
         st.builds(AgentHeartbeat, agent_id=others, running=texts),
         st.builds(

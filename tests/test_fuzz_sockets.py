@@ -71,7 +71,7 @@ from tests._fuzz import (
     wait_idle,
     zmtp_dealer,
 )
-from tests._strategies import agent_requests, hostile_specs, scheduler_requests
+from tests._strategies import agent_requests, conforms, hostile_specs, scheduler_requests
 from tests.conftest import IMAGE, Cluster, docker_cluster
 
 MiB = 1024 * 1024
@@ -601,6 +601,7 @@ def test_handlers_get_well_typed_hostile_requests(
         @given(request=requests)
         def check(request: tuple[Any, list[bytes]]) -> None:
             msg, payloads = request
+            assert conforms(msg, type(msg)) is None, msg  # hostile, yet well typed
             rid = next(rids)
             reply = _final_reply(peer, encode(msg, rid, payloads), rid, 30)
             name = type(msg).__name__
@@ -608,12 +609,12 @@ def test_handlers_get_well_typed_hostile_requests(
                 assert reply.msg.code is not ErrorCode.INTERNAL, (name, msg, reply.msg)
                 assert len(reply.msg.message) < 1000
                 handled = reply.msg.code not in NOT_HANDLED
-                outcomes[f"{name} {reply.msg.code.value}" if handled else "not handled"] += 1
+                outcomes[f"{'' if handled else 'NOT HANDLED '}{name} {reply.msg.code.value}"] += 1
             else:
                 outcomes[f"{name} {type(reply.msg).__name__}"] += 1
 
         check()
-    reached = sum(n for k, n in outcomes.items() if k != "not handled")
+    reached = sum(n for k, n in outcomes.items() if not k.startswith("NOT HANDLED"))
     total = sum(outcomes.values())
     print(f"{t.kind}: {reached} of {total} hostile requests reached a handler: {dict(outcomes)}")
     assert reached >= 0.9 * total, outcomes
