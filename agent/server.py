@@ -19,6 +19,7 @@ import psutil
 import zmq
 import zmq.asyncio
 
+from agent.checks import request_problem, shown
 from agent.kept_logs import KeptLogs
 from agent.lane import LaneServer
 from agent.runtime.base import (
@@ -660,6 +661,10 @@ class AgentServer:
             self._send_now(identity, decoded.request_id, error)
             return
         msg = decoded.msg
+        problem = request_problem(msg)
+        if problem:
+            self._send_now(identity, decoded.request_id, ErrorReply(ErrorCode.BAD_REQUEST, problem))
+            return
         if type(msg) is RunCalls:
             try:
                 assert self._hub is not None
@@ -734,7 +739,7 @@ class AgentServer:
                 sandbox_id=sandbox_id,
             )
         raise SandboxNotFoundError(
-            f"sandbox {sandbox_id} is not on agent {self.agent_id}", sandbox_id=sandbox_id
+            f"sandbox {shown(sandbox_id)} is not on agent {self.agent_id}", sandbox_id=sandbox_id
         )
 
     async def _on_exec(self, identity: bytes, d: Decoded) -> None:

@@ -353,15 +353,16 @@ class WorkerHub:
             raise self._gone(sandbox_id)
         if "error" in reply:
             path = str(header["path"])
+            shown = path if len(path) <= 80 else path[:77] + "..."  # not a peer's kilobytes
             if reply.get("too_large"):
                 raise PayloadTooLargeError(
-                    f"{path} in sandbox {sandbox_id} is larger than the {header.get('max')}-"
+                    f"{shown} in sandbox {sandbox_id} is larger than the {header.get('max')}-"
                     "byte read limit: read less (pass a larger max_bytes, or split the file "
                     "in the sandbox)",
                     sandbox_id=sandbox_id,
                 )
             raise SandboxFileError(
-                f"{path}: {reply['error']} in sandbox {sandbox_id}",
+                f"{shown}: {reply['error']} in sandbox {sandbox_id}",
                 filepath=path,
                 sandbox_id=sandbox_id,
             )

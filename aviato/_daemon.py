@@ -83,8 +83,15 @@ async def exit_with_parent(parent_pid: int, stop: Callable[[], None]) -> None:
 def forbid_unpickling() -> None:
     """Make every unpickling entry point raise in this process. The daemons never
     unpickle (user data stays opaque bytes outside the sandbox); with
-    ``AVIATO_FORBID_UNPICKLE=1`` the test suite runs them this way to prove it."""
+    ``AVIATO_FORBID_UNPICKLE=1`` the test suite runs them this way to prove it.
+
+    The module attributes (``pickle``'s, its C twin ``_pickle``'s, cloudpickle's) are
+    replaced; an unpickler bound before that, or reached another way, still resolves
+    every global it loads through ``find_class``, the step that can run code: an audit
+    hook refuses that, whatever called it. (Loading plain data needs no global.)"""
+    import _pickle
     import pickle
+    import sys
 
     def refuse(*_args: object, **_kwargs: object) -> object:
         raise RuntimeError("unpickling is forbidden in aviato daemons")
@@ -93,15 +100,31 @@ def forbid_unpickling() -> None:
         def __init__(self, *_args: object, **_kwargs: object) -> None:
             refuse()
 
-    pickle.loads = refuse
-    pickle.load = refuse
-    pickle.Unpickler = Refused  # type: ignore[misc]
+    targets: list[tuple[object, str, object]] = [
+        (pickle, "loads", refuse),
+        (pickle, "load", refuse),
+        (pickle, "Unpickler", Refused),
+        (pickle, "_loads", refuse),
+        (pickle, "_load", refuse),
+        (pickle, "_Unpickler", Refused),
+        (_pickle, "loads", refuse),
+        (_pickle, "load", refuse),
+        (_pickle, "Unpickler", Refused),
+    ]
     try:
         import cloudpickle
     except ImportError:
-        return
-    cloudpickle.loads = refuse
-    cloudpickle.load = refuse
+        pass
+    else:
+        targets += [(cloudpickle, "loads", refuse), (cloudpickle, "load", refuse)]
+    for module, name, replacement in targets:
+        setattr(module, name, replacement)
+
+    def audit(event: str, _args: tuple[object, ...]) -> None:
+        if event == "pickle.find_class":
+            refuse()
+
+    sys.addaudithook(audit)
 
 
 def daemon_setup() -> None:

@@ -95,6 +95,8 @@ class Call:
     suspect: bool = False
     worker: Any = None  # the WorkerHandle running it, while in flight
     timer: asyncio.TimerHandle | None = field(default=None)
+    #: The pool gave it its outcome (a caller's cancel is not one).
+    settled: bool = False
 
 
 class RemoteFunction(Generic[T]):

@@ -90,6 +90,9 @@ class PoolStatistics:
     #: replies that came from a worker after its calls had moved on (dropped, not
     #: delivered twice)
     late_replies_dropped: int = 0
+    #: second outcomes for a call the pool had already settled, dropped; each is a
+    #: would-be duplicate delivery, so "exactly once delivered" means this stays 0
+    duplicate_results: int = 0
 
 
 def batch_size(fn: RemoteFunction[Any]) -> int:
@@ -116,6 +119,7 @@ class FunctionPool:
         self._lost_total = 0
         self._retried_total = 0
         self._late_total = 0
+        self._duplicate_total = 0
 
     def statistics(self) -> PoolStatistics:
         return PoolStatistics(
@@ -127,6 +131,7 @@ class FunctionPool:
             workers_lost=self._lost_total,
             calls_retried=self._retried_total,
             late_replies_dropped=self._late_total,
+            duplicate_results=self._duplicate_total,
         )
 
     # ------------------------------------------------------------------ submit
@@ -314,7 +319,12 @@ class FunctionPool:
         if call.timer is not None:
             call.timer.cancel()
             call.timer = None
-        if call.future.done():
+        if call.settled:  # a second outcome: counted (it must never happen), not delivered
+            self._duplicate_total += 1
+            log.error("second outcome for call %d of %s dropped", call.call_id, call.fn.name)
+            return
+        call.settled = True
+        if call.future.done():  # cancelled by its caller
             return
         if isinstance(outcome, FunctionResult):
             call.future.set_result(outcome)

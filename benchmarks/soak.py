@@ -150,6 +150,9 @@ async def soak(args: argparse.Namespace, cleanup: Cleanup, logdir: Path) -> tupl
                 live.update(f"draining {len(load.outstanding)} outstanding calls")
                 await load.drain(args.hang_after)
         stats = fn.statistics()
+        # The pool drops a second outcome for a call it already settled before any
+        # future could deliver it: the ledger alone would never see that duplicate.
+        load.ledger.duplicates += stats.duplicate_results
         outcome = Outcome(
             duration=duration,
             target_workers=target,

@@ -8,6 +8,7 @@ report when they register again.
 
 from __future__ import annotations
 
+import math
 import re
 import uuid
 from collections import deque
@@ -529,6 +530,8 @@ class SchedulerState:
                 return _not_found(sandbox_id), [
                     Reply(queued[0].key, ErrorReply(ErrorCode.TERMINATED, why))
                 ]
+            if not sandbox_id:  # "" names no sandbox: remembered, it refused every
+                return _not_found(sandbox_id), []  # create that lets us choose the id
             if len(self.stopped_unknown) >= MAX_STOPPED_UNKNOWN:  # bounded: oldest goes
                 del self.stopped_unknown[next(iter(self.stopped_unknown))]
             self.stopped_unknown[sandbox_id] = now
@@ -615,7 +618,7 @@ class SchedulerState:
         rec = self.sandboxes.get(sandbox_id)
         if rec is None:
             return [Reply(key, _not_found(sandbox_id))]
-        if rec.status not in ACTIVE or timeout_seconds <= 0:
+        if rec.status not in ACTIVE or not timeout_seconds > 0:  # NaN too: now, not never
             return [Reply(key, SandboxReply(self.info(rec)))]
         self.waiters.setdefault(sandbox_id, []).append(Waiter(key, now + timeout_seconds))
         return []
@@ -729,16 +732,29 @@ class SchedulerState:
         return sum(a.free for a in self.agents.values() if a.alive)
 
 
+#: A bound any host is under, far from the overflow (Docker takes billionths of a CPU
+#: as a 64-bit integer; cgroup quotas microseconds).
+MAX_CPUS = 4096
+
+
 def validate_spec(spec: SandboxSpec) -> str | None:
     """Why a spec cannot be placed, or None."""
     if not spec.image.strip():
         return "container_image is empty: name an image such as 'python:3.11'"
+    if len(spec.image) > 255:  # Docker's own bound on a reference
+        return f"container_image is {len(spec.image)} characters long: at most 255"
     if not spec.command.strip():
         return "command is empty: give the program to run, e.g. command='sleep'"
-    if spec.max_lifetime_seconds is not None and spec.max_lifetime_seconds <= 0:
-        return f"max_lifetime_seconds must be positive, got {spec.max_lifetime_seconds}"
+    # `not x > 0` also refuses NaN (no comparison holds); infinity is no limit: None is.
+    lifetime = spec.max_lifetime_seconds
+    if lifetime is not None and not 0 < lifetime < math.inf:
+        return f"max_lifetime_seconds must be positive and finite (or None), got {lifetime}"
     if spec.memory_bytes is not None and spec.memory_bytes < 6 * 1024 * 1024:
         return f"memory_bytes must be at least 6 MiB, got {spec.memory_bytes}"
+    if spec.cpus is not None and not 0 < spec.cpus <= MAX_CPUS:
+        return f"cpus must be above 0 and at most {MAX_CPUS} (or None), got {spec.cpus}"
+    if spec.pids_limit is not None and spec.pids_limit < 1:
+        return f"pids_limit must be at least 1 (or None), got {spec.pids_limit}"
     if spec.network not in (None, "none", "bridge"):
         return f"network must be None, 'none' or 'bridge', got {brief(spec.network)}"
     return None

@@ -5,7 +5,8 @@
 Fans CALLS function calls out over the cluster, prints ``ready`` once the first result
 is in, ``progress N`` every 50 results, then ``summary {json}``: how many results came
 back, whether each was the right one for its input, how many attempts they took, and
-the pool's statistics. With HOLD, it first starts that many plain sandboxes (tagged
+the pool's statistics. With ``AVIATO_TEST_TALLY=host:port`` each execution is
+reported there, from the worker. With HOLD, it first starts that many plain sandboxes (tagged
 ``held``, session lease LEASE seconds), prints ``held N``, and at the end checks
 that each still runs a command; with CALLS 0 it then just waits, to be killed.
 """
@@ -16,6 +17,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from collections import Counter
@@ -37,10 +39,19 @@ async def main(address: str, calls: int, seconds: float, hold: int, lease: float
         if calls == 0:
             await asyncio.sleep(3600)  # until killed
 
+        # Each execution reports to the test's tally (tests/_tally.py), from inside the
+        # worker: every call must have run at least once, whatever was retried.
+        host, _, port = os.environ.get("AVIATO_TEST_TALLY", "").rpartition(":")
+        tally = (host, int(port)) if host else None
+
         @session.function(retries=3, timeout_seconds=120)
         def work(i: int, seconds: float) -> tuple[int, int]:
+            import socket
             import time
 
+            if tally is not None:
+                with socket.create_connection(tally, 10) as s:
+                    s.sendall(b"%d\n" % i)
             time.sleep(seconds)
             return i, i * i
 

@@ -192,23 +192,51 @@ async def test_token_is_checked_by_the_scheduler(tmp_path) -> None:
 
 
 def test_the_daemons_really_cannot_unpickle() -> None:
-    """The suite's clusters run with AVIATO_FORBID_UNPICKLE=1: check that it bites."""
+    """The suite's clusters run with AVIATO_FORBID_UNPICKLE=1: check that it bites,
+    through every door: pickle's and _pickle's functions and Unpickler classes, the
+    pure-Python twins, cloudpickle, and references taken before the guard was set up
+    (an unpickler bound early still resolves globals through find_class)."""
+    import collections
     import pickle
     import subprocess
     import sys
 
     from tests.conftest import ROOT
 
-    blob = pickle.dumps(1)
+    # Plain data (no global to resolve: only the replaced entry points can refuse it)
+    # through the module doors; a global (only the audit hook sees every way to it)
+    # through references taken before the guard.
+    data, with_global = pickle.dumps([1, "x"]), pickle.dumps(collections.OrderedDict(a=1))
+    doors = {
+        "pickle.loads": "pickle.loads(b)",
+        "pickle.load": "pickle.load(io.BytesIO(b))",
+        "pickle.Unpickler": "pickle.Unpickler(io.BytesIO(b)).load()",
+        "pickle._loads": "pickle._loads(b)",
+        "pickle._Unpickler": "pickle._Unpickler(io.BytesIO(b)).load()",
+        "_pickle.loads": "_pickle.loads(b)",
+        "_pickle.load": "_pickle.load(io.BytesIO(b))",
+        "_pickle.Unpickler": "_pickle.Unpickler(io.BytesIO(b)).load()",
+        "cloudpickle.loads": "cloudpickle.loads(b)",
+        "loads bound early": "early_loads(g)",
+        "Unpickler bound early": "EarlyUnpickler(io.BytesIO(g)).load()",
+        "its subclass": "type('Sub', (EarlyUnpickler,), {})(io.BytesIO(g)).load()",
+        "pure Unpickler bound early": "EarlyPure(io.BytesIO(g)).load()",
+    }
     code = (
-        "import pickle, cloudpickle\n"
+        "import io, pickle, _pickle, cloudpickle\n"
+        "from pickle import loads as early_loads\n"
+        "from _pickle import Unpickler as EarlyUnpickler\n"
+        "from pickle import _Unpickler as EarlyPure\n"
         "from aviato._daemon import daemon_setup\n"
         "daemon_setup()\n"
-        "for f in (pickle.loads, cloudpickle.loads, lambda b: pickle.Unpickler(b)):\n"
+        f"b, g = {data!r}, {with_global!r}\n"
+        f"for name, expr in {doors!r}.items():\n"
         "    try:\n"
-        f"        f({blob!r})\n"
+        "        eval(expr)\n"
         "    except RuntimeError as e:\n"
-        "        print('refused')\n"
+        "        print(name, '=', 'refused' if 'forbidden' in str(e) else e)\n"
+        "    else:\n"
+        "        print(name, '=', 'UNPICKLED')\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code],
@@ -218,7 +246,9 @@ def test_the_daemons_really_cannot_unpickle() -> None:
         env={"AVIATO_FORBID_UNPICKLE": "1", "PATH": "/usr/bin:/bin"},
         timeout=60,
     )
-    assert out.stdout.split() == ["refused"] * 3, out.stderr
+    assert out.stdout.splitlines() == [f"{name} = refused" for name in doors], (
+        out.stdout + out.stderr
+    )
 
 
 def test_daemons_say_when_they_listen_openly(tmp_path) -> None:

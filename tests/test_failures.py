@@ -73,19 +73,20 @@ async def test_killed_agent_is_declared_dead_and_orphans_reaped_on_restart(
     assert (await on_victim[0].exec(["true"])).returncode == 0  # its supervisor is up
     c.kill(victim)  # kill -9: its containers stay behind, orphaned
     t0 = time.monotonic()
-    # Each container's own watchdog (its supervisor) stops it within twice the liveness
-    # window (1.5 s here), even if the agent never returns.
+    # Each container's own watchdog (its supervisor) stops it, even though the agent
+    # never returns (nothing else would). Expected within twice the liveness window
+    # (1.5 s here); the bounds below are 10x, to catch a hang, not to time it.
     await asyncio.to_thread(
         wait_until,
         lambda: not running_of(victim),
-        2 * 1.5,
+        10 * 2 * 1.5,
         0.05,
         "the watchdog to stop the orphaned containers",
     )
     for sb in on_victim:
         with pytest.raises(SandboxFailedError, match=f"agent {victim} lost"):
             await sb.wait(timeout=10)
-    assert time.monotonic() - t0 < 1.5 + 3
+    assert time.monotonic() - t0 < 10 * (1.5 + 3)
     assert all(a.alive is False for a in c.status().agents if a.agent_id == victim)
     assert containers_of([victim]), "kill -9 should leave the containers (that is the point)"
     # The agent comes back with the same id: it reaps what the scheduler no longer wants.
@@ -94,9 +95,17 @@ async def test_killed_agent_is_declared_dead_and_orphans_reaped_on_restart(
         wait_until, lambda: not containers_of([victim]), 20, 0.2, "the orphans to be reaped"
     )
     c.wait_agents(2)
-    # and the cluster still places work on it
-    for sb in sbs:
-        await sb.stop()
+    # and the cluster still places work on it: spread placement fills the emptied agent.
+    more: list[Sandbox] = []
+    try:
+        while not any(sb.info and sb.info.agent_id == victim for sb in more):
+            assert len(more) < 4, f"nothing placed on {victim} after its restart\n{c.logs()}"
+            more.append(await Sandbox.create("sleep", "infinity", defaults=d))
+        (back,) = [sb for sb in more if sb.info and sb.info.agent_id == victim]
+        assert (await back.exec(["echo", "placed"])).stdout == b"placed\n"
+    finally:
+        for sb in sbs + more:
+            await sb.stop()
 
 
 async def test_scheduler_restart_rebuilds_tables_from_agents(fresh_cluster: Cluster) -> None:
@@ -247,8 +256,16 @@ async def test_agent_kept_on_exit_leaves_its_sandboxes_running(fresh_cluster: Cl
     assert kept, "spread placement puts some on each agent"
     for sb in kept:  # their supervisors are up
         assert (await sb.exec(["true"])).returncode == 0
-    c.kill(victim, signal.SIGTERM)
-    await asyncio.sleep(1.0)
+    c.kill(victim, signal.SIGTERM)  # returns once the agent has exited
+    # Its supervisors saw the link close when it exited (a watchdog would have stopped
+    # its container at once): each still runs a command after the agent is gone.
+    for sb in kept:
+        subprocess.run(
+            ["docker", "exec", f"aviato-{sb.sandbox_id}", "true"],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
     assert len(running_of(victim)) == len(kept)
     # Back with the same id: it adopts them (back within the liveness window) or reaps
     # them (the scheduler wrote them off); either way a stop leaves nothing.

@@ -23,7 +23,8 @@ from aviato import (
     WorkerLostError,
     _pool,
 )
-from tests.conftest import ROOT
+from tests._tally import Tally
+from tests.conftest import ROOT, wait_until
 
 OFFSET = 1000
 
@@ -71,9 +72,23 @@ async def test_seed_example_parallel_in_about_a_second(defaults: SandboxDefaults
         results = await asyncio.gather(compute(1), compute(2), compute(3))
         elapsed = time.monotonic() - t0
         assert [r.value for r in results] == [1, 4, 9]
-        assert elapsed < 2.5, f"warm pool took {elapsed:.2f}s for 3 parallel 1 s calls"
+        # Hang-catching bound only (10x the ~1 s expected; the figure is benchmarks').
+        assert elapsed < 10, f"warm pool took {elapsed:.2f}s for 3 parallel 1 s calls"
         assert len({r.sandbox_id for r in results}) == 3
         assert all(r.attempts == 1 and r.seconds >= 1.0 for r in results)
+
+        @session.function()
+        def span(n: int) -> tuple[float, float]:
+            import time
+
+            start = time.time()
+            time.sleep(1)
+            return start, time.time()
+
+        # In parallel, shown without timing the client: the three runs overlap (one
+        # host, one clock: their workers all run on this machine).
+        spans = [r.value for r in await asyncio.gather(span(1), span(2), span(3))]
+        assert max(start for start, _ in spans) < min(end for _, end in spans), spans
 
 
 async def test_what_cloudpickle_carries(defaults: SandboxDefaults) -> None:
@@ -231,31 +246,42 @@ async def test_cancellation_and_timeout_keep_the_pool_usable(defaults) -> None:
 
 
 async def test_killed_worker_call_is_retried_and_delivered_once(defaults) -> None:
-    async with Sandbox.session(defaults) as session:
+    with Tally() as tally:  # counts executions where they happen, in the workers
+        address = tally.address
+        async with Sandbox.session(defaults) as session:
 
-        @session.function(max_workers=2, retries=2)
-        def slow_square(n: int) -> int:
-            import time
+            @session.function(max_workers=2, retries=2)
+            def slow_square(n: int) -> int:
+                import socket
+                import time
 
-            time.sleep(2)
-            return n * n
+                with socket.create_connection(address, 10) as s:
+                    s.sendall(b"%d\n" % n)
+                time.sleep(2)
+                return n * n
 
-        warm = await asyncio.gather(slow_square(1), slow_square(1))
-        assert {w.value for w in warm} == {1}
-        future = slow_square(7)
-        await asyncio.sleep(0.7)  # it is running now, on one of the two workers
-        pool = next(iter(session._pools.values()))
-        [victim] = [w for w in pool.workers if w.inflight]
-        subprocess.run(
-            ["docker", "kill", f"aviato-{victim.sandbox_id}"],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-        result = await asyncio.wait_for(future, 60)
-        assert result.value == 49 and result.attempts == 2
-        assert result.sandbox_id != victim.sandbox_id
-        assert future.done() and not future.cancelled()
+            warm = await asyncio.gather(slow_square(1), slow_square(1))
+            assert {w.value for w in warm} == {1}
+            future = slow_square(7)
+            # It is running now (its worker said so), on one of the two workers.
+            await asyncio.to_thread(
+                wait_until, lambda: tally.counts()["7"] == 1, 30, 0.02, "the call to start"
+            )
+            pool = next(iter(session._pools.values()))
+            [victim] = [w for w in pool.workers if w.inflight]
+            subprocess.run(
+                ["docker", "kill", f"aviato-{victim.sandbox_id}"],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+            result = await asyncio.wait_for(future, 60)
+            assert result.value == 49 and result.attempts == 2
+            assert result.sandbox_id != victim.sandbox_id
+            assert future.done() and not future.cancelled()
+            # Ran twice (at least once, really retried), delivered once.
+            assert tally.counts()["7"] == 2
+            assert slow_square.statistics().duplicate_results == 0
 
 
 async def test_a_worker_that_always_dies_fails_after_retries(defaults) -> None:

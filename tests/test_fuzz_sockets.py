@@ -8,10 +8,13 @@ small as before, and the agent must keep its link to the scheduler throughout.
 from __future__ import annotations
 
 import asyncio
+import math
+import os
 import random
 import socket
 import struct
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +23,7 @@ import msgpack
 import pytest
 import zmq
 import zmq.asyncio
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, given, seed, settings
 from hypothesis import strategies as st
 
 from aviato import _zmq
@@ -32,13 +35,17 @@ from aviato.protocol import (
     CallResults,
     ClusterStatus,
     CreateSandbox,
+    Decoded,
     ErrorCode,
     ErrorReply,
     Exec,
+    ExecChunk,
+    ExecReply,
     GetSandbox,
     MsgType,
     Ping,
     Pong,
+    ReadFile,
     RunCalls,
     SandboxReply,
     SandboxSpec,
@@ -64,6 +71,7 @@ from tests._fuzz import (
     wait_idle,
     zmtp_dealer,
 )
+from tests._strategies import agent_requests, conforms, hostile_specs, scheduler_requests
 from tests.conftest import IMAGE, Cluster, docker_cluster
 
 MiB = 1024 * 1024
@@ -127,7 +135,9 @@ def agent_registrations(cluster: Cluster) -> int:
 
 def assert_agent_linked(cluster: Cluster) -> None:
     (agent,) = cluster.status().agents
-    assert agent.alive and agent.seconds_since_heartbeat < 1.0, agent
+    # Heartbeats every 0.2 s; 10x that only catches a stalled link (it is also declared
+    # dead past 1.5 s, and re-registers: counted below).
+    assert agent.alive and agent.seconds_since_heartbeat < 2.0, agent
     # One registration ever: the link never dropped (the agent re-registers when it
     # misses heartbeats or the scheduler declared it dead).
     assert agent_registrations(cluster) == 1, cluster.logs()
@@ -138,8 +148,9 @@ def assert_healthy(cluster: Cluster, target: Target, base: Baseline) -> None:
     assert cluster.procs[target.name].poll() is None, f"{target.name} died\n{cluster.logs()}"
     wait_idle(target.pid)
     latency = median_latency(target.address, target.probe)
-    # Sub-millisecond medians on a busy 2-core machine are noisy: 2x plus 2 ms of slack.
-    assert latency <= 2 * base.latency + 0.002, (
+    # A hang-catching bound (10x, plus 10 ms: sub-millisecond medians on a busy 2-core
+    # machine are noisy); the latency figures themselves are the benchmarks'.
+    assert latency <= 10 * base.latency + 0.010, (
         f"{target.kind} median round trip {latency * 1e3:.2f} ms after fuzzing, "
         f"{base.latency * 1e3:.2f} ms before"
     )
@@ -523,3 +534,175 @@ def test_wrong_payload_counts_are_refused(
         assert [o.status for o in reply.msg.outcomes] == ["ok"]
         assert bytes(reply.payloads[0]) == b"3"
     assert_healthy(fuzz_cluster, t, base)
+
+
+@pytest.fixture
+def live_sandbox(fuzz_cluster: Cluster) -> Iterator[str]:
+    """A plain sandbox (``sleep infinity``), made and stopped over raw sockets."""
+    spec = SandboxSpec(image=IMAGE, command="sleep", args=("infinity",))
+    with Peer(fuzz_cluster.address) as peer:
+        peer.send(encode(CreateSandbox(spec, 60.0), 1))
+        reply = peer.recv(90)
+        assert reply is not None and isinstance(reply.msg, SandboxReply), reply
+        sid = reply.msg.sandbox.sandbox_id
+        try:
+            yield sid
+        finally:
+            peer.send(encode(StopSandbox(sid), 2))
+            stopped = peer.recv(30)
+            assert stopped is not None and isinstance(stopped.msg, SandboxReply), stopped
+
+
+#: A seed per run (printed; AVIATO_FUZZ_SEED replays one): these examples differ from
+#: run to run, where the derandomized fuzzers above repeat theirs exactly.
+FUZZ_SEED = int(os.environ.get("AVIATO_FUZZ_SEED") or random.randrange(2**32))
+#: Refusals that mean a request never got past decoding to a handler.
+NOT_HANDLED = {ErrorCode.MALFORMED, ErrorCode.VERSION_MISMATCH, ErrorCode.UNAUTHORIZED}
+
+
+def _final_reply(peer: Peer, frames: list[Any], rid: int, timeout: float) -> Decoded:
+    """Send a request; return its final reply (past any ExecChunks of a stream)."""
+    peer.send(frames)
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = peer.recv(max(0.0, deadline - time.monotonic()))
+        assert reply is not None, f"no reply within {timeout}s"
+        assert reply.request_id == rid, f"a reply to {reply.request_id}, not {rid}: {reply}"
+        if not isinstance(reply.msg, ExecChunk):
+            return reply
+
+
+def test_handlers_get_well_typed_hostile_requests(
+    fuzz_cluster: Cluster, target: tuple[Target, Baseline], live_sandbox: str
+) -> None:
+    """Requests that decode, with hostile values where handlers use them: odd paths,
+    argv, env, ids, timeouts (NaN, infinite, negative), sizes and counts, mostly aimed at
+    a live sandbox. Each is answered once, never with an INTERNAL error (a handler that
+    crashed), and most reach a handler: the count is printed and checked."""
+    t, base = target
+    agent_id = fuzz_cluster.agent_ids[0]
+    requests = (
+        scheduler_requests(live_sandbox, agent_id)
+        if t.kind == "scheduler"
+        else agent_requests(live_sandbox)
+    )
+    outcomes: Counter[str] = Counter()
+    print(f"fuzz seed {FUZZ_SEED} (AVIATO_FUZZ_SEED={FUZZ_SEED} replays it)")
+    with Peer(t.address) as peer:
+        rids = iter(range(1, 2**31))
+
+        @seed(FUZZ_SEED)
+        @settings(
+            max_examples=100,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+        )
+        @given(request=requests)
+        def check(request: tuple[Any, list[bytes]]) -> None:
+            msg, payloads = request
+            assert conforms(msg, type(msg)) is None, msg  # hostile, yet well typed
+            rid = next(rids)
+            reply = _final_reply(peer, encode(msg, rid, payloads), rid, 30)
+            name = type(msg).__name__
+            if isinstance(reply.msg, ErrorReply):
+                assert reply.msg.code is not ErrorCode.INTERNAL, (name, msg, reply.msg)
+                assert len(reply.msg.message) < 1000
+                handled = reply.msg.code not in NOT_HANDLED
+                outcomes[f"{'' if handled else 'NOT HANDLED '}{name} {reply.msg.code.value}"] += 1
+            else:
+                outcomes[f"{name} {type(reply.msg).__name__}"] += 1
+
+        check()
+    reached = sum(n for k, n in outcomes.items() if not k.startswith("NOT HANDLED"))
+    total = sum(outcomes.values())
+    print(f"{t.kind}: {reached} of {total} hostile requests reached a handler: {dict(outcomes)}")
+    assert reached >= 0.9 * total, outcomes
+    # The live sandbox still runs commands, and the daemon is as it was.
+    with Peer(fuzz_cluster.status().agents[0].address) as peer:
+        (done,) = peer.exchange(encode(Exec(live_sandbox, ("echo", "ok")), 7), 7, timeout=30)
+        assert isinstance(done.msg, ExecReply) and bytes(done.payloads[0]) == b"ok\n", done
+    assert_healthy(fuzz_cluster, t, base)
+
+
+@pytest.mark.parametrize("kind", ["agent", "lane"])
+def test_requests_the_handler_fuzz_found_hanging_are_refused(
+    fuzz_cluster: Cluster,
+    baselines: dict[str, tuple[Target, Baseline]],
+    live_sandbox: str,
+    kind: str,
+) -> None:
+    """Regression (found by the fuzz above): well-typed values the supervisor's handler
+    threads could not take (a NUL in a path, argv or env, a mode past 0o7777) left the
+    request unanswered for ever, as did a RunCalls with no call; a NaN timeout was
+    silently no timeout. Each is now refused, at once."""
+    t, base = baselines[kind]
+    sid = live_sandbox
+    cases = [
+        (WriteFile(sid, "\x00"), [b""], "NUL"),
+        (WriteFile(sid, "/tmp/x", mode=2**63 - 1), [b""], "not a file mode"),
+        (ReadFile(sid, "/tmp/\x00"), [], "NUL"),
+        (Exec(sid, ("echo", "a\x00b")), [], "NUL"),
+        (Exec(sid, ("pwd",), cwd="/\x00"), [], "NUL"),
+        (Exec(sid, ("env",), env={"A=B": "c"}), [], "is not one"),
+        (Exec(sid, ("env",), env={"A": "\x00"}), [], "NUL"),
+        (Exec(sid, ("true",), timeout_seconds=math.nan), [], "NaN"),
+        (RunCalls(sid, ()), [], "no call"),
+    ]
+    with Peer(t.address) as peer:
+        for rid, (msg, payloads, words) in enumerate(cases, 1):
+            (reply,) = peer.exchange(encode(msg, rid, payloads), rid, timeout=10)
+            assert isinstance(reply.msg, ErrorReply), (msg, reply.msg)
+            assert reply.msg.code is ErrorCode.BAD_REQUEST and words in reply.msg.message, (
+                msg,
+                reply.msg,
+            )
+    assert_healthy(fuzz_cluster, t, base)
+
+
+def test_creates_with_hostile_specs(fuzz_cluster: Cluster) -> None:
+    """CreateSandbox with hostile specs (odd images, commands, argv, env, working dirs,
+    NaN/negative/huge lifetimes, memory, CPUs and pids limits, networks) through the
+    scheduler to the agent's runtime: each create is answered (a sandbox with a finite
+    deadline, stopped at once, or a typed refusal), never INTERNAL; the daemons stay
+    well and linked."""
+    t, base = _scheduler_target(fuzz_cluster)
+    outcomes: Counter[str] = Counter()
+    print(f"fuzz seed {FUZZ_SEED} (AVIATO_FUZZ_SEED={FUZZ_SEED} replays it)")
+    with Peer(fuzz_cluster.address) as peer:
+        rids = iter(range(1, 2**31))
+
+        @seed(FUZZ_SEED)
+        @settings(
+            max_examples=40,
+            deadline=None,
+            database=None,
+            suppress_health_check=[HealthCheck.too_slow],
+        )
+        @given(spec=hostile_specs(), timeout=st.sampled_from([5.0, 5.0, 0.0, -1.0, math.nan]))
+        def check(spec: SandboxSpec, timeout: float) -> None:
+            rid = next(rids)
+            reply = _final_reply(peer, encode(CreateSandbox(spec, timeout), rid), rid, 60)
+            if isinstance(reply.msg, SandboxReply):
+                info = reply.msg.sandbox
+                outcomes[f"created, {info.status.value}"] += 1
+                # A limit it took is a limit: a lifetime that never ends is not one.
+                assert info.deadline is None or math.isfinite(info.deadline), (spec, info)
+                rid = next(rids)
+                stop = StopSandbox(reply.msg.sandbox.sandbox_id)
+                stopped = _final_reply(peer, encode(stop, rid), rid, 60)
+                assert isinstance(stopped.msg, SandboxReply), stopped.msg
+                return
+            assert isinstance(reply.msg, ErrorReply), reply.msg
+            assert reply.msg.code is not ErrorCode.INTERNAL, (spec, reply.msg)
+            assert len(reply.msg.message) < 1000
+            outcomes[f"refused, {reply.msg.code.value}"] += 1
+
+        check()
+    print(f"creates: {dict(outcomes)}")
+    assert_healthy(fuzz_cluster, t, base)
+
+
+def _scheduler_target(cluster: Cluster) -> tuple[Target, Baseline]:
+    t = Target("scheduler", "scheduler", cluster.address, cluster.procs["scheduler"].pid, Ping())
+    return t, Baseline(median_latency(t.address, t.probe), rss(t.pid))

@@ -5,6 +5,7 @@ when the agent goes away."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -20,6 +21,7 @@ import pytest
 import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from zmq.utils.monitor import recv_monitor_message
 
 from agent.lane import PREFIX as LANE_PREFIX
 from aviato import Sandbox, SandboxDefaults, UnauthorizedError, _connection
@@ -219,12 +221,20 @@ async def test_requests_fail_at_once_when_the_lane_closes(tmp_path: Path) -> Non
         assert isinstance(conn, LaneConnection)
         peer, _ = server.accept()
         request = asyncio.ensure_future(conn.request(Ping(), timeout=60))
-        await asyncio.sleep(0.05)
+        peer.setblocking(False)
+        deadline = time.monotonic() + 10
+        while True:  # until the request has reached the agent's end (it is in flight)
+            with contextlib.suppress(BlockingIOError):
+                if peer.recv(65536):
+                    break
+            assert time.monotonic() < deadline, "the request never reached the lane"
+            await asyncio.sleep(0.01)
         started = time.monotonic()
         peer.close()
         with pytest.raises(ClusterUnavailableError, match="closed its local connection"):
             await request
-        assert time.monotonic() - started < 1.0
+        # At once, not at its 60 s deadline (10x the expected ~0.1 s: a hang bound).
+        assert time.monotonic() - started < 10
         assert conn.closed
         with pytest.raises(ClusterUnavailableError):
             await conn.request(Ping(), timeout=60)
@@ -418,19 +428,35 @@ def test_a_zeromq_peer_posing_as_a_lane_client_gets_nothing(cluster: Cluster) ->
         (pong,) = local.exchange(encode(Ping(), 1), 1)  # the lane peer exists
         ctx = zmq.Context.instance()
         posers = []
-        for n in range(1, 65):
-            poser = ctx.socket(zmq.DEALER)
-            poser.setsockopt(zmq.LINGER, 0)
-            poser.setsockopt(zmq.ROUTING_ID, LANE_PREFIX + str(n).encode())
-            poser.connect(agent.address)
-            poser.send_multipart(encode(Ping(), 777))
-            posers.append(poser)
         try:
-            time.sleep(0.5)
-            assert local.recv(0.2) is None, "a reply to a ZeroMQ peer reached the lane"
-            assert not any(p.poll(0) for p in posers)
+            for n in range(1, 65):
+                poser = ctx.socket(zmq.DEALER)
+                posers.append(poser)
+                poser.setsockopt(zmq.LINGER, 0)
+                poser.setsockopt(zmq.ROUTING_ID, LANE_PREFIX + str(n).encode())
+                _connect_and_wait(poser, agent.address)
+                poser.send_multipart(encode(Ping(), 777))
+            # Fences, not a sleep: a Ping from an honest peer, connected only now, is
+            # answered after the posers' pings (already in the agent's queues) were
+            # read; then one on the lane, whose replies arrive in order: a poser's reply
+            # routed to the lane would come first ("unexpected reply").
+            with Peer(agent.address) as honest:
+                (pong,) = honest.exchange(encode(Ping(), 3), 3)
             (pong,) = local.exchange(encode(Ping(), 2), 2)
             assert isinstance(pong.msg, Pong)
+            assert not any(p.poll(0) for p in posers)
         finally:
             for poser in posers:
                 poser.close()
+
+
+def _connect_and_wait(sock: zmq.Socket, address: str) -> None:
+    """Connect, and return once the ZMTP handshake is done (the peer can read us)."""
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        sock.connect(address)
+        assert monitor.poll(10_000), f"no handshake with {address} within 10 s"
+        recv_monitor_message(monitor)
+    finally:
+        sock.disable_monitor()
+        monitor.close()

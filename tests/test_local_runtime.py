@@ -26,6 +26,19 @@ from tests.conftest import Cluster, wait_until
 from tests.test_supervisor import _same_behaviour
 
 STATE = Path(tempfile.gettempdir()) / "aviato-local"
+#: CI sets it: the local runtime's cgroup limits must be in force, never skipped.
+REQUIRE_CGROUPS = os.environ.get("AVIATO_REQUIRE_CGROUPS") == "1"
+
+
+def need_cgroups(runtime: str) -> None:
+    """Skip unless the local runtime named ``runtime`` has cgroup limits; under
+    AVIATO_REQUIRE_CGROUPS=1 fail instead (as AVIATO_REQUIRE_DOCKER does for Docker)."""
+    if "cgroup" in runtime:
+        return
+    problem = f"the local runtime has no writable cgroups here: {runtime!r}"
+    if REQUIRE_CGROUPS:
+        pytest.fail(f"AVIATO_REQUIRE_CGROUPS=1 but {problem}")
+    pytest.skip(problem)
 
 
 def _leftovers(c: Cluster) -> list[str]:
@@ -113,28 +126,41 @@ async def test_isolation_from_inside(ldefaults: SandboxDefaults) -> None:
         assert len(r.stdout.split()) > 1  # the default shares the host's network
 
 
+HOG = "x = bytearray(400 * 1024 * 1024); x[::4096] = b'1' * len(x[::4096])"
+
+
 async def test_limits_hold_for_the_whole_sandbox(ldefaults: SandboxDefaults) -> None:
     """With writable cgroups (this machine, CI): memory and pids limits hold for the
     sandbox's whole tree, and a memory hog is OOM-killed and reported as such, as with
-    Docker. Without them, setrlimit: its allocation fails inside the process."""
-    hog = "x = bytearray(400 * 1024 * 1024); x[::4096] = b'1' * len(x[::4096])"
+    Docker. (Skipped without cgroups, failed under AVIATO_REQUIRE_CGROUPS=1.)"""
     sb = await Sandbox.create(
-        "python", "-c", hog, defaults=ldefaults, memory_bytes=64 * 1024 * 1024
+        "python", "-c", HOG, defaults=ldefaults, memory_bytes=64 * 1024 * 1024
     )
-    if "cgroup" in sb.runtime:
-        with pytest.raises(SandboxFailedError, match="out of memory"):
-            await sb.wait(timeout=60)
-        assert sb.returncode == 137
-        async with Sandbox(command="sleep", args=["infinity"], defaults=ldefaults) as small:
-            # the agent's --pids-limit (1024) holds for the tree, root or not
-            bomb = "i=0; while [ $i -lt 1500 ]; do sleep 30 & i=$((i+1)); done 2>&1 | tail -1"
-            r = await small.exec(["sh", "-c", bomb], timeout_seconds=60)
-            assert b"fork" in r.stdout.lower() or b"resource" in r.stdout.lower(), r
-            r = await small.exec(["sh", "-c", "pkill -f '^sleep 30$'; echo ok"])
-            assert r.stdout == b"ok\n"  # the sandbox is still usable
-    else:
+    need_cgroups(sb.runtime)
+    with pytest.raises(SandboxFailedError, match="out of memory"):
+        await sb.wait(timeout=60)
+    assert sb.returncode == 137
+    async with Sandbox(command="sleep", args=["infinity"], defaults=ldefaults) as small:
+        # the agent's --pids-limit (1024) holds for the tree, root or not
+        bomb = "i=0; while [ $i -lt 1500 ]; do sleep 30 & i=$((i+1)); done 2>&1 | tail -1"
+        r = await small.exec(["sh", "-c", bomb], timeout_seconds=60)
+        assert b"fork" in r.stdout.lower() or b"resource" in r.stdout.lower(), r
+        r = await small.exec(["sh", "-c", "pkill -f '^sleep 30$'; echo ok"])
+        assert r.stdout == b"ok\n"  # the sandbox is still usable
+
+
+async def test_without_cgroups_memory_fails_inside_and_cpus_is_refused(tmp_path: Path) -> None:
+    """The weaker branch, on purpose (cgroups turned off): setrlimit makes the hog's
+    allocation fail inside it; no OOM killer, so no OOM report; no CPU share at all."""
+    for c in _local_cluster(tmp_path, AVIATO_LOCAL_CGROUPS="0"):
+        d = SandboxDefaults(scheduler=c.address)
+        sb = await Sandbox.create("python", "-c", HOG, defaults=d, memory_bytes=64 * 1024 * 1024)
+        assert "cgroup" not in sb.runtime, sb.runtime
         assert await sb.wait(timeout=60) == 1
         assert b"MemoryError" in await sb.logs()
+        # A CPU limit it cannot honour is refused, not ignored.
+        with pytest.raises(SandboxFailedError, match=r"cpus=0\.5 needs cgroups"):
+            await Sandbox.create("sleep", "1", defaults=d, cpus=0.5)
 
 
 async def test_without_bubblewrap_it_says_it_is_not_isolated(tmp_path: Path) -> None:

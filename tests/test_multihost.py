@@ -17,6 +17,7 @@ import pytest
 
 from aviato import ClusterUnavailableError, Sandbox, SandboxDefaults, SandboxStatus
 from tests._netns import MultiHostCluster, leftover_namespaces, netns_problem
+from tests._tally import Tally
 from tests.conftest import IMAGE, containers_of, need_docker, running_of, wait_until
 
 pytestmark = pytest.mark.netns
@@ -44,21 +45,46 @@ def mh(tmp_path: Path) -> Iterator[MultiHostCluster]:
         assert not leftover_namespaces(), leftover_namespaces()
 
 
-def check_every_result(summary: dict[str, Any]) -> None:
-    """All calls came back, each once, each the right value for its input."""
-    assert summary["results"] == summary["distinct"] == CALLS, summary
+@pytest.fixture
+def tally(monkeypatch: pytest.MonkeyPatch) -> Iterator[Tally]:
+    """Counts the calls' executions, reported from inside the workers (the client's
+    host passes the address on: AVIATO_TEST_TALLY)."""
+    with Tally() as t:
+        host, port = t.address
+        monkeypatch.setenv("AVIATO_TEST_TALLY", f"{host}:{port}")
+        yield t
+
+
+def check_every_result(summary: dict[str, Any], tally: Tally) -> None:
+    """All calls came back right; each ran at least once (counted in the workers) and
+    was delivered exactly once (the pool counts any second outcome it drops)."""
+    assert summary["results"] == CALLS, summary  # one outcome per call, by construction
     assert summary["error_count"] == 0, summary["errors"]
     assert summary["right"] == CALLS, summary
+    assert summary["stats"]["duplicate_results"] == 0, summary
+    # Reports may trail the results a little: wait for them.
+    wait_until(
+        lambda: set(map(str, range(CALLS))) <= set(tally.counts()),
+        30,
+        0.1,
+        "every call's execution to be counted",
+    )
+    ran = tally.counts()
+    print(f"{sum(ran.values())} executions for {CALLS} calls, {len(ran)} distinct")
     # The agents are on other hosts (network namespaces): ZeroMQ, not their local lanes.
     assert summary["channels"] == ["Connection"], summary
 
 
+#: Declared dead is expected within DEAD_AFTER + HEARTBEAT + 1 s: 10x that, for a hang.
+HANG_BOUND = 10 * (DEAD_AFTER + HEARTBEAT + 1)
+
+
 def time_until_dead(c: MultiHostCluster, agent_id: str, since: float) -> float:
-    wait_until(lambda: agent_id not in c.alive(), 15, 0.05, f"{agent_id} declared dead")
+    wait_until(lambda: agent_id not in c.alive(), HANG_BOUND, 0.05, f"{agent_id} declared dead")
     return time.monotonic() - since
 
 
-def test_agent_killed_mid_run(mh: MultiHostCluster) -> None:
+def test_agent_killed_mid_run(mh: MultiHostCluster, tally: Tally) -> None:
     c = mh
     victim = c.agent_ids[0]
     run = c.client("_mh_client.py", str(CALLS), str(SECONDS_PER_CALL))
@@ -67,19 +93,21 @@ def test_agent_killed_mid_run(mh: MultiHostCluster) -> None:
         assert running_of(victim), "the pool should have workers on every agent"
         c.kill(victim)
         t0 = time.monotonic()
-        # Its containers' own watchdogs stop them within twice the liveness window.
+        # Its containers' own watchdogs stop them (expected within twice the liveness
+        # window), and it is declared dead (expected within 5 s). The bounds are 10x:
+        # they catch a hang; the timings are the benchmarks' to report.
         wait_until(
             lambda: not running_of(victim),
-            2 * DEAD_AFTER,
+            10 * 2 * DEAD_AFTER,
             0.05,
             "the killed agent's containers to stop",
         )
-        assert time_until_dead(c, victim, t0) < DEAD_AFTER + HEARTBEAT + 1  # within 5 s
+        assert time_until_dead(c, victim, t0) < HANG_BOUND
         summary = run.result(180)
     finally:
         run.close()
     print(summary)
-    check_every_result(summary)
+    check_every_result(summary, tally)
     assert summary["stats"]["workers_lost"] >= 1, summary
     # Back with the same id, it reaps what its predecessor left.
     assert containers_of([victim])
@@ -88,7 +116,7 @@ def test_agent_killed_mid_run(mh: MultiHostCluster) -> None:
     c.wait_agents(3)
 
 
-def _outage(c: MultiHostCluster, victim: str, begin: Any, end: Any) -> dict[str, Any]:
+def _outage(c: MultiHostCluster, tally: Tally, victim: str, begin: Any, end: Any) -> dict[str, Any]:
     """Run the calls; take ``victim`` out past the liveness window, then bring it back."""
     run = c.client("_mh_client.py", str(CALLS), str(SECONDS_PER_CALL))
     try:
@@ -98,7 +126,7 @@ def _outage(c: MultiHostCluster, victim: str, begin: Any, end: Any) -> dict[str,
         begin()
         t0 = time.monotonic()
         try:
-            assert time_until_dead(c, victim, t0) < DEAD_AFTER + HEARTBEAT + 1
+            assert time_until_dead(c, victim, t0) < HANG_BOUND
             time.sleep(1.0)  # well past the window: its calls have moved on
         finally:
             end()
@@ -114,30 +142,31 @@ def _outage(c: MultiHostCluster, victim: str, begin: Any, end: Any) -> dict[str,
     finally:
         run.close()
     print(summary)
-    check_every_result(summary)
+    check_every_result(summary, tally)
     assert summary["stats"]["workers_lost"] >= 1, summary
     # Its workers' replies came after all, and were dropped, not delivered twice.
     assert summary["stats"]["late_replies_dropped"] >= 1, summary
     return summary
 
 
-def test_host_cut_off_then_back(mh: MultiHostCluster) -> None:
+def test_host_cut_off_then_back(mh: MultiHostCluster, tally: Tally) -> None:
     victim = mh.agent_ids[1]
-    _outage(mh, victim, lambda: mh.hosts.cut(victim), lambda: mh.hosts.restore(victim))
+    _outage(mh, tally, victim, lambda: mh.hosts.cut(victim), lambda: mh.hosts.restore(victim))
     assert mh.log_of("scheduler").count(f"agent {victim} registered") == 2
 
 
-def test_frozen_agent_then_thawed(mh: MultiHostCluster) -> None:
+def test_frozen_agent_then_thawed(mh: MultiHostCluster, tally: Tally) -> None:
     victim = mh.agent_ids[2]
     _outage(
         mh,
+        tally,
         victim,
         lambda: mh.signal(victim, signal.SIGSTOP),
         lambda: mh.signal(victim, signal.SIGCONT),
     )
 
 
-async def test_scheduler_restart_under_load(mh: MultiHostCluster) -> None:
+async def test_scheduler_restart_under_load(mh: MultiHostCluster, tally: Tally) -> None:
     c = mh
     # Slower calls: the client must still be at work when the scheduler is back.
     run = c.client("_mh_client.py", str(CALLS), str(3 * SECONDS_PER_CALL), "3")
@@ -150,7 +179,8 @@ async def test_scheduler_restart_under_load(mh: MultiHostCluster) -> None:
         t0 = time.monotonic()
         with pytest.raises(ClusterUnavailableError) as caught:
             await Sandbox.create("sleep", "infinity", defaults=d)
-        assert caught.value.retryable and time.monotonic() - t0 < 2 * 1.0 + 1.5
+        # Expected within about two request timeouts; 10x that catches a hang.
+        assert caught.value.retryable and time.monotonic() - t0 < 10 * (2 * 1.0 + 1.5)
         c.start_scheduler()
         c.wait_agents(3, timeout=30)  # they reconnect by themselves, with backoff
         # The running sandboxes are listed again, rebuilt from what the agents report.
@@ -164,11 +194,9 @@ async def test_scheduler_restart_under_load(mh: MultiHostCluster) -> None:
         run.close()
     print(summary)
     assert summary["held_ok"] == [True, True, True], summary
-    # Function calls go to the agents directly: the outage costs them nothing, but a
-    # typed retryable error would be acceptable; a wrong or missing result would not.
-    assert summary["results"] == summary["distinct"] == CALLS, summary
-    assert summary["error_count"] == summary["retryable_errors"], summary["errors"]
-    assert summary["right"] + summary["error_count"] == CALLS, summary
+    # Function calls go to the agents directly: the outage costs them nothing. Every
+    # result must arrive, right, delivered once.
+    check_every_result(summary, tally)
     # The session's close, through the new scheduler, stopped every held sandbox.
     try:
         wait_until(lambda: not containers_of(c.agent_ids), 30, 0.2, "the session's sandboxes")

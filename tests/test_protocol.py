@@ -3,6 +3,8 @@ with a DecodeError (and never another exception); error codes <-> exceptions."""
 
 from __future__ import annotations
 
+from collections import Counter
+from dataclasses import fields
 from typing import Any
 
 import msgpack
@@ -64,6 +66,7 @@ from aviato.protocol import (
     encode,
     to_wire,
 )
+from tests._strategies import conforms, fields_of, instances, message_types, mutations
 
 # --------------------------------------------------------------------------- samples
 
@@ -477,10 +480,11 @@ _values = st.recursive(
     max_leaves=12,
 )
 _type_numbers = st.sampled_from([int(t) for t in MsgType]) | _values
+# Real field names only: dataclasses.fields() leaves out the TYPE class variable.
 _field_names = st.sampled_from(
-    sorted({name for cls in MESSAGE_TYPES.values() for name in cls.__dataclass_fields__})
-    + sorted(SandboxSpec.__dataclass_fields__)
-    + sorted(SandboxInfo.__dataclass_fields__)
+    sorted(
+        {f.name for cls in [*MESSAGE_TYPES.values(), SandboxSpec, SandboxInfo] for f in fields(cls)}
+    )
 )
 # Bodies that use real field names, so the checks deep inside from_wire are reached.
 _bodies = _values | st.dictionaries(_field_names, _values, max_size=6)
@@ -507,12 +511,60 @@ def test_decode_of_arbitrary_envelopes_never_raises_anything_else(
 @settings(max_examples=200, deadline=None)
 @given(cls=st.sampled_from(sorted(MESSAGE_TYPES.values(), key=lambda c: c.TYPE)), data=st.data())
 def test_decode_of_well_formed_bodies_with_random_field_values(cls: type, data: Any) -> None:
-    names = sorted(cls.__dataclass_fields__)
+    names = sorted(f.name for f in fields(cls))
     body = data.draw(st.dictionaries(st.sampled_from(names), _values) if names else st.just({}))
     frame = msgpack.packb(
         {"v": PROTOCOL_VERSION, "t": int(cls.TYPE), "id": 1, "b": body}, use_bin_type=True
     )
     _check_decode_total(frame)
+
+
+def _wire(msg: Message) -> bytes:
+    """A message's body as bytes: equal bytes, equal messages (NaN included)."""
+    return msgpack.packb(to_wire(msg), use_bin_type=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(msg=st.sampled_from(message_types()).flatmap(instances))
+def test_every_valid_instance_round_trips(msg: Message) -> None:
+    """Instances built from the dataclass types' own annotations: each one decodes,
+    to itself, with every field as annotated."""
+    back = decode(encode(msg, 3)).msg
+    assert type(back) is type(msg) and _wire(back) == _wire(msg)
+    assert conforms(back, type(msg)) is None
+
+
+def test_one_field_mutated_at_a_time() -> None:
+    """A valid message with ONE field changed (a wrong type, another valid value, or
+    removed): a valid value is accepted, a required field's absence refused naming it,
+    and whatever is accepted has every field as its annotation says."""
+    seen: Counter[str] = Counter()
+
+    @settings(max_examples=600, deadline=None, database=None)
+    @given(cls=st.sampled_from(message_types()), data=st.data())
+    def check(cls: type[Message], data: Any) -> None:
+        body, name, how = data.draw(mutations(cls))
+        frame = msgpack.packb(
+            {"v": PROTOCOL_VERSION, "t": int(cls.TYPE), "id": 9, "b": body}, use_bin_type=True
+        )
+        try:
+            msg = decode([frame]).msg
+        except DecodeError as err:
+            seen[f"{how}: refused"] += 1
+            assert err.code is ErrorCode.MALFORMED and err.request_id == 9
+            assert how != "valid", f"a valid {cls.__name__}.{name} was refused: {err}"
+            assert name in str(err), f"the refusal does not name {name!r}: {err}"
+            return
+        seen[f"{how}: decoded"] += 1
+        assert type(msg) is cls
+        assert conforms(msg, cls) is None, conforms(msg, cls)
+        required = next((r for n, _, r in fields_of(cls) if n == name), False)
+        assert not (how == "removed" and required), f"{cls.__name__} decoded without {name}"
+
+    check()
+    print(dict(seen))
+    decoded = sum(n for k, n in seen.items() if k.endswith("decoded"))
+    assert decoded > sum(seen.values()) // 3, seen  # most reach the field checks and pass
 
 
 # --------------------------------------------------------------------------- error mapping

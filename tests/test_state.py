@@ -642,6 +642,27 @@ def test_get_stop_and_wait_of_unknown_id_give_not_found() -> None:
     assert state.request_stop("sb-x", "r", 0.0)[1] == []
 
 
+def test_a_stop_of_the_empty_id_blocks_no_create() -> None:
+    """Regression (found by the handler fuzz): StopSandbox("") was remembered as "stopped
+    before its create arrived", and every later create without an id of its own (""
+    lets the scheduler choose) was refused as that sandbox."""
+    state = make_state()
+    register(state, "a", slots=1)
+    reply, actions = state.request_stop("", "hostile", 0.0)
+    assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.NOT_FOUND
+    assert actions == []
+    assert run(state, "k").startswith("sb-")
+
+
+def test_a_wait_with_a_nan_timeout_is_answered_at_once() -> None:
+    """Regression: a NaN deadline never passes, so the waiter was never answered."""
+    state = make_state()
+    register(state, "a", slots=1)
+    sid = run(state, "k")
+    [reply] = replies_to(state.wait("w", sid, float("nan"), 0.0), "w")
+    assert isinstance(reply, SandboxReply) and reply.sandbox.status is RUNNING
+
+
 def test_get_returns_the_row() -> None:
     state = make_state()
     register(state, "a", slots=1)
@@ -798,6 +819,16 @@ def test_status_counts() -> None:
         ({"max_lifetime_seconds": -5.0}, "max_lifetime_seconds"),
         ({"memory_bytes": 1024}, "memory_bytes"),
         ({"network": "host"}, "network"),
+        # Found by the create fuzz (tests/test_fuzz_sockets.py): NaN passed "<= 0"
+        # (a lifetime that never ends); 1e300 CPUs overflowed the runtime (INTERNAL).
+        ({"max_lifetime_seconds": float("nan")}, "max_lifetime_seconds"),
+        ({"max_lifetime_seconds": float("inf")}, "max_lifetime_seconds"),
+        ({"cpus": float("nan")}, "cpus"),
+        ({"cpus": 1e300}, "cpus"),
+        ({"cpus": 0.0}, "cpus"),
+        ({"cpus": -1.0}, "cpus"),
+        ({"pids_limit": 0}, "pids_limit"),
+        ({"image": "x" * 256}, "at most 255"),
     ],
 )
 def test_validate_spec_rejects(kw: dict[str, Any], words: str) -> None:

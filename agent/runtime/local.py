@@ -280,6 +280,12 @@ class LocalRuntime(Runtime):
     ) -> None:
         python = self._python_for(sandbox_id, spec.image)
         binds = self._interpreter_binds(sandbox_id, python)
+        if spec.cpus and not self.cgroups.version:  # setrlimit has no CPU share
+            raise SandboxFailedError(
+                f"cpus={spec.cpus:g} needs cgroups, and this agent cannot write them (or has "
+                "AVIATO_LOCAL_CGROUPS=0); leave cpus unset or use a Docker engine",
+                sandbox_id=sandbox_id,
+            )
         if not spec.function_worker and not _command_exists(spec):
             raise SandboxFailedError(
                 f"command {spec.command!r} was not found on this host (the local runtime's "
