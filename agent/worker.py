@@ -57,8 +57,14 @@ READ_CHUNK = 1 << 20  # a cancel or the size cap is noticed at most this late
 WRITE_CHUNK = 1 << 20
 
 
-def read_message(stream: Any) -> list[bytes] | None:
-    """One message's frames, or None at a clean end of stream."""
+#: A frame this large is read straight into a buffer of its own (no copy after the
+#: read; aligned as the allocator aligns, for the arrays built on it).
+OWN_BUFFER = 64 * 1024
+
+
+def read_message(stream: Any) -> list[Any] | None:
+    """One message's frames (bytes, or a bytearray for a large one), or None at a clean
+    end of stream."""
     head = stream.read(_COUNT.size)
     if len(head) < _COUNT.size:
         return None
@@ -67,17 +73,30 @@ def read_message(stream: Any) -> list[bytes] | None:
     if len(raw) < _LEN.size * count:
         return None
     lengths = struct.unpack(f"!{count}Q", raw)
-    body = stream.read(sum(lengths))
-    if len(body) < sum(lengths):
-        return None
-    frames, at = [], 0
+    frames: list[Any] = []
     for length in lengths:
-        frames.append(body[at : at + length])
-        at += length
+        if length < OWN_BUFFER:
+            frame: Any = stream.read(length)
+            if len(frame) < length:
+                return None
+        else:
+            frame = bytearray(length)
+            if not _read_into(stream, memoryview(frame)):
+                return None
+        frames.append(frame)
     return frames
 
 
-def pack_message(frames: Sequence[bytes | bytearray]) -> list[bytes | bytearray]:
+def _read_into(stream: Any, view: memoryview) -> bool:
+    while view:
+        count = stream.readinto(view)
+        if not count:
+            return False
+        view = view[count:]
+    return True
+
+
+def pack_message(frames: Sequence[Any]) -> list[Any]:
     """``u32 count``, the ``u64`` lengths, then the frames: one sendall, three reads."""
     return [
         _COUNT.pack(len(frames)),
@@ -119,14 +138,85 @@ def to_json(value: Any) -> bytes:
     return _json(value).encode("utf-8", "backslashreplace")
 
 
-def results_header(outcomes: list[tuple[int, str, float]]) -> bytes:
+def results_header(outcomes: list[tuple[int, str, float, int]]) -> bytes:
     """``to_json`` of a results header, made directly: it is on every call's path.
-    Ids are ints, statuses "ok" or "error", seconds finite floats."""
+    Ids are ints, statuses "ok" or "error", seconds finite floats, then how many
+    out-of-band buffer frames follow the result's own."""
     return (
         '{"op":"results","outcomes":['
-        + ",".join(f'{{"id":{i},"status":"{st}","secs":{secs!r}}}' for i, st, secs in outcomes)
+        + ",".join(
+            f'{{"id":{i},"status":"{st}","secs":{secs!r},"bufs":{n}}}'
+            for i, st, secs, n in outcomes
+        )
         + "]}"
     ).encode()
+
+
+# Out-of-band buffers for results: the mirror of aviato/_buffers.py (which rebuilds
+# what this makes, from standard-library callables only). Made at the first call.
+OOB_MIN_BYTES = 64 * 1024
+
+
+def make_picklers(pickle: Any, cloudpickle: Any) -> tuple[Any, Any]:
+    """(plain pickler, cloudpickle's), each taking memoryviews out of band."""
+
+    class Reduce:
+        __slots__ = ("args", "func")
+
+        def __init__(self, func: Any, args: tuple[Any, ...]) -> None:
+            self.func = func
+            self.args = args
+
+        def __reduce_ex__(self, protocol: Any) -> tuple[Any, tuple[Any, ...]]:
+            return self.func, self.args
+
+    def reduce_memoryview(mv: memoryview) -> Any:
+        try:
+            memoryview(bytes(mv.itemsize)).cast(mv.format)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            return NotImplemented
+        flat = mv
+        if not mv.c_contiguous:  # a copy, writable if the original was
+            flat = memoryview(mv.tobytes() if mv.readonly else bytearray(mv.tobytes()))
+        rebuilt: Any = Reduce(memoryview, (pickle.PickleBuffer(flat),))
+        if mv.format != "B" or mv.ndim != 1:
+            rebuilt = Reduce(memoryview.cast, (rebuilt, mv.format, list(mv.shape or ())))
+        if mv.readonly:
+            rebuilt = Reduce(memoryview.toreadonly, (rebuilt,))
+        return rebuilt.__reduce_ex__(5)
+
+    class Plain(pickle.Pickler):  # type: ignore[misc]
+        def reducer_override(self, obj: Any) -> Any:
+            if type(obj) is memoryview:
+                return reduce_memoryview(obj)
+            return NotImplemented
+
+    class Cloud(cloudpickle.Pickler):  # type: ignore[misc]
+        def reducer_override(self, obj: Any) -> Any:
+            if type(obj) is memoryview:
+                return reduce_memoryview(obj)
+            return super().reducer_override(obj)
+
+    def wrap_top(value: Any) -> Any:
+        if type(value) in (bytes, bytearray) and len(value) >= OOB_MIN_BYTES:
+            return Reduce(type(value), (pickle.PickleBuffer(value),))
+        return value
+
+    def dumps(cls: Any, value: Any) -> tuple[bytes, list[memoryview]]:
+        views: list[memoryview] = []
+
+        def take(buffer: Any) -> bool:
+            raw = buffer.raw()
+            if raw.nbytes < OOB_MIN_BYTES:
+                return True
+            views.append(raw)
+            return False
+
+        out = io.BytesIO()
+        cls(out, protocol=5, buffer_callback=take).dump(wrap_top(value))
+        return out.getvalue(), views
+
+    return (lambda v: dumps(Plain, v)), (lambda v: dumps(Cloud, v))
 
 
 def too_large_record(size: int, limit: int) -> bytes:
@@ -196,12 +286,20 @@ def _wait_for_the_reader() -> None:
         time.sleep(3600)
 
 
-def _send_all(sock: _socket.socket, parts: list[bytes | bytearray]) -> None:
+def _send_all(sock: _socket.socket, parts: Sequence[Any]) -> None:
     if sum(len(p) for p in parts) < 1 << 20:
         sock.sendall(b"".join(parts))
-    else:
-        for part in parts:  # large blobs: no joined copy
-            sock.sendall(part)
+        return
+    # Large blobs: no joined copy; several buffers per system call.
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        sent = sock.sendmsg(views[:512])
+        while sent:
+            if sent >= views[0].nbytes:
+                sent -= views.pop(0).nbytes
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
 
 
 def _connect(path: str, timeout: float) -> _socket.socket | None:
@@ -277,7 +375,7 @@ class Supervisor:
         with self.lock:
             _send_all(self.sock, pack_message([head, *(blobs or ())]))
 
-    def send_results(self, header: bytes, blobs: list[bytes]) -> None:
+    def send_results(self, header: bytes, blobs: list[Any]) -> None:
         if self.results_to is None:
             self.send(header, blobs)
         else:  # only the main thread writes there: no lock
@@ -350,14 +448,27 @@ class Supervisor:
 
     def run_batch(self, header: dict[str, Any], blobs: list[bytes]) -> None:
         if self.cloudpickle is None:
+            import pickle
+
             import cloudpickle
 
             self.cloudpickle = cloudpickle
-        outcomes: list[tuple[int, str, float]] = []
-        payloads: list[bytes] = []
+            self.dumps_plain, self.dumps_cloud = make_picklers(pickle, cloudpickle)
+        outcomes: list[tuple[int, str, float, int]] = []
+        payloads: list[Any] = []
         first_unsent = 0.0
         index = 0
-        for call in header["calls"]:
+        nbufs = header.get("nbufs") or 0
+        calls = header["calls"]
+        buffers = blobs[len(blobs) - nbufs :] if nbufs else []
+        views = [memoryview(b) for b in buffers]
+        if nbufs:  # a buffer several calls share is theirs to read, not to change
+            uses: dict[int, int] = {}
+            for call in calls:
+                for i in call.get("bufs") or ():
+                    uses[i] = uses.get(i, 0) + 1
+            views = [v.toreadonly() if uses.get(i, 0) > 1 else v for i, v in enumerate(views)]
+        for call in calls:
             fn_blob = None
             if call["fn"]:
                 fn_blob = blobs[index]
@@ -365,10 +476,11 @@ class Supervisor:
             args_blob = blobs[index]
             index += 1
             self.mark_running(call["id"])
-            outcome, payload = self.run_one(call, fn_blob, args_blob)
+            mine = [views[i] for i in call.get("bufs") or ()]
+            outcome, result = self.run_one(call, fn_blob, args_blob, mine)
             self.mark_running(0)
             outcomes.append(outcome)
-            payloads.append(payload)
+            payloads.extend(result)
             now = time.monotonic()
             if not first_unsent:
                 first_unsent = now
@@ -388,44 +500,54 @@ class Supervisor:
                 self.running_fd = None
 
     def run_one(
-        self, call: dict[str, Any], fn_blob: bytes | None, args_blob: bytes
-    ) -> tuple[tuple[int, str, float], bytes]:
+        self,
+        call: dict[str, Any],
+        fn_blob: bytes | None,
+        args_blob: bytes,
+        buffers: Sequence[memoryview] = (),
+    ) -> tuple[tuple[int, str, float, int], list[Any]]:
+        """Run one call: its outcome, and the frames of its result (the pickle, then
+        its out-of-band buffers, sent as they are: views of the result's memory)."""
         cp = self.cloudpickle
         use_json = call["ser"] == "json"
         import json
-        import pickle
 
         started = time.perf_counter()
+        views: list[Any] = []
         try:
             if fn_blob is not None:
                 self.functions[call["digest"]] = cp.loads(fn_blob)
             fn = self.functions.get(call["digest"])
             if fn is None:
                 raise LookupError(f"function {call['digest']} was never shipped to this worker")
-            args, kwargs = json.loads(args_blob) if use_json else cp.loads(args_blob)
+            if use_json:
+                args, kwargs = json.loads(args_blob)
+            else:
+                args, kwargs = cp.loads(args_blob, buffers=buffers)
             value = fn(*args, **kwargs)
             try:
                 if use_json:
                     blob = json.dumps(value).encode()
                 else:
                     try:  # plain pickle is ten times faster for plain data
-                        blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+                        blob, views = self.dumps_plain(value)
                     except Exception:  # what only cloudpickle carries (a lambda, say)
-                        blob = cp.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+                        blob, views = self.dumps_cloud(value)
             except Exception as exc:
                 raise TypeError(
                     f"the return value ({type(value).__name__}) cannot be serialized: {exc}"
                 ) from exc
             limit = call.get("max") or 0
-            if limit and len(blob) > limit:
-                blob = too_large_record(len(blob), limit)
-                return (call["id"], "error", 0.0), blob
+            size = len(blob) + sum(v.nbytes for v in views)
+            if limit and size > limit:
+                return (call["id"], "error", 0.0, 0), [too_large_record(size, limit)]
             status = "ok"
         except BaseException as exc:  # user code may raise anything, SystemExit included
             blob = error_record(exc, None if use_json else cp.dumps)
             status = "error"
+            views = []
         secs = time.perf_counter() - started
-        return (call["id"], status, secs), blob
+        return (call["id"], status, secs, len(views)), [blob, *views]
 
     # ------------------------------------------------------------------ exec
 

@@ -387,11 +387,13 @@ class WorkerHub:
                 f"sandbox {msg.sandbox_id} has no live function worker on this agent",
                 sandbox_id=msg.sandbox_id,
             )
-        expected = sum(2 if c.ship_function else 1 for c in msg.calls)
-        if expected != len(payloads):
+        expected = sum(2 if c.ship_function else 1 for c in msg.calls) + msg.buffers
+        if expected != len(payloads) or msg.buffers < 0:
             raise ValueError(
                 f"RunCalls names {expected} payload frames but carries {len(payloads)}"
             )
+        if any(not 0 <= i < msg.buffers for c in msg.calls for i in c.buffers):
+            raise ValueError(f"a call of RunCalls names a buffer it has not ({msg.buffers})")
         target = link.calls or link.framed
         unread = target.pending
         if unread > MAX_UNREAD_BYTES:
@@ -409,9 +411,11 @@ class WorkerHub:
                     "fn": c.ship_function,
                     "ser": c.serialization,
                     "max": c.max_result_bytes,
+                    "bufs": c.buffers,
                 }
                 for c in msg.calls
             ],
+            "nbufs": msg.buffers,
         }
         if not target.send([marshal.dumps(header), *payloads]):
             raise SandboxNotRunningError(
@@ -515,21 +519,29 @@ class WorkerHub:
         """Relay a worker's outcomes to whoever sent each call; False (and nothing
         relayed) when they are malformed: checked whole before any route is used."""
         try:
-            if not isinstance(outcomes, list) or len(outcomes) != len(blobs):
+            if not isinstance(outcomes, list):
                 return False
-            parsed = [(int(o["id"]), str(o["status"]), float(o["secs"])) for o in outcomes]
-        except (KeyError, TypeError, ValueError):
+            parsed = [
+                (int(o["id"]), str(o["status"]), float(o["secs"]), int(o.get("bufs", 0)))
+                for o in outcomes
+            ]
+        except (KeyError, TypeError, ValueError, AttributeError):
             return False
-        if any(status not in ("ok", "error") for _, status, _ in parsed):
+        if any(status not in ("ok", "error") or n < 0 for _, status, _, n in parsed):
+            return False
+        if sum(1 + n for *_, n in parsed) != len(blobs):
             return False
         by_route: dict[tuple[bytes, int], tuple[list[CallOutcome], list[Payload]]] = {}
-        for (call_id, status, secs), blob in zip(parsed, blobs, strict=True):
+        at = 0
+        for call_id, status, secs, n in parsed:
+            frames = blobs[at : at + 1 + n]  # the result, then its out-of-band buffers
+            at += 1 + n
             route = link.routes.pop(call_id, None)
             if route is None:
                 continue
             out, payloads = by_route.setdefault((route.identity, route.request_id), ([], []))
-            out.append(CallOutcome(call_id, status, secs))
-            payloads.append(blob)
+            out.append(CallOutcome(call_id, status, secs, buffers=n))
+            payloads.extend(frames)
         for (identity, request_id), (out, payloads) in by_route.items():
             msg = CallResults(link.sandbox_id, tuple(out))
             self._send(identity, request_id, msg, tuple(payloads))
