@@ -101,6 +101,7 @@ class LaneServer:
                 max_message=MAX_FRAME_BYTES,
                 max_pending=MAX_PENDING,
                 pause_above=PAUSE_ABOVE,
+                shm=True,  # large replies (results, files) in shared memory
             )
 
     def _pause_accepting(self) -> None:

@@ -60,6 +60,113 @@ WRITE_CHUNK = 1 << 20
 #: A frame this large is read straight into a buffer of its own (no copy after the
 #: read; aligned as the allocator aligns, for the arrays built on it).
 OWN_BUFFER = 64 * 1024
+#: Shared memory on the calls link (see aviato/_lane.py): a frame's length with this
+#: bit set travels as a sealed memfd passed over the socket, not in the stream.
+SHM_FLAG = 1 << 63
+SHM_MIN = int(os.environ.get("AVIATO_SHM_MIN_BYTES", 1 << 20))
+FDS_PER_SEND = 250
+
+
+class FdReader:
+    """A blocking reader of a Unix socket that keeps the descriptors sent with its
+    bytes (read_message maps those of shared frames): ``read`` and ``readinto``."""
+
+    def __init__(self, sock: _socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.fds: list[int] = []
+        self.ancillary = _socket.CMSG_SPACE(FDS_PER_SEND * 4)
+
+    def _take(self, ancillary: list[tuple[int, int, bytes]]) -> None:
+        for level, kind, data in ancillary:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                usable = len(data) - len(data) % 4
+                self.fds.extend(struct.unpack(f"{usable // 4}i", data[:usable]))
+
+    def read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            data, ancillary, _, _ = self.sock.recvmsg(
+                max(n - len(self.buf), 1 << 16), self.ancillary, _socket.MSG_CMSG_CLOEXEC
+            )
+            self._take(ancillary)
+            if not data:
+                break
+            self.buf += data
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def readinto(self, view: memoryview) -> int:
+        if self.buf:
+            count = min(len(self.buf), len(view))
+            view[:count] = self.buf[:count]
+            del self.buf[:count]
+            return count
+        count, ancillary, _, _ = self.sock.recvmsg_into(
+            [view], self.ancillary, _socket.MSG_CMSG_CLOEXEC
+        )
+        self._take(ancillary)
+        return int(count)
+
+
+def _map_fd(fd: int, length: int) -> memoryview:
+    """A shared frame from the agent (trusted), mapped copy-on-write: writable, ours."""
+    import mmap
+
+    try:
+        region = mmap.mmap(
+            fd,
+            length,
+            flags=mmap.MAP_PRIVATE,  # faulted in as read: MAP_POPULATE measured slower
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+    finally:
+        os.close(fd)
+    return memoryview(region)
+
+
+def _to_shared(frame: Any) -> int:
+    """A sealed memfd holding ``frame`` (the agent refuses unsealed ones)."""
+    import fcntl
+
+    fd = os.memfd_create("aviato-result", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(frame)
+        while view:
+            view = view[os.write(fd, view) :]
+        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def send_shared(sock: _socket.socket, frames: Sequence[Any]) -> None:
+    """One message, its large frames in shared memory (their descriptors sent with
+    its first bytes)."""
+    lengths: list[int] = []
+    stream: list[Any] = []
+    fds: list[int] = []
+    try:
+        for frame in frames:
+            size = len(frame) if not isinstance(frame, memoryview) else frame.nbytes
+            if size >= SHM_MIN:
+                fds.append(_to_shared(frame))
+                lengths.append(SHM_FLAG | size)
+            else:
+                stream.append(frame)
+                lengths.append(size)
+        head = _COUNT.pack(len(lengths)) + struct.pack(f"!{len(lengths)}Q", *lengths)
+        if not fds:
+            _send_all(sock, [head, *stream])
+            return
+        rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+        sent = sock.sendmsg([head], rights)  # blocking: all of the head, with the fds
+        _send_all(sock, [memoryview(head)[sent:], *stream])
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def read_message(stream: Any) -> list[Any] | None:
@@ -74,9 +181,15 @@ def read_message(stream: Any) -> list[Any] | None:
         return None
     lengths = struct.unpack(f"!{count}Q", raw)
     frames: list[Any] = []
+    fds = getattr(stream, "fds", None)
     for length in lengths:
-        if length < OWN_BUFFER:
-            frame: Any = stream.read(length)
+        frame: Any
+        if length & SHM_FLAG:
+            if not fds:
+                return None  # not our framing: end the link
+            frame = _map_fd(fds.pop(0), length & ~SHM_FLAG)
+        elif length < OWN_BUFFER:
+            frame = stream.read(length)
             if len(frame) < length:
                 return None
         else:
@@ -379,7 +492,7 @@ class Supervisor:
         if self.results_to is None:
             self.send(header, blobs)
         else:  # only the main thread writes there: no lock
-            _send_all(self.results_to, pack_message([header, *blobs]))
+            send_shared(self.results_to, [header, *blobs])
 
     # ------------------------------------------------------------------ reading
 
@@ -432,8 +545,8 @@ class Supervisor:
         then wakes one thread here, not the reader and then us. The reader keeps exec,
         files and the watch on the agent; when the agent goes, it ends the process."""
         self.results_to = link
-        _send_all(link, pack_message([to_json({"op": "calls-link"})]))
-        stream = io.BufferedReader(io.FileIO(link.fileno(), "rb", closefd=False), 1 << 16)
+        _send_all(link, pack_message([to_json({"op": "calls-link", "shm": True})]))
+        stream = FdReader(link)
         try:
             while True:
                 frames = read_message(stream)

@@ -30,7 +30,7 @@ from typing import Any
 import cloudpickle
 
 from agent.runtime.base import ExecOutput, ExitStatus, Mount, OutputChunk
-from aviato._lane import FramedSocket
+from aviato._lane import FramedSocket, shm_wanted
 from aviato.exceptions import (
     AgentIdInUseError,
     PayloadTooLargeError,
@@ -461,6 +461,8 @@ class WorkerHub:
                 self._drop_conn(link, conn)  # the worker announced none: not the worker's
             else:
                 link.calls = conn
+                # Large arguments go to the worker in shared memory; it reads them there.
+                conn.shm = shm_wanted() and bool(header.get("shm"))
                 self._stop_listening(link)
                 if not link.calls_ready.done():
                     link.calls_ready.set_result(None)
