@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import pickle
 import time
 from typing import Any
@@ -190,3 +191,115 @@ async def test_batches_are_bounded_by_bytes(defaults: SandboxDefaults, monkeypat
         assert [r.value for r in results] == sizes
         assert len(weights) >= 5, weights  # 12 x 3 MB in 8 MB batches, then 20 MB alone
         assert time.monotonic() - t0 < 60
+
+
+# --------------------------------------------------------------------------- shared memory
+
+
+async def _pair(shm: bool) -> tuple[Any, Any, list[list[memoryview]], list[Any]]:
+    import socket
+
+    from aviato._lane import FramedSocket
+
+    got: list[list[memoryview]] = []
+    closed: list[Any] = []
+    a, b = socket.socketpair()
+    sender = FramedSocket(a, lambda f: None, lambda e: None, max_message=1 << 30, shm=shm)
+    receiver = FramedSocket(b, got.append, closed.append, max_message=1 << 30)
+    return sender, receiver, got, closed
+
+
+async def _until(predicate: Any, timeout: float = 10.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.001)
+
+
+async def test_large_frames_cross_a_lane_in_shared_memory() -> None:
+    """A frame of SHM_MIN bytes or more goes as a memfd: the receiver's frame is a
+    mapping of it (writable, its own), and a relay passes the same memory on."""
+    from aviato._lane import SHM_MIN, Shared
+
+    sender, relay, got, closed = await _pair(shm=True)
+    big = pattern(SHM_MIN + 5)
+    try:
+        sender.send([b"head", b"small", big, b"x" * 10, memoryview(big)[1:]])
+        await _until(lambda: got)
+        frames = got[0]
+        assert [bytes(f) for f in frames] == [b"head", b"small", big, b"x" * 10, big[1:]]
+        assert isinstance(frames[2].obj, Shared) and isinstance(frames[4].obj, Shared)
+        assert not isinstance(frames[1].obj, Shared)
+        frames[2][0] ^= 0xFF  # copy on write: the receiver's to change
+        # Relayed on, the same memfd goes (not a copy of what the relay changed).
+        onward, receiver, got2, _ = await _pair(shm=True)
+        try:
+            onward.send(frames)
+            await _until(lambda: got2)
+            assert bytes(got2[0][2]) == big  # the memfd as sent, not the relay's copy
+            assert os.path.samestat(
+                os.fstat(got2[0][2].obj.fd), os.fstat(frames[2].obj.fd)
+            ), "the relay passed the memfd on"
+        finally:
+            onward.close()
+            receiver.close()
+        assert not closed
+    finally:
+        sender.close()
+        relay.close()
+
+
+@pytest.mark.parametrize("bad", ["unsealed", "wrong size", "a pipe", "missing"])
+async def test_a_shared_frame_that_could_change_is_refused(bad: str) -> None:
+    """What a sandbox sends is not trusted: a descriptor that is not a memfd of exactly
+    the announced size, sealed against shrinking (a reader would fault), growing and
+    writing, ends the connection; the receiver survives."""
+    import array
+    import fcntl
+    import socket
+    import struct
+
+    from aviato._lane import SHM_FLAG, FramedSocket, FramingError
+
+    got: list[Any] = []
+    closed: list[Any] = []
+    a, b = socket.socketpair()
+    receiver = FramedSocket(b, got.append, closed.append, max_message=1 << 30)
+    size = 4096
+    fds: list[int] = []
+    try:
+        if bad == "a pipe":
+            r, w = os.pipe()
+            fds, extra = [r], [w]
+        else:
+            fd = os.memfd_create("t", os.MFD_ALLOW_SEALING)
+            os.write(fd, b"z" * (size if bad != "wrong size" else size // 2))
+            if bad != "unsealed":
+                seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+            fds, extra = [fd], []
+        head = struct.pack("!IQ", 1, SHM_FLAG | size)
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+        a.sendmsg([head], rights if bad != "missing" else [])
+        await _until(lambda: closed)
+        assert isinstance(closed[0], FramingError | OSError) and not got
+        for fd in fds + extra:
+            os.close(fd)
+    finally:
+        receiver.close()
+        a.close()
+
+
+@pytest.mark.parametrize("lane", [True, False], ids=["lane", "zeromq"])
+async def test_the_worker_maps_large_arguments(defaults: SandboxDefaults, lane: bool) -> None:
+    """A large buffer reaches the worker as a mapping of shared memory (no read through
+    its socket); a small one in a buffer of its own; either way without a copy into
+    the pickle."""
+    defaults = dataclasses.replace(defaults, local_lane=lane)
+    async with Sandbox.session(defaults) as session:
+
+        @session.function(max_workers=1)
+        def holder(blob: Any) -> str:
+            return type(memoryview(blob.data).obj).__name__
+
+        assert (await holder(Blob(pattern(BIG), "big"))).value == "mmap"
+        assert (await holder(Blob(pattern(OOB_MIN_BYTES), "mid"))).value == "bytearray"
