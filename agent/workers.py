@@ -198,6 +198,7 @@ class WorkerHub:
             functools.partial(self._on_frames, link, holder),
             functools.partial(self._on_end, link, holder),
             max_message=MAX_FRAME_BYTES,
+            relay=True,  # large results go on to clients as they came
         )
         holder.append(framed)
         link.conns.append(framed)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -83,13 +84,16 @@ def shm_wanted() -> bool:
 
 
 class Shared(mmap.mmap):
-    """A frame received in a memfd, mapped copy-on-write; ``fd`` kept to pass it on."""
+    """A frame received in a memfd by a relay, mapped copy-on-write; ``fd`` kept to pass
+    it on."""
 
     fd: int
 
 
-def map_shared(fd: int, length: int) -> Shared:
-    """Map a received descriptor (closed here if it is refused)."""
+def map_shared(fd: int, length: int, keep: bool = False) -> memoryview:
+    """Map a received descriptor (closed here if it is refused). ``keep``: as a
+    :class:`Shared` that keeps it, to pass on; else without holding it (Python's mmap
+    would keep a duplicate open: a client holding many results would run out)."""
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_size != length:
@@ -103,18 +107,45 @@ def map_shared(fd: int, length: int) -> Shared:
         # MAP_PRIVATE: writable for the receiver (as its own copy, page by page), while
         # the memfd itself stays as sent. Pages are faulted in as read (in batches, from
         # the page cache): MAP_POPULATE measured slower here.
+        if not keep:
+            return _map_private(fd, length)
         region = Shared(
-            fd,
-            length,
-            flags=mmap.MAP_PRIVATE,
-            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+            fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
         )
     except BaseException:
         os.close(fd)
         raise
     region.fd = fd
     weakref.finalize(region, os.close, fd)
-    return region
+    return memoryview(region)
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _map_private(fd: int, length: int) -> memoryview:
+    """``mmap`` through libc, then the descriptor closed; unmapped with its last view."""
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [
+            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+            ctypes.c_long,
+        ]  # fmt: skip
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _libc = libc
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    try:
+        address = _libc.mmap(None, length, prot, mmap.MAP_PRIVATE, fd, 0)
+    finally:
+        os.close(fd)
+    if address is None or address == ctypes.c_void_p(-1).value:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot map a shared frame: {os.strerror(err)}")
+    region = (ctypes.c_ubyte * length).from_address(address)
+    weakref.finalize(region, _libc.munmap, address, length)
+    return memoryview(region).cast("B")
 
 
 def to_shared(view: memoryview) -> int:
@@ -133,7 +164,12 @@ def to_shared(view: memoryview) -> int:
 def shared_fd(view: memoryview) -> int | None:
     """A copy of the descriptor ``view`` was received in, when it is that whole frame."""
     owner = view.obj
-    if isinstance(owner, Shared) and view.nbytes == len(owner) and view.c_contiguous:
+    if (
+        isinstance(owner, Shared)
+        and owner.fd >= 0
+        and view.nbytes == len(owner)
+        and view.c_contiguous
+    ):
         return os.dup(owner.fd)
     return None
 
@@ -186,10 +222,13 @@ class FramedSocket:
         max_pending: int | None = None,
         pause_above: int | None = None,
         shm: bool = False,
+        relay: bool = False,
     ) -> None:
         sock.setblocking(False)
         #: Send large frames in shared memory (the peer is on this host and reads them).
         self.shm = shm and shm_wanted()
+        #: Keep received shared frames' descriptors, to pass them on (the agent).
+        self._relay = relay
         #: Descriptors to send (with the next write), and received ones not yet claimed.
         self._fds_out: list[int] = []
         self._fds_in: deque[int] = deque()
@@ -378,8 +417,7 @@ class FramedSocket:
             if length & SHM_FLAG:
                 if not self._fds_in:
                     raise FramingError("a shared frame came without its descriptor")
-                region = map_shared(self._fds_in.popleft(), length & ~SHM_FLAG)
-                mapped.append(memoryview(region))
+                mapped.append(map_shared(self._fds_in.popleft(), length & ~SHM_FLAG, self._relay))
         return mapped
 
     def _parse_later(self) -> None:

@@ -213,7 +213,7 @@ async def _pair(shm: bool) -> tuple[Any, Any, list[list[memoryview]], list[Any]]
     closed: list[Any] = []
     a, b = socket.socketpair()
     sender = FramedSocket(a, lambda f: None, lambda e: None, max_message=1 << 30, shm=shm)
-    receiver = FramedSocket(b, got.append, closed.append, max_message=1 << 30)
+    receiver = FramedSocket(b, got.append, closed.append, max_message=1 << 30, relay=True)
     return sender, receiver, got, closed
 
 
@@ -247,6 +247,7 @@ async def test_large_frames_cross_a_lane_in_shared_memory() -> None:
             assert os.path.samestat(
                 os.fstat(got2[0][2].obj.fd), os.fstat(frames[2].obj.fd)
             ), "the relay passed the memfd on"
+            assert got2[0][2].obj.fd >= 0
         finally:
             onward.close()
             receiver.close()
@@ -311,3 +312,26 @@ async def test_the_worker_maps_large_arguments(defaults: SandboxDefaults, lane: 
 
         assert (await holder(Blob(pattern(BIG), "big"))).value == "mmap"
         assert (await holder(Blob(pattern(OOB_MIN_BYTES), "mid"))).value == "bytearray"
+
+
+async def test_a_client_holding_shared_results_holds_no_descriptors() -> None:
+    """Only a relay keeps a shared frame's descriptor: a client keeping 50 large results
+    keeps 50 mappings and no more open files (else results would run it out of them)."""
+    import socket
+
+    from aviato._lane import SHM_MIN, FramedSocket
+
+    got: list[list[memoryview]] = []
+    a, b = socket.socketpair()
+    sender = FramedSocket(a, lambda f: None, lambda e: None, max_message=1 << 30, shm=True)
+    client = FramedSocket(b, got.append, lambda e: None, max_message=1 << 30)
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for i in range(50):
+            sender.send([b"h", pattern(SHM_MIN, i)])
+        await _until(lambda: len(got) == 50)
+        assert all(bytes(m[1]) == pattern(SHM_MIN, i) for i, m in enumerate(got))
+        assert len(os.listdir("/proc/self/fd")) <= before + 2
+    finally:
+        sender.close()
+        client.close()
