@@ -46,7 +46,13 @@ _LEN = struct.Struct("!Q")
 #: Outcomes are sent at the latest this long after the first unsent one finished.
 FLUSH_SECONDS = 0.002
 #: Variables the agent sets for us, kept out of the commands we run.
-OUR_ENV = ("AVIATO_WORKER_SOCKET", "AVIATO_CLIENT_PYTHON", "AVIATO_WATCHDOG", "AVIATO_TAG_OUTPUT")
+OUR_ENV = (
+    "AVIATO_WORKER_SOCKET",
+    "AVIATO_WORKER_SHM",
+    "AVIATO_CLIENT_PYTHON",
+    "AVIATO_WATCHDOG",
+    "AVIATO_TAG_OUTPUT",
+)
 #: With AVIATO_TAG_OUTPUT (the local runtime, whose log is one file), our stdout and
 #: stderr and those of the command we run become records in that file: the magic, the
 #: stream (1 or 2), the length, then the bytes. Docker keeps the streams apart itself.
@@ -64,6 +70,7 @@ OWN_BUFFER = 64 * 1024
 #: bit set travels as a sealed memfd passed over the socket, not in the stream.
 SHM_FLAG = 1 << 63
 SHM_MIN = int(os.environ.get("AVIATO_SHM_MIN_BYTES", 1 << 20))
+SHM = os.environ.get("AVIATO_WORKER_SHM", "1") != "0"
 FDS_PER_SEND = 250
 
 
@@ -491,8 +498,10 @@ class Supervisor:
     def send_results(self, header: bytes, blobs: list[Any]) -> None:
         if self.results_to is None:
             self.send(header, blobs)
-        else:  # only the main thread writes there: no lock
+        elif SHM:  # only the main thread writes there: no lock
             send_shared(self.results_to, [header, *blobs])
+        else:
+            _send_all(self.results_to, pack_message([header, *blobs]))
 
     # ------------------------------------------------------------------ reading
 
@@ -545,7 +554,7 @@ class Supervisor:
         then wakes one thread here, not the reader and then us. The reader keeps exec,
         files and the watch on the agent; when the agent goes, it ends the process."""
         self.results_to = link
-        _send_all(link, pack_message([to_json({"op": "calls-link", "shm": True})]))
+        _send_all(link, pack_message([to_json({"op": "calls-link", "shm": SHM})]))
         stream = FdReader(link)
         try:
             while True:

@@ -138,7 +138,11 @@ class WorkerHub:
 
     @staticmethod
     def worker_env() -> dict[str, str]:
-        return {"AVIATO_WORKER_SOCKET": f"{SOCKET_DIR}/worker.sock"}
+        return {
+            "AVIATO_WORKER_SOCKET": f"{SOCKET_DIR}/worker.sock",
+            # Large frames in shared memory both ways, unless the agent's turned off.
+            "AVIATO_WORKER_SHM": "1" if shm_wanted() else "0",
+        }
 
     @staticmethod
     def worker_command(

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Big data through remote functions: aviato against Ray and ProcessPoolExecutor.
 
-    python benchmarks/data.py [--quick] [--only aviato,aviato-zmq,ray,ppe]
+    python benchmarks/data.py [--quick] [--only aviato,aviato-zmq,aviato-copy,ray,ppe]
 
 One run, one machine, each system alone in turn, two workers each. Rows:
 
@@ -19,7 +19,9 @@ aviato runs its embedded cluster on Docker with an image holding numpy, built he
 offline (``aviato-bench-numpy:3.11``: ``python:3.11`` plus this host's numpy, copied
 in with ``docker cp`` and ``docker commit``; the host's Python must be 3.11 as the
 image's); "aviato-zmq" turns the local lane off (ZeroMQ over TCP, as from another
-host). Ray: ``ray.init(num_cpus=2)``, ``@ray.remote`` tasks. ProcessPoolExecutor(2).
+host); "aviato-copy" is the lane with shared memory off (``AVIATO_LANE_SHM=0``, on a
+cluster of its own): every frame through the sockets, to show what the memfds buy.
+Ray: ``ray.init(num_cpus=2)``, ``@ray.remote`` tasks. ProcessPoolExecutor(2).
 Prints a table per row with each target's verdict, then the same in markdown.
 """
 
@@ -62,10 +64,11 @@ from benchmarks.functions import (
 )
 
 IMAGE = "aviato-bench-numpy:3.11"
-SYSTEMS = ("aviato", "aviato-zmq", "ray", "ppe")
+SYSTEMS = ("aviato", "aviato-zmq", "aviato-copy", "ray", "ppe")
 LABELS = {
     "aviato": "aviato (local lane)",
     "aviato-zmq": "aviato (ZeroMQ)",
+    "aviato-copy": "aviato (lane, no shared memory)",
     "ray": "Ray",
     "ppe": "ProcessPoolExecutor",
 }
@@ -438,7 +441,7 @@ def run_one(system: str, plan: Plan) -> Result:
     try:
         with console.status(res.label):
             if system.startswith("aviato"):
-                asyncio.run(bench_aviato(res, plan, lane=system == "aviato"))
+                asyncio.run(bench_aviato(res, plan, lane=system != "aviato-zmq"))
             elif system == "ray":
                 run_ray(res, plan)
             else:
@@ -475,13 +478,18 @@ def main(argv: list[str] | None = None) -> int:
     started = False
     try:
         # ProcessPoolExecutor first: it forks a client with nothing else loaded.
-        for system in ("ppe", "aviato", "aviato-zmq", "ray"):
+        for system in ("ppe", "aviato", "aviato-zmq", "aviato-copy", "ray"):
             if system not in only:
                 continue
-            if started and not system.startswith("aviato"):
-                notes += stop_aviato_checked()
+            if started and (system == "aviato-copy" or not system.startswith("aviato")):
+                notes += stop_aviato_checked()  # a cluster of its own, or none
                 started = False
-            results.append(run_one(system, plan))
+            if system == "aviato-copy":
+                os.environ["AVIATO_LANE_SHM"] = "0"  # the cluster it starts inherits it
+            try:
+                results.append(run_one(system, plan))
+            finally:
+                os.environ.pop("AVIATO_LANE_SHM", None)
             started = started or system.startswith("aviato")
         if started:
             notes += stop_aviato_checked()
