@@ -335,3 +335,27 @@ async def test_a_client_holding_shared_results_holds_no_descriptors() -> None:
     finally:
         sender.close()
         client.close()
+
+
+async def test_a_result_over_zeromq_is_not_kept_by_the_connection(defaults) -> None:
+    """Once the caller drops a large result, its memory goes: the connection's reader,
+    waiting for the next message, does not hold the last one (a client echoing 100 MB
+    grew by two copies of it)."""
+    import gc
+    import weakref
+
+    defaults = dataclasses.replace(defaults, local_lane=False)
+    async with Sandbox.session(defaults) as session:
+
+        @session.function(max_workers=1)
+        def make(n: int) -> Blob:
+            return Blob(bytearray(n), "made")
+
+        result = (await make(BIG)).value
+        frame = memoryview(result.data).obj
+        assert type(frame).__name__ == "Frame", "a view of the ZeroMQ frame, not a copy"
+        gone = weakref.ref(frame)
+        del result, frame
+        await asyncio.sleep(0)  # the loop's handle that woke us holds the call's future
+        gc.collect()
+        assert gone() is None, "the received frame outlived its result"
