@@ -392,8 +392,10 @@ class WorkerHub:
                 f"sandbox {msg.sandbox_id} has no live function worker on this agent",
                 sandbox_id=msg.sandbox_id,
             )
+        if msg.buffers < 0:
+            raise ValueError(f"RunCalls names {msg.buffers} buffers")
         expected = sum(2 if c.ship_function else 1 for c in msg.calls) + msg.buffers
-        if expected != len(payloads) or msg.buffers < 0:
+        if expected != len(payloads):
             raise ValueError(
                 f"RunCalls names {expected} payload frames but carries {len(payloads)}"
             )

@@ -14,6 +14,7 @@ must rebuild what the other makes, so both use standard-library callables only.
 
 from __future__ import annotations
 
+import io
 import pickle
 from collections.abc import Sequence
 from typing import Any
@@ -104,8 +105,6 @@ class Frames:
 
 def dumps(value: Any) -> tuple[bytes, Frames]:
     """``value`` pickled (cloudpickle, protocol 5) with its large buffers out of band."""
-    import io
-
     frames = Frames()
     out = io.BytesIO()
     _Pickler(out, protocol=5, buffer_callback=frames.take).dump(value)
