@@ -122,9 +122,13 @@ class WorkerHub:
         self._prepare_lib()
 
     def _prepare_lib(self) -> None:
-        """What workers mount read-only: the worker module and cloudpickle (pure Python)."""
+        """What workers mount read-only: the worker's modules and cloudpickle (pure
+        Python)."""
         self.lib.mkdir()
         shutil.copy(Path(__file__).with_name("worker.py"), self.lib / "aviato_worker.py")
+        shutil.copy(
+            Path(__file__).with_name("worker_link.py"), self.lib / "aviato_worker_link.py"
+        )
         shutil.copytree(
             Path(cloudpickle.__file__).parent,
             self.lib / "cloudpickle",
