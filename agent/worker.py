@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # typing costs milliseconds at start-up; only the checker nee
 if __package__:
     from agent.worker_link import (
         SHM,
+        SHM_PROBE,
         FdReader,
         _send_all,
         make_picklers,
@@ -52,6 +53,7 @@ if __package__:
 else:
     from aviato_worker_link import (  # type: ignore[import-not-found,no-redef]
         SHM,
+        SHM_PROBE,
         FdReader,
         _send_all,
         make_picklers,
@@ -261,6 +263,8 @@ class Supervisor:
         self.detached = False
         #: Where results go: the calls link when there is one (see serve_calls_on).
         self.results_to: _socket.socket | None = None
+        #: Results in shared memory: once the agent's probe came through (calls link).
+        self.shm = False
 
     # ------------------------------------------------------------------ sending
 
@@ -274,7 +278,7 @@ class Supervisor:
     def send_results(self, header: bytes, blobs: list[Any]) -> None:
         if self.results_to is None:
             self.send(header, blobs)
-        elif SHM:  # only the main thread writes there: no lock
+        elif self.shm:  # only the main thread writes there: no lock
             send_shared(self.results_to, [header, *blobs])
         else:
             _send_all(self.results_to, pack_message([header, *blobs]))
@@ -340,6 +344,11 @@ class Supervisor:
                 header = marshal.loads(frames[0])  # from the agent, which we trust
                 if header.get("op") == "calls":
                     self.run_batch(header, frames[1:])
+                elif header.get("op") == "shm-probe":  # did its descriptor get here?
+                    got = frames[1] if len(frames) == 2 else None
+                    self.shm = got is not None and bytes(got) == SHM_PROBE
+                    answer = to_json({"op": "shm-probe", "ok": self.shm})
+                    _send_all(link, pack_message([answer]))
         except OSError:  # reset (the agent closed with our results unread)
             pass
         _wait_for_the_reader()

@@ -28,7 +28,9 @@ OWN_BUFFER = 64 * 1024
 #: bit set travels as a sealed memfd passed over the socket, not in the stream.
 SHM_FLAG = 1 << 63
 SHM_MIN = int(os.environ.get("AVIATO_SHM_MIN_BYTES", 1 << 20))
+#: Whether to offer shared memory (the agent's probe then says if it works).
 SHM = os.environ.get("AVIATO_WORKER_SHM", "1") != "0"
+SHM_PROBE = b"aviato shared memory probe"  # as agent/workers.py sends it
 FDS_PER_SEND = 250
 
 
@@ -150,9 +152,9 @@ def read_message(stream: Any) -> list[Any] | None:
     for length in lengths:
         frame: Any
         if length & SHM_FLAG:
-            if not fds:
-                return None  # not our framing: end the link
-            frame = _map_fd(fds.pop(0), length & ~SHM_FLAG)
+            # None when its descriptor did not get through (only the agent's probe
+            # comes so before the answer, and it is only used after).
+            frame = _map_fd(fds.pop(0), length & ~SHM_FLAG) if fds else None
         elif length < OWN_BUFFER:
             frame = stream.read(length)
             if len(frame) < length:

@@ -472,11 +472,21 @@ class WorkerHub:
                 self._drop_conn(link, conn)  # the worker announced none: not the worker's
             else:
                 link.calls = conn
-                # Large arguments go to the worker in shared memory; it reads them there.
-                conn.shm = shm_wanted() and bool(header.get("shm"))
                 self._stop_listening(link)
-                if not link.calls_ready.done():
+                if shm_wanted() and header.get("shm"):
+                    # Large arguments go in shared memory once a descriptor is seen to
+                    # get through (a runtime may not pass them): ready at the answer.
+                    probe = [marshal.dumps({"op": "shm-probe"}), SHM_PROBE]
+                    conn.send(probe, shared_from=0)
+                elif not link.calls_ready.done():
                     link.calls_ready.set_result(None)
+        elif op == "shm-probe" and conn is link.calls and link.calls is not None:
+            conn.shm = header.get("ok") is True
+            if not conn.shm:
+                why = "descriptors do not get through"
+                log.info("worker %s: no shared memory (%s)", link.sandbox_id, why)
+            if not link.calls_ready.done():
+                link.calls_ready.set_result(None)
         elif op == "results" and known:
             if not self._forward(link, header.get("outcomes"), frames[1:]):
                 log.warning("worker %s sent malformed results", link.sandbox_id)
@@ -671,6 +681,8 @@ def _claim_dir(root: Path, agent_id: str) -> int:
     return fd
 
 
+#: What the agent's probe of a worker's calls link carries, in a memfd.
+SHM_PROBE = b"aviato shared memory probe"
 RUNNING_FILE = "running"
 RUNNING = struct.Struct("!q")
 

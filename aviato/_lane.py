@@ -258,18 +258,21 @@ class FramedSocket:
 
     # ------------------------------------------------------------------ writing
 
-    def send(self, frames: Sequence[Frame]) -> bool:
-        """Queue one message and write what the socket takes now; False once closed."""
+    def send(self, frames: Sequence[Frame], *, shared_from: int | None = None) -> bool:
+        """Queue one message and write what the socket takes now; False once closed.
+        ``shared_from``: send payload frames of that many bytes or more in shared memory,
+        whatever ``shm`` says (the agent's probe of a worker)."""
         if self.closed:
             return False
         out = self._out
         views = []
         lengths = []
-        for frame in frames:
+        shared = SHM_MIN if shared_from is None else shared_from
+        for i, frame in enumerate(frames):
             view = memoryview(frame)
             if view.format != "B" or view.ndim != 1:
                 view = view.cast("B")
-            if self.shm and view.nbytes >= SHM_MIN:
+            if (self.shm or shared_from is not None) and i and view.nbytes >= max(shared, 1):
                 fd = shared_fd(view)
                 self._fds_out.append(to_shared(view) if fd is None else fd)
                 lengths.append(SHM_FLAG | view.nbytes)

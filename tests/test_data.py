@@ -359,3 +359,25 @@ async def test_a_result_over_zeromq_is_not_kept_by_the_connection(defaults) -> N
         await asyncio.sleep(0)  # the loop's handle that woke us holds the call's future
         gc.collect()
         assert gone() is None, "the received frame outlived its result"
+
+
+def test_a_worker_reads_on_when_a_shared_frame_lost_its_descriptor() -> None:
+    """A runtime that does not pass descriptors into the sandbox (the agent's probe
+    finds out): the probe's frame reads as None, and the link goes on (the agent then
+    sends everything in the stream)."""
+    import socket
+    import struct
+
+    from agent import worker_link
+
+    a, b = socket.socketpair()
+    try:
+        head = struct.pack("!IQQ", 2, 5, worker_link.SHM_FLAG | 26)
+        a.sendall(head + b"probe")  # no SCM_RIGHTS: lost on the way
+        a.sendall(struct.pack("!IQ", 1, 5) + b"calls")
+        reader = worker_link.FdReader(b)
+        assert worker_link.read_message(reader) == [b"probe", None]
+        assert worker_link.read_message(reader) == [b"calls"]
+    finally:
+        a.close()
+        b.close()
