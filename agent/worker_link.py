@@ -118,8 +118,14 @@ def send_shared(sock: _socket.socket, frames: Sequence[Any]) -> None:
     try:
         for frame in frames:
             size = len(frame) if not isinstance(frame, memoryview) else frame.nbytes
+            fd = None
             if size >= SHM_MIN:
-                fds.append(_to_shared(frame))
+                try:
+                    fd = _to_shared(frame)
+                except OSError:  # out of descriptors or memory: in the stream
+                    fd = None
+            if fd is not None:
+                fds.append(fd)
                 lengths.append(SHM_FLAG | size)
             else:
                 stream.append(frame)

@@ -272,9 +272,16 @@ class FramedSocket:
             view = memoryview(frame)
             if view.format != "B" or view.ndim != 1:
                 view = view.cast("B")
+            fd = None
             if (self.shm or shared_from is not None) and i and view.nbytes >= max(shared, 1):
-                fd = shared_fd(view)
-                self._fds_out.append(to_shared(view) if fd is None else fd)
+                try:
+                    fd = shared_fd(view)
+                    if fd is None:
+                        fd = to_shared(view)
+                except OSError as exc:  # out of descriptors or memory: in the stream
+                    log.warning("lane: a frame of %d bytes not shared: %s", view.nbytes, exc)
+            if fd is not None:
+                self._fds_out.append(fd)
                 lengths.append(SHM_FLAG | view.nbytes)
             else:
                 views.append(view)

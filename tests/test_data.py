@@ -381,3 +381,23 @@ def test_a_worker_reads_on_when_a_shared_frame_lost_its_descriptor() -> None:
     finally:
         a.close()
         b.close()
+
+
+async def test_a_frame_that_cannot_be_shared_goes_in_the_stream(monkeypatch) -> None:
+    """Out of descriptors (or memory) for a memfd: the frame goes through the socket."""
+    from aviato import _lane
+
+    def no_memfd(view: memoryview) -> int:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(_lane, "to_shared", no_memfd)
+    sender, receiver, got, closed = await _pair(shm=True)
+    big = pattern(_lane.SHM_MIN + 1)
+    try:
+        assert sender.send([b"head", big])
+        await _until(lambda: got)
+        assert bytes(got[0][1]) == big and not isinstance(got[0][1].obj, _lane.Shared)
+        assert not closed
+    finally:
+        sender.close()
+        receiver.close()
