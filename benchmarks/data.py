@@ -13,7 +13,9 @@ One run, one machine, each system alone in turn, two workers each. Rows:
    (the figure the target names), and by value too;
 4. the client's memory: the peak growth of this process's RSS (sampled every 2 ms)
    over each of the rows above, against the size of the objects made (one echo result;
-   nothing for row 3).
+   nothing for row 3). Over the lane, large frames travel in memfds: an argument's is
+   shared memory outside the client's RSS (freed once the worker and agent are done
+   with it), and a result's pages count only once read.
 
 aviato runs its embedded cluster on Docker with an image holding numpy, built here
 offline (``aviato-bench-numpy:3.11``: ``python:3.11`` plus this host's numpy, copied
