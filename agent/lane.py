@@ -101,6 +101,8 @@ class LaneServer:
                 max_message=MAX_FRAME_BYTES,
                 max_pending=MAX_PENDING,
                 pause_above=PAUSE_ABOVE,
+                shm=True,  # large replies (results, files) in shared memory
+                relay=True,  # and large requests passed on to workers as they came
             )
 
     def _pause_accepting(self) -> None:

@@ -37,16 +37,45 @@ if TYPE_CHECKING:  # typing costs milliseconds at start-up; only the checker nee
     from collections.abc import Sequence
     from typing import Any
 
+# The link's framing, shared memory and result pickling: beside us in the sandbox
+# (/run/aviato-lib/aviato_worker_link.py), in the agent package on the host.
+if __package__:
+    from agent.worker_link import (
+        SHM,
+        SHM_PROBE,
+        FdReader,
+        _send_all,
+        make_picklers,
+        pack_message,
+        read_message,
+        send_shared,
+    )
+else:
+    from aviato_worker_link import (  # type: ignore[import-not-found,no-redef]
+        SHM,
+        SHM_PROBE,
+        FdReader,
+        _send_all,
+        make_picklers,
+        pack_message,
+        read_message,
+        send_shared,
+    )
+
 SIGKILL = 9  # Linux; the signal module would cost an import (enum) at start-up
 #: Python ignores these; a program we start must not inherit that (a writer to a closed
 #: pipe dies of SIGPIPE, as under a shell or docker exec).
 DEFAULT_SIGNALS = (13, 25)  # SIGPIPE, SIGXFSZ
-_COUNT = struct.Struct("!I")
-_LEN = struct.Struct("!Q")
 #: Outcomes are sent at the latest this long after the first unsent one finished.
 FLUSH_SECONDS = 0.002
 #: Variables the agent sets for us, kept out of the commands we run.
-OUR_ENV = ("AVIATO_WORKER_SOCKET", "AVIATO_CLIENT_PYTHON", "AVIATO_WATCHDOG", "AVIATO_TAG_OUTPUT")
+OUR_ENV = (
+    "AVIATO_WORKER_SOCKET",
+    "AVIATO_WORKER_SHM",
+    "AVIATO_CLIENT_PYTHON",
+    "AVIATO_WATCHDOG",
+    "AVIATO_TAG_OUTPUT",
+)
 #: With AVIATO_TAG_OUTPUT (the local runtime, whose log is one file), our stdout and
 #: stderr and those of the command we run become records in that file: the magic, the
 #: stream (1 or 2), the length, then the bytes. Docker keeps the streams apart itself.
@@ -55,35 +84,6 @@ LOG_RECORD = struct.Struct("!4sBI")
 CHUNK = 65536
 READ_CHUNK = 1 << 20  # a cancel or the size cap is noticed at most this late
 WRITE_CHUNK = 1 << 20
-
-
-def read_message(stream: Any) -> list[bytes] | None:
-    """One message's frames, or None at a clean end of stream."""
-    head = stream.read(_COUNT.size)
-    if len(head) < _COUNT.size:
-        return None
-    (count,) = _COUNT.unpack(head)
-    raw = stream.read(_LEN.size * count)
-    if len(raw) < _LEN.size * count:
-        return None
-    lengths = struct.unpack(f"!{count}Q", raw)
-    body = stream.read(sum(lengths))
-    if len(body) < sum(lengths):
-        return None
-    frames, at = [], 0
-    for length in lengths:
-        frames.append(body[at : at + length])
-        at += length
-    return frames
-
-
-def pack_message(frames: Sequence[bytes | bytearray]) -> list[bytes | bytearray]:
-    """``u32 count``, the ``u64`` lengths, then the frames: one sendall, three reads."""
-    return [
-        _COUNT.pack(len(frames)),
-        struct.pack(f"!{len(frames)}Q", *(len(f) for f in frames)),
-        *frames,
-    ]
 
 
 # Headers to the agent are JSON (it parses what a sandbox sends with a safe parser);
@@ -119,12 +119,16 @@ def to_json(value: Any) -> bytes:
     return _json(value).encode("utf-8", "backslashreplace")
 
 
-def results_header(outcomes: list[tuple[int, str, float]]) -> bytes:
+def results_header(outcomes: list[tuple[int, str, float, int]]) -> bytes:
     """``to_json`` of a results header, made directly: it is on every call's path.
-    Ids are ints, statuses "ok" or "error", seconds finite floats."""
+    Ids are ints, statuses "ok" or "error", seconds finite floats, then how many
+    out-of-band buffer frames follow the result's own."""
     return (
         '{"op":"results","outcomes":['
-        + ",".join(f'{{"id":{i},"status":"{st}","secs":{secs!r}}}' for i, st, secs in outcomes)
+        + ",".join(
+            f'{{"id":{i},"status":"{st}","secs":{secs!r},"bufs":{n}}}'
+            for i, st, secs, n in outcomes
+        )
         + "]}"
     ).encode()
 
@@ -196,14 +200,6 @@ def _wait_for_the_reader() -> None:
         time.sleep(3600)
 
 
-def _send_all(sock: _socket.socket, parts: list[bytes | bytearray]) -> None:
-    if sum(len(p) for p in parts) < 1 << 20:
-        sock.sendall(b"".join(parts))
-    else:
-        for part in parts:  # large blobs: no joined copy
-            sock.sendall(part)
-
-
 def _connect(path: str, timeout: float) -> _socket.socket | None:
     """Connect to the agent's socket for this sandbox (None: it never listened)."""
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
@@ -267,6 +263,8 @@ class Supervisor:
         self.detached = False
         #: Where results go: the calls link when there is one (see serve_calls_on).
         self.results_to: _socket.socket | None = None
+        #: Results in shared memory: once the agent's probe came through (calls link).
+        self.shm = False
 
     # ------------------------------------------------------------------ sending
 
@@ -277,10 +275,12 @@ class Supervisor:
         with self.lock:
             _send_all(self.sock, pack_message([head, *(blobs or ())]))
 
-    def send_results(self, header: bytes, blobs: list[bytes]) -> None:
+    def send_results(self, header: bytes, blobs: list[Any]) -> None:
         if self.results_to is None:
             self.send(header, blobs)
-        else:  # only the main thread writes there: no lock
+        elif self.shm:  # only the main thread writes there: no lock
+            send_shared(self.results_to, [header, *blobs])
+        else:
             _send_all(self.results_to, pack_message([header, *blobs]))
 
     # ------------------------------------------------------------------ reading
@@ -334,8 +334,8 @@ class Supervisor:
         then wakes one thread here, not the reader and then us. The reader keeps exec,
         files and the watch on the agent; when the agent goes, it ends the process."""
         self.results_to = link
-        _send_all(link, pack_message([to_json({"op": "calls-link"})]))
-        stream = io.BufferedReader(io.FileIO(link.fileno(), "rb", closefd=False), 1 << 16)
+        _send_all(link, pack_message([to_json({"op": "calls-link", "shm": SHM})]))
+        stream = FdReader(link)
         try:
             while True:
                 frames = read_message(stream)
@@ -344,20 +344,38 @@ class Supervisor:
                 header = marshal.loads(frames[0])  # from the agent, which we trust
                 if header.get("op") == "calls":
                     self.run_batch(header, frames[1:])
+                elif header.get("op") == "shm-probe":  # did its descriptor get here?
+                    got = frames[1] if len(frames) == 2 else None
+                    self.shm = got is not None and bytes(got) == SHM_PROBE
+                    answer = to_json({"op": "shm-probe", "ok": self.shm})
+                    _send_all(link, pack_message([answer]))
         except OSError:  # reset (the agent closed with our results unread)
             pass
         _wait_for_the_reader()
 
     def run_batch(self, header: dict[str, Any], blobs: list[bytes]) -> None:
         if self.cloudpickle is None:
+            import pickle
+
             import cloudpickle
 
             self.cloudpickle = cloudpickle
-        outcomes: list[tuple[int, str, float]] = []
-        payloads: list[bytes] = []
+            self.dumps_plain, self.dumps_cloud = make_picklers(pickle, cloudpickle)
+        outcomes: list[tuple[int, str, float, int]] = []
+        payloads: list[Any] = []
         first_unsent = 0.0
         index = 0
-        for call in header["calls"]:
+        nbufs = header.get("nbufs") or 0
+        calls = header["calls"]
+        buffers = blobs[len(blobs) - nbufs :] if nbufs else []
+        views = [memoryview(b) for b in buffers]
+        if nbufs:  # a buffer several calls share is theirs to read, not to change
+            uses: dict[int, int] = {}
+            for call in calls:
+                for i in call.get("bufs") or ():
+                    uses[i] = uses.get(i, 0) + 1
+            views = [v.toreadonly() if uses.get(i, 0) > 1 else v for i, v in enumerate(views)]
+        for call in calls:
             fn_blob = None
             if call["fn"]:
                 fn_blob = blobs[index]
@@ -365,10 +383,11 @@ class Supervisor:
             args_blob = blobs[index]
             index += 1
             self.mark_running(call["id"])
-            outcome, payload = self.run_one(call, fn_blob, args_blob)
+            mine = [views[i] for i in call.get("bufs") or ()]
+            outcome, result = self.run_one(call, fn_blob, args_blob, mine)
             self.mark_running(0)
             outcomes.append(outcome)
-            payloads.append(payload)
+            payloads.extend(result)
             now = time.monotonic()
             if not first_unsent:
                 first_unsent = now
@@ -388,44 +407,54 @@ class Supervisor:
                 self.running_fd = None
 
     def run_one(
-        self, call: dict[str, Any], fn_blob: bytes | None, args_blob: bytes
-    ) -> tuple[tuple[int, str, float], bytes]:
+        self,
+        call: dict[str, Any],
+        fn_blob: bytes | None,
+        args_blob: bytes,
+        buffers: Sequence[memoryview] = (),
+    ) -> tuple[tuple[int, str, float, int], list[Any]]:
+        """Run one call: its outcome, and the frames of its result (the pickle, then
+        its out-of-band buffers, sent as they are: views of the result's memory)."""
         cp = self.cloudpickle
         use_json = call["ser"] == "json"
         import json
-        import pickle
 
         started = time.perf_counter()
+        views: list[Any] = []
         try:
             if fn_blob is not None:
                 self.functions[call["digest"]] = cp.loads(fn_blob)
             fn = self.functions.get(call["digest"])
             if fn is None:
                 raise LookupError(f"function {call['digest']} was never shipped to this worker")
-            args, kwargs = json.loads(args_blob) if use_json else cp.loads(args_blob)
+            if use_json:
+                args, kwargs = json.loads(args_blob)
+            else:
+                args, kwargs = cp.loads(args_blob, buffers=buffers)
             value = fn(*args, **kwargs)
             try:
                 if use_json:
                     blob = json.dumps(value).encode()
                 else:
                     try:  # plain pickle is ten times faster for plain data
-                        blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+                        blob, views = self.dumps_plain(value)
                     except Exception:  # what only cloudpickle carries (a lambda, say)
-                        blob = cp.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+                        blob, views = self.dumps_cloud(value)
             except Exception as exc:
                 raise TypeError(
                     f"the return value ({type(value).__name__}) cannot be serialized: {exc}"
                 ) from exc
             limit = call.get("max") or 0
-            if limit and len(blob) > limit:
-                blob = too_large_record(len(blob), limit)
-                return (call["id"], "error", 0.0), blob
+            size = len(blob) + sum(v.nbytes for v in views)
+            if limit and size > limit:
+                return (call["id"], "error", 0.0, 0), [too_large_record(size, limit)]
             status = "ok"
         except BaseException as exc:  # user code may raise anything, SystemExit included
             blob = error_record(exc, None if use_json else cp.dumps)
             status = "error"
+            views = []
         secs = time.perf_counter() - started
-        return (call["id"], status, secs), blob
+        return (call["id"], status, secs, len(views)), [blob, *views]
 
     # ------------------------------------------------------------------ exec
 

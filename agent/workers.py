@@ -30,7 +30,7 @@ from typing import Any
 import cloudpickle
 
 from agent.runtime.base import ExecOutput, ExitStatus, Mount, OutputChunk
-from aviato._lane import FramedSocket
+from aviato._lane import FramedSocket, shm_wanted
 from aviato.exceptions import (
     AgentIdInUseError,
     PayloadTooLargeError,
@@ -122,9 +122,13 @@ class WorkerHub:
         self._prepare_lib()
 
     def _prepare_lib(self) -> None:
-        """What workers mount read-only: the worker module and cloudpickle (pure Python)."""
+        """What workers mount read-only: the worker's modules and cloudpickle (pure
+        Python)."""
         self.lib.mkdir()
         shutil.copy(Path(__file__).with_name("worker.py"), self.lib / "aviato_worker.py")
+        shutil.copy(
+            Path(__file__).with_name("worker_link.py"), self.lib / "aviato_worker_link.py"
+        )
         shutil.copytree(
             Path(cloudpickle.__file__).parent,
             self.lib / "cloudpickle",
@@ -138,7 +142,11 @@ class WorkerHub:
 
     @staticmethod
     def worker_env() -> dict[str, str]:
-        return {"AVIATO_WORKER_SOCKET": f"{SOCKET_DIR}/worker.sock"}
+        return {
+            "AVIATO_WORKER_SOCKET": f"{SOCKET_DIR}/worker.sock",
+            # Large frames in shared memory both ways, unless the agent's turned off.
+            "AVIATO_WORKER_SHM": "1" if shm_wanted() else "0",
+        }
 
     @staticmethod
     def worker_command(
@@ -198,6 +206,7 @@ class WorkerHub:
             functools.partial(self._on_frames, link, holder),
             functools.partial(self._on_end, link, holder),
             max_message=MAX_FRAME_BYTES,
+            relay=True,  # large results go on to clients as they came
         )
         holder.append(framed)
         link.conns.append(framed)
@@ -388,11 +397,15 @@ class WorkerHub:
                 f"sandbox {msg.sandbox_id} has no live function worker on this agent",
                 sandbox_id=msg.sandbox_id,
             )
-        expected = sum(2 if c.ship_function else 1 for c in msg.calls)
+        if msg.buffers < 0:
+            raise ValueError(f"RunCalls names {msg.buffers} buffers")
+        expected = sum(2 if c.ship_function else 1 for c in msg.calls) + msg.buffers
         if expected != len(payloads):
             raise ValueError(
                 f"RunCalls names {expected} payload frames but carries {len(payloads)}"
             )
+        if any(not 0 <= i < msg.buffers for c in msg.calls for i in c.buffers):
+            raise ValueError(f"a call of RunCalls names a buffer it has not ({msg.buffers})")
         target = link.calls or link.framed
         unread = target.pending
         if unread > MAX_UNREAD_BYTES:
@@ -410,9 +423,11 @@ class WorkerHub:
                     "fn": c.ship_function,
                     "ser": c.serialization,
                     "max": c.max_result_bytes,
+                    "bufs": c.buffers,
                 }
                 for c in msg.calls
             ],
+            "nbufs": msg.buffers,
         }
         if not target.send([marshal.dumps(header), *payloads]):
             raise SandboxNotRunningError(
@@ -459,8 +474,20 @@ class WorkerHub:
             else:
                 link.calls = conn
                 self._stop_listening(link)
-                if not link.calls_ready.done():
+                if shm_wanted() and header.get("shm"):
+                    # Large arguments go in shared memory once a descriptor is seen to
+                    # get through (a runtime may not pass them): ready at the answer.
+                    probe = [marshal.dumps({"op": "shm-probe"}), SHM_PROBE]
+                    conn.send(probe, shared_from=0)
+                elif not link.calls_ready.done():
                     link.calls_ready.set_result(None)
+        elif op == "shm-probe" and conn is link.calls and link.calls is not None:
+            conn.shm = header.get("ok") is True
+            if not conn.shm:
+                why = "descriptors do not get through"
+                log.info("worker %s: no shared memory (%s)", link.sandbox_id, why)
+            if not link.calls_ready.done():
+                link.calls_ready.set_result(None)
         elif op == "results" and known:
             if not self._forward(link, header.get("outcomes"), frames[1:]):
                 log.warning("worker %s sent malformed results", link.sandbox_id)
@@ -516,21 +543,29 @@ class WorkerHub:
         """Relay a worker's outcomes to whoever sent each call; False (and nothing
         relayed) when they are malformed: checked whole before any route is used."""
         try:
-            if not isinstance(outcomes, list) or len(outcomes) != len(blobs):
+            if not isinstance(outcomes, list):
                 return False
-            parsed = [(int(o["id"]), str(o["status"]), float(o["secs"])) for o in outcomes]
-        except (KeyError, TypeError, ValueError):
+            parsed = [
+                (int(o["id"]), str(o["status"]), float(o["secs"]), int(o.get("bufs", 0)))
+                for o in outcomes
+            ]
+        except (KeyError, TypeError, ValueError, AttributeError):
             return False
-        if any(status not in ("ok", "error") for _, status, _ in parsed):
+        if any(status not in ("ok", "error") or n < 0 for _, status, _, n in parsed):
+            return False
+        if sum(1 + n for *_, n in parsed) != len(blobs):
             return False
         by_route: dict[tuple[bytes, int], tuple[list[CallOutcome], list[Payload]]] = {}
-        for (call_id, status, secs), blob in zip(parsed, blobs, strict=True):
+        at = 0
+        for call_id, status, secs, n in parsed:
+            frames = blobs[at : at + 1 + n]  # the result, then its out-of-band buffers
+            at += 1 + n
             route = link.routes.pop(call_id, None)
             if route is None:
                 continue
             out, payloads = by_route.setdefault((route.identity, route.request_id), ([], []))
-            out.append(CallOutcome(call_id, status, secs))
-            payloads.append(blob)
+            out.append(CallOutcome(call_id, status, secs, buffers=n))
+            payloads.extend(frames)
         for (identity, request_id), (out, payloads) in by_route.items():
             msg = CallResults(link.sandbox_id, tuple(out))
             self._send(identity, request_id, msg, tuple(payloads))
@@ -647,6 +682,8 @@ def _claim_dir(root: Path, agent_id: str) -> int:
     return fd
 
 
+#: What the agent's probe of a worker's calls link carries, in a memfd.
+SHM_PROBE = b"aviato shared memory probe"
 RUNNING_FILE = "running"
 RUNNING = struct.Struct("!q")
 

@@ -351,6 +351,8 @@ class Connection(Channel):
         self._reached()  # (a connect's event may come after its reply)
         while True:
             self._route(frames)
+            # Not held while the next one comes: a result of 100 MB would stay twice.
+            del frames
             frames = await self._sock.recv_multipart(copy=False)
 
     def _reached(self) -> None:
@@ -445,7 +447,9 @@ class LaneConnection(Channel):
     def __init__(self, address: str, path: str, sock: socket.socket, token: str | None) -> None:
         super().__init__(address, token)
         self.path = path
-        self._lane = FramedSocket(sock, self._route, self._lost, max_message=MAX_FRAME_BYTES)
+        self._lane = FramedSocket(
+            sock, self._route, self._lost, max_message=MAX_FRAME_BYTES, shm=True
+        )
         #: Why the lane is gone, once it is.
         self._why: str | None = None
 

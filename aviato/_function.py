@@ -18,13 +18,13 @@ import os
 import pickle
 import sys
 import sysconfig
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import cloudpickle
 
-from aviato import exceptions
+from aviato import _buffers, exceptions
 from aviato.exceptions import AsyncFunctionError, FunctionError, FunctionSerializationError
 
 if TYPE_CHECKING:
@@ -88,6 +88,8 @@ class Call:
     call_id: int
     fn: RemoteFunction[Any]
     args_blob: bytes
+    #: The arguments' out-of-band buffers: views of the caller's memory, not copies.
+    frames: _buffers.Frames
     future: asyncio.Future[FunctionResult[Any]]
     attempts: int = 0
     #: Was in flight on a worker that died beside others: it runs alone from now on,
@@ -140,11 +142,13 @@ class RemoteFunction(Generic[T]):
             self._shipped = Shipped(blob, digest, self._fn.__qualname__)
         return self._shipped
 
-    def encode_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
+    def encode_args(
+        self, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[bytes, _buffers.Frames]:
         name = self._fn.__qualname__
         if self.options.serialization is Serialization.JSON:
             try:
-                return json.dumps([args, kwargs]).encode()
+                return json.dumps([args, kwargs]).encode(), _buffers.Frames()
             except (TypeError, ValueError) as exc:
                 raise FunctionSerializationError(
                     f"arguments of {name}() are not JSON ({exc}); use "
@@ -153,23 +157,26 @@ class RemoteFunction(Generic[T]):
         for value in (*args, *kwargs.values()):
             by_value(type(value).__module__)
         try:
-            blob: bytes = cloudpickle.dumps((args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
-            return blob
+            return _buffers.dumps_args(args, kwargs)
         except Exception as exc:
             raise FunctionSerializationError(
                 f"{_culprit(args, kwargs)} of {name}() cannot be pickled: {exc}"
             ) from exc
 
-    def decode_value(self, blob: bytes | memoryview) -> Any:
+    def decode_value(
+        self, blob: bytes | memoryview, buffers: Sequence[bytes | memoryview] = ()
+    ) -> Any:
         if self.options.serialization is Serialization.JSON:
             return json.loads(bytes(blob))
-        return cloudpickle.loads(blob)
+        return _buffers.loads(blob, buffers)
 
     def __call__(self, *args: Any, **kwargs: Any) -> asyncio.Future[FunctionResult[T]]:
-        """Queue one call now; await the returned future for its result."""
+        """Queue one call now; await the returned future for its result. Large buffers
+        in the arguments (numpy arrays, bytes, memoryviews) are sent without a copy when
+        the call is: change none of them until it has been (awaiting it is enough)."""
         self.shipped()
-        blob = self.encode_args(args, kwargs)
-        return self._pool().submit(self, blob)
+        blob, frames = self.encode_args(args, kwargs)
+        return self._pool().submit(self, blob, frames)
 
     def _pool(self) -> FunctionPool:
         return self._session._pool_for(self.options)

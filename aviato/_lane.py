@@ -11,18 +11,32 @@ whoever can connect could read the agent's keys anyway, so the lane needs no CUR
 Framing (the agent's links to its function workers use the same; see agent/worker.py):
 ``u32 frame count``, the frames' ``u64`` lengths, then the frames. Each frame list is
 what :func:`aviato.protocol.encode` makes; a lane carries exactly what ZeroMQ would.
+
+A large frame may travel in shared memory instead (``shm=True`` on the sending side):
+written once into a sealed memfd whose descriptor goes over the socket (SCM_RIGHTS);
+its length has the top bit set and its bytes are not in the stream. The receiver maps
+it copy-on-write: no copy, and no read of it through the socket; a relay (the agent)
+passes the descriptor on without touching the bytes. Descriptors travel in order, with
+or before the bytes of their message, so the receiver takes them first in, first out.
+A received descriptor must be a memfd of exactly the announced size, sealed against
+shrinking, growing and writing (a sandbox cannot make its reader fault on it later).
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import ctypes
 import errno
+import fcntl
 import hashlib
 import logging
 import mmap
 import os
 import socket
+import stat
 import struct
+import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 
@@ -41,6 +55,16 @@ BIG = 1 << 20
 #: Buffers handed to one sendmsg (Linux's IOV_MAX is 1024).
 IOV = 512
 SCHEME = "unix:"
+#: Frames at least this large go in shared memory where the link allows it (below it,
+#: making and mapping a memfd costs more than copying through the socket).
+SHM_MIN = int(os.environ.get("AVIATO_SHM_MIN_BYTES", 1 << 20))
+SHM_FLAG = 1 << 63
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+#: Descriptors one sendmsg carries at most (the kernel's SCM_MAX_FD is 253).
+FDS_PER_SEND = 250
+ANCILLARY = socket.CMSG_SPACE(FDS_PER_SEND * 4)
+#: Descriptors received and not yet claimed by a message, at most.
+MAX_FDS_WAITING = 4096
 
 OnMessage = Callable[[list[memoryview]], None]
 OnClose = Callable[[BaseException | None], None]
@@ -54,14 +78,124 @@ def frame_size(frame: Frame) -> int:
     return len(frame) if isinstance(frame, bytes) else frame.nbytes
 
 
+def shm_wanted() -> bool:
+    """Shared memory on local links, unless AVIATO_LANE_SHM=0 (to measure without)."""
+    return os.environ.get("AVIATO_LANE_SHM", "1") != "0"
+
+
+class Shared(mmap.mmap):
+    """A frame received in a memfd by a relay, mapped copy-on-write; ``fd`` kept to pass
+    it on."""
+
+    fd: int
+
+
+def map_shared(fd: int, length: int, keep: bool = False) -> memoryview:
+    """Map a received descriptor (closed here if it is refused). ``keep``: as a
+    :class:`Shared` that keeps it, to pass on; else without holding it (Python's mmap
+    would keep a duplicate open: a client holding many results would run out)."""
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != length:
+            raise FramingError(f"a shared frame of {st.st_size} bytes announced as {length}")
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError:
+            seals = 0
+        if seals & SEALS != SEALS:
+            raise FramingError("a shared frame that is not sealed against changes")
+        # MAP_PRIVATE: writable for the receiver (as its own copy, page by page), while
+        # the memfd itself stays as sent. Pages are faulted in as read (in batches, from
+        # the page cache): MAP_POPULATE measured slower here.
+        if not keep:
+            return _map_private(fd, length)
+        region = Shared(
+            fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+    region.fd = fd
+    weakref.finalize(region, os.close, fd)
+    return memoryview(region)
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def _map_private(fd: int, length: int) -> memoryview:
+    """``mmap`` through libc, then the descriptor closed; unmapped with its last view."""
+    global _libc
+    if _libc is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [
+            ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+            ctypes.c_long,
+        ]  # fmt: skip
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _libc = libc
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    try:
+        address = _libc.mmap(None, length, prot, mmap.MAP_PRIVATE, fd, 0)
+    finally:
+        os.close(fd)
+    if address is None or address == ctypes.c_void_p(-1).value:
+        err = ctypes.get_errno()
+        raise OSError(err, f"cannot map a shared frame: {os.strerror(err)}")
+    region = (ctypes.c_ubyte * length).from_address(address)
+    weakref.finalize(region, _libc.munmap, address, length)
+    return memoryview(region).cast("B")
+
+
+def to_shared(view: memoryview) -> int:
+    """A sealed memfd holding ``view``'s bytes (one copy); the caller closes it."""
+    fd = os.memfd_create("aviato-frame", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS | fcntl.F_SEAL_SEAL)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def shared_fd(view: memoryview) -> int | None:
+    """A copy of the descriptor ``view`` was received in, when it is that whole frame."""
+    owner = view.obj
+    if (
+        isinstance(owner, Shared)
+        and owner.fd >= 0
+        and view.nbytes == len(owner)
+        and view.c_contiguous
+    ):
+        return os.dup(owner.fd)
+    return None
+
+
+def take_fds(ancillary: list[tuple[int, int, bytes]], into: deque[int]) -> None:
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds = array.array("i")
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+            into.extend(fds)
+
+
 def pack_head(frames: Sequence[Frame]) -> bytes:
     count = len(frames)
     return struct.pack(f"!I{count}Q", count, *(frame_size(f) for f in frames))
 
 
-def _split(body: memoryview, start: int, lengths: Sequence[int]) -> list[memoryview]:
+def _split(
+    body: memoryview, start: int, lengths: Sequence[int], mapped: Sequence[memoryview] = ()
+) -> list[memoryview]:
     frames = []
+    shared = iter(mapped)
     for length in lengths:
+        if length & SHM_FLAG:
+            frames.append(next(shared))
+            continue
         frames.append(body[start : start + length])
         start += length
     return frames
@@ -87,8 +221,19 @@ class FramedSocket:
         max_message: int,
         max_pending: int | None = None,
         pause_above: int | None = None,
+        shm: bool = False,
+        relay: bool = False,
     ) -> None:
         sock.setblocking(False)
+        #: Send large frames in shared memory (the peer is on this host and reads them).
+        self.shm = shm and shm_wanted()
+        #: Keep received shared frames' descriptors, to pass them on (the agent).
+        self._relay = relay
+        #: Descriptors to send (with the next write), and received ones not yet claimed.
+        self._fds_out: list[int] = []
+        self._fds_in: deque[int] = deque()
+        # A big message's shared frames, mapped when its head was read.
+        self._mapped: list[memoryview] = []
         self._loop = asyncio.get_running_loop()
         self._sock = sock
         self._fd = sock.fileno()
@@ -113,18 +258,38 @@ class FramedSocket:
 
     # ------------------------------------------------------------------ writing
 
-    def send(self, frames: Sequence[Frame]) -> bool:
-        """Queue one message and write what the socket takes now; False once closed."""
+    def send(self, frames: Sequence[Frame], *, shared_from: int | None = None) -> bool:
+        """Queue one message and write what the socket takes now; False once closed.
+        ``shared_from``: send payload frames of that many bytes or more in shared memory,
+        whatever ``shm`` says (the agent's probe of a worker)."""
         if self.closed:
             return False
         out = self._out
-        head = pack_head(frames)
-        out.append(memoryview(head))
-        size = len(head)
-        for frame in frames:
+        views = []
+        lengths = []
+        shared = SHM_MIN if shared_from is None else shared_from
+        for i, frame in enumerate(frames):
             view = memoryview(frame)
             if view.format != "B" or view.ndim != 1:
                 view = view.cast("B")
+            fd = None
+            if (self.shm or shared_from is not None) and i and view.nbytes >= max(shared, 1):
+                try:
+                    fd = shared_fd(view)
+                    if fd is None:
+                        fd = to_shared(view)
+                except OSError as exc:  # out of descriptors or memory: in the stream
+                    log.warning("lane: a frame of %d bytes not shared: %s", view.nbytes, exc)
+            if fd is not None:
+                self._fds_out.append(fd)
+                lengths.append(SHM_FLAG | view.nbytes)
+            else:
+                views.append(view)
+                lengths.append(view.nbytes)
+        head = struct.pack(f"!I{len(lengths)}Q", len(lengths), *lengths)
+        out.append(memoryview(head))
+        size = len(head)
+        for view in views:
             if view.nbytes:
                 out.append(view)
                 size += view.nbytes
@@ -146,13 +311,21 @@ class FramedSocket:
         out = self._out
         while out:
             batch = [out[i] for i in range(min(len(out), IOV))]
+            # Descriptors go with the first bytes written after they were queued: with
+            # or before their own message's, as the reader needs.
+            fds = self._fds_out[:FDS_PER_SEND]
+            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
             try:
-                sent = self._sock.sendmsg(batch)
+                sent = self._sock.sendmsg(batch, ancillary if fds else ())
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:
                 self._fail_soon(exc)
                 return
+            if fds:  # the peer has its own copies now
+                del self._fds_out[: len(fds)]
+                for fd in fds:
+                    os.close(fd)
             self.pending -= sent
             while sent:
                 head = out[0]
@@ -194,16 +367,31 @@ class FramedSocket:
     def _on_readable(self) -> None:
         try:
             if self._body is not None:
+                # Read what the socket holds, up to the message's end, in one wake-up.
+                count = 0
+                ended = False
                 with memoryview(self._body) as whole:
-                    count = self._sock.recv_into(whole[self._filled :])
-                if count:
-                    self._filled += count
+                    while self._filled < len(whole):
+                        try:
+                            got = self._recv_into(whole[self._filled :])
+                        except (BlockingIOError, InterruptedError):
+                            break
+                        if not got:
+                            ended = True
+                            break
+                        count += got
+                        self._filled += got
+                if count or not ended:
                     if self._filled == len(self._body):
                         body, self._body = self._body, None
-                        self._deliver(_split(memoryview(body), 0, self._lengths))
+                        mapped, self._mapped = self._mapped, []
+                        self._deliver(_split(memoryview(body), 0, self._lengths, mapped))
                     return
             else:
-                data = self._sock.recv(RECV_BYTES)
+                data, ancillary, flags, _ = self._sock.recvmsg(
+                    RECV_BYTES, ANCILLARY, socket.MSG_CMSG_CLOEXEC
+                )
+                self._got_fds(ancillary, flags)
                 if data:
                     self._buf += data
                     self._parse()
@@ -217,6 +405,30 @@ class FramedSocket:
             self._fail(None if exc.errno in (errno.ECONNRESET, errno.EPIPE) else exc)
             return
         self._fail(None)  # end of stream
+
+    def _recv_into(self, view: memoryview) -> int:
+        count, ancillary, flags, _ = self._sock.recvmsg_into(
+            [view], ANCILLARY, socket.MSG_CMSG_CLOEXEC
+        )
+        self._got_fds(ancillary, flags)
+        return int(count)
+
+    def _got_fds(self, ancillary: list[tuple[int, int, bytes]], flags: int) -> None:
+        if not ancillary:
+            return
+        take_fds(ancillary, self._fds_in)
+        if flags & socket.MSG_CTRUNC or len(self._fds_in) > MAX_FDS_WAITING:
+            raise FramingError("too many descriptors from the peer")
+
+    def _map(self, lengths: Sequence[int]) -> list[memoryview]:
+        """The shared frames a message's head announces, mapped, in order."""
+        mapped = []
+        for length in lengths:
+            if length & SHM_FLAG:
+                if not self._fds_in:
+                    raise FramingError("a shared frame came without its descriptor")
+                mapped.append(map_shared(self._fds_in.popleft(), length & ~SHM_FLAG, self._relay))
+        return mapped
 
     def _parse_later(self) -> None:
         try:
@@ -237,10 +449,11 @@ class FramedSocket:
             if len(buf) < head:
                 return
             lengths = struct.unpack_from(f"!{count}Q", buf, COUNT.size)
-            total = sum(lengths)
-            if total > self._max_message:
+            total = sum(n for n in lengths if not n & SHM_FLAG)  # bytes in the stream
+            if sum(n & ~SHM_FLAG for n in lengths) > self._max_message:
                 raise FramingError(
-                    f"a message of {total} bytes, above the {self._max_message}-byte limit"
+                    f"a message of {sum(n & ~SHM_FLAG for n in lengths)} bytes, above the "
+                    f"{self._max_message}-byte limit"
                 )
             end = head + total
             if len(buf) < end:
@@ -250,16 +463,18 @@ class FramedSocket:
                     body = mmap.mmap(-1, total)
                     have = len(buf) - head
                     body[:have] = bytes(buf[head:])
+                    self._mapped = self._map(lengths)
                     self._body, self._filled, self._lengths = body, have, lengths
                     self._buf = bytearray()
                 return
+            mapped = self._map(lengths) if total != sum(lengths) else []
             if end == len(buf):  # the common case: hand over the buffer itself
                 self._buf = bytearray()
-                self._deliver(_split(memoryview(buf), head, lengths))
+                self._deliver(_split(memoryview(buf), head, lengths, mapped))
             else:
                 body_bytes = buf[head:end]
                 del buf[:end]
-                self._deliver(_split(memoryview(body_bytes), 0, lengths))
+                self._deliver(_split(memoryview(body_bytes), 0, lengths, mapped))
 
     def _deliver(self, frames: list[memoryview]) -> None:
         try:
@@ -293,6 +508,11 @@ class FramedSocket:
             self._loop.remove_writer(self._fd)
         self._out.clear()
         self._body = None
+        self._mapped = []
+        for fd in [*self._fds_out, *self._fds_in]:
+            os.close(fd)
+        self._fds_out.clear()
+        self._fds_in.clear()
         self._sock.close()
         self._wake_drain()
 

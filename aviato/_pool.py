@@ -20,6 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from aviato._buffers import Frames
 from aviato._connection import Channel, agent_connection
 from aviato._function import (
     Call,
@@ -58,6 +59,9 @@ _call_ids = itertools.count(1)
 #: Work a batch should hold (seconds of function time): fewer messages for tiny calls.
 BATCH_SECONDS = 0.01
 MAX_BATCH = 256
+#: Bytes a batch should hold at most (arguments and their buffers, each shared buffer
+#: counted once); a call larger than this goes alone.
+BATCH_BYTES = 64 * 1024 * 1024
 #: Grow the pool only when the queue holds more than this much work per worker.
 GROW_BACKLOG_SECONDS = 0.5
 
@@ -103,6 +107,54 @@ def batch_size(fn: RemoteFunction[Any]) -> int:
     return max(1, min(MAX_BATCH, int(BATCH_SECONDS / max(mean, 1e-6))))
 
 
+class SharedBuffers:
+    """The out-of-band buffers of one batch: one frame for a buffer however many of its
+    calls pass it (the same array given to each of 100 calls crosses once)."""
+
+    __slots__ = ("_index", "views")
+
+    def __init__(self) -> None:
+        self.views: list[memoryview] = []
+        self._index: dict[int, int] = {}
+
+    def add(self, frames: Frames) -> tuple[int, ...]:
+        """The batch indices of one call's buffers, adding those not there yet."""
+        out = []
+        for view, key in zip(frames.views, frames.keys, strict=True):
+            at = self._index.get(key) if key is not None else None
+            if at is None:
+                at = len(self.views)
+                self.views.append(view)
+                if key is not None:
+                    self._index[key] = at
+            out.append(at)
+        return tuple(out)
+
+
+class BatchBytes:
+    """What a batch weighs, as it will go (shared buffers counted once)."""
+
+    __slots__ = ("_seen", "total")
+
+    def __init__(self) -> None:
+        self.total = 0
+        self._seen: set[int] = set()
+
+    def weight(self, call: Call) -> int:
+        size = len(call.args_blob)
+        for view, key in zip(call.frames.views, call.frames.keys, strict=True):
+            if key is None or key not in self._seen:
+                size += view.nbytes
+        return size
+
+    def fits(self, call: Call) -> bool:
+        return self.total + self.weight(call) <= BATCH_BYTES
+
+    def add(self, call: Call) -> None:
+        self.total += self.weight(call)
+        self._seen.update(k for k in call.frames.keys if k is not None)
+
+
 class FunctionPool:
     def __init__(self, session: Session, options: FunctionOptions) -> None:
         self.session = session
@@ -136,11 +188,13 @@ class FunctionPool:
 
     # ------------------------------------------------------------------ submit
 
-    def submit(self, fn: RemoteFunction[Any], args_blob: bytes) -> asyncio.Future[Any]:
+    def submit(
+        self, fn: RemoteFunction[Any], args_blob: bytes, frames: Frames | None = None
+    ) -> asyncio.Future[Any]:
         if self.closed:
             raise SandboxError("the session is closed: call remote functions inside it")
         loop = asyncio.get_running_loop()
-        call = Call(next(_call_ids), fn, args_blob, loop.create_future())
+        call = Call(next(_call_ids), fn, args_blob, frames or Frames(), loop.create_future())
         call.future.add_done_callback(functools.partial(self._on_done, call))
         self.queue.append(call)
         if len(self.queue) == 1 and not self._pump_scheduled:
@@ -200,11 +254,15 @@ class FunctionPool:
             if room <= 0:
                 return
             batch: list[Call] = []
+            budget = BatchBytes()
             while self.queue and len(batch) < min(size, room):
                 if batch and self.queue[0].suspect:
                     break  # a suspect never shares a batch
+                if batch and not budget.fits(self.queue[0]):
+                    break  # full by bytes: the rest go in the next batch
                 call = self.queue.popleft()
                 if not call.future.done():
+                    budget.add(call)
                     batch.append(call)
             if batch:
                 self._send(worker, batch)
@@ -212,6 +270,7 @@ class FunctionPool:
     def _send(self, worker: WorkerHandle, batch: list[Call]) -> None:
         headers: list[CallHeader] = []
         payloads: list[Payload] = []
+        shared = SharedBuffers()
         for call in batch:
             shipped = call.fn.shipped()
             ship = shipped.digest not in worker.shipped
@@ -227,6 +286,7 @@ class FunctionPool:
                     ship,
                     options.serialization.value,
                     options.max_result_bytes,
+                    shared.add(call.frames),
                 )
             )
             call.attempts += 1
@@ -237,7 +297,8 @@ class FunctionPool:
                 call.timer = asyncio.get_running_loop().call_later(
                     timeout, self._on_timeout, call, timeout
                 )
-        msg = RunCalls(worker.sandbox_id, tuple(headers))
+        payloads.extend(shared.views)
+        msg = RunCalls(worker.sandbox_id, tuple(headers), len(shared.views))
         try:
             request_id = worker.conn.send_nowait(
                 msg, payloads, functools.partial(self._on_reply, worker)
@@ -266,6 +327,7 @@ class FunctionPool:
         for outcome in msg.outcomes:
             died = outcome.status in ("lost", "crashed")
             blob = b"" if died else next(blobs)
+            buffers = [next(blobs, b"") for _ in range(outcome.buffers)]
             ids.discard(outcome.call_id)
             if died:
                 lost = outcome.detail  # handled below, with every call the worker held
@@ -287,7 +349,7 @@ class FunctionPool:
             )
             if outcome.status == "ok":
                 try:
-                    value = fn.decode_value(blob)
+                    value = fn.decode_value(blob, buffers)
                 except Exception as exc:
                     self._settle(
                         call,

@@ -454,7 +454,9 @@ class Pong(Message):
 @dataclass(frozen=True, slots=True)
 class CallHeader:
     """One function call in a RunCalls batch. Its payload frames, in order: the pickled
-    function when ``ship_function`` (once per worker and digest), then the arguments."""
+    function when ``ship_function`` (once per worker and digest), then the arguments.
+    The arguments' out-of-band buffers are among the frames after the last call's:
+    ``buffers`` are their indices there, in the order the pickle asks for them."""
 
     call_id: int
     digest: str
@@ -462,6 +464,7 @@ class CallHeader:
     serialization: str  # "pickle" | "json"
     #: The worker refuses a result larger than this (0: no limit).
     max_result_bytes: int = 0
+    buffers: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,23 +475,28 @@ class RunCalls(Message):
     TYPE = MsgType.RUN_CALLS
     sandbox_id: str
     calls: tuple[CallHeader, ...]
+    #: Out-of-band buffer frames after the calls' own, each sent once per batch however
+    #: many of its calls use it (see CallHeader.buffers).
+    buffers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class CallOutcome:
     """``status``: "ok" (payload: the result), "error" (payload: the error record),
     "crashed" (the worker died running this call) or "lost" (the worker died with
-    this call queued or unsent): neither has a payload; ``detail`` says how."""
+    this call queued or unsent): neither has a payload; ``detail`` says how. An "ok"
+    result's payload is followed by its ``buffers`` out-of-band buffer frames."""
 
     call_id: int
     status: str
     seconds: float = 0.0
     detail: str = ""
+    buffers: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class CallResults(Message):
-    """One payload frame per outcome with status ok/error, in order."""
+    """One payload frame per outcome with status ok/error (and its buffers), in order."""
 
     TYPE = MsgType.CALL_RESULTS
     sandbox_id: str

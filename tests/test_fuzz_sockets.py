@@ -8,6 +8,7 @@ small as before, and the agent must keep its link to the scheduler throughout.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import os
 import random
@@ -514,6 +515,14 @@ def test_wrong_payload_counts_are_refused(
         (RunCalls(sid, (call,)), [b"x"], "names 2 payload frames but carries 1"),
         (RunCalls(sid, (call,)), [b"x"] * 3, "names 2 payload frames but carries 3"),
         (RunCalls(sid, (call, call)), [b"x"] * 3, "names 4 payload frames but carries 3"),
+        # Out-of-band buffers: counted among the frames, and only those the batch has.
+        (RunCalls(sid, (call,), 1), [b"x"] * 2, "names 3 payload frames but carries 2"),
+        (
+            RunCalls(sid, (dataclasses.replace(call, buffers=(0, 1)),), 1),
+            [b"x"] * 3,
+            "names a buffer it has not",
+        ),
+        (RunCalls(sid, (call,), -1), [b"x"], "names -1 buffers"),
     ]
     with Peer(address) as peer:
         for rid, (msg, payloads, words) in enumerate(refused, 10):

@@ -1,0 +1,275 @@
+"""The agent <-> worker link, worker side: framing, shared memory and the pickling of
+results with out-of-band buffers. Runs INSIDE a sandbox beside agent/worker.py (copied
+with it to /run/aviato-lib as ``aviato_worker_link``): builtin modules only at import.
+
+Framing: ``u32 frame count``, the frames' ``u64`` lengths, then the frames (as
+aviato/_lane.py). A length with the top bit set is a frame in a sealed memfd whose
+descriptor came over the socket with (or before) the message's bytes.
+"""
+
+from __future__ import annotations
+
+import _socket
+import io
+import os
+import struct
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
+
+_COUNT = struct.Struct("!I")
+_LEN = struct.Struct("!Q")
+#: A frame this large is read straight into a buffer of its own (no copy after the
+#: read; aligned as the allocator aligns, for the arrays built on it).
+OWN_BUFFER = 64 * 1024
+#: Shared memory on the calls link (see aviato/_lane.py): a frame's length with this
+#: bit set travels as a sealed memfd passed over the socket, not in the stream.
+SHM_FLAG = 1 << 63
+SHM_MIN = int(os.environ.get("AVIATO_SHM_MIN_BYTES", 1 << 20))
+#: Whether to offer shared memory (the agent's probe then says if it works).
+SHM = os.environ.get("AVIATO_WORKER_SHM", "1") != "0"
+SHM_PROBE = b"aviato shared memory probe"  # as agent/workers.py sends it
+FDS_PER_SEND = 250
+
+
+class FdReader:
+    """A blocking reader of a Unix socket that keeps the descriptors sent with its
+    bytes (read_message maps those of shared frames): ``read`` and ``readinto``."""
+
+    def __init__(self, sock: _socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.fds: list[int] = []
+        self.ancillary = _socket.CMSG_SPACE(FDS_PER_SEND * 4)
+
+    def _take(self, ancillary: list[tuple[int, int, bytes]]) -> None:
+        for level, kind, data in ancillary:
+            if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+                usable = len(data) - len(data) % 4
+                self.fds.extend(struct.unpack(f"{usable // 4}i", data[:usable]))
+
+    def read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            data, ancillary, _, _ = self.sock.recvmsg(
+                max(n - len(self.buf), 1 << 16), self.ancillary, _socket.MSG_CMSG_CLOEXEC
+            )
+            self._take(ancillary)
+            if not data:
+                break
+            self.buf += data
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    def readinto(self, view: memoryview) -> int:
+        if self.buf:
+            count = min(len(self.buf), len(view))
+            view[:count] = self.buf[:count]
+            del self.buf[:count]
+            return count
+        count, ancillary, _, _ = self.sock.recvmsg_into(
+            [view], self.ancillary, _socket.MSG_CMSG_CLOEXEC
+        )
+        self._take(ancillary)
+        return int(count)
+
+
+def _map_fd(fd: int, length: int) -> memoryview:
+    """A shared frame from the agent (trusted), mapped copy-on-write: writable, ours."""
+    import mmap
+
+    try:
+        region = mmap.mmap(
+            fd,
+            length,
+            flags=mmap.MAP_PRIVATE,  # faulted in as read: MAP_POPULATE measured slower
+            prot=mmap.PROT_READ | mmap.PROT_WRITE,
+        )
+    finally:
+        os.close(fd)
+    return memoryview(region)
+
+
+def _to_shared(frame: Any) -> int:
+    """A sealed memfd holding ``frame`` (the agent refuses unsealed ones)."""
+    import fcntl
+
+    fd = os.memfd_create("aviato-result", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        view = memoryview(frame)
+        while view:
+            view = view[os.write(fd, view) :]
+        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def send_shared(sock: _socket.socket, frames: Sequence[Any]) -> None:
+    """One message, its large frames in shared memory (their descriptors sent with
+    its first bytes)."""
+    lengths: list[int] = []
+    stream: list[Any] = []
+    fds: list[int] = []
+    try:
+        for frame in frames:
+            size = len(frame) if not isinstance(frame, memoryview) else frame.nbytes
+            fd = None
+            if size >= SHM_MIN:
+                try:
+                    fd = _to_shared(frame)
+                except OSError:  # out of descriptors or memory: in the stream
+                    fd = None
+            if fd is not None:
+                fds.append(fd)
+                lengths.append(SHM_FLAG | size)
+            else:
+                stream.append(frame)
+                lengths.append(size)
+        head = _COUNT.pack(len(lengths)) + struct.pack(f"!{len(lengths)}Q", *lengths)
+        if not fds:
+            _send_all(sock, [head, *stream])
+            return
+        rights = [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+        sent = sock.sendmsg([head], rights)  # blocking: all of the head, with the fds
+        _send_all(sock, [memoryview(head)[sent:], *stream])
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def read_message(stream: Any) -> list[Any] | None:
+    """One message's frames (bytes, or a bytearray for a large one), or None at a clean
+    end of stream."""
+    head = stream.read(_COUNT.size)
+    if len(head) < _COUNT.size:
+        return None
+    (count,) = _COUNT.unpack(head)
+    raw = stream.read(_LEN.size * count)
+    if len(raw) < _LEN.size * count:
+        return None
+    lengths = struct.unpack(f"!{count}Q", raw)
+    frames: list[Any] = []
+    fds = getattr(stream, "fds", None)
+    for length in lengths:
+        frame: Any
+        if length & SHM_FLAG:
+            # None when its descriptor did not get through (only the agent's probe
+            # comes so before the answer, and it is only used after).
+            frame = _map_fd(fds.pop(0), length & ~SHM_FLAG) if fds else None
+        elif length < OWN_BUFFER:
+            frame = stream.read(length)
+            if len(frame) < length:
+                return None
+        else:
+            frame = bytearray(length)
+            if not _read_into(stream, memoryview(frame)):
+                return None
+        frames.append(frame)
+    return frames
+
+
+def _read_into(stream: Any, view: memoryview) -> bool:
+    while view:
+        count = stream.readinto(view)
+        if not count:
+            return False
+        view = view[count:]
+    return True
+
+
+def pack_message(frames: Sequence[Any]) -> list[Any]:
+    """``u32 count``, the ``u64`` lengths, then the frames: one sendall, three reads."""
+    return [
+        _COUNT.pack(len(frames)),
+        struct.pack(f"!{len(frames)}Q", *(len(f) for f in frames)),
+        *frames,
+    ]
+
+
+def _send_all(sock: _socket.socket, parts: Sequence[Any]) -> None:
+    if sum(len(p) for p in parts) < 1 << 20:
+        sock.sendall(b"".join(parts))
+        return
+    # Large blobs: no joined copy; several buffers per system call.
+    views = [memoryview(p) for p in parts if len(p)]
+    while views:
+        sent = sock.sendmsg(views[:512])
+        while sent:
+            if sent >= views[0].nbytes:
+                sent -= views.pop(0).nbytes
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
+
+# Out-of-band buffers for results: the mirror of aviato/_buffers.py (which rebuilds
+# what this makes, from standard-library callables only). Made at the first call.
+OOB_MIN_BYTES = 64 * 1024
+
+
+def make_picklers(pickle: Any, cloudpickle: Any) -> tuple[Any, Any]:
+    """(plain pickler, cloudpickle's), each taking memoryviews out of band."""
+
+    class Reduce:
+        __slots__ = ("args", "func")
+
+        def __init__(self, func: Any, args: tuple[Any, ...]) -> None:
+            self.func = func
+            self.args = args
+
+        def __reduce_ex__(self, protocol: Any) -> tuple[Any, tuple[Any, ...]]:
+            return self.func, self.args
+
+    def reduce_memoryview(mv: memoryview) -> Any:
+        try:
+            memoryview(bytes(mv.itemsize)).cast(mv.format)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            return NotImplemented
+        flat = mv
+        if not mv.c_contiguous:  # a copy, writable if the original was
+            flat = memoryview(mv.tobytes() if mv.readonly else bytearray(mv.tobytes()))
+        rebuilt: Any = Reduce(memoryview, (pickle.PickleBuffer(flat),))
+        if mv.format != "B" or mv.ndim != 1:
+            rebuilt = Reduce(memoryview.cast, (rebuilt, mv.format, list(mv.shape or ())))
+        if mv.readonly:
+            rebuilt = Reduce(memoryview.toreadonly, (rebuilt,))
+        return rebuilt.__reduce_ex__(5)
+
+    class Plain(pickle.Pickler):  # type: ignore[misc]
+        def reducer_override(self, obj: Any) -> Any:
+            if type(obj) is memoryview:
+                return reduce_memoryview(obj)
+            return NotImplemented
+
+    class Cloud(cloudpickle.Pickler):  # type: ignore[misc]
+        def reducer_override(self, obj: Any) -> Any:
+            if type(obj) is memoryview:
+                return reduce_memoryview(obj)
+            return super().reducer_override(obj)
+
+    def wrap_top(value: Any) -> Any:
+        if type(value) in (bytes, bytearray) and len(value) >= OOB_MIN_BYTES:
+            return Reduce(type(value), (pickle.PickleBuffer(value),))
+        return value
+
+    def dumps(cls: Any, value: Any) -> tuple[bytes, list[memoryview]]:
+        views: list[memoryview] = []
+
+        def take(buffer: Any) -> bool:
+            raw = buffer.raw()
+            if raw.nbytes < OOB_MIN_BYTES:
+                return True
+            views.append(raw)
+            return False
+
+        out = io.BytesIO()
+        cls(out, protocol=5, buffer_callback=take).dump(wrap_top(value))
+        return out.getvalue(), views
+
+    return (lambda v: dumps(Plain, v)), (lambda v: dumps(Cloud, v))
