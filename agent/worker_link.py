@@ -207,7 +207,6 @@ def _send_all(sock: _socket.socket, parts: Sequence[Any]) -> None:
                 sent = 0
 
 
-
 # Out-of-band buffers for results: the mirror of aviato/_buffers.py (which rebuilds
 # what this makes, from standard-library callables only). Made at the first call.
 OOB_MIN_BYTES = 64 * 1024

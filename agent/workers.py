@@ -126,9 +126,7 @@ class WorkerHub:
         Python)."""
         self.lib.mkdir()
         shutil.copy(Path(__file__).with_name("worker.py"), self.lib / "aviato_worker.py")
-        shutil.copy(
-            Path(__file__).with_name("worker_link.py"), self.lib / "aviato_worker_link.py"
-        )
+        shutil.copy(Path(__file__).with_name("worker_link.py"), self.lib / "aviato_worker_link.py")
         shutil.copytree(
             Path(cloudpickle.__file__).parent,
             self.lib / "cloudpickle",

@@ -112,9 +112,7 @@ def dumps(value: Any) -> tuple[bytes, Frames]:
 
 
 def dumps_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[bytes, Frames]:
-    return dumps(
-        (tuple(wrap_top(a) for a in args), {k: wrap_top(v) for k, v in kwargs.items()})
-    )
+    return dumps((tuple(wrap_top(a) for a in args), {k: wrap_top(v) for k, v in kwargs.items()}))
 
 
 def loads(blob: bytes | memoryview, buffers: Sequence[memoryview | bytes] = ()) -> Any:

@@ -109,9 +109,7 @@ def map_shared(fd: int, length: int, keep: bool = False) -> memoryview:
         # the page cache): MAP_POPULATE measured slower here.
         if not keep:
             return _map_private(fd, length)
-        region = Shared(
-            fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
-        )
+        region = Shared(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     except BaseException:
         os.close(fd)
         raise

@@ -409,9 +409,7 @@ def print_report(results: list[Result]) -> None:
     for row in table_rows:
         cells = [fmt(row.values.get(s, float("nan"))) for s in systems]
         color = "green" if row.verdict == "met" else "red"
-        table.add_row(
-            row.what, row.unit, *cells, row.target, f"[{color}]{escape(row.verdict)}[/]"
-        )
+        table.add_row(row.what, row.unit, *cells, row.target, f"[{color}]{escape(row.verdict)}[/]")
     console.print(table)
     console.print("\n[bold]Markdown[/]\n")
     head = ["row", "unit", *(LABELS.get(s, s) for s in systems), "target", "verdict"]

@@ -36,8 +36,10 @@ class Blob:
         return type(self), (bytes(self.data), self.tag)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Blob) and bytes(other.data) == bytes(self.data) and (
-            other.tag == self.tag
+        return (
+            isinstance(other, Blob)
+            and bytes(other.data) == bytes(self.data)
+            and (other.tag == self.tag)
         )
 
 
@@ -244,9 +246,9 @@ async def test_large_frames_cross_a_lane_in_shared_memory() -> None:
             onward.send(frames)
             await _until(lambda: got2)
             assert bytes(got2[0][2]) == big  # the memfd as sent, not the relay's copy
-            assert os.path.samestat(
-                os.fstat(got2[0][2].obj.fd), os.fstat(frames[2].obj.fd)
-            ), "the relay passed the memfd on"
+            assert os.path.samestat(os.fstat(got2[0][2].obj.fd), os.fstat(frames[2].obj.fd)), (
+                "the relay passed the memfd on"
+            )
             assert got2[0][2].obj.fd >= 0
         finally:
             onward.close()
