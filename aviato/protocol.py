@@ -212,10 +212,17 @@ class GetSandbox(Message):
 
 @dataclass(frozen=True, slots=True)
 class ListSandboxes(Message):
+    """One page of the matching rows, from after ``cursor`` ("" for the first page);
+    ``limit`` caps its rows (0: the scheduler's page size). Filters are all applied by
+    the scheduler. The reply's ``next_cursor`` asks for the next page ("" when done)."""
+
     TYPE = MsgType.LIST_SANDBOXES
     tags: tuple[str, ...] = ()
     statuses: tuple[SandboxStatus, ...] = ()
     session_id: str | None = None
+    agent_id: str | None = None
+    limit: int = 0
+    cursor: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +271,9 @@ class SandboxReply(Message):
 class SandboxListReply(Message):
     TYPE = MsgType.SANDBOX_LIST_REPLY
     sandboxes: tuple[SandboxInfo, ...]
+    #: Where the next page starts ("" after the last one). A page may be short, even
+    #: empty, and still have a next one: the scheduler bounds the rows it looks at.
+    next_cursor: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,9 +337,15 @@ class RegisterReply(Message):
 
 @dataclass(frozen=True, slots=True)
 class AgentHeartbeat(Message):
+    """With ``full``, ``running`` lists every sandbox the agent has (a resync, now and
+    then); otherwise ``gone`` lists those it no longer has since its last heartbeat,
+    and ``running`` is empty: a heartbeat's cost follows the changes, not the table."""
+
     TYPE = MsgType.AGENT_HEARTBEAT
     agent_id: str
     running: tuple[str, ...] = ()
+    full: bool = True
+    gone: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +357,9 @@ class HeartbeatReply(Message):
     TYPE = MsgType.HEARTBEAT_REPLY
     registered: bool
     dead_agents: tuple[str, ...] = ()
+    #: The interval to beat at from now on (0: unchanged). It grows with the cluster,
+    #: so that heartbeats stay a small part of the scheduler's work.
+    heartbeat_interval: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
