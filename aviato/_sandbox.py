@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -50,6 +51,15 @@ from aviato.protocol import (
 
 if TYPE_CHECKING:
     from aviato._session import Session
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SandboxPage:
+    """One page of a listing (``Sandbox.page``): its sandboxes, and the cursor that
+    asks for the next page ("" after the last)."""
+
+    sandboxes: list[Sandbox]
+    cursor: str
 
 #: Longest single long-poll of ``wait``; the loop re-asks until its own deadline.
 #: How long ``wait`` rides out a scheduler that does not answer (or, just after, does
@@ -169,9 +179,79 @@ class Sandbox:
         *,
         tags: Sequence[str] = (),
         status: Sequence[SandboxStatus | str] | None = None,
+        session_id: str | None = None,
+        agent_id: str | None = None,
+        limit: int | None = None,
         defaults: SandboxDefaults | None = None,
-    ) -> list[Sandbox]:
-        """Sandboxes carrying every tag in ``tags``; by default the live ones."""
+    ) -> builtins.list[Sandbox]:
+        """Sandboxes carrying every tag in ``tags``; by default the live ones. Every one
+        (gathered a page at a time), or the first ``limit``. For a big cluster,
+        ``Sandbox.iterate`` yields them as pages arrive, and ``Sandbox.page`` fetches
+        one page at a time from a cursor."""
+        found: builtins.list[Sandbox] = []
+        cursor = ""
+        while limit is None or len(found) < limit:
+            page = await cls.page(
+                tags=tags,
+                status=status,
+                session_id=session_id,
+                agent_id=agent_id,
+                limit=None if limit is None else limit - len(found),
+                cursor=cursor,
+                defaults=defaults,
+            )
+            found += page.sandboxes
+            if not page.cursor:
+                break
+            cursor = page.cursor
+        return found
+
+    @classmethod
+    async def iterate(
+        cls,
+        *,
+        tags: Sequence[str] = (),
+        status: Sequence[SandboxStatus | str] | None = None,
+        session_id: str | None = None,
+        agent_id: str | None = None,
+        page_size: int | None = None,
+        defaults: SandboxDefaults | None = None,
+    ) -> AsyncIterator[Sandbox]:
+        """``Sandbox.list``'s rows as an async iterator, one page (``page_size`` rows,
+        by default the scheduler's) fetched at a time: ``async for sb in
+        Sandbox.iterate(): ...``."""
+        cursor = ""
+        while True:
+            page = await cls.page(
+                tags=tags,
+                status=status,
+                session_id=session_id,
+                agent_id=agent_id,
+                limit=page_size,
+                cursor=cursor,
+                defaults=defaults,
+            )
+            for sandbox in page.sandboxes:
+                yield sandbox
+            if not page.cursor:
+                return
+            cursor = page.cursor
+
+    @classmethod
+    async def page(
+        cls,
+        *,
+        tags: Sequence[str] = (),
+        status: Sequence[SandboxStatus | str] | None = None,
+        session_id: str | None = None,
+        agent_id: str | None = None,
+        limit: int | None = None,
+        cursor: str = "",
+        defaults: SandboxDefaults | None = None,
+    ) -> SandboxPage:
+        """One page of ``Sandbox.list``, from after ``cursor`` ("" for the first): at
+        most ``limit`` sandboxes, and the cursor of the next page ("" after the last).
+        The scheduler filters; a page may be short, even empty, before the last."""
         defaults = defaults or SandboxDefaults()
         statuses = (
             (SandboxStatus.CREATING, SandboxStatus.RUNNING)
@@ -180,11 +260,19 @@ class Sandbox:
         )
         conn = await scheduler_connection(defaults)
         reply = await conn.request(
-            ListSandboxes(tags=tuple(tags), statuses=statuses),
+            ListSandboxes(
+                tags=tuple(tags),
+                statuses=statuses,
+                session_id=session_id,
+                agent_id=agent_id,
+                limit=max(0, limit or 0),
+                cursor=cursor,
+            ),
             timeout=defaults.request_timeout_seconds,
         )
         assert isinstance(reply.msg, SandboxListReply)
-        return [cls._attached(info, defaults) for info in reply.msg.sandboxes]
+        sandboxes = [cls._attached(info, defaults) for info in reply.msg.sandboxes]
+        return SandboxPage(sandboxes, reply.msg.next_cursor)
 
     # ------------------------------------------------------------------ properties
 

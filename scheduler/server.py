@@ -49,11 +49,21 @@ from aviato.protocol import (
     WaitSandbox,
     decode,
 )
-from scheduler.state import Action, Config, Reply, SchedulerState, SendToAgent
+from scheduler.state import (
+    Action,
+    AgentDeclaredDead,
+    Config,
+    Reply,
+    SchedulerState,
+    SendToAgent,
+)
 
 log = logging.getLogger("aviato.scheduler")
 
 TICK_SECONDS = 0.1
+#: A tick later than this past its time means the loop was held up: that much of the
+#: agents' silence is the scheduler's own (see SchedulerState.scheduler_blind).
+LAG_NOTICE_SECONDS = 0.05
 #: An agent that never answers a PlaceSandbox/StopSandbox: forget the request after this.
 OUTGOING_TTL_SECONDS = 600.0
 
@@ -71,6 +81,13 @@ def _peer_address(frame: zmq.Frame) -> str:
         return str(frame.get("Peer-Address"))
     except zmq.ZMQError:
         return "?"
+
+
+def _input_waiting(sock: zmq.asyncio.Socket) -> bool:
+    """Whether a message waits unread (pyzmq's asyncio socket re-arms its reader when
+    EVENTS is read this way)."""
+    events = sock.get(zmq.EVENTS)
+    return isinstance(events, int) and bool(events & zmq.POLLIN)
 
 
 class SchedulerServer:
@@ -99,6 +116,8 @@ class SchedulerServer:
         self._identity_agent: dict[bytes, str] = {}
         self._outgoing: dict[tuple[bytes, int], Outgoing] = {}
         self._next_id = 0
+        #: When the socket was last found with nothing waiting (every heartbeat read).
+        self._drained_at = clock()
         self._handlers: dict[type[Message], Callable[[bytes, Decoded, float], list[Action]]] = {
             CreateSandbox: self._on_create,
             GetSandbox: self._on_get,
@@ -150,6 +169,8 @@ class SchedulerServer:
             # under a flood this loop would starve every other task (heartbeats, ticks).
             await asyncio.sleep(0)
             frames = await sock.recv_multipart(copy=False)
+            if not _input_waiting(sock):
+                self._drained_at = self.clock()
             identity = frames[0].bytes
             try:
                 decoded = decode(frames[1:])
@@ -186,8 +207,21 @@ class SchedulerServer:
 
     async def _tick_loop(self) -> None:
         while True:
+            before = time.monotonic()
             await asyncio.sleep(TICK_SECONDS)
+            lag = time.monotonic() - before - TICK_SECONDS
             now = self.clock()
+            if lag > LAG_NOTICE_SECONDS:
+                # The loop was held up (a long handler, the process stopped): whatever
+                # arrived meanwhile is still unread. Not the agents' silence.
+                self.state.scheduler_blind(now - lag, now)
+                if lag > 1.0:
+                    log.warning("scheduler: the event loop stalled for %.1f s", lag)
+            assert self._sock is not None
+            if _input_waiting(self._sock):
+                # Messages (heartbeats among them) wait unread since the socket was last
+                # empty: the scheduler is behind, and judges nobody for that time.
+                self.state.scheduler_blind(self._drained_at, now)
             await self._apply(self.state.tick(now))
             stale = [i for i, o in self._outgoing.items() if now - o.sent_at > OUTGOING_TTL_SECONDS]
             for request_id in stale:
@@ -226,6 +260,16 @@ class SchedulerServer:
             if isinstance(action, Reply):
                 to: tuple[bytes, int] = action.to  # type: ignore[assignment]
                 await _zmq.send_to(self._sock, to[0], action.msg, to[1])
+            elif isinstance(action, AgentDeclaredDead):
+                log.warning(
+                    "agent %s declared dead: %s (last heartbeat %.1f s ago, %.1f s of it "
+                    "the scheduler's own stall or backlog; %d sandbox(es) failed)",
+                    action.agent_id,
+                    action.reason,
+                    action.seconds_since_heartbeat,
+                    action.blind_seconds,
+                    action.sandboxes,
+                )
             elif isinstance(action, SendToAgent):
                 identity = self._agent_identity.get(action.agent_id)
                 if identity is None:
@@ -262,7 +306,15 @@ class SchedulerServer:
 
     def _on_list(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, ListSandboxes)
-        reply = self.state.list_sandboxes(d.msg.tags, d.msg.statuses, d.msg.session_id)
+        msg = d.msg
+        reply = self.state.list_sandboxes(
+            msg.tags,
+            msg.statuses,
+            msg.session_id,
+            agent_id=msg.agent_id,
+            cursor=msg.cursor,
+            limit=msg.limit,
+        )
         return [Reply((identity, d.request_id), reply)]
 
     def _on_stop(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
@@ -322,8 +374,17 @@ class SchedulerServer:
         known = (
             self.state.is_registered(agent_id) and self._agent_identity.get(agent_id) == identity
         )
-        actions = self.state.heartbeat(agent_id, d.msg.running, now) if known else []
-        reply = HeartbeatReply(registered=known, dead_agents=self.state.dead_agents(now))
+        msg = d.msg
+        actions = (
+            self.state.heartbeat(agent_id, msg.running, now, full=msg.full, gone=msg.gone)
+            if known
+            else []
+        )
+        reply = HeartbeatReply(
+            registered=known,
+            dead_agents=self.state.dead_agents(now),
+            heartbeat_interval=self.state.heartbeat_interval(),
+        )
         return [Reply((identity, d.request_id), reply), *actions]
 
     def _on_deregister(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
