@@ -228,6 +228,7 @@ class SchedulerState:
         self._pending_ids: set[str] = set()
         self._lifetimes: Timers[str] = Timers()
         self._lease_timers: Timers[str] = Timers()
+        self._lease_renewed: dict[str, float] = {}
         #: CREATING rows whose creator waits: sandbox id -> when the agent is too late
         self._placing: dict[str, float] = {}
         #: rows with stop waiters (each answered by its deadline at the latest)
@@ -575,7 +576,7 @@ class SchedulerState:
         self.agents[agent_id].active.add(rec.sandbox_id)
         if spec.session_id and spec.session_id not in self.sessions:
             # The client, if alive, renews this with its next keepalive.
-            self._lease(spec.session_id, now + self.config.adopted_lease_seconds)
+            self._lease(spec.session_id, now + self.config.adopted_lease_seconds, now)
         return []
 
     # ------------------------------------------------------------------ create / place
@@ -607,7 +608,7 @@ class SchedulerState:
         if session_id and session_id not in self.sessions:
             # Not heard of since a restart: a lease of its own, renewed by a live client,
             # so that its sandboxes are reaped if none is.
-            self._lease(session_id, now + self.config.adopted_lease_seconds)
+            self._lease(session_id, now + self.config.adopted_lease_seconds, now)
         self.pending.append(
             PendingCreate(key, spec, now + max(0.0, timeout_seconds), now, sandbox_id)
         )
@@ -825,16 +826,18 @@ class SchedulerState:
 
     def session_keepalive(self, session_id: str, lease_seconds: float, now: float) -> None:
         if session_id not in self.closed_sessions:  # a keepalive late after the close
-            self._lease(session_id, now + max(0.1, lease_seconds))
+            self._lease(session_id, now + max(0.1, lease_seconds), now)
 
-    def _lease(self, session_id: str, expiry: float) -> None:
+    def _lease(self, session_id: str, expiry: float, now: float) -> None:
         self.sessions[session_id] = expiry
+        self._lease_renewed[session_id] = now
         self._lease_timers.add(expiry, session_id)
 
     def session_close(
         self, session_id: str, reason: str, now: float
     ) -> tuple[list[str], list[Action]]:
         self.sessions.pop(session_id, None)
+        self._lease_renewed.pop(session_id, None)
         self.closed_sessions.pop(session_id, None)  # re-inserted: kept in time order
         self.closed_sessions[session_id] = now
         stopped: list[str] = []
@@ -887,8 +890,15 @@ class SchedulerState:
                 if now - when <= keep:
                     break
                 del forget[key]
-        for session_id in self._lease_timers.due(now):
+        for session_id in list(self._lease_timers.due(now)):
             expiry = self.sessions.get(session_id)
+            if expiry is None or now < expiry:
+                continue
+            # A keepalive unread while the scheduler was blind is not the client's fault.
+            credit = self.blind.blind_since(self._lease_renewed.get(session_id, expiry), now)
+            if now < expiry + credit:
+                self._lease_timers.add(expiry + credit, session_id)
+                continue
             if expiry is not None and now >= expiry:
                 _, more = self.session_close(
                     session_id, f"session {session_id} lease expired (client gone)", now

@@ -1295,3 +1295,17 @@ def test_timers_pop_exactly_what_is_due_in_time_order(whens: list[float], now: f
     assert sorted(due) == sorted(n for n, w in enumerate(whens) if w <= now)
     assert [whens[n] for n in due] == sorted(whens[n] for n in due)
     assert len(timers) == len(whens) - len(due)
+
+
+def test_a_session_lease_is_not_lost_to_the_schedulers_own_stall() -> None:
+    state = make_state()
+    register(state, "a", slots=2)
+    state.session_keepalive("s", 5.0, 0.0)
+    sid = run(state, "k", session_id="s")
+    state.scheduler_blind(1.0, 9.0)  # its keepalives sat unread
+    assert stops(state.tick(9.0)) == []
+    assert status_of(state, sid) is RUNNING
+    state.session_keepalive("s", 5.0, 9.5)
+    assert stops(state.tick(12.0)) == []
+    # A client really gone still loses its lease.
+    assert stops(state.tick(14.6)) == [("a", sid)]
