@@ -61,6 +61,7 @@ class SandboxPage:
     sandboxes: list[Sandbox]
     cursor: str
 
+
 #: Longest single long-poll of ``wait``; the loop re-asks until its own deadline.
 #: How long ``wait`` rides out a scheduler that does not answer (or, just after, does
 #: not know the sandbox yet) before it raises.
