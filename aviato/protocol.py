@@ -580,8 +580,20 @@ def _frame_bytes(frame: Any) -> Payload:
     )
 
 
-def decode(frames: Sequence[Any]) -> Decoded:
-    """Decode ``[envelope, *payloads]``; raises :class:`DecodeError`, never anything else."""
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A message's envelope, checked, with its body not yet checked (see ``decode``)."""
+
+    type: MsgType
+    request_id: int
+    token: str | None
+    body: Any
+
+
+def open_envelope(frames: Sequence[Any]) -> Envelope:
+    """The checked envelope of ``[envelope, *payloads]``, its body as msgpack gave it:
+    for a daemon that may not need the body (a reply whose content it ignores).
+    Raises :class:`DecodeError`, never anything else."""
     if not frames:
         raise DecodeError("empty message", code=ErrorCode.MALFORMED, request_id=None)
     try:
@@ -604,7 +616,8 @@ def decode(frames: Sequence[Any]) -> Decoded:
             request_id=request_id,
         )
     try:
-        cls = MESSAGE_TYPES[MsgType(envelope.get("t", -1))]
+        msg_type = MsgType(envelope.get("t", -1))
+        MESSAGE_TYPES[msg_type]
     except (ValueError, KeyError):
         raise DecodeError(
             f"unknown message type {brief(envelope.get('t'))}",
@@ -614,13 +627,24 @@ def decode(frames: Sequence[Any]) -> Decoded:
     token = envelope.get("tok")
     if token is not None and not isinstance(token, str):
         raise DecodeError("token is not a string", code=ErrorCode.MALFORMED, request_id=request_id)
+    return Envelope(msg_type, request_id, token, envelope.get("b", {}))
+
+
+def decode(frames: Sequence[Any]) -> Decoded:
+    """Decode ``[envelope, *payloads]``; raises :class:`DecodeError`, never anything else."""
+    return decode_body(open_envelope(frames), frames)
+
+
+def decode_body(env: Envelope, frames: Sequence[Any]) -> Decoded:
+    """The typed message of an opened envelope (``frames`` for its payloads)."""
+    cls = MESSAGE_TYPES[env.type]
     try:
-        msg = from_wire(cls, envelope.get("b", {}), cls.__name__)
+        msg = from_wire(cls, env.body, cls.__name__)
         payloads = tuple(_frame_bytes(f) for f in frames[1:])
     except DecodeError as exc:
-        exc.request_id = request_id
+        exc.request_id = env.request_id
         raise
-    return Decoded(msg=msg, request_id=request_id, payloads=payloads, token=token)
+    return Decoded(msg=msg, request_id=env.request_id, payloads=payloads, token=env.token)
 
 
 def from_wire(tp: Any, value: Any, where: str) -> Any:

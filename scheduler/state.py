@@ -8,6 +8,7 @@ report when they register again.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from collections import deque
@@ -52,6 +53,8 @@ PAGE_SCAN = 20_000
 #: within 3 intervals, under 5 s).
 HEARTBEAT_RATE = 1000.0
 MAX_HEARTBEAT_INTERVAL = 1.5
+#: Distinct specs shared at most (see SchedulerState._intern).
+MAX_INTERNED_SPECS = 4096
 #: Blind spots older than this are forgotten (an agent silent that long is judged).
 BLIND_MEMORY_SECONDS = 3600.0
 
@@ -144,8 +147,6 @@ class SandboxRecord:
     placing: bool = False
     #: StopSandbox requests with the agent, unanswered.
     stops_unconfirmed: int = 0
-    #: Stop requests answered once the agent confirms: "stopped" means stopped there.
-    stop_waiters: list[Waiter] = field(default_factory=list)
     #: Its place in listings (see RowOrder).
     seq: int = 0
 
@@ -231,8 +232,11 @@ class SchedulerState:
         self._lease_renewed: dict[str, float] = {}
         #: CREATING rows whose creator waits: sandbox id -> when the agent is too late
         self._placing: dict[str, float] = {}
-        #: rows with stop waiters (each answered by its deadline at the latest)
-        self._stop_waiting: set[str] = set()
+        #: Stop requests answered once the agent confirms ("stopped" means stopped
+        #: there), by sandbox id; each answered by its deadline at the latest.
+        self._stop_waiters: dict[str, list[Waiter]] = {}
+        #: Identical specs (a session's pool asks for many alike) share one object.
+        self._specs: dict[tuple[object, ...], SandboxSpec] = {}
         self._order: RowOrder[SandboxRecord] = RowOrder(_seq_of)
         #: when the scheduler itself could not hear agents (see BlindSpots)
         self.blind = BlindSpots()
@@ -276,7 +280,7 @@ class SchedulerState:
         self.ended.pop(sid, None)
         if rec is not None:
             self.counts[rec.status] -= 1
-            self._stop_waiting.discard(sid)
+            self._stop_waiters.pop(sid, None)
         self._order.compact(lambda r: self.sandboxes.get(r.sandbox_id) is r, len(self.sandboxes))
 
     def _agent_changed(self, agent: AgentRecord) -> None:
@@ -560,7 +564,7 @@ class SchedulerState:
 
     def _adopt(self, reported: SandboxInfo, agent_id: str, now: float) -> list[Action]:
         """Rebuild a row from an agent's report (the scheduler restarted)."""
-        spec = reported.spec
+        spec = self._intern(reported.spec)
         deadline = None
         if spec.max_lifetime_seconds is not None:
             deadline = reported.created_at + spec.max_lifetime_seconds
@@ -609,12 +613,30 @@ class SchedulerState:
             # Not heard of since a restart: a lease of its own, renewed by a live client,
             # so that its sandboxes are reaped if none is.
             self._lease(session_id, now + self.config.adopted_lease_seconds, now)
+        spec = self._intern(spec)
         self.pending.append(
             PendingCreate(key, spec, now + max(0.0, timeout_seconds), now, sandbox_id)
         )
         if sandbox_id:
             self._pending_ids.add(sandbox_id)
         return self._dispatch(now)
+
+    def _intern(self, spec: SandboxSpec) -> SandboxSpec:
+        """One object for equal specs (memory: most sandboxes share a few specs)."""
+        key = tuple(
+            tuple(v.items()) if type(v) is dict else v
+            for v in map(spec.__getattribute__, _SPEC_FIELDS)
+        )
+        try:
+            found = self._specs.get(key)
+        except TypeError:  # an unhashable value: not shared
+            return spec
+        if found is not None:
+            return found
+        if len(self._specs) >= MAX_INTERNED_SPECS:
+            self._specs.clear()  # bounded: many distinct specs just go unshared
+        self._specs[key] = spec
+        return spec
 
     def _no_agents(self, now: float) -> str:
         """Why a create cannot even wait for a slot ("" if it can): no live agent, past
@@ -734,8 +756,8 @@ class SchedulerState:
         if key is not None and self._stop_in_flight(rec):
             # Answered once the agent has stopped it: a handle made after this reply
             # must find nothing left to exec in (see stop_confirmed).
-            rec.stop_waiters.append(Waiter(key, now + STOP_CONFIRM_SECONDS))
-            self._stop_waiting.add(sandbox_id)
+            waiter = Waiter(key, now + STOP_CONFIRM_SECONDS)
+            self._stop_waiters.setdefault(sandbox_id, []).append(waiter)
             return None, actions
         return SandboxReply(self.info(rec)), actions
 
@@ -756,17 +778,15 @@ class SchedulerState:
             return []
         rec.stops_unconfirmed = max(0, rec.stops_unconfirmed - 1)
         self._track_inflight(rec)
-        if error is not None and rec.stop_waiters:
-            waiters, rec.stop_waiters = rec.stop_waiters, []
-            self._stop_waiting.discard(sandbox_id)
+        if error is not None and sandbox_id in self._stop_waiters:
+            waiters = self._stop_waiters.pop(sandbox_id)
             return [Reply(w.key, error) for w in waiters]
         return self._answer_stop_waiters(rec)
 
     def _answer_stop_waiters(self, rec: SandboxRecord, *, force: bool = False) -> list[Action]:
-        if not rec.stop_waiters or (self._stop_in_flight(rec) and not force):
+        if rec.sandbox_id not in self._stop_waiters or (self._stop_in_flight(rec) and not force):
             return []
-        waiters, rec.stop_waiters = rec.stop_waiters, []
-        self._stop_waiting.discard(rec.sandbox_id)
+        waiters = self._stop_waiters.pop(rec.sandbox_id)
         reply = SandboxReply(self.info(rec))
         return [Reply(w.key, reply) for w in waiters]
 
@@ -859,11 +879,11 @@ class SchedulerState:
         """Everything that happens because time passed: O(what is due), never a walk of
         the sandbox table (agents are walked: a few thousand at most)."""
         actions = self._judge_agents(now)
-        for sid in list(self._stop_waiting):
+        for sid, waiters in list(self._stop_waiters.items()):
             rec = self.sandboxes.get(sid)
-            if rec is None or not rec.stop_waiters:
-                self._stop_waiting.discard(sid)
-            elif any(w.deadline <= now for w in rec.stop_waiters):
+            if rec is None:
+                del self._stop_waiters[sid]
+            elif any(w.deadline <= now for w in waiters):
                 actions += self._answer_stop_waiters(rec, force=True)  # best effort
         keep = self.config.keep_ended_seconds
         while self.ended:
@@ -989,6 +1009,9 @@ class SchedulerState:
 
     def free_slots(self) -> int:
         return self._free.total()
+
+
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(SandboxSpec))
 
 
 def _seq_of(rec: SandboxRecord) -> int:
