@@ -89,7 +89,7 @@ async def _ps(args: argparse.Namespace) -> int:
     statuses = list(SandboxStatus) if args.all else None
     if not args.all and not args.quiet and args.format != "json":
         page = await Sandbox.page(
-            tags=args.tag, status=statuses, limit=PS_FIRST_PAGE, defaults=defaults
+            tags=args.tag, status=statuses, limit=args.limit, defaults=defaults
         )
         infos = [sb.info for sb in page.sandboxes if sb.info is not None]
         print_table(SANDBOX_COLUMNS, [sandbox_row(info) for info in infos])
@@ -340,6 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="every sandbox, ended ones included, streamed as plain lines",
     )
     ps.add_argument("-q", "--quiet", action="store_true", help="sandbox ids only, one a line")
+    ps.add_argument(
+        "-n",
+        "--limit",
+        type=int,
+        default=PS_FIRST_PAGE,
+        help=f"rows of the table at most (default {PS_FIRST_PAGE}; -q, --format json and "
+        "--all list every one)",
+    )
     _add_format(ps)
     stop = command("stop", help="stop sandboxes (each it can; says which it cannot)")
     stop.add_argument("ids", nargs="+")
