@@ -596,3 +596,24 @@ def test_value_error_is_bad_request_and_unknown_is_internal() -> None:
 def test_decode_error_maps_to_protocol_error() -> None:
     err = _refused(b"\xc1")
     assert error_reply(err).code is ErrorCode.MALFORMED
+
+
+def test_the_schedulers_plain_heartbeat_path_agrees_with_the_checked_decoder() -> None:
+    """The scheduler decodes a no-change heartbeat by hand (cheaper); it must give what
+    the checked decoder gives, and leave anything else to it."""
+    from aviato.protocol import AgentHeartbeat, encode, open_envelope
+    from scheduler.server import _plain_heartbeat
+
+    for msg in (
+        AgentHeartbeat("a", full=False),
+        AgentHeartbeat("a", ("sb-1",)),
+        AgentHeartbeat("a", full=False, gone=("sb-1",)),
+        AgentHeartbeat("a"),
+    ):
+        frames = encode(msg, 7, token="t")
+        fast = _plain_heartbeat(open_envelope(frames))
+        if fast is not None:
+            assert fast == decode(frames)
+        else:
+            assert msg.full or msg.gone
+    assert _plain_heartbeat(open_envelope(encode(AgentHeartbeat("a", full=False), 1))) is not None
