@@ -53,6 +53,29 @@ if TYPE_CHECKING:
     from aviato._session import Session
 
 
+def _list_request(
+    tags: Sequence[str],
+    status: Sequence[SandboxStatus | str] | None,
+    session_id: str | None,
+    agent_id: str | None,
+    limit: int | None,
+    cursor: str,
+) -> ListSandboxes:
+    statuses = (
+        (SandboxStatus.CREATING, SandboxStatus.RUNNING)
+        if status is None
+        else tuple(SandboxStatus(s) for s in status)
+    )
+    return ListSandboxes(
+        tags=tuple(tags),
+        statuses=statuses,
+        session_id=session_id,
+        agent_id=agent_id,
+        limit=max(0, limit or 0),
+        cursor=cursor,
+    )
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class SandboxPage:
     """One page of a listing (``Sandbox.page``): its sandboxes, and the cursor that
@@ -189,15 +212,26 @@ class Sandbox:
         (gathered a page at a time), or the first ``limit``. For a big cluster,
         ``Sandbox.iterate`` yields them as pages arrive, and ``Sandbox.page`` fetches
         one page at a time from a cursor."""
+        if limit is None:
+            return [
+                sandbox
+                async for sandbox in cls.iterate(
+                    tags=tags,
+                    status=status,
+                    session_id=session_id,
+                    agent_id=agent_id,
+                    defaults=defaults,
+                )
+            ]
         found: builtins.list[Sandbox] = []
         cursor = ""
-        while limit is None or len(found) < limit:
+        while len(found) < limit:
             page = await cls.page(
                 tags=tags,
                 status=status,
                 session_id=session_id,
                 agent_id=agent_id,
-                limit=None if limit is None else limit - len(found),
+                limit=limit - len(found),
                 cursor=cursor,
                 defaults=defaults,
             )
@@ -221,22 +255,25 @@ class Sandbox:
         """``Sandbox.list``'s rows as an async iterator, one page (``page_size`` rows,
         by default the scheduler's) fetched at a time: ``async for sb in
         Sandbox.iterate(): ...``."""
-        cursor = ""
-        while True:
-            page = await cls.page(
-                tags=tags,
-                status=status,
-                session_id=session_id,
-                agent_id=agent_id,
-                limit=page_size,
-                cursor=cursor,
-                defaults=defaults,
-            )
-            for sandbox in page.sandboxes:
-                yield sandbox
-            if not page.cursor:
-                return
-            cursor = page.cursor
+        defaults = defaults or SandboxDefaults()
+        conn = await scheduler_connection(defaults)
+        request = _list_request(tags, status, session_id, agent_id, page_size, "")
+        # The scheduler streams every page to this one request: the next page is made
+        # while this one is decoded. (No reply type ends it: the last page has no cursor.)
+        replies = conn.stream(
+            dataclasses.replace(request, stream=True),
+            idle_timeout=defaults.request_timeout_seconds,
+            is_last=SandboxReply,
+        )
+        try:
+            async for reply in replies:
+                assert isinstance(reply.msg, SandboxListReply)
+                for info in reply.msg.sandboxes:
+                    yield cls._attached(info, defaults)
+                if not reply.msg.next_cursor:
+                    return
+        finally:
+            await replies.aclose()  # type: ignore[attr-defined]
 
     @classmethod
     async def page(
@@ -254,21 +291,9 @@ class Sandbox:
         most ``limit`` sandboxes, and the cursor of the next page ("" after the last).
         The scheduler filters; a page may be short, even empty, before the last."""
         defaults = defaults or SandboxDefaults()
-        statuses = (
-            (SandboxStatus.CREATING, SandboxStatus.RUNNING)
-            if status is None
-            else tuple(SandboxStatus(s) for s in status)
-        )
         conn = await scheduler_connection(defaults)
         reply = await conn.request(
-            ListSandboxes(
-                tags=tuple(tags),
-                statuses=statuses,
-                session_id=session_id,
-                agent_id=agent_id,
-                limit=max(0, limit or 0),
-                cursor=cursor,
-            ),
+            _list_request(tags, status, session_id, agent_id, limit, cursor),
             timeout=defaults.request_timeout_seconds,
         )
         assert isinstance(reply.msg, SandboxListReply)

@@ -223,6 +223,9 @@ class ListSandboxes(Message):
     agent_id: str | None = None
     limit: int = 0
     cursor: str = ""
+    #: Every page from ``cursor`` on, each its own reply to this one request (the
+    #: last with no ``next_cursor``): the client decodes one while the next is made.
+    stream: bool = False
 
 
 @dataclass(frozen=True, slots=True)

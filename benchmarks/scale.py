@@ -218,6 +218,7 @@ async def run_rung(
     proc, address = await start_scheduler(cleanup, None)
     log_path = Path(cleanup.dirs[-1]) / "scheduler.log"
     sched = psutil.Process(proc.pid)
+    me = psutil.Process()
     ctx = zmq.asyncio.Context()
     slots = max(10, (2 * sandboxes) // agents_n + 10)
     agents = [FakeAgent(ctx, address, f"fake-{RUN_ID}-{i:05d}", slots) for i in range(agents_n)]
@@ -245,7 +246,7 @@ async def run_rung(
             ph = Phase(name)
             created: list[list[str]] = [[] for _ in clients]
             per = _split(creates, clients_n)
-            c0, t0 = _cpu(sched), time.perf_counter()
+            c0, t0, m0 = _cpu(sched), time.perf_counter(), _cpu(me)
             await asyncio.gather(
                 *(
                     c.run(ph, per[i], stops[i] if stops else [], not keep, created[i], 120.0)
@@ -254,6 +255,7 @@ async def run_rung(
             )
             ph.wall = time.perf_counter() - t0
             ph.sched_cpu = _cpu(sched) - c0
+            ph.self_cpu = _cpu(me) - m0
             ph.created = created  # type: ignore[attr-defined]
             if ph.errors:
                 rung.notes.append(f"{name}: errors {ph.errors}")
@@ -284,6 +286,12 @@ async def run_rung(
         f["burst_creates_per_s"] = burst_n / burst.wall
         f["cpu_ms_per_create"] = burst.sched_cpu / burst_n * 1000
         f["burst_p99_ms"] = burst.creates.p99 * 1000
+        # Net of what the scheduler spends idling (heartbeats) over the same time.
+        f["cpu_ms_per_create_net"] = (
+            (burst.sched_cpu - f["idle_cpu_full"] * burst.wall) / burst_n * 1000
+        )
+        f["burst_sched_core"] = burst.sched_cpu / burst.wall
+        f["burst_bench_core"] = burst.self_cpu / burst.wall
         with console.status("stopping the burst"):
             stop = await phase("stop", 0, burst.created, True)  # type: ignore[attr-defined]
         f["stops_per_s"] = burst_n / stop.wall
@@ -348,7 +356,8 @@ def _targets(r: Rung) -> list[tuple[str, str, str, bool | None]]:
         (
             f"creates/s at {r.sandboxes:,} live",
             ">= 5,000",
-            f"{f['burst_creates_per_s']:,.0f}",
+            f"{f['burst_creates_per_s']:,.0f} (scheduler {f['burst_sched_core']:.2f} core, "
+            f"fake agents + clients {f['burst_bench_core']:.2f} core)",
             f["burst_creates_per_s"] >= 5000,
         ),
         (
@@ -360,7 +369,8 @@ def _targets(r: Rung) -> list[tuple[str, str, str, bool | None]]:
         (
             "scheduler CPU per create",
             "<= 0.1 ms",
-            f"{f['cpu_ms_per_create']:.3f} ms ({f['cpu_ms_per_create_vs_fill']:.3f} filling)",
+            f"{f['cpu_ms_per_create']:.3f} ms ({f['cpu_ms_per_create_net']:.3f} net of idle; "
+            f"{f['cpu_ms_per_create_vs_fill']:.3f} while filling from 0)",
             f["cpu_ms_per_create"] <= 0.1,
         ),
         (

@@ -151,6 +151,8 @@ class SchedulerServer:
         self._identity_agent: dict[bytes, str] = {}
         self._outgoing: dict[tuple[bytes, int], Outgoing] = {}
         self._next_id = 0
+        #: Listings being streamed a page at a time (see ListSandboxes.stream).
+        self._streams: set[asyncio.Task[None]] = set()
         #: When the socket was last found with nothing waiting (every heartbeat read).
         self._drained_at = clock()
         self._handlers: dict[type[Message], Callable[[bytes, Decoded, float], list[Action]]] = {
@@ -189,7 +191,7 @@ class SchedulerServer:
                     tasks.append(tg.create_task(zap.run()))
                     tasks.append(tg.create_task(log_refused_handshakes(sock, "scheduler")))
                 await self._stop.wait()
-                for task in tasks:
+                for task in [*tasks, *self._streams]:
                     task.cancel()
         finally:
             if zap is not None:
@@ -382,6 +384,11 @@ class SchedulerServer:
     def _on_list(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, ListSandboxes)
         msg = d.msg
+        if msg.stream:
+            task = asyncio.get_running_loop().create_task(self._stream_list(identity, d))
+            self._streams.add(task)
+            task.add_done_callback(self._streams.discard)
+            return []
         reply = self.state.list_sandboxes(
             msg.tags,
             msg.statuses,
@@ -391,6 +398,26 @@ class SchedulerServer:
             limit=msg.limit,
         )
         return [Reply((identity, d.request_id), reply)]
+
+    async def _stream_list(self, identity: bytes, d: Decoded) -> None:
+        """Every page of a listing, each sent as soon as it is made; other messages are
+        served between pages (a page holds the loop a few milliseconds)."""
+        msg = d.msg
+        assert isinstance(msg, ListSandboxes)
+        cursor = msg.cursor
+        while True:
+            reply = self.state.list_sandboxes(
+                msg.tags,
+                msg.statuses,
+                msg.session_id,
+                agent_id=msg.agent_id,
+                cursor=cursor,
+                limit=msg.limit,
+            )
+            if not self._send(identity, reply, d.request_id) or not reply.next_cursor:
+                return
+            cursor = reply.next_cursor
+            await asyncio.sleep(0)
 
     def _on_stop(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, StopSandbox)
