@@ -220,6 +220,7 @@ async def run_rung(
     sched = psutil.Process(proc.pid)
     me = psutil.Process()
     ctx = zmq.asyncio.Context()
+    ctx.set(zmq.MAX_SOCKETS, agents_n + 64)  # one DEALER per fake agent (default 1023)
     slots = max(10, (2 * sandboxes) // agents_n + 10)
     agents = [FakeAgent(ctx, address, f"fake-{RUN_ID}-{i:05d}", slots) for i in range(agents_n)]
     tasks: list[asyncio.Task[None]] = []
@@ -448,9 +449,14 @@ def print_report(rungs: list[Rung], load: str, argv: list[str]) -> None:
 
 async def amain(args: argparse.Namespace) -> list[Rung]:
     rungs = [await run_rung(args.agents, args.sandboxes, py_spy=args.py_spy)]
+    print_report(rungs, _load(), args.raw)  # now: the next rung may take long, or fail
     if args.next_rung:
         rungs.append(await run_rung(args.next_rung, args.sandboxes, py_spy=args.py_spy))
     return rungs
+
+
+def _load() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -470,12 +476,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(raw)
     if args.quick:
         args.agents, args.sandboxes = 200, 10_000
+    args.raw = raw
     try:
         rungs = uvloop.run(amain(args))
     except KeyboardInterrupt:
         return 130
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
-    print_report(rungs, load, raw)
+    if len(rungs) > 1:
+        print_report(rungs, _load(), raw)
     return 0
 
 

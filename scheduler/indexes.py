@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+from collections import deque
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
@@ -121,7 +122,7 @@ class BlindSpots:
     ``t``; only that counts against it."""
 
     def __init__(self) -> None:
-        self._spots: list[tuple[float, float]] = []
+        self._spots: deque[tuple[float, float]] = deque()
 
     def add(self, start: float, end: float) -> None:
         if end <= start:
@@ -143,8 +144,10 @@ class BlindSpots:
 
     def forget_before(self, when: float) -> None:
         """Spots that ended before ``when`` can no longer matter (every agent last heard
-        before then is already judged)."""
-        self._spots = [s for s in self._spots if s[1] >= when]
+        before then is already judged). O(spots forgotten): called every tick."""
+        spots = self._spots
+        while spots and spots[0][1] < when:
+            spots.popleft()
 
     def __len__(self) -> int:
         return len(self._spots)
