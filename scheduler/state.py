@@ -51,7 +51,7 @@ PAGE_SCAN = 20_000
 #: Heartbeats the scheduler aims to read per second at most: past it, agents are told
 #: to beat less often (up to MAX_HEARTBEAT_INTERVAL, so that a death is still seen
 #: within 3 intervals, under 5 s).
-HEARTBEAT_RATE = 800.0
+HEARTBEAT_RATE = 700.0
 MAX_HEARTBEAT_INTERVAL = 1.5
 #: Distinct specs shared at most (see SchedulerState._intern).
 MAX_INTERNED_SPECS = 4096
