@@ -13,6 +13,7 @@ an :class:`ErrorReply` instead of failing somewhere deeper.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -558,15 +559,39 @@ def encode(
     *,
     token: str | None = None,
 ) -> list[Frame]:
+    return encode_body(msg.TYPE, request_id, to_wire(msg), payloads, token=token)
+
+
+def encode_body(
+    msg_type: MsgType,
+    request_id: int,
+    body: dict[str, Any],
+    payloads: Sequence[Payload] = (),
+    *,
+    token: str | None = None,
+) -> list[Frame]:
+    """``encode`` for a body already in wire form (see ``info_wire``)."""
     envelope: dict[str, Any] = {
         "v": PROTOCOL_VERSION,
-        "t": int(msg.TYPE),
+        "t": int(msg_type),
         "id": request_id,
-        "b": to_wire(msg),
+        "b": body,
     }
     if token is not None:
         envelope["tok"] = token
     return [msgpack.packb(envelope, use_bin_type=True), *payloads]
+
+
+_INFO_FIELDS = tuple(f.name for f in dataclasses.fields(SandboxInfo))
+
+
+def info_wire(info: SandboxInfo, spec_wire: dict[str, Any]) -> dict[str, Any]:
+    """``to_wire(info)`` with its spec's wire form given: a sender of many rows that
+    share a spec (the scheduler) converts the spec once."""
+    out = {name: getattr(info, name) for name in _INFO_FIELDS}
+    out["spec"] = spec_wire
+    out["status"] = info.status.value
+    return out
 
 
 def _frame_bytes(frame: Any) -> Payload:

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -32,6 +33,7 @@ from aviato.protocol import (
     Envelope,
     ErrorCode,
     ErrorReply,
+    Frame,
     GetSandbox,
     HeartbeatReply,
     ListSandboxes,
@@ -43,7 +45,9 @@ from aviato.protocol import (
     Pong,
     RegisterAgent,
     SandboxExited,
+    SandboxListReply,
     SandboxReply,
+    SandboxSpec,
     SessionClose,
     SessionCloseReply,
     SessionKeepalive,
@@ -51,7 +55,10 @@ from aviato.protocol import (
     WaitSandbox,
     decode_body,
     encode,
+    encode_body,
+    info_wire,
     open_envelope,
+    to_wire,
 )
 from scheduler.state import (
     Action,
@@ -151,6 +158,8 @@ class SchedulerServer:
         self._identity_agent: dict[bytes, str] = {}
         self._outgoing: dict[tuple[bytes, int], Outgoing] = {}
         self._next_id = 0
+        #: id(spec) -> (spec, its wire form), see _encode.
+        self._spec_wires: dict[int, tuple[SandboxSpec, dict[str, Any]]] = {}
         #: Listings being streamed a page at a time (see ListSandboxes.stream).
         self._streams: set[asyncio.Task[None]] = set()
         #: When the socket was last found with nothing waiting (every heartbeat read).
@@ -255,11 +264,34 @@ class SchedulerServer:
         self._apply(self._on_agent_reply(outgoing, OkReply(), self.clock()))
         return True
 
+    def _encode(self, msg: Message, request_id: int) -> list[Frame]:
+        """``encode``, with each spec converted once (the state shares one object among
+        equal specs): most of what the scheduler sends is sandbox rows."""
+        body: dict[str, Any]
+        if isinstance(msg, PlaceSandbox | SandboxReply):
+            body = {"sandbox": info_wire(msg.sandbox, self._spec_wire(msg.sandbox.spec))}
+        elif isinstance(msg, SandboxListReply):
+            rows = [info_wire(i, self._spec_wire(i.spec)) for i in msg.sandboxes]
+            body = {"sandboxes": rows, "next_cursor": msg.next_cursor}
+        else:
+            return encode(msg, request_id)
+        return encode_body(msg.TYPE, request_id, body)
+
+    def _spec_wire(self, spec: SandboxSpec) -> dict[str, Any]:
+        found = self._spec_wires.get(id(spec))
+        if found is not None and found[0] is spec:
+            return found[1]
+        if len(self._spec_wires) >= 4096:
+            self._spec_wires.clear()  # bounded; the entry holds the spec, so ids stay true
+        wire: dict[str, Any] = to_wire(spec)
+        self._spec_wires[id(spec)] = (spec, wire)
+        return wire
+
     def _send(self, identity: bytes, msg: Message, request_id: int) -> bool:
         """Send on the ROUTER, never waiting; a peer gone (or not reading) is logged."""
         assert self._raw is not None
         try:
-            self._raw.send_multipart([identity, *encode(msg, request_id)], zmq.DONTWAIT)
+            self._raw.send_multipart([identity, *self._encode(msg, request_id)], zmq.DONTWAIT)
         except zmq.ZMQError as exc:
             log.debug("dropping %s to a gone or unread peer: %s", type(msg).__name__, exc)
             return False
