@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
@@ -36,7 +37,7 @@ from aviato._daemon import log_level
 from aviato._defaults import SandboxDefaults
 from aviato._sandbox import Sandbox, scheduler_connection
 from aviato.exceptions import AviatoError, ConfigurationError
-from aviato.protocol import ClusterStatus, ClusterStatusReply, SandboxStatus
+from aviato.protocol import AgentInfo, ClusterStatus, ClusterStatusReply, SandboxStatus
 
 #: Rows ``aviato ps`` draws as a table (more: -q, --format json or --all stream them).
 PS_FIRST_PAGE = 100
@@ -68,9 +69,17 @@ async def _status(args: argparse.Namespace) -> int:
     defaults = _defaults(args)
     address = defaults.scheduler_address() or ""
     conn = await scheduler_connection(defaults)
-    reply = await conn.request(ClusterStatus(), timeout=defaults.request_timeout_seconds)
-    assert isinstance(reply.msg, ClusterStatusReply)
-    status = reply.msg
+    status: ClusterStatusReply | None = None
+    agents: list[AgentInfo] = []
+    cursor = ""
+    while status is None or cursor:  # every page of agents
+        reply = await conn.request(
+            ClusterStatus(cursor=cursor), timeout=defaults.request_timeout_seconds
+        )
+        assert isinstance(reply.msg, ClusterStatusReply)
+        agents += reply.msg.agents
+        status, cursor = reply.msg, reply.msg.next_cursor
+    status = dataclasses.replace(status, agents=tuple(agents), next_cursor="")
     if args.format == "json":
         print_json(status_record(address, status))
         return 0

@@ -262,7 +262,12 @@ class SessionClose(Message):
 
 @dataclass(frozen=True, slots=True)
 class ClusterStatus(Message):
+    """A page of the agents (by id, after ``cursor``; ``limit`` of them at most, 0 for
+    the scheduler's page size) with the cluster's counts."""
+
     TYPE = MsgType.CLUSTER_STATUS
+    limit: int = 0
+    cursor: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +297,10 @@ class ClusterStatusReply(Message):
     agents: tuple[AgentInfo, ...]
     sandbox_counts: dict[str, int]
     sessions: int
+    #: The next page of agents ("" after the last).
+    next_cursor: str = ""
+    #: Free slots on live agents, cluster-wide (whatever the page).
+    free_slots: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,6 +38,7 @@ if not __package__:
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import subprocess
@@ -91,11 +92,19 @@ async def _idle_cpu(sched: psutil.Process, seconds: float) -> float:
 
 
 async def _status(ctx: zmq.asyncio.Context, address: str) -> ClusterStatusReply:
+    """The status with every page of agents."""
     sock = _dealer(ctx, address)
+    agents: list[Any] = []
+    cursor, n = "", 0
     try:
-        reply = await _request(sock, ClusterStatus(), 1, "ClusterStatusReply")
-        assert isinstance(reply, ClusterStatusReply)
-        return reply
+        while True:
+            n += 1
+            reply = await _request(sock, ClusterStatus(cursor=cursor), n, "ClusterStatusReply")
+            assert isinstance(reply, ClusterStatusReply)
+            agents += reply.agents
+            if not reply.next_cursor:
+                return dataclasses.replace(reply, agents=tuple(agents))
+            cursor = reply.next_cursor
     finally:
         sock.close()
 

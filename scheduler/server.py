@@ -474,7 +474,9 @@ class SchedulerServer:
         return [*actions, Reply((identity, d.request_id), SessionCloseReply(tuple(stopped)))]
 
     def _on_status(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
-        return [Reply((identity, d.request_id), self.state.status(now))]
+        assert isinstance(d.msg, ClusterStatus)
+        reply = self.state.status(now, d.msg.cursor, d.msg.limit)
+        return [Reply((identity, d.request_id), reply)]
 
     def _on_ping(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         return [Reply((identity, d.request_id), Pong(server="scheduler"))]

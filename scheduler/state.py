@@ -8,6 +8,7 @@ report when they register again.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import os
 import re
@@ -48,6 +49,8 @@ STOP_CONFIRM_SECONDS = 20.0
 PAGE_ROWS = 500
 MAX_PAGE_ROWS = 5000
 PAGE_SCAN = 20_000
+PAGE_AGENTS = 1000
+MAX_PAGE_AGENTS = 5000
 #: Heartbeats the scheduler aims to read per second at most: past it, agents are told
 #: to beat less often (up to MAX_HEARTBEAT_INTERVAL, so that a death is still seen
 #: within 3 intervals, under 5 s).
@@ -393,9 +396,16 @@ class SchedulerState:
             rows.append(self.info(rec))
         return SandboxListReply(tuple(rows), next_cursor=f"{last}" if more else "")
 
-    def status(self, now: float) -> ClusterStatusReply:
+    def status(self, now: float, cursor: str = "", limit: int | None = None) -> ClusterStatusReply:
+        """The counts, and a page of the agents by id after ``cursor`` (PAGE_AGENTS by
+        default: a status of thousands of agents does not hold the loop either)."""
         counts: dict[str, int] = {s.value: n for s, n in self.counts.items()}
         counts["queued"] = len(self.pending)
+        ids = sorted(self.agents)
+        start = bisect.bisect_right(ids, cursor) if cursor else 0
+        size = min(MAX_PAGE_AGENTS, PAGE_AGENTS if limit is None or limit <= 0 else limit)
+        page = ids[start : start + size]
+        more = start + size < len(ids)
         agents = tuple(
             AgentInfo(
                 agent_id=a.agent_id,
@@ -408,9 +418,15 @@ class SchedulerState:
                 seconds_since_heartbeat=max(0.0, now - a.last_seen),
                 lane=a.lane,
             )
-            for a in sorted(self.agents.values(), key=lambda a: a.agent_id)
+            for a in map(self.agents.__getitem__, page)
         )
-        return ClusterStatusReply(agents=agents, sandbox_counts=counts, sessions=len(self.sessions))
+        return ClusterStatusReply(
+            agents=agents,
+            sandbox_counts=counts,
+            sessions=len(self.sessions),
+            next_cursor=page[-1] if more and page else "",
+            free_slots=self.free_slots(),
+        )
 
     # ------------------------------------------------------------------ agents
 

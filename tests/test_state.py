@@ -1309,3 +1309,18 @@ def test_a_session_lease_is_not_lost_to_the_schedulers_own_stall() -> None:
     assert stops(state.tick(12.0)) == []
     # A client really gone still loses its lease.
     assert stops(state.tick(14.6)) == [("a", sid)]
+
+
+def test_status_pages_agents_by_id_with_cluster_wide_counts() -> None:
+    state = make_state()
+    for i in range(7):
+        register(state, f"a{i}", slots=2)
+    run(state, "k")
+    first = state.status(0.0, limit=3)
+    assert [a.agent_id for a in first.agents] == ["a0", "a1", "a2"] and first.next_cursor == "a2"
+    assert first.sandbox_counts["running"] == 1 and first.free_slots == 13
+    rest = state.status(0.0, first.next_cursor, 3)
+    last = state.status(0.0, rest.next_cursor, 3)
+    assert [a.agent_id for a in rest.agents + last.agents] == ["a3", "a4", "a5", "a6"]
+    assert last.next_cursor == ""
+    assert len(state.status(0.0).agents) == 7  # the default page holds 1,000
