@@ -243,7 +243,7 @@ async def run_rung(
             tasks.append(asyncio.create_task(a.serve()))
             beats[a.agent_id] = asyncio.create_task(a.heartbeat())
         tasks += beats.values()
-        await asyncio.sleep(3.0)  # every agent told its interval, a few heartbeats each
+        await asyncio.sleep(8.0)  # every agent told its interval, a few heartbeats each
         f["heartbeat_interval"] = max(a.interval for a in agents)
         f["idle_cpu_empty"] = await _idle_cpu(sched, 5.0)
         rss0 = sched.memory_info().rss
