@@ -20,8 +20,8 @@ from aviato._daemon import (
     log_level,
 )
 from aviato.exceptions import UnauthorizedError
+from scheduler.records import Config
 from scheduler.server import SchedulerServer, tune_gc
-from scheduler.state import Config
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -61,14 +61,8 @@ from aviato.protocol import (
     open_envelope,
     to_wire,
 )
-from scheduler.state import (
-    Action,
-    AgentDeclaredDead,
-    Config,
-    Reply,
-    SchedulerState,
-    SendToAgent,
-)
+from scheduler.records import Action, AgentDeclaredDead, Config, Reply, SendToAgent
+from scheduler.state import SchedulerState
 
 log = logging.getLogger("aviato.scheduler")
 
@@ -92,6 +86,8 @@ FULL_GC_SECONDS = 600.0
 def tune_gc() -> None:
     """For the scheduler process (its tables are long-lived and almost cycle-free)."""
     gc.set_threshold(50_000, 50, 1_000_000)
+
+
 #: An agent that never answers a PlaceSandbox/StopSandbox: forget the request after this.
 OUTGOING_TTL_SECONDS = 600.0
 
