@@ -82,6 +82,9 @@ from aviato.protocol import (
 
 log = logging.getLogger("aviato.agent")
 
+#: Every this many heartbeats, one lists every sandbox (a resync); the others only
+#: the sandboxes gone since the last one.
+FULL_HEARTBEAT_EVERY = 20
 #: How many ended sandbox ids to remember, to tell "not running" from "unknown".
 ENDED_MEMORY = 4096
 #: Agent ids of embedded clusters: this prefix and the owning process's pid.
@@ -398,16 +401,25 @@ class AgentServer:
 
     async def _heartbeat_until_lost(self, interval: float) -> None:
         misses = 0
+        beats = 0
+        #: What the scheduler last acknowledged we have (None: tell it in full).
+        told: set[str] | None = None
         while True:
             await asyncio.sleep(interval)
-            running = tuple(self.sandboxes) + tuple(self.creating)
-            reply = await self._ask_scheduler(
-                AgentHeartbeat(self.agent_id, running), max(1.0, 2 * interval)
-            )
+            have = {*self.sandboxes, *self.creating}
+            beats += 1
+            if told is None or beats % FULL_HEARTBEAT_EVERY == 0:
+                msg = AgentHeartbeat(self.agent_id, tuple(have))
+            else:  # only what went (a lost one is sent again: told moves on a reply)
+                msg = AgentHeartbeat(self.agent_id, full=False, gone=tuple(told - have))
+            reply = await self._ask_scheduler(msg, max(1.0, 2 * interval))
             if isinstance(reply, HeartbeatReply):
                 if not reply.registered:
                     return
                 misses = 0
+                told = have
+                if reply.heartbeat_interval > 0:
+                    interval = reply.heartbeat_interval
                 if reply.dead_agents:
                     self._sweep_dead_soon(frozenset(reply.dead_agents))
             else:

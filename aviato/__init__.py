@@ -8,7 +8,7 @@ async with Sandbox.session(SandboxDefaults(container_image="python:3.11")) as se
 
 from aviato._defaults import SandboxDefaults
 from aviato._function import FunctionResult, RemoteFunction, Serialization
-from aviato._sandbox import ExecStream, Sandbox
+from aviato._sandbox import ExecStream, Sandbox, SandboxPage
 from aviato._session import Session
 from aviato._types import ExecResult, OutputChunk
 from aviato.exceptions import (
@@ -58,6 +58,7 @@ __all__ = [
     "SandboxFileError",
     "SandboxNotFoundError",
     "SandboxNotRunningError",
+    "SandboxPage",
     "SandboxStatus",
     "SandboxTerminatedError",
     "SandboxTimeoutError",

@@ -119,6 +119,65 @@ def print_table(
     Console(file=out, highlight=False).print(table)
 
 
+class PlainLines:
+    """``plain_table`` for rows that arrive page by page (``aviato ps --all``): the
+    columns are sized on the first page and each row printed as it comes (a later,
+    longer cell widens its own line only; nothing is cut)."""
+
+    def __init__(self, columns: Sequence[str], out: IO[str], first_page: int = 200) -> None:
+        self._columns = columns
+        self._out = out
+        self._held: list[Sequence[str]] = []
+        self._first_page = first_page
+        self._widths: list[int] | None = None
+
+    def add(self, row: Sequence[str]) -> None:
+        if self._widths is None:
+            self._held.append(row)
+            if len(self._held) >= self._first_page:
+                self._flush_first()
+            return
+        self._write(row)
+
+    def _flush_first(self) -> None:
+        table = plain_table(self._columns, self._held)
+        self._out.write(table)
+        head = [c.upper().replace(" ", "_") for c in self._columns]
+        cells = [head, *([str(v).replace("\n", " ") for v in r] for r in self._held)]
+        self._widths = [max(len(r[i]) for r in cells) for i in range(len(self._columns))]
+        self._held = []
+        self._out.flush()
+
+    def _write(self, row: Sequence[str]) -> None:
+        assert self._widths is not None
+        cells = [str(v).replace("\n", " ") for v in row]
+        padded = [v.ljust(w) for v, w in zip(cells[:-1], self._widths[:-1], strict=True)]
+        self._out.write("   ".join([*padded, cells[-1]]).rstrip() + "\n")
+
+    def close(self) -> None:
+        if self._widths is None:
+            self._flush_first()
+        self._out.flush()
+
+
+class JsonArrayWriter:
+    """One JSON array written a record at a time (valid JSON at the end, whatever the
+    count; each record on its own lines as ``print_json`` lays them out)."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self._out = out
+        self._count = 0
+
+    def add(self, record: object) -> None:
+        text = json.dumps(record, indent=2).replace("\n", "\n  ")
+        self._out.write(("[\n  " if self._count == 0 else ",\n  ") + text)
+        self._count += 1
+
+    def close(self) -> None:
+        self._out.write("[]\n" if self._count == 0 else "\n]\n")
+        self._out.flush()
+
+
 def print_json(value: object, out: IO[str] | None = None) -> None:
     out = out or sys.stdout
     out.write(json.dumps(value, indent=2) + "\n")

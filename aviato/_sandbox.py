@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -50,6 +51,39 @@ from aviato.protocol import (
 
 if TYPE_CHECKING:
     from aviato._session import Session
+
+
+def _list_request(
+    tags: Sequence[str],
+    status: Sequence[SandboxStatus | str] | None,
+    session_id: str | None,
+    agent_id: str | None,
+    limit: int | None,
+    cursor: str,
+) -> ListSandboxes:
+    statuses = (
+        (SandboxStatus.CREATING, SandboxStatus.RUNNING)
+        if status is None
+        else tuple(SandboxStatus(s) for s in status)
+    )
+    return ListSandboxes(
+        tags=tuple(tags),
+        statuses=statuses,
+        session_id=session_id,
+        agent_id=agent_id,
+        limit=max(0, limit or 0),
+        cursor=cursor,
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SandboxPage:
+    """One page of a listing (``Sandbox.page``): its sandboxes, and the cursor that
+    asks for the next page ("" after the last)."""
+
+    sandboxes: list[Sandbox]
+    cursor: str
+
 
 #: Longest single long-poll of ``wait``; the loop re-asks until its own deadline.
 #: How long ``wait`` rides out a scheduler that does not answer (or, just after, does
@@ -169,22 +203,102 @@ class Sandbox:
         *,
         tags: Sequence[str] = (),
         status: Sequence[SandboxStatus | str] | None = None,
+        session_id: str | None = None,
+        agent_id: str | None = None,
+        limit: int | None = None,
         defaults: SandboxDefaults | None = None,
-    ) -> list[Sandbox]:
-        """Sandboxes carrying every tag in ``tags``; by default the live ones."""
+    ) -> builtins.list[Sandbox]:
+        """Sandboxes carrying every tag in ``tags``; by default the live ones. Every one
+        (gathered a page at a time), or the first ``limit``. For a big cluster,
+        ``Sandbox.iterate`` yields them as pages arrive, and ``Sandbox.page`` fetches
+        one page at a time from a cursor."""
+        if limit is None:
+            return [
+                sandbox
+                async for sandbox in cls.iterate(
+                    tags=tags,
+                    status=status,
+                    session_id=session_id,
+                    agent_id=agent_id,
+                    defaults=defaults,
+                )
+            ]
+        found: builtins.list[Sandbox] = []
+        cursor = ""
+        while len(found) < limit:
+            page = await cls.page(
+                tags=tags,
+                status=status,
+                session_id=session_id,
+                agent_id=agent_id,
+                limit=limit - len(found),
+                cursor=cursor,
+                defaults=defaults,
+            )
+            found += page.sandboxes
+            if not page.cursor:
+                break
+            cursor = page.cursor
+        return found
+
+    @classmethod
+    async def iterate(
+        cls,
+        *,
+        tags: Sequence[str] = (),
+        status: Sequence[SandboxStatus | str] | None = None,
+        session_id: str | None = None,
+        agent_id: str | None = None,
+        page_size: int | None = None,
+        defaults: SandboxDefaults | None = None,
+    ) -> AsyncIterator[Sandbox]:
+        """``Sandbox.list``'s rows as an async iterator, one page (``page_size`` rows,
+        by default the scheduler's) fetched at a time: ``async for sb in
+        Sandbox.iterate(): ...``."""
         defaults = defaults or SandboxDefaults()
-        statuses = (
-            (SandboxStatus.CREATING, SandboxStatus.RUNNING)
-            if status is None
-            else tuple(SandboxStatus(s) for s in status)
+        conn = await scheduler_connection(defaults)
+        request = _list_request(tags, status, session_id, agent_id, page_size, "")
+        # The scheduler streams every page to this one request: the next page is made
+        # while this one is decoded. (No reply type ends it: the last page has no cursor.)
+        replies = conn.stream(
+            dataclasses.replace(request, stream=True),
+            idle_timeout=defaults.request_timeout_seconds,
+            is_last=SandboxReply,
         )
+        try:
+            async for reply in replies:
+                assert isinstance(reply.msg, SandboxListReply)
+                for info in reply.msg.sandboxes:
+                    yield cls._attached(info, defaults)
+                if not reply.msg.next_cursor:
+                    return
+        finally:
+            await replies.aclose()  # type: ignore[attr-defined]
+
+    @classmethod
+    async def page(
+        cls,
+        *,
+        tags: Sequence[str] = (),
+        status: Sequence[SandboxStatus | str] | None = None,
+        session_id: str | None = None,
+        agent_id: str | None = None,
+        limit: int | None = None,
+        cursor: str = "",
+        defaults: SandboxDefaults | None = None,
+    ) -> SandboxPage:
+        """One page of ``Sandbox.list``, from after ``cursor`` ("" for the first): at
+        most ``limit`` sandboxes, and the cursor of the next page ("" after the last).
+        The scheduler filters; a page may be short, even empty, before the last."""
+        defaults = defaults or SandboxDefaults()
         conn = await scheduler_connection(defaults)
         reply = await conn.request(
-            ListSandboxes(tags=tuple(tags), statuses=statuses),
+            _list_request(tags, status, session_id, agent_id, limit, cursor),
             timeout=defaults.request_timeout_seconds,
         )
         assert isinstance(reply.msg, SandboxListReply)
-        return [cls._attached(info, defaults) for info in reply.msg.sandboxes]
+        sandboxes = [cls._attached(info, defaults) for info in reply.msg.sandboxes]
+        return SandboxPage(sandboxes, reply.msg.next_cursor)
 
     # ------------------------------------------------------------------ properties
 

@@ -6,13 +6,15 @@ aviato scheduler --bind ...    same as ``python -m scheduler``
 aviato agent --scheduler ...   same as ``python -m agent``
 aviato status | ps [-q] [--tag T] [--all] | stop ID... | exec ID -- CMD... | logs ID
 The options --scheduler, --timeout, --keys and --client-key go before or after the
-command; --format json prints status and ps as JSON.
+command; --format json prints status and ps as JSON. ps draws its first 100 rows;
+-q, --format json and --all stream every row, page by page.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import os
 import signal
 import sys
@@ -22,6 +24,8 @@ from pathlib import Path
 from aviato._cli_output import (
     AGENT_COLUMNS,
     SANDBOX_COLUMNS,
+    JsonArrayWriter,
+    PlainLines,
     agent_row,
     print_json,
     print_table,
@@ -33,8 +37,10 @@ from aviato._daemon import log_level
 from aviato._defaults import SandboxDefaults
 from aviato._sandbox import Sandbox, scheduler_connection
 from aviato.exceptions import AviatoError, ConfigurationError
-from aviato.protocol import ClusterStatus, ClusterStatusReply, SandboxStatus
+from aviato.protocol import AgentInfo, ClusterStatus, ClusterStatusReply, SandboxStatus
 
+#: Rows ``aviato ps`` draws as a table (more: -q, --format json or --all stream them).
+PS_FIRST_PAGE = 100
 #: ``aviato up``'s scheduler port unless --port says otherwise (the README's).
 UP_PORT = 5555
 #: Options every client command takes, before or after its name; those with a value.
@@ -63,9 +69,17 @@ async def _status(args: argparse.Namespace) -> int:
     defaults = _defaults(args)
     address = defaults.scheduler_address() or ""
     conn = await scheduler_connection(defaults)
-    reply = await conn.request(ClusterStatus(), timeout=defaults.request_timeout_seconds)
-    assert isinstance(reply.msg, ClusterStatusReply)
-    status = reply.msg
+    status: ClusterStatusReply | None = None
+    agents: list[AgentInfo] = []
+    cursor = ""
+    while status is None or cursor:  # every page of agents
+        reply = await conn.request(
+            ClusterStatus(cursor=cursor), timeout=defaults.request_timeout_seconds
+        )
+        assert isinstance(reply.msg, ClusterStatusReply)
+        agents += reply.msg.agents
+        status, cursor = reply.msg, reply.msg.next_cursor
+    status = dataclasses.replace(status, agents=tuple(agents), next_cursor="")
     if args.format == "json":
         print_json(status_record(address, status))
         return 0
@@ -77,17 +91,39 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 async def _ps(args: argparse.Namespace) -> int:
+    """Live sandboxes, the first page as a table (fast at any cluster size); -q and
+    --format json list every live one. --all: every sandbox, ended ones too, streamed
+    page by page as plain lines (ids with -q, one JSON array with --format json)."""
     defaults = _defaults(args)
     statuses = list(SandboxStatus) if args.all else None
-    sandboxes = await Sandbox.list(tags=args.tag, status=statuses, defaults=defaults)
-    infos = [sb.info for sb in sandboxes if sb.info is not None]
-    if args.quiet:
-        for info in infos:
-            print(info.sandbox_id)
-    elif args.format == "json":
-        print_json([sandbox_record(info) for info in infos])
-    else:
+    if not args.all and not args.quiet and args.format != "json":
+        page = await Sandbox.page(
+            tags=args.tag, status=statuses, limit=args.limit, defaults=defaults
+        )
+        infos = [sb.info for sb in page.sandboxes if sb.info is not None]
         print_table(SANDBOX_COLUMNS, [sandbox_row(info) for info in infos])
+        if page.cursor:
+            print(
+                f"(the first {len(infos)}; `aviato ps -q` or `aviato ps --all` list every one)",
+                file=sys.stderr,
+            )
+        return 0
+    stream = Sandbox.iterate(tags=args.tag, status=statuses, defaults=defaults)
+    if args.quiet:
+        async for sb in stream:
+            print(sb.sandbox_id)
+    elif args.format == "json":
+        out = JsonArrayWriter(sys.stdout)
+        async for sb in stream:
+            if sb.info is not None:
+                out.add(sandbox_record(sb.info))
+        out.close()
+    else:
+        lines = PlainLines(SANDBOX_COLUMNS, sys.stdout)
+        async for sb in stream:
+            if sb.info is not None:
+                lines.add(sandbox_row(sb.info))
+        lines.close()
     return 0
 
 
@@ -306,8 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_format(status)
     ps = command("ps", help="list sandboxes")
     ps.add_argument("--tag", action="append", default=[], help="only sandboxes with this tag")
-    ps.add_argument("-a", "--all", action="store_true", help="include ended sandboxes")
+    ps.add_argument(
+        "-a",
+        "--all",
+        action="store_true",
+        help="every sandbox, ended ones included, streamed as plain lines",
+    )
     ps.add_argument("-q", "--quiet", action="store_true", help="sandbox ids only, one a line")
+    ps.add_argument(
+        "-n",
+        "--limit",
+        type=int,
+        default=PS_FIRST_PAGE,
+        help=f"rows of the table at most (default {PS_FIRST_PAGE}; -q, --format json and "
+        "--all list every one)",
+    )
     _add_format(ps)
     stop = command("stop", help="stop sandboxes (each it can; says which it cannot)")
     stop.add_argument("ids", nargs="+")

@@ -13,6 +13,7 @@ an :class:`ErrorReply` instead of failing somewhere deeper.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -212,10 +213,20 @@ class GetSandbox(Message):
 
 @dataclass(frozen=True, slots=True)
 class ListSandboxes(Message):
+    """One page of the matching rows, from after ``cursor`` ("" for the first page);
+    ``limit`` caps its rows (0: the scheduler's page size). Filters are all applied by
+    the scheduler. The reply's ``next_cursor`` asks for the next page ("" when done)."""
+
     TYPE = MsgType.LIST_SANDBOXES
     tags: tuple[str, ...] = ()
     statuses: tuple[SandboxStatus, ...] = ()
     session_id: str | None = None
+    agent_id: str | None = None
+    limit: int = 0
+    cursor: str = ""
+    #: Every page from ``cursor`` on, each its own reply to this one request (the
+    #: last with no ``next_cursor``): the client decodes one while the next is made.
+    stream: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,7 +262,12 @@ class SessionClose(Message):
 
 @dataclass(frozen=True, slots=True)
 class ClusterStatus(Message):
+    """A page of the agents (by id, after ``cursor``; ``limit`` of them at most, 0 for
+    the scheduler's page size) with the cluster's counts."""
+
     TYPE = MsgType.CLUSTER_STATUS
+    limit: int = 0
+    cursor: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +280,9 @@ class SandboxReply(Message):
 class SandboxListReply(Message):
     TYPE = MsgType.SANDBOX_LIST_REPLY
     sandboxes: tuple[SandboxInfo, ...]
+    #: Where the next page starts ("" after the last one). A page may be short, even
+    #: empty, and still have a next one: the scheduler bounds the rows it looks at.
+    next_cursor: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +297,10 @@ class ClusterStatusReply(Message):
     agents: tuple[AgentInfo, ...]
     sandbox_counts: dict[str, int]
     sessions: int
+    #: The next page of agents ("" after the last).
+    next_cursor: str = ""
+    #: Free slots on live agents, cluster-wide (whatever the page).
+    free_slots: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,9 +350,15 @@ class RegisterReply(Message):
 
 @dataclass(frozen=True, slots=True)
 class AgentHeartbeat(Message):
+    """With ``full``, ``running`` lists every sandbox the agent has (a resync, now and
+    then); otherwise ``gone`` lists those it no longer has since its last heartbeat,
+    and ``running`` is empty: a heartbeat's cost follows the changes, not the table."""
+
     TYPE = MsgType.AGENT_HEARTBEAT
     agent_id: str
     running: tuple[str, ...] = ()
+    full: bool = True
+    gone: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -341,6 +370,9 @@ class HeartbeatReply(Message):
     TYPE = MsgType.HEARTBEAT_REPLY
     registered: bool
     dead_agents: tuple[str, ...] = ()
+    #: The interval to beat at from now on (0: unchanged). It grows with the cluster,
+    #: so that heartbeats stay a small part of the scheduler's work.
+    heartbeat_interval: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -544,15 +576,39 @@ def encode(
     *,
     token: str | None = None,
 ) -> list[Frame]:
+    return encode_body(msg.TYPE, request_id, to_wire(msg), payloads, token=token)
+
+
+def encode_body(
+    msg_type: MsgType,
+    request_id: int,
+    body: dict[str, Any],
+    payloads: Sequence[Payload] = (),
+    *,
+    token: str | None = None,
+) -> list[Frame]:
+    """``encode`` for a body already in wire form (see ``info_wire``)."""
     envelope: dict[str, Any] = {
         "v": PROTOCOL_VERSION,
-        "t": int(msg.TYPE),
+        "t": int(msg_type),
         "id": request_id,
-        "b": to_wire(msg),
+        "b": body,
     }
     if token is not None:
         envelope["tok"] = token
     return [msgpack.packb(envelope, use_bin_type=True), *payloads]
+
+
+_INFO_FIELDS = tuple(f.name for f in dataclasses.fields(SandboxInfo))
+
+
+def info_wire(info: SandboxInfo, spec_wire: dict[str, Any]) -> dict[str, Any]:
+    """``to_wire(info)`` with its spec's wire form given: a sender of many rows that
+    share a spec (the scheduler) converts the spec once."""
+    out = {name: getattr(info, name) for name in _INFO_FIELDS}
+    out["spec"] = spec_wire
+    out["status"] = info.status.value
+    return out
 
 
 def _frame_bytes(frame: Any) -> Payload:
@@ -569,8 +625,20 @@ def _frame_bytes(frame: Any) -> Payload:
     )
 
 
-def decode(frames: Sequence[Any]) -> Decoded:
-    """Decode ``[envelope, *payloads]``; raises :class:`DecodeError`, never anything else."""
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """A message's envelope, checked, with its body not yet checked (see ``decode``)."""
+
+    type: MsgType
+    request_id: int
+    token: str | None
+    body: Any
+
+
+def open_envelope(frames: Sequence[Any]) -> Envelope:
+    """The checked envelope of ``[envelope, *payloads]``, its body as msgpack gave it:
+    for a daemon that may not need the body (a reply whose content it ignores).
+    Raises :class:`DecodeError`, never anything else."""
     if not frames:
         raise DecodeError("empty message", code=ErrorCode.MALFORMED, request_id=None)
     try:
@@ -593,7 +661,8 @@ def decode(frames: Sequence[Any]) -> Decoded:
             request_id=request_id,
         )
     try:
-        cls = MESSAGE_TYPES[MsgType(envelope.get("t", -1))]
+        msg_type = MsgType(envelope.get("t", -1))
+        MESSAGE_TYPES[msg_type]
     except (ValueError, KeyError):
         raise DecodeError(
             f"unknown message type {brief(envelope.get('t'))}",
@@ -603,13 +672,24 @@ def decode(frames: Sequence[Any]) -> Decoded:
     token = envelope.get("tok")
     if token is not None and not isinstance(token, str):
         raise DecodeError("token is not a string", code=ErrorCode.MALFORMED, request_id=request_id)
+    return Envelope(msg_type, request_id, token, envelope.get("b", {}))
+
+
+def decode(frames: Sequence[Any]) -> Decoded:
+    """Decode ``[envelope, *payloads]``; raises :class:`DecodeError`, never anything else."""
+    return decode_body(open_envelope(frames), frames)
+
+
+def decode_body(env: Envelope, frames: Sequence[Any]) -> Decoded:
+    """The typed message of an opened envelope (``frames`` for its payloads)."""
+    cls = MESSAGE_TYPES[env.type]
     try:
-        msg = from_wire(cls, envelope.get("b", {}), cls.__name__)
+        msg = from_wire(cls, env.body, cls.__name__)
         payloads = tuple(_frame_bytes(f) for f in frames[1:])
     except DecodeError as exc:
-        exc.request_id = request_id
+        exc.request_id = env.request_id
         raise
-    return Decoded(msg=msg, request_id=request_id, payloads=payloads, token=token)
+    return Decoded(msg=msg, request_id=env.request_id, payloads=payloads, token=env.token)
 
 
 def from_wire(tp: Any, value: Any, where: str) -> Any:

@@ -146,6 +146,8 @@ class FakeAgent:
             elif t == MsgType.HEARTBEAT_REPLY:
                 if not body["registered"]:
                     self.unregistered += 1
+                if body.get("heartbeat_interval"):
+                    self.interval = body["heartbeat_interval"]
             elif t == MsgType.ERROR:
                 self.errors += 1
 
@@ -158,14 +160,21 @@ class FakeAgent:
         assert dataclasses.replace(ours.sandbox, status=place.sandbox.status) == place.sandbox
         FakeAgent.checked = True
 
-    async def heartbeat(self) -> None:
+    async def heartbeat(self, full_every: int = 20) -> None:
+        """As the real agent does: every ``full_every``-th heartbeat lists every sandbox,
+        the others only those gone since (none: this runtime loses nothing)."""
+        # Spread the first beats over an interval, as agents started at different times.
+        await asyncio.sleep(self.interval * (hash(self.agent_id) % 1000) / 1000)
         last = time.monotonic()
         while True:
             await asyncio.sleep(self.interval)
             now = time.monotonic()
             self.max_heartbeat_gap = max(self.max_heartbeat_gap, now - last)
             last = now
-            body = {"agent_id": self.agent_id, "running": list(self.running)}
+            if self.heartbeats % full_every == 0:
+                body = {"agent_id": self.agent_id, "running": list(self.running)}
+            else:
+                body = {"agent_id": self.agent_id, "full": False}
             await self.sock.send(_frame(MsgType.AGENT_HEARTBEAT, self._id(), body))
             self.heartbeats += 1
 

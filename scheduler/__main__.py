@@ -20,8 +20,8 @@ from aviato._daemon import (
     log_level,
 )
 from aviato.exceptions import UnauthorizedError
-from scheduler.server import SchedulerServer
-from scheduler.state import Config
+from scheduler.records import Config
+from scheduler.server import SchedulerServer, tune_gc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +122,7 @@ async def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     daemon_setup()
+    tune_gc()
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -29,31 +31,63 @@ from aviato.protocol import (
     Decoded,
     DecodeError,
     DeregisterAgent,
+    Envelope,
     ErrorCode,
     ErrorReply,
+    Frame,
     GetSandbox,
     HeartbeatReply,
     ListSandboxes,
     Message,
+    MsgType,
     OkReply,
     Ping,
     PlaceSandbox,
     Pong,
     RegisterAgent,
     SandboxExited,
+    SandboxListReply,
     SandboxReply,
+    SandboxSpec,
     SessionClose,
     SessionCloseReply,
     SessionKeepalive,
     StopSandbox,
     WaitSandbox,
-    decode,
+    decode_body,
+    encode,
+    encode_body,
+    info_wire,
+    open_envelope,
+    to_wire,
 )
-from scheduler.state import Action, Config, Reply, SchedulerState, SendToAgent
+from scheduler.records import Action, AgentDeclaredDead, Config, Reply, SendToAgent
+from scheduler.state import SchedulerState
 
 log = logging.getLogger("aviato.scheduler")
 
 TICK_SECONDS = 0.1
+#: A tick later than this past its time means the loop was held up: that much of the
+#: agents' silence is the scheduler's own (see SchedulerState.scheduler_blind).
+LAG_NOTICE_SECONDS = 0.05
+#: Messages read and handled in one go before other tasks (the tick) get a turn.
+RECV_BATCH = 256
+#: After a wake-up that found only a few messages, wait this long before the next:
+#: a thousand agents' heartbeats are then read a few per wake-up instead of one (each
+#: wake-up costs about what a message does). Bounds the latency it adds.
+COALESCE_SECONDS = 0.004
+COALESCE_BELOW = 8
+#: Python's cycle collector would walk every row of a big table now and then, holding
+#: the loop tens of milliseconds (a create's p99): only its young generations run on
+#: their own (see ``tune_gc``), and a full collection this often.
+FULL_GC_SECONDS = 600.0
+
+
+def tune_gc() -> None:
+    """For the scheduler process (its tables are long-lived and almost cycle-free)."""
+    gc.set_threshold(50_000, 50, 1_000_000)
+
+
 #: An agent that never answers a PlaceSandbox/StopSandbox: forget the request after this.
 OUTGOING_TTL_SECONDS = 600.0
 
@@ -71,6 +105,34 @@ def _peer_address(frame: zmq.Frame) -> str:
         return str(frame.get("Peer-Address"))
     except zmq.ZMQError:
         return "?"
+
+
+#: Replies that only say "done" to the scheduler, whatever their body.
+_SUCCESS_REPLIES = frozenset({MsgType.SANDBOX_REPLY, MsgType.OK})
+
+
+def _plain_heartbeat(env: Envelope) -> Decoded | None:
+    """A heartbeat that reports no change (most of them), decoded by hand: cheaper than
+    the generic checked decoding, as strict (anything else takes that path)."""
+    body = env.body
+    if (
+        env.type is not MsgType.AGENT_HEARTBEAT
+        or type(body) is not dict
+        or body.get("full") is not False
+        or type(body.get("agent_id")) is not str
+    ):
+        return None
+    for key, value in body.items():
+        if key not in ("agent_id", "full") and not (key in ("running", "gone") and value == []):
+            return None
+    return Decoded(AgentHeartbeat(body["agent_id"], full=False), env.request_id, (), env.token)
+
+
+def _input_waiting(sock: zmq.asyncio.Socket) -> bool:
+    """Whether a message waits unread (pyzmq's asyncio socket re-arms its reader when
+    EVENTS is read this way)."""
+    events = sock.get(zmq.EVENTS)
+    return isinstance(events, int) and bool(events & zmq.POLLIN)
 
 
 class SchedulerServer:
@@ -95,10 +157,19 @@ class SchedulerServer:
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
         self._sock: zmq.asyncio.Socket | None = None
+        #: The same socket, driven synchronously: a batch of messages is read, and every
+        #: reply sent, without a future each (DONTWAIT: a ROUTER send never waits).
+        self._raw: zmq.Socket[bytes] | None = None
         self._agent_identity: dict[str, bytes] = {}
         self._identity_agent: dict[bytes, str] = {}
         self._outgoing: dict[tuple[bytes, int], Outgoing] = {}
         self._next_id = 0
+        #: id(spec) -> (spec, its wire form), see _encode.
+        self._spec_wires: dict[int, tuple[SandboxSpec, dict[str, Any]]] = {}
+        #: Listings being streamed a page at a time (see ListSandboxes.stream).
+        self._streams: set[asyncio.Task[None]] = set()
+        #: When the socket was last found with nothing waiting (every heartbeat read).
+        self._drained_at = clock()
         self._handlers: dict[type[Message], Callable[[bytes, Decoded, float], list[Action]]] = {
             CreateSandbox: self._on_create,
             GetSandbox: self._on_get,
@@ -123,6 +194,7 @@ class SchedulerServer:
         zap = ZapHandler(ctx, self.keys, "scheduler") if self.keys is not None else None
         sock, self.address = _zmq.router(ctx, self.bind, self.keys)
         self._sock = sock
+        self._raw = zmq.Socket.shadow(sock.underlying)
         log.info("scheduler listening on %s", self.address)
         key_dir = self.keys.directory if self.keys else None
         warn_if_open(log, "scheduler", self.address, self.token, key_dir)
@@ -134,7 +206,7 @@ class SchedulerServer:
                     tasks.append(tg.create_task(zap.run()))
                     tasks.append(tg.create_task(log_refused_handshakes(sock, "scheduler")))
                 await self._stop.wait()
-                for task in tasks:
+                for task in [*tasks, *self._streams]:
                     task.cancel()
         finally:
             if zap is not None:
@@ -145,24 +217,91 @@ class SchedulerServer:
     # ------------------------------------------------------------------ loops
 
     async def _recv_loop(self, sock: zmq.asyncio.Socket) -> None:
+        raw = self._raw
+        assert raw is not None
+        handled = 0
         while True:
-            # A receive (and a send) with messages queued completes without yielding:
-            # under a flood this loop would starve every other task (heartbeats, ticks).
-            await asyncio.sleep(0)
-            frames = await sock.recv_multipart(copy=False)
-            identity = frames[0].bytes
-            try:
-                decoded = decode(frames[1:])
-            except DecodeError as exc:
-                await _zmq.reply_decode_error(sock, identity, exc, "scheduler")
-                continue
-            if self.keys is not None and not await self._authorized(frames[0], decoded):
-                continue
-            try:
-                await self._handle(identity, decoded)
-            except Exception as exc:  # one bad request must never stop the daemon
-                log.exception("scheduler: error handling %s", type(decoded.msg).__name__)
-                await _zmq.send_to(sock, identity, error_reply(exc), decoded.request_id)
+            # Read what is waiting without waiting, up to a batch; then let the other
+            # tasks (the tick) run. Only with nothing waiting, wait (a future) for more.
+            if handled == 0:
+                await self._serve_one(await sock.recv_multipart(copy=False))
+                handled = 1
+            else:
+                handled = 0
+            while handled < RECV_BATCH:
+                try:
+                    frames = raw.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    self._drained_at = self.clock()  # every waiting heartbeat read
+                    break
+                handled += 1
+                await self._serve_one(frames)
+            await asyncio.sleep(COALESCE_SECONDS if 0 < handled < COALESCE_BELOW else 0)
+
+    async def _serve_one(self, frames: list[zmq.Frame]) -> None:
+        identity = frames[0].bytes
+        try:
+            env = open_envelope(frames[1:])
+            if env.type in _SUCCESS_REPLIES and self._agent_success(identity, env):
+                return
+            decoded = _plain_heartbeat(env) or decode_body(env, frames[1:])
+        except DecodeError as exc:
+            assert self._sock is not None
+            await _zmq.reply_decode_error(self._sock, identity, exc, "scheduler")
+            return
+        if self.keys is not None and not await self._authorized(frames[0], decoded):
+            return
+        try:
+            self._handle(identity, decoded)
+        except Exception as exc:  # one bad request must never stop the daemon
+            log.exception("scheduler: error handling %s", type(decoded.msg).__name__)
+            self._send(identity, error_reply(exc), decoded.request_id)
+
+    def _agent_success(self, identity: bytes, env: Envelope) -> bool:
+        """An agent's success reply to a request of ours, handled without checking its
+        body (which nothing here reads): the bulk of what agents send in a burst of
+        creates. False: take the usual path."""
+        if self.token is not None and env.token != self.token:
+            return False
+        outgoing = self._outgoing.pop((identity, env.request_id), None)
+        if outgoing is None:
+            return False
+        # Only the agent the request went to can answer it: its identity is its connection.
+        self._apply(self._on_agent_reply(outgoing, OkReply(), self.clock()))
+        return True
+
+    def _encode(self, msg: Message, request_id: int) -> list[Frame]:
+        """``encode``, with each spec converted once (the state shares one object among
+        equal specs): most of what the scheduler sends is sandbox rows."""
+        body: dict[str, Any]
+        if isinstance(msg, PlaceSandbox | SandboxReply):
+            body = {"sandbox": info_wire(msg.sandbox, self._spec_wire(msg.sandbox.spec))}
+        elif isinstance(msg, SandboxListReply):
+            rows = [info_wire(i, self._spec_wire(i.spec)) for i in msg.sandboxes]
+            body = {"sandboxes": rows, "next_cursor": msg.next_cursor}
+        else:
+            return encode(msg, request_id)
+        return encode_body(msg.TYPE, request_id, body)
+
+    def _spec_wire(self, spec: SandboxSpec) -> dict[str, Any]:
+        found = self._spec_wires.get(id(spec))
+        if found is not None and found[0] is spec:
+            return found[1]
+        if len(self._spec_wires) >= 4096:
+            self._spec_wires.clear()  # bounded; the entry holds the spec, so ids stay true
+        wire: dict[str, Any] = to_wire(spec)
+        self._spec_wires[id(spec)] = (spec, wire)
+        return wire
+
+    def _send(self, identity: bytes, msg: Message, request_id: int) -> bool:
+        """Send on the ROUTER, never waiting; a peer gone (or not reading) is logged."""
+        assert self._raw is not None
+        try:
+            self._raw.send_multipart([identity, *self._encode(msg, request_id)], zmq.DONTWAIT)
+        except zmq.ZMQError as exc:
+            log.debug("dropping %s to a gone or unread peer: %s", type(msg).__name__, exc)
+            return False
+        return True
 
     async def _authorized(self, first: zmq.Frame, decoded: Decoded) -> bool:
         """Serve an agent's key agent messages only, a client's key client ones only."""
@@ -185,19 +324,34 @@ class SchedulerServer:
         return False
 
     async def _tick_loop(self) -> None:
+        last_full_gc = time.monotonic()
         while True:
+            if time.monotonic() - last_full_gc > FULL_GC_SECONDS:
+                gc.collect()  # its pause is measured below as lag, like any other
+                last_full_gc = time.monotonic()
+            before = time.monotonic()
             await asyncio.sleep(TICK_SECONDS)
+            lag = time.monotonic() - before - TICK_SECONDS
             now = self.clock()
-            await self._apply(self.state.tick(now))
+            if lag > LAG_NOTICE_SECONDS:
+                # The loop was held up (a long handler, the process stopped): whatever
+                # arrived meanwhile is still unread. Not the agents' silence.
+                self.state.scheduler_blind(now - lag, now)
+                if lag > 1.0:
+                    log.warning("scheduler: the event loop stalled for %.1f s", lag)
+            assert self._sock is not None
+            if _input_waiting(self._sock):
+                # Messages (heartbeats among them) wait unread since the socket was last
+                # empty: the scheduler is behind, and judges nobody for that time.
+                self.state.scheduler_blind(self._drained_at, now)
+            self._apply(self.state.tick(now))
             stale = [i for i, o in self._outgoing.items() if now - o.sent_at > OUTGOING_TTL_SECONDS]
             for request_id in stale:
                 del self._outgoing[request_id]
 
-    async def _handle(self, identity: bytes, decoded: Decoded) -> None:
-        assert self._sock is not None
+    def _handle(self, identity: bytes, decoded: Decoded) -> None:
         if self.token is not None and decoded.token != self.token:
-            await _zmq.send_to(
-                self._sock,
+            self._send(
                 identity,
                 ErrorReply(ErrorCode.UNAUTHORIZED, "missing or wrong cluster token"),
                 decoded.request_id,
@@ -209,33 +363,42 @@ class SchedulerServer:
             # Only agents send replies: to requests this scheduler sent them.
             outgoing = self._outgoing.pop((identity, decoded.request_id), None)
             if outgoing is not None:
-                await self._apply(self._on_agent_reply(outgoing, msg, now))
+                self._apply(self._on_agent_reply(outgoing, msg, now))
             return
         handler = self._handlers.get(type(msg))
         if handler is None:
             error = ErrorReply(
                 ErrorCode.BAD_REQUEST, f"the scheduler does not serve {type(msg).__name__}"
             )
-            await _zmq.send_to(self._sock, identity, error, decoded.request_id)
+            self._send(identity, error, decoded.request_id)
             return
-        await self._apply(handler(identity, decoded, now))
+        self._apply(handler(identity, decoded, now))
 
-    async def _apply(self, actions: list[Action]) -> None:
-        assert self._sock is not None
+    def _apply(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Reply):
                 to: tuple[bytes, int] = action.to  # type: ignore[assignment]
-                await _zmq.send_to(self._sock, to[0], action.msg, to[1])
+                self._send(to[0], action.msg, to[1])
+            elif isinstance(action, AgentDeclaredDead):
+                log.warning(
+                    "agent %s declared dead: %s (last heartbeat %.1f s ago, %.1f s of it "
+                    "the scheduler's own stall or backlog; %d sandbox(es) failed)",
+                    action.agent_id,
+                    action.reason,
+                    action.seconds_since_heartbeat,
+                    action.blind_seconds,
+                    action.sandboxes,
+                )
             elif isinstance(action, SendToAgent):
                 identity = self._agent_identity.get(action.agent_id)
                 if identity is None:
                     log.warning("no connection to agent %s for %s", action.agent_id, action.msg)
                     if isinstance(action.msg, StopSandbox):  # nobody to wait for
-                        await self._apply(self.state.stop_confirmed(action.msg.sandbox_id))
+                        self._apply(self.state.stop_confirmed(action.msg.sandbox_id))
                     continue
                 self._next_id += 1
                 self._outgoing[(identity, self._next_id)] = Outgoing(action.msg, self.clock())
-                await _zmq.send_to(self._sock, identity, action.msg, self._next_id)
+                self._send(identity, action.msg, self._next_id)
 
     # ------------------------------------------------------------------ handlers
 
@@ -262,8 +425,41 @@ class SchedulerServer:
 
     def _on_list(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, ListSandboxes)
-        reply = self.state.list_sandboxes(d.msg.tags, d.msg.statuses, d.msg.session_id)
+        msg = d.msg
+        if msg.stream:
+            task = asyncio.get_running_loop().create_task(self._stream_list(identity, d))
+            self._streams.add(task)
+            task.add_done_callback(self._streams.discard)
+            return []
+        reply = self.state.list_sandboxes(
+            msg.tags,
+            msg.statuses,
+            msg.session_id,
+            agent_id=msg.agent_id,
+            cursor=msg.cursor,
+            limit=msg.limit,
+        )
         return [Reply((identity, d.request_id), reply)]
+
+    async def _stream_list(self, identity: bytes, d: Decoded) -> None:
+        """Every page of a listing, each sent as soon as it is made; other messages are
+        served between pages (a page holds the loop a few milliseconds)."""
+        msg = d.msg
+        assert isinstance(msg, ListSandboxes)
+        cursor = msg.cursor
+        while True:
+            reply = self.state.list_sandboxes(
+                msg.tags,
+                msg.statuses,
+                msg.session_id,
+                agent_id=msg.agent_id,
+                cursor=cursor,
+                limit=msg.limit,
+            )
+            if not self._send(identity, reply, d.request_id) or not reply.next_cursor:
+                return
+            cursor = reply.next_cursor
+            await asyncio.sleep(0)
 
     def _on_stop(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, StopSandbox)
@@ -288,7 +484,9 @@ class SchedulerServer:
         return [*actions, Reply((identity, d.request_id), SessionCloseReply(tuple(stopped)))]
 
     def _on_status(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
-        return [Reply((identity, d.request_id), self.state.status(now))]
+        assert isinstance(d.msg, ClusterStatus)
+        reply = self.state.status(now, d.msg.cursor, d.msg.limit)
+        return [Reply((identity, d.request_id), reply)]
 
     def _on_ping(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         return [Reply((identity, d.request_id), Pong(server="scheduler"))]
@@ -322,8 +520,17 @@ class SchedulerServer:
         known = (
             self.state.is_registered(agent_id) and self._agent_identity.get(agent_id) == identity
         )
-        actions = self.state.heartbeat(agent_id, d.msg.running, now) if known else []
-        reply = HeartbeatReply(registered=known, dead_agents=self.state.dead_agents(now))
+        msg = d.msg
+        actions = (
+            self.state.heartbeat(agent_id, msg.running, now, full=msg.full, gone=msg.gone)
+            if known
+            else []
+        )
+        reply = HeartbeatReply(
+            registered=known,
+            dead_agents=self.state.dead_agents(now),
+            heartbeat_interval=self.state.heartbeat_interval(),
+        )
         return [Reply((identity, d.request_id), reply), *actions]
 
     def _on_deregister(self, identity: bytes, d: Decoded, now: float) -> list[Action]:

@@ -8,14 +8,10 @@ report when they register again.
 
 from __future__ import annotations
 
-import math
-import re
-import uuid
+import bisect
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 
-from aviato._codec import brief
 from aviato.protocol import (
     AgentInfo,
     ClusterStatusReply,
@@ -32,140 +28,52 @@ from aviato.protocol import (
     SandboxStatus,
     StopSandbox,
 )
+from scheduler.indexes import BlindSpots, FreeIndex, RowOrder, Timers
+from scheduler.records import (
+    _SPEC_FIELDS,
+    ACTIVE,
+    BLIND_MEMORY_SECONDS,
+    HEARTBEAT_RATE,
+    MAX_HEARTBEAT_INTERVAL,
+    MAX_INTERNED_SPECS,
+    MAX_PAGE_AGENTS,
+    MAX_PAGE_ROWS,
+    MAX_STOPPED_UNKNOWN,
+    PAGE_AGENTS,
+    PAGE_ROWS,
+    PAGE_SCAN,
+    STOP_CONFIRM_SECONDS,
+    Action,
+    AgentDeclaredDead,
+    AgentRecord,
+    Config,
+    PendingCreate,
+    Reply,
+    ReplyKey,
+    SandboxRecord,
+    SendToAgent,
+    Waiter,
+    _check_sandbox_id,
+    _cursor_seq,
+    _new_sandbox_id,
+    _not_found,
+    _seq_of,
+    registration_refusal,
+    validate_spec,
+)
 
-#: Who is waiting for a reply: opaque to this module (the server uses identity + id).
-ReplyKey = Hashable
-
-ACTIVE = frozenset({SandboxStatus.CREATING, SandboxStatus.RUNNING})
-#: stops of unknown sandboxes remembered at most (a flood of junk ids stays bounded)
-MAX_STOPPED_UNKNOWN = 10_000
-#: A stop's reply waits for its agent to confirm at most this long (an agent that
-#: neither answers nor is declared dead); below a client's request timeout.
-STOP_CONFIRM_SECONDS = 20.0
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    to: ReplyKey
-    msg: Message
-
-
-@dataclass(frozen=True, slots=True)
-class SendToAgent:
-    agent_id: str
-    msg: Message
-
-
-Action = Reply | SendToAgent
-
-
-@dataclass(slots=True)
-class Config:
-    dead_after_seconds: float = 3.0
-    heartbeat_interval: float = 0.5
-    #: Extra time an agent gets to start a placed sandbox (image pulls, slow disks).
-    placement_grace_seconds: float = 120.0
-    #: How long ended sandboxes stay visible to get/list.
-    keep_ended_seconds: float = 600.0
-    #: Lease given to a session first seen through an agent's report (after a restart).
-    adopted_lease_seconds: float = 30.0
-    #: After an agent is declared dead, how long before the sandboxes it left on an
-    #: engine are anybody's to remove (it may come back and reap its own first).
-    orphan_grace_seconds: float = 30.0
-    #: How long a dead agent stays in the table (and in ``aviato status``).
-    forget_dead_seconds: float = 600.0
-    #: Just after the scheduler starts, agents are still registering (again): a create
-    #: then waits for one instead of failing at once with "no agents registered".
-    startup_grace_seconds: float = 10.0
-
-
-@dataclass(slots=True)
-class AgentRecord:
-    agent_id: str
-    address: str
-    slots: int
-    runtime: str
-    labels: dict[str, str]
-    last_seen: float
-    alive: bool = True
-    active: set[str] = field(default_factory=set)
-    public_key: str = ""
-    lane: str = ""
-    #: The agent process's nonce (see RegisterAgent.instance).
-    instance: str = ""
-    #: When it was declared dead (None while alive).
-    dead_since: float | None = None
-
-    @property
-    def free(self) -> int:
-        return self.slots - len(self.active)
-
-
-@dataclass(slots=True)
-class SandboxRecord:
-    sandbox_id: str
-    spec: SandboxSpec
-    status: SandboxStatus
-    created_at: float
-    agent_id: str | None = None
-    exit_code: int | None = None
-    reason: str = ""
-    deadline: float | None = None
-    ended_at: float | None = None
-    #: The create request to answer once the agent has started it.
-    creator: ReplyKey | None = None
-    creator_deadline: float | None = None
-    #: A PlaceSandbox is with the agent, unanswered.
-    placing: bool = False
-    #: StopSandbox requests with the agent, unanswered.
-    stops_unconfirmed: int = 0
-    #: Stop requests answered once the agent confirms: "stopped" means stopped there.
-    stop_waiters: list[Waiter] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class PendingCreate:
-    key: ReplyKey
-    spec: SandboxSpec
-    deadline: float
-    queued_at: float
-    sandbox_id: str = ""  # the client's choice, if it made one
-
-
-@dataclass(slots=True)
-class Waiter:
-    key: ReplyKey
-    deadline: float
-
-
-def _new_sandbox_id() -> str:
-    return "sb-" + uuid.uuid4().hex[:16]
-
-
-_SANDBOX_ID = re.compile(r"sb-[0-9a-f]{8,32}")
-
-
-def _check_sandbox_id(sandbox_id: str) -> str:
-    """What is wrong with a client-chosen sandbox id ("" for none, or fine)."""
-    if sandbox_id and not _SANDBOX_ID.fullmatch(sandbox_id):
-        return f"sandbox id {sandbox_id!r} must look like sb-<8 to 32 hex digits>"
-    return ""
-
-
-def registration_refusal(holder: AgentRecord | None, msg: RegisterAgent) -> str:
-    """Why ``msg`` may not take its agent id ("" when it may). A live agent's id is
-    taken only by the same process registering again (same instance: a lost link, a
-    restarted scheduler) or by its successor (it names the holder's instance as the one
-    it replaces: it holds the id's lock on that host, so the holder is dead)."""
-    if holder is None or not holder.alive:
-        return ""
-    if msg.instance == holder.instance or (msg.replaces and msg.replaces == holder.instance):
-        return ""
-    return (
-        f"agent id {msg.agent_id!r} is held by a live agent at {holder.address}; the agent "
-        f"at {msg.address} cannot register with it: give each agent its own --agent-id "
-        "(or leave it unset: the default is unique per host and bind address)"
-    )
+#: The state machine and the records its callers use (defined in scheduler/records.py).
+__all__ = [
+    "STOP_CONFIRM_SECONDS",
+    "Action",
+    "AgentDeclaredDead",
+    "Config",
+    "Reply",
+    "SchedulerState",
+    "SendToAgent",
+    "registration_refusal",
+    "validate_spec",
+]
 
 
 class SchedulerState:
@@ -189,6 +97,103 @@ class SchedulerState:
         #: restart, before its agent re-registered): reaped when the agent reports it
         self.stopped_unknown: dict[str, float] = {}
         self.waiters: dict[str, list[Waiter]] = {}
+        # Indexes: every decision below costs the same at 10 or 100,000 sandboxes.
+        #: rows of active sandboxes (``sandboxes`` holds every row, ended ones too)
+        self.live: dict[str, SandboxRecord] = {}
+        #: ended rows, oldest end first: forgotten from the front
+        self.ended: dict[str, float] = {}
+        self.counts: dict[SandboxStatus, int] = {s: 0 for s in SandboxStatus}
+        self._by_session: dict[str, set[str]] = {}
+        self._free = FreeIndex()
+        self._alive_count = 0
+        self._pending_ids: set[str] = set()
+        self._lifetimes: Timers[str] = Timers()
+        self._lease_timers: Timers[str] = Timers()
+        self._lease_renewed: dict[str, float] = {}
+        #: CREATING rows whose creator waits: sandbox id -> when the agent is too late
+        self._placing: dict[str, float] = {}
+        #: Stop requests answered once the agent confirms ("stopped" means stopped
+        #: there), by sandbox id; each answered by its deadline at the latest.
+        self._stop_waiters: dict[str, list[Waiter]] = {}
+        #: Identical specs (a session's pool asks for many alike) share one object.
+        self._specs: dict[tuple[object, ...], SandboxSpec] = {}
+        self._order: RowOrder[SandboxRecord] = RowOrder(_seq_of)
+        #: when the scheduler itself could not hear agents (see BlindSpots)
+        self.blind = BlindSpots()
+        self._dead_agents: tuple[str, ...] = ()
+        self._dead_valid_from = self._dead_valid_until = float("-inf")
+
+    # ------------------------------------------------------------------ indexes
+
+    def _add_row(self, rec: SandboxRecord) -> None:
+        self.sandboxes[rec.sandbox_id] = rec
+        self.live[rec.sandbox_id] = rec
+        self.counts[rec.status] += 1
+        rec.seq = self._order.add(rec)
+        session_id = rec.spec.session_id
+        if session_id:
+            self._by_session.setdefault(session_id, set()).add(rec.sandbox_id)
+        if rec.deadline is not None:
+            self._lifetimes.add(rec.deadline, rec.sandbox_id)
+
+    def _set_status(self, rec: SandboxRecord, status: SandboxStatus) -> None:
+        self.counts[rec.status] -= 1
+        self.counts[status] += 1
+        rec.status = status
+
+    def _row_ended(self, rec: SandboxRecord, now: float) -> None:
+        sid = rec.sandbox_id
+        self.live.pop(sid, None)
+        self._placing.pop(sid, None)
+        self.ended.pop(sid, None)
+        self.ended[sid] = now
+        session_id = rec.spec.session_id
+        if session_id:
+            same = self._by_session.get(session_id)
+            if same is not None:
+                same.discard(sid)
+                if not same:
+                    del self._by_session[session_id]
+
+    def _forget_row(self, sid: str) -> None:
+        rec = self.sandboxes.pop(sid, None)
+        self.ended.pop(sid, None)
+        if rec is not None:
+            self.counts[rec.status] -= 1
+            self._stop_waiters.pop(sid, None)
+        self._order.compact(lambda r: self.sandboxes.get(r.sandbox_id) is r, len(self.sandboxes))
+
+    def _agent_changed(self, agent: AgentRecord) -> None:
+        """Keep the placement index in step with ``agent``'s free slots and liveness."""
+        if agent.alive:
+            self._free.set(agent.agent_id, agent.free)
+        else:
+            self._free.drop(agent.agent_id)
+
+    def _set_alive(self, agent: AgentRecord, alive: bool) -> None:
+        self._dead_list_changed()
+        if agent.alive != alive:
+            self._alive_count += 1 if alive else -1
+        agent.alive = alive
+        self._agent_changed(agent)
+
+    def _track_inflight(self, rec: SandboxRecord) -> None:
+        agent = self.agents.get(rec.agent_id) if rec.agent_id else None
+        if agent is None:
+            return
+        if self._stop_in_flight(rec):
+            agent.inflight.add(rec.sandbox_id)
+        else:
+            agent.inflight.discard(rec.sandbox_id)
+
+    def heartbeat_interval(self) -> float:
+        """What agents are told: the configured interval, longer in a big cluster (so
+        that heartbeats stay a small part of the scheduler's work)."""
+        n = len(self.agents)
+        return max(self.config.heartbeat_interval, min(MAX_HEARTBEAT_INTERVAL, n / HEARTBEAT_RATE))
+
+    def dead_after(self) -> float:
+        return max(self.config.dead_after_seconds, 3 * self.heartbeat_interval())
 
     # ------------------------------------------------------------------ queries
 
@@ -220,24 +225,64 @@ class SchedulerState:
         tags: Iterable[str] = (),
         statuses: Iterable[SandboxStatus] = (),
         session_id: str | None = None,
+        *,
+        agent_id: str | None = None,
+        cursor: str = "",
+        limit: int | None = None,
     ) -> SandboxListReply:
+        """One page of the rows that match, in the order the scheduler learnt of them,
+        from after ``cursor``; ``next_cursor`` is "" after the last page. A page holds at
+        most ``limit`` rows (PAGE_ROWS by default) and looks at PAGE_SCAN rows at most,
+        so that no listing holds the scheduler for long: a page may be short (even
+        empty) with a cursor to go on from."""
         want_tags = set(tags)
         want_status = set(statuses)
-        rows = [
-            self.info(rec)
-            for rec in self.sandboxes.values()
-            if want_tags <= set(rec.spec.tags)
-            and (not want_status or rec.status in want_status)
-            and (session_id is None or rec.spec.session_id == session_id)
-        ]
-        rows.sort(key=lambda i: (i.created_at, i.sandbox_id))
-        return SandboxListReply(tuple(rows))
+        rows_max = min(MAX_PAGE_ROWS, PAGE_ROWS if limit is None or limit <= 0 else limit)
+        after = _cursor_seq(cursor)
+        rows: list[SandboxInfo] = []
+        sandboxes = self.sandboxes
+        scanned = 0
+        last = after
+        more = False
+        if session_id is not None and not (want_status and want_status <= ACTIVE):
+            candidates = None  # the session index holds live rows only
+        elif session_id is not None:
+            # Live rows of one session: from its index, not the whole table.
+            ids = self._by_session.get(session_id, set())
+            candidates = sorted((self.live[s] for s in ids), key=_seq_of)
+            candidates = [r for r in candidates if r.seq > after]
+        else:
+            candidates = None
+        source = iter(candidates) if candidates is not None else self._order.after(after)
+        for rec in source:
+            if scanned >= PAGE_SCAN or len(rows) >= rows_max:
+                more = True
+                break
+            scanned += 1
+            last = rec.seq
+            if sandboxes.get(rec.sandbox_id) is not rec:
+                continue  # forgotten since
+            if want_status and rec.status not in want_status:
+                continue
+            if session_id is not None and rec.spec.session_id != session_id:
+                continue
+            if agent_id is not None and rec.agent_id != agent_id:
+                continue
+            if want_tags and not want_tags <= set(rec.spec.tags):
+                continue
+            rows.append(self.info(rec))
+        return SandboxListReply(tuple(rows), next_cursor=f"{last}" if more else "")
 
-    def status(self, now: float) -> ClusterStatusReply:
-        counts: dict[str, int] = {s.value: 0 for s in SandboxStatus}
-        for rec in self.sandboxes.values():
-            counts[rec.status.value] += 1
+    def status(self, now: float, cursor: str = "", limit: int | None = None) -> ClusterStatusReply:
+        """The counts, and a page of the agents by id after ``cursor`` (PAGE_AGENTS by
+        default: a status of thousands of agents does not hold the loop either)."""
+        counts: dict[str, int] = {s.value: n for s, n in self.counts.items()}
         counts["queued"] = len(self.pending)
+        ids = sorted(self.agents)
+        start = bisect.bisect_right(ids, cursor) if cursor else 0
+        size = min(MAX_PAGE_AGENTS, PAGE_AGENTS if limit is None or limit <= 0 else limit)
+        page = ids[start : start + size]
+        more = start + size < len(ids)
         agents = tuple(
             AgentInfo(
                 agent_id=a.agent_id,
@@ -250,9 +295,15 @@ class SchedulerState:
                 seconds_since_heartbeat=max(0.0, now - a.last_seen),
                 lane=a.lane,
             )
-            for a in sorted(self.agents.values(), key=lambda a: a.agent_id)
+            for a in map(self.agents.__getitem__, page)
         )
-        return ClusterStatusReply(agents=agents, sandbox_counts=counts, sessions=len(self.sessions))
+        return ClusterStatusReply(
+            agents=agents,
+            sandbox_counts=counts,
+            sessions=len(self.sessions),
+            next_cursor=page[-1] if more and page else "",
+            free_slots=self.free_slots(),
+        )
 
     # ------------------------------------------------------------------ agents
 
@@ -279,14 +330,16 @@ class SchedulerState:
                 instance=msg.instance,
             )
             self.agents[msg.agent_id] = agent
+            self._alive_count += 1
         else:
             if agent.instance != msg.instance:
                 # Another process now: its predecessor will confirm no stop it was sent.
                 actions += self._agent_gone(msg.agent_id)
             agent.address, agent.slots, agent.runtime = msg.address, msg.slots, msg.runtime
-            agent.labels, agent.last_seen, agent.alive = dict(msg.labels), now, True
+            agent.labels, agent.last_seen = dict(msg.labels), now
             agent.public_key, agent.lane = msg.public_key, msg.lane
             agent.instance, agent.dead_since = msg.instance, None
+            self._set_alive(agent, True)
         reported = {s.sandbox_id: s for s in msg.sandboxes}
         adopt: list[str] = []
         reap: list[str] = []
@@ -312,9 +365,10 @@ class SchedulerState:
                 actions += self._end(
                     rec, SandboxStatus.FAILED, now, f"lost when agent {msg.agent_id} restarted"
                 )
+        self._agent_changed(agent)
         actions += self._dispatch(now)
         reply = RegisterReply(
-            heartbeat_interval=self.config.heartbeat_interval,
+            heartbeat_interval=self.heartbeat_interval(),
             adopt=tuple(adopt),
             reap=tuple(reap),
         )
@@ -332,35 +386,64 @@ class SchedulerState:
         for sid in list(agent.active):
             actions += self._end(self.sandboxes[sid], SandboxStatus.TERMINATED, now, reason)
         actions += self._agent_gone(agent_id)
+        self._set_alive(agent, False)
         del self.agents[agent_id]
         return actions
 
     def dead_agents(self, now: float) -> tuple[str, ...]:
         """Agents dead for longer than the orphan grace: whatever they left on an engine
         may be removed by any agent on it."""
+        # Cached (asked with every heartbeat): recomputed only when it can have changed.
+        if not (self._dead_valid_from <= now < self._dead_valid_until):
+            self._find_dead_agents(now)
+        return self._dead_agents
+
+    def _find_dead_agents(self, now: float) -> None:
         grace = self.config.orphan_grace_seconds
-        return tuple(
-            sorted(
-                a.agent_id
-                for a in self.agents.values()
-                if a.dead_since is not None and now - a.dead_since >= grace
-            )
-        )
+        dead = []
+        until = float("inf")
+        for a in self.agents.values():
+            if a.dead_since is None:
+                continue
+            if now - a.dead_since >= grace:
+                dead.append(a.agent_id)
+            else:
+                until = min(until, a.dead_since + grace)
+        self._dead_agents = tuple(sorted(dead))
+        self._dead_valid_from, self._dead_valid_until = now, until
+
+    def _dead_list_changed(self) -> None:
+        self._dead_valid_until = float("-inf")
 
     def is_registered(self, agent_id: str) -> bool:
         agent = self.agents.get(agent_id)
         return agent is not None and agent.alive
 
-    def heartbeat(self, agent_id: str, running: Iterable[str], now: float) -> list[Action]:
+    def heartbeat(
+        self,
+        agent_id: str,
+        running: Iterable[str],
+        now: float,
+        *,
+        full: bool = True,
+        gone: Iterable[str] = (),
+    ) -> list[Action]:
+        """An agent is alive. With ``full``, ``running`` is every sandbox it has (a
+        periodic resync: O(its sandboxes)); otherwise ``gone`` lists those it no longer
+        has since its last heartbeat (O(changes))."""
         agent = self.agents.get(agent_id)
         if agent is None or not agent.alive:
             return []
         agent.last_seen = now
         actions: list[Action] = []
-        still = set(running)
-        for sid in list(agent.active):
+        if full:
+            still = set(running)
+            missing = [sid for sid in agent.active if sid not in still]
+        else:
+            missing = [sid for sid in gone if sid in agent.active]
+        for sid in missing:
             rec = self.sandboxes[sid]
-            if rec.status is SandboxStatus.RUNNING and sid not in still:
+            if rec.status is SandboxStatus.RUNNING:
                 actions += self._end(rec, SandboxStatus.COMPLETED, now, "vanished from its agent")
         return actions
 
@@ -374,7 +457,7 @@ class SchedulerState:
 
     def _adopt(self, reported: SandboxInfo, agent_id: str, now: float) -> list[Action]:
         """Rebuild a row from an agent's report (the scheduler restarted)."""
-        spec = reported.spec
+        spec = self._intern(reported.spec)
         deadline = None
         if spec.max_lifetime_seconds is not None:
             deadline = reported.created_at + spec.max_lifetime_seconds
@@ -386,11 +469,11 @@ class SchedulerState:
             agent_id=agent_id,
             deadline=deadline,
         )
-        self.sandboxes[rec.sandbox_id] = rec
+        self._add_row(rec)
         self.agents[agent_id].active.add(rec.sandbox_id)
         if spec.session_id and spec.session_id not in self.sessions:
             # The client, if alive, renews this with its next keepalive.
-            self.sessions[spec.session_id] = now + self.config.adopted_lease_seconds
+            self._lease(spec.session_id, now + self.config.adopted_lease_seconds, now)
         return []
 
     # ------------------------------------------------------------------ create / place
@@ -412,9 +495,7 @@ class SchedulerState:
         if sandbox_id in self.stopped_unknown:
             why = f"sandbox {sandbox_id} was stopped before its create arrived"
             return [Reply(key, ErrorReply(ErrorCode.TERMINATED, why))]
-        if sandbox_id in self.sandboxes or any(
-            p.sandbox_id == sandbox_id and sandbox_id for p in self.pending
-        ):
+        if sandbox_id in self.sandboxes or sandbox_id in self._pending_ids:
             why = f"sandbox id {sandbox_id} is taken: a create is sent once per id"
             return [Reply(key, ErrorReply(ErrorCode.BAD_REQUEST, why))]
         session_id = spec.session_id
@@ -424,16 +505,36 @@ class SchedulerState:
         if session_id and session_id not in self.sessions:
             # Not heard of since a restart: a lease of its own, renewed by a live client,
             # so that its sandboxes are reaped if none is.
-            self.sessions[session_id] = now + self.config.adopted_lease_seconds
+            self._lease(session_id, now + self.config.adopted_lease_seconds, now)
+        spec = self._intern(spec)
         self.pending.append(
             PendingCreate(key, spec, now + max(0.0, timeout_seconds), now, sandbox_id)
         )
+        if sandbox_id:
+            self._pending_ids.add(sandbox_id)
         return self._dispatch(now)
+
+    def _intern(self, spec: SandboxSpec) -> SandboxSpec:
+        """One object for equal specs (memory: most sandboxes share a few specs)."""
+        key = tuple(
+            tuple(v.items()) if type(v) is dict else v
+            for v in map(spec.__getattribute__, _SPEC_FIELDS)
+        )
+        try:
+            found = self._specs.get(key)
+        except TypeError:  # an unhashable value: not shared
+            return spec
+        if found is not None:
+            return found
+        if len(self._specs) >= MAX_INTERNED_SPECS:
+            self._specs.clear()  # bounded: many distinct specs just go unshared
+        self._specs[key] = spec
+        return spec
 
     def _no_agents(self, now: float) -> str:
         """Why a create cannot even wait for a slot ("" if it can): no live agent, past
         the start-up grace (in which agents register, again after a restart)."""
-        if any(a.alive for a in self.agents.values()):
+        if self._alive_count > 0:
             return ""
         if now - self.started_at < self.config.startup_grace_seconds:
             return ""
@@ -449,14 +550,10 @@ class SchedulerState:
         )
 
     def choose_agent(self) -> AgentRecord | None:
-        """Spread: the live agent with the most free slots (ties by id, for determinism)."""
-        best: AgentRecord | None = None
-        for agent in self.agents.values():
-            if not agent.alive or agent.free <= 0:
-                continue
-            if best is None or (agent.free, best.agent_id) > (best.free, agent.agent_id):
-                best = agent
-        return best
+        """Spread: the live agent with the most free slots (ties by id, for determinism),
+        from the placement index."""
+        best = self._free.best()
+        return self.agents[best] if best is not None else None
 
     def _dispatch(self, now: float) -> list[Action]:
         actions: list[Action] = []
@@ -465,6 +562,7 @@ class SchedulerState:
             if agent is None:
                 break
             req = self.pending.popleft()
+            self._pending_ids.discard(req.sandbox_id)
             sid = req.sandbox_id or self._new_id()
             deadline = None
             if req.spec.max_lifetime_seconds is not None:
@@ -480,8 +578,12 @@ class SchedulerState:
                 creator_deadline=req.deadline + self.config.placement_grace_seconds,
                 placing=True,
             )
-            self.sandboxes[sid] = rec
+            self._add_row(rec)
+            assert rec.creator_deadline is not None
+            self._placing[sid] = rec.creator_deadline
             agent.active.add(sid)
+            agent.inflight.add(sid)
+            self._agent_changed(agent)
             actions.append(SendToAgent(agent.agent_id, PlaceSandbox(self.info(rec))))
         return actions
 
@@ -491,6 +593,7 @@ class SchedulerState:
         if rec is None:
             return []
         rec.placing = False
+        self._track_inflight(rec)
         if rec.status is not SandboxStatus.CREATING:
             # Stopped (or lost) while starting: make sure it does not linger.
             if error is None and rec.agent_id:
@@ -507,7 +610,8 @@ class SchedulerState:
         return self._started(rec)
 
     def _started(self, rec: SandboxRecord) -> list[Action]:
-        rec.status = SandboxStatus.RUNNING
+        self._set_status(rec, SandboxStatus.RUNNING)
+        self._placing.pop(rec.sandbox_id, None)
         actions: list[Action] = []
         if rec.creator is not None:
             actions.append(Reply(rec.creator, SandboxReply(self.info(rec))))
@@ -523,9 +627,14 @@ class SchedulerState:
         sandbox) and the actions to take."""
         rec = self.sandboxes.get(sandbox_id)
         if rec is None:
-            queued = [p for p in self.pending if p.sandbox_id == sandbox_id]
+            queued = (
+                [p for p in self.pending if p.sandbox_id == sandbox_id]
+                if sandbox_id in self._pending_ids
+                else []
+            )
             if queued and sandbox_id:  # still waiting for a slot: it never starts
                 self.pending.remove(queued[0])
+                self._pending_ids.discard(sandbox_id)
                 why = f"sandbox {sandbox_id} was stopped while queued: {reason}"
                 return _not_found(sandbox_id), [
                     Reply(queued[0].key, ErrorReply(ErrorCode.TERMINATED, why))
@@ -542,7 +651,8 @@ class SchedulerState:
         if key is not None and self._stop_in_flight(rec):
             # Answered once the agent has stopped it: a handle made after this reply
             # must find nothing left to exec in (see stop_confirmed).
-            rec.stop_waiters.append(Waiter(key, now + STOP_CONFIRM_SECONDS))
+            waiter = Waiter(key, now + STOP_CONFIRM_SECONDS)
+            self._stop_waiters.setdefault(sandbox_id, []).append(waiter)
             return None, actions
         return SandboxReply(self.info(rec)), actions
 
@@ -552,6 +662,7 @@ class SchedulerState:
 
     def _stop_on_agent(self, rec: SandboxRecord, agent_id: str, reason: str) -> SendToAgent:
         rec.stops_unconfirmed += 1
+        self._track_inflight(rec)
         return SendToAgent(agent_id, StopSandbox(rec.sandbox_id, reason))
 
     def stop_confirmed(self, sandbox_id: str, error: ErrorReply | None = None) -> list[Action]:
@@ -561,15 +672,16 @@ class SchedulerState:
         if rec is None:
             return []
         rec.stops_unconfirmed = max(0, rec.stops_unconfirmed - 1)
-        if error is not None and rec.stop_waiters:
-            waiters, rec.stop_waiters = rec.stop_waiters, []
+        self._track_inflight(rec)
+        if error is not None and sandbox_id in self._stop_waiters:
+            waiters = self._stop_waiters.pop(sandbox_id)
             return [Reply(w.key, error) for w in waiters]
         return self._answer_stop_waiters(rec)
 
     def _answer_stop_waiters(self, rec: SandboxRecord, *, force: bool = False) -> list[Action]:
-        if not rec.stop_waiters or (self._stop_in_flight(rec) and not force):
+        if rec.sandbox_id not in self._stop_waiters or (self._stop_in_flight(rec) and not force):
             return []
-        waiters, rec.stop_waiters = rec.stop_waiters, []
+        waiters = self._stop_waiters.pop(rec.sandbox_id)
         reply = SandboxReply(self.info(rec))
         return [Reply(w.key, reply) for w in waiters]
 
@@ -597,11 +709,13 @@ class SchedulerState:
         agent = self.agents.get(rec.agent_id) if rec.agent_id else None
         if agent is not None:
             agent.active.discard(rec.sandbox_id)
+            self._agent_changed(agent)
             if stop and agent.alive:
                 actions.append(self._stop_on_agent(rec, agent.agent_id, reason))
-        rec.status = status
+        self._set_status(rec, status)
         rec.reason = reason
         rec.ended_at = now
+        self._row_ended(rec, now)
         if rec.creator is not None:
             code = ErrorCode.TERMINATED if status is SandboxStatus.TERMINATED else ErrorCode.FAILED
             detail = {"sandbox_id": rec.sandbox_id}
@@ -627,73 +741,88 @@ class SchedulerState:
 
     def session_keepalive(self, session_id: str, lease_seconds: float, now: float) -> None:
         if session_id not in self.closed_sessions:  # a keepalive late after the close
-            self.sessions[session_id] = now + max(0.1, lease_seconds)
+            self._lease(session_id, now + max(0.1, lease_seconds), now)
+
+    def _lease(self, session_id: str, expiry: float, now: float) -> None:
+        self.sessions[session_id] = expiry
+        self._lease_renewed[session_id] = now
+        self._lease_timers.add(expiry, session_id)
 
     def session_close(
         self, session_id: str, reason: str, now: float
     ) -> tuple[list[str], list[Action]]:
         self.sessions.pop(session_id, None)
+        self._lease_renewed.pop(session_id, None)
+        self.closed_sessions.pop(session_id, None)  # re-inserted: kept in time order
         self.closed_sessions[session_id] = now
         stopped: list[str] = []
         actions: list[Action] = []
         # Its queued creates go first: the slots freed below must not be given to them.
         for req in [p for p in self.pending if p.spec.session_id == session_id]:
             self.pending.remove(req)
+            self._pending_ids.discard(req.sandbox_id)
             actions.append(Reply(req.key, ErrorReply(ErrorCode.TERMINATED, reason)))
-        for rec in list(self.sandboxes.values()):
-            if rec.spec.session_id == session_id and rec.status in ACTIVE:
-                stopped.append(rec.sandbox_id)
-                actions += self._end(rec, SandboxStatus.TERMINATED, now, reason, stop=True)
+        for sid in sorted(self._by_session.get(session_id, ()), key=lambda s: self.live[s].seq):
+            rec = self.live[sid]
+            stopped.append(sid)
+            actions += self._end(rec, SandboxStatus.TERMINATED, now, reason, stop=True)
         return stopped, actions
 
     # ------------------------------------------------------------------ time
 
     def tick(self, now: float) -> list[Action]:
-        """Everything that happens because time passed."""
-        actions: list[Action] = []
-        for agent in list(self.agents.values()):
-            if agent.alive and now - agent.last_seen > self.config.dead_after_seconds:
-                agent.alive = False
-                agent.dead_since = now
-                reason = (
-                    f"agent {agent.agent_id} lost: no heartbeat for {now - agent.last_seen:.1f}s"
-                )
-                for sid in list(agent.active):
-                    actions += self._end(self.sandboxes[sid], SandboxStatus.FAILED, now, reason)
-                actions += self._agent_gone(agent.agent_id)
-            elif (
-                agent.dead_since is not None
-                and now - agent.dead_since > self.config.forget_dead_seconds
-            ):
-                del self.agents[agent.agent_id]  # dead long ago: no longer news
-        for rec in list(self.sandboxes.values()):
-            if rec.stop_waiters and any(w.deadline <= now for w in rec.stop_waiters):
+        """Everything that happens because time passed: O(what is due), never a walk of
+        the sandbox table (agents are walked: a few thousand at most)."""
+        actions = self._judge_agents(now)
+        for sid, waiters in list(self._stop_waiters.items()):
+            rec = self.sandboxes.get(sid)
+            if rec is None:
+                del self._stop_waiters[sid]
+            elif any(w.deadline <= now for w in waiters):
                 actions += self._answer_stop_waiters(rec, force=True)  # best effort
-            if rec.status not in ACTIVE:
-                if rec.ended_at is not None and now - rec.ended_at > self.config.keep_ended_seconds:
-                    del self.sandboxes[rec.sandbox_id]
-                continue
-            if rec.deadline is not None and now >= rec.deadline:
+        keep = self.config.keep_ended_seconds
+        while self.ended:
+            sid, ended_at = next(iter(self.ended.items()))
+            if now - ended_at <= keep:
+                break
+            self._forget_row(sid)
+        for sid in self._lifetimes.due(now):
+            rec = self.live.get(sid)
+            if rec is not None and rec.deadline is not None and now >= rec.deadline:
                 reason = f"max lifetime of {rec.spec.max_lifetime_seconds:g}s reached"
                 actions += self._end(rec, SandboxStatus.TERMINATED, now, reason, stop=True)
-            elif rec.creator_deadline is not None and rec.status is SandboxStatus.CREATING:
-                if now >= rec.creator_deadline:
-                    actions += self._end(
-                        rec, SandboxStatus.FAILED, now, "agent did not start it in time", stop=True
-                    )
+        late = [sid for sid, when in self._placing.items() if now >= when]
+        for sid in late:
+            rec = self.live.get(sid)
+            self._placing.pop(sid, None)
+            if rec is not None and rec.status is SandboxStatus.CREATING:
+                actions += self._end(
+                    rec, SandboxStatus.FAILED, now, "agent did not start it in time", stop=True
+                )
         for forget in (self.closed_sessions, self.stopped_unknown):
-            for key, when in list(forget.items()):
-                if now - when > self.config.keep_ended_seconds:
-                    del forget[key]
-        for session_id, expiry in list(self.sessions.items()):
-            if now >= expiry:
+            while forget:  # in time order: the oldest first
+                key, when = next(iter(forget.items()))
+                if now - when <= keep:
+                    break
+                del forget[key]
+        for session_id in list(self._lease_timers.due(now)):
+            expiry = self.sessions.get(session_id)
+            if expiry is None or now < expiry:
+                continue
+            # A keepalive unread while the scheduler was blind is not the client's fault.
+            credit = self.blind.blind_since(self._lease_renewed.get(session_id, expiry), now)
+            if now < expiry + credit:
+                self._lease_timers.add(expiry + credit, session_id)
+                continue
+            if expiry is not None and now >= expiry:
                 _, more = self.session_close(
                     session_id, f"session {session_id} lease expired (client gone)", now
                 )
                 actions += more
-        expired = [p for p in self.pending if p.deadline <= now]
+        expired = [p for p in self.pending if p.deadline <= now] if self.pending else []
         for req in expired:
             self.pending.remove(req)
+            self._pending_ids.discard(req.sandbox_id)
             waited = now - req.queued_at
             actions.append(
                 Reply(
@@ -707,62 +836,71 @@ class SchedulerState:
                 )
             )
         for sid, waiters in list(self.waiters.items()):
-            keep = [w for w in waiters if w.deadline > now]
+            keep_waiting = [w for w in waiters if w.deadline > now]
+            if len(keep_waiting) == len(waiters):
+                continue
             found = self.sandboxes.get(sid)
             for w in waiters:
                 if w.deadline <= now:
                     msg: Message = SandboxReply(self.info(found)) if found else _not_found(sid)
                     actions.append(Reply(w.key, msg))
-            if keep:
-                self.waiters[sid] = keep
+            if keep_waiting:
+                self.waiters[sid] = keep_waiting
             else:
                 del self.waiters[sid]
+        return actions
+
+    def scheduler_blind(self, start: float, end: float) -> None:
+        """The scheduler heard nobody from ``start`` to ``end`` (its loop stalled, or
+        heartbeats sat unread behind a backlog): silence then is not the agents'."""
+        self.blind.add(start, end)
+
+    def _judge_agents(self, now: float) -> list[Action]:
+        """Declare dead the agents silent for longer than dead-after, not counting the
+        time the scheduler itself was blind (see ``scheduler_blind``)."""
+        actions: list[Action] = []
+        dead_after = self.dead_after()
+        blind = self.blind
+        for agent in list(self.agents.values()):
+            if agent.alive:
+                heard = now - agent.last_seen
+                if heard <= dead_after:
+                    continue
+                blind_for = blind.blind_since(agent.last_seen, now)
+                if heard - blind_for <= dead_after:
+                    continue
+                agent.dead_since = now
+                self._dead_list_changed()
+                self._set_alive(agent, False)
+                reason = f"agent {agent.agent_id} lost: no heartbeat for {heard:.1f}s"
+                actions.append(
+                    AgentDeclaredDead(agent.agent_id, reason, heard, blind_for, len(agent.active))
+                )
+                for sid in list(agent.active):
+                    actions += self._end(self.sandboxes[sid], SandboxStatus.FAILED, now, reason)
+                actions += self._agent_gone(agent.agent_id)
+            elif (
+                agent.dead_since is not None
+                and now - agent.dead_since > self.config.forget_dead_seconds
+            ):
+                del self.agents[agent.agent_id]  # dead long ago: no longer news
+                self._dead_list_changed()
+        self.blind.forget_before(now - BLIND_MEMORY_SECONDS)
         return actions
 
     def _agent_gone(self, agent_id: str) -> list[Action]:
         """A dead agent answers nothing more: stops waiting on it are answered now."""
         actions: list[Action] = []
-        for rec in self.sandboxes.values():
-            if rec.agent_id == agent_id and self._stop_in_flight(rec):
+        agent = self.agents.get(agent_id)
+        if agent is None:
+            return actions
+        inflight, agent.inflight = agent.inflight, set()
+        for sid in sorted(inflight):
+            rec = self.sandboxes.get(sid)
+            if rec is not None and rec.agent_id == agent_id and self._stop_in_flight(rec):
                 rec.placing, rec.stops_unconfirmed = False, 0
                 actions += self._answer_stop_waiters(rec)
         return actions
 
     def free_slots(self) -> int:
-        return sum(a.free for a in self.agents.values() if a.alive)
-
-
-#: A bound any host is under, far from the overflow (Docker takes billionths of a CPU
-#: as a 64-bit integer; cgroup quotas microseconds).
-MAX_CPUS = 4096
-
-
-def validate_spec(spec: SandboxSpec) -> str | None:
-    """Why a spec cannot be placed, or None."""
-    if not spec.image.strip():
-        return "container_image is empty: name an image such as 'python:3.11'"
-    if len(spec.image) > 255:  # Docker's own bound on a reference
-        return f"container_image is {len(spec.image)} characters long: at most 255"
-    if not spec.command.strip():
-        return "command is empty: give the program to run, e.g. command='sleep'"
-    # `not x > 0` also refuses NaN (no comparison holds); infinity is no limit: None is.
-    lifetime = spec.max_lifetime_seconds
-    if lifetime is not None and not 0 < lifetime < math.inf:
-        return f"max_lifetime_seconds must be positive and finite (or None), got {lifetime}"
-    if spec.memory_bytes is not None and spec.memory_bytes < 6 * 1024 * 1024:
-        return f"memory_bytes must be at least 6 MiB, got {spec.memory_bytes}"
-    if spec.cpus is not None and not 0 < spec.cpus <= MAX_CPUS:
-        return f"cpus must be above 0 and at most {MAX_CPUS} (or None), got {spec.cpus}"
-    if spec.pids_limit is not None and spec.pids_limit < 1:
-        return f"pids_limit must be at least 1 (or None), got {spec.pids_limit}"
-    if spec.network not in (None, "none", "bridge"):
-        return f"network must be None, 'none' or 'bridge', got {brief(spec.network)}"
-    return None
-
-
-def _not_found(sandbox_id: str) -> ErrorReply:
-    return ErrorReply(
-        ErrorCode.NOT_FOUND,
-        f"no sandbox {brief(sandbox_id)} in this cluster (never existed, or ended long ago)",
-        {"sandbox_id": sandbox_id},
-    )
+        return self._free.total()

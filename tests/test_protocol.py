@@ -648,3 +648,44 @@ def test_value_error_is_bad_request_and_unknown_is_internal() -> None:
 def test_decode_error_maps_to_protocol_error() -> None:
     err = _refused(b"\xc1")
     assert error_reply(err).code is ErrorCode.MALFORMED
+
+
+def test_the_schedulers_plain_heartbeat_path_agrees_with_the_checked_decoder() -> None:
+    """The scheduler decodes a no-change heartbeat by hand (cheaper); it must give what
+    the checked decoder gives, and leave anything else to it."""
+    from aviato.protocol import AgentHeartbeat, encode, open_envelope
+    from scheduler.server import _plain_heartbeat
+
+    for msg in (
+        AgentHeartbeat("a", full=False),
+        AgentHeartbeat("a", ("sb-1",)),
+        AgentHeartbeat("a", full=False, gone=("sb-1",)),
+        AgentHeartbeat("a"),
+    ):
+        frames = encode(msg, 7, token="t")
+        fast = _plain_heartbeat(open_envelope(frames))
+        if fast is not None:
+            assert fast == decode(frames)
+        else:
+            assert msg.full or msg.gone
+    assert _plain_heartbeat(open_envelope(encode(AgentHeartbeat("a", full=False), 1))) is not None
+
+
+@given(st.lists(st.sampled_from(list(SandboxStatus)), min_size=0, max_size=5))
+def test_the_schedulers_row_encoding_is_the_generic_one(statuses: list[SandboxStatus]) -> None:
+    """The scheduler converts each spec once (``info_wire``, ``encode_body``): its frames
+    must decode to what the generic ``encode`` would have sent."""
+    from aviato.protocol import PlaceSandbox, SandboxListReply, SandboxReply, encode
+    from scheduler.server import SchedulerServer
+
+    server = SchedulerServer()
+    spec = SandboxSpec("img", "cmd", ("a",), {"K": "V"}, ("t",), "s", 3.0, 10**8, 1.5)
+    rows = tuple(
+        SandboxInfo(f"sb-{i}", spec, st_, "a", "tcp://h:1", 0, "r", 1.0, 2.0, "docker", "k", "l")
+        for i, st_ in enumerate(statuses)
+    )
+    msgs: list[Message] = [SandboxListReply(rows, "9")]
+    msgs += [PlaceSandbox(r) for r in rows] + [SandboxReply(r) for r in rows]
+    for msg in msgs:
+        assert decode(server._encode(msg, 3)) == decode(encode(msg, 3))
+        assert server._encode(msg, 3)[0] == encode(msg, 3)[0]  # byte for byte

@@ -9,6 +9,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aviato.protocol import (
     ErrorCode,
@@ -22,9 +24,11 @@ from aviato.protocol import (
     SandboxStatus,
     StopSandbox,
 )
+from scheduler.indexes import BlindSpots, FreeIndex, Timers
 from scheduler.state import (
     STOP_CONFIRM_SECONDS,
     Action,
+    AgentDeclaredDead,
     Config,
     Reply,
     SchedulerState,
@@ -1034,3 +1038,320 @@ def test_create_with_only_dead_agents_fails_at_once_naming_them() -> None:
     assert err.code is ErrorCode.UNAVAILABLE
     assert "no agents registered that are alive (lost: a)" in err.message
     assert state.pending == deque()
+
+
+# --------------------------------------------------------------------------- scale: indexes
+# The indexes (placement, live/ended rows, counts, sessions, listing order, in-flight
+# requests per agent) must always say what a brute-force scan of the tables says.
+
+
+def brute_choice(state: SchedulerState) -> str | None:
+    best = None
+    for a in state.agents.values():
+        if (
+            a.alive
+            and a.free > 0
+            and (best is None or (a.free, best.agent_id) > (best.free, a.agent_id))
+        ):
+            best = a
+    return best.agent_id if best else None
+
+
+def list_all(state: SchedulerState, **filters: Any) -> list[str]:
+    """Every page of a listing, joined (and each page bounded)."""
+    ids: list[str] = []
+    cursor = ""
+    for _ in range(10_000):
+        page = state.list_sandboxes(cursor=cursor, limit=filters.pop("limit", None), **filters)
+        assert len(page.sandboxes) <= 5000
+        ids += [i.sandbox_id for i in page.sandboxes]
+        if not page.next_cursor:
+            return ids
+        cursor = page.next_cursor
+    raise AssertionError("listing never ended")
+
+
+def check_indexes(state: SchedulerState) -> None:
+    rows = state.sandboxes
+    assert (
+        state.choose_agent() is None
+        if brute_choice(state) is None
+        else (
+            state.choose_agent().agent_id == brute_choice(state)  # type: ignore[union-attr]
+        )
+    )
+    assert state.free_slots() == sum(a.free for a in state.agents.values() if a.alive)
+    assert set(state.live) == {s for s, r in rows.items() if r.status in (RUNNING, CREATING)}
+    assert set(state.ended) == {s for s, r in rows.items() if r.status.is_terminal}
+    assert all(state.live[s] is rows[s] for s in state.live)
+    counts = {s: sum(1 for r in rows.values() if r.status is s) for s in SandboxStatus}
+    assert state.counts == counts
+    assert state._alive_count == sum(a.alive for a in state.agents.values())
+    for session_id in {r.spec.session_id for r in rows.values()} - {None}:
+        live = {s for s, r in state.live.items() if r.spec.session_id == session_id}
+        assert state._by_session.get(session_id, set()) == live  # type: ignore[arg-type]
+    in_seq = sorted(rows.values(), key=lambda r: r.seq)
+    assert list_all(state, statuses=()) == [r.sandbox_id for r in in_seq]
+    assert list_all(state, statuses=(RUNNING,), limit=2) == [
+        r.sandbox_id for r in in_seq if r.status is RUNNING
+    ]
+    assert list_all(state, tags=("t",), session_id="s1") == [
+        r.sandbox_id for r in in_seq if "t" in r.spec.tags and r.spec.session_id == "s1"
+    ]
+    assert list_all(state, agent_id="a1") == [r.sandbox_id for r in in_seq if r.agent_id == "a1"]
+    for a in state.agents.values():
+        flying = {
+            s
+            for s, r in rows.items()
+            if r.agent_id == a.agent_id and (r.placing or r.stops_unconfirmed)
+        }
+        assert flying <= a.inflight, (a.agent_id, flying, a.inflight)
+
+
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(
+            [
+                "register",
+                "create",
+                "place",
+                "fail",
+                "stop",
+                "confirm",
+                "exit",
+                "beat",
+                "tick",
+                "close",
+                "deregister",
+            ]
+        ),
+        st.integers(0, 4),
+        st.integers(0, 3),
+    ),
+    max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(OPS)
+def test_the_indexes_always_agree_with_a_brute_force_scan(ops: list[tuple[str, int, int]]) -> None:
+    state = make_state(dead_after_seconds=5.0, keep_ended_seconds=8.0)
+    now = 0.0
+    sent: list[str] = []  # PlaceSandbox / StopSandbox sent, in order
+    for op, i, j in ops:
+        now += 0.5
+        agent = f"a{i}"
+        ids = sorted(state.sandboxes)
+        sid = ids[j % len(ids)] if ids else "sb-none"
+        if op == "register":
+            register(state, agent, slots=j + 1, now=now, fresh=False)
+        elif op == "create":
+            kw: dict[str, Any] = {"session_id": f"s{j % 2}", "tags": ("t",) if i % 2 else ()}
+            if j == 3:
+                kw["max_lifetime_seconds"] = 2.0
+            state.request_create(f"k{now}", spec(**kw), 3.0, now)
+        elif op in ("place", "fail"):
+            err = ErrorReply(ErrorCode.FAILED, "no") if op == "fail" else None
+            state.placement_done(sid, err, now)
+        elif op == "stop":
+            state.request_stop(sid, "x", now, key=f"s{now}")
+        elif op == "confirm":
+            state.stop_confirmed(sid)
+        elif op == "exit":
+            state.sandbox_exited(sid, 0, "", now)
+        elif op == "beat":
+            rec = state.agents.get(agent)
+            have = sorted(rec.active)[j:] if rec else []
+            if j % 2:
+                state.heartbeat(agent, have, now)
+            else:
+                gone = sorted(rec.active)[:j] if rec else []
+                state.heartbeat(agent, (), now, full=False, gone=gone)
+        elif op == "tick":
+            now += j * 2.0
+            state.tick(now)
+        elif op == "close":
+            state.session_close(f"s{j % 2}", "closed", now)
+        elif op == "deregister":
+            rec = state.agents.get(agent)
+            if rec is not None:
+                state.deregister_agent(agent, rec.instance, now)
+        check_indexes(state)
+    del sent
+
+
+def test_placement_index_spreads_like_the_scan_at_scale() -> None:
+    state = make_state()
+    for i in range(200):
+        register(state, f"a{i:03d}", slots=1 + i % 7)
+    for n in range(400):
+        assert state.choose_agent().agent_id == brute_choice(state)  # type: ignore[union-attr]
+        state.request_create(f"k{n}", spec(), 30.0, 0.0)
+    assert state.choose_agent() is None or state.free_slots() > 0
+    check_indexes(state)
+
+
+def test_a_listing_page_is_bounded_and_a_cursor_resumes_it() -> None:
+    state = make_state()
+    register(state, "a", slots=2000)
+    for n in range(1200):
+        run(state, f"k{n}", tags=("x",) if n % 100 == 0 else ())
+    first = state.list_sandboxes()
+    assert len(first.sandboxes) == 500 and first.next_cursor  # the default page
+    assert len(list_all(state)) == 1200
+    assert [i.sandbox_id for i in state.list_sandboxes(limit=3).sandboxes] == [
+        "sb-1",
+        "sb-2",
+        "sb-3",
+    ]
+    second = state.list_sandboxes(limit=3, cursor=state.list_sandboxes(limit=3).next_cursor)
+    assert [i.sandbox_id for i in second.sandboxes] == ["sb-4", "sb-5", "sb-6"]
+    assert len(list_all(state, tags=("x",))) == 12
+    assert state.list_sandboxes(cursor="junk").sandboxes[0].sandbox_id == "sb-1"
+
+
+def test_ended_rows_are_forgotten_in_end_order_without_touching_live_ones() -> None:
+    state = make_state(keep_ended_seconds=10.0)
+    register(state, "a", slots=10)
+    keep, end1, end2 = run(state, "k1"), run(state, "k2"), run(state, "k3")
+    state.sandbox_exited(end1, 0, "", 1.0)
+    state.sandbox_exited(end2, 0, "", 5.0)
+    state.tick(11.5)
+    assert end1 not in state.sandboxes and end2 in state.sandboxes and keep in state.live
+    state.tick(15.5)
+    assert set(state.sandboxes) == {keep}
+    check_indexes(state)
+
+
+def test_a_delta_heartbeat_ends_only_what_it_says_is_gone() -> None:
+    state = make_state()
+    register(state, "a", slots=3)
+    one, two, three = run(state, "k1"), run(state, "k2"), run(state, "k3")
+    assert state.heartbeat("a", (), 1.0, full=False, gone=()) == []
+    state.heartbeat("a", (), 1.5, full=False, gone=(two, "sb-unknown"))
+    assert [status_of(state, s) for s in (one, two, three)] == [
+        RUNNING,
+        SandboxStatus.COMPLETED,
+        RUNNING,
+    ]
+    state.heartbeat("a", (one,), 2.0)  # a full one: three is gone too
+    assert status_of(state, three) is SandboxStatus.COMPLETED and status_of(state, one) is RUNNING
+
+
+def test_the_heartbeat_interval_grows_with_the_cluster_and_death_stays_within_5s() -> None:
+    state = make_state(heartbeat_interval=0.5, dead_after_seconds=3.0)
+    register(state, "a")
+    assert state.heartbeat_interval() == 0.5 and state.dead_after() == 3.0
+    for i in range(5000):
+        register(state, f"b{i}")
+    assert state.heartbeat_interval() == 1.5
+    assert state.dead_after() == 4.5  # 3 intervals, under 5 s
+
+
+# --------------------------------------------------------------------------- scale: liveness
+
+
+def test_an_agent_silent_while_the_scheduler_was_blind_is_not_declared_dead() -> None:
+    state = make_state(dead_after_seconds=3.0)
+    register(state, "a", now=0.0)
+    sid = run(state, "k", now=0.0)
+    # The loop stalled from 1 to 14 (a huge listing, the process stopped): the tick that
+    # finally runs must not blame the agent, whose heartbeats sit unread in the socket.
+    state.scheduler_blind(1.0, 14.0)
+    assert [a for a in state.tick(14.0) if isinstance(a, AgentDeclaredDead)] == []
+    assert state.is_registered("a") and status_of(state, sid) is RUNNING
+    # Still unread a little later (a backlog): still 1 s of real silence only.
+    assert state.tick(15.0) == []
+    state.heartbeat("a", [sid], 15.1)
+    assert state.is_registered("a")
+
+
+def test_an_agent_silent_outside_the_blind_spots_is_declared_dead_with_why() -> None:
+    state = make_state(dead_after_seconds=3.0)
+    register(state, "a", now=0.0)
+    sid = run(state, "k", now=0.0)
+    state.scheduler_blind(1.0, 2.0)  # 1 s blind: 3 s of real silence at 4.0, 3.5 at 4.5
+    assert state.tick(4.0) == []
+    actions = state.tick(4.5)
+    [dead] = [a for a in actions if isinstance(a, AgentDeclaredDead)]
+    assert dead.agent_id == "a" and dead.seconds_since_heartbeat == 4.5
+    assert dead.blind_seconds == 1.0 and dead.sandboxes == 1
+    assert "no heartbeat for 4.5s" in dead.reason
+    assert status_of(state, sid) is SandboxStatus.FAILED
+
+
+def test_blind_spots_merge_and_count_only_after_the_last_heartbeat() -> None:
+    spots = BlindSpots()
+    spots.add(1.0, 3.0)
+    spots.add(2.0, 4.0)  # overlaps: merged
+    spots.add(10.0, 12.0)
+    assert len(spots) == 2
+    assert spots.blind_since(0.0, 20.0) == 5.0
+    assert spots.blind_since(3.5, 20.0) == 2.5
+    assert spots.blind_since(11.0, 11.5) == 0.5
+    spots.forget_before(5.0)
+    assert spots.blind_since(0.0, 20.0) == 2.0
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["set", "drop", "best"]), st.integers(0, 9), st.integers(-1, 6))
+    )
+)
+def test_free_index_always_agrees_with_a_scan(ops: list[tuple[str, int, int]]) -> None:
+    index = FreeIndex()
+    truth: dict[str, int] = {}
+    for op, i, free in ops:
+        agent = f"a{i}"
+        if op == "set":
+            index.set(agent, free)
+            if free > 0:
+                truth[agent] = free
+            else:
+                truth.pop(agent, None)
+        elif op == "drop":
+            index.drop(agent)
+            truth.pop(agent, None)
+        want = min(truth, key=lambda a: (-truth[a], a)) if truth else None
+        assert index.best() == want
+        assert index.total() == sum(truth.values())
+
+
+@given(st.lists(st.floats(0, 100), max_size=50), st.floats(0, 100))
+def test_timers_pop_exactly_what_is_due_in_time_order(whens: list[float], now: float) -> None:
+    timers: Timers[int] = Timers()
+    for n, when in enumerate(whens):
+        timers.add(when, n)
+    due = list(timers.due(now))
+    assert sorted(due) == sorted(n for n, w in enumerate(whens) if w <= now)
+    assert [whens[n] for n in due] == sorted(whens[n] for n in due)
+    assert len(timers) == len(whens) - len(due)
+
+
+def test_a_session_lease_is_not_lost_to_the_schedulers_own_stall() -> None:
+    state = make_state()
+    register(state, "a", slots=2)
+    state.session_keepalive("s", 5.0, 0.0)
+    sid = run(state, "k", session_id="s")
+    state.scheduler_blind(1.0, 9.0)  # its keepalives sat unread
+    assert stops(state.tick(9.0)) == []
+    assert status_of(state, sid) is RUNNING
+    state.session_keepalive("s", 5.0, 9.5)
+    assert stops(state.tick(12.0)) == []
+    # A client really gone still loses its lease.
+    assert stops(state.tick(14.6)) == [("a", sid)]
+
+
+def test_status_pages_agents_by_id_with_cluster_wide_counts() -> None:
+    state = make_state()
+    for i in range(7):
+        register(state, f"a{i}", slots=2)
+    run(state, "k")
+    first = state.status(0.0, limit=3)
+    assert [a.agent_id for a in first.agents] == ["a0", "a1", "a2"] and first.next_cursor == "a2"
+    assert first.sandbox_counts["running"] == 1 and first.free_slots == 13
+    rest = state.status(0.0, first.next_cursor, 3)
+    last = state.status(0.0, rest.next_cursor, 3)
+    assert [a.agent_id for a in rest.agents + last.agents] == ["a3", "a4", "a5", "a6"]
+    assert last.next_cursor == ""
+    assert len(state.status(0.0).agents) == 7  # the default page holds 1,000
