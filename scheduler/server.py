@@ -24,6 +24,7 @@ from aviato._daemon import warn_if_open
 from aviato._errors import error_reply
 from aviato.protocol import (
     AgentHeartbeat,
+    AgentSpares,
     ClusterStatus,
     CreateSandbox,
     Decoded,
@@ -111,6 +112,7 @@ class SchedulerServer:
             RegisterAgent: self._on_register,
             DeregisterAgent: self._on_deregister,
             AgentHeartbeat: self._on_heartbeat,
+            AgentSpares: self._on_spares,
             SandboxExited: self._on_exited,
             Ping: self._on_ping,
         }
@@ -325,6 +327,12 @@ class SchedulerServer:
         actions = self.state.heartbeat(agent_id, d.msg.running, now) if known else []
         reply = HeartbeatReply(registered=known, dead_agents=self.state.dead_agents(now))
         return [Reply((identity, d.request_id), reply), *actions]
+
+    def _on_spares(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
+        assert isinstance(d.msg, AgentSpares)
+        if self._agent_identity.get(d.msg.agent_id) == identity:  # only from the agent
+            self.state.set_spares(d.msg.agent_id, d.msg.spares)
+        return [Reply((identity, d.request_id), OkReply())]
 
     def _on_deregister(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, DeregisterAgent)

@@ -94,6 +94,8 @@ class AgentRecord:
     instance: str = ""
     #: When it was declared dead (None while alive).
     dead_since: float | None = None
+    #: Pre-started spares it holds, in its free slots (see AgentSpares).
+    spares: int = 0
 
     @property
     def free(self) -> int:
@@ -248,6 +250,7 @@ class SchedulerState:
                 labels=dict(a.labels),
                 seconds_since_heartbeat=max(0.0, now - a.last_seen),
                 lane=a.lane,
+                spares=a.spares,
             )
             for a in sorted(self.agents.values(), key=lambda a: a.agent_id)
         )
@@ -286,6 +289,7 @@ class SchedulerState:
             agent.labels, agent.last_seen, agent.alive = dict(msg.labels), now, True
             agent.public_key, agent.lane = msg.public_key, msg.lane
             agent.instance, agent.dead_since = msg.instance, None
+        agent.spares = msg.spares
         reported = {s.sandbox_id: s for s in msg.sandboxes}
         adopt: list[str] = []
         reap: list[str] = []
@@ -349,6 +353,11 @@ class SchedulerState:
     def is_registered(self, agent_id: str) -> bool:
         agent = self.agents.get(agent_id)
         return agent is not None and agent.alive
+
+    def set_spares(self, agent_id: str, spares: int) -> None:
+        agent = self.agents.get(agent_id)
+        if agent is not None:
+            agent.spares = max(0, spares)
 
     def heartbeat(self, agent_id: str, running: Iterable[str], now: float) -> list[Action]:
         agent = self.agents.get(agent_id)

@@ -101,10 +101,13 @@ class Cluster:
         keys: Path | None = None,
         token: str | None = None,
         scheduler_args: list[str] | None = None,
+        agent_args: list[str] | None = None,
     ) -> None:
         self.tmp = tmp
         #: Extra flags for the scheduler (e.g. --reap-orphans-after 2).
         self.scheduler_args = scheduler_args or []
+        #: Extra flags for every agent (e.g. --warm python:3.11=2).
+        self.agent_args = agent_args or []
         self.token = token
         #: CURVE key directory (`aviato keys`, with an agent key per agent and client-1).
         self.keys = keys
@@ -199,6 +202,7 @@ class Cluster:
                 bind,
                 "--runtime",
                 self.runtime,
+                *self.agent_args,
                 *(extra or []),
             ],
             self.agent_env,

@@ -35,6 +35,7 @@ from agent.runtime.base import (
     LABEL_AGENT,
     LABEL_MANAGED,
     LABEL_SANDBOX,
+    LABEL_SPARE,
     ExecOutput,
     ExitStatus,
     Mount,
@@ -125,6 +126,7 @@ def _cut(chunks: list[bytes], start: int, end: int) -> bytes:
 
 class DockerRuntime(Runtime):
     name = "docker"
+    supports_spares = True
 
     def __init__(
         self,
@@ -160,6 +162,9 @@ class DockerRuntime(Runtime):
         self._events_lock = asyncio.Lock()
         self._watcher: threading.Thread | None = None
         self._closed = threading.Event()
+        #: Claimed spares: container id -> the sandbox id it became (its label names
+        #: the spare).
+        self._claimed: dict[str, str] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -314,6 +319,42 @@ class DockerRuntime(Runtime):
             early = self._early.pop(cid, None)
         if early is not None:  # the command ended before start() even returned
             self._on_event(early)
+
+    # ------------------------------------------------------------------ spares
+
+    async def create_spare(
+        self, spare_id: str, spec: SandboxSpec, labels: dict[str, str], mounts: Sequence[Mount]
+    ) -> None:
+        await self.create(spare_id, spec, labels, mounts)
+
+    async def claim_spare(
+        self, spare_id: str, sandbox_id: str, spec: SandboxSpec, created_at: float
+    ) -> None:
+        cid = self._ids.get(spare_id)
+        if cid is None:
+            raise SandboxNotRunningError(f"spare {spare_id} is gone", sandbox_id=spare_id)
+        key = (spec.image, spec.command, spec.working_dir)
+        if key not in self._commands_found:  # as a fresh create would, once per command
+            if not await self._run(self._command_known, cid, spec):
+                raise SandboxFailedError(
+                    f"command {spec.command!r} was not found in image {spec.image!r}: give"
+                    " a program that exists in the image (or its full path)",
+                    sandbox_id=sandbox_id,
+                )
+        if self.claims is not None:
+            self.claims.record(spare_id, sandbox_id, spec, created_at)
+        with self._lock:
+            self._ids.pop(spare_id, None)
+            self._ids[sandbox_id] = cid
+            self._claimed[cid] = sandbox_id
+        if spec.working_dir:
+            self._workdirs[sandbox_id] = spec.working_dir
+
+    def _release(self, sandbox_id: str, cid: str | None) -> None:
+        if cid is not None:
+            self._claimed.pop(cid, None)
+        if self.claims is not None:
+            self.claims.release(sandbox_id)
 
     def _command_known(self, cid: str, spec: SandboxSpec) -> bool:
         """Whether the command exists in the image; a found one is remembered per image,
@@ -653,6 +694,7 @@ class DockerRuntime(Runtime):
         finally:
             self._removing.discard(sandbox_id)
             self._workdirs.pop(sandbox_id, None)
+        self._release(sandbox_id, cid)
 
     def _remove_sync(self, sandbox_id: str, target: str) -> None:
         try:
@@ -707,9 +749,20 @@ class DockerRuntime(Runtime):
         api = self._api
         try:
             rows = api.containers(all=True, filters={"label": f"{LABEL_AGENT}={agent_id}"})
+            if self.claims is not None:  # records of spares no longer there go
+                spares = {(r.get("Labels") or {}).get(LABEL_SANDBOX, "") for r in rows}
+                self.claims.prune(spares)
             found = []
             for row in rows:
                 labels: dict[str, str] = row.get("Labels") or {}
+                if labels.get(LABEL_SPARE) and self.claims is not None:
+                    # A claimed spare is listed as the sandbox it became; an unclaimed
+                    # one as itself, with no spec: a leftover.
+                    claim = self.claims.labels(labels.get(LABEL_SANDBOX, ""))
+                    if claim is not None:
+                        labels = {**labels, **claim}
+                        with self._lock:
+                            self._claimed[row["Id"]] = claim[LABEL_SANDBOX]
                 sid = labels.get(LABEL_SANDBOX)
                 with self._lock:  # a sandbox being stopped must not come back
                     if not sid or sid in self._removing:
@@ -791,6 +844,7 @@ class DockerRuntime(Runtime):
         attrs: dict[str, str] = actor.get("Attributes") or {}
         cid = str(actor.get("ID") or event.get("id") or "")
         sid, action = attrs.get(LABEL_SANDBOX), event.get("Action") or event.get("status")
+        sid = self._claimed.get(cid, sid)  # a spare's label names the spare
         if action == "oom":
             self._oom.add(cid)
             return
@@ -833,6 +887,7 @@ class DockerRuntime(Runtime):
                 log.warning("could not remove exited sandbox %s: %s", sid, _why(exc))
         self._workdirs.pop(sid, None)
         self._removing.discard(sid)
+        self._release(sid, cid)
 
     # ------------------------------------------------------------------ close
 
