@@ -576,6 +576,8 @@ class AgentServer:
             except Exception as exc:
                 self._early_exits.pop(sid, None)
                 log.info("create of %s failed: %s", sid, exc)
+                if self.spares is not None:
+                    self.spares.room_freed()
                 await self._reply_scheduler(sock, request_id, error_reply(exc))
                 return
             finally:
@@ -662,7 +664,8 @@ class AgentServer:
             log.info("could not keep the logs of %s: %s", sandbox_id, exc)
 
     def _forget(self, sandbox_id: str, reason: str) -> None:
-        self.sandboxes.pop(sandbox_id, None)
+        if self.sandboxes.pop(sandbox_id, None) is not None and self.spares is not None:
+            self.spares.room_freed()
         self.ended[sandbox_id] = reason
         while len(self.ended) > ENDED_MEMORY:
             self.ended.popitem(last=False)

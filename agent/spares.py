@@ -45,6 +45,8 @@ from aviato.protocol import SandboxSpec
 log = logging.getLogger("aviato.agent.spares")
 
 CLAIM_FIFO = "claim"
+#: How long a new spare's parker may take to say it is parked.
+PARK_SECONDS = 30.0
 #: Spares being started at once: a burst of claims is not slowed by their refill.
 CONCURRENCY = 2
 #: After a claim, how long refilling waits (a burst of creates goes first).
@@ -241,7 +243,7 @@ class SparePool:
         ok = False
         try:
             mounts = await self.hub.prepare(spare_id)
-            os.mkfifo(self._fifo(spare_id), 0o644)
+            make_fifo(self._fifo(spare_id))
             labels = {
                 LABEL_MANAGED: "1",
                 LABEL_SANDBOX: spare_id,
@@ -250,17 +252,19 @@ class SparePool:
                 LABEL_CREATED: repr(time.time()),
             }
             await self.runtime.create_spare(spare_id, shape.parking_spec(), labels, mounts)
-            ok = await self._start_supervisor(spare_id)
+            ok = await self._start_supervisor(spare_id) and await wait_parked(self._fifo(spare_id))
             if not ok:
-                log.warning("spare of %s: its supervisor did not start", shape.image)
+                log.warning("spare of %s: its supervisor or parker did not start", shape.image)
         except (AviatoError, OSError) as exc:
             log.warning("could not start a spare of %s: %s", shape.image, exc)
         finally:
             del self._starting[spare_id]
-        if not ok or self.closed:
+        # No room any more (creates filled the slots while it started): it goes.
+        if not ok or self.closed or self.count >= self._room():
             if not ok:
                 self._failed[shape] = time.monotonic()
             await self._discard(spare_id)
+            self._changed()
             return
         self.ready.setdefault(shape, collections.deque()).append(spare_id)
         self._changed()
@@ -297,7 +301,7 @@ class SparePool:
             raise
         self.hub.rename(spare_id, sandbox_id)
         try:
-            await _launch(fifo, spec)
+            await launch(fifo, spec)
         except OSError as exc:  # its parker is gone: ENXIO, no reader
             log.info("spare %s lost (%s): creating %s afresh", spare_id, exc, sandbox_id)
             await self.hub.close(sandbox_id, "spare lost")
@@ -308,6 +312,11 @@ class SparePool:
         self._changed()
         self._refill_soon(REFILL_DELAY)
         return True
+
+    def room_freed(self) -> None:
+        """A sandbox ended: its slot may take a spare again."""
+        if self.running and not self.closed:
+            self._refill_soon(REFILL_DELAY)
 
     def _refill_soon(self, delay: float) -> None:
         if self._refill is not None:
@@ -349,7 +358,34 @@ class SparePool:
         await asyncio.gather(*(self._discard(s) for s in spares), return_exceptions=True)
 
 
-async def _launch(fifo: Path, spec: SandboxSpec) -> None:
+def make_fifo(path: Path) -> None:
+    # Writable by the parker whatever user the image runs as (it opens it read-write:
+    # a reader that never sees EOF). Nothing but the parker reads it.
+    os.mkfifo(path)
+    path.chmod(0o666)
+
+
+def parked(fifo: Path) -> bool:
+    """Whether a parker holds ``fifo`` open: a writer opens it only then (and opening
+    and closing one is no EOF to a reader that is itself a writer)."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC))
+    except OSError:
+        return False
+    return True
+
+
+async def wait_parked(fifo: Path, timeout: float = PARK_SECONDS) -> bool:
+    """True once the spare's parker waits on ``fifo``."""
+    deadline = time.monotonic() + timeout
+    while not parked(fifo):
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.005)
+    return True
+
+
+async def launch(fifo: Path, spec: SandboxSpec) -> None:
     """Send the parker its command: fails at once (ENXIO) when no parker reads."""
     data = marshal.dumps(([spec.command, *spec.args], dict(spec.env)))
     fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)

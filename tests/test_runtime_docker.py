@@ -34,7 +34,8 @@ from aviato.protocol import SandboxSpec
 pytestmark = pytest.mark.docker
 
 IMAGE = "python:3.11"
-RUNTIMES = ["docker"]
+#: "docker-spare": every sandbox made from a pre-started spare (tests/_spare_runtime.py).
+RUNTIMES = ["docker", "docker-spare"]
 RUN_ID = uuid.uuid4().hex[:8]  # agent ids unique to this test run
 _counter = itertools.count()
 REQUIRE = os.environ.get("AVIATO_REQUIRE_DOCKER") == "1"
@@ -50,9 +51,10 @@ def _docker_ps(agent_id: str) -> list[str]:
     return out.stdout.split()
 
 
-def _inspect(sandbox_id: str) -> dict[str, Any]:
+def _inspect(runtime: Runtime, sandbox_id: str) -> dict[str, Any]:
+    target = runtime._target(sandbox_id)  # type: ignore[attr-defined]  # a spare's name
     out = subprocess.run(
-        ["docker", "container", "inspect", f"aviato-{sandbox_id}"],
+        ["docker", "container", "inspect", target],
         capture_output=True,
         check=True,
     )
@@ -76,13 +78,13 @@ def _docker_problem() -> str | None:
 def agent_id(request: pytest.FixtureRequest) -> Iterator[str]:
     """An agent id for one test; afterwards every container labelled with it is gone."""
     kind = request.node.callspec.params["runtime"]
-    if kind == "docker" and (problem := _docker_problem()):
+    if kind.startswith("docker") and (problem := _docker_problem()):
         if REQUIRE:
             pytest.fail(f"{problem} (AVIATO_REQUIRE_DOCKER=1)")
         pytest.skip(problem)
     aid = f"test-{RUN_ID}-{next(_counter)}"
     yield aid
-    if kind == "docker":
+    if kind.startswith("docker"):
         leftover = _docker_ps(aid)
         if leftover:
             subprocess.run(["docker", "rm", "-f", *leftover], capture_output=True, check=False)
@@ -95,6 +97,10 @@ async def runtime(request: pytest.FixtureRequest, agent_id: str) -> AsyncIterato
         from agent.runtime.docker import DockerRuntime
 
         rt: Runtime = DockerRuntime()
+    elif request.param == "docker-spare":
+        from tests._spare_runtime import SpareBackedDocker
+
+        rt = SpareBackedDocker()
     else:
         raise AssertionError(f"unknown runtime {request.param}")
     try:
@@ -266,7 +272,7 @@ class RuntimeConformance:
     async def test_hardened_defaults(self, runtime: Runtime, agent_id: str) -> None:
         sid = await new_sandbox(runtime, agent_id, memory_bytes=256 * 1024 * 1024, cpus=0.5)
         if runtime.name == "docker":
-            host = _inspect(sid)["HostConfig"]
+            host = _inspect(runtime, sid)["HostConfig"]
             assert "no-new-privileges" in host["SecurityOpt"]
             assert host["CapDrop"] == ["ALL"]
             assert not host["CapAdd"]  # no capability kept by default
@@ -281,7 +287,7 @@ class RuntimeConformance:
         out = await runtime.exec(sid, ("ls", "/sys/class/net"))
         assert out.stdout.split() == [b"lo"]
         if runtime.name == "docker":
-            assert _inspect(sid)["HostConfig"]["NetworkMode"] == "none"
+            assert _inspect(runtime, sid)["HostConfig"]["NetworkMode"] == "none"
 
     async def test_oom_exit(self, runtime: Runtime, agent_id: str) -> None:
         exits = aiter(runtime.exits())
