@@ -282,10 +282,12 @@ class SparePool:
         """Make a ready spare of ``spec``'s shape the sandbox ``sandbox_id`` and start
         its command; False when there is none (create it as usual). A command the
         image lacks fails as a fresh create would (the spare stays ready)."""
+        if spec.function_worker:  # its main command is the worker: made afresh
+            return False
         shape = Shape.of(spec)
         self.demand.note(shape, time.monotonic())
         queue = self.ready.get(shape)
-        if spec.function_worker or self.closed or not queue:
+        if self.closed or not queue:
             self._refill_soon(0.0)
             return False
         spare_id = queue.popleft()

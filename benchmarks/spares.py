@@ -41,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+import docker
 import psutil
 import uvloop
 
@@ -166,7 +167,8 @@ async def bench_burst(address: str, peers: DockerPeers, burst: int, results: Res
     results.from_spares = sum(_from_spare(peers.client, sb.sandbox_id or "") for sb in sbs)
     await asyncio.gather(*(sb.stop() for sb in sbs))
 
-    client = peers.client
+    # Its own client: one HTTP connection per thread (the default pool holds 10).
+    client = docker.from_env(timeout=120, max_pool_size=burst)
     sdk_created: list[float] = []
 
     def sdk_one(t0: float) -> Any:
@@ -181,6 +183,7 @@ async def bench_burst(address: str, peers: DockerPeers, burst: int, results: Res
         results.burst_ready["Docker SDK"] = time.perf_counter() - t1
         results.burst_created["Docker SDK"] = max(sdk_created)
         list(pool.map(lambda c: c.remove(force=True), containers))
+    client.close()
 
 
 def _from_spare(client: Any, sandbox_id: str) -> bool:
