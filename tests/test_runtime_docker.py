@@ -51,10 +51,9 @@ def _docker_ps(agent_id: str) -> list[str]:
     return out.stdout.split()
 
 
-def _inspect(runtime: Runtime, sandbox_id: str) -> dict[str, Any]:
-    target = runtime._target(sandbox_id)  # type: ignore[attr-defined]  # a spare's name
+def _inspect(sandbox_id: str) -> dict[str, Any]:
     out = subprocess.run(
-        ["docker", "container", "inspect", target],
+        ["docker", "container", "inspect", f"aviato-{sandbox_id}"],
         capture_output=True,
         check=True,
     )
@@ -272,7 +271,7 @@ class RuntimeConformance:
     async def test_hardened_defaults(self, runtime: Runtime, agent_id: str) -> None:
         sid = await new_sandbox(runtime, agent_id, memory_bytes=256 * 1024 * 1024, cpus=0.5)
         if runtime.name == "docker":
-            host = _inspect(runtime, sid)["HostConfig"]
+            host = _inspect(sid)["HostConfig"]
             assert "no-new-privileges" in host["SecurityOpt"]
             assert host["CapDrop"] == ["ALL"]
             assert not host["CapAdd"]  # no capability kept by default
@@ -287,7 +286,7 @@ class RuntimeConformance:
         out = await runtime.exec(sid, ("ls", "/sys/class/net"))
         assert out.stdout.split() == [b"lo"]
         if runtime.name == "docker":
-            assert _inspect(runtime, sid)["HostConfig"]["NetworkMode"] == "none"
+            assert _inspect(sid)["HostConfig"]["NetworkMode"] == "none"
 
     async def test_oom_exit(self, runtime: Runtime, agent_id: str) -> None:
         exits = aiter(runtime.exits())
