@@ -22,6 +22,7 @@ from agent.spares import Demand, Shape, parse_warm, to_start
 from aviato import Sandbox, SandboxDefaults, SandboxFailedError, SandboxStatus
 from aviato.protocol import SandboxSpec
 from tests.conftest import IMAGE, Cluster, containers_of, docker_cluster, wait_until
+from tests.test_cli import _aviato
 from tests.test_supervisor import _same_behaviour, _wait_for_supervisor
 
 pytestmark = pytest.mark.docker
@@ -233,6 +234,8 @@ async def test_spares_fill_free_slots_only_and_the_scheduler_sees_them(cluster_o
     d = SandboxDefaults(container_image=IMAGE, scheduler=c.address, lease_seconds=5)
     wait_spares(c, 2, "spares in both free slots, not 3")
     assert len(parked(c)) == 2
+    status = json.loads(_aviato("status", "--format", "json", "--scheduler", c.address).stdout)
+    assert [a["spares"] for a in status["agents"]] == [2]  # what `aviato status` shows
     first = await Sandbox.create("sleep", "infinity", defaults=d)
     assert from_spare(first.sandbox_id or "")
     await asyncio.to_thread(wait_spares, c, 1, "one spare: one slot is free")
