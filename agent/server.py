@@ -275,14 +275,15 @@ class AgentServer:
             )
 
     async def _report_spares(self) -> None:
-        """The scheduler sees how many of our free slots hold spares (AgentSpares)."""
+        """The scheduler sees how many of our free slots hold ready spares (AgentSpares;
+        at most two more are starting, in free slots too)."""
         sent = -1
         while True:
             await self._spares_changed.wait()
             self._spares_changed.clear()
             assert self.spares is not None
-            if self.spares.count != sent and self._registered:
-                sent = self.spares.count
+            if self.spares.ready_count != sent and self._registered:
+                sent = self.spares.ready_count
                 reply = await self._ask_scheduler(AgentSpares(self.agent_id, sent), 2.0)
                 if reply is None:
                     sent = -1  # told again at the next change
@@ -422,7 +423,7 @@ class AgentServer:
             lane=self.lane_address,
             instance=self.instance,
             replaces=self.replaces,
-            spares=self.spares.count if self.spares is not None else 0,
+            spares=self.spares.ready_count if self.spares is not None else 0,
         )
         reply = await self._ask_scheduler(msg, self.register_timeout)
         if isinstance(reply, ErrorReply) and reply.code is ErrorCode.ID_IN_USE:

@@ -205,7 +205,12 @@ class SparePool:
     @property
     def count(self) -> int:
         """Spares held (ready or starting): each takes a slot."""
-        return sum(len(q) for q in self.ready.values()) + len(self._starting)
+        return self.ready_count + len(self._starting)
+
+    @property
+    def ready_count(self) -> int:
+        """Spares a create can take now (what the scheduler is told)."""
+        return sum(len(q) for q in self.ready.values())
 
     def start(self) -> None:
         """Begin filling (once registered: what a predecessor left is gone by then)."""
@@ -300,6 +305,10 @@ class SparePool:
             return False
         except SandboxFailedError:
             queue.appendleft(spare_id)
+            raise
+        except BaseException:  # e.g. the claim record could not be written: it goes
+            await self._discard(spare_id)
+            self._changed()
             raise
         self.hub.rename(spare_id, sandbox_id)
         try:

@@ -170,7 +170,7 @@ class AgentInfo:
     seconds_since_heartbeat: float = 0.0
     #: Its local lane for clients on its host ("" when it has none).
     lane: str = ""
-    #: Pre-started spare sandboxes it holds: each fills one of its free slots.
+    #: Pre-started spare sandboxes it holds ready: each fills one of its free slots.
     spares: int = 0
 
 
@@ -339,7 +339,7 @@ class AgentHeartbeat(Message):
 
 @dataclass(frozen=True, slots=True)
 class AgentSpares(Message):
-    """How many pre-started spare sandboxes the agent now holds, sent when it changes
+    """How many pre-started spare sandboxes the agent holds ready, sent when it changes
     (apart from heartbeats). Spares live in free slots: a create that matches one is
     ready in milliseconds, one that does not makes the agent drop a spare for room."""
 

@@ -64,6 +64,24 @@ def test_to_start_fills_the_furthest_behind_within_room() -> None:
     assert to_start({a: 5}, {}, room=0) == []
 
 
+def test_claim_records_name_the_sandbox_until_it_ends(tmp_path: Path) -> None:
+    claims = SpareClaims(tmp_path / "claims")
+    spec = SandboxSpec(image=IMAGE, command="sleep", session_id="s1", env={"A": "1"})
+    assert claims.labels("spare-a") is None  # never claimed: a leftover when listed
+    claims.record("spare-a", "sb-1", spec, 12.5)
+    labels = SpareClaims(tmp_path / "claims").labels("spare-a")  # as a restarted agent
+    assert labels is not None and labels["aviato.sandbox"] == "sb-1"
+    assert labels["aviato.session"] == "s1" and float(labels["aviato.created"]) == 12.5
+    assert SandboxSpec(**json.loads(labels["aviato.spec"])).env == {"A": "1"}
+    claims.record("spare-b", "sb-2", spec, 1.0)
+    claims.prune({"spare-b"})  # spare-a's container is gone
+    assert claims.labels("spare-a") is None and claims.labels("spare-b") is not None
+    claims.release("sb-2")
+    assert not list((tmp_path / "claims").iterdir())
+    with pytest.raises(ValueError):
+        claims.record("../x", "sb-3", spec, 1.0)
+
+
 # ---------------------------------------------------------------- helpers
 
 
