@@ -15,6 +15,7 @@ import uvloop
 from agent.identity import Identity, claim, default_agent_id, state_dir
 from agent.runtime import make_runtime
 from agent.server import AgentServer
+from agent.spares import parse_warm
 from aviato._auth import CurveKeys, ServerKeys, agent_keys
 from aviato._daemon import (
     daemon_setup,
@@ -114,6 +115,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave sandboxes running when the agent exits (default: stop them)",
     )
     p.add_argument(
+        "--warm",
+        action="append",
+        default=[],
+        metavar="IMAGE=N",
+        help="keep N pre-started spare sandboxes of IMAGE (default resources), so that a"
+        " create of it is ready in milliseconds (Docker runtime; repeatable; spares fill"
+        " free slots only)",
+    )
+    p.add_argument(
+        "--warm-learn",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also keep up to N spares of the image and resource shapes created in the"
+        " last minute, most created first (default 0: none)",
+    )
+    p.add_argument(
         "--log-level", type=log_level, default=os.environ.get("AVIATO_LOG_LEVEL", "INFO")
     )
     return p
@@ -150,6 +168,12 @@ async def run(
     if args.cap_add and args.runtime != "docker":
         raise SystemExit("--cap-add applies to the Docker runtime only (--runtime docker)")
     extra = {"cap_add": args.cap_add} if args.cap_add else {}
+    try:
+        warm = parse_warm(args.warm)
+    except ValueError as exc:
+        raise SystemExit(f"agent: {exc}") from None
+    if args.warm_learn < 0:
+        raise SystemExit("agent: --warm-learn must be 0 or more")
     runtime = make_runtime(args.runtime, pids_limit=args.pids_limit, **extra)
     server = AgentServer(
         runtime,
@@ -164,6 +188,9 @@ async def run(
         supervisor=not args.no_supervisor,
         instance=identity.instance,
         replaces=identity.replaces,
+        warm=warm,
+        learn_spares=args.warm_learn,
+        state_directory=Path(args.state_dir) if args.state_dir else state_dir(),
     )
     stopping = False
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -20,17 +22,21 @@ import zmq
 import zmq.asyncio
 
 from agent.checks import request_problem, shown
+from agent.identity import state_dir
 from agent.kept_logs import KeptLogs
 from agent.lane import LaneServer
 from agent.runtime.base import (
     LABEL_AGENT,
     LABEL_CREATED,
+    LABEL_SPARE,
     ExitStatus,
     Runtime,
     SandboxExit,
     sandbox_labels,
     spec_from_labels,
 )
+from agent.runtime.spare_claims import SpareClaims
+from agent.spares import Shape, SparePool
 from agent.workers import WorkerHub, remove_dead_agent_dir
 from aviato import _zmq
 from aviato._auth import CurveKeys, ServerKeys, ZapHandler, log_refused_handshakes
@@ -46,6 +52,7 @@ from aviato.exceptions import (
 from aviato.protocol import (
     MAX_PAYLOAD_BYTES,
     AgentHeartbeat,
+    AgentSpares,
     Cancel,
     Decoded,
     DecodeError,
@@ -105,6 +112,9 @@ DEAD_SWEEP_SECONDS = 10.0
 class Running:
     spec: SandboxSpec
     created_at: float
+    #: Made from a pre-started spare: its container's env lacks ``spec.env``, so
+    #: exec adds it (as a fresh container's env would have it).
+    spare: bool = False
 
 
 class AgentServer:
@@ -124,6 +134,9 @@ class AgentServer:
         supervisor: bool = True,
         instance: str = "",
         replaces: str = "",
+        warm: dict[Shape, int] | None = None,
+        learn_spares: int = 0,
+        state_directory: Path | None = None,
     ) -> None:
         self.runtime = runtime
         self.scheduler = scheduler
@@ -176,6 +189,12 @@ class AgentServer:
         self._lane: LaneServer | None = None
         #: Where clients on this host reach the data plane without ZeroMQ ("": nowhere).
         self.lane_address = ""
+        #: Pre-started spares (agent/spares.py): per image wanted, learned at most.
+        self.warm = warm or {}
+        self.learn_spares = learn_spares
+        self.spares: SparePool | None = None
+        self.state_directory = state_directory or state_dir()
+        self._spares_changed = asyncio.Event()
 
     def stop(self) -> None:
         self._stop.set()
@@ -188,6 +207,7 @@ class AgentServer:
         # First: it locks our socket directory, refusing us (before we touch anything)
         # when a live agent on this host has our id.
         self._hub = hub = WorkerHub(self._send_now, self._spawn, self.agent_id)
+        self._setup_spares(hub)
         zap = ZapHandler(self._ctx, server_keys, who) if server_keys is not None else None
         try:
             data, bound = _zmq.router(self._ctx, self.bind, server_keys)
@@ -212,6 +232,8 @@ class AgentServer:
                 self._task(self._data_loop(data))
                 self._task(self._scheduler_link())
                 self._task(self._exits_loop())
+                if self.spares is not None:
+                    self._task(self._report_spares())
                 await self._stop.wait()
                 for task in list(self._tasks):
                     task.cancel()
@@ -220,6 +242,8 @@ class AgentServer:
                 # First: clients hear at once that our sandboxes end, and we are not
                 # listed as dead (nor our kept sandboxes swept as a dead agent's).
                 await self._deregister()
+            if self.spares is not None:  # never kept: nothing would claim them
+                await self.spares.close()
             if cleanup_on_exit and not self._refused:
                 await self._stop_all()
             if self._lane is not None:
@@ -233,6 +257,41 @@ class AgentServer:
             if self._sched is not None:
                 self._sched.close(linger=0)
             self._ctx.destroy(linger=0)  # term() would wait on any socket left open
+
+    def _setup_spares(self, hub: WorkerHub) -> None:
+        if not self.runtime.supports_spares:
+            if self.warm or self.learn_spares:
+                log.warning("the %s runtime keeps no spares: --warm ignored", self.runtime.name)
+            return
+        # Always: a predecessor's claimed spares are found through it, spares or not.
+        key = hashlib.sha256(self.agent_id.encode()).hexdigest()[:16]
+        self.runtime.claims = SpareClaims(self.state_directory / "spares" / key)
+        if (self.warm or self.learn_spares) and self.supervisor:
+            self.spares = SparePool(
+                self.runtime,
+                hub,
+                self.agent_id,
+                warm=self.warm,
+                learn=self.learn_spares,
+                room=lambda: self.slots - len(self.sandboxes) - len(self.creating),
+                start_supervisor=self._start_supervisor,
+                changed=self._spares_changed.set,
+            )
+
+    async def _report_spares(self) -> None:
+        """The scheduler sees how many of our free slots hold ready spares (AgentSpares;
+        at most two more are starting, in free slots too)."""
+        sent = -1
+        while True:
+            await self._spares_changed.wait()
+            self._spares_changed.clear()
+            assert self.spares is not None
+            if self.spares.ready_count != sent and self._registered:
+                sent = self.spares.ready_count
+                reply = await self._ask_scheduler(AgentSpares(self.agent_id, sent), 2.0)
+                if reply is None:
+                    sent = -1  # told again at the next change
+            await asyncio.sleep(0.1)  # a burst of claims is one report
 
     def _start_lane(self, hub: WorkerHub) -> None:
         lane = LaneServer(hub.root / "lane", self._on_message, self._client_gone)
@@ -324,6 +383,8 @@ class AgentServer:
             fresh, backoff = False, 0.1
             self._registered = True
             self.ready.set()
+            if self.spares is not None and not self.spares.running:
+                self.spares.start()
             await self._heartbeat_until_lost(reply.heartbeat_interval)
             log.warning(
                 "agent %s: the scheduler at %s stopped answering or restarted; registering again",
@@ -346,7 +407,8 @@ class AgentServer:
                 created = float(found.labels.get(LABEL_CREATED, "0") or 0)
                 # A function worker cannot be reconnected to a new agent process.
                 if found.running and spec is not None and not spec.function_worker:
-                    self.sandboxes.setdefault(found.sandbox_id, Running(spec, created))
+                    spare = bool(found.labels.get(LABEL_SPARE))
+                    self.sandboxes.setdefault(found.sandbox_id, Running(spec, created, spare))
                 else:
                     leftovers.append(found.sandbox_id)
         for sid, run in self.sandboxes.items():
@@ -365,6 +427,7 @@ class AgentServer:
             lane=self.lane_address,
             instance=self.instance,
             replaces=self.replaces,
+            spares=self.spares.ready_count if self.spares is not None else 0,
         )
         reply = await self._ask_scheduler(msg, self.register_timeout)
         if isinstance(reply, ErrorReply) and reply.code is ErrorCode.ID_IN_USE:
@@ -516,16 +579,24 @@ class AgentServer:
         if sid not in self.sandboxes:
             self.creating.add(sid)
             labels = sandbox_labels(sid, self.agent_id, info.spec, info.created_at)
+            spare = False
             try:
-                await self._create(sid, info.spec, labels)
+                if self.spares is not None:
+                    spare = await self.spares.claim(sid, info.spec, info.created_at)
+                    if not spare:
+                        await self.spares.make_room()
+                if not spare:
+                    await self._create(sid, info.spec, labels)
             except Exception as exc:
                 self._early_exits.pop(sid, None)
                 log.info("create of %s failed: %s", sid, exc)
+                if self.spares is not None:
+                    self.spares.room_freed()
                 await self._reply_scheduler(sock, request_id, error_reply(exc))
                 return
             finally:
                 self.creating.discard(sid)
-            self.sandboxes[sid] = Running(info.spec, info.created_at)
+            self.sandboxes[sid] = Running(info.spec, info.created_at, spare)
         running = dataclasses.replace(info, status=SandboxStatus.RUNNING)
         await self._reply_scheduler(sock, request_id, SandboxReply(running))
         early = self._early_exits.pop(sid, None)
@@ -562,9 +633,13 @@ class AgentServer:
             await self.runtime.stop(sid)
             raise
         if not spec.function_worker and self.supervisor and not self.runtime.supervisor_is_main:
-            self._spawn(self._start_supervisor(sid))
+            self._spawn(self._supervise(sid))
 
-    async def _start_supervisor(self, sid: str) -> None:
+    async def _supervise(self, sid: str) -> None:
+        await self._start_supervisor(sid)
+
+    async def _start_supervisor(self, sid: str) -> bool:
+        """True once it said hello."""
         assert self._hub is not None
         command, args = self._hub.worker_command("python3", functions=False)
         # A sidecar is its container's watchdog: it stops the container if we vanish.
@@ -573,6 +648,8 @@ class AgentServer:
             with contextlib.suppress(AviatoError):
                 hello = await self._hub.wait_ready(sid, WORKER_START_SECONDS)
                 log.debug("supervisor up in %s (python %s)", sid, hello.get("python"))
+                return "error" not in hello
+        return False
 
     async def _on_stop(self, sock: zmq.asyncio.Socket, request_id: int, msg: StopSandbox) -> None:
         was_running = msg.sandbox_id in self.sandboxes
@@ -601,13 +678,16 @@ class AgentServer:
             log.info("could not keep the logs of %s: %s", sandbox_id, exc)
 
     def _forget(self, sandbox_id: str, reason: str) -> None:
-        self.sandboxes.pop(sandbox_id, None)
+        if self.sandboxes.pop(sandbox_id, None) is not None and self.spares is not None:
+            self.spares.room_freed()
         self.ended[sandbox_id] = reason
         while len(self.ended) > ENDED_MEMORY:
             self.ended.popitem(last=False)
 
     async def _exits_loop(self) -> None:
         async for exit_ in self.runtime.exits():
+            if self.spares is not None:
+                self.spares.on_exit(exit_.sandbox_id)
             if exit_.sandbox_id in self.creating:
                 # Ended while starting: handled once its create is answered (the
                 # scheduler must hear "running" before "exited"); a create still
@@ -763,6 +843,7 @@ class AgentServer:
         if len(d.payloads) > 1:
             raise ValueError("exec carries at most one payload frame (its stdin)")
         stdin = d.payloads[0] if d.payloads else None
+        env = self._exec_env(msg.sandbox_id, msg.env)
         hub = self._hub
         via: Runtime | WorkerHub = (
             hub if hub is not None and hub.supervised(msg.sandbox_id) else self.runtime
@@ -772,7 +853,7 @@ class AgentServer:
                 msg.sandbox_id,
                 msg.argv,
                 cwd=msg.cwd,
-                env=msg.env,
+                env=env,
                 timeout_seconds=msg.timeout_seconds,
                 stdin=stdin,
             )
@@ -783,7 +864,7 @@ class AgentServer:
             msg.sandbox_id,
             msg.argv,
             cwd=msg.cwd,
-            env=msg.env,
+            env=env,
             timeout_seconds=msg.timeout_seconds,
             stdin=stdin,
         ):
@@ -793,6 +874,14 @@ class AgentServer:
                 )
             else:
                 await self._send(identity, d.request_id, ExecChunk(event.fd), (event.data,))
+
+    def _exec_env(self, sandbox_id: str, env: dict[str, str] | None) -> dict[str, str] | None:
+        """A spare's container was made before its spec was known: its env is added here
+        under the request's own, as a fresh container's env would be."""
+        run = self.sandboxes.get(sandbox_id)
+        if run is None or not run.spare or not run.spec.env:
+            return env
+        return {**run.spec.env, **(env or {})}
 
     async def _on_write(self, identity: bytes, d: Decoded) -> None:
         msg = d.msg

@@ -591,6 +591,13 @@ class WorkerHub:
         for (identity, request_id), out in by_route.items():
             self._send(identity, request_id, CallResults(link.sandbox_id, tuple(out)), ())
 
+    def rename(self, old: str, new: str) -> None:
+        """A claimed spare's link now answers to the sandbox's id (its directory, bound
+        into the container when it was made, stays where it is)."""
+        link = self._links.pop(old)
+        link.sandbox_id = new
+        self._links[new] = link
+
     async def close(self, sandbox_id: str, detail: str) -> None:
         link = self._links.pop(sandbox_id, None)
         if link is None:

@@ -39,6 +39,7 @@ from zmq.utils.monitor import recv_monitor_message
 from aviato.exceptions import UnauthorizedError
 from aviato.protocol import (
     AgentHeartbeat,
+    AgentSpares,
     ClusterStatus,
     CreateSandbox,
     DeregisterAgent,
@@ -85,6 +86,7 @@ AGENT_MESSAGES: frozenset[type[Message]] = frozenset(
         RegisterAgent,
         DeregisterAgent,
         AgentHeartbeat,
+        AgentSpares,
         SandboxExited,
         SandboxReply,
         OkReply,

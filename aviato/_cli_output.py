@@ -15,7 +15,9 @@ from rich.table import Table
 from aviato.protocol import AgentInfo, ClusterStatusReply, SandboxInfo
 
 SANDBOX_COLUMNS = ("sandbox", "status", "image", "command", "agent", "tags", "exit", "reason")
-AGENT_COLUMNS = ("agent", "address", "runtime", "slots used", "slots free", "alive", "heartbeat")
+AGENT_COLUMNS = (
+    "agent", "address", "runtime", "slots used", "slots free", "spares", "alive", "heartbeat"
+)  # fmt: skip
 
 
 def sandbox_row(info: SandboxInfo) -> list[str]:
@@ -57,6 +59,7 @@ def agent_row(agent: AgentInfo) -> list[str]:
         agent.runtime,  # says "NOT isolated" itself when it is not
         str(agent.used),
         str(agent.slots - agent.used),
+        str(agent.spares),  # pre-started sandboxes, in free slots (python -m agent --warm)
         "yes" if agent.alive else "DEAD",
         f"{agent.seconds_since_heartbeat:.1f}s ago",
     ]
@@ -72,6 +75,7 @@ def status_record(address: str, status: ClusterStatusReply) -> dict[str, Any]:
                 "runtime": a.runtime,
                 "slots": a.slots,
                 "used": a.used,
+                "spares": a.spares,
                 "alive": a.alive,
                 "seconds_since_heartbeat": a.seconds_since_heartbeat,
             }

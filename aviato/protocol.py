@@ -62,6 +62,7 @@ class MsgType(enum.IntEnum):
     PLACE_SANDBOX = 34
     SANDBOX_EXITED = 35
     DEREGISTER_AGENT = 36
+    AGENT_SPARES = 39
     # client <-> agent (data plane)
     EXEC = 50
     EXEC_CHUNK = 51
@@ -170,6 +171,8 @@ class AgentInfo:
     seconds_since_heartbeat: float = 0.0
     #: Its local lane for clients on its host ("" when it has none).
     lane: str = ""
+    #: Pre-started spare sandboxes it holds ready: each fills one of its free slots.
+    spares: int = 0
 
 
 # --------------------------------------------------------------------------- messages
@@ -328,6 +331,8 @@ class RegisterAgent(Message):
     lane: str = ""
     instance: str = ""
     replaces: str = ""
+    #: Pre-started spares it holds (see AgentSpares).
+    spares: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +364,17 @@ class AgentHeartbeat(Message):
     running: tuple[str, ...] = ()
     full: bool = True
     gone: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSpares(Message):
+    """How many pre-started spare sandboxes the agent holds ready, sent when it changes
+    (apart from heartbeats). Spares live in free slots: a create that matches one is
+    ready in milliseconds, one that does not makes the agent drop a spare for room."""
+
+    TYPE = MsgType.AGENT_SPARES
+    agent_id: str
+    spares: int
 
 
 @dataclass(frozen=True, slots=True)

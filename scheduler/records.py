@@ -109,6 +109,8 @@ class AgentRecord:
     instance: str = ""
     #: When it was declared dead (None while alive).
     dead_since: float | None = None
+    #: Pre-started spares it holds, in its free slots (see AgentSpares).
+    spares: int = 0
     #: Its sandboxes with a PlaceSandbox or StopSandbox unanswered (ended ones too).
     inflight: set[str] = field(default_factory=set)
 

@@ -26,6 +26,7 @@ from aviato._daemon import warn_if_open
 from aviato._errors import error_reply
 from aviato.protocol import (
     AgentHeartbeat,
+    AgentSpares,
     ClusterStatus,
     CreateSandbox,
     Decoded,
@@ -182,6 +183,7 @@ class SchedulerServer:
             RegisterAgent: self._on_register,
             DeregisterAgent: self._on_deregister,
             AgentHeartbeat: self._on_heartbeat,
+            AgentSpares: self._on_spares,
             SandboxExited: self._on_exited,
             Ping: self._on_ping,
         }
@@ -532,6 +534,12 @@ class SchedulerServer:
             heartbeat_interval=self.state.heartbeat_interval(),
         )
         return [Reply((identity, d.request_id), reply), *actions]
+
+    def _on_spares(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
+        assert isinstance(d.msg, AgentSpares)
+        if self._agent_identity.get(d.msg.agent_id) == identity:  # only from the agent
+            self.state.set_spares(d.msg.agent_id, d.msg.spares)
+        return [Reply((identity, d.request_id), OkReply())]
 
     def _on_deregister(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, DeregisterAgent)

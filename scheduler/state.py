@@ -294,6 +294,7 @@ class SchedulerState:
                 labels=dict(a.labels),
                 seconds_since_heartbeat=max(0.0, now - a.last_seen),
                 lane=a.lane,
+                spares=a.spares,
             )
             for a in map(self.agents.__getitem__, page)
         )
@@ -340,6 +341,7 @@ class SchedulerState:
             agent.public_key, agent.lane = msg.public_key, msg.lane
             agent.instance, agent.dead_since = msg.instance, None
             self._set_alive(agent, True)
+        agent.spares = msg.spares
         reported = {s.sandbox_id: s for s in msg.sandboxes}
         adopt: list[str] = []
         reap: list[str] = []
@@ -418,6 +420,11 @@ class SchedulerState:
     def is_registered(self, agent_id: str) -> bool:
         agent = self.agents.get(agent_id)
         return agent is not None and agent.alive
+
+    def set_spares(self, agent_id: str, spares: int) -> None:
+        agent = self.agents.get(agent_id)
+        if agent is not None:
+            agent.spares = max(0, spares)
 
     def heartbeat(
         self,

@@ -101,10 +101,13 @@ class Cluster:
         keys: Path | None = None,
         token: str | None = None,
         scheduler_args: list[str] | None = None,
+        agent_args: list[str] | None = None,
     ) -> None:
         self.tmp = tmp
         #: Extra flags for the scheduler (e.g. --reap-orphans-after 2).
         self.scheduler_args = scheduler_args or []
+        #: Extra flags for every agent (e.g. --warm python:3.11=2).
+        self.agent_args = agent_args or []
         self.token = token
         #: CURVE key directory (`aviato keys`, with an agent key per agent and client-1).
         self.keys = keys
@@ -199,6 +202,7 @@ class Cluster:
                 bind,
                 "--runtime",
                 self.runtime,
+                *self.agent_args,
                 *(extra or []),
             ],
             self.agent_env,
@@ -314,7 +318,9 @@ def _our_leftovers() -> list[str]:
 
 
 def our_containers() -> list[str]:
-    """Containers (running or not) of any agent of this test run."""
+    """Containers (running or not) of any agent of this test run, but the spares its
+    live agents keep parked (aviato-spare-*; a claimed one takes its sandbox's name):
+    those are checked when their cluster stops (``docker_cluster``)."""
     try:
         out = subprocess.run(
             [
@@ -335,7 +341,9 @@ def our_containers() -> list[str]:
     return [
         line.split()[1]
         for line in out.splitlines()
-        if line.startswith(f"t{RUN_ID}-") and len(line.split()) == 2
+        if line.startswith(f"t{RUN_ID}-")
+        and len(line.split()) == 2
+        and not line.split()[1].startswith("aviato-spare-")
     ]
 
 
@@ -372,7 +380,12 @@ def our_sandbox_dirs() -> list[str]:
     for agent_id in AGENT_IDS:
         digest = hashlib.sha256(agent_id.encode()).hexdigest()[:12]
         mine = (tmp / f"avw-{digest}").glob("*")
-        found += [str(p) for p in mine if p.name not in ("lib", "lane")]
+        # (spare-*: a live agent's parked spares, gone with its directory when it stops)
+        found += [
+            str(p)
+            for p in mine
+            if p.name not in ("lib", "lane") and not p.name.startswith("spare-")
+        ]
         found += [str(p) for p in (tmp / "aviato-local" / agent_id).glob("*")]
     return found
 

@@ -34,7 +34,8 @@ from aviato.protocol import SandboxSpec
 pytestmark = pytest.mark.docker
 
 IMAGE = "python:3.11"
-RUNTIMES = ["docker"]
+#: "docker-spare": every sandbox made from a pre-started spare (tests/_spare_runtime.py).
+RUNTIMES = ["docker", "docker-spare"]
 RUN_ID = uuid.uuid4().hex[:8]  # agent ids unique to this test run
 _counter = itertools.count()
 REQUIRE = os.environ.get("AVIATO_REQUIRE_DOCKER") == "1"
@@ -76,13 +77,13 @@ def _docker_problem() -> str | None:
 def agent_id(request: pytest.FixtureRequest) -> Iterator[str]:
     """An agent id for one test; afterwards every container labelled with it is gone."""
     kind = request.node.callspec.params["runtime"]
-    if kind == "docker" and (problem := _docker_problem()):
+    if kind.startswith("docker") and (problem := _docker_problem()):
         if REQUIRE:
             pytest.fail(f"{problem} (AVIATO_REQUIRE_DOCKER=1)")
         pytest.skip(problem)
     aid = f"test-{RUN_ID}-{next(_counter)}"
     yield aid
-    if kind == "docker":
+    if kind.startswith("docker"):
         leftover = _docker_ps(aid)
         if leftover:
             subprocess.run(["docker", "rm", "-f", *leftover], capture_output=True, check=False)
@@ -95,6 +96,10 @@ async def runtime(request: pytest.FixtureRequest, agent_id: str) -> AsyncIterato
         from agent.runtime.docker import DockerRuntime
 
         rt: Runtime = DockerRuntime()
+    elif request.param == "docker-spare":
+        from tests._spare_runtime import SpareBackedDocker
+
+        rt = SpareBackedDocker()
     else:
         raise AssertionError(f"unknown runtime {request.param}")
     try:

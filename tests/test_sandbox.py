@@ -28,7 +28,9 @@ from aviato import (
 from tests.conftest import ROOT, Cluster, containers_of, docker_cluster, wait_until
 from tests.test_local_runtime import STATE, _local_cluster, need_cgroups
 
-RUNTIMES = ["docker", "local"]
+#: "docker-spare": agents that keep spares (--warm), so most sandboxes are made from one.
+RUNTIMES = ["docker", "docker-spare", "local"]
+SPARES = ["--warm", "python:3.11=3"]
 
 
 @pytest.fixture(scope="module", params=RUNTIMES)
@@ -39,14 +41,18 @@ def cluster(
     tmp = tmp_path_factory.mktemp(request.param)
     if request.param == "docker":
         yield from docker_cluster(tmp)
+    elif request.param == "docker-spare":
+        yield from docker_cluster(tmp, agent_args=SPARES)
     else:
         yield from _local_cluster(tmp)
 
 
 def sandboxes_of(cluster: Cluster) -> list[str]:
-    """The sandboxes the cluster's runtime still holds (containers; local state dirs)."""
+    """The sandboxes the cluster's runtime still holds (containers; local state dirs),
+    spares not counted."""
     if cluster.runtime == "docker":
-        return [name.removeprefix("aviato-") for name in containers_of(cluster.agent_ids)]
+        names = [name.removeprefix("aviato-") for name in containers_of(cluster.agent_ids)]
+        return [name for name in names if not name.startswith("spare-")]
     return [p.name for a in cluster.agent_ids for p in (STATE / a).glob("*")]
 
 

@@ -14,8 +14,12 @@ import builtins
 import json
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec, from_wire, to_wire
+
+if TYPE_CHECKING:  # it imports our labels
+    from agent.runtime.spare_claims import SpareClaims
 
 # Labels every sandbox carries, so an agent finds its own after a restart and
 # can report them to a scheduler that restarted.
@@ -25,6 +29,10 @@ LABEL_AGENT = "aviato.agent"
 LABEL_SESSION = "aviato.session"
 LABEL_SPEC = "aviato.spec"
 LABEL_CREATED = "aviato.created"
+#: On a pre-started spare: its sandbox label is the spare's own id until it is claimed
+#: (labels are fixed at create: the claim is recorded beside the agent, see
+#: agent/runtime/spare_claims.py, and its labels are rewritten when listed).
+LABEL_SPARE = "aviato.spare"
 
 
 def sandbox_labels(
@@ -131,6 +139,10 @@ class Runtime(abc.ABC):
     #: True when the runtime runs every sandbox's command under the supervisor itself
     #: (so exec and files always go through it); else the agent starts one beside it.
     supervisor_is_main: bool = False
+    #: True when the runtime can pre-start spares (``create_spare``/``claim_spare``).
+    supports_spares: bool = False
+    #: Where claims of spares are recorded (set by an agent; see spare_claims.py).
+    claims: SpareClaims | None = None
 
     @abc.abstractmethod
     async def create(
@@ -144,6 +156,22 @@ class Runtime(abc.ABC):
 
         Raises ``SandboxFailedError`` naming the image (and what to do) when it
         cannot start."""
+
+    async def create_spare(
+        self, spare_id: str, spec: SandboxSpec, labels: dict[str, str], mounts: Sequence[Mount]
+    ) -> None:
+        """Create and start a spare (``spec``: its parking command, with the shape it will
+        serve); it is addressed by ``spare_id`` until claimed."""
+        raise NotImplementedError(f"the {self.name} runtime keeps no spares")
+
+    async def claim_spare(
+        self, spare_id: str, sandbox_id: str, spec: SandboxSpec, created_at: float
+    ) -> None:
+        """Make spare ``spare_id`` the sandbox ``sandbox_id`` of ``spec``: recorded where a
+        restarted agent's ``list`` finds it, addressed by ``sandbox_id`` from now on.
+        ``SandboxFailedError`` (and the spare untouched) when ``spec``'s command is not in
+        the image, as a fresh create would fail."""
+        raise NotImplementedError(f"the {self.name} runtime keeps no spares")
 
     @abc.abstractmethod
     def exec_stream(

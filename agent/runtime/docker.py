@@ -35,6 +35,7 @@ from agent.runtime.base import (
     LABEL_AGENT,
     LABEL_MANAGED,
     LABEL_SANDBOX,
+    LABEL_SPARE,
     ExecOutput,
     ExitStatus,
     Mount,
@@ -125,6 +126,7 @@ def _cut(chunks: list[bytes], start: int, end: int) -> bytes:
 
 class DockerRuntime(Runtime):
     name = "docker"
+    supports_spares = True
 
     def __init__(
         self,
@@ -160,6 +162,10 @@ class DockerRuntime(Runtime):
         self._events_lock = asyncio.Lock()
         self._watcher: threading.Thread | None = None
         self._closed = threading.Event()
+        #: Claimed spares: container id -> the sandbox id it became (its label names
+        #: the spare).
+        self._claimed: dict[str, str] = {}
+        self._spare_env: dict[str, dict[str, str]] = {}  # claimed spare -> its spec's env
 
     # ------------------------------------------------------------------ plumbing
 
@@ -315,6 +321,66 @@ class DockerRuntime(Runtime):
         if early is not None:  # the command ended before start() even returned
             self._on_event(early)
 
+    # ------------------------------------------------------------------ spares
+
+    async def create_spare(
+        self, spare_id: str, spec: SandboxSpec, labels: dict[str, str], mounts: Sequence[Mount]
+    ) -> None:
+        await self._ensure_events()
+        await self._run(self._create_sync, spare_id, spec, labels, mounts)
+
+    async def claim_spare(
+        self, spare_id: str, sandbox_id: str, spec: SandboxSpec, created_at: float
+    ) -> None:
+        cid = self._ids.get(spare_id)
+        if cid is None:
+            raise SandboxNotRunningError(f"spare {spare_id} is gone", sandbox_id=spare_id)
+        await self._run(self._claim_sync, cid, sandbox_id, spec)
+        if self.claims is not None:
+            self.claims.record(spare_id, sandbox_id, spec, created_at)
+        with self._lock:
+            self._ids.pop(spare_id, None)
+            self._ids[sandbox_id] = cid
+            self._claimed[cid] = sandbox_id
+        if spec.env:
+            self._spare_env[sandbox_id] = dict(spec.env)
+        if spec.working_dir:
+            self._workdirs[sandbox_id] = spec.working_dir
+
+    def _claim_sync(self, cid: str, sandbox_id: str, spec: SandboxSpec) -> None:
+        """Fail as a fresh create would (the spare untouched): a command the image lacks,
+        a name taken. The container takes the sandbox's name (``docker ps``, ``docker
+        logs aviato-ID`` as for any sandbox; ~2 ms)."""
+
+        def fail(msg: str) -> SandboxFailedError:
+            return SandboxFailedError(msg, sandbox_id=sandbox_id)
+
+        try:
+            if not self._command_known(cid, spec):
+                raise fail(
+                    f"command {spec.command!r} was not found in image {spec.image!r}: give"
+                    " a program that exists in the image (or its full path)"
+                )
+            self._api.rename(cid, f"aviato-{sandbox_id}")
+        except DockerError as exc:
+            if _status(exc) == 404:
+                raise SandboxNotRunningError(
+                    f"spare for {sandbox_id} is gone", sandbox_id=sandbox_id
+                ) from exc
+            if _status(exc) == 409:
+                raise fail(
+                    f"a container named aviato-{sandbox_id} already exists; remove it with"
+                    f" `docker rm -f aviato-{sandbox_id}` or use another sandbox id"
+                ) from exc
+            raise fail(f"could not claim a spare for {sandbox_id}: {_why(exc)}") from exc
+
+    def _release(self, sandbox_id: str, cid: str | None) -> None:
+        self._spare_env.pop(sandbox_id, None)
+        if cid is not None:
+            self._claimed.pop(cid, None)
+        if self.claims is not None:
+            self.claims.release(sandbox_id)
+
     def _command_known(self, cid: str, spec: SandboxSpec) -> bool:
         """Whether the command exists in the image; a found one is remembered per image,
         so only a sandbox's first create of an image pays the lookup (~20 ms)."""
@@ -465,6 +531,9 @@ class DockerRuntime(Runtime):
         stdin: bytes | memoryview | None = None,
     ) -> tuple[_Exec, asyncio.Future[int], asyncio.TimerHandle | None]:
         loop = asyncio.get_running_loop()
+        spare_env = self._spare_env.get(sandbox_id)
+        if spare_env:  # a spare's container env lacks its spec's: as a fresh one's would
+            env = {**spare_env, **(env or {})}
         h = _Exec(self._target(sandbox_id), list(argv), cwd, dict(env) if env else None, stdin)
         fut = loop.run_in_executor(self._pool, self._exec_sync, sandbox_id, h, emit)
         timer = None
@@ -653,6 +722,7 @@ class DockerRuntime(Runtime):
         finally:
             self._removing.discard(sandbox_id)
             self._workdirs.pop(sandbox_id, None)
+        self._release(sandbox_id, cid)
 
     def _remove_sync(self, sandbox_id: str, target: str) -> None:
         try:
@@ -693,6 +763,9 @@ class DockerRuntime(Runtime):
             for row in rows:
                 labels: dict[str, str] = row.get("Labels") or {}
                 if labels.get(LABEL_SANDBOX):
+                    if labels.get(LABEL_SPARE) and row["Id"] not in self._claimed:
+                        with self._lock:  # renamed when claimed: stop finds it by id
+                            self._ids.setdefault(labels[LABEL_SANDBOX], row["Id"])
                     running = row.get("State") == "running"
                     found.append(RuntimeSandbox(labels[LABEL_SANDBOX], labels, running))
             return found
@@ -707,9 +780,20 @@ class DockerRuntime(Runtime):
         api = self._api
         try:
             rows = api.containers(all=True, filters={"label": f"{LABEL_AGENT}={agent_id}"})
+            if self.claims is not None:  # records of spares no longer there go
+                spares = {(r.get("Labels") or {}).get(LABEL_SANDBOX, "") for r in rows}
+                self.claims.prune(spares)
             found = []
             for row in rows:
                 labels: dict[str, str] = row.get("Labels") or {}
+                if labels.get(LABEL_SPARE) and self.claims is not None:
+                    # A claimed spare is listed as the sandbox it became; an unclaimed
+                    # one as itself, with no spec: a leftover.
+                    claim = self.claims.labels(labels.get(LABEL_SANDBOX, ""))
+                    if claim is not None:
+                        labels = {**labels, **claim}
+                        with self._lock:
+                            self._claimed[row["Id"]] = claim[LABEL_SANDBOX]
                 sid = labels.get(LABEL_SANDBOX)
                 with self._lock:  # a sandbox being stopped must not come back
                     if not sid or sid in self._removing:
@@ -720,6 +804,8 @@ class DockerRuntime(Runtime):
                 spec = spec_from_labels(labels)
                 if spec is not None and spec.working_dir:
                     self._workdirs[sid] = spec.working_dir
+                if spec is not None and spec.env and labels.get(LABEL_SPARE):
+                    self._spare_env[sid] = dict(spec.env)
                 found.append(RuntimeSandbox(sid, labels, running, code))
             return found
         except DockerError as exc:
@@ -791,6 +877,7 @@ class DockerRuntime(Runtime):
         attrs: dict[str, str] = actor.get("Attributes") or {}
         cid = str(actor.get("ID") or event.get("id") or "")
         sid, action = attrs.get(LABEL_SANDBOX), event.get("Action") or event.get("status")
+        sid = self._claimed.get(cid, sid)  # a spare's label names the spare
         if action == "oom":
             self._oom.add(cid)
             return
@@ -833,6 +920,7 @@ class DockerRuntime(Runtime):
                 log.warning("could not remove exited sandbox %s: %s", sid, _why(exc))
         self._workdirs.pop(sid, None)
         self._removing.discard(sid)
+        self._release(sid, cid)
 
     # ------------------------------------------------------------------ close
 
