@@ -19,7 +19,7 @@ def _pool_and_call() -> tuple[FunctionPool, Call]:
     session: Any = SimpleNamespace()
     pool = FunctionPool(session, FunctionOptions())
     fn: RemoteFunction[int] = RemoteFunction(lambda: 1, session, FunctionOptions())
-    call = Call(1, fn, b"", asyncio.get_running_loop().create_future())
+    call = Call(1, fn, b"", (), asyncio.get_running_loop().create_future())
     return pool, call
 
 
