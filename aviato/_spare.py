@@ -21,7 +21,11 @@ import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import mmap
     from collections.abc import Callable
+
+    #: A spare: its memfd, size and writable mapping.
+    _Ready = tuple[int, int, mmap.mmap]
 
 #: Frames smaller than this go in a fresh memfd (little zeroing to save).
 MIN_BYTES = int(os.environ.get("AVIATO_SHM_SPARE_MIN_BYTES", 4 << 20))
@@ -56,6 +60,11 @@ def _seal(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
 
 
+def _discard(ready: _Ready) -> None:
+    ready[2].close()
+    os.close(ready[0])
+
+
 def _memfd(name: str) -> int:
     return os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
 
@@ -80,8 +89,8 @@ class Spare:
         self._room = room
         self.enabled = enabled
         self._lock = _thread.allocate_lock()
-        #: The ready spare: (fd, size) or None; the thread making one, if any.
-        self._ready: tuple[int, int] | None = None
+        #: The ready spare (or None), and whether a thread is making one.
+        self._ready: _Ready | None = None
         self._making = False
         #: Released when the ready spare is taken (the maker then stops waiting).
         self._taken: _thread.LockType | None = None
@@ -105,9 +114,15 @@ class Spare:
         spare = self._take(size)
         fd = spare[0] if spare else _memfd(self.name)
         try:
-            offset = 0
-            while offset < size:
-                offset += os.pwrite(fd, view[offset:], offset)
+            if spare:
+                # A plain copy into mapped pages; unmapped before sealing (a writable
+                # mapping would make sealing fail).
+                with spare[2], memoryview(spare[2]) as into:
+                    into[:size] = view
+            else:
+                offset = 0
+                while offset < size:
+                    offset += os.pwrite(fd, view[offset:], offset)
             if spare and spare[1] != size:
                 os.ftruncate(fd, size)  # the tail's pages are freed
             _seal(fd)
@@ -121,7 +136,7 @@ class Spare:
         self._want(size)
         return fd
 
-    def _take(self, size: int) -> tuple[int, int] | None:
+    def _take(self, size: int) -> _Ready | None:
         with self._lock:
             ready = self._ready
             if ready is None or ready[1] < size:
@@ -146,7 +161,7 @@ class Spare:
                     taken.release()
             self._making = True
         if stale is not None:
-            os.close(stale[0])
+            _discard(stale)
         # Some headroom (cut off again when used): the next frame is often a bit larger.
         size = min(self.max_bytes, -(-(size + size // 16) // GRAIN) * GRAIN)
         try:
@@ -163,6 +178,11 @@ class Spare:
                 return
             fd = _memfd(self.name)
             os.posix_fallocate(fd, 0, size)  # pages allocated and zeroed here, not later
+            import mmap
+
+            # Mapped with its page tables filled (MAP_POPULATE), so the copy that
+            # matters takes no page faults either.
+            region = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         except OSError:
             if fd >= 0:
                 os.close(fd)
@@ -176,7 +196,7 @@ class Spare:
         taken = _thread.allocate_lock()
         taken.acquire()
         with self._lock:
-            self._ready = (fd, size)
+            self._ready = (fd, size, region)
             self._taken = taken
             self._making = False
         if taken.acquire(timeout=self.idle):
@@ -186,7 +206,7 @@ class Spare:
                 return  # taken just now
             self._ready = None
             self._taken = None
-        os.close(fd)
+        _discard((fd, size, region))
 
     def close(self) -> None:
         """Drop the ready spare now (one being made still is: when ``idle`` has passed)."""
@@ -194,6 +214,6 @@ class Spare:
             ready, self._ready = self._ready, None
             taken, self._taken = self._taken, None
         if ready is not None:
-            os.close(ready[0])
+            _discard(ready)
         if taken is not None:
             taken.release()

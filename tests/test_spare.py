@@ -43,14 +43,21 @@ def contents(fd: int) -> bytes:
 
 
 def memfds(name: str) -> int:
-    """This process's open memfds called ``name``."""
-    count = 0
+    """This process's open memfds called ``name`` (each once, however many descriptors
+    it has: a mapping object keeps one of its own)."""
+    inodes = set()
     for entry in os.listdir("/proc/self/fd"):
         try:
-            count += os.readlink(f"/proc/self/fd/{entry}").startswith(f"/memfd:{name} ")
+            if os.readlink(f"/proc/self/fd/{entry}").startswith(f"/memfd:{name} "):
+                inodes.add(os.stat(f"/proc/self/fd/{entry}").st_ino)
         except OSError:
             pass
-    return count
+    return len(inodes)
+
+
+def mapped(name: str) -> bool:
+    with open("/proc/self/maps") as f:
+        return f"/memfd:{name} " in f.read()
 
 
 def assert_frozen(fd: int) -> None:
@@ -93,7 +100,7 @@ def test_a_spare_serves_one_frame_which_is_then_frozen() -> None:
         for fd in fds:
             os.close(fd)
         spare.close()
-    assert memfds("test-spare-once") == 0
+    assert memfds("test-spare-once") == 0 and not mapped("test-spare-once")
 
 
 def test_a_larger_spare_is_cut_to_the_frame_and_a_smaller_one_replaced() -> None:
@@ -125,7 +132,9 @@ def test_a_spare_is_released_when_idle_and_never_made_without_room() -> None:
     os.close(spare.sealed_copy(memoryview(pattern(2 * MB, 1))))
     wait_until(lambda: spare.ready)
     assert memfds("test-spare-idle") == 1
+    assert mapped("test-spare-idle")  # ready to copy into: mapped, page tables filled
     wait_until(lambda: not spare.ready and memfds("test-spare-idle") == 0)
+    assert not mapped("test-spare-idle")
 
     asked: list[int] = []
 
