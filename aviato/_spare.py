@@ -27,8 +27,9 @@ if TYPE_CHECKING:
     #: A spare: its memfd, size and writable mapping.
     _Ready = tuple[int, int, mmap.mmap]
 
-#: Frames smaller than this go in a fresh memfd (little zeroing to save).
-MIN_BYTES = int(os.environ.get("AVIATO_SHM_SPARE_MIN_BYTES", 4 << 20))
+#: Frames smaller than this go in a fresh memfd: little to save, and on a busy machine
+#: the background thread's work slowed 10 MB round trips more than it saved.
+MIN_BYTES = int(os.environ.get("AVIATO_SHM_SPARE_MIN_BYTES", 32 << 20))
 #: The largest spare kept (its memory is idle until the next frame).
 MAX_BYTES = int(os.environ.get("AVIATO_SHM_SPARE_MAX_BYTES", 256 << 20))
 IDLE_SECONDS = 2.0

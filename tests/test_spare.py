@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from aviato import Sandbox, SandboxDefaults
+from aviato import _spare as spare
 from aviato._spare import Spare, cgroup_room
 
 MB = 1 << 20
@@ -196,7 +197,7 @@ async def test_the_worker_sends_large_results_from_spares(defaults: SandboxDefau
         before = _lane.SPARE.used
         used = []
         for i in range(6):
-            data = pattern(5 * MB + i, i)
+            data = pattern(spare.MIN_BYTES + i, i)
             back, worker_used = (await echo(data)).value
             assert back.tobytes() == data
             used.append(worker_used)
