@@ -40,18 +40,24 @@ CGROUP = "/sys/fs/cgroup"
 
 
 def cgroup_room(size: int, root: str = CGROUP) -> bool:
-    """Whether this process's memory cgroup (v2) can hold ``size`` more bytes twice over
-    (unknown or unlimited: yes)."""
-    try:
-        with open(f"{root}/memory.max") as f:
-            limit = f.read().strip()
-        if limit == "max":
-            return True
-        with open(f"{root}/memory.current") as f:
-            current = int(f.read())
-    except (OSError, ValueError):
-        return True
-    return current + 2 * size <= int(limit)
+    """Whether this process's memory cgroup can hold ``size`` more bytes twice over
+    (unknown or unlimited: yes). As a container sees it: cgroup v2's files at the root,
+    or v1's memory controller (Docker on a v1 host)."""
+    for limit_file, usage_file in (
+        ("memory.max", "memory.current"),
+        ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(f"{root}/{limit_file}") as f:
+                limit = f.read().strip()
+            if limit == "max":
+                return True
+            with open(f"{root}/{usage_file}") as f:
+                current = int(f.read())
+            return current + 2 * size <= int(limit)
+        except (OSError, ValueError):
+            continue
+    return True
 
 
 def _seal(fd: int) -> None:

@@ -8,6 +8,7 @@ uses them too.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import fcntl
 import mmap
@@ -162,6 +163,27 @@ def test_room_is_read_from_the_memory_cgroup(tmp_path: Path) -> None:
     (tmp_path / "memory.current").write_text("50\n")
     assert cgroup_room(25, str(tmp_path))
     assert not cgroup_room(26, str(tmp_path)), "room for the spare twice over is needed"
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("1000\n")
+    (v1 / "memory" / "memory.usage_in_bytes").write_text("600\n")
+    assert cgroup_room(200, str(v1)) and not cgroup_room(201, str(v1))
+
+
+async def test_a_sandbox_worker_sees_its_memory_limit(defaults: SandboxDefaults) -> None:
+    """The room check inside a real container reads that container's limit (a spare
+    must not get a sandbox killed for memory)."""
+    limited = dataclasses.replace(defaults, memory_bytes=256 * MB)
+    async with Sandbox.session(limited) as session:
+
+        @session.function(max_workers=1)
+        def room(size: int) -> bool:
+            import aviato_spare  # type: ignore[import-not-found]
+
+            return bool(aviato_spare.cgroup_room(size))
+
+        assert (await room(MB)).value
+        assert not (await room(200 * MB)).value
 
 
 def test_a_sender_keeping_a_writable_mapping_cannot_seal() -> None:
