@@ -14,6 +14,11 @@ import io
 import os
 import struct
 
+if __package__:
+    from aviato._spare import Spare
+else:  # inside a sandbox, copied beside it
+    from aviato_spare import Spare  # type: ignore[import-not-found,no-redef]
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -92,21 +97,17 @@ def _map_fd(fd: int, length: int) -> memoryview:
     return memoryview(region)
 
 
+#: The worker's spare memfd for its next large result (made only while the sandbox's
+#: memory limit has room for it twice over).
+SPARE = Spare("aviato-result")
+
+
 def _to_shared(frame: Any) -> int:
     """A sealed memfd holding ``frame`` (the agent refuses unsealed ones)."""
-    import fcntl
-
-    fd = os.memfd_create("aviato-result", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        view = memoryview(frame)
-        while view:
-            view = view[os.write(fd, view) :]
-        seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    view = memoryview(frame)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return SPARE.sealed_copy(view)
 
 
 def send_shared(sock: _socket.socket, frames: Sequence[Any]) -> None:

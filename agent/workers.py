@@ -30,6 +30,7 @@ from typing import Any
 import cloudpickle
 
 from agent.runtime.base import ExecOutput, ExitStatus, Mount, OutputChunk
+from aviato import _spare as spare
 from aviato._lane import FramedSocket, shm_wanted
 from aviato.exceptions import (
     AgentIdInUseError,
@@ -127,6 +128,7 @@ class WorkerHub:
         self.lib.mkdir()
         shutil.copy(Path(__file__).with_name("worker.py"), self.lib / "aviato_worker.py")
         shutil.copy(Path(__file__).with_name("worker_link.py"), self.lib / "aviato_worker_link.py")
+        shutil.copy(Path(spare.__file__), self.lib / "aviato_spare.py")
         shutil.copytree(
             Path(cloudpickle.__file__).parent,
             self.lib / "cloudpickle",
@@ -144,6 +146,8 @@ class WorkerHub:
             "AVIATO_WORKER_SOCKET": f"{SOCKET_DIR}/worker.sock",
             # Large frames in shared memory both ways, unless the agent's turned off.
             "AVIATO_WORKER_SHM": "1" if shm_wanted() else "0",
+            # Spare memfds for large results likewise (aviato/_spare.py).
+            "AVIATO_SHM_SPARE": "1" if spare.ENABLED else "0",
         }
 
     @staticmethod

@@ -13,7 +13,8 @@ Framing (the agent's links to its function workers use the same; see agent/worke
 what :func:`aviato.protocol.encode` makes; a lane carries exactly what ZeroMQ would.
 
 A large frame may travel in shared memory instead (``shm=True`` on the sending side):
-written once into a sealed memfd whose descriptor goes over the socket (SCM_RIGHTS);
+written once into a sealed memfd (a spare zeroed ahead of time when one fits:
+aviato/_spare.py) whose descriptor goes over the socket (SCM_RIGHTS);
 its length has the top bit set and its bytes are not in the stream. The receiver maps
 it copy-on-write: no copy, and no read of it through the socket; a relay (the agent)
 passes the descriptor on without touching the bytes. Descriptors travel in order, with
@@ -40,6 +41,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from aviato._spare import Spare
 from aviato.exceptions import ProtocolError
 from aviato.protocol import Frame
 
@@ -146,17 +148,13 @@ def _map_private(fd: int, length: int) -> memoryview:
     return memoryview(region).cast("B")
 
 
+#: This process's spare memfd for the next large frame (aviato/_spare.py).
+SPARE = Spare("aviato-frame")
+
+
 def to_shared(view: memoryview) -> int:
     """A sealed memfd holding ``view``'s bytes (one copy); the caller closes it."""
-    fd = os.memfd_create("aviato-frame", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        while view:
-            view = view[os.write(fd, view) :]
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS | fcntl.F_SEAL_SEAL)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return SPARE.sealed_copy(view)
 
 
 def shared_fd(view: memoryview) -> int | None:
