@@ -19,8 +19,8 @@ still there, stop the daemons (SIGTERM), count again, and look for leftover proc
 Prints the tables; exits 1 on any duplicate, lost or wrong result, hung call, typed or
 untyped failure, leak, or when the workers the pool lost differ from the workers the
 faults killed (the "must be" column). A call that fails with a typed aviato error
-(WorkerLostError after its retries, a timeout, ...) is counted as such and resubmitted. Logs (client and daemons)
-are kept when the soak fails, or with ``--keep-logs``.
+(WorkerLostError after its retries, a timeout, ...) is counted as such and resubmitted.
+Logs (client and daemons) are kept when the soak fails, or with ``--keep-logs``.
 """
 
 from __future__ import annotations
