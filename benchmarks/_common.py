@@ -3,6 +3,7 @@ the console, and small process / timing helpers."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import subprocess
@@ -125,3 +126,18 @@ def spawn_daemon(
             env=env,
             start_new_session=True,
         )
+
+
+def add_markdown_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="FILE",
+        help="also write the markdown table, with each target's verdict, to FILE "
+        "(what the README's table is generated from)",
+    )
+
+
+def write_markdown(path: Path, text: str) -> None:
+    path.write_text(text if text.endswith("\n") else text + "\n")
+    console.print(f"[dim]markdown written to {path}[/]")

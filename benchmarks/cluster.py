@@ -47,7 +47,15 @@ import uvloop
 from aviato import _local
 from aviato._connection import close_all
 from benchmarks._cleanup import Cleanup
-from benchmarks._common import FULL, IMAGE, QUICK, Plan, console
+from benchmarks._common import (
+    FULL,
+    IMAGE,
+    QUICK,
+    Plan,
+    add_markdown_option,
+    console,
+    write_markdown,
+)
 from benchmarks._control_plane import bench_scheduler
 from benchmarks._docker_peers import DockerPeers
 from benchmarks._embedded import bench_cluster_start, cluster_procs, rss_mib
@@ -109,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="run benchmark 3's scheduler under cProfile, writing its stats to FILE",
     )
+    add_markdown_option(parser)
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
     if not only <= set(PARTS):
@@ -126,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         with console.status("cleaning up"):
             cleanup.sweep()
-    print_report(results)
+    text = print_report(results)
+    if args.markdown is not None:
+        write_markdown(args.markdown, text)
     console.print(f"[dim]total {time.perf_counter() - t0:.0f} s[/]")
     return 0
 

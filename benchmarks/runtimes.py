@@ -73,11 +73,13 @@ from benchmarks._common import (
     IMAGE,
     ROOT,
     RUN_ID,
+    add_markdown_option,
     check_exit,
     console,
     rotated,
     spawn_daemon,
     timed,
+    write_markdown,
 )
 from benchmarks._control_plane import start_scheduler
 from benchmarks._docker_peers import DockerPeers
@@ -544,7 +546,8 @@ def verdicts(r: Results) -> list[tuple[bool, str]]:
     return out
 
 
-def print_report(r: Results) -> None:
+def print_report(r: Results) -> str:
+    """Print the tables; the markdown (printed last) is returned for ``--markdown``."""
     console.rule("[bold]aviato runtimes benchmark")
     load = os.getloadavg()
     console.print(
@@ -617,13 +620,13 @@ def print_report(r: Results) -> None:
                 times(a.seq.mean, b.seq.mean),
             )
         console.print(t)
-    print_markdown(r)
+    return print_markdown(r)
 
 
-def print_markdown(r: Results) -> None:
+def print_markdown(r: Results) -> str:
     lines = [
         f"Image `{IMAGE}`, {os.cpu_count()} CPUs, one run of `python benchmarks/runtimes.py"
-        f"{' --quick' if r.plan is QUICK else ''}`.",
+        f"{' --quick' if r.plan is QUICK else ''}` (the client and daemons on uvloop).",
         "",
         "| Benchmark | aviato | compared with | theirs | ratio | target |",
         "|---|---:|---|---:|---:|---|",
@@ -680,7 +683,9 @@ def print_markdown(r: Results) -> None:
     for note in r.notes:
         lines.append(f"- {note}")
     console.rule("markdown")
-    print("\n".join(lines), flush=True)
+    text = "\n".join(lines) + "\n"
+    print(text, end="", flush=True)
+    return text
 
 
 # --------------------------------------------------------------------------- main
@@ -744,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(PARTS),
         help=f"comma-separated subset of: {','.join(PARTS)}",
     )
+    add_markdown_option(parser)
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
     if not only <= set(PARTS):
@@ -772,7 +778,9 @@ def main(argv: list[str] | None = None) -> int:
             console.print(f"[yellow]cleanup: killed {killed} leftover local sandbox tree(s)[/]")
     if code:
         return code
-    print_report(results)
+    text = print_report(results)
+    if args.markdown is not None:
+        write_markdown(args.markdown, text)
     console.print(f"[dim]total {time.perf_counter() - t0:.0f} s[/]")
     return 0
 
