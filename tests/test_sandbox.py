@@ -292,7 +292,7 @@ async def test_memory_limit_holds_for_the_whole_tree(cluster: Cluster, defaults)
     ) as sb:
         if cluster.runtime == "local":
             need_cgroups(sb.runtime)  # without cgroups: a per-process rlimit only
-        hog = f"python -c \"{_HOLD.format(mib=80)}\""
+        hog = f'python -c "{_HOLD.format(mib=80)}"'
         r = await sb.exec(["sh", "-c", hog], timeout_seconds=60)
         assert r.stdout == b"held\n", r  # alone, under the limit
         r = await sb.exec(["sh", "-c", f"{hog} & {hog} & wait"], timeout_seconds=60)
