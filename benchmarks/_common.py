@@ -36,10 +36,11 @@ class Plan:
     clients: int = 4
     window: int = 64  # outstanding requests per client socket
     create_timeout: float = 5.0  # CreateSandbox.timeout_seconds in benchmark 3
+    refusals_n: int = 10  # refused requests per kind of client
 
 
 FULL = Plan(create_n=20, exec_n=200, sched_sandboxes=2500)
-QUICK = Plan(create_n=5, exec_n=40, sched_sandboxes=500)
+QUICK = Plan(create_n=5, exec_n=40, sched_sandboxes=500, refusals_n=3)
 
 
 async def sh(*argv: str, timeout: float = 60.0) -> str:

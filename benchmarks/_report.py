@@ -11,6 +11,7 @@ from ._common import IMAGE, QUICK, RUN_ID, Plan, console
 from ._control_plane import Phase, SchedResult
 from ._embedded import StartResult
 from ._latency import CreateResults, ExecResults
+from ._refusals import TARGET_S, RefusalResult
 from ._stats import Stats, latency_table, ms, new_table, ratio
 
 
@@ -23,6 +24,7 @@ class Results:
     exec: ExecResults | None = None
     loaded_rss: dict[str, float] = field(default_factory=dict)
     sched: SchedResult | None = None
+    auth: RefusalResult | None = None
 
 
 def _rss(label: str, rss: dict[str, float], bold: bool = False) -> str:
@@ -169,6 +171,14 @@ def verdicts(r: Results) -> list[tuple[bool, str]]:
         out.append(
             (s > 0 and a <= s, f"exec round trip p50 ≤ 1.0x Docker SDK: {ms(a)} vs {ms(s)} ms")
         )
+    if r.auth is not None:
+        out.append(
+            (
+                r.auth.worst <= TARGET_S,
+                f"UnauthorizedError within about a second (≤ {TARGET_S:g} s), slowest of"
+                f" {sum(len(c.samples) for c in r.auth.cases)}: {r.auth.worst:.2f} s",
+            )
+        )
     if r.sched is not None:
         for p in r.sched.phases:
             out.append((p.ops_per_s >= 2000, f"scheduler {p.name} ≥ 2,000/s: {p.ops_per_s:,.0f}/s"))
@@ -179,10 +189,14 @@ def print_markdown(r: Results) -> str:
     lines = [
         f"Image `{IMAGE}`, {os.cpu_count()} CPUs, one run of `python benchmarks/cluster.py"
         f"{' --quick' if r.plan is QUICK else ''}` (the client and daemons on uvloop).",
-        "",
-        "| Benchmark | aviato | docker CLI | Docker SDK | aviato / CLI | aviato / SDK | target |",
-        "|---|---:|---:|---:|---:|---:|---|",
     ]
+    if r.create is not None or r.exec is not None:
+        lines += [
+            "",
+            "| Benchmark | aviato | docker CLI | Docker SDK | aviato / CLI | aviato / SDK"
+            " | target |",
+            "|---|---:|---:|---:|---:|---:|---|",
+        ]
     if r.create is not None:
         lines += _md_latency("create → first exec", r.create.rows, "≤ 1.3x raw")
     if r.exec is not None:
@@ -205,6 +219,13 @@ def print_markdown(r: Results) -> str:
             f"| embedded cluster idle RSS (scheduler + agent, not the Docker engine) |"
             f" {sum(r.start.idle_rss.values()):.1f} MiB | |",
         ]
+    if r.auth is not None:
+        for c in r.auth.cases:
+            lines.append(
+                f"| refused client ({c.name}): request → UnauthorizedError, median / max"
+                f" of {len(c.samples)} | {ms(c.q(50))} / {ms(max(c.samples))} ms |"
+                f" ≤ {TARGET_S:g} s |"
+            )
     lines.append("")
     for ok, text in verdicts(r):
         lines.append(f"- {'met' if ok else 'NOT met'}: {text}")
