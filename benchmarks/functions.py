@@ -2,6 +2,7 @@
 """aviato's remote functions against Ray tasks, Dask distributed and ProcessPoolExecutor.
 
     python benchmarks/functions.py [--quick] [--only aviato,aviato-uvloop,aviato-zmq,ray,dask,ppe]
+        [--markdown FILE]
     python -m benchmarks.functions ...  (the same, from the repo root)
 
 One run, one machine, each system alone in turn (the previous one shut down first):
@@ -29,7 +30,11 @@ processes=True)``, ``client.map``/``client.submit`` (scaled to k workers for the
 test); ``ProcessPoolExecutor(2)`` (``k`` for the sleep test) with ``submit``. A peer whose
 package is missing is skipped with a note. Everything started is shut down at the end
 (Ctrl-C and SIGTERM included), and the run checks that no container or child process is
-left. Prints rich tables, then a markdown table with aviato's ratio to each peer.
+left. Prints rich tables, then a markdown table with aviato's ratio to each peer and the
+targets' verdicts (``--markdown FILE`` writes it to FILE too). The table's header names
+each system's version as the run imported it (``ray.__version__``, ...). aviato's start
+is given twice: the scheduler and agent alone, and with its two worker containers up (the
+peers' starts include their workers).
 """
 
 from __future__ import annotations
