@@ -176,7 +176,8 @@ def verdicts(r: Results) -> list[tuple[bool, str]]:
             (
                 r.auth.worst <= TARGET_S,
                 f"UnauthorizedError within about a second (≤ {TARGET_S:g} s), slowest of"
-                f" {sum(len(c.samples) for c in r.auth.cases)}: {r.auth.worst:.2f} s",
+                f" {sum(len(c.samples) for c in r.auth.cases)}: {r.auth.worst:.2f} s"
+                + (f" ({r.auth.hangs} hung, counted at their timeout)" if r.auth.hangs else ""),
             )
         )
     if r.sched is not None:
