@@ -354,7 +354,7 @@ class AgentServer:
 
     async def _scheduler_link(self) -> None:
         fresh = True
-        backoff = 0.1
+        backoff = _zmq.BACKOFF_FIRST
         sock = self._new_scheduler_socket()
         reader = self._task(self._scheduler_recv(sock))
         last_warned = self._last_heard = time.monotonic()
@@ -373,14 +373,14 @@ class AgentServer:
                         silent,
                     )
                 await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
+                backoff = _zmq.next_backoff(backoff)
                 if backoff >= 1.6:
                     # A fresh socket drops whatever the old one had queued.
                     reader.cancel()
                     sock = self._new_scheduler_socket()
                     reader = self._task(self._scheduler_recv(sock))
                 continue
-            fresh, backoff = False, 0.1
+            fresh, backoff = False, _zmq.BACKOFF_FIRST
             self._registered = True
             self.ready.set()
             if self.spares is not None and not self.spares.running:

@@ -101,6 +101,17 @@ def router(
     return sock, address
 
 
+#: Reconnect backoff, seconds: libzmq's on every DEALER (below), and the agent's own
+#: re-registration loop (``next_backoff``), on the same schedule.
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 5.0
+
+
+def next_backoff(previous: float) -> float:
+    """The wait after ``previous``: doubled, capped at ``BACKOFF_MAX``."""
+    return min(max(previous, BACKOFF_FIRST) * 2, BACKOFF_MAX)
+
+
 def dealer(
     ctx: zmq.asyncio.Context,
     connect: str,
@@ -115,8 +126,8 @@ def dealer(
         keys.apply(sock)
     sock.setsockopt(zmq.LINGER, 0)
     # Reconnect with backoff (100 ms doubling to 5 s) when the peer goes away.
-    sock.setsockopt(zmq.RECONNECT_IVL, 100)
-    sock.setsockopt(zmq.RECONNECT_IVL_MAX, 5000)
+    sock.setsockopt(zmq.RECONNECT_IVL, int(BACKOFF_FIRST * 1000))
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(BACKOFF_MAX * 1000))
     sock.setsockopt(zmq.SNDHWM, 100_000)
     sock.setsockopt(zmq.RCVHWM, 100_000)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)

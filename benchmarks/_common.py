@@ -3,6 +3,7 @@ the console, and small process / timing helpers."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import subprocess
@@ -35,10 +36,11 @@ class Plan:
     clients: int = 4
     window: int = 64  # outstanding requests per client socket
     create_timeout: float = 5.0  # CreateSandbox.timeout_seconds in benchmark 3
+    refusals_n: int = 10  # refused requests per kind of client
 
 
 FULL = Plan(create_n=20, exec_n=200, sched_sandboxes=2500)
-QUICK = Plan(create_n=5, exec_n=40, sched_sandboxes=500)
+QUICK = Plan(create_n=5, exec_n=40, sched_sandboxes=500, refusals_n=3)
 
 
 async def sh(*argv: str, timeout: float = 60.0) -> str:
@@ -125,3 +127,18 @@ def spawn_daemon(
             env=env,
             start_new_session=True,
         )
+
+
+def add_markdown_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="FILE",
+        help="also write the markdown table, with each target's verdict, to FILE "
+        "(what the README's table is generated from)",
+    )
+
+
+def write_markdown(path: Path, text: str) -> None:
+    path.write_text(text if text.endswith("\n") else text + "\n")
+    console.print(f"[dim]markdown written to {path}[/]")

@@ -110,6 +110,10 @@ class Result:
     system: str
     start_s: float | None = None  # cluster start (ray.init, LocalCluster, ...)
     start_note: str = ""
+    #: aviato only: the start above, then its first gather's worker containers started
+    #: (as Ray's, Dask's and ProcessPoolExecutor's start include their workers).
+    start_with_workers_s: float | None = None
+    version: str = ""  # read from the package the run imported, e.g. "ray 2.60.0"
     first_s: float | None = None  # the first (warming) gather, pool start included
     idle: Memory | None = None
     warm: Memory | None = None
@@ -125,6 +129,11 @@ class Result:
     @property
     def label(self) -> str:
         return LABELS[self.system]
+
+    @property
+    def heading(self) -> str:
+        """The label with the version that ran (for the markdown table's header)."""
+        return f"{self.label} ({self.version})" if self.version else self.label
 
     @property
     def noop_rate(self) -> float:

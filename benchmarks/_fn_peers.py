@@ -4,6 +4,7 @@ ProcessPoolExecutor, each started, measured into a ``Result`` and shut down."""
 from __future__ import annotations
 
 import logging
+import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -31,6 +32,8 @@ from benchmarks._fn_common import (
 def run_ray(res: Result, plan: Plan) -> None:
     import ray
     import ray.cloudpickle
+
+    res.version = f"ray {ray.__version__}"
 
     # By value, as from the script's __main__: Ray's workers need not import this checkout.
     ray.cloudpickle.register_pickle_by_value(sys.modules[noop.__module__])
@@ -77,7 +80,11 @@ def run_ray(res: Result, plan: Plan) -> None:
 
 
 def run_dask(res: Result, plan: Plan) -> None:
+    import dask
+    import distributed
     from distributed import Client, LocalCluster
+
+    res.version = f"dask {dask.__version__}, distributed {distributed.__version__}"
 
     t0 = time.perf_counter()
     cluster = LocalCluster(
@@ -130,6 +137,7 @@ def run_dask(res: Result, plan: Plan) -> None:
 
 
 def run_ppe(res: Result, plan: Plan) -> None:
+    res.version = f"Python {platform.python_version()}"
     t0 = time.perf_counter()
     ex = ProcessPoolExecutor(2)
     try:

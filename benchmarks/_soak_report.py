@@ -36,6 +36,7 @@ class Outcome:
         """What makes the soak fail (exit code 1)."""
         led = self.ledger
         bad = {
+            "typed failures": sum(led.failed_typed.values()),
             "duplicates": led.duplicates,
             "lost": led.lost,
             "wrong values": led.wrong,
@@ -47,7 +48,13 @@ class Outcome:
             "leftover socket dirs": len(self.leftover_dirs),
             "daemons needing SIGKILL at the end": len(self.needed_sigkill),
         }
-        return [f"{k}: {v}" for k, v in bad.items() if v]
+        found = [f"{k}: {v}" for k, v in bad.items() if v]
+        if self.workers_lost != self.workers_killed:
+            found.append(
+                f"workers lost ({self.workers_lost}) differ from workers killed by faults"
+                f" ({self.workers_killed})"
+            )
+        return found
 
 
 def _s(x: float | None) -> str:
@@ -85,10 +92,13 @@ def _counts_table(o: Outcome) -> Table:
         "  pool: calls re-queued / late replies dropped",
         f"{o.pool_retried} / {o.late_replies_dropped}",
     )
-    row("workers lost / killed by faults", f"{o.workers_lost} / {o.workers_killed}")
+    lost_killed = f"{o.workers_lost} / {o.workers_killed}"
+    if o.workers_lost != o.workers_killed:
+        lost_killed = f"[bold red]{lost_killed}[/]"
+    t.add_row("workers lost / killed by faults", lost_killed, "equal")
     typed = sum(led.failed_typed.values())
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(led.failed_typed.items()))
-    row("failed, typed (resubmitted)", f"{typed}" + (f" ({kinds})" if kinds else ""))
+    row("failed, typed (resubmitted)", f"{typed}" + (f" ({kinds})" if kinds else ""), "0")
     row("failed, untyped", sum(led.failed_untyped.values()), "0")
     row("duplicates", led.duplicates, "0")
     row("lost", led.lost, "0")

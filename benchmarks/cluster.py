@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """aviato against raw Docker, and the scheduler's control-plane throughput.
 
-    python benchmarks/cluster.py [--quick] [--only start,create,exec,sched]
+    python benchmarks/cluster.py [--quick] [--only start,create,exec,sched,auth]
+        [--markdown FILE]
     python -m benchmarks.cluster ...  (the same, from the repo root)
 
 One run, one image (python:3.11, never pulled), measures:
@@ -19,10 +20,12 @@ One run, one image (python:3.11, never pulled), measures:
    (creates/s, stops/s), then create-and-stop-each-at-once (mixed requests/s). The
    scheduler's and the host's CPU use are shown: on a busy host they bound the result.
 
-plus the embedded cluster's start time and idle memory. Prints rich tables, then a
-plain markdown table for the README. Every container it creates carries the label
-``aviato-bench.run=<run id>`` (aviato's carry the agent ids it started) and is
-removed at exit, Ctrl-C and SIGTERM included; so is every process it started.
+plus the embedded cluster's start time and idle memory, and ("auth") how long a client
+waits for its UnauthorizedError from a cluster with CURVE keys, with no keys and with
+another cluster's. Prints rich tables, then a plain markdown table for the README with
+each target's verdict (``--markdown FILE`` writes it to FILE too). Every container it
+creates carries the label ``aviato-bench.run=<run id>`` (aviato's carry the agent ids
+it started) and is removed at exit, Ctrl-C and SIGTERM included; so is every process it started.
 """
 
 from __future__ import annotations
@@ -47,14 +50,23 @@ import uvloop
 from aviato import _local
 from aviato._connection import close_all
 from benchmarks._cleanup import Cleanup
-from benchmarks._common import FULL, IMAGE, QUICK, Plan, console
+from benchmarks._common import (
+    FULL,
+    IMAGE,
+    QUICK,
+    Plan,
+    add_markdown_option,
+    console,
+    write_markdown,
+)
 from benchmarks._control_plane import bench_scheduler
 from benchmarks._docker_peers import DockerPeers
 from benchmarks._embedded import bench_cluster_start, cluster_procs, rss_mib
 from benchmarks._latency import aviato_create_exec, bench_create, bench_exec
+from benchmarks._refusals import bench_refusals
 from benchmarks._report import Results, print_report
 
-PARTS = ("start", "create", "exec", "sched")
+PARTS = ("start", "create", "exec", "sched", "auth")
 
 
 async def amain(plan: Plan, cleanup: Cleanup, only: set[str], profile: str | None) -> Results:
@@ -75,6 +87,9 @@ async def amain(plan: Plan, cleanup: Cleanup, only: set[str], profile: str | Non
         if "start" in only:
             with console.status("embedded cluster start"):
                 results.start = bench_cluster_start(cleanup)
+        if "auth" in only:
+            with console.status("refused clients (a cluster with CURVE keys)"):
+                results.auth = await bench_refusals(cleanup, plan.refusals_n)
         if only & {"create", "exec"}:
             with console.status("first sandbox (starts the embedded cluster)"):
                 results.first_create = await aviato_create_exec(peers)
@@ -109,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         metavar="FILE",
         help="run benchmark 3's scheduler under cProfile, writing its stats to FILE",
     )
+    add_markdown_option(parser)
     args = parser.parse_args(argv)
     only = set(args.only.split(","))
     if not only <= set(PARTS):
@@ -126,7 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         with console.status("cleaning up"):
             cleanup.sweep()
-    print_report(results)
+    text = print_report(results)
+    if args.markdown is not None:
+        write_markdown(args.markdown, text)
     console.print(f"[dim]total {time.perf_counter() - t0:.0f} s[/]")
     return 0
 

@@ -2,6 +2,7 @@
 """aviato's remote functions against Ray tasks, Dask distributed and ProcessPoolExecutor.
 
     python benchmarks/functions.py [--quick] [--only aviato,aviato-uvloop,aviato-zmq,ray,dask,ppe]
+        [--markdown FILE]
     python -m benchmarks.functions ...  (the same, from the repo root)
 
 One run, one machine, each system alone in turn (the previous one shut down first):
@@ -29,7 +30,11 @@ processes=True)``, ``client.map``/``client.submit`` (scaled to k workers for the
 test); ``ProcessPoolExecutor(2)`` (``k`` for the sleep test) with ``submit``. A peer whose
 package is missing is skipped with a note. Everything started is shut down at the end
 (Ctrl-C and SIGTERM included), and the run checks that no container or child process is
-left. Prints rich tables, then a markdown table with aviato's ratio to each peer.
+left. Prints rich tables, then a markdown table with aviato's ratio to each peer and the
+targets' verdicts (``--markdown FILE`` writes it to FILE too). The table's header names
+each system's version as the run imported it (``ray.__version__``, ...). aviato's start
+is given twice: the scheduler and agent alone, and with its two worker containers up (the
+peers' starts include their workers).
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import asyncio
 import contextlib
 import gc
 import os
+import platform
 import signal
 import time
 import traceback
@@ -56,6 +62,7 @@ from typing import Any
 import psutil
 from rich.markup import escape
 
+from benchmarks._common import add_markdown_option, write_markdown
 from benchmarks._fn_common import (
     FULL,
     IMAGE,
@@ -125,17 +132,20 @@ def container_procs(sandbox_ids: Iterable[str]) -> list[psutil.Process]:
 
 
 async def bench_aviato(res: Result, plan: Plan, measure_start: bool, lane: bool = True) -> None:
+    import aviato
     from aviato import Sandbox, SandboxDefaults, _local
 
+    res.version = f"aviato {aviato.__version__}, Python {platform.python_version()}"
     if measure_start:
-        t0 = time.perf_counter()
+        t_start = time.perf_counter()
         await _local.ensure_cluster()
-        res.start_s = time.perf_counter() - t0
+        res.start_s = time.perf_counter() - t_start
         res.start_note = "embedded scheduler + agent"
         await asyncio.sleep(SETTLE_SECONDS)
         res.idle = memory_of(aviato_daemons())
     else:
         res.start_note = "cluster already up"
+    t_session = time.perf_counter()
     async with (
         asyncio.timeout(TIMEOUT),
         Sandbox.session(SandboxDefaults(container_image=IMAGE, local_lane=lane)) as session,
@@ -147,6 +157,11 @@ async def bench_aviato(res: Result, plan: Plan, measure_start: bool, lane: bool 
         t0 = time.perf_counter()
         await asyncio.gather(*(fn(i) for i in range(plan.warm_calls)))
         res.first_s = time.perf_counter() - t0
+        if res.start_s is not None and measure_start:
+            # Like with like: Ray's, Dask's and ProcessPoolExecutor's start include their
+            # workers. This adds the session and the first gather (both workers started),
+            # not the settle before "idle" memory.
+            res.start_with_workers_s = res.start_s + (time.perf_counter() - t_session)
         await asyncio.gather(*(fn(i) for i in range(plan.warm_calls)))
         pool_ids: set[str] = set()
 
@@ -347,12 +362,39 @@ def run_one(system: str, plan: Plan, results: list[Result], started: bool) -> bo
     return started or system.startswith("aviato")
 
 
+def report_markdown(
+    results: list[Result], base: Result | None, notes: list[str], plan: Plan
+) -> str:
+    """The markdown table, the targets' verdicts and the run's notes (for the README)."""
+    lines = [
+        f"{os.cpu_count()} cores, plan {'quick' if plan == QUICK else 'full'}.",
+        "",
+        markdown(results, base),
+        "",
+        "Issue's reference figures: Ray 2.60 tasks about 1,500/s with 1.8 ms; Dask about 570/s "
+        "with 10 ms; ProcessPoolExecutor(2) about 11,000/s with 0.21 ms. Targets: aviato "
+        "throughput >= 10x Ray's and >= ProcessPoolExecutor's; sequential round trip p50 "
+        "< 0.5 ms. aviato's functions run in worker processes inside Docker containers; "
+        "ratios are aviato (asyncio loop) / peer.",
+        "",
+        *verdicts(results, base),
+        *(f"- {note}" for note in notes),
+    ]
+    for r in results:
+        if r.skipped:
+            lines.append(f"- {r.label} skipped: {r.skipped}")
+        if r.error:
+            lines.append(f"- {r.label} failed: {r.error}")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls (a smoke run)")
     parser.add_argument(
         "--only", default=",".join(SYSTEMS), help=f"comma-separated subset of: {','.join(SYSTEMS)}"
     )
+    add_markdown_option(parser)
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(only) - set(SYSTEMS)
@@ -401,24 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print_tables(results, base)
     console.print("\n[bold]Markdown[/]\n")
-    print(markdown(results, base))
-    print()
-    print(
-        "Issue's reference figures: Ray 2.60 tasks about 1,500/s with 1.8 ms; Dask about 570/s "
-        "with 10 ms; ProcessPoolExecutor(2) about 11,000/s with 0.21 ms. Targets: aviato "
-        "throughput >= 10x Ray's and >= ProcessPoolExecutor's; sequential round trip p50 "
-        "< 0.5 ms. aviato's functions run in worker processes inside Docker containers; "
-        "ratios are aviato (asyncio loop) / peer."
-    )
-    for line in verdicts(results, base):
-        print(line)
-    for note in notes:
-        print(f"- {note}")
-    for r in results:
-        if r.skipped:
-            print(f"- {r.label} skipped: {r.skipped}")
-        if r.error:
-            print(f"- {r.label} failed: {r.error}")
+    text = report_markdown(results, base, notes, plan)
+    print(text)
+    if args.markdown is not None:
+        write_markdown(args.markdown, text)
     try:
         ours: list[str] | str = our_containers() or "none"
     except Exception as exc:

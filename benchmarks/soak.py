@@ -16,10 +16,11 @@ ClusterStatus and calls completing again, then the pool back to full size.
 
 At the end: stop feeding, wait for every call, close the session, count the containers
 still there, stop the daemons (SIGTERM), count again, and look for leftover processes.
-Prints the tables; exits 1 on any duplicate, lost or wrong result, hung call, untyped
-failure or leak. A call that fails with a typed aviato error (WorkerLostError after its
-retries, a timeout, ...) is counted as such and resubmitted. Logs (client and daemons)
-are kept when the soak fails, or with ``--keep-logs``.
+Prints the tables; exits 1 on any duplicate, lost or wrong result, hung call, typed or
+untyped failure, leak, or when the workers the pool lost differ from the workers the
+faults killed (the "must be" column). A call that fails with a typed aviato error
+(WorkerLostError after its retries, a timeout, ...) is counted as such and resubmitted.
+Logs (client and daemons) are kept when the soak fails, or with ``--keep-logs``.
 """
 
 from __future__ import annotations

@@ -273,6 +273,32 @@ _SPIN = (
 )
 
 
+#: Allocate and touch ``mib`` MiB, hold it 3 s (so that two overlap), say so.
+_HOLD = (
+    "import time\n"
+    "x = bytearray({mib} << 20)\n"
+    "x[::4096] = b'1' * len(x[::4096])\n"
+    "time.sleep(3)\n"
+    "print('held', flush=True)\n"
+)
+
+
+async def test_memory_limit_holds_for_the_whole_tree(cluster: Cluster, defaults) -> None:
+    """memory_bytes=128 MiB: one process holding 80 MiB runs to the end; two at once
+    (each under the limit, together over it) do not both survive. The limit is the
+    sandbox's, not each process's (as a per-process rlimit would be)."""
+    async with Sandbox(
+        command="sleep", args=["infinity"], memory_bytes=128 << 20, defaults=defaults
+    ) as sb:
+        if cluster.runtime == "local":
+            need_cgroups(sb.runtime)  # without cgroups: a per-process rlimit only
+        hog = f'python -c "{_HOLD.format(mib=80)}"'
+        r = await sb.exec(["sh", "-c", hog], timeout_seconds=60)
+        assert r.stdout == b"held\n", r  # alone, under the limit
+        r = await sb.exec(["sh", "-c", f"{hog} & {hog} & wait"], timeout_seconds=60)
+        assert r.stdout.count(b"held") < 2, f"two 80 MiB processes under 128 MiB: {r}"
+
+
 async def test_cpu_limit_throttles_the_whole_sandbox(cluster: Cluster, defaults) -> None:
     """cpus=0.4, measured from inside: two processes spinning at once get 0.4 of a CPU
     between them, not each (without the limit: a CPU each, on two cores)."""
