@@ -512,6 +512,7 @@ def connection(
     agent's local lane) when it is on this host and lets us in, else ZeroMQ
     (``first_contact``: see :class:`Connection`)."""
     loop = asyncio.get_running_loop()
+    _forget_ended_loops()
     conns = _by_loop.setdefault(loop, {})
     key = (address, token, curve)
     conn = conns.get(key)
@@ -548,6 +549,17 @@ def agent_connection(info: SandboxInfo, defaults: SandboxDefaults) -> Channel:
         defaults.agent_curve(info),
         info.agent_lane if defaults.lane_enabled() else "",
     )
+
+
+def _forget_ended_loops() -> None:
+    """Close the connections of loops that have ended (``asyncio.run`` returned): no
+    one closed them, and this dict's values keep their loops alive, so their sockets
+    stayed open for the life of the process (4 descriptors a loop; a long test run
+    then ran out of ZeroMQ sockets)."""
+    for ended in [loop for loop in _by_loop if loop.is_closed()]:
+        for conn in _by_loop.pop(ended).values():
+            with contextlib.suppress(Exception):  # its tasks ended with their loop
+                conn.close()
 
 
 def close_all() -> None:
