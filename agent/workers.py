@@ -605,8 +605,8 @@ class WorkerHub:
     async def close(self, sandbox_id: str, detail: str) -> None:
         link = self._links.pop(sandbox_id, None)
         if link is None:
-            # Closed already; but a container created after that (a stop that raced its
-            # create) made its bind-mount source again: Docker creates missing ones.
+            # Closed already; a runtime that made the directory again after that (a stop
+            # that raced its create) must not leave it behind.
             if sandbox_id.strip(".") and "/" not in sandbox_id:
                 shutil.rmtree(self.root / sandbox_id, ignore_errors=True)
             return

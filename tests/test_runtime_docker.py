@@ -354,3 +354,36 @@ async def test_operator_may_keep_some_capabilities() -> None:
         if left:
             subprocess.run(["docker", "rm", "-f", *left], capture_output=True, check=False)
         assert not left
+
+
+async def test_a_missing_mount_source_fails_the_create_and_is_not_made(tmp_path: Any) -> None:
+    """A create that raced its sandbox's stop (or the agent's exit) finds its socket
+    directory gone: it fails, and Docker does not remake the directory (which leaked
+    /tmp/avw-* directories after the agent had removed them)."""
+    if problem := _docker_problem():
+        if REQUIRE:
+            pytest.fail(f"{problem} (AVIATO_REQUIRE_DOCKER=1)")
+        pytest.skip(problem)
+    from agent.runtime.base import Mount
+    from agent.runtime.docker import DockerRuntime
+
+    aid = f"test-{RUN_ID}-{next(_counter)}"
+    gone = tmp_path / "removed-socket-dir"
+    rt = DockerRuntime()
+    sid = f"t{uuid.uuid4().hex[:12]}"
+    spec = SandboxSpec(image=IMAGE, command="sleep", args=("300",))
+    try:
+        with pytest.raises(SandboxFailedError):
+            await rt.create(
+                sid,
+                spec,
+                sandbox_labels(sid, aid, spec, time.time()),
+                [Mount(str(gone), "/run/x", read_only=False)],
+            )
+        assert not gone.exists()
+    finally:
+        await rt.close()
+        left = _docker_ps(aid)
+        if left:
+            subprocess.run(["docker", "rm", "-f", *left], capture_output=True, check=False)
+        assert not left

@@ -235,9 +235,13 @@ class DockerRuntime(Runtime):
     ) -> None:
         api, image = self._api, spec.image
         host_config = api.create_host_config(
-            binds={
-                m.source: {"bind": m.target, "mode": "ro" if m.read_only else "rw"} for m in mounts
-            }
+            # Mounts, not binds: Docker creates a missing bind source, and a create that
+            # raced its sandbox's stop (or the agent's exit) would remake our socket
+            # directory after we removed it. A missing source now fails the create.
+            mounts=[
+                docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
+                for m in mounts
+            ]
             or None,
             init=True,  # docker-init reaps zombies and forwards signals
             security_opt=["no-new-privileges"],
@@ -250,7 +254,6 @@ class DockerRuntime(Runtime):
         )
         kwargs: dict[str, Any] = dict(
             name=f"aviato-{sandbox_id}",
-            volumes=[m.target for m in mounts] or None,
             entrypoint=[spec.command],  # also drops the image's CMD
             command=list(spec.args),
             environment=dict(spec.env),
