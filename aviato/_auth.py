@@ -190,9 +190,15 @@ def handshake_refusal(event: int, value: int, address: str, keyed: bool) -> str:
         )
     if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
         # Seen again and again (the caller counts): a CURVE server that cannot read our
-        # hello, sealed for a server key that is not its own.
+        # hello, sealed for a server key that is not its own; or, to a client without
+        # keys, one that hung up on its NULL greeting before it could read that the
+        # server wants CURVE (a race: each retry is another draw, for seconds).
         if not keyed:
-            return ""
+            return (
+                f"{address} ends every handshake without a word: it requires CURVE keys "
+                "(set AVIATO_KEYS, or SandboxDefaults(keys=...), to the cluster's key "
+                "directory), or it is not an aviato daemon"
+            )
         return (
             f"{address} does not accept this client's CURVE handshake: the scheduler.key "
             "in AVIATO_KEYS is not its public key (keys made by another `aviato keys` "

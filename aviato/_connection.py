@@ -143,7 +143,11 @@ class Channel:
 
     def _check_reachable(self) -> None:
         """After a first contact that found nothing listening, a new request tries
-        again (the daemon may have come up since): see ``_contact_again``."""
+        again (the daemon may have come up since): see ``_contact_again``. A refused
+        handshake stands until one succeeds: fail now, not at the deadline (after a
+        protocol error ZeroMQ never reconnects, so nothing would ever come)."""
+        if self.refused:
+            raise UnauthorizedError(self.refused)
         if self.unreachable:
             self._contact_again()
 
@@ -202,10 +206,10 @@ class Channel:
         self._waiting[request_id] = queue.put_nowait
         sent = answered = False
         try:
-            await self._send(request_id, msg, payloads)
-            sent = True
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(timeout):  # a send can wait too (no peer yet)
+                    await self._send(request_id, msg, payloads)
+                    sent = True
                     reply = await queue.get()
                     answered = True
             except TimeoutError:
@@ -264,7 +268,13 @@ class Channel:
         self._waiting[request_id] = queue.put_nowait
         sent = ended = False
         try:
-            await self._send(request_id, msg, payloads)
+            try:
+                async with asyncio.timeout(idle_timeout):  # a send can wait too (no peer yet)
+                    await self._send(request_id, msg, payloads)
+            except TimeoutError:
+                raise self._no_answer(
+                    f"{self.address} took no {type(msg).__name__} within {idle_timeout:g}s"
+                ) from None
             sent = True
             while True:
                 try:
@@ -337,6 +347,8 @@ class Connection(Channel):
 
         self._sock = _zmq.dealer(_context(), address, curve, before_connect=monitor)
         self._monitor = monitors[0]
+        #: Set while the daemon refuses our handshake: ends sends that wait for a peer.
+        self._refusal = asyncio.Event()
         loop = asyncio.get_running_loop()
         self._reader = loop.create_task(self._read())
         self._watcher = loop.create_task(self._watch())
@@ -406,6 +418,7 @@ class Connection(Channel):
                 continue
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self.refused = ""
+                self._refusal.clear()
                 silent = 0
                 continue
             silent = silent + 1 if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL else 0
@@ -417,10 +430,28 @@ class Connection(Channel):
             if why != self.refused:
                 log.info("%s", why)  # the waiting requests raise it
             self.refused = why
+            self._refusal.set()
             self._fail_waiting(ErrorReply(ErrorCode.UNAUTHORIZED, why))
 
     async def _transmit(self, frames: list[Frame], size: int) -> None:
-        await self._sock.send_multipart(frames, copy=size < _zmq.ZERO_COPY_BYTES)
+        # (A pyzmq send is a future already, done when queued at once: no wrapping.)
+        sending = asyncio.ensure_future(
+            self._sock.send_multipart(frames, copy=size < _zmq.ZERO_COPY_BYTES)
+        )
+        if not sending.done():
+            # No connection takes it yet. A refused handshake may be why: after a
+            # protocol error (a client without keys) ZeroMQ drops the connection for
+            # good, and the send would wait forever. The refusal ends the wait.
+            refused = asyncio.ensure_future(self._refusal.wait())
+            try:
+                await asyncio.wait((sending, refused), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                refused.cancel()
+                if not sending.done():
+                    sending.cancel()
+            if sending.cancelled() and self.refused:
+                raise UnauthorizedError(self.refused)
+        sending.result()
 
     def _transmit_nowait(self, request_id: int, frames: list[Frame], size: int) -> None:
         sent = asyncio.ensure_future(

@@ -5,6 +5,7 @@ plane, quickly and with a typed error, and the daemon logs the refusal."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
@@ -359,6 +360,74 @@ async def test_keys_of_another_cluster_are_refused_within_seconds(
     finally:
         _connection.close_all()
     assert time.monotonic() - started < 5
+
+
+#: Bounds below only catch hangs: each refusal is expected in milliseconds (the README's
+#: target is 1.5 s, timed by benchmarks/cluster.py --only auth); the requests' own
+#: deadline is far longer, so a refusal that waits it out fails the test.
+_HANG_S = 10
+_DEADLINE_S = 120
+
+
+async def _refused_soon(conn: Connection, match: str) -> None:
+    """A request on ``conn`` raises UnauthorizedError from the refusal, not the deadline."""
+    with pytest.raises(UnauthorizedError, match=match):
+        async with asyncio.timeout(_HANG_S):
+            await conn.request(Ping(), timeout=_DEADLINE_S)
+
+
+async def test_a_refused_connection_fails_later_requests_at_once(keyed: Cluster) -> None:
+    """After a refused handshake ZeroMQ drops the connection for good (no reconnect
+    after a protocol or ZAP error), so a later request on it had no peer to take its
+    send: it waited forever. It fails at once with the refusal."""
+    conn = Connection(keyed.address)
+    try:
+        await _refused_soon(conn, "requires CURVE keys")
+        for _ in range(3):
+            await _refused_soon(conn, "requires CURVE keys")
+    finally:
+        conn.close()
+
+
+async def test_a_send_waiting_for_a_peer_ends_with_the_refusal(
+    keyed: Cluster, keys: Path, tmp_path: Path
+) -> None:
+    """The refusal comes (ZeroMQ drops the connection) before the request is sent, but
+    the connection's watcher has not heard of it yet: the send waits for a peer that
+    never comes, and the refusal must end that wait."""
+    intruder = _look_alike(tmp_path, keys, "intruder")
+    public, secret = load_certificate(intruder / "clients" / "intruder.key_secret")
+    assert secret is not None
+    scheduler = load_certificate(keys / "scheduler.key")[0]
+    conn = Connection(keyed.address, curve=CurveKeys(public, secret, scheduler))
+    try:
+        # Block the loop (the watcher cannot run) until libzmq has given up on the
+        # connection: the DEALER then has no peer to write to.
+        raw = zmq.Socket.shadow(conn._sock.underlying)
+        wait_until(lambda: not raw.poll(0, zmq.POLLOUT), _HANG_S, 0.005, "ZAP to refuse us")
+        assert not conn.refused  # the watcher has not run: the send will wait
+        await _refused_soon(conn, "refused this client's key")
+    finally:
+        conn.close()
+
+
+async def test_a_server_that_hangs_up_on_every_handshake_refuses_a_client_without_keys() -> None:
+    """A CURVE server may hang up on a keyless client before the client reads that it
+    wants CURVE (a race on each try: it made refusals take seconds). Every handshake
+    ended without a word, in a row, is a refusal for a client without keys too."""
+
+    async def hang_up(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    conn = Connection(f"tcp://127.0.0.1:{port}")
+    try:
+        await _refused_soon(conn, "ends every handshake without a word: it requires CURVE keys")
+    finally:
+        conn.close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_agent_with_an_unknown_key_is_not_registered(
