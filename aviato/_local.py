@@ -180,7 +180,8 @@ class LocalCluster:
             client_keys(self.keys, self.client_key, public).apply(sock)
         try:
             sock.connect(self.address)
-            sock.send_multipart(encode(ClusterStatus(), 1))
+            # The daemons take $AVIATO_TOKEN from the environment they inherit.
+            sock.send_multipart(encode(ClusterStatus(), 1, token=self._env().get("AVIATO_TOKEN")))
             if not sock.poll(500):
                 return False
             reply = decode(sock.recv_multipart()).msg

@@ -33,6 +33,7 @@ from aviato._auth import (
 )
 from aviato._connection import Connection
 from aviato._daemon import warn_if_open
+from aviato._local import LocalCluster
 from aviato.exceptions import ClusterUnavailableError
 from aviato.protocol import (
     AgentHeartbeat,
@@ -428,6 +429,30 @@ async def test_a_server_that_hangs_up_on_every_handshake_refuses_a_client_withou
         conn.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_local_cluster_with_a_token_comes_up_and_requires_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`AVIATO_TOKEN=... aviato up`: the daemons inherit the token, so the readiness
+    probe must carry it too (it did not: the cluster never came up)."""
+    monkeypatch.setenv("AVIATO_TOKEN", "sesame")
+    cluster = LocalCluster(runtime="local", agent_id=f"token-{os.getpid()}")
+    try:
+        address = await asyncio.to_thread(cluster.start, 60.0)
+        right = Connection(address, "sesame")
+        try:
+            reply = await right.request(ClusterStatus(), timeout=_HANG_S)
+            assert isinstance(reply.msg, ClusterStatusReply) and len(reply.msg.agents) == 1
+        finally:
+            right.close()
+        wrong = Connection(address, "wrong")
+        try:
+            await _refused_soon(wrong, "wrong cluster token")
+        finally:
+            wrong.close()
+    finally:
+        await asyncio.to_thread(cluster.stop)
 
 
 async def test_agent_with_an_unknown_key_is_not_registered(
