@@ -36,7 +36,7 @@ class Plan:
     clients: int = 4
     window: int = 64  # outstanding requests per client socket
     create_timeout: float = 5.0  # CreateSandbox.timeout_seconds in benchmark 3
-    refusals_n: int = 10  # refused requests per kind of client
+    refusals_n: int = 20  # refused requests per kind of client
 
 
 FULL = Plan(create_n=20, exec_n=200, sched_sandboxes=2500)
