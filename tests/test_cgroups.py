@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from agent.runtime import cgroups
 from agent.runtime.cgroups import Cgroups
 
 
@@ -37,6 +40,7 @@ def test_v1_a_hierarchy_per_controller(tmp_path: Path) -> None:
         str(tmp_path / c / "aviato" / "sb-2" / "cgroup.procs") for c in ("memory", "cpu")
     )  # only what is limited: joins cost
     assert (tmp_path / "memory/aviato/sb-2/memory.limit_in_bytes").read_text() == str(1 << 30)
+    assert not (tmp_path / "memory/aviato/sb-2/memory.memsw.limit_in_bytes").exists()
     assert not (tmp_path / "pids/aviato/sb-2").exists()  # no limit asked: not joined
     assert cg.make("sb-4", memory=None, pids=None, cpus=None) == []
     assert (tmp_path / "cpu/aviato/sb-2/cpu.cfs_quota_us").read_text() == "200000"
@@ -67,3 +71,48 @@ def test_parked_groups_of_a_dead_agent_are_swept(tmp_path: Path) -> None:
     alive.mkdir()
     Cgroups(root=str(tmp_path))
     assert not dead.exists() and alive.exists()
+
+
+def test_no_swap_beyond_the_memory_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the kernel accounts swap, a sandbox may not swap past its memory limit:
+    v2 memory.swap.max 0, v1 memory.memsw.limit_in_bytes (memory + swap) = the limit,
+    written after the memory limit (v1 refuses memsw below it) and lifted first (v1
+    refuses a memory limit above memsw)."""
+    (tmp_path / "v2" / "cgroup.controllers").parent.mkdir()
+    (tmp_path / "v2" / "cgroup.controllers").write_text("cpu memory pids\n")
+    (tmp_path / "v2" / "cgroup.subtree_control").write_text("")
+    (tmp_path / "v2" / "aviato").mkdir()
+    (tmp_path / "v2" / "aviato" / "cgroup.subtree_control").write_text("")
+    v2 = Cgroups(root=str(tmp_path / "v2"))
+    group = tmp_path / "v2" / "aviato" / "sb-5"
+    group.mkdir()
+    (group / "memory.swap.max").write_text("max")  # the kernel makes it with the group
+    v2.make("sb-5", memory=64 << 20, pids=None, cpus=None)
+    assert (group / "memory.swap.max").read_text() == "0"
+
+    for c in ("memory", "pids", "cpu"):
+        (tmp_path / "v1" / c).mkdir(parents=True)
+        (tmp_path / "v1" / c / "cgroup.procs").write_text("")
+    v1 = Cgroups(root=str(tmp_path / "v1"))
+    group = tmp_path / "v1" / "memory" / "aviato" / "sb-6"
+    group.mkdir(parents=True)
+    memsw = group / "memory.memsw.limit_in_bytes"
+    memsw.write_text("-1")
+    written: list[tuple[str, str]] = []
+    real_write = cgroups._write
+
+    def write(path: Path, value: str) -> None:
+        written.append((path.name, value))
+        real_write(path, value)
+
+    monkeypatch.setattr(cgroups, "_write", write)
+    v1.make("sb-6", memory=64 << 20, pids=None, cpus=None)
+    assert memsw.read_text() == str(64 << 20)
+    assert written == [
+        ("memory.memsw.limit_in_bytes", "-1"),
+        ("memory.limit_in_bytes", str(64 << 20)),
+        ("memory.memsw.limit_in_bytes", str(64 << 20)),
+    ]
+    v1.set_limits("sb-6", memory=None, pids=None, cpus=None)  # lifted: memsw first
+    assert memsw.read_text() == "-1"
+    assert (group / "memory.limit_in_bytes").read_text() == "-1"

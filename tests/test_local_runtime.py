@@ -149,6 +149,37 @@ async def test_limits_hold_for_the_whole_sandbox(ldefaults: SandboxDefaults) -> 
         assert r.stdout == b"ok\n"  # the sandbox is still usable
 
 
+async def test_no_swap_beyond_the_memory_limit(ldefaults: SandboxDefaults) -> None:
+    """The sandbox's real memory cgroup allows it no swap beyond its limit (v2:
+    memory.swap.max 0; v1: memory + swap, memory.memsw.limit_in_bytes, = the limit)."""
+    memory = (96 << 20) + 7 * 4096  # a size no other sandbox has: it finds our group
+    async with Sandbox(
+        command="sleep", args=["infinity"], defaults=ldefaults, memory_bytes=memory
+    ) as sb:
+        need_cgroups(sb.runtime)
+        root = Path("/sys/fs/cgroup")
+        v2 = (root / "cgroup.controllers").exists()
+        base, limit, swap, no_swap = (
+            (root / "aviato", "memory.max", "memory.swap.max", "0")
+            if v2
+            else (
+                root / "memory" / "aviato",
+                "memory.limit_in_bytes",
+                "memory.memsw.limit_in_bytes",
+                str(memory),
+            )
+        )
+        ours = [
+            d
+            for d in base.iterdir()
+            if (d / limit).exists() and (d / limit).read_text().strip() == str(memory)
+        ]
+        assert len(ours) == 1, ours
+        if not (ours[0] / swap).exists():
+            pytest.skip(f"this kernel accounts no swap ({swap} is missing)")
+        assert (ours[0] / swap).read_text().strip() == no_swap
+
+
 async def test_without_cgroups_memory_fails_inside_and_cpus_is_refused(tmp_path: Path) -> None:
     """The weaker branch, on purpose (cgroups turned off): setrlimit makes the hog's
     allocation fail inside it; no OOM killer, so no OOM report; no CPU share at all."""

@@ -277,6 +277,7 @@ class RuntimeConformance:
             assert not host["CapAdd"]  # no capability kept by default
             assert host["PidsLimit"] == 1024 and host["Init"] is True
             assert host["Memory"] == 256 * 1024 * 1024 and host["NanoCpus"] == 500_000_000
+            assert host["MemorySwap"] == host["Memory"]  # no swap beyond the limit
         status = (await runtime.exec(sid, ("cat", "/proc/self/status"))).stdout
         assert b"NoNewPrivs:\t1" in status
         assert b"CapEff:\t0000000000000000" in status

@@ -125,12 +125,20 @@ class Cgroups:
         v2 = self.version == 2
         try:
             if dirs["memory"].exists():
+                # The limit is a limit, not a cue to swap: no swap beyond it where the
+                # kernel accounts swap (v2: memory.swap.max; v1: memory.memsw.*).
+                memsw = dirs["memory"] / "memory.memsw.limit_in_bytes"
+                memsw_on = not v2 and memsw.exists()
+                if memsw_on:  # v1 refuses a memory limit above memsw: lift it first
+                    _write(memsw, "-1")
                 _write(
                     dirs["memory"] / ("memory.max" if v2 else "memory.limit_in_bytes"),
                     str(memory) if memory else ("max" if v2 else "-1"),
                 )
+                if memsw_on and memory:
+                    _write(memsw, str(memory))  # memory + swap: no more than memory
                 swap = dirs["memory"] / "memory.swap.max"
-                if v2 and swap.exists():  # the limit is a limit, not a cue to swap
+                if v2 and swap.exists():
                     _write(swap, "0" if memory else "max")
             if dirs["pids"].exists():
                 _write(dirs["pids"] / "pids.max", str(pids) if pids else "max")

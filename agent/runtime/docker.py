@@ -249,6 +249,9 @@ class DockerRuntime(Runtime):
             cap_add=self.cap_add,
             pids_limit=spec.pids_limit or self.pids_limit,
             mem_limit=spec.memory_bytes,
+            # Memory + swap: the same, so no swap beyond the limit (unset, Docker lets a
+            # container swap as much again on a host with swap).
+            memswap_limit=spec.memory_bytes,
             nano_cpus=int(spec.cpus * 1e9) if spec.cpus else None,
             network_mode="none" if spec.network == "none" else None,
         )
