@@ -177,7 +177,7 @@ def verdicts(r: Results) -> list[tuple[bool, str]]:
                 (
                     met(c),
                     f"UnauthorizedError within about a second (≤ {TARGET_S:g} s), {c.name}:"
-                    f" max {max(c.samples):.2f} s, median {ms(c.p50)} ms, of {len(c.samples)}",
+                    f" max {ms(max(c.samples))} ms, median {ms(c.p50)} ms, of {len(c.samples)}",
                 )
             )
         if r.auth.hangs:
