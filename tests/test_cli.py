@@ -30,7 +30,7 @@ from aviato import (
 )
 from aviato._cli_output import plain_table, print_table
 from aviato._connection import Connection
-from aviato._daemon import log_level
+from aviato._flags import log_level
 from aviato._zmq import check_endpoint
 from aviato.cli import UP_PORT, build_parser, exit_status
 from tests.conftest import IMAGE, ROOT, Cluster

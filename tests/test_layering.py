@@ -174,8 +174,7 @@ def test_the_reader_sees_every_kind_of_import(tmp_path: Path) -> None:
         (tmp_path / "aviato" / f"{module}.py").write_text("")
     (tmp_path / "aviato" / "_server" / "keys.py").write_text("from aviato import _pool\n")
     (tmp_path / "aviato" / "cli.py").write_text(
-        "def f():\n    from scheduler.__main__ import main\n"
-        "from aviato._server.keys import x\n"
+        "def f():\n    from scheduler.__main__ import main\nfrom aviato._server.keys import x\n"
     )
     (tmp_path / "agent" / "a.py").write_text(
         "from typing import TYPE_CHECKING\n"
