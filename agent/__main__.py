@@ -24,6 +24,7 @@ from aviato._server.daemon import (
     exit_on_one_line_failure,
     exit_watchdog,
     exit_with_parent,
+    log_to_stderr,
 )
 from aviato.exceptions import AgentIdInUseError, UnauthorizedError
 
@@ -227,9 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.slots < 1:
         raise SystemExit("agent: --slots must be at least 1")
     keys = _keys(args)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    log_to_stderr(args.log_level)
     identity = _identity(args)
     args.agent_id = identity.agent_id
     code = 0

@@ -27,6 +27,13 @@ from aviato._flags import default_slots
 from aviato.exceptions import AddressInUseError, ClusterUnavailableError
 from aviato.protocol import ClusterStatus, ClusterStatusReply, decode, encode
 
+__all__ = [
+    "LocalCluster",
+    "ensure_cluster",
+    "ensure_cluster_sync",
+    "shutdown",
+]
+
 log = logging.getLogger("aviato.local")
 
 

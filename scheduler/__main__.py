@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -13,7 +12,12 @@ import uvloop
 
 from aviato._flags import add_keys, add_log_level, add_token, endpoint
 from aviato._server.auth import scheduler_keys
-from aviato._server.daemon import daemon_setup, exit_on_one_line_failure, exit_with_parent
+from aviato._server.daemon import (
+    daemon_setup,
+    exit_on_one_line_failure,
+    exit_with_parent,
+    log_to_stderr,
+)
 from aviato.exceptions import UnauthorizedError
 from scheduler.records import Config
 from scheduler.server import SchedulerServer, tune_gc
@@ -111,9 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     daemon_setup()
     tune_gc()
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    log_to_stderr(args.log_level)
     try:
         uvloop.run(run(args))
     except BaseException as exc:

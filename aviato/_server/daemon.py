@@ -21,6 +21,7 @@ __all__ = [
     "exit_watchdog",
     "exit_with_parent",
     "forbid_unpickling",
+    "log_to_stderr",
     "one_line_failure",
     "warn_if_open",
 ]
@@ -115,6 +116,13 @@ def daemon_setup() -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     if os.environ.get("AVIATO_FORBID_UNPICKLE") == "1":
         forbid_unpickling()
+
+
+def log_to_stderr(level: str) -> None:
+    """A daemon's log: every record at ``level`` or above, timed, on stderr."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
 
 
 def exit_watchdog(grace: float, what: str) -> None:
