@@ -16,6 +16,9 @@
    :data:`SHARED` (each with why it is shared, and which names when not all of it).
    Anything else a daemon needs from the client moves into ``aviato/_server/``.
 3. ``scheduler/`` and ``agent/`` never import each other.
+4. ``aviato/_server/`` takes from the rest of ``aviato`` only the modules rule 2 lets a
+   daemon have (any of their names: it is the daemons' side of them, e.g. the server
+   keys beside the client's key files); never the client's connections, pool, API.
 
 Every import counts: inside functions, under ``TYPE_CHECKING``, ``from aviato import _x``
 (read as the module ``aviato._x``), and for a module imported whole, each attribute the
@@ -146,6 +149,10 @@ def violations(imports: list[Import]) -> list[str]:
                 found.append(f"{imp}: rule 1, the client imports a daemon")
             elif _within(imp.module, SERVER) and not in_server:
                 found.append(f"{imp}: rule 1, the client imports the daemons' shared code")
+            elif in_server and not (
+                any(_within(imp.module, m) for m in OPEN_TO_DAEMONS) or imp.module in SHARED
+            ):
+                found.append(f"{imp}: rule 4, the daemons' shared code uses the client's")
         elif target in DAEMONS and target != home:
             found.append(f"{imp}: rule 3, one daemon imports the other")
         elif target == "aviato" and not any(_within(imp.module, m) for m in OPEN_TO_DAEMONS):
@@ -195,6 +202,7 @@ def test_the_reader_sees_every_kind_of_import(tmp_path: Path) -> None:
         "agent/a.py:6",  # aviato._connection, imported whole under another name
         "agent/a.py:7",  # aviato.Sandbox: the public API is the client
         "agent/a.py:9",  # import scheduler.state
+        "aviato/_server/keys.py:1",  # the shared daemon code takes the client's pool
         "aviato/cli.py:2",  # the CLI imports a daemon's __main__
         "aviato/cli.py:3",  # the client imports aviato._server
     ]
