@@ -20,6 +20,9 @@
    daemon have (any of their names: it is the daemons' side of them, e.g. the server
    keys beside the client's key files); never the client's connections, pool, API.
 
+The rules hold at run time too: a daemon process loads none of the client's own modules
+(``import aviato.protocol`` runs ``aviato/__init__.py``, which loads the API lazily).
+
 Every import counts: inside functions, under ``TYPE_CHECKING``, ``from aviato import _x``
 (read as the module ``aviato._x``), and for a module imported whole, each attribute the
 file reads from it (``_zmq.dealer``) is a name it takes.
@@ -28,6 +31,8 @@ file reads from it (``_zmq.dealer``) is a name it takes.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -168,6 +173,28 @@ def violations(imports: list[Import]) -> list[str]:
 def test_the_import_rules_hold() -> None:
     broken = violations(all_imports())
     assert not broken, "\n".join(broken)
+
+
+#: Modules of the client alone, which no daemon process loads.
+CLIENT_ONLY = (
+    "aviato._connection",
+    "aviato._defaults",
+    "aviato._function",
+    "aviato._local",
+    "aviato._pool",
+    "aviato._sandbox",
+    "aviato._session",
+    "aviato.cli",
+)
+
+
+def test_a_daemon_process_loads_no_client_module() -> None:
+    code = "import sys, scheduler.__main__, agent.__main__; print(*sorted(sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert sorted(set(done.stdout.split()) & set(CLIENT_ONLY)) == []
 
 
 def test_the_reader_sees_every_kind_of_import(tmp_path: Path) -> None:
