@@ -16,14 +16,15 @@ from agent.identity import Identity, claim, default_agent_id, state_dir
 from agent.runtime import make_runtime
 from agent.server import AgentServer
 from agent.spares import parse_warm
-from aviato._auth import CurveKeys, ServerKeys, agent_keys
-from aviato._daemon import (
+from aviato._auth import CurveKeys
+from aviato._flags import RUNTIMES, add_keys, add_log_level, add_token, default_slots, endpoint
+from aviato._server.auth import ServerKeys, agent_keys
+from aviato._server.daemon import (
     daemon_setup,
-    endpoint,
     exit_on_one_line_failure,
     exit_watchdog,
     exit_with_parent,
-    log_level,
+    log_to_stderr,
 )
 from aviato.exceptions import AgentIdInUseError, UnauthorizedError
 
@@ -51,13 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--slots",
         type=int,
-        default=max(8, 4 * (os.cpu_count() or 1)),
+        default=default_slots(),
         help="how many sandboxes this host runs at once",
     )
     p.add_argument(
         "--runtime",
         default=os.environ.get("AVIATO_RUNTIME", "docker"),
-        choices=["docker", "local", "auto"],
+        choices=RUNTIMES,
         help="sandbox runtime",
     )
     p.add_argument(
@@ -90,10 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="a capability sandboxes keep (Docker runtime; repeatable; default none, e.g."
         " CHOWN SETUID SETGID for images whose tools drop privileges)",
     )
-    p.add_argument("--token", default=os.environ.get("AVIATO_TOKEN"))
-    p.add_argument(
-        "--keys",
-        default=os.environ.get("AVIATO_KEYS"),
+    add_token(p)
+    add_keys(
+        p,
         help="CURVE key directory from `aviato keys` (default $AVIATO_KEYS): authenticate to"
         " the scheduler and serve only client keys",
     )
@@ -131,9 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also keep up to N spares of the image and resource shapes created in the"
         " last minute, most created first (default 0: none)",
     )
-    p.add_argument(
-        "--log-level", type=log_level, default=os.environ.get("AVIATO_LOG_LEVEL", "INFO")
-    )
+    add_log_level(p)
     return p
 
 
@@ -230,9 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.slots < 1:
         raise SystemExit("agent: --slots must be at least 1")
     keys = _keys(args)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    log_to_stderr(args.log_level)
     identity = _identity(args)
     args.agent_id = identity.agent_id
     code = 0

@@ -39,9 +39,11 @@ from agent.runtime.spare_claims import SpareClaims
 from agent.spares import Shape, SparePool
 from agent.workers import WorkerHub, remove_dead_agent_dir
 from aviato import _zmq
-from aviato._auth import CurveKeys, ServerKeys, ZapHandler, log_refused_handshakes
-from aviato._daemon import warn_if_open
-from aviato._errors import error_reply
+from aviato._auth import CurveKeys
+from aviato._server import sockets
+from aviato._server.auth import ServerKeys, ZapHandler, log_refused_handshakes
+from aviato._server.daemon import warn_if_open
+from aviato._server.errors import error_reply
 from aviato.exceptions import (
     AgentIdInUseError,
     AviatoError,
@@ -210,14 +212,14 @@ class AgentServer:
         self._setup_spares(hub)
         zap = ZapHandler(self._ctx, server_keys, who) if server_keys is not None else None
         try:
-            data, bound = _zmq.router(self._ctx, self.bind, server_keys)
+            data, bound = sockets.router(self._ctx, self.bind, server_keys)
         except BaseException:
             if zap is not None:
                 zap.close()
             await hub.close_all()
             raise
         self._data = data
-        self.address = _zmq.advertised(bound, self.advertise_host)
+        self.address = sockets.advertised(bound, self.advertise_host)
         log.info(
             "agent %s serving clients on %s (runtime %s)", self.agent_id, bound, self.runtime.name
         )
@@ -728,7 +730,8 @@ class AgentServer:
             if self._lane is not None and self._lane.owns(identity):
                 # A DEALER that chose a lane peer's routing id: its replies would go to
                 # that local client. Nothing can be told to it; drop it.
-                _zmq.refusals.warning(
+                sockets.refusals.warning(
+                    log,
                     "agent %s: dropped a message from a ZeroMQ peer posing as a local lane client",
                     self.agent_id,
                 )
@@ -743,9 +746,9 @@ class AgentServer:
         except DecodeError as exc:
             who = f"agent {self.agent_id}"
             if exc.request_id is None:
-                _zmq.refusals.warning("%s: dropped an undecodable message: %s", who, exc)
+                sockets.refusals.warning(log, "%s: dropped an undecodable message: %s", who, exc)
             else:
-                _zmq.refusals.warning("%s: refused a message: %s", who, exc)
+                sockets.refusals.warning(log, "%s: refused a message: %s", who, exc)
                 self._send_now(identity, exc.request_id, ErrorReply(exc.code, str(exc)))
             return
         if self.token is not None and decoded.token != self.token:
@@ -813,7 +816,7 @@ class AgentServer:
                 log.debug("dropping %s to a closed lane", type(msg).__name__)
             return
         assert self._data is not None
-        _zmq.send_now(self._data, identity, msg, request_id, payloads)
+        sockets.send_now(self._data, identity, msg, request_id, payloads)
 
     def _client_gone(self, identity: bytes) -> None:
         """A local client closed its lane (exited, or was killed): what it asked for

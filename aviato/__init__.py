@@ -6,11 +6,9 @@ async with Sandbox.session(SandboxDefaults(container_image="python:3.11")) as se
         r = await sb.exec(["echo", "hi"])   # r.stdout == b"hi\\n"
 """
 
-from aviato._defaults import SandboxDefaults
-from aviato._function import FunctionResult, RemoteFunction, Serialization
-from aviato._sandbox import ExecStream, Sandbox, SandboxPage
-from aviato._session import Session
-from aviato._types import ExecResult, OutputChunk
+import importlib
+from typing import TYPE_CHECKING
+
 from aviato.exceptions import (
     AsyncFunctionError,
     AviatoError,
@@ -32,6 +30,42 @@ from aviato.exceptions import (
     WorkerLostError,
 )
 from aviato.protocol import PROTOCOL_VERSION, SandboxStatus
+
+if TYPE_CHECKING:
+    from aviato._defaults import SandboxDefaults
+    from aviato._function import FunctionResult, RemoteFunction, Serialization
+    from aviato._sandbox import ExecStream, Sandbox, SandboxPage
+    from aviato._session import Session
+    from aviato._types import ExecResult, OutputChunk
+
+#: The API's names -> the module of each, imported at first use: the daemons import
+#: aviato.protocol (so this file) and must not load the client (tests/test_layering.py).
+_LAZY = {
+    "SandboxDefaults": "aviato._defaults",
+    "FunctionResult": "aviato._function",
+    "RemoteFunction": "aviato._function",
+    "Serialization": "aviato._function",
+    "ExecStream": "aviato._sandbox",
+    "Sandbox": "aviato._sandbox",
+    "SandboxPage": "aviato._sandbox",
+    "Session": "aviato._session",
+    "ExecResult": "aviato._types",
+    "OutputChunk": "aviato._types",
+}
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'aviato' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once: later reads do not come here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __version__ = "0.1.0"
 

@@ -21,6 +21,16 @@ from typing import Any
 
 import cloudpickle
 
+__all__ = [
+    "OOB_MIN_BYTES",
+    "Frames",
+    "dumps",
+    "dumps_args",
+    "loads",
+    "reduce_memoryview",
+    "wrap_top",
+]
+
 #: Buffers smaller than this stay in the pickle stream: a frame costs more than a copy.
 OOB_MIN_BYTES = 64 * 1024
 

@@ -14,6 +14,20 @@ from rich.table import Table
 
 from aviato.protocol import AgentInfo, ClusterStatusReply, SandboxInfo
 
+__all__ = [
+    "AGENT_COLUMNS",
+    "SANDBOX_COLUMNS",
+    "JsonArrayWriter",
+    "PlainLines",
+    "agent_row",
+    "plain_table",
+    "print_json",
+    "print_table",
+    "sandbox_record",
+    "sandbox_row",
+    "status_record",
+]
+
 SANDBOX_COLUMNS = ("sandbox", "status", "image", "command", "agent", "tags", "exit", "reason")
 AGENT_COLUMNS = (
     "agent", "address", "runtime", "slots used", "slots free", "spares", "alive", "heartbeat"

@@ -15,6 +15,14 @@ import typing
 from collections.abc import Callable
 from typing import Any
 
+__all__ = [
+    "CodecError",
+    "Convert",
+    "brief",
+    "decoder",
+    "encode_value",
+]
+
 Convert = Callable[[Any], Any]
 
 

@@ -12,6 +12,11 @@ from aviato._auth import CurveKeys, client_keys, scheduler_public_key
 from aviato._zmq import check_endpoint
 from aviato.protocol import SandboxInfo, SandboxSpec
 
+__all__ = [
+    "SandboxDefaults",
+    "merge_spec",
+]
+
 
 @dataclass(frozen=True)
 class SandboxDefaults:

@@ -31,6 +31,18 @@ if TYPE_CHECKING:
     from aviato._pool import FunctionPool, PoolStatistics
     from aviato._session import Session
 
+__all__ = [
+    "DEFAULT_MAX_RESULT_BYTES",
+    "Call",
+    "FunctionOptions",
+    "FunctionResult",
+    "RemoteFunction",
+    "Serialization",
+    "Shipped",
+    "by_value",
+    "rebuild_error",
+]
+
 T = TypeVar("T")
 #: Results above this are refused by the worker (PayloadTooLargeError), not shipped.
 DEFAULT_MAX_RESULT_BYTES = 256 * 1024 * 1024

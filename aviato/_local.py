@@ -23,8 +23,16 @@ from pathlib import Path
 import zmq
 
 from aviato._auth import Role, client_keys, scheduler_public_key, secret_key_names
+from aviato._flags import default_slots
 from aviato.exceptions import AddressInUseError, ClusterUnavailableError
 from aviato.protocol import ClusterStatus, ClusterStatusReply, decode, encode
+
+__all__ = [
+    "LocalCluster",
+    "ensure_cluster",
+    "ensure_cluster_sync",
+    "shutdown",
+]
 
 log = logging.getLogger("aviato.local")
 
@@ -46,9 +54,7 @@ class LocalCluster:
         """``port``: the scheduler's (None: any free one). ``log_dir``: where the
         daemons' logs go and stay after ``stop()`` (None: a temporary directory,
         removed at ``stop()``)."""
-        self.slots = slots or int(
-            os.environ.get("AVIATO_LOCAL_SLOTS", max(8, 4 * (os.cpu_count() or 1)))
-        )
+        self.slots = slots or int(os.environ.get("AVIATO_LOCAL_SLOTS", default_slots()))
         self.runtime = runtime or os.environ.get("AVIATO_RUNTIME", "auto")
         self.agent_id = agent_id or f"embedded-{os.getpid()}"
         self.bind_host = bind_host

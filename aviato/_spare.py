@@ -19,6 +19,17 @@ from __future__ import annotations
 import _thread
 import os
 
+__all__ = [
+    "CGROUP",
+    "ENABLED",
+    "GRAIN",
+    "IDLE_SECONDS",
+    "MAX_BYTES",
+    "MIN_BYTES",
+    "Spare",
+    "cgroup_room",
+]
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import mmap

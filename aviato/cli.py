@@ -20,6 +20,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from aviato._cli_output import (
     AGENT_COLUMNS,
@@ -33,8 +34,8 @@ from aviato._cli_output import (
     sandbox_row,
     status_record,
 )
-from aviato._daemon import log_level
 from aviato._defaults import SandboxDefaults
+from aviato._flags import RUNTIMES, add_keys, add_log_level
 from aviato._sandbox import Sandbox, scheduler_connection
 from aviato.exceptions import AviatoError, ConfigurationError
 from aviato.protocol import AgentInfo, ClusterStatus, ClusterStatusReply, SandboxStatus
@@ -282,10 +283,10 @@ def _add_global_options(p: argparse.ArgumentParser, *, top: bool) -> None:
         "--scheduler", default=default(None), help="cluster address (default $AVIATO_SCHEDULER)"
     )
     p.add_argument("--timeout", type=float, default=default(10.0), help="request deadline, seconds")
-    p.add_argument(
-        "--keys",
-        default=default(os.environ.get("AVIATO_KEYS")),
+    add_keys(
+        p,
         help="CURVE key directory (default $AVIATO_KEYS); `aviato up` serves only its keys",
+        **({} if top else {"default": argparse.SUPPRESS}),
     )
     p.add_argument(
         "--client-key",
@@ -324,15 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--slots", type=int, help="sandboxes at once (max(8, 4 x cores))")
     up.add_argument(
         "--runtime",
-        choices=("docker", "local", "auto"),
+        choices=RUNTIMES,
         help="sandbox runtime (default $AVIATO_RUNTIME, else auto: Docker if it answers)",
     )
-    up.add_argument(
-        "--log-level",
-        type=log_level,
-        default=os.environ.get("AVIATO_LOG_LEVEL", "INFO"),
-        help="the daemons' log level (INFO)",
-    )
+    add_log_level(up, help="the daemons' log level (default $AVIATO_LOG_LEVEL, else INFO)")
     keys = sub.add_parser("keys", help="generate a cluster's CURVE keys in DIR")
     keys.add_argument("dir")
     keys.add_argument("--agents", type=int, default=1, help="agent keypairs (agent-1...)")
@@ -384,9 +380,10 @@ def _command_word(argv: Sequence[str]) -> int | None:
     return None
 
 
-def _run_daemon(name: str, before: list[str], rest: list[str]) -> None:
-    """``aviato [options] scheduler|agent ARGS``: the daemon owns ARGS. Options given
-    before the word that mean something to it are handed on; others are an error."""
+def _run_daemon(name: str, before: list[str], rest: list[str]) -> NoReturn:
+    """``aviato [options] scheduler|agent ARGS``: this process becomes ``python -m NAME``
+    (the client imports no daemon), which owns ARGS. Options given before the word that
+    mean something to it are handed on; others are an error."""
     given = argparse.ArgumentParser(prog="aviato", add_help=False)
     for option in _GLOBAL_VALUE_OPTIONS:
         given.add_argument(option)
@@ -407,18 +404,16 @@ def _run_daemon(name: str, before: list[str], rest: list[str]) -> None:
                 f"{option} is for client commands (status, ps, exec, ...), not `aviato {name}`"
             )
     forwarded = [arg for option, value in passed.items() if value for arg in (option, value)]
-    if name == "scheduler":
-        from scheduler.__main__ import main as daemon_main
-    else:
-        from agent.__main__ import main as daemon_main
-    daemon_main([*forwarded, *rest])  # after ours, its own flags win
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # After ours, its own flags win. Same process id: signals and exit status are its.
+    os.execv(sys.executable, [sys.executable, "-m", name, *forwarded, *rest])
 
 
 def _run(argv: list[str]) -> int:
     word = _command_word(argv)
     if word is not None and argv[word] in ("scheduler", "agent"):
         _run_daemon(argv[word], argv[:word], argv[word + 1 :])
-        return 0
     args = build_parser().parse_args(argv)
     if args.cmd == "up":
         return _up(args)

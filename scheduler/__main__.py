@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
 
 import uvloop
 
-from aviato._auth import scheduler_keys
-from aviato._daemon import (
+from aviato._flags import add_keys, add_log_level, add_token, endpoint
+from aviato._server.auth import scheduler_keys
+from aviato._server.daemon import (
     daemon_setup,
-    endpoint,
     exit_on_one_line_failure,
     exit_with_parent,
-    log_level,
+    log_to_stderr,
 )
 from aviato.exceptions import UnauthorizedError
 from scheduler.records import Config
@@ -44,14 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.5,
         help="seconds between agent heartbeats (told to each agent)",
     )
-    p.add_argument(
-        "--token",
-        default=os.environ.get("AVIATO_TOKEN"),
-        help="shared secret every request must carry (default $AVIATO_TOKEN)",
-    )
-    p.add_argument(
-        "--keys",
-        default=os.environ.get("AVIATO_KEYS"),
+    add_token(p)
+    add_keys(
+        p,
         help="CURVE key directory from `aviato keys` (default $AVIATO_KEYS): serve only the "
         "agent and client keys found there",
     )
@@ -77,9 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "failing at once with 'no agents registered'",
     )
     p.add_argument("--ready-file", help="write the bound address here once listening")
-    p.add_argument(
-        "--log-level", type=log_level, default=os.environ.get("AVIATO_LOG_LEVEL", "INFO")
-    )
+    add_log_level(p)
     return p
 
 
@@ -123,9 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     daemon_setup()
     tune_gc()
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
+    log_to_stderr(args.log_level)
     try:
         uvloop.run(run(args))
     except BaseException as exc:

@@ -13,17 +13,11 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from aviato import _zmq
-from aviato._auth import (
-    LogThrottle,
-    Role,
-    ServerKeys,
-    ZapHandler,
-    log_refused_handshakes,
-    request_refusal,
-)
-from aviato._daemon import warn_if_open
-from aviato._errors import error_reply
+from aviato._server import sockets
+from aviato._server.auth import ServerKeys, ZapHandler, log_refused_handshakes, request_refusal
+from aviato._server.daemon import warn_if_open
+from aviato._server.errors import error_reply
+from aviato._server.throttle import LogThrottle, more
 from aviato.protocol import (
     AgentHeartbeat,
     AgentSpares,
@@ -151,7 +145,7 @@ class SchedulerServer:
         self.token = token
         #: CURVE: admit only these agent and client keys, each to its own messages.
         self.keys = keys
-        self._agent_keys = keys.public_keys(Role.AGENT) if keys is not None else {}
+        self._agent_keys = keys.agent_public_keys() if keys is not None else {}
         self._refusals = LogThrottle()
         self.clock = clock
         self.address: str | None = None
@@ -194,7 +188,7 @@ class SchedulerServer:
     async def serve(self) -> None:
         ctx = zmq.asyncio.Context()
         zap = ZapHandler(ctx, self.keys, "scheduler") if self.keys is not None else None
-        sock, self.address = _zmq.router(ctx, self.bind, self.keys)
+        sock, self.address = sockets.router(ctx, self.bind, self.keys)
         self._sock = sock
         self._raw = zmq.Socket.shadow(sock.underlying)
         log.info("scheduler listening on %s", self.address)
@@ -249,7 +243,7 @@ class SchedulerServer:
             decoded = _plain_heartbeat(env) or decode_body(env, frames[1:])
         except DecodeError as exc:
             assert self._sock is not None
-            await _zmq.reply_decode_error(self._sock, identity, exc, "scheduler")
+            await sockets.reply_decode_error(self._sock, identity, exc, "scheduler")
             return
         if self.keys is not None and not await self._authorized(frames[0], decoded):
             return
@@ -316,13 +310,16 @@ class SchedulerServer:
             return True
         held = self._refusals.admit(f"{peer} {refusal}")
         if held is not None:
-            more = f" ({held} more like it held back)" if held else ""
             log.warning(
-                "scheduler: refused %s from %s: %s%s", peer, _peer_address(first), refusal, more
+                "scheduler: refused %s from %s: %s%s",
+                peer,
+                _peer_address(first),
+                refusal,
+                more(held),
             )
         assert self._sock is not None
         reply = ErrorReply(ErrorCode.UNAUTHORIZED, refusal)
-        await _zmq.send_to(self._sock, first.bytes, reply, decoded.request_id)
+        await sockets.send_to(self._sock, first.bytes, reply, decoded.request_id)
         return False
 
     async def _tick_loop(self) -> None:

@@ -22,18 +22,12 @@ from zmq.auth.certs import create_certificates, load_certificate
 from zmq.utils import z85
 
 from aviato import Sandbox, SandboxDefaults, UnauthorizedError, _connection
-from aviato._auth import (
-    CurveKeys,
-    LogThrottle,
-    Role,
-    handshake_refusal,
-    request_refusal,
-    role_allows,
-    zap_verdict,
-)
+from aviato._auth import CurveKeys, Role, handshake_refusal
 from aviato._connection import Connection
-from aviato._daemon import warn_if_open
 from aviato._local import LocalCluster
+from aviato._server.auth import request_refusal, role_allows, zap_verdict
+from aviato._server.daemon import warn_if_open
+from aviato._server.throttle import LogThrottle
 from aviato.exceptions import ClusterUnavailableError
 from aviato.protocol import (
     AgentHeartbeat,
@@ -117,6 +111,27 @@ def test_log_throttle_holds_back_a_reconnecting_peer() -> None:
     assert throttle.admit("b") == 0  # another peer or reason is its own line
     now[0] += 10
     assert throttle.admit("a") == 5
+
+
+def test_log_throttle_lets_a_burst_through_then_counts_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The daemons' one throttle, as their bad-message warnings use it: ``burst`` lines
+    a window, then the next window's first line says how many were held back."""
+    now = [0.0]
+    throttle = LogThrottle(seconds=10, burst=3, clock=lambda: now[0])
+    log = logging.getLogger("test.throttle")
+    with caplog.at_level(logging.WARNING, "test.throttle"):
+        for i in range(10):
+            throttle.warning(log, "junk %d", i)
+        now[0] += 10
+        throttle.warning(log, "junk %d", 10)
+    assert [r.getMessage() for r in caplog.records] == [
+        "junk 0",
+        "junk 1",
+        "junk 2",
+        "junk 10 (7 more like it held back)",
+    ]
 
 
 def test_open_daemon_warns_unless_it_has_keys(caplog: pytest.LogCaptureFixture) -> None:

@@ -227,7 +227,7 @@ def test_the_daemons_really_cannot_unpickle() -> None:
         "from pickle import loads as early_loads\n"
         "from _pickle import Unpickler as EarlyUnpickler\n"
         "from pickle import _Unpickler as EarlyPure\n"
-        "from aviato._daemon import daemon_setup\n"
+        "from aviato._server.daemon import daemon_setup\n"
         "daemon_setup()\n"
         f"b, g = {data!r}, {with_global!r}\n"
         f"for name, expr in {doors!r}.items():\n"

@@ -30,10 +30,10 @@ from aviato import (
 )
 from aviato._cli_output import plain_table, print_table
 from aviato._connection import Connection
-from aviato._daemon import log_level
+from aviato._flags import log_level
 from aviato._zmq import check_endpoint
 from aviato.cli import UP_PORT, build_parser, exit_status
-from tests.conftest import IMAGE, ROOT, Cluster
+from tests.conftest import IMAGE, ROOT, Cluster, wait_until
 
 #: Generous: the promise is about 2 s; this only catches the old 10 s and 30 s waits.
 FAST = 6.0
@@ -199,6 +199,37 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_aviato_scheduler_becomes_the_daemon_process(tmp_path: Path) -> None:
+    """`aviato scheduler ARGS` runs `python -m scheduler ARGS` in its own process (the
+    client imports no daemon): it serves, and a SIGTERM to it stops the daemon."""
+    ready = tmp_path / "addr"
+    keys = tmp_path / "keys"
+    assert _aviato("keys", str(keys)).returncode == 0
+    daemon_args = ["--bind", "tcp://127.0.0.1:0", "--ready-file", str(ready)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aviato.cli", "--keys", str(keys), "scheduler", *daemon_args],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=_env(),
+    )
+    try:
+        wait_until(ready.exists, 60, what="the scheduler to listen")
+        argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        assert argv[1:3] == [b"-m", b"scheduler"], argv
+        assert b"--keys" in argv  # handed on from before the word
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert b"aviato scheduler listening on tcp://127.0.0.1:" in err
+        assert b"CURVE authentication on" in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 async def test_a_scheduler_that_answered_once_is_waited_for(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""aviato/_daemon.py: what both daemons share at start and at exit."""
+"""aviato/_server/daemon.py: what both daemons share at start and at exit."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 def test_a_stuck_shutdown_still_exits_with_its_stacks_logged() -> None:
     code = (
         "import logging, time\n"
-        "from aviato._daemon import exit_watchdog\n"
+        "from aviato._server.daemon import exit_watchdog\n"
         "logging.basicConfig()\n"
         "exit_watchdog(0.5, 'agent x')\n"
         "time.sleep(60)  # stuck\n"

@@ -27,8 +27,8 @@ import zmq.asyncio
 from hypothesis import HealthCheck, assume, given, seed, settings
 from hypothesis import strategies as st
 
-from aviato import _zmq
 from aviato._lane import MAX_FRAMES, local_path
+from aviato._server import sockets
 from aviato.protocol import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -450,7 +450,7 @@ async def test_replies_to_a_peer_that_never_reads_are_dropped_not_waited_for() -
     over 100k unread replies (SNDHWM), so this drives the daemons' own send path on a
     ROUTER made as theirs are, with a small queue and 64 KiB replies."""
     ctx = zmq.asyncio.Context()
-    router, _ = _zmq.router(ctx, "tcp://127.0.0.1:*")
+    router, _ = sockets.router(ctx, "tcp://127.0.0.1:*")
     reader = ctx.socket(zmq.DEALER)
     for option, value in ((zmq.LINGER, 0), (zmq.RCVHWM, 1), (zmq.RCVBUF, 4096)):
         reader.setsockopt(option, value)
@@ -465,7 +465,7 @@ async def test_replies_to_a_peer_that_never_reads_are_dropped_not_waited_for() -
         blob = b"x" * (64 * 1024)
         async with asyncio.timeout(10):  # it hung here
             sent = [
-                await _zmq.send_to(router, identity, Pong(server="t"), i, (blob,))
+                await sockets.send_to(router, identity, Pong(server="t"), i, (blob,))
                 for i in range(1000)
             ]
         # The first went out; past the queue and the kernel's buffers the rest dropped.

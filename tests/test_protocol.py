@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aviato import exceptions as exc
-from aviato._errors import error_reply, to_exception
+from aviato._errors import to_exception
+from aviato._server.errors import error_reply
 from aviato.protocol import (
     MESSAGE_TYPES,
     PROTOCOL_VERSION,

@@ -1,8 +1,8 @@
-"""Bits shared by the two daemons' entry points."""
+"""Bits shared by the two daemons' entry points: start-up, exit, and what they log
+about themselves (their command-line flags: aviato/_flags.py)."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import faulthandler
 import logging
@@ -12,36 +12,19 @@ import sys
 import threading
 from collections.abc import Callable
 
-from aviato._zmq import check_endpoint
-from aviato.exceptions import AddressInUseError, AgentIdInUseError, ConfigurationError
+from aviato.exceptions import AddressInUseError, AgentIdInUseError
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
-
-def log_level(value: str) -> str:
-    """A ``--log-level`` value (any case) as logging's name; for argparse's ``type=``,
-    which also applies it to a default read from $AVIATO_LOG_LEVEL."""
-    name = value.strip().upper()
-    if name == "WARN":
-        name = "WARNING"
-    if name not in LOG_LEVELS:
-        raise argparse.ArgumentTypeError(
-            f"unknown log level {value!r}: use one of {', '.join(LOG_LEVELS)} (any case)"
-        )
-    return name
-
-
-def endpoint(*, bind: bool) -> Callable[[str], str]:
-    """argparse ``type=`` for an address flag: tcp://HOST:PORT, checked where the
-    client's addresses are (aviato._zmq.check_endpoint)."""
-
-    def parse(value: str) -> str:
-        try:
-            return check_endpoint(value, what="address", bind=bind)
-        except ConfigurationError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-
-    return parse
+__all__ = [
+    "ONE_LINE_FAILURES",
+    "daemon_setup",
+    "exit_on_one_line_failure",
+    "exit_watchdog",
+    "exit_with_parent",
+    "forbid_unpickling",
+    "log_to_stderr",
+    "one_line_failure",
+    "warn_if_open",
+]
 
 
 #: Failures a daemon reports in one line (no traceback): the user's to fix, not a bug.
@@ -133,6 +116,13 @@ def daemon_setup() -> None:
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     if os.environ.get("AVIATO_FORBID_UNPICKLE") == "1":
         forbid_unpickling()
+
+
+def log_to_stderr(level: str) -> None:
+    """A daemon's log: every record at ``level`` or above, timed, on stderr."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
 
 
 def exit_watchdog(grace: float, what: str) -> None:

@@ -1,0 +1,78 @@
+"""Command-line flags that ``aviato`` and the daemons (``python -m scheduler``,
+``python -m agent``) spell alike: each is defined here once, with its type and the
+environment variable it defaults to."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from typing import Any
+
+from aviato._zmq import check_endpoint
+from aviato.exceptions import ConfigurationError
+
+__all__ = [
+    "LOG_LEVELS",
+    "RUNTIMES",
+    "add_keys",
+    "add_log_level",
+    "add_token",
+    "default_slots",
+    "endpoint",
+    "log_level",
+]
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: The agent's sandbox runtimes (auto: Docker if it answers, else local).
+RUNTIMES = ("docker", "local", "auto")
+
+
+def log_level(value: str) -> str:
+    """A ``--log-level`` value (any case) as logging's name; for argparse's ``type=``,
+    which also applies it to a default read from $AVIATO_LOG_LEVEL."""
+    name = value.strip().upper()
+    if name == "WARN":
+        name = "WARNING"
+    if name not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"unknown log level {value!r}: use one of {', '.join(LOG_LEVELS)} (any case)"
+        )
+    return name
+
+
+def endpoint(*, bind: bool) -> Callable[[str], str]:
+    """argparse ``type=`` for an address flag: tcp://HOST:PORT, checked where the
+    client's addresses are (aviato._zmq.check_endpoint)."""
+
+    def parse(value: str) -> str:
+        try:
+            return check_endpoint(value, what="address", bind=bind)
+        except ConfigurationError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
+
+
+def default_slots() -> int:
+    """Sandboxes an agent runs at once unless told: max(8, 4 x cores)."""
+    return max(8, 4 * (os.cpu_count() or 1))
+
+
+def add_log_level(p: argparse.ArgumentParser, **kwargs: Any) -> None:
+    """``--log-level`` (default $AVIATO_LOG_LEVEL, else INFO)."""
+    kwargs.setdefault("default", os.environ.get("AVIATO_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-level", type=log_level, **kwargs)
+
+
+def add_keys(p: argparse.ArgumentParser, **kwargs: Any) -> None:
+    """``--keys DIR``: the cluster's CURVE key directory (default $AVIATO_KEYS)."""
+    kwargs.setdefault("default", os.environ.get("AVIATO_KEYS"))
+    p.add_argument("--keys", **kwargs)
+
+
+def add_token(p: argparse.ArgumentParser, **kwargs: Any) -> None:
+    """``--token``: the shared secret every request carries (default $AVIATO_TOKEN)."""
+    kwargs.setdefault("default", os.environ.get("AVIATO_TOKEN"))
+    kwargs.setdefault("help", "shared secret every request must carry (default $AVIATO_TOKEN)")
+    p.add_argument("--token", **kwargs)
