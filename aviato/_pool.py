@@ -166,7 +166,8 @@ class FunctionPool:
         self.closed = False
         self._pump_scheduled = False
         self._sizing = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Its tasks (worker starts and watches, sizing, stops): also its session's.
+        self._tasks = session._tasks.child(f"function pool {options.container_image}")
         self._started_total = 0
         self._lost_total = 0
         self._retried_total = 0
@@ -214,16 +215,17 @@ class FunctionPool:
             asyncio.get_running_loop().call_soon(self._pump)
 
     def _task(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        self._tasks.spawn(coro, on_error=self._task_failed)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        """The pool's tasks handle their own errors; one that escapes is logged here,
-        not left for asyncio to report at garbage collection."""
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("function pool task failed", exc_info=task.exception())
+    def _task_failed(self, exc: BaseException) -> None:
+        """The pool's tasks handle their own errors; one that escapes (a bug) fails the
+        queued calls, which no task may now be about to serve, and is raised again when
+        the session closes."""
+        log.error("function pool task failed", exc_info=exc)
+        error = exc if isinstance(exc, Exception) else SandboxError(repr(exc))
+        while self.queue:
+            self._settle(self.queue.popleft(), error)
+        raise exc
 
     # ------------------------------------------------------------------ dispatch
 
@@ -530,7 +532,7 @@ class FunctionPool:
     async def _size(self) -> None:
         """Default pool bound: what the cluster's free slots allow, at least one."""
         try:
-            conn = await scheduler_connection(self.session.defaults)
+            conn = await scheduler_connection(self.session.defaults, self.session._connections)
             reply = await conn.request(
                 ClusterStatus(), timeout=self.session.defaults.request_timeout_seconds
             )
@@ -573,7 +575,7 @@ class FunctionPool:
         if self.closed:
             await self._stop_quietly(sandbox)
             return
-        conn = agent_connection(info, self.session.defaults)
+        conn = agent_connection(info, self.session.defaults, self.session._connections)
         worker = WorkerHandle(sandbox, conn)
         self._started_total += 1
         self.workers.append(worker)
@@ -618,9 +620,7 @@ class FunctionPool:
         error = SandboxError("the session closed before this call ran")
         while self.queue:
             self._settle(self.queue.popleft(), error)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.close()
         workers = list(self.workers)
         for worker in workers:
             for call in self._drop(worker, stop=False):

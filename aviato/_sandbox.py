@@ -8,13 +8,21 @@ import contextlib
 import dataclasses
 import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from aviato import _local
-from aviato._connection import FIRST_CONTACT_SECONDS, Channel, agent_connection, connection
+from aviato._connection import (
+    FIRST_CONTACT_SECONDS,
+    Channel,
+    Connections,
+    agent_connection,
+    default_connections,
+)
 from aviato._defaults import SandboxDefaults, merge_spec
+from aviato._tasks import TaskGroup
 from aviato._types import ExecResult, OutputChunk
 from aviato.exceptions import (
     AviatoError,
@@ -94,13 +102,17 @@ _WAIT_POLL_SECONDS = 5.0  # short: a poll lost in a scheduler restart is re-sent
 _EXEC_NO_TIMEOUT_SECONDS = 24 * 3600.0
 
 
-async def scheduler_connection(defaults: SandboxDefaults) -> Channel:
+async def scheduler_connection(
+    defaults: SandboxDefaults, conns: Connections | None = None
+) -> Channel:
+    """The channel to the scheduler, of ``conns`` (by default the loop's default owner)."""
+    conns = conns or default_connections()
     address = defaults.scheduler_address()
     if address is None:
         # The embedded cluster is private to this process and never uses keys.
-        return connection(await _local.ensure_cluster(), defaults.cluster_token())
+        return conns.get(await _local.ensure_cluster(), defaults.cluster_token())
     # Nothing listening at a configured address fails in seconds, not at the deadline.
-    return connection(
+    return conns.get(
         address,
         defaults.cluster_token(),
         defaults.scheduler_curve(),
@@ -333,6 +345,22 @@ class Sandbox:
         state = self._info.status.value if self._info else "not started"
         return f"<Sandbox {self.sandbox_id or '-'} {self._spec.image} {state}>"
 
+    # ------------------------------------------------------------------ owner
+
+    def _connections(self) -> Connections:
+        """Its session's channels; outside a session (or once it closed), those of the
+        loop's default owner."""
+        session = self._session
+        if session is not None and not session._connections.closed:
+            return session._connections
+        return default_connections()
+
+    def _tasks(self) -> TaskGroup:
+        session = self._session
+        if session is not None:
+            return session._tasks
+        return default_tasks()
+
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> str:
@@ -342,11 +370,10 @@ class Sandbox:
         if self._starting is None:
             if self._session is not None:
                 self._session._check_open()
-            self._starting = asyncio.ensure_future(self._start())
             # Shielded: a caller that gives up (cancelled, or a failed sibling in a
             # TaskGroup) leaves the create running, and its failure, if any, to no one;
-            # those still awaiting get it raised, so asyncio need not warn of it.
-            self._starting.add_done_callback(_mark_retrieved)
+            # those still awaiting get it raised.
+            self._starting = self._tasks().spawn(self._start(), on_error=_raised_to_awaiters)
         starting = self._starting
         try:
             return await asyncio.shield(starting)
@@ -361,7 +388,7 @@ class Sandbox:
     async def _start(self) -> str:
         if self._session is not None:
             await self._session._ensure_open()
-        conn = await scheduler_connection(self._defaults)
+        conn = await scheduler_connection(self._defaults, self._connections())
         wait = self._defaults.start_timeout_seconds
         # Our own id: a create we give up on may still arrive (queued in the socket
         # across an outage); the stop sent after it, in order, then cancels it.
@@ -401,7 +428,7 @@ class Sandbox:
                 self._starting.cancel()
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await self._starting
-                conn = await scheduler_connection(self._defaults)
+                conn = await scheduler_connection(self._defaults, self._connections())
                 with contextlib.suppress(SandboxNotFoundError):
                     await conn.request(
                         StopSandbox(self._pending_id, "stopped while starting"),
@@ -415,7 +442,7 @@ class Sandbox:
         if self._info is None or self._stopped_by_us:
             return
         self._stopped_by_us = True
-        conn = await scheduler_connection(self._defaults)
+        conn = await scheduler_connection(self._defaults, self._connections())
         reply = await conn.request(
             StopSandbox(self._info.sandbox_id), timeout=self._defaults.request_timeout_seconds
         )
@@ -429,7 +456,7 @@ class Sandbox:
 
     async def _refresh(self) -> SandboxInfo:
         info = self._require_started()
-        conn = await scheduler_connection(self._defaults)
+        conn = await scheduler_connection(self._defaults, self._connections())
         reply = await conn.request(
             GetSandbox(info.sandbox_id), timeout=self._defaults.request_timeout_seconds
         )
@@ -446,7 +473,7 @@ class Sandbox:
         restart (until its agent reports the sandbox again); after ``OUTAGE_SECONDS``
         of no scheduler it raises ``ClusterUnavailableError``."""
         info = self._require_started()
-        conn = await scheduler_connection(self._defaults)
+        conn = await scheduler_connection(self._defaults, self._connections())
         deadline = None if timeout is None else time.monotonic() + timeout
         outage_since: float | None = None
         while not info.status.is_terminal:
@@ -515,7 +542,7 @@ class Sandbox:
             raise SandboxNotRunningError(
                 f"sandbox {info.sandbox_id} was stopped", sandbox_id=info.sandbox_id
             )
-        return info, agent_connection(info, self._defaults)
+        return info, agent_connection(info, self._defaults, self._connections())
 
     def _exec_deadline(self, timeout_seconds: float | None) -> float:
         slack = self._defaults.request_timeout_seconds
@@ -657,7 +684,7 @@ class Sandbox:
         info = self._require_started()
         if info.agent_address is None:
             return []
-        conn = agent_connection(info, self._defaults)
+        conn = agent_connection(info, self._defaults, self._connections())
         reply = await conn.request(
             GetLogs(info.sandbox_id), timeout=self._defaults.request_timeout_seconds
         )
@@ -730,13 +757,28 @@ class ExecStream:
         return self._result()
 
 
+_default_tasks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TaskGroup] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def default_tasks() -> TaskGroup:
+    """The running loop's owner of tasks started outside any session (a sandbox's
+    start); they end with their loop."""
+    loop = asyncio.get_running_loop()
+    group = _default_tasks.get(loop)
+    if group is None:
+        group = _default_tasks[loop] = TaskGroup("tasks outside a session")
+    return group
+
+
 def _new_id() -> str:
     return "sb-" + uuid.uuid4().hex[:16]
 
 
-def _mark_retrieved(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
+def _raised_to_awaiters(exc: BaseException) -> None:
+    """A start's failure is raised to those awaiting ``start()`` (if none still are,
+    no one asked for it any more)."""
 
 
 def _stdin_payloads(
