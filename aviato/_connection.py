@@ -521,13 +521,14 @@ class LaneConnection(Channel):
         self._lane.close()
 
 
-_Key = tuple[str, str | None, CurveKeys | None]
+_Key = tuple[str, str | None, CurveKeys | None, str]
 
 
 class Connections:
     """The channels of one owner: a session's (closed when it closes), or the running
     loop's default owner's (:func:`default_connections`), for sandboxes made outside
-    any session. One channel per (address, token, keys), shared by concurrent requests.
+    any session. One channel per (address, token, keys, lane), shared by concurrent
+    requests.
 
     Owned, not one process-wide cache: closing a session once closed every channel of
     its loop, and another session on the loop lost its requests in flight and its
@@ -565,7 +566,7 @@ class Connections:
                 )
             self._loop = loop
             _open.setdefault(loop, set()).add(self)
-        key = (address, token, curve)
+        key = (address, token, curve, lane)  # (lane: "" when it is not to be used)
         conn = self._channels.get(key)
         if conn is None or conn.closed:
             conn = _lane_connection(address, lane, token) or Connection(

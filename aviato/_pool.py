@@ -30,6 +30,7 @@ from aviato._function import (
     rebuild_error,
 )
 from aviato._sandbox import Sandbox, scheduler_connection
+from aviato._tasks import TaskGroup
 from aviato.exceptions import (
     AviatoError,
     ClusterUnavailableError,
@@ -167,7 +168,7 @@ class FunctionPool:
         self._pump_scheduled = False
         self._sizing = False
         #: Its tasks (worker starts and watches, sizing, stops): also its session's.
-        self._tasks = session._tasks.child(f"function pool {options.container_image}")
+        self._tasks: TaskGroup | None = None
         self._started_total = 0
         self._lost_total = 0
         self._retried_total = 0
@@ -215,6 +216,8 @@ class FunctionPool:
             asyncio.get_running_loop().call_soon(self._pump)
 
     def _task(self, coro: Any) -> None:
+        if self._tasks is None:
+            self._tasks = self.session._tasks.child("a function pool")
         self._tasks.spawn(coro, on_error=self._task_failed)
 
     def _task_failed(self, exc: BaseException) -> None:
@@ -620,7 +623,8 @@ class FunctionPool:
         error = SandboxError("the session closed before this call ran")
         while self.queue:
             self._settle(self.queue.popleft(), error)
-        await self._tasks.close()
+        if self._tasks is not None:
+            await self._tasks.close()
         workers = list(self.workers)
         for worker in workers:
             for call in self._drop(worker, stop=False):
