@@ -29,6 +29,7 @@ from aviato._function import (
     RemoteFunction,
     rebuild_error,
 )
+from aviato._options import SandboxOptions
 from aviato._sandbox import Sandbox, scheduler_connection
 from aviato._tasks import TaskGroup
 from aviato.exceptions import (
@@ -548,21 +549,19 @@ class FunctionPool:
         self._schedule_pump()
 
     def _worker_sandbox(self) -> Sandbox:
-        opts = self.options
+        # The agent replaces command and args with its worker's; it owns that path.
+        worker = SandboxOptions(command="python", env={"AVIATO_CLIENT_PYTHON": client_python()})
         return Sandbox(
-            # The agent replaces command and args with its worker's; it owns that path.
-            command="python",
-            container_image=opts.container_image,
-            env={**dict(opts.env), "AVIATO_CLIENT_PYTHON": client_python()},
-            memory_bytes=opts.memory_bytes,
-            cpus=opts.cpus,
-            network=opts.network,
-            _session=self.session,
-            _function_worker=True,
+            _merged=worker.over(self.options.sandbox), _session=self.session, _function_worker=True
         )
 
     async def _start_worker(self) -> None:
-        sandbox = self._worker_sandbox()
+        try:
+            sandbox = self._worker_sandbox()
+        except AviatoError as exc:  # options the scheduler would refuse
+            self.starting -= 1
+            self._start_failed(exc)
+            return
         try:
             await sandbox.start()
             info = sandbox.info

@@ -21,7 +21,8 @@ from aviato._connection import (
     agent_connection,
     default_connections,
 )
-from aviato._defaults import SandboxDefaults, merge_spec
+from aviato._defaults import SandboxDefaults
+from aviato._options import SandboxOptions, as_args
 from aviato._tasks import TaskGroup
 from aviato._types import ExecResult, OutputChunk
 from aviato.exceptions import (
@@ -143,22 +144,29 @@ class Sandbox:
         defaults: SandboxDefaults | None = None,
         _session: Session | None = None,
         _function_worker: bool = False,
+        _merged: SandboxOptions | None = None,
     ) -> None:
+        """``_merged``: options merged over the defaults already (a function worker's),
+        used instead of the arguments."""
         self._defaults = defaults or (_session.defaults if _session else SandboxDefaults())
         self._session = _session
-        self._spec: SandboxSpec = merge_spec(
-            self._defaults,
+        if _merged is None:
+            mine = SandboxOptions(
+                image=container_image,
+                command=command,
+                args=as_args(args),
+                env=dict(env or {}),
+                tags=tuple(tags or ()),
+                max_lifetime_seconds=max_lifetime_seconds,
+                memory_bytes=memory_bytes,
+                cpus=cpus,
+                network=network,
+                working_dir=working_dir,
+            )
+            _merged = mine.over(self._defaults.options())
+        self._spec: SandboxSpec = SandboxSpec.of(
+            _merged,
             session_id=_session.session_id if _session else None,
-            command=command,
-            args=args,
-            container_image=container_image,
-            tags=tags,
-            env=env,
-            max_lifetime_seconds=max_lifetime_seconds,
-            memory_bytes=memory_bytes,
-            cpus=cpus,
-            network=network,
-            working_dir=working_dir,
             function_worker=_function_worker,
         )
         self._info: SandboxInfo | None = None

@@ -22,6 +22,7 @@ from aviato._function import (
     RemoteFunction,
     Serialization,
 )
+from aviato._options import SandboxOptions
 from aviato._pool import FunctionPool
 from aviato._sandbox import Sandbox, scheduler_connection
 from aviato._tasks import TaskGroup
@@ -113,12 +114,15 @@ class Session:
         self._check_open()
         if retries < 0:
             raise ValueError("retries must be >= 0")
+        mine = SandboxOptions(
+            image=container_image,
+            env=dict(env or {}),
+            memory_bytes=memory_bytes,
+            cpus=cpus,
+            network=network,
+        )
         options = FunctionOptions(
-            container_image=container_image or self.defaults.container_image,
-            env=tuple(sorted({**self.defaults.env, **(env or {})}.items())),
-            memory_bytes=memory_bytes if memory_bytes is not None else self.defaults.memory_bytes,
-            cpus=cpus if cpus is not None else self.defaults.cpus,
-            network=network if network is not None else self.defaults.network,
+            sandbox=mine.over(self.defaults.options()),
             serialization=Serialization(serialization),
             retries=retries,
             retry_on=tuple(retry_on),
