@@ -16,11 +16,11 @@ from tests.conftest import ROOT, Cluster
 SCRIPT = """
 import asyncio, os, sys
 from aviato import Sandbox, SandboxDefaults
-from aviato._connection import Connection
-from aviato.protocol import Decoded, ErrorCode, ErrorReply, Ping
 d = SandboxDefaults(scheduler=sys.argv[1])
 async def main():
     await Sandbox.list(defaults=d)
+    if sys.argv[2] == "session":  # a session's own connections, left open (never closed)
+        await Sandbox.session(d).__aenter__()
 asyncio.run(main())  # the first: imports, the ZeroMQ context
 before = len(os.listdir("/proc/self/fd"))
 for _ in range(30):
@@ -29,12 +29,14 @@ print(len(os.listdir("/proc/self/fd")) - before)
 """
 
 
-def test_connections_of_ended_loops_are_closed(cluster: Cluster) -> None:
+@pytest.mark.parametrize("owner", ["default", "session"])
+def test_connections_of_ended_loops_are_closed(cluster: Cluster, owner: str) -> None:
     """Each asyncio.run that talked to the cluster left its sockets open (4 descriptors
     a loop): a long-lived process, or a long test run, ran out of ZeroMQ sockets and
-    every new connection then found "nothing answers"."""
+    every new connection then found "nothing answers". The same for a session's own
+    connections when it was never closed."""
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, cluster.address],
+        [sys.executable, "-c", SCRIPT, cluster.address, owner],
         capture_output=True,
         text=True,
         timeout=120,
