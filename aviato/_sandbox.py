@@ -8,7 +8,6 @@ import contextlib
 import dataclasses
 import time
 import uuid
-import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -23,7 +22,7 @@ from aviato._connection import (
 )
 from aviato._defaults import SandboxDefaults
 from aviato._options import SandboxOptions, as_args
-from aviato._tasks import TaskGroup
+from aviato._tasks import TaskGroup, default_tasks
 from aviato._types import ExecResult, OutputChunk
 from aviato.exceptions import (
     AviatoError,
@@ -763,21 +762,6 @@ class ExecStream:
         async for _ in self:
             pass
         return self._result()
-
-
-_default_tasks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TaskGroup] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def default_tasks() -> TaskGroup:
-    """The running loop's owner of tasks started outside any session (a sandbox's
-    start); they end with their loop."""
-    loop = asyncio.get_running_loop()
-    group = _default_tasks.get(loop)
-    if group is None:
-        group = _default_tasks[loop] = TaskGroup("tasks outside a session")
-    return group
 
 
 def _new_id() -> str:

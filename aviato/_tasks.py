@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["TaskGroup"]
+__all__ = ["TaskGroup", "default_tasks"]
 
 log = logging.getLogger("aviato.tasks")
 T = TypeVar("T")
@@ -107,3 +108,18 @@ class TaskGroup:
         if len(failures) == 1:
             raise failures[0]
         raise BaseExceptionGroup(f"{self.name}: {len(failures)} tasks failed", failures)
+
+
+_default: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, TaskGroup] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def default_tasks() -> TaskGroup:
+    """The running loop's owner of tasks started outside any session (a sandbox's
+    start); they end with their loop."""
+    loop = asyncio.get_running_loop()
+    group = _default.get(loop)
+    if group is None:
+        group = _default[loop] = TaskGroup("tasks outside a session")
+    return group
