@@ -3,14 +3,17 @@ by id. :class:`Connection` is a ZeroMQ DEALER with a reader task; :class:`LaneCo
 is an agent's local lane, a Unix socket for a client on the agent's host (see
 aviato/_lane.py). Both are a :class:`Channel`.
 
-Channels belong to one event loop; :func:`connection` hands out one per
-(loop, address) so concurrent requests share a socket and a reader.
+Channels belong to one event loop and to one owner, a :class:`Connections`: a
+session's (closed with it), or the loop's default one for sandboxes made outside any
+session. It hands out one channel per address, so that concurrent requests share a
+socket and a reader.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import socket
@@ -26,6 +29,7 @@ from aviato import _zmq
 from aviato._auth import CurveKeys, handshake_refusal
 from aviato._errors import to_exception
 from aviato._lane import FramedSocket, connect_unix, local_path
+from aviato._tasks import TaskGroup
 from aviato.exceptions import (
     AviatoError,
     ClusterUnavailableError,
@@ -158,6 +162,12 @@ class Channel:
         for request_id, handler in list(self._waiting.items()):
             handler(Decoded(reply, request_id))
 
+    def _fail_one(self, request_id: int, why: str) -> None:
+        """A request whose frames never left: its handler hears so as a reply."""
+        handler = self._waiting.get(request_id)
+        if handler is not None:
+            handler(Decoded(ErrorReply(ErrorCode.UNAVAILABLE, why), request_id))
+
     def _no_answer(self, what: str) -> Exception:
         if self.refused:
             return UnauthorizedError(self.refused)
@@ -230,6 +240,7 @@ class Channel:
         """``request`` for a reply that may rightly take long (a create queued for a
         slot): meanwhile the peer must answer a Ping every ``probe`` seconds, so a dead
         or restarted daemon is a prompt ``ClusterUnavailableError``, not a long hang."""
+        # Owned by this call: awaited, or cancelled and awaited, before it returns.
         main = asyncio.ensure_future(self.request(msg, payloads, timeout=timeout))
         try:
             while True:
@@ -349,14 +360,25 @@ class Connection(Channel):
         self._monitor = monitors[0]
         #: Set while the daemon refuses our handshake: ends sends that wait for a peer.
         self._refusal = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        self._reader = loop.create_task(self._read())
-        self._watcher = loop.create_task(self._watch())
+        # Its tasks are its own: cancelled by close(); one that fails breaks it.
+        self._tasks = TaskGroup(f"connection to {address}")
+        self._tasks.spawn(self._read(), on_error=self._broken)
+        self._tasks.spawn(self._watch(), on_error=self._broken)
         self._first_contact: asyncio.Task[None] | None = None
         self._first_contact_seconds = first_contact
         self._resolves = True  # until a look-up of the host's name fails
         if first_contact is not None and address not in _answered:
-            self._first_contact = loop.create_task(self._give_up_unless_reached(first_contact))
+            self._first_contact = self._tasks.spawn(
+                self._give_up_unless_reached(first_contact), on_error=self._broken
+            )
+
+    def _broken(self, exc: BaseException) -> None:
+        """A task of ours failed (the socket is unusable): every waiting request fails
+        now, and the owner's next request makes a new connection."""
+        why = f"the connection to {self.address} broke: {exc!r}"
+        log.warning("%s", why)
+        self.close()
+        self._fail_waiting(ErrorReply(ErrorCode.UNAVAILABLE, why))
 
     async def _read(self) -> None:
         frames = await self._sock.recv_multipart(copy=False)
@@ -396,8 +418,8 @@ class Connection(Channel):
         with contextlib.suppress(zmq.ZMQError):
             self._sock.disconnect(self.address)
             self._sock.connect(self.address)
-        self._first_contact = asyncio.get_running_loop().create_task(
-            self._give_up_unless_reached(self._first_contact_seconds)
+        self._first_contact = self._tasks.spawn(
+            self._give_up_unless_reached(self._first_contact_seconds), on_error=self._broken
         )
 
     def _no_answer(self, what: str) -> Exception:
@@ -454,19 +476,33 @@ class Connection(Channel):
         sending.result()
 
     def _transmit_nowait(self, request_id: int, frames: list[Frame], size: int) -> None:
-        sent = asyncio.ensure_future(
-            self._sock.send_multipart(frames, copy=size < _zmq.ZERO_COPY_BYTES)
+        if self.closed:
+            # Like a reply, the handler hears of it from the loop, not inside this call.
+            why = f"the connection to {self.address} is closed"
+            asyncio.get_running_loop().call_soon(self._fail_one, request_id, why)
+            return
+        # A future of the socket's, not a task: it is done when the frames are queued.
+        sent: asyncio.Future[Any] = self._sock.send_multipart(  # type: ignore[assignment]
+            frames, copy=size < _zmq.ZERO_COPY_BYTES
         )
-        sent.add_done_callback(_log_send_failure)
+        sent.add_done_callback(functools.partial(self._sent, request_id))
+
+    def _sent(self, request_id: int, sent: asyncio.Future[Any]) -> None:
+        """A send that failed fails its request (the pool's call, a stop) at once."""
+        if sent.cancelled():
+            why = f"the connection to {self.address} was closed before sending"
+        elif sent.exception() is not None:
+            why = f"sending to {self.address} failed: {sent.exception()}"
+        else:
+            return
+        self._fail_one(request_id, why)
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._reader.cancel()
-            self._watcher.cancel()
-            if self._first_contact is not None:
-                self._first_contact.cancel()
-            self._sock.disable_monitor()
+            self._tasks.cancel()
+            with contextlib.suppress(zmq.ZMQError):  # (a socket that broke is closed)
+                self._sock.disable_monitor()
             self._monitor.close(linger=0)
             self._sock.close(linger=0)
 
@@ -493,12 +529,6 @@ class LaneConnection(Channel):
         self._why = f"{why}: {exc}" if exc is not None else why
         self._fail_waiting(ErrorReply(ErrorCode.UNAVAILABLE, self._why))
 
-    def _fail_one(self, request_id: int) -> None:
-        handler = self._waiting.get(request_id)
-        if handler is not None:
-            error = ErrorReply(ErrorCode.UNAVAILABLE, self._why or "the lane is closed")
-            handler(Decoded(error, request_id))
-
     async def _transmit(self, frames: list[Frame], size: int) -> None:
         if not self._lane.send(frames):
             self.closed = True
@@ -512,7 +542,8 @@ class LaneConnection(Channel):
             if self._why is not None:
                 # Lost earlier: no _lost() is on its way to fail this one. Like a reply,
                 # the handler hears of it from the loop, not from inside this call.
-                asyncio.get_running_loop().call_soon(self._fail_one, request_id)
+                why = self._why
+                asyncio.get_running_loop().call_soon(self._fail_one, request_id, why)
 
     def close(self) -> None:
         self.closed = True
@@ -521,15 +552,89 @@ class LaneConnection(Channel):
         self._lane.close()
 
 
-def _log_send_failure(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.warning("send failed: %s", future.exception())
+_Key = tuple[str, str | None, CurveKeys | None, str]
 
 
-_Key = tuple[str, str | None, CurveKeys | None]
-_by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[_Key, Channel]] = (
+class Connections:
+    """The channels of one owner: a session's (closed when it closes), or the running
+    loop's default owner's (:func:`default_connections`), for sandboxes made outside
+    any session. One channel per (address, token, keys, lane), shared by concurrent
+    requests.
+
+    Owned, not one process-wide cache: closing a session once closed every channel of
+    its loop, and another session on the loop lost its requests in flight and its
+    function workers' channels."""
+
+    def __init__(self, name: str = "connections") -> None:
+        self.name = name
+        self._channels: dict[_Key, Channel] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<Connections {self.name} channels={len(self._channels)}>"
+
+    def get(
+        self,
+        address: str,
+        token: str | None = None,
+        curve: CurveKeys | None = None,
+        lane: str = "",
+        first_contact: float | None = None,
+    ) -> Channel:
+        """The channel to ``address``: over ``lane`` (an agent's local lane) when it is
+        on this host and lets us in, else ZeroMQ (``first_contact``: see
+        :class:`Connection`)."""
+        if self.closed:
+            raise RuntimeError(f"{self.name} are closed")
+        loop = asyncio.get_running_loop()
+        _forget_ended_loops()
+        if self._loop is not loop:
+            if self._loop is not None and not self._loop.is_closed():
+                raise RuntimeError(
+                    f"{self.name} belong to another event loop: use a session (and its "
+                    "sandboxes) on the loop that opened it"
+                )
+            self._loop = loop
+            _open.setdefault(loop, set()).add(self)
+        key = (address, token, curve, lane)  # (lane: "" when it is not to be used)
+        conn = self._channels.get(key)
+        if conn is None or conn.closed:
+            conn = _lane_connection(address, lane, token) or Connection(
+                address, token, curve, first_contact
+            )
+            self._channels[key] = conn
+        return conn
+
+    def close(self) -> None:
+        """Close every channel (requests still waiting on them fail at their deadline,
+        or at once for a lane)."""
+        self.closed = True
+        if self._loop is not None:
+            _open.get(self._loop, set()).discard(self)
+        channels, self._channels = list(self._channels.values()), {}
+        for conn in channels:
+            conn.close()
+
+
+#: The open owners of each loop: ``_forget_ended_loops`` closes those of ended loops
+#: (their values hold their loops, so the entries go only when popped there).
+_open: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, set[Connections]] = (
     weakref.WeakKeyDictionary()
 )
+_default: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Connections] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def default_connections() -> Connections:
+    """The running loop's default owner: for sandboxes made outside any session
+    (``Sandbox(...)``, ``Sandbox.from_id``, ``Sandbox.list``) and the CLI."""
+    loop = asyncio.get_running_loop()
+    conns = _default.get(loop)
+    if conns is None or conns.closed:
+        conns = _default[loop] = Connections("the default connections")
+    return conns
 
 
 def connection(
@@ -539,20 +644,8 @@ def connection(
     lane: str = "",
     first_contact: float | None = None,
 ) -> Channel:
-    """The shared connection to ``address`` for the running loop: over ``lane`` (an
-    agent's local lane) when it is on this host and lets us in, else ZeroMQ
-    (``first_contact``: see :class:`Connection`)."""
-    loop = asyncio.get_running_loop()
-    _forget_ended_loops()
-    conns = _by_loop.setdefault(loop, {})
-    key = (address, token, curve)
-    conn = conns.get(key)
-    if conn is None or conn.closed:
-        conn = _lane_connection(address, lane, token) or Connection(
-            address, token, curve, first_contact
-        )
-        conns[key] = conn
-    return conn
+    """The default owner's channel to ``address`` (see :meth:`Connections.get`)."""
+    return default_connections().get(address, token, curve, lane, first_contact)
 
 
 def _lane_connection(address: str, lane: str, token: str | None) -> LaneConnection | None:
@@ -567,14 +660,17 @@ def _lane_connection(address: str, lane: str, token: str | None) -> LaneConnecti
     return LaneConnection(address, path, sock, token)
 
 
-def agent_connection(info: SandboxInfo, defaults: SandboxDefaults) -> Channel:
-    """The connection to the agent running ``info``'s sandbox."""
+def agent_connection(
+    info: SandboxInfo, defaults: SandboxDefaults, conns: Connections | None = None
+) -> Channel:
+    """The channel to the agent running ``info``'s sandbox, of ``conns`` (by default
+    the loop's default owner)."""
     if info.agent_address is None:
         raise SandboxNotRunningError(
             f"sandbox {info.sandbox_id} has no agent ({info.status.value}: {info.reason})",
             sandbox_id=info.sandbox_id,
         )
-    return connection(
+    return (conns or default_connections()).get(
         info.agent_address,
         defaults.cluster_token(),
         defaults.agent_curve(info),
@@ -583,21 +679,26 @@ def agent_connection(info: SandboxInfo, defaults: SandboxDefaults) -> Channel:
 
 
 def _forget_ended_loops() -> None:
-    """Close the connections of loops that have ended (``asyncio.run`` returned): no
-    one closed them, and this dict's values keep their loops alive, so their sockets
-    stayed open for the life of the process (4 descriptors a loop; a long test run
-    then ran out of ZeroMQ sockets)."""
-    for ended in [loop for loop in _by_loop if loop.is_closed()]:
-        for conn in _by_loop.pop(ended).values():
-            with contextlib.suppress(Exception):  # its tasks ended with their loop
-                conn.close()
+    """Close the connections of loops that have ended (``asyncio.run`` returned) that
+    no one closed (a session left open, the default owner): their sockets stayed open
+    for the life of the process (4 descriptors a loop; a long test run then ran out of
+    ZeroMQ sockets)."""
+    for ended in [loop for loop in _open if loop.is_closed()]:
+        _default.pop(ended, None)
+        for conns in list(_open.pop(ended)):
+            for conn in list(conns._channels.values()):
+                with contextlib.suppress(Exception):  # its tasks ended with their loop
+                    conn.close()
+            conns._channels.clear()
 
 
 def close_all() -> None:
-    """Close the running loop's connections (a session does this when it closes)."""
+    """Close the running loop's default connections (those of sandboxes made outside
+    any session; a session closes its own)."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:
         return
-    for conn in _by_loop.pop(loop, {}).values():
-        conn.close()
+    conns = _default.pop(loop, None)
+    if conns is not None:
+        conns.close()

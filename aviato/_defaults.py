@@ -1,20 +1,22 @@
-"""``SandboxDefaults``: settings a session hands to every sandbox it creates."""
+"""``SandboxDefaults``: settings a session hands to every sandbox it creates (its
+sandbox options, as a :class:`SandboxOptions` from ``options()``, and how to reach
+the cluster)."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from aviato._auth import CurveKeys, client_keys, scheduler_public_key
+from aviato._options import NAMES, SandboxOptions
 from aviato._zmq import check_endpoint
-from aviato.protocol import SandboxInfo, SandboxSpec
+from aviato.protocol import SandboxInfo
 
 __all__ = [
     "SandboxDefaults",
-    "merge_spec",
 ]
 
 
@@ -57,6 +59,13 @@ class SandboxDefaults:
     def replace(self, **changes: Any) -> SandboxDefaults:
         return dataclasses.replace(self, **changes)
 
+    def options(self) -> SandboxOptions:
+        """The sandbox options among these settings (what every sandbox starts from)."""
+        return SandboxOptions(
+            image=self.container_image,
+            **{name: getattr(self, name) for name in _SHARED},
+        )
+
     def scheduler_address(self) -> str | None:
         """The scheduler to use (checked: ``ConfigurationError`` if it is not an address);
         None for the embedded cluster."""
@@ -96,50 +105,8 @@ class SandboxDefaults:
         return client_keys(directory, self._client_key_name(), info.agent_public_key)
 
 
-def merge_spec(
-    defaults: SandboxDefaults,
-    *,
-    session_id: str | None,
-    command: str | None = None,
-    args: Sequence[str] | None = None,
-    container_image: str | None = None,
-    tags: Sequence[str] | None = None,
-    env: Mapping[str, str] | None = None,
-    max_lifetime_seconds: float | None = None,
-    memory_bytes: int | None = None,
-    cpus: float | None = None,
-    network: str | None = None,
-    working_dir: str | None = None,
-    function_worker: bool = False,
-) -> SandboxSpec:
-    """Per-sandbox arguments over the defaults; tags and env are combined, not replaced."""
-    if isinstance(args, str):
-        raise TypeError("args must be a list of strings, e.g. args=['infinity']")
-    cmd = command if command is not None else defaults.command
-    if not cmd or not cmd.strip():
-        raise ValueError(
-            "a sandbox needs a command: pass command='sleep', args=['infinity'] "
-            "(or set SandboxDefaults(command=...))"
-        )
-    merged_tags = tuple(dict.fromkeys((*defaults.tags, *(tags or ()))))
-    image = container_image or defaults.container_image
-    if not image or not image.strip():
-        raise ValueError("container_image is empty: name an image such as 'python:3.11'")
-    return SandboxSpec(
-        image=image,
-        command=cmd,
-        args=tuple(args) if args is not None else (defaults.args if command is None else ()),
-        env={**defaults.env, **(env or {})},
-        tags=merged_tags,
-        session_id=session_id,
-        max_lifetime_seconds=(
-            max_lifetime_seconds
-            if max_lifetime_seconds is not None
-            else defaults.max_lifetime_seconds
-        ),
-        memory_bytes=memory_bytes if memory_bytes is not None else defaults.memory_bytes,
-        cpus=cpus if cpus is not None else defaults.cpus,
-        network=network if network is not None else defaults.network,
-        working_dir=working_dir if working_dir is not None else defaults.working_dir,
-        function_worker=function_worker,
-    )
+#: The options SandboxDefaults sets under their own names (the image is its
+#: ``container_image``).
+_SHARED = tuple(
+    f.name for f in dataclasses.fields(SandboxDefaults) if f.name in NAMES and f.name != "image"
+)

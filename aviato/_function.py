@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import cloudpickle
 
 from aviato import _buffers, exceptions
+from aviato._options import SandboxOptions
 from aviato.exceptions import AsyncFunctionError, FunctionError, FunctionSerializationError
 
 if TYPE_CHECKING:
@@ -67,11 +68,8 @@ class FunctionResult(Generic[T]):
 
 @dataclass(frozen=True, slots=True)
 class FunctionOptions:
-    container_image: str | None = None
-    env: tuple[tuple[str, str], ...] = ()
-    memory_bytes: int | None = None
-    cpus: float | None = None
-    network: str | None = None
+    #: Its workers' sandbox options, merged over the session's defaults.
+    sandbox: SandboxOptions = field(default_factory=SandboxOptions)
     serialization: Serialization = Serialization.PICKLE
     retries: int = 2
     retry_on: tuple[type[BaseException], ...] = ()
@@ -81,7 +79,7 @@ class FunctionOptions:
 
     def pool_key(self) -> tuple[Any, ...]:
         """Calls whose sandboxes look the same share one pool of workers."""
-        return (self.container_image, self.env, self.memory_bytes, self.cpus, self.network)
+        return self.sandbox.key()
 
 
 @dataclass(slots=True)

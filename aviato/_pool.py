@@ -29,7 +29,9 @@ from aviato._function import (
     RemoteFunction,
     rebuild_error,
 )
+from aviato._options import SandboxOptions
 from aviato._sandbox import Sandbox, scheduler_connection
+from aviato._tasks import TaskGroup
 from aviato.exceptions import (
     AviatoError,
     ClusterUnavailableError,
@@ -166,7 +168,8 @@ class FunctionPool:
         self.closed = False
         self._pump_scheduled = False
         self._sizing = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Its tasks (worker starts and watches, sizing, stops): also its session's.
+        self._tasks: TaskGroup | None = None
         self._started_total = 0
         self._lost_total = 0
         self._retried_total = 0
@@ -214,16 +217,19 @@ class FunctionPool:
             asyncio.get_running_loop().call_soon(self._pump)
 
     def _task(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
+        if self._tasks is None:
+            self._tasks = self.session._tasks.child("a function pool")
+        self._tasks.spawn(coro, on_error=self._task_failed)
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        """The pool's tasks handle their own errors; one that escapes is logged here,
-        not left for asyncio to report at garbage collection."""
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("function pool task failed", exc_info=task.exception())
+    def _task_failed(self, exc: BaseException) -> None:
+        """The pool's tasks handle their own errors; one that escapes (a bug) fails the
+        queued calls, which no task may now be about to serve, and is raised again when
+        the session closes."""
+        log.error("function pool task failed", exc_info=exc)
+        error = exc if isinstance(exc, Exception) else SandboxError(repr(exc))
+        while self.queue:
+            self._settle(self.queue.popleft(), error)
+        raise exc
 
     # ------------------------------------------------------------------ dispatch
 
@@ -530,7 +536,7 @@ class FunctionPool:
     async def _size(self) -> None:
         """Default pool bound: what the cluster's free slots allow, at least one."""
         try:
-            conn = await scheduler_connection(self.session.defaults)
+            conn = await scheduler_connection(self.session.defaults, self.session._connections)
             reply = await conn.request(
                 ClusterStatus(), timeout=self.session.defaults.request_timeout_seconds
             )
@@ -543,21 +549,19 @@ class FunctionPool:
         self._schedule_pump()
 
     def _worker_sandbox(self) -> Sandbox:
-        opts = self.options
+        # The agent replaces command and args with its worker's; it owns that path.
+        worker = SandboxOptions(command="python", env={"AVIATO_CLIENT_PYTHON": client_python()})
         return Sandbox(
-            # The agent replaces command and args with its worker's; it owns that path.
-            command="python",
-            container_image=opts.container_image,
-            env={**dict(opts.env), "AVIATO_CLIENT_PYTHON": client_python()},
-            memory_bytes=opts.memory_bytes,
-            cpus=opts.cpus,
-            network=opts.network,
-            _session=self.session,
-            _function_worker=True,
+            _merged=worker.over(self.options.sandbox), _session=self.session, _function_worker=True
         )
 
     async def _start_worker(self) -> None:
-        sandbox = self._worker_sandbox()
+        try:
+            sandbox = self._worker_sandbox()
+        except AviatoError as exc:  # options the scheduler would refuse
+            self.starting -= 1
+            self._start_failed(exc)
+            return
         try:
             await sandbox.start()
             info = sandbox.info
@@ -573,7 +577,7 @@ class FunctionPool:
         if self.closed:
             await self._stop_quietly(sandbox)
             return
-        conn = agent_connection(info, self.session.defaults)
+        conn = agent_connection(info, self.session.defaults, self.session._connections)
         worker = WorkerHandle(sandbox, conn)
         self._started_total += 1
         self.workers.append(worker)
@@ -618,9 +622,8 @@ class FunctionPool:
         error = SandboxError("the session closed before this call ran")
         while self.queue:
             self._settle(self.queue.popleft(), error)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks is not None:
+            await self._tasks.close()
         workers = list(self.workers)
         for worker in workers:
             for call in self._drop(worker, stop=False):

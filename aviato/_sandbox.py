@@ -13,8 +13,16 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from aviato import _local
-from aviato._connection import FIRST_CONTACT_SECONDS, Channel, agent_connection, connection
-from aviato._defaults import SandboxDefaults, merge_spec
+from aviato._connection import (
+    FIRST_CONTACT_SECONDS,
+    Channel,
+    Connections,
+    agent_connection,
+    default_connections,
+)
+from aviato._defaults import SandboxDefaults
+from aviato._options import SandboxOptions, as_args
+from aviato._tasks import TaskGroup, default_tasks
 from aviato._types import ExecResult, OutputChunk
 from aviato.exceptions import (
     AviatoError,
@@ -94,13 +102,17 @@ _WAIT_POLL_SECONDS = 5.0  # short: a poll lost in a scheduler restart is re-sent
 _EXEC_NO_TIMEOUT_SECONDS = 24 * 3600.0
 
 
-async def scheduler_connection(defaults: SandboxDefaults) -> Channel:
+async def scheduler_connection(
+    defaults: SandboxDefaults, conns: Connections | None = None
+) -> Channel:
+    """The channel to the scheduler, of ``conns`` (by default the loop's default owner)."""
+    conns = conns or default_connections()
     address = defaults.scheduler_address()
     if address is None:
         # The embedded cluster is private to this process and never uses keys.
-        return connection(await _local.ensure_cluster(), defaults.cluster_token())
+        return conns.get(await _local.ensure_cluster(), defaults.cluster_token())
     # Nothing listening at a configured address fails in seconds, not at the deadline.
-    return connection(
+    return conns.get(
         address,
         defaults.cluster_token(),
         defaults.scheduler_curve(),
@@ -131,22 +143,29 @@ class Sandbox:
         defaults: SandboxDefaults | None = None,
         _session: Session | None = None,
         _function_worker: bool = False,
+        _merged: SandboxOptions | None = None,
     ) -> None:
+        """``_merged``: options merged over the defaults already (a function worker's),
+        used instead of the arguments."""
         self._defaults = defaults or (_session.defaults if _session else SandboxDefaults())
         self._session = _session
-        self._spec: SandboxSpec = merge_spec(
-            self._defaults,
+        if _merged is None:
+            mine = SandboxOptions(
+                image=container_image,
+                command=command,
+                args=as_args(args),
+                env=dict(env or {}),
+                tags=tuple(tags or ()),
+                max_lifetime_seconds=max_lifetime_seconds,
+                memory_bytes=memory_bytes,
+                cpus=cpus,
+                network=network,
+                working_dir=working_dir,
+            )
+            _merged = mine.over(self._defaults.options())
+        self._spec: SandboxSpec = SandboxSpec.of(
+            _merged,
             session_id=_session.session_id if _session else None,
-            command=command,
-            args=args,
-            container_image=container_image,
-            tags=tags,
-            env=env,
-            max_lifetime_seconds=max_lifetime_seconds,
-            memory_bytes=memory_bytes,
-            cpus=cpus,
-            network=network,
-            working_dir=working_dir,
             function_worker=_function_worker,
         )
         self._info: SandboxInfo | None = None
@@ -333,6 +352,22 @@ class Sandbox:
         state = self._info.status.value if self._info else "not started"
         return f"<Sandbox {self.sandbox_id or '-'} {self._spec.image} {state}>"
 
+    # ------------------------------------------------------------------ owner
+
+    def _connections(self) -> Connections:
+        """Its session's channels; outside a session (or once it closed), those of the
+        loop's default owner."""
+        session = self._session
+        if session is not None and not session._connections.closed:
+            return session._connections
+        return default_connections()
+
+    def _tasks(self) -> TaskGroup:
+        session = self._session
+        if session is not None:
+            return session._tasks
+        return default_tasks()
+
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> str:
@@ -342,11 +377,10 @@ class Sandbox:
         if self._starting is None:
             if self._session is not None:
                 self._session._check_open()
-            self._starting = asyncio.ensure_future(self._start())
             # Shielded: a caller that gives up (cancelled, or a failed sibling in a
             # TaskGroup) leaves the create running, and its failure, if any, to no one;
-            # those still awaiting get it raised, so asyncio need not warn of it.
-            self._starting.add_done_callback(_mark_retrieved)
+            # those still awaiting get it raised.
+            self._starting = self._tasks().spawn(self._start(), on_error=_raised_to_awaiters)
         starting = self._starting
         try:
             return await asyncio.shield(starting)
@@ -361,7 +395,7 @@ class Sandbox:
     async def _start(self) -> str:
         if self._session is not None:
             await self._session._ensure_open()
-        conn = await scheduler_connection(self._defaults)
+        conn = await scheduler_connection(self._defaults, self._connections())
         wait = self._defaults.start_timeout_seconds
         # Our own id: a create we give up on may still arrive (queued in the socket
         # across an outage); the stop sent after it, in order, then cancels it.
@@ -401,7 +435,7 @@ class Sandbox:
                 self._starting.cancel()
                 with contextlib.suppress(Exception, asyncio.CancelledError):
                     await self._starting
-                conn = await scheduler_connection(self._defaults)
+                conn = await scheduler_connection(self._defaults, self._connections())
                 with contextlib.suppress(SandboxNotFoundError):
                     await conn.request(
                         StopSandbox(self._pending_id, "stopped while starting"),
@@ -415,7 +449,7 @@ class Sandbox:
         if self._info is None or self._stopped_by_us:
             return
         self._stopped_by_us = True
-        conn = await scheduler_connection(self._defaults)
+        conn = await scheduler_connection(self._defaults, self._connections())
         reply = await conn.request(
             StopSandbox(self._info.sandbox_id), timeout=self._defaults.request_timeout_seconds
         )
@@ -429,7 +463,7 @@ class Sandbox:
 
     async def _refresh(self) -> SandboxInfo:
         info = self._require_started()
-        conn = await scheduler_connection(self._defaults)
+        conn = await scheduler_connection(self._defaults, self._connections())
         reply = await conn.request(
             GetSandbox(info.sandbox_id), timeout=self._defaults.request_timeout_seconds
         )
@@ -446,7 +480,7 @@ class Sandbox:
         restart (until its agent reports the sandbox again); after ``OUTAGE_SECONDS``
         of no scheduler it raises ``ClusterUnavailableError``."""
         info = self._require_started()
-        conn = await scheduler_connection(self._defaults)
+        conn = await scheduler_connection(self._defaults, self._connections())
         deadline = None if timeout is None else time.monotonic() + timeout
         outage_since: float | None = None
         while not info.status.is_terminal:
@@ -515,7 +549,7 @@ class Sandbox:
             raise SandboxNotRunningError(
                 f"sandbox {info.sandbox_id} was stopped", sandbox_id=info.sandbox_id
             )
-        return info, agent_connection(info, self._defaults)
+        return info, agent_connection(info, self._defaults, self._connections())
 
     def _exec_deadline(self, timeout_seconds: float | None) -> float:
         slack = self._defaults.request_timeout_seconds
@@ -657,7 +691,7 @@ class Sandbox:
         info = self._require_started()
         if info.agent_address is None:
             return []
-        conn = agent_connection(info, self._defaults)
+        conn = agent_connection(info, self._defaults, self._connections())
         reply = await conn.request(
             GetLogs(info.sandbox_id), timeout=self._defaults.request_timeout_seconds
         )
@@ -734,9 +768,9 @@ def _new_id() -> str:
     return "sb-" + uuid.uuid4().hex[:16]
 
 
-def _mark_retrieved(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
+def _raised_to_awaiters(exc: BaseException) -> None:
+    """A start's failure is raised to those awaiting ``start()`` (if none still are,
+    no one asked for it any more)."""
 
 
 def _stdin_payloads(

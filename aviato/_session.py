@@ -1,4 +1,8 @@
-"""``Session``: shared defaults, a lease the scheduler watches, and cleanup at exit."""
+"""``Session``: shared defaults, a lease the scheduler watches, and cleanup at exit.
+
+A session owns its channels (a :class:`Connections`) and its tasks (a
+:class:`TaskGroup`): its sandboxes and pools use them, and closing it closes those
+alone, never another session's on the same loop."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from aviato._connection import close_all
+from aviato._connection import Connections
 from aviato._defaults import SandboxDefaults
 from aviato._function import (
     DEFAULT_MAX_RESULT_BYTES,
@@ -18,8 +22,10 @@ from aviato._function import (
     RemoteFunction,
     Serialization,
 )
+from aviato._options import SandboxOptions
 from aviato._pool import FunctionPool
 from aviato._sandbox import Sandbox, scheduler_connection
+from aviato._tasks import TaskGroup
 from aviato.exceptions import AviatoError, SandboxError
 from aviato.protocol import SessionClose, SessionKeepalive
 
@@ -39,6 +45,8 @@ class Session:
         self._open_lock = asyncio.Lock()
         self._keepalive: asyncio.Task[None] | None = None
         self._pools: dict[tuple[Any, ...], FunctionPool] = {}
+        self._connections = Connections(f"the connections of session {self.session_id}")
+        self._tasks = TaskGroup(f"session {self.session_id}")
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -106,12 +114,15 @@ class Session:
         self._check_open()
         if retries < 0:
             raise ValueError("retries must be >= 0")
+        mine = SandboxOptions(
+            image=container_image,
+            env=dict(env or {}),
+            memory_bytes=memory_bytes,
+            cpus=cpus,
+            network=network,
+        )
         options = FunctionOptions(
-            container_image=container_image or self.defaults.container_image,
-            env=tuple(sorted({**self.defaults.env, **(env or {})}.items())),
-            memory_bytes=memory_bytes if memory_bytes is not None else self.defaults.memory_bytes,
-            cpus=cpus if cpus is not None else self.defaults.cpus,
-            network=network if network is not None else self.defaults.network,
+            sandbox=mine.over(self.defaults.options()),
             serialization=Serialization(serialization),
             retries=retries,
             retry_on=tuple(retry_on),
@@ -153,10 +164,10 @@ class Session:
                 return
             await self._renew()
             self._opened = True
-            self._keepalive = asyncio.create_task(self._keepalive_loop())
+            self._keepalive = self._tasks.spawn(self._keepalive_loop())
 
     async def _renew(self) -> None:
-        conn = await scheduler_connection(self.defaults)
+        conn = await scheduler_connection(self.defaults, self._connections)
         await conn.request(
             SessionKeepalive(self.session_id, self.defaults.lease_seconds),
             timeout=self.defaults.request_timeout_seconds,
@@ -172,7 +183,11 @@ class Session:
                 log.warning("session %s: keepalive failed: %s", self.session_id, exc)
 
     async def __aenter__(self) -> Session:
-        await self._ensure_open()
+        try:
+            await self._ensure_open()
+        except BaseException:
+            await self.close()  # no __aexit__ comes: its channels must not stay open
+            raise
         return self
 
     async def __aexit__(
@@ -188,26 +203,35 @@ class Session:
         if self._closed:
             return
         self._closed = True
-        await asyncio.gather(*(pool.close() for pool in self._pools.values()))
-        results = await asyncio.gather(
-            *(sb.stop() for sb in self._sandboxes if _live(sb) or sb._starting is not None),
-            return_exceptions=True,
-        )
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, AviatoError):
-                log.warning("session %s: stopping a sandbox failed: %r", self.session_id, result)
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keepalive
-        if self._opened:
-            # The scheduler also stops anything of ours we did not know about.
-            with contextlib.suppress(AviatoError):
-                conn = await scheduler_connection(self.defaults)
-                await conn.request(
-                    SessionClose(self.session_id), timeout=self.defaults.request_timeout_seconds
-                )
-        close_all()
+        try:
+            await asyncio.gather(*(pool.close() for pool in self._pools.values()))
+            results = await asyncio.gather(
+                *(sb.stop() for sb in self._sandboxes if _live(sb) or sb._starting is not None),
+                return_exceptions=True,
+            )
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(result, AviatoError):
+                    log.warning(
+                        "session %s: stopping a sandbox failed: %r", self.session_id, result
+                    )
+            if self._keepalive is not None:
+                self._keepalive.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._keepalive
+            if self._opened:
+                # The scheduler also stops anything of ours we did not know about.
+                with contextlib.suppress(AviatoError):
+                    conn = await scheduler_connection(self.defaults, self._connections)
+                    await conn.request(
+                        SessionClose(self.session_id),
+                        timeout=self.defaults.request_timeout_seconds,
+                    )
+        finally:
+            try:
+                # Raises what failed in a task of ours with no one else to tell.
+                await self._tasks.close()
+            finally:
+                self._connections.close()
 
 
 def _live(sb: Sandbox) -> bool:

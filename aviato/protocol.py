@@ -22,7 +22,8 @@ from typing import Any, ClassVar, TypeAlias
 import msgpack
 
 from aviato._codec import CodecError, brief, decoder, encode_value
-from aviato.exceptions import ProtocolError
+from aviato._options import SandboxOptions
+from aviato.exceptions import ConfigurationError, ProtocolError
 
 PROTOCOL_VERSION = 1
 
@@ -136,6 +137,27 @@ class SandboxSpec:
     working_dir: str | None = None
     #: Runs aviato's function worker: the agent mounts the worker and its socket in.
     function_worker: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        options: SandboxOptions,
+        *,
+        session_id: str | None = None,
+        function_worker: bool = False,
+    ) -> SandboxSpec:
+        """The spec of merged options; ``ConfigurationError`` says what is wrong with
+        them (the scheduler's own check, made before sending)."""
+        problems = options.problems()
+        if problems:
+            raise ConfigurationError("; ".join(problems))
+        values = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+        values["args"] = options.args or ()
+        return cls(**values, session_id=session_id, function_worker=function_worker)
+
+    def problems(self) -> list[str]:
+        """Why this spec cannot make a sandbox (none: it can): ``SandboxOptions.problems``."""
+        return SandboxOptions.of(self).problems()
 
 
 @dataclass(frozen=True, slots=True)

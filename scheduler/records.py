@@ -4,7 +4,6 @@ entry points return (actions for the socket layer), plus the pure checks they us
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from collections.abc import Hashable
@@ -198,32 +197,11 @@ def _cursor_seq(cursor: str) -> int:
     return int(cursor) if cursor.isdigit() and len(cursor) < 20 else 0
 
 
-#: A bound any host is under, far from the overflow (Docker takes billionths of a CPU
-#: as a 64-bit integer; cgroup quotas microseconds).
-MAX_CPUS = 4096
-
-
 def validate_spec(spec: SandboxSpec) -> str | None:
-    """Why a spec cannot be placed, or None."""
-    if not spec.image.strip():
-        return "container_image is empty: name an image such as 'python:3.11'"
-    if len(spec.image) > 255:  # Docker's own bound on a reference
-        return f"container_image is {len(spec.image)} characters long: at most 255"
-    if not spec.command.strip():
-        return "command is empty: give the program to run, e.g. command='sleep'"
-    # `not x > 0` also refuses NaN (no comparison holds); infinity is no limit: None is.
-    lifetime = spec.max_lifetime_seconds
-    if lifetime is not None and not 0 < lifetime < math.inf:
-        return f"max_lifetime_seconds must be positive and finite (or None), got {lifetime}"
-    if spec.memory_bytes is not None and spec.memory_bytes < 6 * 1024 * 1024:
-        return f"memory_bytes must be at least 6 MiB, got {spec.memory_bytes}"
-    if spec.cpus is not None and not 0 < spec.cpus <= MAX_CPUS:
-        return f"cpus must be above 0 and at most {MAX_CPUS} (or None), got {spec.cpus}"
-    if spec.pids_limit is not None and spec.pids_limit < 1:
-        return f"pids_limit must be at least 1 (or None), got {spec.pids_limit}"
-    if spec.network not in (None, "none", "bridge"):
-        return f"network must be None, 'none' or 'bridge', got {brief(spec.network)}"
-    return None
+    """Why a spec cannot be placed, or None: the client's own check (it refuses the
+    same before sending; this is for every other sender)."""
+    problems = spec.problems()
+    return "; ".join(problems) if problems else None
 
 
 def _not_found(sandbox_id: str) -> ErrorReply:

@@ -1,0 +1,147 @@
+"""``SandboxOptions``: the one record of what a sandbox is made of, as chosen.
+
+``SandboxDefaults``, ``Sandbox(...)``, ``session.create`` and ``@session.function``
+keep their own keyword arguments (the public surface), and each turns them into this
+record; the record merges them (``over``), once, and says what is wrong with them
+(``problems``). The scheduler checks every spec it receives with the same
+``problems`` (through ``SandboxSpec.problems`` in aviato/protocol.py), so the client
+refuses, before sending, exactly what the scheduler would.
+
+Adding an option: a field here (and its check in ``problems``), the same field in
+``SandboxSpec``, the keyword arguments that set it, and the runtimes that honour it.
+Options merge as "set wins" unless ``over`` says otherwise.
+
+Imports the standard library and aviato._codec only: the daemons import it (through
+aviato.protocol).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aviato._codec import brief
+
+__all__ = [
+    "MAX_CPUS",
+    "MAX_IMAGE_CHARS",
+    "MIN_MEMORY_BYTES",
+    "NAMES",
+    "NETWORKS",
+    "SandboxOptions",
+    "as_args",
+]
+
+#: A bound any host is under, far from the overflow (Docker takes billionths of a CPU
+#: as a 64-bit integer; cgroup quotas microseconds).
+MAX_CPUS = 4096
+#: Docker's own bound on an image reference.
+MAX_IMAGE_CHARS = 255
+#: Below this Docker refuses to make the container.
+MIN_MEMORY_BYTES = 6 * 1024 * 1024
+NETWORKS = (None, "none", "bridge")
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxOptions:
+    """Sandbox options; None (or empty) is "not set here". Lists given for ``args`` and
+    ``tags`` become tuples, any mapping for ``env`` a dict."""
+
+    image: str | None = None
+    command: str | None = None
+    #: None: not set. ``()``: no arguments (a command set without args gets these).
+    args: tuple[str, ...] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    max_lifetime_seconds: float | None = None
+    memory_bytes: int | None = None
+    cpus: float | None = None
+    pids_limit: int | None = None
+    network: str | None = None
+    working_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.args is not None and not isinstance(self.args, tuple):
+            object.__setattr__(self, "args", tuple(self.args))
+        if not isinstance(self.tags, tuple):
+            object.__setattr__(self, "tags", tuple(self.tags))
+        if not isinstance(self.env, dict):
+            object.__setattr__(self, "env", dict(self.env))
+
+    def over(self, base: SandboxOptions) -> SandboxOptions:
+        """These options over ``base`` (defaults): what is set here wins; tags and env
+        are combined; args go with their command (a command set here without args runs
+        with none, not with ``base``'s); an empty image is not set."""
+        plain = {
+            name: mine if (mine := getattr(self, name)) is not None else getattr(base, name)
+            for name in _PLAIN
+        }
+        args = self.args
+        if args is None:
+            args = base.args if self.command is None else ()
+        return SandboxOptions(
+            image=self.image or base.image,
+            args=args,
+            env={**base.env, **self.env},
+            tags=tuple(dict.fromkeys((*base.tags, *self.tags))),
+            **plain,
+        )
+
+    def problems(self) -> list[str]:
+        """Why these options cannot make a sandbox (none: they can). Checked by the
+        client before a create is sent, and by the scheduler on every create."""
+        out = []
+        if not self.image or not self.image.strip():
+            out.append("container_image is empty: name an image such as 'python:3.11'")
+        elif len(self.image) > MAX_IMAGE_CHARS:
+            out.append(
+                f"container_image is {len(self.image)} characters long: at most {MAX_IMAGE_CHARS}"
+            )
+        if not self.command or not self.command.strip():
+            out.append(
+                "a sandbox needs a command: pass command='sleep', args=['infinity'] "
+                "(or set SandboxDefaults(command=...))"
+            )
+        # `not x > 0` also refuses NaN (no comparison holds); infinity is no limit: None is.
+        lifetime = self.max_lifetime_seconds
+        if lifetime is not None and not 0 < lifetime < math.inf:
+            out.append(
+                f"max_lifetime_seconds must be positive and finite (or None), got {lifetime}"
+            )
+        if self.memory_bytes is not None and self.memory_bytes < MIN_MEMORY_BYTES:
+            out.append(f"memory_bytes must be at least 6 MiB, got {self.memory_bytes}")
+        if self.cpus is not None and not 0 < self.cpus <= MAX_CPUS:
+            out.append(f"cpus must be above 0 and at most {MAX_CPUS} (or None), got {self.cpus}")
+        if self.pids_limit is not None and self.pids_limit < 1:
+            out.append(f"pids_limit must be at least 1 (or None), got {self.pids_limit}")
+        if self.network not in NETWORKS:
+            out.append(f"network must be None, 'none' or 'bridge', got {brief(self.network)}")
+        return out
+
+    def key(self) -> tuple[Any, ...]:
+        """A hashable value equal for equal options (a function pool's key)."""
+        return tuple(
+            tuple(sorted(value.items())) if isinstance(value, Mapping) else value
+            for value in (getattr(self, name) for name in NAMES)
+        )
+
+    @classmethod
+    def of(cls, source: Any) -> SandboxOptions:
+        """The options held by ``source``'s same-named attributes (a ``SandboxSpec``)."""
+        return cls(**{name: getattr(source, name) for name in NAMES})
+
+
+#: Every option's name.
+NAMES = tuple(f.name for f in dataclasses.fields(SandboxOptions))
+#: Options merged as "set wins" (``over`` merges the others its own way).
+_PLAIN = tuple(n for n in NAMES if n not in ("image", "args", "env", "tags"))
+
+
+def as_args(args: Sequence[str] | None) -> tuple[str, ...] | None:
+    """A user's ``args`` as the record holds them (a str would be its characters)."""
+    if isinstance(args, str):
+        raise TypeError("args must be a list of strings, e.g. args=['infinity']")
+    return None if args is None else tuple(args)
