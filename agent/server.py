@@ -274,7 +274,7 @@ class AgentServer:
                 warm=self.warm,
                 learn=self.learn_spares,
                 room=lambda: self.slots - len(self.sandboxes) - len(self.creating),
-                start_supervisor=self._start_supervisor,
+                start_supervisor=self._spare_supervisor,
                 changed=self._spares_changed.set,
             )
 
@@ -649,6 +649,17 @@ class AgentServer:
                 hello = await self._hub.wait_ready(sid, WORKER_START_SECONDS)
                 log.debug("supervisor up in %s (python %s)", sid, hello.get("python"))
                 return "error" not in hello
+        return False
+
+    async def _spare_supervisor(self, sid: str) -> bool:
+        """A spare's supervisor, up and connected: started beside its parker, or (a
+        runtime whose supervisor is the main process) awaited."""
+        if not self.runtime.supervisor_is_main:
+            return await self._start_supervisor(sid)
+        assert self._hub is not None
+        with contextlib.suppress(AviatoError):
+            hello = await self._hub.wait_ready(sid, WORKER_START_SECONDS)
+            return "error" not in hello
         return False
 
     async def _on_stop(self, sock: zmq.asyncio.Socket, request_id: int, msg: StopSandbox) -> None:
