@@ -81,6 +81,7 @@ from aviato.protocol import (
     SandboxReply,
     SandboxSpec,
     SandboxStatus,
+    SpareShape,
     StopSandbox,
     WriteFile,
     decode,
@@ -281,16 +282,18 @@ class AgentServer:
     async def _report_spares(self) -> None:
         """The scheduler sees how many of our free slots hold ready spares (AgentSpares;
         at most two more are starting, in free slots too)."""
-        sent = -1
+        sent: tuple[SpareShape, ...] | None = None
         while True:
             await self._spares_changed.wait()
             self._spares_changed.clear()
             assert self.spares is not None
-            if self.spares.ready_count != sent and self._registered:
-                sent = self.spares.ready_count
-                reply = await self._ask_scheduler(AgentSpares(self.agent_id, sent), 2.0)
+            shapes = self.spares.ready_shapes()
+            if shapes != sent and self._registered:
+                sent = shapes
+                count = sum(s.ready for s in shapes)
+                reply = await self._ask_scheduler(AgentSpares(self.agent_id, count, shapes), 2.0)
                 if reply is None:
-                    sent = -1  # told again at the next change
+                    sent = None  # told again at the next change
             await asyncio.sleep(0.1)  # a burst of claims is one report
 
     def _start_lane(self, hub: WorkerHub) -> None:
@@ -428,6 +431,7 @@ class AgentServer:
             instance=self.instance,
             replaces=self.replaces,
             spares=self.spares.ready_count if self.spares is not None else 0,
+            spare_shapes=self.spares.ready_shapes() if self.spares is not None else (),
         )
         reply = await self._ask_scheduler(msg, self.register_timeout)
         if isinstance(reply, ErrorReply) and reply.code is ErrorCode.ID_IN_USE:

@@ -40,7 +40,7 @@ from agent.runtime.base import (
 )
 from agent.workers import SOCKET_DIR, WorkerHub
 from aviato.exceptions import AviatoError, SandboxFailedError, SandboxNotRunningError
-from aviato.protocol import SandboxSpec
+from aviato.protocol import SandboxSpec, SpareShape
 
 log = logging.getLogger("aviato.agent.spares")
 
@@ -101,6 +101,19 @@ class Shape:
             spec.pids_limit,
             spec.network,
             spec.working_dir,
+        )
+
+    def wire(self, ready: int) -> SpareShape:
+        """As the scheduler is told of it (its ``key`` is ``spare_key`` of the specs
+        this shape serves)."""
+        return SpareShape(
+            self.image,
+            self.cpus,
+            self.memory_bytes,
+            self.pids_limit,
+            self.network,
+            self.working_dir,
+            ready,
         )
 
     def parking_spec(self) -> SandboxSpec:
@@ -211,6 +224,10 @@ class SparePool:
     def ready_count(self) -> int:
         """Spares a create can take now (what the scheduler is told)."""
         return sum(len(q) for q in self.ready.values())
+
+    def ready_shapes(self) -> tuple[SpareShape, ...]:
+        """The shapes of the spares a create can take now, and how many of each."""
+        return tuple(shape.wire(len(q)) for shape, q in self.ready.items() if q)
 
     def start(self) -> None:
         """Begin filling (once registered: what a predecessor left is gone by then)."""

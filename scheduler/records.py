@@ -111,6 +111,8 @@ class AgentRecord:
     dead_since: float | None = None
     #: Pre-started spares it holds, in its free slots (see AgentSpares).
     spares: int = 0
+    #: Of which shapes: ``SpareShape.key`` -> how many are ready.
+    spare_shapes: dict[tuple[object, ...], int] = field(default_factory=dict)
     #: Its sandboxes with a PlaceSandbox or StopSandbox unanswered (ended ones too).
     inflight: set[str] = field(default_factory=set)
 

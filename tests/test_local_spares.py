@@ -261,3 +261,54 @@ async def test_a_cleanly_stopped_agent_takes_its_spares_along(tmp_path: Path) ->
         c.kill(c.agent_ids[0], signal.SIGTERM)
         assert not (STATE / c.agent_ids[0]).exists() or parked(c) == []
         assert not any(psutil.pid_exists(p) for p in pids)
+
+
+@pytest.fixture
+def warm_and_cold(tmp_path: Path) -> Iterator[tuple[Cluster, str, str]]:
+    """A cold agent with 6 slots, and a warm one with 3 slots and 2 spares."""
+    for c in _local_cluster(tmp_path, agents=1, slots=6):
+        cold = c.agent_ids[0]
+        warm = f"{cold[:-2]}-w"
+        c.adopt_ids([warm])
+        c.start_agent(warm, ["--slots", "3", *WARM])
+        c.wait_agents(2)
+        yield c, warm, cold
+
+
+async def test_creates_go_to_the_agent_holding_spares_while_it_has_them(
+    warm_and_cold: tuple[Cluster, str, str],
+) -> None:
+    """Spreading alone would pick the cold agent (more free slots). Creates of the
+    spares' shape go to the warm one while it holds spares; others, and those past its
+    spares, to the cold one."""
+    c, warm, cold = warm_and_cold
+    d = defaults_of(c)
+
+    def spares_of(agent: str) -> int:
+        return sum(a.spares for a in c.status().agents if a.agent_id == agent)
+
+    await asyncio.to_thread(
+        wait_until, lambda: spares_of(warm) == 2, 60, 0.05, "the warm agent's spares"
+    )
+    async with Sandbox.session(d) as session:
+        made = [session.create(command="sleep", args=["infinity"]) for _ in range(3)]
+        await asyncio.gather(*(sb.start() for sb in made))
+        where = {sb.sandbox_id: sb.info.agent_id if sb.info else "" for sb in made}
+        assert sorted(where.values()) == sorted([warm, warm, cold]), where
+        assert all(from_spare_of(warm, s) for s, a in where.items() if a == warm)
+        other = session.create(command="sleep", args=["infinity"], memory_bytes=128 << 20)
+        await other.start()
+        assert other.info and other.info.agent_id == cold  # no spare of its shape
+        # The warm agent refills its free slot: the next create goes there again.
+        await asyncio.to_thread(
+            wait_until, lambda: spares_of(warm) == 1, 60, 0.05, "the warm agent's refill"
+        )
+        again = session.create(command="sleep", args=["infinity"])
+        await again.start()
+        assert again.info and again.info.agent_id == warm
+        assert from_spare_of(warm, again.sandbox_id)
+
+
+def from_spare_of(agent: str, sandbox_id: str | None) -> bool:
+    labels = json.loads((STATE / agent / (sandbox_id or "") / "labels.json").read_text())
+    return labels.get("aviato.spare") == "1"
