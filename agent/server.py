@@ -596,16 +596,31 @@ class AgentServer:
                 log.info("create of %s failed: %s", sid, exc)
                 if self.spares is not None:
                     self.spares.room_freed()
+                    await self._resend_spares(sock)
                 await self._reply_scheduler(sock, request_id, error_reply(exc))
                 return
             finally:
                 self.creating.discard(sid)
+            if self.spares is not None and not spare:
+                await self._resend_spares(sock)
             self.sandboxes[sid] = Running(info.spec, info.created_at, spare)
         running = dataclasses.replace(info, status=SandboxStatus.RUNNING)
         await self._reply_scheduler(sock, request_id, SandboxReply(running))
         early = self._early_exits.pop(sid, None)
         if early is not None:
             await self._handle_exit(early)
+
+    async def _resend_spares(self, sock: zmq.asyncio.Socket) -> None:
+        """The scheduler counted the create it placed here as taking a spare of its
+        shape; it took none (made afresh, or failed): our count, sent before the
+        create's reply on the same socket, so that it arrives first. Its answer is
+        not waited for."""
+        assert self.spares is not None
+        shapes = self.spares.ready_shapes()
+        self._next_id += 1
+        msg = AgentSpares(self.agent_id, sum(s.ready for s in shapes), shapes)
+        with contextlib.suppress(zmq.ZMQError):
+            await sock.send_multipart(encode(msg, self._next_id, token=self.token))
 
     async def _create(self, sid: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
         """Create the sandbox with the supervisor's socket and library mounted in. A
