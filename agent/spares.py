@@ -7,7 +7,9 @@ has that shape claims a spare: the claim is recorded (agent/runtime/spare_claims
 the supervisor link and the runtime take the sandbox's id, and the parker is sent the
 sandbox's command and environment and ``exec``s it, as the same pid, so the sandbox's
 exit, logs and signals are the command's as in a fresh one. Anything else (another
-shape, a function worker, no spare ready) is created as usual.
+shape, a function worker, no spare ready) is created as usual. On the local runtime a
+spare is a bubblewrap sandbox whose supervisor runs the parker as its command; the same
+FIFO, the same claim (agent/runtime/local.py renames its directory and labels).
 
 Spares live in free slots only (spares + sandboxes <= slots: a create that finds no
 room drops one), are never shared (one claim each, then it is that sandbox's alone) and

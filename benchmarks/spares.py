@@ -72,6 +72,7 @@ class Results:
     idle: dict[str, float] = field(default_factory=dict)
     local: list[Stats] = field(default_factory=list)  # d. from a spare, fresh
     local_runtime: str = ""
+    local_idle: dict[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- the cluster
@@ -166,6 +167,39 @@ async def bench_local(address: str, warm: int, n: int, results: Results) -> None
             if i:
                 (spare if from_spare else fresh).add(dt)
     results.local = [spare, fresh]
+
+
+async def bench_local_idle(
+    address: str, agent_id: str, agent: psutil.Process, warm: int, r: Results
+) -> None:
+    """What the local spares cost at idle: their process trees' RSS summed (shared
+    pages counted in each) and CPU over 10 s; the agent's CPU meanwhile."""
+    await wait_spares(address, warm, f"{warm} local spares")
+    await asyncio.sleep(2)  # settled: no refill under way
+    state = Path(tempfile.gettempdir()) / "aviato-local" / agent_id
+    trees = []
+    for home in state.glob("spare-*"):
+        root = psutil.Process(int((home / "pid").read_text().split()[0]))
+        trees.append([root, *root.children(recursive=True)])
+    if not trees:
+        raise RuntimeError("no parked local spare found")
+    procs = [p for tree in trees for p in tree]
+
+    def cpu() -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+    window = 10.0
+    spares_cpu0, agent_cpu0, t0 = cpu(), sum(agent.cpu_times()[:2]), time.perf_counter()
+    await asyncio.sleep(window)
+    elapsed = time.perf_counter() - t0
+    r.local_idle = {
+        "spares": len(trees),
+        "rss_mib_per_spare": sum(p.memory_info().rss for p in procs) / len(trees) / (1 << 20),
+        "uss_mib_per_spare": sum(p.memory_full_info().uss for p in procs) / len(trees) / (1 << 20),
+        "procs_per_spare": len(procs) / len(trees),
+        "cpu_pct_per_spare": 100 * (cpu() - spares_cpu0) / elapsed / len(trees),
+        "agent_cpu_pct": 100 * (sum(agent.cpu_times()[:2]) - agent_cpu0) / elapsed,
+    }
 
 
 # --------------------------------------------------------------------------- b. burst
@@ -284,6 +318,13 @@ def print_local_report(r: Results) -> None:
         f" | ≤ {TARGET_FIRST_EXEC_MS:g} ms | {verdict(spare.p50 * 1000 <= TARGET_FIRST_EXEC_MS)} |",
         f"| create → first exec p99 (ms) | {ms(spare.p99)} | {ms(fresh.p99)} | | |",
     ]
+    i = r.local_idle
+    if i:
+        lines.append(
+            f"| idle cost per spare | {i['uss_mib_per_spare']:.1f} MiB unique"
+            f" ({i['rss_mib_per_spare']:.0f} MiB RSS, {i['procs_per_spare']:.0f} processes),"
+            f" {i['cpu_pct_per_spare']:.3f}% CPU | | reported | |"
+        )
     console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
 
 
@@ -347,8 +388,9 @@ async def amain(
     burst: int, n: int, cleanup: Cleanup, results: Results, *, local_only: bool = False
 ) -> None:
     with console.status("d. the local runtime"):
-        address, _, _ = await start_cluster(cleanup, LOCAL_WARM, "local")
+        address, agent_id, agent = await start_cluster(cleanup, LOCAL_WARM, "local")
         await bench_local(address, LOCAL_WARM, n, results)
+        await bench_local_idle(address, agent_id, agent, LOCAL_WARM, results)
     if local_only:
         close_all()
         return
