@@ -95,9 +95,6 @@ class SpareIndex:
     def __bool__(self) -> bool:
         return bool(self._by_shape)
 
-    def snapshot(self) -> dict[object, dict[str, int]]:
-        return {key: index.snapshot() for key, index in self._by_shape.items()}
-
 
 class Timers(Generic[K]):
     """Keys due at a time. An entry is never removed early: whoever pops it checks that

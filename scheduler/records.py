@@ -43,6 +43,9 @@ HEARTBEAT_RATE = 700.0
 MAX_HEARTBEAT_INTERVAL = 1.5
 #: Distinct specs shared at most (see SchedulerState._intern).
 MAX_INTERNED_SPECS = 4096
+#: Spare shapes kept per agent (those with the most ready): each placement on it
+#: costs O(its shapes), whatever it reports.
+MAX_SPARE_SHAPES = 16
 #: Blind spots older than this are forgotten (an agent silent that long is judged).
 BLIND_MEMORY_SECONDS = 3600.0
 

@@ -40,6 +40,7 @@ from scheduler.records import (
     MAX_INTERNED_SPECS,
     MAX_PAGE_AGENTS,
     MAX_PAGE_ROWS,
+    MAX_SPARE_SHAPES,
     MAX_STOPPED_UNKNOWN,
     PAGE_AGENTS,
     PAGE_ROWS,
@@ -179,7 +180,8 @@ class SchedulerState:
                 self._spares.set(agent.agent_id, key, ready if usable else 0)
 
     def _set_spares(self, agent: AgentRecord, spares: int, shapes: Iterable[SpareShape]) -> None:
-        new = {shape.key: shape.ready for shape in shapes if shape.ready > 0}
+        held = sorted((s for s in shapes if s.ready > 0), key=lambda s: -s.ready)
+        new = {shape.key: shape.ready for shape in held[:MAX_SPARE_SHAPES]}
         for key in agent.spare_shapes.keys() - new.keys():
             self._spares.set(agent.agent_id, key, 0)
         agent.spares = max(0, spares)

@@ -29,6 +29,7 @@ from aviato.protocol import (
     spare_key,
 )
 from scheduler.indexes import BlindSpots, FreeIndex, Timers
+from scheduler.records import MAX_SPARE_SHAPES
 from scheduler.state import (
     STOP_CONFIRM_SECONDS,
     Action,
@@ -187,6 +188,11 @@ def test_a_create_goes_to_an_agent_holding_a_spare_of_its_shape() -> None:
     )
     state.register_agent(reg, 2.0)
     assert where("n1", cpus=0.5) == "e"
+    # However many shapes an agent reports, it keeps those with the most spares, boundedly.
+    many = [SpareShape(f"img:{i}", ready=1 + i % 3) for i in range(1000)]
+    state.set_spares("c", 1999, many)
+    kept = state.agents["c"].spare_shapes
+    assert len(kept) == MAX_SPARE_SHAPES and set(kept.values()) == {3}
 
 
 def test_the_agent_spare_shape_is_the_one_the_scheduler_matches() -> None:
