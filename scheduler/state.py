@@ -642,8 +642,9 @@ class SchedulerState:
         rec.placing = False
         self._track_inflight(rec)
         if rec.status is not SandboxStatus.CREATING:
-            # Stopped (or lost) while starting: make sure it does not linger.
-            if error is None and rec.agent_id:
+            # Stopped (or lost) while starting: make sure it does not linger (unless its
+            # agent has left: it stopped its sandboxes, and would confirm no stop).
+            if error is None and rec.agent_id and rec.agent_id in self.agents:
                 return [self._stop_on_agent(rec, rec.agent_id, rec.reason)]
             return self._answer_stop_waiters(rec)
         if error is not None:

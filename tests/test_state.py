@@ -1274,6 +1274,20 @@ def test_the_indexes_always_agree_with_a_brute_force_scan(ops: list[tuple[str, i
     del sent
 
 
+def test_a_placement_answered_after_its_agent_left_sends_no_stop() -> None:
+    """Found by the scan above: the agent deregistered (stopping its sandboxes) before
+    its answer to a PlaceSandbox arrived; a stop sent to it would never be confirmed,
+    and would hang as in flight on the agent's next record."""
+    state = make_state()
+    register(state, "a1", fresh=False)
+    state.request_create("k", spec(), 3.0, 0.0)
+    state.deregister_agent("a1", state.agents["a1"].instance, 0.5)
+    assert state.placement_done("sb-1", None, 1.0) == []
+    register(state, "a1", fresh=False, now=1.5)
+    assert state.sandboxes["sb-1"].stops_unconfirmed == 0
+    check_indexes(state)
+
+
 def test_placement_index_spreads_like_the_scan_at_scale() -> None:
     state = make_state()
     for i in range(200):
