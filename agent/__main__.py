@@ -120,8 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="IMAGE=N",
         help="keep N pre-started spare sandboxes of IMAGE (default resources), so that a"
-        " create of it is ready in milliseconds (Docker runtime; repeatable; spares fill"
-        " free slots only)",
+        " create of it is ready in milliseconds (Docker and local runtimes; repeatable;"
+        " spares fill free slots only)",
     )
     p.add_argument(
         "--warm-learn",

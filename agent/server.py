@@ -83,6 +83,7 @@ from aviato.protocol import (
     SandboxReply,
     SandboxSpec,
     SandboxStatus,
+    SpareShape,
     StopSandbox,
     WriteFile,
     decode,
@@ -276,23 +277,25 @@ class AgentServer:
                 warm=self.warm,
                 learn=self.learn_spares,
                 room=lambda: self.slots - len(self.sandboxes) - len(self.creating),
-                start_supervisor=self._start_supervisor,
+                start_supervisor=self._spare_supervisor,
                 changed=self._spares_changed.set,
             )
 
     async def _report_spares(self) -> None:
         """The scheduler sees how many of our free slots hold ready spares (AgentSpares;
         at most two more are starting, in free slots too)."""
-        sent = -1
+        sent: tuple[SpareShape, ...] | None = None
         while True:
             await self._spares_changed.wait()
             self._spares_changed.clear()
             assert self.spares is not None
-            if self.spares.ready_count != sent and self._registered:
-                sent = self.spares.ready_count
-                reply = await self._ask_scheduler(AgentSpares(self.agent_id, sent), 2.0)
+            shapes = self.spares.ready_shapes()
+            if shapes != sent and self._registered:
+                sent = shapes
+                count = sum(s.ready for s in shapes)
+                reply = await self._ask_scheduler(AgentSpares(self.agent_id, count, shapes), 2.0)
                 if reply is None:
-                    sent = -1  # told again at the next change
+                    sent = None  # told again at the next change
             await asyncio.sleep(0.1)  # a burst of claims is one report
 
     def _start_lane(self, hub: WorkerHub) -> None:
@@ -430,6 +433,7 @@ class AgentServer:
             instance=self.instance,
             replaces=self.replaces,
             spares=self.spares.ready_count if self.spares is not None else 0,
+            spare_shapes=self.spares.ready_shapes() if self.spares is not None else (),
         )
         reply = await self._ask_scheduler(msg, self.register_timeout)
         if isinstance(reply, ErrorReply) and reply.code is ErrorCode.ID_IN_USE:
@@ -594,16 +598,31 @@ class AgentServer:
                 log.info("create of %s failed: %s", sid, exc)
                 if self.spares is not None:
                     self.spares.room_freed()
+                    await self._resend_spares(sock)
                 await self._reply_scheduler(sock, request_id, error_reply(exc))
                 return
             finally:
                 self.creating.discard(sid)
+            if self.spares is not None and not spare:
+                await self._resend_spares(sock)
             self.sandboxes[sid] = Running(info.spec, info.created_at, spare)
         running = dataclasses.replace(info, status=SandboxStatus.RUNNING)
         await self._reply_scheduler(sock, request_id, SandboxReply(running))
         early = self._early_exits.pop(sid, None)
         if early is not None:
             await self._handle_exit(early)
+
+    async def _resend_spares(self, sock: zmq.asyncio.Socket) -> None:
+        """The scheduler counted the create it placed here as taking a spare of its
+        shape; it took none (made afresh, or failed): our count, sent before the
+        create's reply on the same socket, so that it arrives first. Its answer is
+        not waited for."""
+        assert self.spares is not None
+        shapes = self.spares.ready_shapes()
+        self._next_id += 1
+        msg = AgentSpares(self.agent_id, sum(s.ready for s in shapes), shapes)
+        with contextlib.suppress(zmq.ZMQError):
+            await sock.send_multipart(encode(msg, self._next_id, token=self.token))
 
     async def _create(self, sid: str, spec: SandboxSpec, labels: dict[str, str]) -> None:
         """Create the sandbox with the supervisor's socket and library mounted in. A
@@ -651,6 +670,17 @@ class AgentServer:
                 hello = await self._hub.wait_ready(sid, WORKER_START_SECONDS)
                 log.debug("supervisor up in %s (python %s)", sid, hello.get("python"))
                 return "error" not in hello
+        return False
+
+    async def _spare_supervisor(self, sid: str) -> bool:
+        """A spare's supervisor, up and connected: started beside its parker, or (a
+        runtime whose supervisor is the main process) awaited."""
+        if not self.runtime.supervisor_is_main:
+            return await self._start_supervisor(sid)
+        assert self._hub is not None
+        with contextlib.suppress(AviatoError):
+            hello = await self._hub.wait_ready(sid, WORKER_START_SECONDS)
+            return "error" not in hello
         return False
 
     async def _on_stop(self, sock: zmq.asyncio.Socket, request_id: int, msg: StopSandbox) -> None:

@@ -7,7 +7,9 @@ has that shape claims a spare: the claim is recorded (agent/runtime/spare_claims
 the supervisor link and the runtime take the sandbox's id, and the parker is sent the
 sandbox's command and environment and ``exec``s it, as the same pid, so the sandbox's
 exit, logs and signals are the command's as in a fresh one. Anything else (another
-shape, a function worker, no spare ready) is created as usual.
+shape, a function worker, no spare ready) is created as usual. On the local runtime a
+spare is a bubblewrap sandbox whose supervisor runs the parker as its command; the same
+FIFO, the same claim (agent/runtime/local.py renames its directory and labels).
 
 Spares live in free slots only (spares + sandboxes <= slots: a create that finds no
 room drops one), are never shared (one claim each, then it is that sandbox's alone) and
@@ -40,7 +42,7 @@ from agent.runtime.base import (
 )
 from agent.workers import SOCKET_DIR, WorkerHub
 from aviato.exceptions import AviatoError, SandboxFailedError, SandboxNotRunningError
-from aviato.protocol import SandboxSpec
+from aviato.protocol import SandboxSpec, SpareShape
 
 log = logging.getLogger("aviato.agent.spares")
 
@@ -101,6 +103,19 @@ class Shape:
             spec.pids_limit,
             spec.network,
             spec.working_dir,
+        )
+
+    def wire(self, ready: int) -> SpareShape:
+        """As the scheduler is told of it (its ``key`` is ``spare_key`` of the specs
+        this shape serves)."""
+        return SpareShape(
+            self.image,
+            self.cpus,
+            self.memory_bytes,
+            self.pids_limit,
+            self.network,
+            self.working_dir,
+            ready,
         )
 
     def parking_spec(self) -> SandboxSpec:
@@ -211,6 +226,10 @@ class SparePool:
     def ready_count(self) -> int:
         """Spares a create can take now (what the scheduler is told)."""
         return sum(len(q) for q in self.ready.values())
+
+    def ready_shapes(self) -> tuple[SpareShape, ...]:
+        """The shapes of the spares a create can take now, and how many of each."""
+        return tuple(shape.wire(len(q)) for shape, q in self.ready.items() if q)
 
     def start(self) -> None:
         """Begin filling (once registered: what a predecessor left is gone by then)."""

@@ -182,6 +182,46 @@ class SandboxInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class SpareShape:
+    """An image and resource shape an agent holds pre-started spares of, and how many
+    are ready: a create whose spec has this shape is ready in milliseconds there."""
+
+    image: str
+    cpus: float | None = None
+    memory_bytes: int | None = None
+    pids_limit: int | None = None
+    network: str | None = None
+    working_dir: str | None = None
+    ready: int = 0
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return (
+            self.image,
+            self.cpus,
+            self.memory_bytes,
+            self.pids_limit,
+            self.network,
+            self.working_dir,
+        )
+
+
+def spare_key(spec: SandboxSpec) -> tuple[object, ...] | None:
+    """The ``SpareShape.key`` of the spares that can serve ``spec`` (None: none can: a
+    function worker's main command is the worker, made afresh)."""
+    if spec.function_worker:
+        return None
+    return (
+        spec.image,
+        spec.cpus,
+        spec.memory_bytes,
+        spec.pids_limit,
+        spec.network,
+        spec.working_dir,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class AgentInfo:
     agent_id: str
     address: str
@@ -355,6 +395,7 @@ class RegisterAgent(Message):
     replaces: str = ""
     #: Pre-started spares it holds (see AgentSpares).
     spares: int = 0
+    spare_shapes: tuple[SpareShape, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +438,8 @@ class AgentSpares(Message):
     TYPE = MsgType.AGENT_SPARES
     agent_id: str
     spares: int
+    #: Of which shapes: the scheduler places a create of one on an agent holding it.
+    shapes: tuple[SpareShape, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

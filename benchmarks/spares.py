@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Sandboxes from pre-started spares (``python -m agent --warm IMAGE=N``) against fresh
-ones and against the raw Docker SDK, in one run.
+ones and against the raw Docker SDK, in one run; and the same on the local runtime.
 
-    python benchmarks/spares.py [--quick] [--burst 32]
+    python benchmarks/spares.py [--quick] [--burst 32] [--local-only]
     python -m benchmarks.spares ...  (the same, from the repo root)
 
 A scheduler and one Docker agent of this run's own (``--warm python:3.11=BURST``, slots
@@ -17,6 +17,9 @@ b. BURST creates at once with BURST spares warm: the wall time until every sandb
    time until every create returned); the raw SDK the same way (BURST threads).
 c. What spares cost at idle: memory (the containers' cgroup usage less page cache, as
    ``docker stats`` shows) and CPU (over 10 s) of BURST parked spares, and of the agent.
+d. The local runtime (bubblewrap + cgroups), a scheduler and agent of their own
+   (``--runtime local --warm python:3.11=4``): create → first exec from a spare and
+   fresh (a shape no spare has), interleaved as in a. ``--local-only``: just this.
 
 Prints rich tables, then a markdown table with each target and whether it is met. Every
 container it makes carries ``aviato-bench.run=<run id>`` or its agent's id, and is
@@ -67,6 +70,9 @@ class Results:
     burst_created: dict[str, float] = field(default_factory=dict)  # method -> seconds
     from_spares: int = 0  # of the burst's sandboxes (checked on their containers' labels)
     idle: dict[str, float] = field(default_factory=dict)
+    local: list[Stats] = field(default_factory=list)  # d. from a spare, fresh
+    local_runtime: str = ""
+    local_idle: dict[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- the cluster
@@ -86,14 +92,16 @@ async def wait_spares(address: str, n: int, what: str, timeout: float = 300) -> 
         await asyncio.sleep(0.05)
 
 
-async def start_cluster(cleanup: Cleanup, burst: int) -> tuple[str, str, psutil.Process]:
-    agent_id = f"bench-{RUN_ID}-spares"
+async def start_cluster(
+    cleanup: Cleanup, burst: int, runtime: str = "docker"
+) -> tuple[str, str, psutil.Process]:
+    agent_id = f"bench-{RUN_ID}-spares-{runtime}"
     cleanup.agent_ids.add(agent_id)
     _sched, address = await start_scheduler(cleanup, None)
     tmp = Path(tempfile.mkdtemp(prefix="aviato-bench-"))
     cleanup.dirs.append(str(tmp))
     argv = ["-m", "agent", "--scheduler", address, "--agent-id", agent_id]
-    argv += ["--runtime", "docker", "--bind", "tcp://127.0.0.1:*", "--slots", str(burst + 8)]
+    argv += ["--runtime", runtime, "--bind", "tcp://127.0.0.1:*", "--slots", str(burst + 8)]
     argv += ["--warm", f"{IMAGE}={burst}", "--state-dir", str(tmp / "state")]
     logfile = tmp / "agent.log"
     agent = spawn_daemon(argv, logfile, ROOT)
@@ -143,6 +151,55 @@ async def bench_sequential(
             if i:
                 stats.add(dt)
     results.create = [spare, fresh, sdk]
+
+
+async def bench_local(address: str, warm: int, n: int, results: Results) -> None:
+    d = SandboxDefaults(container_image=IMAGE, scheduler=address)
+    spare, fresh = Stats("local, from a spare"), Stats("local, fresh")
+    for i in range(n + 1):  # the first round warms every path up, and is dropped
+        for from_spare in (True, False) if i % 2 else (False, True):
+            await wait_spares(address, warm, "the local spares to be refilled")
+            await asyncio.sleep(0.2)
+            shape = {} if from_spare else {"memory_bytes": 1 << 30}  # no spare has it
+            dt, sb = await aviato_create_exec(d, **shape)
+            results.local_runtime = sb.runtime
+            await sb.stop()
+            if i:
+                (spare if from_spare else fresh).add(dt)
+    results.local = [spare, fresh]
+
+
+async def bench_local_idle(
+    address: str, agent_id: str, agent: psutil.Process, warm: int, r: Results
+) -> None:
+    """What the local spares cost at idle: their process trees' RSS summed (shared
+    pages counted in each) and CPU over 10 s; the agent's CPU meanwhile."""
+    await wait_spares(address, warm, f"{warm} local spares")
+    await asyncio.sleep(2)  # settled: no refill under way
+    state = Path(tempfile.gettempdir()) / "aviato-local" / agent_id
+    trees = []
+    for home in state.glob("spare-*"):
+        root = psutil.Process(int((home / "pid").read_text().split()[0]))
+        trees.append([root, *root.children(recursive=True)])
+    if not trees:
+        raise RuntimeError("no parked local spare found")
+    procs = [p for tree in trees for p in tree]
+
+    def cpu() -> float:
+        return sum(sum(p.cpu_times()[:2]) for p in procs)
+
+    window = 10.0
+    spares_cpu0, agent_cpu0, t0 = cpu(), sum(agent.cpu_times()[:2]), time.perf_counter()
+    await asyncio.sleep(window)
+    elapsed = time.perf_counter() - t0
+    r.local_idle = {
+        "spares": len(trees),
+        "rss_mib_per_spare": sum(p.memory_info().rss for p in procs) / len(trees) / (1 << 20),
+        "uss_mib_per_spare": sum(p.memory_full_info().uss for p in procs) / len(trees) / (1 << 20),
+        "procs_per_spare": len(procs) / len(trees),
+        "cpu_pct_per_spare": 100 * (cpu() - spares_cpu0) / elapsed / len(trees),
+        "agent_cpu_pct": 100 * (sum(agent.cpu_times()[:2]) - agent_cpu0) / elapsed,
+    }
 
 
 # --------------------------------------------------------------------------- b. burst
@@ -244,6 +301,34 @@ def verdict(ok: bool) -> str:
 
 
 def print_report(r: Results) -> None:
+    if r.create:
+        print_docker_report(r)
+    if r.local:
+        print_local_report(r)
+
+
+def print_local_report(r: Results) -> None:
+    spare, fresh = r.local
+    title = f"d. local runtime ({r.local_runtime}): create → first exec (sequential)"
+    console.print(latency_table(title, r.local, fresh))
+    lines = [
+        "| local runtime | from spares | fresh | target | verdict |",
+        "|---|---:|---:|---|---|",
+        f"| create → first exec p50 (ms) | {ms(spare.p50)} | {ms(fresh.p50)}"
+        f" | ≤ {TARGET_FIRST_EXEC_MS:g} ms | {verdict(spare.p50 * 1000 <= TARGET_FIRST_EXEC_MS)} |",
+        f"| create → first exec p99 (ms) | {ms(spare.p99)} | {ms(fresh.p99)} | | |",
+    ]
+    i = r.local_idle
+    if i:
+        lines.append(
+            f"| idle cost per spare | {i['uss_mib_per_spare']:.1f} MiB unique"
+            f" ({i['rss_mib_per_spare']:.0f} MiB RSS, {i['procs_per_spare']:.0f} processes),"
+            f" {i['cpu_pct_per_spare']:.3f}% CPU | | reported | |"
+        )
+    console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+
+
+def print_docker_report(r: Results) -> None:
     console.print(latency_table("a. create → first exec (sequential)", r.create, r.create[-1]))
     t = new_table(
         f"b. {r.burst} creates at once",
@@ -296,7 +381,19 @@ def print_markdown(r: Results) -> None:
 # --------------------------------------------------------------------------- main
 
 
-async def amain(burst: int, n: int, cleanup: Cleanup, results: Results) -> None:
+LOCAL_WARM = 4
+
+
+async def amain(
+    burst: int, n: int, cleanup: Cleanup, results: Results, *, local_only: bool = False
+) -> None:
+    with console.status("d. the local runtime"):
+        address, agent_id, agent = await start_cluster(cleanup, LOCAL_WARM, "local")
+        await bench_local(address, LOCAL_WARM, n, results)
+        await bench_local_idle(address, agent_id, agent, LOCAL_WARM, results)
+    if local_only:
+        close_all()
+        return
     peers = DockerPeers()
     try:
         with console.status(f"starting a cluster with {burst} spares"):
@@ -317,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
     parser.add_argument("--burst", type=int, default=32, help="spares warm, creates at once")
+    parser.add_argument("--local-only", action="store_true", help="only d. (no Docker)")
     args = parser.parse_args(argv)
     for var in ("AVIATO_SCHEDULER", "AVIATO_TOKEN"):
         os.environ.pop(var, None)
@@ -325,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     code = 0
     try:
-        uvloop.run(amain(args.burst, 5 if args.quick else 30, cleanup, results))
+        n = 5 if args.quick else 30
+        uvloop.run(amain(args.burst, n, cleanup, results, local_only=args.local_only))
     except KeyboardInterrupt:
         console.print("[red]interrupted: cleaning up[/]")
         code = 130

@@ -2,6 +2,8 @@
 independent of the cluster's size (no sockets, no clock; times are plain floats).
 
 - :class:`FreeIndex`: live agents by free slots, for placement in O(log agents).
+- :class:`SpareIndex`: per spare shape, the agents holding ready spares of it, for
+  placing a create where a spare waits for it in O(log agents).
 - :class:`Timers`: a heap of (when, key), for deadlines that must not be found by
   walking a table every tick.
 - :class:`RowOrder`: every row in the order the scheduler learnt of it, resumable at
@@ -59,8 +61,39 @@ class FreeIndex:
     def total(self) -> int:
         return sum(self._free.values())
 
+    def __len__(self) -> int:
+        return len(self._free)
+
     def snapshot(self) -> dict[str, int]:
         return dict(self._free)
+
+
+class SpareIndex:
+    """Agents that hold ready spares and can take a sandbox, per spare shape (any
+    hashable key): :meth:`best` is the one holding the most of that shape (ties: the
+    smallest id). A :class:`FreeIndex` per shape held anywhere."""
+
+    def __init__(self) -> None:
+        self._by_shape: dict[object, FreeIndex] = {}
+
+    def set(self, agent_id: str, key: object, ready: int) -> None:
+        """``agent_id`` holds ``ready`` spares of ``key`` now (0: none, or it cannot
+        take a sandbox)."""
+        index = self._by_shape.get(key)
+        if index is None:
+            if ready <= 0:
+                return
+            index = self._by_shape[key] = FreeIndex()
+        index.set(agent_id, ready)
+        if not index:
+            del self._by_shape[key]
+
+    def best(self, key: object) -> str | None:
+        index = self._by_shape.get(key)
+        return index.best() if index is not None else None
+
+    def __bool__(self) -> bool:
+        return bool(self._by_shape)
 
 
 class Timers(Generic[K]):

@@ -42,6 +42,9 @@ HEARTBEAT_RATE = 700.0
 MAX_HEARTBEAT_INTERVAL = 1.5
 #: Distinct specs shared at most (see SchedulerState._intern).
 MAX_INTERNED_SPECS = 4096
+#: Spare shapes kept per agent (those with the most ready): each placement on it
+#: costs O(its shapes), whatever it reports.
+MAX_SPARE_SHAPES = 16
 #: Blind spots older than this are forgotten (an agent silent that long is judged).
 BLIND_MEMORY_SECONDS = 3600.0
 
@@ -110,6 +113,8 @@ class AgentRecord:
     dead_since: float | None = None
     #: Pre-started spares it holds, in its free slots (see AgentSpares).
     spares: int = 0
+    #: Of which shapes: ``SpareShape.key`` -> how many are ready.
+    spare_shapes: dict[tuple[object, ...], int] = field(default_factory=dict)
     #: Its sandboxes with a PlaceSandbox or StopSandbox unanswered (ended ones too).
     inflight: set[str] = field(default_factory=set)
 

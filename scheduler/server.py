@@ -535,7 +535,7 @@ class SchedulerServer:
     def _on_spares(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, AgentSpares)
         if self._agent_identity.get(d.msg.agent_id) == identity:  # only from the agent
-            self.state.set_spares(d.msg.agent_id, d.msg.spares)
+            self.state.set_spares(d.msg.agent_id, d.msg.spares, d.msg.shapes)
         return [Reply((identity, d.request_id), OkReply())]
 
     def _on_deregister(self, identity: bytes, d: Decoded, now: float) -> list[Action]:

@@ -26,9 +26,11 @@ from aviato.protocol import (
     SandboxReply,
     SandboxSpec,
     SandboxStatus,
+    SpareShape,
     StopSandbox,
+    spare_key,
 )
-from scheduler.indexes import BlindSpots, FreeIndex, RowOrder, Timers
+from scheduler.indexes import BlindSpots, FreeIndex, RowOrder, SpareIndex, Timers
 from scheduler.records import (
     _SPEC_FIELDS,
     ACTIVE,
@@ -38,6 +40,7 @@ from scheduler.records import (
     MAX_INTERNED_SPECS,
     MAX_PAGE_AGENTS,
     MAX_PAGE_ROWS,
+    MAX_SPARE_SHAPES,
     MAX_STOPPED_UNKNOWN,
     PAGE_AGENTS,
     PAGE_ROWS,
@@ -105,6 +108,8 @@ class SchedulerState:
         self.counts: dict[SandboxStatus, int] = {s: 0 for s in SandboxStatus}
         self._by_session: dict[str, set[str]] = {}
         self._free = FreeIndex()
+        #: agents holding ready spares, per shape: a create of that shape goes there
+        self._spares = SpareIndex()
         self._alive_count = 0
         self._pending_ids: set[str] = set()
         self._lifetimes: Timers[str] = Timers()
@@ -169,6 +174,19 @@ class SchedulerState:
             self._free.set(agent.agent_id, agent.free)
         else:
             self._free.drop(agent.agent_id)
+        if agent.spare_shapes:  # O(its shapes): a few at most
+            usable = agent.alive and agent.free > 0
+            for key, ready in agent.spare_shapes.items():
+                self._spares.set(agent.agent_id, key, ready if usable else 0)
+
+    def _set_spares(self, agent: AgentRecord, spares: int, shapes: Iterable[SpareShape]) -> None:
+        held = sorted((s for s in shapes if s.ready > 0), key=lambda s: -s.ready)
+        new = {shape.key: shape.ready for shape in held[:MAX_SPARE_SHAPES]}
+        for key in agent.spare_shapes.keys() - new.keys():
+            self._spares.set(agent.agent_id, key, 0)
+        agent.spares = max(0, spares)
+        agent.spare_shapes = new
+        self._agent_changed(agent)
 
     def _set_alive(self, agent: AgentRecord, alive: bool) -> None:
         self._dead_list_changed()
@@ -341,7 +359,7 @@ class SchedulerState:
             agent.public_key, agent.lane = msg.public_key, msg.lane
             agent.instance, agent.dead_since = msg.instance, None
             self._set_alive(agent, True)
-        agent.spares = msg.spares
+        self._set_spares(agent, msg.spares, msg.spare_shapes)
         reported = {s.sandbox_id: s for s in msg.sandboxes}
         adopt: list[str] = []
         reap: list[str] = []
@@ -421,10 +439,10 @@ class SchedulerState:
         agent = self.agents.get(agent_id)
         return agent is not None and agent.alive
 
-    def set_spares(self, agent_id: str, spares: int) -> None:
+    def set_spares(self, agent_id: str, spares: int, shapes: Iterable[SpareShape] = ()) -> None:
         agent = self.agents.get(agent_id)
         if agent is not None:
-            agent.spares = max(0, spares)
+            self._set_spares(agent, spares, shapes)
 
     def heartbeat(
         self,
@@ -556,16 +574,36 @@ class SchedulerState:
             "another (python -m agent --scheduler tcp://SCHEDULER:PORT)"
         )
 
-    def choose_agent(self) -> AgentRecord | None:
-        """Spread: the live agent with the most free slots (ties by id, for determinism),
-        from the placement index."""
+    def choose_agent(self, spec: SandboxSpec | None = None) -> AgentRecord | None:
+        """An agent holding a ready spare of ``spec``'s shape (the most of them; ties
+        by id), so that the create is ready in milliseconds; else spread: the live agent
+        with the most free slots (ties by id, for determinism). From the indexes."""
+        if spec is not None and self._spares:
+            key = spare_key(spec)
+            holder = self._spares.best(key) if key is not None else None
+            if holder is not None:
+                return self.agents[holder]
         best = self._free.best()
         return self.agents[best] if best is not None else None
+
+    def _took_spare(self, agent: AgentRecord, spec: SandboxSpec) -> None:
+        """A create of a shape the agent holds spares of: it will take one (until it
+        says otherwise), so the next such create may go elsewhere."""
+        key = spare_key(spec)
+        ready = agent.spare_shapes.get(key, 0) if key is not None else 0
+        if ready > 0:
+            assert key is not None
+            agent.spares = max(0, agent.spares - 1)
+            if ready > 1:
+                agent.spare_shapes[key] = ready - 1
+            else:
+                del agent.spare_shapes[key]
+                self._spares.set(agent.agent_id, key, 0)
 
     def _dispatch(self, now: float) -> list[Action]:
         actions: list[Action] = []
         while self.pending:
-            agent = self.choose_agent()
+            agent = self.choose_agent(self.pending[0].spec)
             if agent is None:
                 break
             req = self.pending.popleft()
@@ -590,6 +628,8 @@ class SchedulerState:
             self._placing[sid] = rec.creator_deadline
             agent.active.add(sid)
             agent.inflight.add(sid)
+            if agent.spare_shapes:
+                self._took_spare(agent, req.spec)
             self._agent_changed(agent)
             actions.append(SendToAgent(agent.agent_id, PlaceSandbox(self.info(rec))))
         return actions
@@ -602,8 +642,9 @@ class SchedulerState:
         rec.placing = False
         self._track_inflight(rec)
         if rec.status is not SandboxStatus.CREATING:
-            # Stopped (or lost) while starting: make sure it does not linger.
-            if error is None and rec.agent_id:
+            # Stopped (or lost) while starting: make sure it does not linger (unless its
+            # agent has left: it stopped its sandboxes, and would confirm no stop).
+            if error is None and rec.agent_id and rec.agent_id in self.agents:
                 return [self._stop_on_agent(rec, rec.agent_id, rec.reason)]
             return self._answer_stop_waiters(rec)
         if error is not None:

@@ -386,7 +386,8 @@ def our_sandbox_dirs() -> list[str]:
             for p in mine
             if p.name not in ("lib", "lane") and not p.name.startswith("spare-")
         ]
-        found += [str(p) for p in (tmp / "aviato-local" / agent_id).glob("*")]
+        local = (tmp / "aviato-local" / agent_id).glob("*")
+        found += [str(p) for p in local if not p.name.startswith("spare-")]
     return found
 
 
@@ -397,7 +398,7 @@ def _sandbox_cgroups() -> set[Path]:
         d
         for pattern in ("aviato/*", "*/aviato/*")
         for d in root.glob(pattern)
-        if d.is_dir() and d.name.startswith(("sb-", "park-"))
+        if d.is_dir() and d.name.startswith(("sb-", "park-", "spare-"))
     }
 
 

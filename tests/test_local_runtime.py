@@ -51,10 +51,19 @@ def _leftovers(c: Cluster) -> list[str]:
     return dirs + procs
 
 
-def _local_cluster(tmp: Path, **env: str) -> Iterator[Cluster]:
+def _local_cluster(
+    tmp: Path,
+    *,
+    agents: int = 2,
+    slots: int = 3,
+    agent_args: list[str] | None = None,
+    **env: str,
+) -> Iterator[Cluster]:
     if shutil.which("bwrap") is None and "AVIATO_LOCAL_NO_BWRAP" not in env:
         pytest.fail("bubblewrap (bwrap) is not installed: .ci/run installs it")
-    c = Cluster(tmp, runtime="local", agent_env=env)
+    c = Cluster(
+        tmp, agents=agents, slots=slots, runtime="local", agent_env=env, agent_args=agent_args
+    )
     try:
         yield c
     finally:

@@ -28,8 +28,9 @@ from aviato import (
 from tests.conftest import ROOT, Cluster, containers_of, docker_cluster, wait_until
 from tests.test_local_runtime import STATE, _local_cluster, need_cgroups
 
-#: "docker-spare": agents that keep spares (--warm), so most sandboxes are made from one.
-RUNTIMES = ["docker", "docker-spare", "local"]
+#: "docker-spare", "local-spare": agents that keep spares (--warm), so most sandboxes are
+#: made from one.
+RUNTIMES = ["docker", "docker-spare", "local", "local-spare"]
 SPARES = ["--warm", "python:3.11=3"]
 
 
@@ -43,6 +44,8 @@ def cluster(
         yield from docker_cluster(tmp)
     elif request.param == "docker-spare":
         yield from docker_cluster(tmp, agent_args=SPARES)
+    elif request.param == "local-spare":
+        yield from _local_cluster(tmp, agent_args=SPARES)
     else:
         yield from _local_cluster(tmp)
 
@@ -53,7 +56,8 @@ def sandboxes_of(cluster: Cluster) -> list[str]:
     if cluster.runtime == "docker":
         names = [name.removeprefix("aviato-") for name in containers_of(cluster.agent_ids)]
         return [name for name in names if not name.startswith("spare-")]
-    return [p.name for a in cluster.agent_ids for p in (STATE / a).glob("*")]
+    names = [p.name for a in cluster.agent_ids for p in (STATE / a).glob("*")]
+    return [name for name in names if not name.startswith("spare-")]
 
 
 @pytest.fixture
@@ -188,6 +192,16 @@ async def test_wait_timeout(defaults: SandboxDefaults) -> None:
 
 
 async def test_spread_over_both_agents(cluster, defaults: SandboxDefaults) -> None:
+    if "--warm" in cluster.agent_args:
+        # Creates go where a spare waits (the most of them first): with as many on
+        # each agent, they alternate as a spread does.
+        await asyncio.to_thread(
+            wait_until,
+            lambda: all(a.spares == cluster.slots for a in cluster.status().agents),
+            60,
+            0.1,
+            "every agent's spares",
+        )
     async with Sandbox.session(defaults) as session:
         sbs = [session.create(command="sleep", args=["infinity"]) for _ in range(2)]
         await asyncio.gather(*(sb.start() for sb in sbs))

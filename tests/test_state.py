@@ -3,9 +3,11 @@ deterministic sandbox ids (sb-1, sb-2, ...), reply keys are plain strings."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import deque
 from collections.abc import Iterable, Sequence
+from dataclasses import fields
 from typing import Any
 
 import pytest
@@ -22,9 +24,12 @@ from aviato.protocol import (
     SandboxReply,
     SandboxSpec,
     SandboxStatus,
+    SpareShape,
     StopSandbox,
+    spare_key,
 )
 from scheduler.indexes import BlindSpots, FreeIndex, Timers
+from scheduler.records import MAX_SPARE_SHAPES
 from scheduler.state import (
     STOP_CONFIRM_SECONDS,
     Action,
@@ -130,6 +135,75 @@ def test_spread_places_on_the_agent_with_most_free_slots_ties_by_id() -> None:
     # b(3) a(2) -> b; a2 b2 tie -> a; a1 b2 -> b; a1 b1 -> a; a0 b1 -> b
     assert where == ["b", "a", "b", "a", "b"]
     assert state.free_slots() == 0
+
+
+def test_a_create_goes_to_an_agent_holding_a_spare_of_its_shape() -> None:
+    """Spread would pick b (more free slots); a holds ready spares of the default shape,
+    so creates of that shape go to a while it has them (as far as the scheduler knows:
+    each placement counts one as taken until a says otherwise)."""
+    state = make_state()
+    register(state, "a", slots=4)
+    register(state, "b", slots=8)
+    state.set_spares("a", 2, (SpareShape("python:3.11", ready=2),))
+
+    def where(key: str, **kw: Any) -> str:
+        return placed(state.request_create(key, spec(**kw), 10.0, 0.0))[0][0]
+
+    assert where("k1") == "a"
+    assert where("k2", env={"X": "1"}, tags=("t",), session_id="s") == "a"  # identity is free
+    assert state.agents["a"].spares == 0
+    assert where("k3") == "b"  # a's spares are taken: spread again
+    # The agent refilled: its report is the truth again.
+    state.set_spares("a", 1, (SpareShape("python:3.11", memory_bytes=1 << 28, ready=1),))
+    assert where("k4") == "b"  # the default shape: no spare of it anywhere
+    assert where("k5", memory_bytes=1 << 28) == "a"
+    # A function worker is never made from a spare; a dead or full agent takes nothing.
+    state.set_spares("a", 1, (SpareShape("python:3.11", ready=1),))
+    assert where("k6", function_worker=True) == "b"
+    state.agents["a"].slots = len(state.agents["a"].active)
+    state.agents["b"].slots += 1
+    state.set_spares("a", 1, (SpareShape("python:3.11", ready=1),))
+    assert where("k7") == "b"
+    state.agents["a"].slots += 2
+    state.set_spares("a", 1, (SpareShape("python:3.11", ready=1),))
+    assert where("k8") == "a"
+    state.set_spares("a", 1, (SpareShape("python:3.11", ready=1),))
+    state.deregister_agent("a", state.agents["a"].instance, 1.0)
+    assert where("k9") == "b"
+    # The agent holding the most spares of the shape wins (ties by id).
+    register(state, "c", slots=4)
+    register(state, "d", slots=4)
+    state.set_spares("c", 1, (SpareShape("python:3.11", ready=1),))
+    state.set_spares("d", 2, (SpareShape("python:3.11", ready=2),))
+    assert [where(f"m{i}") for i in range(3)] == ["d", "c", "d"]
+    # Registration carries them too (a restarted agent's report).
+    reg = RegisterAgent(
+        agent_id="e",
+        address="tcp://e:7000",
+        slots=2,
+        runtime="docker",
+        fresh=True,
+        spares=1,
+        spare_shapes=(SpareShape("python:3.11", cpus=0.5, ready=1),),
+    )
+    state.register_agent(reg, 2.0)
+    assert where("n1", cpus=0.5) == "e"
+    # However many shapes an agent reports, it keeps those with the most spares, boundedly.
+    many = [SpareShape(f"img:{i}", ready=1 + i % 3) for i in range(1000)]
+    state.set_spares("c", 1999, many)
+    kept = state.agents["c"].spare_shapes
+    assert len(kept) == MAX_SPARE_SHAPES and set(kept.values()) == {3}
+
+
+def test_the_agent_spare_shape_is_the_one_the_scheduler_matches() -> None:
+    """The agent reports agent.spares.Shape; the scheduler matches protocol.spare_key."""
+    from agent.spares import Shape
+    from aviato.protocol import spare_key
+
+    full = spec(cpus=0.5, memory_bytes=1 << 28, pids_limit=64, network="none", working_dir="/s")
+    for s in (spec(), full, spec(env={"A": "1"}, tags=("t",), max_lifetime_seconds=3)):
+        assert Shape.of(s).wire(1).key == spare_key(s)
+    assert {f.name for f in fields(Shape)} == {f.name for f in fields(SpareShape)} - {"ready"}
 
 
 def test_place_message_and_creator_reply_once_started() -> None:
@@ -1071,8 +1145,23 @@ def list_all(state: SchedulerState, **filters: Any) -> list[str]:
     raise AssertionError("listing never ended")
 
 
+def brute_spare_choice(state: SchedulerState, key: object) -> str | None:
+    """The agent a create of ``key``'s shape must go to: of the live agents with a free
+    slot, the one holding the most ready spares of it (ties by id); else the spread."""
+    holders = [
+        (-a.spare_shapes.get(key, 0), a.agent_id)  # type: ignore[call-overload]
+        for a in state.agents.values()
+        if a.alive and a.free > 0 and a.spare_shapes.get(key, 0) > 0  # type: ignore[call-overload]
+    ]
+    return min(holders)[1] if holders else brute_choice(state)
+
+
 def check_indexes(state: SchedulerState) -> None:
     rows = state.sandboxes
+    for shape in (spec(), spec(memory_bytes=1 << 28)):
+        chosen = state.choose_agent(shape)
+        want = brute_spare_choice(state, spare_key(shape))
+        assert (chosen.agent_id if chosen else None) == want
     assert (
         state.choose_agent() is None
         if brute_choice(state) is None
@@ -1123,6 +1212,7 @@ OPS = st.lists(
                 "tick",
                 "close",
                 "deregister",
+                "spares",
             ]
         ),
         st.integers(0, 4),
@@ -1176,8 +1266,26 @@ def test_the_indexes_always_agree_with_a_brute_force_scan(ops: list[tuple[str, i
             rec = state.agents.get(agent)
             if rec is not None:
                 state.deregister_agent(agent, rec.instance, now)
+        elif op == "spares":
+            shapes = [SpareShape("python:3.11", ready=j), SpareShape("python:3.11", ready=i)]
+            shapes[1] = dataclasses.replace(shapes[1], memory_bytes=1 << 28)
+            state.set_spares(agent, i + j, shapes[: 1 + j % 2])
         check_indexes(state)
     del sent
+
+
+def test_a_placement_answered_after_its_agent_left_sends_no_stop() -> None:
+    """Found by the scan above: the agent deregistered (stopping its sandboxes) before
+    its answer to a PlaceSandbox arrived; a stop sent to it would never be confirmed,
+    and would hang as in flight on the agent's next record."""
+    state = make_state()
+    register(state, "a1", fresh=False)
+    state.request_create("k", spec(), 3.0, 0.0)
+    state.deregister_agent("a1", state.agents["a1"].instance, 0.5)
+    assert state.placement_done("sb-1", None, 1.0) == []
+    register(state, "a1", fresh=False, now=1.5)
+    assert state.sandboxes["sb-1"].stops_unconfirmed == 0
+    check_indexes(state)
 
 
 def test_placement_index_spreads_like_the_scan_at_scale() -> None:

@@ -36,6 +36,8 @@ from typing import Any
 import psutil
 
 from agent.runtime.base import (
+    LABEL_AGENT,
+    LABEL_SPARE,
     ExitStatus,
     Mount,
     OutputChunk,
@@ -43,6 +45,7 @@ from agent.runtime.base import (
     RuntimeSandbox,
     SandboxExit,
     join_chunks,
+    sandbox_labels,
 )
 from agent.runtime.cgroups import Cgroups
 from agent.runtime.parked import Parked, ParkedPool
@@ -144,6 +147,8 @@ class _Child:
     def __init__(self, pid: int, exited: asyncio.Future[int]) -> None:
         self.pid = pid
         self.exited = exited
+        #: The sandbox it is (a spare's own id until it is claimed).
+        self.sandbox_id = ""
 
 
 def _spawn_watched(cmd: Sequence[str], env: Mapping[str, str], logfd: int) -> _Child:
@@ -191,6 +196,10 @@ def _watch_exit(pid: int) -> asyncio.Future[int]:
 
 class LocalRuntime(Runtime):
     supervisor_is_main = True
+    #: A spare is a sandbox whose supervised command is the parker (agent/spares.py); a
+    #: claim renames its directory and rewrites its labels, which, unlike a container's,
+    #: can change. Spares die with the agent, as every local sandbox does.
+    supports_spares = True
 
     def __init__(
         self,
@@ -286,12 +295,7 @@ class LocalRuntime(Runtime):
                 "AVIATO_LOCAL_CGROUPS=0); leave cpus unset or use a Docker engine",
                 sandbox_id=sandbox_id,
             )
-        if not spec.function_worker and not _command_exists(spec):
-            raise SandboxFailedError(
-                f"command {spec.command!r} was not found on this host (the local runtime's "
-                f"sandboxes see the host system, read-only)",
-                sandbox_id=sandbox_id,
-            )
+        _check_command(sandbox_id, spec)
         agent_id = labels.get("aviato.agent", "agent")
         self._agent_dirs.add(agent_id)
         home = self._dir(agent_id, sandbox_id)
@@ -354,10 +358,48 @@ class LocalRuntime(Runtime):
             child = await self._spawn(sandbox_id, spec, home, cmd, env, cwd, limits)
         (home / "cgroup").write_text(parked.group if parked is not None else sandbox_id)
         (home / "pid").write_text(f"{child.pid} {psutil.Process(child.pid).create_time()}")
+        child.sandbox_id = sandbox_id
         self._procs[sandbox_id] = child
-        task = asyncio.get_running_loop().create_task(self._wait(sandbox_id, child))
+        task = asyncio.get_running_loop().create_task(self._wait(child))
         self._waiters.add(task)
         task.add_done_callback(self._waiters.discard)
+
+    async def create_spare(
+        self, spare_id: str, spec: SandboxSpec, labels: dict[str, str], mounts: Sequence[Mount]
+    ) -> None:
+        await self.create(spare_id, spec, labels, mounts)
+
+    async def claim_spare(
+        self, spare_id: str, sandbox_id: str, spec: SandboxSpec, created_at: float
+    ) -> None:
+        child = self._procs.get(spare_id)
+        home = self._find_dir(spare_id)
+        if child is None or child.exited.done() or home is None:
+            raise SandboxNotRunningError(f"spare {spare_id} is gone", sandbox_id=spare_id)
+        _check_command(sandbox_id, spec)  # as a fresh create: the spare stays ready
+        try:
+            agent_id = json.loads((home / "labels.json").read_text())[LABEL_AGENT]
+            labels = {**sandbox_labels(sandbox_id, agent_id, spec, created_at), LABEL_SPARE: "1"}
+            # No await from here on: the exit watcher reads the child's id when it ends.
+            # The new labels are written beside the old, the directory takes the
+            # sandbox's name, then they replace the old: a failure before the rename
+            # leaves the spare as it was.
+            tmp = home / "labels.json.claim"
+            try:
+                tmp.write_text(json.dumps(labels))
+                os.rename(home, home.parent / sandbox_id)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
+            os.replace(
+                home.parent / sandbox_id / tmp.name, home.parent / sandbox_id / "labels.json"
+            )
+        except (OSError, ValueError, KeyError) as exc:
+            raise SandboxFailedError(
+                f"could not claim a spare for {sandbox_id}: {exc}", sandbox_id=sandbox_id
+            ) from exc
+        self._procs[sandbox_id] = self._procs.pop(spare_id)
+        child.sandbox_id = sandbox_id
 
     async def _launch_parked(
         self,
@@ -495,8 +537,9 @@ class LocalRuntime(Runtime):
                 return (home / "cgroup").read_text().strip() or sandbox_id
         return sandbox_id
 
-    async def _wait(self, sandbox_id: str, child: _Child) -> None:
+    async def _wait(self, child: _Child) -> None:
         code = await asyncio.shield(child.exited)
+        sandbox_id = child.sandbox_id  # read now: a spare may have been claimed since
         self._procs.pop(sandbox_id, None)
         if sandbox_id in self._stopping:
             return
@@ -646,6 +689,15 @@ def parse_tagged_log(raw: bytes, *, mid_record: bool = False) -> builtins.list[O
         chunks.append(OutputChunk(2 if fd == 2 else 1, raw[at : at + size]))
         at += size
     return join_chunks(chunks)
+
+
+def _check_command(sandbox_id: str, spec: SandboxSpec) -> None:
+    if not spec.function_worker and not _command_exists(spec):
+        raise SandboxFailedError(
+            f"command {spec.command!r} was not found on this host (the local runtime's "
+            f"sandboxes see the host system, read-only)",
+            sandbox_id=sandbox_id,
+        )
 
 
 def _command_exists(spec: SandboxSpec) -> bool:
