@@ -8,12 +8,9 @@ report when they register again.
 
 from __future__ import annotations
 
-import bisect
-from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from aviato.protocol import (
-    AgentInfo,
     ClusterStatusReply,
     ErrorCode,
     ErrorReply,
@@ -30,21 +27,13 @@ from aviato.protocol import (
     StopSandbox,
     spare_key,
 )
-from scheduler.indexes import BlindSpots, FreeIndex, RowOrder, SpareIndex, Timers
+from scheduler.queries import Filter, list_page, sandbox_info, status_page
 from scheduler.records import (
     _SPEC_FIELDS,
     ACTIVE,
     BLIND_MEMORY_SECONDS,
-    HEARTBEAT_RATE,
-    MAX_HEARTBEAT_INTERVAL,
     MAX_INTERNED_SPECS,
-    MAX_PAGE_AGENTS,
-    MAX_PAGE_ROWS,
-    MAX_SPARE_SHAPES,
     MAX_STOPPED_UNKNOWN,
-    PAGE_AGENTS,
-    PAGE_ROWS,
-    PAGE_SCAN,
     STOP_CONFIRM_SECONDS,
     Action,
     AgentDeclaredDead,
@@ -57,13 +46,11 @@ from scheduler.records import (
     SendToAgent,
     Waiter,
     _check_sandbox_id,
-    _cursor_seq,
-    _new_sandbox_id,
     _not_found,
-    _seq_of,
     registration_refusal,
     validate_spec,
 )
+from scheduler.tables import Tables
 
 #: The state machine and the records its callers use (defined in scheduler/records.py).
 __all__ = [
@@ -79,160 +66,17 @@ __all__ = [
 ]
 
 
-class SchedulerState:
-    def __init__(
-        self,
-        config: Config | None = None,
-        new_id: Callable[[], str] = _new_sandbox_id,
-        started_at: float = 0.0,
-    ) -> None:
-        self.config = config or Config()
-        self._new_id = new_id
-        self.started_at = started_at
-        self.agents: dict[str, AgentRecord] = {}
-        self.sandboxes: dict[str, SandboxRecord] = {}
-        self.pending: deque[PendingCreate] = deque()
-        self.sessions: dict[str, float] = {}  # session id -> lease expiry
-        #: session id -> when it closed: a create for it arriving late (queued in a
-        #: socket across an outage) must not start a sandbox nobody will stop
-        self.closed_sessions: dict[str, float] = {}
-        #: sandbox id -> when a stop for it came while we did not know it (just after a
-        #: restart, before its agent re-registered): reaped when the agent reports it
-        self.stopped_unknown: dict[str, float] = {}
-        self.waiters: dict[str, list[Waiter]] = {}
-        # Indexes: every decision below costs the same at 10 or 100,000 sandboxes.
-        #: rows of active sandboxes (``sandboxes`` holds every row, ended ones too)
-        self.live: dict[str, SandboxRecord] = {}
-        #: ended rows, oldest end first: forgotten from the front
-        self.ended: dict[str, float] = {}
-        self.counts: dict[SandboxStatus, int] = {s: 0 for s in SandboxStatus}
-        self._by_session: dict[str, set[str]] = {}
-        self._free = FreeIndex()
-        #: agents holding ready spares, per shape: a create of that shape goes there
-        self._spares = SpareIndex()
-        self._alive_count = 0
-        self._pending_ids: set[str] = set()
-        self._lifetimes: Timers[str] = Timers()
-        self._lease_timers: Timers[str] = Timers()
-        self._lease_renewed: dict[str, float] = {}
-        #: CREATING rows whose creator waits: sandbox id -> when the agent is too late
-        self._placing: dict[str, float] = {}
-        #: Stop requests answered once the agent confirms ("stopped" means stopped
-        #: there), by sandbox id; each answered by its deadline at the latest.
-        self._stop_waiters: dict[str, list[Waiter]] = {}
-        #: Identical specs (a session's pool asks for many alike) share one object.
-        self._specs: dict[tuple[object, ...], SandboxSpec] = {}
-        self._order: RowOrder[SandboxRecord] = RowOrder(_seq_of)
-        #: when the scheduler itself could not hear agents (see BlindSpots)
-        self.blind = BlindSpots()
-        self._dead_agents: tuple[str, ...] = ()
-        self._dead_valid_from = self._dead_valid_until = float("-inf")
-
-    # ------------------------------------------------------------------ indexes
-
-    def _add_row(self, rec: SandboxRecord) -> None:
-        self.sandboxes[rec.sandbox_id] = rec
-        self.live[rec.sandbox_id] = rec
-        self.counts[rec.status] += 1
-        rec.seq = self._order.add(rec)
-        session_id = rec.spec.session_id
-        if session_id:
-            self._by_session.setdefault(session_id, set()).add(rec.sandbox_id)
-        if rec.deadline is not None:
-            self._lifetimes.add(rec.deadline, rec.sandbox_id)
-
-    def _set_status(self, rec: SandboxRecord, status: SandboxStatus) -> None:
-        self.counts[rec.status] -= 1
-        self.counts[status] += 1
-        rec.status = status
-
-    def _row_ended(self, rec: SandboxRecord, now: float) -> None:
-        sid = rec.sandbox_id
-        self.live.pop(sid, None)
-        self._placing.pop(sid, None)
-        self.ended.pop(sid, None)
-        self.ended[sid] = now
-        session_id = rec.spec.session_id
-        if session_id:
-            same = self._by_session.get(session_id)
-            if same is not None:
-                same.discard(sid)
-                if not same:
-                    del self._by_session[session_id]
-
-    def _forget_row(self, sid: str) -> None:
-        rec = self.sandboxes.pop(sid, None)
-        self.ended.pop(sid, None)
-        if rec is not None:
-            self.counts[rec.status] -= 1
-            self._stop_waiters.pop(sid, None)
-        self._order.compact(lambda r: self.sandboxes.get(r.sandbox_id) is r, len(self.sandboxes))
-
-    def _agent_changed(self, agent: AgentRecord) -> None:
-        """Keep the placement index in step with ``agent``'s free slots and liveness."""
-        if agent.alive:
-            self._free.set(agent.agent_id, agent.free)
-        else:
-            self._free.drop(agent.agent_id)
-        if agent.spare_shapes:  # O(its shapes): a few at most
-            usable = agent.alive and agent.free > 0
-            for key, ready in agent.spare_shapes.items():
-                self._spares.set(agent.agent_id, key, ready if usable else 0)
-
-    def _set_spares(self, agent: AgentRecord, spares: int, shapes: Iterable[SpareShape]) -> None:
-        held = sorted((s for s in shapes if s.ready > 0), key=lambda s: -s.ready)
-        new = {shape.key: shape.ready for shape in held[:MAX_SPARE_SHAPES]}
-        for key in agent.spare_shapes.keys() - new.keys():
-            self._spares.set(agent.agent_id, key, 0)
-        agent.spares = max(0, spares)
-        agent.spare_shapes = new
-        self._agent_changed(agent)
-
-    def _set_alive(self, agent: AgentRecord, alive: bool) -> None:
-        self._dead_list_changed()
-        if agent.alive != alive:
-            self._alive_count += 1 if alive else -1
-        agent.alive = alive
-        self._agent_changed(agent)
-
-    def _track_inflight(self, rec: SandboxRecord) -> None:
-        agent = self.agents.get(rec.agent_id) if rec.agent_id else None
-        if agent is None:
-            return
-        if self._stop_in_flight(rec):
-            agent.inflight.add(rec.sandbox_id)
-        else:
-            agent.inflight.discard(rec.sandbox_id)
-
-    def heartbeat_interval(self) -> float:
-        """What agents are told: the configured interval, longer in a big cluster (so
-        that heartbeats stay a small part of the scheduler's work)."""
-        n = len(self.agents)
-        return max(self.config.heartbeat_interval, min(MAX_HEARTBEAT_INTERVAL, n / HEARTBEAT_RATE))
-
-    def dead_after(self) -> float:
-        return max(self.config.dead_after_seconds, 3 * self.heartbeat_interval())
+class SchedulerState(Tables):
+    """The decisions: each event handler takes the time and returns the actions."""
 
     # ------------------------------------------------------------------ queries
 
     def info(self, rec: SandboxRecord) -> SandboxInfo:
-        agent = self.agents.get(rec.agent_id) if rec.agent_id else None
-        return SandboxInfo(
-            sandbox_id=rec.sandbox_id,
-            spec=rec.spec,
-            status=rec.status,
-            agent_id=rec.agent_id,
-            agent_address=agent.address if agent else None,
-            exit_code=rec.exit_code,
-            reason=rec.reason,
-            created_at=rec.created_at,
-            deadline=rec.deadline,
-            runtime=agent.runtime if agent else "",
-            agent_public_key=agent.public_key if agent else "",
-            agent_lane=agent.lane if agent else "",
-        )
+        """The row as clients see it."""
+        return sandbox_info(rec, self.agents)
 
     def get(self, sandbox_id: str) -> Message:
+        """One sandbox's row, or NOT_FOUND."""
         rec = self.sandboxes.get(sandbox_id)
         if rec is None:
             return _not_found(sandbox_id)
@@ -248,80 +92,31 @@ class SchedulerState:
         cursor: str = "",
         limit: int | None = None,
     ) -> SandboxListReply:
-        """One page of the rows that match, in the order the scheduler learnt of them,
-        from after ``cursor``; ``next_cursor`` is "" after the last page. A page holds at
-        most ``limit`` rows (PAGE_ROWS by default) and looks at PAGE_SCAN rows at most,
-        so that no listing holds the scheduler for long: a page may be short (even
-        empty) with a cursor to go on from."""
-        want_tags = set(tags)
-        want_status = set(statuses)
-        rows_max = min(MAX_PAGE_ROWS, PAGE_ROWS if limit is None or limit <= 0 else limit)
-        after = _cursor_seq(cursor)
-        rows: list[SandboxInfo] = []
-        sandboxes = self.sandboxes
-        scanned = 0
-        last = after
-        more = False
-        if session_id is not None and not (want_status and want_status <= ACTIVE):
-            candidates = None  # the session index holds live rows only
+        """One bounded page of the rows that match (see ``queries.list_page``)."""
+        want = Filter(frozenset(tags), frozenset(statuses), session_id, agent_id)
+        if session_id is not None and not (want.statuses and want.statuses <= ACTIVE):
+            session_rows = None  # the session index holds live rows only
         elif session_id is not None:
-            # Live rows of one session: from its index, not the whole table.
             ids = self._by_session.get(session_id, set())
-            candidates = sorted((self.live[s] for s in ids), key=_seq_of)
-            candidates = [r for r in candidates if r.seq > after]
+            session_rows = [self.live[s] for s in ids]
         else:
-            candidates = None
-        source = iter(candidates) if candidates is not None else self._order.after(after)
-        for rec in source:
-            if scanned >= PAGE_SCAN or len(rows) >= rows_max:
-                more = True
-                break
-            scanned += 1
-            last = rec.seq
-            if sandboxes.get(rec.sandbox_id) is not rec:
-                continue  # forgotten since
-            if want_status and rec.status not in want_status:
-                continue
-            if session_id is not None and rec.spec.session_id != session_id:
-                continue
-            if agent_id is not None and rec.agent_id != agent_id:
-                continue
-            if want_tags and not want_tags <= set(rec.spec.tags):
-                continue
-            rows.append(self.info(rec))
-        return SandboxListReply(tuple(rows), next_cursor=f"{last}" if more else "")
+            session_rows = None
+        return list_page(
+            self._order,
+            self.sandboxes,
+            self.agents,
+            session_rows,
+            want,
+            cursor,
+            limit,
+        )
 
     def status(self, now: float, cursor: str = "", limit: int | None = None) -> ClusterStatusReply:
-        """The counts, and a page of the agents by id after ``cursor`` (PAGE_AGENTS by
-        default: a status of thousands of agents does not hold the loop either)."""
+        """The counts, and one bounded page of the agents (see ``queries.status_page``)."""
         counts: dict[str, int] = {s.value: n for s, n in self.counts.items()}
         counts["queued"] = len(self.pending)
-        ids = sorted(self.agents)
-        start = bisect.bisect_right(ids, cursor) if cursor else 0
-        size = min(MAX_PAGE_AGENTS, PAGE_AGENTS if limit is None or limit <= 0 else limit)
-        page = ids[start : start + size]
-        more = start + size < len(ids)
-        agents = tuple(
-            AgentInfo(
-                agent_id=a.agent_id,
-                address=a.address,
-                slots=a.slots,
-                used=len(a.active),
-                alive=a.alive,
-                runtime=a.runtime,
-                labels=dict(a.labels),
-                seconds_since_heartbeat=max(0.0, now - a.last_seen),
-                lane=a.lane,
-                spares=a.spares,
-            )
-            for a in map(self.agents.__getitem__, page)
-        )
-        return ClusterStatusReply(
-            agents=agents,
-            sandbox_counts=counts,
-            sessions=len(self.sessions),
-            next_cursor=page[-1] if more and page else "",
-            free_slots=self.free_slots(),
+        return status_page(
+            self.agents, counts, len(self.sessions), self.free_slots(), now, cursor, limit
         )
 
     # ------------------------------------------------------------------ agents
@@ -432,14 +227,13 @@ class SchedulerState:
         self._dead_agents = tuple(sorted(dead))
         self._dead_valid_from, self._dead_valid_until = now, until
 
-    def _dead_list_changed(self) -> None:
-        self._dead_valid_until = float("-inf")
-
     def is_registered(self, agent_id: str) -> bool:
+        """Whether ``agent_id`` is a live registered agent."""
         agent = self.agents.get(agent_id)
         return agent is not None and agent.alive
 
     def set_spares(self, agent_id: str, spares: int, shapes: Iterable[SpareShape] = ()) -> None:
+        """An agent reports the spares it holds ready, per shape (AgentSpares)."""
         agent = self.agents.get(agent_id)
         if agent is not None:
             self._set_spares(agent, spares, shapes)
@@ -511,6 +305,7 @@ class SchedulerState:
         now: float,
         sandbox_id: str = "",
     ) -> list[Action]:
+        """A client asks for a sandbox: refused, queued for a slot, or placed at once."""
         problem = validate_spec(spec) or _check_sandbox_id(sandbox_id)
         if problem:
             return [Reply(key, ErrorReply(ErrorCode.BAD_REQUEST, problem))]
@@ -601,6 +396,7 @@ class SchedulerState:
                 self._spares.set(agent.agent_id, key, 0)
 
     def _dispatch(self, now: float) -> list[Action]:
+        """Place queued creates, in order, while an agent has room."""
         actions: list[Action] = []
         while self.pending:
             agent = self.choose_agent(self.pending[0].spec)
@@ -704,10 +500,6 @@ class SchedulerState:
             return None, actions
         return SandboxReply(self.info(rec)), actions
 
-    @staticmethod
-    def _stop_in_flight(rec: SandboxRecord) -> bool:
-        return rec.placing or rec.stops_unconfirmed > 0
-
     def _stop_on_agent(self, rec: SandboxRecord, agent_id: str, reason: str) -> SendToAgent:
         rec.stops_unconfirmed += 1
         self._track_inflight(rec)
@@ -736,6 +528,7 @@ class SchedulerState:
     def sandbox_exited(
         self, sandbox_id: str, exit_code: int | None, reason: str, now: float
     ) -> list[Action]:
+        """An agent reports a sandbox's command ended (``reason``: why, if it failed)."""
         rec = self.sandboxes.get(sandbox_id)
         if rec is None or rec.status not in ACTIVE:
             return []
@@ -777,6 +570,7 @@ class SchedulerState:
     def wait(
         self, key: ReplyKey, sandbox_id: str, timeout_seconds: float, now: float
     ) -> list[Action]:
+        """A client waits for a sandbox to end: answered then, or at its timeout."""
         rec = self.sandboxes.get(sandbox_id)
         if rec is None:
             return [Reply(key, _not_found(sandbox_id))]
@@ -788,6 +582,7 @@ class SchedulerState:
     # ------------------------------------------------------------------ sessions
 
     def session_keepalive(self, session_id: str, lease_seconds: float, now: float) -> None:
+        """A live client renews its session's lease."""
         if session_id not in self.closed_sessions:  # a keepalive late after the close
             self._lease(session_id, now + max(0.1, lease_seconds), now)
 
@@ -799,6 +594,8 @@ class SchedulerState:
     def session_close(
         self, session_id: str, reason: str, now: float
     ) -> tuple[list[str], list[Action]]:
+        """A session ends (closed, or its lease expired): its sandboxes are stopped and
+        its queued creates refused; returns the ids stopped."""
         self.sessions.pop(session_id, None)
         self._lease_renewed.pop(session_id, None)
         self.closed_sessions.pop(session_id, None)  # re-inserted: kept in time order
@@ -949,6 +746,3 @@ class SchedulerState:
                 rec.placing, rec.stops_unconfirmed = False, 0
                 actions += self._answer_stop_waiters(rec)
         return actions
-
-    def free_slots(self) -> int:
-        return self._free.total()
