@@ -1,12 +1,11 @@
-"""Small public value types."""
+"""Small public value types, stdlib-only: the agent's runtimes use ``OutputChunk`` too
+(one class for a piece of output, from the container to the user)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from aviato.protocol import SandboxStatus
-
-__all__ = ["ExecResult", "OutputChunk", "SandboxStatus"]
+__all__ = ["ExecResult", "OutputChunk"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,6 +52,10 @@ SHARED: dict[str, tuple[frozenset[str] | None, str]] = {
     "aviato._link": (None, "the worker link's schema and framing: stdlib-only, both ends"),
     "aviato._codec": (None, "the protocol's value codec: protocol.py is built on it"),
     "aviato._lane": (None, "the local lane's framing and path: client and agent must agree"),
+    "aviato._types": (
+        frozenset({"OutputChunk"}),
+        "a piece of output is one value type from the container to the user",
+    ),
     "aviato._spare": (None, "the shared-memory buffer that client, agent and worker map"),
     "aviato._flags": (None, "the command-line flags `aviato` and the daemons spell alike"),
     "aviato._zmq": (

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from aviato._types import OutputChunk as OutputChunk  # the runtimes speak it too
 from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec, from_wire, to_wire
 
 if TYPE_CHECKING:  # it imports our labels
@@ -74,12 +75,6 @@ class RuntimeSandbox:
     labels: dict[str, str]
     running: bool
     exit_code: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class OutputChunk:
-    fd: int  # 1 stdout, 2 stderr
-    data: bytes
 
 
 def join_chunks(chunks: Iterable[OutputChunk]) -> list[OutputChunk]:
