@@ -647,8 +647,8 @@ class AgentServer:
         if await self.runtime.start_sidecar(sid, (command, *args), env):
             with contextlib.suppress(AviatoError):
                 hello = await self._hub.wait_ready(sid, WORKER_START_SECONDS)
-                log.debug("supervisor up in %s (python %s)", sid, hello.get("python"))
-                return "error" not in hello
+                log.debug("supervisor up in %s (python %s)", sid, hello.python)
+                return hello.error is None
         return False
 
     async def _on_stop(self, sock: zmq.asyncio.Socket, request_id: int, msg: StopSandbox) -> None:

@@ -28,7 +28,8 @@ from hypothesis import HealthCheck, assume, given, seed, settings
 from hypothesis import strategies as st
 
 from aviato import _zmq
-from aviato._lane import MAX_FRAMES, local_path
+from aviato._lane import local_path
+from aviato.link import MAX_FRAMES
 from aviato.protocol import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
