@@ -42,59 +42,9 @@ if TYPE_CHECKING:  # typing costs milliseconds at start-up; only the checker nee
 # aviato_worker_link.py), in their packages on the host.
 if __package__:
     from agent.worker_link import SHM, FdReader, _send_all, make_picklers, send_shared
-    from aviato.link import (
-        RUNNING,
-        SHM_PROBE,
-        CallBatch,
-        CallHeader,
-        CallOutcome,
-        CallsLink,
-        CallStatus,
-        Detach,
-        ExecRequest,
-        Exit,
-        FileDone,
-        Header,
-        Hello,
-        Kill,
-        Output,
-        ProtocolError,
-        ReadRequest,
-        Serialization,
-        ShmProbe,
-        WriteRequest,
-        decode,
-        encode,
-        pack,
-        read,
-    )
+    from aviato import link as schema
 else:
-    from aviato_link import (  # type: ignore[import-not-found,no-redef]
-        RUNNING,
-        SHM_PROBE,
-        CallBatch,
-        CallHeader,
-        CallOutcome,
-        CallsLink,
-        CallStatus,
-        Detach,
-        ExecRequest,
-        Exit,
-        FileDone,
-        Header,
-        Hello,
-        Kill,
-        Output,
-        ProtocolError,
-        ReadRequest,
-        Serialization,
-        ShmProbe,
-        WriteRequest,
-        decode,
-        encode,
-        pack,
-        read,
-    )
+    import aviato_link as schema  # type: ignore[import-not-found,no-redef]
     from aviato_worker_link import (  # type: ignore[import-not-found,no-redef]
         SHM,
         FdReader,
@@ -161,7 +111,7 @@ def to_json(value: Any) -> bytes:
     return _json(value).encode("utf-8", "backslashreplace")
 
 
-def results_header(outcomes: list[CallOutcome]) -> bytes:
+def results_header(outcomes: list[schema.CallOutcome]) -> bytes:
     """``to_json(encode(Results(outcomes)))``, made directly: it is on every call's path.
     A worker's outcomes have int ids, statuses "ok" or "error", finite seconds, no
     detail, and how many out-of-band buffer frames follow the result's own."""
@@ -290,7 +240,9 @@ class Supervisor:
         self.sock = sock
         self.running_fd = _open_running_marker()
         self.lock = _thread.allocate_lock()
-        self.calls: _queue.SimpleQueue[tuple[CallBatch, list[bytes]] | None] = _queue.SimpleQueue()
+        self.calls: _queue.SimpleQueue[tuple[schema.CallBatch, list[bytes]] | None] = (
+            _queue.SimpleQueue()
+        )
         self.functions: dict[str, Any] = {}
         self.cloudpickle: Any = None
         self.base_env = _user_env()
@@ -306,10 +258,10 @@ class Supervisor:
 
     # ------------------------------------------------------------------ sending
 
-    def send(self, header: Header | bytes, blobs: Sequence[bytes | bytearray] = ()) -> None:
-        head = header if isinstance(header, bytes) else to_json(encode(header))
+    def send(self, header: schema.Header | bytes, blobs: Sequence[bytes | bytearray] = ()) -> None:
+        head = header if isinstance(header, bytes) else to_json(schema.encode(header))
         with self.lock:
-            _send_all(self.sock, pack([head, *blobs]))
+            _send_all(self.sock, schema.pack([head, *blobs]))
 
     def send_results(self, header: bytes, blobs: list[Any]) -> None:
         if self.results_to is None:
@@ -317,7 +269,7 @@ class Supervisor:
         elif self.shm:  # only the main thread writes there: no lock
             send_shared(self.results_to, [header, *blobs])
         else:
-            _send_all(self.results_to, pack([header, *blobs]))
+            _send_all(self.results_to, schema.pack([header, *blobs]))
 
     # ------------------------------------------------------------------ reading
 
@@ -326,25 +278,25 @@ class Supervisor:
         try:
             while True:
                 try:
-                    frames = read(stream)
+                    frames = schema.read(stream)
                     if frames is None:
                         break
-                    header = decode(marshal.loads(frames[0]))  # from the agent: trusted
-                except ProtocolError:  # cut off mid-message: the agent is gone
+                    header = schema.decode(marshal.loads(frames[0]))  # from the agent: trusted
+                except schema.ProtocolError:  # cut off mid-message: the agent is gone
                     break
-                if isinstance(header, CallBatch):
+                if isinstance(header, schema.CallBatch):
                     self.calls.put((header, frames[1:]))
-                elif isinstance(header, ExecRequest):
+                elif isinstance(header, schema.ExecRequest):
                     _thread.start_new_thread(self.do_exec, (header, frames[1:]))
-                elif isinstance(header, ReadRequest):
+                elif isinstance(header, schema.ReadRequest):
                     self.files[header.rid] = [False]  # before its thread: a kill may come
                     _thread.start_new_thread(self.do_read, (header, frames[1:]))
-                elif isinstance(header, WriteRequest):
+                elif isinstance(header, schema.WriteRequest):
                     self.files[header.rid] = [False]
                     _thread.start_new_thread(self.do_write, (header, frames[1:]))
-                elif isinstance(header, Kill):
+                elif isinstance(header, schema.Kill):
                     self.kill(header.rid)
-                elif isinstance(header, Detach):  # the agent exits, its sandboxes stay
+                elif isinstance(header, schema.Detach):  # the agent exits, its sandboxes stay
                     self.detached = True
         finally:
             # The agent went away: so do we, and everything we started (a watchdog:
@@ -375,25 +327,27 @@ class Supervisor:
         then wakes one thread here, not the reader and then us. The reader keeps exec,
         files and the watch on the agent; when the agent goes, it ends the process."""
         self.results_to = link
-        _send_all(link, pack([to_json(encode(CallsLink(shm=SHM)))]))
+        _send_all(link, schema.pack([to_json(schema.encode(schema.CallsLink(shm=SHM)))]))
         stream = FdReader(link)
         try:
             while True:
-                frames = read(stream)
+                frames = schema.read(stream)
                 if frames is None:
                     break
-                header = decode(marshal.loads(frames[0]))  # from the agent: trusted
-                if isinstance(header, CallBatch):
+                header = schema.decode(marshal.loads(frames[0]))  # from the agent: trusted
+                if isinstance(header, schema.CallBatch):
                     self.run_batch(header, frames[1:])
-                elif isinstance(header, ShmProbe):  # did its descriptor get here?
+                elif isinstance(header, schema.ShmProbe):  # did its descriptor get here?
                     got = frames[1] if len(frames) == 2 else None
-                    self.shm = got is not None and bytes(got) == SHM_PROBE
-                    _send_all(link, pack([to_json(encode(ShmProbe(ok=self.shm)))]))
-        except (OSError, ProtocolError):  # reset, or cut off (the agent closed)
+                    self.shm = got is not None and bytes(got) == schema.SHM_PROBE
+                    _send_all(
+                        link, schema.pack([to_json(schema.encode(schema.ShmProbe(ok=self.shm)))])
+                    )
+        except (OSError, schema.ProtocolError):  # reset, or cut off (the agent closed)
             pass
         _wait_for_the_reader()
 
-    def run_batch(self, batch: CallBatch, blobs: list[bytes]) -> None:
+    def run_batch(self, batch: schema.CallBatch, blobs: list[bytes]) -> None:
         if self.cloudpickle is None:
             import pickle
 
@@ -401,7 +355,7 @@ class Supervisor:
 
             self.cloudpickle = cloudpickle
             self.dumps_plain, self.dumps_cloud = make_picklers(pickle, cloudpickle)
-        outcomes: list[CallOutcome] = []
+        outcomes: list[schema.CallOutcome] = []
         payloads: list[Any] = []
         first_unsent = 0.0
         index = 0
@@ -442,21 +396,21 @@ class Supervisor:
         charge an attempt, not the others of its batch (two syscalls, about 2 us)."""
         if self.running_fd is not None:
             try:
-                os.pwrite(self.running_fd, RUNNING.pack(call_id), 0)
+                os.pwrite(self.running_fd, schema.RUNNING.pack(call_id), 0)
             except OSError:
                 self.running_fd = None
 
     def run_one(
         self,
-        call: CallHeader,
+        call: schema.CallHeader,
         fn_blob: bytes | None,
         args_blob: bytes,
         buffers: Sequence[memoryview] = (),
-    ) -> tuple[CallOutcome, list[Any]]:
+    ) -> tuple[schema.CallOutcome, list[Any]]:
         """Run one call: its outcome, and the frames of its result (the pickle, then
         its out-of-band buffers, sent as they are: views of the result's memory)."""
         cp = self.cloudpickle
-        use_json = call.serialization is Serialization.JSON
+        use_json = call.serialization is schema.Serialization.JSON
         import json
 
         started = time.perf_counter()
@@ -487,19 +441,19 @@ class Supervisor:
             limit = call.max_result_bytes
             size = len(blob) + sum(v.nbytes for v in views)
             if limit and size > limit:
-                too_large = CallOutcome(call.call_id, CallStatus.ERROR)
+                too_large = schema.CallOutcome(call.call_id, schema.CallStatus.ERROR)
                 return too_large, [too_large_record(size, limit)]
-            status = CallStatus.OK
+            status = schema.CallStatus.OK
         except BaseException as exc:  # user code may raise anything, SystemExit included
             blob = error_record(exc, None if use_json else cp.dumps)
-            status = CallStatus.ERROR
+            status = schema.CallStatus.ERROR
             views = []
         secs = time.perf_counter() - started
-        return CallOutcome(call.call_id, status, secs, buffers=len(views)), [blob, *views]
+        return schema.CallOutcome(call.call_id, status, secs, buffers=len(views)), [blob, *views]
 
     # ------------------------------------------------------------------ exec
 
-    def do_exec(self, request: ExecRequest, blobs: list[bytes]) -> None:
+    def do_exec(self, request: schema.ExecRequest, blobs: list[bytes]) -> None:
         rid, stream = request.rid, request.stream
         env = {**self.base_env, **request.env}
         stdin = (blobs[0] if blobs else b"") if request.stdin else None
@@ -512,10 +466,10 @@ class Supervisor:
             code = 127 if isinstance(exc, FileNotFoundError) else 126
             message = f"exec {request.argv[0]!r}: {exc.strerror or exc}\n".encode()
             if stream:
-                self.send(Output(rid, 2), [message])
-                self.send(Exit(rid, code))
+                self.send(schema.Output(rid, 2), [message])
+                self.send(schema.Exit(rid, code))
             else:
-                self.send(Exit(rid, code), [b"", message])
+                self.send(schema.Exit(rid, code), [b"", message])
             return
         self.procs[rid] = pid
         if in_w is not None:
@@ -530,7 +484,7 @@ class Supervisor:
                     if not data:
                         return
                     if stream:
-                        self.send(Output(rid, fd), [data])
+                        self.send(schema.Output(rid, fd), [data])
                     else:
                         collected[fd].append(data)
             finally:
@@ -559,7 +513,7 @@ class Supervisor:
             if done.acquire(timeout=2.0 if timed_out else -1):
                 done.release()
         self.procs.pop(rid, None)
-        head = Exit(rid, code, timed_out=bool(timed_out))
+        head = schema.Exit(rid, code, timed_out=bool(timed_out))
         if stream:
             self.send(head)
         else:
@@ -577,23 +531,23 @@ class Supervisor:
 
     # ------------------------------------------------------------------ files
 
-    def do_read(self, request: ReadRequest, _blobs: list[bytes]) -> None:
+    def do_read(self, request: schema.ReadRequest, _blobs: list[bytes]) -> None:
         rid, path = request.rid, request.path
         cancelled = self.files.get(rid) or [False]
         try:
             data = read_capped(path, request.max, cancelled)
         except OSError as exc:
-            self.send(FileDone(rid, error=_file_error(exc)))
+            self.send(schema.FileDone(rid, error=_file_error(exc)))
             return
         except TooLarge:
-            self.send(FileDone(rid, error="too large", too_large=True))
+            self.send(schema.FileDone(rid, error="too large", too_large=True))
             return
         finally:
             self.files.pop(rid, None)
         if data is not None:  # else the agent gave up on it: nobody waits
-            self.send(FileDone(rid), [data])
+            self.send(schema.FileDone(rid), [data])
 
-    def do_write(self, request: WriteRequest, blobs: list[bytes]) -> None:
+    def do_write(self, request: schema.WriteRequest, blobs: list[bytes]) -> None:
         rid, path = request.rid, request.path
         cancelled = self.files.get(rid) or [False]
         try:
@@ -609,11 +563,11 @@ class Supervisor:
                     f.write(data[at : at + WRITE_CHUNK])
             os.chmod(path, request.mode)
         except OSError as exc:
-            self.send(FileDone(rid, error=_file_error(exc)))
+            self.send(schema.FileDone(rid, error=_file_error(exc)))
             return
         finally:
             self.files.pop(rid, None)
-        self.send(FileDone(rid))
+        self.send(schema.FileDone(rid))
 
 
 class TooLarge(Exception):
@@ -864,7 +818,7 @@ def _serve(tagged: Any) -> int:
     supervisor = Supervisor(sock)
     supervisor.main = main_proc
     supervisor.send(
-        Hello(sys.version.split()[0], os.getpid(), error=error, calls=calls is not None)
+        schema.Hello(sys.version.split()[0], os.getpid(), error=error, calls=calls is not None)
     )
     if error is not None:
         return 3
