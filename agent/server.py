@@ -668,8 +668,8 @@ class AgentServer:
         if await self.runtime.start_sidecar(sid, (command, *args), env):
             with contextlib.suppress(AviatoError):
                 hello = await self._hub.wait_ready(sid, WORKER_START_SECONDS)
-                log.debug("supervisor up in %s (python %s)", sid, hello.get("python"))
-                return "error" not in hello
+                log.debug("supervisor up in %s (python %s)", sid, hello.python)
+                return hello.error is None
         return False
 
     async def _spare_supervisor(self, sid: str) -> bool:
@@ -680,7 +680,7 @@ class AgentServer:
         assert self._hub is not None
         with contextlib.suppress(AviatoError):
             hello = await self._hub.wait_ready(sid, WORKER_START_SECONDS)
-            return "error" not in hello
+            return hello.error is None
         return False
 
     async def _on_stop(self, sock: zmq.asyncio.Socket, request_id: int, msg: StopSandbox) -> None:

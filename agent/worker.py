@@ -12,9 +12,9 @@ sandbox with no network still works), says hello, then serves:
   own thread, so many run at once);
 - ``read`` / ``write``: files.
 
-It exits when the agent closes the socket. Framing: ``u32 frame count``, the frames'
-``u64`` lengths, then the frames. Frame 0 is a header: marshal from the agent (we
-trust it), JSON to the agent (it must parse what a sandbox sends safely); the rest are
+It exits when the agent closes the socket. The link's ops, headers and framing are
+aviato/link.py's: frame 0 of a message is a header, marshal from the agent (we trust
+it), JSON to the agent (it must parse what a sandbox sends safely); the rest are
 opaque blobs.
 """
 
@@ -37,28 +37,19 @@ if TYPE_CHECKING:  # typing costs milliseconds at start-up; only the checker nee
     from collections.abc import Sequence
     from typing import Any
 
-# The link's framing, shared memory and result pickling: beside us in the sandbox
-# (/run/aviato-lib/aviato_worker_link.py), in the agent package on the host.
+# The link's schema and framing (aviato/link.py), and its worker side (shared memory,
+# result pickling): beside us in the sandbox (/run/aviato-lib/aviato_link.py and
+# aviato_worker_link.py), in their packages on the host.
 if __package__:
-    from agent.worker_link import (
-        SHM,
-        SHM_PROBE,
-        FdReader,
-        _send_all,
-        make_picklers,
-        pack_message,
-        read_message,
-        send_shared,
-    )
+    from agent.worker_link import SHM, FdReader, _send_all, make_picklers, send_shared
+    from aviato import link as schema
 else:
+    import aviato_link as schema  # type: ignore[import-not-found,no-redef]
     from aviato_worker_link import (  # type: ignore[import-not-found,no-redef]
         SHM,
-        SHM_PROBE,
         FdReader,
         _send_all,
         make_picklers,
-        pack_message,
-        read_message,
         send_shared,
     )
 
@@ -120,15 +111,16 @@ def to_json(value: Any) -> bytes:
     return _json(value).encode("utf-8", "backslashreplace")
 
 
-def results_header(outcomes: list[tuple[int, str, float, int]]) -> bytes:
-    """``to_json`` of a results header, made directly: it is on every call's path.
-    Ids are ints, statuses "ok" or "error", seconds finite floats, then how many
-    out-of-band buffer frames follow the result's own."""
+def results_header(outcomes: list[schema.CallOutcome]) -> bytes:
+    """``to_json(encode(Results(outcomes)))``, made directly: it is on every call's path.
+    A worker's outcomes have int ids, statuses "ok" or "error", finite seconds, no
+    detail, and how many out-of-band buffer frames follow the result's own."""
     return (
         '{"op":"results","outcomes":['
         + ",".join(
-            f'{{"id":{i},"status":"{st}","secs":{secs!r},"bufs":{n}}}'
-            for i, st, secs, n in outcomes
+            f'{{"call_id":{o.call_id},"status":"{o.status.value}","seconds":{o.seconds!r},'
+            f'"detail":"","buffers":{o.buffers}}}'
+            for o in outcomes
         )
         + "]}"
     ).encode()
@@ -190,9 +182,6 @@ def _user_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in OUR_ENV}
 
 
-RUNNING = struct.Struct("!q")
-
-
 def _wait_for_the_reader() -> None:
     """The agent is gone. The reader thread sees it too: it stops what we started (and
     the container, as a watchdog) and ends the process. Returning from main instead
@@ -251,7 +240,7 @@ class Supervisor:
         self.sock = sock
         self.running_fd = _open_running_marker()
         self.lock = _thread.allocate_lock()
-        self.calls: _queue.SimpleQueue[tuple[dict[str, Any], list[bytes]] | None] = (
+        self.calls: _queue.SimpleQueue[tuple[schema.CallBatch, list[bytes]] | None] = (
             _queue.SimpleQueue()
         )
         self.functions: dict[str, Any] = {}
@@ -269,12 +258,10 @@ class Supervisor:
 
     # ------------------------------------------------------------------ sending
 
-    def send(
-        self, header: dict[str, Any] | bytes, blobs: Sequence[bytes | bytearray] | None = None
-    ) -> None:
-        head = header if isinstance(header, bytes) else to_json(header)
+    def send(self, header: schema.Header | bytes, blobs: Sequence[bytes | bytearray] = ()) -> None:
+        head = header if isinstance(header, bytes) else to_json(schema.encode(header))
         with self.lock:
-            _send_all(self.sock, pack_message([head, *(blobs or ())]))
+            _send_all(self.sock, schema.pack([head, *blobs]))
 
     def send_results(self, header: bytes, blobs: list[Any]) -> None:
         if self.results_to is None:
@@ -282,7 +269,7 @@ class Supervisor:
         elif self.shm:  # only the main thread writes there: no lock
             send_shared(self.results_to, [header, *blobs])
         else:
-            _send_all(self.results_to, pack_message([header, *blobs]))
+            _send_all(self.results_to, schema.pack([header, *blobs]))
 
     # ------------------------------------------------------------------ reading
 
@@ -290,21 +277,26 @@ class Supervisor:
         stream = io.BufferedReader(io.FileIO(self.sock.fileno(), "rb", closefd=False), 1 << 16)
         try:
             while True:
-                frames = read_message(stream)
-                if frames is None:
+                try:
+                    frames = schema.read(stream)
+                    if frames is None:
+                        break
+                    header = schema.decode(marshal.loads(frames[0]))  # from the agent: trusted
+                except schema.ProtocolError:  # cut off mid-message: the agent is gone
                     break
-                header = marshal.loads(frames[0])  # from the agent, which we trust
-                op = header.get("op")
-                if op == "calls":
+                if isinstance(header, schema.CallBatch):
                     self.calls.put((header, frames[1:]))
-                elif op in ("exec", "read", "write"):
-                    if op != "exec":  # before its thread runs: a kill may come next
-                        self.files[header["rid"]] = [False]
-                    handler = getattr(self, f"do_{op}")
-                    _thread.start_new_thread(handler, (header, frames[1:]))
-                elif op == "kill":
-                    self.kill(header["rid"])
-                elif op == "detach":  # the agent exits but leaves its sandboxes running
+                elif isinstance(header, schema.ExecRequest):
+                    _thread.start_new_thread(self.do_exec, (header, frames[1:]))
+                elif isinstance(header, schema.ReadRequest):
+                    self.files[header.rid] = [False]  # before its thread: a kill may come
+                    _thread.start_new_thread(self.do_read, (header, frames[1:]))
+                elif isinstance(header, schema.WriteRequest):
+                    self.files[header.rid] = [False]
+                    _thread.start_new_thread(self.do_write, (header, frames[1:]))
+                elif isinstance(header, schema.Kill):
+                    self.kill(header.rid)
+                elif isinstance(header, schema.Detach):  # the agent exits, its sandboxes stay
                     self.detached = True
         finally:
             # The agent went away: so do we, and everything we started (a watchdog:
@@ -335,26 +327,27 @@ class Supervisor:
         then wakes one thread here, not the reader and then us. The reader keeps exec,
         files and the watch on the agent; when the agent goes, it ends the process."""
         self.results_to = link
-        _send_all(link, pack_message([to_json({"op": "calls-link", "shm": SHM})]))
+        _send_all(link, schema.pack([to_json(schema.encode(schema.CallsLink(shm=SHM)))]))
         stream = FdReader(link)
         try:
             while True:
-                frames = read_message(stream)
+                frames = schema.read(stream)
                 if frames is None:
                     break
-                header = marshal.loads(frames[0])  # from the agent, which we trust
-                if header.get("op") == "calls":
+                header = schema.decode(marshal.loads(frames[0]))  # from the agent: trusted
+                if isinstance(header, schema.CallBatch):
                     self.run_batch(header, frames[1:])
-                elif header.get("op") == "shm-probe":  # did its descriptor get here?
+                elif isinstance(header, schema.ShmProbe):  # did its descriptor get here?
                     got = frames[1] if len(frames) == 2 else None
-                    self.shm = got is not None and bytes(got) == SHM_PROBE
-                    answer = to_json({"op": "shm-probe", "ok": self.shm})
-                    _send_all(link, pack_message([answer]))
-        except OSError:  # reset (the agent closed with our results unread)
+                    self.shm = got is not None and bytes(got) == schema.SHM_PROBE
+                    _send_all(
+                        link, schema.pack([to_json(schema.encode(schema.ShmProbe(ok=self.shm)))])
+                    )
+        except (OSError, schema.ProtocolError):  # reset, or cut off (the agent closed)
             pass
         _wait_for_the_reader()
 
-    def run_batch(self, header: dict[str, Any], blobs: list[bytes]) -> None:
+    def run_batch(self, batch: schema.CallBatch, blobs: list[bytes]) -> None:
         if self.cloudpickle is None:
             import pickle
 
@@ -362,29 +355,29 @@ class Supervisor:
 
             self.cloudpickle = cloudpickle
             self.dumps_plain, self.dumps_cloud = make_picklers(pickle, cloudpickle)
-        outcomes: list[tuple[int, str, float, int]] = []
+        outcomes: list[schema.CallOutcome] = []
         payloads: list[Any] = []
         first_unsent = 0.0
         index = 0
-        nbufs = header.get("nbufs") or 0
-        calls = header["calls"]
+        nbufs = batch.buffers
+        calls = batch.calls
         buffers = blobs[len(blobs) - nbufs :] if nbufs else []
         views = [memoryview(b) for b in buffers]
         if nbufs:  # a buffer several calls share is theirs to read, not to change
             uses: dict[int, int] = {}
             for call in calls:
-                for i in call.get("bufs") or ():
+                for i in call.buffers:
                     uses[i] = uses.get(i, 0) + 1
             views = [v.toreadonly() if uses.get(i, 0) > 1 else v for i, v in enumerate(views)]
         for call in calls:
             fn_blob = None
-            if call["fn"]:
+            if call.ship_function:
                 fn_blob = blobs[index]
                 index += 1
             args_blob = blobs[index]
             index += 1
-            self.mark_running(call["id"])
-            mine = [views[i] for i in call.get("bufs") or ()]
+            self.mark_running(call.call_id)
+            mine = [views[i] for i in call.buffers]
             outcome, result = self.run_one(call, fn_blob, args_blob, mine)
             self.mark_running(0)
             outcomes.append(outcome)
@@ -392,7 +385,7 @@ class Supervisor:
             now = time.monotonic()
             if not first_unsent:
                 first_unsent = now
-            if now - first_unsent >= FLUSH_SECONDS or outcome[2] >= FLUSH_SECONDS:
+            if now - first_unsent >= FLUSH_SECONDS or outcome.seconds >= FLUSH_SECONDS:
                 self.send_results(results_header(outcomes), payloads)
                 outcomes, payloads, first_unsent = [], [], 0.0
         if outcomes:
@@ -403,31 +396,31 @@ class Supervisor:
         charge an attempt, not the others of its batch (two syscalls, about 2 us)."""
         if self.running_fd is not None:
             try:
-                os.pwrite(self.running_fd, RUNNING.pack(call_id), 0)
+                os.pwrite(self.running_fd, schema.RUNNING.pack(call_id), 0)
             except OSError:
                 self.running_fd = None
 
     def run_one(
         self,
-        call: dict[str, Any],
+        call: schema.CallHeader,
         fn_blob: bytes | None,
         args_blob: bytes,
         buffers: Sequence[memoryview] = (),
-    ) -> tuple[tuple[int, str, float, int], list[Any]]:
+    ) -> tuple[schema.CallOutcome, list[Any]]:
         """Run one call: its outcome, and the frames of its result (the pickle, then
         its out-of-band buffers, sent as they are: views of the result's memory)."""
         cp = self.cloudpickle
-        use_json = call["ser"] == "json"
+        use_json = call.serialization is schema.Serialization.JSON
         import json
 
         started = time.perf_counter()
         views: list[Any] = []
         try:
             if fn_blob is not None:
-                self.functions[call["digest"]] = cp.loads(fn_blob)
-            fn = self.functions.get(call["digest"])
+                self.functions[call.digest] = cp.loads(fn_blob)
+            fn = self.functions.get(call.digest)
             if fn is None:
-                raise LookupError(f"function {call['digest']} was never shipped to this worker")
+                raise LookupError(f"function {call.digest} was never shipped to this worker")
             if use_json:
                 args, kwargs = json.loads(args_blob)
             else:
@@ -445,39 +438,38 @@ class Supervisor:
                 raise TypeError(
                     f"the return value ({type(value).__name__}) cannot be serialized: {exc}"
                 ) from exc
-            limit = call.get("max") or 0
+            limit = call.max_result_bytes
             size = len(blob) + sum(v.nbytes for v in views)
             if limit and size > limit:
-                return (call["id"], "error", 0.0, 0), [too_large_record(size, limit)]
-            status = "ok"
+                too_large = schema.CallOutcome(call.call_id, schema.CallStatus.ERROR)
+                return too_large, [too_large_record(size, limit)]
+            status = schema.CallStatus.OK
         except BaseException as exc:  # user code may raise anything, SystemExit included
             blob = error_record(exc, None if use_json else cp.dumps)
-            status = "error"
+            status = schema.CallStatus.ERROR
             views = []
         secs = time.perf_counter() - started
-        return (call["id"], status, secs, len(views)), [blob, *views]
+        return schema.CallOutcome(call.call_id, status, secs, buffers=len(views)), [blob, *views]
 
     # ------------------------------------------------------------------ exec
 
-    def do_exec(self, header: dict[str, Any], blobs: list[bytes]) -> None:
-        rid, stream = header["rid"], bool(header.get("stream"))
-        env = {**self.base_env, **(header.get("env") or {})}
-        stdin = (blobs[0] if blobs else b"") if header.get("stdin") else None
+    def do_exec(self, request: schema.ExecRequest, blobs: list[bytes]) -> None:
+        rid, stream = request.rid, request.stream
+        env = {**self.base_env, **request.env}
+        stdin = (blobs[0] if blobs else b"") if request.stdin else None
         try:
             # A session of its own: a timeout kills the whole group.
             pid, out_r, err_r, in_w = spawn(
-                header["argv"], env, header.get("cwd") or None, stdin is not None
+                list(request.argv), env, request.cwd or None, stdin is not None
             )
         except OSError as exc:
             code = 127 if isinstance(exc, FileNotFoundError) else 126
-            message = f"exec {header['argv'][0]!r}: {exc.strerror or exc}\n".encode()
+            message = f"exec {request.argv[0]!r}: {exc.strerror or exc}\n".encode()
             if stream:
-                self.send({"op": "out", "rid": rid, "fd": 2}, [message])
-                self.send({"op": "exit", "rid": rid, "code": code, "timed_out": False})
+                self.send(schema.Output(rid, 2), [message])
+                self.send(schema.Exit(rid, code))
             else:
-                self.send(
-                    {"op": "exit", "rid": rid, "code": code, "timed_out": False}, [b"", message]
-                )
+                self.send(schema.Exit(rid, code), [b"", message])
             return
         self.procs[rid] = pid
         if in_w is not None:
@@ -492,7 +484,7 @@ class Supervisor:
                     if not data:
                         return
                     if stream:
-                        self.send({"op": "out", "rid": rid, "fd": fd}, [data])
+                        self.send(schema.Output(rid, fd), [data])
                     else:
                         collected[fd].append(data)
             finally:
@@ -506,7 +498,7 @@ class Supervisor:
         exited = _thread.allocate_lock()
         exited.acquire()
         timed_out = []
-        timeout = header.get("timeout")
+        timeout = request.timeout
         if timeout is not None:
 
             def watchdog() -> None:
@@ -521,7 +513,7 @@ class Supervisor:
             if done.acquire(timeout=2.0 if timed_out else -1):
                 done.release()
         self.procs.pop(rid, None)
-        head = {"op": "exit", "rid": rid, "code": code, "timed_out": bool(timed_out)}
+        head = schema.Exit(rid, code, timed_out=bool(timed_out))
         if stream:
             self.send(head)
         else:
@@ -539,43 +531,43 @@ class Supervisor:
 
     # ------------------------------------------------------------------ files
 
-    def do_read(self, header: dict[str, Any], _blobs: list[bytes]) -> None:
-        rid, path = header["rid"], header["path"]
+    def do_read(self, request: schema.ReadRequest, _blobs: list[bytes]) -> None:
+        rid, path = request.rid, request.path
         cancelled = self.files.get(rid) or [False]
         try:
-            data = read_capped(path, header.get("max") or 0, cancelled)
+            data = read_capped(path, request.max, cancelled)
         except OSError as exc:
-            self.send({"op": "file", "rid": rid, "error": _file_error(exc)})
+            self.send(schema.FileDone(rid, error=_file_error(exc)))
             return
         except TooLarge:
-            self.send({"op": "file", "rid": rid, "error": "too large", "too_large": True})
+            self.send(schema.FileDone(rid, error="too large", too_large=True))
             return
         finally:
             self.files.pop(rid, None)
         if data is not None:  # else the agent gave up on it: nobody waits
-            self.send({"op": "file", "rid": rid}, [data])
+            self.send(schema.FileDone(rid), [data])
 
-    def do_write(self, header: dict[str, Any], blobs: list[bytes]) -> None:
-        rid, path = header["rid"], header["path"]
+    def do_write(self, request: schema.WriteRequest, blobs: list[bytes]) -> None:
+        rid, path = request.rid, request.path
         cancelled = self.files.get(rid) or [False]
         try:
             parent = os.path.dirname(path)
             if parent:
                 os.makedirs(parent, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, header.get("mode", 0o644))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, request.mode)
             with os.fdopen(fd, "wb") as f:
                 data = memoryview(blobs[0] if blobs else b"")
                 for at in range(0, len(data), WRITE_CHUNK):
                     if cancelled[0]:
                         return
                     f.write(data[at : at + WRITE_CHUNK])
-            os.chmod(path, header.get("mode", 0o644))
+            os.chmod(path, request.mode)
         except OSError as exc:
-            self.send({"op": "file", "rid": rid, "error": _file_error(exc)})
+            self.send(schema.FileDone(rid, error=_file_error(exc)))
             return
         finally:
             self.files.pop(rid, None)
-        self.send({"op": "file", "rid": rid})
+        self.send(schema.FileDone(rid))
 
 
 class TooLarge(Exception):
@@ -809,9 +801,9 @@ def _serve(tagged: Any) -> int:
         return 2
     mine = f"{sys.version_info.major}.{sys.version_info.minor}"
     want = os.environ.get("AVIATO_CLIENT_PYTHON")
-    hello: dict[str, Any] = {"op": "hello", "python": sys.version.split()[0], "pid": os.getpid()}
+    error = None
     if want and want != mine:
-        hello["error"] = (
+        error = (
             f"the image's Python is {mine} but the client's is {want}: functions are "
             f"pickled by the client, so both must match; use an image with Python {want}"
         )
@@ -819,16 +811,16 @@ def _serve(tagged: Any) -> int:
         try:
             import cloudpickle  # noqa: F401
         except ImportError as exc:
-            hello["error"] = f"the worker cannot import cloudpickle: {exc}"
+            error = f"the worker cannot import cloudpickle: {exc}"
     # A function worker takes calls on a second connection, made before the hello so
     # that the agent, told of it there, is sure to get it.
-    calls = _connect(path, 5) if want and main_proc is None and "error" not in hello else None
-    if calls is not None:
-        hello["calls"] = True
+    calls = _connect(path, 5) if want and main_proc is None and error is None else None
     supervisor = Supervisor(sock)
     supervisor.main = main_proc
-    supervisor.send(hello)
-    if "error" in hello:
+    supervisor.send(
+        schema.Hello(sys.version.split()[0], os.getpid(), error=error, calls=calls is not None)
+    )
+    if error is not None:
         return 3
     _thread.start_new_thread(supervisor.reader, ())
     if main_proc is not None:

@@ -1,10 +1,10 @@
-"""The agent <-> worker link, worker side: framing, shared memory and the pickling of
-results with out-of-band buffers. Runs INSIDE a sandbox beside agent/worker.py (copied
-with it to /run/aviato-lib as ``aviato_worker_link``): builtin modules only at import.
+"""The agent <-> worker link, worker side: sending (large frames in shared memory),
+reading with descriptors, and the pickling of results with out-of-band buffers. Runs
+INSIDE a sandbox beside agent/worker.py (copied with it to /run/aviato-lib as
+``aviato_worker_link``): builtin modules only at import.
 
-Framing: ``u32 frame count``, the frames' ``u64`` lengths, then the frames (as
-aviato/_lane.py). A length with the top bit set is a frame in a sealed memfd whose
-descriptor came over the socket with (or before) the message's bytes.
+The link's schema and framing are aviato/link.py's (``aviato_link`` in a sandbox),
+shared with the agent; what is here only the worker does.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ import struct
 
 if __package__:
     from aviato._spare import Spare
+    from aviato.link import SHM_FLAG, pack_head
 else:  # inside a sandbox, copied beside it
+    from aviato_link import SHM_FLAG, pack_head  # type: ignore[import-not-found,no-redef]
     from aviato_spare import Spare  # type: ignore[import-not-found,no-redef]
 
 TYPE_CHECKING = False
@@ -24,24 +26,16 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any
 
-_COUNT = struct.Struct("!I")
-_LEN = struct.Struct("!Q")
-#: A frame this large is read straight into a buffer of its own (no copy after the
-#: read; aligned as the allocator aligns, for the arrays built on it).
-OWN_BUFFER = 64 * 1024
-#: Shared memory on the calls link (see aviato/_lane.py): a frame's length with this
-#: bit set travels as a sealed memfd passed over the socket, not in the stream.
-SHM_FLAG = 1 << 63
+#: Frames at least this large go in shared memory on the calls link (aviato/_lane.py).
 SHM_MIN = int(os.environ.get("AVIATO_SHM_MIN_BYTES", 1 << 20))
 #: Whether to offer shared memory (the agent's probe then says if it works).
 SHM = os.environ.get("AVIATO_WORKER_SHM", "1") != "0"
-SHM_PROBE = b"aviato shared memory probe"  # as agent/workers.py sends it
 FDS_PER_SEND = 250
 
 
 class FdReader:
     """A blocking reader of a Unix socket that keeps the descriptors sent with its
-    bytes (read_message maps those of shared frames): ``read`` and ``readinto``."""
+    bytes (the link's ``read`` maps those of shared frames): ``read`` and ``readinto``."""
 
     def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
@@ -81,22 +75,6 @@ class FdReader:
         return int(count)
 
 
-def _map_fd(fd: int, length: int) -> memoryview:
-    """A shared frame from the agent (trusted), mapped copy-on-write: writable, ours."""
-    import mmap
-
-    try:
-        region = mmap.mmap(
-            fd,
-            length,
-            flags=mmap.MAP_PRIVATE,  # faulted in as read: MAP_POPULATE measured slower
-            prot=mmap.PROT_READ | mmap.PROT_WRITE,
-        )
-    finally:
-        os.close(fd)
-    return memoryview(region)
-
-
 #: The worker's spare memfd for its next large result (made only while the sandbox's
 #: memory limit has room for it twice over).
 SPARE = Spare("aviato-result")
@@ -131,7 +109,7 @@ def send_shared(sock: _socket.socket, frames: Sequence[Any]) -> None:
             else:
                 stream.append(frame)
                 lengths.append(size)
-        head = _COUNT.pack(len(lengths)) + struct.pack(f"!{len(lengths)}Q", *lengths)
+        head = pack_head(lengths)
         if not fds:
             _send_all(sock, [head, *stream])
             return
@@ -141,55 +119,6 @@ def send_shared(sock: _socket.socket, frames: Sequence[Any]) -> None:
     finally:
         for fd in fds:
             os.close(fd)
-
-
-def read_message(stream: Any) -> list[Any] | None:
-    """One message's frames (bytes, or a bytearray for a large one), or None at a clean
-    end of stream."""
-    head = stream.read(_COUNT.size)
-    if len(head) < _COUNT.size:
-        return None
-    (count,) = _COUNT.unpack(head)
-    raw = stream.read(_LEN.size * count)
-    if len(raw) < _LEN.size * count:
-        return None
-    lengths = struct.unpack(f"!{count}Q", raw)
-    frames: list[Any] = []
-    fds = getattr(stream, "fds", None)
-    for length in lengths:
-        frame: Any
-        if length & SHM_FLAG:
-            # None when its descriptor did not get through (only the agent's probe
-            # comes so before the answer, and it is only used after).
-            frame = _map_fd(fds.pop(0), length & ~SHM_FLAG) if fds else None
-        elif length < OWN_BUFFER:
-            frame = stream.read(length)
-            if len(frame) < length:
-                return None
-        else:
-            frame = bytearray(length)
-            if not _read_into(stream, memoryview(frame)):
-                return None
-        frames.append(frame)
-    return frames
-
-
-def _read_into(stream: Any, view: memoryview) -> bool:
-    while view:
-        count = stream.readinto(view)
-        if not count:
-            return False
-        view = view[count:]
-    return True
-
-
-def pack_message(frames: Sequence[Any]) -> list[Any]:
-    """``u32 count``, the ``u64`` lengths, then the frames: one sendall, three reads."""
-    return [
-        _COUNT.pack(len(frames)),
-        struct.pack(f"!{len(frames)}Q", *(len(f) for f in frames)),
-        *frames,
-    ]
 
 
 def _send_all(sock: _socket.socket, parts: Sequence[Any]) -> None:

@@ -20,7 +20,6 @@ import marshal
 import os
 import shutil
 import socket
-import struct
 import tempfile
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,19 +30,41 @@ import cloudpickle
 
 from agent.runtime.base import ExecOutput, ExitStatus, Mount, OutputChunk
 from aviato import _spare as spare
+from aviato import link as schema
 from aviato._lane import FramedSocket, shm_wanted
 from aviato.exceptions import (
     AgentIdInUseError,
     PayloadTooLargeError,
+    ProtocolError,
     SandboxError,
     SandboxFailedError,
     SandboxFileError,
     SandboxNotRunningError,
 )
+from aviato.link import (
+    RUNNING,
+    RUNNING_FILE,
+    SHM_PROBE,
+    CallBatch,
+    CallOutcome,
+    CallsLink,
+    CallStatus,
+    Detach,
+    ExecRequest,
+    Exit,
+    FileDone,
+    Header,
+    Hello,
+    Kill,
+    Output,
+    ReadRequest,
+    Results,
+    ShmProbe,
+    WriteRequest,
+)
 from aviato.protocol import (
     MAX_FRAME_BYTES,
     MAX_PAYLOAD_BYTES,
-    CallOutcome,
     CallResults,
     Message,
     Payload,
@@ -52,8 +73,6 @@ from aviato.protocol import (
 
 log = logging.getLogger("aviato.agent.workers")
 
-_COUNT = struct.Struct("!I")
-_LEN = struct.Struct("!Q")
 SOCKET_DIR = "/run/aviato"
 #: Calls a worker may leave unread on its socket before the agent refuses more (the
 #: client keeps at most two batches in flight per worker: far below this).
@@ -65,7 +84,9 @@ WORKER_ENTRY = (
     "sys.exit(aviato_worker.main())"
 )
 
-Deliver = Callable[[dict[str, Any], list[memoryview]], None]
+#: A supervisor's reply to an exec or file request; None: the supervisor is gone.
+Reply = Output | Exit | FileDone | None
+Deliver = Callable[[Reply, list[memoryview]], None]
 SendNow = Callable[[bytes, int, Message, tuple[Payload, ...]], None]
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
 
@@ -88,7 +109,7 @@ class WorkerLink:
     framed: FramedSocket | None = None
     #: A function worker's second connection, for calls alone (read by its main thread).
     calls: FramedSocket | None = None
-    hello: asyncio.Future[dict[str, Any]] = field(
+    hello: asyncio.Future[Hello] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
     calls_ready: asyncio.Future[None] = field(
@@ -128,6 +149,7 @@ class WorkerHub:
         self.lib.mkdir()
         shutil.copy(Path(__file__).with_name("worker.py"), self.lib / "aviato_worker.py")
         shutil.copy(Path(__file__).with_name("worker_link.py"), self.lib / "aviato_worker_link.py")
+        shutil.copy(Path(schema.__file__), self.lib / "aviato_link.py")
         shutil.copy(Path(spare.__file__), self.lib / "aviato_spare.py")
         shutil.copytree(
             Path(cloudpickle.__file__).parent,
@@ -222,7 +244,7 @@ class WorkerHub:
             link.listener.close()
             link.listener = None
 
-    async def wait_ready(self, sandbox_id: str, timeout: float) -> dict[str, Any]:
+    async def wait_ready(self, sandbox_id: str, timeout: float) -> Hello:
         link = self._links.get(sandbox_id)
         if link is None:  # closed (stopped) while its sandbox was being created
             raise SandboxFailedError(
@@ -237,9 +259,9 @@ class WorkerHub:
                 "the image needs a `python` on its PATH",
                 sandbox_id=sandbox_id,
             ) from None
-        if "error" in hello:
-            raise SandboxFailedError(str(hello["error"]), sandbox_id=sandbox_id)
-        if hello.get("calls"):  # connected before its hello: it is here, or on its way
+        if hello.error is not None:
+            raise SandboxFailedError(hello.error, sandbox_id=sandbox_id)
+        if hello.calls:  # connected before its hello: it is here, or on its way
             try:
                 async with asyncio.timeout(timeout):
                     await asyncio.shield(link.calls_ready)
@@ -263,29 +285,30 @@ class WorkerHub:
             and not link.closed
             and link.framed is not None
             and link.hello.done()
-            and "error" not in link.hello.result()
+            and link.hello.result().error is None
         )
 
     async def _ask(
-        self, sandbox_id: str, header: dict[str, Any], blobs: Sequence[Payload] = ()
-    ) -> tuple[int, asyncio.Queue[tuple[dict[str, Any], list[memoryview]]], WorkerLink]:
+        self, sandbox_id: str, request: Callable[[int], Header], blobs: Sequence[Payload] = ()
+    ) -> tuple[int, asyncio.Queue[tuple[Reply, list[memoryview]]], WorkerLink]:
+        """Send ``request(rid)`` to the supervisor; its replies come on the queue."""
         link = self._links.get(sandbox_id)
         if link is None or link.framed is None or link.closed:
             raise SandboxNotRunningError(
                 f"sandbox {sandbox_id} is not running", sandbox_id=sandbox_id
             )
         rid = next(self._rids)
-        replies: asyncio.Queue[tuple[dict[str, Any], list[memoryview]]] = asyncio.Queue()
+        replies: asyncio.Queue[tuple[Reply, list[memoryview]]] = asyncio.Queue()
         link.pending[rid] = lambda h, b: replies.put_nowait((h, b))
-        await self._write(link, [marshal.dumps({**header, "rid": rid}), *blobs])
+        await self._write(link, [_pack(request(rid)), *blobs])
         return rid, replies, link
 
     async def _one_reply(
-        self, sandbox_id: str, header: dict[str, Any], blobs: Sequence[Payload] = ()
-    ) -> tuple[dict[str, Any], list[memoryview]]:
+        self, sandbox_id: str, request: Callable[[int], Header], blobs: Sequence[Payload] = ()
+    ) -> tuple[Reply, list[memoryview]]:
         """A request to the supervisor answered by a single reply; given up on (the
         client cancelled), the supervisor is told to stop it."""
-        rid, replies, link = await self._ask(sandbox_id, header, blobs)
+        rid, replies, link = await self._ask(sandbox_id, request, blobs)
         answered = False
         try:
             reply = await replies.get()
@@ -301,7 +324,7 @@ class WorkerHub:
         """Kill an exec's command, or stop a read or write, at once (no waiting: we may
         be cancelled)."""
         if not link.closed and link.framed is not None:
-            link.framed.send([marshal.dumps({"op": "kill", "rid": rid})])
+            link.framed.send([_pack(Kill(rid))])
 
     @staticmethod
     def _gone(sandbox_id: str) -> SandboxNotRunningError:
@@ -319,18 +342,17 @@ class WorkerHub:
         timeout_seconds: float | None,
         stdin: Payload | None = None,
     ) -> AsyncIterator[OutputChunk | ExitStatus]:
-        header = _exec_header(argv, cwd, env, timeout_seconds, stream=True, stdin=stdin)
-        rid, replies, link = await self._ask(sandbox_id, header, _stdin_blobs(stdin))
+        request = _exec_request(argv, cwd, env, timeout_seconds, stream=True, stdin=stdin)
+        rid, replies, link = await self._ask(sandbox_id, request, _stdin_blobs(stdin))
         finished = False
         try:
             while True:
                 reply, blobs = await replies.get()
-                op = reply.get("op")
-                if op == "out":
-                    yield OutputChunk(int(reply["fd"]), bytes(blobs[0]) if blobs else b"")
-                elif op == "exit":
+                if isinstance(reply, Output):
+                    yield OutputChunk(reply.fd, bytes(blobs[0]) if blobs else b"")
+                elif isinstance(reply, Exit):
                     finished = True
-                    yield ExitStatus(int(reply["code"]), bool(reply["timed_out"]))
+                    yield ExitStatus(reply.code, reply.timed_out)
                     return
                 else:
                     raise self._gone(sandbox_id)
@@ -349,31 +371,35 @@ class WorkerHub:
         timeout_seconds: float | None,
         stdin: Payload | None = None,
     ) -> ExecOutput:
-        header = _exec_header(argv, cwd, env, timeout_seconds, stream=False, stdin=stdin)
-        reply, blobs = await self._one_reply(sandbox_id, header, _stdin_blobs(stdin))
-        if reply.get("op") != "exit":
+        request = _exec_request(argv, cwd, env, timeout_seconds, stream=False, stdin=stdin)
+        reply, blobs = await self._one_reply(sandbox_id, request, _stdin_blobs(stdin))
+        if not isinstance(reply, Exit):
             raise self._gone(sandbox_id)
         out, err = [bytes(b) for b in [*blobs, b"", b""][:2]]
-        return ExecOutput(int(reply["code"]), out, err, bool(reply["timed_out"]))
+        return ExecOutput(reply.code, out, err, reply.timed_out)
 
     async def _file_op(
-        self, sandbox_id: str, header: dict[str, Any], blobs: Sequence[Payload] = ()
+        self,
+        sandbox_id: str,
+        path: str,
+        request: Callable[[int], ReadRequest | WriteRequest],
+        blobs: Sequence[Payload] = (),
+        max_bytes: int = 0,
     ) -> list[memoryview]:
-        reply, data = await self._one_reply(sandbox_id, header, blobs)
-        if reply.get("op") != "file":
+        reply, data = await self._one_reply(sandbox_id, request, blobs)
+        if not isinstance(reply, FileDone):
             raise self._gone(sandbox_id)
-        if "error" in reply:
-            path = str(header["path"])
+        if reply.error is not None:
             shown = path if len(path) <= 80 else path[:77] + "..."  # not a peer's kilobytes
-            if reply.get("too_large"):
+            if reply.too_large:
                 raise PayloadTooLargeError(
-                    f"{shown} in sandbox {sandbox_id} is larger than the {header.get('max')}-"
+                    f"{shown} in sandbox {sandbox_id} is larger than the {max_bytes}-"
                     "byte read limit: read less (pass a larger max_bytes, or split the file "
                     "in the sandbox)",
                     sandbox_id=sandbox_id,
                 )
             raise SandboxFileError(
-                f"{shown}: {reply['error']} in sandbox {sandbox_id}",
+                f"{shown}: {reply.error} in sandbox {sandbox_id}",
                 filepath=path,
                 sandbox_id=sandbox_id,
             )
@@ -382,11 +408,13 @@ class WorkerHub:
     async def read_file(
         self, sandbox_id: str, path: str, max_bytes: int = MAX_PAYLOAD_BYTES
     ) -> bytes:
-        data = await self._file_op(sandbox_id, {"op": "read", "path": path, "max": max_bytes})
+        request = functools.partial(ReadRequest, path=path, max=max_bytes)
+        data = await self._file_op(sandbox_id, path, request, max_bytes=max_bytes)
         return bytes(data[0]) if data else b""
 
     async def write_file(self, sandbox_id: str, path: str, data: Payload, mode: int) -> None:
-        await self._file_op(sandbox_id, {"op": "write", "path": path, "mode": mode}, [data])
+        request = functools.partial(WriteRequest, path=path, mode=mode)
+        await self._file_op(sandbox_id, path, request, [data])
 
     def run_calls(
         self, identity: bytes, request_id: int, msg: RunCalls, payloads: tuple[Payload, ...]
@@ -416,22 +444,7 @@ class WorkerHub:
                 "send fewer calls at a time",
                 sandbox_id=msg.sandbox_id,
             )
-        header = {
-            "op": "calls",
-            "calls": [
-                {
-                    "id": c.call_id,
-                    "digest": c.digest,
-                    "fn": c.ship_function,
-                    "ser": c.serialization,
-                    "max": c.max_result_bytes,
-                    "bufs": c.buffers,
-                }
-                for c in msg.calls
-            ],
-            "nbufs": msg.buffers,
-        }
-        if not target.send([marshal.dumps(header), *payloads]):
+        if not target.send([_pack(CallBatch(msg.calls, msg.buffers)), *payloads]):
             raise SandboxNotRunningError(
                 f"sandbox {msg.sandbox_id} has no live function worker on this agent",
                 sandbox_id=msg.sandbox_id,
@@ -457,45 +470,43 @@ class WorkerHub:
         conn = holder[0]
         known = conn is link.framed or conn is link.calls
         try:
-            header = json.loads(bytes(frames[0]))
-            op = header.get("op")
-        except (ValueError, AttributeError) as exc:  # the sandbox is not to be trusted
+            header = schema.decode(json.loads(bytes(frames[0])))
+        except (ValueError, ProtocolError) as exc:  # the sandbox is not to be trusted
             log.warning("worker %s sent a malformed header: %s", link.sandbox_id, exc)
             self._drop_conn(link, conn)
             return
-        if op == "hello" and link.framed is None:
+        if isinstance(header, Hello) and link.framed is None:
             link.framed = conn
-            if not header.get("calls"):
+            if not header.calls:
                 self._stop_listening(link)  # nobody else is to connect
             if not link.hello.done():
                 link.hello.set_result(header)
-        elif op == "calls-link" and link.calls is None and conn is not link.framed:
+        elif isinstance(header, CallsLink) and link.calls is None and conn is not link.framed:
             hello = link.hello.result() if link.hello.done() else None
-            if hello is not None and not hello.get("calls"):
+            if hello is not None and not hello.calls:
                 self._drop_conn(link, conn)  # the worker announced none: not the worker's
             else:
                 link.calls = conn
                 self._stop_listening(link)
-                if shm_wanted() and header.get("shm"):
+                if shm_wanted() and header.shm:
                     # Large arguments go in shared memory once a descriptor is seen to
                     # get through (a runtime may not pass them): ready at the answer.
-                    probe = [marshal.dumps({"op": "shm-probe"}), SHM_PROBE]
-                    conn.send(probe, shared_from=0)
+                    conn.send([_pack(ShmProbe()), SHM_PROBE], shared_from=0)
                 elif not link.calls_ready.done():
                     link.calls_ready.set_result(None)
-        elif op == "shm-probe" and conn is link.calls and link.calls is not None:
-            conn.shm = header.get("ok") is True
+        elif isinstance(header, ShmProbe) and conn is link.calls and link.calls is not None:
+            conn.shm = header.ok
             if not conn.shm:
                 why = "descriptors do not get through"
                 log.info("worker %s: no shared memory (%s)", link.sandbox_id, why)
             if not link.calls_ready.done():
                 link.calls_ready.set_result(None)
-        elif op == "results" and known:
-            if not self._forward(link, header.get("outcomes"), frames[1:]):
+        elif isinstance(header, Results) and known:
+            if not self._forward(link, header, frames[1:]):
                 log.warning("worker %s sent malformed results", link.sandbox_id)
                 self._end(link)
-        elif conn is link.framed and isinstance(header.get("rid"), int):
-            deliver = link.pending.get(header["rid"])
+        elif conn is link.framed and isinstance(header, Output | Exit | FileDone):
+            deliver = link.pending.get(header.rid)
             if deliver is not None:
                 deliver(header, frames[1:])
         elif not known:  # another process in the sandbox: it may not speak for the worker
@@ -531,42 +542,37 @@ class WorkerHub:
         if link.closed and not link.routes and not link.pending:
             return
         if not link.hello.done():
-            link.hello.set_result({"error": "the function worker exited before saying hello"})
+            link.hello.set_result(_failed("the function worker exited before saying hello"))
         link.closed = True
         for deliver in list(link.pending.values()):
-            deliver({"op": "gone"}, [])
+            deliver(None, [])
         link.pending.clear()
         if link.routes:
             # Now: close() removes the directory (and the note in it) right after.
             link.culprit = _running_call(link.directory)
             self._spawn(self._fail_routes(link))
 
-    def _forward(self, link: WorkerLink, outcomes: Any, blobs: Sequence[Payload]) -> bool:
+    def _forward(self, link: WorkerLink, results: Results, blobs: Sequence[Payload]) -> bool:
         """Relay a worker's outcomes to whoever sent each call; False (and nothing
         relayed) when they are malformed: checked whole before any route is used."""
-        try:
-            if not isinstance(outcomes, list):
-                return False
-            parsed = [
-                (int(o["id"]), str(o["status"]), float(o["secs"]), int(o.get("bufs", 0)))
-                for o in outcomes
-            ]
-        except (KeyError, TypeError, ValueError, AttributeError):
+        outcomes = results.outcomes
+        if any(
+            o.status not in (CallStatus.OK, CallStatus.ERROR) or o.buffers < 0 or o.detail
+            for o in outcomes
+        ):
             return False
-        if any(status not in ("ok", "error") or n < 0 for _, status, _, n in parsed):
-            return False
-        if sum(1 + n for *_, n in parsed) != len(blobs):
+        if sum(1 + o.buffers for o in outcomes) != len(blobs):
             return False
         by_route: dict[tuple[bytes, int], tuple[list[CallOutcome], list[Payload]]] = {}
         at = 0
-        for call_id, status, secs, n in parsed:
-            frames = blobs[at : at + 1 + n]  # the result, then its out-of-band buffers
-            at += 1 + n
-            route = link.routes.pop(call_id, None)
+        for outcome in outcomes:
+            frames = blobs[at : at + 1 + outcome.buffers]  # the result, then its buffers
+            at += 1 + outcome.buffers
+            route = link.routes.pop(outcome.call_id, None)
             if route is None:
                 continue
             out, payloads = by_route.setdefault((route.identity, route.request_id), ([], []))
-            out.append(CallOutcome(call_id, status, secs, buffers=n))
+            out.append(outcome)
             payloads.extend(frames)
         for (identity, request_id), (out, payloads) in by_route.items():
             msg = CallResults(link.sandbox_id, tuple(out))
@@ -587,7 +593,7 @@ class WorkerHub:
         by_route: dict[tuple[bytes, int], list[CallOutcome]] = {}
         for call_id, route in link.routes.items():
             # "crashed": the call it was running (charged an attempt); "lost": the rest.
-            status = "crashed" if call_id == culprit else "lost"
+            status = CallStatus.CRASHED if call_id == culprit else CallStatus.LOST
             by_route.setdefault((route.identity, route.request_id), []).append(
                 CallOutcome(call_id, status, detail=f"worker {link.sandbox_id} died: {detail}")
             )
@@ -614,7 +620,7 @@ class WorkerHub:
             link.exit_detail.set_result(detail)
         if not link.hello.done():
             link.hello.set_result(
-                {"error": f"the sandbox ended before its supervisor started: {detail}"}
+                _failed(f"the sandbox ended before its supervisor started: {detail}")
             )
         self._end(link)
         shutil.rmtree(link.directory, ignore_errors=True)
@@ -626,7 +632,7 @@ class WorkerHub:
             link = self._links[sandbox_id]
             if detach and link.framed is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._write(link, [marshal.dumps({"op": "detach"})]), 5)
+                    await asyncio.wait_for(self._write(link, [_pack(Detach())]), 5)
             link.routes.clear()  # the agent's tasks are gone: nobody is left to answer
             await self.close(sandbox_id, "the agent is shutting down")
         shutil.rmtree(self.root, ignore_errors=True)
@@ -691,12 +697,6 @@ def _claim_dir(root: Path, agent_id: str) -> int:
     return fd
 
 
-#: What the agent's probe of a worker's calls link carries, in a memfd.
-SHM_PROBE = b"aviato shared memory probe"
-RUNNING_FILE = "running"
-RUNNING = struct.Struct("!q")
-
-
 def _running_call(directory: Path) -> int:
     """The call the worker in ``directory`` was running when it died (0: none known)."""
     try:
@@ -706,7 +706,17 @@ def _running_call(directory: Path) -> int:
         return 0
 
 
-def _exec_header(
+def _pack(header: Header) -> bytes:
+    """A header to the supervisor: marshal (it trusts us; the fastest to load there)."""
+    return marshal.dumps(schema.encode(header))
+
+
+def _failed(error: str) -> Hello:
+    """The hello of a worker that never said one."""
+    return Hello(python="", pid=0, error=error)
+
+
+def _exec_request(
     argv: tuple[str, ...],
     cwd: str | None,
     env: Mapping[str, str] | None,
@@ -714,17 +724,18 @@ def _exec_header(
     *,
     stream: bool,
     stdin: Payload | None = None,
-) -> dict[str, Any]:
-    """The supervisor's exec request; with ``stdin`` its one blob is the command's stdin."""
-    return {
-        "op": "exec",
-        "argv": list(argv),
-        "cwd": cwd,
-        "env": dict(env or {}),
-        "timeout": timeout,
-        "stream": stream,
-        "stdin": stdin is not None,
-    }
+) -> Callable[[int], ExecRequest]:
+    """The supervisor's exec request, given its id; with ``stdin`` its one blob is the
+    command's stdin."""
+    return functools.partial(
+        ExecRequest,
+        argv=tuple(argv),
+        cwd=cwd,
+        env=dict(env or {}),
+        timeout=timeout,
+        stream=stream,
+        stdin=stdin is not None,
+    )
 
 
 def _stdin_blobs(stdin: Payload | None) -> tuple[Payload, ...]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import enum
 import functools
 import hashlib
 import inspect
@@ -27,6 +26,9 @@ import cloudpickle
 from aviato import _buffers, exceptions
 from aviato._options import SandboxOptions
 from aviato.exceptions import AsyncFunctionError, FunctionError, FunctionSerializationError
+
+# How arguments and results travel: the link's enum, as it goes on the wire.
+from aviato.link import Serialization as Serialization
 
 if TYPE_CHECKING:
     from aviato._pool import FunctionPool, PoolStatistics
@@ -47,13 +49,6 @@ __all__ = [
 T = TypeVar("T")
 #: Results above this are refused by the worker (PayloadTooLargeError), not shipped.
 DEFAULT_MAX_RESULT_BYTES = 256 * 1024 * 1024
-
-
-class Serialization(enum.Enum):
-    """How arguments and results travel. The function itself is always cloudpickled."""
-
-    PICKLE = "pickle"
-    JSON = "json"
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,9 +8,9 @@ receiver's I/O thread, the receiver); a stream socket wakes one, which is most o
 function call's round trip. The socket's directory is the agent user's alone (0700):
 whoever can connect could read the agent's keys anyway, so the lane needs no CURVE.
 
-Framing (the agent's links to its function workers use the same; see agent/worker.py):
-``u32 frame count``, the frames' ``u64`` lengths, then the frames. Each frame list is
-what :func:`aviato.protocol.encode` makes; a lane carries exactly what ZeroMQ would.
+Framing (aviato/link.py's, which the agent's links to its workers use too): ``u32 frame
+count``, the frames' ``u64`` lengths, then the frames. Each frame list is what
+:func:`aviato.protocol.encode` makes; a lane carries exactly what ZeroMQ would.
 
 A large frame may travel in shared memory instead (``shm=True`` on the sending side):
 written once into a sealed memfd (a spare zeroed ahead of time when one fits:
@@ -41,16 +41,13 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from aviato import link
 from aviato._spare import Spare
-from aviato.exceptions import ProtocolError
+from aviato.link import SHM_FLAG, FramingError, parse_head
 from aviato.protocol import Frame
 
 log = logging.getLogger("aviato.lane")
 
-COUNT = struct.Struct("!I")
-LENGTH = struct.Struct("!Q")
-#: Frames in one message at most: a RunCalls batch carries at most two per call.
-MAX_FRAMES = 1 << 16
 #: One read's size; a message at least BIG is read straight into its own buffer.
 RECV_BYTES = 256 * 1024
 BIG = 1 << 20
@@ -60,7 +57,6 @@ SCHEME = "unix:"
 #: Frames at least this large go in shared memory where the link allows it (below it,
 #: making and mapping a memfd costs more than copying through the socket).
 SHM_MIN = int(os.environ.get("AVIATO_SHM_MIN_BYTES", 1 << 20))
-SHM_FLAG = 1 << 63
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 #: Descriptors one sendmsg carries at most (the kernel's SCM_MAX_FD is 253).
 FDS_PER_SEND = 250
@@ -70,10 +66,6 @@ MAX_FDS_WAITING = 4096
 
 OnMessage = Callable[[list[memoryview]], None]
 OnClose = Callable[[BaseException | None], None]
-
-
-class FramingError(ProtocolError):
-    """The peer sent something that is not our framing (or breaks its limits)."""
 
 
 def frame_size(frame: Frame) -> int:
@@ -179,8 +171,8 @@ def take_fds(ancillary: list[tuple[int, int, bytes]], into: deque[int]) -> None:
 
 
 def pack_head(frames: Sequence[Frame]) -> bytes:
-    count = len(frames)
-    return struct.pack(f"!I{count}Q", count, *(frame_size(f) for f in frames))
+    """The head of a message of ``frames``, all in the stream."""
+    return link.pack_head([frame_size(f) for f in frames])
 
 
 def _split(
@@ -282,7 +274,7 @@ class FramedSocket:
             else:
                 views.append(view)
                 lengths.append(view.nbytes)
-        head = struct.pack(f"!I{len(lengths)}Q", len(lengths), *lengths)
+        head = link.pack_head(lengths)
         out.append(memoryview(head))
         size = len(head)
         for view in views:
@@ -436,15 +428,10 @@ class FramedSocket:
         # Paused (the peer reads none of its replies): what is buffered waits too.
         while not self.closed and self._reading:
             buf = self._buf
-            if len(buf) < COUNT.size:
+            parsed = parse_head(buf)
+            if parsed is None:
                 return
-            (count,) = COUNT.unpack_from(buf)
-            if not 0 < count <= MAX_FRAMES:
-                raise FramingError(f"a message of {count} frames (at most {MAX_FRAMES})")
-            head = COUNT.size + LENGTH.size * count
-            if len(buf) < head:
-                return
-            lengths = struct.unpack_from(f"!{count}Q", buf, COUNT.size)
+            head, lengths = parsed
             total = sum(n for n in lengths if not n & SHM_FLAG)  # bytes in the stream
             if sum(n & ~SHM_FLAG for n in lengths) > self._max_message:
                 raise FramingError(

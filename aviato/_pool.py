@@ -290,7 +290,7 @@ class FunctionPool:
                     call.call_id,
                     shipped.digest,
                     ship,
-                    options.serialization.value,
+                    options.serialization,
                     options.max_result_bytes,
                     shared.add(call.frames),
                 )

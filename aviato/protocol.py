@@ -25,6 +25,13 @@ from aviato._codec import CodecError, brief, decoder, encode_value
 from aviato._options import SandboxOptions
 from aviato.exceptions import ConfigurationError, ProtocolError
 
+# A call's header and outcome travel on to the function worker and back: their
+# records are the worker link's (stdlib-only, as the worker inside a sandbox needs).
+from aviato.link import CallHeader as CallHeader
+from aviato.link import CallOutcome as CallOutcome
+from aviato.link import CallStatus as CallStatus
+from aviato.link import Serialization as Serialization
+
 PROTOCOL_VERSION = 1
 
 #: Default cap on the bytes of one message's payloads; larger requests are refused
@@ -565,22 +572,6 @@ class Pong(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class CallHeader:
-    """One function call in a RunCalls batch. Its payload frames, in order: the pickled
-    function when ``ship_function`` (once per worker and digest), then the arguments.
-    The arguments' out-of-band buffers are among the frames after the last call's:
-    ``buffers`` are their indices there, in the order the pickle asks for them."""
-
-    call_id: int
-    digest: str
-    ship_function: bool
-    serialization: str  # "pickle" | "json"
-    #: The worker refuses a result larger than this (0: no limit).
-    max_result_bytes: int = 0
-    buffers: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
 class RunCalls(Message):
     """Client -> agent: run these calls on the worker in ``sandbox_id``. Answered by one
     or more CallResults (echoing the request id) until every call has an outcome."""
@@ -590,20 +581,6 @@ class RunCalls(Message):
     calls: tuple[CallHeader, ...]
     #: Out-of-band buffer frames after the calls' own, each sent once per batch however
     #: many of its calls use it (see CallHeader.buffers).
-    buffers: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class CallOutcome:
-    """``status``: "ok" (payload: the result), "error" (payload: the error record),
-    "crashed" (the worker died running this call) or "lost" (the worker died with
-    this call queued or unsent): neither has a payload; ``detail`` says how. An "ok"
-    result's payload is followed by its ``buffers`` out-of-band buffer frames."""
-
-    call_id: int
-    status: str
-    seconds: float = 0.0
-    detail: str = ""
     buffers: int = 0
 
 

@@ -17,7 +17,8 @@ import msgpack
 import psutil
 import zmq
 
-from aviato._lane import COUNT, local_path, pack_head
+from aviato._lane import local_path, pack_head
+from aviato.link import COUNT
 from aviato.protocol import (
     PROTOCOL_VERSION,
     Decoded,

@@ -234,7 +234,16 @@ def paths() -> st.SearchStrategy[str]:
 def agent_requests(live: str) -> st.SearchStrategy[tuple[Any, list[bytes]]]:
     """(request, payload frames) for an agent's data plane: well typed, hostile, and
     aimed at the live sandbox ``live`` most of the time (else at no sandbox at all)."""
-    from aviato.protocol import CallHeader, Exec, GetLogs, Ping, ReadFile, RunCalls, WriteFile
+    from aviato.protocol import (
+        CallHeader,
+        Exec,
+        GetLogs,
+        Ping,
+        ReadFile,
+        RunCalls,
+        Serialization,
+        WriteFile,
+    )
 
     ids = st.sampled_from([live] * 4) | odd_text()
     timeouts = st.sampled_from(TIMEOUTS)
@@ -258,7 +267,7 @@ def agent_requests(live: str) -> st.SearchStrategy[tuple[Any, list[bytes]]]:
         call_id=odd_ints(),
         digest=odd_text(),
         ship_function=st.booleans(),
-        serialization=st.sampled_from(["pickle", "json"]) | odd_text(),
+        serialization=st.sampled_from(list(Serialization)),  # others: malformed
         max_result_bytes=odd_ints(),
     )
     calls = st.builds(RunCalls, sandbox_id=ids, calls=st.lists(headers, max_size=3).map(tuple)).map(

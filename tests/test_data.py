@@ -269,7 +269,8 @@ async def test_a_shared_frame_that_could_change_is_refused(bad: str) -> None:
     import socket
     import struct
 
-    from aviato._lane import SHM_FLAG, FramedSocket, FramingError
+    from aviato._lane import FramedSocket
+    from aviato.link import SHM_FLAG, FramingError
 
     got: list[Any] = []
     closed: list[Any] = []
@@ -371,15 +372,16 @@ def test_a_worker_reads_on_when_a_shared_frame_lost_its_descriptor() -> None:
     import struct
 
     from agent import worker_link
+    from aviato import link
 
     a, b = socket.socketpair()
     try:
-        head = struct.pack("!IQQ", 2, 5, worker_link.SHM_FLAG | 26)
+        head = struct.pack("!IQQ", 2, 5, link.SHM_FLAG | 26)
         a.sendall(head + b"probe")  # no SCM_RIGHTS: lost on the way
         a.sendall(struct.pack("!IQ", 1, 5) + b"calls")
         reader = worker_link.FdReader(b)
-        assert worker_link.read_message(reader) == [b"probe", None]
-        assert worker_link.read_message(reader) == [b"calls"]
+        assert link.read(reader) == [b"probe", None]
+        assert link.read(reader) == [b"calls"]
     finally:
         a.close()
         b.close()

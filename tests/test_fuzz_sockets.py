@@ -27,8 +27,9 @@ import zmq.asyncio
 from hypothesis import HealthCheck, assume, given, seed, settings
 from hypothesis import strategies as st
 
-from aviato._lane import MAX_FRAMES, local_path
+from aviato._lane import local_path
 from aviato._server import sockets
+from aviato.link import MAX_FRAMES, Serialization
 from aviato.protocol import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -507,7 +508,9 @@ def test_wrong_payload_counts_are_refused(
     and keeps serving."""
     sid, address = function_sandbox
     t, base = baselines["agent"]
-    call = CallHeader(call_id=1, digest="d" * 24, ship_function=True, serialization="json")
+    call = CallHeader(
+        call_id=1, digest="d" * 24, ship_function=True, serialization=Serialization.JSON
+    )
     refused = [
         (WriteFile(sid, "/tmp/x"), [], "exactly one payload"),
         (WriteFile(sid, "/tmp/x"), [b"a", b"b"], "exactly one payload"),
@@ -536,7 +539,9 @@ def test_wrong_payload_counts_are_refused(
         assert isinstance(reply.msg, CallResults), reply.msg
         assert [o.status for o in reply.msg.outcomes] == ["error"]
         # ... and the worker still runs a real call (len, shipped by reference).
-        real = CallHeader(call_id=2, digest="l" * 24, ship_function=True, serialization="json")
+        real = CallHeader(
+            call_id=2, digest="l" * 24, ship_function=True, serialization=Serialization.JSON
+        )
         blobs = [cloudpickle.dumps(len), b'[["abc"], {}]']
         (reply,) = peer.exchange(encode(RunCalls(sid, (real,)), 21, blobs), 21, timeout=30)
         assert isinstance(reply.msg, CallResults), reply.msg

@@ -28,9 +28,7 @@ from aviato import Sandbox, SandboxDefaults, UnauthorizedError, _connection
 from aviato._connection import Connection, LaneConnection, agent_connection, connection
 from aviato._lane import (
     BIG,
-    MAX_FRAMES,
     FramedSocket,
-    FramingError,
     connect_unix,
     host_key,
     lane_address,
@@ -38,6 +36,7 @@ from aviato._lane import (
     pack_head,
 )
 from aviato.exceptions import ClusterUnavailableError
+from aviato.link import MAX_FRAMES, FramingError
 from aviato.protocol import Decoded, Ping, Pong, encode
 from tests._fuzz import Peer
 from tests.conftest import Cluster, docker_cluster
