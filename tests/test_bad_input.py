@@ -277,3 +277,19 @@ def test_daemons_say_when_they_listen_openly(tmp_path) -> None:
         finally:
             proc.terminate()
             proc.wait(timeout=10)
+
+
+def test_an_error_reply_never_echoes_a_long_message() -> None:
+    """A daemon's refusal quoting a peer's input (Docker's create error repeats a
+    hostile spec) is cut in the middle: the start and the end stay readable."""
+    from aviato._server.errors import MAX_MESSAGE_CHARS, error_reply
+    from aviato.exceptions import SandboxFailedError
+
+    long = "image 'x' refused: " + "A" * 5000 + " (the end)"
+    reply = error_reply(SandboxFailedError(long))
+    assert len(reply.message) <= MAX_MESSAGE_CHARS
+    assert reply.message.startswith("image 'x' refused: AAA")
+    assert reply.message.endswith("AAA (the end)")
+    assert "characters cut" in reply.message
+    assert error_reply(SandboxFailedError("short")).message == "short"
+    assert len(error_reply(RuntimeError("B" * 5000)).message) <= MAX_MESSAGE_CHARS

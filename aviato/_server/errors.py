@@ -6,7 +6,11 @@ from __future__ import annotations
 from aviato import exceptions as exc
 from aviato.protocol import ErrorCode, ErrorReply
 
-__all__ = ["error_reply"]
+__all__ = ["MAX_MESSAGE_CHARS", "error_reply"]
+
+#: A reply's message is for a person: an error that quotes a peer's input (a hostile
+#: spec in an engine's refusal) is cut in its middle, not echoed at length.
+MAX_MESSAGE_CHARS = 800
 
 _EXC_TO_CODE: list[tuple[type[BaseException], ErrorCode]] = [
     (exc.SandboxNotFoundError, ErrorCode.NOT_FOUND),
@@ -29,5 +33,14 @@ def error_reply(error: BaseException) -> ErrorReply:
     """The reply a daemon sends for ``error`` raised while serving a request."""
     for cls, code in _EXC_TO_CODE:
         if isinstance(error, cls):
-            return ErrorReply(code, str(error), exc.error_detail(error))
-    return ErrorReply(ErrorCode.INTERNAL, f"internal error: {type(error).__name__}: {error}")
+            return ErrorReply(code, _short(str(error)), exc.error_detail(error))
+    why = f"internal error: {type(error).__name__}: {error}"
+    return ErrorReply(ErrorCode.INTERNAL, _short(why))
+
+
+def _short(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    cut = len(message) - MAX_MESSAGE_CHARS + 40
+    head = MAX_MESSAGE_CHARS * 3 // 4
+    return f"{message[:head]} [... {cut} characters cut ...] {message[head + cut :]}"
