@@ -19,7 +19,7 @@ import pickle
 import sys
 import sysconfig
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import cloudpickle
@@ -81,26 +81,6 @@ class Shipped:
     name: str
 
 
-@dataclass(eq=False, slots=True)
-class Call:
-    """One call's life in the client: queued, in flight on a worker, or done."""
-
-    call_id: int
-    fn: RemoteFunction[Any]
-    args_blob: bytes
-    #: The arguments' out-of-band buffers: views of the caller's memory, not copies.
-    frames: _buffers.Frames
-    future: asyncio.Future[FunctionResult[Any]]
-    attempts: int = 0
-    #: Was in flight on a worker that died beside others: it runs alone from now on,
-    #: so that a death can be pinned on the call that caused it.
-    suspect: bool = False
-    worker: Any = None  # the WorkerHandle running it, while in flight
-    timer: asyncio.TimerHandle | None = field(default=None)
-    #: The pool gave it its outcome (a caller's cancel is not one).
-    settled: bool = False
-
-
 class RemoteFunction(Generic[T]):
     """What ``@session.function()`` makes of a sync function."""
 
@@ -117,8 +97,6 @@ class RemoteFunction(Generic[T]):
         self._session = session
         self.options = options
         self._shipped: Shipped | None = None
-        #: Moving average of the function's run time, to size batches.
-        self.mean_seconds: float | None = None
 
     @property
     def name(self) -> str:
@@ -162,13 +140,6 @@ class RemoteFunction(Generic[T]):
             raise FunctionSerializationError(
                 f"{_culprit(args, kwargs)} of {name}() cannot be pickled: {exc}"
             ) from exc
-
-    def decode_value(
-        self, blob: bytes | memoryview, buffers: Sequence[bytes | memoryview] = ()
-    ) -> Any:
-        if self.options.serialization is Serialization.JSON:
-            return json.loads(bytes(blob))
-        return _buffers.loads(blob, buffers)
 
     def __call__(self, *args: Any, **kwargs: Any) -> asyncio.Future[FunctionResult[T]]:
         """Queue one call now; await the returned future for its result. Large buffers
@@ -215,6 +186,17 @@ class RemoteFunction(Generic[T]):
                 bar.close()
             for future in futures:
                 future.cancel()  # no-op for the finished ones; stops the rest if we left early
+
+
+def decode_value(
+    serialization: Serialization,
+    blob: bytes | memoryview,
+    buffers: Sequence[bytes | memoryview] = (),
+) -> Any:
+    """A result as the worker sent it, back into a value."""
+    if serialization is Serialization.JSON:
+        return json.loads(bytes(blob))
+    return _buffers.loads(blob, buffers)
 
 
 _LIBRARY_DIRS = tuple(
