@@ -81,7 +81,7 @@ async def test_the_same_reply_twice_is_delivered_once() -> None:
 
 
 async def test_a_second_outcome_is_counted_and_not_delivered() -> None:
-    pool, conn, fn = await _pool_with_worker()
+    pool, _conn, fn = await _pool_with_worker()
     future = pool.submit(fn, b"")
     [call] = pool.workers[0].inflight.values()
     for outcome in (Done(1, "sb-a", 1, 0.0), Done(2, "sb-b", 2, 0.0), RuntimeError("a third")):
