@@ -30,6 +30,7 @@ from aviato._function import (
     rebuild_error,
 )
 from aviato._pool_state import (
+    DIED,
     Action,
     Call,
     CancelTimer,
@@ -316,10 +317,8 @@ class FunctionPool:
         if isinstance(msg, CallResults):
             blobs = iter(decoded.payloads)
             for outcome in msg.outcomes:
-                # A worker's death ("lost", "crashed") has no payload; a result or an
-                # error has one, then its buffers.
-                died = outcome.status in ("lost", "crashed")
-                blob = b"" if died else next(blobs)
+                # A result or an error has a payload, then its buffers; a death none.
+                blob = b"" if outcome.status in DIED else next(blobs)
                 buffers = [next(blobs, b"") for _ in range(outcome.buffers)]
                 outcomes.append((outcome, blob, buffers))
         self._run(self.state.outcomes(worker_id, batch, outcomes))
@@ -382,12 +381,13 @@ class FunctionPool:
             self._run(self.state.start_failed(exc))
             return
         worker_id = sandbox.sandbox_id or "?"
+        # The channel first: the state may send to the worker as soon as it has it.
+        conn = None if self.state.closed else agent_connection(info, self.session.defaults)
         actions = self.state.worker_started(worker_id)
         record = self.state.worker(worker_id)
-        if record is None:  # the pool closed meanwhile
+        if record is None or conn is None:  # the pool closed meanwhile
             await self._stop_quietly(sandbox)
             return
-        conn = agent_connection(info, self.session.defaults)
         handle = self._handles[worker_id] = WorkerHandle(sandbox, conn, record)
         self._task(self._watch(handle))
         self._run(actions)

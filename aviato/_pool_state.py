@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BATCH_BYTES",
     "BATCH_SECONDS",
+    "DIED",
     "GROW_BACKLOG_SECONDS",
     "MAX_BATCH",
     "Action",
@@ -204,6 +205,8 @@ Action = (
     | Note
 )
 
+#: Outcome statuses that say the worker died: they carry no payload.
+DIED = ("lost", "crashed")
 #: One outcome from a worker: its record, its payload (b"" for none) and its buffers.
 Outcome = tuple[CallOutcome, Payload, Sequence[Payload]]
 
@@ -350,7 +353,7 @@ class PoolState:
         for outcome, blob, buffers in outcomes:
             call_id = outcome.call_id
             ids.discard(call_id)
-            if outcome.status in ("lost", "crashed"):
+            if outcome.status in DIED:
                 lost = outcome.detail  # handled below, with every call the worker held
                 if outcome.status == "crashed":
                     culprit = call_id
