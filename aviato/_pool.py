@@ -137,14 +137,14 @@ class CallFuture(asyncio.Future[FunctionResult[Any]]):
     """A call's future, whose cancel reaches the pool at once: a queued call is then
     never sent, and a running one's worker is stopped."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, on_cancel: Callable[[], None]) -> None:
-        super().__init__(loop=loop)
-        self._on_cancel = on_cancel
+    # Set after asyncio's own __init__ (a Python one here would cost every call).
+    pool: FunctionPool
+    call: Call
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
             return False
-        self._on_cancel()
+        self.pool._cancelled(self.call)
         return True
 
 
@@ -163,6 +163,7 @@ class FunctionPool:
         self._requests: dict[int, tuple[Channel, int]] = {}  # batch -> its request
         self._functions: dict[str, bytes] = {}  # digest -> the pickled function
         self._tasks: set[asyncio.Task[None]] = set()
+        self._carry_out = self._actions()
 
     @property
     def max_workers(self) -> int | None:
@@ -205,9 +206,11 @@ class FunctionPool:
         if shipped.digest not in self._functions:
             self._functions[shipped.digest] = shipped.blob
         call = Call(
-            next(_call_ids), shipped.digest, fn.name, fn.options, args_blob, frames or Frames()
+            next(_call_ids), shipped.digest, shipped.name, fn.options, args_blob, frames or Frames()
         )
-        future = CallFuture(asyncio.get_running_loop(), functools.partial(self._cancelled, call))
+        future = CallFuture(loop=asyncio.get_running_loop())
+        future.pool = self
+        future.call = call
         self._futures[call.call_id] = future
         self._run(self.state.submit(call))
         return future
@@ -217,35 +220,46 @@ class FunctionPool:
     def _run(self, actions: list[Action]) -> None:
         """Carry out what the state decided, in order."""
         for action in actions:
-            if isinstance(action, Settle):
-                self._settle(action)
-            elif isinstance(action, Send):
-                self._send(action)
-            elif isinstance(action, Dispatch):
-                asyncio.get_running_loop().call_soon(self._dispatch)
-            elif isinstance(action, Forget):
-                request = self._requests.pop(action.batch, None)
-                if request is not None:
-                    request[0].forget(request[1])
-            elif isinstance(action, StartTimer):
-                self._timers[action.call.call_id] = asyncio.get_running_loop().call_later(
-                    action.seconds, self._timed_out, action.call
-                )
-            elif isinstance(action, CancelTimer):
-                timer = self._timers.pop(action.call.call_id, None)
-                if timer is not None:
-                    timer.cancel()
-            elif isinstance(action, StopWorker):
-                handle = self._handles.pop(action.worker_id, None)
-                if handle is not None:
-                    self._task(self._stop_quietly(handle.sandbox))
-            elif isinstance(action, StartWorker):
-                for _ in range(action.count):
-                    self._task(self._start_worker())
-            elif isinstance(action, SizePool):
-                self._task(self._size())
-            elif isinstance(action, Note):
-                (log.error if action.error else log.info)("%s", action.text)
+            self._carry_out[type(action)](action)
+
+    def _actions(self) -> dict[type, Callable[[Any], object]]:
+        loop = asyncio.get_running_loop
+        return {
+            Settle: self._settle,
+            Send: self._send,
+            Dispatch: lambda _: loop().call_soon(self._dispatch),
+            Forget: self._forget,
+            StartTimer: self._start_timer,
+            CancelTimer: self._cancel_timer,
+            StopWorker: self._stop_worker,
+            StartWorker: self._start_workers,
+            SizePool: lambda _: self._task(self._size()),
+            Note: lambda a: (log.error if a.error else log.info)("%s", a.text),
+        }
+
+    def _start_workers(self, action: StartWorker) -> None:
+        for _ in range(action.count):
+            self._task(self._start_worker())
+
+    def _forget(self, action: Forget) -> None:
+        request = self._requests.pop(action.batch, None)
+        if request is not None:
+            request[0].forget(request[1])
+
+    def _start_timer(self, action: StartTimer) -> None:
+        self._timers[action.call.call_id] = asyncio.get_running_loop().call_later(
+            action.seconds, self._timed_out, action.call
+        )
+
+    def _cancel_timer(self, action: CancelTimer) -> None:
+        timer = self._timers.pop(action.call.call_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _stop_worker(self, action: StopWorker) -> None:
+        handle = self._handles.pop(action.worker_id, None)
+        if handle is not None:
+            self._task(self._stop_quietly(handle.sandbox))
 
     def _task(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)

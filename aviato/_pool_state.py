@@ -109,9 +109,11 @@ class Worker:
 
 
 # ---------------------------------------------------------------------- actions
+# Not frozen: a frozen dataclass's __init__ costs several times a plain one's, and a
+# call makes a few of these on its way (the shell only reads them).
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Send:
     """Send ``calls`` to the worker as one batch; ``ship[i]``: the call's function
     goes with it (the worker has not had it). Replies go to ``PoolState.outcomes``
@@ -123,7 +125,7 @@ class Send:
     ship: list[bool]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Done:
     """A call's value, and where and how it ran (the shell makes a FunctionResult)."""
 
@@ -133,7 +135,7 @@ class Done:
     seconds: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Settle:
     """Resolve the call's future with ``outcome`` (never for a cancelled call)."""
 
@@ -141,7 +143,7 @@ class Settle:
     outcome: Done | Exception
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StartWorker:
     """Start ``count`` worker sandboxes; each ends in ``worker_started`` or
     ``start_failed``."""
@@ -149,17 +151,17 @@ class StartWorker:
     count: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StopWorker:
     worker_id: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SizePool:
     """Ask the cluster how many workers it has room for; answer with ``sized``."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StartTimer:
     """Call ``timeout(call)`` after ``seconds`` unless cancelled first."""
 
@@ -167,30 +169,32 @@ class StartTimer:
     seconds: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CancelTimer:
     call: Call
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Dispatch:
     """Call ``dispatch()`` soon: calls submitted in one loop step go out as batches."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Forget:
     """No more replies are wanted for ``batch``."""
 
     batch: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Note:
     """For the log."""
 
     error: bool
     text: str
 
+
+_DISPATCH = Dispatch()
 
 Action = (
     Send
@@ -240,9 +244,6 @@ class BatchBytes:
     def add(self, call: Call) -> None:
         self.total += self.weight(call)
         self._seen.update(k for k in call.frames.keys if k is not None)
-
-
-_NONE: list[Action] = []  # returned (never changed) by events that decide nothing
 
 
 class PoolState:
@@ -420,7 +421,7 @@ class PoolState:
         way to stop a run); the other calls that worker held run again elsewhere."""
         worker = call.worker
         if call.done or worker is None:
-            return _NONE
+            return []
         actions: list[Action] = []
         self._settle(
             call,
@@ -438,10 +439,10 @@ class PoolState:
         """Its caller cancelled the call: a queued one is skipped; a running one is
         stopped by stopping its worker."""
         if call.done:
-            return _NONE
+            return []
         call.cancelled = True
         if call.worker is None:
-            return _NONE
+            return []
         actions: list[Action] = []
         self._kill_worker_for(call, call.worker, actions)
         return actions
@@ -450,7 +451,7 @@ class PoolState:
         """A worker sandbox is up (not taken when the pool has closed: stop it)."""
         self.starting -= 1
         if self.closed:
-            return _NONE
+            return []
         worker = Worker(worker_id)
         self._by_id[worker_id] = worker
         self.workers.append(worker)
@@ -462,7 +463,7 @@ class PoolState:
         worker running or starting, the queued calls cannot run either."""
         self.starting -= 1
         if error is None or self.workers or self.starting:
-            return _NONE
+            return []
         actions: list[Action] = []
         failure = error if isinstance(error, Exception) else SandboxError(str(error))
         while self.queue:
@@ -497,9 +498,9 @@ class PoolState:
 
     def _schedule(self) -> list[Action]:
         if self._dispatch_pending or self.closed:
-            return _NONE
+            return []
         self._dispatch_pending = True
-        return [Dispatch()]
+        return [_DISPATCH]
 
     def _fill(self, worker: Worker, actions: list[Action]) -> None:
         queue = self.queue
