@@ -36,13 +36,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_MAX_RESULT_BYTES",
-    "Call",
     "FunctionOptions",
     "FunctionResult",
     "RemoteFunction",
     "Serialization",
     "Shipped",
     "by_value",
+    "decode_value",
     "rebuild_error",
 ]
 
@@ -86,26 +86,6 @@ class Shipped:
     name: str
 
 
-@dataclass(eq=False, slots=True)
-class Call:
-    """One call's life in the client: queued, in flight on a worker, or done."""
-
-    call_id: int
-    fn: RemoteFunction[Any]
-    args_blob: bytes
-    #: The arguments' out-of-band buffers: views of the caller's memory, not copies.
-    frames: _buffers.Frames
-    future: asyncio.Future[FunctionResult[Any]]
-    attempts: int = 0
-    #: Was in flight on a worker that died beside others: it runs alone from now on,
-    #: so that a death can be pinned on the call that caused it.
-    suspect: bool = False
-    worker: Any = None  # the WorkerHandle running it, while in flight
-    timer: asyncio.TimerHandle | None = field(default=None)
-    #: The pool gave it its outcome (a caller's cancel is not one).
-    settled: bool = False
-
-
 class RemoteFunction(Generic[T]):
     """What ``@session.function()`` makes of a sync function."""
 
@@ -122,8 +102,6 @@ class RemoteFunction(Generic[T]):
         self._session = session
         self.options = options
         self._shipped: Shipped | None = None
-        #: Moving average of the function's run time, to size batches.
-        self.mean_seconds: float | None = None
 
     @property
     def name(self) -> str:
@@ -167,13 +145,6 @@ class RemoteFunction(Generic[T]):
             raise FunctionSerializationError(
                 f"{_culprit(args, kwargs)} of {name}() cannot be pickled: {exc}"
             ) from exc
-
-    def decode_value(
-        self, blob: bytes | memoryview, buffers: Sequence[bytes | memoryview] = ()
-    ) -> Any:
-        if self.options.serialization is Serialization.JSON:
-            return json.loads(bytes(blob))
-        return _buffers.loads(blob, buffers)
 
     def __call__(self, *args: Any, **kwargs: Any) -> asyncio.Future[FunctionResult[T]]:
         """Queue one call now; await the returned future for its result. Large buffers
@@ -220,6 +191,17 @@ class RemoteFunction(Generic[T]):
                 bar.close()
             for future in futures:
                 future.cancel()  # no-op for the finished ones; stops the rest if we left early
+
+
+def decode_value(
+    serialization: Serialization,
+    blob: bytes | memoryview,
+    buffers: Sequence[bytes | memoryview] = (),
+) -> Any:
+    """A result as the worker sent it, back into a value."""
+    if serialization is Serialization.JSON:
+        return json.loads(bytes(blob))
+    return _buffers.loads(blob, buffers)
 
 
 _LIBRARY_DIRS = tuple(

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from aviato import Sandbox, SandboxDefaults, _buffers, _pool
+from aviato import Sandbox, SandboxDefaults, _buffers, _pool, _pool_state
 from aviato._buffers import OOB_MIN_BYTES
 
 BIG = 3 * 1024 * 1024 + 7  # an odd size: no frame lines up by luck
@@ -144,13 +144,13 @@ async def test_a_shared_argument_crosses_once_per_batch(defaults: SandboxDefault
 
         frames_sent: list[int] = []
 
-        def spy(pool: Any, worker: Any, batch: list[Any]) -> None:
-            sent.append(len(batch))
+        def spy(pool: Any, send: Any) -> None:
+            sent.append(len(send.calls))
             shared_views = _pool.SharedBuffers()
-            for call in batch:
+            for call in send.calls:
                 shared_views.add(call.frames)
             frames_sent.append(len(shared_views.views))
-            original(pool, worker, batch)
+            original(pool, send)
 
         _pool.FunctionPool._send = spy  # type: ignore[method-assign]
         try:
@@ -170,7 +170,7 @@ async def test_batches_are_bounded_by_bytes(defaults: SandboxDefaults, monkeypat
     13 calls went as one batch of 58 MB; at 10 MB each, 100 of them passed the 512 MB
     message cap and were refused.)"""
     budget = 8 * 1024 * 1024
-    monkeypatch.setattr(_pool, "BATCH_BYTES", budget)
+    monkeypatch.setattr(_pool_state, "BATCH_BYTES", budget)
     async with Sandbox.session(defaults) as session:
 
         @session.function(max_workers=1)
@@ -182,14 +182,14 @@ async def test_batches_are_bounded_by_bytes(defaults: SandboxDefaults, monkeypat
         weights: list[int] = []
         original = _pool.FunctionPool._send
 
-        def spy(pool: Any, worker: Any, batch: list[Any]) -> None:
-            weight = _pool.BatchBytes()
-            for call in batch:
+        def spy(pool: Any, send: Any) -> None:
+            weight = _pool_state.BatchBytes()
+            for call in send.calls:
                 weight.add(call)
             weights.append(weight.total)
-            if weight.total > budget and len(batch) > 1:
-                over.append((len(batch), weight.total))
-            original(pool, worker, batch)
+            if weight.total > budget and len(send.calls) > 1:
+                over.append((len(send.calls), weight.total))
+            original(pool, send)
 
         over: list[tuple[int, int]] = []
 
