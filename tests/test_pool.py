@@ -15,6 +15,7 @@ from typing import Any
 from aviato._function import FunctionOptions, RemoteFunction
 from aviato._pool import FunctionPool, WorkerHandle
 from aviato._pool_state import Action, Done
+from aviato._tasks import TaskGroup
 from aviato.protocol import CallOutcome, CallResults, Decoded, RunCalls
 
 
@@ -43,7 +44,7 @@ class _Sandbox:
 
 async def _pool_with_worker() -> tuple[FunctionPool, _Conn, RemoteFunction[int]]:
     """A pool of one idle worker (its dispatch pass done)."""
-    session: Any = SimpleNamespace()
+    session: Any = SimpleNamespace(_tasks=TaskGroup("a test session"))
     pool = FunctionPool(session, FunctionOptions(max_workers=1))
     pool.state.starting = 1
     actions = pool.state.worker_started("sb-w")
@@ -103,6 +104,7 @@ async def test_a_callers_cancel_stops_the_worker_and_is_not_a_duplicate() -> Non
     handler(_ok(msg.calls[0].call_id, 1, 7))  # its result, come too late
     stats = pool.statistics()
     assert (stats.late_replies_dropped, stats.duplicate_results) == (1, 0)
-    await asyncio.gather(*pool._tasks)
+    assert pool._tasks is not None
+    await asyncio.gather(*pool._tasks._tasks)  # the stop, to its end
     assert handle.sandbox.stopped  # type: ignore[attr-defined]
     assert future.cancelled()
