@@ -35,7 +35,6 @@ from aviato._lane import FramedSocket, shm_wanted
 from aviato.exceptions import (
     AgentIdInUseError,
     PayloadTooLargeError,
-    ProtocolError,
     SandboxError,
     SandboxFailedError,
     SandboxFileError,
@@ -471,7 +470,7 @@ class WorkerHub:
         known = conn is link.framed or conn is link.calls
         try:
             header = schema.decode(json.loads(bytes(frames[0])))
-        except (ValueError, ProtocolError) as exc:  # the sandbox is not to be trusted
+        except Exception as exc:  # the sandbox is not to be trusted (RecursionError too)
             log.warning("worker %s sent a malformed header: %s", link.sandbox_id, exc)
             self._drop_conn(link, conn)
             return

@@ -162,11 +162,11 @@ class Channel:
         for request_id, handler in list(self._waiting.items()):
             handler(Decoded(reply, request_id))
 
-    def _fail_one(self, request_id: int, why: str) -> None:
+    def _fail_one(self, request_id: int, why: str, code: ErrorCode = ErrorCode.UNAVAILABLE) -> None:
         """A request whose frames never left: its handler hears so as a reply."""
         handler = self._waiting.get(request_id)
         if handler is not None:
-            handler(Decoded(ErrorReply(ErrorCode.UNAVAILABLE, why), request_id))
+            handler(Decoded(ErrorReply(code, why), request_id))
 
     def _no_answer(self, what: str) -> Exception:
         if self.refused:
@@ -377,8 +377,8 @@ class Connection(Channel):
         now, and the owner's next request makes a new connection."""
         why = f"the connection to {self.address} broke: {exc!r}"
         log.warning("%s", why)
-        self.close()
         self._fail_waiting(ErrorReply(ErrorCode.UNAVAILABLE, why))
+        self.close()
 
     async def _read(self) -> None:
         frames = await self._sock.recv_multipart(copy=False)
@@ -471,15 +471,26 @@ class Connection(Channel):
                 refused.cancel()
                 if not sending.done():
                     sending.cancel()
-            if sending.cancelled() and self.refused:
-                raise UnauthorizedError(self.refused)
+            if sending.cancelled():
+                # Ended by the refusal, or by the socket closing under it (the session
+                # closed): either way not our caller's cancellation.
+                if self.refused:
+                    raise UnauthorizedError(self.refused)
+                raise ClusterUnavailableError(f"the connection to {self.address} closed")
         sending.result()
 
     def _transmit_nowait(self, request_id: int, frames: list[Frame], size: int) -> None:
+        # Like a reply, the handler hears of a failure from the loop, not in this call.
         if self.closed:
-            # Like a reply, the handler hears of it from the loop, not inside this call.
             why = f"the connection to {self.address} is closed"
             asyncio.get_running_loop().call_soon(self._fail_one, request_id, why)
+            return
+        if self.refused:
+            # After a refused handshake ZeroMQ may never connect again: the send
+            # would wait forever (a pool's batch, with no call timeout, hung so).
+            asyncio.get_running_loop().call_soon(
+                self._fail_one, request_id, self.refused, ErrorCode.UNAUTHORIZED
+            )
             return
         # A future of the socket's, not a task: it is done when the frames are queued.
         sent: asyncio.Future[Any] = self._sock.send_multipart(  # type: ignore[assignment]
@@ -501,6 +512,9 @@ class Connection(Channel):
         if not self.closed:
             self.closed = True
             self._tasks.cancel()
+            # Requests in flight fail now, not at their deadlines (24 h for an exec).
+            why = f"the connection to {self.address} was closed"
+            self._fail_waiting(ErrorReply(ErrorCode.UNAVAILABLE, why))
             with contextlib.suppress(zmq.ZMQError):  # (a socket that broke is closed)
                 self._sock.disable_monitor()
             self._monitor.close(linger=0)
@@ -549,6 +563,7 @@ class LaneConnection(Channel):
         self.closed = True
         if self._why is None:
             self._why = "the connection was closed"
+            self._fail_waiting(ErrorReply(ErrorCode.UNAVAILABLE, self._why))
         self._lane.close()
 
 
@@ -607,8 +622,7 @@ class Connections:
         return conn
 
     def close(self) -> None:
-        """Close every channel (requests still waiting on them fail at their deadline,
-        or at once for a lane)."""
+        """Close every channel (requests still waiting on them fail at once)."""
         self.closed = True
         if self._loop is not None:
             _open.get(self._loop, set()).discard(self)

@@ -83,8 +83,9 @@ class LocalCluster:
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
         logfile = open(self.log_path(name), "wb")
         try:
+            # -P: a folder named scheduler/ or agent/ where the user runs is not ours.
             proc = subprocess.Popen(
-                [sys.executable, "-m", name, *args, "--log-level", self.log_level],
+                [sys.executable, "-P", "-m", name, *args, "--log-level", self.log_level],
                 stdin=subprocess.DEVNULL,
                 stdout=logfile,
                 stderr=subprocess.STDOUT,

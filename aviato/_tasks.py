@@ -55,7 +55,7 @@ class TaskGroup:
         group the task is cancelled at once (a late reply's callback may still ask for
         one; it must not raise there)."""
         task = asyncio.get_running_loop().create_task(coro)
-        if self.closed:
+        if any(group.closed for group in self._lineage()):  # (a pool's, its session's)
             task.cancel()
         for group in self._lineage():
             group._tasks.add(task)

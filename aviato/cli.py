@@ -407,7 +407,8 @@ def _run_daemon(name: str, before: list[str], rest: list[str]) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     # After ours, its own flags win. Same process id: signals and exit status are its.
-    os.execv(sys.executable, [sys.executable, "-m", name, *forwarded, *rest])
+    # -P: a folder named scheduler/ or agent/ where the user runs is not ours.
+    os.execv(sys.executable, [sys.executable, "-P", "-m", name, *forwarded, *rest])
 
 
 def _run(argv: list[str]) -> int:

@@ -474,7 +474,10 @@ if TYPE_CHECKING or __package__:
             for o in outcomes:
                 if type(o) is not dict or len(o) != 5:
                     return decode_checked(fields)
-                call_id, status = o.get("call_id"), _STATUSES.get(o.get("status"))  # type: ignore[arg-type]
+                status_text = o.get("status")
+                if type(status_text) is not str:  # (a list would not even hash)
+                    return decode_checked(fields)
+                call_id, status = o.get("call_id"), _STATUSES.get(status_text)
                 seconds, detail, buffers = o.get("seconds"), o.get("detail"), o.get("buffers")
                 if (
                     type(call_id) is not int

@@ -405,6 +405,58 @@ async def test_a_refused_connection_fails_later_requests_at_once(keyed: Cluster)
         conn.close()
 
 
+async def test_a_send_without_waiting_on_a_refused_connection_fails_at_once(
+    keyed: Cluster, keys: Path, tmp_path: Path
+) -> None:
+    """The pool sends its batches with ``send_nowait``. After a ZAP refusal ZeroMQ
+    drops the connection for good: the frames would wait for a peer forever, and the
+    pool's calls (no timeout by default) with them. The handler hears the refusal."""
+    from aviato.protocol import Decoded, ErrorCode, ErrorReply
+
+    intruder = _look_alike(tmp_path, keys, "intruder")
+    public, secret = load_certificate(intruder / "clients" / "intruder.key_secret")
+    assert secret is not None
+    scheduler = load_certificate(keys / "scheduler.key")[0]
+    conn = Connection(keyed.address, curve=CurveKeys(public, secret, scheduler))
+    try:
+        await _refused_soon(conn, "refused this client's key")
+        raw = zmq.Socket.shadow(conn._sock.underlying)
+        wait_until(lambda: not raw.poll(0, zmq.POLLOUT), _HANG_S, 0.005, "the peer to go")
+        heard: asyncio.Future[ErrorReply] = asyncio.get_running_loop().create_future()
+
+        def handler(reply: Decoded) -> None:
+            if not heard.done() and isinstance(reply.msg, ErrorReply):
+                heard.set_result(reply.msg)
+
+        conn.send_nowait(Ping(), (), handler)
+        msg = await asyncio.wait_for(heard, _HANG_S)
+        assert msg.code is ErrorCode.UNAUTHORIZED and "refused this client's key" in msg.message
+    finally:
+        conn.close()
+
+
+async def test_closing_a_connection_fails_its_requests_in_flight() -> None:
+    """A request waiting for its reply when its connection (its session's) closes fails
+    at once, not at its deadline (24 h for an exec without a timeout). The peer: a
+    ROUTER that takes requests and never answers."""
+    from aviato.protocol import Ping
+
+    ctx = zmq.asyncio.Context()
+    silent = ctx.socket(zmq.ROUTER)
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+    conn = Connection(f"tcp://127.0.0.1:{port}")
+    try:
+        waiting = asyncio.ensure_future(conn.request(Ping(), timeout=3600))
+        await asyncio.wait_for(silent.recv_multipart(), _HANG_S)  # it is in flight
+        conn.close()
+        with pytest.raises(ClusterUnavailableError, match="was closed"):
+            await asyncio.wait_for(waiting, _HANG_S)
+    finally:
+        conn.close()
+        silent.close(linger=0)
+        ctx.term()
+
+
 async def test_a_send_waiting_for_a_peer_ends_with_the_refusal(
     keyed: Cluster, keys: Path, tmp_path: Path
 ) -> None:

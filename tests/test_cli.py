@@ -444,3 +444,30 @@ def _scripts(cluster: Cluster, env: dict[str, str], tag: str, first: str, second
     _one_line_error(done, "sb-no-such-sandbox", "SandboxNotFoundError")
     records = json.loads(_aviato("ps", "--all", "--tag", tag, "--format", "json", env=env).stdout)
     assert {r["status"] for r in records} == {"terminated"}
+
+
+async def test_daemons_are_ours_whatever_folder_the_user_runs_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m scheduler` put the working directory first on sys.path: a user's own
+    `scheduler/` or `agent/` package there ran instead of ours. The embedded cluster
+    (and `aviato scheduler|agent`) start them with -P."""
+    from aviato._local import LocalCluster
+    from aviato.protocol import ClusterStatus, ClusterStatusReply
+
+    for name in ("scheduler", "agent"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("raise SystemExit('a decoy ran')\n")
+        (tmp_path / name / "__main__.py").write_text("raise SystemExit('a decoy ran')\n")
+    monkeypatch.chdir(tmp_path)
+    cluster = LocalCluster(runtime="local", agent_id=f"decoy-{os.getpid()}")
+    try:
+        address = await asyncio.to_thread(cluster.start, 60.0)
+        conn = Connection(address)
+        try:
+            reply = await conn.request(ClusterStatus(), timeout=30)
+            assert isinstance(reply.msg, ClusterStatusReply) and len(reply.msg.agents) == 1
+        finally:
+            conn.close()
+    finally:
+        await asyncio.to_thread(cluster.stop)

@@ -252,6 +252,15 @@ def test_any_text_a_worker_sends_comes_back_exact(python: str, error: str, pid: 
         ({"op": "hello", "python": "3.11", "pid": 1.5}, "pid"),
         ({"op": "results", "outcomes": [{"call_id": 1, "status": "maybe"}]}, "status"),
         ({"op": "results", "outcomes": {"call_id": 1}}, "outcomes"),
+        (  # the inline path: a status that would not even hash
+            {
+                "op": "results",
+                "outcomes": [
+                    {"call_id": 1, "status": ["ok"], "seconds": 0.1, "detail": "", "buffers": 0}
+                ],
+            },
+            "status",
+        ),
         ({"op": "calls", "calls": [{"call_id": 1}]}, "digest"),
         ({"op": "exec", "rid": 1, "argv": "ls", "cwd": None, "env": {}}, "argv"),
     ],

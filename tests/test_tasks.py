@@ -94,3 +94,15 @@ async def test_cancelled_tasks_are_no_failure() -> None:
     task.cancel()
     await _settled(group)
     await group.close()
+
+
+async def test_a_child_of_a_closed_group_starts_nothing() -> None:
+    """A pool's group outlives its closed session's only on paper: what it is asked to
+    start then (a late reply's callback) is cancelled at once."""
+    root = TaskGroup("session")
+    pool = root.child("pool")
+    await root.close()
+    late = pool.spawn(_forever())
+    await asyncio.sleep(0)
+    assert late.cancelled() or late.cancelling()
+    await pool.close()
