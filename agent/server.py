@@ -71,6 +71,8 @@ from aviato.protocol import (
     encode,
 )
 
+__all__ = ["AgentServer"]
+
 log = logging.getLogger("aviato.agent")
 
 #: Every this many heartbeats, one lists every sandbox (a resync); the others only

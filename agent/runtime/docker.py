@@ -53,6 +53,8 @@ from aviato.exceptions import (
 )
 from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec
 
+__all__ = ["DockerRuntime", "docker_available"]
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
