@@ -12,8 +12,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import psutil
 import zmq
 import zmq.asyncio
 
-from agent.checks import request_problem, shown
+from agent.data_plane import DataPlane, Running
 from agent.identity import state_dir
 from agent.kept_logs import KeptLogs
 from agent.lane import LaneServer
@@ -29,7 +28,6 @@ from agent.runtime.base import (
     LABEL_AGENT,
     LABEL_CREATED,
     LABEL_SPARE,
-    ExitStatus,
     Runtime,
     SandboxExit,
     sandbox_labels,
@@ -48,36 +46,20 @@ from aviato.exceptions import (
     AgentIdInUseError,
     AviatoError,
     SandboxFailedError,
-    SandboxNotFoundError,
-    SandboxNotRunningError,
 )
 from aviato.protocol import (
-    MAX_PAYLOAD_BYTES,
     AgentHeartbeat,
     AgentSpares,
-    Cancel,
-    Decoded,
     DecodeError,
     DeregisterAgent,
     ErrorCode,
     ErrorReply,
-    Exec,
-    ExecChunk,
-    ExecReply,
-    FileReply,
-    GetLogs,
     HeartbeatReply,
-    LogsReply,
     Message,
     OkReply,
-    Payload,
-    Ping,
     PlaceSandbox,
-    Pong,
-    ReadFile,
     RegisterAgent,
     RegisterReply,
-    RunCalls,
     SandboxExited,
     SandboxInfo,
     SandboxReply,
@@ -85,10 +67,11 @@ from aviato.protocol import (
     SandboxStatus,
     SpareShape,
     StopSandbox,
-    WriteFile,
     decode,
     encode,
 )
+
+__all__ = ["AgentServer"]
 
 log = logging.getLogger("aviato.agent")
 
@@ -109,15 +92,6 @@ SILENCE_WARN_SECONDS = 5.0
 DEREGISTER_SECONDS = 2.0
 #: Between two sweeps for the sandboxes of agents the scheduler declared dead.
 DEAD_SWEEP_SECONDS = 10.0
-
-
-@dataclass(slots=True)
-class Running:
-    spec: SandboxSpec
-    created_at: float
-    #: Made from a pre-started spare: its container's env lacks ``spec.env``, so
-    #: exec adds it (as a fresh container's env would have it).
-    spare: bool = False
 
 
 class AgentServer:
@@ -174,22 +148,23 @@ class AgentServer:
         self.kept_logs = KeptLogs()
         self._stop = asyncio.Event()
         self._ctx = zmq.asyncio.Context()
-        self._data: zmq.asyncio.Socket | None = None
         self._sched: zmq.asyncio.Socket | None = None
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._next_id = 0
         self._tg: asyncio.TaskGroup | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._data_handlers: dict[type[Message], Callable[[bytes, Decoded], Awaitable[None]]] = {
-            Exec: self._on_exec,
-            WriteFile: self._on_write,
-            ReadFile: self._on_read,
-            GetLogs: self._on_logs,
-        }
-        #: Data-plane requests under way, by (client, request id): a Cancel stops one.
-        self._inflight: dict[tuple[bytes, int], asyncio.Task[None]] = {}
+        #: Clients' requests, on the data socket and the lane (agent/data_plane.py).
+        self.plane = DataPlane(
+            runtime,
+            agent_id=agent_id,
+            token=token,
+            sandboxes=self.sandboxes,
+            creating=self.creating,
+            ended=self.ended,
+            kept_logs=self.kept_logs,
+            start=self._spawn,
+        )
         self._hub: WorkerHub | None = None
-        self._lane: LaneServer | None = None
         #: Where clients on this host reach the data plane without ZeroMQ ("": nowhere).
         self.lane_address = ""
         #: Pre-started spares (agent/spares.py): per image wanted, learned at most.
@@ -209,7 +184,8 @@ class AgentServer:
         who = f"agent {self.agent_id}"
         # First: it locks our socket directory, refusing us (before we touch anything)
         # when a live agent on this host has our id.
-        self._hub = hub = WorkerHub(self._send_now, self._spawn, self.agent_id)
+        self._hub = hub = WorkerHub(self.plane.send_now, self._spawn, self.agent_id)
+        self.plane.hub = hub
         self._setup_spares(hub)
         zap = ZapHandler(self._ctx, server_keys, who) if server_keys is not None else None
         try:
@@ -219,7 +195,7 @@ class AgentServer:
                 zap.close()
             await hub.close_all()
             raise
-        self._data = data
+        self.plane.socket = data
         self.address = sockets.advertised(bound, self.advertise_host)
         log.info(
             "agent %s serving clients on %s (runtime %s)", self.agent_id, bound, self.runtime.name
@@ -232,7 +208,7 @@ class AgentServer:
                 if zap is not None:
                     self._task(zap.run())
                     self._task(log_refused_handshakes(data, who))
-                self._task(self._data_loop(data))
+                self._task(self.plane.serve(data))
                 self._task(self._scheduler_link())
                 self._task(self._exits_loop())
                 if self.spares is not None:
@@ -249,8 +225,8 @@ class AgentServer:
                 await self.spares.close()
             if cleanup_on_exit and not self._refused:
                 await self._stop_all()
-            if self._lane is not None:
-                self._lane.close()
+            if self.plane.lane is not None:
+                self.plane.lane.close()
             if self._hub is not None:
                 await self._hub.close_all(detach=not cleanup_on_exit)
             await self.runtime.close()
@@ -299,13 +275,13 @@ class AgentServer:
             await asyncio.sleep(0.1)  # a burst of claims is one report
 
     def _start_lane(self, hub: WorkerHub) -> None:
-        lane = LaneServer(hub.root / "lane", self._on_message, self._client_gone)
+        lane = LaneServer(hub.root / "lane", self.plane.on_message, self.plane.client_gone)
         try:
             lane.start()
         except OSError as exc:  # clients then use the ZeroMQ data plane, as remote ones do
             log.warning("agent %s: no local lane (%s)", self.agent_id, exc)
             return
-        self._lane = lane
+        self.plane.lane = lane
         self.lane_address = lane.address
 
     async def _stop_all(self) -> None:
@@ -335,8 +311,8 @@ class AgentServer:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        self._task(self._guard(coro))
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        return self._task(self._guard(coro))
 
     @staticmethod
     async def _guard(coro: Awaitable[None]) -> None:
@@ -747,207 +723,3 @@ class AgentServer:
         if self._sched is not None:
             # Best effort: a lost report is caught by the heartbeat's running list.
             await self._ask_scheduler(SandboxExited(exit_.sandbox_id, exit_.exit_code, reason), 2.0)
-
-    # ------------------------------------------------------------------ data plane
-
-    async def _data_loop(self, sock: zmq.asyncio.Socket) -> None:
-        while True:
-            # A receive (and a send) with messages queued completes without yielding:
-            # under a flood this loop would starve every other task (heartbeats, ticks).
-            await asyncio.sleep(0)
-            frames = await sock.recv_multipart(copy=False)
-            identity = frames[0].bytes
-            if self._lane is not None and self._lane.owns(identity):
-                # A DEALER that chose a lane peer's routing id: its replies would go to
-                # that local client. Nothing can be told to it; drop it.
-                sockets.refusals.warning(
-                    log,
-                    "agent %s: dropped a message from a ZeroMQ peer posing as a local lane client",
-                    self.agent_id,
-                )
-                continue
-            self._on_message(identity, frames[1:])
-
-    def _on_message(self, identity: bytes, frames: Sequence[Any]) -> None:
-        """One data-plane request, from ZeroMQ or the lane. Function calls and pings are
-        served right here (no task: they are the hot path); the rest get a task each."""
-        try:
-            decoded = decode(frames)
-        except DecodeError as exc:
-            who = f"agent {self.agent_id}"
-            if exc.request_id is None:
-                sockets.refusals.warning(log, "%s: dropped an undecodable message: %s", who, exc)
-            else:
-                sockets.refusals.warning(log, "%s: refused a message: %s", who, exc)
-                self._send_now(identity, exc.request_id, ErrorReply(exc.code, str(exc)))
-            return
-        if self.token is not None and decoded.token != self.token:
-            error = ErrorReply(ErrorCode.UNAUTHORIZED, "missing or wrong cluster token")
-            self._send_now(identity, decoded.request_id, error)
-            return
-        msg = decoded.msg
-        problem = request_problem(msg)
-        if problem:
-            self._send_now(identity, decoded.request_id, ErrorReply(ErrorCode.BAD_REQUEST, problem))
-            return
-        if type(msg) is RunCalls:
-            try:
-                assert self._hub is not None
-                self._check_running(msg.sandbox_id)
-                self._hub.run_calls(identity, decoded.request_id, msg, decoded.payloads)
-            except Exception as exc:
-                if not isinstance(exc, AviatoError):
-                    log.exception("agent: RunCalls failed")
-                self._send_now(identity, decoded.request_id, error_reply(exc))
-            return
-        if type(msg) is Ping:
-            pong = Pong(server="agent", server_id=self.agent_id)
-            self._send_now(identity, decoded.request_id, pong)
-            return
-        if type(msg) is Cancel:  # the client gave up: stop the work where it runs
-            task = self._inflight.pop((identity, decoded.request_id), None)
-            if task is not None:
-                task.cancel()
-            return
-        handler = self._data_handlers.get(type(msg))
-        if handler is None:
-            error = ErrorReply(
-                ErrorCode.BAD_REQUEST, f"an agent does not serve {type(msg).__name__}"
-            )
-            self._send_now(identity, decoded.request_id, error)
-            return
-        key = (identity, decoded.request_id)
-        task = self._task(self._guard(self._serve_one(handler, identity, decoded)))
-        self._inflight[key] = task
-        task.add_done_callback(lambda _: self._inflight.pop(key, None))
-
-    async def _serve_one(
-        self, handler: Callable[[bytes, Decoded], Awaitable[None]], identity: bytes, d: Decoded
-    ) -> None:
-        try:
-            await handler(identity, d)
-        except Exception as exc:
-            if not isinstance(exc, AviatoError):
-                log.exception("agent: %s failed", type(d.msg).__name__)
-            await self._send(identity, d.request_id, error_reply(exc))
-
-    async def _send(
-        self, identity: bytes, request_id: int, msg: Message, payloads: tuple[Payload, ...] = ()
-    ) -> None:
-        self._send_now(identity, request_id, msg, payloads)
-
-    def _send_now(
-        self, identity: bytes, request_id: int, msg: Message, payloads: Sequence[Payload] = ()
-    ) -> None:
-        """Replies never wait: a peer that went away (or reads nothing) loses them."""
-        lane = self._lane
-        if lane is not None and lane.owns(identity):
-            if not lane.send(identity, encode(msg, request_id, payloads)):
-                log.debug("dropping %s to a closed lane", type(msg).__name__)
-            return
-        assert self._data is not None
-        sockets.send_now(self._data, identity, msg, request_id, payloads)
-
-    def _client_gone(self, identity: bytes) -> None:
-        """A local client closed its lane (exited, or was killed): what it asked for
-        and still waits on stops, as if it had cancelled each request."""
-        for key in [k for k in self._inflight if k[0] == identity]:
-            self._inflight.pop(key).cancel()
-
-    def _check_running(self, sandbox_id: str) -> None:
-        if sandbox_id in self.sandboxes:
-            return
-        reason = self.ended.get(sandbox_id)
-        if reason is not None or sandbox_id in self.creating:
-            raise SandboxNotRunningError(
-                f"sandbox {sandbox_id} is not running ({reason or 'still starting'})",
-                sandbox_id=sandbox_id,
-            )
-        raise SandboxNotFoundError(
-            f"sandbox {shown(sandbox_id)} is not on agent {self.agent_id}", sandbox_id=sandbox_id
-        )
-
-    async def _on_exec(self, identity: bytes, d: Decoded) -> None:
-        msg = d.msg
-        assert isinstance(msg, Exec)
-        self._check_running(msg.sandbox_id)
-        if not msg.argv or not msg.argv[0]:
-            raise ValueError("exec needs a non-empty argv, e.g. ['echo', 'hi']")
-        if len(d.payloads) > 1:
-            raise ValueError("exec carries at most one payload frame (its stdin)")
-        stdin = d.payloads[0] if d.payloads else None
-        env = self._exec_env(msg.sandbox_id, msg.env)
-        hub = self._hub
-        via: Runtime | WorkerHub = (
-            hub if hub is not None and hub.supervised(msg.sandbox_id) else self.runtime
-        )
-        if not msg.stream:
-            out = await via.exec(
-                msg.sandbox_id,
-                msg.argv,
-                cwd=msg.cwd,
-                env=env,
-                timeout_seconds=msg.timeout_seconds,
-                stdin=stdin,
-            )
-            reply = ExecReply(out.returncode, out.timed_out)
-            await self._send(identity, d.request_id, reply, (out.stdout, out.stderr))
-            return
-        async for event in via.exec_stream(
-            msg.sandbox_id,
-            msg.argv,
-            cwd=msg.cwd,
-            env=env,
-            timeout_seconds=msg.timeout_seconds,
-            stdin=stdin,
-        ):
-            if isinstance(event, ExitStatus):
-                await self._send(
-                    identity, d.request_id, ExecReply(event.returncode, event.timed_out)
-                )
-            else:
-                await self._send(identity, d.request_id, ExecChunk(event.fd), (event.data,))
-
-    def _exec_env(self, sandbox_id: str, env: dict[str, str] | None) -> dict[str, str] | None:
-        """A spare's container was made before its spec was known: its env is added here
-        under the request's own, as a fresh container's env would be."""
-        run = self.sandboxes.get(sandbox_id)
-        if run is None or not run.spare or not run.spec.env:
-            return env
-        return {**run.spec.env, **(env or {})}
-
-    async def _on_write(self, identity: bytes, d: Decoded) -> None:
-        msg = d.msg
-        assert isinstance(msg, WriteFile)
-        self._check_running(msg.sandbox_id)
-        if len(d.payloads) != 1:
-            raise ValueError("write_file carries exactly one payload frame (the data)")
-        await self._files(msg.sandbox_id).write_file(
-            msg.sandbox_id, msg.path, d.payloads[0], msg.mode
-        )
-        await self._send(identity, d.request_id, OkReply())
-
-    async def _on_read(self, identity: bytes, d: Decoded) -> None:
-        msg = d.msg
-        assert isinstance(msg, ReadFile)
-        self._check_running(msg.sandbox_id)
-        if msg.max_bytes < 0:
-            raise ValueError(f"max_bytes must be positive (or 0: the limit), not {msg.max_bytes}")
-        limit = min(msg.max_bytes or MAX_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES)
-        data = await self._files(msg.sandbox_id).read_file(msg.sandbox_id, msg.path, limit)
-        await self._send(identity, d.request_id, FileReply(len(data)), (data,))
-
-    def _files(self, sandbox_id: str) -> Runtime | WorkerHub:
-        hub = self._hub
-        return hub if hub is not None and hub.supervised(sandbox_id) else self.runtime
-
-    async def _on_logs(self, identity: bytes, d: Decoded) -> None:
-        msg = d.msg
-        assert isinstance(msg, GetLogs)
-        chunks = self.kept_logs.get(msg.sandbox_id)
-        if chunks is None:
-            if msg.sandbox_id not in self.sandboxes and msg.sandbox_id not in self.ended:
-                self._check_running(msg.sandbox_id)
-            chunks = await self.runtime.logs(msg.sandbox_id)
-        reply = LogsReply(tuple(c.fd for c in chunks))
-        await self._send(identity, d.request_id, reply, tuple(c.data for c in chunks))

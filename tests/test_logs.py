@@ -12,7 +12,7 @@ import pytest
 
 from agent.runtime.base import OutputChunk as Chunk
 from agent.runtime.base import tail_chunks
-from agent.runtime.docker import order_log_entries
+from agent.runtime.docker_bytes import order_log_entries
 from agent.runtime.local import parse_tagged_log
 from agent.worker import LOG_MAGIC, LOG_RECORD
 from aviato import OutputChunk, Sandbox, SandboxDefaults

@@ -11,51 +11,25 @@ from __future__ import annotations
 
 import abc
 import builtins
-import json
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+# Re-exported: runtimes and the agent take the labels with the interface.
+from agent.runtime.labels import LABEL_AGENT as LABEL_AGENT
+from agent.runtime.labels import LABEL_CREATED as LABEL_CREATED
+from agent.runtime.labels import LABEL_MANAGED as LABEL_MANAGED
+from agent.runtime.labels import LABEL_SANDBOX as LABEL_SANDBOX
+from agent.runtime.labels import LABEL_SESSION as LABEL_SESSION
+from agent.runtime.labels import LABEL_SPARE as LABEL_SPARE
+from agent.runtime.labels import LABEL_SPEC as LABEL_SPEC
+from agent.runtime.labels import sandbox_labels as sandbox_labels
+from agent.runtime.labels import spec_from_labels as spec_from_labels
 from aviato._types import OutputChunk as OutputChunk  # the runtimes speak it too
-from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec, from_wire, to_wire
+from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec
 
-if TYPE_CHECKING:  # it imports our labels
+if TYPE_CHECKING:
     from agent.runtime.spare_claims import SpareClaims
-
-# Labels every sandbox carries, so an agent finds its own after a restart and
-# can report them to a scheduler that restarted.
-LABEL_MANAGED = "aviato.managed"
-LABEL_SANDBOX = "aviato.sandbox"
-LABEL_AGENT = "aviato.agent"
-LABEL_SESSION = "aviato.session"
-LABEL_SPEC = "aviato.spec"
-LABEL_CREATED = "aviato.created"
-#: On a pre-started spare: its sandbox label is the spare's own id until it is claimed
-#: (labels are fixed at create: the claim is recorded beside the agent, see
-#: agent/runtime/spare_claims.py, and its labels are rewritten when listed).
-LABEL_SPARE = "aviato.spare"
-
-
-def sandbox_labels(
-    sandbox_id: str, agent_id: str, spec: SandboxSpec, created_at: float
-) -> dict[str, str]:
-    return {
-        LABEL_MANAGED: "1",
-        LABEL_SANDBOX: sandbox_id,
-        LABEL_AGENT: agent_id,
-        LABEL_SESSION: spec.session_id or "",
-        LABEL_SPEC: json.dumps(to_wire(spec), separators=(",", ":")),
-        LABEL_CREATED: repr(created_at),
-    }
-
-
-def spec_from_labels(labels: Mapping[str, str]) -> SandboxSpec | None:
-    """The spec a sandbox was created with, or None when its labels are not ours."""
-    try:
-        spec: SandboxSpec = from_wire(SandboxSpec, json.loads(labels[LABEL_SPEC]), "spec")
-        return spec
-    except Exception:
-        return None
 
 
 @dataclass(frozen=True, slots=True)

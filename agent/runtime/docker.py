@@ -1,8 +1,10 @@
-"""Sandboxes as Docker containers, through the Docker SDK.
+"""Sandboxes as Docker containers, through the Docker SDK: create, spares, files and
+logs, stop, list, and the exits the engine reports; exec without a supervisor is
+:mod:`agent.runtime.docker_exec`'s.
 
 Every SDK call blocks, so each runs on a dedicated thread pool; the loop only
-awaits futures. ``docker`` is imported here alone, and every error it raises is
-translated to :mod:`aviato.exceptions` before it leaves this module.
+awaits futures. ``docker`` is imported by the docker runtime's modules alone, and
+every error it raises is translated to :mod:`aviato.exceptions` before it leaves them.
 """
 
 from __future__ import annotations
@@ -12,24 +14,17 @@ import builtins
 import contextlib
 import io
 import logging
-import os
 import posixpath
-import signal
-import socket
-import struct
 import tarfile
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, TypeVar, TypeVarTuple
 
 import docker
 import docker.errors
-import psutil
-from docker.utils.socket import frames_iter
 
 from agent.runtime.base import (
     LABEL_AGENT,
@@ -43,12 +38,13 @@ from agent.runtime.base import (
     Runtime,
     RuntimeSandbox,
     SandboxExit,
-    join_chunks,
     spec_from_labels,
     tail_chunks,
 )
+from agent.runtime.docker_bytes import CHUNK, cut, order_log_entries, read_capped, too_large
+from agent.runtime.docker_errors import DockerError, explain, http_status
+from agent.runtime.docker_exec import DockerExec
 from aviato.exceptions import (
-    PayloadTooLargeError,
     SandboxError,
     SandboxFailedError,
     SandboxFileError,
@@ -56,6 +52,8 @@ from aviato.exceptions import (
     SandboxNotRunningError,
 )
 from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec
+
+__all__ = ["DockerRuntime", "docker_available"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,11 +65,10 @@ THREADS = 32  # pool threads == HTTP connections, so concurrent calls never wait
 CAPS: tuple[str, ...] = ()
 EXIT_LOG_BYTES = 1024 * 1024  # logs kept per sandbox that exited by itself
 EXIT_LOG_SANDBOXES = 64
-CHUNK = 1 << 20  # file transfer piece size
-KILL_GRACE = 2.0  # after a timeout kill, how long the output may take to end before we cut it
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _DIR_BIT = 1 << 31  # Go's os.ModeDir, in the archive stat header
-DockerError = (docker.errors.DockerException, OSError)  # requests' errors are OSErrors
+#: Tar headers (PAX ones for long names), padding and end blocks around a file's data.
+_TAR_SLACK = 1 << 20
 
 
 def docker_available(timeout: float = 2.0) -> bool:
@@ -84,44 +81,6 @@ def docker_available(timeout: float = 2.0) -> bool:
             client.close()
     except Exception:
         return False
-
-
-def _why(exc: BaseException) -> str:
-    return str(getattr(exc, "explanation", None) or exc)
-
-
-def _status(exc: BaseException) -> int | None:
-    return getattr(exc, "status_code", None)
-
-
-@dataclass
-class _Exec:
-    """One exec in flight, shared by its reader thread and whoever may abort it."""
-
-    target: str
-    argv: list[str]
-    cwd: str | None
-    env: dict[str, str] | None
-    #: Written to the process's stdin, then EOF (None: no stdin attached).
-    stdin: bytes | memoryview | None = None
-    exec_id: str | None = None
-    stream: Any = None
-    aborted: bool = False
-    done: threading.Event = field(default_factory=threading.Event)
-    out: list[bytes] = field(default_factory=list)
-    err: list[bytes] = field(default_factory=list)
-
-
-def _cut(chunks: list[bytes], start: int, end: int) -> bytes:
-    """``b"".join(chunks)[start:end]`` without one big copy under the GIL: joining
-    only ``bytes`` lets CPython release the GIL, slicing a big buffer does not."""
-    pieces, pos = [], 0
-    for c in chunks:
-        a, b = max(start - pos, 0), min(end - pos, len(c))
-        if a < b:
-            pieces.append(c if a == 0 and b == len(c) else c[a:b])
-        pos += len(c)
-    return b"".join(pieces)
 
 
 class DockerRuntime(Runtime):
@@ -166,6 +125,7 @@ class DockerRuntime(Runtime):
         #: the spare).
         self._claimed: dict[str, str] = {}
         self._spare_env: dict[str, dict[str, str]] = {}  # claimed spare -> its spec's env
+        self._exec = DockerExec(lambda: self._api, self._pool, self._engine_error)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -205,8 +165,8 @@ class DockerRuntime(Runtime):
 
     def _gone(self, sandbox_id: str, exc: BaseException) -> SandboxError | None:
         """The error for a sandbox whose container is missing or stopped, else None."""
-        why = _why(exc)
-        if _status(exc) == 409 or "no such container" in why.lower():
+        why = explain(exc)
+        if http_status(exc) == 409 or "no such container" in why.lower():
             return SandboxNotRunningError(
                 f"sandbox {sandbox_id} is not running ({why})", sandbox_id=sandbox_id
             )
@@ -214,7 +174,8 @@ class DockerRuntime(Runtime):
 
     def _engine_error(self, sandbox_id: str, what: str, exc: BaseException) -> SandboxError:
         return self._gone(sandbox_id, exc) or SandboxFailedError(
-            f"{what} in sandbox {sandbox_id} failed: {_why(exc)} (is the Docker engine healthy?)",
+            f"{what} in sandbox {sandbox_id} failed: {explain(exc)}"
+            " (is the Docker engine healthy?)",
             sandbox_id=sandbox_id,
         )
 
@@ -280,7 +241,7 @@ class DockerRuntime(Runtime):
                         self._client.images.pull(image)
                         reason = ""
                     except DockerError as pull_exc:
-                        reason = _why(pull_exc)
+                        reason = explain(pull_exc)
                 if reason:
                     raise fail(
                         f"image {image!r} is not on this host and no registry could provide it"
@@ -290,12 +251,12 @@ class DockerRuntime(Runtime):
                     ) from exc
                 cid = api.create_container(image, **kwargs)["Id"]
         except DockerError as exc:
-            if _status(exc) == 409:
+            if http_status(exc) == 409:
                 raise fail(
                     f"a container named aviato-{sandbox_id} already exists; remove it with"
                     f" `docker rm -f aviato-{sandbox_id}` or use another sandbox id"
                 ) from exc
-            raise fail(f"could not create sandbox from image {image!r}: {_why(exc)}") from exc
+            raise fail(f"could not create sandbox from image {image!r}: {explain(exc)}") from exc
         with self._lock:
             self._ids[sandbox_id] = cid
             self._starting.add(sandbox_id)
@@ -320,7 +281,7 @@ class DockerRuntime(Runtime):
                 api.remove_container(cid, force=True)
             if isinstance(exc, SandboxFailedError):
                 raise
-            raise fail(f"sandbox could not start from image {image!r}: {_why(exc)}") from exc
+            raise fail(f"sandbox could not start from image {image!r}: {explain(exc)}") from exc
         with self._lock:
             self._starting.discard(sandbox_id)
             early = self._early.pop(cid, None)
@@ -369,16 +330,16 @@ class DockerRuntime(Runtime):
                 )
             self._api.rename(cid, f"aviato-{sandbox_id}")
         except DockerError as exc:
-            if _status(exc) == 404:
+            if http_status(exc) == 404:
                 raise SandboxNotRunningError(
                     f"spare for {sandbox_id} is gone", sandbox_id=sandbox_id
                 ) from exc
-            if _status(exc) == 409:
+            if http_status(exc) == 409:
                 raise fail(
                     f"a container named aviato-{sandbox_id} already exists; remove it with"
                     f" `docker rm -f aviato-{sandbox_id}` or use another sandbox id"
                 ) from exc
-            raise fail(f"could not claim a spare for {sandbox_id}: {_why(exc)}") from exc
+            raise fail(f"could not claim a spare for {sandbox_id}: {explain(exc)}") from exc
 
     def _release(self, sandbox_id: str, cid: str | None) -> None:
         self._spare_env.pop(sandbox_id, None)
@@ -425,132 +386,21 @@ class DockerRuntime(Runtime):
             )
             api.exec_start(made["Id"], detach=True)
         except DockerError as exc:
-            log.info("no sidecar in %s: %s", sandbox_id, _why(exc))
+            log.info("no sidecar in %s: %s", sandbox_id, explain(exc))
             return False
         return True
 
     # ------------------------------------------------------------------ exec
 
-    def _exec_sync(
-        self, sandbox_id: str, h: _Exec, emit: Callable[[_Exec, int, bytes], None]
-    ) -> int:
-        api = self._api
-        try:
-            try:
-                made = api.exec_create(
-                    h.target,
-                    h.argv,
-                    workdir=h.cwd,
-                    environment=h.env,
-                    stdin=h.stdin is not None,
-                )
-                h.exec_id = made["Id"]
-                if h.aborted:
-                    return -9
-                relay = _HoldRuncFailure(emit)
-                if h.stdin is not None:
-                    self._attached_exec(h, relay)
-                else:
-                    h.stream = api.exec_start(h.exec_id, stream=True, demux=True)
-                    for out, err in h.stream:  # ends early when an abort closes the stream
-                        if out:
-                            relay(h, 1, out)
-                        if err:
-                            relay(h, 2, err)
-                    h.stream.close()
-                for _ in range(20):  # the stream can end just before the exit is recorded
-                    info = api.exec_inspect(h.exec_id)
-                    if info["ExitCode"] is not None or h.aborted:
-                        break
-                    time.sleep(0.005)
-            except DockerError as exc:
-                raise self._engine_error(sandbox_id, "exec", exc) from exc
-            code = info["ExitCode"]
-            held = relay.held
-            if held is not None:
-                if code == 126:  # said as the supervisor says it: 127 when not found
-                    code, message = _exec_failure(h.argv[0], held)
-                    emit(h, 2, message)
-                else:
-                    emit(h, 1, held)
-            return int(code) if code is not None else -9 if h.aborted else -1
-        finally:
-            h.done.set()
-
-    def _attached_exec(self, h: _Exec, emit: Callable[[_Exec, int, bytes], None]) -> None:
-        """An exec with stdin: the raw (hijacked) connection, written by a thread of its
-        own (the command may write before it reads) and half-closed for EOF, read here."""
-        assert h.exec_id is not None and h.stdin is not None
-        raw = self._api.exec_start(h.exec_id, socket=True)
-        sock: socket.socket = getattr(raw, "_sock", raw)  # a SocketIO over a unix socket
-        h.stream = _Hijacked(sock, raw)
-        data = h.stdin
-
-        def feed() -> None:
-            with contextlib.suppress(OSError):  # it exited without reading it all
-                view = memoryview(data).cast("B")
-                for i in range(0, len(view), CHUNK):
-                    sock.sendall(view[i : i + CHUNK])
-                sock.shutdown(socket.SHUT_WR)
-
-        threading.Thread(target=feed, name="aviato-exec-stdin", daemon=True).start()
-        try:
-            for fd, chunk in frames_iter(raw, tty=False):
-                if chunk and fd in (1, 2):
-                    emit(h, fd, chunk)
-        except OSError:
-            if not h.aborted:  # an abort shuts the connection down to end this loop
-                raise
-        finally:
-            h.stream.close()
-
-    def _abort_sync(self, h: _Exec) -> None:
-        """Kill the exec's process tree (host pids: we run beside dockerd), then make
-        sure its reader returns even if an orphan keeps the output open."""
-        h.aborted = True
-        # dockerd marks an exec running only after its start call returns, and output can
-        # flow before that: under load, "not running, no exit code" means "not yet".
-        deadline = time.monotonic() + 10
-        while h.exec_id is not None and time.monotonic() < deadline:
-            try:
-                info = self._api.exec_inspect(h.exec_id)
-            except (*DockerError, KeyError, TypeError):
-                break
-            if info.get("Running") and info.get("Pid"):
-                _kill_tree(int(info["Pid"]))
-                break
-            if info.get("ExitCode") is not None or h.done.is_set():
-                break
-            time.sleep(0.02)
-        if not h.done.wait(KILL_GRACE) and h.stream is not None:
-            with contextlib.suppress(Exception):
-                h.stream.close()
-
-    def _start_exec(
-        self,
-        sandbox_id: str,
-        argv: tuple[str, ...],
-        cwd: str | None,
-        env: Mapping[str, str] | None,
-        timeout: float | None,
-        emit: Callable[[_Exec, int, bytes], None],
-        stdin: bytes | memoryview | None = None,
-    ) -> tuple[_Exec, asyncio.Future[int], asyncio.TimerHandle | None]:
-        loop = asyncio.get_running_loop()
+    def _exec_target(
+        self, sandbox_id: str, env: Mapping[str, str] | None
+    ) -> tuple[str, Mapping[str, str] | None]:
+        """The container to exec in, and the env: a claimed spare's container env lacks
+        its spec's, so it is added under the request's own, as a fresh one's would be."""
         spare_env = self._spare_env.get(sandbox_id)
-        if spare_env:  # a spare's container env lacks its spec's: as a fresh one's would
+        if spare_env:
             env = {**spare_env, **(env or {})}
-        h = _Exec(self._target(sandbox_id), list(argv), cwd, dict(env) if env else None, stdin)
-        fut = loop.run_in_executor(self._pool, self._exec_sync, sandbox_id, h, emit)
-        timer = None
-        if timeout is not None:
-            timer = loop.call_later(timeout, self._abort, h)
-        return h, fut, timer
-
-    def _abort(self, h: _Exec) -> None:
-        if not h.done.is_set():
-            with contextlib.suppress(RuntimeError):  # the pool is shut down: we are closing
-                self._pool.submit(self._abort_sync, h)
+        return self._target(sandbox_id), env
 
     async def exec(
         self,
@@ -562,20 +412,10 @@ class DockerRuntime(Runtime):
         timeout_seconds: float | None = None,
         stdin: bytes | memoryview | None = None,
     ) -> ExecOutput:
-        # Fast path: create, start, read and inspect all in ONE thread hop.
-        def collect(h: _Exec, fd: int, data: bytes) -> None:
-            (h.out if fd == 1 else h.err).append(data)
-
-        h, fut, timer = self._start_exec(
-            sandbox_id, argv, cwd, env, timeout_seconds, collect, stdin
+        target, env = self._exec_target(sandbox_id, env)
+        return await self._exec.run(
+            sandbox_id, target, argv, cwd=cwd, env=env, timeout_seconds=timeout_seconds, stdin=stdin
         )
-        try:
-            code = await fut
-        finally:
-            if timer is not None:
-                timer.cancel()
-            self._abort(h)  # no-op unless we were cancelled
-        return ExecOutput(code, b"".join(h.out), b"".join(h.err), h.aborted)
 
     async def exec_stream(
         self,
@@ -587,22 +427,13 @@ class DockerRuntime(Runtime):
         timeout_seconds: float | None = None,
         stdin: bytes | memoryview | None = None,
     ) -> AsyncIterator[OutputChunk | ExitStatus]:
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue[OutputChunk | None] = asyncio.Queue()
-
-        def emit(h: _Exec, fd: int, data: bytes) -> None:
-            loop.call_soon_threadsafe(q.put_nowait, OutputChunk(fd, data))
-
-        h, fut, timer = self._start_exec(sandbox_id, argv, cwd, env, timeout_seconds, emit, stdin)
-        fut.add_done_callback(lambda _: q.put_nowait(None))  # runs after the queued chunks
-        try:
-            while (chunk := await q.get()) is not None:
-                yield chunk
-            yield ExitStatus(await fut, h.aborted)
-        finally:
-            if timer is not None:
-                timer.cancel()
-            self._abort(h)  # the consumer left early: don't leave the command running
+        target, env = self._exec_target(sandbox_id, env)
+        stream = self._exec.stream(
+            sandbox_id, target, argv, cwd=cwd, env=env, timeout_seconds=timeout_seconds, stdin=stdin
+        )
+        async with contextlib.aclosing(stream):  # a consumer that leaves stops the command
+            async for event in stream:
+                yield event
 
     # ------------------------------------------------------------------ files and logs
 
@@ -627,7 +458,7 @@ class DockerRuntime(Runtime):
             self._api.put_archive(self._target(sandbox_id), "/", iter(archive))
         except DockerError as exc:
             raise self._gone(sandbox_id, exc) or SandboxFileError(
-                f"cannot write {path} in sandbox {sandbox_id}: {_why(exc)}",
+                f"cannot write {path} in sandbox {sandbox_id}: {explain(exc)}",
                 filepath=path,
                 sandbox_id=sandbox_id,
             ) from exc
@@ -656,19 +487,19 @@ class DockerRuntime(Runtime):
                 if stat and stat.get("mode", 0) & _DIR_BIT:
                     raise fail(f"{path} is a directory, not a file")  # don't tar it all
                 if stat and not stat.get("linkTarget") and int(stat.get("size") or 0) > max_bytes:
-                    raise _too_large(sandbox_id, path, max_bytes)
-                chunks = _read_capped(stream, max_bytes + _TAR_SLACK, cancelled)
+                    raise too_large(sandbox_id, path, max_bytes)
+                chunks = read_capped(stream, max_bytes + _TAR_SLACK, cancelled)
                 if chunks is None:
-                    raise _too_large(sandbox_id, path, max_bytes)
+                    raise too_large(sandbox_id, path, max_bytes)
                 if cancelled.is_set():
                     raise fail(f"reading {path} was cancelled")
             except DockerError as exc:
                 gone = self._gone(sandbox_id, exc)
                 if gone is not None:
                     raise gone from exc
-                if _status(exc) == 404:
+                if http_status(exc) == 404:
                     raise fail(f"no such file: {path}") from exc
-                raise fail(f"cannot read {path}: {_why(exc)}") from exc
+                raise fail(f"cannot read {path}: {explain(exc)}") from exc
             head, n = b"", 0
             while len(head) < 65536 and n < len(chunks):  # enough for the (PAX) headers
                 head, n = head + chunks[n][:65536], n + 1
@@ -681,8 +512,8 @@ class DockerRuntime(Runtime):
             if member is None or not member.isreg():
                 raise fail(f"{path} is not a regular file")
             if member.size > max_bytes:
-                raise _too_large(sandbox_id, path, max_bytes)
-            return _cut(chunks, member.offset_data, member.offset_data + member.size)
+                raise too_large(sandbox_id, path, max_bytes)
+            return cut(chunks, member.offset_data, member.offset_data + member.size)
         raise fail(f"{path}: too many levels of symbolic links")
 
     async def logs(
@@ -699,7 +530,7 @@ class DockerRuntime(Runtime):
         except DockerError as exc:
             if kept is not None:
                 return kept
-            if _status(exc) == 404:
+            if http_status(exc) == 404:
                 raise SandboxNotFoundError(
                     f"no sandbox {sandbox_id} on this host (and no logs kept for it)",
                     sandbox_id=sandbox_id,
@@ -734,11 +565,11 @@ class DockerRuntime(Runtime):
         try:
             self._api.remove_container(target, force=True)
         except DockerError as exc:
-            if _status(exc) == 409:  # a removal is already under way: wait for it to finish
+            if http_status(exc) == 409:  # a removal is already under way: wait for it to finish
                 self._wait_removed(sandbox_id, target)
-            elif _status(exc) != 404:
+            elif http_status(exc) != 404:
                 raise SandboxFailedError(
-                    f"could not remove sandbox {sandbox_id}: {_why(exc)}", sandbox_id=sandbox_id
+                    f"could not remove sandbox {sandbox_id}: {explain(exc)}", sandbox_id=sandbox_id
                 ) from exc
 
     def _wait_removed(self, sandbox_id: str, target: str, timeout: float = 25) -> None:
@@ -750,7 +581,7 @@ class DockerRuntime(Runtime):
             try:
                 self._api.inspect_container(target)
             except DockerError as exc:
-                if _status(exc) == 404:
+                if http_status(exc) == 404:
                     return
             time.sleep(0.05)
         raise SandboxFailedError(
@@ -779,7 +610,7 @@ class DockerRuntime(Runtime):
         try:
             return await self._run(everything)
         except DockerError as exc:
-            log.warning("could not list all aviato containers: %s", _why(exc))
+            log.warning("could not list all aviato containers: %s", explain(exc))
             return []
 
     def _list_sync(self, agent_id: str) -> builtins.list[RuntimeSandbox]:
@@ -815,9 +646,9 @@ class DockerRuntime(Runtime):
                 found.append(RuntimeSandbox(sid, labels, running, code))
             return found
         except DockerError as exc:
-            if _status(exc) == 404:  # removed between the listing and its inspect: retry
+            if http_status(exc) == 404:  # removed between the listing and its inspect: retry
                 return self._list_sync(agent_id)
-            raise SandboxFailedError(f"could not list sandboxes: {_why(exc)}") from exc
+            raise SandboxFailedError(f"could not list sandboxes: {explain(exc)}") from exc
 
     # ------------------------------------------------------------------ exits
 
@@ -854,7 +685,7 @@ class DockerRuntime(Runtime):
                 },
             )
         except DockerError as exc:
-            raise SandboxFailedError(f"cannot watch Docker events: {_why(exc)}") from exc
+            raise SandboxFailedError(f"cannot watch Docker events: {explain(exc)}") from exc
 
     def _watch(self) -> None:
         since: int | None = None
@@ -922,8 +753,8 @@ class DockerRuntime(Runtime):
         try:
             api.remove_container(cid, force=True)
         except DockerError as exc:
-            if _status(exc) not in (404, 409):
-                log.warning("could not remove exited sandbox %s: %s", sid, _why(exc))
+            if http_status(exc) not in (404, 409):
+                log.warning("could not remove exited sandbox %s: %s", sid, explain(exc))
         self._workdirs.pop(sid, None)
         self._removing.discard(sid)
         self._release(sid, cid)
@@ -941,126 +772,3 @@ class DockerRuntime(Runtime):
         if self._owns_client and self._client_obj is not None:
             with contextlib.suppress(Exception):
                 self._client_obj.close()
-
-
-class _Hijacked:
-    """An attached exec's connection; ``close`` also wakes a reader blocked on it."""
-
-    def __init__(self, sock: socket.socket, raw: Any) -> None:
-        self._sock = sock
-        self._raw = raw
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        with contextlib.suppress(OSError):
-            self._raw.close()
-        with contextlib.suppress(OSError):
-            self._sock.close()
-
-
-class _HoldRuncFailure:
-    """Passes an exec's output on, except runc's own failure ("OCI runtime exec
-    failed", on stdout, before anything else), held for the exit code to explain."""
-
-    def __init__(self, emit: Callable[[_Exec, int, bytes], None]) -> None:
-        self._emit = emit
-        self._first = True
-        self.held: bytes | None = None
-
-    def __call__(self, h: _Exec, fd: int, chunk: bytes) -> None:
-        if self._first:
-            self._first = False
-            if fd == 1 and chunk.startswith(_OCI_FAILED):
-                self.held = chunk
-                return
-        if self.held is not None:  # output follows: it was the program's own
-            self._emit(h, 1, self.held)
-            self.held = None
-        self._emit(h, fd, chunk)
-
-
-_MUX_HEADER = struct.Struct(">BxxxL")  # stream (1 stdout, 2 stderr), length
-
-
-def order_log_entries(raw: bytes) -> list[OutputChunk]:
-    """Docker's multiplexed log stream, each entry prefixed with its RFC 3339 timestamp,
-    as chunks in the order written (adjacent ones of one stream joined)."""
-    entries: list[tuple[tuple[str, int], int, bytes]] = []
-    at = 0
-    while at + _MUX_HEADER.size <= len(raw):
-        fd, size = _MUX_HEADER.unpack_from(raw, at)
-        at += _MUX_HEADER.size
-        data, at = raw[at : at + size], at + size
-        stamp, _, text = data.partition(b" ")
-        entries.append((_stamp_key(stamp), 2 if fd == 2 else 1, text))
-    entries.sort(key=lambda e: e[0])  # stable: the engine's order among equal stamps
-    return join_chunks(OutputChunk(fd, text) for _, fd, text in entries)
-
-
-def _stamp_key(stamp: bytes) -> tuple[str, int]:
-    """A sortable key for "2026-11-30T20:16:00.2841Z" (trailing zeros are trimmed, so
-    the fraction is compared as nanoseconds, not as text)."""
-    text = stamp.decode(errors="replace").rstrip("Z")
-    whole, _, fraction = text.partition(".")
-    digits = "".join(c for c in fraction if c.isdigit())[:9]
-    return whole, int(digits.ljust(9, "0") or 0)
-
-
-_OCI_FAILED = b"OCI runtime exec failed"
-
-
-def _exec_failure(argv0: str, oci: bytes) -> tuple[int, bytes]:
-    """runc's exec failure as a shell (and the supervisor) reports it: 127 and "No such
-    file or directory" for a missing program or working directory, else 126."""
-    text = oci.decode(errors="replace").lower()
-    if "not found" in text or "no such file" in text:
-        return 127, f"exec {argv0!r}: No such file or directory\n".encode()
-    if "permission denied" in text:
-        return 126, f"exec {argv0!r}: Permission denied\n".encode()
-    return 126, oci.rstrip(b"\r\n") + b"\n"
-
-
-#: Tar headers (PAX ones for long names), padding and end blocks around a file's data.
-_TAR_SLACK = 1 << 20
-
-
-def _too_large(sandbox_id: str, path: str, limit: int) -> PayloadTooLargeError:
-    return PayloadTooLargeError(
-        f"{path} in sandbox {sandbox_id} is larger than the {limit}-byte read limit: "
-        "read less (pass a larger max_bytes, or split the file in the sandbox)",
-        sandbox_id=sandbox_id,
-    )
-
-
-def _read_capped(stream: Any, limit: int, cancelled: threading.Event) -> list[bytes] | None:
-    """The archive's chunks, or None past ``limit`` bytes: read while counting, so a
-    huge file is never held whole. Stops early (empty) once ``cancelled``."""
-    chunks: list[bytes] = []
-    total = 0
-    try:
-        for chunk in stream:
-            if cancelled.is_set():
-                return []
-            total += len(chunk)
-            if total > limit:
-                return None
-            chunks.append(chunk)
-    finally:
-        with contextlib.suppress(Exception):
-            stream.close()  # the HTTP response goes with it, not read to its end
-    return chunks
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and its descendants. The children are listed first (a dead
-    parent's children are reparented and lost from view), and each kill stands alone:
-    listing can fail under load when other processes come and go."""
-    children: list[psutil.Process] = []
-    with contextlib.suppress(psutil.Error):
-        children = psutil.Process(pid).children(recursive=True)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.kill(pid, signal.SIGKILL)
-    for child in children:
-        with contextlib.suppress(psutil.Error):
-            child.kill()

@@ -20,7 +20,7 @@ import os
 import threading
 from pathlib import Path
 
-from agent.runtime.base import (
+from agent.runtime.labels import (
     LABEL_CREATED,
     LABEL_SANDBOX,
     LABEL_SESSION,

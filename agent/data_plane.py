@@ -1,0 +1,304 @@
+"""The agent's data plane: clients' requests (exec, files, logs, function calls, pings,
+cancels), from its ROUTER socket or its local lane, each checked, then served on the
+runtime or through the sandbox's supervisor; replies never wait, and a request stops
+when its client cancels it or leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence, Set
+from dataclasses import dataclass
+from typing import Any
+
+import zmq.asyncio
+
+from agent.checks import request_problem, shown
+from agent.kept_logs import KeptLogs
+from agent.lane import LaneServer
+from agent.runtime.base import ExitStatus, Runtime
+from agent.workers import WorkerHub
+from aviato._server import sockets
+from aviato._server.errors import error_reply
+from aviato.exceptions import AviatoError, SandboxNotFoundError, SandboxNotRunningError
+from aviato.protocol import (
+    MAX_PAYLOAD_BYTES,
+    Cancel,
+    Decoded,
+    DecodeError,
+    ErrorCode,
+    ErrorReply,
+    Exec,
+    ExecChunk,
+    ExecReply,
+    FileReply,
+    GetLogs,
+    LogsReply,
+    Message,
+    OkReply,
+    Payload,
+    Ping,
+    Pong,
+    ReadFile,
+    RunCalls,
+    SandboxSpec,
+    WriteFile,
+    decode,
+    encode,
+)
+
+__all__ = ["DataPlane", "Running"]
+
+log = logging.getLogger("aviato.agent")
+
+
+@dataclass(slots=True)
+class Running:
+    """A sandbox this agent runs: a row of its table."""
+
+    spec: SandboxSpec
+    created_at: float
+    #: Made from a pre-started spare: its container's env lacks ``spec.env``, so
+    #: exec adds it (as a fresh container's env would have it).
+    spare: bool = False
+
+
+class DataPlane:
+    """Reads the agent's tables (what runs, starts, ended) and never changes them. The
+    agent sets ``socket``, ``lane`` and ``hub`` as it starts them; ``start`` runs a
+    coroutine as a task of the agent's, its failure logged."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        agent_id: str,
+        token: str | None,
+        sandboxes: Mapping[str, Running],
+        creating: Set[str],
+        ended: Mapping[str, str],
+        kept_logs: KeptLogs,
+        start: Callable[[Coroutine[Any, Any, None]], asyncio.Task[None]],
+    ) -> None:
+        self.runtime = runtime
+        self.agent_id = agent_id
+        self.token = token
+        self.sandboxes = sandboxes
+        self.creating = creating
+        self.ended = ended
+        self.kept_logs = kept_logs
+        self._start = start
+        self.socket: zmq.asyncio.Socket | None = None
+        self.lane: LaneServer | None = None
+        self.hub: WorkerHub | None = None
+        self._handlers: dict[type[Message], Callable[[bytes, Decoded], Awaitable[None]]] = {
+            Exec: self._on_exec,
+            WriteFile: self._on_write,
+            ReadFile: self._on_read,
+            GetLogs: self._on_logs,
+        }
+        #: Requests under way, by (client, request id): a Cancel stops one.
+        self._inflight: dict[tuple[bytes, int], asyncio.Task[None]] = {}
+
+    async def serve(self, sock: zmq.asyncio.Socket) -> None:
+        """Serve the ROUTER socket's requests (until cancelled)."""
+        while True:
+            # A receive (and a send) with messages queued completes without yielding:
+            # under a flood this loop would starve every other task (heartbeats, ticks).
+            await asyncio.sleep(0)
+            frames = await sock.recv_multipart(copy=False)
+            identity = frames[0].bytes
+            if self.lane is not None and self.lane.owns(identity):
+                # A DEALER that chose a lane peer's routing id: its replies would go to
+                # that local client. Nothing can be told to it; drop it.
+                sockets.refusals.warning(
+                    log,
+                    "agent %s: dropped a message from a ZeroMQ peer posing as a local lane client",
+                    self.agent_id,
+                )
+                continue
+            self.on_message(identity, frames[1:])
+
+    def on_message(self, identity: bytes, frames: Sequence[Any]) -> None:
+        """One data-plane request, from ZeroMQ or the lane. Function calls and pings are
+        served right here (no task: they are the hot path); the rest get a task each."""
+        try:
+            decoded = decode(frames)
+        except DecodeError as exc:
+            who = f"agent {self.agent_id}"
+            if exc.request_id is None:
+                sockets.refusals.warning(log, "%s: dropped an undecodable message: %s", who, exc)
+            else:
+                sockets.refusals.warning(log, "%s: refused a message: %s", who, exc)
+                self.send_now(identity, exc.request_id, ErrorReply(exc.code, str(exc)))
+            return
+        if self.token is not None and decoded.token != self.token:
+            error = ErrorReply(ErrorCode.UNAUTHORIZED, "missing or wrong cluster token")
+            self.send_now(identity, decoded.request_id, error)
+            return
+        msg = decoded.msg
+        problem = request_problem(msg)
+        if problem:
+            self.send_now(identity, decoded.request_id, ErrorReply(ErrorCode.BAD_REQUEST, problem))
+            return
+        if type(msg) is RunCalls:
+            try:
+                assert self.hub is not None
+                self._check_running(msg.sandbox_id)
+                self.hub.run_calls(identity, decoded.request_id, msg, decoded.payloads)
+            except Exception as exc:
+                if not isinstance(exc, AviatoError):
+                    log.exception("agent: RunCalls failed")
+                self.send_now(identity, decoded.request_id, error_reply(exc))
+            return
+        if type(msg) is Ping:
+            pong = Pong(server="agent", server_id=self.agent_id)
+            self.send_now(identity, decoded.request_id, pong)
+            return
+        if type(msg) is Cancel:  # the client gave up: stop the work where it runs
+            task = self._inflight.pop((identity, decoded.request_id), None)
+            if task is not None:
+                task.cancel()
+            return
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            error = ErrorReply(
+                ErrorCode.BAD_REQUEST, f"an agent does not serve {type(msg).__name__}"
+            )
+            self.send_now(identity, decoded.request_id, error)
+            return
+        key = (identity, decoded.request_id)
+        task = self._start(self._serve_one(handler, identity, decoded))
+        self._inflight[key] = task
+        task.add_done_callback(lambda _: self._inflight.pop(key, None))
+
+    async def _serve_one(
+        self, handler: Callable[[bytes, Decoded], Awaitable[None]], identity: bytes, d: Decoded
+    ) -> None:
+        try:
+            await handler(identity, d)
+        except Exception as exc:
+            if not isinstance(exc, AviatoError):
+                log.exception("agent: %s failed", type(d.msg).__name__)
+            await self._send(identity, d.request_id, error_reply(exc))
+
+    async def _send(
+        self, identity: bytes, request_id: int, msg: Message, payloads: tuple[Payload, ...] = ()
+    ) -> None:
+        self.send_now(identity, request_id, msg, payloads)
+
+    def send_now(
+        self, identity: bytes, request_id: int, msg: Message, payloads: Sequence[Payload] = ()
+    ) -> None:
+        """Replies never wait: a peer that went away (or reads nothing) loses them."""
+        lane = self.lane
+        if lane is not None and lane.owns(identity):
+            if not lane.send(identity, encode(msg, request_id, payloads)):
+                log.debug("dropping %s to a closed lane", type(msg).__name__)
+            return
+        assert self.socket is not None
+        sockets.send_now(self.socket, identity, msg, request_id, payloads)
+
+    def client_gone(self, identity: bytes) -> None:
+        """A local client closed its lane (exited, or was killed): what it asked for
+        and still waits on stops, as if it had cancelled each request."""
+        for key in [k for k in self._inflight if k[0] == identity]:
+            self._inflight.pop(key).cancel()
+
+    def _check_running(self, sandbox_id: str) -> None:
+        if sandbox_id in self.sandboxes:
+            return
+        reason = self.ended.get(sandbox_id)
+        if reason is not None or sandbox_id in self.creating:
+            raise SandboxNotRunningError(
+                f"sandbox {sandbox_id} is not running ({reason or 'still starting'})",
+                sandbox_id=sandbox_id,
+            )
+        raise SandboxNotFoundError(
+            f"sandbox {shown(sandbox_id)} is not on agent {self.agent_id}", sandbox_id=sandbox_id
+        )
+
+    async def _on_exec(self, identity: bytes, d: Decoded) -> None:
+        msg = d.msg
+        assert isinstance(msg, Exec)
+        self._check_running(msg.sandbox_id)
+        if not msg.argv or not msg.argv[0]:
+            raise ValueError("exec needs a non-empty argv, e.g. ['echo', 'hi']")
+        if len(d.payloads) > 1:
+            raise ValueError("exec carries at most one payload frame (its stdin)")
+        stdin = d.payloads[0] if d.payloads else None
+        env = self._exec_env(msg.sandbox_id, msg.env)
+        hub = self.hub
+        via: Runtime | WorkerHub = (
+            hub if hub is not None and hub.supervised(msg.sandbox_id) else self.runtime
+        )
+        if not msg.stream:
+            out = await via.exec(
+                msg.sandbox_id,
+                msg.argv,
+                cwd=msg.cwd,
+                env=env,
+                timeout_seconds=msg.timeout_seconds,
+                stdin=stdin,
+            )
+            reply = ExecReply(out.returncode, out.timed_out)
+            await self._send(identity, d.request_id, reply, (out.stdout, out.stderr))
+            return
+        async for event in via.exec_stream(
+            msg.sandbox_id,
+            msg.argv,
+            cwd=msg.cwd,
+            env=env,
+            timeout_seconds=msg.timeout_seconds,
+            stdin=stdin,
+        ):
+            if isinstance(event, ExitStatus):
+                await self._send(
+                    identity, d.request_id, ExecReply(event.returncode, event.timed_out)
+                )
+            else:
+                await self._send(identity, d.request_id, ExecChunk(event.fd), (event.data,))
+
+    def _exec_env(self, sandbox_id: str, env: dict[str, str] | None) -> dict[str, str] | None:
+        """A spare's container was made before its spec was known: its env is added here
+        under the request's own, as a fresh container's env would be."""
+        run = self.sandboxes.get(sandbox_id)
+        if run is None or not run.spare or not run.spec.env:
+            return env
+        return {**run.spec.env, **(env or {})}
+
+    async def _on_write(self, identity: bytes, d: Decoded) -> None:
+        msg = d.msg
+        assert isinstance(msg, WriteFile)
+        self._check_running(msg.sandbox_id)
+        if len(d.payloads) != 1:
+            raise ValueError("write_file carries exactly one payload frame (the data)")
+        await self._files(msg.sandbox_id).write_file(
+            msg.sandbox_id, msg.path, d.payloads[0], msg.mode
+        )
+        await self._send(identity, d.request_id, OkReply())
+
+    async def _on_read(self, identity: bytes, d: Decoded) -> None:
+        msg = d.msg
+        assert isinstance(msg, ReadFile)
+        self._check_running(msg.sandbox_id)
+        if msg.max_bytes < 0:
+            raise ValueError(f"max_bytes must be positive (or 0: the limit), not {msg.max_bytes}")
+        limit = min(msg.max_bytes or MAX_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES)
+        data = await self._files(msg.sandbox_id).read_file(msg.sandbox_id, msg.path, limit)
+        await self._send(identity, d.request_id, FileReply(len(data)), (data,))
+
+    def _files(self, sandbox_id: str) -> Runtime | WorkerHub:
+        hub = self.hub
+        return hub if hub is not None and hub.supervised(sandbox_id) else self.runtime
+
+    async def _on_logs(self, identity: bytes, d: Decoded) -> None:
+        msg = d.msg
+        assert isinstance(msg, GetLogs)
+        chunks = self.kept_logs.get(msg.sandbox_id)
+        if chunks is None:
+            if msg.sandbox_id not in self.sandboxes and msg.sandbox_id not in self.ended:
+                self._check_running(msg.sandbox_id)
+            chunks = await self.runtime.logs(msg.sandbox_id)
+        reply = LogsReply(tuple(c.fd for c in chunks))
+        await self._send(identity, d.request_id, reply, tuple(c.data for c in chunks))
