@@ -15,9 +15,9 @@ import zmq.asyncio
 
 from agent.checks import request_problem, shown
 from agent.kept_logs import KeptLogs
-from agent.lane import LaneServer
+from agent.lane_server import LaneServer
 from agent.runtime.base import ExitStatus, Runtime
-from agent.workers import WorkerHub
+from agent.supervisor_hub import WorkerHub
 from aviato._server import sockets
 from aviato._server.errors import error_reply
 from aviato.exceptions import AviatoError, SandboxNotFoundError, SandboxNotRunningError

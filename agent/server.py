@@ -1,6 +1,6 @@
 """The agent daemon: registers with the scheduler, runs sandboxes through a Runtime,
 and serves the data plane (exec, files, logs, function calls) to clients on its own
-ROUTER socket, and to clients on its host over its local lane (agent/lane.py)."""
+ROUTER socket, and to clients on its host over its local lane (agent/lane_server.py)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import zmq.asyncio
 from agent.data_plane import DataPlane, Running
 from agent.identity import state_dir
 from agent.kept_logs import KeptLogs
-from agent.lane import LaneServer
+from agent.lane_server import LaneServer
 from agent.runtime.base import (
     LABEL_AGENT,
     LABEL_CREATED,
@@ -35,7 +35,8 @@ from agent.runtime.base import (
 )
 from agent.runtime.spare_claims import SpareClaims
 from agent.spares import Shape, SparePool
-from agent.workers import WorkerHub, remove_dead_agent_dir
+from agent.supervisor_hub import WorkerHub, remove_dead_agent_dir
+from agent.supervisor_launch import supervisor_command
 from aviato import _zmq
 from aviato._auth import CurveKeys
 from aviato._server import sockets
@@ -610,7 +611,7 @@ class AgentServer:
         mounts = await hub.prepare(sid)
         try:
             if spec.function_worker:
-                command, args = hub.worker_command()
+                command, args = supervisor_command()
                 env = {**spec.env, **hub.worker_env()}
                 spec = dataclasses.replace(spec, command=command, args=args, env=env)
             await self.runtime.create(sid, spec, labels, mounts)
@@ -638,7 +639,7 @@ class AgentServer:
     async def _start_supervisor(self, sid: str) -> bool:
         """True once it said hello."""
         assert self._hub is not None
-        command, args = self._hub.worker_command("python3", functions=False)
+        command, args = supervisor_command("python3", functions=False)
         # A sidecar is its container's watchdog: it stops the container if we vanish.
         env = {**self._hub.worker_env(), "AVIATO_WATCHDOG": "container"}
         if await self.runtime.start_sidecar(sid, (command, *args), env):

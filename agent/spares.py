@@ -40,7 +40,8 @@ from agent.runtime.base import (
     LABEL_SPARE,
     Runtime,
 )
-from agent.workers import SOCKET_DIR, WorkerHub
+from agent.supervisor_hub import WorkerHub
+from agent.supervisor_launch import SOCKET_DIR
 from aviato.exceptions import AviatoError, SandboxFailedError, SandboxNotRunningError
 from aviato.protocol import SandboxSpec, SpareShape
 

@@ -8,7 +8,7 @@ list stays in the stream). Nothing is copied to pickle them: a frame is a view o
 caller's own memory, sent when the call is (so an argument must not be changed until
 its call has been sent: awaiting the call is enough).
 
-The worker (agent/worker.py, stdlib only) mirrors this code for its results; the two
+The worker (agent/supervisor.py, stdlib only) mirrors this code for its results; the two
 must rebuild what the other makes, so both use standard-library callables only.
 """
 

@@ -1,9 +1,9 @@
 """The agent <-> worker link's schema: every op on it, every header as a typed record,
 and the framing. One definition, imported by both ends and by the local lane:
 
-- the agent's hub (agent/workers.py) and the lane (aviato/_lane.py, agent/lane.py) on
+- the agent's hub (agent/supervisor_hub.py) and the lane (aviato/_lane.py, agent/lane_server.py) on
   the host, where it is ``aviato.link``;
-- the supervisor and function worker (agent/worker.py) inside a sandbox, where the hub
+- the supervisor and function worker (agent/supervisor.py) inside a sandbox, where the hub
   copies it beside them as ``aviato_link``. There it must cost nothing at start-up:
   builtin modules only (no enum, dataclasses, typing: ~50 ms together).
 

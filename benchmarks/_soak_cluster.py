@@ -199,7 +199,7 @@ class SoakCluster:
 
     @staticmethod
     def socket_dir(agent_id: str) -> Path:
-        """An agent's worker socket directory (named as agent/workers.py names it)."""
+        """An agent's worker socket directory (named as agent/supervisor_hub.py names it)."""
         digest = hashlib.sha256(agent_id.encode()).hexdigest()[:12]
         return Path(tempfile.gettempdir()) / f"avw-{digest}"
 

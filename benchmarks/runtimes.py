@@ -254,7 +254,7 @@ async def wait_exec_path(sb: Sandbox, supervised: bool, timeout: float = 30) -> 
     deadline = time.monotonic() + timeout
     while True:
         parent = await exec_parent(sb)
-        if ("aviato_worker" in parent) == supervised:
+        if ("aviato_supervisor" in parent) == supervised:
             return parent or "(no parent in the sandbox: docker exec)"
         if time.monotonic() > deadline:
             want = "through" if supervised else "not through"
@@ -354,7 +354,7 @@ async def bench_exec(
         gc.collect()
         await interleave(runs, n, 10, "a. exec round trip")
         # Still on the same paths at the end (a supervisor that died would fall back).
-        assert "aviato_worker" in await exec_parent(sup_sb), "the supervisor went away"
+        assert "aviato_supervisor" in await exec_parent(sup_sb), "the supervisor went away"
         return ExecPart(sup, dex, sdk, loc, ping, paths)
     finally:
         for sb in sandboxes:

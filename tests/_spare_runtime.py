@@ -23,7 +23,7 @@ from agent.runtime.base import (
 from agent.runtime.docker import DockerRuntime
 from agent.runtime.spare_claims import SpareClaims
 from agent.spares import CLAIM_FIFO, Shape, launch, make_fifo, wait_parked
-from agent.workers import SOCKET_DIR
+from agent.supervisor_launch import SOCKET_DIR
 from aviato.protocol import SandboxSpec
 
 

@@ -371,7 +371,7 @@ def test_a_worker_reads_on_when_a_shared_frame_lost_its_descriptor() -> None:
     import socket
     import struct
 
-    from agent import worker_link
+    from agent import supervisor_link
     from aviato import link
 
     a, b = socket.socketpair()
@@ -379,7 +379,7 @@ def test_a_worker_reads_on_when_a_shared_frame_lost_its_descriptor() -> None:
         head = struct.pack("!IQQ", 2, 5, link.SHM_FLAG | 26)
         a.sendall(head + b"probe")  # no SCM_RIGHTS: lost on the way
         a.sendall(struct.pack("!IQ", 1, 5) + b"calls")
-        reader = worker_link.FdReader(b)
+        reader = supervisor_link.FdReader(b)
         assert link.read(reader) == [b"probe", None]
         assert link.read(reader) == [b"calls"]
     finally:

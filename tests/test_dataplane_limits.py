@@ -134,7 +134,7 @@ async def test_cancelled_read_stops_reading_in_the_sandbox(
     """A FIFO fed forever: while the sandbox reads it, the writer lives; once the read is
     cancelled and the reader closes the FIFO, the writer dies of SIGPIPE."""
     sb, _ = flavour
-    if "aviato_worker" not in await _processes(sb):
+    if "aviato_supervisor" not in await _processes(sb):
         # docker's archive of a FIFO holds no data: refused at once, nothing to cancel
         await sb.exec(["mkfifo", "/tmp/fifo"])
         with pytest.raises(SandboxFileError, match="not a regular file"):

@@ -23,7 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from zmq.utils.monitor import recv_monitor_message
 
-from agent.lane import PREFIX as LANE_PREFIX
+from agent.lane_server import PREFIX as LANE_PREFIX
 from aviato import Sandbox, SandboxDefaults, UnauthorizedError, _connection
 from aviato._connection import Connection, LaneConnection, agent_connection, connection
 from aviato._lane import (

@@ -26,8 +26,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent import worker_link
-from agent.worker import results_header, to_json
+from agent import supervisor_link
+from agent.supervisor import results_header, to_json
 from aviato import _spare, link, protocol
 from aviato._lane import FramedSocket
 from aviato.exceptions import ProtocolError
@@ -326,7 +326,7 @@ def test_a_memfd_frame_round_trips(pair: tuple[socket.socket, socket.socket]) ->
         a.sendall(b"header" + b"tail")
     finally:
         os.close(fd)
-    reader = worker_link.FdReader(b)
+    reader = supervisor_link.FdReader(b)
     frames = read(reader)
     assert frames is not None and len(frames) == 3
     assert bytes(frames[0]) == b"header" and bytes(frames[2]) == b"tail"
@@ -341,7 +341,7 @@ async def test_the_workers_shared_frames_reach_the_lane(
     """The worker's sender (large results in memfds) and the agent's reader (the lane's
     FramedSocket) speak the same framing."""
     a, b = pair
-    monkeypatch.setattr(worker_link, "SHM_MIN", 1 << 20)
+    monkeypatch.setattr(supervisor_link, "SHM_MIN", 1 << 20)
     monkeypatch.setattr(_spare, "ENABLED", False)
     big = os.urandom(2 << 20)
     got: asyncio.Future[list[bytes]] = asyncio.get_running_loop().create_future()
@@ -352,7 +352,7 @@ async def test_the_workers_shared_frames_reach_the_lane(
         max_message=64 << 20,
     )
     try:
-        await asyncio.to_thread(worker_link.send_shared, a, [b"results", big, b"x"])
+        await asyncio.to_thread(supervisor_link.send_shared, a, [b"results", big, b"x"])
         async with asyncio.timeout(30):
             assert await got == [b"results", big, b"x"]
     finally:
@@ -389,15 +389,15 @@ def test_the_supervisor_starts_on_builtin_modules_only(tmp_path: Path) -> None:
     lib.mkdir()
     root = Path(link.__file__).parents[1]
     for source, name in [
-        ("agent/worker.py", "aviato_worker.py"),
-        ("agent/worker_link.py", "aviato_worker_link.py"),
+        ("agent/supervisor.py", "aviato_supervisor.py"),
+        ("agent/supervisor_link.py", "aviato_supervisor_link.py"),
         ("aviato/link.py", "aviato_link.py"),
         ("aviato/_spare.py", "aviato_spare.py"),
-    ]:  # as agent/workers.py's _prepare_lib lays them out
+    ]:  # as agent/supervisor_hub.py's _prepare_lib lays them out
         shutil.copy(root / source, lib / name)
     probe = (
         "import sys; before = set(sys.modules); sys.path.insert(0, sys.argv[1]); "
-        "import aviato_worker; "
+        "import aviato_supervisor; "
         "print('\\n'.join(f'{m} {getattr(sys.modules[m].__spec__, \"origin\", None)}' "
         "for m in sorted(set(sys.modules) - before)))"
     )

@@ -119,7 +119,7 @@ async def test_a_spare_backed_sandbox_behaves_like_a_fresh_one(warm_local: Clust
         r = await env.exec(["sh", "-c", 'echo "$A"'], env={"A": "mine"})
         assert r.stdout == b"mine\n"
         r = await env.exec(["sh", "-c", "tr '\\0' ' ' < /proc/$PPID/cmdline"])
-        assert b"aviato_worker" in r.stdout  # under the supervisor, as a fresh one
+        assert b"aviato_supervisor" in r.stdout  # under the supervisor, as a fresh one
         # A lifetime is kept as for any sandbox.
         short = session.create(command="sleep", args=["infinity"], max_lifetime_seconds=1)
         await short.start()

@@ -14,7 +14,7 @@ from agent.runtime.base import OutputChunk as Chunk
 from agent.runtime.base import tail_chunks
 from agent.runtime.docker_bytes import order_log_entries
 from agent.runtime.local import parse_tagged_log
-from agent.worker import LOG_MAGIC, LOG_RECORD
+from agent.supervisor import LOG_MAGIC, LOG_RECORD
 from aviato import OutputChunk, Sandbox, SandboxDefaults
 from tests.conftest import Cluster
 from tests.test_local_runtime import ldefaults, local  # noqa: F401 (fixtures)

@@ -87,7 +87,7 @@ async def test_exec_timeout_kills_the_process(defaults: SandboxDefaults) -> None
         # The default path: through the in-sandbox supervisor, once it is up (before,
         # execs go through the runtime: `docker exec`).
         await wait_for_async(
-            lambda: _any_running(sb, "aviato_worker"), 10, "the sandbox's supervisor"
+            lambda: _any_running(sb, "aviato_supervisor"), 10, "the sandbox's supervisor"
         )
         t0 = time.monotonic()
         # The shell stays the parent (a last command could be exec'd in its place): the

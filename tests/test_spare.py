@@ -213,7 +213,7 @@ async def test_the_worker_sends_large_results_from_spares(defaults: SandboxDefau
         def echo(data: bytes) -> tuple[memoryview, int]:
             import sys
 
-            link = sys.modules.get("aviato_worker_link") or sys.modules["agent.worker_link"]
+            link = sys.modules.get("aviato_supervisor_link") or sys.modules["agent.supervisor_link"]
             return memoryview(data), link.SPARE.used  # a view goes out of band
 
         before = _lane.SPARE.used

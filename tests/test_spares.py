@@ -2,7 +2,7 @@
 fresh one; spares are never shared nor reused, fill free slots only (and the scheduler
 sees them), and an agent restart (kill -9 or clean) loses no claimed one and leaks no
 unclaimed one. The runtime conformance suite runs against spare-backed sandboxes in
-tests/test_runtime_docker.py ("docker-spare"), the Sandbox API's in tests/test_sandbox.py."""
+tests/test_runtime_conformance.py ("docker-spare"), the Sandbox API's in tests/test_sandbox.py."""
 
 from __future__ import annotations
 

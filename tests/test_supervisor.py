@@ -54,7 +54,7 @@ async def _wait_for_supervisor(sb: Sandbox) -> bool:
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         r = await sb.exec(["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"])
-        if b"aviato_worker" in r.stdout:
+        if b"aviato_supervisor" in r.stdout:
             return True
         await asyncio.sleep(0.1)
     return False
@@ -146,7 +146,7 @@ async def test_supervisor_serves_exec_and_files(defaults: SandboxDefaults) -> No
         await _same_behaviour(sb)
         # the command really ran under the supervisor, not through docker exec
         r = await sb.exec(["sh", "-c", "cat /proc/$PPID/cmdline"])
-        assert b"aviato_worker" in r.stdout
+        assert b"aviato_supervisor" in r.stdout
 
 
 _INTRUDE = """
@@ -200,5 +200,5 @@ async def test_images_without_python_fall_back_to_docker_exec(
         assert r.stdout == b"none\n"
         assert (await sb.exec(["pwd"])).stdout == b"/work\n"  # the image's WORKDIR
         r = await sb.exec(["sh", "-c", "cat /proc/$PPID/cmdline"])
-        assert b"aviato_worker" not in r.stdout
+        assert b"aviato_supervisor" not in r.stdout
         await _same_behaviour(sb)

@@ -49,8 +49,8 @@ from agent.runtime.base import (
 )
 from agent.runtime.cgroups import Cgroups
 from agent.runtime.parked import Parked, ParkedPool
-from agent.worker import LOG_MAGIC, LOG_RECORD
-from agent.workers import WorkerHub
+from agent.supervisor import LOG_MAGIC, LOG_RECORD
+from agent.supervisor_launch import supervisor_command
 from aviato.exceptions import SandboxFailedError, SandboxNotRunningError
 from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec
 
@@ -314,7 +314,7 @@ class LocalRuntime(Runtime):
         if spec.function_worker:
             argv = [spec.command, *spec.args]  # the function worker is itself the supervisor
         else:
-            python_cmd, flags = WorkerHub.worker_command(functions=False)
+            python_cmd, flags = supervisor_command(functions=False)
             argv = [python_cmd, *flags, "--main", "--", spec.command, *spec.args]
         bin_dir = "/run/aviato-bin" if self.bwrap else str(home / "bin")
         if python.venv:
@@ -668,7 +668,7 @@ class LocalRuntime(Runtime):
 
 
 def parse_tagged_log(raw: bytes, *, mid_record: bool = False) -> builtins.list[OutputChunk]:
-    """The supervisor's tagged records (see agent/worker.py) as chunks. Bytes outside
+    """The supervisor's tagged records (see agent/supervisor.py) as chunks. Bytes outside
     any record were written before the supervisor ran, or by it dying: stderr.
     ``mid_record``: ``raw`` may start inside a record (a tail): skip to the first."""
     chunks: builtins.list[OutputChunk] = []

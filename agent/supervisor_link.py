@@ -1,7 +1,7 @@
 """The agent <-> worker link, worker side: sending (large frames in shared memory),
 reading with descriptors, and the pickling of results with out-of-band buffers. Runs
-INSIDE a sandbox beside agent/worker.py (copied with it to /run/aviato-lib as
-``aviato_worker_link``): builtin modules only at import.
+INSIDE a sandbox beside agent/supervisor.py (copied with it to /run/aviato-lib as
+``aviato_supervisor_link``): builtin modules only at import.
 
 The link's schema and framing are aviato/link.py's (``aviato_link`` in a sandbox),
 shared with the agent; what is here only the worker does.

@@ -39,13 +39,13 @@ if TYPE_CHECKING:  # typing costs milliseconds at start-up; only the checker nee
 
 # The link's schema and framing (aviato/link.py), and its worker side (shared memory,
 # result pickling): beside us in the sandbox (/run/aviato-lib/aviato_link.py and
-# aviato_worker_link.py), in their packages on the host.
+# aviato_supervisor_link.py), in their packages on the host.
 if __package__:
-    from agent.worker_link import SHM, FdReader, _send_all, make_picklers, send_shared
+    from agent.supervisor_link import SHM, FdReader, _send_all, make_picklers, send_shared
     from aviato import link as schema
 else:
     import aviato_link as schema  # type: ignore[import-not-found,no-redef]
-    from aviato_worker_link import (  # type: ignore[import-not-found,no-redef]
+    from aviato_supervisor_link import (  # type: ignore[import-not-found,no-redef]
         SHM,
         FdReader,
         _send_all,

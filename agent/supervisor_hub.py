@@ -29,6 +29,7 @@ from typing import Any
 import cloudpickle
 
 from agent.runtime.base import ExecOutput, ExitStatus, Mount, OutputChunk
+from agent.supervisor_launch import LIB_DIR, SOCKET_DIR
 from aviato import _spare as spare
 from aviato import link as schema
 from aviato._lane import FramedSocket, shm_wanted
@@ -70,18 +71,11 @@ from aviato.protocol import (
     RunCalls,
 )
 
-log = logging.getLogger("aviato.agent.workers")
+log = logging.getLogger("aviato.agent.supervisor_hub")
 
-SOCKET_DIR = "/run/aviato"
 #: Calls a worker may leave unread on its socket before the agent refuses more (the
 #: client keeps at most two batches in flight per worker: far below this).
 MAX_UNREAD_BYTES = 1 << 30
-LIB_DIR = "/run/aviato-lib"
-#: Imported rather than run as a script, so that its compiled bytecode is used.
-WORKER_ENTRY = (
-    f"import sys; sys.path.insert(0, {LIB_DIR!r}); import aviato_worker; "
-    "sys.exit(aviato_worker.main())"
-)
 
 #: A supervisor's reply to an exec or file request; None: the supervisor is gone.
 Reply = Output | Exit | FileDone | None
@@ -146,8 +140,10 @@ class WorkerHub:
         """What workers mount read-only: the worker's modules and cloudpickle (pure
         Python)."""
         self.lib.mkdir()
-        shutil.copy(Path(__file__).with_name("worker.py"), self.lib / "aviato_worker.py")
-        shutil.copy(Path(__file__).with_name("worker_link.py"), self.lib / "aviato_worker_link.py")
+        shutil.copy(Path(__file__).with_name("supervisor.py"), self.lib / "aviato_supervisor.py")
+        shutil.copy(
+            Path(__file__).with_name("supervisor_link.py"), self.lib / "aviato_supervisor_link.py"
+        )
         shutil.copy(Path(schema.__file__), self.lib / "aviato_link.py")
         shutil.copy(Path(spare.__file__), self.lib / "aviato_spare.py")
         shutil.copytree(
@@ -170,15 +166,6 @@ class WorkerHub:
             # Spare memfds for large results likewise (aviato/_spare.py).
             "AVIATO_SHM_SPARE": "1" if spare.ENABLED else "0",
         }
-
-    @staticmethod
-    def worker_command(
-        python: str = "python", *, functions: bool = True
-    ) -> tuple[str, tuple[str, ...]]:
-        """A function worker needs site-packages (user code imports libraries); a plain
-        supervisor starts faster without them (-S)."""
-        flags = ("-u", "-B") if functions else ("-u", "-B", "-S")
-        return python, (*flags, "-c", WORKER_ENTRY)
 
     async def prepare(self, sandbox_id: str) -> list[Mount]:
         """Listen for the worker of ``sandbox_id``; returns the mounts its sandbox needs."""
