@@ -41,7 +41,17 @@ if TYPE_CHECKING:  # typing costs milliseconds at start-up; only the checker nee
 # result pickling): beside us in the sandbox (/run/aviato-lib/aviato_link.py and
 # aviato_supervisor_link.py), in their packages on the host.
 if __package__:
-    from agent.supervisor_link import SHM, FdReader, _send_all, make_picklers, send_shared
+    from agent.supervisor_link import (
+        SHM,
+        FdReader,
+        _send_all,
+        error_record,
+        make_picklers,
+        results_header,
+        send_shared,
+        to_json,
+        too_large_record,
+    )
     from aviato import link as schema
 else:
     import aviato_link as schema  # type: ignore[import-not-found,no-redef]
@@ -49,8 +59,12 @@ else:
         SHM,
         FdReader,
         _send_all,
+        error_record,
         make_picklers,
+        results_header,
         send_shared,
+        to_json,
+        too_large_record,
     )
 
 SIGKILL = 9  # Linux; the signal module would cost an import (enum) at start-up
@@ -76,106 +90,6 @@ LOG_RECORD = struct.Struct("!4sBI")
 CHUNK = 65536
 READ_CHUNK = 1 << 20  # a cancel or the size cap is noticed at most this late
 WRITE_CHUNK = 1 << 20
-
-
-# Headers to the agent are JSON (it parses what a sandbox sends with a safe parser);
-# written by hand because importing json (and re) costs a sandbox ~10 ms at start.
-_ESCAPES = {i: f"\\u{i:04x}" for i in range(32)}
-_ESCAPES[ord('"')] = '\\"'
-_ESCAPES[ord("\\")] = "\\\\"
-
-
-def _json(value: Any) -> str:
-    if value is None:
-        return "null"
-    if value is True:
-        return "true"
-    if value is False:
-        return "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        finite = value == value and abs(value) != float("inf")
-        return repr(value) if finite else "null"
-    if isinstance(value, str):
-        return '"' + value.translate(_ESCAPES) + '"'
-    if isinstance(value, list | tuple):
-        return "[" + ",".join(_json(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(_json(str(k)) + ":" + _json(v) for k, v in value.items()) + "}"
-    raise TypeError(f"cannot send a {type(value).__name__} in a header")
-
-
-def to_json(value: Any) -> bytes:
-    # A lone surrogate (an undecodable file name) becomes a valid \\udcXX escape.
-    return _json(value).encode("utf-8", "backslashreplace")
-
-
-def results_header(outcomes: list[schema.CallOutcome]) -> bytes:
-    """``to_json(encode(Results(outcomes)))``, made directly: it is on every call's path.
-    A worker's outcomes have int ids, statuses "ok" or "error", finite seconds, no
-    detail, and how many out-of-band buffer frames follow the result's own."""
-    return (
-        '{"op":"results","outcomes":['
-        + ",".join(
-            f'{{"call_id":{o.call_id},"status":"{o.status.value}","seconds":{o.seconds!r},'
-            f'"detail":"","buffers":{o.buffers}}}'
-            for o in outcomes
-        )
-        + "]}"
-    ).encode()
-
-
-def too_large_record(size: int, limit: int) -> bytes:
-    """An aviato error (rebuilt as PayloadTooLargeError by the client), not the result."""
-    import pickle
-
-    message = (
-        f"the function's result is {size} bytes, above its max_result_bytes of {limit}: "
-        "return less (write big data to a file in the sandbox), or raise the limit"
-    )
-    record = {
-        "type": "aviato.exceptions.PayloadTooLargeError",
-        "message": message,
-        "traceback": "",
-        "exception": None,
-    }
-    return pickle.dumps(record)
-
-
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _try(dumps: Any, value: Any) -> bytes | None:
-    try:
-        blob: bytes = dumps(value)
-        return blob
-    except Exception:
-        return None
-
-
-def error_record(exc: BaseException, dumps: Any) -> bytes:
-    """What the client needs to rebuild ``exc``: the pickled exception when possible;
-    its class, ``args`` and each attribute pickled apart, for the client to rebuild it
-    as pickle does (``cls(*args)``) when the whole does not travel (an attribute that
-    does not pickle, say); and always its type name, message and formatted traceback."""
-    import pickle
-    import traceback  # only when something failed
-
-    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    record: dict[str, Any] = {
-        "type": _qualname(type(exc)),
-        "message": str(exc),
-        "traceback": tb,
-        "exception": None,
-    }
-    if dumps is not None:
-        record["exception"] = _try(dumps, exc)
-        record["class"] = _try(dumps, type(exc))
-        record["args"] = _try(dumps, exc.args)
-        record["state"] = {k: _try(dumps, v) for k, v in getattr(exc, "__dict__", {}).items()}
-    return pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def _user_env() -> dict[str, str]:

@@ -1,5 +1,6 @@
 """The agent <-> worker link, worker side: sending (large frames in shared memory),
-reading with descriptors, and the pickling of results with out-of-band buffers. Runs
+reading with descriptors, the headers it writes by hand, and the pickling of results
+(with out-of-band buffers) and of errors. Runs
 INSIDE a sandbox beside agent/supervisor.py (copied with it to /run/aviato-lib as
 ``aviato_supervisor_link``): builtin modules only at import.
 
@@ -25,6 +26,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import Any
+
+    from aviato import link as schema
 
 #: Frames at least this large go in shared memory on the calls link (aviato/_lane.py).
 SHM_MIN = int(os.environ.get("AVIATO_SHM_MIN_BYTES", 1 << 20))
@@ -202,3 +205,103 @@ def make_picklers(pickle: Any, cloudpickle: Any) -> tuple[Any, Any]:
         return out.getvalue(), views
 
     return (lambda v: dumps(Plain, v)), (lambda v: dumps(Cloud, v))
+
+
+# Headers to the agent are JSON (it parses what a sandbox sends with a safe parser);
+# written by hand because importing json (and re) costs a sandbox ~10 ms at start.
+_ESCAPES = {i: f"\\u{i:04x}" for i in range(32)}
+_ESCAPES[ord('"')] = '\\"'
+_ESCAPES[ord("\\")] = "\\\\"
+
+
+def _json(value: Any) -> str:
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        finite = value == value and abs(value) != float("inf")
+        return repr(value) if finite else "null"
+    if isinstance(value, str):
+        return '"' + value.translate(_ESCAPES) + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(_json(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(_json(str(k)) + ":" + _json(v) for k, v in value.items()) + "}"
+    raise TypeError(f"cannot send a {type(value).__name__} in a header")
+
+
+def to_json(value: Any) -> bytes:
+    # A lone surrogate (an undecodable file name) becomes a valid \\udcXX escape.
+    return _json(value).encode("utf-8", "backslashreplace")
+
+
+def results_header(outcomes: list[schema.CallOutcome]) -> bytes:
+    """``to_json(encode(Results(outcomes)))``, made directly: it is on every call's path.
+    A worker's outcomes have int ids, statuses "ok" or "error", finite seconds, no
+    detail, and how many out-of-band buffer frames follow the result's own."""
+    return (
+        '{"op":"results","outcomes":['
+        + ",".join(
+            f'{{"call_id":{o.call_id},"status":"{o.status.value}","seconds":{o.seconds!r},'
+            f'"detail":"","buffers":{o.buffers}}}'
+            for o in outcomes
+        )
+        + "]}"
+    ).encode()
+
+
+def too_large_record(size: int, limit: int) -> bytes:
+    """An aviato error (rebuilt as PayloadTooLargeError by the client), not the result."""
+    import pickle
+
+    message = (
+        f"the function's result is {size} bytes, above its max_result_bytes of {limit}: "
+        "return less (write big data to a file in the sandbox), or raise the limit"
+    )
+    record = {
+        "type": "aviato.exceptions.PayloadTooLargeError",
+        "message": message,
+        "traceback": "",
+        "exception": None,
+    }
+    return pickle.dumps(record)
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _try(dumps: Any, value: Any) -> bytes | None:
+    try:
+        blob: bytes = dumps(value)
+        return blob
+    except Exception:
+        return None
+
+
+def error_record(exc: BaseException, dumps: Any) -> bytes:
+    """What the client needs to rebuild ``exc``: the pickled exception when possible;
+    its class, ``args`` and each attribute pickled apart, for the client to rebuild it
+    as pickle does (``cls(*args)``) when the whole does not travel (an attribute that
+    does not pickle, say); and always its type name, message and formatted traceback."""
+    import pickle
+    import traceback  # only when something failed
+
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    record: dict[str, Any] = {
+        "type": _qualname(type(exc)),
+        "message": str(exc),
+        "traceback": tb,
+        "exception": None,
+    }
+    if dumps is not None:
+        record["exception"] = _try(dumps, exc)
+        record["class"] = _try(dumps, type(exc))
+        record["args"] = _try(dumps, exc.args)
+        record["state"] = {k: _try(dumps, v) for k, v in getattr(exc, "__dict__", {}).items()}
+    return pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL)

@@ -33,8 +33,9 @@ from aviato.protocol import PROTOCOL_VERSION, SandboxStatus
 
 if TYPE_CHECKING:
     from aviato._defaults import SandboxDefaults
+    from aviato._exec import ExecStream
     from aviato._function import FunctionResult, RemoteFunction, Serialization
-    from aviato._sandbox import ExecStream, Sandbox, SandboxPage
+    from aviato._sandbox import Sandbox, SandboxPage
     from aviato._session import Session
     from aviato._types import ExecResult, OutputChunk
 
@@ -45,7 +46,7 @@ _LAZY = {
     "FunctionResult": "aviato._function",
     "RemoteFunction": "aviato._function",
     "Serialization": "aviato._function",
-    "ExecStream": "aviato._sandbox",
+    "ExecStream": "aviato._exec",
     "Sandbox": "aviato._sandbox",
     "SandboxPage": "aviato._sandbox",
     "Session": "aviato._session",

@@ -21,13 +21,15 @@ from aviato._connection import (
     default_connections,
 )
 from aviato._defaults import SandboxDefaults
+from aviato._exec import ExecStream
+from aviato._exec import exec_argv as _argv
+from aviato._exec import stdin_payloads as _stdin_payloads
 from aviato._options import SandboxOptions, as_args
 from aviato._tasks import TaskGroup, default_tasks
 from aviato._types import ExecResult, OutputChunk
 from aviato.exceptions import (
     AviatoError,
     ClusterUnavailableError,
-    PayloadTooLargeError,
     SandboxExecutionError,
     SandboxFailedError,
     SandboxNotFoundError,
@@ -39,7 +41,6 @@ from aviato.protocol import (
     MAX_PAYLOAD_BYTES,
     CreateSandbox,
     Exec,
-    ExecChunk,
     ExecReply,
     FileReply,
     GetLogs,
@@ -627,7 +628,9 @@ class Sandbox:
         ``stdin`` as for :meth:`exec`: sent whole with the request, then end of file.
         """
         return ExecStream(
-            self,
+            self._agent,
+            self._exec_deadline(timeout_seconds),
+            self._judge,
             _argv(command),
             check,
             timeout_seconds,
@@ -703,67 +706,6 @@ class Sandbox:
         ]
 
 
-class ExecStream:
-    """Streamed output of one exec: iterate for chunks, then read ``returncode``."""
-
-    def __init__(
-        self,
-        sandbox: Sandbox,
-        argv: tuple[str, ...],
-        check: bool,
-        timeout_seconds: float | None,
-        cwd: str | None,
-        env: dict[str, str],
-        stdin: tuple[bytes | memoryview, ...] = (),
-    ) -> None:
-        self._sandbox = sandbox
-        self._stdin = stdin
-        self.command = argv
-        self._check = check
-        self._timeout = timeout_seconds
-        self._cwd = cwd
-        self._env = env
-        self.returncode: int | None = None
-        self._stdout: list[bytes] = []
-        self._stderr: list[bytes] = []
-
-    def __aiter__(self) -> AsyncIterator[OutputChunk]:
-        return self._run()
-
-    async def _run(self) -> AsyncIterator[OutputChunk]:
-        if self.returncode is not None:
-            return
-        info, conn = self._sandbox._agent()
-        msg = Exec(info.sandbox_id, self.command, self._cwd, self._env, self._timeout, True)
-        async for reply in conn.stream(
-            msg,
-            self._stdin,
-            idle_timeout=self._sandbox._exec_deadline(self._timeout),
-            is_last=ExecReply,
-            cancel_at_source=True,
-        ):
-            if isinstance(reply.msg, ExecChunk):
-                data = bytes(reply.payloads[0]) if reply.payloads else b""
-                (self._stdout if reply.msg.fd == 1 else self._stderr).append(data)
-                yield OutputChunk(reply.msg.fd, data)
-            elif isinstance(reply.msg, ExecReply):
-                self.returncode = reply.msg.returncode
-                self._sandbox._judge(
-                    self._result(), reply.msg.timed_out, self._check, self._timeout
-                )
-
-    def _result(self) -> ExecResult:
-        return ExecResult(
-            b"".join(self._stdout), b"".join(self._stderr), self.returncode or 0, self.command
-        )
-
-    async def result(self) -> ExecResult:
-        """Run to the end (if not iterated yet) and return everything as one ExecResult."""
-        async for _ in self:
-            pass
-        return self._result()
-
-
 def _new_id() -> str:
     return "sb-" + uuid.uuid4().hex[:16]
 
@@ -771,40 +713,3 @@ def _new_id() -> str:
 def _raised_to_awaiters(exc: BaseException) -> None:
     """A start's failure is raised to those awaiting ``start()`` (if none still are,
     no one asked for it any more)."""
-
-
-def _stdin_payloads(
-    stdin: bytes | bytearray | memoryview | str | None,
-) -> tuple[bytes | memoryview, ...]:
-    """An exec's stdin as its one payload frame (none: an empty stdin), checked against
-    the payload limit here so that the error names stdin."""
-    if stdin is None:
-        return ()
-    if isinstance(stdin, str):
-        stdin = stdin.encode()
-    elif isinstance(stdin, bytearray):
-        stdin = bytes(stdin)
-    elif isinstance(stdin, memoryview):
-        stdin = stdin.cast("B")
-    elif not isinstance(stdin, bytes):
-        raise TypeError(f"stdin must be bytes or str, not {type(stdin).__name__}")
-    size = len(stdin)
-    if size > MAX_PAYLOAD_BYTES:
-        raise PayloadTooLargeError(
-            f"stdin of {size} bytes is above the {MAX_PAYLOAD_BYTES}-byte payload limit; "
-            "write the data to files in the sandbox in smaller pieces and read them instead"
-        )
-    return (stdin,)
-
-
-def _argv(command: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(command, str):
-        raise TypeError(
-            f"exec takes an argv list, not a string: use [{command!r}] or ['sh', '-c', {command!r}]"
-        )
-    argv = tuple(command)
-    if not argv or not argv[0]:
-        raise ValueError("exec needs a non-empty command, e.g. ['echo', 'hi']")
-    if not all(isinstance(a, str) for a in argv):
-        raise TypeError("every exec argument must be a str")
-    return argv

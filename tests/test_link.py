@@ -27,7 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent import supervisor_link
-from agent.supervisor import results_header, to_json
+from agent.supervisor_link import results_header, to_json
 from aviato import _spare, link, protocol
 from aviato._lane import FramedSocket
 from aviato.exceptions import ProtocolError
