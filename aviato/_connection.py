@@ -55,6 +55,20 @@ from aviato.protocol import (
     payload_size,
 )
 
+__all__ = [
+    "FIRST_CONTACT_SECONDS",
+    "Channel",
+    "Connection",
+    "Connections",
+    "LaneConnection",
+    "agent_connection",
+    "close_all",
+    "connection",
+    "default_connections",
+    "nothing_answers",
+]
+
+
 if TYPE_CHECKING:
     from aviato._defaults import SandboxDefaults
 

@@ -46,6 +46,35 @@ from aviato._spare import Spare
 from aviato.link import SHM_FLAG, FramingError, parse_head
 from aviato.protocol import Frame
 
+__all__ = [
+    "ANCILLARY",
+    "BIG",
+    "FDS_PER_SEND",
+    "IOV",
+    "MAX_FDS_WAITING",
+    "RECV_BYTES",
+    "SCHEME",
+    "SEALS",
+    "SHM_MIN",
+    "SPARE",
+    "FramedSocket",
+    "OnClose",
+    "OnMessage",
+    "Shared",
+    "connect_unix",
+    "frame_size",
+    "host_key",
+    "lane_address",
+    "local_path",
+    "map_shared",
+    "pack_head",
+    "shared_fd",
+    "shm_wanted",
+    "take_fds",
+    "to_shared",
+]
+
+
 log = logging.getLogger("aviato.lane")
 
 #: One read's size; a message at least BIG is read straight into its own buffer.

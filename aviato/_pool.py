@@ -63,6 +63,16 @@ from aviato.protocol import (
     RunCalls,
 )
 
+__all__ = [
+    "CallFuture",
+    "FunctionPool",
+    "PoolStatistics",
+    "SharedBuffers",
+    "WorkerHandle",
+    "client_python",
+]
+
+
 if TYPE_CHECKING:
     from aviato._session import Session
 

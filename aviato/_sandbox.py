@@ -58,6 +58,14 @@ from aviato.protocol import (
     WriteFile,
 )
 
+__all__ = [
+    "OUTAGE_SECONDS",
+    "Sandbox",
+    "SandboxPage",
+    "scheduler_connection",
+]
+
+
 if TYPE_CHECKING:
     from aviato._session import Session
 

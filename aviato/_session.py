@@ -29,6 +29,11 @@ from aviato._tasks import TaskGroup
 from aviato.exceptions import AviatoError, SandboxError
 from aviato.protocol import SessionClose, SessionKeepalive
 
+__all__ = [
+    "Session",
+]
+
+
 log = logging.getLogger("aviato.session")
 T = TypeVar("T")
 
