@@ -219,7 +219,7 @@ def test_aviato_scheduler_becomes_the_daemon_process(tmp_path: Path) -> None:
     try:
         wait_until(ready.exists, 60, what="the scheduler to listen")
         argv = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
-        assert argv[1:3] == [b"-m", b"scheduler"], argv
+        assert argv[1:4] == [b"-P", b"-m", b"scheduler"], argv
         assert b"--keys" in argv  # handed on from before the word
         proc.terminate()
         _, err = proc.communicate(timeout=30)
