@@ -142,3 +142,12 @@ def add_markdown_option(parser: argparse.ArgumentParser) -> None:
 def write_markdown(path: Path, text: str) -> None:
     path.write_text(text if text.endswith("\n") else text + "\n")
     console.print(f"[dim]markdown written to {path}[/]")
+
+
+def daemon_module(cmdline: list[str]) -> str:
+    """Which daemon (``scheduler``, ``agent``) a ``python [-P] -m NAME ...`` command line
+    runs ("" for anything else): the embedded cluster starts them with -P."""
+    if "-m" not in cmdline[:4]:
+        return ""
+    i = cmdline.index("-m")
+    return cmdline[i + 1] if i + 1 < len(cmdline) else ""

@@ -11,7 +11,7 @@ import psutil
 from aviato._local import LocalCluster
 
 from ._cleanup import Cleanup
-from ._common import RUN_ID
+from ._common import RUN_ID, daemon_module
 
 
 def cluster_procs(address: str, agent_id: str) -> dict[str, psutil.Process]:
@@ -22,9 +22,9 @@ def cluster_procs(address: str, agent_id: str) -> dict[str, psutil.Process]:
     for child in psutil.Process().children():
         with contextlib.suppress(psutil.Error):
             cmd = child.cmdline()
-            if cmd[1:3] == ["-m", "agent"] and agent_id in cmd:
+            if daemon_module(cmd) == "agent" and agent_id in cmd:
                 found["agent"] = child
-            elif cmd[1:3] == ["-m", "scheduler"] and any(
+            elif daemon_module(cmd) == "scheduler" and any(
                 c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
                 for c in child.net_connections("tcp")
             ):

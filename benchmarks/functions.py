@@ -62,7 +62,7 @@ from typing import Any
 import psutil
 from rich.markup import escape
 
-from benchmarks._common import add_markdown_option, write_markdown
+from benchmarks._common import add_markdown_option, daemon_module, write_markdown
 from benchmarks._fn_common import (
     FULL,
     IMAGE,
@@ -99,7 +99,7 @@ def aviato_daemons() -> list[psutil.Process]:
     found = []
     for child in psutil.Process().children():
         with contextlib.suppress(psutil.Error):
-            if child.cmdline()[1:3] in (["-m", "scheduler"], ["-m", "agent"]):
+            if daemon_module(child.cmdline()) in ("scheduler", "agent"):
                 found.append(child)
     return found
 
