@@ -430,7 +430,8 @@ class WorkerHub:
                 "send fewer calls at a time",
                 sandbox_id=msg.sandbox_id,
             )
-        if not target.send([_pack(CallBatch(msg.calls, msg.buffers)), *payloads]):
+        header = marshal.dumps(schema.encode_calls(CallBatch(msg.calls, msg.buffers)))
+        if not target.send([header, *payloads]):
             raise SandboxNotRunningError(
                 f"sandbox {msg.sandbox_id} has no live function worker on this agent",
                 sandbox_id=msg.sandbox_id,

@@ -57,6 +57,7 @@ from aviato.link import (
     WriteRequest,
     decode,
     encode,
+    encode_calls,
     pack,
     pack_head,
     parse_head,
@@ -186,6 +187,22 @@ def test_one_record_from_the_client_to_the_worker_and_back() -> None:
     assert protocol.decode(frames).msg.calls == (call,)
     # The link's batch header names a call's fields as the client's message does.
     assert encode(CallBatch((call,), 1))["calls"] == body["calls"]
+
+
+def test_the_calls_header_is_the_encoded_record() -> None:
+    """The agent builds a batch's header directly (every call's path): it must be what
+    encoding the record gives, and what the supervisor reads back."""
+    batch = CallBatch(
+        (
+            CallHeader(1, "d" * 64, True, Serialization.PICKLE, 100, (0, 2)),
+            CallHeader(2, "e" * 64, False, Serialization.JSON),
+        ),
+        3,
+    )
+    fast = encode_calls(batch)
+    assert fast == encode(batch)
+    assert marshal.loads(marshal.dumps(fast)) == encode(batch)
+    assert decode(fast) == batch
 
 
 def test_results_header_is_the_encoded_record() -> None:
