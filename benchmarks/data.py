@@ -57,6 +57,7 @@ import psutil
 from rich.markup import escape
 from rich.table import Table
 
+from benchmarks._common import add_markdown_option, write_markdown
 from benchmarks._fn_common import TIMEOUT, console, missing
 from benchmarks.functions import (
     our_containers,
@@ -393,7 +394,7 @@ def fmt(v: float) -> str:
     return f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
 
-def print_report(results: list[Result]) -> None:
+def print_report(results: list[Result]) -> str:
     table_rows = rows(results)
     systems = sorted(
         {s for row in table_rows for s in row.values},
@@ -413,16 +414,17 @@ def print_report(results: list[Result]) -> None:
     console.print(table)
     console.print("\n[bold]Markdown[/]\n")
     head = ["row", "unit", *(LABELS.get(s, s) for s in systems), "target", "verdict"]
-    print("| " + " | ".join(head) + " |")
-    print("|" + "---|" * len(head))
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table_rows:
         cells = [fmt(row.values.get(s, float("nan"))) for s in systems]
-        print("| " + " | ".join([row.what, row.unit, *cells, row.target, row.verdict]) + " |")
+        md.append("| " + " | ".join([row.what, row.unit, *cells, row.target, row.verdict]) + " |")
     for r in results:
         if r.skipped:
-            print(f"- {r.label} skipped: {r.skipped}")
+            md.append(f"- {r.label} skipped: {r.skipped}")
         if r.error:
-            print(f"- {r.label} failed: {r.error}")
+            md.append(f"- {r.label} failed: {r.error}")
+    print("\n".join(md))
+    return "\n".join(md) + "\n"
 
 
 # ---------------------------------------------------------------------- main
@@ -458,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--only", default=",".join(SYSTEMS), help="comma-separated systems")
+    add_markdown_option(parser)
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     if set(only) - set(SYSTEMS):
@@ -498,9 +501,11 @@ def main(argv: list[str] | None = None) -> int:
         sweep()
         return 130
     notes += sweep()
-    print_report(results)
+    markdown = print_report(results)
     for note in notes:
         print(f"- {note}")
+    if args.markdown:
+        write_markdown(args.markdown, markdown + "".join(f"- {note}\n" for note in notes))
     try:
         ours: list[str] | str = our_containers() or "none"
     except Exception as exc:

@@ -53,7 +53,14 @@ import zmq.asyncio
 
 from aviato.protocol import ClusterStatus, ClusterStatusReply, MsgType, SandboxSpec
 from benchmarks._cleanup import Cleanup
-from benchmarks._common import IMAGE, ROOT, RUN_ID, console
+from benchmarks._common import (
+    IMAGE,
+    ROOT,
+    RUN_ID,
+    add_markdown_option,
+    console,
+    write_markdown,
+)
 from benchmarks._control_plane import (
     Client,
     FakeAgent,
@@ -431,7 +438,8 @@ def _verdict(met: bool | None) -> str:
     return "reported" if met is None else ("met" if met else "NOT met")
 
 
-def print_report(rungs: list[Rung], load: str, argv: list[str]) -> None:
+def print_report(rungs: list[Rung], load: str, argv: list[str]) -> str:
+    """Prints the tables; returns the markdown (for --markdown)."""
     from rich.table import Table
 
     for r in rungs:
@@ -445,20 +453,23 @@ def print_report(rungs: list[Rung], load: str, argv: list[str]) -> None:
         for note in r.notes:
             console.print(f"[yellow]{note}[/]")
     console.print(f"load: {load}")
-    print("\n```\n" + " ".join(["python benchmarks/scale.py", *argv]) + "\n```\n")
+    md = ["```", " ".join(["python benchmarks/scale.py", *argv]), "```", ""]
     for r in rungs:
-        print(f"**{r.agents:,} fake agents, {r.sandboxes:,} live sandboxes**\n")
-        print("| target | wanted | measured | verdict |\n|---|---|---|---|")
+        md.append(f"**{r.agents:,} fake agents, {r.sandboxes:,} live sandboxes**\n")
+        md.append("| target | wanted | measured | verdict |\n|---|---|---|---|")
         for name, want, got, met in _targets(r):
-            print(f"| {name} | {want} | {got} | {_verdict(met)} |")
-        print()
-    print(f"Load average during the run: {load}")
+            md.append(f"| {name} | {want} | {got} | {_verdict(met)} |")
+        md.append("")
+    md.append(f"Load average during the run: {load}")
+    print("\n" + "\n".join(md))
     print(json.dumps([{"agents": r.agents, "sandboxes": r.sandboxes, **r.figures} for r in rungs]))
+    return "\n".join(md) + "\n"
 
 
 async def amain(args: argparse.Namespace) -> list[Rung]:
     rungs = [await run_rung(args.agents, args.sandboxes, py_spy=args.py_spy)]
-    print_report(rungs, _load(), args.raw)  # now: the next rung may take long, or fail
+    # Now: the next rung may take long, or fail.
+    args.first_markdown = print_report(rungs, _load(), args.raw)
     if args.next_rung:
         rungs.append(await run_rung(args.next_rung, args.sandboxes, py_spy=args.py_spy))
     return rungs
@@ -486,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
         help="record the scheduler with py-spy during the burst into PREFIX-<agents>.txt "
         "(collapsed stacks)",
     )
+    add_markdown_option(parser)
     raw = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(raw)
     if args.quick:
@@ -495,8 +507,9 @@ def main(argv: list[str] | None = None) -> int:
         rungs = uvloop.run(amain(args))
     except KeyboardInterrupt:
         return 130
-    if len(rungs) > 1:
-        print_report(rungs, _load(), raw)
+    markdown = print_report(rungs, _load(), raw) if len(rungs) > 1 else args.first_markdown
+    if args.markdown:
+        write_markdown(args.markdown, markdown)
     return 0
 
 

@@ -52,7 +52,17 @@ from aviato import Sandbox, SandboxDefaults
 from aviato._connection import close_all, connection
 from aviato.protocol import AgentInfo, ClusterStatus, ClusterStatusReply
 from benchmarks._cleanup import Cleanup
-from benchmarks._common import IMAGE, ROOT, RUN_ID, check_exit, console, spawn_daemon, timed
+from benchmarks._common import (
+    IMAGE,
+    ROOT,
+    RUN_ID,
+    add_markdown_option,
+    check_exit,
+    console,
+    spawn_daemon,
+    timed,
+    write_markdown,
+)
 from benchmarks._control_plane import start_scheduler
 from benchmarks._docker_peers import DockerPeers
 from benchmarks._stats import Stats, latency_table, ms, new_table
@@ -300,14 +310,17 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
 
 
-def print_report(r: Results) -> None:
+def print_report(r: Results) -> str:
+    """Prints the tables; returns the markdown (for --markdown)."""
+    text = ""
     if r.create:
-        print_docker_report(r)
+        text += print_docker_report(r)
     if r.local:
-        print_local_report(r)
+        text += ("\n" if text else "") + print_local_report(r)
+    return text
 
 
-def print_local_report(r: Results) -> None:
+def print_local_report(r: Results) -> str:
     spare, fresh = r.local
     title = f"d. local runtime ({r.local_runtime}): create → first exec (sequential)"
     console.print(latency_table(title, r.local, fresh))
@@ -326,9 +339,10 @@ def print_local_report(r: Results) -> None:
             f" {i['cpu_pct_per_spare']:.3f}% CPU | | reported | |"
         )
     console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+    return "\n".join(lines) + "\n"
 
 
-def print_docker_report(r: Results) -> None:
+def print_docker_report(r: Results) -> str:
     console.print(latency_table("a. create → first exec (sequential)", r.create, r.create[-1]))
     t = new_table(
         f"b. {r.burst} creates at once",
@@ -351,10 +365,10 @@ def print_docker_report(r: Results) -> None:
     t.add_row("agent CPU at idle (% of a core)", f"{i['agent_cpu_pct']:.2f}")
     t.add_row("agent RSS (MiB)", f"{i['agent_rss_mib']:.0f}")
     console.print(t)
-    print_markdown(r)
+    return print_markdown(r)
 
 
-def print_markdown(r: Results) -> None:
+def print_markdown(r: Results) -> str:
     spare, fresh, sdk = r.create
     ready = r.burst_ready["aviato, spares warm"]
     created = r.burst_created["aviato, spares warm"]
@@ -376,6 +390,7 @@ def print_markdown(r: Results) -> None:
         f" {i['cpu_pct_total'] / max(i['spares'], 1):.3f}% CPU | | | reported | |",
     ]
     console.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------- main
@@ -415,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
     parser.add_argument("--burst", type=int, default=32, help="spares warm, creates at once")
     parser.add_argument("--local-only", action="store_true", help="only d. (no Docker)")
+    add_markdown_option(parser)
     args = parser.parse_args(argv)
     for var in ("AVIATO_SCHEDULER", "AVIATO_TOKEN"):
         os.environ.pop(var, None)
@@ -433,7 +449,9 @@ def main(argv: list[str] | None = None) -> int:
             cleanup.sweep()
     if code:
         return code
-    print_report(results)
+    markdown = print_report(results)
+    if args.markdown:
+        write_markdown(args.markdown, markdown)
     return 0
 
 
