@@ -154,6 +154,60 @@ def _faults_table(o: Outcome, t0: float) -> Table:
     return t
 
 
+def _recovery_text(o: Outcome) -> str:
+    parts = []
+    for kind in KINDS:
+        faults = [f for f in o.faults if f.kind == kind]
+        full = [f.pool_full_at - f.at for f in faults if f.pool_full_at is not None]
+        if faults:
+            parts.append(f"{kind} {_med_max(full)}")
+    return ", ".join(parts) or "-"
+
+
+def markdown(o: Outcome, header: str) -> str:
+    """The soak's summary as a markdown table with its verdict: what the README pastes."""
+    led = o.ledger
+    rate = led.completed / o.duration if o.duration else float("nan")
+    by_kind = ", ".join(f"{k} {sum(1 for f in o.faults if f.kind == k)}" for k in KINDS)
+    typed = sum(led.failed_typed.values())
+    untyped = sum(led.failed_untyped.values())
+    stuck = sum(1 for f in o.faults if f.gave_up_at is not None)
+    rows = [
+        (
+            f"calls completed ({o.duration:.0f} s)",
+            f"{led.completed:,} ({rate:.0f}/s; lowest 10 s window {_s(o.slowest_10s)}/s)",
+            "",
+        ),
+        ("faults injected", f"{len(o.faults)}: {by_kind}", ""),
+        ("calls retried (attempts > 1)", f"{led.retried:,}", ""),
+        ("workers lost / killed by faults", f"{o.workers_lost} / {o.workers_killed}", "equal"),
+        (
+            "duplicates / lost / wrong / hung",
+            f"{led.duplicates} / {led.lost} / {led.wrong} / {led.hung}",
+            "0",
+        ),
+        ("failed (typed / untyped)", f"{typed} / {untyped}", "0"),
+        (
+            "leaked containers / processes / socket dirs",
+            f"{len(o.leaked_containers) + len(o.left_after_session)} / "
+            f"{len(o.leftover_processes)} / {len(o.leftover_dirs)}",
+            "0",
+        ),
+        ("faults not recovered", str(stuck), "0"),
+        ("back to full capacity, median / max (s)", _recovery_text(o), ""),
+    ]
+    lines = [header, "", "| measure | value | must be |", "|---|---:|---:|"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    problems = o.problems()
+    verdict = (
+        f"NOT met: {'; '.join(problems)}"
+        if problems
+        else "met: no duplicate, lost, wrong or hung call, no failure, nothing leaked"
+    )
+    lines += ["", f"Verdict: {verdict}."]
+    return "\n".join(lines) + "\n"
+
+
 def print_report(o: Outcome, t0: float, header: str) -> None:
     console.rule("[bold]aviato soak")
     console.print(header)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Soak: continuous remote-function calls on a real cluster while chaos kills its parts.
 
-    python benchmarks/soak.py [--minutes 3] [--interval 20] [--seed N]
+    python benchmarks/soak.py [--minutes 3] [--interval 20] [--seed N] [--markdown FILE]
     python -m benchmarks.soak ...  (the same, from the repo root)
 
 Starts one scheduler (``--dead-after 3 --heartbeat-interval 1``) and 3 Docker agents
@@ -51,11 +51,11 @@ import uvloop
 from aviato import Sandbox, SandboxDefaults
 from aviato._connection import close_all
 from benchmarks._cleanup import Cleanup
-from benchmarks._common import IMAGE, RUN_ID, console
+from benchmarks._common import IMAGE, RUN_ID, add_markdown_option, console, write_markdown
 from benchmarks._soak_chaos import KINDS, Chaos, ChaosConfig
 from benchmarks._soak_cluster import ClusterConfig, SoakCluster
 from benchmarks._soak_load import Load, LoadConfig, checksum
-from benchmarks._soak_report import Outcome, print_report
+from benchmarks._soak_report import Outcome, markdown, print_report
 
 
 def check_docker() -> None:
@@ -257,6 +257,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--daemon-log-level", default="INFO")
     p.add_argument("--keep-logs", action="store_true", help="keep the log dir even on success")
+    add_markdown_option(p)
     args = p.parse_args(argv)
     if unknown := set(args.kinds) - set(KINDS):
         p.error(f"--kinds: unknown kind(s) {sorted(unknown)}")
@@ -288,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcome, t0 = uvloop.run(amain(args, cleanup, logdir))
         print_report(outcome, t0, header)
+        if args.markdown:
+            write_markdown(args.markdown, markdown(outcome, header))
         ok = not outcome.problems()
     except (KeyboardInterrupt, asyncio.CancelledError):
         console.print("[red]interrupted: cleaning up[/]")
