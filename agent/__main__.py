@@ -198,7 +198,7 @@ async def run(
         nonlocal stopping
         if not stopping:
             stopping = True
-            exit_watchdog(SHUTDOWN_GRACE, f"agent {args.agent_id}")
+            exit_watchdog(SHUTDOWN_GRACE, f"agent {args.agent_id}", last=server.remove_socket_dir)
         server.stop()
 
     loop = asyncio.get_running_loop()

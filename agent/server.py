@@ -178,6 +178,12 @@ class AgentServer:
     def stop(self) -> None:
         self._stop.set()
 
+    def remove_socket_dir(self) -> None:
+        """Remove the socket directory now (any thread): the last act of an agent whose
+        shutdown is stuck, so that its exit leaves none behind."""
+        if self._hub is not None:
+            self._hub.remove_root()
+
     # ------------------------------------------------------------------ lifecycle
 
     async def serve(self, *, cleanup_on_exit: bool = True) -> None:

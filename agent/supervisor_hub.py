@@ -627,6 +627,10 @@ class WorkerHub:
             os.close(self._root_lock)
             self._root_lock = None
 
+    def remove_root(self) -> None:
+        """The directory and all in it, at once (any thread; see close_all)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
 
 def agent_dir(agent_id: str) -> Path:
     digest = hashlib.sha256(agent_id.encode()).hexdigest()[:12]

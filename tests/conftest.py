@@ -115,7 +115,7 @@ class Cluster:
         self.runtime = runtime
         self.agent_env = agent_env or {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.killed_at_close: list[str] = []  # did not stop within 60 s of SIGTERM
+        self.killed_at_close: list[str] = []  # did not stop cleanly (see stop_daemons)
         self.agent_ids = [f"t{RUN_ID}-{uuid.uuid4().hex[:6]}-{i}" for i in range(agents)]
         AGENT_IDS.update(self.agent_ids)
         self.address = ""
@@ -257,9 +257,14 @@ class Cluster:
         self.killed_at_close += stop_daemons(self.procs)
 
 
+#: The exit code of a daemon whose shutdown watchdog fired (aviato/_server/daemon.py).
+STUCK_EXIT = 70
+
+
 def stop_daemons(procs: dict[str, subprocess.Popen[bytes]]) -> list[str]:
     """SIGTERM every daemon, agents first (each stops its sandboxes), then the
-    scheduler; returns those that needed SIGKILL after 60 s."""
+    scheduler; returns those that did not stop cleanly: needed SIGKILL after 60 s, or
+    exited by their own shutdown watchdog (code 70: stuck, and its stacks logged)."""
     killed = []
     for name, proc in sorted(procs.items(), key=lambda kv: kv[0] == "scheduler"):
         if proc.poll() is None:
@@ -272,6 +277,9 @@ def stop_daemons(procs: dict[str, subprocess.Popen[bytes]]) -> list[str]:
                 proc.kill()
                 proc.wait()
                 killed.append(name)
+            else:
+                if proc.returncode == STUCK_EXIT:
+                    killed.append(f"{name} (shutdown stuck: its watchdog exited it)")
     return killed
 
 
@@ -288,7 +296,7 @@ def docker_cluster(tmp: Path, **options: Any) -> Iterator[Cluster]:
             subprocess.run(["docker", "rm", "-f", *left], capture_output=True, timeout=60)
             pytest.fail(f"containers left behind after the cluster stopped: {left}\n{c.logs()}")
         if c.killed_at_close:
-            pytest.fail(f"{c.killed_at_close} did not stop within 60 s of SIGTERM\n{c.logs()}")
+            pytest.fail(f"{c.killed_at_close} did not stop cleanly on SIGTERM\n{c.logs()}")
 
 
 @pytest.fixture(scope="module")
@@ -460,7 +468,16 @@ def no_leaks_at_the_end() -> Iterator[None]:
         if not (d / "cgroup.procs").read_text().strip()
     )
     new_sockets = set(Path(tempfile.gettempdir()).glob("avw-*")) - before - _foreign_dirs()
-    assert not left and not new_sockets, f"leaked: {left} {sorted(map(str, new_sockets))}"
+    assert not left and not new_sockets, f"leaked: {left} {_named(new_sockets)}"
+
+
+def _named(dirs: set[Path]) -> list[str]:
+    """Socket directories with the test agent each belongs to (its id names the test
+    run and cluster), so that a leak says whose it is."""
+    import hashlib
+
+    owner = {f"avw-{hashlib.sha256(a.encode()).hexdigest()[:12]}": a for a in AGENT_IDS}
+    return sorted(f"{d} (agent {owner.get(d.name, 'not a test agent')})" for d in dirs)
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.conftest import ROOT
 
@@ -22,3 +23,25 @@ def test_a_stuck_shutdown_still_exits_with_its_stacks_logged() -> None:
     assert out.returncode == 70
     assert "agent x: shutdown stuck for 0.5 s; stacks follow, exiting" in out.stderr
     assert "time.sleep(60)" in out.stderr or "line 5" in out.stderr  # where it was stuck
+
+
+def test_a_stuck_shutdown_runs_its_last_clean_up_before_exiting(tmp_path: Path) -> None:
+    """The agent passes its socket directory's removal as ``last``: a stuck shutdown
+    (killed by the watchdog) must not leave the directory behind."""
+    left = tmp_path / "avw-stuck"
+    left.mkdir()
+    code = (
+        "import shutil, sys, time\n"
+        "from aviato._server.daemon import exit_watchdog\n"
+        "exit_watchdog(0.5, 'agent x', last=lambda: shutil.rmtree(sys.argv[1]))\n"
+        "time.sleep(60)  # stuck\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(left)],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        cwd=ROOT,
+    )
+    assert out.returncode == 70
+    assert not left.exists(), out.stderr

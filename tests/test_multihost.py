@@ -41,7 +41,7 @@ def mh(tmp_path: Path) -> Iterator[MultiHostCluster]:
     finally:
         c.close()
         assert not c.left_behind, f"containers left behind: {c.left_behind}\n{c.logs()}"
-        assert not c.killed_at_close, f"needed SIGKILL: {c.killed_at_close}\n{c.logs()}"
+        assert not c.killed_at_close, f"did not stop cleanly: {c.killed_at_close}\n{c.logs()}"
         assert not leftover_namespaces(), leftover_namespaces()
 
 

@@ -125,9 +125,10 @@ def log_to_stderr(level: str) -> None:
     )
 
 
-def exit_watchdog(grace: float, what: str) -> None:
+def exit_watchdog(grace: float, what: str, last: Callable[[], object] | None = None) -> None:
     """Once shutdown has begun: if the process still runs after ``grace`` seconds,
-    dump every thread's stack (for whoever reads the log) and exit. A daemon whose
+    dump every thread's stack (for whoever reads the log), run ``last`` (what must not
+    outlive the process, e.g. the agent's socket directory) and exit. A daemon whose
     shutdown is stuck must still go away, and say where it was stuck."""
 
     def expire() -> None:
@@ -135,6 +136,11 @@ def exit_watchdog(grace: float, what: str) -> None:
             "%s: shutdown stuck for %g s; stacks follow, exiting", what, grace
         )
         faulthandler.dump_traceback(all_threads=True)
+        if last is not None:
+            try:
+                last()
+            except Exception:
+                logging.getLogger("aviato").exception("%s: clean-up at exit failed", what)
         os._exit(70)
 
     timer = threading.Timer(grace, expire)
