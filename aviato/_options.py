@@ -4,7 +4,7 @@
 keep their own keyword arguments (the public surface), and each turns them into this
 record; the record merges them (``over``), once, and says what is wrong with them
 (``problems``). The scheduler checks every spec it receives with the same
-``problems`` (through ``SandboxSpec.problems`` in aviato/protocol.py), so the client
+``problems`` (through ``SandboxSpec.problems`` in aviato/protocol/records.py), so the client
 refuses, before sending, exactly what the scheduler would.
 
 Adding an option: a field here (and its check in ``problems``), the same field in

@@ -51,10 +51,10 @@ SHARED: dict[str, tuple[frozenset[str] | None, str]] = {
     "aviato.link": (None, "the worker link's schema and framing: stdlib-only, both ends"),
     "aviato._options": (
         None,
-        "the sandbox options record and its one problems() check: protocol.py is built on"
+        "the sandbox options record and its one problems() check: the protocol is built on"
         " it, so the scheduler refuses what the client would",
     ),
-    "aviato._codec": (None, "the protocol's value codec: protocol.py is built on it"),
+    "aviato._codec": (None, "the protocol's value codec: the protocol is built on it"),
     "aviato._lane": (None, "the local lane's framing and path: client and agent must agree"),
     "aviato._types": (
         frozenset({"OutputChunk"}),

@@ -1,0 +1,248 @@
+"""The protocol's vocabulary: its version and limits, the message type numbers, the
+sandbox status and error codes, the records messages carry, and the message base.
+
+``MsgType`` is the one list of message numbers; each part of the protocol owns a range
+(see its comments), so that a new message family takes a range of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeAlias
+
+from aviato._options import SandboxOptions
+from aviato.exceptions import ConfigurationError
+
+PROTOCOL_VERSION = 1
+
+#: Default cap on the bytes of one message's payloads; larger requests are refused
+#: before they are sent (:class:`aviato.exceptions.PayloadTooLargeError`).
+MAX_PAYLOAD_BYTES = 512 * 1024 * 1024
+#: Daemons drop any single inbound frame above this (ZMQ_MAXMSGSIZE): a safety net
+#: against a peer that ignores the limit above.
+MAX_FRAME_BYTES = MAX_PAYLOAD_BYTES + 1024 * 1024
+
+Payload: TypeAlias = bytes | memoryview
+Frame: TypeAlias = bytes | memoryview
+
+
+class MsgType(enum.IntEnum):
+    # replies shared by every request
+    OK = 1
+    ERROR = 2
+    # client <-> scheduler (control plane)
+    CREATE_SANDBOX = 10
+    GET_SANDBOX = 11
+    LIST_SANDBOXES = 12
+    STOP_SANDBOX = 13
+    WAIT_SANDBOX = 14
+    SESSION_KEEPALIVE = 15
+    SESSION_CLOSE = 16
+    CLUSTER_STATUS = 17
+    SANDBOX_REPLY = 20
+    SANDBOX_LIST_REPLY = 21
+    SESSION_CLOSE_REPLY = 22
+    CLUSTER_STATUS_REPLY = 23
+    # agent <-> scheduler
+    REGISTER_AGENT = 30
+    REGISTER_REPLY = 31
+    AGENT_HEARTBEAT = 32
+    HEARTBEAT_REPLY = 33
+    PLACE_SANDBOX = 34
+    SANDBOX_EXITED = 35
+    DEREGISTER_AGENT = 36
+    AGENT_SPARES = 39
+    # client <-> agent (data plane)
+    EXEC = 50
+    EXEC_CHUNK = 51
+    EXEC_REPLY = 52
+    WRITE_FILE = 53
+    READ_FILE = 54
+    FILE_REPLY = 55
+    GET_LOGS = 56
+    LOGS_REPLY = 57
+    PING = 58
+    PONG = 59
+    CANCEL = 60
+    # client <-> agent <-> function worker
+    RUN_CALLS = 70
+    CALL_RESULTS = 71
+
+
+class SandboxStatus(enum.StrEnum):
+    CREATING = "creating"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TERMINATED = "terminated"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({SandboxStatus.COMPLETED, SandboxStatus.FAILED, SandboxStatus.TERMINATED})
+
+
+class ErrorCode(enum.StrEnum):
+    """Why a request failed; the client maps each to one exception class."""
+
+    MALFORMED = "malformed"
+    VERSION_MISMATCH = "version_mismatch"
+    UNAUTHORIZED = "unauthorized"
+    BAD_REQUEST = "bad_request"
+    NOT_FOUND = "not_found"
+    NOT_RUNNING = "not_running"
+    TIMEOUT = "timeout"
+    FAILED = "failed"
+    TERMINATED = "terminated"
+    FILE_ERROR = "file_error"
+    TOO_LARGE = "too_large"
+    UNAVAILABLE = "unavailable"
+    #: An agent id that a live agent holds (a second agent asked to register with it).
+    ID_IN_USE = "id_in_use"
+    INTERNAL = "internal"
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxSpec:
+    """What to run: everything the agent needs to create the sandbox."""
+
+    image: str
+    command: str
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = field(default_factory=dict)
+    tags: tuple[str, ...] = ()
+    session_id: str | None = None
+    max_lifetime_seconds: float | None = None
+    memory_bytes: int | None = None
+    cpus: float | None = None
+    pids_limit: int | None = None
+    network: str | None = None
+    working_dir: str | None = None
+    #: Runs aviato's function worker: the agent mounts the worker and its socket in.
+    function_worker: bool = False
+
+    @classmethod
+    def of(
+        cls,
+        options: SandboxOptions,
+        *,
+        session_id: str | None = None,
+        function_worker: bool = False,
+    ) -> SandboxSpec:
+        """The spec of merged options; ``ConfigurationError`` says what is wrong with
+        them (the scheduler's own check, made before sending)."""
+        problems = options.problems()
+        if problems:
+            raise ConfigurationError("; ".join(problems))
+        values = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+        values["args"] = options.args or ()
+        return cls(**values, session_id=session_id, function_worker=function_worker)
+
+    def problems(self) -> list[str]:
+        """Why this spec cannot make a sandbox (none: it can): ``SandboxOptions.problems``."""
+        return SandboxOptions.of(self).problems()
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxInfo:
+    """One row of the scheduler's sandbox table, as the client sees it."""
+
+    sandbox_id: str
+    spec: SandboxSpec
+    status: SandboxStatus
+    agent_id: str | None = None
+    agent_address: str | None = None
+    exit_code: int | None = None
+    reason: str = ""
+    created_at: float = 0.0
+    deadline: float | None = None
+    runtime: str = ""
+    #: The agent's CURVE public key (z85) for its data plane; "" when keys are off.
+    agent_public_key: str = ""
+    #: The agent's local lane (``unix:<host key>:<path>``; see aviato/_lane.py), which
+    #: a client on its host uses instead of ``agent_address``; "" when it has none.
+    agent_lane: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SpareShape:
+    """An image and resource shape an agent holds pre-started spares of, and how many
+    are ready: a create whose spec has this shape is ready in milliseconds there."""
+
+    image: str
+    cpus: float | None = None
+    memory_bytes: int | None = None
+    pids_limit: int | None = None
+    network: str | None = None
+    working_dir: str | None = None
+    ready: int = 0
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        return (
+            self.image,
+            self.cpus,
+            self.memory_bytes,
+            self.pids_limit,
+            self.network,
+            self.working_dir,
+        )
+
+
+def spare_key(spec: SandboxSpec) -> tuple[object, ...] | None:
+    """The ``SpareShape.key`` of the spares that can serve ``spec`` (None: none can: a
+    function worker's main command is the worker, made afresh)."""
+    if spec.function_worker:
+        return None
+    return (
+        spec.image,
+        spec.cpus,
+        spec.memory_bytes,
+        spec.pids_limit,
+        spec.network,
+        spec.working_dir,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class AgentInfo:
+    agent_id: str
+    address: str
+    slots: int
+    used: int
+    alive: bool
+    runtime: str
+    labels: dict[str, str] = field(default_factory=dict)
+    seconds_since_heartbeat: float = 0.0
+    #: Its local lane for clients on its host ("" when it has none).
+    lane: str = ""
+    #: Pre-started spare sandboxes it holds ready: each fills one of its free slots.
+    spares: int = 0
+
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    TYPE: ClassVar[MsgType]
+
+
+@dataclass(frozen=True, slots=True)
+class OkReply(Message):
+    TYPE = MsgType.OK
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply(Message):
+    TYPE = MsgType.ERROR
+    code: ErrorCode
+    message: str
+    detail: dict[str, Any] = field(default_factory=dict)
