@@ -172,7 +172,7 @@ class FakeAgent:
             self.max_heartbeat_gap = max(self.max_heartbeat_gap, now - last)
             last = now
             if self.heartbeats % full_every == 0:
-                body = {"agent_id": self.agent_id, "running": list(self.running)}
+                body: dict[str, Any] = {"agent_id": self.agent_id, "running": list(self.running)}
             else:
                 body = {"agent_id": self.agent_id, "full": False}
             await self.sock.send(_frame(MsgType.AGENT_HEARTBEAT, self._id(), body))

@@ -420,7 +420,9 @@ def _targets(r: Rung) -> list[tuple[str, str, str, bool | None]]:
             "false deaths (under every query)",
             "0",
             f"{r.agents - int(f['alive_after'])} dead, {int(f['unregistered'])} told "
-            f"unregistered, {int(f['deaths_logged'])} logged",
+            f"unregistered, {int(f['deaths_logged'])} logged; the load generator's "
+            f"longest gap between one fake agent's heartbeats {f['max_heartbeat_gap_s']:.2f} s"
+            f" (every {f['heartbeat_interval']:.1f} s wanted)",
             f["alive_after"] == r.agents and f["unregistered"] == 0 and not f["deaths_logged"],
         ),
         (
