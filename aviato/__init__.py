@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from aviato._sandbox import Sandbox, SandboxPage
     from aviato._session import Session
     from aviato._types import ExecResult, OutputChunk
+    from aviato._wait import wait
 
 #: The API's names -> the module of each, imported at first use: the daemons import
 #: aviato.protocol (so this file) and must not load the client (tests/test_layering.py).
@@ -52,10 +53,13 @@ _LAZY = {
     "Session": "aviato._session",
     "ExecResult": "aviato._types",
     "OutputChunk": "aviato._types",
+    "wait": "aviato._wait",
 }
 
 
 def __getattr__(name: str) -> object:
+    if name == "sync":  # the blocking API, a module: `from aviato import sync`
+        return importlib.import_module("aviato.sync")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'aviato' has no attribute {name!r}")
@@ -65,7 +69,7 @@ def __getattr__(name: str) -> object:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+    return sorted({*globals(), *_LAZY, "sync"})
 
 
 __version__ = "0.1.0"
@@ -102,4 +106,6 @@ __all__ = [
     "UnauthorizedError",
     "WorkerLostError",
     "__version__",
+    "sync",
+    "wait",
 ]

@@ -25,7 +25,12 @@ import cloudpickle
 
 from aviato import _buffers, exceptions
 from aviato._options import SandboxOptions
-from aviato.exceptions import AsyncFunctionError, FunctionError, FunctionSerializationError
+from aviato.exceptions import (
+    AsyncFunctionError,
+    ConfigurationError,
+    FunctionError,
+    FunctionSerializationError,
+)
 
 # How arguments and results travel: the link's enum, as it goes on the wire.
 from aviato.link import Serialization as Serialization
@@ -178,7 +183,41 @@ class RemoteFunction(Generic[T]):
         """Call once per item (an item that is a tuple is not unpacked). Yields results in
         input order, or as they complete with ``ordered=False``. With
         ``return_exceptions=True`` a failure is yielded in place instead of raised."""
-        futures = [self(item) for item in iterable]
+        async for result in self._results(
+            [self(item) for item in iterable], return_exceptions, ordered, progress
+        ):
+            yield result
+
+    async def starmap(
+        self,
+        iterable: Iterable[Iterable[Any]],
+        *,
+        return_exceptions: bool = False,
+        ordered: bool = True,
+        progress: bool = False,
+    ) -> AsyncIterator[FunctionResult[T] | BaseException]:
+        """``map`` with each item unpacked as the arguments: ``starmap([(1, 2), (3, 4)])``
+        calls ``f(1, 2)`` and ``f(3, 4)``."""
+        futures: list[asyncio.Future[FunctionResult[T]]] = []
+        for i, item in enumerate(iterable):
+            if isinstance(item, str | bytes) or not isinstance(item, Iterable):
+                for future in futures:
+                    future.cancel()
+                raise ConfigurationError(
+                    f"starmap item {i} is a {type(item).__name__}, not a tuple of arguments:"
+                    " use map() to pass each item as the one argument"
+                )
+            futures.append(self(*item))
+        async for result in self._results(futures, return_exceptions, ordered, progress):
+            yield result
+
+    async def _results(
+        self,
+        futures: list[asyncio.Future[FunctionResult[T]]],
+        return_exceptions: bool,
+        ordered: bool,
+        progress: bool,
+    ) -> AsyncIterator[FunctionResult[T] | BaseException]:
         bar = _progress(len(futures), self._fn.__qualname__) if progress else None
         try:
             source = futures if ordered else asyncio.as_completed(futures)

@@ -87,6 +87,28 @@ def test_seed_examples_on_the_embedded_cluster() -> None:
         assert _embedded_leftovers(pid) == []
 
 
+def test_the_seed_examples_sync_twins_on_the_embedded_cluster() -> None:
+    """examples/sync_*.py: the same examples on the blocking API (aviato.sync), with the
+    same output."""
+    need_docker()
+    env = {k: v for k, v in os.environ.items() if k != "AVIATO_SCHEDULER"}
+    lines, pid1 = _run_example("examples/sync_parallel_sandboxes.py", env)
+    assert lines[0].startswith("Sandbox 1: sb-") and lines[1].startswith("Sandbox 2: sb-")
+    assert lines[2:] == ["sb1: from sandbox 1", "sb2: from sandbox 2"]
+    lines, pid2 = _run_example("examples/sync_session_benefits.py", env)
+    assert lines == [
+        "sb1: image python:3.11, tags ['my-app']",
+        "sb2: image python:3.11, tags ['my-app']",
+        "before exit: 1 live sandbox(es) in the session",
+        "after exit: sb2 is terminated",
+    ]
+    lines, pid3 = _run_example("examples/sync_parallel_functions.py", env)
+    assert lines[0] == "[1, 4, 9]"
+    assert lines[1].startswith("took ") and "3 calls of 1.0 s each, in parallel" in lines[1]
+    for pid in (pid1, pid2, pid3):
+        assert _embedded_leftovers(pid) == []
+
+
 def test_cli_status_ps_exec_logs_stop(cluster: Cluster) -> None:
     env = {**os.environ, "AVIATO_SCHEDULER": cluster.address}
     aviato = [sys.executable, "-m", "aviato.cli"]
