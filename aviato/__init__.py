@@ -10,6 +10,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from aviato.exceptions import (
+    ActorLostError,
     AsyncFunctionError,
     AviatoError,
     ClusterUnavailableError,
@@ -32,6 +33,7 @@ from aviato.exceptions import (
 from aviato.protocol import PROTOCOL_VERSION, SandboxStatus
 
 if TYPE_CHECKING:
+    from aviato._actor import ActorClass, ActorHandle
     from aviato._defaults import SandboxDefaults
     from aviato._exec import ExecStream
     from aviato._function import FunctionResult, RemoteFunction, Serialization
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
 #: The API's names -> the module of each, imported at first use: the daemons import
 #: aviato.protocol (so this file) and must not load the client (tests/test_layering.py).
 _LAZY = {
+    "ActorClass": "aviato._actor",
+    "ActorHandle": "aviato._actor",
     "SandboxDefaults": "aviato._defaults",
     "FunctionResult": "aviato._function",
     "RemoteFunction": "aviato._function",
@@ -76,6 +80,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "ActorClass",
+    "ActorHandle",
+    "ActorLostError",
     "AsyncFunctionError",
     "AviatoError",
     "ClusterUnavailableError",

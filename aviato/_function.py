@@ -76,12 +76,15 @@ class FunctionOptions:
     timeout_seconds: float | None = None
     max_workers: int | None = None
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
+    #: An actor instance's key: its pool is its own ("": calls share pools by shape).
+    actor: str = ""
     _pool_key: tuple[Any, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:
         # Made once: every call asks for it (per call it cost a fifth of the client's
         # time in a burst of no-op calls).
-        object.__setattr__(self, "_pool_key", self.sandbox.key())
+        key = self.sandbox.key()
+        object.__setattr__(self, "_pool_key", (*key, self.actor) if self.actor else key)
 
     def pool_key(self) -> tuple[Any, ...]:
         """Calls whose sandboxes look the same share one pool of workers."""

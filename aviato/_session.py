@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
+from aviato._actor import ActorClass
 from aviato._connection import Connections
 from aviato._defaults import SandboxDefaults
 from aviato._function import (
@@ -26,7 +27,7 @@ from aviato._options import SandboxOptions
 from aviato._pool import FunctionPool
 from aviato._sandbox import Sandbox, scheduler_connection
 from aviato._tasks import TaskGroup
-from aviato.exceptions import AviatoError, SandboxError
+from aviato.exceptions import AviatoError, ConfigurationError, SandboxError
 from aviato.protocol import SessionClose, SessionKeepalive
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
 
 log = logging.getLogger("aviato.session")
 T = TypeVar("T")
+C = TypeVar("C")
 
 
 class Session:
@@ -140,6 +142,71 @@ class Session:
             return RemoteFunction(fn, self, options)
 
         return decorate
+
+    def cls(
+        self,
+        *,
+        container_image: str | None = None,
+        env: Mapping[str, str] | None = None,
+        memory_bytes: int | None = None,
+        cpus: float | None = None,
+        network: str | None = None,
+        serialization: Serialization = Serialization.PICKLE,
+        timeout_seconds: float | None = None,
+        max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES,
+        max_restarts: int = 0,
+        max_concurrency: int = 1,
+    ) -> Callable[[type[C]], ActorClass[C]]:
+        """An actor class: each instance lives in a worker sandbox of its own, built
+        once (``__init__`` runs there), its method calls run in the order sent::
+
+            @session.cls(cpus=1)
+            class Model:
+                def __init__(self, path): self.m = load(path)
+                def predict(self, x): return self.m(x)
+            m = Model("/models/a")          # a handle; building starts now
+            r = await m.predict(3)          # FunctionResult
+
+        A lost worker fails the calls under way with ``ActorLostError``; with
+        ``max_restarts=N`` the next call builds the instance again (N times at most).
+        See aviato/_actor.py."""
+        self._check_open()
+        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ConfigurationError(f"max_restarts must be an int >= 0, not {max_restarts!r}")
+        if max_concurrency != 1:
+            raise ConfigurationError(
+                "max_concurrency other than 1 is not supported yet: an instance runs one "
+                "method at a time, in the order called"
+            )
+        mine = SandboxOptions(
+            image=container_image,
+            env=dict(env or {}),
+            memory_bytes=memory_bytes,
+            cpus=cpus,
+            network=network,
+        )
+        options = FunctionOptions(
+            sandbox=mine.over(self.defaults.options()),
+            serialization=Serialization(serialization),
+            retries=0,
+            timeout_seconds=timeout_seconds,
+            max_workers=1,
+            max_result_bytes=max_result_bytes,
+        )
+
+        def decorate(cls: type[C]) -> ActorClass[C]:
+            if not isinstance(cls, type):
+                raise ConfigurationError(
+                    f"@session.cls() needs a class, got {type(cls).__name__}: use "
+                    "@session.function() for a function"
+                )
+            return ActorClass(cls, self, options, max_restarts)
+
+        return decorate
+
+    def _drop_pool(self, options: FunctionOptions) -> FunctionPool | None:
+        """Forget the pool of ``options`` (an actor's, closed by its handle)."""
+        return self._pools.pop(options.pool_key(), None)
 
     def _pool_for(self, options: FunctionOptions) -> FunctionPool:
         self._check_open()

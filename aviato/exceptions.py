@@ -18,6 +18,7 @@ Every error a user can see is one of these; the daemons send a wire error code
         ├── SandboxTerminatedError     stopped by a user, its lifetime or its session's lease
         ├── SandboxFailedError         could not start (bad image, ...) or its agent was lost
         │   └── WorkerLostError        a remote call's worker died (killed, OOM) past its retries
+        │       └── ActorLostError     an actor's worker died: the instance's state is gone
         ├── SandboxExecutionError      exec with check=True exited non-zero (.exec_result)
         ├── SandboxFileError           read/write failed (.filepath)
         ├── PayloadTooLargeError       a message above the size limit; nothing was sent
@@ -127,6 +128,13 @@ class WorkerLostError(SandboxFailedError):
     """A remote function's worker died while running the call, more times than retries."""
 
     retryable = True
+
+
+class ActorLostError(WorkerLostError):
+    """An actor instance's worker died: the calls under way fail, and the instance's
+    state is gone (with ``max_restarts`` left, the next call builds it again)."""
+
+    retryable = False
 
 
 class SandboxExecutionError(SandboxError):

@@ -36,6 +36,7 @@ from collections.abc import (
 from types import TracebackType
 from typing import Any, Generic, TypeVar
 
+from aviato._actor import ActorClass, ActorHandle
 from aviato._connection import close_all
 from aviato._defaults import SandboxDefaults
 from aviato._function import FunctionResult, RemoteFunction
@@ -45,7 +46,17 @@ from aviato._types import ExecResult, OutputChunk
 from aviato.exceptions import ConfigurationError, SandboxTimeoutError
 from aviato.protocol import SandboxStatus
 
-__all__ = ["Blocking", "Portal", "SyncFunction", "SyncSandbox", "SyncSession", "session", "wait"]
+__all__ = [
+    "Blocking",
+    "Portal",
+    "SyncActor",
+    "SyncActorClass",
+    "SyncFunction",
+    "SyncSandbox",
+    "SyncSession",
+    "session",
+    "wait",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -262,6 +273,49 @@ class SyncFunction(Generic[T]):
         return self.remote.statistics()
 
 
+class SyncActorClass(Generic[T]):
+    """An actor class, blocking: calling it makes a :class:`SyncActor`."""
+
+    def __init__(self, portal: Portal, actor_class: ActorClass[T]) -> None:
+        self._portal = portal
+        self.actor_class = actor_class
+
+    def __call__(self, *args: Any, **kwargs: Any) -> SyncActor[T]:
+        async def make() -> ActorHandle[T]:  # on the loop: the handle starts the build
+            return self.actor_class(*args, **kwargs)
+
+        return SyncActor(self._portal, self._portal.call(make()))
+
+
+class SyncActor(Generic[T]):
+    """An actor instance, blocking: ``m.predict(3)`` returns the ``FunctionResult``."""
+
+    def __init__(self, portal: Portal, handle: ActorHandle[T]) -> None:
+        self._portal = portal
+        self.handle = handle
+
+    def __repr__(self) -> str:
+        return f"<sync {self.handle!r}>"
+
+    def __getattr__(self, name: str) -> Callable[..., FunctionResult[Any]]:
+        # AttributeError for what the class lacks
+        method: Callable[..., asyncio.Future[FunctionResult[Any]]] = getattr(self.handle, name)
+
+        def call(*args: Any, **kwargs: Any) -> FunctionResult[Any]:
+            async def run() -> FunctionResult[Any]:
+                return await method(*args, **kwargs)
+
+            return self._portal.call(run())
+
+        return call
+
+    def ready(self) -> None:
+        self._portal.call(self.handle.ready())
+
+    def close(self) -> None:
+        self._portal.call(self.handle.close())
+
+
 class SyncSession:
     """A session, blocking (see the module's docstring). Use it as ``with``."""
 
@@ -333,6 +387,15 @@ class SyncSession:
 
         def wrap(fn: Callable[..., T]) -> SyncFunction[T]:
             return SyncFunction(self.portal, decorate(fn))
+
+        return wrap
+
+    def cls(self, **options: Any) -> Callable[[type[T]], SyncActorClass[T]]:
+        """``Session.cls``, blocking: ``s.cls()(Model)("/models/a").predict(3)``."""
+        decorate = self.session.cls(**options)
+
+        def wrap(cls: type[T]) -> SyncActorClass[T]:
+            return SyncActorClass(self.portal, decorate(cls))
 
         return wrap
 

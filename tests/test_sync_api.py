@@ -206,3 +206,23 @@ def test_one_thread_per_sync_session_and_none_left() -> None:
     assert {t.name for t in threading.enumerate()} == before
     with pytest.raises(ConfigurationError, match="closed"):
         portal.call(asyncio.sleep(0))
+
+
+def test_actors_on_the_blocking_api(defaults: SandboxDefaults) -> None:
+    with sync.session(defaults) as s:
+
+        @s.cls()
+        class Tally:
+            def __init__(self, start: int) -> None:
+                self.n = start
+
+            def add(self, k: int) -> int:
+                self.n += k
+                return self.n
+
+        t = Tally(10)
+        t.ready()
+        assert [t.add(1).value for _ in range(3)] == [11, 12, 13]
+        with pytest.raises(AttributeError, match="no method 'nope'"):
+            t.nope  # noqa: B018
+        t.close()

@@ -1,0 +1,220 @@
+"""Actors: ``@session.cls()`` makes a class whose instances each live in a worker
+sandbox of their own, built once, their method calls run there in the order sent::
+
+    @session.cls(cpus=1)
+    class Model:
+        def __init__(self, path): self.m = load(path)   # once, in the instance's worker
+        def predict(self, x): return self.m(x)
+
+    m = Model("/models/a")        # a handle; the instance is being built meanwhile
+    r = await m.predict(3)        # FunctionResult
+    await m.close()               # also when the session ends
+
+How: an instance is a function pool of its own (one worker) running one function,
+a closure of the class and its constructor's arguments that builds the instance at
+its first call in a worker and keeps it there; a method call is a call of it naming
+the method. When the worker is lost, the calls under way fail with
+``ActorLostError`` (the instance's state went with it). With ``max_restarts=N`` the
+next call builds the instance again in a new worker (``__init__`` runs again), up
+to N times; after that every call fails with ``ActorLostError`` at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from aviato._function import FunctionOptions, FunctionResult, RemoteFunction
+from aviato.exceptions import (
+    ActorLostError,
+    ConfigurationError,
+    SandboxTimeoutError,
+    WorkerLostError,
+)
+
+if TYPE_CHECKING:
+    from aviato._session import Session
+
+C = TypeVar("C")
+
+#: The method name that only builds the instance (the handle's background start).
+_BUILD = "__aviato_build__"
+
+
+def _dispatcher(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], key: str) -> Any:
+    """The function an instance's worker runs: it builds the instance at its first
+    call in that worker process and keeps it (under ``key``) for the calls after."""
+
+    def dispatch(method: str, *call_args: Any, **call_kwargs: Any) -> Any:
+        import sys
+        import types
+
+        store = sys.modules.get("__aviato_actors__")
+        if store is None:
+            store = sys.modules["__aviato_actors__"] = types.ModuleType("__aviato_actors__")
+        instance = store.__dict__.get(key)
+        if instance is None:
+            instance = cls(*args, **kwargs)
+            store.__dict__[key] = instance
+        if method == _BUILD:
+            return None
+        return getattr(instance, method)(*call_args, **call_kwargs)
+
+    dispatch.__qualname__ = f"{cls.__qualname__}.<actor>"
+    # The class's module is what the sandbox may lack: shipped by value, as a
+    # function's module is (RemoteFunction.shipped registers it by this name).
+    dispatch.__module__ = cls.__module__
+    return dispatch
+
+
+class ActorClass(Generic[C]):
+    """What ``@session.cls()`` makes of a class: call it to make an instance (a handle)."""
+
+    def __init__(
+        self, cls: type[C], session: Session, options: FunctionOptions, max_restarts: int
+    ) -> None:
+        self._cls = cls
+        self._session = session
+        self._options = options
+        self._max_restarts = max_restarts
+        self.__name__ = cls.__name__
+        self.__qualname__ = cls.__qualname__
+        self.__doc__ = cls.__doc__
+
+    def __repr__(self) -> str:
+        return f"<ActorClass {self._cls.__qualname__}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> ActorHandle[C]:
+        key = f"{self._cls.__qualname__}-{uuid.uuid4().hex[:12]}"
+        # A pool of its own: one worker, nothing retried (the state dies with it).
+        options = dataclasses.replace(self._options, actor=key, max_workers=1, retries=0)
+        remote: RemoteFunction[Any] = RemoteFunction(
+            _dispatcher(self._cls, args, kwargs, key), self._session, options
+        )
+        return ActorHandle(self._cls, remote, key, self._max_restarts)
+
+
+class ActorHandle(Generic[C]):
+    """One instance: ``await handle.method(...)`` runs the method in its worker."""
+
+    def __init__(
+        self, cls: type[C], remote: RemoteFunction[Any], key: str, max_restarts: int
+    ) -> None:
+        self._cls = cls
+        self._remote = remote
+        self.actor_id = key
+        self._restarts_left = max_restarts
+        self._restarts = 0
+        #: Bumped at each loss: the calls of an older generation failing later are
+        #: of the same lost worker, not another loss.
+        self._generation = 0
+        self._lost: ActorLostError | None = None
+        #: Calls sent and not settled: (what the caller holds, the pool's call).
+        self._outstanding: set[tuple[asyncio.Future[Any], asyncio.Future[Any]]] = set()
+        self._closed = False
+        self._built = self._submit(_BUILD, (), {})  # the instance is being built now
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "lost" if self._lost else "live"
+        return f"<ActorHandle {self.actor_id} {state}>"
+
+    @property
+    def restarts(self) -> int:
+        """How many times the instance was built again after losing its worker."""
+        return self._restarts
+
+    async def ready(self) -> None:
+        """Wait until the instance is built (its ``__init__``'s error, if it failed)."""
+        await self._built
+
+    def __getattr__(self, name: str) -> Callable[..., asyncio.Future[FunctionResult[Any]]]:
+        if name.startswith("__") or not callable(getattr(self._cls, name, None)):
+            raise AttributeError(f"{self._cls.__qualname__} has no method {name!r}")
+
+        def method(*args: Any, **kwargs: Any) -> asyncio.Future[FunctionResult[Any]]:
+            return self._submit(name, args, kwargs)
+
+        method.__name__ = name
+        return method
+
+    def _submit(
+        self, name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> asyncio.Future[FunctionResult[Any]]:
+        if self._closed:
+            raise ConfigurationError(f"actor {self.actor_id} is closed")
+        if self._lost is not None:
+            failed: asyncio.Future[FunctionResult[Any]] = asyncio.get_running_loop().create_future()
+            failed.set_exception(self._lost)
+            return failed
+        inner = self._remote(name, *args, **kwargs)
+        generation = self._generation
+        outer: asyncio.Future[FunctionResult[Any]] = asyncio.get_running_loop().create_future()
+
+        def settle(done: asyncio.Future[FunctionResult[Any]]) -> None:
+            if outer.done():
+                return
+            if done.cancelled():
+                outer.cancel()
+                return
+            exc = done.exception()
+            if isinstance(exc, WorkerLostError):
+                outer.set_exception(self._worker_lost(name, exc, generation))
+            elif isinstance(exc, SandboxTimeoutError):
+                # Its worker was replaced: the instance's state went with it too.
+                self._worker_lost(name, exc, generation)
+                outer.set_exception(exc)
+            elif exc is not None:
+                outer.set_exception(exc)
+            else:
+                outer.set_result(done.result())
+
+        def cancel_inner(done: asyncio.Future[FunctionResult[Any]]) -> None:
+            if done.cancelled():
+                inner.cancel()  # the caller gave up: so does the call
+
+        pair = (outer, inner)
+        self._outstanding.add(pair)
+        inner.add_done_callback(settle)
+        outer.add_done_callback(cancel_inner)
+        outer.add_done_callback(lambda _: self._outstanding.discard(pair))
+        return outer
+
+    def _worker_lost(self, method: str, cause: BaseException, generation: int) -> ActorLostError:
+        if generation == self._generation:  # the first news of this loss
+            self._generation += 1
+            if self._restarts_left > 0:
+                self._restarts_left -= 1
+                self._restarts += 1
+                self._built = self._submit(_BUILD, (), {})
+            else:
+                self._lost = ActorLostError(
+                    f"actor {self.actor_id} is gone: its worker was lost and no restarts "
+                    f"are left (max_restarts)"
+                )
+                # The calls still queued would build a new instance: they fail instead.
+                for outer, inner in list(self._outstanding):
+                    if not outer.done():
+                        outer.set_exception(self._lost)
+                    inner.cancel()
+        error = ActorLostError(
+            f"actor {self.actor_id}: its worker was lost during {method}() ({cause}); "
+            + (
+                "no restarts left (max_restarts): the instance is gone"
+                if self._lost is not None
+                else "the next call builds the instance again (max_restarts)"
+            )
+        )
+        error.__cause__ = cause
+        return error
+
+    async def close(self) -> None:
+        """Stop the instance's worker (the session does it at its end otherwise)."""
+        if self._closed:
+            return
+        self._closed = True
+        pool = self._remote._session._drop_pool(self._remote.options)
+        if pool is not None:
+            await pool.close()
