@@ -16,7 +16,9 @@ from aviato.exceptions import (
     ConfigurationError,
     FunctionError,
     FunctionSerializationError,
+    NotSupportedError,
     PayloadTooLargeError,
+    ProcessNotFoundError,
     ProtocolError,
     SandboxError,
     SandboxExecutionError,
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
     from aviato._defaults import SandboxDefaults
     from aviato._exec import ExecStream
     from aviato._function import FunctionResult, RemoteFunction, Serialization
+    from aviato._process import Process, ProcessInfo
     from aviato._sandbox import Sandbox, SandboxPage
     from aviato._session import Session
     from aviato._types import ExecResult, OutputChunk
@@ -47,6 +50,8 @@ _LAZY = {
     "RemoteFunction": "aviato._function",
     "Serialization": "aviato._function",
     "ExecStream": "aviato._exec",
+    "Process": "aviato._process",
+    "ProcessInfo": "aviato._process",
     "Sandbox": "aviato._sandbox",
     "SandboxPage": "aviato._sandbox",
     "Session": "aviato._session",
@@ -81,8 +86,12 @@ __all__ = [
     "FunctionError",
     "FunctionResult",
     "FunctionSerializationError",
+    "NotSupportedError",
     "OutputChunk",
     "PayloadTooLargeError",
+    "Process",
+    "ProcessInfo",
+    "ProcessNotFoundError",
     "ProtocolError",
     "RemoteFunction",
     "Sandbox",

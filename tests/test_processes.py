@@ -1,0 +1,333 @@
+"""Processes you keep (``sb.spawn``), on both runtimes: stdin, live output, signals,
+exit codes, reattach from another client process, back-pressure, terminals, and the
+hostile inputs (unknown ids, another sandbox's id, huge writes, absurd sizes)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import pytest
+
+from aviato import (
+    NotSupportedError,
+    OutputChunk,
+    PayloadTooLargeError,
+    Process,
+    ProcessInfo,
+    ProcessNotFoundError,
+    Sandbox,
+    SandboxDefaults,
+    SandboxError,
+)
+from aviato.protocol import MAX_STDIN_CHUNK, WriteStdin
+from tests.conftest import IMAGE, ROOT, Cluster, docker_cluster, wait_until
+from tests.test_local_runtime import _leftovers, _local_cluster
+from tests.test_supervisor import no_python_image as no_python_image  # a fixture
+
+RUNTIMES = ["docker", "local"]
+
+
+@pytest.fixture(scope="module")
+def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    yield from docker_cluster(tmp_path_factory.mktemp("docker"))
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    yield from _local_cluster(tmp_path_factory.mktemp("local"), agents=1, slots=4)
+
+
+@pytest.fixture(params=RUNTIMES)
+def either(request: pytest.FixtureRequest) -> Iterator[tuple[str, Cluster, SandboxDefaults]]:
+    """(runtime name, its cluster, defaults for it)."""
+    cluster: Cluster = request.getfixturevalue(request.param)
+    yield (
+        request.param,
+        cluster,
+        SandboxDefaults(container_image=IMAGE, scheduler=cluster.address, lease_seconds=5),
+    )
+    if request.param == "local":
+        wait_until(lambda: not _leftovers(cluster), 15, 0.2, "the test's sandboxes to go")
+
+
+async def _all_output(p: Process, timeout: float = 60) -> tuple[bytes, bytes]:
+    out, err = bytearray(), bytearray()
+
+    async def read() -> None:
+        async for chunk in p.output():
+            (out if chunk.stream == "stdout" else err).extend(chunk.data)
+
+    await asyncio.wait_for(read(), timeout)
+    return bytes(out), bytes(err)
+
+
+async def _until_output(p: Process, want: bytes, timeout: float = 60) -> bytes:
+    """Read ``p``'s output until ``want`` shows up in it; all that was read."""
+    seen = bytearray()
+
+    async def read() -> None:
+        async for chunk in p.output():
+            seen.extend(chunk.data)
+            if want in seen:
+                return
+        raise AssertionError(f"{want!r} never came: {bytes(seen)!r}")
+
+    await asyncio.wait_for(read(), timeout)
+    return bytes(seen)
+
+
+async def test_spawn_write_read_wait(either: tuple[str, Cluster, SandboxDefaults]) -> None:
+    _, _, defaults = either
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        p = await sb.spawn(["python3", "-u", "-i", "-q"])
+        assert p.id.startswith("proc-") and p.argv == ("python3", "-u", "-i", "-q")
+        await p.write(b"print(6 * 7)\n")
+        await p.write(b"import sys; sys.stderr.write('to err\\n')\n")
+        await p.close_stdin()
+        out, err = await _all_output(p)
+        assert b"42\n" in out and b"to err\n" in err
+        assert await p.wait(timeout=60) == 0
+        assert p.returncode == 0
+        # The snippet's chunk type, and the listing.
+        chunk = OutputChunk(1, b"x")
+        assert chunk.stream == "stdout"
+        running = await sb.processes()
+        assert ProcessInfo(p.id, p.argv, False, 0, None, False) in running
+        # Exit codes: as a shell says them; a signal is 128+N with N named.
+        q = await sb.spawn(["sh", "-c", "exit 7"])
+        assert await q.wait(timeout=60) == 7
+        r = await sb.spawn(["sleep", "100"])
+        await r.signal(signal.SIGTERM)
+        assert await r.wait(timeout=60) == 128 + signal.SIGTERM
+        assert r.info.signal == signal.SIGTERM
+        k = await sb.spawn(["sleep", "100"])
+        assert (await k.refresh()).running
+        await k.kill()
+        assert await k.wait(timeout=60) == 128 + signal.SIGKILL
+        await k.kill()  # ended already: nothing happens
+
+
+async def test_sigint_reaches_a_python_loop(either: tuple[str, Cluster, SandboxDefaults]) -> None:
+    _, _, defaults = either
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        code = (
+            "import time\ntry:\n  print('up', flush=True); time.sleep(100)\n"
+            "except KeyboardInterrupt:\n  print('interrupted', flush=True)\n"
+        )
+        p = await sb.spawn(["python3", "-c", code])
+        await _until_output(p, b"up\n")
+        await p.signal(signal.SIGINT)
+        assert b"interrupted" in await _until_output(p, b"interrupted")
+        assert await p.wait(timeout=60) == 0
+
+
+_REATTACH = textwrap.dedent(
+    """
+    import asyncio, sys
+    from aviato import Sandbox, SandboxDefaults
+
+    async def main():
+        sb = await Sandbox.from_id(sys.argv[1], defaults=SandboxDefaults(scheduler=sys.argv[2]))
+        again = await sb.process(sys.argv[3])
+        await again.write(b"second\\n")
+        seen = b""
+        async for chunk in again.output():
+            seen += chunk.data
+            if b"echo:second" in seen:
+                break
+        sys.stdout.write(seen.decode())
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_reattach_from_another_client_process(
+    either: tuple[str, Cluster, SandboxDefaults],
+) -> None:
+    """A process outlives the handle that spawned it; another client process finds it by
+    id, sees the backlog, writes to it and reads what comes next."""
+    _, cluster, defaults = either
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        p = await sb.spawn(["sh", "-c", "while read l; do echo echo:$l; done"])
+        await p.write(b"first\n")
+        await _until_output(p, b"echo:first\n")
+        del p  # this client's handle is gone; the process is not
+        pid = (await sb.processes())[0].id
+        assert sb.sandbox_id is not None
+        out = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", _REATTACH, sb.sandbox_id, cluster.address, pid],
+            capture_output=True,
+            timeout=120,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert out.returncode == 0, out.stderr.decode()
+        assert out.stdout == b"echo:first\necho:second\n"  # the backlog, then what came next
+        (info,) = await sb.processes()
+        assert info.running  # the other client left; the process keeps running
+
+
+async def test_backlog_is_bounded_and_reports_what_was_skipped(
+    either: tuple[str, Cluster, SandboxDefaults],
+) -> None:
+    _, _, defaults = either
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        # 3 MiB of output that nobody reads as it comes.
+        p = await sb.spawn(["sh", "-c", "head -c 3145728 /dev/zero | tr '\\0' x; echo END"])
+        assert await p.wait(timeout=60) == 0
+        out, _ = await _all_output(p)
+        assert out.endswith(b"END\n") and len(out) == 1 << 20  # the last MiB
+        assert p.skipped == 3 * (1 << 20) + 4 - (1 << 20)
+
+
+async def test_a_fast_writer_waits_for_a_slow_reader(
+    either: tuple[str, Cluster, SandboxDefaults],
+) -> None:
+    """Back-pressure: a write to a process that does not read blocks (the data is not
+    buffered without bound); once it reads, the write completes, whole and in order."""
+    _, _, defaults = either
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        p = await sb.spawn(["sh", "-c", "until [ -e /tmp/go ]; do sleep 0.05; done; sha256sum"])
+        data = os.urandom(8 << 20)
+        write = asyncio.ensure_future(p.write(data))
+        await asyncio.sleep(1)
+        assert not write.done()  # the pipe (64 KiB) is full: the writer waits
+        await sb.write_file("/tmp/go", b"")
+        await asyncio.wait_for(write, 120)  # it reads now: the write goes through
+        await p.close_stdin()
+        out, _ = await _all_output(p)
+        assert out.split()[0].decode() == hashlib.sha256(data).hexdigest()
+        # A writer that gives up (cancelled) stops there; the process is unharmed.
+        q = await sb.spawn(["sleep", "1000"])
+        write = asyncio.ensure_future(q.write(data))
+        await asyncio.sleep(1)
+        assert not write.done()
+        write.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        assert (await q.refresh()).running
+        await p.kill()
+
+
+async def test_hostile_inputs(either: tuple[str, Cluster, SandboxDefaults]) -> None:
+    _, _, defaults = either
+    async with (
+        Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb,
+        Sandbox(command="sleep", args=["infinity"], defaults=defaults) as other,
+    ):
+        p = await sb.spawn(["cat"])
+        with pytest.raises(ProcessNotFoundError, match="no process 'proc-nope'"):
+            await sb.process("proc-nope")
+        with pytest.raises(ProcessNotFoundError, match="only good in the sandbox"):
+            await other.process(p.id)  # another sandbox's id
+        ghost = Process(other._agent, p.info, 10.0)
+        calls = (ghost.write(b"x"), ghost.signal(2), ghost.wait(5), ghost.resize(rows=5, cols=5))
+        for call in calls:
+            with pytest.raises(ProcessNotFoundError):
+                await call
+        # A write piece above the limit, sent raw: refused, the agent serves on.
+        info, conn = sb._agent()
+        with pytest.raises(PayloadTooLargeError, match="piece limit"):
+            await conn.request(
+                WriteStdin(info.sandbox_id, p.id), (bytes(MAX_STDIN_CHUNK + 1),), timeout=30
+            )
+        # A huge write through the API is split and fed: cat echoes all of it back.
+        data = os.urandom(4 << 20)
+
+        async def feed() -> None:
+            await p.write(data)
+            await p.close_stdin()
+
+        got = bytearray()
+
+        async def drain() -> None:
+            async for chunk in p.output():
+                got.extend(chunk.data)
+
+        await asyncio.wait_for(asyncio.gather(feed(), drain()), 120)
+        assert bytes(got) == data and p.skipped == 0
+        with pytest.raises(SandboxError, match=r"stdin of process .* is closed"):
+            await p.write(b"more")
+        # Terminal sizes: refused by the client, and by the agent when sent raw.
+        t = await sb.spawn(["cat"], pty=True)
+        for rows, cols in ((0, 0), (100000, 100000), (-1, 80)):
+            with pytest.raises(ValueError, match="rows and columns"):
+                await t.resize(rows=rows, cols=cols)
+            with pytest.raises(ValueError, match="rows and columns"):
+                await sb.spawn(["bash"], pty=True, rows=rows, cols=cols)
+        from aviato.protocol import ResizeTerminal
+
+        with pytest.raises(SandboxError, match="rows and columns"):
+            await conn.request(ResizeTerminal(info.sandbox_id, t.id, 0, 0), timeout=30)
+        with pytest.raises(SandboxError, match="no terminal"):
+            await p.resize(rows=10, cols=10)
+        with pytest.raises(SandboxError, match="command not found"):
+            await sb.spawn(["no-such-program"])
+        with pytest.raises(SandboxError, match="not a signal"):
+            await t.signal(1000)
+        await t.kill()
+        # Everything still works.
+        assert (await sb.exec(["echo", "ok"])).stdout == b"ok\n"
+
+
+async def test_processes_end_with_their_sandbox(
+    either: tuple[str, Cluster, SandboxDefaults],
+) -> None:
+    _, _, defaults = either
+    sb = Sandbox(command="sleep", args=["infinity"], defaults=defaults)
+    async with sb:
+        p = await sb.spawn(["sleep", "1000"])
+        assert (await p.refresh()).running
+    with pytest.raises(SandboxError):
+        await p.refresh()
+
+
+async def test_images_without_python_refuse_processes_naming_the_runtime(
+    docker: Cluster, no_python_image: str
+) -> None:
+    """No Python in the image: no supervisor to keep processes; a typed refusal names
+    the runtime, and exec (through docker exec) works on."""
+    defaults = SandboxDefaults(container_image=IMAGE, scheduler=docker.address, lease_seconds=5)
+    async with Sandbox(
+        command="sleep", args=["infinity"], container_image=no_python_image, defaults=defaults
+    ) as sb:
+        with pytest.raises(NotSupportedError, match=r"runtime docker.*no python3"):
+            await sb.spawn(["cat"])
+        with pytest.raises(NotSupportedError):
+            await sb.processes()
+        assert (await sb.exec(["cat"], stdin=b"hello")).stdout == b"hello"
+
+
+async def test_hostile_raw_messages_get_errors_and_the_agent_survives(
+    either: tuple[str, Cluster, SandboxDefaults],
+) -> None:
+    from aviato.protocol import ListProcesses, ReadOutput, SignalProcess, SpawnProcess
+
+    _, _, defaults = either
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        info, conn = sb._agent()
+        sid = info.sandbox_id
+        bad = [
+            SpawnProcess(sid, ()),
+            SpawnProcess(sid, ("a\x00b",)),
+            SpawnProcess(sid, ("sh",), env={"A=B": "x"}),
+            SpawnProcess(sid, ("sh",), pty=True, rows=0, cols=5),
+            ReadOutput(sid, "proc-x", 0, float("nan")),
+            ReadOutput(sid, "proc-x", 0, 1e9),
+            ListProcesses(sid, "", -1.0),
+            SignalProcess(sid, "proc-x", 0),
+            SpawnProcess("sb-not-here", ("sh",)),
+        ]
+        for msg in bad:
+            with pytest.raises(SandboxError):
+                await conn.request(msg, timeout=30)
+        assert (await sb.exec(["echo", "alive"])).stdout == b"alive\n"
