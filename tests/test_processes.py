@@ -83,6 +83,18 @@ async def _until_output(p: Process, want: bytes, timeout: float = 60) -> bytes:
     return bytes(seen)
 
 
+async def _until_running(sb: Sandbox, cmdline: str, timeout: float = 60) -> None:
+    """Until a process whose command line is ``cmdline`` runs in ``sb``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        r = await sb.exec(["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"])
+        if f" {cmdline} ".encode() in b" " + r.stdout.replace(b"  ", b" "):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{cmdline!r} never ran")
+
+
 async def test_spawn_write_read_wait(either: tuple[str, Cluster, SandboxDefaults]) -> None:
     _, _, defaults = either
     async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
@@ -331,3 +343,28 @@ async def test_hostile_raw_messages_get_errors_and_the_agent_survives(
             with pytest.raises(SandboxError):
                 await conn.request(msg, timeout=30)
         assert (await sb.exec(["echo", "alive"])).stdout == b"alive\n"
+
+
+async def test_a_terminal(either: tuple[str, Cluster, SandboxDefaults]) -> None:
+    """pty=True: a real terminal. ``tty`` names a /dev/pts device, ^C interrupts the
+    foreground job (not the shell), and a resize is what ``stty size`` says."""
+    _, _, defaults = either
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        t = await sb.spawn(["bash", "--norc", "-i"], pty=True, rows=24, cols=80)
+        assert t.pty
+        await t.write(b"tty; stty size; echo done-$((6*7))\n")
+        seen = await _until_output(t, b"done-42")
+        assert b"/dev/pts/" in seen and b"24 80" in seen, seen
+        await t.resize(rows=40, cols=120)
+        await t.write(b"stty size; echo resized-$((1+1))\n")
+        assert b"40 120" in await _until_output(t, b"resized-2")
+        await t.write(b"sleep 1000\n")
+        await _until_running(sb, "sleep 1000")
+        await t.write(b"\x03")
+        await t.write(b"echo status-$?\n")
+        await _until_output(t, b"status-130")  # 128 + SIGINT: the job's, not bash's
+        await t.write(b"echo still-$((2+2))\n")
+        await _until_output(t, b"still-4")
+        assert (await t.refresh()).running
+        await t.write(b"exit 3\n")
+        assert await t.wait(timeout=60) == 3
