@@ -368,3 +368,10 @@ async def test_a_terminal(either: tuple[str, Cluster, SandboxDefaults]) -> None:
         assert (await t.refresh()).running
         await t.write(b"exit 3\n")
         assert await t.wait(timeout=60) == 3
+        # Its controlling terminal: /dev/tty opens, and ^C (typed, no shell's job control
+        # involved) ends the whole foreground group.
+        s = await sb.spawn(["sh", "-c", "echo >/dev/tty && echo has-ctty; sleep 1000"], pty=True)
+        await _until_output(s, b"has-ctty")
+        await s.write(b"\x03")
+        assert await s.wait(timeout=60) == 128 + signal.SIGINT
+        assert s.info.signal == signal.SIGINT
