@@ -98,6 +98,8 @@ async def _until_running(sb: Sandbox, cmdline: str, timeout: float = 60) -> None
 async def test_spawn_write_read_wait(either: tuple[str, Cluster, SandboxDefaults]) -> None:
     _, _, defaults = either
     async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        # The buffered exec's stdin (the first snippet), on this runtime too.
+        assert (await sb.exec(["cat"], stdin=b"hello")).stdout == b"hello"
         p = await sb.spawn(["python3", "-u", "-i", "-q"])
         assert p.id.startswith("proc-") and p.argv == ("python3", "-u", "-i", "-q")
         await p.write(b"print(6 * 7)\n")
