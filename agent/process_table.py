@@ -59,6 +59,58 @@ def _winsize(rows: int, cols: int) -> bytes:
     return struct.pack("HHHH", rows, cols, 0, 0)
 
 
+class Backlog:
+    """The last ``limit`` bytes of a process's output, as chunks at absolute offsets
+    (no locking: its owner's)."""
+
+    def __init__(self, limit: int = BACKLOG) -> None:
+        self.limit = limit
+        self.chunks: collections.deque[tuple[int, int, bytes]] = collections.deque()
+        self.start = 0  # offset of the oldest byte held
+        self.end = 0  # offset after the newest
+        self.kept = 0
+
+    def append(self, fd: int, data: bytes) -> None:
+        self.chunks.append((self.end, fd, data))
+        self.end += len(data)
+        self.kept += len(data)
+        while self.kept > self.limit:
+            at, first_fd, first = self.chunks[0]
+            over = self.kept - self.limit
+            if len(first) <= over:
+                self.chunks.popleft()
+                self.kept -= len(first)
+            else:
+                self.chunks[0] = (at + over, first_fd, first[over:])
+                self.kept -= over
+        self.start = self.chunks[0][0] if self.chunks else self.end
+
+    def start_at(self, offset: int) -> tuple[int, int]:
+        """Where a read asked at ``offset`` (-1: a new reader) starts, and the bytes
+        before it that it never sees (dropped from the backlog)."""
+        offset = max(offset, 0)
+        skipped = max(self.start - offset, 0)
+        return min(max(offset, self.start), self.end), skipped
+
+    def take(self, offset: int, most: int) -> tuple[list[int], list[bytes], int]:
+        """At most ``most`` bytes from ``offset``: the streams, the chunks (neighbours of
+        one stream joined) and how many bytes."""
+        fds: list[int] = []
+        blobs: list[bytes] = []
+        taken = 0
+        for at, fd, data in self.chunks:
+            if at + len(data) <= offset or taken >= most:
+                continue
+            piece = data[max(0, offset - at) :][: most - taken]
+            if fds and fds[-1] == fd:
+                blobs[-1] += piece
+            else:
+                fds.append(fd)
+                blobs.append(piece)
+            taken += len(piece)
+        return fds, blobs, taken
+
+
 class Proc:
     def __init__(self, pid: str, argv: tuple[str, ...], os_pid: int, stdin: int, pty: bool):
         self.id = pid
@@ -68,10 +120,7 @@ class Proc:
         self.pty = pty
         self.cond = threading.Condition()
         self.write_lock = threading.Lock()
-        self.chunks: collections.deque[tuple[int, int, bytes]] = collections.deque()
-        self.start = 0  # offset of the oldest byte held
-        self.end = 0  # offset after the newest
-        self.kept = 0
+        self.output = Backlog()
         self.open_outputs = 0
         self.code: int | None = None
         self.signal: int | None = None
@@ -93,19 +142,7 @@ class Proc:
 
     def append(self, fd: int, data: bytes) -> None:
         with self.cond:
-            self.chunks.append((self.end, fd, data))
-            self.end += len(data)
-            self.kept += len(data)
-            while self.kept > BACKLOG:
-                at, first_fd, first = self.chunks[0]
-                over = self.kept - BACKLOG
-                if len(first) <= over:
-                    self.chunks.popleft()
-                    self.kept -= len(first)
-                else:
-                    self.chunks[0] = (at + over, first_fd, first[over:])
-                    self.kept -= over
-            self.start = self.chunks[0][0] if self.chunks else self.end
+            self.output.append(fd, data)
             self.cond.notify_all()
 
     def pump(self, fd: int, pipe: int) -> None:
@@ -130,31 +167,14 @@ class Proc:
     ) -> tuple[schema.ProcReply, list[bytes]]:
         deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT)
         with self.cond:
-            skipped = 0
-            if offset < 0:  # a new reader: it never sees what was dropped before
-                offset = 0
-            if offset < self.start:
-                skipped, offset = self.start - offset, self.start
-            offset = min(offset, self.end)
-            while self.end <= offset and not self.finished() and not cancelled[0]:
+            offset, skipped = self.output.start_at(offset)
+            while self.output.end <= offset and not self.finished() and not cancelled[0]:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self.cond.wait(min(left, POLL_SECONDS))
-            fds: list[int] = []
-            blobs: list[bytes] = []
-            taken = 0
-            for at, fd, data in self.chunks:
-                if at + len(data) <= offset or taken >= most:
-                    continue
-                piece = data[max(0, offset - at) :][: most - taken]
-                if fds and fds[-1] == fd:
-                    blobs[-1] += piece
-                else:
-                    fds.append(fd)
-                    blobs.append(piece)
-                taken += len(piece)
-            eof = self.finished() and offset + taken >= self.end
+            fds, blobs, taken = self.output.take(offset, most)
+            eof = self.finished() and offset + taken >= self.output.end
             reply = schema.ProcReply(
                 rid,
                 procs=(self.state(),),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from agent.checks import shown
@@ -105,20 +105,26 @@ class ProcessRequests:
         request: Callable[[int], schema.Header],
         blobs: tuple[bytes, ...] = (),
         process_id: str = "",
-    ) -> tuple[schema.ProcReply, list[memoryview]]:
+    ) -> tuple[schema.ProcReply, Sequence[bytes | memoryview]]:
         plane = self.plane
         plane._check_running(sandbox_id)
         hub = plane.hub
-        if hub is None or not await hub.supervisor_ready(sandbox_id, SUPERVISOR_WAIT):
-            raise NotSupportedError(
-                f"sandbox {sandbox_id} has no supervisor, so it cannot keep processes "
-                f"(runtime {plane.runtime.name}: its image has no python3 on its PATH); "
-                "use exec, or an image with Python",
-                sandbox_id=sandbox_id,
-            )
-        reply, out = await hub._one_reply(sandbox_id, request, blobs)
-        if not isinstance(reply, schema.ProcReply):
-            raise hub._gone(sandbox_id)
+        reply: object
+        out: Sequence[bytes | memoryview]
+        if hub is not None and await hub.supervisor_ready(sandbox_id, SUPERVISOR_WAIT):
+            reply, out = await hub._one_reply(sandbox_id, request, blobs)
+            if not isinstance(reply, schema.ProcReply):
+                raise hub._gone(sandbox_id)
+        else:
+            backend = plane.runtime.process_backend()
+            if backend is None:
+                raise NotSupportedError(
+                    f"sandbox {sandbox_id} has no supervisor, so it cannot keep processes "
+                    f"(the {plane.runtime.name} runtime needs python3 in the image for "
+                    "them); use exec, or an image with Python",
+                    sandbox_id=sandbox_id,
+                )
+            reply, out = await backend.serve(sandbox_id, request(0), [bytes(b) for b in blobs])
         if reply.missing:
             raise ProcessNotFoundError(
                 f"sandbox {sandbox_id} has no process {shown(process_id)!r}: an id is only "

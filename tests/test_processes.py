@@ -16,7 +16,6 @@ from collections.abc import Iterator
 import pytest
 
 from aviato import (
-    NotSupportedError,
     OutputChunk,
     PayloadTooLargeError,
     Process,
@@ -31,7 +30,9 @@ from tests.conftest import IMAGE, ROOT, Cluster, docker_cluster, wait_until
 from tests.test_local_runtime import _leftovers, _local_cluster
 from tests.test_supervisor import no_python_image as no_python_image  # a fixture
 
-RUNTIMES = ["docker", "local"]
+#: Both runtimes, and Docker with an image without Python: no supervisor in it, so
+#: processes go through the engine's exec API (agent/runtime/docker_procs.py).
+RUNTIMES = ["docker", "local", "docker-exec"]
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +47,16 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture(params=RUNTIMES)
 def either(request: pytest.FixtureRequest) -> Iterator[tuple[str, Cluster, SandboxDefaults]]:
-    """(runtime name, its cluster, defaults for it)."""
-    cluster: Cluster = request.getfixturevalue(request.param)
+    """(which, its cluster, defaults for it)."""
+    which = request.param
+    cluster: Cluster = request.getfixturevalue("local" if which == "local" else "docker")
+    image = request.getfixturevalue("no_python_image") if which == "docker-exec" else IMAGE
     yield (
-        request.param,
+        which,
         cluster,
-        SandboxDefaults(container_image=IMAGE, scheduler=cluster.address, lease_seconds=5),
+        SandboxDefaults(container_image=image, scheduler=cluster.address, lease_seconds=5),
     )
-    if request.param == "local":
+    if which == "local":
         wait_until(lambda: not _leftovers(cluster), 15, 0.2, "the test's sandboxes to go")
 
 
@@ -96,14 +99,20 @@ async def _until_running(sb: Sandbox, cmdline: str, timeout: float = 60) -> None
 
 
 async def test_spawn_write_read_wait(either: tuple[str, Cluster, SandboxDefaults]) -> None:
-    _, _, defaults = either
+    which, _, defaults = either
     async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
         # The buffered exec's stdin (the issue's first snippet), on this runtime too.
         assert (await sb.exec(["cat"], stdin=b"hello")).stdout == b"hello"
-        p = await sb.spawn(["python3", "-u", "-i", "-q"])
-        assert p.id.startswith("proc-") and p.argv == ("python3", "-u", "-i", "-q")
-        await p.write(b"print(6 * 7)\n")
-        await p.write(b"import sys; sys.stderr.write('to err\\n')\n")
+        if which == "docker-exec":  # no Python: a shell reads the same lines
+            argv = ["sh", "-c", "while read l; do eval \"$l\"; done"]
+            lines = [b"echo $((6 * 7))\n", b"echo to err >&2\n"]
+        else:
+            argv = ["python3", "-u", "-i", "-q"]
+            lines = [b"print(6 * 7)\n", b"import sys; sys.stderr.write('to err\\n')\n"]
+        p = await sb.spawn(argv)
+        assert p.id.startswith("proc-") and p.argv == tuple(argv)
+        for line in lines:
+            await p.write(line)
         await p.close_stdin()
         out, err = await _all_output(p)
         assert b"42\n" in out and b"to err\n" in err
@@ -128,17 +137,14 @@ async def test_spawn_write_read_wait(either: tuple[str, Cluster, SandboxDefaults
         await k.kill()  # ended already: nothing happens
 
 
-async def test_sigint_reaches_a_python_loop(either: tuple[str, Cluster, SandboxDefaults]) -> None:
+async def test_sigint_reaches_a_trap(either: tuple[str, Cluster, SandboxDefaults]) -> None:
     _, _, defaults = either
     async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
-        code = (
-            "import time\ntry:\n  print('up', flush=True); time.sleep(100)\n"
-            "except KeyboardInterrupt:\n  print('interrupted', flush=True)\n"
-        )
-        p = await sb.spawn(["python3", "-c", code])
+        script = "trap 'echo interrupted; exit 0' INT; echo up; while :; do sleep 0.1; done"
+        p = await sb.spawn(["sh", "-c", script])
         await _until_output(p, b"up\n")
         await p.signal(signal.SIGINT)
-        assert b"interrupted" in await _until_output(p, b"interrupted")
+        await _until_output(p, b"interrupted")
         assert await p.wait(timeout=60) == 0
 
 
@@ -233,7 +239,7 @@ async def test_a_fast_writer_waits_for_a_slow_reader(
 
 
 async def test_hostile_inputs(either: tuple[str, Cluster, SandboxDefaults]) -> None:
-    _, _, defaults = either
+    which, _, defaults = either
     async with (
         Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb,
         Sandbox(command="sleep", args=["infinity"], defaults=defaults) as other,
@@ -284,8 +290,12 @@ async def test_hostile_inputs(either: tuple[str, Cluster, SandboxDefaults]) -> N
             await conn.request(ResizeTerminal(info.sandbox_id, t.id, 0, 0), timeout=30)
         with pytest.raises(SandboxError, match="no terminal"):
             await p.resize(rows=10, cols=10)
-        with pytest.raises(SandboxError, match="command not found"):
-            await sb.spawn(["no-such-program"])
+        if which == "docker-exec":  # the engine starts it, and runc says why it ended
+            gone = await sb.spawn(["no-such-program"])
+            assert await gone.wait(timeout=60) in (126, 127)
+        else:
+            with pytest.raises(SandboxError, match="command not found"):
+                await sb.spawn(["no-such-program"])
         with pytest.raises(SandboxError, match="not a signal"):
             await t.signal(1000)
         await t.kill()
@@ -303,22 +313,6 @@ async def test_processes_end_with_their_sandbox(
         assert (await p.refresh()).running
     with pytest.raises(SandboxError):
         await p.refresh()
-
-
-async def test_images_without_python_refuse_processes_naming_the_runtime(
-    docker: Cluster, no_python_image: str
-) -> None:
-    """No Python in the image: no supervisor to keep processes; a typed refusal names
-    the runtime, and exec (through docker exec) works on."""
-    defaults = SandboxDefaults(container_image=IMAGE, scheduler=docker.address, lease_seconds=5)
-    async with Sandbox(
-        command="sleep", args=["infinity"], container_image=no_python_image, defaults=defaults
-    ) as sb:
-        with pytest.raises(NotSupportedError, match=r"runtime docker.*no python3"):
-            await sb.spawn(["cat"])
-        with pytest.raises(NotSupportedError):
-            await sb.processes()
-        assert (await sb.exec(["cat"], stdin=b"hello")).stdout == b"hello"
 
 
 async def test_hostile_raw_messages_get_errors_and_the_agent_survives(
