@@ -38,6 +38,10 @@ CHUNK = 65536
 #: How often a blocked write or read looks whether it was given up.
 POLL_SECONDS = 0.2
 MAX_WAIT = 60.0
+#: A reader that read within this many seconds (or a process spawned as long ago: its
+#: spawner is about to read) holds the output back: the process waits (its pipe fills)
+#: rather than lose bytes that reader has not read yet.
+READER_GRACE = 5.0
 #: Terminal sizes allowed (rows and columns each).
 MAX_TERMINAL = 10000
 TIOCSWINSZ = 0x5414  # Linux
@@ -69,6 +73,22 @@ class Backlog:
         self.start = 0  # offset of the oldest byte held
         self.end = 0  # offset after the newest
         self.kept = 0
+        self.reader_at = 0  # the furthest a reader has read
+        self.read_at = time.monotonic()  # when one last read: the spawner reads next
+
+    def note_read(self, offset: int) -> None:
+        self.reader_at = max(self.reader_at, offset)
+        self.read_at = time.monotonic()
+
+    def holds_back(self, size: int, end: int | None = None) -> bool:
+        """Whether ``size`` more bytes must wait: a reader reading lately has not read
+        the backlog's worth of bytes before them yet. ``end``: where they would start
+        (by default, after what is held)."""
+        end = self.end if end is None else end
+        return (
+            time.monotonic() - self.read_at < READER_GRACE
+            and end + size - self.reader_at > self.limit
+        )
 
     def append(self, fd: int, data: bytes) -> None:
         self.chunks.append((self.end, fd, data))
@@ -142,6 +162,8 @@ class Proc:
 
     def append(self, fd: int, data: bytes) -> None:
         with self.cond:
+            while self.output.holds_back(len(data)):
+                self.cond.wait(POLL_SECONDS)  # a reader is behind: the process waits
             self.output.append(fd, data)
             self.cond.notify_all()
 
@@ -168,12 +190,15 @@ class Proc:
         deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT)
         with self.cond:
             offset, skipped = self.output.start_at(offset)
+            self.output.note_read(offset)
             while self.output.end <= offset and not self.finished() and not cancelled[0]:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self.cond.wait(min(left, POLL_SECONDS))
             fds, blobs, taken = self.output.take(offset, most)
+            self.output.note_read(offset + taken)
+            self.cond.notify_all()  # a pump waiting for this reader goes on
             eof = self.finished() and offset + taken >= self.output.end
             reply = schema.ProcReply(
                 rid,

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -26,9 +27,8 @@ from aviato import (
     SandboxError,
 )
 from aviato.protocol import MAX_STDIN_CHUNK, WriteStdin
-from tests.conftest import IMAGE, ROOT, Cluster, docker_cluster, wait_until
+from tests.conftest import IMAGE, ROOT, Cluster, docker_cluster, need_docker, wait_until
 from tests.test_local_runtime import _leftovers, _local_cluster
-from tests.test_supervisor import no_python_image as no_python_image  # a fixture
 
 #: Both runtimes, and Docker with an image without Python: no supervisor in it, so
 #: processes go through the engine's exec API (agent/runtime/docker_procs.py).
@@ -43,6 +43,26 @@ def docker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture(scope="module")
 def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     yield from _local_cluster(tmp_path_factory.mktemp("local"), agents=1, slots=4)
+
+
+@pytest.fixture(scope="module")
+def no_python_image() -> Iterator[str]:
+    """python:3.11 with every Python removed (made offline by committing a container),
+    named for this module alone: other test modules build and remove their own."""
+    need_docker()
+    name = f"aviato-test-build-{uuid.uuid4().hex[:8]}"
+    tag = f"aviato-test/no-python-{uuid.uuid4().hex[:8]}:1"
+    rm_python = "rm -f /usr/bin/python* /usr/local/bin/python*"
+    try:
+        for argv in (
+            ["docker", "run", "--name", name, IMAGE, "sh", "-c", rm_python],
+            ["docker", "commit", name, tag],
+        ):
+            subprocess.run(argv, check=True, capture_output=True, timeout=120)
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
+    yield tag
+    subprocess.run(["docker", "rmi", "-f", tag], capture_output=True, timeout=60)
 
 
 @pytest.fixture(params=RUNTIMES)
@@ -104,7 +124,7 @@ async def test_spawn_write_read_wait(either: tuple[str, Cluster, SandboxDefaults
         # The buffered exec's stdin (the issue's first snippet), on this runtime too.
         assert (await sb.exec(["cat"], stdin=b"hello")).stdout == b"hello"
         if which == "docker-exec":  # no Python: a shell reads the same lines
-            argv = ["sh", "-c", "while read l; do eval \"$l\"; done"]
+            argv = ["sh", "-c", 'while read l; do eval "$l"; done']
             lines = [b"echo $((6 * 7))\n", b"echo to err >&2\n"]
         else:
             argv = ["python3", "-u", "-i", "-q"]
@@ -207,6 +227,23 @@ async def test_backlog_is_bounded_and_reports_what_was_skipped(
         out, _ = await _all_output(p)
         assert out.endswith(b"END\n") and len(out) == 1 << 20  # the last MiB
         assert p.skipped == 3 * (1 << 20) + 4 - (1 << 20)
+
+
+async def test_a_slow_reader_loses_nothing(either: tuple[str, Cluster, SandboxDefaults]) -> None:
+    """While a reader reads, the process waits for it past the backlog's worth of
+    unread output (its pipe fills) instead of dropping what it has not read."""
+    _, _, defaults = either
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        p = await sb.spawn(["sh", "-c", "head -c 4194304 /dev/zero | tr '\\0' x; echo END"])
+        got = bytearray()
+
+        async def read() -> None:
+            async for chunk in p.output():
+                got.extend(chunk.data)
+                await asyncio.sleep(0.05)  # slower than the process writes
+
+        await asyncio.wait_for(read(), 120)
+        assert (len(got), p.skipped, bytes(got[-4:])) == ((4 << 20) + 4, 0, b"END\n")
 
 
 async def test_a_fast_writer_waits_for_a_slow_reader(

@@ -58,6 +58,8 @@ class _Proc:
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: Set (and replaced) whenever output comes or the process ends: readers wait on it.
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Where the output thread waits for a reader that is behind (see Backlog.holds_back).
+    gate: threading.Condition = field(default_factory=threading.Condition)
 
     @property
     def running(self) -> bool:
@@ -196,8 +198,13 @@ class DockerProcesses:
     def _pump(self, loop: asyncio.AbstractEventLoop, proc: _Proc) -> None:
         """The exec's output into its backlog; at its end, its exit code."""
         try:
+            sent = 0  # the output's end once the loop appended all we handed it
             for fd, chunk in frames_iter(proc.raw, tty=proc.pty):
                 if chunk:
+                    with proc.gate:  # a reader is behind: we wait (and the engine stops
+                        while proc.output.holds_back(len(chunk), sent):  # reading it)
+                            proc.gate.wait(POLL_SECONDS)
+                    sent += len(chunk)
                     loop.call_soon_threadsafe(proc.append, 2 if fd == 2 else 1, chunk)
         except (OSError, ValueError):
             pass  # closed: the sandbox went, or we forgot it
@@ -227,8 +234,12 @@ class DockerProcesses:
         self, rid: int, proc: _Proc, request: schema.ProcRead
     ) -> tuple[schema.ProcReply, list[bytes]]:
         offset, skipped = proc.output.start_at(request.offset)
+        proc.output.note_read(offset)
         await self._wait(proc, request.wait, lambda: proc.output.end > offset or proc.finished())
         fds, blobs, taken = proc.output.take(offset, max(request.max, 1))
+        proc.output.note_read(offset + taken)
+        with proc.gate:
+            proc.gate.notify_all()
         eof = proc.finished() and offset + taken >= proc.output.end
         reply = schema.ProcReply(
             rid,
