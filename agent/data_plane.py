@@ -16,6 +16,7 @@ import zmq.asyncio
 from agent.checks import request_problem, shown
 from agent.kept_logs import KeptLogs
 from agent.lane_server import LaneServer
+from agent.processes import ProcessRequests
 from agent.runtime.base import ExitStatus, Runtime
 from agent.supervisor_hub import WorkerHub
 from aviato._server import sockets
@@ -96,6 +97,7 @@ class DataPlane:
             WriteFile: self._on_write,
             ReadFile: self._on_read,
             GetLogs: self._on_logs,
+            **ProcessRequests(self).handlers(),
         }
         #: Requests under way, by (client, request id): a Cancel stops one.
         self._inflight: dict[tuple[bytes, int], asyncio.Task[None]] = {}

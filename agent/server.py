@@ -653,6 +653,7 @@ class AgentServer:
                 hello = await self._hub.wait_ready(sid, WORKER_START_SECONDS)
                 log.debug("supervisor up in %s (python %s)", sid, hello.python)
                 return hello.error is None
+        self._hub.no_supervisor(sid, "no supervisor started (no python3 in the image?)")
         return False
 
     async def _spare_supervisor(self, sid: str) -> bool:

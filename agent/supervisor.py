@@ -169,6 +169,8 @@ class Supervisor:
         self.results_to: _socket.socket | None = None
         #: Results in shared memory: once the agent's probe came through (calls link).
         self.shm = False
+        #: Spawned processes (aviato_process_table), made at the first request for one.
+        self.table: Any = None
 
     # ------------------------------------------------------------------ sending
 
@@ -208,6 +210,9 @@ class Supervisor:
                 elif isinstance(header, schema.WriteRequest):
                     self.files[header.rid] = [False]
                     _thread.start_new_thread(self.do_write, (header, frames[1:]))
+                elif isinstance(header, PROC_REQUESTS):
+                    self.files[header.rid] = [False]  # a kill gives it up
+                    _thread.start_new_thread(self.do_proc, (header, frames[1:]))
                 elif isinstance(header, schema.Kill):
                     self.kill(header.rid)
                 elif isinstance(header, schema.Detach):  # the agent exits, its sandboxes stay
@@ -216,7 +221,8 @@ class Supervisor:
             # The agent went away: so do we, and everything we started (a watchdog:
             # without namespaces nothing else would stop them).
             keep = [self.main] if self.main and self.detached else []
-            for pid in [*self.procs.values(), *([self.main] if self.main else [])]:
+            spawned = self.table.pids() if self.table and not self.detached else []
+            for pid in [*self.procs.values(), *spawned, *([self.main] if self.main else [])]:
                 if pid not in keep:
                     _kill_group(pid)
             if _watchdog() and not self.detached:
@@ -433,6 +439,20 @@ class Supervisor:
         else:
             self.send(head, [b"".join(collected[1]), b"".join(collected[2])])
 
+    def do_proc(self, request: Any, blobs: list[bytes]) -> None:
+        cancelled = self.files.get(request.rid) or [False]
+        try:
+            with self.lock:  # one table, made once
+                if self.table is None:
+                    self.table = _process_table().ProcessTable(_find, self.base_env)
+            reply, out = self.table.serve(request, blobs, cancelled)
+        except Exception as exc:  # the agent must hear back whatever happened
+            reply = schema.ProcReply(request.rid, error=f"{type(exc).__name__}: {exc}")
+            out = []
+        finally:
+            self.files.pop(request.rid, None)
+        self.send(reply, out)
+
     def kill(self, rid: int) -> None:
         """The agent gave up on a request (its client left): kill an exec's process
         group; a read or write stops at its next chunk."""
@@ -482,6 +502,25 @@ class Supervisor:
         finally:
             self.files.pop(rid, None)
         self.send(schema.FileDone(rid))
+
+
+PROC_REQUESTS = (
+    schema.ProcSpawn,
+    schema.ProcWrite,
+    schema.ProcRead,
+    schema.ProcSignal,
+    schema.ProcResize,
+    schema.ProcList,
+)
+
+
+def _process_table() -> Any:
+    """The process table's module, imported at its first use (threading costs start-up)."""
+    if __package__:
+        from agent import process_table
+    else:
+        import aviato_process_table as process_table  # type: ignore[import-not-found,no-redef]
+    return process_table
 
 
 class TooLarge(Exception):

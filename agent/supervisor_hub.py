@@ -57,6 +57,7 @@ from aviato.link import (
     Hello,
     Kill,
     Output,
+    ProcReply,
     ReadRequest,
     Results,
     ShmProbe,
@@ -78,7 +79,7 @@ log = logging.getLogger("aviato.agent.supervisor_hub")
 MAX_UNREAD_BYTES = 1 << 30
 
 #: A supervisor's reply to an exec or file request; None: the supervisor is gone.
-Reply = Output | Exit | FileDone | None
+Reply = Output | Exit | FileDone | ProcReply | None
 Deliver = Callable[[Reply, list[memoryview]], None]
 SendNow = Callable[[bytes, int, Message, tuple[Payload, ...]], None]
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
@@ -145,6 +146,9 @@ class WorkerHub:
             Path(__file__).with_name("supervisor_link.py"), self.lib / "aviato_supervisor_link.py"
         )
         shutil.copy(Path(schema.__file__), self.lib / "aviato_link.py")
+        shutil.copy(
+            Path(__file__).with_name("process_table.py"), self.lib / "aviato_process_table.py"
+        )
         shutil.copy(Path(spare.__file__), self.lib / "aviato_spare.py")
         shutil.copytree(
             Path(cloudpickle.__file__).parent,
@@ -262,6 +266,22 @@ class WorkerHub:
                     sandbox_id=sandbox_id,
                 )
         return hello
+
+    def no_supervisor(self, sandbox_id: str, why: str) -> None:
+        """The sandbox's supervisor will not come (no Python in its image): those
+        waiting for it (processes) hear so now."""
+        link = self._links.get(sandbox_id)
+        if link is not None and not link.hello.done():
+            link.hello.set_result(_failed(why))
+
+    async def supervisor_ready(self, sandbox_id: str, timeout: float) -> bool:
+        """Whether the sandbox has a supervisor, waiting up to ``timeout`` for one that
+        is starting (beside a fresh container's command)."""
+        link = self._links.get(sandbox_id)
+        if link is not None and not link.hello.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(link.hello), timeout)
+        return self.supervised(sandbox_id)
 
     def supervised(self, sandbox_id: str) -> bool:
         """Whether exec and files can go through the sandbox's supervisor."""
@@ -492,7 +512,7 @@ class WorkerHub:
             if not self._forward(link, header, frames[1:]):
                 log.warning("worker %s sent malformed results", link.sandbox_id)
                 self._end(link)
-        elif conn is link.framed and isinstance(header, Output | Exit | FileDone):
+        elif conn is link.framed and isinstance(header, Output | Exit | FileDone | ProcReply):
             deliver = link.pending.get(header.rid)
             if deliver is not None:
                 deliver(header, frames[1:])

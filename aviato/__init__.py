@@ -17,7 +17,9 @@ from aviato.exceptions import (
     ConfigurationError,
     FunctionError,
     FunctionSerializationError,
+    NotSupportedError,
     PayloadTooLargeError,
+    ProcessNotFoundError,
     ProtocolError,
     SandboxError,
     SandboxExecutionError,
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from aviato._defaults import SandboxDefaults
     from aviato._exec import ExecStream
     from aviato._function import FunctionResult, RemoteFunction, Serialization
+    from aviato._process import Process, ProcessInfo
     from aviato._sandbox import Sandbox, SandboxPage
     from aviato._session import Session
     from aviato._types import ExecResult, OutputChunk
@@ -52,6 +55,8 @@ _LAZY = {
     "RemoteFunction": "aviato._function",
     "Serialization": "aviato._function",
     "ExecStream": "aviato._exec",
+    "Process": "aviato._process",
+    "ProcessInfo": "aviato._process",
     "Sandbox": "aviato._sandbox",
     "SandboxPage": "aviato._sandbox",
     "Session": "aviato._session",
@@ -92,8 +97,12 @@ __all__ = [
     "FunctionError",
     "FunctionResult",
     "FunctionSerializationError",
+    "NotSupportedError",
     "OutputChunk",
     "PayloadTooLargeError",
+    "Process",
+    "ProcessInfo",
+    "ProcessNotFoundError",
     "ProtocolError",
     "RemoteFunction",
     "Sandbox",

@@ -22,6 +22,8 @@ _CODE_TO_EXC: dict[ErrorCode, type[exc.AviatoError]] = {
     ErrorCode.TOO_LARGE: exc.PayloadTooLargeError,
     ErrorCode.UNAVAILABLE: exc.ClusterUnavailableError,
     ErrorCode.ID_IN_USE: exc.AgentIdInUseError,
+    ErrorCode.PROCESS_NOT_FOUND: exc.ProcessNotFoundError,
+    ErrorCode.UNSUPPORTED: exc.NotSupportedError,
     ErrorCode.INTERNAL: exc.AviatoError,
 }
 

@@ -25,6 +25,8 @@ from aviato._exec import ExecStream
 from aviato._exec import exec_argv as _argv
 from aviato._exec import stdin_payloads as _stdin_payloads
 from aviato._options import SandboxOptions, as_args
+from aviato._process import Process, ProcessInfo, attach, list_processes
+from aviato._process import spawn as _spawn
 from aviato._tasks import TaskGroup, default_tasks
 from aviato._types import ExecResult, OutputChunk
 from aviato.exceptions import (
@@ -646,6 +648,33 @@ class Sandbox:
             dict(env or {}),
             _stdin_payloads(stdin),
         )
+
+    async def spawn(
+        self,
+        command: Sequence[str],
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        pty: bool = False,
+        rows: int = 24,
+        cols: int = 80,
+    ) -> Process:
+        """Start ``command`` and keep it: a :class:`~aviato.Process` to write its stdin,
+        read its output, signal, resize (``pty=True``: a terminal of ``rows`` x ``cols``)
+        and wait for. It runs until it ends or the sandbox does, whoever is attached."""
+        timeout = self._defaults.request_timeout_seconds
+        return await _spawn(
+            self._agent, timeout, command, cwd=cwd, env=env, pty=pty, rows=rows, cols=cols
+        )
+
+    async def process(self, process_id: str) -> Process:
+        """The process ``process_id`` spawned in this sandbox (by any client), to read,
+        write and signal; ``ProcessNotFoundError`` if it has none such."""
+        return await attach(self._agent, self._defaults.request_timeout_seconds, process_id)
+
+    async def processes(self) -> builtins.list[ProcessInfo]:
+        """Every process spawned in this sandbox, running or ended (the last 64 ended)."""
+        return await list_processes(self._agent, self._defaults.request_timeout_seconds)
 
     async def read_file(self, path: str, *, max_bytes: int | None = None) -> bytes:
         """The file at ``path`` (a missing one raises ``SandboxFileError``). A relative

@@ -4,7 +4,7 @@ aviato up [--port 5555] [--keys DIR]   a scheduler + agent in the foreground
 aviato keys DIR [--agents N] [--clients M] [--force]   a cluster's CURVE keys
 aviato scheduler --bind ...    same as ``python -m scheduler``
 aviato agent --scheduler ...   same as ``python -m agent``
-aviato status | ps [-q] [--tag T] [--all] | stop ID... | exec ID -- CMD... | logs ID
+aviato status | ps [-q] [--tag T] [--all] | stop ID... | exec [-it] ID -- CMD... | logs ID
 The options --scheduler, --timeout, --keys and --client-key go before or after the
 command; --format json prints status and ps as JSON. ps draws its first 100 rows;
 -q, --format json and --all stream every row, page by page.
@@ -162,6 +162,10 @@ async def _exec(args: argparse.Namespace) -> int:
     defaults = _defaults(args)
     command = [c for c in args.command if c != "--"] if args.command[:1] == ["--"] else args.command
     sb = await Sandbox.from_id(args.id, defaults=defaults)
+    if args.interactive or args.tty:
+        from aviato._cli_interactive import run_interactive
+
+        return await run_interactive(sb, command, interactive=args.interactive, tty=args.tty)
     stream = sb.exec_stream(command, timeout_seconds=args.exec_timeout, stdin=_piped_stdin())
     async for chunk in stream:
         out = sys.stdout.buffer if chunk.fd == 1 else sys.stderr.buffer
@@ -359,6 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex = command("exec", help="run a command in a sandbox: aviato exec ID -- CMD...")
     ex.add_argument("id")
     ex.add_argument("--exec-timeout", type=float, default=None)
+    ex.add_argument(
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="stream stdin to the command as it comes (a kept process: see Sandbox.spawn)",
+    )
+    ex.add_argument(
+        "-t", "--tty", action="store_true", help="on a terminal: aviato exec -it ID -- bash"
+    )
     ex.add_argument("command", nargs=argparse.REMAINDER)
     logs = command("logs", help="a sandbox's output")
     logs.add_argument("id")

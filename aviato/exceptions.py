@@ -22,6 +22,8 @@ Every error a user can see is one of these; the daemons send a wire error code
         ├── SandboxExecutionError      exec with check=True exited non-zero (.exec_result)
         ├── SandboxFileError           read/write failed (.filepath)
         ├── PayloadTooLargeError       a message above the size limit; nothing was sent
+        ├── ProcessNotFoundError       no spawned process with that id in the sandbox
+        ├── NotSupportedError          the sandbox's runtime cannot do this (says which, why)
         ├── FunctionSerializationError a function or argument cannot be pickled
         └── AsyncFunctionError         @session.function() on an async def; also TypeError
 """
@@ -155,6 +157,16 @@ class SandboxFileError(SandboxError):
 
 class PayloadTooLargeError(SandboxError):
     """A request or reply above the configured size limit; nothing was sent."""
+
+
+class ProcessNotFoundError(SandboxError):
+    """No process with that id was spawned in this sandbox (an id is only good in the
+    sandbox that spawned it; ``sb.processes()`` lists them)."""
+
+
+class NotSupportedError(SandboxError):
+    """The sandbox's runtime cannot do what was asked; the message names the runtime and
+    why (e.g. processes need a Python in the image)."""
 
 
 class FunctionSerializationError(SandboxError):

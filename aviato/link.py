@@ -157,6 +157,13 @@ class Op(StrEnum):
     WRITE = "write"
     KILL = "kill"
     DETACH = "detach"
+    # processes (issue 13): spawned, fed, read, signalled, resized, listed
+    PROC_SPAWN = "proc-spawn"
+    PROC_WRITE = "proc-write"
+    PROC_READ = "proc-read"
+    PROC_SIGNAL = "proc-signal"
+    PROC_RESIZE = "proc-resize"
+    PROC_LIST = "proc-list"
     # both ways: the agent's memfd probe, and the worker's answer
     SHM_PROBE = "shm-probe"
     # worker -> agent
@@ -166,6 +173,7 @@ class Op(StrEnum):
     OUT = "out"
     EXIT = "exit"
     FILE = "file"
+    PROC = "proc"
 
 
 class Serialization(StrEnum):
@@ -367,6 +375,108 @@ class FileDone(Header):
     too_large: bool = False
 
 
+# --------------------------------------------------------------------------- processes
+
+
+@record
+class ProcState(Record):
+    """A spawned process as the supervisor's table knows it: ``exit_code`` once it
+    ended (128+N for signal N, as a shell says), ``signal`` then naming N."""
+
+    id: str
+    argv: tuple[str, ...]
+    running: bool
+    exit_code: int | None = None
+    signal: int | None = None
+    pty: bool = False
+
+
+@record
+class ProcSpawn(Header):
+    """Agent -> supervisor: start ``argv`` with a stdin to feed (a pipe, or with
+    ``pty`` a terminal of ``rows`` x ``cols`` on all three). Answered by a ProcReply
+    with its state."""
+
+    OP = Op.PROC_SPAWN
+    rid: int
+    argv: tuple[str, ...]
+    cwd: str | None
+    env: dict[str, str]
+    pty: bool = False
+    rows: int = 24
+    cols: int = 80
+
+
+@record
+class ProcWrite(Header):
+    """Agent -> supervisor: write the one blob to the process's stdin (answered once it
+    is all in the pipe: the writer waits for a slow reader); ``eof`` then closes it."""
+
+    OP = Op.PROC_WRITE
+    rid: int
+    proc: str
+    eof: bool = False
+
+
+@record
+class ProcRead(Header):
+    """Agent -> supervisor: the output from ``offset`` (-1: the oldest kept), at most
+    ``max`` bytes, waiting up to ``wait`` seconds for some. Answered by a ProcReply with
+    one blob per chunk (``fds`` their streams)."""
+
+    OP = Op.PROC_READ
+    rid: int
+    proc: str
+    offset: int
+    wait: float
+    max: int
+
+
+@record
+class ProcSignal(Header):
+    OP = Op.PROC_SIGNAL
+    rid: int
+    proc: str
+    signal: int
+
+
+@record
+class ProcResize(Header):
+    OP = Op.PROC_RESIZE
+    rid: int
+    proc: str
+    rows: int
+    cols: int
+
+
+@record
+class ProcList(Header):
+    """Agent -> supervisor: every process's state, or (``proc``) one's, waiting up to
+    ``wait`` seconds for it to end."""
+
+    OP = Op.PROC_LIST
+    rid: int
+    proc: str = ""
+    wait: float = 0.0
+
+
+@record
+class ProcReply(Header):
+    """Supervisor -> agent: a process request's answer. ``missing``: no such process;
+    ``error``: why it failed. A read's chunks start at ``offset`` (after ``skipped``
+    bytes the backlog no longer held); ``eof``: no output comes after them."""
+
+    OP = Op.PROC
+    rid: int
+    error: str | None = None
+    missing: bool = False
+    procs: tuple[ProcState, ...] = ()
+    offset: int = 0
+    skipped: int = 0
+    eof: bool = False
+    fds: tuple[int, ...] = ()
+
+
 HEADERS: dict[Op, type[Header]] = {
     cls.OP: cls
     for cls in (
@@ -383,6 +493,13 @@ HEADERS: dict[Op, type[Header]] = {
         Output,
         Exit,
         FileDone,
+        ProcSpawn,
+        ProcWrite,
+        ProcRead,
+        ProcSignal,
+        ProcResize,
+        ProcList,
+        ProcReply,
     )
 }
 

@@ -238,11 +238,17 @@ def agent_requests(live: str) -> st.SearchStrategy[tuple[Any, list[bytes]]]:
         CallHeader,
         Exec,
         GetLogs,
+        ListProcesses,
         Ping,
         ReadFile,
+        ReadOutput,
+        ResizeTerminal,
         RunCalls,
         Serialization,
+        SignalProcess,
+        SpawnProcess,
         WriteFile,
+        WriteStdin,
     )
 
     ids = st.sampled_from([live] * 4) | odd_text()
@@ -273,7 +279,36 @@ def agent_requests(live: str) -> st.SearchStrategy[tuple[Any, list[bytes]]]:
     calls = st.builds(RunCalls, sandbox_id=ids, calls=st.lists(headers, max_size=3).map(tuple)).map(
         lambda m: (m, [b"\x80junk"] * sum(1 + c.ship_function for c in m.calls))
     )
-    return st.one_of(execs, execs, writes, reads, logs, calls, st.just((Ping(), [])))
+    # Kept processes (issue 13): spawned from the same safe argvs (a cat waits on its
+    # open stdin until the sandbox ends), and requests about ids that mostly name none.
+    waits = st.sampled_from([0.0, 0.1, -1.0, 61.0, 1e300, math.inf, math.nan])
+    procs = st.sampled_from(["proc-0", ""]) | odd_text()
+    sizes = st.sampled_from([24, 80]) | odd_ints()
+    spawns = st.builds(
+        SpawnProcess,
+        sandbox_id=ids,
+        argv=argvs(),
+        cwd=st.none() | paths(),
+        env=envs(),
+        pty=st.booleans(),
+        rows=sizes,
+        cols=sizes,
+    ).map(lambda m: (m, []))
+    stdin = st.tuples(
+        st.builds(WriteStdin, sandbox_id=ids, process_id=procs, eof=st.booleans()),
+        st.binary(max_size=2000).map(lambda b: [b]),
+    )
+    process_requests = st.one_of(
+        spawns,
+        stdin,
+        st.builds(ReadOutput, ids, procs, odd_ints(), waits).map(lambda m: (m, [])),
+        st.builds(SignalProcess, ids, procs, odd_ints()).map(lambda m: (m, [])),
+        st.builds(ResizeTerminal, ids, procs, sizes, sizes).map(lambda m: (m, [])),
+        st.builds(ListProcesses, ids, procs | st.just(""), waits).map(lambda m: (m, [])),
+    )
+    return st.one_of(
+        execs, execs, writes, reads, logs, calls, process_requests, st.just((Ping(), []))
+    )
 
 
 def scheduler_requests(live: str, agent_id: str) -> st.SearchStrategy[tuple[Any, list[bytes]]]:

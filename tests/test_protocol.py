@@ -40,6 +40,7 @@ from aviato.protocol import (
     GetLogs,
     GetSandbox,
     HeartbeatReply,
+    ListProcesses,
     ListSandboxes,
     LogsReply,
     Message,
@@ -48,9 +49,14 @@ from aviato.protocol import (
     Ping,
     PlaceSandbox,
     Pong,
+    ProcessInfo,
+    ProcessOutput,
+    ProcessReply,
     ReadFile,
+    ReadOutput,
     RegisterAgent,
     RegisterReply,
+    ResizeTerminal,
     RunCalls,
     SandboxExited,
     SandboxInfo,
@@ -61,10 +67,13 @@ from aviato.protocol import (
     SessionClose,
     SessionCloseReply,
     SessionKeepalive,
+    SignalProcess,
     SpareShape,
+    SpawnProcess,
     StopSandbox,
     WaitSandbox,
     WriteFile,
+    WriteStdin,
     decode,
     encode,
     to_wire,
@@ -193,6 +202,16 @@ SAMPLES: list[Message] = [
         sandbox_id="sb-9",
         outcomes=(CallOutcome(1, "ok", 0.25), CallOutcome(2, "lost", 0.0, "worker died")),
     ),
+    SpawnProcess("sb-1", ("bash", "-l"), "/tmp", {"A": "1"}, pty=True, rows=40, cols=120),
+    WriteStdin("sb-1", "proc-1", eof=True),
+    ReadOutput("sb-1", "proc-1", offset=4096, wait_seconds=10.0),
+    ProcessOutput(
+        ProcessInfo("proc-1", ("sleep", "9"), False, 137, 9, True), 4096, 12, True, (1, 2)
+    ),
+    SignalProcess("sb-1", "proc-1", 2),
+    ResizeTerminal("sb-1", "proc-1", 40, 120),
+    ListProcesses("sb-1", "proc-1", 5.0),
+    ProcessReply((ProcessInfo("proc-1", ("cat",), True), ProcessInfo("proc-2", (), False, 0))),
 ]
 
 
@@ -596,6 +615,8 @@ CODED: list[tuple[type[exc.AviatoError], ErrorCode]] = [
     (exc.SandboxTerminatedError, ErrorCode.TERMINATED),
     (exc.SandboxFileError, ErrorCode.FILE_ERROR),
     (exc.PayloadTooLargeError, ErrorCode.TOO_LARGE),
+    (exc.ProcessNotFoundError, ErrorCode.PROCESS_NOT_FOUND),
+    (exc.NotSupportedError, ErrorCode.UNSUPPORTED),
 ]
 
 

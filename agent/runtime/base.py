@@ -13,7 +13,7 @@ import abc
 import builtins
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 # Re-exported: runtimes and the agent take the labels with the interface.
 from agent.runtime.labels import LABEL_AGENT as LABEL_AGENT
@@ -30,6 +30,16 @@ from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec
 
 if TYPE_CHECKING:
     from agent.runtime.spare_claims import SpareClaims
+    from aviato.link import Header, ProcReply
+
+
+class ProcessBackend(Protocol):
+    """Kept processes in sandboxes with no supervisor: answers the supervisor's process
+    requests (aviato/link.py's Proc*) the way its process table does."""
+
+    async def serve(
+        self, sandbox_id: str, header: Header, blobs: list[bytes]
+    ) -> tuple[ProcReply, list[bytes]]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +122,10 @@ class Runtime(abc.ABC):
     supports_spares: bool = False
     #: Where claims of spares are recorded (set by an agent; see spare_claims.py).
     claims: SpareClaims | None = None
+
+    def process_backend(self) -> ProcessBackend | None:
+        """Where processes go in a sandbox without a supervisor (None: nowhere)."""
+        return None
 
     @abc.abstractmethod
     async def create(

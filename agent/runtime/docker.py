@@ -44,6 +44,7 @@ from agent.runtime.base import (
 from agent.runtime.docker_bytes import CHUNK, cut, order_log_entries, read_capped, too_large
 from agent.runtime.docker_errors import DockerError, explain, http_status
 from agent.runtime.docker_exec import DockerExec
+from agent.runtime.docker_procs import DockerProcesses
 from aviato.exceptions import (
     SandboxError,
     SandboxFailedError,
@@ -126,6 +127,7 @@ class DockerRuntime(Runtime):
         self._claimed: dict[str, str] = {}
         self._spare_env: dict[str, dict[str, str]] = {}  # claimed spare -> its spec's env
         self._exec = DockerExec(lambda: self._api, self._pool, self._engine_error)
+        self._procs = DockerProcesses(lambda: self._api, self._exec_target)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -550,7 +552,11 @@ class DockerRuntime(Runtime):
 
     # ------------------------------------------------------------------ stop and list
 
+    def process_backend(self) -> DockerProcesses:
+        return self._procs  # kept processes through the exec API
+
     async def stop(self, sandbox_id: str) -> None:
+        self._procs.forget(sandbox_id)
         with self._lock:  # claimed here, so the events thread won't report it as an exit
             cid = self._ids.pop(sandbox_id, None)
             self._removing.add(sandbox_id)
@@ -769,6 +775,7 @@ class DockerRuntime(Runtime):
         if self._watcher is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._watcher.join, 5.0)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._procs.close()
         if self._owns_client and self._client_obj is not None:
             with contextlib.suppress(Exception):
                 self._client_obj.close()

@@ -24,6 +24,8 @@ _EXC_TO_CODE: list[tuple[type[BaseException], ErrorCode]] = [
     (exc.ProtocolError, ErrorCode.MALFORMED),
     (exc.ClusterUnavailableError, ErrorCode.UNAVAILABLE),
     (exc.AgentIdInUseError, ErrorCode.ID_IN_USE),
+    (exc.ProcessNotFoundError, ErrorCode.PROCESS_NOT_FOUND),
+    (exc.NotSupportedError, ErrorCode.UNSUPPORTED),
     (exc.SandboxError, ErrorCode.BAD_REQUEST),
     (ValueError, ErrorCode.BAD_REQUEST),
 ]

@@ -69,6 +69,15 @@ class MsgType(enum.IntEnum):
     # client <-> agent <-> function worker
     RUN_CALLS = 70
     CALL_RESULTS = 71
+    # client <-> agent: spawned processes (protocol/processes.py)
+    PROCESS_SPAWN = 100
+    PROCESS_WRITE = 101
+    PROCESS_READ = 102
+    PROCESS_OUTPUT = 103
+    PROCESS_SIGNAL = 104
+    PROCESS_RESIZE = 105
+    PROCESS_LIST = 106
+    PROCESS_REPLY = 107
 
 
 class SandboxStatus(enum.StrEnum):
@@ -103,6 +112,10 @@ class ErrorCode(enum.StrEnum):
     UNAVAILABLE = "unavailable"
     #: An agent id that a live agent holds (a second agent asked to register with it).
     ID_IN_USE = "id_in_use"
+    #: No process with that id in the sandbox.
+    PROCESS_NOT_FOUND = "process_not_found"
+    #: The sandbox's runtime cannot do what was asked (the message says which and why).
+    UNSUPPORTED = "unsupported"
     INTERNAL = "internal"
 
 
