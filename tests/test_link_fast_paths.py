@@ -33,9 +33,10 @@ from aviato.link import (
     encode,
     encode_calls,
 )
-from aviato.protocol import ErrorCode, MsgType, RunCalls
+from aviato.protocol import MESSAGE_TYPES, PROTOCOL_VERSION, ErrorCode, MsgType, RunCalls
 from aviato.protocol import decode as decode_message
 from aviato.protocol import encode as encode_message
+from aviato.protocol.encoding import DecodeError, open_envelope
 from tests._strategies import instances, mutations
 from tests.test_link import load_sandbox_build
 
@@ -52,7 +53,7 @@ ANY = st.one_of(
     st.binary(max_size=4),
     st.lists(st.integers(min_value=-3, max_value=3), max_size=3),
     st.lists(st.text(max_size=2), max_size=2),
-    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(min_value=-9, max_value=9), max_size=2),
 )
 
 
@@ -259,3 +260,36 @@ def test_the_worker_reads_any_batch_as_the_generic_path_does(value: dict[str, An
     assert_same(got, want)
     if isinstance(want, str):
         assert want.startswith("ProtocolError")
+
+
+# --------------------------------------------------------------------------- envelope
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        ANY,
+        st.sampled_from([int(t) for t in MsgType]),
+        st.sampled_from([float(t) for t in MESSAGE_TYPES]),
+        st.integers(min_value=-2, max_value=300),
+    )
+)
+def test_a_message_number_is_read_as_msgtype_reads_it(number: Any) -> None:
+    """Every envelope's number is looked up in one dict: the same verdict as
+    ``MsgType(t)`` then MESSAGE_TYPES (unknown or unhashable: MALFORMED)."""
+    try:
+        want: Any = MsgType(number)
+        MESSAGE_TYPES[want]
+    except (ValueError, KeyError):
+        want = None
+    try:
+        frames = [msgpack.packb({"v": PROTOCOL_VERSION, "t": number, "id": 5, "b": {}})]
+    except OverflowError:  # not on the wire at all
+        return
+    try:
+        got: Any = open_envelope(frames).type
+    except DecodeError as exc:
+        assert exc.code is ErrorCode.MALFORMED and exc.request_id == 5
+        assert "unknown message type" in str(exc)
+        got = None
+    assert got is want
