@@ -33,11 +33,11 @@ from aviato.link import (
     encode,
     encode_calls,
 )
-from aviato.protocol import MESSAGE_TYPES, PROTOCOL_VERSION, ErrorCode, MsgType, RunCalls
+from aviato.protocol import MESSAGE_TYPES, PROTOCOL_VERSION, ErrorCode, MsgType, RunCalls, to_wire
 from aviato.protocol import decode as decode_message
 from aviato.protocol import encode as encode_message
 from aviato.protocol.encoding import DecodeError, open_envelope
-from tests._strategies import instances, mutations
+from tests._strategies import fields_of, instances, mutations, valid
 from tests.test_link import load_sandbox_build
 
 lite = load_sandbox_build()
@@ -64,8 +64,16 @@ def near(cls: type) -> st.SearchStrategy[Any]:
     return st.one_of(
         instances(cls).map(_codec.generic_encoder(cls)),
         mutations(cls).map(lambda drawn: drawn[0]),
+        fields_near(cls),
         st.dictionaries(st.sampled_from(names), ANY),
         ANY,
+    )
+
+
+def fields_near(cls: type) -> st.SearchStrategy[dict[str, Any]]:
+    """Every field there, each a valid value or any value (often one field off)."""
+    return st.fixed_dictionaries(
+        {name: st.one_of(valid(tp).map(to_wire), ANY) for name, tp, _ in fields_of(cls)}
     )
 
 
@@ -112,6 +120,29 @@ def test_a_record_round_trips_through_both_paths(cls: type, data: st.DataObject)
 def test_any_value_gets_the_generic_answer(cls: type, data: st.DataObject) -> None:
     value = data.draw(near(cls))
     assert_same(answer(_codec.decoder(cls), value), answer(_codec.generic_decoder(cls), value))
+
+
+#: Near misses: a bool or a float for an int, an int for a float or a bool, ...
+NEAR = st.sampled_from([0, 1, 2, -1, 2**63, 1.0, 0.0, -0.0, True, False, "", "ok", b"", None, [1]])
+
+
+@st.composite
+def one_off(draw: st.DrawFn, cls: type) -> dict[str, Any]:
+    """A valid record's wire form with one field set to a near miss."""
+    body: dict[str, Any] = _codec.generic_encoder(cls)(draw(instances(cls)))
+    body[draw(st.sampled_from(sorted(body)))] = draw(NEAR)
+    return body
+
+
+@pytest.mark.parametrize("cls", [CallHeader, CallOutcome])
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_one_field_off_gets_the_generic_answer(cls: type, data: st.DataObject) -> None:
+    value = data.draw(one_off(cls))
+    assert_same(answer(_codec.decoder(cls), value), answer(_codec.generic_decoder(cls), value))
+    if cls is CallOutcome:  # and the same again inside a worker's Results
+        results = {"op": "results", "outcomes": [value]}
+        assert_same(answer(decode, results), answer(link._decoder(Results), {"outcomes": [value]}))
 
 
 def test_the_fast_paths_are_the_ones_in_use() -> None:
@@ -182,6 +213,7 @@ def test_an_enum_is_decoded_as_its_call_decodes_it(value: Any) -> None:
 def outcome_dicts() -> st.SearchStrategy[Any]:
     return st.one_of(
         instances(CallOutcome).map(_codec.generic_encoder(CallOutcome)),
+        fields_near(CallOutcome),
         st.dictionaries(st.sampled_from([*CallOutcome.FIELDS, "extra"]), ANY),
         ANY,
     )
@@ -235,6 +267,7 @@ def test_a_batch_round_trips_through_the_workers_fast_path(batch: CallBatch) -> 
 def batch_dicts() -> st.SearchStrategy[Any]:
     calls = st.one_of(
         instances(CallHeader).map(_codec.generic_encoder(CallHeader)),
+        fields_near(CallHeader),
         st.dictionaries(st.sampled_from([*CallHeader.FIELDS, "extra"]), ANY),
         ANY,
     )
