@@ -682,14 +682,28 @@ class FramingError(ProtocolError):
     """The peer sent something that is not our framing (or breaks its limits)."""
 
 
+#: The heads of messages of few frames (most: a header and a payload or two), compiled
+#: once rather than looked up by their format string on every message.
+_HEADS = {count: struct.Struct(f"!I{count}Q") for count in range(1, 9)}
+_LENGTHS = {count: struct.Struct(f"!{count}Q") for count in range(1, 9)}
+
+
+def _lengths(count: int) -> struct.Struct:
+    return _LENGTHS.get(count) or struct.Struct(f"!{count}Q")
+
+
 def pack_head(lengths: Sequence[int]) -> bytes:
     """A message's head: the count, then the lengths (SHM_FLAG set on shared frames)."""
-    return struct.pack(f"!I{len(lengths)}Q", len(lengths), *lengths)
+    head = _HEADS.get(len(lengths))
+    if head is None:
+        return struct.pack(f"!I{len(lengths)}Q", len(lengths), *lengths)
+    return head.pack(len(lengths), *lengths)
 
 
 def pack(frames: Sequence[Any]) -> list[Any]:
     """A message's head, then its frames, all in the stream: one sendall."""
-    return [pack_head([memoryview(f).nbytes for f in frames]), *frames]
+    lengths = [len(f) if type(f) is bytes else memoryview(f).nbytes for f in frames]
+    return [pack_head(lengths), *frames]
 
 
 def parse_head(buf: Any, offset: int = 0) -> tuple[int, tuple[int, ...]] | None:
@@ -703,7 +717,7 @@ def parse_head(buf: Any, offset: int = 0) -> tuple[int, tuple[int, ...]] | None:
     size = COUNT.size + LENGTH.size * count
     if len(buf) - offset < size:
         return None
-    return size, struct.unpack_from(f"!{count}Q", buf, offset + COUNT.size)
+    return size, _lengths(count).unpack_from(buf, offset + COUNT.size)
 
 
 def read(stream: Any) -> list[Any] | None:
@@ -724,7 +738,7 @@ def read(stream: Any) -> list[Any] | None:
         raise FramingError("the stream ended inside a message's head")
     frames: list[Any] = []
     fds = getattr(stream, "fds", None)
-    for length in struct.unpack(f"!{count}Q", raw):
+    for length in _lengths(count).unpack(raw):
         frame: Any
         if length & SHM_FLAG:
             # None when its descriptor did not get through (only the agent's probe

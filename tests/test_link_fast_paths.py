@@ -7,10 +7,13 @@ same record, or the same error), so malformed input is still refused as before."
 
 from __future__ import annotations
 
+import array
 import enum
+import io
 import json
 import marshal
 import math
+import struct
 from typing import Any
 
 import msgpack
@@ -326,3 +329,37 @@ def test_a_message_number_is_read_as_msgtype_reads_it(number: Any) -> None:
         assert "unknown message type" in str(exc)
         got = None
     assert got is want
+
+
+# --------------------------------------------------------------------------- framing
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(max_size=40),
+            st.binary(max_size=40).map(bytearray),
+            st.binary(max_size=40).map(memoryview),
+            st.lists(st.integers(0, 2**31), max_size=5).map(
+                lambda v: memoryview(array.array("q", v))  # itemsize 8: nbytes, not len
+            ),
+        ),
+        min_size=1,
+        max_size=20,
+    )
+)
+def test_the_compiled_heads_are_the_format_strings(frames: list[Any]) -> None:
+    """Heads of up to 8 frames come from precompiled structs, longer ones are packed by
+    their format string: the same bytes either way, read back by both readers."""
+    lengths = [memoryview(f).nbytes for f in frames]
+    count = len(lengths)
+    want = struct.pack(f"!I{count}Q", count, *lengths)
+    assert link.pack_head(lengths) == want
+    packed = link.pack(frames)
+    assert packed[0] == want and packed[1:] == frames
+    assert link.parse_head(b"xx" + want, 2) == (len(want), tuple(lengths))
+    stream = b"".join(bytes(memoryview(f).cast("B")) for f in packed)
+    got = link.read(io.BufferedReader(io.BytesIO(stream)))  # type: ignore[arg-type]
+    assert got is not None
+    assert [bytes(g) for g in got] == [bytes(memoryview(f).cast("B")) for f in frames]
