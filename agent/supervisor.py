@@ -369,7 +369,7 @@ class Supervisor:
             status = schema.CallStatus.ERROR
             views = []
         secs = time.perf_counter() - started
-        return schema.CallOutcome(call.call_id, status, secs, buffers=len(views)), [blob, *views]
+        return schema.CallOutcome(call.call_id, status, secs, "", len(views)), [blob, *views]
 
     # ------------------------------------------------------------------ exec
 

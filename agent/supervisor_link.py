@@ -247,7 +247,7 @@ def results_header(outcomes: list[schema.CallOutcome]) -> bytes:
     return (
         '{"op":"results","outcomes":['
         + ",".join(
-            f'{{"call_id":{o.call_id},"status":"{o.status.value}","seconds":{o.seconds!r},'
+            f'{{"call_id":{o.call_id},"status":"{str.__str__(o.status)}","seconds":{o.seconds!r},'
             f'"detail":"","buffers":{o.buffers}}}'
             for o in outcomes
         )

@@ -331,9 +331,11 @@ class FramedSocket:
             # Descriptors go with the first bytes written after they were queued: with
             # or before their own message's, as the reader needs.
             fds = self._fds_out[:FDS_PER_SEND]
-            ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+            ancillary = (
+                [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else ()
+            )
             try:
-                sent = self._sock.sendmsg(batch, ancillary if fds else ())
+                sent = self._sock.sendmsg(batch, ancillary)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as exc:

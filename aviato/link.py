@@ -503,6 +503,9 @@ HEADERS: dict[Op, type[Header]] = {
     )
 }
 
+#: HEADERS by the op's text (an Op hashes and compares as its value).
+_BY_OP: dict[Any, type[Header]] = HEADERS
+
 #: What the agent's probe of a worker's calls link carries, in a memfd.
 SHM_PROBE = b"aviato shared memory probe"
 #: Beside the worker's socket, the agent makes this file; the worker writes in it the
@@ -567,11 +570,19 @@ def decode(value: Any) -> Header:
     On the host every field is checked (the agent reads what a sandbox sends)."""
     if type(value) is not dict:
         raise ProtocolError(f"a link header is a map, not {type(value).__name__}")
-    fields = dict(value)
     try:
-        cls = HEADERS[Op(fields.pop("op", None))]
-    except ValueError:
-        raise ProtocolError(f"unknown op {str(value.get('op'))[:40]!r} on the link") from None
+        cls = _BY_OP.get(value.get("op"))
+    except TypeError:  # an unhashable op
+        cls = None
+    if cls is None:
+        raise ProtocolError(f"unknown op {str(value.get('op'))[:40]!r} on the link")
+    fast = _FAST.get(cls)
+    if fast is not None:
+        found = fast(value)
+        if found is not None:
+            return found  # type: ignore[no-any-return]
+    fields = dict(value)
+    del fields["op"]
     return _decoder(cls)(fields)  # type: ignore[no-any-return]
 
 
@@ -584,6 +595,11 @@ def _decoder(cls: type[Record]) -> Callable[[dict[str, Any]], Any]:
         found = _DECODERS[cls] = _build_decoder(cls)
     return found
 
+
+# The headers on every call's path have a fast path each: the one shape their sender
+# makes (the whole header, ``"op"`` included), read without the generic walk; None for
+# any other shape, which the generic decoder then accepts or refuses. tests/test_link.py
+# checks that both give the same record for every header they take.
 
 if TYPE_CHECKING or __package__:
 
@@ -599,36 +615,103 @@ if TYPE_CHECKING or __package__:
             except CodecError as exc:
                 raise ProtocolError(f"{cls.__name__}: {exc}") from None
 
-        if cls is not Results:
-            return decode_checked
+        return decode_checked
 
-        def decode_results(fields: dict[str, Any]) -> Any:
-            """Results, on every call's path: the shape a worker sends checked inline
-            (half the codec's cost); any other left to the codec, to accept or refuse."""
-            outcomes = fields.get("outcomes")
-            if len(fields) != 1 or type(outcomes) is not list:
-                return decode_checked(fields)
-            out = []
-            for o in outcomes:
-                if type(o) is not dict or len(o) != 5:
-                    return decode_checked(fields)
-                status_text = o.get("status")
-                if type(status_text) is not str:  # (a list would not even hash)
-                    return decode_checked(fields)
-                call_id, status = o.get("call_id"), _STATUSES.get(status_text)
-                seconds, detail, buffers = o.get("seconds"), o.get("detail"), o.get("buffers")
-                if (
-                    type(call_id) is not int
-                    or status is None
-                    or type(seconds) is not float
-                    or type(detail) is not str
-                    or type(buffers) is not int
-                ):
-                    return decode_checked(fields)
-                out.append(CallOutcome(call_id, status, seconds, detail, buffers))
-            return Results(tuple(out))
+    def _fast_results(value: dict[str, Any]) -> Results | None:
+        """Results from a worker, checked inline (a third of the codec's cost)."""
+        outcomes = value.get("outcomes")
+        if len(value) != 2 or type(outcomes) is not list:
+            return None
+        out = []
+        for o in outcomes:
+            outcome = _exact_outcome(o)
+            if outcome is None:
+                return None
+            out.append(outcome)
+        return Results(tuple(out))
 
-        return decode_results
+    def _exact_outcome(o: Any) -> CallOutcome | None:
+        """A CallOutcome with every field there and of its exact type, else None."""
+        if type(o) is not dict or len(o) != 5:
+            return None
+        status_text = o.get("status")
+        if type(status_text) is not str:  # (a list would not even hash)
+            return None
+        call_id, status = o.get("call_id"), _STATUSES.get(status_text)
+        seconds, detail, buffers = o.get("seconds"), o.get("detail"), o.get("buffers")
+        if (
+            type(call_id) is not int
+            or status is None
+            or type(seconds) is not float
+            or type(detail) is not str
+            or type(buffers) is not int
+        ):
+            return None
+        return CallOutcome(call_id, status, seconds, detail, buffers)
+
+    def _exact_call(c: Any) -> CallHeader | None:
+        """A CallHeader with every field there and of its exact type, else None."""
+        if type(c) is not dict or len(c) != 6:
+            return None
+        call_id, digest, ship = c.get("call_id"), c.get("digest"), c.get("ship_function")
+        text, limit, buffers = c.get("serialization"), c.get("max_result_bytes"), c.get("buffers")
+        if (
+            type(call_id) is not int
+            or type(digest) is not str
+            or type(ship) is not bool
+            or type(text) is not str
+            or type(limit) is not int
+            or (type(buffers) is not list and type(buffers) is not tuple)
+        ):
+            return None
+        serialization = _SERIALIZATIONS.get(text)
+        if serialization is None:
+            return None
+        for index in buffers:
+            if type(index) is not int:
+                return None
+        return CallHeader(call_id, digest, ship, serialization, limit, tuple(buffers))
+
+    def _encode_call(c: CallHeader) -> dict[str, Any]:
+        return {
+            "call_id": c.call_id,
+            "digest": c.digest,
+            "ship_function": c.ship_function,
+            "serialization": str.__str__(c.serialization),
+            "max_result_bytes": c.max_result_bytes,
+            "buffers": list(c.buffers),
+        }
+
+    def _encode_outcome(o: CallOutcome) -> dict[str, Any]:
+        return {
+            "call_id": o.call_id,
+            "status": str.__str__(o.status),
+            "seconds": o.seconds,
+            "detail": o.detail,
+            "buffers": o.buffers,
+        }
+
+    def _or_checked(
+        exact: Callable[[Any], Any],
+    ) -> Callable[[Callable[[Any], Any]], Callable[[Any], Any]]:
+        def wrap(checked: Callable[[Any], Any]) -> Callable[[Any], Any]:
+            def decode_fast(value: Any) -> Any:
+                found = exact(value)
+                return checked(value) if found is None else found
+
+            return decode_fast
+
+        return wrap
+
+    def _register_fast_paths() -> None:
+        """A call's header and outcome are in every RunCalls and CallResults (client <->
+        agent): aviato.protocol's codec reads and writes them by hand too."""
+        from aviato._codec import fast_path
+
+        fast_path(CallHeader, decode=_or_checked(_exact_call), encode=_encode_call)
+        fast_path(CallOutcome, decode=_or_checked(_exact_outcome), encode=_encode_outcome)
+
+    _FAST: dict[type[Record], Callable[[dict[str, Any]], Any]] = {Results: _fast_results}
 
 else:
 
@@ -666,11 +749,38 @@ else:
             return target._by_value_.__getitem__  # KeyError: caught as malformed
         return None
 
+    def _fast_calls(value):
+        """A batch as :func:`encode_calls` made it (the agent's, trusted): each call
+        built in one step, not through the per-field converters."""
+        try:
+            if len(value) != 3:
+                return None
+            calls = []
+            for c in value["calls"]:
+                if len(c) != 6:
+                    return None
+                calls.append(
+                    CallHeader(
+                        c["call_id"],
+                        c["digest"],
+                        c["ship_function"],
+                        _SERIALIZATIONS[c["serialization"]],
+                        c["max_result_bytes"],
+                        tuple(c["buffers"]),
+                    )
+                )
+            return CallBatch(tuple(calls), value["buffers"])
+        except (TypeError, KeyError):  # not that shape: the generic path says why
+            return None
+
+    _FAST = {CallBatch: _fast_calls}
+
 
 _STATUSES = {
     status.value: status
     for status in (CallStatus.OK, CallStatus.ERROR, CallStatus.CRASHED, CallStatus.LOST)
 }
+_SERIALIZATIONS = {s.value: s for s in (Serialization.PICKLE, Serialization.JSON)}
 
 
 # --------------------------------------------------------------------------- framing
@@ -689,14 +799,28 @@ class FramingError(ProtocolError):
     """The peer sent something that is not our framing (or breaks its limits)."""
 
 
+#: The heads of messages of few frames (most: a header and a payload or two), compiled
+#: once rather than looked up by their format string on every message.
+_HEADS = {count: struct.Struct(f"!I{count}Q") for count in range(1, 9)}
+_LENGTHS = {count: struct.Struct(f"!{count}Q") for count in range(1, 9)}
+
+
+def _lengths(count: int) -> struct.Struct:
+    return _LENGTHS.get(count) or struct.Struct(f"!{count}Q")
+
+
 def pack_head(lengths: Sequence[int]) -> bytes:
     """A message's head: the count, then the lengths (SHM_FLAG set on shared frames)."""
-    return struct.pack(f"!I{len(lengths)}Q", len(lengths), *lengths)
+    head = _HEADS.get(len(lengths))
+    if head is None:
+        return struct.pack(f"!I{len(lengths)}Q", len(lengths), *lengths)
+    return head.pack(len(lengths), *lengths)
 
 
 def pack(frames: Sequence[Any]) -> list[Any]:
     """A message's head, then its frames, all in the stream: one sendall."""
-    return [pack_head([memoryview(f).nbytes for f in frames]), *frames]
+    lengths = [len(f) if type(f) is bytes else memoryview(f).nbytes for f in frames]
+    return [pack_head(lengths), *frames]
 
 
 def parse_head(buf: Any, offset: int = 0) -> tuple[int, tuple[int, ...]] | None:
@@ -710,7 +834,7 @@ def parse_head(buf: Any, offset: int = 0) -> tuple[int, tuple[int, ...]] | None:
     size = COUNT.size + LENGTH.size * count
     if len(buf) - offset < size:
         return None
-    return size, struct.unpack_from(f"!{count}Q", buf, offset + COUNT.size)
+    return size, _lengths(count).unpack_from(buf, offset + COUNT.size)
 
 
 def read(stream: Any) -> list[Any] | None:
@@ -731,7 +855,7 @@ def read(stream: Any) -> list[Any] | None:
         raise FramingError("the stream ended inside a message's head")
     frames: list[Any] = []
     fds = getattr(stream, "fds", None)
-    for length in struct.unpack(f"!{count}Q", raw):
+    for length in _lengths(count).unpack(raw):
         frame: Any
         if length & SHM_FLAG:
             # None when its descriptor did not get through (only the agent's probe
@@ -770,3 +894,7 @@ def map_private(fd: int, length: int) -> memoryview:
 
         os.close(fd)
     return memoryview(region)
+
+
+if TYPE_CHECKING or __package__:
+    _register_fast_paths()

@@ -41,6 +41,9 @@ def _message_types(modules: Sequence[ModuleType]) -> dict[MsgType, type[Message]
 
 
 MESSAGE_TYPES: dict[MsgType, type[Message]] = _message_types(MESSAGE_MODULES)
+#: The known numbers, each to its MsgType: what ``MsgType(t)`` then a look-up in
+#: MESSAGE_TYPES find, in one dict look-up (every message's envelope is read so).
+_NUMBERED: dict[Any, MsgType] = {t: t for t in MESSAGE_TYPES}
 
 
 class DecodeError(ProtocolError):
@@ -157,14 +160,15 @@ def open_envelope(frames: Sequence[Any]) -> Envelope:
             request_id=request_id,
         )
     try:
-        msg_type = MsgType(envelope.get("t", -1))
-        MESSAGE_TYPES[msg_type]
-    except (ValueError, KeyError):
+        msg_type = _NUMBERED.get(envelope.get("t", -1))
+    except TypeError:  # an unhashable number
+        msg_type = None
+    if msg_type is None:
         raise DecodeError(
             f"unknown message type {brief(envelope.get('t'))}",
             code=ErrorCode.MALFORMED,
             request_id=request_id,
-        ) from None
+        )
     token = envelope.get("tok")
     if token is not None and not isinstance(token, str):
         raise DecodeError("token is not a string", code=ErrorCode.MALFORMED, request_id=request_id)
