@@ -4,7 +4,8 @@ points at start-up (``attach``), so that the servers carry no metrics code of th
 own: the create, the exec handler, the exit handler, the worker hub's call relay.
 
 Bounded labels: ``via`` (supervisor, runtime), ``cause`` (oom, killed, exit), ``op``
-(create, exec): fixed sets. No series is labelled by sandbox."""
+(create, exec): fixed sets. Only the CPU and memory gauges are per sandbox, for the
+sandboxes running at the scrape (none for a gone one)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agent.usage import sandbox_usage
 from aviato._server.metrics import LATENCY_BUCKETS
 from aviato.protocol import CallResults, Decoded, Exec, Message, RunCalls
 
@@ -59,6 +61,27 @@ class _AgentCollector(Collector):
         sandboxes.add_metric(["creating"], len(server.creating))
         yield sandboxes
         yield GaugeMetricFamily("aviato_agent_slots", "Sandbox slots", value=server.slots)
+        # Per sandbox: the running ones only (a gone sandbox has no series).
+        cpu = CounterMetricFamily(
+            "aviato_agent_sandbox_cpu_seconds",
+            "CPU time used by each running sandbox (its cgroup)",
+            labels=["sandbox"],
+        )
+        memory = GaugeMetricFamily(
+            "aviato_agent_sandbox_memory_bytes",
+            "Memory used by each running sandbox (its cgroup)",
+            labels=["sandbox"],
+        )
+        for sid in list(server.sandboxes):
+            usage = sandbox_usage(server.runtime, sid)
+            if usage is None:
+                continue
+            if usage[0] is not None:
+                cpu.add_metric([sid], usage[0])
+            if usage[1] is not None:
+                memory.add_metric([sid], usage[1])
+        yield cpu
+        yield memory
 
 
 class AgentMetrics:

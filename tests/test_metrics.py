@@ -90,6 +90,14 @@ async def test_counters_move_as_the_run_says(mcluster: Cluster) -> None:
             value(during, "aviato_scheduler_agent_slots", agent=a, kind="used") for a in c.agent_ids
         )
         assert used >= 3
+        # CPU and memory per running sandbox, from its cgroup, on the agent that runs it.
+        scraped = [scrape(u) for u in agents]
+        for sb in boxes:
+            label = (("sandbox", sb.sandbox_id),)
+            memory = [a.get(("aviato_agent_sandbox_memory_bytes", label)) for a in scraped]
+            cpu = [a.get(("aviato_agent_sandbox_cpu_seconds_total", label)) for a in scraped]
+            assert sum(1 for m in memory if m) == 1, (sb.sandbox_id, memory)
+            assert sum(1 for c in cpu if c is not None) == 1, (sb.sandbox_id, cpu)
 
         @session.function()
         def square(n: int) -> int:
@@ -116,6 +124,8 @@ async def test_counters_move_as_the_run_says(mcluster: Cluster) -> None:
     assert value(after, "aviato_scheduler_agents_declared_dead_total") == 0
 
     agents_after = [scrape(u) for u in agents]
+    gone = {sb.sandbox_id for sb in boxes}
+    assert not [k for a in agents_after for k in a if dict(k[1]).get("sandbox") in gone]
 
     def moved(name: str, **labels: str) -> float:
         return sum(
