@@ -26,6 +26,7 @@ from aviato._server.daemon import (
     exit_with_parent,
     log_to_stderr,
 )
+from aviato._server.metrics import MetricsEndpoint, add_metrics
 from aviato.exceptions import AgentIdInUseError, UnauthorizedError
 
 SHUTDOWN_GRACE = 50.0  # seconds from a stop request to exit, stuck or not
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also keep up to N spares of the image and resource shapes created in the"
         " last minute, most created first (default 0: none)",
     )
+    add_metrics(p)
     add_log_level(p)
     return p
 
@@ -190,6 +192,14 @@ async def run(
         learn_spares=args.warm_learn,
         state_directory=Path(args.state_dir) if args.state_dir else state_dir(),
     )
+    endpoint = None
+    if args.metrics is not None:
+        from agent.metrics import AgentMetrics
+
+        server.metrics = AgentMetrics(server)
+        server.metrics.attach()
+        endpoint = MetricsEndpoint(server.metrics.registry, f"agent {args.agent_id}")
+        await endpoint.start(args.metrics[0], args.metrics[1], logging.getLogger("aviato.agent"))
     stopping = False
 
     def stop() -> None:
@@ -213,7 +223,11 @@ async def run(
     async with asyncio.TaskGroup() as tg:
         watcher = tg.create_task(exit_with_parent(int(parent), stop)) if parent else None
         noter = tg.create_task(note_address())
-        await server.serve(cleanup_on_exit=not args.keep_on_exit)
+        try:
+            await server.serve(cleanup_on_exit=not args.keep_on_exit)
+        finally:
+            if endpoint is not None:
+                await endpoint.close()
         noter.cancel()
         if watcher is not None:
             watcher.cancel()

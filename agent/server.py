@@ -14,7 +14,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
 import zmq
@@ -73,6 +73,9 @@ from aviato.protocol import (
 )
 
 __all__ = ["AgentServer"]
+
+if TYPE_CHECKING:
+    from agent.metrics import AgentMetrics
 
 log = logging.getLogger("aviato.agent")
 
@@ -174,6 +177,8 @@ class AgentServer:
         self.spares: SparePool | None = None
         self.state_directory = state_directory or state_dir()
         self._spares_changed = asyncio.Event()
+        #: Prometheus metrics (agent/metrics.py), when served (--metrics).
+        self.metrics: AgentMetrics | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -193,6 +198,8 @@ class AgentServer:
         # when a live agent on this host has our id.
         self._hub = hub = WorkerHub(self.plane.send_now, self._spawn, self.agent_id)
         self.plane.hub = hub
+        if self.metrics is not None:
+            self.metrics.attach_hub(hub)
         self._setup_spares(hub)
         zap = ZapHandler(self._ctx, server_keys, who) if server_keys is not None else None
         try:

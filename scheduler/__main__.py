@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -18,6 +19,7 @@ from aviato._server.daemon import (
     exit_with_parent,
     log_to_stderr,
 )
+from aviato._server.metrics import MetricsEndpoint, add_metrics
 from aviato.exceptions import UnauthorizedError
 from scheduler.records import Config
 from scheduler.server import SchedulerServer, tune_gc
@@ -71,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "failing at once with 'no agents registered'",
     )
     p.add_argument("--ready-file", help="write the bound address here once listening")
+    add_metrics(p)
     add_log_level(p)
     return p
 
@@ -90,6 +93,15 @@ async def run(args: argparse.Namespace) -> None:
         except UnauthorizedError as exc:
             raise SystemExit(f"scheduler: {exc}") from None
     server = SchedulerServer(args.bind, config=config, token=args.token, keys=keys)
+    endpoint = None
+    if args.metrics is not None:
+        from scheduler.metrics import SchedulerMetrics
+
+        server.metrics = SchedulerMetrics(server.state)
+        endpoint = MetricsEndpoint(server.metrics.registry, "scheduler")
+        await endpoint.start(
+            args.metrics[0], args.metrics[1], logging.getLogger("aviato.scheduler")
+        )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)
@@ -106,7 +118,11 @@ async def run(args: argparse.Namespace) -> None:
     async with asyncio.TaskGroup() as tg:
         tg.create_task(announce())
         watcher = tg.create_task(exit_with_parent(int(parent), server.stop)) if parent else None
-        await server.serve()
+        try:
+            await server.serve()
+        finally:
+            if endpoint is not None:
+                await endpoint.close()
         if watcher is not None:
             watcher.cancel()
 

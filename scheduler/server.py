@@ -56,6 +56,7 @@ from aviato.protocol import (
     open_envelope,
     to_wire,
 )
+from scheduler.metrics import SchedulerMetrics
 from scheduler.records import Action, AgentDeclaredDead, Config, Reply, SendToAgent
 from scheduler.state import SchedulerState
 
@@ -155,6 +156,8 @@ class SchedulerServer:
         #: The same socket, driven synchronously: a batch of messages is read, and every
         #: reply sent, without a future each (DONTWAIT: a ROUTER send never waits).
         self._raw: zmq.Socket[bytes] | None = None
+        #: Prometheus metrics (scheduler/metrics.py), when served (--metrics).
+        self.metrics: SchedulerMetrics | None = None
         self._agent_identity: dict[str, bytes] = {}
         self._identity_agent: dict[bytes, str] = {}
         self._outgoing: dict[tuple[bytes, int], Outgoing] = {}
@@ -243,6 +246,8 @@ class SchedulerServer:
             decoded = _plain_heartbeat(env) or decode_body(env, frames[1:])
         except DecodeError as exc:
             assert self._sock is not None
+            if self.metrics is not None:
+                self.metrics.on_error(exc.code)
             await sockets.reply_decode_error(self._sock, identity, exc, "scheduler")
             return
         if self.keys is not None and not await self._authorized(frames[0], decoded):
@@ -292,6 +297,8 @@ class SchedulerServer:
     def _send(self, identity: bytes, msg: Message, request_id: int) -> bool:
         """Send on the ROUTER, never waiting; a peer gone (or not reading) is logged."""
         assert self._raw is not None
+        if self.metrics is not None:
+            self.metrics.on_error_reply(msg)
         try:
             self._raw.send_multipart([identity, *self._encode(msg, request_id)], zmq.DONTWAIT)
         except zmq.ZMQError as exc:
@@ -319,6 +326,8 @@ class SchedulerServer:
             )
         assert self._sock is not None
         reply = ErrorReply(ErrorCode.UNAUTHORIZED, refusal)
+        if self.metrics is not None:
+            self.metrics.on_error_reply(reply)
         await sockets.send_to(self._sock, first.bytes, reply, decoded.request_id)
         return False
 
@@ -358,6 +367,8 @@ class SchedulerServer:
             return
         now = self.clock()
         msg = decoded.msg
+        if self.metrics is not None:
+            self.metrics.on_request((identity, decoded.request_id), msg, now)
         if isinstance(msg, SandboxReply | ErrorReply | OkReply):
             # Only agents send replies: to requests this scheduler sent them.
             outgoing = self._outgoing.pop((identity, decoded.request_id), None)
@@ -374,6 +385,8 @@ class SchedulerServer:
         self._apply(handler(identity, decoded, now))
 
     def _apply(self, actions: list[Action]) -> None:
+        if self.metrics is not None:
+            self.metrics.on_actions(actions, self.clock())
         for action in actions:
             if isinstance(action, Reply):
                 to: tuple[bytes, int] = action.to  # type: ignore[assignment]
@@ -404,6 +417,9 @@ class SchedulerServer:
     def _on_agent_reply(self, outgoing: Outgoing, msg: Message, now: float) -> list[Action]:
         if isinstance(outgoing.msg, PlaceSandbox):
             sid = outgoing.msg.sandbox.sandbox_id
+            if self.metrics is not None:
+                failed = isinstance(msg, ErrorReply)
+                self.metrics.on_placement_answer(now - outgoing.sent_at, failed)
             return self.state.placement_done(sid, msg if isinstance(msg, ErrorReply) else None, now)
         if isinstance(msg, ErrorReply):
             log.warning("agent refused %s: %s", type(outgoing.msg).__name__, msg.message)

@@ -69,6 +69,9 @@ __all__ = [
 class SchedulerState(Tables):
     """The decisions: each event handler takes the time and returns the actions."""
 
+    #: Session leases that expired (for the metrics).
+    leases_expired: int = 0
+
     # ------------------------------------------------------------------ queries
 
     def info(self, rec: SandboxRecord) -> SandboxInfo:
@@ -660,6 +663,7 @@ class SchedulerState(Tables):
                 self._lease_timers.add(expiry + credit, session_id)
                 continue
             if expiry is not None and now >= expiry:
+                self.leases_expired += 1
                 _, more = self.session_close(
                     session_id, f"session {session_id} lease expired (client gone)", now
                 )

@@ -1,0 +1,213 @@
+"""Prometheus /metrics of a real scheduler and agents (issue 15): scraped during a run
+and parsed with prometheus_client's own parser; the counters move as the run says,
+the series stay bounded as sandboxes come and go, bad requests leave them serving."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from aviato import Sandbox, SandboxDefaults
+from tests.conftest import IMAGE, Cluster, docker_cluster, wait_until
+from tests.test_local_runtime import _leftovers
+
+METRICS = ["--metrics", "127.0.0.1:0"]
+_URL = re.compile(r"metrics on (http://\S+/metrics)")
+
+
+def metrics_url(c: Cluster, name: str) -> str:
+    """The URL a daemon said it serves its metrics at (in its log)."""
+    log = c.tmp / f"{name}.log"
+
+    def found() -> str | None:
+        m = _URL.search(log.read_text(errors="replace")) if log.exists() else None
+        return m.group(1) if m else None
+
+    return wait_until(found, 20, 0.05, f"{name}'s metrics URL in its log")
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(url: str) -> Samples:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+@pytest.fixture(scope="module")
+def mcluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    yield from docker_cluster(
+        tmp_path_factory.mktemp("metrics"),
+        agents=2,
+        slots=4,
+        scheduler_args=METRICS,
+        agent_args=METRICS,
+    )
+
+
+async def test_counters_move_as_the_run_says(mcluster: Cluster) -> None:
+    c = mcluster
+    sched = metrics_url(c, "scheduler")
+    agents = [metrics_url(c, a) for a in c.agent_ids]
+    before = scrape(sched)
+    assert value(before, "aviato_scheduler_agents", state="alive") == 2
+    for a in c.agent_ids:
+        assert value(before, "aviato_scheduler_agent_slots", agent=a, kind="free") == 4
+        assert value(before, "aviato_scheduler_agent_alive", agent=a) == 1
+        assert 0 <= value(before, "aviato_scheduler_agent_heartbeat_age_seconds", agent=a) < 10
+    agents_before = [scrape(u) for u in agents]
+
+    defaults = SandboxDefaults(container_image=IMAGE, scheduler=c.address, lease_seconds=5)
+    calls = 30
+    async with Sandbox.session(defaults) as session:
+        boxes = [session.create(command="sleep", args=["infinity"]) for _ in range(3)]
+        for sb in boxes:
+            await sb.start()
+        for sb in boxes:
+            assert (await sb.exec(["echo", "hi"])).stdout == b"hi\n"
+        during = scrape(sched)
+        assert value(during, "aviato_scheduler_sandboxes", state="running") >= 3
+        used = sum(
+            value(during, "aviato_scheduler_agent_slots", agent=a, kind="used") for a in c.agent_ids
+        )
+        assert used >= 3
+        # CPU and memory per running sandbox, from its cgroup, on the agent that runs it.
+        scraped = [scrape(u) for u in agents]
+        for sb in boxes:
+            label = (("sandbox", sb.sandbox_id),)
+            memory = [a.get(("aviato_agent_sandbox_memory_bytes", label)) for a in scraped]
+            cpu = [a.get(("aviato_agent_sandbox_cpu_seconds_total", label)) for a in scraped]
+            assert sum(1 for m in memory if m) == 1, (sb.sandbox_id, memory)
+            assert sum(1 for c in cpu if c is not None) == 1, (sb.sandbox_id, cpu)
+
+        @session.function()
+        def square(n: int) -> int:
+            return n * n
+
+        results = await asyncio.gather(*(square(i) for i in range(calls)))
+        assert [r.value for r in results] == [i * i for i in range(calls)]
+        for sb in boxes:
+            await sb.stop()
+
+    after = scrape(sched)
+    created = 3 + len({r.sandbox_id for r in results})
+    for name in ("aviato_scheduler_creates_total", "aviato_scheduler_placements_total"):
+        assert value(after, name) - value(before, name) >= created, name
+    assert value(after, "aviato_scheduler_stops_total") - value(
+        before, "aviato_scheduler_stops_total"
+    ) >= len(boxes)
+    for hist in (
+        "aviato_scheduler_placement_latency_seconds",
+        "aviato_scheduler_queue_wait_seconds",
+    ):
+        moved = value(after, f"{hist}_count") - value(before, f"{hist}_count")
+        assert moved >= created, hist
+    assert value(after, "aviato_scheduler_agents_declared_dead_total") == 0
+
+    agents_after = [scrape(u) for u in agents]
+    gone = {sb.sandbox_id for sb in boxes}
+    assert not [k for a in agents_after for k in a if dict(k[1]).get("sandbox") in gone]
+
+    def moved(name: str, **labels: str) -> float:
+        return sum(
+            value(a, name, **labels) - value(b, name, **labels)
+            for a, b in zip(agents_after, agents_before, strict=True)
+        )
+
+    assert moved("aviato_agent_calls_relayed_total") == calls
+    assert moved("aviato_agent_call_results_relayed_total") == calls
+    assert moved("aviato_agent_call_bytes_total", direction="in") > 0
+    assert moved("aviato_agent_call_bytes_total", direction="out") > 0
+    execs = moved("aviato_agent_exec_seconds_count", via="supervisor") + moved(
+        "aviato_agent_exec_seconds_count", via="runtime"
+    )
+    assert execs == len(boxes)
+    assert moved("aviato_agent_create_ready_seconds_count") >= created
+    assert moved("aviato_agent_runtime_errors_total", op="create") == 0
+
+
+def _raw(url: str, data: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split("/")[0].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_bad_requests_are_refused_and_the_daemons_serve_on(mcluster: Cluster) -> None:
+    for name in ("scheduler", *mcluster.agent_ids):
+        url = metrics_url(mcluster, name)
+        base = url.removesuffix("/metrics")
+        for path in ("/", "/metricsx", "/metrics/../etc/passwd", "/%00"):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                urllib.request.urlopen(base + path, timeout=10)
+            assert err.value.code == 404, path
+        post = urllib.request.Request(url, data=b"x", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(post, timeout=10)
+        assert err.value.code == 405
+        assert _raw(url, b"\x00\xff junk\r\n\r\n").startswith(b"HTTP/1.1 400")
+        assert _raw(url, b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 70_000 + b"\r\n\r\n").startswith(
+            b"HTTP/1.1 431"
+        )
+        assert _raw(url, b"GET /metr") == b""  # half a request, then gone: no answer
+        assert scrape(url)  # still serving
+    assert all(p.poll() is None for p in mcluster.procs.values())
+
+
+def _series(samples: Samples) -> int:
+    return len(samples)
+
+
+async def test_series_stay_bounded_as_sandboxes_come_and_go(tmp_path: Path) -> None:
+    """200 sandboxes (local runtime: quick to make) come and go: the series count after
+    them is the one after the first 20."""
+    c = Cluster(
+        tmp_path, agents=1, slots=8, runtime="local", scheduler_args=METRICS, agent_args=METRICS
+    )
+    try:
+        sched, agent = metrics_url(c, "scheduler"), metrics_url(c, c.agent_ids[0])
+        defaults = SandboxDefaults(
+            container_image="python:3.11", scheduler=c.address, lease_seconds=5
+        )
+
+        async def churn(n: int) -> None:
+            async def one() -> None:
+                async with Sandbox(command="true", defaults=defaults) as sb:
+                    await sb.wait(timeout=60)
+
+            for start in range(0, n, 8):
+                await asyncio.gather(*(one() for _ in range(min(8, n - start))))
+
+        await churn(20)
+        first = (_series(scrape(sched)), _series(scrape(agent)))
+        await churn(180)
+        s, a = scrape(sched), scrape(agent)
+        assert (_series(s), _series(a)) == first
+        assert value(s, "aviato_scheduler_creates_total") >= 200
+        assert value(a, "aviato_agent_sandboxes_lost_total", cause="exit") >= 200
+    finally:
+        c.close()
+        assert not _leftovers(c), "local sandboxes left behind"
