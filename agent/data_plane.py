@@ -14,6 +14,7 @@ from typing import Any
 import zmq.asyncio
 
 from agent.checks import request_problem, shown
+from agent.file_streams import FileStreams
 from agent.kept_logs import KeptLogs
 from agent.lane_server import LaneServer
 from agent.runtime.base import ExitStatus, Runtime
@@ -31,6 +32,7 @@ from aviato.protocol import (
     Exec,
     ExecChunk,
     ExecReply,
+    FileChunk,
     FileReply,
     GetLogs,
     LogsReply,
@@ -42,6 +44,7 @@ from aviato.protocol import (
     ReadFile,
     RunCalls,
     SandboxSpec,
+    StreamAck,
     WriteFile,
     decode,
     encode,
@@ -97,6 +100,9 @@ class DataPlane:
             ReadFile: self._on_read,
             GetLogs: self._on_logs,
         }
+        #: Streamed files and logs (agent/file_streams.py).
+        self.files = FileStreams(self)
+        self._handlers.update(self.files.handlers())
         #: Requests under way, by (client, request id): a Cancel stops one.
         self._inflight: dict[tuple[bytes, int], asyncio.Task[None]] = {}
 
@@ -154,6 +160,9 @@ class DataPlane:
         if type(msg) is Ping:
             pong = Pong(server="agent", server_id=self.agent_id)
             self.send_now(identity, decoded.request_id, pong)
+            return
+        if type(msg) is FileChunk or type(msg) is StreamAck:  # a transfer's, under way
+            self.files.on_client(identity, decoded)
             return
         if type(msg) is Cancel:  # the client gave up: stop the work where it runs
             task = self._inflight.pop((identity, decoded.request_id), None)

@@ -22,8 +22,12 @@ from aviato.exceptions import (
     SandboxExecutionError,
     SandboxFailedError,
     SandboxFileError,
+    SandboxFileNotFoundError,
+    SandboxIsADirectoryError,
+    SandboxNotADirectoryError,
     SandboxNotFoundError,
     SandboxNotRunningError,
+    SandboxPathError,
     SandboxTerminatedError,
     SandboxTimeoutError,
     UnauthorizedError,
@@ -37,7 +41,7 @@ if TYPE_CHECKING:
     from aviato._function import FunctionResult, RemoteFunction, Serialization
     from aviato._sandbox import Sandbox, SandboxPage
     from aviato._session import Session
-    from aviato._types import ExecResult, OutputChunk
+    from aviato._types import ExecResult, FileInfo, OutputChunk
 
 #: The API's names -> the module of each, imported at first use: the daemons import
 #: aviato.protocol (so this file) and must not load the client (tests/test_layering.py).
@@ -51,6 +55,7 @@ _LAZY = {
     "SandboxPage": "aviato._sandbox",
     "Session": "aviato._session",
     "ExecResult": "aviato._types",
+    "FileInfo": "aviato._types",
     "OutputChunk": "aviato._types",
 }
 
@@ -78,6 +83,7 @@ __all__ = [
     "ConfigurationError",
     "ExecResult",
     "ExecStream",
+    "FileInfo",
     "FunctionError",
     "FunctionResult",
     "FunctionSerializationError",
@@ -91,9 +97,13 @@ __all__ = [
     "SandboxExecutionError",
     "SandboxFailedError",
     "SandboxFileError",
+    "SandboxFileNotFoundError",
+    "SandboxIsADirectoryError",
+    "SandboxNotADirectoryError",
     "SandboxNotFoundError",
     "SandboxNotRunningError",
     "SandboxPage",
+    "SandboxPathError",
     "SandboxStatus",
     "SandboxTerminatedError",
     "SandboxTimeoutError",

@@ -30,6 +30,7 @@ from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec
 
 if TYPE_CHECKING:
     from agent.runtime.spare_claims import SpareClaims
+    from agent.runtime.streams import RuntimeStreams
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +113,9 @@ class Runtime(abc.ABC):
     supports_spares: bool = False
     #: Where claims of spares are recorded (set by an agent; see spare_claims.py).
     claims: SpareClaims | None = None
+    #: Logs as they are written, and streamed files where no supervisor serves them
+    #: (agent/runtime/streams.py); None: neither.
+    streams: RuntimeStreams | None = None
 
     @abc.abstractmethod
     async def create(
