@@ -54,8 +54,11 @@ if TYPE_CHECKING:
 
 __all__ = ["IDLE_SECONDS", "FileStreams", "file_error"]
 
-#: A transfer whose client sends nothing (no chunk, no ack) this long is given up on.
-IDLE_SECONDS = 60.0
+#: A transfer whose client sends nothing (no chunk, no ack) this long is given up on:
+#: long, since a client may rightly hold a chunk a while (``aviato cp ID:/f - | less``);
+#: a local client that goes away is noticed at once (its lane closes), a ZeroMQ one only
+#: so. Meanwhile the transfer holds a window of chunks, and an upload its temp file.
+IDLE_SECONDS = 600.0
 _Key = tuple[bytes, int]
 
 

@@ -253,3 +253,46 @@ async def test_memory_stays_flat(flavour: tuple[Sandbox, Cluster], tmp_path: Pat
     assert _sha(tmp_path / "back") == digest
     assert peaks["agent"] < 64 * MiB, peaks
     assert peaks["client"] < 64 * MiB, peaks
+
+
+async def _read_offset(sb: Sandbox, path: str) -> int | None:
+    """How far the sandbox's reader of ``path`` got: its descriptor's position, from
+    /proc (None: no process has it open)."""
+    script = (
+        f'for fd in /proc/[0-9]*/fd/*; do [ "$(readlink $fd)" = "{path}" ] && '
+        'grep pos: "$(dirname $(dirname $fd))/fdinfo/$(basename $fd)"; done; true'
+    )
+    out = (await sb.exec(["sh", "-c", script])).stdout.decode().split()
+    positions = [int(p) for p in out if p.isdigit()]
+    return max(positions) if positions else None
+
+
+async def test_a_slow_reader_holds_the_sandbox_back(flavour: tuple[Sandbox, Cluster]) -> None:
+    """Flow control: while the consumer holds its first chunk, the sandbox reads at
+    most the window ahead (the supervisor's file position says so; through the
+    engine's archive, the agent's memory), never the whole file."""
+    sb, cluster = flavour
+    assert sb.info is not None and sb.info.agent_id is not None
+    agent = psutil.Process(cluster.procs[sb.info.agent_id].pid)
+    await sb.exec(["sh", "-c", "head -c 256M /dev/urandom > /tmp/slow"])
+    agent_before = agent.memory_info().rss
+    supervised = "no-python" not in sb.container_image
+    stream = sb.read_file_stream("/tmp/slow", window=2)
+    try:
+        first = await anext(stream)
+        assert len(first) == MiB
+        seen: list[int | None] = []
+        for _ in range(20):  # the reader gets every chance to run ahead
+            if supervised:
+                seen.append(await _read_offset(sb, "/tmp/slow"))
+            else:
+                await sb.exec(["true"])
+            assert agent.memory_info().rss - agent_before < 48 * MiB
+        if supervised:
+            assert seen and all(p is not None and p <= 8 * MiB for p in seen), seen
+        rest = len(first)
+        async for chunk in stream:
+            rest += len(chunk)
+        assert rest == 256 * MiB
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]

@@ -17,10 +17,10 @@ import tarfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
-from agent.runtime.base import OutputChunk
+from agent.runtime.base import ExecOutput, OutputChunk
 from agent.runtime.docker_errors import DockerError, explain, http_status
 from agent.runtime.streams import RuntimeStreams, thread_stream
 from aviato._types import FileInfo
@@ -40,26 +40,13 @@ __all__ = ["DockerStreams"]
 CHUNK = 1 << 20
 _DIR_BIT = 1 << 31  # Go's os.ModeDir, in the archive stat header
 _LINK_BIT = 1 << 27  # os.ModeSymlink
+#: Go's ModeDevice, ModeNamedPipe, ModeSocket, ModeCharDevice, ModeIrregular.
+_NOT_REGULAR = (1 << 26) | (1 << 25) | (1 << 24) | (1 << 21) | (1 << 19)
+#: Chunks one ``dd`` of a download reads (the agent holds them while they go out).
+READ_WINDOW = 4
+#: An upload's bytes put through the engine at once (the agent holds them meanwhile).
+PIECE_BYTES = 16 << 20
 _MUX_HEADER = struct.Struct(">BxxxL")
-
-
-class _Reader:
-    """A file-like ``read`` over an iterator of byte chunks (tarfile's stream mode)."""
-
-    def __init__(self, chunks: Iterator[bytes]) -> None:
-        self.chunks = chunks
-        self.buf = bytearray()
-
-    def read(self, n: int = -1) -> bytes:
-        while n < 0 or len(self.buf) < n:
-            try:
-                self.buf += next(self.chunks)
-            except StopIteration:
-                break
-        n = len(self.buf) if n < 0 else min(n, len(self.buf))
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
 
 
 class DockerStreams(RuntimeStreams):
@@ -106,6 +93,9 @@ class DockerStreams(RuntimeStreams):
         )
 
     async def _sh(self, sandbox_id: str, path: str, argv: tuple[str, ...]) -> str:
+        return (await self._run(sandbox_id, path, argv)).stdout.decode(errors="surrogateescape")
+
+    async def _run(self, sandbox_id: str, path: str, argv: tuple[str, ...]) -> ExecOutput:
         out = await self.rt.exec(sandbox_id, argv, timeout_seconds=300)
         if out.returncode != 0:
             why = out.stderr.decode(errors="replace").strip()[-300:] or f"exit {out.returncode}"
@@ -114,55 +104,54 @@ class DockerStreams(RuntimeStreams):
             raise SandboxFileError(
                 f"{path}: {why} (sandbox {sandbox_id})", filepath=path, sandbox_id=sandbox_id
             )
-        return out.stdout.decode(errors="surrogateescape")
+        return out
 
     # ------------------------------------------------------------------ download
 
-    def read_stream(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:
-        return thread_stream(self.rt._pool, lambda emit: self._read_sync(sandbox_id, path, emit))
-
-    def _read_sync(self, sandbox_id: str, path: str, emit: Callable[[bytes], bool]) -> None:
+    async def read_stream(self, sandbox_id: str, path: str) -> AsyncIterator[bytes]:
+        """The file a window at a time, each read by a ``dd`` of its own: the engine's
+        archive API would hold the container's lock while a slow client reads (every
+        exec and stop in the sandbox waiting on it), and a read here holds it only
+        for one window."""
+        loop = asyncio.get_running_loop()
         where = path
-        for _ in range(8):  # follow a few symlinks
-            try:
-                stream, stat = self.rt._api.get_archive(
-                    self.rt._target(sandbox_id), where, chunk_size=CHUNK
+        for _ in range(8):  # the type of what a symlink points at
+            stat = await loop.run_in_executor(self.rt._pool, self._stat, sandbox_id, where)
+            if stat is None:
+                raise SandboxFileNotFoundError(
+                    f"{path}: no such file or directory (sandbox {sandbox_id})",
+                    filepath=path,
+                    sandbox_id=sandbox_id,
                 )
-            except DockerError as exc:
-                raise self._error(sandbox_id, path, exc) from exc
-            try:
-                mode = int((stat or {}).get("mode", 0))
-                if mode & _DIR_BIT:
-                    raise SandboxIsADirectoryError(
-                        f"{path}: is a directory (sandbox {sandbox_id})",
-                        filepath=path,
-                        sandbox_id=sandbox_id,
-                    )
-                with tarfile.open(fileobj=_Reader(iter(stream)), mode="r|") as tar:  # type: ignore[call-overload]
-                    member = tar.next()
-                    if member is not None and member.issym():
-                        target = (stat or {}).get("linkTarget") or member.linkname
-                        where = posixpath.join(posixpath.dirname(where), target)
-                        continue
-                    if member is None or not member.isreg():
-                        raise SandboxFileError(
-                            f"{path}: not a regular file (sandbox {sandbox_id})",
-                            filepath=path,
-                            sandbox_id=sandbox_id,
-                        )
-                    data = tar.extractfile(member)
-                    assert data is not None
-                    while True:
-                        chunk = data.read(CHUNK)
-                        if not chunk or not emit(chunk):
-                            return
-            finally:
-                close = getattr(stream, "close", None)
-                if close is not None:
-                    close()
-        raise SandboxFileError(
-            f"{path}: too many levels of symbolic links", filepath=path, sandbox_id=sandbox_id
-        )
+            mode = int(stat.get("mode", 0))
+            if not mode & _LINK_BIT:
+                break
+            where = posixpath.join(posixpath.dirname(where), str(stat.get("linkTarget", "")))
+        else:
+            raise SandboxFileError(
+                f"{path}: too many levels of symbolic links", filepath=path, sandbox_id=sandbox_id
+            )
+        if mode & _DIR_BIT:
+            raise SandboxIsADirectoryError(
+                f"{path}: is a directory (sandbox {sandbox_id})",
+                filepath=path,
+                sandbox_id=sandbox_id,
+            )
+        if mode & _NOT_REGULAR:
+            raise SandboxFileError(
+                f"{path}: not a regular file (sandbox {sandbox_id})",
+                filepath=path,
+                sandbox_id=sandbox_id,
+            )
+        block = 0
+        while True:
+            argv = ("dd", f"if={path}", f"bs={CHUNK}", f"skip={block}", f"count={READ_WINDOW}")
+            data = (await self._run(sandbox_id, path, argv)).stdout
+            for at in range(0, len(data), CHUNK):
+                yield data[at : at + CHUNK]
+            block += READ_WINDOW
+            if len(data) < READ_WINDOW * CHUNK:
+                return
 
     # ------------------------------------------------------------------ upload
 
@@ -200,46 +189,67 @@ class DockerStreams(RuntimeStreams):
                 sandbox_id=sandbox_id,
             )
         temp = posixpath.join(parent, f".{name[:180]}.aviato-{uuid.uuid4().hex[:12]}.part")
-        info = tarfile.TarInfo(posixpath.basename(temp))
-        info.size, info.mode, info.mtime = size, mode, int(time.time())
+        piece = temp + ".piece"
         abort = threading.Event()
 
-        def archive() -> Iterator[Any]:
-            """The tar, made as the chunks come (on the engine call's thread)."""
-            yield info.tobuf(format=tarfile.PAX_FORMAT)
-            sent = 0
-            while sent < size:
-                if abort.is_set():  # the engine then refuses the cut archive
+        def collect(want: int) -> list[Any]:
+            """The next ``want`` bytes of chunks (on a pool thread: take() waits)."""
+            got: list[Any] = []
+            have = 0
+            while have < want:
+                if abort.is_set():
                     raise SandboxFileError("the upload was given up", filepath=path)
                 chunk = take(0.5)
                 if chunk is not None:
-                    sent += len(chunk)
-                    yield chunk
-            yield b"\0" * ((-size) % 512 + 1024)  # padding + end-of-archive
+                    got.append(chunk)
+                    have += len(chunk)
+            return got
 
-        ready()
-        put = loop.run_in_executor(
-            self.rt._pool, self.rt._api.put_archive, self.rt._target(sandbox_id), parent, archive()
-        )
-        placed = False
-        try:
+        def put_piece(chunks: list[Any], size: int) -> None:
+            info = tarfile.TarInfo(posixpath.basename(piece))
+            info.size, info.mode, info.mtime = size, mode, int(time.time())
+            archive = [info.tobuf(format=tarfile.PAX_FORMAT), *chunks]
+            archive.append(b"\0" * ((-size) % 512 + 1024))  # padding + end-of-archive
             try:
-                await asyncio.shield(put)
+                self.rt._api.put_archive(self.rt._target(sandbox_id), parent, iter(archive))
             except DockerError as exc:
                 raise self._error(sandbox_id, path, exc) from exc
+
+        ready()
+        placed = False
+        current: asyncio.Future[Any] | None = None  # the engine call under way
+        try:
+            # A piece at a time, each put whole (the engine's lock on the container held
+            # for one piece, not for as long as a slow client takes), then appended.
+            sent = 0
+            while sent < size or sent == 0:
+                current = loop.run_in_executor(
+                    self.rt._pool, collect, min(PIECE_BYTES, size - sent)
+                )
+                chunks = await current
+                got = sum(len(c) for c in chunks)
+                current = loop.run_in_executor(self.rt._pool, put_piece, chunks, got)
+                await current
+                del chunks
+                if sent == 0:
+                    await self._sh(sandbox_id, path, ("mv", "-f", "--", piece, temp))
+                else:
+                    append = 'cat -- "$1" >> "$2" && rm -f -- "$1"'
+                    await self._sh(sandbox_id, path, ("sh", "-c", append, "sh", piece, temp))
+                sent += got
+                if size == 0:
+                    break
             await self._sh(sandbox_id, path, ("mv", "-f", "--", temp, path))
             placed = True
         finally:
-            if not placed:
-                # The engine's thread stops first (else it would write on after the
-                # removal), then the temporary file goes (best effort: the sandbox
-                # may be gone, and it with it).
+            if not placed:  # (best effort: the sandbox may be gone, and they with it)
                 abort.set()
                 with contextlib.suppress(BaseException):
-                    await asyncio.wait_for(asyncio.shield(put), 30)
+                    if current is not None:  # a piece being put must land before the rm
+                        await asyncio.wait_for(asyncio.shield(current), 30)
                 with contextlib.suppress(Exception):
-                    rm = self.rt.exec(sandbox_id, ("rm", "-f", "--", temp), timeout_seconds=60)
-                    await asyncio.shield(rm)
+                    rm = ("rm", "-f", "--", temp, piece)
+                    await asyncio.shield(self.rt.exec(sandbox_id, rm, timeout_seconds=60))
 
     # ------------------------------------------------------------------ list, remove
 
