@@ -14,6 +14,7 @@ from typing import Any
 import zmq.asyncio
 
 from agent.checks import request_problem, shown
+from agent.file_streams import FileStreams
 from agent.kept_logs import KeptLogs
 from agent.lane_server import LaneServer
 from agent.processes import ProcessRequests
@@ -32,6 +33,7 @@ from aviato.protocol import (
     Exec,
     ExecChunk,
     ExecReply,
+    FileChunk,
     FileReply,
     GetLogs,
     LogsReply,
@@ -43,6 +45,7 @@ from aviato.protocol import (
     ReadFile,
     RunCalls,
     SandboxSpec,
+    StreamAck,
     WriteFile,
     decode,
     encode,
@@ -99,6 +102,9 @@ class DataPlane:
             GetLogs: self._on_logs,
             **ProcessRequests(self).handlers(),
         }
+        #: Streamed files and logs (agent/file_streams.py).
+        self.files = FileStreams(self)
+        self._handlers.update(self.files.handlers())
         #: Requests under way, by (client, request id): a Cancel stops one.
         self._inflight: dict[tuple[bytes, int], asyncio.Task[None]] = {}
 
@@ -156,6 +162,9 @@ class DataPlane:
         if type(msg) is Ping:
             pong = Pong(server="agent", server_id=self.agent_id)
             self.send_now(identity, decoded.request_id, pong)
+            return
+        if type(msg) is FileChunk or type(msg) is StreamAck:  # a transfer's, under way
+            self.files.on_client(identity, decoded)
             return
         if type(msg) is Cancel:  # the client gave up: stop the work where it runs
             task = self._inflight.pop((identity, decoded.request_id), None)

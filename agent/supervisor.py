@@ -10,7 +10,8 @@ sandbox with no network still works), says hello, then serves:
 - ``exec``: a command spawned with pipes (its stdin the request's blob, then EOF, or
   empty), its output streamed or collected, its exit code reported (each exec on its
   own thread, so many run at once);
-- ``read`` / ``write``: files.
+- ``read`` / ``write``: files; streamed ones (any size, flow-controlled), listings
+  and removals in agent/supervisor_files.py.
 
 It exits when the agent closes the socket. The link's ops, headers and framing are
 aviato/link.py's: frame 0 of a message is a header, marshal from the agent (we trust
@@ -67,6 +68,15 @@ else:
         too_large_record,
     )
 
+#: Headers of streamed files, for agent/supervisor_files.py.
+STREAM_OPS = (
+    schema.ReadStream,
+    schema.WriteOpen,
+    schema.WriteChunk,
+    schema.ChunkAck,
+    schema.ListRequest,
+    schema.RemoveRequest,
+)
 SIGKILL = 9  # Linux; the signal module would cost an import (enum) at start-up
 #: Python ignores these; a program we start must not inherit that (a writer to a closed
 #: pipe dies of SIGPIPE, as under a shell or docker exec).
@@ -171,6 +181,7 @@ class Supervisor:
         self.shm = False
         #: Spawned processes (aviato_process_table), made at the first request for one.
         self.table: Any = None
+        self.streams: Any = None  # supervisor_files.Files, made at the first file op
 
     # ------------------------------------------------------------------ sending
 
@@ -213,6 +224,8 @@ class Supervisor:
                 elif isinstance(header, PROC_REQUESTS):
                     self.files[header.rid] = [False]  # a kill gives it up
                     _thread.start_new_thread(self.do_proc, (header, frames[1:]))
+                elif isinstance(header, STREAM_OPS):
+                    self.file_streams().on_header(header, frames[1:])
                 elif isinstance(header, schema.Kill):
                     self.kill(header.rid)
                 elif isinstance(header, schema.Detach):  # the agent exits, its sandboxes stay
@@ -220,6 +233,8 @@ class Supervisor:
         finally:
             # The agent went away: so do we, and everything we started (a watchdog:
             # without namespaces nothing else would stop them).
+            if self.streams is not None:
+                self.streams.abandon_all()  # no write can finish: no temporary file stays
             keep = [self.main] if self.main and self.detached else []
             spawned = self.table.pids() if self.table and not self.detached else []
             for pid in [*self.procs.values(), *spawned, *([self.main] if self.main else [])]:
@@ -462,6 +477,18 @@ class Supervisor:
         cancelled = self.files.get(rid)
         if cancelled is not None:
             cancelled[0] = True
+        if self.streams is not None:
+            self.streams.kill(rid)
+
+    def file_streams(self) -> Any:
+        """Streamed files' handler, imported at the first use (no start-up cost)."""
+        if self.streams is None:
+            if __package__:
+                from agent.supervisor_files import Files
+            else:
+                from aviato_supervisor_files import Files  # type: ignore[import-not-found,no-redef]
+            self.streams = Files(self.send, schema)
+        return self.streams
 
     # ------------------------------------------------------------------ files
 

@@ -49,6 +49,8 @@ from aviato.link import (
     CallOutcome,
     CallsLink,
     CallStatus,
+    Chunk,
+    ChunkAck,
     Detach,
     ExecRequest,
     Exit,
@@ -56,11 +58,13 @@ from aviato.link import (
     Header,
     Hello,
     Kill,
+    Listing,
     Output,
     ProcReply,
     ReadRequest,
     Results,
     ShmProbe,
+    StreamEnd,
     WriteRequest,
 )
 from aviato.protocol import (
@@ -79,7 +83,7 @@ log = logging.getLogger("aviato.agent.supervisor_hub")
 MAX_UNREAD_BYTES = 1 << 30
 
 #: A supervisor's reply to an exec or file request; None: the supervisor is gone.
-Reply = Output | Exit | FileDone | ProcReply | None
+Reply = Output | Exit | FileDone | ProcReply | Chunk | ChunkAck | StreamEnd | Listing | None
 Deliver = Callable[[Reply, list[memoryview]], None]
 SendNow = Callable[[bytes, int, Message, tuple[Payload, ...]], None]
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
@@ -142,9 +146,8 @@ class WorkerHub:
         Python)."""
         self.lib.mkdir()
         shutil.copy(Path(__file__).with_name("supervisor.py"), self.lib / "aviato_supervisor.py")
-        shutil.copy(
-            Path(__file__).with_name("supervisor_link.py"), self.lib / "aviato_supervisor_link.py"
-        )
+        for mine in ("supervisor_link", "supervisor_files"):
+            shutil.copy(Path(__file__).with_name(f"{mine}.py"), self.lib / f"aviato_{mine}.py")
         shutil.copy(Path(schema.__file__), self.lib / "aviato_link.py")
         shutil.copy(
             Path(__file__).with_name("process_table.py"), self.lib / "aviato_process_table.py"
@@ -308,6 +311,36 @@ class WorkerHub:
         link.pending[rid] = lambda h, b: replies.put_nowait((h, b))
         await self._write(link, [_pack(request(rid)), *blobs])
         return rid, replies, link
+
+    def open_stream(
+        self, sandbox_id: str, request: Callable[[int], Header], deliver: Deliver
+    ) -> tuple[int, Callable[..., bool]]:
+        """A streamed-file request to the supervisor: its replies go to ``deliver`` as
+        they come (``None``: the supervisor is gone). Returns its id, and a send of
+        more headers for it (False: the supervisor is gone); ``close_stream`` ends it."""
+        link = self._links.get(sandbox_id)
+        if link is None or link.framed is None or link.closed:
+            raise SandboxNotRunningError(
+                f"sandbox {sandbox_id} is not running", sandbox_id=sandbox_id
+            )
+        rid = next(self._rids)
+        link.pending[rid] = deliver
+        framed = link.framed
+
+        def send(header: Header, blobs: Sequence[Payload] = ()) -> bool:
+            return not link.closed and framed.send([_pack(header), *blobs])
+
+        if not send(request(rid)):
+            link.pending.pop(rid, None)
+            raise self._gone(sandbox_id)
+        return rid, send
+
+    def close_stream(self, sandbox_id: str, rid: int, *, abandon: bool) -> None:
+        """No more replies to ``rid``; ``abandon``: the supervisor stops it (a write's
+        temporary file is removed)."""
+        link = self._links.get(sandbox_id)
+        if link is not None and link.pending.pop(rid, None) is not None and abandon:
+            self._abandon(link, rid)
 
     async def _one_reply(
         self, sandbox_id: str, request: Callable[[int], Header], blobs: Sequence[Payload] = ()
@@ -512,7 +545,9 @@ class WorkerHub:
             if not self._forward(link, header, frames[1:]):
                 log.warning("worker %s sent malformed results", link.sandbox_id)
                 self._end(link)
-        elif conn is link.framed and isinstance(header, Output | Exit | FileDone | ProcReply):
+        elif conn is link.framed and isinstance(
+            header, Output | Exit | FileDone | ProcReply | Chunk | ChunkAck | StreamEnd | Listing
+        ):
             deliver = link.pending.get(header.rid)
             if deliver is not None:
                 deliver(header, frames[1:])

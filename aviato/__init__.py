@@ -25,8 +25,12 @@ from aviato.exceptions import (
     SandboxExecutionError,
     SandboxFailedError,
     SandboxFileError,
+    SandboxFileNotFoundError,
+    SandboxIsADirectoryError,
+    SandboxNotADirectoryError,
     SandboxNotFoundError,
     SandboxNotRunningError,
+    SandboxPathError,
     SandboxTerminatedError,
     SandboxTimeoutError,
     UnauthorizedError,
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
     from aviato._process import Process, ProcessInfo
     from aviato._sandbox import Sandbox, SandboxPage
     from aviato._session import Session
-    from aviato._types import ExecResult, OutputChunk
+    from aviato._types import ExecResult, FileInfo, OutputChunk
     from aviato._wait import wait
 
 #: The API's names -> the module of each, imported at first use: the daemons import
@@ -61,6 +65,7 @@ _LAZY = {
     "SandboxPage": "aviato._sandbox",
     "Session": "aviato._session",
     "ExecResult": "aviato._types",
+    "FileInfo": "aviato._types",
     "OutputChunk": "aviato._types",
     "wait": "aviato._wait",
 }
@@ -94,6 +99,7 @@ __all__ = [
     "ConfigurationError",
     "ExecResult",
     "ExecStream",
+    "FileInfo",
     "FunctionError",
     "FunctionResult",
     "FunctionSerializationError",
@@ -111,9 +117,13 @@ __all__ = [
     "SandboxExecutionError",
     "SandboxFailedError",
     "SandboxFileError",
+    "SandboxFileNotFoundError",
+    "SandboxIsADirectoryError",
+    "SandboxNotADirectoryError",
     "SandboxNotFoundError",
     "SandboxNotRunningError",
     "SandboxPage",
+    "SandboxPathError",
     "SandboxStatus",
     "SandboxTerminatedError",
     "SandboxTimeoutError",

@@ -35,9 +35,13 @@ def to_exception(reply: ErrorReply) -> exc.AviatoError:
     sandbox_id = sandbox_id if isinstance(sandbox_id, str) else None
     if cls is exc.SandboxFileError:
         filepath = reply.detail.get("filepath")
-        return exc.SandboxFileError(
-            reply.message, filepath=str(filepath or ""), sandbox_id=sandbox_id
+        kind = reply.detail.get("kind")
+        file_cls = (
+            exc.FILE_ERROR_KINDS.get(kind, exc.SandboxFileError)
+            if isinstance(kind, str)
+            else exc.SandboxFileError
         )
+        return file_cls(reply.message, filepath=str(filepath or ""), sandbox_id=sandbox_id)
     if issubclass(cls, exc.SandboxError):
         return cls(reply.message, sandbox_id=sandbox_id)
     return cls(reply.message)

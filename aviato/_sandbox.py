@@ -24,6 +24,7 @@ from aviato._defaults import SandboxDefaults
 from aviato._exec import ExecStream
 from aviato._exec import exec_argv as _argv
 from aviato._exec import stdin_payloads as _stdin_payloads
+from aviato._files import SandboxFiles
 from aviato._options import SandboxOptions, as_args
 from aviato._process import Process, ProcessInfo, attach, list_processes
 from aviato._process import spawn as _spawn
@@ -131,7 +132,7 @@ async def scheduler_connection(
     )
 
 
-class Sandbox:
+class Sandbox(SandboxFiles):
     """A sandbox: create it (``start()`` or ``async with``), run commands, stop it.
 
     ``Sandbox(command="sleep", args=["infinity"])`` describes one; nothing runs

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ExecResult", "OutputChunk"]
+__all__ = ["ExecResult", "FileInfo", "OutputChunk"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,3 +33,14 @@ class OutputChunk:
     @property
     def stream(self) -> str:
         return "stdout" if self.fd == 1 else "stderr"
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    """One entry of ``list_files``: its name (not its path), its size in bytes, whether
+    it is a directory, and its modification time (seconds since the epoch)."""
+
+    name: str
+    size: int
+    is_dir: bool
+    mtime: float

@@ -4,7 +4,8 @@ aviato up [--port 5555] [--keys DIR]   a scheduler + agent in the foreground
 aviato keys DIR [--agents N] [--clients M] [--force]   a cluster's CURVE keys
 aviato scheduler --bind ...    same as ``python -m scheduler``
 aviato agent --scheduler ...   same as ``python -m agent``
-aviato status | ps [-q] [--tag T] [--all] | stop ID... | exec [-it] ID -- CMD... | logs ID
+aviato status | ps [-q] [--tag T] [--all] | stop ID... | exec [-it] ID -- CMD... | logs [-f] ID
+aviato cp LOCAL ID:/path | cp ID:/path LOCAL   files of any size, like docker cp
 The options --scheduler, --timeout, --keys and --client-key go before or after the
 command; --format json prints status and ps as JSON. ps draws its first 100 rows;
 -q, --format json and --all stream every row, page by page.
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from aviato import _cli_files
 from aviato._cli_output import (
     AGENT_COLUMNS,
     SANDBOX_COLUMNS,
@@ -184,6 +186,8 @@ def _piped_stdin() -> bytes | None:
 
 async def _logs(args: argparse.Namespace) -> int:
     sb = await Sandbox.from_id(args.id, defaults=_defaults(args))
+    if args.follow:
+        return await _cli_files.follow_logs(sb)
     for chunk in await sb.log_chunks():  # each stream to its own, as `docker logs` does
         out = sys.stdout.buffer if chunk.fd == 1 else sys.stderr.buffer
         out.write(chunk.data)
@@ -375,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("command", nargs=argparse.REMAINDER)
     logs = command("logs", help="a sandbox's output")
     logs.add_argument("id")
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="then as it is written, until it ends"
+    )
+    _cli_files.add_cp(command)
     return p
 
 
@@ -436,6 +444,8 @@ def _run(argv: list[str]) -> int:
     if args.cmd == "exec" and not [c for c in args.command if c != "--"]:
         raise ConfigurationError("exec: give a command after the id: aviato exec ID -- echo hi")
     handlers = {"status": _status, "ps": _ps, "stop": _stop, "exec": _exec, "logs": _logs}
+    if args.cmd == "cp":
+        return asyncio.run(_cli_files.cp(args, _defaults(args)))
     return asyncio.run(handlers[args.cmd](args))
 
 

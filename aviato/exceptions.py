@@ -21,6 +21,10 @@ Every error a user can see is one of these; the daemons send a wire error code
         │       └── ActorLostError     an actor's worker died: the instance's state is gone
         ├── SandboxExecutionError      exec with check=True exited non-zero (.exec_result)
         ├── SandboxFileError           read/write failed (.filepath)
+        │   ├── SandboxFileNotFoundError   no such path; also FileNotFoundError
+        │   ├── SandboxIsADirectoryError   a directory, not a file; also IsADirectoryError
+        │   ├── SandboxNotADirectoryError  a file, not a directory; also NotADirectoryError
+        │   └── SandboxPathError           not absolute, or has '..'; also ValueError
         ├── PayloadTooLargeError       a message above the size limit; nothing was sent
         ├── ProcessNotFoundError       no spawned process with that id in the sandbox
         ├── NotSupportedError          the sandbox's runtime cannot do this (says which, why)
@@ -155,6 +159,45 @@ class SandboxFileError(SandboxError):
         self.filepath = filepath
 
 
+class SandboxFileNotFoundError(SandboxFileError, FileNotFoundError):
+    """The path (or, for an upload, its parent directory) does not exist in the sandbox."""
+
+    KIND: ClassVar[str] = "not_found"
+
+
+class SandboxIsADirectoryError(SandboxFileError, IsADirectoryError):
+    """A directory where a file is expected (a download of one, an upload onto one, a
+    remove of one without ``recursive=True``)."""
+
+    KIND: ClassVar[str] = "is_a_directory"
+
+
+class SandboxNotADirectoryError(SandboxFileError, NotADirectoryError):
+    """A file where a directory is expected (``list_files`` of a file, a parent that is
+    a file)."""
+
+    KIND: ClassVar[str] = "not_a_directory"
+
+
+class SandboxPathError(SandboxFileError, ValueError):
+    """A sandbox path that is refused before anything is done: not absolute, with a
+    ``..`` component or a NUL byte, or ``/`` itself where a file is meant."""
+
+    KIND: ClassVar[str] = "bad_path"
+
+
+#: A SandboxFileError's kind on the wire (``ErrorReply.detail["kind"]``) -> its class.
+FILE_ERROR_KINDS: dict[str, type[SandboxFileError]] = {
+    cls.KIND: cls
+    for cls in (
+        SandboxFileNotFoundError,
+        SandboxIsADirectoryError,
+        SandboxNotADirectoryError,
+        SandboxPathError,
+    )
+}
+
+
 class PayloadTooLargeError(SandboxError):
     """A request or reply above the configured size limit; nothing was sent."""
 
@@ -184,4 +227,7 @@ def error_detail(exc: BaseException) -> dict[str, Any]:
         detail["sandbox_id"] = exc.sandbox_id
     if isinstance(exc, SandboxFileError):
         detail["filepath"] = exc.filepath
+        kind = getattr(exc, "KIND", "")
+        if kind:
+            detail["kind"] = kind
     return detail

@@ -164,8 +164,16 @@ class Op(StrEnum):
     PROC_SIGNAL = "proc-signal"
     PROC_RESIZE = "proc-resize"
     PROC_LIST = "proc-list"
+    # agent -> supervisor: streamed files (agent/supervisor_files.py)
+    READ_STREAM = "read-stream"
+    WRITE_OPEN = "write-open"
+    WRITE_CHUNK = "write-chunk"
+    LIST = "list"
+    REMOVE = "remove"
     # both ways: the agent's memfd probe, and the worker's answer
     SHM_PROBE = "shm-probe"
+    # both ways: a streamed file's credit
+    CHUNK_ACK = "chunk-ack"
     # worker -> agent
     HELLO = "hello"
     CALLS_LINK = "calls-link"
@@ -174,6 +182,9 @@ class Op(StrEnum):
     EXIT = "exit"
     FILE = "file"
     PROC = "proc"
+    CHUNK = "chunk"
+    STREAM_END = "stream-end"
+    LISTING = "listing"
 
 
 class Serialization(StrEnum):
@@ -477,6 +488,114 @@ class ProcReply(Header):
     fds: tuple[int, ...] = ()
 
 
+# --------------------------------------------------------------------------- streamed files
+# One request id (``rid``) per transfer; the side that sends chunks keeps at most
+# ``window`` unacknowledged (aviato/protocol/files.py says the same of the client hop).
+
+
+@record
+class ReadStream(Header):
+    """Agent -> supervisor: send the regular file at ``path`` as Chunks 1, 2, ... (at
+    most ``window`` unacked), then a StreamEnd (or a StreamEnd with the error)."""
+
+    OP = Op.READ_STREAM
+    rid: int
+    path: str
+    window: int
+
+
+@record
+class WriteOpen(Header):
+    """Agent -> supervisor: open a temporary file beside ``path`` for WriteChunks;
+    answered by ChunkAck 0 (open) or a StreamEnd with the error."""
+
+    OP = Op.WRITE_OPEN
+    rid: int
+    path: str
+    mode: int = 0o644
+
+
+@record
+class WriteChunk(Header):
+    """Agent -> supervisor: the next piece (the blob) of an open write, acked once
+    written; after the ``last``, the file is renamed into place and a StreamEnd says so."""
+
+    OP = Op.WRITE_CHUNK
+    rid: int
+    seq: int
+    last: bool = False
+
+
+@record
+class ChunkAck(Header):
+    """Either way: every chunk of ``rid`` up to ``seq`` was passed on (0: open)."""
+
+    OP = Op.CHUNK_ACK
+    rid: int
+    seq: int
+
+
+@record
+class Chunk(Header):
+    """Supervisor -> agent: the next piece (the blob) of a ReadStream."""
+
+    OP = Op.CHUNK
+    rid: int
+    seq: int
+
+
+@record
+class StreamEnd(Header):
+    """Supervisor -> agent: a streamed read, write or remove is over: ``size`` bytes,
+    or ``error`` (``kind``: a SandboxFileError kind, see aviato/exceptions.py)."""
+
+    OP = Op.STREAM_END
+    rid: int
+    size: int = 0
+    error: str | None = None
+    kind: str = ""
+
+
+@record
+class ListRequest(Header):
+    """Agent -> supervisor: the entries of the directory ``path``: a Listing, or a
+    StreamEnd with the error."""
+
+    OP = Op.LIST
+    rid: int
+    path: str
+
+
+@record
+class RemoveRequest(Header):
+    """Agent -> supervisor: remove ``path`` (a directory only ``recursive``, or empty);
+    answered by a StreamEnd."""
+
+    OP = Op.REMOVE
+    rid: int
+    path: str
+    recursive: bool = False
+
+
+@record
+class Entry(Record):
+    """One entry of a Listing (aviato.FileInfo on the client)."""
+
+    name: str
+    size: int
+    is_dir: bool
+    mtime: float
+
+
+@record
+class Listing(Header):
+    """Supervisor -> agent: a directory's entries."""
+
+    OP = Op.LISTING
+    rid: int
+    entries: tuple[Entry, ...]
+
+
 HEADERS: dict[Op, type[Header]] = {
     cls.OP: cls
     for cls in (
@@ -500,6 +619,15 @@ HEADERS: dict[Op, type[Header]] = {
         ProcResize,
         ProcList,
         ProcReply,
+        ReadStream,
+        WriteOpen,
+        WriteChunk,
+        ChunkAck,
+        Chunk,
+        StreamEnd,
+        ListRequest,
+        RemoveRequest,
+        Listing,
     )
 }
 

@@ -57,8 +57,9 @@ SHARED: dict[str, tuple[frozenset[str] | None, str]] = {
     "aviato._codec": (None, "the protocol's value codec: the protocol is built on it"),
     "aviato._lane": (None, "the local lane's framing and path: client and agent must agree"),
     "aviato._types": (
-        frozenset({"OutputChunk"}),
-        "a piece of output is one value type from the container to the user",
+        frozenset({"OutputChunk", "FileInfo"}),
+        "a piece of output, and a directory entry, is one value type from the container to "
+        "the user",
     ),
     "aviato._spare": (None, "the shared-memory buffer that client, agent and worker map"),
     "aviato._flags": (None, "the command-line flags `aviato` and the daemons spell alike"),

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from aviato import exceptions as exc
 from aviato._errors import to_exception
 from aviato._server.errors import error_reply
+from aviato._types import FileInfo
 from aviato.protocol import (
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
@@ -31,17 +32,22 @@ from aviato.protocol import (
     Decoded,
     DecodeError,
     DeregisterAgent,
+    DownloadFile,
     ErrorCode,
     ErrorReply,
     Exec,
     ExecChunk,
     ExecReply,
+    FileChunk,
+    FileListReply,
     FileReply,
     GetLogs,
     GetSandbox,
     HeartbeatReply,
+    ListFiles,
     ListProcesses,
     ListSandboxes,
+    LogChunk,
     LogsReply,
     Message,
     MsgType,
@@ -56,6 +62,7 @@ from aviato.protocol import (
     ReadOutput,
     RegisterAgent,
     RegisterReply,
+    RemoveFile,
     ResizeTerminal,
     RunCalls,
     SandboxExited,
@@ -71,11 +78,16 @@ from aviato.protocol import (
     SpareShape,
     SpawnProcess,
     StopSandbox,
+    StreamAck,
+    StreamLogs,
+    TransferDone,
+    UploadFile,
     WaitSandbox,
     WriteFile,
     WriteStdin,
     decode,
     encode,
+    path_problem,
     to_wire,
 )
 from tests._strategies import conforms, fields_of, instances, message_types, mutations
@@ -212,6 +224,16 @@ SAMPLES: list[Message] = [
     ResizeTerminal("sb-1", "proc-1", 40, 120),
     ListProcesses("sb-1", "proc-1", 5.0),
     ProcessReply((ProcessInfo("proc-1", ("cat",), True), ProcessInfo("proc-2", (), False, 0))),
+    DownloadFile(sandbox_id="sb-1", path="/data/out.tar", window=4),
+    UploadFile(sandbox_id="sb-1", path="/data/model.bin", size=1 << 33, mode=0o600, window=16),
+    FileChunk(seq=7, last=True),
+    StreamAck(seq=3),
+    TransferDone(size=1 << 31),
+    ListFiles(sandbox_id="sb-1", path="/data"),
+    FileListReply(entries=(FileInfo("a", 1, False, 1.5), FileInfo("d", 0, True, 2.0))),
+    RemoveFile(sandbox_id="sb-1", path="/data/tmp", recursive=True),
+    StreamLogs(sandbox_id="sb-1", follow=True, window=2),
+    LogChunk(seq=9, fd=2),
 ]
 
 
@@ -645,6 +667,29 @@ def test_error_round_trip(cls: type[exc.AviatoError], code: ErrorCode) -> None:
     if isinstance(original, exc.SandboxFileError):
         assert isinstance(back, exc.SandboxFileError)
         assert back.filepath == "/tmp/x.txt"
+
+
+@pytest.mark.parametrize("cls", list(exc.FILE_ERROR_KINDS.values()), ids=lambda c: c.__name__)
+def test_file_error_kinds_round_trip(cls: type[exc.SandboxFileError]) -> None:
+    """A missing path, a directory, a file, a bad path: each its own class (and the
+    builtin it also is) on the client, with its filepath."""
+    reply = decode(encode(error_reply(cls("no", filepath="/x", sandbox_id="sb-7")), 1)).msg
+    assert isinstance(reply, ErrorReply) and reply.code is ErrorCode.FILE_ERROR
+    back = to_exception(reply)
+    assert type(back) is cls and back.filepath == "/x" and back.sandbox_id == "sb-7"
+    builtin = {"not_found": FileNotFoundError, "bad_path": ValueError}.get(cls.KIND, OSError)
+    assert isinstance(back, builtin)
+    # an unknown kind (a newer agent): the base class
+    reply = ErrorReply(ErrorCode.FILE_ERROR, "m", {"filepath": "/x", "kind": "new-kind"})
+    assert type(to_exception(reply)) is exc.SandboxFileError
+
+
+def test_path_problem() -> None:
+    assert path_problem("/data/x.bin") == "" and path_problem("/") == ""
+    for bad in ("x", "data/x", "", "/a/../b", "/..", "/a/\x00"):
+        assert path_problem(bad), bad
+    assert path_problem("/", allow_root=False) and path_problem("//", allow_root=False)
+    assert path_problem("/a/..b") == ""  # a name, not a component
 
 
 def test_coded_list_covers_every_mapped_exception_class() -> None:

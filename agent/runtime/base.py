@@ -30,6 +30,7 @@ from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec
 
 if TYPE_CHECKING:
     from agent.runtime.spare_claims import SpareClaims
+    from agent.runtime.streams import RuntimeStreams
     from aviato.link import Header, ProcReply
 
 
@@ -122,6 +123,9 @@ class Runtime(abc.ABC):
     supports_spares: bool = False
     #: Where claims of spares are recorded (set by an agent; see spare_claims.py).
     claims: SpareClaims | None = None
+    #: Logs as they are written, and streamed files where no supervisor serves them
+    #: (agent/runtime/streams.py); None: neither.
+    streams: RuntimeStreams | None = None
 
     def process_backend(self) -> ProcessBackend | None:
         """Where processes go in a sandbox without a supervisor (None: nowhere)."""

@@ -45,6 +45,7 @@ from agent.runtime.docker_bytes import CHUNK, cut, order_log_entries, read_cappe
 from agent.runtime.docker_errors import DockerError, explain, http_status
 from agent.runtime.docker_exec import DockerExec
 from agent.runtime.docker_procs import DockerProcesses
+from agent.runtime.docker_streams import DockerStreams
 from aviato.exceptions import (
     SandboxError,
     SandboxFailedError,
@@ -128,6 +129,7 @@ class DockerRuntime(Runtime):
         self._spare_env: dict[str, dict[str, str]] = {}  # claimed spare -> its spec's env
         self._exec = DockerExec(lambda: self._api, self._pool, self._engine_error)
         self._procs = DockerProcesses(lambda: self._api, self._exec_target)
+        self.streams = DockerStreams(self)  # logs as written; files without a supervisor
 
     # ------------------------------------------------------------------ plumbing
 

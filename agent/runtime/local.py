@@ -49,6 +49,7 @@ from agent.runtime.base import (
 )
 from agent.runtime.cgroups import Cgroups
 from agent.runtime.parked import Parked, ParkedPool
+from agent.runtime.streams import LocalStreams
 from agent.supervisor import LOG_MAGIC, LOG_RECORD
 from agent.supervisor_launch import supervisor_command
 from aviato.exceptions import SandboxFailedError, SandboxNotRunningError
@@ -235,6 +236,7 @@ class LocalRuntime(Runtime):
         self._exits: asyncio.Queue[SandboxExit | None] = asyncio.Queue()
         self._waiters: set[asyncio.Task[None]] = set()
         self._ended_logs: dict[str, builtins.list[OutputChunk]] = {}
+        self.streams = LocalStreams(self)  # logs as written (files: the supervisor's)
         #: Agent ids we made directories for: only those are ours to tidy at close
         #: (another agent on this host may be creating a sandbox in its own right now).
         self._agent_dirs: set[str] = set()

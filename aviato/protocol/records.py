@@ -78,6 +78,17 @@ class MsgType(enum.IntEnum):
     PROCESS_RESIZE = 105
     PROCESS_LIST = 106
     PROCESS_REPLY = 107
+    # client <-> agent: streamed files and logs (protocol/files.py), 120-139
+    DOWNLOAD_FILE = 120
+    UPLOAD_FILE = 121
+    FILE_CHUNK = 122
+    STREAM_ACK = 123
+    TRANSFER_DONE = 124
+    LIST_FILES = 125
+    FILE_LIST_REPLY = 126
+    REMOVE_FILE = 127
+    STREAM_LOGS = 128
+    LOG_CHUNK = 129
 
 
 class SandboxStatus(enum.StrEnum):
