@@ -23,13 +23,16 @@ from aviato.exceptions import (
     SandboxFailedError,
     SandboxFileError,
     SandboxNotFoundError,
+    SandboxNotPausedError,
     SandboxNotRunningError,
+    SandboxPausedError,
     SandboxTerminatedError,
     SandboxTimeoutError,
     UnauthorizedError,
+    UnsupportedOperationError,
     WorkerLostError,
 )
-from aviato.protocol import PROTOCOL_VERSION, SandboxStatus
+from aviato.protocol import PROTOCOL_VERSION, EndedBy, SandboxStatus, SnapshotInfo
 
 if TYPE_CHECKING:
     from aviato._defaults import SandboxDefaults
@@ -76,6 +79,7 @@ __all__ = [
     "AviatoError",
     "ClusterUnavailableError",
     "ConfigurationError",
+    "EndedBy",
     "ExecResult",
     "ExecStream",
     "FunctionError",
@@ -92,14 +96,18 @@ __all__ = [
     "SandboxFailedError",
     "SandboxFileError",
     "SandboxNotFoundError",
+    "SandboxNotPausedError",
     "SandboxNotRunningError",
     "SandboxPage",
+    "SandboxPausedError",
     "SandboxStatus",
     "SandboxTerminatedError",
     "SandboxTimeoutError",
     "Serialization",
     "Session",
+    "SnapshotInfo",
     "UnauthorizedError",
+    "UnsupportedOperationError",
     "WorkerLostError",
     "__version__",
 ]

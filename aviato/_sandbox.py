@@ -24,6 +24,7 @@ from aviato._defaults import SandboxDefaults
 from aviato._exec import ExecStream
 from aviato._exec import exec_argv as _argv
 from aviato._exec import stdin_payloads as _stdin_payloads
+from aviato._lifecycle import SandboxLifecycle
 from aviato._options import SandboxOptions, as_args
 from aviato._tasks import TaskGroup, default_tasks
 from aviato._types import ExecResult, OutputChunk
@@ -79,7 +80,7 @@ def _list_request(
     cursor: str,
 ) -> ListSandboxes:
     statuses = (
-        (SandboxStatus.CREATING, SandboxStatus.RUNNING)
+        (SandboxStatus.CREATING, SandboxStatus.RUNNING, SandboxStatus.PAUSED)
         if status is None
         else tuple(SandboxStatus(s) for s in status)
     )
@@ -129,7 +130,7 @@ async def scheduler_connection(
     )
 
 
-class Sandbox:
+class Sandbox(SandboxLifecycle):
     """A sandbox: create it (``start()`` or ``async with``), run commands, stop it.
 
     ``Sandbox(command="sleep", args=["infinity"])`` describes one; nothing runs
@@ -153,6 +154,7 @@ class Sandbox:
         _session: Session | None = None,
         _function_worker: bool = False,
         _merged: SandboxOptions | None = None,
+        idle_timeout_seconds: float | None = None,
     ) -> None:
         """``_merged``: options merged over the defaults already (a function worker's),
         used instead of the arguments."""
@@ -170,6 +172,7 @@ class Sandbox:
                 cpus=cpus,
                 network=network,
                 working_dir=working_dir,
+                idle_timeout_seconds=idle_timeout_seconds,
             )
             _merged = mine.over(self._defaults.options())
         self._spec: SandboxSpec = SandboxSpec.of(
@@ -528,6 +531,7 @@ class Sandbox:
             raise SandboxTerminatedError(
                 f"sandbox {info.sandbox_id} was terminated: {info.reason}",
                 sandbox_id=info.sandbox_id,
+                ended_by=info.ended_by,
             )
         return info.exit_code
 

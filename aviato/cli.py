@@ -5,6 +5,7 @@ aviato keys DIR [--agents N] [--clients M] [--force]   a cluster's CURVE keys
 aviato scheduler --bind ...    same as ``python -m scheduler``
 aviato agent --scheduler ...   same as ``python -m agent``
 aviato status | ps [-q] [--tag T] [--all] | stop ID... | exec ID -- CMD... | logs ID
+aviato pause|resume ID... | extend ID SECONDS | snapshot ID | snapshot ls | snapshot rm IMAGE...
 The options --scheduler, --timeout, --keys and --client-key go before or after the
 command; --format json prints status and ps as JSON. ps draws its first 100 rows;
 -q, --format json and --all stream every row, page by page.
@@ -22,6 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from aviato._cli_lifecycle import COMMANDS as LIFECYCLE_COMMANDS
+from aviato._cli_lifecycle import add_commands as add_lifecycle_commands
 from aviato._cli_output import (
     AGENT_COLUMNS,
     SANDBOX_COLUMNS,
@@ -362,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("command", nargs=argparse.REMAINDER)
     logs = command("logs", help="a sandbox's output")
     logs.add_argument("id")
+    add_lifecycle_commands(command)
     return p
 
 
@@ -423,6 +427,9 @@ def _run(argv: list[str]) -> int:
     if args.cmd == "exec" and not [c for c in args.command if c != "--"]:
         raise ConfigurationError("exec: give a command after the id: aviato exec ID -- echo hi")
     handlers = {"status": _status, "ps": _ps, "stop": _stop, "exec": _exec, "logs": _logs}
+    lifecycle = LIFECYCLE_COMMANDS.get(args.cmd)
+    if lifecycle is not None:
+        return asyncio.run(lifecycle(args, _defaults(args)))
     return asyncio.run(handlers[args.cmd](args))
 
 

@@ -36,22 +36,27 @@ from aviato.protocol import (
     Exec,
     ExecChunk,
     ExecReply,
+    ExtendLifetime,
     FileReply,
     GetLogs,
     GetSandbox,
     HeartbeatReply,
     ListSandboxes,
+    ListSnapshots,
     LogsReply,
     Message,
     MsgType,
     OkReply,
+    PauseSandbox,
     Ping,
     PlaceSandbox,
     Pong,
     ReadFile,
     RegisterAgent,
     RegisterReply,
+    RemoveSnapshot,
     RunCalls,
+    SandboxActivity,
     SandboxExited,
     SandboxInfo,
     SandboxListReply,
@@ -61,6 +66,10 @@ from aviato.protocol import (
     SessionClose,
     SessionCloseReply,
     SessionKeepalive,
+    SnapshotInfo,
+    SnapshotListReply,
+    SnapshotReply,
+    SnapshotSandbox,
     SpareShape,
     StopSandbox,
     WaitSandbox,
@@ -120,6 +129,21 @@ AGENT = AgentInfo(
 )
 
 #: One representative instance per message class, with non-default values.
+#: Lifecycle messages (aviato/protocol/lifecycle.py, MsgType 140-159).
+_SNAP = SnapshotInfo(
+    "aviato-snapshot:0123456789ab-sb-00000001-17", "agent-a", "sb-1", "python:3.11", 1.5, 99
+)
+LIFECYCLE_SAMPLES: list[Message] = [
+    ExtendLifetime(sandbox_id="sb-1", seconds=600.0),
+    PauseSandbox(sandbox_id="sb-1", pause=False),
+    SandboxActivity(agent_id="agent-a", sandbox_ids=("sb-1", "sb-2")),
+    SnapshotSandbox(sandbox_id="sb-1"),
+    SnapshotReply(snapshot=_SNAP),
+    ListSnapshots(),
+    SnapshotListReply(snapshots=(_SNAP, _SNAP)),
+    RemoveSnapshot(image=_SNAP.image),
+]
+
 SAMPLES: list[Message] = [
     OkReply(),
     ErrorReply(ErrorCode.NOT_FOUND, "no such sandbox", {"sandbox_id": "sb-1", "n": [1, 2]}),
@@ -193,6 +217,7 @@ SAMPLES: list[Message] = [
         sandbox_id="sb-9",
         outcomes=(CallOutcome(1, "ok", 0.25), CallOutcome(2, "lost", 0.0, "worker died")),
     ),
+    *LIFECYCLE_SAMPLES,
 ]
 
 
@@ -596,6 +621,9 @@ CODED: list[tuple[type[exc.AviatoError], ErrorCode]] = [
     (exc.SandboxTerminatedError, ErrorCode.TERMINATED),
     (exc.SandboxFileError, ErrorCode.FILE_ERROR),
     (exc.PayloadTooLargeError, ErrorCode.TOO_LARGE),
+    (exc.SandboxPausedError, ErrorCode.PAUSED),
+    (exc.SandboxNotPausedError, ErrorCode.NOT_PAUSED),
+    (exc.UnsupportedOperationError, ErrorCode.UNSUPPORTED),
 ]
 
 

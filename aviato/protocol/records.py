@@ -69,6 +69,15 @@ class MsgType(enum.IntEnum):
     # client <-> agent <-> function worker
     RUN_CALLS = 70
     CALL_RESULTS = 71
+    # lifecycle: idle timeouts, lifetimes, pause, snapshots (aviato/protocol/lifecycle.py)
+    EXTEND_LIFETIME = 140
+    PAUSE_SANDBOX = 141
+    SANDBOX_ACTIVITY = 142
+    SNAPSHOT_SANDBOX = 143
+    SNAPSHOT_REPLY = 144
+    LIST_SNAPSHOTS = 145
+    SNAPSHOT_LIST_REPLY = 146
+    REMOVE_SNAPSHOT = 147
 
 
 class SandboxStatus(enum.StrEnum):
@@ -77,6 +86,8 @@ class SandboxStatus(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     TERMINATED = "terminated"
+    #: Its processes frozen (``sb.pause()``): memory and slot kept, no CPU used.
+    PAUSED = "paused"
 
     @property
     def is_terminal(self) -> bool:
@@ -104,6 +115,12 @@ class ErrorCode(enum.StrEnum):
     #: An agent id that a live agent holds (a second agent asked to register with it).
     ID_IN_USE = "id_in_use"
     INTERNAL = "internal"
+    #: The sandbox is paused (an exec, a file, a second pause): resume it first.
+    PAUSED = "paused"
+    #: Resume of a sandbox that is not paused.
+    NOT_PAUSED = "not_paused"
+    #: The sandbox's runtime cannot do this (the message names the runtime and why).
+    UNSUPPORTED = "unsupported"
 
 
 # --------------------------------------------------------------------------- records
@@ -127,6 +144,8 @@ class SandboxSpec:
     working_dir: str | None = None
     #: Runs aviato's function worker: the agent mounts the worker and its socket in.
     function_worker: bool = False
+    #: Stopped after this long with no exec, process, file or call activity.
+    idle_timeout_seconds: float | None = None
 
     @classmethod
     def of(
@@ -169,6 +188,9 @@ class SandboxInfo:
     #: The agent's local lane (``unix:<host key>:<path>``; see aviato/_lane.py), which
     #: a client on its host uses instead of ``agent_address``; "" when it has none.
     agent_lane: str = ""
+    #: Which limit (or who) ended it: an ``EndedBy`` value ("" while it runs, or when
+    #: its command ended by itself or it failed).
+    ended_by: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +247,9 @@ class AgentInfo:
     lane: str = ""
     #: Pre-started spare sandboxes it holds ready: each fills one of its free slots.
     spares: int = 0
+    #: Its data plane's CURVE public key (z85; "" when keys are off): a client reaches
+    #: the agent itself with it (``aviato snapshot ls``).
+    public_key: str = ""
 
 
 # --------------------------------------------------------------------------- messages
