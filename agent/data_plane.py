@@ -17,6 +17,7 @@ from agent.checks import request_problem, shown
 from agent.file_streams import FileStreams
 from agent.kept_logs import KeptLogs
 from agent.lane_server import LaneServer
+from agent.lifecycle import AgentLifecycle, data_handlers
 from agent.processes import ProcessRequests
 from agent.runtime.base import ExitStatus, Runtime
 from agent.supervisor_hub import WorkerHub
@@ -107,6 +108,12 @@ class DataPlane:
         self._handlers.update(self.files.handlers())
         #: Requests under way, by (client, request id): a Cancel stops one.
         self._inflight: dict[tuple[bytes, int], asyncio.Task[None]] = {}
+        #: Activity, pause and snapshots (agent/lifecycle.py), once the agent sets it.
+        self.lifecycle: AgentLifecycle | None = None
+
+    def use_lifecycle(self, life: AgentLifecycle) -> None:
+        self.lifecycle = life
+        self._handlers.update(data_handlers(life, self.send_now))
 
     async def serve(self, sock: zmq.asyncio.Socket) -> None:
         """Serve the ROUTER socket's requests (until cancelled)."""
@@ -149,6 +156,12 @@ class DataPlane:
         if problem:
             self.send_now(identity, decoded.request_id, ErrorReply(ErrorCode.BAD_REQUEST, problem))
             return
+        life = self.lifecycle
+        if life is not None:  # activity for idle timeouts; a paused sandbox refuses
+            refusal = life.on_request(msg)
+            if refusal is not None:
+                self.send_now(identity, decoded.request_id, refusal)
+                return
         if type(msg) is RunCalls:
             try:
                 assert self.hub is not None
@@ -187,7 +200,11 @@ class DataPlane:
         self, handler: Callable[[bytes, Decoded], Awaitable[None]], identity: bytes, d: Decoded
     ) -> None:
         try:
-            await handler(identity, d)
+            if self.lifecycle is None:
+                await handler(identity, d)
+            else:
+                with self.lifecycle.serving(d.msg):
+                    await handler(identity, d)
         except Exception as exc:
             if not isinstance(exc, AviatoError):
                 log.exception("agent: %s failed", type(d.msg).__name__)

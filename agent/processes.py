@@ -1,7 +1,7 @@
 """The agent's side of spawned processes (aviato/protocol/processes.py): each request
 checked, then relayed to the sandbox's supervisor, whose process table holds them
 (agent/process_table.py). A sandbox without a supervisor (an image with no Python)
-refuses them with a ``NotSupportedError`` naming its runtime."""
+refuses them with a ``UnsupportedOperationError`` naming its runtime."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 from agent.checks import shown
 from aviato import link as schema
 from aviato.exceptions import (
-    NotSupportedError,
     PayloadTooLargeError,
     ProcessNotFoundError,
     SandboxError,
+    UnsupportedOperationError,
 )
 from aviato.protocol import (
     MAX_STDIN_CHUNK,
@@ -118,7 +118,7 @@ class ProcessRequests:
         else:
             backend = plane.runtime.process_backend()
             if backend is None:
-                raise NotSupportedError(
+                raise UnsupportedOperationError(
                     f"sandbox {sandbox_id} has no supervisor, so it cannot keep processes "
                     f"(the {plane.runtime.name} runtime needs python3 in the image for "
                     "them); use exec, or an image with Python",

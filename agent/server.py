@@ -24,6 +24,7 @@ from agent.data_plane import DataPlane, Running
 from agent.identity import state_dir
 from agent.kept_logs import KeptLogs
 from agent.lane_server import LaneServer
+from agent.lifecycle import AgentLifecycle
 from agent.runtime.base import (
     LABEL_AGENT,
     LABEL_CREATED,
@@ -58,9 +59,11 @@ from aviato.protocol import (
     HeartbeatReply,
     Message,
     OkReply,
+    PauseSandbox,
     PlaceSandbox,
     RegisterAgent,
     RegisterReply,
+    SandboxActivity,
     SandboxExited,
     SandboxInfo,
     SandboxReply,
@@ -169,6 +172,8 @@ class AgentServer:
             start=self._spawn,
         )
         self._hub: WorkerHub | None = None
+        self.lifecycle = AgentLifecycle(runtime, agent_id, self.sandboxes, lambda: self._hub)
+        self.plane.use_lifecycle(self.lifecycle)
         #: Where clients on this host reach the data plane without ZeroMQ ("": nowhere).
         self.lane_address = ""
         #: Pre-started spares (agent/spares.py): per image wanted, learned at most.
@@ -407,9 +412,8 @@ class AgentServer:
                 else:
                     leftovers.append(found.sandbox_id)
         for sid, run in self.sandboxes.items():
-            reported.append(
-                SandboxInfo(sid, run.spec, SandboxStatus.RUNNING, created_at=run.created_at)
-            )
+            status = self.lifecycle.status(sid)
+            reported.append(SandboxInfo(sid, run.spec, status, created_at=run.created_at))
         msg = RegisterAgent(
             agent_id=self.agent_id,
             address=self.address,
@@ -481,6 +485,7 @@ class AgentServer:
                     interval = reply.heartbeat_interval
                 if reply.dead_agents:
                     self._sweep_dead_soon(frozenset(reply.dead_agents))
+                await self._report_activity()
             else:
                 misses += 1
                 if misses >= 3:
@@ -557,6 +562,8 @@ class AgentServer:
                 self._spawn(self._on_place(sock, decoded.request_id, msg.sandbox))
             elif isinstance(msg, StopSandbox):
                 self._spawn(self._on_stop(sock, decoded.request_id, msg))
+            elif isinstance(msg, PauseSandbox):
+                self._spawn(self._on_pause(sock, decoded.request_id, msg))
             else:
                 future = self._pending.get(decoded.request_id)
                 if future is not None and not future.done():
@@ -701,6 +708,7 @@ class AgentServer:
             log.info("could not keep the logs of %s: %s", sandbox_id, exc)
 
     def _forget(self, sandbox_id: str, reason: str) -> None:
+        self.lifecycle.forget(sandbox_id)
         if self.sandboxes.pop(sandbox_id, None) is not None and self.spares is not None:
             self.spares.room_freed()
         self.ended[sandbox_id] = reason
@@ -738,3 +746,26 @@ class AgentServer:
         if self._sched is not None:
             # Best effort: a lost report is caught by the heartbeat's running list.
             await self._ask_scheduler(SandboxExited(exit_.sandbox_id, exit_.exit_code, reason), 2.0)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def _report_activity(self) -> None:
+        """The sandboxes busy since the last heartbeat (their idle clocks restart), in
+        one message; its answer is not waited for (the next report repeats the busy)."""
+        ids = self.lifecycle.take_activity()
+        sock = self._sched
+        if ids and sock is not None:
+            self._next_id += 1
+            msg = SandboxActivity(self.agent_id, ids)
+            with contextlib.suppress(zmq.ZMQError):
+                await sock.send_multipart(encode(msg, self._next_id, token=self.token))
+
+    async def _on_pause(self, sock: zmq.asyncio.Socket, request_id: int, msg: PauseSandbox) -> None:
+        try:
+            await self.lifecycle.on_pause(msg)
+        except Exception as exc:
+            if not isinstance(exc, AviatoError):
+                log.exception("agent: %s of %s failed", type(msg).__name__, msg.sandbox_id)
+            await self._reply_scheduler(sock, request_id, error_reply(exc))
+            return
+        await self._reply_scheduler(sock, request_id, OkReply())

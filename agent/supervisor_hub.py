@@ -297,6 +297,12 @@ class WorkerHub:
             and link.hello.result().error is None
         )
 
+    def busy(self, sandbox_id: str) -> bool:
+        """Whether calls, execs or file requests to the sandbox are under way (activity
+        that resets its idle clock while it lasts)."""
+        link = self._links.get(sandbox_id)
+        return link is not None and bool(link.routes or link.pending)
+
     async def _ask(
         self, sandbox_id: str, request: Callable[[int], Header], blobs: Sequence[Payload] = ()
     ) -> tuple[int, asyncio.Queue[tuple[Reply, list[memoryview]]], WorkerLink]:

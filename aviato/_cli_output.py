@@ -61,6 +61,7 @@ def sandbox_record(info: SandboxInfo) -> dict[str, Any]:
         "runtime": info.runtime,
         "exit_code": info.exit_code,
         "reason": info.reason,
+        "ended_by": info.ended_by,
         "created_at": info.created_at,
         "deadline": info.deadline,
     }

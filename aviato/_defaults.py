@@ -49,6 +49,8 @@ class SandboxDefaults:
     #: Reach an agent on this host over its local lane (a Unix socket) rather than
     #: ZeroMQ; else $AVIATO_LOCAL_LANE ("0" turns it off); else on.
     local_lane: bool | None = None
+    #: Each sandbox is stopped after this long with no exec, process, file or call.
+    idle_timeout_seconds: float | None = None
 
     def __post_init__(self) -> None:
         # Accept lists for convenience; keep the frozen value hashable-ish and immutable.

@@ -23,8 +23,10 @@ _CODE_TO_EXC: dict[ErrorCode, type[exc.AviatoError]] = {
     ErrorCode.UNAVAILABLE: exc.ClusterUnavailableError,
     ErrorCode.ID_IN_USE: exc.AgentIdInUseError,
     ErrorCode.PROCESS_NOT_FOUND: exc.ProcessNotFoundError,
-    ErrorCode.UNSUPPORTED: exc.NotSupportedError,
+    ErrorCode.UNSUPPORTED: exc.UnsupportedOperationError,
     ErrorCode.INTERNAL: exc.AviatoError,
+    ErrorCode.PAUSED: exc.SandboxPausedError,
+    ErrorCode.NOT_PAUSED: exc.SandboxNotPausedError,
 }
 
 
@@ -42,6 +44,13 @@ def to_exception(reply: ErrorReply) -> exc.AviatoError:
             else exc.SandboxFileError
         )
         return file_cls(reply.message, filepath=str(filepath or ""), sandbox_id=sandbox_id)
+    if cls is exc.SandboxTerminatedError:
+        ended_by = reply.detail.get("ended_by")
+        return exc.SandboxTerminatedError(
+            reply.message,
+            sandbox_id=sandbox_id,
+            ended_by=ended_by if isinstance(ended_by, str) else "",
+        )
     if issubclass(cls, exc.SandboxError):
         return cls(reply.message, sandbox_id=sandbox_id)
     return cls(reply.message)

@@ -62,6 +62,7 @@ class SandboxOptions:
     pids_limit: int | None = None
     network: str | None = None
     working_dir: str | None = None
+    idle_timeout_seconds: float | None = None
 
     def __post_init__(self) -> None:
         if self.args is not None and not isinstance(self.args, tuple):
@@ -110,6 +111,12 @@ class SandboxOptions:
         if lifetime is not None and not 0 < lifetime < math.inf:
             out.append(
                 f"max_lifetime_seconds must be positive and finite (or None), got {lifetime}"
+            )
+        idle = self.idle_timeout_seconds
+        if idle is not None and not 0 < idle < math.inf:
+            out.append(
+                f"idle_timeout_seconds must be positive and finite (or None: no idle "
+                f"timeout), got {idle}"
             )
         if self.memory_bytes is not None and self.memory_bytes < MIN_MEMORY_BYTES:
             out.append(f"memory_bytes must be at least 6 MiB, got {self.memory_bytes}")

@@ -25,6 +25,7 @@ from aviato._exec import ExecStream
 from aviato._exec import exec_argv as _argv
 from aviato._exec import stdin_payloads as _stdin_payloads
 from aviato._files import SandboxFiles
+from aviato._lifecycle import SandboxLifecycle
 from aviato._options import SandboxOptions, as_args
 from aviato._process import Process, ProcessInfo, attach, list_processes
 from aviato._process import spawn as _spawn
@@ -82,7 +83,7 @@ def _list_request(
     cursor: str,
 ) -> ListSandboxes:
     statuses = (
-        (SandboxStatus.CREATING, SandboxStatus.RUNNING)
+        (SandboxStatus.CREATING, SandboxStatus.RUNNING, SandboxStatus.PAUSED)
         if status is None
         else tuple(SandboxStatus(s) for s in status)
     )
@@ -132,7 +133,7 @@ async def scheduler_connection(
     )
 
 
-class Sandbox(SandboxFiles):
+class Sandbox(SandboxFiles, SandboxLifecycle):
     """A sandbox: create it (``start()`` or ``async with``), run commands, stop it.
 
     ``Sandbox(command="sleep", args=["infinity"])`` describes one; nothing runs
@@ -156,6 +157,7 @@ class Sandbox(SandboxFiles):
         _session: Session | None = None,
         _function_worker: bool = False,
         _merged: SandboxOptions | None = None,
+        idle_timeout_seconds: float | None = None,
     ) -> None:
         """``_merged``: options merged over the defaults already (a function worker's),
         used instead of the arguments."""
@@ -173,6 +175,7 @@ class Sandbox(SandboxFiles):
                 cpus=cpus,
                 network=network,
                 working_dir=working_dir,
+                idle_timeout_seconds=idle_timeout_seconds,
             )
             _merged = mine.over(self._defaults.options())
         self._spec: SandboxSpec = SandboxSpec.of(
@@ -531,6 +534,7 @@ class Sandbox(SandboxFiles):
             raise SandboxTerminatedError(
                 f"sandbox {info.sandbox_id} was terminated: {info.reason}",
                 sandbox_id=info.sandbox_id,
+                ended_by=info.ended_by,
             )
         return info.exit_code
 

@@ -6,6 +6,7 @@ aviato scheduler --bind ...    same as ``python -m scheduler``
 aviato agent --scheduler ...   same as ``python -m agent``
 aviato status | ps [-q] [--tag T] [--all] | stop ID... | exec [-it] ID -- CMD... | logs [-f] ID
 aviato cp LOCAL ID:/path | cp ID:/path LOCAL   files of any size, like docker cp
+aviato pause|resume ID... | extend ID SECONDS | snapshot ID | snapshot ls | snapshot rm IMAGE...
 The options --scheduler, --timeout, --keys and --client-key go before or after the
 command; --format json prints status and ps as JSON. ps draws its first 100 rows;
 -q, --format json and --all stream every row, page by page.
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from aviato import _cli_files
+from aviato._cli_lifecycle import COMMANDS as LIFECYCLE_COMMANDS
+from aviato._cli_lifecycle import add_commands as add_lifecycle_commands
 from aviato._cli_output import (
     AGENT_COLUMNS,
     SANDBOX_COLUMNS,
@@ -383,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-f", "--follow", action="store_true", help="then as it is written, until it ends"
     )
     _cli_files.add_cp(command)
+    add_lifecycle_commands(command)
     return p
 
 
@@ -446,6 +450,9 @@ def _run(argv: list[str]) -> int:
     handlers = {"status": _status, "ps": _ps, "stop": _stop, "exec": _exec, "logs": _logs}
     if args.cmd == "cp":
         return asyncio.run(_cli_files.cp(args, _defaults(args)))
+    lifecycle = LIFECYCLE_COMMANDS.get(args.cmd)
+    if lifecycle is not None:
+        return asyncio.run(lifecycle(args, _defaults(args)))
     return asyncio.run(handlers[args.cmd](args))
 
 

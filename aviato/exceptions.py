@@ -14,8 +14,11 @@ Every error a user can see is one of these; the daemons send a wire error code
     └── SandboxError
         ├── SandboxNotFoundError       no sandbox with that id
         ├── SandboxNotRunningError     not started yet, or already stopped / exited
+        │   └── SandboxPausedError     paused (sb.pause()): resume it before exec, files, calls
+        ├── SandboxNotPausedError      resume() of a sandbox that is not paused
+        ├── UnsupportedOperationError  the sandbox's runtime cannot do this (says which, why)
         ├── SandboxTimeoutError        a deadline passed (queue, exec, request); also TimeoutError
-        ├── SandboxTerminatedError     stopped by a user, its lifetime or its session's lease
+        ├── SandboxTerminatedError     stopped by a user, a limit (.ended_by) or its session
         ├── SandboxFailedError         could not start (bad image, ...) or its agent was lost
         │   └── WorkerLostError        a remote call's worker died (killed, OOM) past its retries
         │       └── ActorLostError     an actor's worker died: the instance's state is gone
@@ -27,7 +30,6 @@ Every error a user can see is one of these; the daemons send a wire error code
         │   └── SandboxPathError           not absolute, or has '..'; also ValueError
         ├── PayloadTooLargeError       a message above the size limit; nothing was sent
         ├── ProcessNotFoundError       no spawned process with that id in the sandbox
-        ├── NotSupportedError          the sandbox's runtime cannot do this (says which, why)
         ├── FunctionSerializationError a function or argument cannot be pickled
         └── AsyncFunctionError         @session.function() on an async def; also TypeError
 """
@@ -108,6 +110,19 @@ class SandboxNotRunningError(SandboxError):
     """The sandbox is not running (never started, stopped, or exited)."""
 
 
+class SandboxPausedError(SandboxNotRunningError):
+    """The sandbox is paused: its processes are frozen. ``await sb.resume()`` first."""
+
+
+class SandboxNotPausedError(SandboxError):
+    """``resume()`` of a sandbox that is not paused (running, or still starting)."""
+
+
+class UnsupportedOperationError(SandboxError):
+    """The sandbox's runtime cannot do this operation; the message names the runtime
+    and why (e.g. no cgroup freezer for pause on the local runtime)."""
+
+
 class SandboxTimeoutError(SandboxError, TimeoutError):
     """A deadline passed: waiting for a slot, an exec, or a request."""
 
@@ -123,7 +138,13 @@ class SandboxTimeoutError(SandboxError, TimeoutError):
 
 
 class SandboxTerminatedError(SandboxError):
-    """The sandbox was stopped by a user, its max lifetime, or its session's lease."""
+    """The sandbox was stopped by a user, its max lifetime, its idle timeout, or its
+    session's lease. ``ended_by`` says which: "stopped", "max_lifetime",
+    "idle_timeout", "session" (``aviato.protocol.EndedBy``), or "" when not known."""
+
+    def __init__(self, message: str, *, sandbox_id: str | None = None, ended_by: str = "") -> None:
+        super().__init__(message, sandbox_id=sandbox_id)
+        self.ended_by = ended_by
 
 
 class SandboxFailedError(SandboxError):
@@ -207,11 +228,6 @@ class ProcessNotFoundError(SandboxError):
     sandbox that spawned it; ``sb.processes()`` lists them)."""
 
 
-class NotSupportedError(SandboxError):
-    """The sandbox's runtime cannot do what was asked; the message names the runtime and
-    why (e.g. processes need a Python in the image)."""
-
-
 class FunctionSerializationError(SandboxError):
     """A function, or one of its arguments, cannot be serialized."""
 
@@ -230,4 +246,6 @@ def error_detail(exc: BaseException) -> dict[str, Any]:
         kind = getattr(exc, "KIND", "")
         if kind:
             detail["kind"] = kind
+    if isinstance(exc, SandboxTerminatedError) and exc.ended_by:
+        detail["ended_by"] = exc.ended_by
     return detail

@@ -22,7 +22,7 @@ from aviato.protocol import (
 #: Who is waiting for a reply: opaque to this module (the server uses identity + id).
 ReplyKey = Hashable
 
-ACTIVE = frozenset({SandboxStatus.CREATING, SandboxStatus.RUNNING})
+ACTIVE = frozenset({SandboxStatus.CREATING, SandboxStatus.RUNNING, SandboxStatus.PAUSED})
 #: stops of unknown sandboxes remembered at most (a flood of junk ids stays bounded)
 MAX_STOPPED_UNKNOWN = 10_000
 #: A stop's reply waits for its agent to confirm at most this long (an agent that
@@ -143,6 +143,12 @@ class SandboxRecord:
     stops_unconfirmed: int = 0
     #: Its place in listings (see RowOrder).
     seq: int = 0
+    #: When its idle timeout stops it (activity moves it; None: no idle timeout), and
+    #: the time of its one entry in the idle timers (see scheduler/lifecycle.py).
+    idle_deadline: float | None = None
+    idle_armed: float | None = None
+    #: Which limit (or who) ended it (an ``EndedBy`` value; see SandboxInfo.ended_by).
+    ended_by: str = ""
 
 
 @dataclass(slots=True)

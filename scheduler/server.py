@@ -29,6 +29,7 @@ from aviato.protocol import (
     Envelope,
     ErrorCode,
     ErrorReply,
+    ExtendLifetime,
     Frame,
     GetSandbox,
     HeartbeatReply,
@@ -36,10 +37,12 @@ from aviato.protocol import (
     Message,
     MsgType,
     OkReply,
+    PauseSandbox,
     Ping,
     PlaceSandbox,
     Pong,
     RegisterAgent,
+    SandboxActivity,
     SandboxExited,
     SandboxListReply,
     SandboxReply,
@@ -183,6 +186,9 @@ class SchedulerServer:
             AgentSpares: self._on_spares,
             SandboxExited: self._on_exited,
             Ping: self._on_ping,
+            ExtendLifetime: self._on_extend,
+            PauseSandbox: self._on_pause,
+            SandboxActivity: self._on_activity,
         }
 
     def stop(self) -> None:
@@ -407,6 +413,10 @@ class SchedulerServer:
                     log.warning("no connection to agent %s for %s", action.agent_id, action.msg)
                     if isinstance(action.msg, StopSandbox):  # nobody to wait for
                         self._apply(self.state.stop_confirmed(action.msg.sandbox_id))
+                    elif isinstance(action.msg, PauseSandbox):
+                        why = ErrorReply(ErrorCode.UNAVAILABLE, "no connection to its agent")
+                        sid = action.msg.sandbox_id
+                        self._apply(self.state.pause_done(sid, why, self.clock()))
                     continue
                 self._next_id += 1
                 self._outgoing[(identity, self._next_id)] = Outgoing(action.msg, self.clock())
@@ -426,6 +436,9 @@ class SchedulerServer:
         if isinstance(outgoing.msg, StopSandbox):
             error = msg if isinstance(msg, ErrorReply) else None
             return self.state.stop_confirmed(outgoing.msg.sandbox_id, error)
+        if isinstance(outgoing.msg, PauseSandbox):
+            error = msg if isinstance(msg, ErrorReply) else None
+            return self.state.pause_done(outgoing.msg.sandbox_id, error, now)
         return []
 
     def _on_create(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
@@ -574,3 +587,21 @@ class SchedulerServer:
             return [Reply((identity, d.request_id), OkReply())]
         actions = self.state.sandbox_exited(d.msg.sandbox_id, d.msg.exit_code, d.msg.reason, now)
         return [Reply((identity, d.request_id), OkReply()), *actions]
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _on_extend(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
+        assert isinstance(d.msg, ExtendLifetime)
+        reply = self.state.extend_lifetime(d.msg.sandbox_id, d.msg.seconds, now)
+        return [Reply((identity, d.request_id), reply)]
+
+    def _on_pause(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
+        assert isinstance(d.msg, PauseSandbox)
+        key = (identity, d.request_id)
+        return self.state.request_pause(key, d.msg.sandbox_id, d.msg.pause, now)
+
+    def _on_activity(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
+        assert isinstance(d.msg, SandboxActivity)
+        if self._agent_identity.get(d.msg.agent_id) == identity:  # only from the agent
+            self.state.activity(d.msg.agent_id, d.msg.sandbox_ids, now)
+        return [Reply((identity, d.request_id), OkReply())]

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 
 from aviato.protocol import (
     ClusterStatusReply,
+    EndedBy,
     ErrorCode,
     ErrorReply,
     Message,
@@ -27,6 +28,7 @@ from aviato.protocol import (
     StopSandbox,
     spare_key,
 )
+from scheduler.lifecycle import LifecycleState
 from scheduler.queries import Filter, list_page, sandbox_info, status_page
 from scheduler.records import (
     _SPEC_FIELDS,
@@ -50,7 +52,6 @@ from scheduler.records import (
     registration_refusal,
     validate_spec,
 )
-from scheduler.tables import Tables
 
 #: The state machine and the records its callers use (defined in scheduler/records.py).
 __all__ = [
@@ -66,8 +67,9 @@ __all__ = [
 ]
 
 
-class SchedulerState(Tables):
-    """The decisions: each event handler takes the time and returns the actions."""
+class SchedulerState(LifecycleState):
+    """The decisions: each event handler takes the time and returns the actions (those
+    of idle timeouts, lifetimes, pause and snapshots are in scheduler/lifecycle.py)."""
 
     #: Session leases that expired (for the metrics).
     leases_expired: int = 0
@@ -157,6 +159,7 @@ class SchedulerState(Tables):
             agent.public_key, agent.lane = msg.public_key, msg.lane
             agent.instance, agent.dead_since = msg.instance, None
             self._set_alive(agent, True)
+        self._agent_added(agent)
         self._set_spares(agent, msg.spares, msg.spare_shapes)
         reported = {s.sandbox_id: s for s in msg.sandboxes}
         adopt: list[str] = []
@@ -168,7 +171,7 @@ class SchedulerState(Tables):
                 if rec.status is SandboxStatus.CREATING and reported_info.status is (
                     SandboxStatus.RUNNING
                 ):
-                    actions += self._started(rec)
+                    actions += self._started(rec, now)
             elif rec is None and not msg.fresh and not self._unwanted(reported_info):
                 adopt.append(sid)
                 actions += self._adopt(reported_info, msg.agent_id, now)
@@ -265,7 +268,7 @@ class SchedulerState(Tables):
             missing = [sid for sid in gone if sid in agent.active]
         for sid in missing:
             rec = self.sandboxes[sid]
-            if rec.status is SandboxStatus.RUNNING:
+            if rec.status in (SandboxStatus.RUNNING, SandboxStatus.PAUSED):
                 actions += self._end(rec, SandboxStatus.COMPLETED, now, "vanished from its agent")
         return actions
 
@@ -283,15 +286,18 @@ class SchedulerState(Tables):
         deadline = None
         if spec.max_lifetime_seconds is not None:
             deadline = reported.created_at + spec.max_lifetime_seconds
+        paused = reported.status is SandboxStatus.PAUSED
         rec = SandboxRecord(
             sandbox_id=reported.sandbox_id,
             spec=spec,
-            status=SandboxStatus.RUNNING,
+            status=SandboxStatus.PAUSED if paused else SandboxStatus.RUNNING,
             created_at=reported.created_at,
             agent_id=agent_id,
             deadline=deadline,
         )
         self._add_row(rec)
+        if not paused:
+            self._arm_idle(rec, now)
         self.agents[agent_id].active.add(rec.sandbox_id)
         if spec.session_id and spec.session_id not in self.sessions:
             # The client, if alive, renews this with its next keepalive.
@@ -312,6 +318,9 @@ class SchedulerState(Tables):
         problem = validate_spec(spec) or _check_sandbox_id(sandbox_id)
         if problem:
             return [Reply(key, ErrorReply(ErrorCode.BAD_REQUEST, problem))]
+        refusal = self.snapshot_problem(spec)
+        if refusal is not None:
+            return [Reply(key, refusal)]
         why_not = self._no_agents(now)
         if why_not:
             return [Reply(key, ErrorReply(ErrorCode.UNAVAILABLE, why_not))]
@@ -375,7 +384,12 @@ class SchedulerState(Tables):
     def choose_agent(self, spec: SandboxSpec | None = None) -> AgentRecord | None:
         """An agent holding a ready spare of ``spec``'s shape (the most of them; ties
         by id), so that the create is ready in milliseconds; else spread: the live agent
-        with the most free slots (ties by id, for determinism). From the indexes."""
+        with the most free slots (ties by id, for determinism). From the indexes. A
+        snapshot's create goes to the agent holding it, or waits for it."""
+        if spec is not None and self._snapshot_keys:
+            snapshot, keeper = self.snapshot_agent(spec)  # its agent, or none yet
+            if snapshot:
+                return keeper
         if spec is not None and self._spares:
             key = spare_key(spec)
             holder = self._spares.best(key) if key is not None else None
@@ -454,10 +468,11 @@ class SchedulerState(Tables):
                 detail = {**error.detail, "sandbox_id": sandbox_id}
                 actions.append(Reply(creator, ErrorReply(error.code, error.message, detail)))
             return actions
-        return self._started(rec)
+        return self._started(rec, now)
 
-    def _started(self, rec: SandboxRecord) -> list[Action]:
+    def _started(self, rec: SandboxRecord, now: float) -> list[Action]:
         self._set_status(rec, SandboxStatus.RUNNING)
+        self._arm_idle(rec, now)
         self._placing.pop(rec.sandbox_id, None)
         actions: list[Action] = []
         if rec.creator is not None:
@@ -494,7 +509,9 @@ class SchedulerState(Tables):
             return _not_found(sandbox_id), []
         actions: list[Action] = []
         if rec.status in ACTIVE:
-            actions = self._end(rec, SandboxStatus.TERMINATED, now, reason, stop=True)
+            actions = self._end(
+                rec, SandboxStatus.TERMINATED, now, reason, stop=True, ended_by=EndedBy.STOPPED
+            )
         if key is not None and self._stop_in_flight(rec):
             # Answered once the agent has stopped it: a handle made after this reply
             # must find nothing left to exec in (see stop_confirmed).
@@ -547,8 +564,10 @@ class SchedulerState(Tables):
         reason: str,
         *,
         stop: bool = False,
+        ended_by: str = "",
     ) -> list[Action]:
-        """Move an active sandbox to a terminal status; free its slot; wake waiters."""
+        """Move an active sandbox to a terminal status; free its slot; wake waiters.
+        ``ended_by``: which limit (or who) ended it, an ``EndedBy`` value."""
         actions: list[Action] = []
         agent = self.agents.get(rec.agent_id) if rec.agent_id else None
         if agent is not None:
@@ -558,11 +577,14 @@ class SchedulerState(Tables):
                 actions.append(self._stop_on_agent(rec, agent.agent_id, reason))
         self._set_status(rec, status)
         rec.reason = reason
+        rec.ended_by = ended_by
         rec.ended_at = now
         self._row_ended(rec, now)
         if rec.creator is not None:
             code = ErrorCode.TERMINATED if status is SandboxStatus.TERMINATED else ErrorCode.FAILED
             detail = {"sandbox_id": rec.sandbox_id}
+            if ended_by:
+                detail["ended_by"] = ended_by
             actions.append(Reply(rec.creator, ErrorReply(code, reason, detail)))
             rec.creator = None
         for waiter in self.waiters.pop(rec.sandbox_id, []):
@@ -613,7 +635,9 @@ class SchedulerState(Tables):
         for sid in sorted(self._by_session.get(session_id, ()), key=lambda s: self.live[s].seq):
             rec = self.live[sid]
             stopped.append(sid)
-            actions += self._end(rec, SandboxStatus.TERMINATED, now, reason, stop=True)
+            actions += self._end(
+                rec, SandboxStatus.TERMINATED, now, reason, stop=True, ended_by=EndedBy.SESSION
+            )
         return stopped, actions
 
     # ------------------------------------------------------------------ time
@@ -637,8 +661,19 @@ class SchedulerState(Tables):
         for sid in self._lifetimes.due(now):
             rec = self.live.get(sid)
             if rec is not None and rec.deadline is not None and now >= rec.deadline:
-                reason = f"max lifetime of {rec.spec.max_lifetime_seconds:g}s reached"
-                actions += self._end(rec, SandboxStatus.TERMINATED, now, reason, stop=True)
+                lifetime = rec.deadline - rec.created_at  # extend_lifetime included
+                reason = f"max lifetime of {lifetime:g}s reached"
+                actions += self._end(
+                    rec,
+                    SandboxStatus.TERMINATED,
+                    now,
+                    reason,
+                    stop=True,
+                    ended_by=EndedBy.MAX_LIFETIME,
+                )
+        actions += self._idle_due(now)
+        if self._pausing:
+            actions += self._pauses_due(now)
         late = [sid for sid, when in self._placing.items() if now >= when]
         for sid in late:
             rec = self.live.get(sid)

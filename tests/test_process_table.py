@@ -12,7 +12,7 @@ import pytest
 
 from agent.process_table import READER_GRACE, Backlog
 from agent.processes import ProcessRequests, problem
-from aviato import NotSupportedError, link
+from aviato import UnsupportedOperationError, link
 from aviato.protocol import ReadOutput, ResizeTerminal, SignalProcess, SpawnProcess
 
 
@@ -60,5 +60,5 @@ def test_the_agent_refuses_bad_process_requests() -> None:
 async def test_no_supervisor_and_no_fallback_is_a_typed_refusal_naming_the_runtime() -> None:
     runtime: Any = SimpleNamespace(name="local", process_backend=lambda: None)
     plane: Any = SimpleNamespace(runtime=runtime, hub=None, _check_running=lambda sid: None)
-    with pytest.raises(NotSupportedError, match="the local runtime needs python3"):
+    with pytest.raises(UnsupportedOperationError, match="the local runtime needs python3"):
         await ProcessRequests(plane)._ask("sb-1", functools.partial(link.ProcList))

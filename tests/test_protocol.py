@@ -38,6 +38,7 @@ from aviato.protocol import (
     Exec,
     ExecChunk,
     ExecReply,
+    ExtendLifetime,
     FileChunk,
     FileListReply,
     FileReply,
@@ -47,11 +48,13 @@ from aviato.protocol import (
     ListFiles,
     ListProcesses,
     ListSandboxes,
+    ListSnapshots,
     LogChunk,
     LogsReply,
     Message,
     MsgType,
     OkReply,
+    PauseSandbox,
     Ping,
     PlaceSandbox,
     Pong,
@@ -63,8 +66,10 @@ from aviato.protocol import (
     RegisterAgent,
     RegisterReply,
     RemoveFile,
+    RemoveSnapshot,
     ResizeTerminal,
     RunCalls,
+    SandboxActivity,
     SandboxExited,
     SandboxInfo,
     SandboxListReply,
@@ -75,6 +80,10 @@ from aviato.protocol import (
     SessionCloseReply,
     SessionKeepalive,
     SignalProcess,
+    SnapshotInfo,
+    SnapshotListReply,
+    SnapshotReply,
+    SnapshotSandbox,
     SpareShape,
     SpawnProcess,
     StopSandbox,
@@ -141,6 +150,21 @@ AGENT = AgentInfo(
 )
 
 #: One representative instance per message class, with non-default values.
+#: Lifecycle messages (aviato/protocol/lifecycle.py, MsgType 140-159).
+_SNAP = SnapshotInfo(
+    "aviato-snapshot:0123456789ab-sb-00000001-17", "agent-a", "sb-1", "python:3.11", 1.5, 99
+)
+LIFECYCLE_SAMPLES: list[Message] = [
+    ExtendLifetime(sandbox_id="sb-1", seconds=600.0),
+    PauseSandbox(sandbox_id="sb-1", pause=False),
+    SandboxActivity(agent_id="agent-a", sandbox_ids=("sb-1", "sb-2")),
+    SnapshotSandbox(sandbox_id="sb-1"),
+    SnapshotReply(snapshot=_SNAP),
+    ListSnapshots(),
+    SnapshotListReply(snapshots=(_SNAP, _SNAP)),
+    RemoveSnapshot(image=_SNAP.image),
+]
+
 SAMPLES: list[Message] = [
     OkReply(),
     ErrorReply(ErrorCode.NOT_FOUND, "no such sandbox", {"sandbox_id": "sb-1", "n": [1, 2]}),
@@ -234,6 +258,7 @@ SAMPLES: list[Message] = [
     RemoveFile(sandbox_id="sb-1", path="/data/tmp", recursive=True),
     StreamLogs(sandbox_id="sb-1", follow=True, window=2),
     LogChunk(seq=9, fd=2),
+    *LIFECYCLE_SAMPLES,
 ]
 
 
@@ -638,7 +663,10 @@ CODED: list[tuple[type[exc.AviatoError], ErrorCode]] = [
     (exc.SandboxFileError, ErrorCode.FILE_ERROR),
     (exc.PayloadTooLargeError, ErrorCode.TOO_LARGE),
     (exc.ProcessNotFoundError, ErrorCode.PROCESS_NOT_FOUND),
-    (exc.NotSupportedError, ErrorCode.UNSUPPORTED),
+    (exc.UnsupportedOperationError, ErrorCode.UNSUPPORTED),
+    (exc.SandboxPausedError, ErrorCode.PAUSED),
+    (exc.SandboxNotPausedError, ErrorCode.NOT_PAUSED),
+    (exc.UnsupportedOperationError, ErrorCode.UNSUPPORTED),
 ]
 
 

@@ -871,6 +871,7 @@ def test_status_counts() -> None:
     assert reply.sandbox_counts == {
         "creating": 2,
         "running": 1,
+        "paused": 0,
         "completed": 0,
         "failed": 0,
         "terminated": 1,

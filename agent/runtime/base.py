@@ -26,6 +26,7 @@ from agent.runtime.labels import LABEL_SPEC as LABEL_SPEC
 from agent.runtime.labels import sandbox_labels as sandbox_labels
 from agent.runtime.labels import spec_from_labels as spec_from_labels
 from aviato._types import OutputChunk as OutputChunk  # the runtimes speak it too
+from aviato.exceptions import SandboxNotFoundError, UnsupportedOperationError
 from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec
 
 if TYPE_CHECKING:
@@ -86,6 +87,16 @@ def tail_chunks(chunks: list[OutputChunk], limit: int) -> list[OutputChunk]:
         kept.append(chunk)
         size += len(chunk.data)
     return [c for c in reversed(kept) if c.data]
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeSnapshot:
+    """A snapshot a runtime holds: an image name a create can take, its labels
+    (``aviato.snapshot.*``: agent, sandbox, base image, created) and its size."""
+
+    image: str
+    labels: dict[str, str]
+    size_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +239,36 @@ class Runtime(abc.ABC):
     ) -> builtins.list[OutputChunk]:
         """The main process's output so far, in the order written, each chunk tagged
         with its stream; ``tail_lines``: about that many of the last lines at most."""
+
+    # Lifecycle (issue 13). A runtime that cannot do one raises
+    # UnsupportedOperationError naming itself and why.
+
+    async def pause(self, sandbox_id: str) -> None:
+        """Freeze every process of the sandbox (memory kept, no CPU used)."""
+        raise UnsupportedOperationError(
+            f"the {self.name} runtime cannot pause sandboxes", sandbox_id=sandbox_id
+        )
+
+    async def resume(self, sandbox_id: str) -> None:
+        """Thaw what ``pause`` froze."""
+        raise UnsupportedOperationError(
+            f"the {self.name} runtime cannot pause or resume sandboxes", sandbox_id=sandbox_id
+        )
+
+    async def snapshot(self, sandbox_id: str, image: str, labels: dict[str, str]) -> int:
+        """Keep the sandbox's filesystem as ``image`` (a create from that image starts
+        with the same files), labelled ``labels``; returns its size in bytes."""
+        raise UnsupportedOperationError(
+            f"the {self.name} runtime cannot snapshot sandboxes", sandbox_id=sandbox_id
+        )
+
+    async def list_snapshots(self, agent_id: str) -> builtins.list[RuntimeSnapshot]:
+        """The snapshots ``agent_id`` took that this runtime holds."""
+        return []
+
+    async def remove_snapshot(self, image: str) -> None:
+        """Remove a snapshot; ``SandboxNotFoundError`` when there is none of that name."""
+        raise SandboxNotFoundError(f"no snapshot {image!r} on this {self.name} runtime")
 
     @abc.abstractmethod
     async def stop(self, sandbox_id: str) -> None:

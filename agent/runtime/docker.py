@@ -44,6 +44,7 @@ from agent.runtime.base import (
 from agent.runtime.docker_bytes import CHUNK, cut, order_log_entries, read_capped, too_large
 from agent.runtime.docker_errors import DockerError, explain, http_status
 from agent.runtime.docker_exec import DockerExec
+from agent.runtime.docker_lifecycle import DockerLifecycle, is_snapshot
 from agent.runtime.docker_procs import DockerProcesses
 from agent.runtime.docker_streams import DockerStreams
 from aviato.exceptions import (
@@ -85,7 +86,7 @@ def docker_available(timeout: float = 2.0) -> bool:
         return False
 
 
-class DockerRuntime(Runtime):
+class DockerRuntime(DockerLifecycle, Runtime):
     name = "docker"
     supports_spares = True
 
@@ -238,8 +239,8 @@ class DockerRuntime(Runtime):
             try:
                 cid: str = api.create_container(image, **kwargs)["Id"]
             except docker.errors.ImageNotFound as exc:
-                if self.pull == "never":
-                    reason = "pull='never'"
+                if self.pull == "never" or is_snapshot(image):
+                    reason = "pull='never'" if self.pull == "never" else "snapshots never are"
                 else:
                     try:
                         self._client.images.pull(image)
@@ -559,6 +560,7 @@ class DockerRuntime(Runtime):
 
     async def stop(self, sandbox_id: str) -> None:
         self._procs.forget(sandbox_id)
+        await self._thaw_before_stop(sandbox_id)  # paused: docker rm -f would hang
         with self._lock:  # claimed here, so the events thread won't report it as an exit
             cid = self._ids.pop(sandbox_id, None)
             self._removing.add(sandbox_id)

@@ -48,6 +48,7 @@ from agent.runtime.base import (
     sandbox_labels,
 )
 from agent.runtime.cgroups import Cgroups
+from agent.runtime.local_lifecycle import LocalLifecycle
 from agent.runtime.parked import Parked, ParkedPool
 from agent.runtime.streams import LocalStreams
 from agent.supervisor import LOG_MAGIC, LOG_RECORD
@@ -195,7 +196,7 @@ def _watch_exit(pid: int) -> asyncio.Future[int]:
     return exited
 
 
-class LocalRuntime(Runtime):
+class LocalRuntime(LocalLifecycle, Runtime):
     supervisor_is_main = True
     #: A spare is a sandbox whose supervised command is the parker (agent/spares.py); a
     #: claim renames its directory and rewrites its labels, which, unlike a container's,
@@ -289,7 +290,8 @@ class LocalRuntime(Runtime):
         labels: dict[str, str],
         mounts: Sequence[Mount] = (),
     ) -> None:
-        python = self._python_for(sandbox_id, spec.image)
+        image, seed = self._seed(sandbox_id, spec.image)  # a snapshot: its image, files
+        python = self._python_for(sandbox_id, image)
         binds = self._interpreter_binds(sandbox_id, python)
         if spec.cpus and not self.cgroups.version:  # setrlimit has no CPU share
             raise SandboxFailedError(
@@ -302,6 +304,8 @@ class LocalRuntime(Runtime):
         self._agent_dirs.add(agent_id)
         home = self._dir(agent_id, sandbox_id)
         (home / "tmp").mkdir(parents=True, exist_ok=True)
+        if seed is not None:
+            await asyncio.to_thread(self._unpack, seed, home / "tmp")
         (home / "bin").mkdir(exist_ok=True)
         for alias in ("python", "python3", Path(python.path).name):
             link = home / "bin" / alias
@@ -557,6 +561,7 @@ class LocalRuntime(Runtime):
         # Without cgroups, setrlimit makes allocations fail instead: no OOM killer.
         oom = self.cgroups.oom_killed(group)
         await asyncio.to_thread(self.cgroups.remove, group)
+        await asyncio.to_thread(self._unfreeze_gone, sandbox_id, group)
         await self._exits.put(SandboxExit(sandbox_id, exit_code, oom))
 
     # ------------------------------------------------------------------ the rest
@@ -608,6 +613,7 @@ class LocalRuntime(Runtime):
         home = self._find_dir(sandbox_id)
         proc = self._procs.pop(sandbox_id, None)
         pid = proc.pid if proc is not None else _live_pid(home)
+        await asyncio.to_thread(self._thaw, sandbox_id, home)  # paused: SIGKILL waits
         if pid is not None:
             # The whole tree: execs run in sessions of their own under the supervisor.
             with contextlib.suppress(psutil.Error):
@@ -620,7 +626,9 @@ class LocalRuntime(Runtime):
                     async with asyncio.timeout(10):
                         await asyncio.shield(proc.exited)
         # Also kills what left the tree (a double fork) but not the group.
-        await asyncio.to_thread(self.cgroups.remove, self._group(sandbox_id, home))
+        group = self._group(sandbox_id, home)
+        await asyncio.to_thread(self.cgroups.remove, group)
+        await asyncio.to_thread(self._unfreeze_gone, sandbox_id, group)
         if home is not None:
             shutil.rmtree(home, ignore_errors=True)
 

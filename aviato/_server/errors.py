@@ -14,6 +14,9 @@ MAX_MESSAGE_CHARS = 800
 
 _EXC_TO_CODE: list[tuple[type[BaseException], ErrorCode]] = [
     (exc.SandboxNotFoundError, ErrorCode.NOT_FOUND),
+    (exc.SandboxPausedError, ErrorCode.PAUSED),
+    (exc.SandboxNotPausedError, ErrorCode.NOT_PAUSED),
+    (exc.UnsupportedOperationError, ErrorCode.UNSUPPORTED),
     (exc.SandboxNotRunningError, ErrorCode.NOT_RUNNING),
     (exc.SandboxTimeoutError, ErrorCode.TIMEOUT),
     (exc.SandboxTerminatedError, ErrorCode.TERMINATED),
@@ -25,7 +28,6 @@ _EXC_TO_CODE: list[tuple[type[BaseException], ErrorCode]] = [
     (exc.ClusterUnavailableError, ErrorCode.UNAVAILABLE),
     (exc.AgentIdInUseError, ErrorCode.ID_IN_USE),
     (exc.ProcessNotFoundError, ErrorCode.PROCESS_NOT_FOUND),
-    (exc.NotSupportedError, ErrorCode.UNSUPPORTED),
     (exc.SandboxError, ErrorCode.BAD_REQUEST),
     (ValueError, ErrorCode.BAD_REQUEST),
 ]

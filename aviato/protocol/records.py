@@ -89,6 +89,15 @@ class MsgType(enum.IntEnum):
     REMOVE_FILE = 127
     STREAM_LOGS = 128
     LOG_CHUNK = 129
+    # lifecycle: idle timeouts, lifetimes, pause, snapshots (aviato/protocol/lifecycle.py)
+    EXTEND_LIFETIME = 140
+    PAUSE_SANDBOX = 141
+    SANDBOX_ACTIVITY = 142
+    SNAPSHOT_SANDBOX = 143
+    SNAPSHOT_REPLY = 144
+    LIST_SNAPSHOTS = 145
+    SNAPSHOT_LIST_REPLY = 146
+    REMOVE_SNAPSHOT = 147
 
 
 class SandboxStatus(enum.StrEnum):
@@ -97,6 +106,8 @@ class SandboxStatus(enum.StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     TERMINATED = "terminated"
+    #: Its processes frozen (``sb.pause()``): memory and slot kept, no CPU used.
+    PAUSED = "paused"
 
     @property
     def is_terminal(self) -> bool:
@@ -128,6 +139,10 @@ class ErrorCode(enum.StrEnum):
     #: The sandbox's runtime cannot do what was asked (the message says which and why).
     UNSUPPORTED = "unsupported"
     INTERNAL = "internal"
+    #: The sandbox is paused (an exec, a file, a second pause): resume it first.
+    PAUSED = "paused"
+    #: Resume of a sandbox that is not paused.
+    NOT_PAUSED = "not_paused"
 
 
 # --------------------------------------------------------------------------- records
@@ -151,6 +166,8 @@ class SandboxSpec:
     working_dir: str | None = None
     #: Runs aviato's function worker: the agent mounts the worker and its socket in.
     function_worker: bool = False
+    #: Stopped after this long with no exec, process, file or call activity.
+    idle_timeout_seconds: float | None = None
 
     @classmethod
     def of(
@@ -193,6 +210,9 @@ class SandboxInfo:
     #: The agent's local lane (``unix:<host key>:<path>``; see aviato/_lane.py), which
     #: a client on its host uses instead of ``agent_address``; "" when it has none.
     agent_lane: str = ""
+    #: Which limit (or who) ended it: an ``EndedBy`` value ("" while it runs, or when
+    #: its command ended by itself or it failed).
+    ended_by: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +269,9 @@ class AgentInfo:
     lane: str = ""
     #: Pre-started spare sandboxes it holds ready: each fills one of its free slots.
     spares: int = 0
+    #: Its data plane's CURVE public key (z85; "" when keys are off): a client reaches
+    #: the agent itself with it (``aviato snapshot ls``).
+    public_key: str = ""
 
 
 # --------------------------------------------------------------------------- messages
