@@ -16,6 +16,7 @@ from agent.identity import Identity, claim, default_agent_id, state_dir
 from agent.runtime import make_runtime
 from agent.server import AgentServer
 from agent.spares import parse_warm
+from agent.storage import allowed_roots
 from aviato._auth import CurveKeys
 from aviato._flags import RUNTIMES, add_keys, add_log_level, add_token, default_slots, endpoint
 from aviato._server.auth import ServerKeys, agent_keys
@@ -131,6 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="also keep up to N spares of the image and resource shapes created in the"
         " last minute, most created first (default 0: none)",
     )
+    p.add_argument(
+        "--allow-mount",
+        action="append",
+        default=[d for d in os.environ.get("AVIATO_ALLOW_MOUNT", "").split(os.pathsep) if d],
+        metavar="DIR",
+        help="a host directory whose contents sandboxes may mount (Mount(source, target));"
+        " paths are resolved with symlinks followed, so nothing outside DIR is reachable"
+        " (repeatable; also $AVIATO_ALLOW_MOUNT, ':'-separated; default: no host mounts)",
+    )
     add_log_level(p)
     return p
 
@@ -172,6 +182,10 @@ async def run(
         raise SystemExit(f"agent: {exc}") from None
     if args.warm_learn < 0:
         raise SystemExit("agent: --warm-learn must be 0 or more")
+    try:
+        roots = allowed_roots(args.allow_mount)
+    except ValueError as exc:
+        raise SystemExit(f"agent: {exc}") from None
     runtime = make_runtime(args.runtime, pids_limit=args.pids_limit, **extra)
     server = AgentServer(
         runtime,
@@ -189,6 +203,7 @@ async def run(
         warm=warm,
         learn_spares=args.warm_learn,
         state_directory=Path(args.state_dir) if args.state_dir else state_dir(),
+        allow_mounts=roots,
     )
     stopping = False
 

@@ -35,6 +35,7 @@ from agent.runtime.base import (
 )
 from agent.runtime.spare_claims import SpareClaims
 from agent.spares import Shape, SparePool
+from agent.storage import sandbox_mounts
 from agent.supervisor_hub import WorkerHub, remove_dead_agent_dir
 from agent.supervisor_launch import supervisor_command
 from aviato import _zmq
@@ -115,6 +116,7 @@ class AgentServer:
         warm: dict[Shape, int] | None = None,
         learn_spares: int = 0,
         state_directory: Path | None = None,
+        allow_mounts: tuple[str, ...] = (),
     ) -> None:
         self.runtime = runtime
         self.scheduler = scheduler
@@ -174,6 +176,9 @@ class AgentServer:
         self.spares: SparePool | None = None
         self.state_directory = state_directory or state_dir()
         self._spares_changed = asyncio.Event()
+        #: Host mounts only under these (resolved) roots; named volumes kept here.
+        self.allow_mounts = allow_mounts
+        self.volumes = runtime.volume_store(self.state_directory / "volumes")
 
     def stop(self) -> None:
         self._stop.set()
@@ -610,6 +615,10 @@ class AgentServer:
         assert hub is not None
         mounts = await hub.prepare(sid)
         try:
+            # After the supervisor's: the local runtime finds those first.
+            mounts += await sandbox_mounts(
+                sid, spec, self.allow_mounts, self.volumes, self.agent_id
+            )
             if spec.function_worker:
                 command, args = supervisor_command()
                 env = {**spec.env, **hub.worker_env()}

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from aviato._function import FunctionResult, RemoteFunction, Serialization
     from aviato._sandbox import Sandbox, SandboxPage
     from aviato._session import Session
+    from aviato._storage import Mount, Tunnel
     from aviato._types import ExecResult, OutputChunk
 
 #: The API's names -> the module of each, imported at first use: the daemons import
@@ -50,6 +51,8 @@ _LAZY = {
     "Sandbox": "aviato._sandbox",
     "SandboxPage": "aviato._sandbox",
     "Session": "aviato._session",
+    "Mount": "aviato._storage",
+    "Tunnel": "aviato._storage",
     "ExecResult": "aviato._types",
     "OutputChunk": "aviato._types",
 }
@@ -81,6 +84,7 @@ __all__ = [
     "FunctionError",
     "FunctionResult",
     "FunctionSerializationError",
+    "Mount",
     "OutputChunk",
     "PayloadTooLargeError",
     "ProtocolError",
@@ -99,6 +103,7 @@ __all__ = [
     "SandboxTimeoutError",
     "Serialization",
     "Session",
+    "Tunnel",
     "UnauthorizedError",
     "WorkerLostError",
     "__version__",

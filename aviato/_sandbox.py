@@ -25,6 +25,7 @@ from aviato._exec import ExecStream
 from aviato._exec import exec_argv as _argv
 from aviato._exec import stdin_payloads as _stdin_payloads
 from aviato._options import SandboxOptions, as_args
+from aviato._storage import Mount
 from aviato._tasks import TaskGroup, default_tasks
 from aviato._types import ExecResult, OutputChunk
 from aviato.exceptions import (
@@ -149,6 +150,9 @@ class Sandbox:
         cpus: float | None = None,
         network: str | None = None,
         working_dir: str | None = None,
+        mounts: Sequence[Mount] = (),
+        volumes: Mapping[str, str] | None = None,
+        ports: Sequence[int] = (),
         defaults: SandboxDefaults | None = None,
         _session: Session | None = None,
         _function_worker: bool = False,
@@ -170,6 +174,9 @@ class Sandbox:
                 cpus=cpus,
                 network=network,
                 working_dir=working_dir,
+                mounts=tuple(mounts),
+                volumes=dict(volumes or {}),
+                ports=tuple(ports),
             )
             _merged = mine.over(self._defaults.options())
         self._spec: SandboxSpec = SandboxSpec.of(

@@ -13,6 +13,7 @@ import abc
 import builtins
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 # Re-exported: runtimes and the agent take the labels with the interface.
@@ -25,6 +26,7 @@ from agent.runtime.labels import LABEL_SPARE as LABEL_SPARE
 from agent.runtime.labels import LABEL_SPEC as LABEL_SPEC
 from agent.runtime.labels import sandbox_labels as sandbox_labels
 from agent.runtime.labels import spec_from_labels as spec_from_labels
+from agent.runtime.volumes import DirectoryVolumes, VolumeStore
 from aviato._types import OutputChunk as OutputChunk  # the runtimes speak it too
 from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec
 
@@ -39,6 +41,8 @@ class Mount:
     source: str
     target: str
     read_only: bool = True
+    #: "bind": ``source`` is a host path; "volume": the engine's volume of that name.
+    kind: str = "bind"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +145,11 @@ class Runtime(abc.ABC):
         ``SandboxFailedError`` (and the spare untouched) when ``spec``'s command is not in
         the image, as a fresh create would fail."""
         raise NotImplementedError(f"the {self.name} runtime keeps no spares")
+
+    def volume_store(self, directory: Path) -> VolumeStore:
+        """Where this runtime keeps named volumes (``directory``: the agent's own, under
+        its state directory; a runtime with volumes of its own ignores it)."""
+        return DirectoryVolumes(directory)
 
     @abc.abstractmethod
     def exec_stream(

@@ -21,6 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar, TypeVarTuple
 
 import docker
@@ -44,6 +45,8 @@ from agent.runtime.base import (
 from agent.runtime.docker_bytes import CHUNK, cut, order_log_entries, read_capped, too_large
 from agent.runtime.docker_errors import DockerError, explain, http_status
 from agent.runtime.docker_exec import DockerExec
+from agent.runtime.docker_volumes import DockerVolumes
+from agent.runtime.volumes import VolumeStore
 from aviato.exceptions import (
     SandboxError,
     SandboxFailedError,
@@ -179,6 +182,9 @@ class DockerRuntime(Runtime):
             sandbox_id=sandbox_id,
         )
 
+    def volume_store(self, directory: Path) -> VolumeStore:
+        return DockerVolumes(lambda: self._client)  # the engine's volumes, not a directory
+
     # ------------------------------------------------------------------ create
 
     async def create(
@@ -200,7 +206,7 @@ class DockerRuntime(Runtime):
             # raced its sandbox's stop (or the agent's exit) would remake our socket
             # directory after we removed it. A missing source now fails the create.
             mounts=[
-                docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
+                docker.types.Mount(m.target, m.source, type=m.kind, read_only=m.read_only)
                 for m in mounts
             ]
             or None,

@@ -47,6 +47,7 @@ from agent.runtime.base import (
     join_chunks,
     sandbox_labels,
 )
+from agent.runtime.bwrap_root import root_args
 from agent.runtime.cgroups import Cgroups
 from agent.runtime.parked import Parked, ParkedPool
 from agent.supervisor import LOG_MAGIC, LOG_RECORD
@@ -296,6 +297,7 @@ class LocalRuntime(Runtime):
                 sandbox_id=sandbox_id,
             )
         _check_command(sandbox_id, spec)
+        self._check_mounts(sandbox_id, spec)
         agent_id = labels.get("aviato.agent", "agent")
         self._agent_dirs.add(agent_id)
         home = self._dir(agent_id, sandbox_id)
@@ -474,15 +476,19 @@ class LocalRuntime(Runtime):
             logfile.close()
         return child
 
+    def _check_mounts(self, sandbox_id: str, spec: SandboxSpec) -> None:
+        """Host mounts and volumes need bubblewrap's namespaces."""
+        if (spec.mounts or spec.volumes) and not self.bwrap:
+            why = "host mounts and volumes need bubblewrap (install the bubblewrap package)"
+            raise SandboxFailedError(f"the {self.name} runtime: {why}", sandbox_id=sandbox_id)
+
     def _bwrap_argv(
         self, home: Path, spec: SandboxSpec, mounts: Sequence[Mount], binds: Sequence[str] = ()
     ) -> list[str]:
         assert self.bwrap is not None
         argv = [
             self.bwrap,
-            "--ro-bind",
-            "/",
-            "/",
+            *root_args([m.target for m in mounts]),
             "--dev",
             "/dev",
             "--proc",

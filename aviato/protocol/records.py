@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias
 
 from aviato._options import SandboxOptions
+from aviato._storage import Mount
 from aviato.exceptions import ConfigurationError
 
 PROTOCOL_VERSION = 1
@@ -127,6 +128,10 @@ class SandboxSpec:
     working_dir: str | None = None
     #: Runs aviato's function worker: the agent mounts the worker and its socket in.
     function_worker: bool = False
+    #: Host directories, named volumes (target -> name) and published ports.
+    mounts: tuple[Mount, ...] = ()
+    volumes: dict[str, str] = field(default_factory=dict)
+    ports: tuple[int, ...] = ()
 
     @classmethod
     def of(
@@ -198,8 +203,9 @@ class SpareShape:
 
 def spare_key(spec: SandboxSpec) -> tuple[object, ...] | None:
     """The ``SpareShape.key`` of the spares that can serve ``spec`` (None: none can: a
-    function worker's main command is the worker, made afresh)."""
-    if spec.function_worker:
+    function worker's main command is the worker, made afresh; nor with mounts, volumes or
+    ports: those are fixed when a sandbox is made)."""
+    if spec.function_worker or spec.mounts or spec.volumes or spec.ports:
         return None
     return (
         spec.image,
