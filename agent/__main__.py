@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         " use tcp://0.0.0.0:PORT with --advertise-host for other hosts",
     )
     p.add_argument("--advertise-host", help="host name or address clients use to reach us")
+    p.add_argument(
+        "--publish-host",
+        help="the address sandboxes' ports are published on and reached at (default: the"
+        " --advertise-host, else 127.0.0.1); with Docker, an address of the engine's host",
+    )
     p.add_argument("--label", action="append", default=[], help="KEY=VALUE, repeatable")
     p.add_argument("--pids-limit", type=int, default=1024)
     p.add_argument(
@@ -204,6 +209,7 @@ async def run(
         learn_spares=args.warm_learn,
         state_directory=Path(args.state_dir) if args.state_dir else state_dir(),
         allow_mounts=roots,
+        publish_host=args.publish_host or args.advertise_host,
     )
     stopping = False
 

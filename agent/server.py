@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import time
@@ -24,6 +25,7 @@ from agent.data_plane import DataPlane, Running
 from agent.identity import state_dir
 from agent.kept_logs import KeptLogs
 from agent.lane_server import LaneServer
+from agent.ports import PortService
 from agent.runtime.base import (
     LABEL_AGENT,
     LABEL_CREATED,
@@ -35,7 +37,7 @@ from agent.runtime.base import (
 )
 from agent.runtime.spare_claims import SpareClaims
 from agent.spares import Shape, SparePool
-from agent.storage import sandbox_mounts
+from agent.storage import VolumeService
 from agent.supervisor_hub import WorkerHub, remove_dead_agent_dir
 from agent.supervisor_launch import supervisor_command
 from aviato import _zmq
@@ -56,12 +58,14 @@ from aviato.protocol import (
     DeregisterAgent,
     ErrorCode,
     ErrorReply,
+    GetTunnels,
     HeartbeatReply,
     Message,
     OkReply,
     PlaceSandbox,
     RegisterAgent,
     RegisterReply,
+    RemoveVolume,
     SandboxExited,
     SandboxInfo,
     SandboxReply,
@@ -117,6 +121,7 @@ class AgentServer:
         learn_spares: int = 0,
         state_directory: Path | None = None,
         allow_mounts: tuple[str, ...] = (),
+        publish_host: str | None = None,
     ) -> None:
         self.runtime = runtime
         self.scheduler = scheduler
@@ -178,7 +183,12 @@ class AgentServer:
         self._spares_changed = asyncio.Event()
         #: Host mounts only under these (resolved) roots; named volumes kept here.
         self.allow_mounts = allow_mounts
-        self.volumes = runtime.volume_store(self.state_directory / "volumes")
+        volumes = runtime.volume_store(self.state_directory / "volumes")
+        self.volumes = VolumeService(volumes, agent_id, self.sandboxes, self._ask_scheduler)
+        self.plane.serve_also(RemoveVolume, functools.partial(self.volumes.on_remove, self.plane))
+        self.ports = PortService(runtime, self.sandboxes, publish_host or "127.0.0.1")
+        runtime.publish_host = self.ports.host
+        self.plane.serve_also(GetTunnels, functools.partial(self.ports.on_get, self.plane))
 
     def stop(self) -> None:
         self._stop.set()
@@ -217,6 +227,7 @@ class AgentServer:
                 self._task(self.plane.serve(data))
                 self._task(self._scheduler_link())
                 self._task(self._exits_loop())
+                self._task(self.volumes.report())
                 if self.spares is not None:
                     self._task(self._report_spares())
                 await self._stop.wait()
@@ -369,6 +380,7 @@ class AgentServer:
                 continue
             fresh, backoff = False, _zmq.BACKOFF_FIRST
             self._registered = True
+            self.volumes.changed.set()  # a scheduler that (re)learns us learns our volumes
             self.ready.set()
             if self.spares is not None and not self.spares.running:
                 self.spares.start()
@@ -616,9 +628,7 @@ class AgentServer:
         mounts = await hub.prepare(sid)
         try:
             # After the supervisor's: the local runtime finds those first.
-            mounts += await sandbox_mounts(
-                sid, spec, self.allow_mounts, self.volumes, self.agent_id
-            )
+            mounts += await self.volumes.mounts(sid, spec, self.allow_mounts)
             if spec.function_worker:
                 command, args = supervisor_command()
                 env = {**spec.env, **hub.worker_env()}
@@ -635,7 +645,9 @@ class AgentServer:
                             f"{exc}\n--- sandbox output:\n{tail}", sandbox_id=sid
                         ) from exc
                     raise
+            await self.ports.open(sid, spec)  # once it runs: in its own namespace by now
         except BaseException:
+            self.ports.close(sid)
             await hub.close(sid, "failed to start")
             await self.runtime.stop(sid)
             raise
@@ -696,6 +708,7 @@ class AgentServer:
             log.info("could not keep the logs of %s: %s", sandbox_id, exc)
 
     def _forget(self, sandbox_id: str, reason: str) -> None:
+        self.ports.close(sandbox_id)
         if self.sandboxes.pop(sandbox_id, None) is not None and self.spares is not None:
             self.spares.room_freed()
         self.ended[sandbox_id] = reason

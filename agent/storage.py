@@ -12,15 +12,18 @@ Named volumes live on this host and outlive sandboxes: each runtime's ``VolumeSt
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
+from agent.data_plane import DataPlane, Running
 from agent.runtime.base import Mount as RuntimeMount
 from agent.runtime.volumes import VolumeStore
+from aviato._storage import volume_problems
 from aviato.exceptions import SandboxFailedError
-from aviato.protocol import SandboxSpec
+from aviato.protocol import AgentVolumes, Decoded, Message, OkReply, RemoveVolume, SandboxSpec
 
-__all__ = ["allowed_roots", "resolve_mount", "sandbox_mounts"]
+__all__ = ["VolumeService", "allowed_roots", "resolve_mount", "sandbox_mounts"]
 
 
 def allowed_roots(paths: Sequence[str]) -> tuple[str, ...]:
@@ -82,3 +85,63 @@ async def sandbox_mounts(
         source = await volumes.ensure(name, agent_id)
         out.append(RuntimeMount(source, target, read_only=False, kind=volumes.kind))
     return out
+
+
+class VolumeService:
+    """The agent's volumes as others see them: reported to the scheduler (AgentVolumes,
+    after each registration and each change) and removed on a client's request."""
+
+    def __init__(
+        self,
+        store: VolumeStore,
+        agent_id: str,
+        sandboxes: Mapping[str, Running],
+        ask: Callable[[Message, float], Awaitable[Message | None]],
+    ) -> None:
+        self.store = store
+        self.agent_id = agent_id
+        self.sandboxes = sandboxes
+        self._ask = ask
+        self.changed = asyncio.Event()
+
+    async def mounts(
+        self, sandbox_id: str, spec: SandboxSpec, roots: Sequence[str]
+    ) -> list[RuntimeMount]:
+        """``sandbox_mounts``, telling the scheduler when a volume may have been made."""
+        try:
+            return await sandbox_mounts(sandbox_id, spec, roots, self.store, self.agent_id)
+        finally:
+            if spec.volumes:
+                self.changed.set()
+
+    async def on_remove(self, plane: DataPlane, identity: bytes, d: Decoded) -> None:
+        assert isinstance(d.msg, RemoveVolume)
+        await self.remove(d.msg.name)
+        plane.send_now(identity, d.request_id, OkReply())
+
+    async def report(self) -> None:
+        """Runs as the agent's task: the scheduler hears of every change (a failed report
+        is retried at the next change or registration)."""
+        while True:
+            await self.changed.wait()
+            self.changed.clear()
+            names = tuple(await self.store.names())
+            await self._ask(AgentVolumes(self.agent_id, names), 2.0)
+            await asyncio.sleep(0.1)  # a burst of creates is one report
+
+    async def remove(self, name: str) -> None:
+        problem = volume_problems(name)
+        if problem:
+            raise ValueError(problem)
+        using = sorted(
+            sid for sid, run in self.sandboxes.items() if name in run.spec.volumes.values()
+        )
+        if using:
+            raise SandboxFailedError(
+                f"volume {name!r} is mounted by running sandbox(es) {', '.join(using)}: stop"
+                " them first"
+            )
+        try:
+            await self.store.remove(name)
+        finally:
+            self.changed.set()

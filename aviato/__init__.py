@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from aviato._session import Session
     from aviato._storage import Mount, Tunnel
     from aviato._types import ExecResult, OutputChunk
+    from aviato._volumes import list_volumes, remove_volume
 
 #: The API's names -> the module of each, imported at first use: the daemons import
 #: aviato.protocol (so this file) and must not load the client (tests/test_layering.py).
@@ -53,6 +54,8 @@ _LAZY = {
     "Session": "aviato._session",
     "Mount": "aviato._storage",
     "Tunnel": "aviato._storage",
+    "list_volumes": "aviato._volumes",
+    "remove_volume": "aviato._volumes",
     "ExecResult": "aviato._types",
     "OutputChunk": "aviato._types",
 }
@@ -107,4 +110,6 @@ __all__ = [
     "UnauthorizedError",
     "WorkerLostError",
     "__version__",
+    "list_volumes",
+    "remove_volume",
 ]

@@ -25,7 +25,7 @@ from aviato._exec import ExecStream
 from aviato._exec import exec_argv as _argv
 from aviato._exec import stdin_payloads as _stdin_payloads
 from aviato._options import SandboxOptions, as_args
-from aviato._storage import Mount
+from aviato._storage import Mount, Tunnel
 from aviato._tasks import TaskGroup, default_tasks
 from aviato._types import ExecResult, OutputChunk
 from aviato.exceptions import (
@@ -558,6 +558,15 @@ class Sandbox:
                 "sandbox is not started: call `await sb.start()` or use `async with sb:`"
             )
         return self._info
+
+    async def tunnels(self) -> dict[int, Tunnel]:
+        """Where each of its ``ports`` is reached from outside: ``{8000: Tunnel(host,
+        port)}``; ``tunnel.url`` is ``http://host:port``. Starts it first if need be."""
+        from aviato._volumes import tunnels_of  # it imports this module
+
+        await self.start()
+        info, _ = self._agent()
+        return await tunnels_of(info, self._defaults, self._connections())
 
     def _agent(self) -> tuple[SandboxInfo, Channel]:
         info = self._require_started()

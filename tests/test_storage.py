@@ -4,15 +4,31 @@ ones (each a typed error saying what to do)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import subprocess
+import sys
 import tempfile
+import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from aviato import ConfigurationError, Mount, Sandbox, SandboxDefaults, SandboxFailedError
-from tests.conftest import Cluster, docker_cluster, wait_until
+from aviato import (
+    ConfigurationError,
+    Mount,
+    Sandbox,
+    SandboxDefaults,
+    SandboxFailedError,
+    SandboxNotFoundError,
+    Tunnel,
+    list_volumes,
+    remove_volume,
+)
+from tests.conftest import ROOT as REPO
+from tests.conftest import RUN_ID, Cluster, docker_cluster, wait_until
 from tests.test_local_runtime import _local_cluster
 from tests.test_sandbox import sandboxes_of
 
@@ -123,3 +139,86 @@ def test_bad_storage_options_are_refused_before_sending(
             ports=ports,
             network=network,
         )
+
+
+def _aviato(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aviato.cli", "--scheduler", cluster.address, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+
+
+async def test_named_volume_outlives_its_sandboxes(
+    cluster: Cluster, defaults: SandboxDefaults
+) -> None:
+    name = f"t{RUN_ID}-cache-{uuid.uuid4().hex[:6]}"
+    with_volume = defaults.replace(volumes={"/cache": name})
+    async with Sandbox(command="sleep", args=["infinity"], defaults=with_volume) as sb:
+        r = await sb.exec(["sh", "-c", "echo kept > /cache/f && cat /cache/f"])
+        assert r.stdout == b"kept\n", r
+        # Listed, by the agent that holds it; not removable while mounted.
+        rows = await _wait_listed(with_volume, name)
+        assert [v.agent_id for v in rows] == [sb.info.agent_id]  # type: ignore[union-attr]
+        with pytest.raises(SandboxFailedError, match="stop them first"):
+            await remove_volume(name, defaults=defaults)
+    async with Sandbox(command="sleep", args=["infinity"], defaults=with_volume) as sb:
+        r = await sb.exec(["cat", "/cache/f"])
+        assert r.stdout == b"kept\n", r  # a new sandbox finds what the last one left
+    listed = _aviato(cluster, "volume", "ls")
+    assert listed.returncode == 0 and name in listed.stdout, listed
+    removed = _aviato(cluster, "volume", "rm", name)
+    assert removed.returncode == 0 and name in removed.stdout, removed
+    await _wait_listed(defaults, name, present=False)
+    with pytest.raises(SandboxNotFoundError, match="aviato volume ls"):
+        await remove_volume(name, defaults=defaults)
+    bad = _aviato(cluster, "volume", "rm", "a/b")
+    assert bad.returncode == 1 and "no '/'" in bad.stderr, bad
+
+
+async def _wait_listed(defaults: SandboxDefaults, name: str, present: bool = True) -> list:
+    deadline = asyncio.get_running_loop().time() + 20
+    while True:
+        rows = [v for v in await list_volumes(defaults) if v.name == name]
+        if bool(rows) == present:
+            return rows
+        assert asyncio.get_running_loop().time() < deadline, f"volume {name} listed: {rows}"
+        await asyncio.sleep(0.1)
+
+
+def _fetch(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body: bytes = response.read()
+        return body
+
+
+async def test_a_port_is_reached_through_its_tunnel(
+    cluster: Cluster, defaults: SandboxDefaults
+) -> None:
+    # The issue's snippet, as written (through a session).
+    async with Sandbox.session(defaults) as session:
+        sb = session.create(command="python", args=["-m", "http.server", "8000"], ports=[8000])
+        tunnel = (await sb.tunnels())[8000]
+        await sb.write_file("index.html", b"hello through the tunnel")  # where it serves
+        assert isinstance(tunnel, Tunnel)
+        assert tunnel.url == f"http://{tunnel.host}:{tunnel.port}"
+        assert tunnel.port != 8000 or cluster.runtime == "docker"
+
+        async def page() -> bytes | None:
+            try:
+                return await asyncio.to_thread(_fetch, tunnel.url + "/index.html")
+            except OSError:
+                return None
+
+        deadline = asyncio.get_running_loop().time() + 30
+        while (body := await page()) is None:
+            assert asyncio.get_running_loop().time() < deadline, "the server never answered"
+            await asyncio.sleep(0.2)
+        assert body == b"hello through the tunnel"
+        ps = _aviato(cluster, "ps")
+        assert f"8000->{tunnel.host}:{tunnel.port}" in ps.stdout.replace("\n", ""), ps
+        # A sandbox without ports has no tunnels.
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as plain:
+        assert await plain.tunnels() == {}

@@ -116,6 +116,20 @@ class Runtime(abc.ABC):
     supports_spares: bool = False
     #: Where claims of spares are recorded (set by an agent; see spare_claims.py).
     claims: SpareClaims | None = None
+    #: True when the engine publishes a sandbox's ports itself (``published_ports``);
+    #: else the agent forwards them into the sandbox's own network namespace
+    #: (``netns_pid``; agent/ports.py).
+    publishes_ports: bool = False
+    #: The host address published ports are bound to (set by the agent).
+    publish_host: str = "127.0.0.1"
+
+    async def published_ports(self, sandbox_id: str) -> dict[int, int]:
+        """In-sandbox port -> the host port the engine published it on."""
+        return {}
+
+    def netns_pid(self, sandbox_id: str) -> int | None:
+        """A process in the sandbox's own network namespace (None: it has none)."""
+        return None
 
     @abc.abstractmethod
     async def create(

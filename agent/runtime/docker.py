@@ -45,6 +45,7 @@ from agent.runtime.base import (
 from agent.runtime.docker_bytes import CHUNK, cut, order_log_entries, read_capped, too_large
 from agent.runtime.docker_errors import DockerError, explain, http_status
 from agent.runtime.docker_exec import DockerExec
+from agent.runtime.docker_ports import publish_ip, published
 from agent.runtime.docker_volumes import DockerVolumes
 from agent.runtime.volumes import VolumeStore
 from aviato.exceptions import (
@@ -89,6 +90,7 @@ def docker_available(timeout: float = 2.0) -> bool:
 class DockerRuntime(Runtime):
     name = "docker"
     supports_spares = True
+    publishes_ports = True
 
     def __init__(
         self,
@@ -182,6 +184,15 @@ class DockerRuntime(Runtime):
             sandbox_id=sandbox_id,
         )
 
+    async def published_ports(self, sandbox_id: str) -> dict[int, int]:
+        def ports() -> dict[int, int]:
+            try:
+                return published(self._api.inspect_container(self._target(sandbox_id)))
+            except DockerError as exc:
+                raise self._engine_error(sandbox_id, "reading its ports", exc) from exc
+
+        return await self._run(ports)
+
     def volume_store(self, directory: Path) -> VolumeStore:
         return DockerVolumes(lambda: self._client)  # the engine's volumes, not a directory
 
@@ -221,6 +232,8 @@ class DockerRuntime(Runtime):
             memswap_limit=spec.memory_bytes,
             nano_cpus=int(spec.cpus * 1e9) if spec.cpus else None,
             network_mode="none" if spec.network == "none" else None,
+            # The engine picks a free host port for each, on the agent's publish address.
+            port_bindings={p: (publish_ip(self.publish_host), None) for p in spec.ports} or None,
         )
         kwargs: dict[str, Any] = dict(
             name=f"aviato-{sandbox_id}",
@@ -229,6 +242,7 @@ class DockerRuntime(Runtime):
             environment=dict(spec.env),
             working_dir=spec.working_dir,
             labels=labels,
+            ports=list(spec.ports) or None,
             host_config=host_config,
             detach=True,
         )

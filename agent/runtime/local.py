@@ -476,10 +476,27 @@ class LocalRuntime(Runtime):
             logfile.close()
         return child
 
+    def netns_pid(self, sandbox_id: str) -> int | None:
+        """The first process of the sandbox in a network namespace not the agent's (bwrap
+        itself stays in ours; its child unshared)."""
+        child = self._procs.get(sandbox_id)
+        if child is None or not self.bwrap:
+            return None
+        own = os.stat("/proc/self/ns/net").st_ino
+        with contextlib.suppress(psutil.Error):
+            for proc in psutil.Process(child.pid).children(recursive=True):
+                with contextlib.suppress(OSError):
+                    if os.stat(f"/proc/{proc.pid}/ns/net").st_ino != own:
+                        return proc.pid
+        return None
+
     def _check_mounts(self, sandbox_id: str, spec: SandboxSpec) -> None:
         """Host mounts and volumes need bubblewrap's namespaces."""
-        if (spec.mounts or spec.volumes) and not self.bwrap:
-            why = "host mounts and volumes need bubblewrap (install the bubblewrap package)"
+        if (spec.mounts or spec.volumes or spec.ports) and not self.bwrap:
+            why = (
+                "host mounts, volumes and ports need bubblewrap's namespaces (install the"
+                " bubblewrap package)"
+            )
             raise SandboxFailedError(f"the {self.name} runtime: {why}", sandbox_id=sandbox_id)
 
     def _bwrap_argv(
@@ -516,7 +533,8 @@ class LocalRuntime(Runtime):
             "--new-session",
             "--die-with-parent",
         ]
-        if spec.network == "none":
+        if spec.network == "none" or spec.ports:
+            # Ports: a namespace of its own, loopback only; the agent forwards into it.
             argv.append("--unshare-net")
         for m in mounts:
             argv += ["--ro-bind" if m.read_only else "--bind", m.source, m.target]

@@ -70,6 +70,13 @@ class MsgType(enum.IntEnum):
     # client <-> agent <-> function worker
     RUN_CALLS = 70
     CALL_RESULTS = 71
+    # volumes and ports (aviato/protocol/storage.py)
+    AGENT_VOLUMES = 160
+    LIST_VOLUMES = 161
+    VOLUME_LIST_REPLY = 162
+    REMOVE_VOLUME = 163
+    GET_TUNNELS = 164
+    TUNNELS_REPLY = 165
 
 
 class SandboxStatus(enum.StrEnum):
