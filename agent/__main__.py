@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--publish-host",
         help="the address sandboxes' ports are published on and reached at (default: the"
-        " --advertise-host, else 127.0.0.1); with Docker, an address of the engine's host",
+        " host clients reach this agent at: --advertise-host, else --bind's); with Docker,"
+        " an address of the engine's host",
     )
     p.add_argument("--label", action="append", default=[], help="KEY=VALUE, repeatable")
     p.add_argument("--pids-limit", type=int, default=1024)
@@ -209,7 +210,7 @@ async def run(
         learn_spares=args.warm_learn,
         state_directory=Path(args.state_dir) if args.state_dir else state_dir(),
         allow_mounts=roots,
-        publish_host=args.publish_host or args.advertise_host,
+        publish_host=args.publish_host,
     )
     stopping = False
 

@@ -186,8 +186,8 @@ class AgentServer:
         volumes = runtime.volume_store(self.state_directory / "volumes")
         self.volumes = VolumeService(volumes, agent_id, self.sandboxes, self._ask_scheduler)
         self.plane.serve_also(RemoveVolume, functools.partial(self.volumes.on_remove, self.plane))
-        self.ports = PortService(runtime, self.sandboxes, publish_host or "127.0.0.1")
-        runtime.publish_host = self.ports.host
+        #: Set once bound: the --publish-host, else our advertised data-plane host.
+        self.ports = PortService(runtime, self.sandboxes, publish_host or "")
         self.plane.serve_also(GetTunnels, functools.partial(self.ports.on_get, self.plane))
 
     def stop(self) -> None:
@@ -213,6 +213,8 @@ class AgentServer:
             raise
         self.plane.socket = data
         self.address = sockets.advertised(bound, self.advertise_host)
+        self.ports.host = self.ports.host or self.address.removeprefix("tcp://").rsplit(":", 1)[0]
+        self.runtime.publish_host = self.ports.host = self.ports.host.strip("[]")
         log.info(
             "agent %s serving clients on %s (runtime %s)", self.agent_id, bound, self.runtime.name
         )

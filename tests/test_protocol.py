@@ -15,12 +15,14 @@ from hypothesis import strategies as st
 from aviato import exceptions as exc
 from aviato._errors import to_exception
 from aviato._server.errors import error_reply
+from aviato._storage import Mount
 from aviato.protocol import (
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
     AgentHeartbeat,
     AgentInfo,
     AgentSpares,
+    AgentVolumes,
     CallHeader,
     CallOutcome,
     CallResults,
@@ -39,8 +41,10 @@ from aviato.protocol import (
     FileReply,
     GetLogs,
     GetSandbox,
+    GetTunnels,
     HeartbeatReply,
     ListSandboxes,
+    ListVolumes,
     LogsReply,
     Message,
     MsgType,
@@ -48,9 +52,11 @@ from aviato.protocol import (
     Ping,
     PlaceSandbox,
     Pong,
+    PortTunnel,
     ReadFile,
     RegisterAgent,
     RegisterReply,
+    RemoveVolume,
     RunCalls,
     SandboxExited,
     SandboxInfo,
@@ -63,6 +69,9 @@ from aviato.protocol import (
     SessionKeepalive,
     SpareShape,
     StopSandbox,
+    TunnelsReply,
+    VolumeInfo,
+    VolumeListReply,
     WaitSandbox,
     WriteFile,
     decode,
@@ -86,6 +95,9 @@ SPEC = SandboxSpec(
     pids_limit=64,
     network="bridge",
     working_dir="/work",
+    mounts=(Mount("/datasets/imagenet", "/data", read_only=True), Mount("/srv/x", "/x")),
+    volumes={"/cache": "pip-cache"},
+    ports=(8000, 8443),
 )
 
 INFO = SandboxInfo(
@@ -193,6 +205,17 @@ SAMPLES: list[Message] = [
         sandbox_id="sb-9",
         outcomes=(CallOutcome(1, "ok", 0.25), CallOutcome(2, "lost", 0.0, "worker died")),
     ),
+    AgentVolumes(agent_id="agent-a", names=("pip-cache", "data")),
+    ListVolumes(),
+    VolumeListReply(
+        volumes=(
+            VolumeInfo("pip-cache", "agent-a", "tcp://10.0.0.1:7000"),
+            VolumeInfo("data", "agent-b", "tcp://10.0.0.2:7000", "key", "unix:host:/p"),
+        )
+    ),
+    RemoveVolume(name="pip-cache"),
+    GetTunnels(sandbox_id="sb-1"),
+    TunnelsReply(tunnels=(PortTunnel(8000, "10.0.0.1", 32768),)),
 ]
 
 
