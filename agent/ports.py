@@ -31,16 +31,15 @@ CONNECT_SECONDS = 10.0
 CHUNK = 64 * 1024
 
 
-def _socket_in(netns: str) -> socket.socket:
-    """A TCP socket of the network namespace at ``netns`` (runs on a worker thread:
-    ``setns`` moves only the calling thread, which moves back before returning)."""
+def _socket_in(netns: int) -> socket.socket:
+    """A TCP socket of the network namespace open at fd ``netns`` (runs on a worker
+    thread: ``setns`` moves only the calling thread, which moves back before returning)."""
     libc = ctypes.CDLL(None, use_errno=True)
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(netns, os.O_RDONLY)
     try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
+        if libc.setns(netns, CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
-            raise OSError(err, f"setns into {netns}: {os.strerror(err)}")
+            raise OSError(err, f"setns into the sandbox's network namespace: {os.strerror(err)}")
         try:
             return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         finally:
@@ -48,7 +47,6 @@ def _socket_in(netns: str) -> socket.socket:
                 os._exit(70)
     finally:
         os.close(own)
-        os.close(target)
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -65,8 +63,10 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 class _Forward:
     """One sandbox port's listener and its connections (each owned here)."""
 
-    def __init__(self, netns: str, port: int) -> None:
-        self.netns, self.port = netns, port
+    def __init__(self, netns: int, port: int) -> None:
+        #: An fd of the sandbox's namespace, held (not its pid's path, which a new
+        #: process could take once the sandbox ends): the same namespace, or none.
+        self.netns, self.port = os.dup(netns), port
         self.server: asyncio.Server | None = None
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -82,8 +82,13 @@ class _Forward:
 
     async def _carry(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         inner_writer = None
+        sock: socket.socket | None = None
         try:
-            sock = await asyncio.to_thread(_socket_in, self.netns)
+            netns = os.dup(self.netns)  # its own: a close() meanwhile cannot pull it away
+            try:
+                sock = await asyncio.to_thread(_socket_in, netns)
+            finally:
+                os.close(netns)
             sock.setblocking(False)
             async with asyncio.timeout(CONNECT_SECONDS):
                 await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.port))
@@ -97,12 +102,17 @@ class _Forward:
             for w in (writer, inner_writer):
                 if w is not None:
                     w.close()
+            if inner_writer is None and sock is not None:
+                sock.close()  # never handed to a stream
 
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
         for task in list(self.tasks):
             task.cancel()
+        if self.netns >= 0:
+            os.close(self.netns)
+            self.netns = -1
 
 
 class PortService:
@@ -129,9 +139,14 @@ class PortService:
         opened: list[tuple[_Forward, int]] = []
         self._forwards[sandbox_id] = opened
         try:
-            for port in spec.ports:
-                forward = _Forward(f"/proc/{pid}/ns/net", port)
-                opened.append((forward, await forward.start(self.host)))
+            netns = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+            try:
+                for port in spec.ports:
+                    forward = _Forward(netns, port)
+                    opened.append((forward, 0))
+                    opened[-1] = (forward, await forward.start(self.host))
+            finally:
+                os.close(netns)
         except OSError as exc:
             self.close(sandbox_id)
             raise SandboxFailedError(

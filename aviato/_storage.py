@@ -63,7 +63,11 @@ def _target_problem(what: str, target: object) -> str:
     if ".." in target.split("/"):
         return f"{what} target {target!r} must not contain '..'"
     norm = posixpath.normpath(target)
-    if norm == "/" or any(norm == r or norm.startswith(r + "/") for r in _RESERVED):
+    # Not at, under or over (hiding) a reserved place.
+    if any(
+        norm == r or norm.startswith(r + "/") or r.startswith(norm.rstrip("/") + "/")
+        for r in _RESERVED
+    ):
         return f"{what} target {target!r} is reserved: choose a directory such as /data or /mnt/x"
     return ""
 

@@ -120,6 +120,8 @@ async def test_mount_escaping_its_root_is_refused(
         ([Mount("datasets", "/data")], {}, [], None, "absolute path on the agent's host"),
         ([Mount("/datasets", "data")], {}, [], None, "absolute path inside the sandbox"),
         ([Mount("/datasets", "/proc/x")], {}, [], None, "reserved"),
+        ([Mount("/datasets", "/run")], {}, [], None, "reserved"),
+        ([Mount("/datasets", "/")], {}, [], None, "reserved"),
         ([], {"/cache": "a/b"}, [], None, "no '/'"),
         ([], {"/cache": ""}, [], None, "volume name"),
         ([], {}, [0], None, "1 to 65535"),
@@ -222,3 +224,55 @@ async def test_a_port_is_reached_through_its_tunnel(
         # A sandbox without ports has no tunnels.
     async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as plain:
         assert await plain.tunnels() == {}
+
+
+async def test_daemons_refuse_hostile_storage_requests(
+    cluster: Cluster, defaults: SandboxDefaults
+) -> None:
+    """Sent raw (past the client's checks): each refused with a reply that says why, and
+    both daemons keep serving."""
+    from aviato.protocol import (
+        CreateSandbox,
+        ErrorCode,
+        ErrorReply,
+        GetTunnels,
+        Ping,
+        Pong,
+        RemoveVolume,
+        SandboxSpec,
+    )
+    from tests.test_bad_input import _raw
+
+    bad_specs = {
+        "mount source 'rel'": SandboxSpec("python:3.11", "sleep", mounts=(Mount("rel", "/d"),)),
+        "reserved": SandboxSpec("python:3.11", "sleep", mounts=(Mount("/x", "/run"),)),
+        "must not contain '..'": SandboxSpec("python:3.11", "sleep", volumes={"/a/../proc": "v"}),
+        "no '/'": SandboxSpec("python:3.11", "sleep", volumes={"/c": "../../etc"}),
+        "1 to 65535": SandboxSpec("python:3.11", "sleep", ports=(0, 70000)),
+        "network='none'": SandboxSpec("python:3.11", "sleep", ports=(80,), network="none"),
+    }
+    for i, (words, spec) in enumerate(bad_specs.items()):
+        reply = await _raw(cluster.address, encode_msg(CreateSandbox(spec, 5.0), 100 + i))
+        assert isinstance(reply.msg, ErrorReply), words
+        assert reply.msg.code is ErrorCode.BAD_REQUEST and words in reply.msg.message, reply.msg
+    async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        agent = sb.info.agent_address  # type: ignore[union-attr]
+        for i, name in enumerate(["../../etc", "a/b", "", "x" * 5000]):
+            reply = await _raw(agent, encode_msg(RemoveVolume(name), 200 + i))
+            assert isinstance(reply.msg, ErrorReply) and reply.msg.code is ErrorCode.BAD_REQUEST
+            assert "volume name" in reply.msg.message and len(reply.msg.message) < 900
+        reply = await _raw(agent, encode_msg(RemoveVolume("never-made"), 210))
+        assert isinstance(reply.msg, ErrorReply) and reply.msg.code is ErrorCode.NOT_FOUND
+        reply = await _raw(agent, encode_msg(GetTunnels("sb-nope"), 211))
+        assert isinstance(reply.msg, ErrorReply) and reply.msg.code is ErrorCode.NOT_FOUND
+        reply = await _raw(agent, encode_msg(GetTunnels(sb.sandbox_id), 212))
+        assert not isinstance(reply.msg, ErrorReply) and reply.msg.tunnels == ()  # type: ignore[attr-defined]
+        for address, server in ((cluster.address, "scheduler"), (agent, "agent")):
+            reply = await _raw(address, encode_msg(Ping(), 300))
+            assert isinstance(reply.msg, Pong) and reply.msg.server == server
+
+
+def encode_msg(msg: object, request_id: int) -> list[bytes]:
+    from aviato.protocol import encode
+
+    return [bytes(f) for f in encode(msg, request_id)]  # type: ignore[arg-type]
