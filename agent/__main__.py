@@ -16,6 +16,7 @@ from agent.identity import Identity, claim, default_agent_id, state_dir
 from agent.runtime import make_runtime
 from agent.server import AgentServer
 from agent.spares import parse_warm
+from agent.storage import allowed_roots
 from aviato._auth import CurveKeys
 from aviato._flags import RUNTIMES, add_keys, add_log_level, add_token, default_slots, endpoint
 from aviato._server.auth import ServerKeys, agent_keys
@@ -82,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         " use tcp://0.0.0.0:PORT with --advertise-host for other hosts",
     )
     p.add_argument("--advertise-host", help="host name or address clients use to reach us")
+    p.add_argument(
+        "--publish-host",
+        help="the address sandboxes' ports are published on and reached at (default: the"
+        " host clients reach this agent at: --advertise-host, else --bind's); with Docker,"
+        " an address of the engine's host",
+    )
     p.add_argument("--label", action="append", default=[], help="KEY=VALUE, repeatable")
     p.add_argument("--pids-limit", type=int, default=1024)
     p.add_argument(
@@ -133,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
         " last minute, most created first (default 0: none)",
     )
     add_metrics(p)
+    p.add_argument(
+        "--allow-mount",
+        action="append",
+        default=[d for d in os.environ.get("AVIATO_ALLOW_MOUNT", "").split(os.pathsep) if d],
+        metavar="DIR",
+        help="a host directory whose contents sandboxes may mount (Mount(source, target));"
+        " paths are resolved with symlinks followed, so nothing outside DIR is reachable"
+        " (repeatable; also $AVIATO_ALLOW_MOUNT, ':'-separated; default: no host mounts)",
+    )
     add_log_level(p)
     return p
 
@@ -174,6 +190,10 @@ async def run(
         raise SystemExit(f"agent: {exc}") from None
     if args.warm_learn < 0:
         raise SystemExit("agent: --warm-learn must be 0 or more")
+    try:
+        roots = allowed_roots(args.allow_mount)
+    except ValueError as exc:
+        raise SystemExit(f"agent: {exc}") from None
     runtime = make_runtime(args.runtime, pids_limit=args.pids_limit, **extra)
     server = AgentServer(
         runtime,
@@ -191,6 +211,8 @@ async def run(
         warm=warm,
         learn_spares=args.warm_learn,
         state_directory=Path(args.state_dir) if args.state_dir else state_dir(),
+        allow_mounts=roots,
+        publish_host=args.publish_host,
     )
     endpoint = None
     if args.metrics is not None:

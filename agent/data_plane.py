@@ -115,6 +115,13 @@ class DataPlane:
         self.lifecycle = life
         self._handlers.update(data_handlers(life, self.send_now))
 
+    def serve_also(
+        self, msg_type: type[Message], handler: Callable[[bytes, Decoded], Awaitable[None]]
+    ) -> None:
+        """Serve ``msg_type`` with ``handler`` too (a part of the agent in its own module:
+        volumes, ports); it replies with ``send_now``, and what it raises is the reply."""
+        self._handlers[msg_type] = handler
+
     async def serve(self, sock: zmq.asyncio.Socket) -> None:
         """Serve the ROUTER socket's requests (until cancelled)."""
         while True:

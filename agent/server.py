@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import logging
 import time
@@ -25,6 +26,7 @@ from agent.identity import state_dir
 from agent.kept_logs import KeptLogs
 from agent.lane_server import LaneServer
 from agent.lifecycle import AgentLifecycle
+from agent.ports import PortService
 from agent.runtime.base import (
     LABEL_AGENT,
     LABEL_CREATED,
@@ -36,6 +38,7 @@ from agent.runtime.base import (
 )
 from agent.runtime.spare_claims import SpareClaims
 from agent.spares import Shape, SparePool
+from agent.storage import VolumeService
 from agent.supervisor_hub import WorkerHub, remove_dead_agent_dir
 from agent.supervisor_launch import supervisor_command
 from aviato import _zmq
@@ -56,6 +59,7 @@ from aviato.protocol import (
     DeregisterAgent,
     ErrorCode,
     ErrorReply,
+    GetTunnels,
     HeartbeatReply,
     Message,
     OkReply,
@@ -63,6 +67,7 @@ from aviato.protocol import (
     PlaceSandbox,
     RegisterAgent,
     RegisterReply,
+    RemoveVolume,
     SandboxActivity,
     SandboxExited,
     SandboxInfo,
@@ -121,6 +126,8 @@ class AgentServer:
         warm: dict[Shape, int] | None = None,
         learn_spares: int = 0,
         state_directory: Path | None = None,
+        allow_mounts: tuple[str, ...] = (),
+        publish_host: str | None = None,
     ) -> None:
         self.runtime = runtime
         self.scheduler = scheduler
@@ -184,6 +191,14 @@ class AgentServer:
         self._spares_changed = asyncio.Event()
         #: Prometheus metrics (agent/metrics.py), when served (--metrics).
         self.metrics: AgentMetrics | None = None
+        #: Host mounts only under these (resolved) roots; named volumes kept here.
+        self.allow_mounts = allow_mounts
+        volumes = runtime.volume_store(self.state_directory / "volumes")
+        self.volumes = VolumeService(volumes, agent_id, self.sandboxes, self._ask_scheduler)
+        self.plane.serve_also(RemoveVolume, functools.partial(self.volumes.on_remove, self.plane))
+        #: Set once bound: the --publish-host, else our advertised data-plane host.
+        self.ports = PortService(runtime, self.sandboxes, publish_host or "")
+        self.plane.serve_also(GetTunnels, functools.partial(self.ports.on_get, self.plane))
 
     def stop(self) -> None:
         self._stop.set()
@@ -216,6 +231,8 @@ class AgentServer:
             raise
         self.plane.socket = data
         self.address = sockets.advertised(bound, self.advertise_host)
+        self.ports.host = self.ports.host or self.address.removeprefix("tcp://").rsplit(":", 1)[0]
+        self.runtime.publish_host = self.ports.host = self.ports.host.strip("[]")
         log.info(
             "agent %s serving clients on %s (runtime %s)", self.agent_id, bound, self.runtime.name
         )
@@ -230,6 +247,7 @@ class AgentServer:
                 self._task(self.plane.serve(data))
                 self._task(self._scheduler_link())
                 self._task(self._exits_loop())
+                self._task(self.volumes.report())
                 if self.spares is not None:
                     self._task(self._report_spares())
                 await self._stop.wait()
@@ -382,6 +400,7 @@ class AgentServer:
                 continue
             fresh, backoff = False, _zmq.BACKOFF_FIRST
             self._registered = True
+            self.volumes.changed.set()  # a scheduler that (re)learns us learns our volumes
             self.ready.set()
             if self.spares is not None and not self.spares.running:
                 self.spares.start()
@@ -630,6 +649,8 @@ class AgentServer:
         assert hub is not None
         mounts = await hub.prepare(sid)
         try:
+            # After the supervisor's: the local runtime finds those first.
+            mounts += await self.volumes.mounts(sid, spec, self.allow_mounts)
             if spec.function_worker:
                 command, args = supervisor_command()
                 env = {**spec.env, **hub.worker_env()}
@@ -646,7 +667,9 @@ class AgentServer:
                             f"{exc}\n--- sandbox output:\n{tail}", sandbox_id=sid
                         ) from exc
                     raise
+            await self.ports.open(sid, spec)  # once it runs: in its own namespace by now
         except BaseException:
+            self.ports.close(sid)
             await hub.close(sid, "failed to start")
             await self.runtime.stop(sid)
             raise
@@ -709,6 +732,7 @@ class AgentServer:
 
     def _forget(self, sandbox_id: str, reason: str) -> None:
         self.lifecycle.forget(sandbox_id)
+        self.ports.close(sandbox_id)
         if self.sandboxes.pop(sandbox_id, None) is not None and self.spares is not None:
             self.spares.room_freed()
         self.ended[sandbox_id] = reason

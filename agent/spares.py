@@ -43,7 +43,7 @@ from agent.runtime.base import (
 from agent.supervisor_hub import WorkerHub
 from agent.supervisor_launch import SOCKET_DIR
 from aviato.exceptions import AviatoError, SandboxFailedError, SandboxNotRunningError
-from aviato.protocol import SandboxSpec, SpareShape
+from aviato.protocol import SandboxSpec, SpareShape, spare_key
 
 log = logging.getLogger("aviato.agent.spares")
 
@@ -307,7 +307,7 @@ class SparePool:
         """Make a ready spare of ``spec``'s shape the sandbox ``sandbox_id`` and start
         its command; False when there is none (create it as usual). A command the
         image lacks fails as a fresh create would (the spare stays ready)."""
-        if spec.function_worker:  # its main command is the worker: made afresh
+        if spare_key(spec) is None:  # a function worker, or mounts/volumes/ports: afresh
             return False
         shape = Shape.of(spec)
         self.demand.note(shape, time.monotonic())

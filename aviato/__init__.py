@@ -48,7 +48,9 @@ if TYPE_CHECKING:
     from aviato._process import Process, ProcessInfo
     from aviato._sandbox import Sandbox, SandboxPage
     from aviato._session import Session
+    from aviato._storage import Mount, Tunnel
     from aviato._types import ExecResult, FileInfo, OutputChunk
+    from aviato._volumes import list_volumes, remove_volume
     from aviato._wait import wait
 
 #: The API's names -> the module of each, imported at first use: the daemons import
@@ -66,6 +68,10 @@ _LAZY = {
     "Sandbox": "aviato._sandbox",
     "SandboxPage": "aviato._sandbox",
     "Session": "aviato._session",
+    "Mount": "aviato._storage",
+    "Tunnel": "aviato._storage",
+    "list_volumes": "aviato._volumes",
+    "remove_volume": "aviato._volumes",
     "ExecResult": "aviato._types",
     "FileInfo": "aviato._types",
     "OutputChunk": "aviato._types",
@@ -106,6 +112,7 @@ __all__ = [
     "FunctionError",
     "FunctionResult",
     "FunctionSerializationError",
+    "Mount",
     "OutputChunk",
     "PayloadTooLargeError",
     "Process",
@@ -134,10 +141,13 @@ __all__ = [
     "Serialization",
     "Session",
     "SnapshotInfo",
+    "Tunnel",
     "UnauthorizedError",
     "UnsupportedOperationError",
     "WorkerLostError",
     "__version__",
+    "list_volumes",
+    "remove_volume",
     "sync",
     "wait",
 ]

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from aviato._storage import Tunnel
 from aviato.protocol import AgentInfo, ClusterStatusReply, SandboxInfo
 
 __all__ = [
@@ -28,13 +29,22 @@ __all__ = [
     "status_record",
 ]
 
-SANDBOX_COLUMNS = ("sandbox", "status", "image", "command", "agent", "tags", "exit", "reason")
+SANDBOX_COLUMNS = (
+    "sandbox", "status", "image", "command", "agent", "tags", "exit", "reason", "ports"
+)  # fmt: skip
+VOLUME_COLUMNS = ("volume", "agent", "address")
 AGENT_COLUMNS = (
     "agent", "address", "runtime", "slots used", "slots free", "spares", "alive", "heartbeat"
 )  # fmt: skip
 
 
-def sandbox_row(info: SandboxInfo) -> list[str]:
+def tunnels_text(tunnels: Mapping[int, Tunnel]) -> str:
+    """``8000->10.0.0.2:32768,...``; its ports as asked for when not known (not running)."""
+    return ",".join(f"{p}->{t.host}:{t.port}" for p, t in sorted(tunnels.items()))
+
+
+def sandbox_row(info: SandboxInfo, tunnels: Mapping[int, Tunnel] | None = None) -> list[str]:
+    ports = tunnels_text(tunnels) if tunnels else ",".join(map(str, info.spec.ports))
     return [
         info.sandbox_id,
         info.status.value,
@@ -44,10 +54,13 @@ def sandbox_row(info: SandboxInfo) -> list[str]:
         ",".join(info.spec.tags),
         "" if info.exit_code is None else str(info.exit_code),
         info.reason,
+        ports,
     ]
 
 
-def sandbox_record(info: SandboxInfo) -> dict[str, Any]:
+def sandbox_record(
+    info: SandboxInfo, tunnels: Mapping[int, Tunnel] | None = None
+) -> dict[str, Any]:
     """One sandbox for ``--format json``: plain JSON types, stable keys."""
     return {
         "sandbox_id": info.sandbox_id,
@@ -64,6 +77,8 @@ def sandbox_record(info: SandboxInfo) -> dict[str, Any]:
         "ended_by": info.ended_by,
         "created_at": info.created_at,
         "deadline": info.deadline,
+        "ports": list(info.spec.ports),
+        "tunnels": {str(p): t.url for p, t in sorted((tunnels or {}).items())},
     }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from aviato._auth import CurveKeys, client_keys, scheduler_public_key
 from aviato._options import NAMES, SandboxOptions
+from aviato._storage import Mount
 from aviato._zmq import check_endpoint
 from aviato.protocol import SandboxInfo
 
@@ -51,12 +52,21 @@ class SandboxDefaults:
     local_lane: bool | None = None
     #: Each sandbox is stopped after this long with no exec, process, file or call.
     idle_timeout_seconds: float | None = None
+    #: Host directories every sandbox mounts (``Mount``; under the agent's --allow-mount).
+    mounts: tuple[Mount, ...] = ()
+    #: Named volumes on the agent's host every sandbox mounts: target path -> name.
+    volumes: Mapping[str, str] = field(default_factory=dict)
+    #: In-sandbox TCP ports every sandbox publishes (see ``Sandbox.tunnels``).
+    ports: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         # Accept lists for convenience; keep the frozen value hashable-ish and immutable.
         object.__setattr__(self, "args", tuple(self.args))
         object.__setattr__(self, "tags", tuple(self.tags))
         object.__setattr__(self, "env", dict(self.env))
+        object.__setattr__(self, "mounts", tuple(self.mounts))
+        object.__setattr__(self, "volumes", dict(self.volumes))
+        object.__setattr__(self, "ports", tuple(self.ports))
 
     def replace(self, **changes: Any) -> SandboxDefaults:
         return dataclasses.replace(self, **changes)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aviato._codec import brief
+from aviato._storage import Mount, mount_problems, port_problems
 
 __all__ = [
     "MAX_CPUS",
@@ -63,8 +64,20 @@ class SandboxOptions:
     network: str | None = None
     working_dir: str | None = None
     idle_timeout_seconds: float | None = None
+    #: Host directories (under the agent's --allow-mount roots), added to the defaults'.
+    mounts: tuple[Mount, ...] = ()
+    #: Named volumes on the agent's host: target path -> volume name.
+    volumes: dict[str, str] = field(default_factory=dict)
+    #: In-sandbox TCP ports published on the agent's host (``Sandbox.tunnels()``).
+    ports: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        if not isinstance(self.mounts, tuple):
+            object.__setattr__(self, "mounts", tuple(self.mounts))
+        if not isinstance(self.volumes, dict):
+            object.__setattr__(self, "volumes", dict(self.volumes))
+        if not isinstance(self.ports, tuple):
+            object.__setattr__(self, "ports", tuple(self.ports))
         if self.args is not None and not isinstance(self.args, tuple):
             object.__setattr__(self, "args", tuple(self.args))
         if not isinstance(self.tags, tuple):
@@ -88,6 +101,9 @@ class SandboxOptions:
             args=args,
             env={**base.env, **self.env},
             tags=tuple(dict.fromkeys((*base.tags, *self.tags))),
+            mounts=(*base.mounts, *self.mounts),
+            volumes={**base.volumes, **self.volumes},
+            ports=tuple(dict.fromkeys((*base.ports, *self.ports))),
             **plain,
         )
 
@@ -126,6 +142,8 @@ class SandboxOptions:
             out.append(f"pids_limit must be at least 1 (or None), got {self.pids_limit}")
         if self.network not in NETWORKS:
             out.append(f"network must be None, 'none' or 'bridge', got {brief(self.network)}")
+        out += mount_problems(self.mounts, self.volumes)
+        out += port_problems(self.ports, self.network)
         return out
 
     def key(self) -> tuple[Any, ...]:
@@ -144,7 +162,9 @@ class SandboxOptions:
 #: Every option's name.
 NAMES = tuple(f.name for f in dataclasses.fields(SandboxOptions))
 #: Options merged as "set wins" (``over`` merges the others its own way).
-_PLAIN = tuple(n for n in NAMES if n not in ("image", "args", "env", "tags"))
+_PLAIN = tuple(
+    n for n in NAMES if n not in ("image", "args", "env", "tags", "mounts", "volumes", "ports")
+)
 
 
 def as_args(args: Sequence[str] | None) -> tuple[str, ...] | None:

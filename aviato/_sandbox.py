@@ -29,6 +29,7 @@ from aviato._lifecycle import SandboxLifecycle
 from aviato._options import SandboxOptions, as_args
 from aviato._process import Process, ProcessInfo, attach, list_processes
 from aviato._process import spawn as _spawn
+from aviato._storage import Mount, Tunnel
 from aviato._tasks import TaskGroup, default_tasks
 from aviato._types import ExecResult, OutputChunk
 from aviato.exceptions import (
@@ -153,6 +154,9 @@ class Sandbox(SandboxFiles, SandboxLifecycle):
         cpus: float | None = None,
         network: str | None = None,
         working_dir: str | None = None,
+        mounts: Sequence[Mount] = (),
+        volumes: Mapping[str, str] | None = None,
+        ports: Sequence[int] = (),
         defaults: SandboxDefaults | None = None,
         _session: Session | None = None,
         _function_worker: bool = False,
@@ -176,6 +180,9 @@ class Sandbox(SandboxFiles, SandboxLifecycle):
                 network=network,
                 working_dir=working_dir,
                 idle_timeout_seconds=idle_timeout_seconds,
+                mounts=tuple(mounts),
+                volumes=dict(volumes or {}),
+                ports=tuple(ports),
             )
             _merged = mine.over(self._defaults.options())
         self._spec: SandboxSpec = SandboxSpec.of(
@@ -558,6 +565,15 @@ class Sandbox(SandboxFiles, SandboxLifecycle):
                 "sandbox is not started: call `await sb.start()` or use `async with sb:`"
             )
         return self._info
+
+    async def tunnels(self) -> dict[int, Tunnel]:
+        """Where each of its ``ports`` is reached from outside: ``{8000: Tunnel(host,
+        port)}``; ``tunnel.url`` is ``http://host:port``. Starts it first if need be."""
+        from aviato._volumes import tunnels_of  # it imports this module
+
+        await self.start()
+        info, _ = self._agent()
+        return await tunnels_of(info, self._defaults, self._connections())
 
     def _agent(self) -> tuple[SandboxInfo, Channel]:
         info = self._require_started()

@@ -7,6 +7,7 @@ aviato agent --scheduler ...   same as ``python -m agent``
 aviato status | ps [-q] [--tag T] [--all] | stop ID... | exec [-it] ID -- CMD... | logs [-f] ID
 aviato cp LOCAL ID:/path | cp ID:/path LOCAL   files of any size, like docker cp
 aviato pause|resume ID... | extend ID SECONDS | snapshot ID | snapshot ls | snapshot rm IMAGE...
+aviato volume ls | volume rm NAME... [--agent ID]
 The options --scheduler, --timeout, --keys and --client-key go before or after the
 command; --format json prints status and ps as JSON. ps draws its first 100 rows;
 -q, --format json and --all stream every row, page by page.
@@ -30,6 +31,7 @@ from aviato._cli_lifecycle import add_commands as add_lifecycle_commands
 from aviato._cli_output import (
     AGENT_COLUMNS,
     SANDBOX_COLUMNS,
+    VOLUME_COLUMNS,
     JsonArrayWriter,
     PlainLines,
     agent_row,
@@ -42,8 +44,16 @@ from aviato._cli_output import (
 from aviato._defaults import SandboxDefaults
 from aviato._flags import RUNTIMES, add_keys, add_log_level
 from aviato._sandbox import Sandbox, scheduler_connection
+from aviato._storage import Tunnel
+from aviato._volumes import list_volumes, remove_volume, tunnels_of
 from aviato.exceptions import AviatoError, ConfigurationError
-from aviato.protocol import AgentInfo, ClusterStatus, ClusterStatusReply, SandboxStatus
+from aviato.protocol import (
+    AgentInfo,
+    ClusterStatus,
+    ClusterStatusReply,
+    SandboxInfo,
+    SandboxStatus,
+)
 
 #: Rows ``aviato ps`` draws as a table (more: -q, --format json or --all stream them).
 PS_FIRST_PAGE = 100
@@ -107,7 +117,8 @@ async def _ps(args: argparse.Namespace) -> int:
             tags=args.tag, status=statuses, limit=args.limit, defaults=defaults
         )
         infos = [sb.info for sb in page.sandboxes if sb.info is not None]
-        print_table(SANDBOX_COLUMNS, [sandbox_row(info) for info in infos])
+        tunnels = await _tunnels(infos, defaults)
+        print_table(SANDBOX_COLUMNS, [sandbox_row(i, tunnels.get(i.sandbox_id)) for i in infos])
         if page.cursor:
             print(
                 f"(the first {len(infos)}; `aviato ps -q` or `aviato ps --all` list every one)",
@@ -122,7 +133,8 @@ async def _ps(args: argparse.Namespace) -> int:
         out = JsonArrayWriter(sys.stdout)
         async for sb in stream:
             if sb.info is not None:
-                out.add(sandbox_record(sb.info))
+                tunnels = await _tunnels([sb.info], defaults)
+                out.add(sandbox_record(sb.info, tunnels.get(sb.info.sandbox_id)))
         out.close()
     else:
         lines = PlainLines(SANDBOX_COLUMNS, sys.stdout)
@@ -130,6 +142,28 @@ async def _ps(args: argparse.Namespace) -> int:
             if sb.info is not None:
                 lines.add(sandbox_row(sb.info))
         lines.close()
+    return 0
+
+
+async def _tunnels(
+    infos: Sequence[SandboxInfo], defaults: SandboxDefaults
+) -> dict[str, dict[int, Tunnel]]:
+    """The tunnels of those running sandboxes that publish ports (asked of their agents
+    at once; one that cannot say shows its ports as asked for)."""
+    wanted = [i for i in infos if i.spec.ports and i.status is SandboxStatus.RUNNING]
+    found = await asyncio.gather(*(tunnels_of(i, defaults) for i in wanted), return_exceptions=True)
+    return {i.sandbox_id: t for i, t in zip(wanted, found, strict=True) if isinstance(t, dict)}
+
+
+async def _volume(args: argparse.Namespace) -> int:
+    defaults = _defaults(args)
+    if args.action == "ls":
+        rows = [[v.name, v.agent_id, v.agent_address] for v in await list_volumes(defaults)]
+        print_table(VOLUME_COLUMNS, rows)
+        return 0
+    for name in args.names:
+        for agent_id in await remove_volume(name, agent_id=args.agent, defaults=defaults):
+            print(f"{name} (agent {agent_id})")
     return 0
 
 
@@ -387,6 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _cli_files.add_cp(command)
     add_lifecycle_commands(command)
+    volume = command("volume", help="named volumes: aviato volume ls | rm NAME...")
+    volume.add_argument("action", choices=("ls", "rm"))
+    volume.add_argument("names", nargs="*", help="rm: the volumes to remove")
+    volume.add_argument("--agent", help="rm: from this agent's host only (default: every one)")
     return p
 
 
@@ -447,7 +485,16 @@ def _run(argv: list[str]) -> int:
         return _keys(args)
     if args.cmd == "exec" and not [c for c in args.command if c != "--"]:
         raise ConfigurationError("exec: give a command after the id: aviato exec ID -- echo hi")
-    handlers = {"status": _status, "ps": _ps, "stop": _stop, "exec": _exec, "logs": _logs}
+    if args.cmd == "volume" and (args.action == "rm") != bool(args.names):
+        raise ConfigurationError("volume: `aviato volume ls`, or `aviato volume rm NAME...`")
+    handlers = {
+        "status": _status,
+        "ps": _ps,
+        "stop": _stop,
+        "exec": _exec,
+        "logs": _logs,
+        "volume": _volume,
+    }
     if args.cmd == "cp":
         return asyncio.run(_cli_files.cp(args, _defaults(args)))
     lifecycle = LIFECYCLE_COMMANDS.get(args.cmd)

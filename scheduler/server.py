@@ -21,6 +21,7 @@ from aviato._server.throttle import LogThrottle, more
 from aviato.protocol import (
     AgentHeartbeat,
     AgentSpares,
+    AgentVolumes,
     ClusterStatus,
     CreateSandbox,
     Decoded,
@@ -34,6 +35,7 @@ from aviato.protocol import (
     GetSandbox,
     HeartbeatReply,
     ListSandboxes,
+    ListVolumes,
     Message,
     MsgType,
     OkReply,
@@ -184,6 +186,8 @@ class SchedulerServer:
             DeregisterAgent: self._on_deregister,
             AgentHeartbeat: self._on_heartbeat,
             AgentSpares: self._on_spares,
+            AgentVolumes: self._on_volumes,
+            ListVolumes: self._on_list_volumes,
             SandboxExited: self._on_exited,
             Ping: self._on_ping,
             ExtendLifetime: self._on_extend,
@@ -566,6 +570,15 @@ class SchedulerServer:
         if self._agent_identity.get(d.msg.agent_id) == identity:  # only from the agent
             self.state.set_spares(d.msg.agent_id, d.msg.spares, d.msg.shapes)
         return [Reply((identity, d.request_id), OkReply())]
+
+    def _on_volumes(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
+        assert isinstance(d.msg, AgentVolumes)
+        if self._agent_identity.get(d.msg.agent_id) == identity:  # only from the agent
+            self.state.set_volumes(d.msg.agent_id, d.msg.names)
+        return [Reply((identity, d.request_id), OkReply())]
+
+    def _on_list_volumes(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
+        return [Reply((identity, d.request_id), self.state.list_volumes())]
 
     def _on_deregister(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, DeregisterAgent)

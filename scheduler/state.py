@@ -26,6 +26,7 @@ from aviato.protocol import (
     SandboxStatus,
     SpareShape,
     StopSandbox,
+    VolumeListReply,
     spare_key,
 )
 from scheduler.lifecycle import LifecycleState
@@ -209,6 +210,7 @@ class SchedulerState(LifecycleState):
         actions += self._agent_gone(agent_id)
         self._set_alive(agent, False)
         del self.agents[agent_id]
+        self._volumes.drop(agent_id)
         return actions
 
     def dead_agents(self, now: float) -> tuple[str, ...]:
@@ -382,13 +384,19 @@ class SchedulerState(LifecycleState):
         )
 
     def choose_agent(self, spec: SandboxSpec | None = None) -> AgentRecord | None:
-        """An agent holding a ready spare of ``spec``'s shape (the most of them; ties
-        by id), so that the create is ready in milliseconds; else spread: the live agent
-        with the most free slots (ties by id, for determinism). From the indexes. A
-        snapshot's create goes to the agent holding it, or waits for it."""
+        """A snapshot's create goes to the agent holding it, or waits for it; else an
+        agent holding ``spec``'s named volumes, with a free slot (see
+        scheduler/volumes.py); else one holding a ready spare of ``spec``'s shape (the most
+        of them; ties by id), so that the create is ready in milliseconds; else spread:
+        the live agent with the most free slots (ties by id, for determinism). From the
+        indexes."""
         if spec is not None and self._snapshot_keys:
             snapshot, keeper = self.snapshot_agent(spec)  # its agent, or none yet
             if snapshot:
+                return keeper
+        if spec is not None and spec.volumes:
+            keeper = self._volumes.prefer(spec.volumes.values(), self._usable)
+            if keeper is not None:
                 return keeper
         if spec is not None and self._spares:
             key = spare_key(spec)
@@ -397,6 +405,18 @@ class SchedulerState(LifecycleState):
                 return self.agents[holder]
         best = self._free.best()
         return self.agents[best] if best is not None else None
+
+    def _usable(self, agent_id: str) -> AgentRecord | None:
+        agent = self.agents.get(agent_id)
+        return agent if agent is not None and agent.alive and agent.free > 0 else None
+
+    def set_volumes(self, agent_id: str, names: Iterable[str]) -> None:
+        """An agent reports the named volumes its host holds (AgentVolumes)."""
+        if agent_id in self.agents:
+            self._volumes.set(agent_id, names)
+
+    def list_volumes(self) -> VolumeListReply:
+        return VolumeListReply(self._volumes.listing(self.agents))
 
     def _took_spare(self, agent: AgentRecord, spec: SandboxSpec) -> None:
         """A create of a shape the agent holds spares of: it will take one (until it
@@ -768,6 +788,7 @@ class SchedulerState(LifecycleState):
                 and now - agent.dead_since > self.config.forget_dead_seconds
             ):
                 del self.agents[agent.agent_id]  # dead long ago: no longer news
+                self._volumes.drop(agent.agent_id)
                 self._dead_list_changed()
         self.blind.forget_before(now - BLIND_MEMORY_SECONDS)
         return actions

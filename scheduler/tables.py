@@ -21,6 +21,7 @@ from scheduler.records import (
     _new_sandbox_id,
     _seq_of,
 )
+from scheduler.volumes import VolumeIndex
 
 __all__ = ["Tables"]
 
@@ -59,6 +60,8 @@ class Tables:
         self._free = FreeIndex()
         #: agents holding ready spares, per shape: a create of that shape goes there
         self._spares = SpareIndex()
+        #: agents holding each named volume: a create naming one goes there when it can
+        self._volumes = VolumeIndex()
         self._alive_count = 0
         self._pending_ids: set[str] = set()
         self._lifetimes: Timers[str] = Timers()

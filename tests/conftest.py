@@ -322,7 +322,34 @@ def _our_leftovers() -> list[str]:
         line = " ".join(p.info["cmdline"] or ())
         if f"t{RUN_ID}-" in line and "pytest" not in line:
             found.append(line[:200])
-    return found
+    return found + our_volumes()
+
+
+def our_volumes() -> list[str]:
+    """Docker volumes (``volumes={...}``) made by any agent of this test run: a test
+    that makes one removes it (``aviato volume rm``)."""
+    try:
+        out = subprocess.run(
+            [
+                "docker",
+                "volume",
+                "ls",
+                "--filter",
+                "label=aviato.volume",
+                "--format",
+                '{{.Label "aviato.agent"}} {{.Name}}',
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [
+        f"volume {name}"
+        for agent, _, name in (line.partition(" ") for line in out.splitlines())
+        if agent.startswith(f"t{RUN_ID}-")
+    ]
 
 
 def our_containers() -> list[str]:

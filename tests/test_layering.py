@@ -55,6 +55,11 @@ SHARED: dict[str, tuple[frozenset[str] | None, str]] = {
         " it, so the scheduler refuses what the client would",
     ),
     "aviato._codec": (None, "the protocol's value codec: the protocol is built on it"),
+    "aviato._storage": (
+        None,
+        "mounts, volumes and ports as a spec holds them, and their checks (through"
+        " SandboxOptions.problems; the agent checks volume names with it too)",
+    ),
     "aviato._lane": (None, "the local lane's framing and path: client and agent must agree"),
     "aviato._types": (
         frozenset({"OutputChunk", "FileInfo"}),

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from aviato import exceptions as exc
 from aviato._errors import to_exception
 from aviato._server.errors import error_reply
+from aviato._storage import Mount
 from aviato._types import FileInfo
 from aviato.protocol import (
     MESSAGE_TYPES,
@@ -22,6 +23,7 @@ from aviato.protocol import (
     AgentHeartbeat,
     AgentInfo,
     AgentSpares,
+    AgentVolumes,
     CallHeader,
     CallOutcome,
     CallResults,
@@ -44,11 +46,13 @@ from aviato.protocol import (
     FileReply,
     GetLogs,
     GetSandbox,
+    GetTunnels,
     HeartbeatReply,
     ListFiles,
     ListProcesses,
     ListSandboxes,
     ListSnapshots,
+    ListVolumes,
     LogChunk,
     LogsReply,
     Message,
@@ -58,6 +62,7 @@ from aviato.protocol import (
     Ping,
     PlaceSandbox,
     Pong,
+    PortTunnel,
     ProcessInfo,
     ProcessOutput,
     ProcessReply,
@@ -67,6 +72,7 @@ from aviato.protocol import (
     RegisterReply,
     RemoveFile,
     RemoveSnapshot,
+    RemoveVolume,
     ResizeTerminal,
     RunCalls,
     SandboxActivity,
@@ -90,7 +96,10 @@ from aviato.protocol import (
     StreamAck,
     StreamLogs,
     TransferDone,
+    TunnelsReply,
     UploadFile,
+    VolumeInfo,
+    VolumeListReply,
     WaitSandbox,
     WriteFile,
     WriteStdin,
@@ -116,6 +125,9 @@ SPEC = SandboxSpec(
     pids_limit=64,
     network="bridge",
     working_dir="/work",
+    mounts=(Mount("/datasets/imagenet", "/data", read_only=True), Mount("/srv/x", "/x")),
+    volumes={"/cache": "pip-cache"},
+    ports=(8000, 8443),
 )
 
 INFO = SandboxInfo(
@@ -259,6 +271,17 @@ SAMPLES: list[Message] = [
     StreamLogs(sandbox_id="sb-1", follow=True, window=2),
     LogChunk(seq=9, fd=2),
     *LIFECYCLE_SAMPLES,
+    AgentVolumes(agent_id="agent-a", names=("pip-cache", "data")),
+    ListVolumes(),
+    VolumeListReply(
+        volumes=(
+            VolumeInfo("pip-cache", "agent-a", "tcp://10.0.0.1:7000"),
+            VolumeInfo("data", "agent-b", "tcp://10.0.0.2:7000", "key", "unix:host:/p"),
+        )
+    ),
+    RemoveVolume(name="pip-cache"),
+    GetTunnels(sandbox_id="sb-1"),
+    TunnelsReply(tunnels=(PortTunnel(8000, "10.0.0.1", 32768),)),
 ]
 
 

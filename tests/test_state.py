@@ -1464,3 +1464,27 @@ def test_status_pages_agents_by_id_with_cluster_wide_counts() -> None:
     assert [a.agent_id for a in rest.agents + last.agents] == ["a3", "a4", "a5", "a6"]
     assert last.next_cursor == ""
     assert len(state.status(0.0).agents) == 7  # the default page holds 1,000
+
+
+def test_a_create_naming_a_volume_goes_to_an_agent_holding_it() -> None:
+    """Spread would pick b (more free slots); a holds the volume, so a create naming it
+    goes to a while a has a free slot, then anywhere (where it is made afresh, empty).
+    The listing shows each live agent's volumes, by name then agent."""
+    state = make_state()
+    register(state, "a", slots=2)
+    register(state, "b", slots=8)
+    state.set_volumes("a", ["pip-cache", "data"])
+    state.set_volumes("ghost", ["x"])  # not registered: ignored
+
+    def where(key: str, **kw: Any) -> str:
+        return placed(state.request_create(key, spec(**kw), 10.0, 0.0))[0][0]
+
+    assert where("k1", volumes={"/cache": "pip-cache"}) == "a"
+    assert where("k2") == "b"  # no volume: spread
+    assert where("k3", volumes={"/c": "other", "/d": "data"}) == "a"
+    assert where("k4", volumes={"/cache": "pip-cache"}) == "b"  # a is full
+    state.set_volumes("b", ["pip-cache"])
+    rows = [(v.name, v.agent_id) for v in state.list_volumes().volumes]
+    assert rows == [("data", "a"), ("pip-cache", "a"), ("pip-cache", "b")]
+    state.set_volumes("a", [])
+    assert [v.agent_id for v in state.list_volumes().volumes] == ["b"]

@@ -13,6 +13,7 @@ import abc
 import builtins
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 # Re-exported: runtimes and the agent take the labels with the interface.
@@ -25,6 +26,7 @@ from agent.runtime.labels import LABEL_SPARE as LABEL_SPARE
 from agent.runtime.labels import LABEL_SPEC as LABEL_SPEC
 from agent.runtime.labels import sandbox_labels as sandbox_labels
 from agent.runtime.labels import spec_from_labels as spec_from_labels
+from agent.runtime.volumes import DirectoryVolumes, VolumeStore
 from aviato._types import OutputChunk as OutputChunk  # the runtimes speak it too
 from aviato.exceptions import SandboxNotFoundError, UnsupportedOperationError
 from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec
@@ -51,6 +53,8 @@ class Mount:
     source: str
     target: str
     read_only: bool = True
+    #: "bind": ``source`` is a host path; "volume": the engine's volume of that name.
+    kind: str = "bind"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +146,21 @@ class Runtime(abc.ABC):
         """Where processes go in a sandbox without a supervisor (None: nowhere)."""
         return None
 
+    #: True when the engine publishes a sandbox's ports itself (``published_ports``);
+    #: else the agent forwards them into the sandbox's own network namespace
+    #: (``netns_pid``; agent/ports.py).
+    publishes_ports: bool = False
+    #: The host address published ports are bound to (set by the agent).
+    publish_host: str = "127.0.0.1"
+
+    async def published_ports(self, sandbox_id: str) -> dict[int, int]:
+        """In-sandbox port -> the host port the engine published it on."""
+        return {}
+
+    def netns_pid(self, sandbox_id: str) -> int | None:
+        """A process in the sandbox's own network namespace (None: it has none)."""
+        return None
+
     @abc.abstractmethod
     async def create(
         self,
@@ -170,6 +189,11 @@ class Runtime(abc.ABC):
         ``SandboxFailedError`` (and the spare untouched) when ``spec``'s command is not in
         the image, as a fresh create would fail."""
         raise NotImplementedError(f"the {self.name} runtime keeps no spares")
+
+    def volume_store(self, directory: Path) -> VolumeStore:
+        """Where this runtime keeps named volumes (``directory``: the agent's own, under
+        its state directory; a runtime with volumes of its own ignores it)."""
+        return DirectoryVolumes(directory)
 
     @abc.abstractmethod
     def exec_stream(

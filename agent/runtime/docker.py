@@ -21,6 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, TypeVar, TypeVarTuple
 
 import docker
@@ -45,8 +46,11 @@ from agent.runtime.docker_bytes import CHUNK, cut, order_log_entries, read_cappe
 from agent.runtime.docker_errors import DockerError, explain, http_status
 from agent.runtime.docker_exec import DockerExec
 from agent.runtime.docker_lifecycle import DockerLifecycle, is_snapshot
+from agent.runtime.docker_ports import publish_ip, published
 from agent.runtime.docker_procs import DockerProcesses
 from agent.runtime.docker_streams import DockerStreams
+from agent.runtime.docker_volumes import DockerVolumes
+from agent.runtime.volumes import VolumeStore
 from aviato.exceptions import (
     SandboxError,
     SandboxFailedError,
@@ -89,6 +93,7 @@ def docker_available(timeout: float = 2.0) -> bool:
 class DockerRuntime(DockerLifecycle, Runtime):
     name = "docker"
     supports_spares = True
+    publishes_ports = True
 
     def __init__(
         self,
@@ -184,6 +189,18 @@ class DockerRuntime(DockerLifecycle, Runtime):
             sandbox_id=sandbox_id,
         )
 
+    async def published_ports(self, sandbox_id: str) -> dict[int, int]:
+        def ports() -> dict[int, int]:
+            try:
+                return published(self._api.inspect_container(self._target(sandbox_id)))
+            except DockerError as exc:
+                raise self._engine_error(sandbox_id, "reading its ports", exc) from exc
+
+        return await self._run(ports)
+
+    def volume_store(self, directory: Path) -> VolumeStore:
+        return DockerVolumes(lambda: self._client)  # the engine's volumes, not a directory
+
     # ------------------------------------------------------------------ create
 
     async def create(
@@ -205,7 +222,7 @@ class DockerRuntime(DockerLifecycle, Runtime):
             # raced its sandbox's stop (or the agent's exit) would remake our socket
             # directory after we removed it. A missing source now fails the create.
             mounts=[
-                docker.types.Mount(m.target, m.source, type="bind", read_only=m.read_only)
+                docker.types.Mount(m.target, m.source, type=m.kind, read_only=m.read_only)
                 for m in mounts
             ]
             or None,
@@ -220,6 +237,8 @@ class DockerRuntime(DockerLifecycle, Runtime):
             memswap_limit=spec.memory_bytes,
             nano_cpus=int(spec.cpus * 1e9) if spec.cpus else None,
             network_mode="none" if spec.network == "none" else None,
+            # The engine picks a free host port for each, on the agent's publish address.
+            port_bindings={p: (publish_ip(self.publish_host), None) for p in spec.ports} or None,
         )
         kwargs: dict[str, Any] = dict(
             name=f"aviato-{sandbox_id}",
@@ -228,6 +247,7 @@ class DockerRuntime(DockerLifecycle, Runtime):
             environment=dict(spec.env),
             working_dir=spec.working_dir,
             labels=labels,
+            ports=list(spec.ports) or None,
             host_config=host_config,
             detach=True,
         )

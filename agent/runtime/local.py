@@ -47,6 +47,7 @@ from agent.runtime.base import (
     join_chunks,
     sandbox_labels,
 )
+from agent.runtime.bwrap_root import root_args
 from agent.runtime.cgroups import Cgroups
 from agent.runtime.local_lifecycle import LocalLifecycle
 from agent.runtime.parked import Parked, ParkedPool
@@ -300,6 +301,7 @@ class LocalRuntime(LocalLifecycle, Runtime):
                 sandbox_id=sandbox_id,
             )
         _check_command(sandbox_id, spec)
+        self._check_mounts(sandbox_id, spec)
         agent_id = labels.get("aviato.agent", "agent")
         self._agent_dirs.add(agent_id)
         home = self._dir(agent_id, sandbox_id)
@@ -480,15 +482,36 @@ class LocalRuntime(LocalLifecycle, Runtime):
             logfile.close()
         return child
 
+    def netns_pid(self, sandbox_id: str) -> int | None:
+        """The first process of the sandbox in a network namespace not the agent's (bwrap
+        itself stays in ours; its child unshared)."""
+        child = self._procs.get(sandbox_id)
+        if child is None or not self.bwrap:
+            return None
+        own = os.stat("/proc/self/ns/net").st_ino
+        with contextlib.suppress(psutil.Error):
+            for proc in psutil.Process(child.pid).children(recursive=True):
+                with contextlib.suppress(OSError):
+                    if os.stat(f"/proc/{proc.pid}/ns/net").st_ino != own:
+                        return proc.pid
+        return None
+
+    def _check_mounts(self, sandbox_id: str, spec: SandboxSpec) -> None:
+        """Host mounts and volumes need bubblewrap's namespaces."""
+        if (spec.mounts or spec.volumes or spec.ports) and not self.bwrap:
+            why = (
+                "host mounts, volumes and ports need bubblewrap's namespaces (install the"
+                " bubblewrap package)"
+            )
+            raise SandboxFailedError(f"the {self.name} runtime: {why}", sandbox_id=sandbox_id)
+
     def _bwrap_argv(
         self, home: Path, spec: SandboxSpec, mounts: Sequence[Mount], binds: Sequence[str] = ()
     ) -> list[str]:
         assert self.bwrap is not None
         argv = [
             self.bwrap,
-            "--ro-bind",
-            "/",
-            "/",
+            *root_args([m.target for m in mounts]),
             "--dev",
             "/dev",
             "--proc",
@@ -516,7 +539,8 @@ class LocalRuntime(LocalLifecycle, Runtime):
             "--new-session",
             "--die-with-parent",
         ]
-        if spec.network == "none":
+        if spec.network == "none" or spec.ports:
+            # Ports: a namespace of its own, loopback only; the agent forwards into it.
             argv.append("--unshare-net")
         for m in mounts:
             argv += ["--ro-bind" if m.read_only else "--bind", m.source, m.target]

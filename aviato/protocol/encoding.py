@@ -13,7 +13,7 @@ import msgpack
 
 from aviato._codec import CodecError, brief, decoder, encode_value
 from aviato.exceptions import ProtocolError
-from aviato.protocol import control, data, files, lifecycle, processes, records
+from aviato.protocol import control, data, files, lifecycle, processes, records, storage
 from aviato.protocol.records import (
     PROTOCOL_VERSION,
     ErrorCode,
@@ -25,7 +25,15 @@ from aviato.protocol.records import (
 )
 
 #: The modules that define messages: a new message family adds its module here.
-MESSAGE_MODULES: tuple[ModuleType, ...] = (records, control, data, processes, files, lifecycle)
+MESSAGE_MODULES: tuple[ModuleType, ...] = (
+    records,
+    control,
+    data,
+    processes,
+    files,
+    lifecycle,
+    storage,
+)
 
 
 def _message_types(modules: Sequence[ModuleType]) -> dict[MsgType, type[Message]]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeAlias
 
 from aviato._options import SandboxOptions
+from aviato._storage import Mount
 from aviato.exceptions import ConfigurationError
 
 PROTOCOL_VERSION = 1
@@ -98,6 +99,13 @@ class MsgType(enum.IntEnum):
     LIST_SNAPSHOTS = 145
     SNAPSHOT_LIST_REPLY = 146
     REMOVE_SNAPSHOT = 147
+    # volumes and ports (aviato/protocol/storage.py)
+    AGENT_VOLUMES = 160
+    LIST_VOLUMES = 161
+    VOLUME_LIST_REPLY = 162
+    REMOVE_VOLUME = 163
+    GET_TUNNELS = 164
+    TUNNELS_REPLY = 165
 
 
 class SandboxStatus(enum.StrEnum):
@@ -168,6 +176,10 @@ class SandboxSpec:
     function_worker: bool = False
     #: Stopped after this long with no exec, process, file or call activity.
     idle_timeout_seconds: float | None = None
+    #: Host directories, named volumes (target -> name) and published ports.
+    mounts: tuple[Mount, ...] = ()
+    volumes: dict[str, str] = field(default_factory=dict)
+    ports: tuple[int, ...] = ()
 
     @classmethod
     def of(
@@ -242,8 +254,9 @@ class SpareShape:
 
 def spare_key(spec: SandboxSpec) -> tuple[object, ...] | None:
     """The ``SpareShape.key`` of the spares that can serve ``spec`` (None: none can: a
-    function worker's main command is the worker, made afresh)."""
-    if spec.function_worker:
+    function worker's main command is the worker, made afresh; nor with mounts, volumes or
+    ports: those are fixed when a sandbox is made)."""
+    if spec.function_worker or spec.mounts or spec.volumes or spec.ports:
         return None
     return (
         spec.image,
