@@ -4,6 +4,7 @@ the agent's own re-registration loop (``aviato._zmq.next_backoff``)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import zmq
@@ -36,7 +37,9 @@ async def test_the_clients_dealer_reconnects_from_100_ms_to_5_s() -> None:
 
 
 async def test_the_agents_scheduler_dealer_reconnects_from_100_ms_to_5_s() -> None:
-    runtime: Any = object()  # the scheduler link never touches the runtime
+    # The scheduler link never touches the runtime (the agent asks it only where its
+    # named volumes live, at construction).
+    runtime: Any = SimpleNamespace(volume_store=lambda directory: None)
     agent = AgentServer(runtime, scheduler=NOBODY, agent_id="a-backoff", slots=1)
     try:
         assert _reconnect_ms(agent._new_scheduler_socket()) == (100, 5000)
