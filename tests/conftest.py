@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "python:3.11"
 RUN_ID = uuid.uuid4().hex[:8]
 AGENT_IDS: set[str] = set()  # every test agent of this run, for the per-test leak check
+#: Agent socket directories left unlocked by a test (dir -> the test), see below.
+ORPHAN_DIRS: dict[Path, str] = {}
 REQUIRE_DOCKER = os.environ.get("AVIATO_REQUIRE_DOCKER") == "1"
 
 
@@ -388,11 +390,19 @@ def _docker_here() -> bool:
 
 
 @pytest.fixture(autouse=True)
-def no_container_left_by_the_test() -> Iterator[None]:
+def no_container_left_by_the_test(request: pytest.FixtureRequest) -> Iterator[None]:
     """After every test, none of this run's containers remains, nor a sandbox's socket
     directory or local-runtime state (sessions close asynchronously: a few seconds'
     grace). Daemons and temp dirs are checked when their cluster stops."""
+    import tempfile
+
+    dirs_before = set(Path(tempfile.gettempdir()).glob("avw-*"))
     yield
+    # An agent socket directory that appeared during the test and that no live agent
+    # holds: noted with the test's name, for the end-of-run leak check to say whose.
+    for d in set(Path(tempfile.gettempdir()).glob("avw-*")) - dirs_before:
+        if d.is_dir() and not _locked(d):
+            ORPHAN_DIRS.setdefault(d, request.node.nodeid)
     if _docker_here():
         wait_until(
             lambda: not our_containers(), 20, 0.2, "the test's containers to be gone (a leak)"
@@ -504,7 +514,11 @@ def _named(dirs: set[Path]) -> list[str]:
     import hashlib
 
     owner = {f"avw-{hashlib.sha256(a.encode()).hexdigest()[:12]}": a for a in AGENT_IDS}
-    return sorted(f"{d} (agent {owner.get(d.name, 'not a test agent')})" for d in dirs)
+    return sorted(
+        f"{d} (agent {owner.get(d.name, 'not a test agent')}; "
+        f"left by {ORPHAN_DIRS.get(d, 'no test seen to')})"
+        for d in dirs
+    )
 
 
 @pytest.fixture
