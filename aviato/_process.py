@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from aviato._connection import Channel
 from aviato._exec import exec_argv
 from aviato._types import OutputChunk
+from aviato.exceptions import SandboxTimeoutError
 from aviato.protocol import (
     MAX_STDIN_CHUNK,
     MAX_TERMINAL,
@@ -169,12 +170,19 @@ class Process:
 
     async def wait(self, timeout: float | None = None) -> int:
         """Wait for it to end; its exit code (128+N when signal N ended it: see
-        ``info.signal``). ``timeout``: ``asyncio.TimeoutError`` past it."""
-        async with asyncio.timeout(timeout):
-            while True:
-                info = await self._state(_POLL_SECONDS)
-                if info.exit_code is not None:
-                    return info.exit_code
+        ``info.signal``). ``timeout``: ``SandboxTimeoutError`` past it (it runs on)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            left = _POLL_SECONDS if deadline is None else deadline - loop.time()
+            if left <= 0:
+                raise SandboxTimeoutError(
+                    f"process {self.id} ({' '.join(self.argv)[:80]!r}) still runs after "
+                    f"{timeout:g}s"
+                )
+            info = await self._state(min(left, _POLL_SECONDS))
+            if info.exit_code is not None:
+                return info.exit_code
 
     async def signal(self, signum: int) -> None:
         """Send ``signum`` (e.g. ``signal.SIGINT``) to its process group; nothing once

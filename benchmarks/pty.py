@@ -32,6 +32,7 @@ import select
 import socket
 import tempfile
 import time
+import tty
 from collections.abc import AsyncIterator
 
 from aviato import OutputChunk, Sandbox, SandboxDefaults
@@ -97,7 +98,8 @@ def docker_row(n: int) -> Stats:
     os.system(f"docker run -d --rm --name {name} {IMAGE} sleep infinity >/dev/null")
     try:
         pid, fd = pty.fork()
-        if pid == 0:
+        if pid == 0:  # our terminal raw, as the CLI makes it: only the sandbox echoes
+            tty.setraw(0)
             os.execvp("docker", ["docker", "exec", "-it", name, *ECHO])
         seen = b""
 

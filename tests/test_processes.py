@@ -25,6 +25,7 @@ from aviato import (
     Sandbox,
     SandboxDefaults,
     SandboxError,
+    SandboxTimeoutError,
 )
 from aviato.protocol import MAX_STDIN_CHUNK, WriteStdin
 from tests.conftest import IMAGE, ROOT, Cluster, docker_cluster, need_docker, wait_until
@@ -152,6 +153,8 @@ async def test_spawn_write_read_wait(either: tuple[str, Cluster, SandboxDefaults
         assert r.info.signal == signal.SIGTERM
         k = await sb.spawn(["sleep", "100"])
         assert (await k.refresh()).running
+        with pytest.raises(SandboxTimeoutError, match=r"still runs after 0\.5s"):
+            await k.wait(timeout=0.5)
         await k.kill()
         assert await k.wait(timeout=60) == 128 + signal.SIGKILL
         await k.kill()  # ended already: nothing happens
@@ -403,8 +406,9 @@ async def test_a_terminal(either: tuple[str, Cluster, SandboxDefaults]) -> None:
         assert await t.wait(timeout=60) == 3
         # Its controlling terminal: /dev/tty opens, and ^C (typed, no shell's job control
         # involved) ends the whole foreground group.
-        s = await sb.spawn(["sh", "-c", "echo >/dev/tty && echo has-ctty; sleep 1000"], pty=True)
+        s = await sb.spawn(["sh", "-c", "echo >/dev/tty && echo has-ctty; sleep 1001"], pty=True)
         await _until_output(s, b"has-ctty")
+        await _until_running(sb, "sleep 1001")
         await s.write(b"\x03")
         assert await s.wait(timeout=60) == 128 + signal.SIGINT
         assert s.info.signal == signal.SIGINT
