@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 import time
 from collections.abc import AsyncIterator
@@ -150,6 +151,10 @@ async def test_hostile_paths_and_targets(flavour: tuple[Sandbox, Cluster], tmp_p
             await sb.remove(bad, recursive=True)
     with pytest.raises(SandboxPathError):
         await sb.remove("/", recursive=True)
+    with pytest.raises(ValueError, match="mode"):
+        await sb.upload(src, "/tmp/m", mode=0o70000)
+    with pytest.raises(SandboxError, match="mode"):  # the agent checks too
+        await sb._upload(io.BytesIO(b"x"), 1, "/tmp/m", 0o70000, 8)
     with pytest.raises(SandboxFileNotFoundError, match="no such directory"):
         await sb.upload(src, "/tmp/no/such/dir/x")
     with pytest.raises(SandboxIsADirectoryError):
