@@ -271,6 +271,8 @@ class FileStreams:
         self._check_path(msg.path, allow_root=False)
         if msg.size < 0:
             raise ValueError(f"an upload of {msg.size} bytes")
+        if not 0 <= msg.mode <= 0o7777:
+            raise ValueError(f"mode {msg.mode} is not a file mode (0 to 0o7777)")
         transfer = self._open(identity, d.request_id, msg.window)
         try:
             if self._supervised(msg.sandbox_id):

@@ -184,6 +184,8 @@ class SandboxFiles:
         removed if the upload fails or is cancelled. ``mode``: the local file's by
         default."""
         _checked(path, allow_root=False)
+        if mode is not None and not 0 <= mode <= 0o7777:
+            raise ValueError(f"mode must be a file mode from 0 to 0o7777, not {mode!r}")
         source = await asyncio.to_thread(open, os.fspath(local_path), "rb")
         with source:
             st = os.fstat(source.fileno())

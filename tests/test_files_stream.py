@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 import time
 from collections.abc import AsyncIterator
@@ -19,6 +20,7 @@ from aviato import (
     FileInfo,
     Sandbox,
     SandboxDefaults,
+    SandboxError,
     SandboxFileError,
     SandboxFileNotFoundError,
     SandboxIsADirectoryError,
@@ -26,6 +28,7 @@ from aviato import (
     SandboxNotRunningError,
     SandboxPathError,
 )
+from aviato.protocol import FileChunk, StreamAck, UploadFile
 from tests.conftest import Cluster
 from tests.test_local_runtime import ldefaults, local  # noqa: F401 (fixtures)
 from tests.test_supervisor import _wait_for_supervisor, no_python_image  # noqa: F401
@@ -148,6 +151,10 @@ async def test_hostile_paths_and_targets(flavour: tuple[Sandbox, Cluster], tmp_p
             await sb.remove(bad, recursive=True)
     with pytest.raises(SandboxPathError):
         await sb.remove("/", recursive=True)
+    with pytest.raises(ValueError, match="mode"):
+        await sb.upload(src, "/tmp/m", mode=0o70000)
+    with pytest.raises(SandboxError, match="mode"):  # the agent checks too
+        await sb._upload(io.BytesIO(b"x"), 1, "/tmp/m", 0o70000, 8)
     with pytest.raises(SandboxFileNotFoundError, match="no such directory"):
         await sb.upload(src, "/tmp/no/such/dir/x")
     with pytest.raises(SandboxIsADirectoryError):
@@ -160,6 +167,10 @@ async def test_hostile_paths_and_targets(flavour: tuple[Sandbox, Cluster], tmp_p
     with pytest.raises(SandboxIsADirectoryError):
         await sb.download("/tmp", tmp_path / "y")
     assert not (tmp_path / "y").exists() and list(tmp_path.glob(".*part")) == []
+    (tmp_path / "y").write_bytes(b"mine")  # a failed download leaves a local file as it was
+    with pytest.raises(SandboxFileNotFoundError):
+        await sb.download("/tmp/missing", tmp_path / "y")
+    assert (tmp_path / "y").read_bytes() == b"mine"
     with pytest.raises(SandboxFileNotFoundError):
         async for _ in sb.read_file_stream("/tmp/missing"):
             pass
@@ -188,7 +199,8 @@ async def test_cancelled_upload_leaves_no_file(flavour: tuple[Sandbox, Cluster])
     source = _SlowSource()
     upload = asyncio.ensure_future(sb._upload(source, 64 * MiB, "/tmp/up/f", 0o644, 2))
     deadline = time.monotonic() + 60
-    while source.reads < 8:  # well under way (the sandbox acked several chunks)
+    # well under way: past the first piece a runtime without a supervisor puts whole
+    while source.reads < 24:
         assert not upload.done(), "the upload ended before it could be cancelled"
         assert time.monotonic() < deadline
         await asyncio.sleep(0.02)
@@ -296,3 +308,26 @@ async def test_a_slow_reader_holds_the_sandbox_back(flavour: tuple[Sandbox, Clus
         assert rest == 256 * MiB
     finally:
         await stream.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_client_past_its_window_is_refused(flavour: tuple[Sandbox, Cluster]) -> None:
+    """The agent holds a client to the window it asked for: one that sends chunks
+    without waiting for acks is refused, and its temporary file goes."""
+    sb, _ = flavour
+    await sb.exec(["mkdir", "-p", "/tmp/w"])
+    info, stream = sb._stream()
+    try:
+        await stream.send(UploadFile(info.sandbox_id, "/tmp/w/f", 64 * MiB, 0o644, 2))
+        opened = await stream.next()
+        assert isinstance(opened.msg, StreamAck) and opened.msg.seq == 0
+        with pytest.raises(SandboxError, match="past the window"):
+            for seq in range(1, 65):
+                await stream.send(FileChunk(seq), (bytes(MiB),))
+            while True:
+                await stream.next()
+    finally:
+        stream.close()
+    deadline = time.monotonic() + 30
+    while await _ls(sb, "/tmp/w") != "":
+        assert time.monotonic() < deadline, await _ls(sb, "/tmp/w")
+        await asyncio.sleep(0.1)

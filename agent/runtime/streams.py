@@ -89,10 +89,12 @@ async def thread_stream(
     left = threading.Event()
 
     def emit(item: T) -> bool:
+        # (A loop closed under us, at an agent's exit, must not leave this thread
+        # waiting: the interpreter joins pool threads before it exits.)
         while not slots.acquire(timeout=0.5):
-            if left.is_set():
+            if left.is_set() or loop.is_closed():
                 return False
-        if left.is_set():
+        if left.is_set() or loop.is_closed():
             return False
         loop.call_soon_threadsafe(queue.put_nowait, (True, item))
         return True
