@@ -276,3 +276,38 @@ def encode_msg(msg: object, request_id: int) -> list[bytes]:
     from aviato.protocol import encode
 
     return [bytes(f) for f in encode(msg, request_id)]  # type: ignore[arg-type]
+
+
+def test_allowed_roots_and_what_resolves_under_them(tmp_path: Path) -> None:
+    from agent.storage import allowed_roots, resolve_mount
+
+    (tmp_path / "root" / "d").mkdir(parents=True)
+    (tmp_path / "root" / "up").symlink_to(tmp_path)
+    (tmp_path / "alias").symlink_to(tmp_path / "root")
+    # A root is resolved too: a symlink to it allows what it points at.
+    (root,) = allowed_roots([str(tmp_path / "alias")])
+    assert root == str(tmp_path / "root")
+    assert resolve_mount(str(tmp_path / "alias" / "d"), [root], "sb") == f"{root}/d"
+    for escape in (f"{root}/d/../..", f"{root}/up", f"{root}/up/root/../.."):
+        with pytest.raises(SandboxFailedError, match="--allow-mount"):
+            resolve_mount(escape, [root], "sb")
+    with pytest.raises(SandboxFailedError, match="allows no host mounts"):
+        resolve_mount(root, [], "sb")
+    with pytest.raises(ValueError, match="absolute"):
+        allowed_roots(["datasets"])
+    with pytest.raises(ValueError, match="not a directory"):
+        allowed_roots([str(tmp_path / "missing")])
+
+
+def test_the_local_runtime_without_bubblewrap_refuses_mounts_volumes_and_ports() -> None:
+    from agent.runtime.local import LocalRuntime
+    from aviato.protocol import SandboxSpec
+
+    runtime = LocalRuntime(use_bwrap=False, use_cgroups=False)
+    for spec in (
+        SandboxSpec("python:3.11", "sleep", mounts=(Mount("/srv", "/data"),)),
+        SandboxSpec("python:3.11", "sleep", volumes={"/cache": "pip-cache"}),
+        SandboxSpec("python:3.11", "sleep", ports=(8000,)),
+    ):
+        with pytest.raises(SandboxFailedError, match=r"NOT isolated.*bubblewrap"):
+            runtime._check_mounts_and_ports("sb", spec)
