@@ -8,7 +8,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import tempfile
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -33,36 +32,32 @@ from tests.test_local_runtime import _local_cluster
 from tests.test_sandbox import sandboxes_of
 
 RUNTIMES = ["docker", "local"]
-#: The agents' --allow-mount root (one per module run; /tmp holds no other root).
-ROOT = Path(tempfile.mkdtemp(prefix="aviato-mounts-"))
+
+
+@pytest.fixture(scope="module")
+def allowed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The agents' --allow-mount root."""
+    return tmp_path_factory.mktemp("allowed")
 
 
 @pytest.fixture(scope="module", params=RUNTIMES)
 def cluster(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, allowed_root: Path
 ) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp(request.param)
-    allowed = ROOT / "allowed"
-    allowed.mkdir(parents=True, exist_ok=True)
-    args = ["--allow-mount", str(allowed)]
-    try:
-        if request.param == "docker":
-            yield from docker_cluster(tmp, agents=1, agent_args=args)
-        else:
-            yield from _local_cluster(tmp, agents=1, agent_args=args)
-    finally:
-        import shutil
-
-        shutil.rmtree(ROOT, ignore_errors=True)
+    args = ["--allow-mount", str(allowed_root)]
+    if request.param == "docker":
+        yield from docker_cluster(tmp, agents=1, agent_args=args)
+    else:
+        yield from _local_cluster(tmp, agents=1, agent_args=args)
 
 
 @pytest.fixture
-def allowed(cluster: Cluster) -> Path:
-    path = ROOT / "allowed"
-    (path / "data").mkdir(parents=True, exist_ok=True)
-    (path / "data" / "hello.txt").write_text("hello from the host\n")
-    os.chmod(path / "data", 0o777)  # a sandbox's user may write into the rw mount
-    return path
+def allowed(cluster: Cluster, allowed_root: Path) -> Path:
+    (allowed_root / "data").mkdir(exist_ok=True)
+    (allowed_root / "data" / "hello.txt").write_text("hello from the host\n")
+    os.chmod(allowed_root / "data", 0o777)  # a sandbox's user may write into the rw mount
+    return allowed_root
 
 
 @pytest.fixture
