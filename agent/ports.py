@@ -125,6 +125,13 @@ class PortService:
         self.host = host
         self._forwards: dict[str, list[tuple[_Forward, int]]] = {}
 
+    def serving_at(self, address: str) -> None:
+        """The agent serves clients at ``address`` (tcp://HOST:PORT): without a publish
+        host of its own, ports are published on HOST, and the runtime is told."""
+        if not self.host:
+            self.host = address.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+        self.runtime.publish_host = self.host
+
     async def open(self, sandbox_id: str, spec: SandboxSpec) -> None:
         """After the sandbox started: forward its ports when its runtime does not."""
         if not spec.ports or self.runtime.publishes_ports:

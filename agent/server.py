@@ -231,8 +231,7 @@ class AgentServer:
             raise
         self.plane.socket = data
         self.address = sockets.advertised(bound, self.advertise_host)
-        self.ports.host = self.ports.host or self.address.removeprefix("tcp://").rsplit(":", 1)[0]
-        self.runtime.publish_host = self.ports.host = self.ports.host.strip("[]")
+        self.ports.serving_at(self.address)
         log.info(
             "agent %s serving clients on %s (runtime %s)", self.agent_id, bound, self.runtime.name
         )
@@ -254,6 +253,7 @@ class AgentServer:
                 for task in list(self._tasks):
                     task.cancel()
         finally:
+            self.ports.close_all()
             if self._registered and not self._refused:
                 # First: clients hear at once that our sandboxes end, and we are not
                 # listed as dead (nor our kept sandboxes swept as a dead agent's).

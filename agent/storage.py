@@ -13,6 +13,7 @@ Named volumes live on this host and outlive sandboxes: each runtime's ``VolumeSt
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
@@ -22,6 +23,8 @@ from agent.runtime.volumes import VolumeStore
 from aviato._storage import volume_problems
 from aviato.exceptions import SandboxFailedError
 from aviato.protocol import AgentVolumes, Decoded, Message, OkReply, RemoveVolume, SandboxSpec
+
+log = logging.getLogger("aviato.agent.storage")
 
 __all__ = ["VolumeService", "allowed_roots", "resolve_mount", "sandbox_mounts"]
 
@@ -125,7 +128,11 @@ class VolumeService:
         while True:
             await self.changed.wait()
             self.changed.clear()
-            names = tuple(await self.store.names())
+            try:
+                names = tuple(await self.store.names())
+            except Exception as exc:  # the engine is down: told at the next change
+                log.warning("agent %s: could not list its volumes: %s", self.agent_id, exc)
+                continue
             await self._ask(AgentVolumes(self.agent_id, names), 2.0)
             await asyncio.sleep(0.1)  # a burst of creates is one report
 

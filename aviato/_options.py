@@ -11,8 +11,8 @@ Adding an option: a field here (and its check in ``problems``), the same field i
 ``SandboxSpec``, the keyword arguments that set it, and the runtimes that honour it.
 Options merge as "set wins" unless ``over`` says otherwise.
 
-Imports the standard library and aviato._codec only: the daemons import it (through
-aviato.protocol).
+Imports the standard library, aviato._codec and aviato._storage only: the daemons
+import it (through aviato.protocol).
 """
 
 from __future__ import annotations

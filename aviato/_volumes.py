@@ -61,10 +61,20 @@ async def remove_volume(
     if not rows:
         where = f" on agent {agent_id}" if agent_id else ""
         raise SandboxNotFoundError(f"no volume {name!r}{where}: `aviato volume ls` lists them")
+    removed: list[str] = []
+    missing: SandboxNotFoundError | None = None
     for row in rows:
         conn = _agent_channel(row, defaults)
-        await conn.request(RemoveVolume(name), timeout=defaults.request_timeout_seconds)
-    return [row.agent_id for row in rows]
+        try:
+            await conn.request(RemoveVolume(name), timeout=defaults.request_timeout_seconds)
+        except SandboxNotFoundError as exc:
+            # Agents sharing one Docker engine share its volumes: one removal serves all.
+            missing = exc
+            continue
+        removed.append(row.agent_id)
+    if not removed and missing is not None:
+        raise missing
+    return removed
 
 
 async def tunnels_of(

@@ -21,6 +21,7 @@ from aviato._lane import local_path, pack_head
 from aviato.link import COUNT
 from aviato.protocol import (
     PROTOCOL_VERSION,
+    Cancel,
     Decoded,
     DecodeError,
     ErrorReply,
@@ -199,6 +200,8 @@ def expected_reply(kind: str, frames: Frames) -> tuple[int | None, Any]:
         return exc.request_id, (exc.code if exc.request_id is not None else None)
     if kind == "scheduler" and isinstance(decoded.msg, SandboxReply | ErrorReply | OkReply):
         return None, None  # only agents answer the scheduler; anyone else's is ignored
+    if kind != "scheduler" and isinstance(decoded.msg, Cancel):
+        return None, None  # "no reply": it stops the request it names, if any
     return decoded.request_id, None
 
 

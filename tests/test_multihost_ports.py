@@ -1,6 +1,7 @@
-"""Ports across hosts: a scheduler, an agent and a client, each in a network namespace
-of its own (tests/_netns.py); the client starts a web server in a sandbox with
-``ports=[8000]`` and fetches a page through its tunnel, from its own host.
+"""Ports and volumes across hosts: a scheduler, agents and a client, each in a network
+namespace of its own (tests/_netns.py). The client starts a web server in a sandbox with
+``ports=[8000]`` and fetches a page through its tunnel, from its own host; a create
+naming a volume goes to the host that holds it while that host has room.
 
 Docker: every simulated host shares the one engine, whose host is the test's own
 namespace, at .254 on the switch: the agent publishes there (``--publish-host``), as a
@@ -13,8 +14,10 @@ SCHEDULER`` prints ``page <what it fetched>`` and ``tunnel <url>``.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,7 +33,6 @@ PAGE = "served from a sandbox on another host"
 
 
 async def client(address: str) -> None:
-    import asyncio
     import urllib.request
 
     from aviato import Sandbox, SandboxDefaults
@@ -55,23 +57,22 @@ async def client(address: str) -> None:
 
 
 if __name__ == "__main__":
-    import asyncio
-
     asyncio.run(client(sys.argv[1]))
     raise SystemExit(0)
 
 
 class PortsCluster(MultiHostCluster):
-    """One agent of ``runtime`` (MultiHostCluster's are Docker agents)."""
+    """Agents of ``runtime`` (MultiHostCluster's are Docker agents), each with a state
+    directory of its own, as on hosts of their own (the local runtime keeps volumes there)."""
 
-    def __init__(self, tmp: Path, runtime: str) -> None:
+    def __init__(self, tmp: Path, runtime: str, agents: int = 1) -> None:
         self.agent_runtime = runtime
-        super().__init__(tmp, agents=1, slots=2)
+        super().__init__(tmp, agents=agents, slots=2)
 
     def start_agent(self, agent_id: str) -> None:
-        extra = []
+        extra = ["--state-dir", str(self.tmp / f"state-{agent_id}")]
         if self.agent_runtime == "docker":
-            extra = ["--publish-host", f"{self.hosts.subnet}.254"]
+            extra += ["--publish-host", f"{self.hosts.subnet}.254"]
         self._spawn_on(
             agent_id,
             agent_id,
@@ -92,15 +93,14 @@ class PortsCluster(MultiHostCluster):
         )
 
 
-@pytest.fixture(params=["docker", "local"])
-def mh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PortsCluster]:
+def _cluster(tmp: Path, runtime: str, agents: int = 1) -> Iterator[PortsCluster]:
     need_docker()
     problem = netns_problem()
     if problem is not None:
         if os.environ.get("AVIATO_REQUIRE_NETNS") == "1":
             pytest.fail(f"AVIATO_REQUIRE_NETNS=1 but {problem}")
         pytest.skip(problem)
-    c = PortsCluster(tmp_path, request.param)
+    c = PortsCluster(tmp, runtime, agents)
     try:
         yield c
     finally:
@@ -108,6 +108,18 @@ def mh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PortsCluster]
         assert not c.left_behind, f"containers left behind: {c.left_behind}\n{c.logs()}"
         assert not c.killed_at_close, f"needed SIGKILL: {c.killed_at_close}\n{c.logs()}"
         assert not leftover_namespaces(), leftover_namespaces()
+
+
+@pytest.fixture(params=["docker", "local"])
+def mh(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PortsCluster]:
+    yield from _cluster(tmp_path, request.param)
+
+
+@pytest.fixture
+def two_hosts(tmp_path: Path) -> Iterator[PortsCluster]:
+    """Two local-runtime agents: each host's volumes are its own (Docker agents here
+    share one engine, so they share its volumes, as agents on one real host do)."""
+    yield from _cluster(tmp_path, "local", agents=2)
 
 
 def test_a_page_is_fetched_through_a_tunnel_from_another_host(mh: PortsCluster) -> None:
@@ -125,3 +137,49 @@ def test_a_page_is_fetched_through_a_tunnel_from_another_host(mh: PortsCluster) 
         assert run.proc.returncode == 0
     finally:
         run.close()
+
+
+async def test_a_create_naming_a_volume_goes_to_the_host_holding_it(
+    two_hosts: PortsCluster,
+) -> None:
+    from aviato import Sandbox, SandboxDefaults, list_volumes, remove_volume
+
+    defaults = SandboxDefaults(
+        container_image="python:3.11", scheduler=two_hosts.address, lease_seconds=5
+    )
+    name = f"mh-{uuid.uuid4().hex[:8]}"
+    named = defaults.replace(volumes={"/v": name})
+
+    async def holders() -> list[str]:
+        return sorted(v.agent_id for v in await list_volumes(defaults) if v.name == name)
+
+    async def wait_holders(n: int) -> list[str]:
+        for _ in range(200):
+            if len(found := await holders()) == n:
+                return found
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"volume {name} held by {await holders()}, not {n} agents")
+
+    first = await Sandbox.create("sleep", "infinity", defaults=named)
+    second = third = None
+    try:
+        assert first.info is not None
+        holder = first.info.agent_id
+        await first.exec(["sh", "-c", "echo kept > /v/f"])
+        assert await wait_holders(1) == [holder]
+        # The holder has 1 free slot, the other host 2: spread would pick the other.
+        second = await Sandbox.create("sleep", "infinity", defaults=named)
+        assert second.info is not None and second.info.agent_id == holder
+        assert (await second.exec(["cat", "/v/f"])).stdout == b"kept\n"
+        # The holder is full: the create goes to the other host, where the volume is
+        # made afresh (empty: volumes are never copied between hosts).
+        third = await Sandbox.create("sleep", "infinity", defaults=named)
+        assert third.info is not None and third.info.agent_id != holder
+        assert (await third.exec(["ls", "-A", "/v"])).stdout == b""
+        assert len(await wait_holders(2)) == 2
+    finally:
+        for sb in (first, second, third):
+            if sb is not None:
+                await sb.stop()
+    assert len(await remove_volume(name, defaults=defaults)) == 2
+    await wait_holders(0)

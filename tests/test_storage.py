@@ -8,7 +8,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import tempfile
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -33,36 +32,32 @@ from tests.test_local_runtime import _local_cluster
 from tests.test_sandbox import sandboxes_of
 
 RUNTIMES = ["docker", "local"]
-#: The agents' --allow-mount root (one per module run; /tmp holds no other root).
-ROOT = Path(tempfile.mkdtemp(prefix="aviato-mounts-"))
+
+
+@pytest.fixture(scope="module")
+def allowed_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The agents' --allow-mount root."""
+    return tmp_path_factory.mktemp("allowed")
 
 
 @pytest.fixture(scope="module", params=RUNTIMES)
 def cluster(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, allowed_root: Path
 ) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp(request.param)
-    allowed = ROOT / "allowed"
-    allowed.mkdir(parents=True, exist_ok=True)
-    args = ["--allow-mount", str(allowed)]
-    try:
-        if request.param == "docker":
-            yield from docker_cluster(tmp, agents=1, agent_args=args)
-        else:
-            yield from _local_cluster(tmp, agents=1, agent_args=args)
-    finally:
-        import shutil
-
-        shutil.rmtree(ROOT, ignore_errors=True)
+    args = ["--allow-mount", str(allowed_root)]
+    if request.param == "docker":
+        yield from docker_cluster(tmp, agents=1, agent_args=args)
+    else:
+        yield from _local_cluster(tmp, agents=1, agent_args=args)
 
 
 @pytest.fixture
-def allowed(cluster: Cluster) -> Path:
-    path = ROOT / "allowed"
-    (path / "data").mkdir(parents=True, exist_ok=True)
-    (path / "data" / "hello.txt").write_text("hello from the host\n")
-    os.chmod(path / "data", 0o777)  # a sandbox's user may write into the rw mount
-    return path
+def allowed(cluster: Cluster, allowed_root: Path) -> Path:
+    (allowed_root / "data").mkdir(exist_ok=True)
+    (allowed_root / "data" / "hello.txt").write_text("hello from the host\n")
+    os.chmod(allowed_root / "data", 0o777)  # a sandbox's user may write into the rw mount
+    return allowed_root
 
 
 @pytest.fixture
@@ -276,3 +271,38 @@ def encode_msg(msg: object, request_id: int) -> list[bytes]:
     from aviato.protocol import encode
 
     return [bytes(f) for f in encode(msg, request_id)]  # type: ignore[arg-type]
+
+
+def test_allowed_roots_and_what_resolves_under_them(tmp_path: Path) -> None:
+    from agent.storage import allowed_roots, resolve_mount
+
+    (tmp_path / "root" / "d").mkdir(parents=True)
+    (tmp_path / "root" / "up").symlink_to(tmp_path)
+    (tmp_path / "alias").symlink_to(tmp_path / "root")
+    # A root is resolved too: a symlink to it allows what it points at.
+    (root,) = allowed_roots([str(tmp_path / "alias")])
+    assert root == str(tmp_path / "root")
+    assert resolve_mount(str(tmp_path / "alias" / "d"), [root], "sb") == f"{root}/d"
+    for escape in (f"{root}/d/../..", f"{root}/up", f"{root}/up/root/../.."):
+        with pytest.raises(SandboxFailedError, match="--allow-mount"):
+            resolve_mount(escape, [root], "sb")
+    with pytest.raises(SandboxFailedError, match="allows no host mounts"):
+        resolve_mount(root, [], "sb")
+    with pytest.raises(ValueError, match="absolute"):
+        allowed_roots(["datasets"])
+    with pytest.raises(ValueError, match="not a directory"):
+        allowed_roots([str(tmp_path / "missing")])
+
+
+def test_the_local_runtime_without_bubblewrap_refuses_mounts_volumes_and_ports() -> None:
+    from agent.runtime.local import LocalRuntime
+    from aviato.protocol import SandboxSpec
+
+    runtime = LocalRuntime(use_bwrap=False, use_cgroups=False)
+    for spec in (
+        SandboxSpec("python:3.11", "sleep", mounts=(Mount("/srv", "/data"),)),
+        SandboxSpec("python:3.11", "sleep", volumes={"/cache": "pip-cache"}),
+        SandboxSpec("python:3.11", "sleep", ports=(8000,)),
+    ):
+        with pytest.raises(SandboxFailedError, match=r"NOT isolated.*bubblewrap"):
+            runtime._check_mounts_and_ports("sb", spec)

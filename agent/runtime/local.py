@@ -301,7 +301,7 @@ class LocalRuntime(LocalLifecycle, Runtime):
                 sandbox_id=sandbox_id,
             )
         _check_command(sandbox_id, spec)
-        self._check_mounts(sandbox_id, spec)
+        self._check_mounts_and_ports(sandbox_id, spec)
         agent_id = labels.get("aviato.agent", "agent")
         self._agent_dirs.add(agent_id)
         home = self._dir(agent_id, sandbox_id)
@@ -496,8 +496,8 @@ class LocalRuntime(LocalLifecycle, Runtime):
                         return proc.pid
         return None
 
-    def _check_mounts(self, sandbox_id: str, spec: SandboxSpec) -> None:
-        """Host mounts and volumes need bubblewrap's namespaces."""
+    def _check_mounts_and_ports(self, sandbox_id: str, spec: SandboxSpec) -> None:
+        """Host mounts, volumes and ports need bubblewrap's namespaces."""
         if (spec.mounts or spec.volumes or spec.ports) and not self.bwrap:
             why = (
                 "host mounts, volumes and ports need bubblewrap's namespaces (install the"
