@@ -17,7 +17,15 @@ from agent.runtime import make_runtime
 from agent.server import AgentServer
 from agent.spares import parse_warm
 from aviato._auth import CurveKeys
-from aviato._flags import RUNTIMES, add_keys, add_log_level, add_token, default_slots, endpoint
+from aviato._flags import (
+    RUNTIMES,
+    add_keys,
+    add_log_level,
+    add_metrics,
+    add_token,
+    default_slots,
+    endpoint,
+)
 from aviato._server.auth import ServerKeys, agent_keys
 from aviato._server.daemon import (
     daemon_setup,
@@ -26,7 +34,7 @@ from aviato._server.daemon import (
     exit_with_parent,
     log_to_stderr,
 )
-from aviato._server.metrics import MetricsEndpoint, add_metrics
+from aviato._server.metrics import MetricsEndpoint
 from aviato.exceptions import AgentIdInUseError, UnauthorizedError
 
 SHUTDOWN_GRACE = 50.0  # seconds from a stop request to exit, stuck or not

@@ -11,7 +11,7 @@ import sys
 
 import uvloop
 
-from aviato._flags import add_keys, add_log_level, add_token, endpoint
+from aviato._flags import add_keys, add_log_level, add_metrics, add_token, endpoint
 from aviato._server.auth import scheduler_keys
 from aviato._server.daemon import (
     daemon_setup,
@@ -19,7 +19,7 @@ from aviato._server.daemon import (
     exit_with_parent,
     log_to_stderr,
 )
-from aviato._server.metrics import MetricsEndpoint, add_metrics
+from aviato._server.metrics import MetricsEndpoint
 from aviato.exceptions import UnauthorizedError
 from scheduler.records import Config
 from scheduler.server import SchedulerServer, tune_gc

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import socket
 import urllib.error
 import urllib.request
@@ -17,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from aviato import Sandbox, SandboxDefaults
 from tests.conftest import IMAGE, Cluster, docker_cluster, wait_until
+from tests.test_cli import _env, _free_port, _start_up
 from tests.test_local_runtime import _leftovers
 
 METRICS = ["--metrics", "127.0.0.1:0"]
@@ -211,3 +213,27 @@ async def test_series_stay_bounded_as_sandboxes_come_and_go(tmp_path: Path) -> N
     finally:
         c.close()
         assert not _leftovers(c), "local sandboxes left behind"
+
+
+def test_aviato_up_serves_metrics_and_prints_the_urls(tmp_path: Path) -> None:
+    env = _env(XDG_STATE_HOME=str(tmp_path / "state"))
+    up = ["--port", str(_free_port()), "--runtime", "local"]
+    proc, lines = _start_up(up, env, tmp_path)
+    try:
+        printed = [ln for ln in lines if ln.startswith("Prometheus metrics:")]
+        assert printed, lines
+        urls = printed[0].split()[2:]
+        assert len(urls) == 2 and all(u.startswith("http://127.0.0.1:") for u in urls)
+        sched, agent = (scrape(u) for u in urls)
+        assert value(sched, "aviato_scheduler_agents", state="alive") == 1
+        assert ("aviato_agent_slots", ()) in agent
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    proc, lines = _start_up([*up, "--metrics", "none"], env, tmp_path)
+    try:
+        assert not [ln for ln in lines if ln.startswith("Prometheus metrics")], lines
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
