@@ -11,7 +11,14 @@ import sys
 
 import uvloop
 
-from aviato._flags import add_keys, add_log_level, add_metrics, add_token, endpoint
+from aviato._flags import (
+    add_keys,
+    add_log_level,
+    add_metrics,
+    add_token,
+    endpoint,
+    metrics_address,
+)
 from aviato._server.auth import scheduler_keys
 from aviato._server.daemon import (
     daemon_setup,
@@ -74,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ready-file", help="write the bound address here once listening")
     add_metrics(p)
+    p.add_argument(
+        "--dashboard",
+        type=metrics_address,
+        default=None,
+        help="serve the web dashboard at http://HOST:PORT/ (PORT alone: on loopback; port 0: "
+        "any free one; default: none, off); with a token or keys, it prints a login URL",
+    )
     add_log_level(p)
     return p
 
@@ -93,12 +107,23 @@ async def run(args: argparse.Namespace) -> None:
         except UnauthorizedError as exc:
             raise SystemExit(f"scheduler: {exc}") from None
     server = SchedulerServer(args.bind, config=config, token=args.token, keys=keys)
-    endpoint = None
-    if args.metrics is not None:
+    endpoint = dashboard = None
+    if args.metrics is not None or args.dashboard is not None:
         from scheduler.metrics import SchedulerMetrics
 
-        server.metrics = SchedulerMetrics(server.state)
-        endpoint = MetricsEndpoint(server.metrics.registry, "scheduler")
+        server.metrics = metrics = SchedulerMetrics(server.state)
+    if args.dashboard is not None:
+        from scheduler.dashboard import Dashboard
+
+        dashboard = Dashboard(
+            server.state,
+            token=args.token,
+            curve=keys is not None,
+            totals=lambda: (metrics.created, metrics.placed),
+        )
+        await dashboard.start(args.dashboard[0], args.dashboard[1])
+    if args.metrics is not None:
+        endpoint = MetricsEndpoint(metrics.registry, "scheduler")
         await endpoint.start(
             args.metrics[0], args.metrics[1], logging.getLogger("aviato.scheduler")
         )
@@ -123,6 +148,8 @@ async def run(args: argparse.Namespace) -> None:
         finally:
             if endpoint is not None:
                 await endpoint.close()
+            if dashboard is not None:
+                await dashboard.close()
         if watcher is not None:
             watcher.cancel()
 
