@@ -211,10 +211,17 @@ class LocalCluster:
 
     def metrics_url(self, name: str, timeout: float = 10.0) -> str:
         """Where daemon ``name`` serves its metrics (what it printed), "" if nowhere."""
+        return self._printed_url(name, "metrics", timeout)
+
+    def dashboard_url(self, timeout: float = 10.0) -> str:
+        """Where the scheduler serves its dashboard (with its login), "" if nowhere."""
+        return self._printed_url("scheduler", "dashboard", timeout)
+
+    def _printed_url(self, name: str, what: str, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         while True:
             text = self.log_path(name).read_text(errors="replace")
-            found = re.search(r": metrics on (http://\S+)", text)
+            found = re.search(rf": {what} on (http://\S+)", text)
             if found or time.monotonic() > deadline:
                 return found.group(1) if found else ""
             time.sleep(0.02)

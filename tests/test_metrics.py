@@ -215,7 +215,7 @@ async def test_series_stay_bounded_as_sandboxes_come_and_go(tmp_path: Path) -> N
         assert not containers_of(c.agent_ids), "containers left behind"
 
 
-def test_aviato_up_serves_metrics_and_prints_the_urls(tmp_path: Path) -> None:
+def test_aviato_up_serves_metrics_and_the_dashboard_and_prints_the_urls(tmp_path: Path) -> None:
     env = _env(XDG_STATE_HOME=str(tmp_path / "state"))
     up = ["--port", str(_free_port()), "--runtime", "local"]
     proc, lines = _start_up(up, env, tmp_path)
@@ -227,13 +227,17 @@ def test_aviato_up_serves_metrics_and_prints_the_urls(tmp_path: Path) -> None:
         sched, agent = (scrape(u) for u in urls)
         assert value(sched, "aviato_scheduler_agents", state="alive") == 1
         assert ("aviato_agent_slots", ()) in agent
+        shown = [ln for ln in lines if ln.startswith("dashboard: http://127.0.0.1:")]
+        assert shown, lines
+        with urllib.request.urlopen(shown[0].split()[1] + "api/cluster", timeout=10) as r:
+            assert b"embedded-" in r.read()
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
     assert proc.returncode == 0
-    proc, lines = _start_up([*up, "--metrics", "none"], env, tmp_path)
+    proc, lines = _start_up([*up, "--metrics", "none", "--dashboard", "none"], env, tmp_path)
     try:
-        assert not [ln for ln in lines if ln.startswith("Prometheus metrics")], lines
+        assert not [ln for ln in lines if ln.startswith(("Prometheus", "dashboard"))], lines
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
