@@ -20,6 +20,7 @@ from aviato._auth import CurveKeys
 from aviato._flags import (
     RUNTIMES,
     add_keys,
+    add_log_format,
     add_log_level,
     add_metrics,
     add_token,
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_metrics(p)
     add_log_level(p)
+    add_log_format(p)
     return p
 
 
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.slots < 1:
         raise SystemExit("agent: --slots must be at least 1")
     keys = _keys(args)
-    log_to_stderr(args.log_level)
+    log_to_stderr(args.log_level, args.log_format, "agent")
     identity = _identity(args)
     args.agent_id = identity.agent_id
     code = 0

@@ -13,9 +13,11 @@ from aviato._zmq import check_endpoint
 from aviato.exceptions import ConfigurationError
 
 __all__ = [
+    "LOG_FORMATS",
     "LOG_LEVELS",
     "RUNTIMES",
     "add_keys",
+    "add_log_format",
     "add_log_level",
     "add_metrics",
     "add_token",
@@ -66,6 +68,19 @@ def add_log_level(p: argparse.ArgumentParser, **kwargs: Any) -> None:
     """``--log-level`` (default $AVIATO_LOG_LEVEL, else INFO)."""
     kwargs.setdefault("default", os.environ.get("AVIATO_LOG_LEVEL", "INFO"))
     p.add_argument("--log-level", type=log_level, **kwargs)
+
+
+#: ``--log-format`` values: a line of text per record, or a JSON object per record.
+LOG_FORMATS = ("text", "json")
+
+
+def add_log_format(p: argparse.ArgumentParser, **kwargs: Any) -> None:
+    """``--log-format text|json`` (default $AVIATO_LOG_FORMAT, else text)."""
+    kwargs.setdefault("default", os.environ.get("AVIATO_LOG_FORMAT", "text"))
+    kwargs.setdefault(
+        "help", "log lines as text, or one JSON object each for log shippers (default text)"
+    )
+    p.add_argument("--log-format", choices=LOG_FORMATS, **kwargs)
 
 
 def add_keys(p: argparse.ArgumentParser, **kwargs: Any) -> None:

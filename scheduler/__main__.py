@@ -13,6 +13,7 @@ import uvloop
 
 from aviato._flags import (
     add_keys,
+    add_log_format,
     add_log_level,
     add_metrics,
     add_token,
@@ -89,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         "any free one; default: none, off); with a token or keys, it prints a login URL",
     )
     add_log_level(p)
+    add_log_format(p)
     return p
 
 
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     daemon_setup()
     tune_gc()
-    log_to_stderr(args.log_level)
+    log_to_stderr(args.log_level, args.log_format, "scheduler")
     try:
         uvloop.run(run(args))
     except BaseException as exc:
