@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from aviato import Sandbox, SandboxDefaults
 from aviato._local import LocalCluster
@@ -39,19 +40,15 @@ def _second_agent(cluster: LocalCluster, runtime: str, workdir: Path) -> subproc
     )
 
 
-async def _activity(address: str) -> list[Sandbox]:
+async def _activity(address: str, session: Any) -> None:
     defaults = SandboxDefaults(container_image=IMAGE, scheduler=address, lease_seconds=30)
     for _ in range(3):  # bursts of short-lived ones, for the creates/s chart
         short = [Sandbox(command="true", defaults=defaults, tags=["batch"]) for _ in range(6)]
         await asyncio.gather(*(sb.start() for sb in short))
         await asyncio.gather(*(sb.wait(timeout=60) for sb in short))
         await asyncio.sleep(1.5)
-    kept = [
-        Sandbox(command="sleep", args=["infinity"], defaults=defaults, tags=["web"])
-        for _ in range(5)
-    ]
+    kept = [session.create(command="sleep", args=["infinity"], tags=["web"]) for _ in range(5)]
     await asyncio.gather(*(sb.start() for sb in kept))
-    return kept
 
 
 def shoot(url: str, out: Path) -> None:
@@ -60,7 +57,7 @@ def shoot(url: str, out: Path) -> None:
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,640"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,860"):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     try:
@@ -86,19 +83,18 @@ async def main_async(args: argparse.Namespace) -> None:
         log_level="INFO",
     )
     second = None
-    kept: list[Sandbox] = []
     try:
         cluster.start(timeout=120)
         second = _second_agent(cluster, args.runtime, workdir)
         url = cluster.dashboard_url()
         assert url, "the scheduler printed no dashboard URL"
         wait_until(lambda: second is not None and second.poll() is None, 5, "the second agent")
-        kept = await _activity(cluster.address)
-        await asyncio.to_thread(shoot, url, args.out)
+        defaults = SandboxDefaults(container_image=IMAGE, scheduler=cluster.address)
+        async with Sandbox.session(defaults) as session:
+            await _activity(cluster.address, session)  # the session stops them
+            await asyncio.to_thread(shoot, url, args.out)
         print(f"wrote {args.out}")
     finally:
-        for sb in kept:
-            await sb.stop()
         if second is not None:
             second.terminate()
             second.wait(timeout=60)

@@ -121,7 +121,8 @@ async def test_the_dashboard_follows_a_real_cluster(
     _mark(browser)
     defaults = SandboxDefaults(container_image=IMAGE, scheduler=c.address, lease_seconds=5)
     talk = "i=0; while true; do echo line-$i; i=$((i+1)); sleep 0.2; done"
-    async with Sandbox(command="sh", args=["-c", talk], defaults=defaults, tags=["dash"]) as sb:
+    async with Sandbox.session(defaults) as session:
+        sb = session.create(command="sh", args=["-c", talk], tags=["dash"])
         await sb.start()
         started = time.monotonic()
         sid = sb.sandbox_id
@@ -134,6 +135,15 @@ async def test_the_dashboard_follows_a_real_cluster(
         )
         shown_after = time.monotonic() - started
         assert shown_after < 2.0, f"the sandbox appeared after {shown_after:.2f} s"
+        # Its session is listed on the cluster page, with its sandbox.
+        session_id = session.session_id
+        browser.get(url + "#/cluster")
+        wait_until(
+            lambda: _text(browser, f'tr[data-session="{session_id}"] td:nth-child(3)') == "1",
+            10,
+            0.1,
+            "the session listed",
+        )
         assert _not_reloaded(browser)
         # The tag filter keeps it; another tag hides it.
         browser.get(url + "#/sandboxes?tag=dash")

@@ -50,10 +50,35 @@ def cluster(state: SchedulerState, now: float, rates: Rates) -> dict[str, Any]:
         "alive": sum(1 for a in agents if a["state"] == "alive"),
         "queue": len(state.pending),
         "sessions": len(state.sessions),
+        "session_rows": session_rows(state, now),
         "counts": counts,
         "free_slots": state.free_slots(),
         "rates": rates.series(),
     }
+
+
+#: Sessions listed at most (those whose lease ends last first: the live ones).
+SESSION_ROWS = 100
+
+
+def session_rows(state: SchedulerState, now: float) -> list[dict[str, Any]]:
+    """Each session with its lease left and its live sandboxes (function workers or
+    not), the longest-leased first; bounded."""
+    top = sorted(state.sessions.items(), key=lambda kv: kv[1], reverse=True)[:SESSION_ROWS]
+    rows = []
+    for session_id, expiry in top:
+        # The session index (live rows only): O(its sandboxes), not O(the table).
+        ids = state._by_session.get(session_id, ())
+        live = [state.live[s] for s in ids if s in state.live]
+        rows.append(
+            {
+                "id": session_id,
+                "lease_left": round(max(0.0, expiry - now), 1),
+                "sandboxes": sum(1 for r in live if not r.spec.function_worker),
+                "workers": sum(1 for r in live if r.spec.function_worker),
+            }
+        )
+    return rows
 
 
 def sandbox_row(rec: SandboxRecord, now: float) -> dict[str, Any]:

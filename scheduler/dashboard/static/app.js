@@ -69,7 +69,13 @@ function renderCluster() {
     <table id="agents"><thead><tr><th>agent</th><th>host</th><th>runtime</th><th>slots used</th>
     <th>free</th><th>spares</th><th>heartbeat</th><th>labels</th><th>state</th></tr></thead>
     <tbody>${rows.join("") || '<tr><td colspan="9" class="muted">no agents registered</td></tr>'}</tbody></table>
-    <h2>Creates per second</h2>${chart(c.rates)}`;
+    <h2>Creates per second</h2>${chart(c.rates)}
+    <h2>Sessions</h2>
+    <table id="sessions"><thead><tr><th>session</th><th>lease left</th><th>sandboxes</th>
+    <th>function workers</th></tr></thead><tbody>${c.session_rows.map((s) => `<tr data-session="${esc(s.id)}">
+      <td class="mono"><a href="#/sandboxes?session=${esc(s.id)}">${esc(s.id)}</a></td>
+      <td>${secs(s.lease_left)}</td><td>${s.sandboxes}</td><td>${s.workers}</td></tr>`).join("")
+      || '<tr><td colspan="4" class="muted">no sessions</td></tr>'}</tbody></table>`;
 }
 
 function renderSandboxes(params) {
