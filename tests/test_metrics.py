@@ -241,3 +241,35 @@ def test_aviato_up_serves_metrics_and_the_dashboard_and_prints_the_urls(tmp_path
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
+
+
+def test_refused_requests_are_counted_by_reason(mcluster: Cluster) -> None:
+    """A create with a bad spec (bad_request) and an undecodable message (malformed)."""
+    import zmq
+
+    from aviato.protocol import CreateSandbox, ErrorReply, SandboxSpec, decode, encode
+
+    url = metrics_url(mcluster, "scheduler")
+    before = scrape(url)
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(mcluster.address)
+        bad = CreateSandbox(SandboxSpec(image="", command="true"), timeout_seconds=1)
+        sock.send_multipart(encode(bad, 7))
+        assert sock.poll(10_000)
+        assert isinstance(decode(sock.recv_multipart()).msg, ErrorReply)
+        sock.send_multipart([b"\xc1 not msgpack"])
+        name = "aviato_scheduler_error_replies_total"
+        wait_until(
+            lambda: (
+                value(scrape(url), name, code="malformed") > value(before, name, code="malformed")
+            ),
+            10,
+            0.1,
+            "the malformed message counted",
+        )
+    finally:
+        sock.close()
+    after = scrape(url)
+    assert value(after, name, code="bad_request") - value(before, name, code="bad_request") == 1
