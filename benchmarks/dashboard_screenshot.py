@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,7 @@ async def main_async(args: argparse.Namespace) -> None:
             second.terminate()
             second.wait(timeout=60)
         cluster.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main() -> None:

@@ -162,7 +162,8 @@ function closeLogs() {
 function render() {
   const { path, params } = route();
   for (const a of document.querySelectorAll("nav a")) {
-    a.classList.toggle("active", path.startsWith(a.getAttribute("href").slice(1)));
+    const section = path.startsWith("/sandbox/") ? "/sandboxes" : path;
+    a.classList.toggle("active", section.startsWith(a.getAttribute("href").slice(1)));
   }
   if (!path.startsWith("/sandbox/")) closeLogs();
   if (!view) return;
