@@ -18,7 +18,16 @@ from agent.server import AgentServer
 from agent.spares import parse_warm
 from agent.storage import allowed_roots
 from aviato._auth import CurveKeys
-from aviato._flags import RUNTIMES, add_keys, add_log_level, add_token, default_slots, endpoint
+from aviato._flags import (
+    RUNTIMES,
+    add_keys,
+    add_log_format,
+    add_log_level,
+    add_metrics,
+    add_token,
+    default_slots,
+    endpoint,
+)
 from aviato._server.auth import ServerKeys, agent_keys
 from aviato._server.daemon import (
     daemon_setup,
@@ -27,7 +36,7 @@ from aviato._server.daemon import (
     exit_with_parent,
     log_to_stderr,
 )
-from aviato._server.metrics import MetricsEndpoint, add_metrics
+from aviato._server.metrics import MetricsEndpoint
 from aviato.exceptions import AgentIdInUseError, UnauthorizedError
 
 SHUTDOWN_GRACE = 50.0  # seconds from a stop request to exit, stuck or not
@@ -150,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         " (repeatable; also $AVIATO_ALLOW_MOUNT, ':'-separated; default: no host mounts)",
     )
     add_log_level(p)
+    add_log_format(p)
     return p
 
 
@@ -264,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.slots < 1:
         raise SystemExit("agent: --slots must be at least 1")
     keys = _keys(args)
-    log_to_stderr(args.log_level)
+    log_to_stderr(args.log_level, args.log_format, "agent")
     identity = _identity(args)
     args.agent_id = identity.agent_id
     code = 0

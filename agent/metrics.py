@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -48,9 +49,18 @@ def _size(payload: Any) -> int:
         return 0
 
 
+@dataclass(slots=True)
+class CallTally:
+    calls: int = 0
+    results: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
 class _AgentCollector(Collector):
-    def __init__(self, server: AgentServer) -> None:
+    def __init__(self, server: AgentServer, tally: CallTally) -> None:
         self.server = server
+        self.tally = tally
 
     def collect(self) -> Iterator[Metric]:
         server = self.server
@@ -61,6 +71,23 @@ class _AgentCollector(Collector):
         sandboxes.add_metric(["creating"], len(server.creating))
         yield sandboxes
         yield GaugeMetricFamily("aviato_agent_slots", "Sandbox slots", value=server.slots)
+        tally = self.tally
+        yield CounterMetricFamily(
+            "aviato_agent_calls_relayed", "Function calls relayed to workers", value=tally.calls
+        )
+        yield CounterMetricFamily(
+            "aviato_agent_call_results_relayed",
+            "Function call outcomes relayed back to clients",
+            value=tally.results,
+        )
+        moved = CounterMetricFamily(
+            "aviato_agent_call_bytes",
+            "Function call payload bytes relayed, in (to workers) and out (to clients)",
+            labels=["direction"],
+        )
+        moved.add_metric(["in"], tally.bytes_in)
+        moved.add_metric(["out"], tally.bytes_out)
+        yield moved
         # Per sandbox: the running ones only (a gone sandbox has no series).
         cpu = CounterMetricFamily(
             "aviato_agent_sandbox_cpu_seconds",
@@ -89,7 +116,6 @@ class AgentMetrics:
         self.server = server
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        r.register(_AgentCollector(server))
         self.create_latency = Histogram(
             "aviato_agent_create_ready_seconds",
             "From a placement received to the sandbox ready (its worker or supervisor up)",
@@ -103,20 +129,10 @@ class AgentMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.calls = Counter(
-            "aviato_agent_calls_relayed", "Function calls relayed to workers", registry=r
-        )
-        self.results = Counter(
-            "aviato_agent_call_results_relayed",
-            "Function call outcomes relayed back to clients",
-            registry=r,
-        )
-        self.bytes = Counter(
-            "aviato_agent_call_bytes",
-            "Function call payload bytes relayed, in (to workers) and out (to clients)",
-            ["direction"],
-            registry=r,
-        )
+        #: The call path's tallies: plain ints (no lock, no label lookup per batch),
+        #: turned into counters at scrape time by the collector.
+        self.tally = CallTally()
+        r.register(_AgentCollector(server, self.tally))
         self.workers_lost = Counter(
             "aviato_agent_sandboxes_lost",
             "Sandboxes (function workers among them) whose main process ended, by cause",
@@ -131,8 +147,6 @@ class AgentMetrics:
         )
         for via in ("supervisor", "runtime"):
             self.exec_latency.labels(via)
-        for direction in ("in", "out"):
-            self.bytes.labels(direction)
         for cause in ("oom", "killed", "exit"):
             self.workers_lost.labels(cause)
         for op in ("create", "exec"):
@@ -186,15 +200,14 @@ class AgentMetrics:
         """Count the calls the hub relays, and their bytes (the function-call path:
         one counter increment per batch, not per call)."""
         run_calls = hub.run_calls
-        calls, results = self.calls, self.results
-        bytes_in, bytes_out = self.bytes.labels("in"), self.bytes.labels("out")
+        tally = self.tally
 
         def counted_run_calls(
             identity: bytes, request_id: int, msg: RunCalls, payloads: tuple[Any, ...]
         ) -> None:
             run_calls(identity, request_id, msg, payloads)
-            calls.inc(len(msg.calls))
-            bytes_in.inc(sum(map(_size, payloads)))
+            tally.calls += len(msg.calls)
+            tally.bytes_in += sum(map(_size, payloads))
 
         hub.run_calls = counted_run_calls  # type: ignore[method-assign]
         send: Callable[..., None] = hub._send
@@ -204,8 +217,8 @@ class AgentMetrics:
         ) -> None:
             if type(msg) is CallResults:
                 assert isinstance(msg, CallResults)
-                results.inc(len(msg.outcomes))
-                bytes_out.inc(sum(map(_size, payloads)))
+                tally.results += len(msg.outcomes)
+                tally.bytes_out += sum(map(_size, payloads))
             send(identity, request_id, msg, payloads)
 
         hub._send = counted_send

@@ -11,6 +11,7 @@ import asyncio
 import atexit
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -50,6 +51,7 @@ class LocalCluster:
         client_key: str | None = None,
         log_dir: str | os.PathLike[str] | None = None,
         log_level: str = "WARNING",
+        daemon_args: dict[str, list[str]] | None = None,
     ) -> None:
         """``port``: the scheduler's (None: any free one). ``log_dir``: where the
         daemons' logs go and stay after ``stop()`` (None: a temporary directory,
@@ -66,6 +68,8 @@ class LocalCluster:
         self.agent_key = os.environ.get("AVIATO_AGENT_KEY") or _first_key(keys, Role.AGENT)
         self.client_key = client_key or _first_key(keys, Role.CLIENT)
         self.log_level = log_level
+        #: Extra flags per daemon ("scheduler", "agent"), e.g. ``--metrics``.
+        self.daemon_args = daemon_args or {}
         self.address = ""
         #: What the agent says it runs sandboxes with (and how isolated), once it is up.
         self.agent_runtime = ""
@@ -85,7 +89,11 @@ class LocalCluster:
         try:
             # -P: a folder named scheduler/ or agent/ where the user runs is not ours.
             proc = subprocess.Popen(
-                [sys.executable, "-P", "-m", name, *args, "--log-level", self.log_level],
+                [
+                    *(sys.executable, "-P", "-m", name, *args),
+                    *self.daemon_args.get(name, ()),
+                    *("--log-level", self.log_level),
+                ],
                 stdin=subprocess.DEVNULL,
                 stdout=logfile,
                 stderr=subprocess.STDOUT,
@@ -200,6 +208,23 @@ class LocalCluster:
             return bool(live)
         finally:
             sock.close()
+
+    def metrics_url(self, name: str, timeout: float = 10.0) -> str:
+        """Where daemon ``name`` serves its metrics (what it printed), "" if nowhere."""
+        return self._printed_url(name, "metrics", timeout)
+
+    def dashboard_url(self, timeout: float = 10.0) -> str:
+        """Where the scheduler serves its dashboard (with its login), "" if nowhere."""
+        return self._printed_url("scheduler", "dashboard", timeout)
+
+    def _printed_url(self, name: str, what: str, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log_path(name).read_text(errors="replace")
+            found = re.search(rf": {what} on (http://\S+)", text)
+            if found or time.monotonic() > deadline:
+                return found.group(1) if found else ""
+            time.sleep(0.02)
 
     def stop(self) -> None:
         """Agent first (it stops its sandboxes), then the scheduler; idempotent."""

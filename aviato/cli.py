@@ -257,13 +257,39 @@ def _check_port_free(host: str, port: int) -> None:
             ) from None
 
 
+#: ``aviato up``'s metrics: on loopback, any free ports (it prints them); with a port
+#: given, the scheduler's is that one and the agent's the next.
+UP_METRICS = "127.0.0.1:0"
+
+
+def _up_metrics(value: str) -> dict[str, list[str]]:
+    """The daemons' ``--metrics`` flags for ``aviato up --metrics HOST:PORT|none``."""
+    from aviato._flags import parse_listen
+
+    where = parse_listen(value)
+    if where is None:
+        return {}
+    host, port = where
+    agent_port = port + 1 if port else 0
+    return {
+        "scheduler": ["--metrics", f"{host}:{port}"],
+        "agent": ["--metrics", f"{host}:{agent_port}"],
+    }
+
+
 def _up(args: argparse.Namespace) -> int:
+    from aviato._flags import parse_listen
     from aviato._local import LocalCluster
 
     if args.scheduler:
         raise ConfigurationError("aviato up runs its own scheduler: drop --scheduler (--port)")
     _check_port_free(args.host, args.port)
     keys = os.path.abspath(args.keys) if args.keys else None
+    daemon_args = _up_metrics(args.metrics)
+    dashboard = parse_listen(args.dashboard)
+    if dashboard is not None:
+        host, port = dashboard
+        daemon_args.setdefault("scheduler", []).extend(["--dashboard", f"{host}:{port}"])
     cluster = LocalCluster(
         slots=args.slots,
         runtime=args.runtime,
@@ -273,6 +299,7 @@ def _up(args: argparse.Namespace) -> int:
         client_key=args.client_key,
         log_dir=_state_dir(args.port),
         log_level=args.log_level,
+        daemon_args=daemon_args,
     )
     address = cluster.start()
     # Block the signals so sigwait, not KeyboardInterrupt, receives them; only after the
@@ -289,6 +316,11 @@ def _up(args: argparse.Namespace) -> int:
     if keys:
         lines.append(f"  export AVIATO_KEYS={keys} AVIATO_CLIENT_KEY={cluster.client_key}")
         lines.append(f"it serves only the keys in {keys}")
+    if "agent" in daemon_args:
+        urls = [cluster.metrics_url("scheduler"), cluster.metrics_url("agent")]
+        lines.append("Prometheus metrics: " + "  ".join(u for u in urls if u))
+    if dashboard is not None:
+        lines.append(f"dashboard: {cluster.dashboard_url()}")
     lines.append("Ctrl-C stops it (and every sandbox it runs).")
     print("\n".join(lines), flush=True)
     try:
@@ -374,6 +406,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="sandbox runtime (default $AVIATO_RUNTIME, else auto: Docker if it answers)",
     )
     add_log_level(up, help="the daemons' log level (default $AVIATO_LOG_LEVEL, else INFO)")
+    up.add_argument(
+        "--metrics",
+        default=UP_METRICS,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics: the scheduler's at HOST:PORT, the agent's on the next "
+        "port (default: loopback, any free ports; none: off)",
+    )
+    up.add_argument(
+        "--dashboard",
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="serve the web dashboard (default: loopback, any free port; none: off)",
+    )
     keys = sub.add_parser("keys", help="generate a cluster's CURVE keys in DIR")
     keys.add_argument("dir")
     keys.add_argument("--agents", type=int, default=1, help="agent keypairs (agent-1...)")

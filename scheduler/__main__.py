@@ -11,7 +11,15 @@ import sys
 
 import uvloop
 
-from aviato._flags import add_keys, add_log_level, add_token, endpoint
+from aviato._flags import (
+    add_keys,
+    add_log_format,
+    add_log_level,
+    add_metrics,
+    add_token,
+    endpoint,
+    metrics_address,
+)
 from aviato._server.auth import scheduler_keys
 from aviato._server.daemon import (
     daemon_setup,
@@ -19,7 +27,7 @@ from aviato._server.daemon import (
     exit_with_parent,
     log_to_stderr,
 )
-from aviato._server.metrics import MetricsEndpoint, add_metrics
+from aviato._server.metrics import MetricsEndpoint
 from aviato.exceptions import UnauthorizedError
 from scheduler.records import Config
 from scheduler.server import SchedulerServer, tune_gc
@@ -74,7 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--ready-file", help="write the bound address here once listening")
     add_metrics(p)
+    p.add_argument(
+        "--dashboard",
+        type=metrics_address,
+        default=None,
+        help="serve the web dashboard at http://HOST:PORT/ (PORT alone: on loopback; port 0: "
+        "any free one; default: none, off); with a token or keys, it prints a login URL",
+    )
     add_log_level(p)
+    add_log_format(p)
     return p
 
 
@@ -93,12 +109,23 @@ async def run(args: argparse.Namespace) -> None:
         except UnauthorizedError as exc:
             raise SystemExit(f"scheduler: {exc}") from None
     server = SchedulerServer(args.bind, config=config, token=args.token, keys=keys)
-    endpoint = None
-    if args.metrics is not None:
+    endpoint = dashboard = None
+    if args.metrics is not None or args.dashboard is not None:
         from scheduler.metrics import SchedulerMetrics
 
-        server.metrics = SchedulerMetrics(server.state)
-        endpoint = MetricsEndpoint(server.metrics.registry, "scheduler")
+        server.metrics = metrics = SchedulerMetrics(server.state)
+    if args.dashboard is not None:
+        from scheduler.dashboard import Dashboard
+
+        dashboard = Dashboard(
+            server.state,
+            token=args.token,
+            curve=keys is not None,
+            totals=lambda: (metrics.created, metrics.placed),
+        )
+        await dashboard.start(args.dashboard[0], args.dashboard[1])
+    if args.metrics is not None:
+        endpoint = MetricsEndpoint(metrics.registry, "scheduler")
         await endpoint.start(
             args.metrics[0], args.metrics[1], logging.getLogger("aviato.scheduler")
         )
@@ -123,6 +150,8 @@ async def run(args: argparse.Namespace) -> None:
         finally:
             if endpoint is not None:
                 await endpoint.close()
+            if dashboard is not None:
+                await dashboard.close()
         if watcher is not None:
             watcher.cancel()
 
@@ -131,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     daemon_setup()
     tune_gc()
-    log_to_stderr(args.log_level)
+    log_to_stderr(args.log_level, args.log_format, "scheduler")
     try:
         uvloop.run(run(args))
     except BaseException as exc:

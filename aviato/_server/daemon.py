@@ -118,8 +118,16 @@ def daemon_setup() -> None:
         forbid_unpickling()
 
 
-def log_to_stderr(level: str) -> None:
-    """A daemon's log: every record at ``level`` or above, timed, on stderr."""
+def log_to_stderr(level: str, log_format: str = "text", process: str = "") -> None:
+    """A daemon's log: every record at ``level`` or above, timed, on stderr; one
+    line of text each, or (``log_format="json"``) one JSON object each."""
+    if log_format == "json":
+        from aviato._server.logjson import JsonFormatter
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter(process))
+        logging.basicConfig(level=level.upper(), handlers=[handler])
+        return
     logging.basicConfig(
         level=level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )

@@ -16,9 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
-from aviato.exceptions import ConfigurationError
-
-__all__ = ["HttpServer", "Request", "Response", "format_url", "parse_listen"]
+__all__ = ["HttpServer", "Request", "Response", "format_url", "is_loopback"]
 
 log = logging.getLogger("aviato.http")
 
@@ -65,24 +63,6 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
-
-
-def parse_listen(value: str, *, default_host: str = "127.0.0.1") -> tuple[str, int] | None:
-    """``HOST:PORT``, ``:PORT`` or ``PORT`` (loopback), or ``none`` (off) as
-    (host, port); port 0 picks a free one. ConfigurationError with the fix."""
-    text = value.strip()
-    if text.lower() in ("none", "off", ""):
-        return None
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = "", text
-    host = host.strip("[]") or default_host
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigurationError(
-            f"bad listen address {value!r}: use HOST:PORT (e.g. 127.0.0.1:9464), "
-            "PORT (loopback), or none"
-        )
-    return host, int(port)
 
 
 def format_url(host: str, port: int, path: str = "/") -> str:

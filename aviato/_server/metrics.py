@@ -7,17 +7,16 @@ sandboxes running now (read at scrape time, so a gone sandbox has no series)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
-from typing import Any
+import sys
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from aviato._server.http import HttpServer, Request, Response, is_loopback, parse_listen
-from aviato.exceptions import AddressInUseError, ConfigurationError
+from aviato._server.http import HttpServer, Request, Response, is_loopback
+from aviato.exceptions import AddressInUseError
 
-__all__ = ["LATENCY_BUCKETS", "MetricsEndpoint", "add_metrics", "metrics_address"]
+__all__ = ["LATENCY_BUCKETS", "MetricsEndpoint"]
 
 #: Seconds: from a millisecond (a placement, a spare) to two minutes (an image pull).
 LATENCY_BUCKETS = (
@@ -39,25 +38,6 @@ LATENCY_BUCKETS = (
 )
 
 
-def metrics_address(value: str) -> tuple[str, int] | None:
-    """argparse ``type=`` for ``--metrics``."""
-    try:
-        return parse_listen(value)
-    except ConfigurationError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def add_metrics(p: argparse.ArgumentParser, **kwargs: Any) -> None:
-    """``--metrics HOST:PORT`` (default off; a bare PORT is on loopback)."""
-    kwargs.setdefault("default", None)
-    kwargs.setdefault(
-        "help",
-        "serve Prometheus metrics at http://HOST:PORT/metrics (PORT alone: on loopback; "
-        "port 0: any free one; default: none, off)",
-    )
-    p.add_argument("--metrics", type=metrics_address, **kwargs)
-
-
 class MetricsEndpoint:
     """Serves ``registry`` at ``/metrics`` (anything else: 404)."""
 
@@ -75,8 +55,8 @@ class MetricsEndpoint:
                 "--metrics HOST:PORT (port 0: any free one) or --metrics none"
             ) from None
         url = self.http.url("/metrics")
-        # Printed for whoever started us (``aviato up`` reads this line).
-        log.info("%s: metrics on %s", self.what, url)
+        # Printed whatever the log level: whoever started us (``aviato up``) reads it.
+        print(f"aviato {self.what}: metrics on {url}", file=sys.stderr, flush=True)
         if not is_loopback(host):
             log.warning(
                 "%s: metrics are served on a public address (%s): anyone who reaches it "

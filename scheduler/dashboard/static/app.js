@@ -1,0 +1,191 @@
+// aviato dashboard: one page, hash routes (#/cluster, #/sandboxes, #/sandbox/ID), live
+// by server-sent events (/api/events: the whole view twice a second, when it changed;
+// /api/logs/ID: a sandbox's output as it grows). No framework, no build step.
+"use strict";
+
+let view = null;          // the latest snapshot: {cluster, sandboxes}
+let logStream = null;     // the detail page's EventSource
+let logSandbox = "";
+const $ = (sel) => document.querySelector(sel);
+
+function esc(s) {
+  return String(s ?? "").replace(/[&<>"']/g, (c) =>
+    ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
+}
+
+function secs(s) {
+  if (s === null || s === undefined) return "—";
+  if (s < 60) return `${s.toFixed(1)} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${Math.floor(s % 60)} s`;
+  return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+}
+
+function route() {
+  const hash = location.hash || "#/cluster";
+  const [path, query] = hash.slice(1).split("?");
+  return { path, params: new URLSearchParams(query || "") };
+}
+
+function chart(rates) {
+  const w = 560, h = 140, pad = 28;
+  const all = [...rates.creates, ...rates.placements];
+  if (all.length < 2) return `<p class="muted">collecting rates…</p>`;
+  const t0 = Math.min(...all.map((p) => p[0])), t1 = Math.max(...all.map((p) => p[0]));
+  const top = Math.max(1, ...all.map((p) => p[1]));
+  const x = (t) => pad + ((t - t0) / Math.max(1, t1 - t0)) * (w - 2 * pad);
+  const y = (v) => h - pad + 8 - (v / top) * (h - 2 * pad);
+  const line = (pts) => pts.map((p) => `${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" ");
+  return `<svg class="chart" width="${w}" height="${h}" role="img" aria-label="creates per second">
+    <text x="${pad}" y="14">${top.toFixed(1)}/s</text>
+    <text x="${pad}" y="${h - 4}">−${Math.round(t1 - t0)} s</text>
+    <text x="${w - 170}" y="14">— creates/s  - - placements/s</text>
+    <polyline class="creates" points="${line(rates.creates)}"/>
+    <polyline class="placements" points="${line(rates.placements)}"/></svg>`;
+}
+
+function renderCluster() {
+  const c = view.cluster;
+  const used = c.agents.reduce((n, a) => n + (a.state === "alive" ? a.used : 0), 0);
+  const cards = [
+    ["agents alive", `${c.alive} / ${c.agents.length}`],
+    ["slots used", `${used} / ${used + c.free_slots}`],
+    ["queued creates", c.queue],
+    ["running", c.counts.running],
+    ["creating", c.counts.creating],
+    ["sessions", c.sessions],
+  ].map(([l, n]) => `<div class="card"><div class="n">${esc(n)}</div><div class="l">${l}</div></div>`);
+  const rows = c.agents.map((a) => {
+    const pct = a.slots ? Math.round((100 * a.used) / a.slots) : 0;
+    const labels = Object.entries(a.labels).map(([k, v]) => `<span class="label">${esc(k)}=${esc(v)}</span>`);
+    return `<tr data-agent="${esc(a.id)}">
+      <td class="mono">${esc(a.id)}</td><td>${esc(a.host)}</td><td>${esc(a.runtime)}</td>
+      <td><span class="bar"><span style="width:${pct}%"></span></span>${a.used} / ${a.slots}</td>
+      <td>${a.free}</td><td>${a.spares}</td><td>${secs(a.heartbeat_age)}</td>
+      <td>${labels.join("") || '<span class="muted">—</span>'}</td>
+      <td class="state ${a.state}">${a.state}</td></tr>`;
+  });
+  $("#view").innerHTML = `<div class="cards">${cards.join("")}</div>
+    <h2>Agents</h2>
+    <table id="agents"><thead><tr><th>agent</th><th>host</th><th>runtime</th><th>slots used</th>
+    <th>free</th><th>spares</th><th>heartbeat</th><th>labels</th><th>state</th></tr></thead>
+    <tbody>${rows.join("") || '<tr><td colspan="9" class="muted">no agents registered</td></tr>'}</tbody></table>
+    <h2>Creates per second</h2>${chart(c.rates)}
+    <h2>Sessions</h2>
+    <table id="sessions"><thead><tr><th>session</th><th>lease left</th><th>sandboxes</th>
+    <th>function workers</th></tr></thead><tbody>${c.session_rows.map((s) => `<tr data-session="${esc(s.id)}">
+      <td class="mono"><a href="#/sandboxes?session=${esc(s.id)}">${esc(s.id)}</a></td>
+      <td>${secs(s.lease_left)}</td><td>${s.sandboxes}</td><td>${s.workers}</td></tr>`).join("")
+      || '<tr><td colspan="4" class="muted">no sessions</td></tr>'}</tbody></table>`;
+}
+
+function renderSandboxes(params) {
+  const state = params.get("state") || "", tag = params.get("tag") || "", session = params.get("session") || "";
+  const shown = view.sandboxes.filter((s) =>
+    (!state || s.state === state) && (!tag || s.tags.includes(tag)) &&
+    (!session || s.session.startsWith(session)));
+  const rows = shown.map((s) => `<tr data-sandbox="${esc(s.id)}">
+    <td class="mono"><a href="#/sandbox/${esc(s.id)}">${esc(s.id)}</a></td>
+    <td class="state ${esc(s.state)}">${esc(s.state)}</td><td>${esc(s.image)}</td>
+    <td>${esc(s.kind)}</td><td class="mono">${esc(s.agent)}</td><td>${secs(s.age)}</td>
+    <td>${secs(s.lifetime_left)}</td>
+    <td>${s.tags.map((t) => `<span class="label">${esc(t)}</span>`).join("")}</td>
+    <td class="mono">${esc(s.session.slice(0, 12))}</td></tr>`);
+  const options = ["", "creating", "running", "completed", "failed", "terminated"]
+    .map((o) => `<option value="${o}" ${o === state ? "selected" : ""}>${o || "any state"}</option>`);
+  const focused = document.activeElement && document.activeElement.id;
+  $("#view").innerHTML = `<div class="filters">
+      <select id="f-state">${options.join("")}</select>
+      <input id="f-tag" placeholder="tag" value="${esc(tag)}">
+      <input id="f-session" placeholder="session" value="${esc(session)}">
+      <span class="muted">${shown.length} shown</span></div>
+    <table id="sandboxes"><thead><tr><th>sandbox</th><th>state</th><th>image</th><th>kind</th>
+    <th>agent</th><th>age</th><th>lifetime left</th><th>tags</th><th>session</th></tr></thead>
+    <tbody>${rows.join("") || '<tr><td colspan="9" class="muted">no sandboxes</td></tr>'}</tbody></table>`;
+  for (const id of ["f-state", "f-tag", "f-session"]) {
+    $(`#${id}`).addEventListener("change", applyFilters);
+  }
+  if (focused && $(`#${focused}`)) $(`#${focused}`).focus();
+}
+
+function applyFilters() {
+  const p = new URLSearchParams();
+  for (const [k, id] of [["state", "f-state"], ["tag", "f-tag"], ["session", "f-session"]]) {
+    if ($(`#${id}`).value) p.set(k, $(`#${id}`).value);
+  }
+  location.hash = `#/sandboxes${p.toString() ? "?" + p : ""}`;
+}
+
+function renderSandbox(id) {
+  const s = view.sandboxes.find((x) => x.id === id);
+  let info = $("#info");
+  if (!info) {
+    $("#view").innerHTML = `<h2>Sandbox <span class="mono">${esc(id)}</span></h2>
+      <div id="info"></div><h2>Logs <span class="muted">(live)</span></h2>
+      <div id="log-error" class="err"></div><pre id="logs"></pre>`;
+    info = $("#info");
+  }
+  info.innerHTML = s ? `<div class="cards">
+      <div class="card"><div class="n state ${esc(s.state)}" id="sb-state">${esc(s.state)}</div><div class="l">state</div></div>
+      <div class="card"><div class="n">${esc(s.image)}</div><div class="l">image</div></div>
+      <div class="card"><div class="n mono">${esc(s.agent)}</div><div class="l">agent</div></div>
+      <div class="card"><div class="n">${secs(s.age)}</div><div class="l">age</div></div>
+      <div class="card"><div class="n">${s.exit_code ?? "—"}</div><div class="l">exit code</div></div></div>
+      ${s.reason ? `<p class="muted">${esc(s.reason)}</p>` : ""}`
+    : `<p class="muted">not in the live list (ended a while ago?)</p>`;
+  if (logSandbox !== id) openLogs(id);
+}
+
+function openLogs(id) {
+  closeLogs();
+  logSandbox = id;
+  logStream = new EventSource(`/api/logs/${encodeURIComponent(id)}`);
+  logStream.addEventListener("logs", (e) => {
+    const d = JSON.parse(e.data), pre = $("#logs");
+    if (!pre) return;
+    const follow = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+    if (d.reset) pre.textContent = "";
+    pre.textContent += d.text;
+    $("#log-error").textContent = "";
+    if (follow) pre.scrollTop = pre.scrollHeight;
+  });
+  logStream.addEventListener("error", (e) => {
+    if (e.data && $("#log-error")) $("#log-error").textContent = JSON.parse(e.data).message;
+  });
+}
+
+function closeLogs() {
+  if (logStream) logStream.close();
+  logStream = null;
+  logSandbox = "";
+}
+
+function render() {
+  const { path, params } = route();
+  for (const a of document.querySelectorAll("nav a")) {
+    const section = path.startsWith("/sandbox/") ? "/sandboxes" : path;
+    a.classList.toggle("active", section.startsWith(a.getAttribute("href").slice(1)));
+  }
+  if (!path.startsWith("/sandbox/")) closeLogs();
+  if (!view) return;
+  if (path.startsWith("/sandbox/")) renderSandbox(decodeURIComponent(path.slice(9)));
+  else if (path.startsWith("/sandboxes")) {
+    // Keep typing undisturbed: a filter box being edited is not redrawn under the cursor.
+    const a = document.activeElement;
+    if (a && (a.id === "f-tag" || a.id === "f-session") && a.value !== (params.get(a.id.slice(2)) || "")) return;
+    renderSandboxes(params);
+  } else renderCluster();
+}
+
+function connect() {
+  const events = new EventSource("/api/events");
+  events.addEventListener("open", () => { $("#live").className = "live on"; $("#live").textContent = "live"; });
+  events.addEventListener("error", () => { $("#live").className = "live off"; $("#live").textContent = "reconnecting"; });
+  events.addEventListener("snapshot", (e) => { view = JSON.parse(e.data); render(); });
+}
+
+window.addEventListener("hashchange", () => {
+  if (!route().path.startsWith("/sandbox/")) closeLogs();
+  if (route().path.startsWith("/sandbox/")) $("#view").innerHTML = "";
+  render();
+});
+connect();
