@@ -3,7 +3,7 @@ an embedded scheduler with ``--dashboard`` and two agents, a few sandboxes and a
 burst of creates (for the chart), shot by Debian's headless Chromium through
 Selenium and chromedriver (nothing is downloaded).
 
-    python -m benchmarks.dashboard_screenshot [--out docs/dashboard.png] [--runtime docker]
+    python -m benchmarks.dashboard_screenshot [--out benchmarks/figures/dashboard.png] [--runtime docker]
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ async def main_async(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.dashboard_screenshot")
-    p.add_argument("--out", type=Path, default=Path("docs/dashboard.png"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/figures/dashboard.png"))
     p.add_argument("--runtime", default="docker", choices=("docker", "local"))
     asyncio.run(main_async(p.parse_args()))
 
