@@ -307,8 +307,8 @@ class SparePool:
         """Make a ready spare of ``spec``'s shape the sandbox ``sandbox_id`` and start
         its command; False when there is none (create it as usual). A command the
         image lacks fails as a fresh create would (the spare stays ready)."""
-        if spec.function_worker:  # its main command is the worker: made afresh
-            return False
+        if spec.function_worker or spec.isolation is not None:
+            return False  # the worker is made afresh; spares run the default isolation
         shape = Shape.of(spec)
         self.demand.note(shape, time.monotonic())
         queue = self.ready.get(shape)

@@ -28,9 +28,12 @@ __all__ = [
     "status_record",
 ]
 
-SANDBOX_COLUMNS = ("sandbox", "status", "image", "command", "agent", "tags", "exit", "reason")
+SANDBOX_COLUMNS = (
+    "sandbox", "status", "image", "command", "agent", "isolation", "tags", "exit", "reason"
+)  # fmt: skip
 AGENT_COLUMNS = (
-    "agent", "address", "runtime", "slots used", "slots free", "spares", "alive", "heartbeat"
+    "agent", "address", "runtime", "isolation", "slots used", "slots free", "spares", "alive",
+    "heartbeat",
 )  # fmt: skip
 
 
@@ -41,6 +44,7 @@ def sandbox_row(info: SandboxInfo) -> list[str]:
         info.spec.image,
         " ".join((info.spec.command, *info.spec.args)),
         info.agent_id or "-",
+        info.isolation or "-",
         ",".join(info.spec.tags),
         "" if info.exit_code is None else str(info.exit_code),
         info.reason,
@@ -59,6 +63,7 @@ def sandbox_record(info: SandboxInfo) -> dict[str, Any]:
         "agent_id": info.agent_id,
         "agent_address": info.agent_address,
         "runtime": info.runtime,
+        "isolation": info.isolation,
         "exit_code": info.exit_code,
         "reason": info.reason,
         "created_at": info.created_at,
@@ -71,6 +76,8 @@ def agent_row(agent: AgentInfo) -> list[str]:
         agent.agent_id,
         agent.address,
         agent.runtime,  # says "NOT isolated" itself when it is not
+        # Offered levels, the default first; "(probed)" once a probe sandbox ran.
+        ",".join(agent.isolations) + (" (probed)" if agent.probe else "") or "-",
         str(agent.used),
         str(agent.slots - agent.used),
         str(agent.spares),  # pre-started sandboxes, in free slots (python -m agent --warm)
@@ -87,6 +94,8 @@ def status_record(address: str, status: ClusterStatusReply) -> dict[str, Any]:
                 "agent_id": a.agent_id,
                 "address": a.address,
                 "runtime": a.runtime,
+                "isolations": list(a.isolations),
+                "probe": a.probe,
                 "slots": a.slots,
                 "used": a.used,
                 "spares": a.spares,

@@ -49,6 +49,9 @@ class SandboxDefaults:
     #: Reach an agent on this host over its local lane (a Unix socket) rather than
     #: ZeroMQ; else $AVIATO_LOCAL_LANE ("0" turns it off); else on.
     local_lane: bool | None = None
+    #: "runc", "gvisor" (Docker with runsc) or "bwrap" (the local runtime); None: the
+    #: agent's default. Placed only on an agent that offers it.
+    isolation: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists for convenience; keep the frozen value hashable-ish and immutable.

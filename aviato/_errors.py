@@ -23,6 +23,7 @@ _CODE_TO_EXC: dict[ErrorCode, type[exc.AviatoError]] = {
     ErrorCode.UNAVAILABLE: exc.ClusterUnavailableError,
     ErrorCode.ID_IN_USE: exc.AgentIdInUseError,
     ErrorCode.INTERNAL: exc.AviatoError,
+    ErrorCode.ISOLATION_UNAVAILABLE: exc.IsolationUnavailableError,
 }
 
 

@@ -26,6 +26,7 @@ from typing import Any
 from aviato._codec import brief
 
 __all__ = [
+    "ISOLATIONS",
     "MAX_CPUS",
     "MAX_IMAGE_CHARS",
     "MIN_MEMORY_BYTES",
@@ -43,6 +44,10 @@ MAX_IMAGE_CHARS = 255
 #: Below this Docker refuses to make the container.
 MIN_MEMORY_BYTES = 6 * 1024 * 1024
 NETWORKS = (None, "none", "bridge")
+#: runc: Docker's default (namespaces, shared kernel); gvisor: Docker with runsc (a
+#: user-space kernel); bwrap: the local runtime's bubblewrap namespaces. None: any,
+#: the placing agent's default.
+ISOLATIONS = (None, "runc", "gvisor", "bwrap")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +67,7 @@ class SandboxOptions:
     pids_limit: int | None = None
     network: str | None = None
     working_dir: str | None = None
+    isolation: str | None = None
 
     def __post_init__(self) -> None:
         if self.args is not None and not isinstance(self.args, tuple):
@@ -119,6 +125,11 @@ class SandboxOptions:
             out.append(f"pids_limit must be at least 1 (or None), got {self.pids_limit}")
         if self.network not in NETWORKS:
             out.append(f"network must be None, 'none' or 'bridge', got {brief(self.network)}")
+        if self.isolation not in ISOLATIONS:
+            out.append(
+                "isolation must be None (the agent's default), 'runc', 'gvisor' or 'bwrap',"
+                f" got {brief(self.isolation)}"
+            )
         return out
 
     def key(self) -> tuple[Any, ...]:

@@ -66,6 +66,7 @@ def sandbox_info(rec: SandboxRecord, agents: Mapping[str, AgentRecord]) -> Sandb
         runtime=agent.runtime if agent else "",
         agent_public_key=agent.public_key if agent else "",
         agent_lane=agent.lane if agent else "",
+        isolation=rec.spec.isolation or (agent.isolations[0] if agent and agent.isolations else ""),
     )
 
 
@@ -136,6 +137,8 @@ def status_page(
             seconds_since_heartbeat=max(0.0, now - a.last_seen),
             lane=a.lane,
             spares=a.spares,
+            isolations=a.isolations,
+            probe=a.probe,
         )
         for a in map(agents.__getitem__, page)
     )

@@ -154,6 +154,7 @@ class SchedulerState(Tables):
             agent.public_key, agent.lane = msg.public_key, msg.lane
             agent.instance, agent.dead_since = msg.instance, None
             self._set_alive(agent, True)
+        self._set_isolations(agent, tuple(msg.isolations), msg.probe)
         self._set_spares(agent, msg.spares, msg.spare_shapes)
         reported = {s.sandbox_id: s for s in msg.sandboxes}
         adopt: list[str] = []
@@ -312,6 +313,9 @@ class SchedulerState(Tables):
         why_not = self._no_agents(now)
         if why_not:
             return [Reply(key, ErrorReply(ErrorCode.UNAVAILABLE, why_not))]
+        why_not = self._no_isolation(spec, now)
+        if why_not:
+            return [Reply(key, ErrorReply(ErrorCode.ISOLATION_UNAVAILABLE, why_not))]
         if sandbox_id in self.stopped_unknown:
             why = f"sandbox {sandbox_id} was stopped before its create arrived"
             return [Reply(key, ErrorReply(ErrorCode.TERMINATED, why))]
@@ -369,6 +373,22 @@ class SchedulerState(Tables):
             "another (python -m agent --scheduler tcp://SCHEDULER:PORT)"
         )
 
+    def _no_isolation(self, spec: SandboxSpec, now: float) -> str:
+        """Why no live agent can run ``spec``'s isolation ("" if one can, or agents may
+        still register: the start-up grace)."""
+        level = spec.isolation
+        if level is None or self._offering.get(level):
+            return ""
+        if now - self.started_at < self.config.startup_grace_seconds:
+            return ""
+        offered = sorted({lv for lv, ids in self._offering.items() if ids})
+        return (
+            f"no live agent offers isolation {level!r} (they offer: "
+            f"{', '.join(offered) or 'nothing'}); start an agent with --isolation {level}"
+            " (gvisor: Docker with the runsc runtimes registered, see README), or ask"
+            " for one of those"
+        )
+
     def choose_agent(self, spec: SandboxSpec | None = None) -> AgentRecord | None:
         """An agent holding a ready spare of ``spec``'s shape (the most of them; ties
         by id), so that the create is ready in milliseconds; else spread: the live agent
@@ -378,6 +398,9 @@ class SchedulerState(Tables):
             holder = self._spares.best(key) if key is not None else None
             if holder is not None:
                 return self.agents[holder]
+        if spec is not None and spec.isolation is not None:
+            best = self._by_isolation.best(spec.isolation)
+            return self.agents[best] if best is not None else None
         best = self._free.best()
         return self.agents[best] if best is not None else None
 

@@ -112,6 +112,15 @@ class Runtime(abc.ABC):
     supports_spares: bool = False
     #: Where claims of spares are recorded (set by an agent; see spare_claims.py).
     claims: SpareClaims | None = None
+    #: Isolation levels it offers, its default first (agent/runtime/isolation.py).
+    isolations: tuple[str, ...] = ()
+    #: What ``probe`` found at the agent's start (shown in ``aviato status``).
+    probe_note: str = ""
+
+    async def probe(self, image: str) -> str:
+        """Run a probe sandbox of each offered isolation that needs one, at the agent's
+        start; what it found ("" if nothing needs probing). Raises when one fails."""
+        return ""
 
     @abc.abstractmethod
     async def create(

@@ -44,6 +44,14 @@ from agent.runtime.base import (
 from agent.runtime.docker_bytes import CHUNK, cut, order_log_entries, read_capped, too_large
 from agent.runtime.docker_errors import DockerError, explain, http_status
 from agent.runtime.docker_exec import DockerExec
+from agent.runtime import docker_gvisor
+from agent.runtime.isolation import (
+    GVISOR,
+    check_engine,
+    docker_runtime_for,
+    isolation_of,
+    probe_gvisor,
+)
 from aviato.exceptions import (
     SandboxError,
     SandboxFailedError,
@@ -94,12 +102,15 @@ class DockerRuntime(Runtime):
         pull: str = "missing",
         client: docker.DockerClient | None = None,
         cap_add: Sequence[str] = CAPS,
+        isolations: Sequence[str] = ("runc",),
     ) -> None:
         if pull not in ("missing", "never"):
             raise ValueError(f"pull must be 'missing' or 'never', not {pull!r}")
         self.pids_limit = pids_limit
         self.cap_add = [c.upper().removeprefix("CAP_") for c in cap_add]
         self.pull = pull
+        self.isolations = tuple(isolations)
+        self._gvisor: set[str] = set()  # sandbox ids under gVisor (agent/runtime/docker_gvisor.py)
         self._owns_client = client is None
         self._client_obj: Any = client
         self._client_lock = threading.Lock()
@@ -215,6 +226,7 @@ class DockerRuntime(Runtime):
             memswap_limit=spec.memory_bytes,
             nano_cpus=int(spec.cpus * 1e9) if spec.cpus else None,
             network_mode="none" if spec.network == "none" else None,
+            runtime=docker_runtime_for(spec, self.isolations),
         )
         kwargs: dict[str, Any] = dict(
             name=f"aviato-{sandbox_id}",
@@ -260,6 +272,8 @@ class DockerRuntime(Runtime):
         with self._lock:
             self._ids[sandbox_id] = cid
             self._starting.add(sandbox_id)
+        if isolation_of(spec, self.isolations) == GVISOR:
+            self._gvisor.add(sandbox_id)
         if spec.working_dir:  # else the image's, asked for when a relative path needs it
             self._workdirs[sandbox_id] = spec.working_dir
         try:
@@ -277,6 +291,7 @@ class DockerRuntime(Runtime):
                 self._ids.pop(sandbox_id, None)
                 self._early.pop(cid, None)
             self._workdirs.pop(sandbox_id, None)
+            self._gvisor.discard(sandbox_id)
             with contextlib.suppress(*DockerError):
                 api.remove_container(cid, force=True)
             if isinstance(exc, SandboxFailedError):
@@ -287,6 +302,13 @@ class DockerRuntime(Runtime):
             early = self._early.pop(cid, None)
         if early is not None:  # the command ended before start() even returned
             self._on_event(early)
+
+    async def probe(self, image: str) -> str:
+        """Check the engine runs every offered isolation (see agent/runtime/isolation.py)."""
+        await self._run(check_engine, self._client, self.isolations)
+        if "gvisor" not in self.isolations:
+            return ""
+        return await self._run(probe_gvisor, self._client, image)
 
     # ------------------------------------------------------------------ spares
 
@@ -309,6 +331,9 @@ class DockerRuntime(Runtime):
             self._ids.pop(spare_id, None)
             self._ids[sandbox_id] = cid
             self._claimed[cid] = sandbox_id
+        if spare_id in self._gvisor:
+            self._gvisor.discard(spare_id)
+            self._gvisor.add(sandbox_id)
         if spec.env:
             self._spare_env[sandbox_id] = dict(spec.env)
         if spec.working_dir:
@@ -400,7 +425,15 @@ class DockerRuntime(Runtime):
         spare_env = self._spare_env.get(sandbox_id)
         if spare_env:
             env = {**spare_env, **(env or {})}
+        if self._is_gvisor(sandbox_id):
+            env = docker_gvisor.tag_env(env)
         return self._target(sandbox_id), env
+
+    def _is_gvisor(self, sandbox_id: str) -> bool:
+        # (one this process did not create: an adopted one runs the default)
+        return sandbox_id in self._gvisor or (
+            sandbox_id not in self._ids and self.isolations[:1] == (GVISOR,)
+        )
 
     async def exec(
         self,
@@ -440,6 +473,10 @@ class DockerRuntime(Runtime):
     async def write_file(
         self, sandbox_id: str, path: str, data: bytes | memoryview, mode: int = 0o644
     ) -> None:
+        if self._is_gvisor(sandbox_id):
+            full = await self._run(self._path_sync, sandbox_id, path)
+            await docker_gvisor.write_file(self.exec, sandbox_id, path, full, data, mode)
+            return
         await self._run(self._write_sync, sandbox_id, path, data, mode)
 
     def _write_sync(self, sandbox_id: str, path: str, data: bytes | memoryview, mode: int) -> None:
@@ -466,6 +503,9 @@ class DockerRuntime(Runtime):
     async def read_file(
         self, sandbox_id: str, path: str, max_bytes: int = MAX_PAYLOAD_BYTES
     ) -> bytes:
+        if self._is_gvisor(sandbox_id):
+            full = await self._run(self._path_sync, sandbox_id, path)
+            return await docker_gvisor.read_file(self.exec, sandbox_id, path, full, max_bytes)
         cancelled = threading.Event()
         try:
             return await self._run(self._read_sync, sandbox_id, path, max_bytes, cancelled)
@@ -554,6 +594,7 @@ class DockerRuntime(Runtime):
         with self._lock:  # claimed here, so the events thread won't report it as an exit
             cid = self._ids.pop(sandbox_id, None)
             self._removing.add(sandbox_id)
+        self._gvisor.discard(sandbox_id)
         try:
             await self._run(self._remove_sync, sandbox_id, cid or f"aviato-{sandbox_id}")
         finally:

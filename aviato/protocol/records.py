@@ -104,6 +104,8 @@ class ErrorCode(enum.StrEnum):
     #: An agent id that a live agent holds (a second agent asked to register with it).
     ID_IN_USE = "id_in_use"
     INTERNAL = "internal"
+    #: No live agent (or not the one asked) offers the isolation a spec asks for.
+    ISOLATION_UNAVAILABLE = "isolation_unavailable"
 
 
 # --------------------------------------------------------------------------- records
@@ -127,6 +129,8 @@ class SandboxSpec:
     working_dir: str | None = None
     #: Runs aviato's function worker: the agent mounts the worker and its socket in.
     function_worker: bool = False
+    #: Asked for (None: the agent's default; see aviato/_options.py ISOLATIONS).
+    isolation: str | None = None
 
     @classmethod
     def of(
@@ -169,6 +173,8 @@ class SandboxInfo:
     #: The agent's local lane (``unix:<host key>:<path>``; see aviato/_lane.py), which
     #: a client on its host uses instead of ``agent_address``; "" when it has none.
     agent_lane: str = ""
+    #: The isolation the sandbox runs under (its spec's, else its agent's default).
+    isolation: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,8 +205,8 @@ class SpareShape:
 def spare_key(spec: SandboxSpec) -> tuple[object, ...] | None:
     """The ``SpareShape.key`` of the spares that can serve ``spec`` (None: none can: a
     function worker's main command is the worker, made afresh)."""
-    if spec.function_worker:
-        return None
+    if spec.function_worker or spec.isolation is not None:
+        return None  # spares run the agent's default isolation: a choice makes afresh
     return (
         spec.image,
         spec.cpus,
@@ -225,6 +231,10 @@ class AgentInfo:
     lane: str = ""
     #: Pre-started spare sandboxes it holds ready: each fills one of its free slots.
     spares: int = 0
+    #: Isolation levels it offers, its default first (see aviato/_options.py).
+    isolations: tuple[str, ...] = ()
+    #: What its start-up probe of each non-default runtime found.
+    probe: str = ""
 
 
 # --------------------------------------------------------------------------- messages
