@@ -688,6 +688,18 @@ class SchedulerState(Tables):
                 )
                 actions += more
         expired = [p for p in self.pending if p.deadline <= now] if self.pending else []
+        # Queued in the start-up grace (or before its only agent left): an isolation
+        # that no live agent offers now is refused rather than waited for.
+        unserved = [
+            (p, why)
+            for p in self.pending
+            if p.spec.isolation is not None and (why := self._no_isolation(p.spec, now))
+        ]
+        for req, why in unserved:
+            if req.deadline > now:
+                self.pending.remove(req)
+                self._pending_ids.discard(req.sandbox_id)
+                actions.append(Reply(req.key, ErrorReply(ErrorCode.ISOLATION_UNAVAILABLE, why)))
         for req in expired:
             self.pending.remove(req)
             self._pending_ids.discard(req.sandbox_id)

@@ -26,6 +26,7 @@ from typing import Any, TypeVar, TypeVarTuple
 import docker
 import docker.errors
 
+from agent.runtime import docker_gvisor
 from agent.runtime.base import (
     LABEL_AGENT,
     LABEL_MANAGED,
@@ -44,7 +45,6 @@ from agent.runtime.base import (
 from agent.runtime.docker_bytes import CHUNK, cut, order_log_entries, read_capped, too_large
 from agent.runtime.docker_errors import DockerError, explain, http_status
 from agent.runtime.docker_exec import DockerExec
-from agent.runtime import docker_gvisor
 from agent.runtime.isolation import (
     GVISOR,
     check_engine,
@@ -232,7 +232,9 @@ class DockerRuntime(Runtime):
             name=f"aviato-{sandbox_id}",
             entrypoint=[spec.command],  # also drops the image's CMD
             command=list(spec.args),
-            environment=dict(spec.env),
+            environment=docker_gvisor.link_env(spec.env)
+            if isolation_of(spec, self.isolations) == GVISOR
+            else dict(spec.env),
             working_dir=spec.working_dir,
             labels=labels,
             host_config=host_config,
@@ -407,7 +409,11 @@ class DockerRuntime(Runtime):
         api = self._api
         try:
             made = api.exec_create(
-                self._target(sandbox_id), list(argv), environment=env, stdout=False, stderr=False
+                self._target(sandbox_id),
+                list(argv),
+                environment=docker_gvisor.link_env(env) if self._is_gvisor(sandbox_id) else env,
+                stdout=False,
+                stderr=False,
             )
             api.exec_start(made["Id"], detach=True)
         except DockerError as exc:

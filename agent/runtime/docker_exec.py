@@ -22,8 +22,8 @@ from docker.utils.socket import frames_iter
 
 from agent.runtime.base import ExecOutput, ExitStatus, OutputChunk
 from agent.runtime.docker_bytes import CHUNK
-from agent.runtime.docker_gvisor import kill_tagged
 from agent.runtime.docker_errors import DockerError
+from agent.runtime.docker_gvisor import kill_tagged
 from aviato.exceptions import SandboxError
 
 __all__ = ["DockerExec"]

@@ -5,6 +5,9 @@
   a tmpfs of its own over /tmp: what one side writes the other may not see. Files go
   through the sandbox itself instead: an exec of ``sh``/``cat`` (any image with a
   shell; the supervisor, when there is one, serves files itself anyway).
+- The supervisor link without shared memory: a descriptor passes from the host into
+  gVisor, but not out (sendmsg with SCM_RIGHTS fails with EINVAL there), so a worker
+  would fail to send a large result. Large frames go over the socket instead.
 - Killing an exec's process tree: the exec's host pid is runsc's proxy, not the
   command (its processes live in gVisor's kernel). Each exec carries a tag in its env,
   and a kill is a second exec that kills every process inside carrying the tag.
@@ -20,7 +23,7 @@ from agent.runtime.base import ExecOutput
 from agent.runtime.docker_bytes import too_large
 from aviato.exceptions import SandboxFileError
 
-__all__ = ["TAG_ENV", "kill_tagged", "read_file", "tag_env", "write_file"]
+__all__ = ["TAG_ENV", "kill_tagged", "link_env", "read_file", "tag_env", "write_file"]
 
 #: Env var naming an exec, so that its processes can be found inside and killed.
 TAG_ENV = "AVIATO_EXEC_TAG"
@@ -29,13 +32,16 @@ Exec = Callable[..., Awaitable[ExecOutput]]
 
 _WRITE = 'mkdir -p -- "$(dirname -- "$1")" && cat > "$1" && chmod "$2" "$1"'
 # 21: a directory; 22: missing; 23: not a regular file (after symlinks); else its size.
-_SIZE = (
-    '[ -d "$1" ] && exit 21; [ -e "$1" ] || exit 22; [ -f "$1" ] || exit 23; wc -c < "$1"'
-)
+_SIZE = '[ -d "$1" ] && exit 21; [ -e "$1" ] || exit 22; [ -f "$1" ] || exit 23; wc -c < "$1"'
 _KILL = (
     'for d in /proc/[0-9]*; do tr "\\0" "\\n" < "$d/environ" 2>/dev/null'
     ' | grep -qx "$1=$2" && kill -9 "${d#/proc/}" 2>/dev/null; done; true'
 )
+
+
+def link_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with the supervisor link's shared memory off (see above)."""
+    return {**env, "AVIATO_WORKER_SHM": "0", "AVIATO_SHM_SPARE": "0"}
 
 
 def tag_env(env: Mapping[str, str] | None) -> dict[str, str]:
@@ -71,7 +77,9 @@ async def write_file(
 
 async def read_file(exec_: Exec, sandbox_id: str, path: str, full: str, max_bytes: int) -> bytes:
     def fail(msg: str) -> SandboxFileError:
-        return SandboxFileError(f"{msg} (sandbox {sandbox_id})", filepath=path, sandbox_id=sandbox_id)
+        return SandboxFileError(
+            f"{msg} (sandbox {sandbox_id})", filepath=path, sandbox_id=sandbox_id
+        )
 
     size = await exec_(sandbox_id, ("sh", "-c", _SIZE, "sh", full))
     if size.returncode == 21:
