@@ -596,6 +596,7 @@ CODED: list[tuple[type[exc.AviatoError], ErrorCode]] = [
     (exc.SandboxTerminatedError, ErrorCode.TERMINATED),
     (exc.SandboxFileError, ErrorCode.FILE_ERROR),
     (exc.PayloadTooLargeError, ErrorCode.TOO_LARGE),
+    (exc.IsolationUnavailableError, ErrorCode.ISOLATION_UNAVAILABLE),
 ]
 
 

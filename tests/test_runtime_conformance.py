@@ -1,8 +1,9 @@
 """The runtime conformance suite: what every ``Runtime`` must do, run against the real
 runtimes and the python:3.11 image ("docker", "docker-spare": every sandbox made
 from a pre-started spare, and "docker-gvisor": Docker with gVisor's runsc, on a second
-engine of the tests' own, tests/_gvisor_engine.py). The local runtime's exec goes through its supervisor, so it
-joins at the Sandbox level instead (tests/test_sandbox.py runs on every runtime).
+engine of the tests' own, tests/_gvisor_engine.py). The local runtime's exec goes
+through its supervisor, so it joins at the Sandbox level instead (tests/test_sandbox.py
+runs on every runtime).
 
 ``RuntimeConformance`` takes a ``runtime`` fixture parametrized by runtime name, so
 another runtime joins by adding its name to ``RUNTIMES``. Without a Docker engine or
