@@ -6,6 +6,7 @@ refused at once; an agent that cannot run what it offers refuses to start."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -108,8 +109,11 @@ async def test_each_sandbox_gets_the_isolation_it_asks_for(
             assert (out.returncode, out.stdout, out.stderr) == (3, b"out\n", b"err\n")
             t0 = time.monotonic()
             with pytest.raises(SandboxTimeoutError):
-                await sb.exec(["sleep", "30"], timeout=1, check=True)
+                await sb.exec(["sleep", "30"], timeout_seconds=1)
             assert time.monotonic() - t0 < 20
+            # ...and the command is gone (killed inside gVisor, not just abandoned)
+            ps = await sb.exec(["sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '"])
+            assert b"sleep infinity" in ps.stdout and b"sleep 30" not in ps.stdout, ps.stdout
         ps = _aviato("ps", "--scheduler", gcluster.address, "--format", "json")
         shown = {r["sandbox_id"]: r["isolation"] for r in json.loads(ps)}
         assert shown[runc.sandbox_id] == "runc" and shown[gvisor.sandbox_id] == "gvisor"
@@ -267,3 +271,40 @@ def test_an_isolation_asked_for_in_the_grace_waits_for_agents() -> None:
     assert state.request_create("k", gvisor, 30, 1.0) == []  # agents may still register
     assert _placed_on(state.tick(2.0)) == [] and len(state.pending) == 1
     assert _placed_on(_register(state, "g", ("gvisor",))) == [("g", "gvisor")]
+
+
+async def test_two_agents_each_gets_what_it_offers(
+    tmp_path: Path, gvisor_engine: GvisorEngine
+) -> None:
+    """A runc agent on the host's engine, a gVisor one on the tests' engine: creates go
+    to the agent offering their isolation, whichever has more free slots."""
+    with contextlib.contextmanager(docker_cluster)(tmp_path, agents=1, slots=6) as c:
+        gvisor_id = f"{c.agent_ids[0]}-g"
+        c.agent_ids.append(gvisor_id)
+        c.agent_env = {"DOCKER_HOST": gvisor_engine.host}
+        c.start_agent(gvisor_id, ["--isolation", "gvisor"])
+        c.wait_agents(2, timeout=60)
+        base = SandboxDefaults(container_image=IMAGE, scheduler=c.address, lease_seconds=5)
+        try:
+            async with (
+                Sandbox(
+                    command="sleep", args=["1000"], defaults=base.replace(isolation="gvisor")
+                ) as g1,
+                Sandbox(
+                    command="sleep", args=["1000"], defaults=base.replace(isolation="gvisor")
+                ) as g2,
+                Sandbox(
+                    command="sleep", args=["1000"], defaults=base.replace(isolation="runc")
+                ) as r1,
+            ):
+                assert g1.info and g2.info and r1.info
+                assert g1.info.agent_id == g2.info.agent_id == gvisor_id
+                assert r1.info.agent_id == c.agent_ids[0]
+                assert (await g1.exec(["uname", "-r"])).stdout.strip() == b"4.4.0"
+        finally:
+            wait_until(
+                lambda: not gvisor_engine.containers(f"label=aviato.agent={gvisor_id}"),
+                30,
+                0.2,
+                "the gVisor agent's sandboxes to be removed",
+            )
