@@ -37,7 +37,7 @@ from aviato._server.daemon import (
     log_to_stderr,
 )
 from aviato._server.metrics import MetricsEndpoint
-from aviato.exceptions import AgentIdInUseError, UnauthorizedError
+from aviato.exceptions import AgentIdInUseError, ConfigurationError, UnauthorizedError
 
 SHUTDOWN_GRACE = 50.0  # seconds from a stop request to exit, stuck or not
 
@@ -107,6 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CAP",
         help="a capability sandboxes keep (Docker runtime; repeatable; default none, e.g."
         " CHOWN SETUID SETGID for images whose tools drop privileges)",
+    )
+    p.add_argument(
+        "--isolation",
+        default=os.environ.get("AVIATO_ISOLATION"),
+        help="isolation levels sandboxes may ask for, the default first: runc (Docker's"
+        " default), gvisor (Docker with the runsc runtimes registered; see README), or"
+        " runc,gvisor for both; the local runtime offers bwrap only (default"
+        " $AVIATO_ISOLATION, else runc on Docker)",
+    )
+    p.add_argument(
+        "--probe-image",
+        default="python:3.11",
+        help="image of the probe sandbox run at start for --isolation gvisor",
     )
     add_token(p)
     add_keys(
@@ -204,7 +217,16 @@ async def run(
         roots = allowed_roots(args.allow_mount)
     except ValueError as exc:
         raise SystemExit(f"agent: {exc}") from None
-    runtime = make_runtime(args.runtime, pids_limit=args.pids_limit, **extra)
+    try:
+        runtime = make_runtime(
+            args.runtime, isolation=args.isolation, pids_limit=args.pids_limit, **extra
+        )
+        probe = await runtime.probe(args.probe_image)
+    except ConfigurationError as exc:
+        raise SystemExit(f"agent: {exc}") from None
+    runtime.probe_note = probe
+    if probe:
+        logging.getLogger("aviato.agent").info("isolation probe: %s", probe)
     server = AgentServer(
         runtime,
         scheduler=args.scheduler,

@@ -36,6 +36,7 @@ from agent.runtime.base import (
     sandbox_labels,
     spec_from_labels,
 )
+from agent.runtime.isolation import refusal
 from agent.runtime.spare_claims import SpareClaims
 from agent.spares import Shape, SparePool
 from agent.storage import VolumeService
@@ -447,6 +448,8 @@ class AgentServer:
             replaces=self.replaces,
             spares=self.spares.ready_count if self.spares is not None else 0,
             spare_shapes=self.spares.ready_shapes() if self.spares is not None else (),
+            isolations=self.runtime.isolations,
+            probe=self.runtime.probe_note,
         )
         reply = await self._ask_scheduler(msg, self.register_timeout)
         if isinstance(reply, ErrorReply) and reply.code is ErrorCode.ID_IN_USE:
@@ -645,6 +648,9 @@ class AgentServer:
         function worker's main command is the supervisor; any other sandbox gets one
         started beside its command, when the image has a Python (else exec and files
         go through the runtime, transparently)."""
+        refused = refusal(spec, self.runtime.isolations, self.agent_id)
+        if refused is not None:
+            raise refused
         hub = self._hub
         assert hub is not None
         mounts = await hub.prepare(sid)

@@ -307,8 +307,8 @@ class SparePool:
         """Make a ready spare of ``spec``'s shape the sandbox ``sandbox_id`` and start
         its command; False when there is none (create it as usual). A command the
         image lacks fails as a fresh create would (the spare stays ready)."""
-        if spare_key(spec) is None:  # a function worker, or mounts/volumes/ports: afresh
-            return False
+        if spare_key(spec) is None:  # a function worker, mounts/volumes/ports, an isolation
+            return False  # made afresh (spares run the agent's default isolation)
         shape = Shape.of(spec)
         self.demand.note(shape, time.monotonic())
         queue = self.ready.get(shape)

@@ -30,11 +30,13 @@ __all__ = [
 ]
 
 SANDBOX_COLUMNS = (
-    "sandbox", "status", "image", "command", "agent", "tags", "exit", "reason", "ports"
+    "sandbox", "status", "image", "command", "agent", "isolation", "tags", "exit", "reason",
+    "ports",
 )  # fmt: skip
 VOLUME_COLUMNS = ("volume", "agent", "address")
 AGENT_COLUMNS = (
-    "agent", "address", "runtime", "slots used", "slots free", "spares", "alive", "heartbeat"
+    "agent", "address", "runtime", "isolation", "slots used", "slots free", "spares", "alive",
+    "heartbeat",
 )  # fmt: skip
 
 
@@ -51,6 +53,7 @@ def sandbox_row(info: SandboxInfo, tunnels: Mapping[int, Tunnel] | None = None) 
         info.spec.image,
         " ".join((info.spec.command, *info.spec.args)),
         info.agent_id or "-",
+        info.isolation or "-",
         ",".join(info.spec.tags),
         "" if info.exit_code is None else str(info.exit_code),
         info.reason,
@@ -72,6 +75,7 @@ def sandbox_record(
         "agent_id": info.agent_id,
         "agent_address": info.agent_address,
         "runtime": info.runtime,
+        "isolation": info.isolation,
         "exit_code": info.exit_code,
         "reason": info.reason,
         "ended_by": info.ended_by,
@@ -87,6 +91,8 @@ def agent_row(agent: AgentInfo) -> list[str]:
         agent.agent_id,
         agent.address,
         agent.runtime,  # says "NOT isolated" itself when it is not
+        # Offered levels, the default first; "(probed)" once a probe sandbox ran.
+        ",".join(agent.isolations) + (" (probed)" if agent.probe else "") or "-",
         str(agent.used),
         str(agent.slots - agent.used),
         str(agent.spares),  # pre-started sandboxes, in free slots (python -m agent --warm)
@@ -103,6 +109,8 @@ def status_record(address: str, status: ClusterStatusReply) -> dict[str, Any]:
                 "agent_id": a.agent_id,
                 "address": a.address,
                 "runtime": a.runtime,
+                "isolations": list(a.isolations),
+                "probe": a.probe,
                 "slots": a.slots,
                 "used": a.used,
                 "spares": a.spares,

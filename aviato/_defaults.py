@@ -58,6 +58,9 @@ class SandboxDefaults:
     volumes: Mapping[str, str] = field(default_factory=dict)
     #: In-sandbox TCP ports every sandbox publishes (see ``Sandbox.tunnels``).
     ports: tuple[int, ...] = ()
+    #: "runc", "gvisor" (Docker with runsc) or "bwrap" (the local runtime); None: the
+    #: agent's default. Placed only on an agent that offers it.
+    isolation: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists for convenience; keep the frozen value hashable-ish and immutable.

@@ -27,6 +27,7 @@ from aviato._codec import brief
 from aviato._storage import Mount, mount_problems, port_problems
 
 __all__ = [
+    "ISOLATIONS",
     "MAX_CPUS",
     "MAX_IMAGE_CHARS",
     "MIN_MEMORY_BYTES",
@@ -44,6 +45,10 @@ MAX_IMAGE_CHARS = 255
 #: Below this Docker refuses to make the container.
 MIN_MEMORY_BYTES = 6 * 1024 * 1024
 NETWORKS = (None, "none", "bridge")
+#: runc: Docker's default (namespaces, shared kernel); gvisor: Docker with runsc (a
+#: user-space kernel); bwrap: the local runtime's bubblewrap namespaces. None: any,
+#: the placing agent's default.
+ISOLATIONS = (None, "runc", "gvisor", "bwrap")
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +75,7 @@ class SandboxOptions:
     volumes: dict[str, str] = field(default_factory=dict)
     #: In-sandbox TCP ports published on the agent's host (``Sandbox.tunnels()``).
     ports: tuple[int, ...] = ()
+    isolation: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.mounts, tuple):
@@ -144,6 +150,11 @@ class SandboxOptions:
             out.append(f"network must be None, 'none' or 'bridge', got {brief(self.network)}")
         out += mount_problems(self.mounts, self.volumes)
         out += port_problems(self.ports, self.network)
+        if self.isolation not in ISOLATIONS:
+            out.append(
+                "isolation must be None (the agent's default), 'runc', 'gvisor' or 'bwrap',"
+                f" got {brief(self.isolation)}"
+            )
         return out
 
     def key(self) -> tuple[Any, ...]:

@@ -366,6 +366,11 @@ class Sandbox(SandboxFiles, SandboxLifecycle):
         return self._info.runtime if self._info else ""
 
     @property
+    def isolation(self) -> str:
+        """The isolation it runs under ("runc", "gvisor", "bwrap"), once started."""
+        return self._info.isolation if self._info else ""
+
+    @property
     def info(self) -> SandboxInfo | None:
         """The last row the scheduler reported for this sandbox."""
         return self._info

@@ -151,6 +151,12 @@ class SandboxFailedError(SandboxError):
     """The sandbox could not start, or was lost with its agent."""
 
 
+class IsolationUnavailableError(SandboxFailedError):
+    """No live agent offers the isolation a sandbox asks for (``SandboxDefaults(
+    isolation=...)``), or the agent it reached does not: the message names what the
+    agents offer."""
+
+
 class WorkerLostError(SandboxFailedError):
     """A remote function's worker died while running the call, more times than retries."""
 

@@ -3,7 +3,7 @@ an embedded scheduler with ``--dashboard`` and two agents, a few sandboxes and a
 burst of creates (for the chart), shot by Debian's headless Chromium through
 Selenium and chromedriver (nothing is downloaded).
 
-    python -m benchmarks.dashboard_screenshot [--out benchmarks/figures/dashboard.png] [--runtime docker]
+    python -m benchmarks.dashboard_screenshot [--out FILE] [--runtime docker]
 """
 
 from __future__ import annotations

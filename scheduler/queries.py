@@ -67,6 +67,7 @@ def sandbox_info(rec: SandboxRecord, agents: Mapping[str, AgentRecord]) -> Sandb
         agent_public_key=agent.public_key if agent else "",
         agent_lane=agent.lane if agent else "",
         ended_by=rec.ended_by,
+        isolation=rec.spec.isolation or (agent.isolations[0] if agent and agent.isolations else ""),
     )
 
 
@@ -138,6 +139,8 @@ def status_page(
             lane=a.lane,
             spares=a.spares,
             public_key=a.public_key,
+            isolations=a.isolations,
+            probe=a.probe,
         )
         for a in map(agents.__getitem__, page)
     )

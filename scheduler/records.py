@@ -117,6 +117,9 @@ class AgentRecord:
     spare_shapes: dict[tuple[object, ...], int] = field(default_factory=dict)
     #: Its sandboxes with a PlaceSandbox or StopSandbox unanswered (ended ones too).
     inflight: set[str] = field(default_factory=set)
+    #: Isolation levels it offers, its default first; what its start-up probe found.
+    isolations: tuple[str, ...] = ()
+    probe: str = ""
 
     @property
     def free(self) -> int:

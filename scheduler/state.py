@@ -161,6 +161,7 @@ class SchedulerState(LifecycleState):
             agent.instance, agent.dead_since = msg.instance, None
             self._set_alive(agent, True)
         self._agent_added(agent)
+        self._set_isolations(agent, tuple(msg.isolations), msg.probe)
         self._set_spares(agent, msg.spares, msg.spare_shapes)
         reported = {s.sandbox_id: s for s in msg.sandboxes}
         adopt: list[str] = []
@@ -326,6 +327,9 @@ class SchedulerState(LifecycleState):
         why_not = self._no_agents(now)
         if why_not:
             return [Reply(key, ErrorReply(ErrorCode.UNAVAILABLE, why_not))]
+        why_not = self._no_isolation(spec, now)
+        if why_not:
+            return [Reply(key, ErrorReply(ErrorCode.ISOLATION_UNAVAILABLE, why_not))]
         if sandbox_id in self.stopped_unknown:
             why = f"sandbox {sandbox_id} was stopped before its create arrived"
             return [Reply(key, ErrorReply(ErrorCode.TERMINATED, why))]
@@ -383,6 +387,22 @@ class SchedulerState(LifecycleState):
             "another (python -m agent --scheduler tcp://SCHEDULER:PORT)"
         )
 
+    def _no_isolation(self, spec: SandboxSpec, now: float) -> str:
+        """Why no live agent can run ``spec``'s isolation ("" if one can, or agents may
+        still register: the start-up grace)."""
+        level = spec.isolation
+        if level is None or self._offering.get(level):
+            return ""
+        if now - self.started_at < self.config.startup_grace_seconds:
+            return ""
+        offered = sorted({lv for lv, ids in self._offering.items() if ids})
+        return (
+            f"no live agent offers isolation {level!r} (they offer: "
+            f"{', '.join(offered) or 'nothing'}); start an agent with --isolation {level}"
+            " (gvisor: Docker with the runsc runtimes registered, see README), or ask"
+            " for one of those"
+        )
+
     def choose_agent(self, spec: SandboxSpec | None = None) -> AgentRecord | None:
         """A snapshot's create goes to the agent holding it, or waits for it; else an
         agent holding ``spec``'s named volumes, with a free slot (see
@@ -403,6 +423,9 @@ class SchedulerState(LifecycleState):
             holder = self._spares.best(key) if key is not None else None
             if holder is not None:
                 return self.agents[holder]
+        if spec is not None and spec.isolation is not None:
+            best = self._by_isolation.best(spec.isolation)
+            return self.agents[best] if best is not None else None
         best = self._free.best()
         return self.agents[best] if best is not None else None
 
@@ -724,6 +747,18 @@ class SchedulerState(LifecycleState):
                 )
                 actions += more
         expired = [p for p in self.pending if p.deadline <= now] if self.pending else []
+        # Queued in the start-up grace (or before its only agent left): an isolation
+        # that no live agent offers now is refused rather than waited for.
+        unserved = [
+            (p, why)
+            for p in self.pending
+            if p.spec.isolation is not None and (why := self._no_isolation(p.spec, now))
+        ]
+        for req, why in unserved:
+            if req.deadline > now:
+                self.pending.remove(req)
+                self._pending_ids.discard(req.sandbox_id)
+                actions.append(Reply(req.key, ErrorReply(ErrorCode.ISOLATION_UNAVAILABLE, why)))
         for req in expired:
             self.pending.remove(req)
             self._pending_ids.discard(req.sandbox_id)

@@ -62,6 +62,10 @@ class Tables:
         self._spares = SpareIndex()
         #: agents holding each named volume: a create naming one goes there when it can
         self._volumes = VolumeIndex()
+        #: live agents with free slots, per isolation level they offer (a FreeIndex
+        #: each), and live agents per isolation level (free or not)
+        self._by_isolation = SpareIndex()
+        self._offering: dict[str, set[str]] = {}
         self._alive_count = 0
         self._pending_ids: set[str] = set()
         self._lifetimes: Timers[str] = Timers()
@@ -126,10 +130,26 @@ class Tables:
             self._free.set(agent.agent_id, agent.free)
         else:
             self._free.drop(agent.agent_id)
+        for level in agent.isolations:  # O(its levels): two at most
+            usable = agent.free if agent.alive else 0
+            self._by_isolation.set(agent.agent_id, level, usable)
+            offering = self._offering.setdefault(level, set())
+            if agent.alive:
+                offering.add(agent.agent_id)
+            else:
+                offering.discard(agent.agent_id)
         if agent.spare_shapes:  # O(its shapes): a few at most
             usable = agent.alive and agent.free > 0
             for key, ready in agent.spare_shapes.items():
                 self._spares.set(agent.agent_id, key, ready if usable else 0)
+
+    def _set_isolations(self, agent: AgentRecord, levels: tuple[str, ...], probe: str) -> None:
+        """``agent`` offers ``levels`` now (a re-registration may change them)."""
+        for level in set(agent.isolations) - set(levels):
+            self._by_isolation.set(agent.agent_id, level, 0)
+            self._offering.get(level, set()).discard(agent.agent_id)
+        agent.isolations, agent.probe = levels, probe
+        self._agent_changed(agent)
 
     def _set_spares(self, agent: AgentRecord, spares: int, shapes: Iterable[SpareShape]) -> None:
         held = sorted((s for s in shapes if s.ready > 0), key=lambda s: -s.ready)

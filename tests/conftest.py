@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+pytest_plugins = ["tests._gvisor_engine"]  # the gvisor_engine fixture
+
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "python:3.11"
 RUN_ID = uuid.uuid4().hex[:8]

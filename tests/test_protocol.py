@@ -690,6 +690,7 @@ CODED: list[tuple[type[exc.AviatoError], ErrorCode]] = [
     (exc.SandboxPausedError, ErrorCode.PAUSED),
     (exc.SandboxNotPausedError, ErrorCode.NOT_PAUSED),
     (exc.UnsupportedOperationError, ErrorCode.UNSUPPORTED),
+    (exc.IsolationUnavailableError, ErrorCode.ISOLATION_UNAVAILABLE),
 ]
 
 

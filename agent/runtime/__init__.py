@@ -27,9 +27,12 @@ __all__ = [
 ]
 
 
-def make_runtime(name: str, **kwargs: Any) -> Runtime:
+def make_runtime(name: str, isolation: str | None = None, **kwargs: Any) -> Runtime:
     """The runtime called ``name``: "docker", "local", or "auto" (Docker when an engine
-    answers, else local), built with ``kwargs``."""
+    answers, else local), built with ``kwargs``, offering the isolation levels of
+    ``isolation`` (``--isolation``; None: the runtime's default)."""
+    from agent.runtime.isolation import parse_isolations
+
     if name == "auto":
         # Imported here so importing the agent never needs the docker SDK.
         from agent.runtime.docker import docker_available
@@ -44,11 +47,13 @@ def make_runtime(name: str, **kwargs: Any) -> Runtime:
     if name == "docker":
         from agent.runtime.docker import DockerRuntime
 
-        return DockerRuntime(**kwargs)
+        return DockerRuntime(isolations=parse_isolations(isolation, "docker"), **kwargs)
     if name == "local":
         from agent.runtime.local import LocalRuntime
 
+        parse_isolations(isolation, "local")  # refuses what it cannot offer
         runtime = LocalRuntime(**kwargs)
+        runtime.isolations = ("bwrap",) if runtime.isolated else ("none",)
         if not runtime.isolated:
             log.warning("local runtime WITHOUT isolation: bubblewrap (bwrap) is not installed")
         return runtime

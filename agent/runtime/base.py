@@ -161,6 +161,16 @@ class Runtime(abc.ABC):
         """A process in the sandbox's own network namespace (None: it has none)."""
         return None
 
+    #: Isolation levels it offers, its default first (agent/runtime/isolation.py).
+    isolations: tuple[str, ...] = ()
+    #: What ``probe`` found at the agent's start (shown in ``aviato status``).
+    probe_note: str = ""
+
+    async def probe(self, image: str) -> str:
+        """Run a probe sandbox of each offered isolation that needs one, at the agent's
+        start; what it found ("" if nothing needs probing). Raises when one fails."""
+        return ""
+
     @abc.abstractmethod
     async def create(
         self,

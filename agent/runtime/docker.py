@@ -27,6 +27,7 @@ from typing import Any, TypeVar, TypeVarTuple
 import docker
 import docker.errors
 
+from agent.runtime import docker_gvisor
 from agent.runtime.base import (
     LABEL_AGENT,
     LABEL_MANAGED,
@@ -50,6 +51,13 @@ from agent.runtime.docker_ports import publish_ip, published
 from agent.runtime.docker_procs import DockerProcesses
 from agent.runtime.docker_streams import DockerStreams
 from agent.runtime.docker_volumes import DockerVolumes
+from agent.runtime.isolation import (
+    GVISOR,
+    check_engine,
+    docker_runtime_for,
+    isolation_of,
+    probe_gvisor,
+)
 from agent.runtime.volumes import VolumeStore
 from aviato.exceptions import (
     SandboxError,
@@ -102,12 +110,15 @@ class DockerRuntime(DockerLifecycle, Runtime):
         pull: str = "missing",
         client: docker.DockerClient | None = None,
         cap_add: Sequence[str] = CAPS,
+        isolations: Sequence[str] = ("runc",),
     ) -> None:
         if pull not in ("missing", "never"):
             raise ValueError(f"pull must be 'missing' or 'never', not {pull!r}")
         self.pids_limit = pids_limit
         self.cap_add = [c.upper().removeprefix("CAP_") for c in cap_add]
         self.pull = pull
+        self.isolations = tuple(isolations)
+        self._gvisor: set[str] = set()  # sandbox ids under gVisor (agent/runtime/docker_gvisor.py)
         self._owns_client = client is None
         self._client_obj: Any = client
         self._client_lock = threading.Lock()
@@ -239,12 +250,15 @@ class DockerRuntime(DockerLifecycle, Runtime):
             network_mode="none" if spec.network == "none" else None,
             # The engine picks a free host port for each, on the agent's publish address.
             port_bindings={p: (publish_ip(self.publish_host), None) for p in spec.ports} or None,
+            runtime=docker_runtime_for(spec, self.isolations),
         )
         kwargs: dict[str, Any] = dict(
             name=f"aviato-{sandbox_id}",
             entrypoint=[spec.command],  # also drops the image's CMD
             command=list(spec.args),
-            environment=dict(spec.env),
+            environment=docker_gvisor.link_env(spec.env)
+            if isolation_of(spec, self.isolations) == GVISOR
+            else dict(spec.env),
             working_dir=spec.working_dir,
             labels=labels,
             ports=list(spec.ports) or None,
@@ -285,6 +299,8 @@ class DockerRuntime(DockerLifecycle, Runtime):
         with self._lock:
             self._ids[sandbox_id] = cid
             self._starting.add(sandbox_id)
+        if isolation_of(spec, self.isolations) == GVISOR:
+            self._gvisor.add(sandbox_id)
         if spec.working_dir:  # else the image's, asked for when a relative path needs it
             self._workdirs[sandbox_id] = spec.working_dir
         try:
@@ -302,6 +318,7 @@ class DockerRuntime(DockerLifecycle, Runtime):
                 self._ids.pop(sandbox_id, None)
                 self._early.pop(cid, None)
             self._workdirs.pop(sandbox_id, None)
+            self._gvisor.discard(sandbox_id)
             with contextlib.suppress(*DockerError):
                 api.remove_container(cid, force=True)
             if isinstance(exc, SandboxFailedError):
@@ -312,6 +329,13 @@ class DockerRuntime(DockerLifecycle, Runtime):
             early = self._early.pop(cid, None)
         if early is not None:  # the command ended before start() even returned
             self._on_event(early)
+
+    async def probe(self, image: str) -> str:
+        """Check the engine runs every offered isolation (see agent/runtime/isolation.py)."""
+        await self._run(check_engine, self._client, self.isolations)
+        if "gvisor" not in self.isolations:
+            return ""
+        return await self._run(probe_gvisor, self._client, image)
 
     # ------------------------------------------------------------------ spares
 
@@ -334,6 +358,9 @@ class DockerRuntime(DockerLifecycle, Runtime):
             self._ids.pop(spare_id, None)
             self._ids[sandbox_id] = cid
             self._claimed[cid] = sandbox_id
+        if spare_id in self._gvisor:
+            self._gvisor.discard(spare_id)
+            self._gvisor.add(sandbox_id)
         if spec.env:
             self._spare_env[sandbox_id] = dict(spec.env)
         if spec.working_dir:
@@ -407,7 +434,11 @@ class DockerRuntime(DockerLifecycle, Runtime):
         api = self._api
         try:
             made = api.exec_create(
-                self._target(sandbox_id), list(argv), environment=env, stdout=False, stderr=False
+                self._target(sandbox_id),
+                list(argv),
+                environment=docker_gvisor.link_env(env) if self._is_gvisor(sandbox_id) else env,
+                stdout=False,
+                stderr=False,
             )
             api.exec_start(made["Id"], detach=True)
         except DockerError as exc:
@@ -425,7 +456,15 @@ class DockerRuntime(DockerLifecycle, Runtime):
         spare_env = self._spare_env.get(sandbox_id)
         if spare_env:
             env = {**spare_env, **(env or {})}
+        if self._is_gvisor(sandbox_id):
+            env = docker_gvisor.tag_env(env)
         return self._target(sandbox_id), env
+
+    def _is_gvisor(self, sandbox_id: str) -> bool:
+        # (one this process did not create: an adopted one runs the default)
+        return sandbox_id in self._gvisor or (
+            sandbox_id not in self._ids and self.isolations[:1] == (GVISOR,)
+        )
 
     async def exec(
         self,
@@ -465,6 +504,10 @@ class DockerRuntime(DockerLifecycle, Runtime):
     async def write_file(
         self, sandbox_id: str, path: str, data: bytes | memoryview, mode: int = 0o644
     ) -> None:
+        if self._is_gvisor(sandbox_id):
+            full = await self._run(self._path_sync, sandbox_id, path)
+            await docker_gvisor.write_file(self.exec, sandbox_id, path, full, data, mode)
+            return
         await self._run(self._write_sync, sandbox_id, path, data, mode)
 
     def _write_sync(self, sandbox_id: str, path: str, data: bytes | memoryview, mode: int) -> None:
@@ -491,6 +534,9 @@ class DockerRuntime(DockerLifecycle, Runtime):
     async def read_file(
         self, sandbox_id: str, path: str, max_bytes: int = MAX_PAYLOAD_BYTES
     ) -> bytes:
+        if self._is_gvisor(sandbox_id):
+            full = await self._run(self._path_sync, sandbox_id, path)
+            return await docker_gvisor.read_file(self.exec, sandbox_id, path, full, max_bytes)
         cancelled = threading.Event()
         try:
             return await self._run(self._read_sync, sandbox_id, path, max_bytes, cancelled)
@@ -584,6 +630,7 @@ class DockerRuntime(DockerLifecycle, Runtime):
         with self._lock:  # claimed here, so the events thread won't report it as an exit
             cid = self._ids.pop(sandbox_id, None)
             self._removing.add(sandbox_id)
+        self._gvisor.discard(sandbox_id)
         try:
             await self._run(self._remove_sync, sandbox_id, cid or f"aviato-{sandbox_id}")
         finally:

@@ -23,6 +23,7 @@ from docker.utils.socket import frames_iter
 from agent.runtime.base import ExecOutput, ExitStatus, OutputChunk
 from agent.runtime.docker_bytes import CHUNK
 from agent.runtime.docker_errors import DockerError
+from agent.runtime.docker_gvisor import kill_tagged
 from aviato.exceptions import SandboxError
 
 __all__ = ["DockerExec"]
@@ -155,6 +156,8 @@ class DockerExec:
                 break
             if info.get("Running") and info.get("Pid"):
                 _kill_tree(int(info["Pid"]))
+                # Under gVisor that pid is runsc's proxy: kill the command inside too.
+                kill_tagged(self._api, h.target, h.env)
                 break
             if info.get("ExitCode") is not None or h.done.is_set():
                 break

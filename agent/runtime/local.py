@@ -51,6 +51,7 @@ from agent.runtime.bwrap_root import root_args
 from agent.runtime.cgroups import Cgroups
 from agent.runtime.local_lifecycle import LocalLifecycle
 from agent.runtime.parked import Parked, ParkedPool
+from agent.runtime.seccomp_filter import with_seccomp
 from agent.runtime.streams import LocalStreams
 from agent.supervisor import LOG_MAGIC, LOG_RECORD
 from agent.supervisor_launch import supervisor_command
@@ -544,7 +545,7 @@ class LocalRuntime(LocalLifecycle, Runtime):
             argv.append("--unshare-net")
         for m in mounts:
             argv += ["--ro-bind" if m.read_only else "--bind", m.source, m.target]
-        return argv
+        return with_seccomp(argv, home)
 
     def _limits(self, spec: SandboxSpec) -> Callable[[], None]:
         """Without cgroups: per-process setrlimit, in the child before it execs."""

@@ -153,6 +153,9 @@ class RegisterAgent(Message):
     #: Pre-started spares it holds (see AgentSpares).
     spares: int = 0
     spare_shapes: tuple[SpareShape, ...] = ()
+    #: Isolation levels it offers, its default first; what probing them found.
+    isolations: tuple[str, ...] = ()
+    probe: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -151,6 +151,8 @@ class ErrorCode(enum.StrEnum):
     PAUSED = "paused"
     #: Resume of a sandbox that is not paused.
     NOT_PAUSED = "not_paused"
+    #: No live agent (or not the one asked) offers the isolation a spec asks for.
+    ISOLATION_UNAVAILABLE = "isolation_unavailable"
 
 
 # --------------------------------------------------------------------------- records
@@ -180,6 +182,8 @@ class SandboxSpec:
     mounts: tuple[Mount, ...] = ()
     volumes: dict[str, str] = field(default_factory=dict)
     ports: tuple[int, ...] = ()
+    #: Asked for (None: the agent's default; see aviato/_options.py ISOLATIONS).
+    isolation: str | None = None
 
     @classmethod
     def of(
@@ -225,6 +229,8 @@ class SandboxInfo:
     #: Which limit (or who) ended it: an ``EndedBy`` value ("" while it runs, or when
     #: its command ended by itself or it failed).
     ended_by: str = ""
+    #: The isolation the sandbox runs under (its spec's, else its agent's default).
+    isolation: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,8 +261,11 @@ class SpareShape:
 def spare_key(spec: SandboxSpec) -> tuple[object, ...] | None:
     """The ``SpareShape.key`` of the spares that can serve ``spec`` (None: none can: a
     function worker's main command is the worker, made afresh; nor with mounts, volumes or
-    ports: those are fixed when a sandbox is made)."""
+    ports: those are fixed when a sandbox is made; nor with an isolation named: spares
+    run the agent's default)."""
     if spec.function_worker or spec.mounts or spec.volumes or spec.ports:
+        return None
+    if spec.isolation is not None:
         return None
     return (
         spec.image,
@@ -285,6 +294,10 @@ class AgentInfo:
     #: Its data plane's CURVE public key (z85; "" when keys are off): a client reaches
     #: the agent itself with it (``aviato snapshot ls``).
     public_key: str = ""
+    #: Isolation levels it offers, its default first (see aviato/_options.py).
+    isolations: tuple[str, ...] = ()
+    #: What its start-up probe of each non-default runtime found.
+    probe: str = ""
 
 
 # --------------------------------------------------------------------------- messages
