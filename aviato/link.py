@@ -724,10 +724,10 @@ def _decoder(cls: type[Record]) -> Callable[[dict[str, Any]], Any]:
     return found
 
 
-# The headers on every call's path have a fast path each: the one shape their sender
-# makes (the whole header, ``"op"`` included), read without the generic walk; None for
-# any other shape, which the generic decoder then accepts or refuses. tests/test_link.py
-# checks that both give the same record for every header they take.
+# The headers on every call's path have a fast path each (``_FAST``): the one shape
+# their sender makes (the whole header, ``"op"`` included), read without the generic
+# walk; None for any other shape, which the generic decoder then accepts or refuses.
+# tests/test_link_fast_paths.py checks that both give the same answer for any value.
 
 if TYPE_CHECKING or __package__:
 
@@ -745,101 +745,8 @@ if TYPE_CHECKING or __package__:
 
         return decode_checked
 
-    def _fast_results(value: dict[str, Any]) -> Results | None:
-        """Results from a worker, checked inline (a third of the codec's cost)."""
-        outcomes = value.get("outcomes")
-        if len(value) != 2 or type(outcomes) is not list:
-            return None
-        out = []
-        for o in outcomes:
-            outcome = _exact_outcome(o)
-            if outcome is None:
-                return None
-            out.append(outcome)
-        return Results(tuple(out))
-
-    def _exact_outcome(o: Any) -> CallOutcome | None:
-        """A CallOutcome with every field there and of its exact type, else None."""
-        if type(o) is not dict or len(o) != 5:
-            return None
-        status_text = o.get("status")
-        if type(status_text) is not str:  # (a list would not even hash)
-            return None
-        call_id, status = o.get("call_id"), _STATUSES.get(status_text)
-        seconds, detail, buffers = o.get("seconds"), o.get("detail"), o.get("buffers")
-        if (
-            type(call_id) is not int
-            or status is None
-            or type(seconds) is not float
-            or type(detail) is not str
-            or type(buffers) is not int
-        ):
-            return None
-        return CallOutcome(call_id, status, seconds, detail, buffers)
-
-    def _exact_call(c: Any) -> CallHeader | None:
-        """A CallHeader with every field there and of its exact type, else None."""
-        if type(c) is not dict or len(c) != 6:
-            return None
-        call_id, digest, ship = c.get("call_id"), c.get("digest"), c.get("ship_function")
-        text, limit, buffers = c.get("serialization"), c.get("max_result_bytes"), c.get("buffers")
-        if (
-            type(call_id) is not int
-            or type(digest) is not str
-            or type(ship) is not bool
-            or type(text) is not str
-            or type(limit) is not int
-            or (type(buffers) is not list and type(buffers) is not tuple)
-        ):
-            return None
-        serialization = _SERIALIZATIONS.get(text)
-        if serialization is None:
-            return None
-        for index in buffers:
-            if type(index) is not int:
-                return None
-        return CallHeader(call_id, digest, ship, serialization, limit, tuple(buffers))
-
-    def _encode_call(c: CallHeader) -> dict[str, Any]:
-        return {
-            "call_id": c.call_id,
-            "digest": c.digest,
-            "ship_function": c.ship_function,
-            "serialization": str.__str__(c.serialization),
-            "max_result_bytes": c.max_result_bytes,
-            "buffers": list(c.buffers),
-        }
-
-    def _encode_outcome(o: CallOutcome) -> dict[str, Any]:
-        return {
-            "call_id": o.call_id,
-            "status": str.__str__(o.status),
-            "seconds": o.seconds,
-            "detail": o.detail,
-            "buffers": o.buffers,
-        }
-
-    def _or_checked(
-        exact: Callable[[Any], Any],
-    ) -> Callable[[Callable[[Any], Any]], Callable[[Any], Any]]:
-        def wrap(checked: Callable[[Any], Any]) -> Callable[[Any], Any]:
-            def decode_fast(value: Any) -> Any:
-                found = exact(value)
-                return checked(value) if found is None else found
-
-            return decode_fast
-
-        return wrap
-
-    def _register_fast_paths() -> None:
-        """A call's header and outcome are in every RunCalls and CallResults (client <->
-        agent): aviato.protocol's codec reads and writes them by hand too."""
-        from aviato._codec import fast_path
-
-        fast_path(CallHeader, decode=_or_checked(_exact_call), encode=_encode_call)
-        fast_path(CallOutcome, decode=_or_checked(_exact_outcome), encode=_encode_outcome)
-
-    _FAST: dict[type[Record], Callable[[dict[str, Any]], Any]] = {Results: _fast_results}
+    #: Filled by aviato/_link_fast.py (imported at the end: it reads the records).
+    _FAST: dict[type[Record], Callable[[dict[str, Any]], Any]] = {}
 
 else:
 
@@ -1025,4 +932,6 @@ def map_private(fd: int, length: int) -> memoryview:
 
 
 if TYPE_CHECKING or __package__:
-    _register_fast_paths()
+    from aviato import _link_fast  # the host's fast paths: last, as they read the records
+
+    _FAST[Results] = _link_fast.results

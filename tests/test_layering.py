@@ -49,6 +49,7 @@ OPEN_TO_DAEMONS = ("aviato.protocol", "aviato.exceptions", SERVER)
 #: for any; why the module is shared rather than the client's own).
 SHARED: dict[str, tuple[frozenset[str] | None, str]] = {
     "aviato.link": (None, "the worker link's schema and framing: stdlib-only, both ends"),
+    "aviato._link_fast": (None, "the link's fast paths for a call's records: part of aviato.link"),
     "aviato._options": (
         None,
         "the sandbox options record and its one problems() check: the protocol is built on"
