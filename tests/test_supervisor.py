@@ -10,9 +10,10 @@ import time
 import pytest
 
 from aviato import Sandbox, SandboxDefaults, SandboxFileError, SandboxTimeoutError
-from tests.conftest import IMAGE, need_docker
+from tests.conftest import IMAGE, RUN_ID, need_docker
 
-NO_PYTHON = "aviato-test/no-python:1"
+#: Per run: concurrent runs on one host must not remove each other's image.
+NO_PYTHON = f"aviato-test/no-python-{RUN_ID}:1"
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +21,7 @@ def no_python_image() -> str:
     """python:3.11 with every Python removed (built offline by committing a container),
     and a WORKDIR of its own: relative paths and exec's default cwd must both use it."""
     need_docker()
-    name = "aviato-test-build-no-python"
+    name = f"aviato-test-build-no-python-{RUN_ID}"
     subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
     subprocess.run(
         [
