@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 __all__ = ["AgentLifecycle", "data_handlers"]
 
 #: Requests served on a paused sandbox (they do not need its processes).
+#: How long a pause or snapshot waits for a supervisor still starting (then goes on).
+SUPERVISOR_WAIT = 10.0
 _WHILE_PAUSED: frozenset[type[Message]] = frozenset({GetLogs, SnapshotSandbox})
 
 
@@ -144,12 +146,21 @@ class AgentLifecycle:
                 f"sandbox {sid} is not running on agent {self.agent_id}", sandbox_id=sid
             )
         if msg.pause:
+            await self._settled(sid)
             await self.runtime.pause(sid)
             self.paused.add(sid)
         else:
             await self.runtime.resume(sid)
             self.paused.discard(sid)
             self._touched.add(sid)
+
+    async def _settled(self, sandbox_id: str) -> None:
+        """Wait (bounded) for a supervisor that is still starting beside the sandbox's
+        command: frozen half-way through its ``docker exec``, the engine never finished
+        the pause (or a commit's pause), and a paused container cannot be removed."""
+        hub = self._hub()
+        if hub is not None:
+            await hub.supervisor_ready(sandbox_id, SUPERVISOR_WAIT)
 
     # ------------------------------------------------------------------ snapshots
 
@@ -164,6 +175,7 @@ class AgentLifecycle:
             )
         image = snapshot_name(self.agent_id, sid)
         labels = snapshot_labels(self.agent_id, sid, run.spec.image)
+        await self._settled(sid)
         started = time.time()
         size = await self.runtime.snapshot(sid, image, labels)
         return SnapshotInfo(

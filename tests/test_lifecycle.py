@@ -247,10 +247,6 @@ async def test_pause_of_a_stopped_sandbox_is_refused(defaults: SandboxDefaults) 
 # --------------------------------------------------------------------------- snapshots
 
 
-@pytest.mark.skip(
-    reason="hangs: docker commit of a sandbox whose supervisor is up did not return here "
-    "(the container stays paused); under investigation, see the issue 13 report"
-)
 async def test_snapshot_and_create_from_it(defaults: SandboxDefaults) -> None:
     async with Sandbox.session(defaults) as session:
         sb = session.create(**SLEEP)
@@ -315,10 +311,6 @@ def _aviato(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.skip(
-    reason="hangs: docker commit of a sandbox whose supervisor is up did not return here "
-    "(the container stays paused); under investigation, see the issue 13 report"
-)
 async def test_cli_pause_resume_snapshot_ls_rm(defaults: SandboxDefaults, cluster: Cluster) -> None:
     if cluster.runtime == "local":
         need_cgroups(await _runtime_name(defaults))

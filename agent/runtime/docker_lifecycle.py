@@ -64,7 +64,13 @@ class DockerLifecycle:
         def commit() -> int:
             try:
                 rt._api.commit(
-                    rt._target(sandbox_id), repository=repository, tag=tag, changes=changes
+                    rt._target(sandbox_id),
+                    repository=repository,
+                    tag=tag,
+                    changes=changes,
+                    # Not frozen while copied: on this engine a commit that pauses a
+                    # sandbox whose supervisor is up never returned (and left it paused).
+                    pause=False,
                 )
                 return int(rt._api.inspect_image(image).get("Size") or 0)
             except DockerError as exc:
