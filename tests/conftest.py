@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -405,16 +405,26 @@ def no_container_left_by_the_test(request: pytest.FixtureRequest) -> Iterator[No
     for d in set(Path(tempfile.gettempdir()).glob("avw-*")) - dirs_before:
         if d.is_dir() and not _locked(d):
             ORPHAN_DIRS.setdefault(d, request.node.nodeid)
+    # A leak fails the test that left it, once: later tests are not charged for it (the
+    # end-of-run checks still are), so one failure cannot turn into a failure per test.
     if _docker_here():
-        wait_until(
-            lambda: not our_containers(), 20, 0.2, "the test's containers to be gone (a leak)"
-        )
-    wait_until(
-        lambda: not our_sandbox_dirs(),
-        20,
-        0.2,
-        "the test's sandbox socket and state directories to be gone (a leak)",
-    )
+        _charged(our_containers, "the test's containers to be gone (a leak)")
+    _charged(our_sandbox_dirs, "the test's sandbox socket and state directories to go (a leak)")
+
+
+#: Leftovers a test was already failed for (see no_container_left_by_the_test).
+REPORTED_LEAKS: set[str] = set()
+
+
+def _charged(leftovers: Callable[[], list[str]], what: str) -> None:
+    def new() -> list[str]:
+        return [x for x in leftovers() if x not in REPORTED_LEAKS]
+
+    try:
+        wait_until(lambda: not new(), 20, 0.2, what)
+    except AssertionError:
+        REPORTED_LEAKS.update(new())
+        raise
 
 
 def our_sandbox_dirs() -> list[str]:

@@ -18,6 +18,22 @@ from tests.conftest import IMAGE, Cluster, containers_of, wait_until
 async def test_agent_killed_mid_run_loses_no_result(fresh_cluster: Cluster) -> None:
     c = fresh_cluster
     d = SandboxDefaults(container_image=IMAGE, scheduler=c.address, lease_seconds=5)
+    killed: list[str] = []
+    try:
+        await _kill_an_agent_mid_run(d, c, killed)
+    finally:
+        for victim in killed:
+            c.start_agent(victim)  # it comes back and reaps what it left
+    await asyncio.to_thread(
+        wait_until,
+        lambda: not containers_of(c.agent_ids),
+        30,
+        0.2,
+        "the killed agent's containers to be reaped",
+    )
+
+
+async def _kill_an_agent_mid_run(d: SandboxDefaults, c: Cluster, killed: list[str]) -> None:
     with Tally() as tally:  # counts executions where they happen, in the workers
         address = tally.address
         async with Sandbox.session(d) as session:
@@ -57,6 +73,8 @@ async def test_agent_killed_mid_run_loses_no_result(fresh_cluster: Cluster) -> N
                 assert time.monotonic() < deadline, "calls never ran on the victim's workers"
                 await asyncio.sleep(0.01)
             c.kill(victim)  # kill -9 with calls in flight on it
+            # (it comes back below, also when an assert fails: else its leftovers stay)
+            killed.append(victim)
             results = await asyncio.wait_for(asyncio.gather(*futures), 180)
             assert [r.value for r in results] == list(range(1000))  # each correct, in order
             stats = slow_id.statistics()
@@ -73,14 +91,6 @@ async def test_agent_killed_mid_run_loses_no_result(fresh_cluster: Cluster) -> N
             )
             ran = tally.counts() - before
             print(f"{sum(ran.values())} executions for 1000 calls; {stats}")
-    c.start_agent(victim)  # it comes back and reaps what it left
-    await asyncio.to_thread(
-        wait_until,
-        lambda: not containers_of(c.agent_ids),
-        30,
-        0.2,
-        "the killed agent's containers to be reaped",
-    )
 
 
 async def test_poison_call_in_a_map_fails_alone(defaults: SandboxDefaults) -> None:
