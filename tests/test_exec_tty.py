@@ -79,10 +79,20 @@ async def test_exec_it_is_an_interactive_shell(
         tmux.type("tty; stty size", "Enter")
         tmux.wait_for("/dev/pts/")
         tmux.wait_for("30 100")
-        # A resize of our terminal (SIGWINCH) reaches the sandbox's.
+        # A resize of our terminal (SIGWINCH) reaches the sandbox's. The resize and the
+        # keys travel separately: a `stty size` typed first may still see the old size,
+        # so it is asked again until the new one shows (or the deadline passes).
         tmux("resize-window", "-t", "t", "-x", "120", "-y", "40")
-        tmux.type("clear; stty size", "Enter")
-        tmux.wait_for("40 120")
+
+        def resized() -> bool:
+            tmux.type("clear; stty size", "Enter")
+            try:
+                tmux.wait_for("40 120", timeout=2)
+            except AssertionError:
+                return False
+            return True
+
+        wait_until(resized, 60, 0.0, "the resize to reach the sandbox's terminal")
         # ^C as typed reaches the job in the sandbox, not the client.
         tmux.type("sleep 1000", "Enter")
         await _until_running(sb, "sleep 1000")
