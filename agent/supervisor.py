@@ -45,10 +45,10 @@ if __package__:
     from agent.supervisor_link import (
         SHM,
         FdReader,
+        Outbox,
         _send_all,
         error_record,
         make_picklers,
-        results_header,
         send_shared,
         to_json,
         too_large_record,
@@ -59,10 +59,10 @@ else:
     from aviato_supervisor_link import (  # type: ignore[import-not-found,no-redef]
         SHM,
         FdReader,
+        Outbox,
         _send_all,
         error_record,
         make_picklers,
-        results_header,
         send_shared,
         to_json,
         too_large_record,
@@ -182,6 +182,8 @@ class Supervisor:
         #: Spawned processes (aviato_process_table), made at the first request for one.
         self.table: Any = None
         self.streams: Any = None  # supervisor_files.Files, made at the first file op
+        #: Outcomes on their way (sent by this thread, or the outbox's flusher: locked).
+        self.outbox = Outbox(self.send_results, FLUSH_SECONDS)
 
     # ------------------------------------------------------------------ sending
 
@@ -191,9 +193,10 @@ class Supervisor:
             _send_all(self.sock, schema.pack([head, *blobs]))
 
     def send_results(self, header: bytes, blobs: list[Any]) -> None:
+        """Only under the outbox's lock (its flusher sends too)."""
         if self.results_to is None:
             self.send(header, blobs)
-        elif self.shm:  # only the main thread writes there: no lock
+        elif self.shm:  # only under the outbox's lock: no other lock
             send_shared(self.results_to, [header, *blobs])
         else:
             _send_all(self.results_to, schema.pack([header, *blobs]))
@@ -290,9 +293,6 @@ class Supervisor:
 
             self.cloudpickle = cloudpickle
             self.dumps_plain, self.dumps_cloud = make_picklers(pickle, cloudpickle)
-        outcomes: list[schema.CallOutcome] = []
-        payloads: list[Any] = []
-        first_unsent = 0.0
         index = 0
         nbufs = batch.buffers
         calls = batch.calls
@@ -304,6 +304,8 @@ class Supervisor:
                 for i in call.buffers:
                     uses[i] = uses.get(i, 0) + 1
             views = [v.toreadonly() if uses.get(i, 0) > 1 else v for i, v in enumerate(views)]
+        outbox = self.outbox
+        outbox.begin(len(calls))
         for call in calls:
             fn_blob = None
             if call.ship_function:
@@ -315,16 +317,8 @@ class Supervisor:
             mine = [views[i] for i in call.buffers]
             outcome, result = self.run_one(call, fn_blob, args_blob, mine)
             self.mark_running(0)
-            outcomes.append(outcome)
-            payloads.extend(result)
-            now = time.monotonic()
-            if not first_unsent:
-                first_unsent = now
-            if now - first_unsent >= FLUSH_SECONDS or outcome.seconds >= FLUSH_SECONDS:
-                self.send_results(results_header(outcomes), payloads)
-                outcomes, payloads, first_unsent = [], [], 0.0
-        if outcomes:
-            self.send_results(results_header(outcomes), payloads)
+            outbox.add(outcome, result)
+        outbox.end()
 
     def mark_running(self, call_id: int) -> None:
         """Which call runs now, in a file the agent reads if we die: it is the one to

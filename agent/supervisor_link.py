@@ -11,9 +11,11 @@ shared with the agent; what is here only the worker does.
 from __future__ import annotations
 
 import _socket
+import _thread
 import io
 import os
 import struct
+import time
 
 if __package__:
     from aviato._spare import Spare
@@ -253,6 +255,74 @@ def results_header(outcomes: list[schema.CallOutcome]) -> bytes:
         )
         + "]}"
     ).encode()
+
+
+class Outbox:
+    """A batch's outcomes not sent yet, and when they go: ``flush`` seconds after the
+    first of them finished, after a call that took that long, at the batch's end, or
+    (from the flusher thread) while a later call of the batch still runs. The pool
+    batches a function's calls when they were quick so far; one that turns out slow
+    must not hold its quick neighbours' results back (``aviato.wait`` would see them
+    late). ``send(header, frames)`` is only called under the outbox's lock."""
+
+    def __init__(self, send: Any, flush: float) -> None:
+        self._send = send
+        self._flush = flush
+        self._lock = _thread.allocate_lock()
+        self._outcomes: list[schema.CallOutcome] = []
+        self._frames: list[Any] = []
+        self._since = 0.0  # when the first unsent outcome came
+        self._busy = False  # a batch of several calls runs
+        self._wake = _thread.allocate_lock()  # released by the main thread: a batch began
+        self._wake.acquire()
+        self._flusher = False
+
+    def begin(self, calls: int) -> None:
+        if calls < 2:
+            return  # its one outcome goes at its end anyway
+        with self._lock:
+            self._busy = True
+        if not self._flusher:
+            self._flusher = True
+            _thread.start_new_thread(self._flush_loop, ())
+        if self._wake.locked():  # only this thread releases it
+            self._wake.release()
+
+    def add(self, outcome: schema.CallOutcome, frames: list[Any]) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._outcomes.append(outcome)
+            self._frames.extend(frames)
+            if not self._since:
+                self._since = now
+            if now - self._since >= self._flush or outcome.seconds >= self._flush:
+                self._send_held()
+
+    def end(self) -> None:
+        with self._lock:
+            self._busy = False
+            self._send_held()
+
+    def _send_held(self) -> None:
+        if self._outcomes:
+            outcomes, frames = self._outcomes, self._frames
+            self._outcomes, self._frames, self._since = [], [], 0.0
+            self._send(results_header(outcomes), frames)
+
+    def _flush_loop(self) -> None:
+        tick = max(self._flush, 0.005)  # a few wake-ups per second, only while a batch runs
+        while True:
+            self._wake.acquire()
+            busy = True
+            while busy:
+                time.sleep(tick)
+                with self._lock:
+                    busy = self._busy
+                    if busy and self._since and time.monotonic() - self._since >= self._flush:
+                        try:
+                            self._send_held()
+                        except OSError:
+                            return  # the agent is gone: the main thread sees it too
 
 
 def too_large_record(size: int, limit: int) -> bytes:

@@ -504,14 +504,70 @@ def _locked(directory: Path) -> bool:
         os.close(fd)
 
 
+#: Per run: concurrent runs on one host must not remove each other's image.
+NO_PYTHON = f"aviato-test/no-python-{RUN_ID}:1"
+
+
+@pytest.fixture(scope="session")
+def no_python_image() -> Iterator[str]:
+    """python:3.11 with every Python removed (built offline by committing a container),
+    and a WORKDIR of its own: relative paths and exec's default cwd must both use it.
+    One per run, for every module that wants it."""
+    need_docker()
+    name = f"aviato-test-build-no-python-{RUN_ID}"
+    rm_python = "rm -f /usr/bin/python* /usr/local/bin/python*"
+    try:
+        for argv in (
+            ["docker", "rm", "-f", name],
+            ["docker", "run", "--name", name, IMAGE, "sh", "-c", rm_python],
+            ["docker", "commit", "--change", "WORKDIR /work", name, NO_PYTHON],
+        ):
+            subprocess.run(argv, check=argv[1] != "rm", capture_output=True, timeout=120)
+    finally:
+        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
+    image_id = subprocess.run(
+        ["docker", "image", "inspect", "--format", "{{.Id}}", NO_PYTHON],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.strip()
+    yield NO_PYTHON
+    # Every cluster is down by now; a container of the image left (a leak the per-test
+    # check reported) would make `rmi -f` only untag it: a dangling image per run.
+    users = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"ancestor={image_id}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()
+    if users:
+        subprocess.run(["docker", "rm", "-f", *users], capture_output=True, timeout=120)
+    subprocess.run(["docker", "rmi", "-f", image_id], capture_output=True, timeout=60)
+
+
+def _dangling_images() -> set[str]:
+    if not _docker_here():
+        return set()
+    out = subprocess.run(
+        ["docker", "images", "-q", "--no-trunc", "--filter", "dangling=true"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    return set(out.split())
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_leaks_at_the_end() -> Iterator[None]:
     """After the whole run: no process or state directory of any test agent remains,
-    and no agent socket directory (they are per agent id) is left behind."""
+    no agent socket directory (they are per agent id) is left behind, and no image
+    the run made is left untagged."""
     import tempfile
 
     before = set(Path(tempfile.gettempdir()).glob("avw-*"))
     groups_before = _sandbox_cgroups()
+    images_before = _dangling_images()
     yield
     left = _our_leftovers()
     left += sorted(
@@ -520,6 +576,7 @@ def no_leaks_at_the_end() -> Iterator[None]:
         if not (d / "cgroup.procs").read_text().strip()
     )
     new_sockets = set(Path(tempfile.gettempdir()).glob("avw-*")) - before - _foreign_dirs()
+    left += sorted(f"dangling image {i}" for i in _dangling_images() - images_before)
     assert not left and not new_sockets, f"leaked: {left} {_named(new_sockets)}"
 
 

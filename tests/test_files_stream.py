@@ -31,7 +31,7 @@ from aviato import (
 from aviato.protocol import FileChunk, StreamAck, UploadFile
 from tests.conftest import Cluster
 from tests.test_local_runtime import ldefaults, local  # noqa: F401 (fixtures)
-from tests.test_supervisor import _wait_for_supervisor, no_python_image  # noqa: F401
+from tests.test_supervisor import _wait_for_supervisor
 
 MiB = 1 << 20
 

@@ -4,51 +4,11 @@ and through the runtime (docker exec) when it has none — the same results eith
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
 
 import pytest
 
 from aviato import Sandbox, SandboxDefaults, SandboxFileError, SandboxTimeoutError
-from tests.conftest import IMAGE, RUN_ID, need_docker
-
-#: Per run: concurrent runs on one host must not remove each other's image.
-NO_PYTHON = f"aviato-test/no-python-{RUN_ID}:1"
-
-
-@pytest.fixture(scope="module")
-def no_python_image() -> str:
-    """python:3.11 with every Python removed (built offline by committing a container),
-    and a WORKDIR of its own: relative paths and exec's default cwd must both use it."""
-    need_docker()
-    name = f"aviato-test-build-no-python-{RUN_ID}"
-    subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
-    subprocess.run(
-        [
-            "docker",
-            "run",
-            "--name",
-            name,
-            IMAGE,
-            "sh",
-            "-c",
-            "rm -f /usr/bin/python* /usr/local/bin/python*",
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    try:
-        subprocess.run(
-            ["docker", "commit", "--change", "WORKDIR /work", name, NO_PYTHON],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
-    finally:
-        subprocess.run(["docker", "rm", "-f", name], capture_output=True, timeout=60)
-    yield NO_PYTHON
-    subprocess.run(["docker", "rmi", "-f", NO_PYTHON], capture_output=True, timeout=60)
 
 
 async def _wait_for_supervisor(sb: Sandbox) -> bool:

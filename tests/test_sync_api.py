@@ -197,6 +197,29 @@ async def test_aviato_wait_and_starmap_on_the_async_api(defaults: SandboxDefault
         coro.close()
 
 
+async def test_a_slow_call_does_not_hold_back_its_batch_neighbours(
+    defaults: SandboxDefaults,
+) -> None:
+    """Quick so far, so the pool sends a function's calls to its one worker in one batch;
+    the slow one among them must not hold the quick ones' results back."""
+    async with Sandbox.session(defaults) as session:
+
+        @session.function(max_workers=1)
+        def nap(seconds: float, tag: str) -> str:
+            import time
+
+            time.sleep(seconds)
+            return tag
+
+        assert (await nap(0.0, "warm")).value == "warm"  # now known as quick: batched
+        fast = [nap(0.0, f"fast{i}") for i in range(3)]
+        slow = nap(120.0, "slow")
+        done, pending = await aviato.wait([slow, *fast], num_returns=3, timeout=60)
+        assert [f.result().value for f in done] == ["fast0", "fast1", "fast2"]
+        assert pending == [slow]
+        slow.cancel()
+
+
 def test_one_thread_per_sync_session_and_none_left() -> None:
     before = {t.name for t in threading.enumerate()}
     portal = sync.Portal("aviato-sync-test")
