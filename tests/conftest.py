@@ -258,14 +258,16 @@ class Cluster:
         )
 
     def close(self) -> None:
-        self.killed_at_close += stop_daemons(self.procs)
+        self.killed_at_close += stop_daemons(self.procs, self.tmp)
 
 
 #: The exit code of a daemon whose shutdown watchdog fired (aviato/_server/daemon.py).
 STUCK_EXIT = 70
 
 
-def stop_daemons(procs: dict[str, subprocess.Popen[bytes]]) -> list[str]:
+def stop_daemons(
+    procs: dict[str, subprocess.Popen[bytes]], log_dir: Path | None = None
+) -> list[str]:
     """SIGTERM every daemon, agents first (each stops its sandboxes), then the
     scheduler; returns those that needed SIGKILL after 60 s (one that exited by its own
     shutdown watchdog, code 70, is noted, not returned: see below)."""
@@ -287,6 +289,9 @@ def stop_daemons(procs: dict[str, subprocess.Popen[bytes]]) -> list[str]:
                     # (found by this check, cause not yet known; see the session note).
                     # Its socket directory goes with it (exit_watchdog's ``last``).
                     print(f"note: {name}'s shutdown was stuck; its watchdog exited it")
+                    log = log_dir / f"{name}.log" if log_dir is not None else None
+                    if log is not None and log.exists():  # its thread and task stacks
+                        print(log.read_text(errors="replace")[-12000:])
     return killed
 
 

@@ -45,3 +45,24 @@ def test_a_stuck_shutdown_runs_its_last_clean_up_before_exiting(tmp_path: Path) 
     )
     assert out.returncode == 70
     assert not left.exists(), out.stderr
+
+
+def test_a_stuck_shutdown_logs_where_each_task_awaits() -> None:
+    """An agent's shutdown stuck on an await shows no useful thread stack (the loop's
+    thread is idle in select): the watchdog also dumps every task of the loop."""
+    code = (
+        "import asyncio\n"
+        "from aviato._server.daemon import exit_watchdog\n"
+        "async def stuck_forever():\n"
+        "    await asyncio.Event().wait()\n"
+        "async def main():\n"
+        "    exit_watchdog(0.5, 'agent x')\n"
+        "    await asyncio.gather(asyncio.create_task(stuck_forever(), name='the-stuck-one'))\n"
+        "asyncio.run(main())\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=20, cwd=ROOT
+    )
+    assert out.returncode == 70
+    assert "asyncio tasks:" in out.stderr and "the-stuck-one" in out.stderr, out.stderr
+    assert "line 4, in stuck_forever" in out.stderr  # the await it is stuck on

@@ -4,6 +4,7 @@ about themselves (their command-line flags: aviato/_flags.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import faulthandler
 import logging
 import os
@@ -135,15 +136,22 @@ def log_to_stderr(level: str, log_format: str = "text", process: str = "") -> No
 
 def exit_watchdog(grace: float, what: str, last: Callable[[], object] | None = None) -> None:
     """Once shutdown has begun: if the process still runs after ``grace`` seconds,
-    dump every thread's stack (for whoever reads the log), run ``last`` (what must not
+    dump every thread's stack and, when called from a running event loop, every task's
+    (a shutdown stuck on an await shows only there), run ``last`` (what must not
     outlive the process, e.g. the agent's socket directory) and exit. A daemon whose
     shutdown is stuck must still go away, and say where it was stuck."""
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
 
     def expire() -> None:
         logging.getLogger("aviato").error(
             "%s: shutdown stuck for %g s; stacks follow, exiting", what, grace
         )
         faulthandler.dump_traceback(all_threads=True)
+        if loop is not None:
+            _dump_tasks(loop)
         if last is not None:
             try:
                 last()
@@ -154,6 +162,25 @@ def exit_watchdog(grace: float, what: str, last: Callable[[], object] | None = N
     timer = threading.Timer(grace, expire)
     timer.daemon = True
     timer.start()
+
+
+def _dump_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    """Each of ``loop``'s tasks and where it awaits, to stderr (from another thread: the
+    loop is stuck or busy; a task set changing under us is retried, then given up)."""
+    for _ in range(3):
+        try:
+            tasks = list(asyncio.all_tasks(loop))
+            break
+        except RuntimeError:  # the set changed while we copied it
+            continue
+    else:
+        return
+    print(f"{len(tasks)} asyncio tasks:", file=sys.stderr)
+    for task in tasks:
+        print(f"- {task.get_name()}: {task.get_coro()!r}", file=sys.stderr)
+        with contextlib.suppress(Exception):
+            task.print_stack(limit=8, file=sys.stderr)
+    sys.stderr.flush()
 
 
 def warn_if_open(
