@@ -21,8 +21,11 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+import pytest
 
 from tests.conftest import (
     AGENT_IDS,
@@ -30,9 +33,12 @@ from tests.conftest import (
     RUN_ID,
     Cluster,
     containers_of,
+    need_docker,
     stop_daemons,
     wait_until,
 )
+
+C = TypeVar("C", bound="MultiHostCluster")
 
 PREFIX = "avn"  # namespaces and links of these tests, for the leak check
 
@@ -272,6 +278,27 @@ class MultiHostCluster(Cluster):
             subprocess.run(["docker", "rm", "-f", *left], capture_output=True, timeout=60)
         self.left_behind = left
         self.hosts.close()
+
+
+def netns_cluster(make: Callable[[], C]) -> Iterator[C]:
+    """A fixture's body: the cluster ``make()`` builds (a MultiHostCluster or subclass)
+    where network namespaces work (a failure, not a skip, with AVIATO_REQUIRE_NETNS=1),
+    stopped after the test with nothing left behind: no container, no daemon that
+    needed SIGKILL, no namespace."""
+    need_docker()
+    problem = netns_problem()
+    if problem is not None:
+        if os.environ.get("AVIATO_REQUIRE_NETNS") == "1":
+            pytest.fail(f"AVIATO_REQUIRE_NETNS=1 but {problem}")
+        pytest.skip(problem)
+    c = make()
+    try:
+        yield c
+    finally:
+        c.close()
+        assert not c.left_behind, f"containers left behind: {c.left_behind}\n{c.logs()}"
+        assert not c.killed_at_close, f"did not stop cleanly: {c.killed_at_close}\n{c.logs()}"
+        assert not leftover_namespaces(), leftover_namespaces()
 
 
 class ClientRun:

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -607,3 +607,26 @@ def defaults(cluster: Cluster):
     wait_until(
         lambda: not containers_of(cluster.agent_ids), 15, 0.2, "the test's containers to be removed"
     )
+
+
+@pytest.fixture(params=["docker", "docker-no-python", "local"])
+async def flavour(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, Cluster]]:
+    """A running sandbox on each data path: Docker through the supervisor, Docker
+    through docker exec (an image without Python), the local runtime; and its cluster.
+    A module using it imports the local runtime's fixtures (``ldefaults``, ``local``)."""
+    from aviato import Sandbox
+    from tests.test_supervisor import _wait_for_supervisor
+
+    if request.param == "local":
+        defaults: Any = request.getfixturevalue("ldefaults")
+        cluster: Cluster = request.getfixturevalue("local")
+    else:
+        defaults = request.getfixturevalue("defaults")
+        cluster = request.getfixturevalue("cluster")
+    image = request.getfixturevalue("no_python_image") if "no-python" in request.param else None
+    async with Sandbox(
+        command="sleep", args=["infinity"], container_image=image, defaults=defaults
+    ) as sb:
+        if request.param == "docker":
+            assert await _wait_for_supervisor(sb)
+        yield sb, cluster

@@ -10,7 +10,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
 
 import psutil
 import pytest
@@ -18,33 +17,13 @@ import pytest
 from aviato import (
     PayloadTooLargeError,
     Sandbox,
-    SandboxDefaults,
     SandboxFileError,
 )
 from aviato.protocol import MAX_PAYLOAD_BYTES
 from tests.conftest import Cluster
 from tests.test_local_runtime import ldefaults, local  # noqa: F401 (fixtures)
-from tests.test_supervisor import _wait_for_supervisor
 
 MiB = 1 << 20
-
-
-@pytest.fixture(params=["docker", "docker-no-python", "local"])
-async def flavour(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Sandbox, Cluster]]:
-    """A running sandbox on each data path, and its cluster."""
-    if request.param == "local":
-        defaults: SandboxDefaults = request.getfixturevalue("ldefaults")
-        cluster: Cluster = request.getfixturevalue("local")
-    else:
-        defaults = request.getfixturevalue("defaults")
-        cluster = request.getfixturevalue("cluster")
-    image = request.getfixturevalue("no_python_image") if "no-python" in request.param else None
-    async with Sandbox(
-        command="sleep", args=["infinity"], container_image=image, defaults=defaults
-    ) as sb:
-        if request.param == "docker":
-            assert await _wait_for_supervisor(sb)
-        yield sb, cluster
 
 
 async def _sandbox_rss(sb: Sandbox) -> int:

@@ -10,7 +10,6 @@ import hashlib
 import io
 import os
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
@@ -19,7 +18,6 @@ import pytest
 from aviato import (
     FileInfo,
     Sandbox,
-    SandboxDefaults,
     SandboxError,
     SandboxFileError,
     SandboxFileNotFoundError,
@@ -31,27 +29,8 @@ from aviato import (
 from aviato.protocol import FileChunk, StreamAck, UploadFile
 from tests.conftest import Cluster
 from tests.test_local_runtime import ldefaults, local  # noqa: F401 (fixtures)
-from tests.test_supervisor import _wait_for_supervisor
 
 MiB = 1 << 20
-
-
-@pytest.fixture(params=["docker", "docker-no-python", "local"])
-async def flavour(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Sandbox, Cluster]]:
-    """A running sandbox on each data path, and its cluster."""
-    if request.param == "local":
-        defaults: SandboxDefaults = request.getfixturevalue("ldefaults")
-        cluster: Cluster = request.getfixturevalue("local")
-    else:
-        defaults = request.getfixturevalue("defaults")
-        cluster = request.getfixturevalue("cluster")
-    image = request.getfixturevalue("no_python_image") if "no-python" in request.param else None
-    async with Sandbox(
-        command="sleep", args=["infinity"], container_image=image, defaults=defaults
-    ) as sb:
-        if request.param == "docker":
-            assert await _wait_for_supervisor(sb)
-        yield sb, cluster
 
 
 def _random_file(path: Path, size: int) -> str:

@@ -6,7 +6,6 @@ each exactly once and right, and nothing may leak."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 from collections.abc import Iterator
@@ -16,9 +15,9 @@ from typing import Any
 import pytest
 
 from aviato import ClusterUnavailableError, Sandbox, SandboxDefaults, SandboxStatus
-from tests._netns import MultiHostCluster, leftover_namespaces, netns_problem
+from tests._netns import MultiHostCluster, netns_cluster
 from tests._tally import Tally
-from tests.conftest import IMAGE, containers_of, need_docker, running_of, wait_until
+from tests.conftest import IMAGE, containers_of, running_of, wait_until
 
 pytestmark = pytest.mark.netns
 
@@ -29,20 +28,11 @@ DEAD_AFTER, HEARTBEAT = 3.0, 1.0  # the issue's 1 s x 3
 
 @pytest.fixture
 def mh(tmp_path: Path) -> Iterator[MultiHostCluster]:
-    need_docker()
-    problem = netns_problem()
-    if problem is not None:
-        if os.environ.get("AVIATO_REQUIRE_NETNS") == "1":
-            pytest.fail(f"AVIATO_REQUIRE_NETNS=1 but {problem}")
-        pytest.skip(problem)
-    c = MultiHostCluster(tmp_path, agents=3, slots=2, dead_after=DEAD_AFTER, heartbeat=HEARTBEAT)
-    try:
-        yield c
-    finally:
-        c.close()
-        assert not c.left_behind, f"containers left behind: {c.left_behind}\n{c.logs()}"
-        assert not c.killed_at_close, f"did not stop cleanly: {c.killed_at_close}\n{c.logs()}"
-        assert not leftover_namespaces(), leftover_namespaces()
+    yield from netns_cluster(
+        lambda: MultiHostCluster(
+            tmp_path, agents=3, slots=2, dead_after=DEAD_AFTER, heartbeat=HEARTBEAT
+        )
+    )
 
 
 @pytest.fixture

@@ -15,7 +15,6 @@ SCHEDULER`` prints ``page <what it fetched>`` and ``tunnel <url>``.
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import uuid
 from collections.abc import Iterator
@@ -24,8 +23,7 @@ from pathlib import Path
 import pytest
 
 if __name__ != "__main__":
-    from tests._netns import MultiHostCluster, leftover_namespaces, netns_problem
-    from tests.conftest import need_docker
+    from tests._netns import MultiHostCluster, netns_cluster
 
 pytestmark = pytest.mark.netns
 
@@ -94,20 +92,7 @@ class PortsCluster(MultiHostCluster):
 
 
 def _cluster(tmp: Path, runtime: str, agents: int = 1) -> Iterator[PortsCluster]:
-    need_docker()
-    problem = netns_problem()
-    if problem is not None:
-        if os.environ.get("AVIATO_REQUIRE_NETNS") == "1":
-            pytest.fail(f"AVIATO_REQUIRE_NETNS=1 but {problem}")
-        pytest.skip(problem)
-    c = PortsCluster(tmp, runtime, agents)
-    try:
-        yield c
-    finally:
-        c.close()
-        assert not c.left_behind, f"containers left behind: {c.left_behind}\n{c.logs()}"
-        assert not c.killed_at_close, f"needed SIGKILL: {c.killed_at_close}\n{c.logs()}"
-        assert not leftover_namespaces(), leftover_namespaces()
+    yield from netns_cluster(lambda: PortsCluster(tmp, runtime, agents))
 
 
 @pytest.fixture(params=["docker", "local"])

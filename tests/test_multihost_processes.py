@@ -4,34 +4,20 @@ ZeroMQ, sees its backlog, writes to it and reads what comes next (issue 13)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests._netns import MultiHostCluster, leftover_namespaces, netns_problem
-from tests.conftest import containers_of, need_docker, wait_until
+from tests._netns import MultiHostCluster, netns_cluster
+from tests.conftest import containers_of, wait_until
 
 pytestmark = pytest.mark.netns
 
 
 @pytest.fixture
 def mh(tmp_path: Path) -> Iterator[MultiHostCluster]:
-    need_docker()
-    problem = netns_problem()
-    if problem is not None:
-        if os.environ.get("AVIATO_REQUIRE_NETNS") == "1":
-            pytest.fail(f"AVIATO_REQUIRE_NETNS=1 but {problem}")
-        pytest.skip(problem)
-    c = MultiHostCluster(tmp_path, agents=1, slots=2)
-    try:
-        yield c
-    finally:
-        c.close()
-        assert not c.left_behind, f"containers left behind: {c.left_behind}\n{c.logs()}"
-        assert not c.killed_at_close, f"needed SIGKILL: {c.killed_at_close}\n{c.logs()}"
-        assert not leftover_namespaces(), leftover_namespaces()
+    yield from netns_cluster(lambda: MultiHostCluster(tmp_path, agents=1, slots=2))
 
 
 def test_reattach_to_a_process_from_another_client_on_another_host(
