@@ -62,6 +62,7 @@ from typing import Any
 import psutil
 from rich.markup import escape
 
+from benchmarks import _plots as plots
 from benchmarks._common import add_markdown_option, daemon_module, write_markdown
 from benchmarks._fn_common import (
     FULL,
@@ -388,6 +389,33 @@ def report_markdown(
     return "\n".join(lines) + "\n"
 
 
+def write_plots(results: list[Result], markdown: Path, note: str) -> None:
+    """Throughput against the peers, the round trip's distribution, and throughput
+    against workers, from this run's figures, beside its table."""
+    ran = [r for r in results if not r.error and not r.skipped]
+    plots.bars(
+        plots.beside(markdown, "throughput"),
+        {r.label: r.noop_rate for r in ran},
+        "no-op calls per second (median of runs)",
+        "calls / s",
+        note,
+    )
+    plots.latency_cdf(
+        plots.beside(markdown, "latency"),
+        {r.label: r.seq for r in ran},
+        "one call's round trip, sequential calls",
+        note,
+    )
+    plots.lines(
+        plots.beside(markdown, "workers"),
+        {r.label: [(k, run.rate) for k, run in r.sleep.items()] for r in ran},
+        "throughput against workers (sleep calls)",
+        "workers",
+        "calls / s",
+        note,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer calls (a smoke run)")
@@ -447,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.markdown is not None:
         write_markdown(args.markdown, text)
+        write_plots(results, args.markdown, f"{os.cpu_count()} cores, load {load[0]:.1f}")
     try:
         ours: list[str] | str = our_containers() or "none"
     except Exception as exc:

@@ -69,6 +69,7 @@ from aviato import Sandbox, SandboxDefaults
 from aviato._connection import close_all, connection
 from aviato._local import LocalCluster
 from aviato.protocol import AgentInfo, ClusterStatus, ClusterStatusReply, Ping
+from benchmarks import _plots as plots
 from benchmarks._cleanup import Cleanup
 from benchmarks._common import (
     IMAGE,
@@ -748,6 +749,34 @@ async def amain(plan: Plan, cleanup: Cleanup, only: set[str], results: Results) 
         peers.close()
 
 
+def write_plots(r: Results, markdown: Path) -> None:
+    """The distributions of exec and of create → first exec, from this run's samples."""
+    note = f"{os.cpu_count()} cores; samples of one run"
+    if r.exec is not None:
+        e = r.exec
+        paths = [e.supervisor, e.docker_exec, e.sdk, *([e.local] if e.local else [])]
+        plots.latency_cdf(
+            plots.beside(markdown, "exec"),
+            {s.name: s.samples for s in paths},
+            'exec(["true"]) round trip on a warm sandbox',
+            note,
+        )
+    if r.create is not None:
+        plots.latency_cdf(
+            plots.beside(markdown, "create"),
+            {s.name: s.samples for s in r.create.rows},
+            "create → first exec",
+            note,
+        )
+    if r.functions:
+        plots.latency_cdf(
+            plots.beside(markdown, "calls"),
+            {f.name: f.seq.samples for f in r.functions},
+            "one function call's round trip, sequential",
+            note,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples (a smoke run)")
@@ -788,6 +817,7 @@ def main(argv: list[str] | None = None) -> int:
     text = print_report(results)
     if args.markdown is not None:
         write_markdown(args.markdown, text)
+        write_plots(results, args.markdown)
     console.print(f"[dim]total {time.perf_counter() - t0:.0f} s[/]")
     return 0
 

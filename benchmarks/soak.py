@@ -50,6 +50,7 @@ import uvloop
 
 from aviato import Sandbox, SandboxDefaults
 from aviato._connection import close_all
+from benchmarks import _plots as plots
 from benchmarks._cleanup import Cleanup
 from benchmarks._common import IMAGE, RUN_ID, add_markdown_option, console, write_markdown
 from benchmarks._soak_chaos import KINDS, Chaos, ChaosConfig
@@ -291,6 +292,13 @@ def main(argv: list[str] | None = None) -> int:
         print_report(outcome, t0, header)
         if args.markdown:
             write_markdown(args.markdown, markdown(outcome, header))
+            plots.timeline(
+                plots.beside(args.markdown, "timeline"),
+                outcome.ledger.completions,
+                t0,
+                [(f.at, f"{f.kind} {f.victim}"[:28]) for f in outcome.faults],
+                f"calls completed per second, faults marked ({args.agents} agents)",
+            )
         ok = not outcome.problems()
     except (KeyboardInterrupt, asyncio.CancelledError):
         console.print("[red]interrupted: cleaning up[/]")
