@@ -21,7 +21,7 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -645,6 +645,14 @@ class WorkerHub:
             by_route.setdefault((route.identity, route.request_id), []).append(
                 CallOutcome(call_id, status, detail=f"worker {link.sandbox_id} died: {detail}")
             )
+        # One line with the ids the clients' errors carry ("call N ... worker sandbox S").
+        log.warning(
+            "worker %s died (%s): call %s crashed, calls %s lost",
+            link.sandbox_id,
+            detail,
+            culprit if culprit in link.routes else "-",
+            _ids(c for c in link.routes if c != culprit),
+        )
         link.routes.clear()
         for (identity, request_id), out in by_route.items():
             self._send(identity, request_id, CallResults(link.sandbox_id, tuple(out)), ())
@@ -792,3 +800,12 @@ def _exec_request(
 
 def _stdin_blobs(stdin: Payload | None) -> tuple[Payload, ...]:
     return () if stdin is None else (stdin,)
+
+
+def _ids(ids: Iterable[int], most: int = 20) -> str:
+    """Call ids for a log line: the first ``most`` of them, then how many more."""
+    shown = sorted(ids)
+    if not shown:
+        return "none"
+    more = f" (+{len(shown) - most} more)" if len(shown) > most else ""
+    return ",".join(map(str, shown[:most])) + more

@@ -386,6 +386,10 @@ class PoolState:
                 self._settle(call, Done(value, worker_id, call.attempts, outcome.seconds), actions)
             else:
                 error = self._rebuild_error(blob)
+                # What the daemons' logs name it by, without changing the user's error.
+                error.add_note(
+                    f"aviato: call {call_id} of {call.name}(), worker sandbox {worker_id}"
+                )
                 retry_on = options.retry_on
                 if retry_on and isinstance(error, retry_on) and call.attempts <= options.retries:
                     self.queue.appendleft(call)
@@ -613,7 +617,8 @@ class PoolState:
             self._settle(
                 call,
                 WorkerLostError(
-                    f"{call.name}() failed: {detail}; gave up after {call.attempts} "
+                    f"call {call.call_id} of {call.name}() failed: {detail}; gave up after "
+                    f"{call.attempts} "
                     f"attempt(s) (retries={call.options.retries})"
                 ),
                 actions,

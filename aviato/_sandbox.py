@@ -35,6 +35,7 @@ from aviato._types import ExecResult, OutputChunk
 from aviato.exceptions import (
     AviatoError,
     ClusterUnavailableError,
+    SandboxError,
     SandboxExecutionError,
     SandboxFailedError,
     SandboxNotFoundError,
@@ -443,6 +444,8 @@ class Sandbox(SandboxFiles, SandboxLifecycle):
                 raise SandboxTerminatedError(
                     f"sandbox {sandbox_id} was stopped while starting", sandbox_id=sandbox_id
                 ) from None
+            if isinstance(exc, SandboxError) and not exc.sandbox_id:
+                exc.sandbox_id = sandbox_id  # the id the daemons' logs name it by
             if isinstance(exc, AviatoError):
                 self._starting = None  # a later start() may try again, with a new id
                 self._pending_id = _new_id()

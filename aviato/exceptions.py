@@ -101,6 +101,18 @@ class SandboxError(AviatoError):
         super().__init__(message)
         self.sandbox_id = sandbox_id
 
+    @property
+    def message(self) -> str:
+        """The message alone, without the sandbox's id."""
+        return super().__str__()
+
+    def __str__(self) -> str:
+        """The message, naming the sandbox when it does not already: the id the
+        scheduler's and agents' logs use for it (a client chooses it before creating)."""
+        base = self.message
+        sid = self.sandbox_id
+        return f"{base} [sandbox {sid}]" if sid and sid not in base else base
+
 
 class SandboxNotFoundError(SandboxError):
     """No sandbox with that id is known to the cluster."""

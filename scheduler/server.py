@@ -422,6 +422,15 @@ class SchedulerServer:
                         sid = action.msg.sandbox_id
                         self._apply(self.state.pause_done(sid, why, self.clock()))
                     continue
+                if isinstance(action.msg, PlaceSandbox):
+                    placed = action.msg.sandbox
+                    log.info(
+                        "placing sandbox %s (session %s, %s) on agent %s",
+                        placed.sandbox_id,
+                        placed.spec.session_id or "-",
+                        placed.spec.image,
+                        action.agent_id,
+                    )
                 self._next_id += 1
                 self._outgoing[(identity, self._next_id)] = Outgoing(action.msg, self.clock())
                 self._send(identity, action.msg, self._next_id)
@@ -447,9 +456,13 @@ class SchedulerServer:
 
     def _on_create(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, CreateSandbox)
-        return self.state.request_create(
+        actions = self.state.request_create(
             (identity, d.request_id), d.msg.spec, d.msg.timeout_seconds, now, d.msg.sandbox_id
         )
+        for action in actions:
+            if isinstance(action, Reply) and isinstance(action.msg, ErrorReply):
+                log.info("create %s refused: %s", d.msg.sandbox_id or "(no id)", action.msg.message)
+        return actions
 
     def _on_get(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, GetSandbox)

@@ -712,10 +712,13 @@ def test_error_round_trip(cls: type[exc.AviatoError], code: ErrorCode) -> None:
     reply = decode(encode(reply, 1)).msg  # type: ignore[assignment]
     back = to_exception(reply)
     assert type(back) is cls
-    assert str(back) == "it went wrong"
     if isinstance(original, exc.SandboxError):
         assert isinstance(back, exc.SandboxError)
         assert back.sandbox_id == "sb-7"
+        # Named once, as the daemons' logs name it.
+        assert str(back) == "it went wrong [sandbox sb-7]"
+    else:
+        assert str(back) == "it went wrong"
     if isinstance(original, exc.SandboxFileError):
         assert isinstance(back, exc.SandboxFileError)
         assert back.filepath == "/tmp/x.txt"
@@ -753,7 +756,7 @@ def test_every_code_maps_to_an_aviato_error() -> None:
     for code in ErrorCode:
         e = to_exception(ErrorReply(code, "msg", {"sandbox_id": "sb-1"}))
         assert isinstance(e, exc.AviatoError)
-        assert str(e) == "msg"
+        assert str(e) == ("msg [sandbox sb-1]" if isinstance(e, exc.SandboxError) else "msg")
     assert isinstance(to_exception(ErrorReply(ErrorCode.TIMEOUT, "t")), TimeoutError)
     assert type(to_exception(ErrorReply(ErrorCode.VERSION_MISMATCH, "v"))) is exc.ProtocolError
 

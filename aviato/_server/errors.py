@@ -38,7 +38,10 @@ def error_reply(error: BaseException) -> ErrorReply:
     """The reply a daemon sends for ``error`` raised while serving a request."""
     for cls, code in _EXC_TO_CODE:
         if isinstance(error, cls):
-            return ErrorReply(code, _short(str(error)), exc.error_detail(error))
+            # The bare message: the sandbox's id travels in the detail (the client's
+            # error names it again from there).
+            message = error.message if isinstance(error, exc.SandboxError) else str(error)
+            return ErrorReply(code, _short(message), exc.error_detail(error))
     why = f"internal error: {type(error).__name__}: {error}"
     return ErrorReply(ErrorCode.INTERNAL, _short(why))
 
