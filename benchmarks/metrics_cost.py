@@ -4,14 +4,17 @@ daemons (scraped every second meanwhile, far more often than Prometheus would) a
 one without, measured in alternating rounds in one run.
 
     python -m benchmarks.metrics_cost [--calls 10000] [--rounds 5] [--runtime docker]
+        [--markdown FILE]
 
-Prints calls/s per round and the medians; the issue's bar is "on within 5% of off"."""
+Prints (and with --markdown writes) calls/s per round, the medians, and the verdict
+against the issue's bar: "on within 5% of off"."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import gc
+import os
 import statistics
 import time
 import urllib.request
@@ -19,7 +22,7 @@ import urllib.request
 from aviato import Sandbox, SandboxDefaults
 from aviato._local import LocalCluster
 
-from ._common import RUN_ID
+from ._common import RUN_ID, add_markdown_option, write_markdown
 from ._fn_common import noop
 
 IMAGE = "python:3.11"
@@ -87,18 +90,41 @@ async def main_async(args: argparse.Namespace) -> None:
     finally:
         for cluster in clusters.values():
             cluster.stop()
-    for name in ("off", "on"):
-        shown = ", ".join(f"{x:,.0f}" for x in rates[name])
-        print(f"metrics {name:>3}: median {statistics.median(rates[name]):,.0f} calls/s ({shown})")
+    text = report(rates, scrapes, args)
+    print(text)
+    if args.markdown is not None:
+        write_markdown(args.markdown, text)
+
+
+#: The issue's bar: throughput with metrics on within this fraction of it with them off.
+BAR = 0.05
+
+
+def report(rates: dict[str, list[float]], scrapes: int, args: argparse.Namespace) -> str:
+    """The markdown table of the rounds, the medians, and the verdict against ``BAR``."""
     off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
     # Each round's pair ran back to back: their ratio cancels most of the host's drift.
     paired = statistics.median(a / b for a, b in zip(rates["on"], rates["off"], strict=True))
-    print(
+    lines = [
+        f"{args.calls:,} no-op calls per round, {args.rounds} rounds (off/on alternating "
+        f"first), runtime {args.runtime}; the agent with metrics scraped {scrapes} times "
+        f"meanwhile; load average {os.getloadavg()[0]:.1f} at the end.",
+        "",
+        "| metrics | median calls/s | rounds |",
+        "|---|---:|---|",
+        *(
+            f"| {name} | {statistics.median(rates[name]):,.0f} | "
+            f"{', '.join(f'{x:,.0f}' for x in rates[name])} |"
+            for name in ("off", "on")
+        ),
+        "",
         f"on/off: medians {on / off:.3f} ({(on / off - 1) * 100:+.1f}%), median of the "
-        f"rounds' ratios {paired:.3f} ({(paired - 1) * 100:+.1f}%); the agent was scraped "
-        f"{scrapes} times meanwhile; {args.calls:,} no-op calls per round, runtime "
-        f"{args.runtime}"
-    )
+        f"rounds' paired ratios {paired:.3f} ({(paired - 1) * 100:+.1f}%).",
+        "",
+        f"- {'met' if paired >= 1 - BAR else 'NOT met'}: throughput with metrics on within "
+        f"{BAR:.0%} of off (median paired ratio {paired:.3f} >= {1 - BAR:.2f})",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
@@ -106,6 +132,7 @@ def main() -> None:
     p.add_argument("--calls", type=int, default=10_000)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--runtime", default="docker", choices=("docker", "local"))
+    add_markdown_option(p)
     asyncio.run(main_async(p.parse_args()))
 
 
