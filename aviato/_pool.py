@@ -60,6 +60,7 @@ from aviato.protocol import (
     Decoded,
     ErrorReply,
     Payload,
+    PoolFigures,
     RunCalls,
 )
 
@@ -119,6 +120,18 @@ class PoolStatistics:
     #: second outcomes for a call the pool had already settled, dropped; each is a
     #: would-be duplicate delivery, so "exactly once delivered" means this stays 0
     duplicate_results: int = 0
+
+
+#: Functions per pool, and characters of a name, a keepalive reports (bounded).
+MAX_NAMES = 16
+NAME_CHARS = 120
+
+
+def _at(ordered: list[float], q: float) -> float:
+    """The ``q`` quantile of sorted samples (nearest rank; 0 with none)."""
+    if not ordered:
+        return 0.0
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 class SharedBuffers:
@@ -207,6 +220,28 @@ class FunctionPool:
             late_replies_dropped=state.late_total,
             duplicate_results=state.duplicate_total,
         )
+
+    def figures(self) -> list[PoolFigures]:
+        """Each function this pool ran, for the scheduler's dashboard (its rate is the
+        session's to work out, between two keepalives)."""
+        state = self.state
+        out = []
+        for name, tally in list(state.by_name.items())[:MAX_NAMES]:
+            recent = sorted(tally.recent)
+            out.append(
+                PoolFigures(
+                    name=name[:NAME_CHARS],
+                    workers=len(state.workers),
+                    queued=state.queued(),
+                    in_flight=state.in_flight(),
+                    calls=tally.calls,
+                    run_p50_ms=_at(recent, 0.50) * 1e3,
+                    run_p99_ms=_at(recent, 0.99) * 1e3,
+                    retries=state.retried_total,
+                    workers_lost=state.lost_total,
+                )
+            )
+        return out
 
     # ------------------------------------------------------------------ submit
 

@@ -45,6 +45,7 @@ __all__ = [
     "Dispatch",
     "Done",
     "Forget",
+    "FunctionTally",
     "Note",
     "Outcome",
     "PoolState",
@@ -215,6 +216,14 @@ DIED = ("lost", "crashed")
 Outcome = tuple[CallOutcome, Payload, Sequence[Payload]]
 
 
+@dataclass
+class FunctionTally:
+    """A function's calls that came back from a worker, and its latest run times."""
+
+    calls: int = 0
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=512))
+
+
 def batch_size(mean_seconds: float | None) -> int:
     """One call at a time for slow or unknown functions; batches for tiny ones."""
     if mean_seconds is None or mean_seconds >= BATCH_SECONDS:
@@ -276,6 +285,8 @@ class PoolState:
         self.retried_total = 0
         self.late_total = 0
         self.duplicate_total = 0
+        #: Per function name: calls with an outcome, and recent run times (seconds).
+        self.by_name: dict[str, FunctionTally] = {}
 
     # ------------------------------------------------------------------ queries
 
@@ -371,6 +382,11 @@ class PoolState:
             self.mean_seconds[call.digest] = (
                 outcome.seconds if mean is None else 0.8 * mean + 0.2 * outcome.seconds
             )
+            tally = self.by_name.get(call.name)
+            if tally is None:
+                tally = self.by_name[call.name] = FunctionTally()
+            tally.calls += 1
+            tally.recent.append(outcome.seconds)
             if outcome.status == "ok":
                 try:
                     value = self._decode_value(call, blob, buffers)

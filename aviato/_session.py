@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
@@ -28,7 +30,7 @@ from aviato._pool import FunctionPool
 from aviato._sandbox import Sandbox, scheduler_connection
 from aviato._tasks import TaskGroup
 from aviato.exceptions import AviatoError, ConfigurationError, SandboxError
-from aviato.protocol import SessionClose, SessionKeepalive
+from aviato.protocol import PoolFigures, SessionClose, SessionKeepalive
 
 __all__ = [
     "Session",
@@ -52,6 +54,8 @@ class Session:
         self._open_lock = asyncio.Lock()
         self._keepalive: asyncio.Task[None] | None = None
         self._pools: dict[tuple[Any, ...], FunctionPool] = {}
+        #: (pool, function name) -> (when, calls) at the last keepalive, for its rate.
+        self._last_figures: dict[tuple[int, str], tuple[float, int]] = {}
         self._connections = Connections(f"the connections of session {self.session_id}")
         self._tasks = TaskGroup(f"session {self.session_id}")
 
@@ -241,9 +245,25 @@ class Session:
     async def _renew(self) -> None:
         conn = await scheduler_connection(self.defaults, self._connections)
         await conn.request(
-            SessionKeepalive(self.session_id, self.defaults.lease_seconds),
+            SessionKeepalive(self.session_id, self.defaults.lease_seconds, self._figures()),
             timeout=self.defaults.request_timeout_seconds,
         )
+
+    def _figures(self) -> tuple[PoolFigures, ...]:
+        """The session's functions for the dashboard, each with its calls per second
+        since the last keepalive."""
+        now = time.monotonic()
+        out = []
+        seen: dict[tuple[int, str], tuple[float, int]] = {}
+        for pool in list(self._pools.values()):
+            for f in pool.figures():
+                key = (id(pool), f.name)
+                at, calls = self._last_figures.get(key, (now, f.calls))
+                rate = (f.calls - calls) / (now - at) if now > at else 0.0
+                out.append(dataclasses.replace(f, calls_per_second=round(rate, 2)))
+                seen[key] = (now, f.calls)
+        self._last_figures = seen
+        return tuple(out)
 
     async def _keepalive_loop(self) -> None:
         interval = max(0.05, self.defaults.lease_seconds / 3)

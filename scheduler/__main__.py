@@ -122,6 +122,7 @@ async def run(args: argparse.Namespace) -> None:
             token=args.token,
             curve=keys is not None,
             totals=lambda: (metrics.created, metrics.placed),
+            pools=server.session_pools,
         )
         await dashboard.start(args.dashboard[0], args.dashboard[1])
     if args.metrics is not None:

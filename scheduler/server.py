@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ from aviato.protocol import (
     Ping,
     PlaceSandbox,
     Pong,
+    PoolFigures,
     RegisterAgent,
     SandboxActivity,
     SandboxExited,
@@ -163,6 +166,9 @@ class SchedulerServer:
         self._raw: zmq.Socket[bytes] | None = None
         #: Prometheus metrics (scheduler/metrics.py), when served (--metrics).
         self.metrics: SchedulerMetrics | None = None
+        #: Each session's functions as its client last reported them (the dashboard's
+        #: Sessions page): bounded per session, gone with the session.
+        self.session_pools: dict[str, tuple[PoolFigures, ...]] = {}
         self._agent_identity: dict[str, bytes] = {}
         self._identity_agent: dict[bytes, str] = {}
         self._outgoing: dict[tuple[bytes, int], Outgoing] = {}
@@ -521,10 +527,16 @@ class SchedulerServer:
     def _on_keepalive(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, SessionKeepalive)
         self.state.session_keepalive(d.msg.session_id, d.msg.lease_seconds, now)
+        if d.msg.pools or d.msg.session_id in self.session_pools:
+            self.session_pools[d.msg.session_id] = pool_figures(d.msg.pools)
+        if len(self.session_pools) > len(self.state.sessions) + 64:  # ended sessions' go
+            for gone in set(self.session_pools) - set(self.state.sessions):
+                del self.session_pools[gone]
         return [Reply((identity, d.request_id), OkReply())]
 
     def _on_session_close(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, SessionClose)
+        self.session_pools.pop(d.msg.session_id, None)
         stopped, actions = self.state.session_close(d.msg.session_id, "session closed", now)
         return [*actions, Reply((identity, d.request_id), SessionCloseReply(tuple(stopped)))]
 
@@ -631,3 +643,27 @@ class SchedulerServer:
         if self._agent_identity.get(d.msg.agent_id) == identity:  # only from the agent
             self.state.activity(d.msg.agent_id, d.msg.sandbox_ids, now)
         return [Reply((identity, d.request_id), OkReply())]
+
+
+#: Functions kept per session, and characters per name (a client's report is bounded).
+MAX_POOLS = 32
+MAX_NAME = 120
+
+
+def pool_figures(pools: tuple[PoolFigures, ...]) -> tuple[PoolFigures, ...]:
+    """A session's report as kept: at most ``MAX_POOLS``, names cut, figures that are
+    not finite and non-negative made 0 (it is shown, never trusted)."""
+
+    def fine(x: float) -> float:
+        return float(x) if math.isfinite(x) and x >= 0 else 0.0
+
+    return tuple(
+        dataclasses.replace(
+            p,
+            name=p.name[:MAX_NAME],
+            calls_per_second=fine(p.calls_per_second),
+            run_p50_ms=fine(p.run_p50_ms),
+            run_p99_ms=fine(p.run_p99_ms),
+        )
+        for p in pools[:MAX_POOLS]
+    )

@@ -4,6 +4,8 @@ real cluster. Each page's screenshot is saved in the test's temporary directory.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -145,6 +147,44 @@ async def test_the_dashboard_follows_a_real_cluster(
             "the session listed",
         )
         assert _not_reloaded(browser)
+
+        # Its functions too, with the figures its client reports on each keepalive:
+        # calls so far and per second, here while calls keep coming.
+        @session.function()
+        def dash_fn(x: int) -> int:
+            return x
+
+        async def keep_calling() -> None:
+            while True:
+                await asyncio.gather(*(dash_fn(i) for i in range(20)))
+                await asyncio.sleep(0.05)
+
+        caller = asyncio.create_task(keep_calling())
+        try:
+            row = 'tr[data-function$="dash_fn"]'
+            await asyncio.to_thread(
+                wait_until,
+                lambda: (
+                    int(_text(browser, f"{row} td:nth-child(3)") or 0) > 0
+                    and float(_text(browser, f"{row} td:nth-child(2)") or 0) > 0
+                ),
+                30,
+                0.2,
+                "the session's function with its calls and calls/s",
+            )
+            calls_chart = 'svg[aria-label="function calls per second"] text'
+            await asyncio.to_thread(
+                wait_until,
+                lambda: float((_text(browser, calls_chart) or "0/s").split("/")[0]) > 1,
+                30,
+                0.2,
+                "calls per second on the chart",
+            )
+            browser.save_screenshot(str(tmp_path / "cluster-functions.png"))
+        finally:
+            caller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await caller
         # The tag filter keeps it; another tag hides it.
         browser.get(url + "#/sandboxes?tag=dash")
         wait_until(lambda: _text(browser, f'tr[data-sandbox="{sid}"]'), 10, 0.1, "filtered in")

@@ -70,10 +70,31 @@ class WaitSandbox(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class PoolFigures:
+    """One remote function of a session, as its client sees it (the dashboard's
+    Sessions page): its pool's workers and queue, its calls settled so far and per
+    second lately, its own run time (in the worker) over its recent calls, the
+    pool's retries and lost workers."""
+
+    name: str
+    workers: int = 0
+    queued: int = 0
+    in_flight: int = 0
+    calls: int = 0
+    calls_per_second: float = 0.0
+    run_p50_ms: float = 0.0
+    run_p99_ms: float = 0.0
+    retries: int = 0
+    workers_lost: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class SessionKeepalive(Message):
     TYPE = MsgType.SESSION_KEEPALIVE
     session_id: str
     lease_seconds: float
+    #: The session's functions (the scheduler keeps the first ``MAX_POOLS``).
+    pools: tuple[PoolFigures, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ import logging
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ import zmq.asyncio
 
 from aviato._server.http import HttpServer, Request, Response, is_loopback
 from aviato.exceptions import AddressInUseError
+from aviato.protocol import PoolFigures
 from scheduler.dashboard.logs import LogSource, delta
 from scheduler.dashboard.snapshot import Rates, cluster, sandbox_row, sandboxes
 from scheduler.state import SchedulerState
@@ -63,9 +64,12 @@ class Dashboard:
         token: str | None,
         curve: bool,
         totals: Callable[[], tuple[int, int]],
+        pools: Mapping[str, tuple[PoolFigures, ...]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.state = state
+        #: Each session's functions as its client reports them (SchedulerServer's).
+        self.pools: Mapping[str, tuple[PoolFigures, ...]] = pools if pools is not None else {}
         self.clock = clock
         #: Creates and placements so far (the scheduler's metrics' running totals).
         self.totals = totals
@@ -124,7 +128,8 @@ class Dashboard:
     async def _sample(self) -> None:
         while True:
             creates, placements = self.totals()
-            self.rates.sample(self.clock(), creates, placements)
+            calls = sum(p.calls_per_second for ps in list(self.pools.values()) for p in ps)
+            self.rates.sample(self.clock(), creates, placements, calls)
             await asyncio.sleep(1.0)
 
     # ------------------------------------------------------------------ access
@@ -174,7 +179,7 @@ class Dashboard:
         if now - made < SNAPSHOT_SECONDS / 2:
             return body
         view = {
-            "cluster": cluster(self.state, now, self.rates),
+            "cluster": cluster(self.state, now, self.rates, self.pools),
             "sandboxes": sandboxes(self.state, now),
         }
         body = _event("snapshot", view)
@@ -184,7 +189,7 @@ class Dashboard:
     async def _api_cluster(self, request: Request) -> Response:
         if not self._allowed(request):
             return self._refused()
-        return _json(cluster(self.state, self.clock(), self.rates))
+        return _json(cluster(self.state, self.clock(), self.rates, self.pools))
 
     async def _api_sandboxes(self, request: Request) -> Response:
         if not self._allowed(request):

@@ -4,11 +4,13 @@ sandbox's environment, arguments or files (user data); its logs go by logs.py.""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
+from collections.abc import Mapping
 from itertools import islice, pairwise
 from typing import Any
 
-from aviato.protocol import SandboxStatus
+from aviato.protocol import PoolFigures, SandboxStatus
 from scheduler.records import ACTIVE, SandboxRecord
 from scheduler.state import SchedulerState
 
@@ -24,7 +26,12 @@ def _host(address: str) -> str:
     return rest.rsplit(":", 1)[0].strip("[]")
 
 
-def cluster(state: SchedulerState, now: float, rates: Rates) -> dict[str, Any]:
+def cluster(
+    state: SchedulerState,
+    now: float,
+    rates: Rates,
+    pools: Mapping[str, tuple[PoolFigures, ...]] | None = None,
+) -> dict[str, Any]:
     agents = []
     for a in sorted(state.agents.values(), key=lambda a: a.agent_id):
         used = len(a.active)
@@ -50,7 +57,7 @@ def cluster(state: SchedulerState, now: float, rates: Rates) -> dict[str, Any]:
         "alive": sum(1 for a in agents if a["state"] == "alive"),
         "queue": len(state.pending),
         "sessions": len(state.sessions),
-        "session_rows": session_rows(state, now),
+        "session_rows": session_rows(state, now, pools or {}),
         "counts": counts,
         "free_slots": state.free_slots(),
         "rates": rates.series(),
@@ -61,9 +68,12 @@ def cluster(state: SchedulerState, now: float, rates: Rates) -> dict[str, Any]:
 SESSION_ROWS = 100
 
 
-def session_rows(state: SchedulerState, now: float) -> list[dict[str, Any]]:
-    """Each session with its lease left and its live sandboxes (function workers or
-    not), the longest-leased first; bounded."""
+def session_rows(
+    state: SchedulerState, now: float, pools: Mapping[str, tuple[PoolFigures, ...]]
+) -> list[dict[str, Any]]:
+    """Each session with its lease left, its live sandboxes (function workers or
+    not) and its functions as its client reports them, the longest-leased first;
+    bounded."""
     top = sorted(state.sessions.items(), key=lambda kv: kv[1], reverse=True)[:SESSION_ROWS]
     rows = []
     for session_id, expiry in top:
@@ -76,6 +86,7 @@ def session_rows(state: SchedulerState, now: float) -> list[dict[str, Any]]:
                 "lease_left": round(max(0.0, expiry - now), 1),
                 "sandboxes": sum(1 for r in live if not r.spec.function_worker),
                 "workers": sum(1 for r in live if r.spec.function_worker),
+                "pools": [dataclasses.asdict(p) for p in pools.get(session_id, ())],
             }
         )
     return rows
@@ -120,16 +131,18 @@ class Rates:
     sampled once a second (for the cluster page's chart)."""
 
     def __init__(self, points: int = 120) -> None:
-        self._samples: deque[tuple[float, int, int]] = deque(maxlen=points + 1)
+        self._samples: deque[tuple[float, int, int, float]] = deque(maxlen=points + 1)
 
-    def sample(self, now: float, creates: int, placements: int) -> None:
-        self._samples.append((now, creates, placements))
+    def sample(self, now: float, creates: int, placements: int, calls: float = 0.0) -> None:
+        """``calls``: function calls per second just now, as the sessions report them."""
+        self._samples.append((now, creates, placements, calls))
 
     def series(self) -> dict[str, list[list[float]]]:
-        out: dict[str, list[list[float]]] = {"creates": [], "placements": []}
+        out: dict[str, list[list[float]]] = {"creates": [], "placements": [], "calls": []}
         pairs = list(self._samples)
-        for (t0, c0, p0), (t1, c1, p1) in pairwise(pairs):
+        for (t0, c0, p0, _), (t1, c1, p1, calls) in pairwise(pairs):
             dt = max(1e-6, t1 - t0)
             out["creates"].append([round(t1, 1), round((c1 - c0) / dt, 2)])
             out["placements"].append([round(t1, 1), round((p1 - p0) / dt, 2)])
+            out["calls"].append([round(t1, 1), round(calls, 2)])
         return out

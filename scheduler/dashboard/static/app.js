@@ -26,21 +26,33 @@ function route() {
   return { path, params: new URLSearchParams(query || "") };
 }
 
-function chart(rates) {
+function chart(lines, label) {
+  // lines: [[name, points, css class], ...]; one axis for them all.
   const w = 560, h = 140, pad = 28;
-  const all = [...rates.creates, ...rates.placements];
+  const all = lines.flatMap(([, pts]) => pts);
   if (all.length < 2) return `<p class="muted">collecting rates…</p>`;
   const t0 = Math.min(...all.map((p) => p[0])), t1 = Math.max(...all.map((p) => p[0]));
   const top = Math.max(1, ...all.map((p) => p[1]));
   const x = (t) => pad + ((t - t0) / Math.max(1, t1 - t0)) * (w - 2 * pad);
   const y = (v) => h - pad + 8 - (v / top) * (h - 2 * pad);
   const line = (pts) => pts.map((p) => `${x(p[0]).toFixed(1)},${y(p[1]).toFixed(1)}`).join(" ");
-  return `<svg class="chart" width="${w}" height="${h}" role="img" aria-label="creates per second">
+  const key = lines.map(([name, , cls]) => `${cls === "placements" ? "- -" : "—"} ${name}`).join("  ");
+  return `<svg class="chart" width="${w}" height="${h}" role="img" aria-label="${esc(label)}">
     <text x="${pad}" y="14">${top.toFixed(1)}/s</text>
     <text x="${pad}" y="${h - 4}">−${Math.round(t1 - t0)} s</text>
-    <text x="${w - 170}" y="14">— creates/s  - - placements/s</text>
-    <polyline class="creates" points="${line(rates.creates)}"/>
-    <polyline class="placements" points="${line(rates.placements)}"/></svg>`;
+    <text x="${w - 8}" y="14" text-anchor="end">${esc(key)}</text>
+    ${lines.map(([, pts, cls]) => `<polyline class="${cls}" points="${line(pts)}"/>`).join("")}</svg>`;
+}
+
+function pools(s) {
+  // A session's functions, as its client reports them on each keepalive.
+  if (!s.pools || !s.pools.length) return "";
+  return `<tr class="pools"><td colspan="4"><table class="inner"><thead><tr><th>function</th>
+    <th>calls/s</th><th>calls</th><th>run p50</th><th>run p99</th><th>workers</th><th>queued</th>
+    <th>retries</th><th>workers lost</th></tr></thead><tbody>${s.pools.map((p) => `<tr data-function="${esc(p.name)}">
+      <td class="mono">${esc(p.name)}</td><td>${p.calls_per_second.toFixed(1)}</td><td>${p.calls}</td>
+      <td>${p.run_p50_ms.toFixed(2)} ms</td><td>${p.run_p99_ms.toFixed(2)} ms</td><td>${p.workers}</td>
+      <td>${p.queued}</td><td>${p.retries}</td><td>${p.workers_lost}</td></tr>`).join("")}</tbody></table></td></tr>`;
 }
 
 function renderCluster() {
@@ -69,12 +81,13 @@ function renderCluster() {
     <table id="agents"><thead><tr><th>agent</th><th>host</th><th>runtime</th><th>slots used</th>
     <th>free</th><th>spares</th><th>heartbeat</th><th>labels</th><th>state</th></tr></thead>
     <tbody>${rows.join("") || '<tr><td colspan="9" class="muted">no agents registered</td></tr>'}</tbody></table>
-    <h2>Creates per second</h2>${chart(c.rates)}
+    <h2>Creates per second</h2>${chart([["creates/s", c.rates.creates, "creates"], ["placements/s", c.rates.placements, "placements"]], "creates per second")}
+    <h2>Function calls per second</h2>${chart([["calls/s", c.rates.calls, "calls"]], "function calls per second")}
     <h2>Sessions</h2>
     <table id="sessions"><thead><tr><th>session</th><th>lease left</th><th>sandboxes</th>
     <th>function workers</th></tr></thead><tbody>${c.session_rows.map((s) => `<tr data-session="${esc(s.id)}">
       <td class="mono"><a href="#/sandboxes?session=${esc(s.id)}">${esc(s.id)}</a></td>
-      <td>${secs(s.lease_left)}</td><td>${s.sandboxes}</td><td>${s.workers}</td></tr>`).join("")
+      <td>${secs(s.lease_left)}</td><td>${s.sandboxes}</td><td>${s.workers}</td></tr>${pools(s)}`).join("")
       || '<tr><td colspan="4" class="muted">no sessions</td></tr>'}</tbody></table>`;
 }
 
