@@ -466,6 +466,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _cli_files.add_cp(command)
     add_lifecycle_commands(command)
+    dash = command(
+        "dashboard", help="serve the web dashboard of a running cluster from this machine"
+    )
+    dash.add_argument(
+        "--listen",
+        default="127.0.0.1:0",
+        metavar="HOST:PORT",
+        help="where to serve it (default: loopback, any free port; it prints the URL)",
+    )
     volume = command("volume", help="named volumes: aviato volume ls | rm NAME...")
     volume.add_argument("action", choices=("ls", "rm"))
     volume.add_argument("names", nargs="*", help="rm: the volumes to remove")
@@ -519,6 +528,18 @@ def _run_daemon(name: str, before: list[str], rest: list[str]) -> NoReturn:
     os.execv(sys.executable, [sys.executable, "-P", "-m", name, *forwarded, *rest])
 
 
+def _dashboard(args: argparse.Namespace) -> NoReturn:
+    """``aviato dashboard``: this process becomes ``python -m scheduler.dashboard`` for
+    the cluster the client options name (the client imports no daemon code)."""
+    address = _defaults(args).scheduler_address() or ""
+    forwarded = ["--scheduler", address, "--listen", args.listen]
+    if args.keys:
+        forwarded += ["--keys", args.keys]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-P", "-m", "scheduler.dashboard", *forwarded])
+
+
 def _run(argv: list[str]) -> int:
     word = _command_word(argv)
     if word is not None and argv[word] in ("scheduler", "agent"):
@@ -528,6 +549,8 @@ def _run(argv: list[str]) -> int:
         return _up(args)
     if args.cmd == "keys":
         return _keys(args)
+    if args.cmd == "dashboard":
+        _dashboard(args)
     if args.cmd == "exec" and not [c for c in args.command if c != "--"]:
         raise ConfigurationError("exec: give a command after the id: aviato exec ID -- echo hi")
     if args.cmd == "volume" and (args.action == "rm") != bool(args.names):

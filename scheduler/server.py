@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import math
 import time
@@ -26,6 +28,7 @@ from aviato.protocol import (
     AgentVolumes,
     ClusterStatus,
     CreateSandbox,
+    DashboardViewReply,
     Decoded,
     DecodeError,
     DeregisterAgent,
@@ -34,6 +37,7 @@ from aviato.protocol import (
     ErrorReply,
     ExtendLifetime,
     Frame,
+    GetDashboardView,
     GetSandbox,
     HeartbeatReply,
     ListSandboxes,
@@ -169,6 +173,9 @@ class SchedulerServer:
         #: Each session's functions as its client last reported them (the dashboard's
         #: Sessions page): bounded per session, gone with the session.
         self.session_pools: dict[str, tuple[PoolFigures, ...]] = {}
+        #: Creates asked and placements sent so far (a remote dashboard's rate chart).
+        self.creates_total = 0
+        self.placements_total = 0
         self._agent_identity: dict[str, bytes] = {}
         self._identity_agent: dict[bytes, str] = {}
         self._outgoing: dict[tuple[bytes, int], Outgoing] = {}
@@ -186,6 +193,7 @@ class SchedulerServer:
             StopSandbox: self._on_stop,
             WaitSandbox: self._on_wait,
             SessionKeepalive: self._on_keepalive,
+            GetDashboardView: self._on_dashboard_view,
             SessionClose: self._on_session_close,
             ClusterStatus: self._on_status,
             RegisterAgent: self._on_register,
@@ -429,6 +437,7 @@ class SchedulerServer:
                         self._apply(self.state.pause_done(sid, why, self.clock()))
                     continue
                 if isinstance(action.msg, PlaceSandbox):
+                    self.placements_total += 1
                     placed = action.msg.sandbox
                     log.info(
                         "placing sandbox %s (session %s, %s) on agent %s",
@@ -462,6 +471,7 @@ class SchedulerServer:
 
     def _on_create(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, CreateSandbox)
+        self.creates_total += 1
         actions = self.state.request_create(
             (identity, d.request_id), d.msg.spec, d.msg.timeout_seconds, now, d.msg.sandbox_id
         )
@@ -539,6 +549,26 @@ class SchedulerServer:
         self.session_pools.pop(d.msg.session_id, None)
         stopped, actions = self.state.session_close(d.msg.session_id, "session closed", now)
         return [*actions, Reply((identity, d.request_id), SessionCloseReply(tuple(stopped)))]
+
+    def _on_dashboard_view(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
+        """The dashboard's view for one served elsewhere (``aviato dashboard``): the
+        same bounded rows as our own dashboard's, as JSON."""
+        assert isinstance(d.msg, GetDashboardView)
+        from scheduler.dashboard import snapshot  # the web server's package: not at start
+
+        rec = self.state.sandboxes.get(d.msg.sandbox_id) if d.msg.sandbox_id else None
+        view = {
+            "cluster": snapshot.cluster(self.state, now, snapshot.Rates(), self.session_pools),
+            "sandboxes": snapshot.sandboxes(self.state, now),
+            "sandbox": snapshot.sandbox_row(rec, now) if rec is not None else None,
+            "totals": [self.creates_total, self.placements_total],
+        }
+        body = json.dumps(view, separators=(",", ":")).encode()
+        assert self._raw is not None
+        frames = encode(DashboardViewReply(), d.request_id, (body,))
+        with contextlib.suppress(zmq.ZMQError):  # a gone peer: as _send
+            self._raw.send_multipart([identity, *frames], zmq.DONTWAIT)
+        return []
 
     def _on_status(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
         assert isinstance(d.msg, ClusterStatus)

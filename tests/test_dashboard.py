@@ -9,6 +9,9 @@ import contextlib
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +23,7 @@ import pytest
 
 from agent.supervisor_hub import agent_dir
 from aviato import Sandbox, SandboxDefaults
-from tests.conftest import IMAGE, Cluster, docker_cluster, wait_until
+from tests.conftest import IMAGE, ROOT, Cluster, docker_cluster, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -222,6 +225,61 @@ async def test_the_dashboard_follows_a_real_cluster(
     wait_until(lambda: not agent_dir(victim).exists(), 30, 0.2, "the dead agent's directory")
     for name in ("cluster.png", "sandboxes.png", "sandbox.png", "cluster-agent-dead.png"):
         assert (tmp_path / name).stat().st_size > 10_000, name
+
+
+async def test_aviato_dashboard_serves_a_running_cluster(
+    cluster: Cluster, defaults: SandboxDefaults, browser: Any, tmp_path: Path
+) -> None:
+    """`aviato dashboard` against a scheduler started without --dashboard: its own
+    process serves the page from the view it asks the scheduler for, live: agents,
+    a new sandbox, its logs; and it goes away cleanly on Ctrl-C."""
+    log = tmp_path / "dashboard.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "aviato.cli", "dashboard", "--scheduler", cluster.address],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    try:
+
+        def found() -> str | None:
+            m = _URL.search(log.read_text(errors="replace"))
+            return m.group(1) if m else None
+
+        url = await asyncio.to_thread(wait_until, found, 30, 0.05, "the dashboard's URL")
+        assert url.startswith("http://127.0.0.1:")  # loopback by default
+        browser.get(url + "#/cluster")
+        for agent in cluster.agent_ids:
+            await asyncio.to_thread(
+                wait_until,
+                lambda a=agent: _text(browser, f'tr[data-agent="{a}"] td.state') == "alive",
+                20,
+                0.1,
+                f"agent {agent} listed alive",
+            )
+        _mark(browser)
+        talk = "i=0; while true; do echo far-$i; i=$((i+1)); sleep 0.2; done"
+        async with Sandbox(command="sh", args=["-c", talk], defaults=defaults) as sb:
+            sid = sb.sandbox_id
+            browser.get(url + "#/sandboxes")
+            await asyncio.to_thread(
+                wait_until,
+                lambda: _text(browser, f'tr[data-sandbox="{sid}"] td.state') == "running",
+                10,
+                0.05,
+                "the new sandbox on the page",
+            )
+            browser.get(url + f"#/sandbox/{sid}")
+            await asyncio.to_thread(
+                wait_until, lambda: "far-3" in _text(browser, "#logs"), 20, 0.1, "its logs"
+            )
+            assert _not_reloaded(browser)
+            browser.save_screenshot(str(tmp_path / "remote-sandbox.png"))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+    assert code == 0, log.read_text(errors="replace")
 
 
 def _get(url: str, cookie: str = "") -> tuple[int, dict[str, str], bytes]:

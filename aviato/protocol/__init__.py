@@ -106,6 +106,7 @@ from aviato.protocol.lifecycle import (
     snapshot_agent_key,
     snapshot_holder_key,
 )
+from aviato.protocol.observe import DashboardViewReply, GetDashboardView
 from aviato.protocol.processes import (
     MAX_STDIN_CHUNK,
     MAX_TERMINAL,
@@ -174,6 +175,7 @@ __all__ = [
     "ClusterStatus",
     "ClusterStatusReply",
     "CreateSandbox",
+    "DashboardViewReply",
     "DecodeError",
     "Decoded",
     "DeregisterAgent",
@@ -190,6 +192,7 @@ __all__ = [
     "FileListReply",
     "FileReply",
     "Frame",
+    "GetDashboardView",
     "GetLogs",
     "GetSandbox",
     "GetTunnels",

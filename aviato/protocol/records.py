@@ -106,6 +106,9 @@ class MsgType(enum.IntEnum):
     REMOVE_VOLUME = 163
     GET_TUNNELS = 164
     TUNNELS_REPLY = 165
+    # client <-> scheduler: what the dashboard shows (protocol/observe.py)
+    GET_DASHBOARD_VIEW = 180
+    DASHBOARD_VIEW_REPLY = 181
 
 
 class SandboxStatus(enum.StrEnum):

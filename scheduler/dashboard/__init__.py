@@ -25,7 +25,7 @@ from aviato._server.http import HttpServer, Request, Response, is_loopback
 from aviato.exceptions import AddressInUseError
 from aviato.protocol import PoolFigures
 from scheduler.dashboard.logs import LogSource, delta
-from scheduler.dashboard.snapshot import Rates, cluster, sandbox_row, sandboxes
+from scheduler.dashboard.views import StateView, View
 from scheduler.state import SchedulerState
 
 __all__ = ["Dashboard"]
@@ -57,26 +57,31 @@ def _event(name: str, value: Any) -> bytes:
 
 
 class Dashboard:
+    """The web dashboard over a ``View``: the scheduler's own state (``state=``, in
+    ``python -m scheduler --dashboard``) or a running scheduler's (``view=``, as
+    ``aviato dashboard`` serves it: see scheduler/dashboard/__main__.py)."""
+
     def __init__(
         self,
-        state: SchedulerState,
+        state: SchedulerState | None = None,
         *,
         token: str | None,
         curve: bool,
-        totals: Callable[[], tuple[int, int]],
+        totals: Callable[[], tuple[int, int]] = lambda: (0, 0),
         pools: Mapping[str, tuple[PoolFigures, ...]] | None = None,
+        view: View | None = None,
+        who: str = "the scheduler",
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.state = state
-        #: Each session's functions as its client reports them (SchedulerServer's).
-        self.pools: Mapping[str, tuple[PoolFigures, ...]] = pools if pools is not None else {}
+        if view is None:
+            assert state is not None, "a dashboard needs the scheduler's state or a view"
+            view = StateView(state, totals, pools if pools is not None else {}, clock)
+        self.view: View = view
         self.clock = clock
-        #: Creates and placements so far (the scheduler's metrics' running totals).
-        self.totals = totals
         self.token = token
+        self.who = who
         #: None: open (no credentials configured on the cluster).
         self.login = secrets.token_urlsafe(18) if (token or curve) else None
-        self.rates = Rates()
         self._ctx = zmq.asyncio.Context()
         self.logs = LogSource(self._ctx, token, curve)
         self._assets = {p.name: p.read_bytes() for p in STATIC.iterdir() if p.suffix in _TYPES}
@@ -93,7 +98,7 @@ class Dashboard:
                 "/api/events": self._api_events,
                 "/api/logs/": self._api_logs,
             },
-            "scheduler dashboard",
+            "dashboard",
         )
 
     async def start(self, host: str, port: int) -> str:
@@ -104,11 +109,11 @@ class Dashboard:
                 f"cannot serve the dashboard on {host}:{port}: {exc.strerror or exc}; pick "
                 "another --dashboard HOST:PORT (port 0: any free one)"
             ) from None
-        self._sampler = asyncio.get_running_loop().create_task(self._sample())
+        self._sampler = asyncio.get_running_loop().create_task(self.view.run(self._stop))
         url = self.http.url("/")
         shown = f"{url}?login={self.login}" if self.login else url
         # Printed whatever the log level: the operator opens this URL.
-        print(f"aviato scheduler: dashboard on {shown}", file=sys.stderr, flush=True)
+        print(f"aviato {self.who}: dashboard on {shown}", file=sys.stderr, flush=True)
         if not is_loopback(host):
             log.warning(
                 "DASHBOARD ON A PUBLIC ADDRESS (%s): anyone who reaches it sees the cluster's "
@@ -125,13 +130,6 @@ class Dashboard:
         await self.http.close()
         self._ctx.destroy(linger=0)
 
-    async def _sample(self) -> None:
-        while True:
-            creates, placements = self.totals()
-            calls = sum(p.calls_per_second for ps in list(self.pools.values()) for p in ps)
-            self.rates.sample(self.clock(), creates, placements, calls)
-            await asyncio.sleep(1.0)
-
     # ------------------------------------------------------------------ access
 
     def _allowed(self, request: Request) -> bool:
@@ -147,7 +145,7 @@ class Dashboard:
 
     def _refused(self) -> Response:
         body = (
-            b"This dashboard needs its login token: open the URL the scheduler printed "
+            b"This dashboard needs its login token: open the URL it printed "
             b"('dashboard on http://...?login=...').\n"
         )
         return Response(401, body)
@@ -179,8 +177,8 @@ class Dashboard:
         if now - made < SNAPSHOT_SECONDS / 2:
             return body
         view = {
-            "cluster": cluster(self.state, now, self.rates, self.pools),
-            "sandboxes": sandboxes(self.state, now),
+            "cluster": self.view.cluster(),
+            "sandboxes": self.view.sandboxes(),
         }
         body = _event("snapshot", view)
         self._snapshot = (now, body)
@@ -189,20 +187,23 @@ class Dashboard:
     async def _api_cluster(self, request: Request) -> Response:
         if not self._allowed(request):
             return self._refused()
-        return _json(cluster(self.state, self.clock(), self.rates, self.pools))
+        return _json(self.view.cluster())
 
     async def _api_sandboxes(self, request: Request) -> Response:
         if not self._allowed(request):
             return self._refused()
-        return _json(sandboxes(self.state, self.clock()))
+        return _json(self.view.sandboxes())
 
     async def _api_sandbox(self, request: Request) -> Response:
         if not self._allowed(request):
             return self._refused()
-        rec = self.state.sandboxes.get(request.path.removeprefix("/api/sandbox/"))
-        if rec is None:
+        try:
+            row = await self.view.sandbox(request.path.removeprefix("/api/sandbox/"))
+        except RuntimeError as exc:  # a remote scheduler did not answer
+            return _json({"error": str(exc)}, 503)
+        if row is None:
             return _json({"error": "no such sandbox (or it ended long ago)"}, 404)
-        return _json(sandbox_row(rec, self.clock()))
+        return _json(row)
 
     async def _api_events(self, request: Request) -> Response:
         if not self._allowed(request):
@@ -225,7 +226,11 @@ class Dashboard:
         if not self._allowed(request):
             return self._refused()
         sandbox_id = request.path.removeprefix("/api/logs/")
-        if sandbox_id not in self.state.sandboxes:
+        try:
+            known = await self.view.sandbox(sandbox_id) is not None
+        except RuntimeError as exc:
+            return _json({"error": str(exc)}, 503)
+        if not known:
             return _json({"error": "no such sandbox (or it ended long ago)"}, 404)
         return Response(200, content_type="text/event-stream", stream=self._logs(sandbox_id))
 
@@ -235,13 +240,12 @@ class Dashboard:
         shown = ""
         problem = ""
         while not self._stop.is_set():
-            rec = self.state.sandboxes.get(sandbox_id)
-            agent = self.state.agents.get(rec.agent_id) if rec and rec.agent_id else None
-            if rec is None or agent is None:
+            address = await self.view.agent_address(sandbox_id)
+            if address is None:
                 yield _event("error", {"message": "the sandbox or its agent is gone"})
                 return
             try:
-                text = await self.logs.read(agent.address, sandbox_id)
+                text = await self.logs.read(address, sandbox_id)
             except Exception as exc:  # the page says why; the stream goes on trying
                 if str(exc) != problem:
                     problem = str(exc)

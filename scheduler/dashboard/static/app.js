@@ -76,7 +76,8 @@ function renderCluster() {
       <td>${labels.join("") || '<span class="muted">—</span>'}</td>
       <td class="state ${a.state}">${a.state}</td></tr>`;
   });
-  $("#view").innerHTML = `<div class="cards">${cards.join("")}</div>
+  const problem = c.problem ? `<p class="problem" id="problem">${esc(c.problem)}</p>` : "";
+  $("#view").innerHTML = `${problem}<div class="cards">${cards.join("")}</div>
     <h2>Agents</h2>
     <table id="agents"><thead><tr><th>agent</th><th>host</th><th>runtime</th><th>slots used</th>
     <th>free</th><th>spares</th><th>heartbeat</th><th>labels</th><th>state</th></tr></thead>
