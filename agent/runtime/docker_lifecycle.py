@@ -12,7 +12,7 @@ from typing import Any
 from agent.runtime.base import LABEL_SPARE, RuntimeSnapshot
 from agent.runtime.docker_errors import DockerError, explain, http_status
 from agent.runtime.snapshots import LABEL_SNAPSHOT_AGENT, is_snapshot
-from aviato.exceptions import SandboxError, SandboxNotFoundError
+from aviato.exceptions import SandboxError, SandboxNotFoundError, UnsupportedOperationError
 
 __all__ = ["DockerLifecycle", "is_snapshot"]
 
@@ -58,6 +58,13 @@ class DockerLifecycle:
         container's own labels would pass to the image, and from it to every sandbox
         made from it: the spare mark is cleared (the others are set anew at create)."""
         rt: Any = self
+        if rt._is_gvisor(sandbox_id):
+            raise UnsupportedOperationError(
+                f"sandbox {sandbox_id} runs under gVisor, whose /tmp is a tmpfs in runsc's "
+                "own memory: docker commit cannot see it, and the snapshot would silently "
+                "lack it. Snapshot a sandbox created with isolation='runc'",
+                sandbox_id=sandbox_id,
+            )
         repository, _, tag = image.partition(":")
         changes = [f"LABEL {k}={json.dumps(v)}" for k, v in {**labels, LABEL_SPARE: ""}.items()]
 
