@@ -10,6 +10,11 @@ resume, snapshots.
   SandboxPausedError: it would wait on frozen processes (its supervisor among them).
 - Snapshots: taken by the runtime; named after this agent (see
   aviato/protocol/lifecycle.py), so that the scheduler places a create from one here.
+- Restart: a sandbox found frozen at this agent's start (paused before a kill -9 and
+  back within the scheduler's liveness window) is adopted as paused. Its supervisor
+  was frozen with it and missed its agent's end: Docker kills it before thawing (the
+  engine then serves exec); on the local runtime it is the main process, so resume is
+  refused there (snapshot, then stop).
 """
 
 from __future__ import annotations
