@@ -10,6 +10,11 @@ resume, snapshots.
   SandboxPausedError: it would wait on frozen processes (its supervisor among them).
 - Snapshots: taken by the runtime; named after this agent (see
   aviato/protocol/lifecycle.py), so that the scheduler places a create from one here.
+- Restart: a sandbox found frozen at this agent's start (paused before a kill -9 and
+  back within the scheduler's liveness window) is adopted as paused. Its supervisor
+  was frozen with it and missed its agent's end: Docker kills it before thawing (the
+  engine then serves exec); on the local runtime it is the main process, so resume is
+  refused there (snapshot, then stop).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from agent.runtime.snapshots import (
     snapshot_labels,
     snapshot_name,
 )
-from aviato.exceptions import SandboxNotRunningError
+from aviato.exceptions import SandboxNotRunningError, UnsupportedOperationError
 from aviato.protocol import (
     Decoded,
     ErrorCode,
@@ -70,6 +75,8 @@ class AgentLifecycle:
         self.sandboxes = sandboxes
         self._hub = hub
         self.paused: set[str] = set()
+        #: Found paused at a restart: their supervisor's link died with our predecessor.
+        self.orphaned: set[str] = set()
         self._touched: set[str] = set()
         #: Data-plane requests under way, per sandbox.
         self._busy: dict[str, int] = {}
@@ -132,8 +139,14 @@ class AgentLifecycle:
         """As reported to a scheduler (that restarted)."""
         return SandboxStatus.PAUSED if sandbox_id in self.paused else SandboxStatus.RUNNING
 
+    def adopt_paused(self, sandbox_id: str) -> None:
+        """A sandbox found frozen at this agent's start: reported, and served, as paused."""
+        self.paused.add(sandbox_id)
+        self.orphaned.add(sandbox_id)
+
     def forget(self, sandbox_id: str) -> None:
         self.paused.discard(sandbox_id)
+        self.orphaned.discard(sandbox_id)
         self._touched.discard(sandbox_id)
 
     # ------------------------------------------------------------------ pause
@@ -150,8 +163,17 @@ class AgentLifecycle:
             await self.runtime.pause(sid)
             self.paused.add(sid)
         else:
+            if sid in self.orphaned and self.runtime.supervisor_is_main:
+                raise UnsupportedOperationError(
+                    f"sandbox {sid} was paused before agent {self.agent_id} restarted: on the "
+                    f"{self.runtime.name} runtime its supervisor is its main process, and it "
+                    "ends everything once thawed (its link to the old agent is gone). It "
+                    "stays paused: `sb.snapshot()` keeps its files for a new sandbox; stop it",
+                    sandbox_id=sid,
+                )
             await self.runtime.resume(sid)
             self.paused.discard(sid)
+            self.orphaned.discard(sid)
             self._touched.add(sid)
 
     async def _settled(self, sandbox_id: str) -> None:

@@ -429,6 +429,8 @@ class AgentServer:
                 if found.running and spec is not None and not spec.function_worker:
                     spare = bool(found.labels.get(LABEL_SPARE))
                     self.sandboxes.setdefault(found.sandbox_id, Running(spec, created, spare))
+                    if found.paused:  # still frozen: reported, and served, as paused
+                        self.lifecycle.adopt_paused(found.sandbox_id)
                 else:
                     leftovers.append(found.sandbox_id)
         for sid, run in self.sandboxes.items():

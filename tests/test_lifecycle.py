@@ -1,6 +1,8 @@
 """State that outlives idleness (issue 13), on both runtimes (Docker; local bubblewrap
-+ cgroups): idle timeouts, lifetime extensions, pause and resume, snapshots, and the
-CLI's pause/resume/snapshot commands. Real clusters; every wait has a deadline."""
++ cgroups) and on Docker under gVisor (a second engine of the tests' own,
+tests/_gvisor_engine.py): idle timeouts, lifetime extensions, pause and resume,
+snapshots (refused under gVisor, naming it), and the CLI's pause/resume/snapshot
+commands. Real clusters; every wait has a deadline."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -25,14 +28,17 @@ from aviato import (
     SandboxStatus,
     SandboxTerminatedError,
     SandboxTimeoutError,
+    UnsupportedOperationError,
 )
 from aviato._lifecycle import list_snapshots, remove_snapshot
 from aviato.exceptions import ConfigurationError, SandboxNotFoundError
-from tests.conftest import ROOT, Cluster, docker_cluster
+from tests._gvisor_engine import GvisorEngine
+from tests.conftest import ROOT, Cluster, docker_cluster, need_docker
 from tests.test_local_runtime import STATE, _local_cluster, need_cgroups
 from tests.test_sandbox import sandboxes_of, wait_for_async
 
-RUNTIMES = ["docker", "local"]
+#: "docker-gvisor": every sandbox under gVisor's runsc, on the tests' own engine.
+RUNTIMES = ["docker", "local", "docker-gvisor"]
 SLEEP = {"command": "sleep", "args": ["infinity"]}
 
 
@@ -43,8 +49,54 @@ def cluster(
     tmp = tmp_path_factory.mktemp(request.param)
     if request.param == "docker":
         yield from docker_cluster(tmp)
+    elif request.param == "docker-gvisor":
+        yield from _gvisor_cluster(tmp, request.getfixturevalue("gvisor_engine"))
     else:
         yield from _local_cluster(tmp)
+
+
+def _gvisor_cluster(tmp: Path, engine: GvisorEngine) -> Iterator[Cluster]:
+    """Two agents on the gVisor engine, offering gvisor only."""
+    need_docker()
+    c = Cluster(
+        tmp,
+        agents=2,
+        slots=4,
+        agent_env={"DOCKER_HOST": engine.host},
+        agent_args=["--isolation", "gvisor"],
+    )
+    try:
+        yield c
+    finally:
+        c.close()
+        left = engine.containers(*(f"label=aviato.agent={a}" for a in c.agent_ids))
+        assert not left, f"containers left behind in the gVisor engine: {left}\n{c.logs()}"
+
+
+def _gvisor(cluster: Cluster) -> bool:
+    return "DOCKER_HOST" in cluster.agent_env
+
+
+def _docker(cluster: Cluster, *args: str) -> list[str]:
+    """``docker ARGS`` against the cluster's engine."""
+    host = cluster.agent_env.get("DOCKER_HOST")
+    out = subprocess.run(
+        ["docker", *(["-H", host] if host else []), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return out.stdout.split()
+
+
+def _sandboxes_held(cluster: Cluster) -> list[str]:
+    if not _gvisor(cluster):
+        return sandboxes_of(cluster)
+    return [
+        c
+        for a in cluster.agent_ids
+        for c in _docker(cluster, "ps", "-aq", "--filter", f"label=aviato.agent={a}")
+    ]
 
 
 def _snapshots_held(cluster: Cluster) -> list[str]:
@@ -52,13 +104,9 @@ def _snapshots_held(cluster: Cluster) -> list[str]:
     if cluster.runtime == "docker":
         found = []
         for agent_id in cluster.agent_ids:
-            out = subprocess.run(
-                ["docker", "images", "-q", "--filter", f"label=aviato.snapshot.agent={agent_id}"],
-                capture_output=True,
-                text=True,
-                check=True,
+            found += _docker(
+                cluster, "images", "-q", "--filter", f"label=aviato.snapshot.agent={agent_id}"
             )
-            found += out.stdout.split()
         return found
     return [
         str(meta)
@@ -81,7 +129,7 @@ def defaults(cluster: Cluster) -> Iterator[SandboxDefaults]:
     assert not left, f"the test left snapshots behind: {left}"
     from tests.conftest import wait_until
 
-    wait_until(lambda: not sandboxes_of(cluster), 15, 0.2, "the test's sandboxes to be removed")
+    wait_until(lambda: not _sandboxes_held(cluster), 15, 0.2, "the test's sandboxes to be removed")
 
 
 async def _ended(sb: Sandbox, timeout: float) -> SandboxTerminatedError:
@@ -247,11 +295,16 @@ async def test_pause_of_a_stopped_sandbox_is_refused(defaults: SandboxDefaults) 
 # --------------------------------------------------------------------------- snapshots
 
 
-async def test_snapshot_and_create_from_it(defaults: SandboxDefaults) -> None:
+async def test_snapshot_and_create_from_it(defaults: SandboxDefaults, cluster: Cluster) -> None:
     async with Sandbox.session(defaults) as session:
         sb = session.create(**SLEEP)
         await sb.start()
         await sb.write_file("/tmp/state/data.txt", b"installed packages\n")
+        if _gvisor(cluster):  # runsc's /tmp is out of the engine's sight: refused
+            with pytest.raises(UnsupportedOperationError, match=r"gVisor.*isolation='runc'"):
+                await sb.snapshot()
+            assert await list_snapshots(defaults) == []
+            return
         image = await sb.snapshot()
         assert image.startswith("aviato-snapshot:")
         snaps = {s.image: s for s in await list_snapshots(defaults)}
@@ -326,6 +379,9 @@ async def test_cli_pause_resume_snapshot_ls_rm(defaults: SandboxDefaults, cluste
         assert again.returncode == 1 and "already paused" in again.stderr
         assert (await asyncio.to_thread(_aviato, cluster, "resume", sid)).returncode == 0
         taken = await asyncio.to_thread(_aviato, cluster, "snapshot", sid)
+        if _gvisor(cluster):
+            assert taken.returncode == 1 and "gVisor" in taken.stderr, taken.stderr
+            return
         assert taken.returncode == 0, taken.stderr
         image = taken.stdout.strip()
         ls = await asyncio.to_thread(_aviato, cluster, "snapshot", "ls")

@@ -29,13 +29,15 @@ import pytest
 
 from agent.runtime import ExitStatus, OutputChunk, Runtime, SandboxExit
 from agent.runtime.base import LABEL_AGENT, LABEL_SANDBOX, sandbox_labels
+from agent.runtime.snapshots import LABEL_SNAPSHOT_AGENT, snapshot_labels, snapshot_name
 from aviato.exceptions import (
     SandboxFailedError,
     SandboxFileError,
     SandboxNotFoundError,
     SandboxNotRunningError,
+    UnsupportedOperationError,
 )
-from aviato.protocol import SandboxSpec
+from aviato.protocol import SNAPSHOT_REPOSITORY, SandboxSpec, snapshot_agent_key
 
 pytestmark = pytest.mark.docker
 
@@ -61,6 +63,19 @@ def _docker_ps(agent_id: str) -> list[str]:
         check=True,
     )
     return out.stdout.split()
+
+
+def _snapshot_images(agent_id: str) -> list[str]:
+    """The agent's snapshot images: by label, and by name (a commit that lost its
+    labels is found too)."""
+    found: set[str] = set()
+    named = f"reference={SNAPSHOT_REPOSITORY}:{snapshot_agent_key(agent_id)}-*"
+    for flt in (f"label={LABEL_SNAPSHOT_AGENT}={agent_id}", named):
+        out = subprocess.run(
+            _docker("images", "-q", "--filter", flt), capture_output=True, text=True, check=True
+        )
+        found.update(out.stdout.split())
+    return sorted(found)
 
 
 def _inspect(sandbox_id: str) -> dict[str, Any]:
@@ -103,6 +118,10 @@ def agent_id(request: pytest.FixtureRequest) -> Iterator[str]:
         if leftover:
             subprocess.run(_docker("rm", "-f", *leftover), capture_output=True, check=False)
         assert _docker_ps(aid) == [], f"containers leaked for agent {aid}"
+        snapshots = _snapshot_images(aid)
+        if snapshots:
+            subprocess.run(_docker("rmi", "-f", *snapshots), capture_output=True, check=False)
+        assert not snapshots, f"snapshot images leaked for agent {aid}: {snapshots}"
     _HOST[0] = ""
 
 
@@ -363,6 +382,88 @@ class RuntimeConformance:
                 break
             await asyncio.sleep(0.1)
         assert b"sleep\x0028" not in out.stdout
+
+    # ------------------------------------------------------------------ lifecycle (issue 13)
+
+    async def test_pause_freezes_and_resume_thaws(self, runtime: Runtime, agent_id: str) -> None:
+        """Paused, the sandbox's counter stops (its logs, read without its processes,
+        say so); resumed, it counts again and exec works. A paused sandbox stops and
+        leaves nothing (the fixture's leak check)."""
+        count = "i=0; while :; do i=$((i+1)); echo $i; sleep 0.05; done"
+        sid = await new_sandbox(runtime, agent_id, "-c", count, command="sh")
+        await _until_count(runtime, sid, above=3)
+        await runtime.pause(sid)
+        if runtime.name == "docker":
+            assert _inspect(sid)["State"]["Paused"] is True
+        paused_at = await _count(runtime, sid)
+        await asyncio.sleep(1.0)  # the pause under test: at 20 a second, nothing may count
+        assert await _count(runtime, sid) <= paused_at + 1  # one echo may have been in flight
+        await runtime.resume(sid)
+        await _until_count(runtime, sid, above=paused_at + 5)
+        assert (await runtime.exec(sid, ("echo", "back"))).stdout == b"back\n"
+        await runtime.pause(sid)
+        await runtime.stop(sid)  # paused: stopped all the same
+        with pytest.raises(SandboxNotRunningError):
+            await runtime.pause(sid)
+        with pytest.raises(SandboxNotRunningError):
+            await runtime.resume("never-existed")
+
+    async def test_snapshot_and_create_from_it(self, runtime: Runtime, agent_id: str) -> None:
+        """A snapshot holds the files the sandbox wrote (through the runtime's file API and
+        from inside); a sandbox made from it starts with them; listed with its labels,
+        removed, and gone. gVisor refuses, naming itself: its /tmp is a tmpfs inside
+        runsc, which the engine's commit does not see (the snapshot would lack it)."""
+        sid = await new_sandbox(runtime, agent_id)
+        await runtime.write_file(sid, "/tmp/state/put.txt", b"put")
+        made = await runtime.exec(sid, ("sh", "-c", "echo inside > /tmp/state/made.txt"))
+        assert made.returncode == 0
+        image = snapshot_name(agent_id, sid)
+        labels = snapshot_labels(agent_id, sid, IMAGE)
+        if "gvisor" in runtime.isolations:
+            with pytest.raises(UnsupportedOperationError, match=r"gVisor.*/tmp") as info:
+                await runtime.snapshot(sid, image, labels)
+            assert info.value.sandbox_id == sid
+            assert await runtime.list_snapshots(agent_id) == []
+            return
+        size = await runtime.snapshot(sid, image, labels)
+        assert size > 0
+        listed = {s.image: s for s in await runtime.list_snapshots(agent_id)}
+        assert set(listed) == {image}
+        assert listed[image].labels[LABEL_SNAPSHOT_AGENT] == agent_id
+        assert listed[image].size_bytes == size
+        clone = await new_sandbox(runtime, agent_id, image=image)
+        assert await runtime.read_file(clone, "/tmp/state/put.txt") == b"put"
+        out = await runtime.exec(clone, ("cat", "/tmp/state/made.txt"))
+        assert out.stdout == b"inside\n"
+        found = {s.sandbox_id: s for s in await runtime.list(agent_id)}
+        assert set(found) == {sid, clone}  # its own labels, not the source's
+        await runtime.stop(clone)
+        await runtime.remove_snapshot(image)
+        assert await runtime.list_snapshots(agent_id) == []
+        with pytest.raises(SandboxNotFoundError):
+            await runtime.remove_snapshot(image)
+        with pytest.raises(SandboxFailedError, match=re.escape(image)):
+            await new_sandbox(runtime, agent_id, image=image)
+
+    async def test_snapshot_of_a_stopped_sandbox(self, runtime: Runtime, agent_id: str) -> None:
+        sid = await new_sandbox(runtime, agent_id)
+        await runtime.stop(sid)
+        with pytest.raises((SandboxNotRunningError, UnsupportedOperationError)):
+            await runtime.snapshot(sid, snapshot_name(agent_id, sid), {})
+        assert await runtime.list_snapshots(agent_id) == []
+
+
+async def _count(runtime: Runtime, sandbox_id: str) -> int:
+    """The last number the counting sandbox printed (0: none yet)."""
+    lines = b"".join(c.data for c in await runtime.logs(sandbox_id)).split()
+    return int(lines[-1]) if lines else 0
+
+
+async def _until_count(runtime: Runtime, sandbox_id: str, above: int) -> None:
+    deadline = time.monotonic() + 30
+    while await _count(runtime, sandbox_id) <= above:
+        assert time.monotonic() < deadline, f"{sandbox_id} did not count past {above}"
+        await asyncio.sleep(0.05)
 
 
 class TestRuntime(RuntimeConformance):

@@ -65,6 +65,8 @@ class RuntimeSandbox:
     labels: dict[str, str]
     running: bool
     exit_code: int | None = None
+    #: Frozen by ``pause`` (and still running): adopted as paused after an agent restart.
+    paused: bool = False
 
 
 def join_chunks(chunks: Iterable[OutputChunk]) -> list[OutputChunk]:

@@ -680,8 +680,10 @@ class DockerRuntime(DockerLifecycle, Runtime):
                     if labels.get(LABEL_SPARE) and row["Id"] not in self._claimed:
                         with self._lock:  # renamed when claimed: stop finds it by id
                             self._ids.setdefault(labels[LABEL_SANDBOX], row["Id"])
-                    running = row.get("State") == "running"
-                    found.append(RuntimeSandbox(labels[LABEL_SANDBOX], labels, running))
+                    running, paused = self._listed_state(labels[LABEL_SANDBOX], row)
+                    found.append(
+                        RuntimeSandbox(labels[LABEL_SANDBOX], labels, running, None, paused)
+                    )
             return found
 
         try:
@@ -713,14 +715,14 @@ class DockerRuntime(DockerLifecycle, Runtime):
                     if not sid or sid in self._removing:
                         continue
                     self._ids[sid] = row["Id"]
-                running = row.get("State") == "running"
+                running, paused = self._listed_state(sid, row)
                 code = None if running else api.inspect_container(row["Id"])["State"]["ExitCode"]
                 spec = spec_from_labels(labels)
                 if spec is not None and spec.working_dir:
                     self._workdirs[sid] = spec.working_dir
                 if spec is not None and spec.env and labels.get(LABEL_SPARE):
                     self._spare_env[sid] = dict(spec.env)
-                found.append(RuntimeSandbox(sid, labels, running, code))
+                found.append(RuntimeSandbox(sid, labels, running, code, paused))
             return found
         except DockerError as exc:
             if http_status(exc) == 404:  # removed between the listing and its inspect: retry

@@ -7,12 +7,15 @@ from __future__ import annotations
 import builtins
 import contextlib
 import json
+import os
 from typing import Any
+
+import psutil
 
 from agent.runtime.base import LABEL_SPARE, RuntimeSnapshot
 from agent.runtime.docker_errors import DockerError, explain, http_status
 from agent.runtime.snapshots import LABEL_SNAPSHOT_AGENT, is_snapshot
-from aviato.exceptions import SandboxError, SandboxNotFoundError
+from aviato.exceptions import SandboxError, SandboxNotFoundError, UnsupportedOperationError
 
 __all__ = ["DockerLifecycle", "is_snapshot"]
 
@@ -31,8 +34,49 @@ class DockerLifecycle:
         self._paused.add(sandbox_id)
 
     async def resume(self, sandbox_id: str) -> None:
+        if sandbox_id in self._orphans:
+            rt: Any = self
+            await rt._run(self._kill_orphaned_supervisor, sandbox_id)
         await self._call(sandbox_id, "resuming", "unpause")
         self._paused.discard(sandbox_id)
+        self._orphans.discard(sandbox_id)
+
+    @property
+    def _orphans(self) -> set[str]:
+        """Paused sandboxes this runtime found paused (by an agent before a restart)."""
+        orphans: set[str] = self.__dict__.setdefault("_orphaned_supervisors", set())
+        return orphans
+
+    def _listed_state(self, sandbox_id: str, row: dict[str, Any]) -> tuple[bool, bool]:
+        """(running, paused) of a container as listed: a paused one runs, and is noted
+        as paused (a stop thaws it); one paused by an earlier agent, as an orphan."""
+        state = row.get("State")
+        if state == "paused" and sandbox_id not in self._paused:
+            self._paused.add(sandbox_id)
+            self._orphans.add(sandbox_id)
+        return state in ("running", "paused"), state == "paused"
+
+    def _kill_orphaned_supervisor(self, sandbox_id: str) -> None:
+        """Frozen, a sidecar supervisor missed its agent's exit; thawed, it would find
+        its link closed and, as the container's watchdog, stop it. Killed while frozen,
+        it dies as it thaws (a pending SIGKILL comes before any more of its code): the
+        sandbox lives on, served through the engine (docker exec). Under gVisor its
+        processes are not the host's: not found, and its watchdog stops the sandbox."""
+        rt: Any = self
+        try:
+            pid = int(rt._api.inspect_container(rt._target(sandbox_id))["State"]["Pid"] or 0)
+        except DockerError as exc:
+            raise rt._engine_error(sandbox_id, "resuming", exc) from exc
+        try:  # (an exec's processes are the engine's children, not init's: by namespace)
+            ns = os.readlink(f"/proc/{pid}/ns/pid")
+        except OSError:
+            return
+        for proc in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, OSError):
+                if os.readlink(f"/proc/{proc.pid}/ns/pid") == ns and (
+                    proc.environ().get("AVIATO_WATCHDOG") == "container"
+                ):
+                    proc.kill()
 
     async def _thaw_before_stop(self, sandbox_id: str) -> None:
         """``docker rm -f`` of a paused container hangs on this engine (the kill waits
@@ -58,6 +102,13 @@ class DockerLifecycle:
         container's own labels would pass to the image, and from it to every sandbox
         made from it: the spare mark is cleared (the others are set anew at create)."""
         rt: Any = self
+        if rt._is_gvisor(sandbox_id):
+            raise UnsupportedOperationError(
+                f"sandbox {sandbox_id} runs under gVisor, whose /tmp is a tmpfs in runsc's "
+                "own memory: docker commit cannot see it, and the snapshot would silently "
+                "lack it. Snapshot a sandbox created with isolation='runc'",
+                sandbox_id=sandbox_id,
+            )
         repository, _, tag = image.partition(":")
         changes = [f"LABEL {k}={json.dumps(v)}" for k, v in {**labels, LABEL_SPARE: ""}.items()]
 

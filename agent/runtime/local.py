@@ -673,7 +673,8 @@ class LocalRuntime(LocalLifecycle, Runtime):
                     shutil.rmtree(home, ignore_errors=True)
                 continue
             running = home.name in self._procs or _live_pid(home) is not None
-            found.append(RuntimeSandbox(home.name, labels, running))
+            paused = running and self._frozen(home.name, home)  # adopted as paused
+            found.append(RuntimeSandbox(home.name, labels, running, None, paused))
         return found
 
     async def list_all(self) -> builtins.list[RuntimeSandbox]:

@@ -112,6 +112,10 @@ class LocalLifecycle:
                 f"could not resume sandbox {sandbox_id}: {exc}", sandbox_id=sandbox_id
             ) from exc
 
+    def _frozen(self, sandbox_id: str, home: Path) -> bool:
+        rt: Any = self
+        return bool(self._freezer.version) and self._freezer.frozen(rt._group(sandbox_id, home))
+
     def _thaw(self, sandbox_id: str, home: Path | None) -> None:
         """Before a stop: a frozen (v1) process does not die of SIGKILL until thawed."""
         rt: Any = self
