@@ -18,7 +18,6 @@ from tests.test_processes import _until_running
 from tests.test_processes import docker as docker
 from tests.test_processes import either as either
 from tests.test_processes import local as local
-from tests.test_processes import no_python_image as no_python_image
 
 
 class Tmux:

@@ -81,6 +81,20 @@ class DockerStreams(RuntimeStreams):
         header = res.headers.get("X-Docker-Container-Path-Stat", "")
         return json.loads(base64.b64decode(header)) if header else {}
 
+    async def _existing(self, sandbox_id: str, path: str, named: str = "") -> dict[str, Any]:
+        """``path``'s stat; SandboxFileNotFoundError (naming ``named``, by default the
+        path itself) when there is nothing there."""
+        loop = asyncio.get_running_loop()
+        stat = await loop.run_in_executor(self.rt._pool, self._stat, sandbox_id, path)
+        if stat is None:
+            shown = named or path
+            raise SandboxFileNotFoundError(
+                f"{shown}: no such file or directory (sandbox {sandbox_id})",
+                filepath=shown,
+                sandbox_id=sandbox_id,
+            )
+        return stat
+
     def _error(self, sandbox_id: str, path: str, exc: BaseException) -> Exception:
         if http_status(exc) == 404 and "no such container" not in explain(exc).lower():
             return SandboxFileNotFoundError(
@@ -113,16 +127,9 @@ class DockerStreams(RuntimeStreams):
         archive API would hold the container's lock while a slow client reads (every
         exec and stop in the sandbox waiting on it), and a read here holds it only
         for one window."""
-        loop = asyncio.get_running_loop()
         where = path
         for _ in range(8):  # the type of what a symlink points at
-            stat = await loop.run_in_executor(self.rt._pool, self._stat, sandbox_id, where)
-            if stat is None:
-                raise SandboxFileNotFoundError(
-                    f"{path}: no such file or directory (sandbox {sandbox_id})",
-                    filepath=path,
-                    sandbox_id=sandbox_id,
-                )
+            stat = await self._existing(sandbox_id, where, path)
             mode = int(stat.get("mode", 0))
             if not mode & _LINK_BIT:
                 break
@@ -254,14 +261,7 @@ class DockerStreams(RuntimeStreams):
     # ------------------------------------------------------------------ list, remove
 
     async def list_files(self, sandbox_id: str, path: str) -> list[FileInfo]:
-        loop = asyncio.get_running_loop()
-        stat = await loop.run_in_executor(self.rt._pool, self._stat, sandbox_id, path)
-        if stat is None:
-            raise SandboxFileNotFoundError(
-                f"{path}: no such file or directory (sandbox {sandbox_id})",
-                filepath=path,
-                sandbox_id=sandbox_id,
-            )
+        stat = await self._existing(sandbox_id, path)
         if not int(stat.get("mode", 0)) & (_DIR_BIT | _LINK_BIT):
             raise SandboxNotADirectoryError(
                 f"{path}: not a directory (sandbox {sandbox_id})",
@@ -293,14 +293,7 @@ class DockerStreams(RuntimeStreams):
         return sorted(entries, key=lambda e: e.name)
 
     async def remove(self, sandbox_id: str, path: str, recursive: bool) -> None:
-        loop = asyncio.get_running_loop()
-        stat = await loop.run_in_executor(self.rt._pool, self._stat, sandbox_id, path)
-        if stat is None:
-            raise SandboxFileNotFoundError(
-                f"{path}: no such file or directory (sandbox {sandbox_id})",
-                filepath=path,
-                sandbox_id=sandbox_id,
-            )
+        stat = await self._existing(sandbox_id, path)
         mode = int(stat.get("mode", 0))
         if mode & _DIR_BIT and not mode & _LINK_BIT and not recursive:
             try:
