@@ -273,3 +273,49 @@ def test_refused_requests_are_counted_by_reason(mcluster: Cluster) -> None:
         sock.close()
     after = scrape(url)
     assert value(after, name, code="bad_request") - value(before, name, code="bad_request") == 1
+
+
+async def test_the_schedulers_series_stay_bounded_over_a_thousand_sandboxes(
+    tmp_path: Path,
+) -> None:
+    """The issue's count, 1,000 sandboxes come and gone, on the scheduler: its placements
+    go to a fake agent (benchmarks/_control_plane.py: a protocol-speaking socket, no
+    containers), so that the run takes seconds. The agent's per-sandbox series are
+    checked with real ones above."""
+    import zmq.asyncio
+
+    from benchmarks._control_plane import FakeAgent
+
+    c = Cluster(tmp_path, agents=0, scheduler_args=METRICS)
+    ctx = zmq.asyncio.Context()
+    agent = FakeAgent(ctx, c.address, f"fake-{tmp_path.name[-6:]}", slots=64)
+    try:
+        await agent.register()
+        async with asyncio.TaskGroup() as tg:
+            serving = tg.create_task(agent.serve())
+            beating = tg.create_task(agent.heartbeat())
+            url = metrics_url(c, "scheduler")
+            defaults = SandboxDefaults(container_image=IMAGE, scheduler=c.address)
+
+            async def churn(n: int) -> None:
+                async def one() -> None:
+                    sb = Sandbox(command="sleep", args=["infinity"], defaults=defaults)
+                    await sb.start()
+                    await sb.stop()
+
+                for start in range(0, n, 50):
+                    await asyncio.gather(*(one() for _ in range(min(50, n - start))))
+
+            await churn(20)
+            first = _series(scrape(url))
+            await churn(1000)
+            after = scrape(url)
+            assert _series(after) == first
+            assert value(after, "aviato_scheduler_creates_total") >= 1020
+            assert agent.placed >= 1020 and agent.stopped >= 1020
+            serving.cancel()
+            beating.cancel()
+    finally:
+        agent.sock.close(linger=0)
+        ctx.destroy(linger=0)
+        c.close()
