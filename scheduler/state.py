@@ -29,13 +29,14 @@ from aviato.protocol import (
     VolumeListReply,
     spare_key,
 )
-from scheduler.lifecycle import LifecycleState
+from scheduler.placement import PlacementState, resourced
 from scheduler.queries import Filter, list_page, sandbox_info, status_page
 from scheduler.records import (
     _SPEC_FIELDS,
     ACTIVE,
     BLIND_MEMORY_SECONDS,
     MAX_INTERNED_SPECS,
+    MAX_PASSED_SPECS,
     MAX_STOPPED_UNKNOWN,
     STOP_CONFIRM_SECONDS,
     Action,
@@ -68,9 +69,10 @@ __all__ = [
 ]
 
 
-class SchedulerState(LifecycleState):
+class SchedulerState(PlacementState):
     """The decisions: each event handler takes the time and returns the actions (those
-    of idle timeouts, lifetimes, pause and snapshots are in scheduler/lifecycle.py)."""
+    of idle timeouts, lifetimes, pause and snapshots are in scheduler/lifecycle.py; of
+    resources, in scheduler/placement.py)."""
 
     #: Session leases that expired (for the metrics).
     leases_expired: int = 0
@@ -160,6 +162,7 @@ class SchedulerState(LifecycleState):
             agent.public_key, agent.lane = msg.public_key, msg.lane
             agent.instance, agent.dead_since = msg.instance, None
             self._set_alive(agent, True)
+        self._set_capacity(agent, msg)
         self._agent_added(agent)
         self._set_isolations(agent, tuple(msg.isolations), msg.probe)
         self._set_spares(agent, msg.spares, msg.spare_shapes)
@@ -301,7 +304,7 @@ class SchedulerState(LifecycleState):
         self._add_row(rec)
         if not paused:
             self._arm_idle(rec, now)
-        self.agents[agent_id].active.add(rec.sandbox_id)
+        self._hold(self.agents[agent_id], rec, reported.gpu_ids)
         if spec.session_id and spec.session_id not in self.sessions:
             # The client, if alive, renews this with its next keepalive.
             self._lease(spec.session_id, now + self.config.adopted_lease_seconds, now)
@@ -330,6 +333,9 @@ class SchedulerState(LifecycleState):
         why_not = self._no_isolation(spec, now)
         if why_not:
             return [Reply(key, ErrorReply(ErrorCode.ISOLATION_UNAVAILABLE, why_not))]
+        why_not = self._never_fits(spec, now)
+        if why_not:
+            return [Reply(key, self._refusal(why_not))]
         if sandbox_id in self.stopped_unknown:
             why = f"sandbox {sandbox_id} was stopped before its create arrived"
             return [Reply(key, ErrorReply(ErrorCode.TERMINATED, why))]
@@ -409,7 +415,9 @@ class SchedulerState(LifecycleState):
         scheduler/volumes.py); else one holding a ready spare of ``spec``'s shape (the most
         of them; ties by id), so that the create is ready in milliseconds; else spread:
         the live agent with the most free slots (ties by id, for determinism). From the
-        indexes."""
+        indexes. A spec that asks for resources: see scheduler/placement.py."""
+        if spec is not None and resourced(spec):
+            return self._choose_fitting(spec)
         if spec is not None and self._snapshot_keys:
             snapshot, keeper = self.snapshot_agent(spec)  # its agent, or none yet
             if snapshot:
@@ -456,13 +464,23 @@ class SchedulerState(LifecycleState):
                 self._spares.set(agent.agent_id, key, 0)
 
     def _dispatch(self, now: float) -> list[Action]:
-        """Place queued creates, in order, while an agent has room."""
+        """Place queued creates, in order, while an agent has room. One that fits no
+        agent now (its GPUs are taken) is passed over, not waited behind: the walk
+        goes on while any agent has a free slot, past a few hundred specs at most."""
         actions: list[Action] = []
-        while self.pending:
-            agent = self.choose_agent(self.pending[0].spec)
+        i = 0
+        passed: set[int] = set()  # specs (interned: equal ones are one) that fit nowhere
+        while i < len(self.pending) and len(self._free) and len(passed) < MAX_PASSED_SPECS:
+            req = self.pending[i]
+            if id(req.spec) in passed:
+                i += 1
+                continue
+            agent = self.choose_agent(req.spec)
             if agent is None:
-                break
-            req = self.pending.popleft()
+                passed.add(id(req.spec))
+                i += 1
+                continue
+            del self.pending[i]
             self._pending_ids.discard(req.sandbox_id)
             sid = req.sandbox_id or self._new_id()
             deadline = None
@@ -482,7 +500,7 @@ class SchedulerState(LifecycleState):
             self._add_row(rec)
             assert rec.creator_deadline is not None
             self._placing[sid] = rec.creator_deadline
-            agent.active.add(sid)
+            self._hold(agent, rec)
             agent.inflight.add(sid)
             if agent.spare_shapes:
                 self._took_spare(agent, req.spec)
@@ -614,7 +632,7 @@ class SchedulerState(LifecycleState):
         actions: list[Action] = []
         agent = self.agents.get(rec.agent_id) if rec.agent_id else None
         if agent is not None:
-            agent.active.discard(rec.sandbox_id)
+            self._release(agent, rec)
             self._agent_changed(agent)
             if stop and agent.alive:
                 actions.append(self._stop_on_agent(rec, agent.agent_id, reason))
@@ -759,6 +777,11 @@ class SchedulerState(LifecycleState):
                 self.pending.remove(req)
                 self._pending_ids.discard(req.sandbox_id)
                 actions.append(Reply(req.key, ErrorReply(ErrorCode.ISOLATION_UNAVAILABLE, why)))
+        for req, why in self._unplaceable(now):
+            if req in self.pending and req.deadline > now:
+                self.pending.remove(req)
+                self._pending_ids.discard(req.sandbox_id)
+                actions.append(Reply(req.key, self._refusal(why)))
         for req in expired:
             self.pending.remove(req)
             self._pending_ids.discard(req.sandbox_id)
