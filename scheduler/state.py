@@ -209,10 +209,10 @@ class SchedulerState(PlacementState):
             return []
         actions: list[Action] = []
         reason = f"agent {agent_id} stopped"
+        self._set_alive(agent, False)  # first: what its sandboxes free is not placed there
         for sid in list(agent.active):
             actions += self._end(self.sandboxes[sid], SandboxStatus.TERMINATED, now, reason)
         actions += self._agent_gone(agent_id)
-        self._set_alive(agent, False)
         del self.agents[agent_id]
         self._volumes.drop(agent_id)
         return actions
