@@ -1,5 +1,7 @@
-"""Placement by resources: CPUs, memory and GPU ids per agent, agent labels, spread or
-pack. Pure, as state.py: no sockets, no clock.
+"""Placement: which agent a create goes to (``choose_agent``), why none can take it
+(no agents, an isolation none offers, resources none could hold), and the resources
+it holds there: CPUs, memory and GPU ids per agent, agent labels, spread or pack.
+Pure, as state.py: no sockets, no clock.
 
 An agent advertises its capacity when it registers (``RegisterAgent.cpus``,
 ``memory_bytes``, ``gpus``; 0 or empty: not advertised, so not limited). A sandbox
@@ -185,6 +187,86 @@ class PlacementState(LifecycleState):
         kept = set(agent.gpus)
         agent.gpu_holders = {g: s for g, s in agent.gpu_holders.items() if g in kept}
         self._capacity_changed = True
+
+    def _no_agents(self, now: float) -> str:
+        """Why a create cannot even wait for a slot ("" if it can): no live agent, past
+        the start-up grace (in which agents register, again after a restart)."""
+        if self._alive_count > 0:
+            return ""
+        if now - self.started_at < self.config.startup_grace_seconds:
+            return ""
+        if not self.agents:
+            return (
+                "no agents registered with this scheduler: start one on each worker host "
+                "(python -m agent --scheduler tcp://SCHEDULER:PORT)"
+            )
+        lost = ", ".join(sorted(self.agents))
+        return (
+            f"no agents registered that are alive (lost: {lost}); restart them or start "
+            "another (python -m agent --scheduler tcp://SCHEDULER:PORT)"
+        )
+
+    def _no_isolation(self, spec: SandboxSpec, now: float) -> str:
+        """Why no live agent can run ``spec``'s isolation ("" if one can, or agents may
+        still register: the start-up grace)."""
+        level = spec.isolation
+        if level is None or self._offering.get(level):
+            return ""
+        if now - self.started_at < self.config.startup_grace_seconds:
+            return ""
+        offered = sorted({lv for lv, ids in self._offering.items() if ids})
+        return (
+            f"no live agent offers isolation {level!r} (they offer: "
+            f"{', '.join(offered) or 'nothing'}); start an agent with --isolation {level}"
+            " (gvisor: Docker with the runsc runtimes registered, see README), or ask"
+            " for one of those"
+        )
+
+    def choose_agent(self, spec: SandboxSpec | None = None) -> AgentRecord | None:
+        """A snapshot's create goes to the agent holding it, or waits for it; else an
+        agent holding ``spec``'s named volumes, with a free slot (see
+        scheduler/volumes.py); else one holding a ready spare of ``spec``'s shape (the most
+        of them; ties by id), so that the create is ready in milliseconds; else spread:
+        the live agent with the most free slots (ties by id, for determinism). From the
+        indexes. A spec that asks for resources: see scheduler/placement.py."""
+        if spec is not None and resourced(spec):
+            return self._choose_fitting(spec)
+        if spec is not None and self._snapshot_keys:
+            snapshot, keeper = self.snapshot_agent(spec)  # its agent, or none yet
+            if snapshot:
+                return keeper
+        if spec is not None and spec.volumes:
+            keeper = self._volumes.prefer(spec.volumes.values(), self._usable)
+            if keeper is not None:
+                return keeper
+        if spec is not None and self._spares:
+            key = spare_key(spec)
+            holder = self._spares.best(key) if key is not None else None
+            if holder is not None:
+                return self.agents[holder]
+        if spec is not None and spec.isolation is not None:
+            best = self._by_isolation.best(spec.isolation)
+            return self.agents[best] if best is not None else None
+        best = self._free.best()
+        return self.agents[best] if best is not None else None
+
+    def _usable(self, agent_id: str) -> AgentRecord | None:
+        agent = self.agents.get(agent_id)
+        return agent if agent is not None and agent.alive and agent.free > 0 else None
+
+    def _took_spare(self, agent: AgentRecord, spec: SandboxSpec) -> None:
+        """A create of a shape the agent holds spares of: it will take one (until it
+        says otherwise), so the next such create may go elsewhere."""
+        key = spare_key(spec)
+        ready = agent.spare_shapes.get(key, 0) if key is not None else 0
+        if ready > 0:
+            assert key is not None
+            agent.spares = max(0, agent.spares - 1)
+            if ready > 1:
+                agent.spare_shapes[key] = ready - 1
+            else:
+                del agent.spare_shapes[key]
+                self._spares.set(agent.agent_id, key, 0)
 
     def _hold(self, agent: AgentRecord, rec: SandboxRecord, want: Iterable[str] = ()) -> None:
         """``rec`` becomes active on ``agent``: its slot, CPUs, memory and GPUs are

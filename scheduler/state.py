@@ -27,9 +27,8 @@ from aviato.protocol import (
     SpareShape,
     StopSandbox,
     VolumeListReply,
-    spare_key,
 )
-from scheduler.placement import PlacementState, resourced
+from scheduler.placement import PlacementState
 from scheduler.queries import Filter, list_page, sandbox_info, status_page
 from scheduler.records import (
     _SPEC_FIELDS,
@@ -72,7 +71,7 @@ __all__ = [
 class SchedulerState(PlacementState):
     """The decisions: each event handler takes the time and returns the actions (those
     of idle timeouts, lifetimes, pause and snapshots are in scheduler/lifecycle.py; of
-    resources, in scheduler/placement.py)."""
+    placement and resources, in scheduler/placement.py)."""
 
     #: Session leases that expired (for the metrics).
     leases_expired: int = 0
@@ -375,72 +374,6 @@ class SchedulerState(PlacementState):
         self._specs[key] = spec
         return spec
 
-    def _no_agents(self, now: float) -> str:
-        """Why a create cannot even wait for a slot ("" if it can): no live agent, past
-        the start-up grace (in which agents register, again after a restart)."""
-        if self._alive_count > 0:
-            return ""
-        if now - self.started_at < self.config.startup_grace_seconds:
-            return ""
-        if not self.agents:
-            return (
-                "no agents registered with this scheduler: start one on each worker host "
-                "(python -m agent --scheduler tcp://SCHEDULER:PORT)"
-            )
-        lost = ", ".join(sorted(self.agents))
-        return (
-            f"no agents registered that are alive (lost: {lost}); restart them or start "
-            "another (python -m agent --scheduler tcp://SCHEDULER:PORT)"
-        )
-
-    def _no_isolation(self, spec: SandboxSpec, now: float) -> str:
-        """Why no live agent can run ``spec``'s isolation ("" if one can, or agents may
-        still register: the start-up grace)."""
-        level = spec.isolation
-        if level is None or self._offering.get(level):
-            return ""
-        if now - self.started_at < self.config.startup_grace_seconds:
-            return ""
-        offered = sorted({lv for lv, ids in self._offering.items() if ids})
-        return (
-            f"no live agent offers isolation {level!r} (they offer: "
-            f"{', '.join(offered) or 'nothing'}); start an agent with --isolation {level}"
-            " (gvisor: Docker with the runsc runtimes registered, see README), or ask"
-            " for one of those"
-        )
-
-    def choose_agent(self, spec: SandboxSpec | None = None) -> AgentRecord | None:
-        """A snapshot's create goes to the agent holding it, or waits for it; else an
-        agent holding ``spec``'s named volumes, with a free slot (see
-        scheduler/volumes.py); else one holding a ready spare of ``spec``'s shape (the most
-        of them; ties by id), so that the create is ready in milliseconds; else spread:
-        the live agent with the most free slots (ties by id, for determinism). From the
-        indexes. A spec that asks for resources: see scheduler/placement.py."""
-        if spec is not None and resourced(spec):
-            return self._choose_fitting(spec)
-        if spec is not None and self._snapshot_keys:
-            snapshot, keeper = self.snapshot_agent(spec)  # its agent, or none yet
-            if snapshot:
-                return keeper
-        if spec is not None and spec.volumes:
-            keeper = self._volumes.prefer(spec.volumes.values(), self._usable)
-            if keeper is not None:
-                return keeper
-        if spec is not None and self._spares:
-            key = spare_key(spec)
-            holder = self._spares.best(key) if key is not None else None
-            if holder is not None:
-                return self.agents[holder]
-        if spec is not None and spec.isolation is not None:
-            best = self._by_isolation.best(spec.isolation)
-            return self.agents[best] if best is not None else None
-        best = self._free.best()
-        return self.agents[best] if best is not None else None
-
-    def _usable(self, agent_id: str) -> AgentRecord | None:
-        agent = self.agents.get(agent_id)
-        return agent if agent is not None and agent.alive and agent.free > 0 else None
-
     def set_volumes(self, agent_id: str, names: Iterable[str]) -> None:
         """An agent reports the named volumes its host holds (AgentVolumes)."""
         if agent_id in self.agents:
@@ -448,20 +381,6 @@ class SchedulerState(PlacementState):
 
     def list_volumes(self) -> VolumeListReply:
         return VolumeListReply(self._volumes.listing(self.agents))
-
-    def _took_spare(self, agent: AgentRecord, spec: SandboxSpec) -> None:
-        """A create of a shape the agent holds spares of: it will take one (until it
-        says otherwise), so the next such create may go elsewhere."""
-        key = spare_key(spec)
-        ready = agent.spare_shapes.get(key, 0) if key is not None else 0
-        if ready > 0:
-            assert key is not None
-            agent.spares = max(0, agent.spares - 1)
-            if ready > 1:
-                agent.spare_shapes[key] = ready - 1
-            else:
-                del agent.spare_shapes[key]
-                self._spares.set(agent.agent_id, key, 0)
 
     def _dispatch(self, now: float) -> list[Action]:
         """Place queued creates, in order, while an agent has room. One that fits no
