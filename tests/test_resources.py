@@ -223,6 +223,46 @@ def test_status_shows_used_and_free_per_resource(rcluster: Cluster) -> None:
     wait_until(lambda: not containers_of(rcluster.agent_ids), 30, 0.2, "its container to go")
 
 
+@pytest.fixture
+def gpu_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A cluster of its own (its scheduler is restarted): one agent with GPUs 0 and 1."""
+    yield from _cluster(tmp_path, "docker", {"gpu": ["--gpus", "0,1"]})
+
+
+async def test_a_restarted_scheduler_learns_the_held_gpus_from_the_agent(
+    gpu_cluster: Cluster,
+) -> None:
+    """After a scheduler restart, the agent's report says which GPU each sandbox holds:
+    a new GPU sandbox gets the other one, and one more waits."""
+    c = gpu_cluster
+    d = SandboxDefaults(container_image=IMAGE, scheduler=c.address, lease_seconds=5)
+    async with Sandbox.session(d) as session:
+        # Kept: the one holding GPU 1 (a rebuild that ignored the report would think
+        # it holds the first free one, 0, and give 1 again).
+        pair = [session.create(command="sleep", args=["infinity"], gpus=1) for _ in range(2)]
+        await asyncio.gather(*(sb.start() for sb in pair))
+        seen = [(await _gpus_seen(sb))[0] for sb in pair]
+        held = pair[seen.index("1")]
+        await pair[seen.index("0")].stop()
+        mine = "1"
+        port = int(c.address.rsplit(":", 1)[1])
+        c.kill("scheduler")
+        c.start_scheduler(port)
+        await asyncio.to_thread(c.wait_agents, 1)
+        other = session.create(command="sleep", args=["infinity"], gpus=1)
+        await other.start()
+        assert (await _gpus_seen(other))[0] == ({"0", "1"} - {mine}).pop()
+        third = asyncio.ensure_future(
+            session.create(command="sleep", args=["infinity"], gpus=1).start()
+        )
+        await _wait_queued(c, 1)
+        await held.stop()
+        await asyncio.wait_for(third, 60)
+    await asyncio.to_thread(
+        wait_until, lambda: not containers_of(c.agent_ids), 30, 0.2, "its containers to go"
+    )
+
+
 # --------------------------------------------------------------------------- local runtime
 
 
