@@ -4,8 +4,9 @@ sandbox given GPUs sees of them.
 The scheduler chooses which of our GPU ids a sandbox gets (``SandboxInfo.gpu_ids``,
 each id to one sandbox at a time); the agent makes the sandbox see those alone:
 ``CUDA_VISIBLE_DEVICES`` and ``NVIDIA_VISIBLE_DEVICES`` in its env, and on Docker a
-device request when the engine has the NVIDIA runtime (agent/runtime/docker.py). On an
-agent with GPUs, a sandbox given none sees none (``NVIDIA_VISIBLE_DEVICES=void``).
+device request when the engine has the NVIDIA runtime (agent/runtime/docker.py), on
+the local runtime its GPUs' device nodes bound into its private /dev (``gpu_binds``).
+On an agent with GPUs, a sandbox given none sees none (``NVIDIA_VISIBLE_DEVICES=void``).
 The ids are kept in a label, so that a restarted agent reports them again.
 """
 
@@ -28,6 +29,7 @@ __all__ = [
     "LABEL_GPUS",
     "Capacity",
     "detect_gpus",
+    "gpu_binds",
     "gpu_ids_of",
     "parse_gpus",
     "parse_memory",
@@ -118,3 +120,23 @@ def with_gpus(
     ids = ",".join(gpu_ids)
     env = {**spec.env, "CUDA_VISIBLE_DEVICES": ids, "NVIDIA_VISIBLE_DEVICES": ids or "void"}
     return dataclasses.replace(spec, env=env)
+
+
+#: The NVIDIA driver's device nodes every GPU user needs besides its /dev/nvidiaN.
+_NVIDIA_SHARED = ("nvidiactl", "nvidia-uvm", "nvidia-uvm-tools", "nvidia-modeset")
+
+
+def gpu_binds(spec: SandboxSpec, dev: str = "/dev") -> list[str]:
+    """bubblewrap arguments binding the device nodes of the GPUs ``spec``'s env names
+    (set by ``with_gpus``) into the sandbox's own /dev, which holds no GPU otherwise;
+    nodes this host lacks are skipped (a GPU-less host: none)."""
+    ids = [g for g in spec.env.get("NVIDIA_VISIBLE_DEVICES", "").split(",") if g.isdigit()]
+    if not ids:
+        return []
+    names = [f"nvidia{g}" for g in ids] + list(_NVIDIA_SHARED)
+    out: list[str] = []
+    for name in names:
+        path = os.path.join(dev, name)
+        if os.path.exists(path):
+            out += ["--dev-bind", path, f"/dev/{name}"]
+    return out

@@ -11,7 +11,14 @@ from typing import Any
 
 import pytest
 
-from agent.resources import Capacity, detect_gpus, parse_gpus, parse_memory, with_gpus
+from agent.resources import (
+    Capacity,
+    detect_gpus,
+    gpu_binds,
+    parse_gpus,
+    parse_memory,
+    with_gpus,
+)
 from agent.runtime.docker_gpus import gpu_requests
 from agent.runtime.labels import LABEL_GPUS, sandbox_labels
 from aviato.protocol import SandboxSpec
@@ -89,3 +96,35 @@ def test_a_docker_device_request_only_where_the_engine_has_the_nvidia_runtime() 
     assert gpu_requests(_Engine({"runc": {}}), labels) is None  # env only
     plain = _Engine({"nvidia": {}})
     assert gpu_requests(plain, {}) is None and plain.asked == 0  # no GPUs: no question
+
+
+def test_on_the_local_runtime_a_gpu_sandbox_gets_its_gpus_device_nodes(tmp_path: Path) -> None:
+    for name in ("nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm"):
+        (tmp_path / name).touch()
+    given = with_gpus(SPEC, ("1",), ("0", "1"))
+    assert gpu_binds(given, str(tmp_path)) == [
+        "--dev-bind", f"{tmp_path}/nvidia1", "/dev/nvidia1",
+        "--dev-bind", f"{tmp_path}/nvidiactl", "/dev/nvidiactl",
+        "--dev-bind", f"{tmp_path}/nvidia-uvm", "/dev/nvidia-uvm",
+    ]  # fmt: skip
+    assert gpu_binds(with_gpus(SPEC, (), ("0", "1")), str(tmp_path)) == []  # "void"
+    assert gpu_binds(given, str(tmp_path / "none")) == []  # a host without the nodes
+
+
+def test_bad_resource_options_are_refused_before_sending() -> None:
+    from aviato._options import SandboxOptions
+
+    def problems(**kw: Any) -> str:
+        return "; ".join(SandboxOptions(image="i", command="c", **kw).problems())
+
+    assert problems(gpus=1, agent_labels={"zone": "a"}, placement="pack") == ""
+    assert "gpus must be a whole number" in problems(gpus=-1)
+    assert "gpus must be a whole number" in problems(gpus=True)
+    assert "gpus must be a whole number" in problems(gpus=1.5)
+    assert "placement must be" in problems(placement="tight")
+    assert "agent_labels must map" in problems(agent_labels={"": "a"})
+    assert "agent_labels must map" in problems(agent_labels={"zone": 1})
+    # The scheduler refuses the same from any other sender.
+    from scheduler.records import validate_spec
+
+    assert "gpus must be" in (validate_spec(SandboxSpec("i", "c", gpus=-2)) or "")
