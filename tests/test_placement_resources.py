@@ -328,3 +328,14 @@ def test_stopping_a_sandbox_answers_with_its_row() -> None:
     create(state, "k", gpus=1)
     reply, _ = state.request_stop("sb-1", "done", T)
     assert isinstance(reply, SandboxReply) and reply.sandbox.gpu_ids == ("0",)
+
+
+def test_the_dashboard_shows_what_each_agent_holds() -> None:
+    from scheduler.dashboard.snapshot import resources_text
+
+    state = make_state()
+    register(state, "a", cpus=4, memory=8 * GIB, gpus=("0", "1"))
+    register(state, "old")
+    create(state, "k", cpus=1.5, memory_bytes=GIB, gpus=1)
+    assert resources_text(state.agents["a"]) == "cpu 1.5/4 · mem 1.0/8.0G · gpu 1/2"
+    assert resources_text(state.agents["old"]) == ""
