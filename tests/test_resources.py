@@ -176,7 +176,9 @@ async def test_labels_pick_the_agent_and_cpus_and_memory_are_held_and_limited(
         assert more.info.agent_id == cpu_agent  # type: ignore[union-attr]
 
 
-async def test_functions_and_actors_get_their_own_gpus(rdefaults: SandboxDefaults) -> None:
+async def test_functions_and_actors_get_their_own_gpus(
+    rcluster: Cluster, rdefaults: SandboxDefaults
+) -> None:
     async with Sandbox.session(rdefaults) as session:
 
         @session.function(gpus=1, cpus=0.5)
@@ -187,6 +189,8 @@ async def test_functions_and_actors_get_their_own_gpus(rdefaults: SandboxDefault
 
         results = await asyncio.gather(*(visible() for _ in range(8)))
         assert {r.value for r in results} <= {"0", "1"}
+        # The pool sized itself by the GPUs free, not the slots: no worker queued.
+        assert _queued(rcluster) == 0
 
     async with Sandbox.session(rdefaults) as session:
 
