@@ -152,7 +152,14 @@ async def test_a_gpu_request_no_agent_could_ever_hold_fails_at_once(
             await session.create(
                 command="sleep", args=["infinity"], cpus=64, agent_labels={"zone": "b"}
             ).start()
-        assert time.monotonic() - t0 < 10  # at once, not after the start timeout
+
+        @session.function(gpus=3)
+        def never() -> None:
+            pass
+
+        with pytest.raises(ResourcesUnavailableError, match="GPUs 0,1"):
+            await never()
+        assert time.monotonic() - t0 < 20  # at once, not after the start timeout
         assert _queued(rcluster) == 0
 
 
