@@ -8,11 +8,14 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import uvloop
 
 from agent.identity import Identity, claim, default_agent_id, state_dir
+from agent.resources import Capacity, parse_gpus, parse_memory
 from agent.runtime import make_runtime
 from agent.server import AgentServer
 from agent.spares import parse_warm
@@ -39,6 +42,7 @@ from aviato._server.daemon import (
 from aviato._server.metrics import MetricsEndpoint
 from aviato.exceptions import AgentIdInUseError, ConfigurationError, UnauthorizedError
 
+T = TypeVar("T")
 SHUTDOWN_GRACE = 50.0  # seconds from a stop request to exit, stuck or not
 
 
@@ -50,6 +54,18 @@ def _labels(pairs: list[str]) -> dict[str, str]:
             raise SystemExit(f"--label takes KEY=VALUE, got {pair!r}")
         out[key] = value
     return out
+
+
+def _parsed(parse: Callable[[str], T]) -> Callable[[str], T]:
+    """An argparse type from a parser raising ValueError with a message for the user."""
+
+    def convert(text: str) -> T:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,7 +114,32 @@ def build_parser() -> argparse.ArgumentParser:
         " host clients reach this agent at: --advertise-host, else --bind's); with Docker,"
         " an address of the engine's host",
     )
-    p.add_argument("--label", action="append", default=[], help="KEY=VALUE, repeatable")
+    p.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        help="KEY=VALUE, repeatable: a create with agent_labels={KEY: VALUE} is placed"
+        " only on agents that carry it",
+    )
+    p.add_argument(
+        "--gpus",
+        type=_parsed(parse_gpus),
+        default=None,
+        help="GPU ids this host gives sandboxes, e.g. 0,1 (each to one sandbox at a time;"
+        " 'none' for none; default: those nvidia-smi -L lists)",
+    )
+    p.add_argument(
+        "--cpus",
+        type=float,
+        default=None,
+        help="CPUs to advertise for placement (default: the cores this process may use)",
+    )
+    p.add_argument(
+        "--memory",
+        type=_parsed(parse_memory),
+        default=None,
+        help="memory to advertise for placement, bytes or e.g. 16G (default: the host's)",
+    )
     p.add_argument("--pids-limit", type=int, default=1024)
     p.add_argument(
         "--cap-add",
@@ -245,6 +286,7 @@ async def run(
         state_directory=Path(args.state_dir) if args.state_dir else state_dir(),
         allow_mounts=roots,
         publish_host=args.publish_host,
+        capacity=Capacity.of_host(args.cpus, args.memory, args.gpus),
     )
     endpoint = None
     if args.metrics is not None:
@@ -295,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     if args.slots < 1:
         raise SystemExit("agent: --slots must be at least 1")
+    if args.cpus is not None and not 0 < args.cpus <= 1 << 20:
+        raise SystemExit("agent: --cpus must be above 0")
     keys = _keys(args)
     log_to_stderr(args.log_level, args.log_format, "agent")
     identity = _identity(args)

@@ -19,7 +19,9 @@ from agent.kept_logs import KeptLogs
 from agent.lane_server import LaneServer
 from agent.lifecycle import AgentLifecycle, data_handlers
 from agent.processes import ProcessRequests
+from agent.resources import gpu_ids_of
 from agent.runtime.base import ExitStatus, Runtime
+from agent.runtime.labels import LABEL_CREATED, LABEL_SPARE, spec_from_labels
 from agent.supervisor_hub import WorkerHub
 from aviato._server import sockets
 from aviato._server.errors import error_reply
@@ -45,7 +47,9 @@ from aviato.protocol import (
     Pong,
     ReadFile,
     RunCalls,
+    SandboxInfo,
     SandboxSpec,
+    SandboxStatus,
     StreamAck,
     WriteFile,
     decode,
@@ -66,6 +70,25 @@ class Running:
     #: Made from a pre-started spare: its container's env lacks ``spec.env``, so
     #: exec adds it (as a fresh container's env would have it).
     spare: bool = False
+    #: The GPU ids the scheduler gave it (reported again when we re-register).
+    gpu_ids: tuple[str, ...] = ()
+
+    @classmethod
+    def found(cls, labels: Mapping[str, str]) -> Running | None:
+        """The row of a running sandbox found on the runtime at start, from its labels
+        (None: not ours to keep: a function worker cannot be reconnected to a new agent
+        process)."""
+        spec = spec_from_labels(labels)
+        if spec is None or spec.function_worker:
+            return None
+        created = float(labels.get(LABEL_CREATED, "0") or 0)
+        return cls(spec, created, bool(labels.get(LABEL_SPARE)), gpu_ids_of(labels))
+
+    def report(self, sandbox_id: str, status: SandboxStatus) -> SandboxInfo:
+        """The row as the scheduler is told it when we (re-)register."""
+        return SandboxInfo(
+            sandbox_id, self.spec, status, created_at=self.created_at, gpu_ids=self.gpu_ids
+        )
 
 
 class DataPlane:

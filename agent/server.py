@@ -27,14 +27,12 @@ from agent.kept_logs import KeptLogs
 from agent.lane_server import LaneServer
 from agent.lifecycle import AgentLifecycle
 from agent.ports import PortService
+from agent.resources import Capacity, gpu_ids_of, with_gpus
 from agent.runtime.base import (
     LABEL_AGENT,
-    LABEL_CREATED,
-    LABEL_SPARE,
     Runtime,
     SandboxExit,
     sandbox_labels,
-    spec_from_labels,
 )
 from agent.runtime.isolation import refusal
 from agent.runtime.spare_claims import SpareClaims
@@ -129,8 +127,10 @@ class AgentServer:
         state_directory: Path | None = None,
         allow_mounts: tuple[str, ...] = (),
         publish_host: str | None = None,
+        capacity: Capacity | None = None,
     ) -> None:
         self.runtime = runtime
+        self.capacity = capacity or Capacity(0.0, 0, ())  # advertised (none: no limits)
         self.scheduler = scheduler
         self.agent_id = agent_id
         self.slots = slots
@@ -423,19 +423,16 @@ class AgentServer:
         leftovers: list[str] = []  # stopped once the id is ours (the scheduler agrees)
         if fresh:
             for found in await self.runtime.list(self.agent_id):
-                spec = spec_from_labels(found.labels)
-                created = float(found.labels.get(LABEL_CREATED, "0") or 0)
-                # A function worker cannot be reconnected to a new agent process.
-                if found.running and spec is not None and not spec.function_worker:
-                    spare = bool(found.labels.get(LABEL_SPARE))
-                    self.sandboxes.setdefault(found.sandbox_id, Running(spec, created, spare))
+                run = Running.found(found.labels) if found.running else None
+                if run is not None:
+                    self.sandboxes.setdefault(found.sandbox_id, run)
                     if found.paused:  # still frozen: reported, and served, as paused
                         self.lifecycle.adopt_paused(found.sandbox_id)
                 else:
                     leftovers.append(found.sandbox_id)
         for sid, run in self.sandboxes.items():
             status = self.lifecycle.status(sid)
-            reported.append(SandboxInfo(sid, run.spec, status, created_at=run.created_at))
+            reported.append(run.report(sid, status))
         msg = RegisterAgent(
             agent_id=self.agent_id,
             address=self.address,
@@ -453,6 +450,7 @@ class AgentServer:
             isolations=self.runtime.isolations,
             probe=self.runtime.probe_note,
         )
+        msg = self.capacity.advertised(msg)
         reply = await self._ask_scheduler(msg, self.register_timeout)
         if isinstance(reply, ErrorReply) and reply.code is ErrorCode.ID_IN_USE:
             # Another live agent has our id: taking it over would wreck it. Exit.
@@ -605,7 +603,7 @@ class AgentServer:
         sid = info.sandbox_id
         if sid not in self.sandboxes:
             self.creating.add(sid)
-            labels = sandbox_labels(sid, self.agent_id, info.spec, info.created_at)
+            labels = sandbox_labels(sid, self.agent_id, info.spec, info.created_at, info.gpu_ids)
             spare = False
             try:
                 if self.spares is not None:
@@ -626,7 +624,7 @@ class AgentServer:
                 self.creating.discard(sid)
             if self.spares is not None and not spare:
                 await self._resend_spares(sock)
-            self.sandboxes[sid] = Running(info.spec, info.created_at, spare)
+            self.sandboxes[sid] = Running(info.spec, info.created_at, spare, info.gpu_ids)
         running = dataclasses.replace(info, status=SandboxStatus.RUNNING)
         await self._reply_scheduler(sock, request_id, SandboxReply(running))
         early = self._early_exits.pop(sid, None)
@@ -663,6 +661,7 @@ class AgentServer:
                 command, args = supervisor_command()
                 env = {**spec.env, **hub.worker_env()}
                 spec = dataclasses.replace(spec, command=command, args=args, env=env)
+            spec = with_gpus(spec, gpu_ids_of(labels), self.capacity.gpus)
             await self.runtime.create(sid, spec, labels, mounts)
             if spec.function_worker or self.runtime.supervisor_is_main:
                 try:

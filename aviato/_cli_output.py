@@ -35,8 +35,8 @@ SANDBOX_COLUMNS = (
 )  # fmt: skip
 VOLUME_COLUMNS = ("volume", "agent", "address")
 AGENT_COLUMNS = (
-    "agent", "address", "runtime", "isolation", "slots used", "slots free", "spares", "alive",
-    "heartbeat",
+    "agent", "address", "runtime", "isolation", "slots used", "slots free", "cpus used/free",
+    "memory used/free", "gpus used/free", "spares", "alive", "heartbeat",
 )  # fmt: skip
 
 
@@ -95,10 +95,29 @@ def agent_row(agent: AgentInfo) -> list[str]:
         ",".join(agent.isolations) + (" (probed)" if agent.probe else "") or "-",
         str(agent.used),
         str(agent.slots - agent.used),
+        *resources_cells(agent),
         str(agent.spares),  # pre-started sandboxes, in free slots (python -m agent --warm)
         "yes" if agent.alive else "DEAD",
         f"{agent.seconds_since_heartbeat:.1f}s ago",
     ]
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n / (1 << 20):.1f}M"
+
+
+def resources_cells(agent: AgentInfo) -> list[str]:
+    """Used/free per resource, as sandboxes asked for them ("-" free: not advertised,
+    so not limited); GPUs by id, those in use first."""
+    cpus = f"{agent.cpus_used:g}/" + (f"{agent.cpus - agent.cpus_used:g}" if agent.cpus else "-")
+    memory = _size(agent.memory_used) + "/"
+    memory += _size(agent.memory_bytes - agent.memory_used) if agent.memory_bytes else "-"
+    free = [g for g in agent.gpus if g not in agent.gpus_used]
+    gpus = f"{','.join(agent.gpus_used) or '-'}/{','.join(free) or '-'}" if agent.gpus else "-"
+    return [cpus, memory, gpus]
 
 
 def status_record(address: str, status: ClusterStatusReply) -> dict[str, Any]:
@@ -114,6 +133,13 @@ def status_record(address: str, status: ClusterStatusReply) -> dict[str, Any]:
                 "slots": a.slots,
                 "used": a.used,
                 "spares": a.spares,
+                # Capacity (0 / []: not advertised) and what its sandboxes asked for.
+                "cpus": a.cpus,
+                "cpus_used": a.cpus_used,
+                "memory_bytes": a.memory_bytes,
+                "memory_used": a.memory_used,
+                "gpus": list(a.gpus),
+                "gpus_used": list(a.gpus_used),
                 "alive": a.alive,
                 "seconds_since_heartbeat": a.seconds_since_heartbeat,
             }

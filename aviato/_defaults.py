@@ -61,6 +61,11 @@ class SandboxDefaults:
     #: "runc", "gvisor" (Docker with runsc) or "bwrap" (the local runtime); None: the
     #: agent's default. Placed only on an agent that offers it.
     isolation: str | None = None
+    #: Resources every sandbox asks for (see ``session.create``): GPUs, the agent labels
+    #: it must be placed on, and "spread" (None) or "pack".
+    gpus: int | None = None
+    agent_labels: Mapping[str, str] = field(default_factory=dict)
+    placement: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists for convenience; keep the frozen value hashable-ish and immutable.
@@ -70,6 +75,7 @@ class SandboxDefaults:
         object.__setattr__(self, "mounts", tuple(self.mounts))
         object.__setattr__(self, "volumes", dict(self.volumes))
         object.__setattr__(self, "ports", tuple(self.ports))
+        object.__setattr__(self, "agent_labels", dict(self.agent_labels))
 
     def replace(self, **changes: Any) -> SandboxDefaults:
         return dataclasses.replace(self, **changes)

@@ -28,6 +28,7 @@ _CODE_TO_EXC: dict[ErrorCode, type[exc.AviatoError]] = {
     ErrorCode.PAUSED: exc.SandboxPausedError,
     ErrorCode.NOT_PAUSED: exc.SandboxNotPausedError,
     ErrorCode.ISOLATION_UNAVAILABLE: exc.IsolationUnavailableError,
+    ErrorCode.RESOURCES_UNAVAILABLE: exc.ResourcesUnavailableError,
 }
 
 

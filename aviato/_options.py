@@ -33,6 +33,7 @@ __all__ = [
     "MIN_MEMORY_BYTES",
     "NAMES",
     "NETWORKS",
+    "PLACEMENTS",
     "SandboxOptions",
     "as_args",
 ]
@@ -49,6 +50,12 @@ NETWORKS = (None, "none", "bridge")
 #: user-space kernel); bwrap: the local runtime's bubblewrap namespaces. None: any,
 #: the placing agent's default.
 ISOLATIONS = (None, "runc", "gvisor", "bwrap")
+#: spread: the agent with the most free slots (the default, None); pack: the fullest
+#: agent it fits on (leaves whole agents free for big requests).
+PLACEMENTS = (None, "spread", "pack")
+#: GPUs one sandbox may ask for at most, and agent labels one create may name.
+MAX_GPUS = 1024
+MAX_AGENT_LABELS = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +83,16 @@ class SandboxOptions:
     #: In-sandbox TCP ports published on the agent's host (``Sandbox.tunnels()``).
     ports: tuple[int, ...] = ()
     isolation: str | None = None
+    #: GPUs it needs, each its own (None or 0: none); placed where that many are free.
+    gpus: int | None = None
+    #: Placed only on an agent started with each ``--label KEY=VALUE`` named here.
+    agent_labels: dict[str, str] = field(default_factory=dict)
+    #: "spread" (None: the default) or "pack" (see PLACEMENTS).
+    placement: str | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.agent_labels, dict):
+            object.__setattr__(self, "agent_labels", dict(self.agent_labels))
         if not isinstance(self.mounts, tuple):
             object.__setattr__(self, "mounts", tuple(self.mounts))
         if not isinstance(self.volumes, dict):
@@ -106,6 +121,7 @@ class SandboxOptions:
             image=self.image or base.image,
             args=args,
             env={**base.env, **self.env},
+            agent_labels={**base.agent_labels, **self.agent_labels},
             tags=tuple(dict.fromkeys((*base.tags, *self.tags))),
             mounts=(*base.mounts, *self.mounts),
             volumes={**base.volumes, **self.volumes},
@@ -155,6 +171,26 @@ class SandboxOptions:
                 "isolation must be None (the agent's default), 'runc', 'gvisor' or 'bwrap',"
                 f" got {brief(self.isolation)}"
             )
+        out += self._placement_problems()
+        return out
+
+    def _placement_problems(self) -> list[str]:
+        out = []
+        gpus = self.gpus
+        if gpus is not None and (
+            isinstance(gpus, bool) or not isinstance(gpus, int) or not 0 <= gpus <= MAX_GPUS
+        ):
+            out.append(f"gpus must be a whole number from 0 to {MAX_GPUS} (or None), got {gpus!r}")
+        if self.placement not in PLACEMENTS:
+            out.append(f"placement must be None, 'spread' or 'pack', got {brief(self.placement)}")
+        labels = self.agent_labels
+        if len(labels) > MAX_AGENT_LABELS or not all(
+            isinstance(k, str) and isinstance(v, str) and k for k, v in labels.items()
+        ):
+            out.append(
+                f"agent_labels must map up to {MAX_AGENT_LABELS} non-empty label names to "
+                "string values, e.g. {'zone': 'a'}"
+            )
         return out
 
     def key(self) -> tuple[Any, ...]:
@@ -174,7 +210,9 @@ class SandboxOptions:
 NAMES = tuple(f.name for f in dataclasses.fields(SandboxOptions))
 #: Options merged as "set wins" (``over`` merges the others its own way).
 _PLAIN = tuple(
-    n for n in NAMES if n not in ("image", "args", "env", "tags", "mounts", "volumes", "ports")
+    n
+    for n in NAMES
+    if n not in ("image", "args", "env", "tags", "mounts", "volumes", "ports", "agent_labels")
 )
 
 

@@ -49,6 +49,7 @@ from aviato._pool_state import (
     StopWorker,
     Worker,
 )
+from aviato._resources import room_for
 from aviato._sandbox import Sandbox, scheduler_connection
 from aviato._tasks import TaskGroup
 from aviato.exceptions import AviatoError, ClusterUnavailableError, SandboxError
@@ -403,7 +404,8 @@ class FunctionPool:
     # ------------------------------------------------------------------ workers
 
     async def _size(self) -> None:
-        """Default pool bound: what the cluster's free slots allow, at least one."""
+        """Default pool bound: what the cluster's free slots (and resources, for workers
+        that ask for some) allow, at least one."""
         free: int | None = None
         try:
             conn = await scheduler_connection(self.session.defaults, self.session._connections)
@@ -411,7 +413,7 @@ class FunctionPool:
                 ClusterStatus(), timeout=self.session.defaults.request_timeout_seconds
             )
             assert isinstance(reply.msg, ClusterStatusReply)
-            free = sum(a.slots - a.used for a in reply.msg.agents if a.alive)
+            free = sum(room_for(a, self.options.sandbox) for a in reply.msg.agents)
         except AviatoError as exc:
             log.warning("could not size the function pool (%s); using 1 worker", exc)
         self._run(self.state.sized(free))

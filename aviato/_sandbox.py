@@ -163,9 +163,14 @@ class Sandbox(SandboxFiles, SandboxLifecycle):
         _function_worker: bool = False,
         _merged: SandboxOptions | None = None,
         idle_timeout_seconds: float | None = None,
+        gpus: int | None = None,
+        agent_labels: Mapping[str, str] | None = None,
+        placement: str | None = None,
     ) -> None:
         """``_merged``: options merged over the defaults already (a function worker's),
-        used instead of the arguments."""
+        used instead of the arguments. ``cpus``, ``memory_bytes``, ``gpus`` and
+        ``agent_labels`` are placed where they fit (``placement="pack"``: on the
+        fullest such agent; by default the emptiest)."""
         self._defaults = defaults or (_session.defaults if _session else SandboxDefaults())
         self._session = _session
         if _merged is None:
@@ -184,6 +189,9 @@ class Sandbox(SandboxFiles, SandboxLifecycle):
                 mounts=tuple(mounts),
                 volumes=dict(volumes or {}),
                 ports=tuple(ports),
+                gpus=gpus,
+                agent_labels=dict(agent_labels or {}),
+                placement=placement,
             )
             _merged = mine.over(self._defaults.options())
         self._spec: SandboxSpec = SandboxSpec.of(

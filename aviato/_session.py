@@ -103,6 +103,9 @@ class Session:
         env: Mapping[str, str] | None = None,
         memory_bytes: int | None = None,
         cpus: float | None = None,
+        gpus: int | None = None,
+        agent_labels: Mapping[str, str] | None = None,
+        placement: str | None = None,
         network: str | None = None,
         serialization: Serialization = Serialization.PICKLE,
         retries: int = 2,
@@ -121,7 +124,9 @@ class Session:
         ``retries`` re-runs a call whose worker died (user exceptions are not retried
         unless their type is in ``retry_on``); ``timeout_seconds`` bounds each call;
         ``max_workers`` bounds the pool (default: the cluster's free slots);
-        a result above ``max_result_bytes`` raises PayloadTooLargeError."""
+        a result above ``max_result_bytes`` raises PayloadTooLargeError. Each worker
+        sandbox asks for ``cpus``, ``memory_bytes``, ``gpus`` and ``agent_labels`` (see
+        ``Sandbox``): a call runs on a worker placed where those fit."""
         self._check_open()
         if retries < 0:
             raise ValueError("retries must be >= 0")
@@ -130,6 +135,9 @@ class Session:
             env=dict(env or {}),
             memory_bytes=memory_bytes,
             cpus=cpus,
+            gpus=gpus,
+            agent_labels=dict(agent_labels or {}),
+            placement=placement,
             network=network,
         )
         options = FunctionOptions(
@@ -154,6 +162,9 @@ class Session:
         env: Mapping[str, str] | None = None,
         memory_bytes: int | None = None,
         cpus: float | None = None,
+        gpus: int | None = None,
+        agent_labels: Mapping[str, str] | None = None,
+        placement: str | None = None,
         network: str | None = None,
         serialization: Serialization = Serialization.PICKLE,
         timeout_seconds: float | None = None,
@@ -187,6 +198,9 @@ class Session:
             env=dict(env or {}),
             memory_bytes=memory_bytes,
             cpus=cpus,
+            gpus=gpus,
+            agent_labels=dict(agent_labels or {}),
+            placement=placement,
             network=network,
         )
         options = FunctionOptions(

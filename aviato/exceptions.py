@@ -20,6 +20,7 @@ Every error a user can see is one of these; the daemons send a wire error code
         ├── SandboxTimeoutError        a deadline passed (queue, exec, request); also TimeoutError
         ├── SandboxTerminatedError     stopped by a user, a limit (.ended_by) or its session
         ├── SandboxFailedError         could not start (bad image, ...) or its agent was lost
+        │   ├── ResourcesUnavailableError  no live agent could ever hold its CPUs/memory/GPUs
         │   └── WorkerLostError        a remote call's worker died (killed, OOM) past its retries
         │       └── ActorLostError     an actor's worker died: the instance's state is gone
         ├── SandboxExecutionError      exec with check=True exited non-zero (.exec_result)
@@ -167,6 +168,12 @@ class IsolationUnavailableError(SandboxFailedError):
     """No live agent offers the isolation a sandbox asks for (``SandboxDefaults(
     isolation=...)``), or the agent it reached does not: the message names what the
     agents offer."""
+
+
+class ResourcesUnavailableError(SandboxFailedError):
+    """No live agent could ever hold what a create asks for (``cpus``, ``memory_bytes``,
+    ``gpus``, ``agent_labels``), even with nothing else running: the message names the
+    largest agent's capacity. A request that fits an agent once others stop waits instead."""
 
 
 class WorkerLostError(SandboxFailedError):

@@ -68,6 +68,7 @@ def sandbox_info(rec: SandboxRecord, agents: Mapping[str, AgentRecord]) -> Sandb
         agent_lane=agent.lane if agent else "",
         ended_by=rec.ended_by,
         isolation=rec.spec.isolation or (agent.isolations[0] if agent and agent.isolations else ""),
+        gpu_ids=rec.gpu_ids,
     )
 
 
@@ -141,6 +142,12 @@ def status_page(
             public_key=a.public_key,
             isolations=a.isolations,
             probe=a.probe,
+            cpus=a.cpus_milli / 1000,
+            memory_bytes=a.memory_bytes,
+            gpus=a.gpus,
+            cpus_used=a.cpus_used_milli / 1000,
+            memory_used=a.memory_used,
+            gpus_used=tuple(g for g in a.gpus if g in a.gpu_holders),
         )
         for a in map(agents.__getitem__, page)
     )

@@ -42,6 +42,9 @@ HEARTBEAT_RATE = 700.0
 MAX_HEARTBEAT_INTERVAL = 1.5
 #: Distinct specs shared at most (see SchedulerState._intern).
 MAX_INTERNED_SPECS = 4096
+#: Queued specs one dispatch passes over at most (each fits no agent now): a queue of
+#: waiting GPU creates costs each sandbox's end a bounded walk.
+MAX_PASSED_SPECS = 256
 #: Spare shapes kept per agent (those with the most ready): each placement on it
 #: costs O(its shapes), whatever it reports.
 MAX_SPARE_SHAPES = 16
@@ -120,6 +123,15 @@ class AgentRecord:
     #: Isolation levels it offers, its default first; what its start-up probe found.
     isolations: tuple[str, ...] = ()
     probe: str = ""
+    #: Its capacity (0 / empty: not advertised, so not limited; see placement.py), CPUs
+    #: in thousandths (sums of floats drift), and what its active sandboxes asked for.
+    cpus_milli: int = 0
+    memory_bytes: int = 0
+    gpus: tuple[str, ...] = ()
+    cpus_used_milli: int = 0
+    memory_used: int = 0
+    #: GPU id -> the sandbox holding it (each GPU to one sandbox at a time).
+    gpu_holders: dict[str, str] = field(default_factory=dict)
 
     @property
     def free(self) -> int:
@@ -152,6 +164,8 @@ class SandboxRecord:
     idle_armed: float | None = None
     #: Which limit (or who) ended it (an ``EndedBy`` value; see SandboxInfo.ended_by).
     ended_by: str = ""
+    #: The GPUs of its agent it holds while active (see scheduler/placement.py).
+    gpu_ids: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)

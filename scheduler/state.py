@@ -27,15 +27,15 @@ from aviato.protocol import (
     SpareShape,
     StopSandbox,
     VolumeListReply,
-    spare_key,
 )
-from scheduler.lifecycle import LifecycleState
+from scheduler.placement import PlacementState
 from scheduler.queries import Filter, list_page, sandbox_info, status_page
 from scheduler.records import (
     _SPEC_FIELDS,
     ACTIVE,
     BLIND_MEMORY_SECONDS,
     MAX_INTERNED_SPECS,
+    MAX_PASSED_SPECS,
     MAX_STOPPED_UNKNOWN,
     STOP_CONFIRM_SECONDS,
     Action,
@@ -68,9 +68,10 @@ __all__ = [
 ]
 
 
-class SchedulerState(LifecycleState):
+class SchedulerState(PlacementState):
     """The decisions: each event handler takes the time and returns the actions (those
-    of idle timeouts, lifetimes, pause and snapshots are in scheduler/lifecycle.py)."""
+    of idle timeouts, lifetimes, pause and snapshots are in scheduler/lifecycle.py; of
+    placement and resources, in scheduler/placement.py)."""
 
     #: Session leases that expired (for the metrics).
     leases_expired: int = 0
@@ -160,6 +161,7 @@ class SchedulerState(LifecycleState):
             agent.public_key, agent.lane = msg.public_key, msg.lane
             agent.instance, agent.dead_since = msg.instance, None
             self._set_alive(agent, True)
+        self._set_capacity(agent, msg)
         self._agent_added(agent)
         self._set_isolations(agent, tuple(msg.isolations), msg.probe)
         self._set_spares(agent, msg.spares, msg.spare_shapes)
@@ -206,10 +208,10 @@ class SchedulerState(LifecycleState):
             return []
         actions: list[Action] = []
         reason = f"agent {agent_id} stopped"
+        self._set_alive(agent, False)  # first: what its sandboxes free is not placed there
         for sid in list(agent.active):
             actions += self._end(self.sandboxes[sid], SandboxStatus.TERMINATED, now, reason)
         actions += self._agent_gone(agent_id)
-        self._set_alive(agent, False)
         del self.agents[agent_id]
         self._volumes.drop(agent_id)
         return actions
@@ -301,7 +303,7 @@ class SchedulerState(LifecycleState):
         self._add_row(rec)
         if not paused:
             self._arm_idle(rec, now)
-        self.agents[agent_id].active.add(rec.sandbox_id)
+        self._hold(self.agents[agent_id], rec, reported.gpu_ids)
         if spec.session_id and spec.session_id not in self.sessions:
             # The client, if alive, renews this with its next keepalive.
             self._lease(spec.session_id, now + self.config.adopted_lease_seconds, now)
@@ -330,6 +332,9 @@ class SchedulerState(LifecycleState):
         why_not = self._no_isolation(spec, now)
         if why_not:
             return [Reply(key, ErrorReply(ErrorCode.ISOLATION_UNAVAILABLE, why_not))]
+        why_not = self._never_fits(spec, now)
+        if why_not:
+            return [Reply(key, self._refusal(why_not))]
         if sandbox_id in self.stopped_unknown:
             why = f"sandbox {sandbox_id} was stopped before its create arrived"
             return [Reply(key, ErrorReply(ErrorCode.TERMINATED, why))]
@@ -369,70 +374,6 @@ class SchedulerState(LifecycleState):
         self._specs[key] = spec
         return spec
 
-    def _no_agents(self, now: float) -> str:
-        """Why a create cannot even wait for a slot ("" if it can): no live agent, past
-        the start-up grace (in which agents register, again after a restart)."""
-        if self._alive_count > 0:
-            return ""
-        if now - self.started_at < self.config.startup_grace_seconds:
-            return ""
-        if not self.agents:
-            return (
-                "no agents registered with this scheduler: start one on each worker host "
-                "(python -m agent --scheduler tcp://SCHEDULER:PORT)"
-            )
-        lost = ", ".join(sorted(self.agents))
-        return (
-            f"no agents registered that are alive (lost: {lost}); restart them or start "
-            "another (python -m agent --scheduler tcp://SCHEDULER:PORT)"
-        )
-
-    def _no_isolation(self, spec: SandboxSpec, now: float) -> str:
-        """Why no live agent can run ``spec``'s isolation ("" if one can, or agents may
-        still register: the start-up grace)."""
-        level = spec.isolation
-        if level is None or self._offering.get(level):
-            return ""
-        if now - self.started_at < self.config.startup_grace_seconds:
-            return ""
-        offered = sorted({lv for lv, ids in self._offering.items() if ids})
-        return (
-            f"no live agent offers isolation {level!r} (they offer: "
-            f"{', '.join(offered) or 'nothing'}); start an agent with --isolation {level}"
-            " (gvisor: Docker with the runsc runtimes registered, see README), or ask"
-            " for one of those"
-        )
-
-    def choose_agent(self, spec: SandboxSpec | None = None) -> AgentRecord | None:
-        """A snapshot's create goes to the agent holding it, or waits for it; else an
-        agent holding ``spec``'s named volumes, with a free slot (see
-        scheduler/volumes.py); else one holding a ready spare of ``spec``'s shape (the most
-        of them; ties by id), so that the create is ready in milliseconds; else spread:
-        the live agent with the most free slots (ties by id, for determinism). From the
-        indexes."""
-        if spec is not None and self._snapshot_keys:
-            snapshot, keeper = self.snapshot_agent(spec)  # its agent, or none yet
-            if snapshot:
-                return keeper
-        if spec is not None and spec.volumes:
-            keeper = self._volumes.prefer(spec.volumes.values(), self._usable)
-            if keeper is not None:
-                return keeper
-        if spec is not None and self._spares:
-            key = spare_key(spec)
-            holder = self._spares.best(key) if key is not None else None
-            if holder is not None:
-                return self.agents[holder]
-        if spec is not None and spec.isolation is not None:
-            best = self._by_isolation.best(spec.isolation)
-            return self.agents[best] if best is not None else None
-        best = self._free.best()
-        return self.agents[best] if best is not None else None
-
-    def _usable(self, agent_id: str) -> AgentRecord | None:
-        agent = self.agents.get(agent_id)
-        return agent if agent is not None and agent.alive and agent.free > 0 else None
-
     def set_volumes(self, agent_id: str, names: Iterable[str]) -> None:
         """An agent reports the named volumes its host holds (AgentVolumes)."""
         if agent_id in self.agents:
@@ -441,28 +382,24 @@ class SchedulerState(LifecycleState):
     def list_volumes(self) -> VolumeListReply:
         return VolumeListReply(self._volumes.listing(self.agents))
 
-    def _took_spare(self, agent: AgentRecord, spec: SandboxSpec) -> None:
-        """A create of a shape the agent holds spares of: it will take one (until it
-        says otherwise), so the next such create may go elsewhere."""
-        key = spare_key(spec)
-        ready = agent.spare_shapes.get(key, 0) if key is not None else 0
-        if ready > 0:
-            assert key is not None
-            agent.spares = max(0, agent.spares - 1)
-            if ready > 1:
-                agent.spare_shapes[key] = ready - 1
-            else:
-                del agent.spare_shapes[key]
-                self._spares.set(agent.agent_id, key, 0)
-
     def _dispatch(self, now: float) -> list[Action]:
-        """Place queued creates, in order, while an agent has room."""
+        """Place queued creates, in order, while an agent has room. One that fits no
+        agent now (its GPUs are taken) is passed over, not waited behind: the walk
+        goes on while any agent has a free slot, past a few hundred specs at most."""
         actions: list[Action] = []
-        while self.pending:
-            agent = self.choose_agent(self.pending[0].spec)
+        i = 0
+        passed: set[int] = set()  # specs (interned: equal ones are one) that fit nowhere
+        while i < len(self.pending) and len(self._free) and len(passed) < MAX_PASSED_SPECS:
+            req = self.pending[i]
+            if id(req.spec) in passed:
+                i += 1
+                continue
+            agent = self.choose_agent(req.spec)
             if agent is None:
-                break
-            req = self.pending.popleft()
+                passed.add(id(req.spec))
+                i += 1
+                continue
+            del self.pending[i]
             self._pending_ids.discard(req.sandbox_id)
             sid = req.sandbox_id or self._new_id()
             deadline = None
@@ -482,7 +419,7 @@ class SchedulerState(LifecycleState):
             self._add_row(rec)
             assert rec.creator_deadline is not None
             self._placing[sid] = rec.creator_deadline
-            agent.active.add(sid)
+            self._hold(agent, rec)
             agent.inflight.add(sid)
             if agent.spare_shapes:
                 self._took_spare(agent, req.spec)
@@ -614,7 +551,7 @@ class SchedulerState(LifecycleState):
         actions: list[Action] = []
         agent = self.agents.get(rec.agent_id) if rec.agent_id else None
         if agent is not None:
-            agent.active.discard(rec.sandbox_id)
+            self._release(agent, rec)
             self._agent_changed(agent)
             if stop and agent.alive:
                 actions.append(self._stop_on_agent(rec, agent.agent_id, reason))
@@ -759,6 +696,11 @@ class SchedulerState(LifecycleState):
                 self.pending.remove(req)
                 self._pending_ids.discard(req.sandbox_id)
                 actions.append(Reply(req.key, ErrorReply(ErrorCode.ISOLATION_UNAVAILABLE, why)))
+        for req, why in self._unplaceable(now):
+            if req in self.pending and req.deadline > now:
+                self.pending.remove(req)
+                self._pending_ids.discard(req.sandbox_id)
+                actions.append(Reply(req.key, self._refusal(why)))
         for req in expired:
             self.pending.remove(req)
             self._pending_ids.discard(req.sandbox_id)

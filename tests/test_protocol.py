@@ -131,6 +131,9 @@ SPEC = SandboxSpec(
     mounts=(Mount("/datasets/imagenet", "/data", read_only=True), Mount("/srv/x", "/x")),
     volumes={"/cache": "pip-cache"},
     ports=(8000, 8443),
+    gpus=2,
+    agent_labels={"zone": "a"},
+    placement="pack",
 )
 
 INFO = SandboxInfo(
@@ -145,6 +148,7 @@ INFO = SandboxInfo(
     deadline=1277.0,
     runtime="docker",
     agent_public_key="rq:rM>}U?@Lns47E1%kR.o@n%FcmmsL/@{H8]yf7",
+    gpu_ids=("0", "3"),
 )
 
 INFO2 = SandboxInfo(
@@ -162,6 +166,12 @@ AGENT = AgentInfo(
     runtime="docker",
     labels={"zone": "eu"},
     seconds_since_heartbeat=2.25,
+    cpus=16.0,
+    memory_bytes=64 << 30,
+    gpus=("0", "1", "2", "3"),
+    cpus_used=2.5,
+    memory_used=4 << 30,
+    gpus_used=("0", "3"),
 )
 
 #: One representative instance per message class, with non-default values.
@@ -218,6 +228,9 @@ SAMPLES: list[Message] = [
         replaces="fedc3210",
         spares=1,
         spare_shapes=(SpareShape("python:3.11", cpus=1.0, ready=1),),
+        cpus=16.0,
+        memory_bytes=64 << 30,
+        gpus=("0", "1"),
     ),
     DeregisterAgent(agent_id="agent-a", instance="0123abcd"),
     RegisterReply(heartbeat_interval=0.25, adopt=("sb-1",), reap=("sb-2", "sb-3")),
@@ -700,6 +713,7 @@ CODED: list[tuple[type[exc.AviatoError], ErrorCode]] = [
     (exc.SandboxNotPausedError, ErrorCode.NOT_PAUSED),
     (exc.UnsupportedOperationError, ErrorCode.UNSUPPORTED),
     (exc.IsolationUnavailableError, ErrorCode.ISOLATION_UNAVAILABLE),
+    (exc.ResourcesUnavailableError, ErrorCode.RESOURCES_UNAVAILABLE),
 ]
 
 

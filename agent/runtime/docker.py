@@ -46,6 +46,7 @@ from agent.runtime.base import (
 from agent.runtime.docker_bytes import CHUNK, cut, order_log_entries, read_capped, too_large
 from agent.runtime.docker_errors import DockerError, explain, http_status
 from agent.runtime.docker_exec import DockerExec
+from agent.runtime.docker_gpus import gpu_requests
 from agent.runtime.docker_lifecycle import DockerLifecycle, is_snapshot
 from agent.runtime.docker_ports import publish_ip, published
 from agent.runtime.docker_procs import DockerProcesses
@@ -251,6 +252,7 @@ class DockerRuntime(DockerLifecycle, Runtime):
             # The engine picks a free host port for each, on the agent's publish address.
             port_bindings={p: (publish_ip(self.publish_host), None) for p in spec.ports} or None,
             runtime=docker_runtime_for(spec, self.isolations),
+            device_requests=gpu_requests(self._client, labels),
         )
         kwargs: dict[str, Any] = dict(
             name=f"aviato-{sandbox_id}",

@@ -12,6 +12,7 @@ from aviato.protocol import SandboxSpec, from_wire, to_wire
 __all__ = [
     "LABEL_AGENT",
     "LABEL_CREATED",
+    "LABEL_GPUS",
     "LABEL_MANAGED",
     "LABEL_SANDBOX",
     "LABEL_SESSION",
@@ -31,12 +32,21 @@ LABEL_CREATED = "aviato.created"
 #: (labels are fixed at create: the claim is recorded beside the agent, see
 #: agent/runtime/spare_claims.py, and its labels are rewritten when listed).
 LABEL_SPARE = "aviato.spare"
+#: The GPU ids the scheduler gave the sandbox, comma-separated (absent: none; see
+#: agent/resources.py).
+LABEL_GPUS = "aviato.gpus"
 
 
 def sandbox_labels(
-    sandbox_id: str, agent_id: str, spec: SandboxSpec, created_at: float
+    sandbox_id: str,
+    agent_id: str,
+    spec: SandboxSpec,
+    created_at: float,
+    gpu_ids: tuple[str, ...] = (),
 ) -> dict[str, str]:
+    gpus = {LABEL_GPUS: ",".join(gpu_ids)} if gpu_ids else {}
     return {
+        **gpus,
         LABEL_MANAGED: "1",
         LABEL_SANDBOX: sandbox_id,
         LABEL_AGENT: agent_id,

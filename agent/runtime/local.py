@@ -35,6 +35,7 @@ from typing import Any
 
 import psutil
 
+from agent.resources import gpu_binds
 from agent.runtime.base import (
     LABEL_AGENT,
     LABEL_SPARE,
@@ -515,6 +516,7 @@ class LocalRuntime(LocalLifecycle, Runtime):
             *root_args([m.target for m in mounts]),
             "--dev",
             "/dev",
+            *gpu_binds(spec),  # after --dev: into the sandbox's own /dev
             "--proc",
             "/proc",
             "--tmpfs",

@@ -21,6 +21,7 @@ _EXC_TO_CODE: list[tuple[type[BaseException], ErrorCode]] = [
     (exc.SandboxTimeoutError, ErrorCode.TIMEOUT),
     (exc.SandboxTerminatedError, ErrorCode.TERMINATED),
     (exc.IsolationUnavailableError, ErrorCode.ISOLATION_UNAVAILABLE),
+    (exc.ResourcesUnavailableError, ErrorCode.RESOURCES_UNAVAILABLE),
     (exc.SandboxFailedError, ErrorCode.FAILED),
     (exc.SandboxFileError, ErrorCode.FILE_ERROR),
     (exc.PayloadTooLargeError, ErrorCode.TOO_LARGE),

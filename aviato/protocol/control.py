@@ -177,6 +177,10 @@ class RegisterAgent(Message):
     #: Isolation levels it offers, its default first; what probing them found.
     isolations: tuple[str, ...] = ()
     probe: str = ""
+    #: Its capacity for placement: cores, memory, GPU ids (0 / empty: not advertised).
+    cpus: float = 0.0
+    memory_bytes: int = 0
+    gpus: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -156,6 +156,8 @@ class ErrorCode(enum.StrEnum):
     NOT_PAUSED = "not_paused"
     #: No live agent (or not the one asked) offers the isolation a spec asks for.
     ISOLATION_UNAVAILABLE = "isolation_unavailable"
+    #: No live agent could ever hold what a create asks for (CPUs, memory, GPUs, labels).
+    RESOURCES_UNAVAILABLE = "resources_unavailable"
 
 
 # --------------------------------------------------------------------------- records
@@ -187,6 +189,11 @@ class SandboxSpec:
     ports: tuple[int, ...] = ()
     #: Asked for (None: the agent's default; see aviato/_options.py ISOLATIONS).
     isolation: str | None = None
+    #: Resources placement honours (see scheduler/placement.py): GPUs (each the
+    #: sandbox's own), the agent labels it needs, "spread" (None) or "pack".
+    gpus: int | None = None
+    agent_labels: dict[str, str] = field(default_factory=dict)
+    placement: str | None = None
 
     @classmethod
     def of(
@@ -234,6 +241,8 @@ class SandboxInfo:
     ended_by: str = ""
     #: The isolation the sandbox runs under (its spec's, else its agent's default).
     isolation: str = ""
+    #: The ids of its agent's GPUs it was given (the scheduler's choice; its alone).
+    gpu_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,8 +277,8 @@ def spare_key(spec: SandboxSpec) -> tuple[object, ...] | None:
     run the agent's default)."""
     if spec.function_worker or spec.mounts or spec.volumes or spec.ports:
         return None
-    if spec.isolation is not None:
-        return None
+    if spec.isolation is not None or spec.gpus:
+        return None  # a GPU sandbox's env names its GPUs: fixed when it is made
     return (
         spec.image,
         spec.cpus,
@@ -301,6 +310,13 @@ class AgentInfo:
     isolations: tuple[str, ...] = ()
     #: What its start-up probe of each non-default runtime found.
     probe: str = ""
+    #: Its capacity (0: not advertised, not limited) and what its sandboxes asked for.
+    cpus: float = 0.0
+    memory_bytes: int = 0
+    gpus: tuple[str, ...] = ()
+    cpus_used: float = 0.0
+    memory_used: int = 0
+    gpus_used: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- messages

@@ -11,7 +11,8 @@ from itertools import islice, pairwise
 from typing import Any
 
 from aviato.protocol import PoolFigures, SandboxStatus
-from scheduler.records import ACTIVE, SandboxRecord
+from scheduler.placement import GIB
+from scheduler.records import ACTIVE, AgentRecord, SandboxRecord
 from scheduler.state import SchedulerState
 
 __all__ = ["ROWS", "Rates", "cluster", "sandbox_row", "sandboxes"]
@@ -24,6 +25,18 @@ ENDED_ROWS = 100
 def _host(address: str) -> str:
     rest = address.split("://", 1)[-1]
     return rest.rsplit(":", 1)[0].strip("[]")
+
+
+def resources_text(a: AgentRecord) -> str:
+    """Held / advertised per resource ("" when it advertises none)."""
+    parts = []
+    if a.cpus_milli:
+        parts.append(f"cpu {a.cpus_used_milli / 1000:g}/{a.cpus_milli / 1000:g}")
+    if a.memory_bytes:
+        parts.append(f"mem {a.memory_used / GIB:.1f}/{a.memory_bytes / GIB:.1f}G")
+    if a.gpus:
+        parts.append(f"gpu {len(a.gpu_holders)}/{len(a.gpus)}")
+    return " · ".join(parts)
 
 
 def cluster(
@@ -45,6 +58,7 @@ def cluster(
                 "used": used,
                 "free": max(0, a.slots - used),
                 "spares": a.spares,
+                "resources": resources_text(a),
                 "heartbeat_age": round(max(0.0, now - a.last_seen), 1),
                 "labels": dict(a.labels),
                 "state": "alive" if a.alive else "dead",

@@ -72,7 +72,8 @@ function renderCluster() {
     return `<tr data-agent="${esc(a.id)}">
       <td class="mono">${esc(a.id)}</td><td>${esc(a.host)}</td><td>${esc(a.runtime)}</td>
       <td><span class="bar"><span style="width:${pct}%"></span></span>${a.used} / ${a.slots}</td>
-      <td>${a.free}</td><td>${a.spares}</td><td>${secs(a.heartbeat_age)}</td>
+      <td>${a.free}</td><td>${a.spares}</td>
+      <td class="resources">${esc(a.resources) || '<span class="muted">—</span>'}</td><td>${secs(a.heartbeat_age)}</td>
       <td>${labels.join("") || '<span class="muted">—</span>'}</td>
       <td class="state ${a.state}">${a.state}</td></tr>`;
   });
@@ -80,8 +81,8 @@ function renderCluster() {
   $("#view").innerHTML = `${problem}<div class="cards">${cards.join("")}</div>
     <h2>Agents</h2>
     <table id="agents"><thead><tr><th>agent</th><th>host</th><th>runtime</th><th>slots used</th>
-    <th>free</th><th>spares</th><th>heartbeat</th><th>labels</th><th>state</th></tr></thead>
-    <tbody>${rows.join("") || '<tr><td colspan="9" class="muted">no agents registered</td></tr>'}</tbody></table>
+    <th>free</th><th>spares</th><th>cpu · mem · gpu held</th><th>heartbeat</th><th>labels</th><th>state</th></tr></thead>
+    <tbody>${rows.join("") || '<tr><td colspan="10" class="muted">no agents registered</td></tr>'}</tbody></table>
     <h2>Creates per second</h2>${chart([["creates/s", c.rates.creates, "creates"], ["placements/s", c.rates.placements, "placements"]], "creates per second")}
     <h2>Function calls per second</h2>${chart([["calls/s", c.rates.calls, "calls"]], "function calls per second")}
     <h2>Sessions</h2>
