@@ -28,6 +28,8 @@ _CODE_TO_EXC: dict[ErrorCode, type[exc.AviatoError]] = {
     ErrorCode.PAUSED: exc.SandboxPausedError,
     ErrorCode.NOT_PAUSED: exc.SandboxNotPausedError,
     ErrorCode.ISOLATION_UNAVAILABLE: exc.IsolationUnavailableError,
+    ErrorCode.OBJECT_LOST: exc.ObjectLostError,
+    ErrorCode.OBJECT_STORE_FULL: exc.ObjectStoreFullError,
 }
 
 

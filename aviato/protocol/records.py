@@ -106,6 +106,15 @@ class MsgType(enum.IntEnum):
     REMOVE_VOLUME = 163
     GET_TUNNELS = 164
     TUNNELS_REPLY = 165
+    # client <-> agent <-> agent: object refs (protocol/objects.py)
+    PUT_OBJECT = 240
+    OBJECT_STORED = 241
+    GET_OBJECT = 242
+    OBJECT_DATA = 243
+    RELEASE_OBJECTS = 244
+    OBJECTS_RELEASED = 245
+    OBJECT_STATS = 246
+    OBJECT_STATS_REPLY = 247
 
 
 class SandboxStatus(enum.StrEnum):
@@ -153,6 +162,10 @@ class ErrorCode(enum.StrEnum):
     NOT_PAUSED = "not_paused"
     #: No live agent (or not the one asked) offers the isolation a spec asks for.
     ISOLATION_UNAVAILABLE = "isolation_unavailable"
+    #: An object ref's value is no longer held (released, or its agent restarted).
+    OBJECT_LOST = "object_lost"
+    #: The agent's object store is over its memory and disk budgets.
+    OBJECT_STORE_FULL = "object_store_full"
 
 
 # --------------------------------------------------------------------------- records
