@@ -75,6 +75,8 @@ class ObjectService:
             store = ObjectStore(self._spill_dir, memory, disk)
         self.store = store
         self.fetcher = Fetcher(plane.agent_id, plane.token, start)
+        self.fetched = 0
+        self.served = 0
         #: Worker sandbox id -> what it holds; a worker holds at most the memory budget.
         self._given: dict[str, _Given] = {}
 
@@ -113,6 +115,7 @@ class ObjectService:
         msg = d.msg
         assert isinstance(msg, GetObject)
         frames = self.store.get(msg.object_id)
+        self.served += 1
         reply = ObjectData(msg.object_id, len(frames) - 1)
         self.plane.send_now(identity, d.request_id, reply, tuple(frames))
 
@@ -133,6 +136,8 @@ class ObjectService:
             store.disk_bytes,
             store.memory_budget,
             store.disk_budget,
+            self.fetched,
+            self.served,
         )
         self.plane.send_now(identity, d.request_id, reply)
 
@@ -173,6 +178,7 @@ class ObjectService:
                 frames = await self.fetcher.fetch(source)
                 if source.object_id not in self.store:  # (a concurrent fetch stored it)
                     self.store.put(source.object_id, source.session_id, frames)
+                    self.fetched += 1
         except (ObjectLostError, ObjectStoreFullError) as exc:
             self._fail(identity, request_id, msg, [], exc)
             return

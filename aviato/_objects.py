@@ -33,6 +33,7 @@ from aviato.exceptions import (
     ClusterUnavailableError,
     FunctionSerializationError,
     ObjectLostError,
+    SandboxFailedError,
 )
 from aviato.protocol import (
     ClusterStatus,
@@ -48,11 +49,12 @@ from aviato.protocol import (
 )
 
 if TYPE_CHECKING:
+    from aviato._defaults import SandboxDefaults
     from aviato._function import FunctionResult, RemoteFunction
     from aviato._pool_state import Call
     from aviato._session import Session
 
-__all__ = ["ObjectManager", "ObjectRef", "collecting"]
+__all__ = ["ObjectManager", "ObjectRef", "collecting", "curve_for"]
 
 log = logging.getLogger("aviato.objects")
 
@@ -61,6 +63,9 @@ log = logging.getLogger("aviato.objects")
 WORKER_MODULE = "aviato_worker_objects"
 
 _local = threading.local()
+#: A lost ref's call is run again at most this many times (its worker may fail to
+#: start while the scheduler still places on the dead agent).
+_REMAKE_ATTEMPTS = 4
 
 
 @contextlib.contextmanager
@@ -158,7 +163,8 @@ class ObjectRef:
             self._manager.release(self)
 
 
-def _curve(defaults: Any, public_key: str) -> CurveKeys | None:
+def curve_for(defaults: SandboxDefaults, public_key: str) -> CurveKeys | None:
+    """This client's CURVE keys for an agent of that public key (None: keys are off)."""
     directory = defaults.key_dir()
     if directory is None or not public_key:
         return None
@@ -183,7 +189,7 @@ class ObjectManager:
         return self.session._connections.get(
             source.agent_address,
             defaults.cluster_token(),
-            _curve(defaults, source.agent_public_key),
+            curve_for(defaults, source.agent_public_key),
             source.agent_lane if defaults.lane_enabled() else "",
         )
 
@@ -341,9 +347,23 @@ class ObjectManager:
         ready = self._tasks.spawn(self._produce(object_id, lineage), on_error=_ignore)
         return ObjectRef(self, object_id, ready, lineage)
 
-    async def _produce(self, object_id: str, lineage: _Lineage) -> ObjectSource:
+    async def _produce(
+        self, object_id: str, lineage: _Lineage, again: bool = False
+    ) -> ObjectSource:
         keep = KeepResult(0, object_id, self.session.session_id)
-        result = await self._call(lineage.fn, lineage.blob, lineage.frames, lineage.refs, keep)
+        for attempt in range(_REMAKE_ATTEMPTS if again else 1):
+            try:
+                result = await self._call(
+                    lineage.fn, lineage.blob, lineage.frames, lineage.refs, keep
+                )
+                break
+            except SandboxFailedError as exc:
+                # Made again after an agent died: the scheduler may not know it yet and
+                # place the new worker there (it fails at once); try once it may.
+                if attempt == _REMAKE_ATTEMPTS - 1 or not again:
+                    raise
+                log.info("object %s: its call could not run again yet (%s)", object_id, exc)
+                await asyncio.sleep(2.0 * (attempt + 1))
         pool = lineage.fn._pool()
         handle = pool._handles.get(result.sandbox_id)
         if handle is None or handle.sandbox.info is None:
@@ -402,7 +422,8 @@ class ObjectManager:
         if ref._lineage is None or not ref._ready.done():
             return False
         log.info("object %s is lost (%s): running its call again", ref.object_id, why)
-        ref._ready = self._tasks.spawn(self._produce(ref.object_id, ref._lineage), on_error=_ignore)
+        remake = self._produce(ref.object_id, ref._lineage, again=True)
+        ref._ready = self._tasks.spawn(remake, on_error=_ignore)
         return True
 
 

@@ -6,7 +6,11 @@ a value that reaches a worker went there as opaque bytes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -17,7 +21,9 @@ from aviato import (
     SandboxDefaults,
 )
 from aviato.protocol import ObjectStats, ObjectStatsReply
-from tests.conftest import IMAGE, Cluster, docker_cluster
+from tests.conftest import IMAGE, ROOT, Cluster, containers_of, docker_cluster, wait_until
+
+CLI = (sys.executable, "-m", "aviato.cli")
 
 
 def size_of(value: bytes) -> int:
@@ -112,3 +118,106 @@ def test_session_close_frees_objects(one_agent: Cluster) -> None:
             assert sum((await _held(other, [address])).values()) == 0
 
     asyncio.run(main())
+
+
+def test_status_shows_bytes_held_per_agent(one_agent: Cluster) -> None:
+    async def main() -> None:
+        async with Sandbox.session(_defaults(one_agent)) as session:
+            await session.put(os.urandom(3 << 20))
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [*CLI, "status", "--scheduler", one_agent.address],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                cwd=ROOT,
+            )
+            assert done.returncode == 0, done.stderr
+            assert "objects held" in done.stdout and "3.0 MiB" in done.stdout, done.stdout
+            done = await asyncio.to_thread(
+                subprocess.run,
+                [*CLI, "status", "--format", "json", "--scheduler", one_agent.address],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                cwd=ROOT,
+            )
+            held = json.loads(done.stdout)["objects"][one_agent.agent_ids[0]]
+            assert held["objects"] == 1 and held["memory_bytes"] >= 3 << 20, held
+
+    asyncio.run(main())
+
+
+async def _spread(session, fn, agents: int) -> set[str]:
+    """Warm ``fn``'s pool until its workers are on ``agents`` agents; their ids."""
+    deadline = time.monotonic() + 60
+    while True:
+        await asyncio.gather(*(fn(b"x") for _ in range(30)))
+        pool = next(iter(session._pools.values()))
+        on = {w.sandbox.info.agent_id for w in pool.workers if w.sandbox.info}
+        if len(on) >= agents:
+            return on
+        assert time.monotonic() < deadline, f"workers only on {on}"
+
+
+async def _stats(session, cluster: Cluster) -> dict[str, ObjectStatsReply]:
+    out = {}
+    for agent in cluster.status().agents:
+        conn = session._connections.get(agent.address, session.defaults.cluster_token())
+        reply = await conn.request(ObjectStats(), timeout=10)
+        out[agent.agent_id] = reply.msg
+    return out
+
+
+async def test_another_agent_fetches_an_object_once(fresh_cluster: Cluster) -> None:
+    async with Sandbox.session(_defaults(fresh_cluster)) as session:
+        fn = session.function(max_workers=6)(pid_and_len)
+        await _spread(session, fn, 2)
+        value = os.urandom(4 << 20)
+        ref = await session.put(value)
+        before = await _stats(session, fresh_cluster)
+        results = await asyncio.gather(*(fn(ref) for _ in range(60)))
+        assert {r.value[1] for r in results} == {len(value)}
+        pool = next(iter(session._pools.values()))
+        agent_of = {w.sandbox_id: w.sandbox.info.agent_id for w in pool.workers}
+        used = {agent_of.get(r.sandbox_id) for r in results}
+        assert len(used) == 2, used  # both agents ran calls on the ref
+        after = await _stats(session, fresh_cluster)
+        holder = ref.source.agent_id
+        (other,) = set(after) - {holder}
+        assert after[other].fetched - before[other].fetched == 1  # once, not per call
+        assert after[holder].served - before[holder].served == 1
+        assert after[other].memory_bytes >= len(value)  # its copy, for later calls
+    after_close = await _stats_fresh(fresh_cluster)
+    assert all(s.objects == 0 for s in after_close.values()), after_close
+
+
+async def _stats_fresh(cluster: Cluster) -> dict[str, ObjectStatsReply]:
+    async with Sandbox.session(_defaults(cluster)) as session:
+        return await _stats(session, cluster)
+
+
+async def test_lost_agent_fn_ref_remade_by_lineage_put_raises(fresh_cluster: Cluster) -> None:
+    c = fresh_cluster
+    killed: list[str] = []
+    try:
+        async with Sandbox.session(_defaults(c)) as session:
+            fn = session.function(max_workers=1, retries=3)(double)
+            x = os.urandom(1 << 20)
+            out = fn.ref(x)
+            source = await out._ready
+            put = await session.put(b"kept by put")
+            assert put.source.agent_id == source.agent_id  # beside the only worker
+            victim = next(n for n in c.agent_ids if n == source.agent_id)
+            c.kill(victim)
+            killed.append(victim)
+            assert await out.get(timeout=120) == x + x  # its call ran again elsewhere
+            assert out.source.agent_id != victim
+            with pytest.raises(ObjectLostError, match="put the value again"):
+                await put.get(timeout=120)
+    finally:
+        for victim in killed:
+            c.start_agent(victim)  # it comes back and reaps what it left
+    await asyncio.to_thread(
+        wait_until, lambda: not containers_of(c.agent_ids), 30, 0.2, "the victim's containers"
+    )

@@ -105,3 +105,7 @@ class ObjectStatsReply(Message):
     disk_bytes: int
     memory_budget: int
     disk_budget: int
+    #: Objects it fetched from other agents, and GetObject requests it answered (from
+    #: clients and agents), since it started.
+    fetched: int = 0
+    served: int = 0
