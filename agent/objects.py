@@ -75,8 +75,7 @@ class ObjectService:
             store = ObjectStore(self._spill_dir, memory, disk)
         self.store = store
         self.fetcher = Fetcher(plane.agent_id, plane.token, start)
-        self.fetched = 0
-        self.served = 0
+        self.fetched = self.served = self.handed = 0
         #: Worker sandbox id -> what it holds; a worker holds at most the memory budget.
         self._given: dict[str, _Given] = {}
 
@@ -138,6 +137,7 @@ class ObjectService:
             store.disk_budget,
             self.fetched,
             self.served,
+            self.handed,
         )
         self.plane.send_now(identity, d.request_id, reply)
 
@@ -206,6 +206,7 @@ class ObjectService:
             header = marshal.dumps(schema.encode(schema.ObjectFrames(source.object_id)))
             hub.send_to_worker(msg.sandbox_id, [header, *frames])
             given.sizes[source.object_id] = size
+            self.handed += 1
         hub.run_calls(identity, request_id, msg, payloads)
 
     def keep_result(

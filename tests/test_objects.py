@@ -22,6 +22,7 @@ from aviato import (
 )
 from aviato.protocol import ObjectStats, ObjectStatsReply
 from tests.conftest import IMAGE, ROOT, Cluster, containers_of, docker_cluster, wait_until
+from tests.test_local_runtime import _local_cluster as local_cluster
 
 CLI = (sys.executable, "-m", "aviato.cli")
 
@@ -46,13 +47,42 @@ def fail_on(data: bytes) -> bytes:
     raise ValueError(f"refused {len(data)} bytes")
 
 
-@pytest.fixture(scope="module")
-def one_agent(tmp_path_factory: pytest.TempPathFactory):
-    yield from docker_cluster(tmp_path_factory.mktemp("objects"), agents=1, slots=2)
+@pytest.fixture(scope="module", params=["docker", "local"])
+def one_agent(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """One agent of each runtime: Docker, and local (bubblewrap + cgroups)."""
+    tmp = tmp_path_factory.mktemp(f"objects-{request.param}")
+    if request.param == "docker":
+        yield from docker_cluster(tmp, agents=1, slots=2)
+    else:
+        yield from local_cluster(tmp, agents=1, slots=2)
 
 
 def _defaults(cluster: Cluster) -> SandboxDefaults:
     return SandboxDefaults(container_image=IMAGE, scheduler=cluster.address, lease_seconds=5)
+
+
+def _count_sent(pool) -> list[int]:
+    """The payload bytes each batch of ``pool`` carries from now on."""
+    sent: list[int] = []
+    for handle in pool.workers:
+        conn = handle.conn
+        if "send_nowait" in vars(conn):
+            continue  # (wrapped already: two workers share the agent's channel)
+        original = conn.send_nowait
+
+        def send_nowait(msg, payloads, *rest, _original=original):
+            sent.append(sum(memoryview(p).nbytes for p in payloads))
+            return _original(msg, payloads, *rest)
+
+        conn.send_nowait = send_nowait
+    return sent
+
+
+async def _agent_stats(session, address: str) -> ObjectStatsReply:
+    conn = session._connections.get(address, session.defaults.cluster_token())
+    reply = await conn.request(ObjectStats(), timeout=10)
+    assert isinstance(reply.msg, ObjectStatsReply)
+    return reply.msg
 
 
 async def _held(session, address_of: list[str]) -> dict[str, int]:
@@ -72,11 +102,19 @@ def test_put_pass_by_ref_and_get(one_agent: Cluster) -> None:
         async with Sandbox.session(_defaults(one_agent)) as session:
             size_fn = session.function()(size_of)
             total_fn = session.function()(total)
+            await size_fn(b"warm")  # its workers, and their channel to the agent
             value = os.urandom(3 << 20)
             ref = await session.put(value)
             assert isinstance(ref, ObjectRef)
+            (address,) = {w.sandbox.info.agent_address for w in size_fn._pool().workers}
+            before = await _agent_stats(session, address)
+            sent = _count_sent(size_fn._pool())
             results = await asyncio.gather(*(size_fn(ref) for _ in range(20)))
             assert [r.value for r in results] == [len(value)] * 20
+            assert 0 < sum(sent) < 64 * 1024, sent  # the ref went, never the value
+            after = await _agent_stats(session, address)
+            workers = len(size_fn._pool().workers)
+            assert 1 <= after.handed - before.handed <= workers  # once per worker
             # nested in dicts, lists and tuples
             r = await total_fn({"a": [ref, ref], "b": [ref]})
             assert r.value == 3 * len(value)

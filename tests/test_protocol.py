@@ -185,7 +185,7 @@ OBJECT_SAMPLES: list[Message] = [
     ReleaseObjects(object_ids=("a" * 32, "b" * 32), session_id="ses-1"),
     ObjectsReleased(count=2, size=1 << 20),
     ObjectStats(),
-    ObjectStatsReply("agent-a", 3, 1 << 20, 1 << 30, 2 << 30, 20 << 30, 4, 9),
+    ObjectStatsReply("agent-a", 3, 1 << 20, 1 << 30, 2 << 30, 20 << 30, 4, 9, 2),
 ]
 
 LIFECYCLE_SAMPLES: list[Message] = [

@@ -105,7 +105,9 @@ class ObjectStatsReply(Message):
     disk_bytes: int
     memory_budget: int
     disk_budget: int
-    #: Objects it fetched from other agents, and GetObject requests it answered (from
-    #: clients and agents), since it started.
+    #: Since it started: objects it fetched from other agents, and GetObject requests
+    #: it answered (from clients and agents).
     fetched: int = 0
     served: int = 0
+    #: Objects handed to its workers (once per worker and object, not per call).
+    handed: int = 0
