@@ -43,6 +43,11 @@ def pid_and_len(data: bytes) -> tuple[int, int]:
     return os.getpid(), len(data)
 
 
+def append_one(xs: list[int]) -> int:
+    xs.append(1)  # a call may change what it is given: the next call must not see it
+    return len(xs)
+
+
 def fail_on(data: bytes) -> bytes:
     raise ValueError(f"refused {len(data)} bytes")
 
@@ -119,6 +124,10 @@ def test_put_pass_by_ref_and_get(one_agent: Cluster) -> None:
             r = await total_fn({"a": [ref, ref], "b": [ref]})
             assert r.value == 3 * len(value)
             assert await ref.get() == value
+            mutable = await session.put([0])
+            append_fn = session.function()(append_one)
+            lengths = await asyncio.gather(*(append_fn(mutable) for _ in range(10)))
+            assert {r.value for r in lengths} == {2}  # rebuilt for each call
             ref.release()
             with pytest.raises(ObjectLostError, match="released"):
                 await ref.get()
