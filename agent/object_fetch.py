@@ -51,6 +51,8 @@ class Fetcher:
         self._peers: dict[str, zmq.asyncio.Socket] = {}
         self._waiting: dict[int, asyncio.Future[Decoded]] = {}
         self._ids = itertools.count(1)
+        #: Objects asked of other agents since we started (once each, not per batch).
+        self.fetches = 0
         #: Fetches under way, by object id: a second batch waits on the first's.
         self._fetching: dict[str, asyncio.Future[list[Payload]]] = {}
 
@@ -72,6 +74,7 @@ class Fetcher:
                 "on that agent's workers, or serve without keys"
             )
         sock = self._peer(source.agent_address)
+        self.fetches += 1
         request_id = next(self._ids)
         reply: asyncio.Future[Decoded] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = reply
