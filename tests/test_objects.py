@@ -17,10 +17,19 @@ import pytest
 from aviato import (
     ObjectLostError,
     ObjectRef,
+    ObjectStoreFullError,
     Sandbox,
     SandboxDefaults,
+    SandboxError,
 )
-from aviato.protocol import ObjectStats, ObjectStatsReply
+from aviato.protocol import (
+    GetObject,
+    ObjectsReleased,
+    ObjectStats,
+    ObjectStatsReply,
+    PutObject,
+    ReleaseObjects,
+)
 from tests.conftest import IMAGE, ROOT, Cluster, containers_of, docker_cluster, wait_until
 from tests.test_local_runtime import _local_cluster as local_cluster
 
@@ -270,3 +279,59 @@ async def test_lost_agent_fn_ref_remade_by_lineage_put_raises(fresh_cluster: Clu
     await asyncio.to_thread(
         wait_until, lambda: not containers_of(c.agent_ids), 30, 0.2, "the victim's containers"
     )
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory: pytest.TempPathFactory):
+    """An agent whose store holds 1 MiB in memory and 3 MiB on disk."""
+    env = {"AVIATO_OBJECT_MEMORY_BYTES": str(1 << 20), "AVIATO_OBJECT_DISK_BYTES": str(3 << 20)}
+    yield from docker_cluster(
+        tmp_path_factory.mktemp("small-store"), agents=1, slots=2, agent_env=env
+    )
+
+
+def test_spilled_objects_serve_calls_and_a_full_store_refuses(small_store: Cluster) -> None:
+    async def main() -> None:
+        async with Sandbox.session(_defaults(small_store)) as session:
+            size_fn = session.function()(size_of)
+            big = os.urandom(2 << 20)
+            ref = await session.put(big)  # past the memory budget: on disk
+            stats = await _agent_stats(session, ref.source.agent_address)
+            assert (stats.memory_bytes, stats.disk_bytes >= len(big)) == (0, True)
+            assert (await size_fn(ref)).value == len(big)  # read back for the worker
+            assert await ref.get() == big
+            with pytest.raises(ObjectStoreFullError, match="release"):
+                await session.put(os.urandom(2 << 20))
+            with pytest.raises(ObjectStoreFullError):  # a kept result that cannot be
+                await session.function()(double).ref(big).get()
+            address = ref.source.agent_address
+            ref.release()  # sent now, not awaited: wait for it to be done
+            deadline = time.monotonic() + 30
+            while (await _agent_stats(session, address)).disk_bytes:
+                assert time.monotonic() < deadline, "the release never came"
+                await asyncio.sleep(0.05)
+            await session.put(os.urandom(2 << 20))  # room again
+
+    asyncio.run(main())
+
+
+def test_bad_object_requests_get_typed_errors(small_store: Cluster) -> None:
+    async def main() -> None:
+        async with Sandbox.session(_defaults(small_store)) as session:
+            (agent,) = small_store.status().agents
+            conn = session._connections.get(agent.address, session.defaults.cluster_token())
+            for msg, payloads in [
+                (PutObject("a" * 32, buffers=2), [b"x"]),  # frames it has not
+                (PutObject("../../etc/passwd"), [b"x"]),  # not an id: it would name a file
+                (PutObject("b" * 32, buffers=-1), []),
+            ]:
+                with pytest.raises(SandboxError, match=r"buffers|not 1 to 64"):
+                    await conn.request(msg, payloads, timeout=10)
+            with pytest.raises(ObjectLostError, match="not held"):
+                await conn.request(GetObject("c" * 32), timeout=10)
+            reply = await conn.request(ReleaseObjects(("d" * 32,)), timeout=10)
+            assert reply.msg == ObjectsReleased(0, 0)
+            reply = await conn.request(ObjectStats(), timeout=10)  # it serves on
+            assert isinstance(reply.msg, ObjectStatsReply)
+
+    asyncio.run(main())
