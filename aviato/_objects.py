@@ -94,6 +94,10 @@ class _Resolve:
 _RESOLVE = _Resolve()
 
 
+#: A call queued in its pool, and its call ids (one: until it is sent again).
+_Queued = tuple["asyncio.Future[FunctionResult[Any]]", list[int]]
+
+
 @dataclass(slots=True)
 class _Lineage:
     """What made a ``fn.ref`` result: the call to run again if it is lost."""
@@ -331,8 +335,13 @@ class ObjectManager:
         frames: Frames,
         refs: Sequence[ObjectRef],
     ) -> asyncio.Future[FunctionResult[Any]]:
-        """A call whose arguments hold refs: sent once they are ready."""
-        return self._tasks.spawn(self._call(fn, blob, frames, tuple(refs), None), on_error=_ignore)
+        """A call whose arguments hold refs: queued now when they are all ready (an
+        actor's calls keep their order), else once they are."""
+        first = None
+        if all(ref.source is not None and not ref._released for ref in refs):
+            first = self._submit(fn, blob, frames, tuple(ref.source for ref in refs), None)
+        run = self._call(fn, blob, frames, tuple(refs), None, first)
+        return self._tasks.spawn(run, on_error=_ignore)
 
     def call_ref(
         self,
@@ -381,16 +390,17 @@ class ObjectManager:
         frames: Frames,
         refs: tuple[ObjectRef, ...],
         keep: KeepResult | None,
+        first: _Queued | None = None,
     ) -> FunctionResult[Any]:
         for attempt in range(2):
-            sources = []
-            for ref in refs:
-                if ref._released:
-                    raise ObjectLostError(f"ObjectRef {ref.object_id} was released")
-                sources.append(await asyncio.shield(ref._ready))
-            ids: list[int] = []
-            note = functools.partial(self._note, ids, tuple(sources), keep)
-            future = fn._pool().submit(fn, blob, frames, before=note)
+            if first is None or attempt:
+                sources = []
+                for ref in refs:
+                    if ref._released:
+                        raise ObjectLostError(f"ObjectRef {ref.object_id} was released")
+                    sources.append(await asyncio.shield(ref._ready))
+                first = self._submit(fn, blob, frames, tuple(sources), keep)
+            future, ids = first
             try:
                 return await future
             except ObjectLostError as exc:
@@ -403,6 +413,19 @@ class ObjectManager:
                 for call_id in ids:
                     self.calls.pop(call_id, None)
         raise AssertionError("unreachable")
+
+    def _submit(
+        self,
+        fn: RemoteFunction[Any],
+        blob: bytes,
+        frames: Frames,
+        sources: tuple[ObjectSource | None, ...],
+        keep: KeepResult | None,
+    ) -> _Queued:
+        ids: list[int] = []
+        known = tuple(s for s in sources if s is not None)
+        note = functools.partial(self._note, ids, known, keep)
+        return fn._pool().submit(fn, blob, frames, before=note), ids
 
     def _note(
         self,

@@ -57,6 +57,15 @@ def append_one(xs: list[int]) -> int:
     return len(xs)
 
 
+class Sizes:
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def add(self, data: bytes) -> list[int]:
+        self.seen.append(len(data))
+        return self.seen
+
+
 def fail_on(data: bytes) -> bytes:
     raise ValueError(f"refused {len(data)} bytes")
 
@@ -66,9 +75,9 @@ def one_agent(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     """One agent of each runtime: Docker, and local (bubblewrap + cgroups)."""
     tmp = tmp_path_factory.mktemp(f"objects-{request.param}")
     if request.param == "docker":
-        yield from docker_cluster(tmp, agents=1, slots=2)
+        yield from docker_cluster(tmp, agents=1, slots=4)
     else:
-        yield from local_cluster(tmp, agents=1, slots=2)
+        yield from local_cluster(tmp, agents=1, slots=4)
 
 
 def _defaults(cluster: Cluster) -> SandboxDefaults:
@@ -114,7 +123,7 @@ async def _held(session, address_of: list[str]) -> dict[str, int]:
 def test_put_pass_by_ref_and_get(one_agent: Cluster) -> None:
     async def main() -> None:
         async with Sandbox.session(_defaults(one_agent)) as session:
-            size_fn = session.function()(size_of)
+            size_fn = session.function(max_workers=2)(size_of)  # a slot left for the actor
             total_fn = session.function()(total)
             await size_fn(b"warm")  # its workers, and their channel to the agent
             value = os.urandom(3 << 20)
@@ -137,6 +146,10 @@ def test_put_pass_by_ref_and_get(one_agent: Cluster) -> None:
             append_fn = session.function()(append_one)
             lengths = await asyncio.gather(*(append_fn(mutable) for _ in range(10)))
             assert {r.value for r in lengths} == {2}  # rebuilt for each call
+            sizes = session.cls()(Sizes)()  # an actor: refs among its calls keep their order
+            calls = [sizes.add(ref), sizes.add(b"xy"), sizes.add(ref)]
+            assert (await asyncio.gather(*calls))[-1].value == [len(value), 2, len(value)]
+            await sizes.close()
             ref.release()
             with pytest.raises(ObjectLostError, match="released"):
                 await ref.get()
