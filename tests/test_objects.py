@@ -348,3 +348,33 @@ def test_bad_object_requests_get_typed_errors(small_store: Cluster) -> None:
             assert isinstance(reply.msg, ObjectStatsReply)
 
     asyncio.run(main())
+
+
+def test_an_agent_fetches_only_from_agents_of_its_cluster(one_agent: Cluster) -> None:
+    """A source is written by the client, and a fetch carries the cluster token: an
+    agent asks the scheduler first, and connects to no other address."""
+    import socket
+
+    from aviato._objects import ObjectRef as Ref
+    from aviato.protocol import ObjectSource
+
+    async def main() -> None:
+        with socket.socket() as trap:
+            trap.bind(("127.0.0.1", 0))
+            trap.listen(1)
+            trap.setblocking(False)
+            address = f"tcp://127.0.0.1:{trap.getsockname()[1]}"
+            async with Sandbox.session(_defaults(one_agent)) as session:
+                fn = session.function(max_workers=1)(size_of)
+                await fn(b"warm")
+                forged = ObjectSource("e" * 32, "not-an-agent", address)
+                ready = asyncio.get_running_loop().create_future()
+                ready.set_result(forged)
+                ref = Ref(session._object_manager(), forged.object_id, ready)
+                with pytest.raises(ObjectLostError, match="not a live agent of this cluster"):
+                    await fn(ref)
+                assert (await fn(b"ok")).value == 2  # the worker serves on
+            with pytest.raises(BlockingIOError):
+                trap.accept()  # nobody came
+
+    asyncio.run(main())
