@@ -9,10 +9,10 @@ key is refused here with a typed error rather than tried."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Coroutine
+import time
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import zmq
@@ -21,10 +21,13 @@ import zmq.asyncio
 from aviato import _zmq
 from aviato.exceptions import ObjectLostError
 from aviato.protocol import (
+    ClusterStatus,
+    ClusterStatusReply,
     Decoded,
     DecodeError,
     ErrorReply,
     GetObject,
+    Message,
     ObjectData,
     ObjectSource,
     Payload,
@@ -38,6 +41,10 @@ log = logging.getLogger("aviato.agent")
 
 #: A fetch that takes longer fails its calls (a 100 MB object takes well under a second).
 FETCH_TIMEOUT = 60.0
+#: How long the scheduler's list of agents is trusted before it is asked again.
+AGENTS_FRESH = 10.0
+
+AskScheduler = Callable[[Message, float], Awaitable[Message | None]]
 
 
 class Fetcher:
@@ -53,6 +60,12 @@ class Fetcher:
         self._ids = itertools.count(1)
         #: Objects asked of other agents since we started (once each, not per batch).
         self.fetches = 0
+        #: The agent's request to the scheduler (set by the agent): a source's address
+        #: is fetched from only if the scheduler lists that agent there. The client
+        #: wrote the source, and the fetch carries the cluster token.
+        self.ask_scheduler: AskScheduler | None = None
+        self._agents: dict[str, str] = {}  # agent id -> data-plane address
+        self._agents_at = -AGENTS_FRESH
         #: Fetches under way, by object id: a second batch waits on the first's.
         self._fetching: dict[str, asyncio.Future[list[Payload]]] = {}
 
@@ -72,6 +85,10 @@ class Fetcher:
                 f"object {source.object_id} is on {where}, which serves CURVE: agents do "
                 "not fetch objects from each other with keys yet; run the calls that use it "
                 "on that agent's workers, or serve without keys"
+            )
+        if not await self._is_agent(source):
+            raise ObjectLostError(
+                f"object {source.object_id}: {where} is not a live agent of this cluster"
             )
         sock = self._peer(source.agent_address)
         self.fetches += 1
@@ -97,6 +114,28 @@ class Fetcher:
             raise ObjectLostError(f"object {source.object_id}: {where} sent a malformed reply")
         return list(decoded.payloads)
 
+    async def _is_agent(self, source: ObjectSource) -> bool:
+        """Whether the scheduler lists ``source``'s agent at that address (asked at most
+        every AGENTS_FRESH seconds, and again for an agent it did not list)."""
+        if self._agents.get(source.agent_id) == source.agent_address:
+            if time.monotonic() - self._agents_at < AGENTS_FRESH:
+                return True
+        ask = self.ask_scheduler
+        if ask is None:
+            return False
+        agents: dict[str, str] = {}
+        cursor = ""
+        while True:  # every page of agents
+            reply = await ask(ClusterStatus(cursor=cursor), 10.0)
+            if not isinstance(reply, ClusterStatusReply):
+                return False
+            agents.update((a.agent_id, a.address) for a in reply.agents if a.alive)
+            cursor = reply.next_cursor
+            if not cursor:
+                break
+        self._agents, self._agents_at = agents, time.monotonic()
+        return agents.get(source.agent_id) == source.agent_address
+
     def _peer(self, address: str) -> zmq.asyncio.Socket:
         sock = self._peers.get(address)
         if sock is None:
@@ -120,12 +159,3 @@ class Fetcher:
             waiter = self._waiting.pop(decoded.request_id, None)
             if waiter is not None and not waiter.done():
                 waiter.set_result(decoded)
-
-    def close(self) -> None:
-        for sock in self._peers.values():
-            sock.close(linger=0)
-        self._peers.clear()
-        if self._ctx is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                self._ctx.term()
-            self._ctx = None

@@ -75,7 +75,7 @@ class ObjectService:
             store = ObjectStore(self._spill_dir, memory, disk)
         self.store = store
         self.fetcher = Fetcher(plane.agent_id, plane.token, start)
-        self.fetched = self.served = self.handed = 0
+        self.served = self.handed = 0
         #: Worker sandbox id -> what it holds; a worker holds at most the memory budget.
         self._given: dict[str, _Given] = {}
 
@@ -135,7 +135,7 @@ class ObjectService:
             store.disk_bytes,
             store.memory_budget,
             store.disk_budget,
-            self.fetched,
+            self.fetcher.fetches,
             self.served,
             self.handed,
         )
@@ -178,7 +178,6 @@ class ObjectService:
                 frames = await self.fetcher.fetch(source)
                 if source.object_id not in self.store:  # (a concurrent fetch stored it)
                     self.store.put(source.object_id, source.session_id, frames)
-                    self.fetched += 1
         except (ObjectLostError, ObjectStoreFullError) as exc:
             self._fail(identity, request_id, msg, [], exc)
             return
@@ -274,10 +273,6 @@ class ObjectService:
     def _forget_ended(self) -> None:
         for sandbox_id in [s for s in self._given if s not in self.plane.sandboxes]:
             del self._given[sandbox_id]
-
-    def close(self) -> None:
-        self.fetcher.close()
-        self.store.close()
 
 
 def _error_record(exc: BaseException) -> bytes:
