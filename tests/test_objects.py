@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+import aviato
 from aviato import (
     ObjectLostError,
     ObjectRef,
@@ -169,6 +170,10 @@ def test_fn_ref_chain_without_the_client(one_agent: Cluster) -> None:
             r = await h(out)
             assert r.value == 4 * len(x)
             assert await out.get() == x * 4
+            refs = [f.ref(b"ab") for _ in range(3)]  # refs in aviato.wait, as in ray.wait
+            done, pending = await aviato.wait(refs, num_returns=3, timeout=120)
+            assert (done, pending) == (refs, [])
+            assert [await r.get() for r in done] == [b"abab"] * 3
             bad = session.function()(fail_on).ref(x)
             with pytest.raises(ValueError, match="refused"):
                 await bad.get()
