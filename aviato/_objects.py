@@ -237,11 +237,17 @@ class ObjectManager:
         self.session._check_open()
         await self.session._ensure_open()
         try:
-            blob, frames = _buffers.dumps(_buffers.wrap_top(value))
+            with collecting() as inside:
+                blob, frames = _buffers.dumps(_buffers.wrap_top(value))
         except Exception as exc:
             raise FunctionSerializationError(
                 f"the value given to session.put ({type(value).__name__}) cannot be pickled: {exc}"
             ) from exc
+        if inside:  # no agent would hand their objects to the worker with this one
+            raise FunctionSerializationError(
+                f"the value given to session.put holds {len(inside)} ObjectRef(s): pass "
+                "refs to the calls themselves (in their arguments), not inside a put value"
+            )
         object_id = uuid.uuid4().hex
         source = await self._put_agent(object_id)
         reply = await self.channel(source).request(

@@ -16,6 +16,7 @@ import pytest
 
 import aviato
 from aviato import (
+    FunctionSerializationError,
     ObjectLostError,
     ObjectRef,
     ObjectStoreFullError,
@@ -147,6 +148,8 @@ def test_put_pass_by_ref_and_get(one_agent: Cluster) -> None:
             append_fn = session.function()(append_one)
             lengths = await asyncio.gather(*(append_fn(mutable) for _ in range(10)))
             assert {r.value for r in lengths} == {2}  # rebuilt for each call
+            with pytest.raises(FunctionSerializationError, match="inside a put value"):
+                await session.put({"nested": ref})
             sizes = session.cls()(Sizes)()  # an actor: refs among its calls keep their order
             calls = [sizes.add(ref), sizes.add(b"xy"), sizes.add(ref)]
             assert (await asyncio.gather(*calls))[-1].value == [len(value), 2, len(value)]
