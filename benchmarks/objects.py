@@ -90,7 +90,10 @@ async def run_aviato(res: Results) -> None:
     os.environ.pop("AVIATO_SCHEDULER", None)
     value = os.urandom(res.mib << 20)
     n = res.chain_mib << 20
-    async with Sandbox.session(SandboxDefaults(container_image=IMAGE)) as session:
+    # A long lease: the by-value baseline copies 100 MB into shared memory per batch on
+    # the client's loop, which can starve the session's keepalive on a loaded machine.
+    defaults = SandboxDefaults(container_image=IMAGE, lease_seconds=120)
+    async with Sandbox.session(defaults) as session:
         size = session.function(max_workers=2)(nbytes)
         f = session.function(max_workers=2)(make)
         g = session.function(max_workers=2)(reverse)
