@@ -18,6 +18,7 @@ from agent.file_streams import FileStreams
 from agent.kept_logs import KeptLogs
 from agent.lane_server import LaneServer
 from agent.lifecycle import AgentLifecycle, data_handlers
+from agent.objects import ObjectService
 from agent.processes import ProcessRequests
 from agent.resources import gpu_ids_of
 from agent.runtime.base import ExitStatus, Runtime
@@ -129,6 +130,9 @@ class DataPlane:
         #: Streamed files and logs (agent/file_streams.py).
         self.files = FileStreams(self)
         self._handlers.update(self.files.handlers())
+        #: Object refs (agent/objects.py): put, get, release, and calls that use them.
+        self.objects = ObjectService(self, start)
+        self._handlers.update(self.objects.handlers())
         #: Requests under way, by (client, request id): a Cancel stops one.
         self._inflight: dict[tuple[bytes, int], asyncio.Task[None]] = {}
         #: Activity, pause and snapshots (agent/lifecycle.py), once the agent sets it.
@@ -196,7 +200,10 @@ class DataPlane:
             try:
                 assert self.hub is not None
                 self._check_running(msg.sandbox_id)
-                self.hub.run_calls(identity, decoded.request_id, msg, decoded.payloads)
+                if msg.objects or msg.keep:  # refs among its arguments, or fn.ref
+                    self.objects.run_calls(identity, decoded.request_id, msg, decoded.payloads)
+                else:
+                    self.hub.run_calls(identity, decoded.request_id, msg, decoded.payloads)
             except Exception as exc:
                 if not isinstance(exc, AviatoError):
                     log.exception("agent: RunCalls failed")

@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # typing costs milliseconds at start-up; only the checker nee
 # result pickling): beside us in the sandbox (/run/aviato-lib/aviato_link.py and
 # aviato_supervisor_link.py), in their packages on the host.
 if __package__:
+    from agent import worker_objects
     from agent.supervisor_link import (
         SHM,
         FdReader,
@@ -56,6 +57,7 @@ if __package__:
     from aviato import link as schema
 else:
     import aviato_link as schema  # type: ignore[import-not-found,no-redef]
+    import aviato_worker_objects as worker_objects  # type: ignore[import-not-found,no-redef]
     from aviato_supervisor_link import (  # type: ignore[import-not-found,no-redef]
         SHM,
         FdReader,
@@ -216,6 +218,8 @@ class Supervisor:
                     break
                 if isinstance(header, schema.CallBatch):
                     self.calls.put((header, frames[1:]))
+                elif isinstance(header, schema.ObjectFrames | schema.ObjectDrop):
+                    worker_objects.on_header(header, frames[1:])
                 elif isinstance(header, schema.ExecRequest):
                     _thread.start_new_thread(self.do_exec, (header, frames[1:]))
                 elif isinstance(header, schema.ReadRequest):
@@ -275,6 +279,8 @@ class Supervisor:
                 header = schema.decode(marshal.loads(frames[0]))  # from the agent: trusted
                 if isinstance(header, schema.CallBatch):
                     self.run_batch(header, frames[1:])
+                elif isinstance(header, schema.ObjectFrames | schema.ObjectDrop):
+                    worker_objects.on_header(header, frames[1:])
                 elif isinstance(header, schema.ShmProbe):  # did its descriptor get here?
                     got = frames[1] if len(frames) == 2 else None
                     self.shm = got is not None and bytes(got) == schema.SHM_PROBE

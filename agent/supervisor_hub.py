@@ -71,6 +71,7 @@ from aviato.protocol import (
     MAX_FRAME_BYTES,
     MAX_PAYLOAD_BYTES,
     CallResults,
+    KeepResult,
     Message,
     Payload,
     RunCalls,
@@ -87,12 +88,15 @@ Reply = Output | Exit | FileDone | ProcReply | Chunk | ChunkAck | StreamEnd | Li
 Deliver = Callable[[Reply, list[memoryview]], None]
 SendNow = Callable[[bytes, int, Message, tuple[Payload, ...]], None]
 Spawn = Callable[[Coroutine[Any, Any, None]], object]
+Outcome = tuple[CallOutcome, Sequence[Payload]]
+Keep = Callable[[KeepResult, CallOutcome, Sequence[Payload]], Outcome]
 
 
 @dataclass(slots=True)
 class Route:
     identity: bytes
     request_id: int
+    keep: KeepResult | None = None  # its result stays on the agent (agent/objects.py)
 
 
 @dataclass(slots=True)
@@ -138,6 +142,8 @@ class WorkerHub:
             self.root = Path(tempfile.mkdtemp(prefix="avw-"))
         self.lib = self.root / "lib"
         self._links: dict[str, WorkerLink] = {}
+        #: What keeps a ``fn.ref`` call's result as an object (agent/objects.py).
+        self.keep: Keep | None = None
         self._rids = itertools.count(1)
         self._prepare_lib()
 
@@ -146,7 +152,7 @@ class WorkerHub:
         Python)."""
         self.lib.mkdir()
         shutil.copy(Path(__file__).with_name("supervisor.py"), self.lib / "aviato_supervisor.py")
-        for mine in ("supervisor_link", "supervisor_files"):
+        for mine in ("supervisor_link", "supervisor_files", "worker_objects"):
             shutil.copy(Path(__file__).with_name(f"{mine}.py"), self.lib / f"aviato_{mine}.py")
         shutil.copy(Path(schema.__file__), self.lib / "aviato_link.py")
         shutil.copy(
@@ -500,6 +506,15 @@ class WorkerHub:
         route = Route(identity, request_id)
         for call in msg.calls:
             link.routes[call.call_id] = route
+        for keep in msg.keep:
+            link.routes[keep.call_id] = Route(identity, request_id, keep)
+
+    def send_to_worker(self, sandbox_id: str, frames: Sequence[Payload]) -> None:
+        """Frames to a function worker, on the link its batches take (objects first)."""
+        link = self._links.get(sandbox_id)
+        target = None if link is None else link.calls or link.framed
+        if target is None or not target.send(frames):
+            raise SandboxNotRunningError(f"sandbox {sandbox_id} has no function worker")
 
     @staticmethod
     async def _write(link: WorkerLink, frames: Sequence[Payload]) -> None:
@@ -619,6 +634,8 @@ class WorkerHub:
             route = link.routes.pop(outcome.call_id, None)
             if route is None:
                 continue
+            if route.keep is not None and self.keep is not None:
+                outcome, frames = self.keep(route.keep, outcome, frames)
             out, payloads = by_route.setdefault((route.identity, route.request_id), ([], []))
             out.append(outcome)
             payloads.extend(frames)

@@ -18,6 +18,8 @@ from aviato.exceptions import (
     FunctionError,
     FunctionSerializationError,
     IsolationUnavailableError,
+    ObjectLostError,
+    ObjectStoreFullError,
     PayloadTooLargeError,
     ProcessNotFoundError,
     ProtocolError,
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
     from aviato._defaults import SandboxDefaults
     from aviato._exec import ExecStream
     from aviato._function import FunctionResult, RemoteFunction, Serialization
+    from aviato._objects import ObjectRef
     from aviato._process import Process, ProcessInfo
     from aviato._sandbox import Sandbox, SandboxPage
     from aviato._session import Session
@@ -65,6 +68,7 @@ _LAZY = {
     "RemoteFunction": "aviato._function",
     "Serialization": "aviato._function",
     "ExecStream": "aviato._exec",
+    "ObjectRef": "aviato._objects",
     "Process": "aviato._process",
     "ProcessInfo": "aviato._process",
     "Sandbox": "aviato._sandbox",
@@ -116,6 +120,9 @@ __all__ = [
     "FunctionSerializationError",
     "IsolationUnavailableError",
     "Mount",
+    "ObjectLostError",
+    "ObjectRef",
+    "ObjectStoreFullError",
     "OutputChunk",
     "PayloadTooLargeError",
     "Process",

@@ -29,6 +29,8 @@ _CODE_TO_EXC: dict[ErrorCode, type[exc.AviatoError]] = {
     ErrorCode.NOT_PAUSED: exc.SandboxNotPausedError,
     ErrorCode.ISOLATION_UNAVAILABLE: exc.IsolationUnavailableError,
     ErrorCode.RESOURCES_UNAVAILABLE: exc.ResourcesUnavailableError,
+    ErrorCode.OBJECT_LOST: exc.ObjectLostError,
+    ErrorCode.OBJECT_STORE_FULL: exc.ObjectStoreFullError,
 }
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import cloudpickle
 
-from aviato import _buffers, exceptions
+from aviato import _buffers, _objects, exceptions
 from aviato._options import SandboxOptions
 from aviato.exceptions import (
     AsyncFunctionError,
@@ -36,6 +36,7 @@ from aviato.exceptions import (
 from aviato.link import Serialization as Serialization
 
 if TYPE_CHECKING:
+    from aviato._objects import ObjectRef
     from aviato._pool import FunctionPool, PoolStatistics
     from aviato._session import Session
 
@@ -165,8 +166,20 @@ class RemoteFunction(Generic[T]):
         in the arguments (numpy arrays, bytes, memoryviews) are sent without a copy when
         the call is: change none of them until it has been (awaiting it is enough)."""
         self.shipped()
-        blob, frames = self.encode_args(args, kwargs)
+        with _objects.collecting() as refs:
+            blob, frames = self.encode_args(args, kwargs)
+        if refs:  # the worker's agent hands it their values
+            return self._session._object_manager().call(self, blob, frames, refs)
         return self._pool().submit(self, blob, frames)
+
+    def ref(self, *args: Any, **kwargs: Any) -> ObjectRef:
+        """Start one call whose result stays in the cluster, on its worker's agent: an
+        :class:`ObjectRef` to pass to other calls, or to ``await ref.get()``. Refs among
+        the arguments may still be pending (``g.ref(f.ref(x))``)."""
+        self.shipped()
+        with _objects.collecting() as refs:
+            blob, frames = self.encode_args(args, kwargs)
+        return self._session._object_manager().call_ref(self, blob, frames, refs)
 
     def _pool(self) -> FunctionPool:
         return self._session._pool_for(self.options)

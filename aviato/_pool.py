@@ -247,8 +247,13 @@ class FunctionPool:
     # ------------------------------------------------------------------ submit
 
     def submit(
-        self, fn: RemoteFunction[Any], args_blob: bytes, frames: Frames | None = None
+        self,
+        fn: RemoteFunction[Any],
+        args_blob: bytes,
+        frames: Frames | None = None,
+        before: Callable[[int], object] | None = None,
     ) -> asyncio.Future[FunctionResult[Any]]:
+        """Queue a call; ``before`` gets its id first (it may be sent at once)."""
         if self.state.closed:
             raise SandboxError("the session is closed: call remote functions inside it")
         shipped = fn.shipped()
@@ -261,6 +266,8 @@ class FunctionPool:
         future.pool = self
         future.call = call
         self._futures[call.call_id] = future
+        if before is not None:
+            before(call.call_id)
         self._run(self.state.submit(call))
         return future
 
@@ -360,7 +367,13 @@ class FunctionPool:
                 )
             )
         payloads.extend(shared.views)
-        msg = RunCalls(handle.sandbox_id, tuple(headers), len(shared.views))
+        objects = self.session._objects  # refs in arguments, fn.ref results
+        extra = (
+            ((), ())
+            if objects is None or not objects.calls
+            else objects.for_batch(send.calls, handle.sandbox.info)
+        )
+        msg = RunCalls(handle.sandbox_id, tuple(headers), len(shared.views), *extra)
         try:
             request_id = handle.conn.send_nowait(
                 msg, payloads, functools.partial(self._on_reply, send.worker_id, send.batch)

@@ -25,6 +25,7 @@ from aviato._function import (
     RemoteFunction,
     Serialization,
 )
+from aviato._objects import ObjectManager, ObjectRef
 from aviato._options import SandboxOptions
 from aviato._pool import FunctionPool
 from aviato._sandbox import Sandbox, scheduler_connection
@@ -58,6 +59,8 @@ class Session:
         self._last_figures: dict[tuple[int, str], tuple[float, int]] = {}
         self._connections = Connections(f"the connections of session {self.session_id}")
         self._tasks = TaskGroup(f"session {self.session_id}")
+        #: Its object refs (aviato/_objects.py), from the first put or fn.ref.
+        self._objects: ObjectManager | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -238,6 +241,18 @@ class Session:
             pool.max_workers = options.max_workers
         return pool
 
+    async def put(self, value: Any) -> ObjectRef:
+        """Keep ``value`` in the cluster: pickled once, held by an agent (the one this
+        session's workers are on). Pass the ref to remote functions in place of the
+        value; ``await ref.get()`` brings it back; ``ref.release()`` frees it."""
+        return await self._object_manager().put(value)
+
+    def _object_manager(self) -> ObjectManager:
+        self._check_open()
+        if self._objects is None:
+            self._objects = ObjectManager(self)
+        return self._objects
+
     # ------------------------------------------------------------------ lifecycle
 
     def _check_open(self) -> None:
@@ -311,6 +326,8 @@ class Session:
         self._closed = True
         try:
             await asyncio.gather(*(pool.close() for pool in self._pools.values()))
+            if self._objects is not None:  # after the pools: no call keeps a result now
+                await self._objects.close()
             results = await asyncio.gather(
                 *(sb.stop() for sb in self._sandboxes if _live(sb) or sb._starting is not None),
                 return_exceptions=True,

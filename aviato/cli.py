@@ -25,9 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
-from aviato import _cli_files
+from aviato import _cli_files, _cli_objects
 from aviato._cli_lifecycle import COMMANDS as LIFECYCLE_COMMANDS
 from aviato._cli_lifecycle import add_commands as add_lifecycle_commands
+from aviato._cli_objects import OBJECT_COLUMNS, objects_record, objects_rows
 from aviato._cli_output import (
     AGENT_COLUMNS,
     SANDBOX_COLUMNS,
@@ -96,13 +97,15 @@ async def _status(args: argparse.Namespace) -> int:
         agents += reply.msg.agents
         status, cursor = reply.msg, reply.msg.next_cursor
     status = dataclasses.replace(status, agents=tuple(agents), next_cursor="")
+    objects = await _cli_objects.object_stats(status.agents, defaults)
     if args.format == "json":
-        print_json(status_record(address, status))
+        print_json({**status_record(address, status), "objects": objects_record(objects)})
         return 0
     rows = [agent_row(a) for a in status.agents]
     print_table(AGENT_COLUMNS, rows, title=f"aviato cluster at {address}")
     counts = ", ".join(f"{k} {v}" for k, v in status.sandbox_counts.items())
     print(f"sandboxes: {counts}; sessions: {status.sessions}")
+    print_table(OBJECT_COLUMNS, objects_rows(objects), title="objects held (object refs)")
     return 0
 
 

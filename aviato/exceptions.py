@@ -32,7 +32,9 @@ Every error a user can see is one of these; the daemons send a wire error code
         ├── PayloadTooLargeError       a message above the size limit; nothing was sent
         ├── ProcessNotFoundError       no spawned process with that id in the sandbox
         ├── FunctionSerializationError a function or argument cannot be pickled
-        └── AsyncFunctionError         @session.function() on an async def; also TypeError
+        ├── AsyncFunctionError         @session.function() on an async def; also TypeError
+        ├── ObjectLostError            an object ref's value is gone and no call can rebuild it
+        └── ObjectStoreFullError       an agent's object store is over its memory and disk caps
 """
 
 from __future__ import annotations
@@ -259,6 +261,18 @@ class FunctionSerializationError(SandboxError):
 
 class AsyncFunctionError(SandboxError, TypeError):
     """``@session.function()`` takes a sync function; an ``async def`` was given."""
+
+
+class ObjectLostError(SandboxError):
+    """An object ref's value is no longer held: it was released, its session closed, or
+    its agent died and it came from ``session.put`` (a ``fn.ref`` result is made again
+    by running its call once more). Put the value again."""
+
+
+class ObjectStoreFullError(SandboxError):
+    """An agent cannot hold another object: its memory budget and its disk cap
+    (``AVIATO_OBJECT_MEMORY_BYTES``, ``AVIATO_OBJECT_DISK_BYTES``) are used up. Release
+    refs you no longer need (``ref.release()``), or give the agent larger caps."""
 
 
 def error_detail(exc: BaseException) -> dict[str, Any]:

@@ -170,6 +170,9 @@ class Op(StrEnum):
     WRITE_CHUNK = "write-chunk"
     LIST = "list"
     REMOVE = "remove"
+    # agent -> worker: objects for calls' arguments (issue 14 part 3, agent/objects.py)
+    OBJECT = "object"
+    OBJECT_DROP = "object-drop"
     # both ways: the agent's memfd probe, and the worker's answer
     SHM_PROBE = "shm-probe"
     # both ways: a streamed file's credit
@@ -325,6 +328,24 @@ class Detach(Header):
     """Agent -> supervisor: the agent exits but its sandboxes stay; leave them running."""
 
     OP = Op.DETACH
+
+
+@record
+class ObjectFrames(Header):
+    """Agent -> worker, before the calls that use it: object ``object_id``'s frames (a
+    pickle and its out-of-band buffers), for its refs among their arguments. The
+    worker holds it until an ObjectDrop."""
+
+    OP = Op.OBJECT
+    object_id: str
+
+
+@record
+class ObjectDrop(Header):
+    """Agent -> worker: forget these objects (released, or past its share)."""
+
+    OP = Op.OBJECT_DROP
+    object_ids: tuple[str, ...]
 
 
 @record
@@ -606,6 +627,8 @@ HEADERS: dict[Op, type[Header]] = {
         WriteRequest,
         Kill,
         Detach,
+        ObjectFrames,
+        ObjectDrop,
         ShmProbe,
         Hello,
         CallsLink,

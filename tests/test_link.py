@@ -53,6 +53,8 @@ from aviato.link import (
     Kill,
     Listing,
     ListRequest,
+    ObjectDrop,
+    ObjectFrames,
     Op,
     Output,
     ProcList,
@@ -116,6 +118,8 @@ EXAMPLES: list[Header] = [
     Listing(12, ()),
     RemoveRequest(13, "/data/tmp", recursive=True),
     Detach(),
+    ObjectFrames("a" * 32),
+    ObjectDrop(("a" * 32, "b_-9")),
     ShmProbe(),
     ShmProbe(ok=True),
     Hello("3.11.9", 42, calls=True),
@@ -454,6 +458,7 @@ def test_the_supervisor_starts_on_builtin_modules_only(tmp_path: Path) -> None:
         ("agent/supervisor_link.py", "aviato_supervisor_link.py"),
         ("aviato/link.py", "aviato_link.py"),
         ("aviato/_spare.py", "aviato_spare.py"),
+        ("agent/worker_objects.py", "aviato_worker_objects.py"),
     ]:  # as agent/supervisor_hub.py's _prepare_lib lays them out
         shutil.copy(root / source, lib / name)
     probe = (

@@ -44,7 +44,7 @@ class _Sandbox:
 
 async def _pool_with_worker() -> tuple[FunctionPool, _Conn, RemoteFunction[int]]:
     """A pool of one idle worker (its dispatch pass done)."""
-    session: Any = SimpleNamespace(_tasks=TaskGroup("a test session"))
+    session: Any = SimpleNamespace(_tasks=TaskGroup("a test session"), _objects=None)
     pool = FunctionPool(session, FunctionOptions(max_workers=1))
     pool.state.starting = 1
     actions = pool.state.worker_started("sb-w")

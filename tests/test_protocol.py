@@ -47,9 +47,11 @@ from aviato.protocol import (
     FileReply,
     GetDashboardView,
     GetLogs,
+    GetObject,
     GetSandbox,
     GetTunnels,
     HeartbeatReply,
+    KeepResult,
     ListFiles,
     ListProcesses,
     ListSandboxes,
@@ -59,6 +61,12 @@ from aviato.protocol import (
     LogsReply,
     Message,
     MsgType,
+    ObjectData,
+    ObjectSource,
+    ObjectsReleased,
+    ObjectStats,
+    ObjectStatsReply,
+    ObjectStored,
     OkReply,
     PauseSandbox,
     Ping,
@@ -69,10 +77,12 @@ from aviato.protocol import (
     ProcessInfo,
     ProcessOutput,
     ProcessReply,
+    PutObject,
     ReadFile,
     ReadOutput,
     RegisterAgent,
     RegisterReply,
+    ReleaseObjects,
     RemoveFile,
     RemoveSnapshot,
     RemoveVolume,
@@ -179,6 +189,18 @@ AGENT = AgentInfo(
 _SNAP = SnapshotInfo(
     "aviato-snapshot:0123456789ab-sb-00000001-17", "agent-a", "sb-1", "python:3.11", 1.5, 99
 )
+#: Object refs (aviato/protocol/objects.py), every field away from its default somewhere.
+OBJECT_SAMPLES: list[Message] = [
+    PutObject(object_id="a" * 32, session_id="ses-1", buffers=2),
+    ObjectStored(object_id="a" * 32, size=1 << 33, agent_id="agent-a", in_memory=False),
+    GetObject(object_id="a" * 32),
+    ObjectData(object_id="a" * 32, buffers=1),
+    ReleaseObjects(object_ids=("a" * 32, "b" * 32), session_id="ses-1"),
+    ObjectsReleased(count=2, size=1 << 20),
+    ObjectStats(),
+    ObjectStatsReply("agent-a", 3, 1 << 20, 1 << 30, 2 << 30, 20 << 30, 4, 9, 2),
+]
+
 LIFECYCLE_SAMPLES: list[Message] = [
     ExtendLifetime(sandbox_id="sb-1", seconds=600.0),
     PauseSandbox(sandbox_id="sb-1", pause=False),
@@ -304,7 +326,20 @@ SAMPLES: list[Message] = [
     RemoveVolume(name="pip-cache"),
     GetTunnels(sandbox_id="sb-1"),
     TunnelsReply(tunnels=(PortTunnel(8000, "10.0.0.1", 32768),)),
+    *OBJECT_SAMPLES,
 ]
+
+
+def test_run_calls_naming_objects_round_trips() -> None:
+    msg = RunCalls(
+        sandbox_id="sb-9",
+        calls=(CallHeader(1, "abc123", False, "pickle"),),
+        objects=(
+            ObjectSource("a" * 32, "agent-a", "tcp://10.0.0.1:7000", "key", "unix:h:/p", "ses-1"),
+        ),
+        keep=(KeepResult(1, "b" * 32, "ses-1"),),
+    )
+    assert decode(encode(msg, 5)).msg == msg
 
 
 def test_every_message_class_has_a_sample() -> None:
@@ -714,6 +749,8 @@ CODED: list[tuple[type[exc.AviatoError], ErrorCode]] = [
     (exc.UnsupportedOperationError, ErrorCode.UNSUPPORTED),
     (exc.IsolationUnavailableError, ErrorCode.ISOLATION_UNAVAILABLE),
     (exc.ResourcesUnavailableError, ErrorCode.RESOURCES_UNAVAILABLE),
+    (exc.ObjectLostError, ErrorCode.OBJECT_LOST),
+    (exc.ObjectStoreFullError, ErrorCode.OBJECT_STORE_FULL),
 ]
 
 

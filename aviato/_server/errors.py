@@ -30,6 +30,8 @@ _EXC_TO_CODE: list[tuple[type[BaseException], ErrorCode]] = [
     (exc.ClusterUnavailableError, ErrorCode.UNAVAILABLE),
     (exc.AgentIdInUseError, ErrorCode.ID_IN_USE),
     (exc.ProcessNotFoundError, ErrorCode.PROCESS_NOT_FOUND),
+    (exc.ObjectLostError, ErrorCode.OBJECT_LOST),
+    (exc.ObjectStoreFullError, ErrorCode.OBJECT_STORE_FULL),
     (exc.SandboxError, ErrorCode.BAD_REQUEST),
     (ValueError, ErrorCode.BAD_REQUEST),
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from aviato.link import CallHeader, CallOutcome
+from aviato.protocol.objects import KeepResult, ObjectSource
 from aviato.protocol.records import Message, MsgType
 
 
@@ -114,6 +115,11 @@ class RunCalls(Message):
     #: Out-of-band buffer frames after the calls' own, each sent once per batch however
     #: many of its calls use it (see CallHeader.buffers).
     buffers: int = 0
+    #: Objects the calls' arguments refer to (``ObjectRef``): the agent hands each to
+    #: the worker before the batch (aviato/protocol/objects.py).
+    objects: tuple[ObjectSource, ...] = ()
+    #: Calls whose results stay on the agent as objects (``fn.ref``).
+    keep: tuple[KeepResult, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

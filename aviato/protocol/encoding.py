@@ -18,6 +18,7 @@ from aviato.protocol import (
     data,
     files,
     lifecycle,
+    objects,
     observe,
     processes,
     records,
@@ -43,6 +44,7 @@ MESSAGE_MODULES: tuple[ModuleType, ...] = (
     lifecycle,
     storage,
     observe,
+    objects,
 )
 
 

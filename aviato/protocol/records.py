@@ -109,6 +109,15 @@ class MsgType(enum.IntEnum):
     # client <-> scheduler: what the dashboard shows (protocol/observe.py)
     GET_DASHBOARD_VIEW = 180
     DASHBOARD_VIEW_REPLY = 181
+    # client <-> agent <-> agent: object refs (protocol/objects.py)
+    PUT_OBJECT = 240
+    OBJECT_STORED = 241
+    GET_OBJECT = 242
+    OBJECT_DATA = 243
+    RELEASE_OBJECTS = 244
+    OBJECTS_RELEASED = 245
+    OBJECT_STATS = 246
+    OBJECT_STATS_REPLY = 247
 
 
 class SandboxStatus(enum.StrEnum):
@@ -158,6 +167,10 @@ class ErrorCode(enum.StrEnum):
     ISOLATION_UNAVAILABLE = "isolation_unavailable"
     #: No live agent could ever hold what a create asks for (CPUs, memory, GPUs, labels).
     RESOURCES_UNAVAILABLE = "resources_unavailable"
+    #: An object ref's value is no longer held (released, or its agent restarted).
+    OBJECT_LOST = "object_lost"
+    #: The agent's object store is over its memory and disk budgets.
+    OBJECT_STORE_FULL = "object_store_full"
 
 
 # --------------------------------------------------------------------------- records
