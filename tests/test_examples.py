@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -80,7 +81,9 @@ def test_seed_examples_on_the_embedded_cluster() -> None:
     ]
     lines, pid3 = _run_example("examples/parallel_functions.py", env)
     assert lines[0] == "[1, 4, 9]"
-    assert lines[1].startswith("took ") and "3 calls of 1.0 s each, in parallel" in lines[1]
+    found = re.search(r"3 calls of ([0-9.]+) s each, in parallel", lines[1])
+    assert lines[1].startswith("took ") and found, lines[1]
+    assert 1.0 <= float(found.group(1)) < 1.5, lines[1]  # a 1 s sleep, on a loaded host too
     assert len(lines) == 2
     # The embedded scheduler and agent went away with the interpreter, and their containers.
     for pid in (pid1, pid2, pid3):
