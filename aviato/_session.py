@@ -133,18 +133,10 @@ class Session:
         self._check_open()
         if retries < 0:
             raise ValueError("retries must be >= 0")
-        mine = SandboxOptions(
-            image=container_image,
-            env=dict(env or {}),
-            memory_bytes=memory_bytes,
-            cpus=cpus,
-            gpus=gpus,
-            agent_labels=dict(agent_labels or {}),
-            placement=placement,
-            network=network,
-        )
         options = FunctionOptions(
-            sandbox=mine.over(self.defaults.options()),
+            sandbox=self._worker_sandbox(
+                container_image, env, memory_bytes, cpus, gpus, agent_labels, placement, network
+            ),
             serialization=Serialization(serialization),
             retries=retries,
             retry_on=tuple(retry_on),
@@ -196,18 +188,10 @@ class Session:
                 "max_concurrency other than 1 is not supported yet: an instance runs one "
                 "method at a time, in the order called"
             )
-        mine = SandboxOptions(
-            image=container_image,
-            env=dict(env or {}),
-            memory_bytes=memory_bytes,
-            cpus=cpus,
-            gpus=gpus,
-            agent_labels=dict(agent_labels or {}),
-            placement=placement,
-            network=network,
-        )
         options = FunctionOptions(
-            sandbox=mine.over(self.defaults.options()),
+            sandbox=self._worker_sandbox(
+                container_image, env, memory_bytes, cpus, gpus, agent_labels, placement, network
+            ),
             serialization=Serialization(serialization),
             retries=0,
             timeout_seconds=timeout_seconds,
@@ -224,6 +208,31 @@ class Session:
             return ActorClass(cls, self, options, max_restarts)
 
         return decorate
+
+    def _worker_sandbox(
+        self,
+        image: str | None,
+        env: Mapping[str, str] | None,
+        memory_bytes: int | None,
+        cpus: float | None,
+        gpus: int | None,
+        agent_labels: Mapping[str, str] | None,
+        placement: str | None,
+        network: str | None,
+    ) -> SandboxOptions:
+        """The sandbox options of a function's (or an actor's) workers: what its
+        decorator asked for, over the session's defaults."""
+        mine = SandboxOptions(
+            image=image,
+            env=dict(env or {}),
+            memory_bytes=memory_bytes,
+            cpus=cpus,
+            gpus=gpus,
+            agent_labels=dict(agent_labels or {}),
+            placement=placement,
+            network=network,
+        )
+        return mine.over(self.defaults.options())
 
     def _drop_pool(self, options: FunctionOptions) -> FunctionPool | None:
         """Forget the pool of ``options`` (an actor's, closed by its handle)."""
