@@ -61,6 +61,9 @@ class SandboxDefaults:
     #: "runc", "gvisor" (Docker with runsc) or "bwrap" (the local runtime); None: the
     #: agent's default. Placed only on an agent that offers it.
     isolation: str | None = None
+    #: Egress allow-list: addresses, CIDRs or host names, each with an optional
+    #: ``:port`` (see aviato/_egress.py); None: the whole network.
+    network_allow: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # Accept lists for convenience; keep the frozen value hashable-ish and immutable.

@@ -162,6 +162,7 @@ class Sandbox(SandboxFiles, SandboxLifecycle):
         _function_worker: bool = False,
         _merged: SandboxOptions | None = None,
         idle_timeout_seconds: float | None = None,
+        network_allow: Sequence[str] | None = None,
     ) -> None:
         """``_merged``: options merged over the defaults already (a function worker's),
         used instead of the arguments."""
@@ -183,6 +184,7 @@ class Sandbox(SandboxFiles, SandboxLifecycle):
                 mounts=tuple(mounts),
                 volumes=dict(volumes or {}),
                 ports=tuple(ports),
+                network_allow=network_allow,  # type: ignore[arg-type]  # made a tuple there
             )
             _merged = mine.over(self._defaults.options())
         self._spec: SandboxSpec = SandboxSpec.of(

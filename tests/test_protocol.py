@@ -128,6 +128,7 @@ SPEC = SandboxSpec(
     mounts=(Mount("/datasets/imagenet", "/data", read_only=True), Mount("/srv/x", "/x")),
     volumes={"/cache": "pip-cache"},
     ports=(8000, 8443),
+    network_allow=("10.1.2.0/24", "pypi-mirror.internal:443"),
 )
 
 INFO = SandboxInfo(

@@ -303,6 +303,14 @@ class LocalRuntime(LocalLifecycle, Runtime):
             )
         _check_command(sandbox_id, spec)
         self._check_mounts_and_ports(sandbox_id, spec)
+        if spec.network == "internal" or spec.network_allow is not None:
+            what = "network='internal'" if spec.network == "internal" else "network_allow"
+            raise SandboxFailedError(
+                f"the {self.name} runtime cannot honour {what}: a sandbox here has the"
+                " host's network or none (bubblewrap makes no routed or shared network"
+                " namespace); use network='none', or an agent with the docker runtime",
+                sandbox_id=sandbox_id,
+            )
         agent_id = labels.get("aviato.agent", "agent")
         self._agent_dirs.add(agent_id)
         home = self._dir(agent_id, sandbox_id)

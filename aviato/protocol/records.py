@@ -184,6 +184,8 @@ class SandboxSpec:
     ports: tuple[int, ...] = ()
     #: Asked for (None: the agent's default; see aviato/_options.py ISOLATIONS).
     isolation: str | None = None
+    #: Egress allow-list (aviato/_egress.py); None: the whole network.
+    network_allow: tuple[str, ...] | None = None
 
     @classmethod
     def of(
@@ -266,6 +268,9 @@ def spare_key(spec: SandboxSpec) -> tuple[object, ...] | None:
     if spec.function_worker or spec.mounts or spec.volumes or spec.ports:
         return None
     if spec.isolation is not None:
+        return None
+    # Both are fixed when a sandbox is made: the session's network, the rules.
+    if spec.network == "internal" or spec.network_allow is not None:
         return None
     return (
         spec.image,
