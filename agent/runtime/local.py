@@ -35,6 +35,7 @@ from typing import Any
 
 import psutil
 
+from agent.runtime import local_userns
 from agent.runtime.base import (
     LABEL_AGENT,
     LABEL_SPARE,
@@ -55,7 +56,7 @@ from agent.runtime.seccomp_filter import with_seccomp
 from agent.runtime.streams import LocalStreams
 from agent.supervisor import LOG_MAGIC, LOG_RECORD
 from agent.supervisor_launch import supervisor_command
-from aviato.exceptions import SandboxFailedError, SandboxNotRunningError
+from aviato.exceptions import ConfigurationError, SandboxFailedError, SandboxNotRunningError
 from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -98,19 +99,24 @@ def _probe(python: str) -> list[str] | None:
         return None
 
 
-def find_python(version: str, configured: Mapping[str, str] | None = None) -> Interpreter | None:
-    """The host interpreter for ``version`` ("3.11"), or None.
+def find_python(
+    version: str, configured: Mapping[str, str] | None = None, public: bool = False
+) -> Interpreter | None:
+    """The host interpreter for ``version`` ("3.11"), or None; ``public``: only one any
+    user can run (sandboxes under --userns-uid are not root on the host).
 
     Resolved through ``sys.executable`` so that wrappers (pyenv shims) are not what
     runs inside the sandbox."""
     if configured and version in configured:
         probed = _probe(configured[version]) or []
         return Interpreter(configured[version], tuple(probed[2:]))
-    for name in (f"python{version}", "python3", "python"):
+    names = (f"python{version}", "python3", "python", f"/usr/bin/python{version}")
+    for name in names:
         found = shutil.which(name)
         out = _probe(found) if found else None
         if out is not None and len(out) == 6 and out[0] == version:
-            return Interpreter(out[1], tuple(out[2:]))
+            if not public or local_userns.reachable(out[1]):
+                return Interpreter(out[1], tuple(out[2:]))
     return None
 
 
@@ -213,6 +219,7 @@ class LocalRuntime(LocalLifecycle, Runtime):
         state_dir: str | None = None,
         pythons: Mapping[str, str] | None = None,
         use_cgroups: bool | None = None,
+        userns_uid: int | None = None,
     ) -> None:
         if use_cgroups is None:
             use_cgroups = os.environ.get("AVIATO_LOCAL_CGROUPS", "1") != "0"
@@ -228,6 +235,10 @@ class LocalRuntime(LocalLifecycle, Runtime):
             self.name = f"local (bubblewrap, cgroup v{self.cgroups.version} limits)"
         else:
             self.name = "local (bubblewrap)"
+        #: Root inside is an unprivileged uid from here on the host (local_userns.py).
+        self.userns_base = userns_uid
+        if userns_uid is not None and self.bwrap is None:
+            raise ConfigurationError("--userns-uid needs bubblewrap (install bubblewrap)")
         self.pids_limit = pids_limit
         self.root = Path(state_dir or Path(tempfile.gettempdir()) / "aviato-local")
         self.pythons = dict(pythons or {})
@@ -265,7 +276,8 @@ class LocalRuntime(LocalLifecycle, Runtime):
             )
         version = f"{match.group(1)}.{match.group(2)}"
         if version not in self._python_cache:
-            self._python_cache[version] = find_python(version, self.pythons)
+            public = self.userns_base is not None
+            self._python_cache[version] = find_python(version, self.pythons, public)
         python = self._python_cache[version]
         if python is None:
             raise SandboxFailedError(
@@ -351,6 +363,10 @@ class LocalRuntime(LocalLifecycle, Runtime):
         if self.bwrap:
             cmd = self._bwrap_argv(home, spec, mounts, binds) + argv
             cwd = None
+            if self.userns_base is not None:
+                uid = local_userns.sandbox_uid(self.userns_base, sandbox_id)
+                local_userns.grant(uid, home, [sockets.source] if sockets else [])
+                cmd = local_userns.confine(cmd, self.bwrap, uid)
         else:
             # No namespaces: mount targets become the host paths themselves.
             def host(value: str) -> str:
