@@ -120,6 +120,8 @@ def find_python(
     return None
 
 
+#: Parts of /proc that reach the whole kernel, not the sandbox: read-only inside.
+_PROC_RO = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus")
 #: Host directories a bubblewrap sandbox does not see: it gets its own over them.
 SANDBOX_OWN_DIRS = ("/tmp", "/run")
 
@@ -541,6 +543,8 @@ class LocalRuntime(LocalLifecycle, Runtime):
             "/dev",
             "--proc",
             "/proc",
+            # As Docker does: the kernel's knobs read-only (root inside could set them).
+            *(a for p in _PROC_RO if os.path.exists(p) for a in ("--ro-bind", p, p)),
             "--tmpfs",
             "/run",
             "--bind",
