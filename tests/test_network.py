@@ -265,15 +265,30 @@ async def test_allow_list_host_names_resolve_on_the_agent(docker: Cluster) -> No
                 pass
 
 
-async def test_the_local_runtime_refuses_what_it_cannot_give(
+async def test_local_internal_sandboxes_share_a_loopback_only_namespace(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
+    """The local runtime: a session's internal sandboxes share one namespace (127.0.0.1
+    reaches each other's servers), with no route out; another session's is another."""
     for local in _local_cluster(tmp_path_factory.mktemp("network-local"), agents=1):
         defaults = SandboxDefaults(scheduler=local.address, lease_seconds=5)
-        for kwargs in ({"network": "internal"}, {"network_allow": ["10.0.0.0/8"]}):
-            with pytest.raises(SandboxFailedError, match=r"the local .*runtime cannot honour"):
-                async with Sandbox(command="sleep", args=["infinity"], defaults=defaults, **kwargs):
-                    pass
+        server = ["-m", "http.server", "8000", "--bind", "127.0.0.1"]
+        with Tally() as tally:
+            async with Sandbox.session(defaults) as one, Sandbox.session(defaults) as two:
+                a = one.create(command="python3", args=server, network="internal")
+                b = one.create(command="sleep", args=["infinity"], network="internal")
+                c = two.create(command="sleep", args=["infinity"], network="internal")
+                await asyncio.gather(a.start(), b.start(), c.start())  # at once: one namespace
+                await _until_reached(b, ("127.0.0.1", 8000))
+                assert await _connect(b, [tally.address]) == ["OSError"]  # unreachable
+                assert await _connect(c, [("127.0.0.1", 8000)]) == ["ConnectionRefusedError"]
+            assert tally.connections == 0
+        # An allow-list it cannot give: refused, saying why.
+        with pytest.raises(SandboxFailedError, match=r"runtime cannot honour network_allow"):
+            async with Sandbox(
+                command="sleep", args=["infinity"], defaults=defaults, network_allow=["10.0.0.0/8"]
+            ):
+                pass
 
 
 def test_bad_allow_lists_are_refused_before_sending() -> None:

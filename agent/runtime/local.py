@@ -35,7 +35,7 @@ from typing import Any
 
 import psutil
 
-from agent.runtime import local_userns
+from agent.runtime import local_network, local_userns
 from agent.runtime.base import (
     LABEL_AGENT,
     LABEL_SPARE,
@@ -239,6 +239,7 @@ class LocalRuntime(LocalLifecycle, Runtime):
             self.name = "local (bubblewrap)"
         #: Root inside is an unprivileged uid from here on the host (local_userns.py).
         self.userns_base = userns_uid
+        self._net_locks = local_network.SessionLocks()
         if userns_uid is not None and self.bwrap is None:
             raise ConfigurationError("--userns-uid needs bubblewrap (install bubblewrap)")
         self.pids_limit = pids_limit
@@ -306,6 +307,19 @@ class LocalRuntime(LocalLifecycle, Runtime):
         labels: dict[str, str],
         mounts: Sequence[Mount] = (),
     ) -> None:
+        if spec.network != "internal":
+            return await self._create_one(sandbox_id, spec, labels, mounts)
+        async with self._net_locks.hold(spec.session_id or sandbox_id):  # local_network.py
+            await self._create_one(sandbox_id, spec, labels, mounts)
+            await local_network.wait_netns(lambda: self.netns_pid(sandbox_id))
+
+    async def _create_one(
+        self,
+        sandbox_id: str,
+        spec: SandboxSpec,
+        labels: dict[str, str],
+        mounts: Sequence[Mount] = (),
+    ) -> None:
         image, seed = self._seed(sandbox_id, spec.image)  # a snapshot: its image, files
         python = self._python_for(sandbox_id, image)
         binds = self._interpreter_binds(sandbox_id, python)
@@ -317,14 +331,7 @@ class LocalRuntime(LocalLifecycle, Runtime):
             )
         _check_command(sandbox_id, spec)
         self._check_mounts_and_ports(sandbox_id, spec)
-        if spec.network == "internal" or spec.network_allow is not None:
-            what = "network='internal'" if spec.network == "internal" else "network_allow"
-            raise SandboxFailedError(
-                f"the {self.name} runtime cannot honour {what}: a sandbox here has the"
-                " host's network or none (bubblewrap makes no routed or shared network"
-                " namespace); use network='none', or an agent with the docker runtime",
-                sandbox_id=sandbox_id,
-            )
+        local_network.check(self.name, sandbox_id, spec, self.bwrap is not None)
         agent_id = labels.get("aviato.agent", "agent")
         self._agent_dirs.add(agent_id)
         home = self._dir(agent_id, sandbox_id)
@@ -369,6 +376,9 @@ class LocalRuntime(LocalLifecycle, Runtime):
                 uid = local_userns.sandbox_uid(self.userns_base, sandbox_id)
                 local_userns.grant(uid, home, [sockets.source] if sockets else [])
                 cmd = local_userns.confine(cmd, self.bwrap, uid)
+            peer = local_network.peer_pid(spec, self._procs, self._find_dir, self.netns_pid)
+            if peer is not None:
+                cmd = local_network.join(cmd, peer)
         else:
             # No namespaces: mount targets become the host paths themselves.
             def host(value: str) -> str:
@@ -568,7 +578,7 @@ class LocalRuntime(LocalLifecycle, Runtime):
             "--new-session",
             "--die-with-parent",
         ]
-        if spec.network == "none" or spec.ports:
+        if spec.network in ("none", "internal") or spec.ports:
             # Ports: a namespace of its own, loopback only; the agent forwards into it.
             argv.append("--unshare-net")
         for m in mounts:
