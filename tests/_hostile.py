@@ -174,8 +174,11 @@ async def probe_level(target: Target) -> dict[str, tuple[bool | None, str]]:
         async with Sandbox(command="sleep", args=["infinity"], defaults=d) as sb:
             r = await sb.exec(["python3", "-c", BOMB], timeout_seconds=120)
             count, _, seen = r.stdout.decode().strip().partition(" ")
-            blocked = r.returncode == 0 and int(count or 0) < 5000
-            cells["fork bomb"] = (blocked, seen or r.stderr.decode()[-80:])
+            if count.isdigit():
+                cells["fork bomb"] = (int(count) < 5000, seen)
+            else:  # the limit took the sandbox down with it (gVisor's sentry): contained
+                last = (r.stderr.decode().strip().splitlines() or [""])[-1]
+                cells["fork bomb"] = (True, f"the sandbox died: {last[-60:]}")
     except AviatoError as exc:  # the limit may take the sandbox down with the bomb
         cells["fork bomb"] = (True, f"sandbox ended: {str(exc)[:60]}")
     if subprocess.run(["true"], timeout=10).returncode != 0:
