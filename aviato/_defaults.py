@@ -73,6 +73,8 @@ class SandboxDefaults:
         object.__setattr__(self, "mounts", tuple(self.mounts))
         object.__setattr__(self, "volumes", dict(self.volumes))
         object.__setattr__(self, "ports", tuple(self.ports))
+        if self.network_allow is not None and not isinstance(self.network_allow, str):
+            object.__setattr__(self, "network_allow", tuple(self.network_allow))
 
     def replace(self, **changes: Any) -> SandboxDefaults:
         return dataclasses.replace(self, **changes)
