@@ -17,6 +17,7 @@ import uvloop
 from agent.identity import Identity, claim, default_agent_id, state_dir
 from agent.resources import Capacity, parse_gpus, parse_memory
 from agent.runtime import make_runtime
+from agent.runtime.local_userns import parse_base
 from agent.server import AgentServer
 from agent.spares import parse_warm
 from agent.storage import allowed_roots
@@ -158,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         " $AVIATO_ISOLATION, else runc on Docker)",
     )
     p.add_argument(
+        "--userns-uid",
+        default=os.environ.get("AVIATO_USERNS_UID"),
+        metavar="BASE",
+        help="local runtime: root inside a sandbox is an unprivileged uid BASE+n on the"
+        " host (a user namespace per sandbox; default $AVIATO_USERNS_UID, else off)",
+    )
+    p.add_argument(
         "--probe-image",
         default="python:3.11",
         help="image of the probe sandbox run at start for --isolation gvisor",
@@ -248,6 +256,17 @@ async def run(
     if args.cap_add and args.runtime != "docker":
         raise SystemExit("--cap-add applies to the Docker runtime only (--runtime docker)")
     extra = {"cap_add": args.cap_add} if args.cap_add else {}
+    try:
+        userns = parse_base(args.userns_uid)
+    except ValueError as exc:
+        raise SystemExit(f"agent: {exc}") from None
+    if userns is not None:
+        if args.runtime != "local":
+            raise SystemExit(
+                "--userns-uid applies to the local runtime (--runtime local); for Docker,"
+                " set userns-remap in the engine's daemon.json"
+            )
+        extra["userns_uid"] = userns
     try:
         warm = parse_warm(args.warm)
     except ValueError as exc:

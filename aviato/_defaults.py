@@ -66,6 +66,9 @@ class SandboxDefaults:
     gpus: int | None = None
     agent_labels: Mapping[str, str] = field(default_factory=dict)
     placement: str | None = None
+    #: Egress allow-list: addresses, CIDRs or host names, each with an optional
+    #: ``:port`` (see aviato/_egress.py); None: the whole network.
+    network_allow: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # Accept lists for convenience; keep the frozen value hashable-ish and immutable.
@@ -76,6 +79,8 @@ class SandboxDefaults:
         object.__setattr__(self, "volumes", dict(self.volumes))
         object.__setattr__(self, "ports", tuple(self.ports))
         object.__setattr__(self, "agent_labels", dict(self.agent_labels))
+        if self.network_allow is not None and not isinstance(self.network_allow, str):
+            object.__setattr__(self, "network_allow", tuple(self.network_allow))
 
     def replace(self, **changes: Any) -> SandboxDefaults:
         return dataclasses.replace(self, **changes)

@@ -11,7 +11,7 @@ Adding an option: a field here (and its check in ``problems``), the same field i
 ``SandboxSpec``, the keyword arguments that set it, and the runtimes that honour it.
 Options merge as "set wins" unless ``over`` says otherwise.
 
-Imports the standard library, aviato._codec and aviato._storage only: the daemons
+Imports the standard library, aviato._codec, aviato._egress and aviato._storage only: the daemons
 import it (through aviato.protocol).
 """
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aviato._codec import brief
+from aviato._egress import allow_problems
 from aviato._storage import Mount, mount_problems, port_problems
 
 __all__ = [
@@ -45,7 +46,8 @@ MAX_CPUS = 4096
 MAX_IMAGE_CHARS = 255
 #: Below this Docker refuses to make the container.
 MIN_MEMORY_BYTES = 6 * 1024 * 1024
-NETWORKS = (None, "none", "bridge")
+#: "internal": the sandboxes of one session on one agent reach each other, nothing else.
+NETWORKS = (None, "none", "bridge", "internal")
 #: runc: Docker's default (namespaces, shared kernel); gvisor: Docker with runsc (a
 #: user-space kernel); bwrap: the local runtime's bubblewrap namespaces. None: any,
 #: the placing agent's default.
@@ -89,10 +91,14 @@ class SandboxOptions:
     agent_labels: dict[str, str] = field(default_factory=dict)
     #: "spread" (None: the default) or "pack" (see PLACEMENTS).
     placement: str | None = None
+    #: Egress allow-list (see aviato/_egress.py); None: not set (the whole network).
+    network_allow: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.agent_labels, dict):
             object.__setattr__(self, "agent_labels", dict(self.agent_labels))
+        if self.network_allow is not None and not isinstance(self.network_allow, str | tuple):
+            object.__setattr__(self, "network_allow", tuple(self.network_allow))
         if not isinstance(self.mounts, tuple):
             object.__setattr__(self, "mounts", tuple(self.mounts))
         if not isinstance(self.volumes, dict):
@@ -163,7 +169,10 @@ class SandboxOptions:
         if self.pids_limit is not None and self.pids_limit < 1:
             out.append(f"pids_limit must be at least 1 (or None), got {self.pids_limit}")
         if self.network not in NETWORKS:
-            out.append(f"network must be None, 'none' or 'bridge', got {brief(self.network)}")
+            out.append(
+                f"network must be None, 'none', 'bridge' or 'internal', got {brief(self.network)}"
+            )
+        out += allow_problems(self.network_allow, self.network)
         out += mount_problems(self.mounts, self.volumes)
         out += port_problems(self.ports, self.network)
         if self.isolation not in ISOLATIONS:

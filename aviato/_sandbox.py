@@ -166,6 +166,7 @@ class Sandbox(SandboxFiles, SandboxLifecycle):
         gpus: int | None = None,
         agent_labels: Mapping[str, str] | None = None,
         placement: str | None = None,
+        network_allow: Sequence[str] | None = None,
     ) -> None:
         """``_merged``: options merged over the defaults already (a function worker's),
         used instead of the arguments. ``cpus``, ``memory_bytes``, ``gpus`` and
@@ -192,6 +193,7 @@ class Sandbox(SandboxFiles, SandboxLifecycle):
                 gpus=gpus,
                 agent_labels=dict(agent_labels or {}),
                 placement=placement,
+                network_allow=network_allow,  # type: ignore[arg-type]  # made a tuple there
             )
             _merged = mine.over(self._defaults.options())
         self._spec: SandboxSpec = SandboxSpec.of(

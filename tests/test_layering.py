@@ -56,6 +56,11 @@ SHARED: dict[str, tuple[frozenset[str] | None, str]] = {
         " it, so the scheduler refuses what the client would",
     ),
     "aviato._codec": (None, "the protocol's value codec: the protocol is built on it"),
+    "aviato._egress": (
+        None,
+        "egress allow-list entries and their check (through SandboxOptions.problems); the"
+        " agent turns the same parsed entries into rules",
+    ),
     "aviato._storage": (
         None,
         "mounts, volumes and ports as a spec holds them, and their checks (through"

@@ -144,6 +144,7 @@ SPEC = SandboxSpec(
     gpus=2,
     agent_labels={"zone": "a"},
     placement="pack",
+    network_allow=("10.1.2.0/24", "pypi-mirror.internal:443"),
 )
 
 INFO = SandboxInfo(

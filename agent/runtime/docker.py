@@ -48,6 +48,7 @@ from agent.runtime.docker_errors import DockerError, explain, http_status
 from agent.runtime.docker_exec import DockerExec
 from agent.runtime.docker_gpus import gpu_requests
 from agent.runtime.docker_lifecycle import DockerLifecycle, is_snapshot
+from agent.runtime.docker_network import DockerNetworks
 from agent.runtime.docker_ports import publish_ip, published
 from agent.runtime.docker_procs import DockerProcesses
 from agent.runtime.docker_streams import DockerStreams
@@ -148,6 +149,7 @@ class DockerRuntime(DockerLifecycle, Runtime):
         self._exec = DockerExec(lambda: self._api, self._pool, self._engine_error)
         self._procs = DockerProcesses(lambda: self._api, self._exec_target)
         self.streams = DockerStreams(self)  # logs as written; files without a supervisor
+        self._networks = DockerNetworks(lambda: self._api)  # internal, allow-lists
 
     # ------------------------------------------------------------------ plumbing
 
@@ -248,7 +250,7 @@ class DockerRuntime(DockerLifecycle, Runtime):
             # container swap as much again on a host with swap).
             memswap_limit=spec.memory_bytes,
             nano_cpus=int(spec.cpus * 1e9) if spec.cpus else None,
-            network_mode="none" if spec.network == "none" else None,
+            network_mode=self._networks.mode(spec, labels),
             # The engine picks a free host port for each, on the agent's publish address.
             port_bindings={p: (publish_ip(self.publish_host), None) for p in spec.ports} or None,
             runtime=docker_runtime_for(spec, self.isolations),
@@ -273,7 +275,7 @@ class DockerRuntime(DockerLifecycle, Runtime):
 
         try:
             try:
-                cid: str = api.create_container(image, **kwargs)["Id"]
+                cid: str = self._networks.create_container(sandbox_id, spec, image, kwargs)["Id"]
             except docker.errors.ImageNotFound as exc:
                 if self.pull == "never" or is_snapshot(image):
                     reason = "pull='never'" if self.pull == "never" else "snapshots never are"
@@ -290,7 +292,7 @@ class DockerRuntime(DockerLifecycle, Runtime):
                         f" python:3.11), or `docker pull {image}` on a machine with registry"
                         " access and `docker save | docker load` it here."
                     ) from exc
-                cid = api.create_container(image, **kwargs)["Id"]
+                cid = self._networks.create_container(sandbox_id, spec, image, kwargs)["Id"]
         except DockerError as exc:
             if http_status(exc) == 409:
                 raise fail(
@@ -313,7 +315,7 @@ class DockerRuntime(DockerLifecycle, Runtime):
                     f"command {spec.command!r} was not found in image {image!r}: give a"
                     " program that exists in the image (or its full path)"
                 )
-            api.start(cid)
+            self._networks.start(cid, spec)  # an allow-list's rules go in first
         except (SandboxFailedError, *DockerError) as exc:
             with self._lock:
                 self._starting.discard(sandbox_id)
@@ -323,6 +325,7 @@ class DockerRuntime(DockerLifecycle, Runtime):
             self._gvisor.discard(sandbox_id)
             with contextlib.suppress(*DockerError):
                 api.remove_container(cid, force=True)
+            self._networks.released(sandbox_id)
             if isinstance(exc, SandboxFailedError):
                 raise
             raise fail(f"sandbox could not start from image {image!r}: {explain(exc)}") from exc
@@ -643,6 +646,7 @@ class DockerRuntime(DockerLifecycle, Runtime):
     def _remove_sync(self, sandbox_id: str, target: str) -> None:
         try:
             self._api.remove_container(target, force=True)
+            self._networks.released(sandbox_id)
         except DockerError as exc:
             if http_status(exc) == 409:  # a removal is already under way: wait for it to finish
                 self._wait_removed(sandbox_id, target)
@@ -836,6 +840,7 @@ class DockerRuntime(DockerLifecycle, Runtime):
         except DockerError as exc:
             if http_status(exc) not in (404, 409):
                 log.warning("could not remove exited sandbox %s: %s", sid, explain(exc))
+        self._networks.released(sid)
         self._workdirs.pop(sid, None)
         self._removing.discard(sid)
         self._release(sid, cid)

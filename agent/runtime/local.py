@@ -36,6 +36,7 @@ from typing import Any
 import psutil
 
 from agent.resources import gpu_binds
+from agent.runtime import local_network, local_userns
 from agent.runtime.base import (
     LABEL_AGENT,
     LABEL_SPARE,
@@ -56,7 +57,7 @@ from agent.runtime.seccomp_filter import with_seccomp
 from agent.runtime.streams import LocalStreams
 from agent.supervisor import LOG_MAGIC, LOG_RECORD
 from agent.supervisor_launch import supervisor_command
-from aviato.exceptions import SandboxFailedError, SandboxNotRunningError
+from aviato.exceptions import ConfigurationError, SandboxFailedError, SandboxNotRunningError
 from aviato.protocol import MAX_PAYLOAD_BYTES, SandboxSpec
 
 log = logging.getLogger(__name__)
@@ -99,22 +100,29 @@ def _probe(python: str) -> list[str] | None:
         return None
 
 
-def find_python(version: str, configured: Mapping[str, str] | None = None) -> Interpreter | None:
-    """The host interpreter for ``version`` ("3.11"), or None.
+def find_python(
+    version: str, configured: Mapping[str, str] | None = None, public: bool = False
+) -> Interpreter | None:
+    """The host interpreter for ``version`` ("3.11"), or None; ``public``: only one any
+    user can run (sandboxes under --userns-uid are not root on the host).
 
     Resolved through ``sys.executable`` so that wrappers (pyenv shims) are not what
     runs inside the sandbox."""
     if configured and version in configured:
         probed = _probe(configured[version]) or []
         return Interpreter(configured[version], tuple(probed[2:]))
-    for name in (f"python{version}", "python3", "python"):
+    names = (f"python{version}", "python3", "python", f"/usr/bin/python{version}")
+    for name in names:
         found = shutil.which(name)
         out = _probe(found) if found else None
         if out is not None and len(out) == 6 and out[0] == version:
-            return Interpreter(out[1], tuple(out[2:]))
+            if not public or local_userns.reachable(out[1]):
+                return Interpreter(out[1], tuple(out[2:]))
     return None
 
 
+#: Parts of /proc that reach the whole kernel, not the sandbox: read-only inside.
+_PROC_RO = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus")
 #: Host directories a bubblewrap sandbox does not see: it gets its own over them.
 SANDBOX_OWN_DIRS = ("/tmp", "/run")
 
@@ -214,6 +222,7 @@ class LocalRuntime(LocalLifecycle, Runtime):
         state_dir: str | None = None,
         pythons: Mapping[str, str] | None = None,
         use_cgroups: bool | None = None,
+        userns_uid: int | None = None,
     ) -> None:
         if use_cgroups is None:
             use_cgroups = os.environ.get("AVIATO_LOCAL_CGROUPS", "1") != "0"
@@ -229,6 +238,11 @@ class LocalRuntime(LocalLifecycle, Runtime):
             self.name = f"local (bubblewrap, cgroup v{self.cgroups.version} limits)"
         else:
             self.name = "local (bubblewrap)"
+        #: Root inside is an unprivileged uid from here on the host (local_userns.py).
+        self.userns_base = userns_uid
+        self._net_locks = local_network.SessionLocks()
+        if userns_uid is not None and self.bwrap is None:
+            raise ConfigurationError("--userns-uid needs bubblewrap (install bubblewrap)")
         self.pids_limit = pids_limit
         self.root = Path(state_dir or Path(tempfile.gettempdir()) / "aviato-local")
         self.pythons = dict(pythons or {})
@@ -266,7 +280,8 @@ class LocalRuntime(LocalLifecycle, Runtime):
             )
         version = f"{match.group(1)}.{match.group(2)}"
         if version not in self._python_cache:
-            self._python_cache[version] = find_python(version, self.pythons)
+            public = self.userns_base is not None
+            self._python_cache[version] = find_python(version, self.pythons, public)
         python = self._python_cache[version]
         if python is None:
             raise SandboxFailedError(
@@ -293,6 +308,19 @@ class LocalRuntime(LocalLifecycle, Runtime):
         labels: dict[str, str],
         mounts: Sequence[Mount] = (),
     ) -> None:
+        if spec.network != "internal":
+            return await self._create_one(sandbox_id, spec, labels, mounts)
+        async with self._net_locks.hold(spec.session_id or sandbox_id):  # local_network.py
+            await self._create_one(sandbox_id, spec, labels, mounts)
+            await local_network.wait_netns(lambda: self.netns_pid(sandbox_id))
+
+    async def _create_one(
+        self,
+        sandbox_id: str,
+        spec: SandboxSpec,
+        labels: dict[str, str],
+        mounts: Sequence[Mount] = (),
+    ) -> None:
         image, seed = self._seed(sandbox_id, spec.image)  # a snapshot: its image, files
         python = self._python_for(sandbox_id, image)
         binds = self._interpreter_binds(sandbox_id, python)
@@ -304,6 +332,7 @@ class LocalRuntime(LocalLifecycle, Runtime):
             )
         _check_command(sandbox_id, spec)
         self._check_mounts_and_ports(sandbox_id, spec)
+        local_network.check(self.name, sandbox_id, spec, self.bwrap is not None)
         agent_id = labels.get("aviato.agent", "agent")
         self._agent_dirs.add(agent_id)
         home = self._dir(agent_id, sandbox_id)
@@ -344,6 +373,13 @@ class LocalRuntime(LocalLifecycle, Runtime):
         if self.bwrap:
             cmd = self._bwrap_argv(home, spec, mounts, binds) + argv
             cwd = None
+            if self.userns_base is not None:
+                uid = local_userns.sandbox_uid(self.userns_base, sandbox_id)
+                local_userns.grant(uid, home, [sockets.source] if sockets else [])
+                cmd = local_userns.confine(cmd, self.bwrap, uid)
+            peer = local_network.peer_pid(spec, self._procs, self._find_dir, self.netns_pid)
+            if peer is not None:
+                cmd = local_network.join(cmd, peer)
         else:
             # No namespaces: mount targets become the host paths themselves.
             def host(value: str) -> str:
@@ -519,6 +555,8 @@ class LocalRuntime(LocalLifecycle, Runtime):
             *gpu_binds(spec),  # after --dev: into the sandbox's own /dev
             "--proc",
             "/proc",
+            # As Docker does: the kernel's knobs read-only (root inside could set them).
+            *(a for p in _PROC_RO if os.path.exists(p) for a in ("--ro-bind", p, p)),
             "--tmpfs",
             "/run",
             "--bind",
@@ -542,7 +580,7 @@ class LocalRuntime(LocalLifecycle, Runtime):
             "--new-session",
             "--die-with-parent",
         ]
-        if spec.network == "none" or spec.ports:
+        if spec.network in ("none", "internal") or spec.ports:
             # Ports: a namespace of its own, loopback only; the agent forwards into it.
             argv.append("--unshare-net")
         for m in mounts:

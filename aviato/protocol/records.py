@@ -207,6 +207,8 @@ class SandboxSpec:
     gpus: int | None = None
     agent_labels: dict[str, str] = field(default_factory=dict)
     placement: str | None = None
+    #: Egress allow-list (aviato/_egress.py); None: the whole network.
+    network_allow: tuple[str, ...] | None = None
 
     @classmethod
     def of(
@@ -292,6 +294,9 @@ def spare_key(spec: SandboxSpec) -> tuple[object, ...] | None:
         return None
     if spec.isolation is not None or spec.gpus:
         return None  # a GPU sandbox's env names its GPUs: fixed when it is made
+    # Both are fixed when a sandbox is made: the session's network, the rules.
+    if spec.network == "internal" or spec.network_allow is not None:
+        return None
     return (
         spec.image,
         spec.cpus,
