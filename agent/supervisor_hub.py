@@ -28,6 +28,7 @@ from typing import Any
 
 import cloudpickle
 
+from agent.output_relay import OutputRelay
 from agent.runtime.base import ExecOutput, ExitStatus, Mount, OutputChunk
 from agent.supervisor_launch import LIB_DIR, SOCKET_DIR
 from aviato import _spare as spare
@@ -139,6 +140,7 @@ class WorkerHub:
         self.lib = self.root / "lib"
         self._links: dict[str, WorkerLink] = {}
         self._rids = itertools.count(1)
+        self.output = OutputRelay(send)  # functions' prints, to their clients
         self._prepare_lib()
 
     def _prepare_lib(self) -> None:
@@ -146,7 +148,7 @@ class WorkerHub:
         Python)."""
         self.lib.mkdir()
         shutil.copy(Path(__file__).with_name("supervisor.py"), self.lib / "aviato_supervisor.py")
-        for mine in ("supervisor_link", "supervisor_files"):
+        for mine in ("supervisor_link", "supervisor_files", "supervisor_output"):
             shutil.copy(Path(__file__).with_name(f"{mine}.py"), self.lib / f"aviato_{mine}.py")
         shutil.copy(Path(schema.__file__), self.lib / "aviato_link.py")
         shutil.copy(
@@ -551,6 +553,8 @@ class WorkerHub:
             if not self._forward(link, header, frames[1:]):
                 log.warning("worker %s sent malformed results", link.sandbox_id)
                 self._end(link)
+        elif isinstance(header, schema.WorkerOutput) and conn is link.framed:
+            self.output.relay(link.sandbox_id, header, frames[1:])
         elif conn is link.framed and isinstance(
             header, Output | Exit | FileDone | ProcReply | Chunk | ChunkAck | StreamEnd | Listing
         ):
@@ -658,6 +662,7 @@ class WorkerHub:
 
     async def close(self, sandbox_id: str, detail: str) -> None:
         link = self._links.pop(sandbox_id, None)
+        self.output.forget(sandbox_id)
         if link is None:
             # Closed already; a runtime that made the directory again after that (a stop
             # that raced its create) must not leave it behind.

@@ -61,6 +61,9 @@ class SandboxDefaults:
     #: "runc", "gvisor" (Docker with runsc) or "bwrap" (the local runtime); None: the
     #: agent's default. Placed only on an agent that offers it.
     isolation: str | None = None
+    #: Show what functions and actors print in their workers on this process's stdout
+    #: and stderr, each line prefixed ``(function sb-3f2a)``; off: in the sandbox's log.
+    forward_output: bool = True
 
     def __post_init__(self) -> None:
         # Accept lists for convenience; keep the frozen value hashable-ish and immutable.

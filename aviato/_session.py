@@ -24,6 +24,7 @@ from aviato._function import (
     Serialization,
 )
 from aviato._options import SandboxOptions
+from aviato._output import OutputPrinter
 from aviato._pool import FunctionPool
 from aviato._sandbox import Sandbox, scheduler_connection
 from aviato._tasks import TaskGroup
@@ -54,6 +55,7 @@ class Session:
         self._pools: dict[tuple[Any, ...], FunctionPool] = {}
         self._connections = Connections(f"the connections of session {self.session_id}")
         self._tasks = TaskGroup(f"session {self.session_id}")
+        self._printer: OutputPrinter | None = None  # made at the first worker's output
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -204,6 +206,12 @@ class Session:
 
         return decorate
 
+    def _output(self) -> OutputPrinter:
+        """Where its workers' output is shown (aviato/_output.py)."""
+        if self._printer is None:
+            self._printer = OutputPrinter()
+        return self._printer
+
     def _drop_pool(self, options: FunctionOptions) -> FunctionPool | None:
         """Forget the pool of ``options`` (an actor's, closed by its handle)."""
         return self._pools.pop(options.pool_key(), None)
@@ -304,6 +312,8 @@ class Session:
                 await self._tasks.close()
             finally:
                 self._connections.close()
+                if self._printer is not None:  # what its workers printed, all shown
+                    await asyncio.to_thread(self._printer.close)
 
 
 def _live(sb: Sandbox) -> bool:

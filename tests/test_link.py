@@ -70,6 +70,7 @@ from aviato.link import (
     Serialization,
     ShmProbe,
     StreamEnd,
+    WorkerOutput,
     WriteChunk,
     WriteOpen,
     WriteRequest,
@@ -128,6 +129,8 @@ EXAMPLES: list[Header] = [
         )
     ),
     Output(9, 2),
+    WorkerOutput(1, "work", dropped=1 << 20),
+    WorkerOutput(2),
     Exit(9, -9, timed_out=True),
     FileDone(5, error="no such file"),
     FileDone(6, error="too large", too_large=True),

@@ -58,6 +58,7 @@ from aviato.protocol import (
     Message,
     MsgType,
     OkReply,
+    OutputChunk,
     PauseSandbox,
     Ping,
     PlaceSandbox,
@@ -101,6 +102,7 @@ from aviato.protocol import (
     VolumeInfo,
     VolumeListReply,
     WaitSandbox,
+    WatchOutput,
     WriteFile,
     WriteStdin,
     decode,
@@ -282,6 +284,9 @@ SAMPLES: list[Message] = [
     RemoveVolume(name="pip-cache"),
     GetTunnels(sandbox_id="sb-1"),
     TunnelsReply(tunnels=(PortTunnel(8000, "10.0.0.1", 32768),)),
+    # output forwarding (aviato/protocol/output.py, MsgType 200-219)
+    WatchOutput(sandbox_id="sb-1"),
+    OutputChunk(sandbox_id="sb-1", fd=2, name="work", dropped=4096),
 ]
 
 

@@ -105,6 +105,7 @@ from aviato.protocol.lifecycle import (
     snapshot_agent_key,
     snapshot_holder_key,
 )
+from aviato.protocol.output import OutputChunk, WatchOutput
 from aviato.protocol.processes import (
     MAX_STDIN_CHUNK,
     MAX_TERMINAL,
@@ -203,6 +204,7 @@ __all__ = [
     "Message",
     "MsgType",
     "OkReply",
+    "OutputChunk",
     "PauseSandbox",
     "Payload",
     "Ping",
@@ -248,6 +250,7 @@ __all__ = [
     "VolumeInfo",
     "VolumeListReply",
     "WaitSandbox",
+    "WatchOutput",
     "WriteFile",
     "WriteStdin",
     "decode",

@@ -13,7 +13,16 @@ import msgpack
 
 from aviato._codec import CodecError, brief, decoder, encode_value
 from aviato.exceptions import ProtocolError
-from aviato.protocol import control, data, files, lifecycle, processes, records, storage
+from aviato.protocol import (
+    control,
+    data,
+    files,
+    lifecycle,
+    output,
+    processes,
+    records,
+    storage,
+)
 from aviato.protocol.records import (
     PROTOCOL_VERSION,
     ErrorCode,
@@ -33,6 +42,7 @@ MESSAGE_MODULES: tuple[ModuleType, ...] = (
     files,
     lifecycle,
     storage,
+    output,
 )
 
 

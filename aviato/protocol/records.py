@@ -106,6 +106,9 @@ class MsgType(enum.IntEnum):
     REMOVE_VOLUME = 163
     GET_TUNNELS = 164
     TUNNELS_REPLY = 165
+    # output forwarding: a worker's prints, to its client (aviato/protocol/output.py)
+    WATCH_OUTPUT = 200
+    OUTPUT_CHUNK = 201
 
 
 class SandboxStatus(enum.StrEnum):

@@ -1,0 +1,184 @@
+"""A function worker's own output, forwarded to its client (issue 14 part 1). Runs
+INSIDE a sandbox beside agent/supervisor.py (copied with it to /run/aviato-lib as
+``aviato_supervisor_output``): builtin modules only.
+
+With ``AVIATO_FORWARD_OUTPUT=1`` (set by a client whose ``SandboxDefaults`` has
+``forward_output``) the worker's descriptors 1 and 2 become pipes, so that ``print``,
+``sys.stderr``, ``logging`` and any subprocess's output alike are caught. One thread
+polls both and sends what it reads to the agent as ``WorkerOutput`` on the supervisor's
+connection (not the calls one: output stays off the results path); the agent relays it
+to the client that watches the worker. Without it, nothing here runs and the output
+goes where it always did: the sandbox's log.
+
+Bounded: at most ``RATE`` bytes a second (after a ``BURST``) go out; the rest is read
+and dropped (so a flooding function never blocks on its pipe), and how much was
+dropped is said at most once a second.
+"""
+
+from __future__ import annotations
+
+import _thread
+import os
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+#: Bytes a second a worker may send, and how many it may send at once beyond that.
+RATE = 1 << 20
+BURST = 4 << 20
+CHUNK = 65536
+#: Drops are reported at most this often (a flood would otherwise be a notice a read).
+REPORT_SECONDS = 1.0
+FORWARD_ENV = "AVIATO_FORWARD_OUTPUT"
+
+
+class Budget:
+    """A token bucket: ``take(n, now)`` says whether ``n`` more bytes may go now."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.at = now
+
+    def take(self, n: int, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if n > self.tokens:
+            return False
+        self.tokens -= n
+        return True
+
+
+def function_name(fn: Any) -> str:
+    """The name a line is prefixed with: an actor's class, else the function's."""
+    qual = getattr(fn, "__qualname__", "") or ""
+    if qual.endswith(".<actor>"):  # aviato/_actor.py's dispatcher
+        return str(qual[: -len(".<actor>")].rsplit(".", 1)[-1])
+    return str(getattr(fn, "__name__", "") or "worker")
+
+
+class Forwarder:
+    """Descriptors 1 and 2 as pipes, and the thread that sends what comes out."""
+
+    def __init__(self, supervisor: Any, schema: Any) -> None:
+        import select  # builtin in the sandbox's Python
+
+        self.supervisor = supervisor
+        self.schema = schema
+        self.digest = ""  # of the function running now (or last)
+        self.names: dict[str, str] = {}
+        self.lock = _thread.allocate_lock()  # a read and its send, in order
+        self.pipes: dict[int, int] = {}  # read end -> 1 or 2
+        for fd in (1, 2):
+            r, w = os.pipe()
+            os.set_blocking(r, False)  # read by the pump, or by ``sync`` after a call
+            os.dup2(w, fd)
+            os.close(w)
+            self.pipes[r] = fd
+        self.poller = select.poll()
+        for r in self.pipes:
+            self.poller.register(r, select.POLLIN)
+        self.idle = select.poll()  # another: ``sync`` polls while the pump waits
+        for r in self.pipes:
+            self.idle.register(r, select.POLLIN)
+        self.budget = Budget(RATE, BURST, time.monotonic())
+        self.dropped = {1: 0, 2: 0}
+        self.reported = 0.0
+
+    def name(self) -> str:
+        found = self.names.get(self.digest)
+        if found is None:
+            fn = self.supervisor.functions.get(self.digest)
+            if fn is None:
+                return "worker"
+            found = self.names[self.digest] = function_name(fn)
+        return found
+
+    def pump(self) -> None:
+        try:
+            while self.pipes:
+                wait = -1
+                if self.dropped[1] or self.dropped[2]:  # due to be reported
+                    wait = max(int((self.reported + REPORT_SECONDS - time.monotonic()) * 1000), 1)
+                events = self.poller.poll(wait)
+                with self.lock:
+                    for r, _ in events:
+                        self.read(r)
+                    self.report(time.monotonic())
+        except OSError:  # the agent is gone: the supervisor's reader ends the process
+            pass
+
+    def read(self, r: int) -> None:
+        """One read of pipe ``r``, sent or dropped (under the lock)."""
+        try:
+            data = os.read(r, CHUNK)
+        except BlockingIOError:  # ``sync`` read it first
+            return
+        fd = self.pipes.get(r, 0)
+        if not data:  # every writer closed it
+            self.poller.unregister(r)
+            self.idle.unregister(r)
+            os.close(r)
+            del self.pipes[r]
+            return
+        now = time.monotonic()
+        if not self.budget.take(len(data), now):
+            self.dropped[fd] += len(data)
+            return
+        self.send(fd, data, self.report(now, fd))
+
+    def report(self, now: float, fd: int = 0) -> int:
+        """What was dropped of ``fd`` (0: of either, each sent now) since the last report,
+        once a report is due; 0 when none is."""
+        if now - self.reported < REPORT_SECONDS:
+            return 0
+        if fd:
+            dropped, self.dropped[fd] = self.dropped[fd], 0
+            if dropped:
+                self.reported = now
+            return dropped
+        for other in (1, 2):
+            dropped, self.dropped[other] = self.dropped[other], 0
+            if dropped:
+                self.reported = now
+                self.send(other, b"", dropped)
+        return 0
+
+    def send(self, fd: int, data: bytes, dropped: int) -> None:
+        header = self.schema.WorkerOutput(fd, self.name(), dropped)
+        self.supervisor.send(header, [data])
+
+    def sync(self) -> None:
+        """After a call: what it wrote and the pump has not read yet is sent now, before
+        its result (one poll of nothing, when it wrote nothing)."""
+        if self.idle.poll(0):
+            with self.lock:
+                for _ in range(16):  # a writer still running may keep it busy: not for ever
+                    ready = [r for r, _ in self.idle.poll(0) if r in self.pipes]
+                    if not ready:
+                        return
+                    for r in ready:
+                        self.read(r)
+
+
+def forward(supervisor: Any, schema: Any) -> Forwarder | None:
+    """Forward a function worker's output if its client asked (None: it did not)."""
+    if os.environ.get(FORWARD_ENV) != "1":
+        return None
+    supervisor.base_env.pop(FORWARD_ENV, None)  # not for the commands it runs
+    forwarder = Forwarder(supervisor, schema)
+    run_one = supervisor.run_one
+
+    def run_and_sync(call: Any, *args: Any) -> Any:
+        forwarder.digest = call.digest  # whose lines these are
+        try:
+            return run_one(call, *args)
+        finally:
+            forwarder.sync()
+
+    supervisor.run_one = run_and_sync  # this instance's calls only
+    _thread.start_new_thread(forwarder.pump, ())
+    return forwarder
