@@ -12,7 +12,7 @@ goes where it always did: the sandbox's log.
 
 Bounded: at most ``RATE`` bytes a second (after a ``BURST``) go out; the rest is read
 and dropped (so a flooding function never blocks on its pipe), and how much was
-dropped is said at most once a second.
+dropped is said with the next chunk sent (or alone, once the flood is over).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 RATE = 1 << 20
 BURST = 4 << 20
 CHUNK = 65536
-#: Drops are reported at most this often (a flood would otherwise be a notice a read).
-REPORT_SECONDS = 1.0
+#: Drops not said with a chunk are said alone once no output came for this long.
+REPORT_SECONDS = 0.1
 FORWARD_ENV = "AVIATO_FORWARD_OUTPUT"
 
 
@@ -86,7 +86,6 @@ class Forwarder:
             self.idle.register(r, select.POLLIN)
         self.budget = Budget(RATE, BURST, time.monotonic())
         self.dropped = {1: 0, 2: 0}
-        self.reported = 0.0
 
     def name(self) -> str:
         found = self.names.get(self.digest)
@@ -100,14 +99,14 @@ class Forwarder:
     def pump(self) -> None:
         try:
             while self.pipes:
-                wait = -1
-                if self.dropped[1] or self.dropped[2]:  # due to be reported
-                    wait = max(int((self.reported + REPORT_SECONDS - time.monotonic()) * 1000), 1)
-                events = self.poller.poll(wait)
+                # Drops ride on the next chunk sent; with none coming, they are said alone.
+                pending = self.dropped[1] or self.dropped[2]
+                events = self.poller.poll(int(REPORT_SECONDS * 1000) if pending else -1)
                 with self.lock:
                     for r, _ in events:
                         self.read(r)
-                    self.report(time.monotonic())
+                    if not events:
+                        self.report()
         except OSError:  # the agent is gone: the supervisor's reader ends the process
             pass
 
@@ -124,28 +123,18 @@ class Forwarder:
             os.close(r)
             del self.pipes[r]
             return
-        now = time.monotonic()
-        if not self.budget.take(len(data), now):
+        if not self.budget.take(len(data), time.monotonic()):
             self.dropped[fd] += len(data)
             return
-        self.send(fd, data, self.report(now, fd))
+        dropped, self.dropped[fd] = self.dropped[fd], 0
+        self.send(fd, data, dropped)
 
-    def report(self, now: float, fd: int = 0) -> int:
-        """What was dropped of ``fd`` (0: of either, each sent now) since the last report,
-        once a report is due; 0 when none is."""
-        if now - self.reported < REPORT_SECONDS:
-            return 0
-        if fd:
+    def report(self) -> None:
+        """What was dropped and not said yet, said now (under the lock)."""
+        for fd in (1, 2):
             dropped, self.dropped[fd] = self.dropped[fd], 0
             if dropped:
-                self.reported = now
-            return dropped
-        for other in (1, 2):
-            dropped, self.dropped[other] = self.dropped[other], 0
-            if dropped:
-                self.reported = now
-                self.send(other, b"", dropped)
-        return 0
+                self.send(fd, b"", dropped)
 
     def send(self, fd: int, data: bytes, dropped: int) -> None:
         header = self.schema.WorkerOutput(fd, self.name(), dropped)

@@ -39,6 +39,8 @@ MAX_QUEUED = 8 << 20
 PARTIAL_SECONDS = 0.2
 #: A line longer than this is shown in pieces.
 MAX_LINE = 64 << 10
+#: A worker's drops are said at most this often (a flood drops a little every read).
+NOTICE_SECONDS = 1.0
 
 
 def prefix(name: str, sandbox_id: str) -> str:
@@ -76,6 +78,9 @@ class OutputPrinter:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._partial: dict[tuple[str, int], _Partial] = {}
+        #: Drops not said yet, and when the last notice was, by (sandbox, fd).
+        self._drops: dict[tuple[str, int], tuple[int, str]] = {}
+        self._noticed: dict[tuple[str, int], float] = {}
 
     # ------------------------------------------------------------------ event loop side
 
@@ -119,15 +124,18 @@ class OutputPrinter:
 
     def _run(self) -> None:
         while True:
-            due = min((p.due for p in self._partial.values()), default=None)
+            dues = [p.due for p in self._partial.values()]
+            dues += [self._noticed[k] + NOTICE_SECONDS for k in self._drops]
             try:
-                wait = None if due is None else max(due - time.monotonic(), 0.0)
+                wait = max(min(dues) - time.monotonic(), 0.0) if dues else None
                 item = self._queue.get(timeout=wait)
             except queue.Empty:
                 self._flush_partials(time.monotonic())
+                self._notices(time.monotonic())
                 continue
             if item is None:
                 self._flush_partials(None)
+                self._notices(None)
                 return
             with self._lock:
                 self._queued -= len(item.data)
@@ -142,13 +150,11 @@ class OutputPrinter:
     def _show(self, item: _Item) -> None:
         key = (item.sandbox_id, item.fd)
         if item.dropped:
-            self._flush(key)
-            what = "stdout" if item.fd == 1 else "stderr"
-            note = (
-                f"[aviato: {item.dropped} bytes of {what} dropped: the worker wrote faster "
-                "than output is forwarded]\n"
-            )
-            self._write(2, prefix(item.name, item.sandbox_id) + note)
+            self._flush(key)  # the line before the gap ends there
+            before = self._drops.get(key, (0, ""))[0]
+            self._drops[key] = (before + item.dropped, item.name)
+            self._noticed.setdefault(key, 0.0)
+            self._notices(time.monotonic())
         if not item.data:
             return
         held = self._partial.pop(key, None)
@@ -167,6 +173,24 @@ class OutputPrinter:
         elif rest:
             due = held.due if held is not None and not lines else time.monotonic() + PARTIAL_SECONDS
             self._partial[key] = _Partial(rest, name, due)
+
+    def _notices(self, now: float | None) -> None:
+        """Say what was dropped, per worker and stream at most every NOTICE_SECONDS
+        (``now`` None: all of it, now)."""
+        for key, (dropped, name) in list(self._drops.items()):
+            if now is not None and now - self._noticed[key] < NOTICE_SECONDS:
+                continue
+            del self._drops[key]
+            self._noticed[key] = now or 0.0
+            what = "stdout" if key[1] == 1 else "stderr"
+            note = (
+                f"[aviato: {dropped} bytes of {what} dropped: the worker wrote faster than "
+                "its output is forwarded]\n"
+            )
+            try:
+                self._write(2, prefix(name, key[0]) + note)
+            except Exception:
+                pass
 
     def _flush(self, key: tuple[str, int]) -> None:
         held = self._partial.pop(key, None)
