@@ -455,6 +455,7 @@ def test_the_supervisor_starts_on_builtin_modules_only(tmp_path: Path) -> None:
     for source, name in [
         ("agent/supervisor.py", "aviato_supervisor.py"),
         ("agent/supervisor_link.py", "aviato_supervisor_link.py"),
+        ("agent/supervisor_output.py", "aviato_supervisor_output.py"),
         ("aviato/link.py", "aviato_link.py"),
         ("aviato/_spare.py", "aviato_spare.py"),
     ]:  # as agent/supervisor_hub.py's _prepare_lib lays them out
