@@ -141,8 +141,8 @@ class Forwarder:
         self.supervisor.send(header, [data])
 
     def sync(self) -> None:
-        """After a call: what it wrote and the pump has not read yet is sent now, before
-        its result (one poll of nothing, when it wrote nothing)."""
+        """After a batch of calls: what they wrote and the pump has not read yet is sent
+        now, before their last results (one poll of nothing, when they wrote nothing)."""
         if self.idle.poll(0):
             with self.lock:
                 for _ in range(16):  # a writer still running may keep it busy: not for ever
@@ -159,15 +159,17 @@ def forward(supervisor: Any, schema: Any) -> Forwarder | None:
         return None
     supervisor.base_env.pop(FORWARD_ENV, None)  # not for the commands it runs
     forwarder = Forwarder(supervisor, schema)
-    run_one = supervisor.run_one
+    run_one, end_batch = supervisor.run_one, supervisor.outbox.end
 
-    def run_and_sync(call: Any, *args: Any) -> Any:
+    def run_named(call: Any, *args: Any) -> Any:
         forwarder.digest = call.digest  # whose lines these are
-        try:
-            return run_one(call, *args)
-        finally:
-            forwarder.sync()
+        return run_one(call, *args)
 
-    supervisor.run_one = run_and_sync  # this instance's calls only
+    def sync_then_end() -> None:
+        forwarder.sync()  # a syscall: once a batch, not once a call
+        end_batch()  # sends the batch's last outcomes
+
+    # This worker's own (instance attributes; nothing else is changed).
+    supervisor.run_one, supervisor.outbox.end = run_named, sync_then_end
     _thread.start_new_thread(forwarder.pump, ())
     return forwarder
