@@ -141,8 +141,8 @@ class Forwarder:
         self.supervisor.send(header, [data])
 
     def sync(self) -> None:
-        """After a batch of calls: what they wrote and the pump has not read yet is sent
-        now, before their last results (one poll of nothing, when they wrote nothing)."""
+        """After a call: what it wrote and the pump has not read yet is sent now, before
+        its outcome (one poll of nothing, when it wrote nothing)."""
         if self.idle.poll(0):
             with self.lock:
                 for _ in range(16):  # a writer still running may keep it busy: not for ever
@@ -159,17 +159,15 @@ def forward(supervisor: Any, schema: Any) -> Forwarder | None:
         return None
     supervisor.base_env.pop(FORWARD_ENV, None)  # not for the commands it runs
     forwarder = Forwarder(supervisor, schema)
-    run_one, end_batch = supervisor.run_one, supervisor.outbox.end
+    run_one = supervisor.run_one
 
-    def run_named(call: Any, *args: Any) -> Any:
+    def run_and_sync(call: Any, *args: Any) -> Any:
         forwarder.digest = call.digest  # whose lines these are
-        return run_one(call, *args)
+        try:
+            return run_one(call, *args)
+        finally:
+            forwarder.sync()  # before its outcome (a poll of nothing: ~0.3 us a call)
 
-    def sync_then_end() -> None:
-        forwarder.sync()  # a syscall: once a batch, not once a call
-        end_batch()  # sends the batch's last outcomes
-
-    # This worker's own (instance attributes; nothing else is changed).
-    supervisor.run_one, supervisor.outbox.end = run_named, sync_then_end
+    supervisor.run_one = run_and_sync  # this worker's own (an instance attribute)
     _thread.start_new_thread(forwarder.pump, ())
     return forwarder

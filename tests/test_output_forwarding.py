@@ -3,29 +3,31 @@ worker sandboxes shows on the client's stdout and stderr, live, each line prefix
 ``(name sb-xxxx)``, over the local lane and over ZeroMQ, on Docker and on the local
 runtime; bounded when a function floods; off with ``forward_output=False``.
 
-The client's output is read with ``capfd`` (its descriptors 1 and 2), as a user sees it.
+The client is a process of its own (tests/_output_client.py) whose stdout and stderr
+are read here as a user's terminal would show them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import io
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from agent.output_relay import HOLD_BYTES, OutputRelay
 from agent.supervisor_output import BURST, RATE, Budget, function_name
-from aviato import Sandbox, SandboxDefaults
 from aviato._output import OutputPrinter, prefix
 from aviato.link import WorkerOutput
 from aviato.protocol import OutputChunk
-from tests.conftest import Cluster, wait_until
+from tests._netns import ClientRun
+from tests.conftest import ROOT, Cluster, wait_until
 from tests.test_local_runtime import _local_cluster
 
 # --------------------------------------------------------------------------- units
@@ -141,185 +143,86 @@ def test_budget_and_names() -> None:
 # --------------------------------------------------------------------------- real clusters
 
 
-def _work(x: int) -> int:
-    import logging
-    import subprocess
-    import sys
-
-    print("out-1", x)
-    print("err-1", x, file=sys.stderr)
-    logging.getLogger("t").warning("log-1 %s", x)
-    subprocess.run(["sh", "-c", f"echo sub-out {x}; echo sub-err {x} >&2"], check=True)
-    print("out-2", x)
-    return x
-
-
-def _lines(text: str, pattern: str) -> list[str]:
-    return [line for line in text.splitlines() if re.fullmatch(pattern, line)]
+def _client(c: Cluster, mode: str, via: str) -> ClientRun:
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "_output_client.py"), c.address, mode, via],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    return ClientRun(proc)
 
 
-class Captured:
-    """The client's stdout and stderr as captured so far (capfd), kept across reads."""
-
-    def __init__(self, capfd: pytest.CaptureFixture[str]) -> None:
-        self.capfd = capfd
-        self.out = ""
-        self.err = ""
-
-    def read(self) -> Captured:
-        out, err = self.capfd.readouterr()
-        self.out += out
-        self.err += err
-        return self
-
-    async def wait_for(self, text: str, stream: str = "out", timeout: float = 30) -> None:
-        """Until ``text`` shows on the client's std``stream`` (the loop runs meanwhile:
-        it is what reads the agent's chunks)."""
-        deadline = time.monotonic() + timeout
-        while text not in getattr(self.read(), stream):
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"timed out after {timeout}s waiting for {text!r} on std{stream}"
-                )
-            await asyncio.sleep(0.02)
+def _run(c: Cluster, mode: str, via: str) -> tuple[dict[str, Any], list[str], list[str]]:
+    """The client's summary, and its stdout and stderr lines."""
+    run = _client(c, mode, via)
+    try:
+        summary = run.result(300)
+    finally:
+        run.close()
+    return summary, run.seen[:-1], run.stderr.splitlines()
 
 
-async def _prints_arrive_prefixed_and_in_order(
-    defaults: SandboxDefaults, capfd: pytest.CaptureFixture[str]
-) -> None:
-    seen = Captured(capfd)
-    async with Sandbox.session(defaults) as session:
-        work = session.function()(_work)
-        results = [await work(i) for i in range(3)]  # one worker, calls in order
-        sid = results[0].sandbox_id
-        head = re.escape(prefix("_work", sid))
-        for i in range(3):
-            await seen.wait_for(f"out-2 {i}")
-            await seen.wait_for(f"sub-err {i}", "err")
-    assert _lines(seen.out, head + r".*") == [
-        line
-        for i in range(3)
-        for line in (f"{prefix('_work', sid)}{w} {i}" for w in ("out-1", "sub-out", "out-2"))
-    ]
-    assert _lines(seen.err, head + r".*") == [
-        line
-        for i in range(3)
-        for line in (f"{prefix('_work', sid)}{w} {i}" for w in ("err-1", "log-1", "sub-err"))
-    ]
+def _prints_arrive_prefixed_and_in_order(c: Cluster, via: str) -> None:
+    summary, out, err = _run(c, "order", via)
+    assert summary["channels"] == ["LaneConnection" if via == "lane" else "Connection"]
+    [worker] = summary["workers"]
+    head = prefix("work", worker)
+    assert out == [f"{head}{w} {i}" for i in range(3) for w in ("out-1", "sub-out", "out-2")]
+    mine = [line for line in err if line.startswith(head)]
+    assert mine == [f"{head}{w} {i}" for i in range(3) for w in ("err-1", "log-1", "sub-err")]
 
 
-async def test_prints_arrive_prefixed_in_order_over_the_lane(
-    defaults: SandboxDefaults, capfd: pytest.CaptureFixture[str]
-) -> None:
-    await _prints_arrive_prefixed_and_in_order(defaults, capfd)
+@pytest.mark.parametrize("via", ["lane", "zmq"])
+def test_prints_arrive_prefixed_and_in_order(cluster: Cluster, via: str) -> None:
+    _prints_arrive_prefixed_and_in_order(cluster, via)
 
 
-async def test_prints_arrive_prefixed_in_order_over_zeromq(
-    defaults: SandboxDefaults, capfd: pytest.CaptureFixture[str]
-) -> None:
-    await _prints_arrive_prefixed_and_in_order(defaults.replace(local_lane=False), capfd)
+def test_output_is_live_and_an_unfinished_line_shows(cluster: Cluster) -> None:
+    run = _client(cluster, "live", "lane")
+    try:
+        started = run.wait_line("(slow sb-", 120)
+        seen_at = time.monotonic()
+        progress = run.wait_line("(slow sb-", 30)
+        shown_at = time.monotonic()
+        run.wait_line("call-done", 60)
+        done_at = time.monotonic()
+        summary = run.result(60)
+    finally:
+        run.close()
+    head = prefix("slow", summary["worker"])
+    assert (started, progress) == (f"{head}started", f"{head}progress")
+    assert shown_at - seen_at < 2.5  # the unfinished line, in PARTIAL_SECONDS (0.2 s)
+    assert done_at - shown_at > 1.0  # while the call still ran (it sleeps 3 s after)
+    assert run.seen.index(f"{head} done") < run.seen.index("call-done")
 
 
-async def test_output_is_live_and_partial_lines_show(
-    defaults: SandboxDefaults, capfd: pytest.CaptureFixture[str]
-) -> None:
-    seen = Captured(capfd)
-    async with Sandbox.session(defaults) as session:
-
-        @session.function()
-        def slow() -> str:
-            import time
-
-            print("started")
-            print("progress", end="", flush=True)
-            time.sleep(60)
-            return "done"
-
-        call = slow()
-        await seen.wait_for("started", timeout=60)  # the worker's start, then the line
-        printed = time.monotonic()
-        await seen.wait_for("progress")
-        # The unfinished line shows within the printer's PARTIAL_SECONDS, long before
-        # the call ends.
-        assert time.monotonic() - printed < 5 and not call.done()
-        call.cancel()
-    assert re.search(r"^\(slow sb-[0-9a-f]{4}\) progress$", seen.out, re.M)
+def test_forward_output_false_leaves_it_in_the_sandbox_log(cluster: Cluster) -> None:
+    summary, out, err = _run(cluster, "off", "lane")
+    assert summary["in_log"] is True
+    assert not [line for line in out + err if "marker-not-forwarded" in line]
 
 
-async def test_forward_output_false_leaves_it_in_the_sandbox_log(
-    defaults: SandboxDefaults, capfd: pytest.CaptureFixture[str]
-) -> None:
-    seen = Captured(capfd)
-    async with Sandbox.session(defaults.replace(forward_output=False)) as session:
-
-        @session.function()
-        def quiet() -> None:
-            print("marker-not-forwarded")
-
-        result = await quiet()
-        worker = await Sandbox.from_id(result.sandbox_id, defaults=defaults)
-        wait_until_async = time.monotonic() + 30
-        while b"marker-not-forwarded" not in await worker.logs():
-            assert time.monotonic() < wait_until_async, "the print never reached the log"
-            await asyncio.sleep(0.1)
-    assert "marker-not-forwarded" not in seen.read().out + seen.err
+@pytest.mark.parametrize("via", ["lane", "zmq"])
+def test_a_flood_is_bounded_and_the_drop_reported(cluster: Cluster, via: str) -> None:
+    summary, out, err = _run(cluster, "flood", via)
+    forwarded = sum(1 for line in out if line.endswith("f" * 1023))
+    notice = re.compile(r"(\d+) bytes of stdout dropped")
+    dropped = sum(int(n) for line in err for n in notice.findall(line))
+    # At most the burst and a second's worth for each second it ran (and the client's
+    # queue), far from the 200 MiB written; all of the rest said to be dropped.
+    assert forwarded * 1024 < BURST + RATE * (summary["took"] + 2) + (8 << 20)
+    assert dropped + forwarded * 1024 >= 199 << 20
+    assert any(line.endswith("flood-end 0") for line in out)
 
 
-async def test_a_flood_is_bounded_and_the_drop_reported(
-    defaults: SandboxDefaults, capfd: pytest.CaptureFixture[str]
-) -> None:
-    seen = Captured(capfd)
-    async with Sandbox.session(defaults) as session:
-
-        @session.function()
-        def flood(mib: int) -> int:
-            import os
-
-            line = b"f" * 1023 + b"\n"
-            block = line * 1024
-            for _ in range(mib):  # straight to the descriptor, as fast as it goes
-                os.write(1, block)
-            print("flood-end", mib)
-            return mib
-
-        started = time.monotonic()
-        assert (await flood(200)).value == 200
-        took = time.monotonic() - started
-        await seen.wait_for("bytes of stdout dropped", "err")
-        assert (await flood(0)).value == 0  # the worker (and agent) serve on
-        await seen.wait_for("flood-end 0")
-    seen.read()  # all of it now: the session's end shows what was held back
-    forwarded = seen.out.count("f" * 1023)
-    # At most the burst plus a second's worth per second it ran (and the client's
-    # queue bound), far from the 200 MiB written.
-    assert forwarded * 1024 < BURST + RATE * (took + 2) + (8 << 20)
-    dropped = sum(int(n) for n in re.findall(r"(\d+) bytes of stdout dropped", seen.err))
-    assert dropped + forwarded * 1024 >= 150 << 20
-
-
-async def test_actors_forward_too(
-    defaults: SandboxDefaults, capfd: pytest.CaptureFixture[str]
-) -> None:
-    seen = Captured(capfd)
-    async with Sandbox.session(defaults) as session:
-
-        @session.cls()
-        class Model:
-            def __init__(self, name: str) -> None:
-                print("init", name)
-
-            def predict(self, x: int) -> int:
-                import sys
-
-                print("predict", x, file=sys.stderr)
-                return x
-
-        m = Model("a")
-        r = await m.predict(3)
-        head = prefix("Model", r.sandbox_id)
-        await seen.wait_for(f"{head}init a")
-        await seen.wait_for(f"{head}predict 3", "err")
-        await m.close()
+def test_actors_forward_too(cluster: Cluster) -> None:
+    summary, out, err = _run(cluster, "actor", "zmq")
+    head = prefix("Model", summary["worker"])
+    assert f"{head}init a" in out
+    assert f"{head}predict 3" in err
 
 
 # --------------------------------------------------------------------------- local runtime
@@ -330,11 +233,6 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     yield from _local_cluster(tmp_path_factory.mktemp("local-output"), agents=1)
 
 
-async def test_the_local_runtime_forwards_too(
-    local: Cluster, capfd: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    ldefaults = SandboxDefaults(
-        container_image="python:3.11", scheduler=local.address, lease_seconds=5
-    )
-    await _prints_arrive_prefixed_and_in_order(ldefaults, capfd)
-    await _prints_arrive_prefixed_and_in_order(ldefaults.replace(local_lane=False), capfd)
+@pytest.mark.parametrize("via", ["lane", "zmq"])
+def test_the_local_runtime_forwards_too(local: Cluster, via: str) -> None:
+    _prints_arrive_prefixed_and_in_order(local, via)
