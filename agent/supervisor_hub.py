@@ -553,7 +553,7 @@ class WorkerHub:
             if not self._forward(link, header, frames[1:]):
                 log.warning("worker %s sent malformed results", link.sandbox_id)
                 self._end(link)
-        elif isinstance(header, schema.WorkerOutput) and conn is link.framed:
+        elif isinstance(header, schema.WorkerOutput) and known:
             self.output.relay(link.sandbox_id, header, frames[1:])
         elif conn is link.framed and isinstance(
             header, Output | Exit | FileDone | ProcReply | Chunk | ChunkAck | StreamEnd | Listing

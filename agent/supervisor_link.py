@@ -303,6 +303,11 @@ class Outbox:
             self._busy = False
             self._send_held()
 
+    def send_beside(self, header: bytes, frames: list[Any]) -> None:
+        """Another message on the outcomes' way (a worker's output), in order with them."""
+        with self._lock:
+            self._send(header, frames)
+
     def _send_held(self) -> None:
         if self._outcomes:
             outcomes, frames = self._outcomes, self._frames

@@ -5,10 +5,11 @@ INSIDE a sandbox beside agent/supervisor.py (copied with it to /run/aviato-lib a
 With ``AVIATO_FORWARD_OUTPUT=1`` (set by a client whose ``SandboxDefaults`` has
 ``forward_output``) the worker's descriptors 1 and 2 become pipes, so that ``print``,
 ``sys.stderr``, ``logging`` and any subprocess's output alike are caught. One thread
-polls both and sends what it reads to the agent as ``WorkerOutput`` on the supervisor's
-connection (not the calls one: output stays off the results path); the agent relays it
-to the client that watches the worker. Without it, nothing here runs and the output
-goes where it always did: the sandbox's log.
+polls both and sends what it reads to the agent as ``WorkerOutput`` messages of their
+own, on the calls connection between outcomes (so a call's output is ahead of its
+outcome all the way to the client; a worker that prints nothing sends nothing more);
+the agent relays them to the client that watches the worker. Without it, nothing here
+runs and the output goes where it always did: the sandbox's log.
 
 Bounded: at most ``RATE`` bytes a second (after a ``BURST``) go out; the rest is read
 and dropped (so a flooding function never blocks on its pipe), and how much was
@@ -20,6 +21,11 @@ from __future__ import annotations
 import _thread
 import os
 import time
+
+if __package__:
+    from agent.supervisor_link import to_json
+else:  # inside a sandbox, copied beside it
+    from aviato_supervisor_link import to_json  # type: ignore[import-not-found,no-redef]
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -137,8 +143,10 @@ class Forwarder:
                 self.send(fd, b"", dropped)
 
     def send(self, fd: int, data: bytes, dropped: int) -> None:
-        header = self.schema.WorkerOutput(fd, self.name(), dropped)
-        self.supervisor.send(header, [data])
+        """On the calls connection, in order with the outcomes: a call's output reaches
+        the agent, and so its client, before the call's outcome."""
+        header = self.schema.encode(self.schema.WorkerOutput(fd, self.name(), dropped))
+        self.supervisor.outbox.send_beside(to_json(header), [data])
 
     def sync(self) -> None:
         """After a call: what it wrote and the pump has not read yet is sent now, before
