@@ -10,6 +10,7 @@ are read here as a user's terminal would show them.
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import subprocess
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -238,3 +240,75 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.mark.parametrize("via", ["lane", "zmq"])
 def test_the_local_runtime_forwards_too(local: Cluster, via: str) -> None:
     _prints_arrive_prefixed_and_in_order(local, via)
+
+
+# --------------------------------------------------------------------------- the worker's side
+
+_WORKER_PROBE = r"""
+import json, os, sys, threading, time
+from agent import supervisor_output
+from aviato import link
+
+sent = []
+
+class Outbox:
+    def send_beside(self, header, frames):
+        sent.append((json.loads(header), bytes(frames[0]).decode()))
+
+class Supervisor:
+    def __init__(self):
+        self.functions = {"d1": work}
+        self.base_env = {"AVIATO_FORWARD_OUTPUT": "1", "HOME": "/"}
+        self.outbox = Outbox()
+    def run_one(self, call, *args):
+        os.write(1, b"from the call\n")
+        os.write(2, b"partial")
+        return "outcome"
+
+def work():
+    pass
+
+class Call:
+    digest = "d1"
+
+sup = Supervisor()
+os.environ["AVIATO_FORWARD_OUTPUT"] = "1"
+supervisor_output.forward(sup, link)
+assert "AVIATO_FORWARD_OUTPUT" not in sup.base_env
+assert sup.run_one(Call()) == "outcome"
+now = list(sent)  # right as the call returns: before its outcome would go
+deadline = time.monotonic() + 30
+while not any(h["dropped"] for h, _ in sent) and time.monotonic() < deadline:
+    os.write(1, b"x" * 65536)  # a flood: dropped past the burst, and said
+    time.sleep(0.001)
+time.sleep(0.3)
+with open(sys.argv[1], "w") as f:
+    json.dump([now, list(sent)], f)
+"""
+
+
+def test_the_worker_sends_a_calls_output_before_its_outcome_and_bounds_a_flood(
+    tmp_path: Path,
+) -> None:
+    """In a process of its own (its descriptors 1 and 2 become pipes): when a call
+    returns, its output has been handed to the link already, named after the function;
+    a flood is cut at the budget and the drop said."""
+    report = tmp_path / "sent.json"
+    proc = subprocess.run(
+        [sys.executable, "-c", _WORKER_PROBE, str(report)],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    now, sent = json.loads(report.read_text())
+    assert [h["op"] for h, _ in now] == ["worker-out", "worker-out"]
+    assert {(h["fd"], h["name"], body) for h, body in now} == {
+        (1, "work", "from the call\n"),
+        (2, "work", "partial"),
+    }
+    forwarded = sum(len(body) for h, body in sent if h["fd"] == 1)
+    dropped = sum(h["dropped"] for h, _ in sent if h["fd"] == 1)
+    assert dropped > 0 and forwarded < BURST + RATE * 60
