@@ -45,7 +45,7 @@ async def live(session: Session, defaults: SandboxDefaults) -> dict[str, Any]:
 
         print("started")
         print("progress", end="", flush=True)
-        time.sleep(3)
+        time.sleep(8)
         print(" done")
         return 1
 
