@@ -52,6 +52,7 @@ from aviato.protocol import (
     SandboxSpec,
     SandboxStatus,
     StreamAck,
+    WatchOutput,
     WriteFile,
     decode,
     encode,
@@ -209,6 +210,9 @@ class DataPlane:
                     log.exception("agent: RunCalls failed")
                 self.send_now(identity, decoded.request_id, error_reply(exc))
             return
+        if type(msg) is WatchOutput:  # inline: watched before the calls sent after it
+            self._watch_output(identity, decoded.request_id, msg)
+            return
         if type(msg) is Ping:
             pong = Pong(server="agent", server_id=self.agent_id)
             self.send_now(identity, decoded.request_id, pong)
@@ -263,6 +267,19 @@ class DataPlane:
             return
         assert self.socket is not None
         sockets.send_now(self.socket, identity, msg, request_id, payloads)
+
+    def _watch_output(self, identity: bytes, request_id: int, msg: WatchOutput) -> None:
+        """A client will show this worker's output: its chunks go to this request."""
+        try:
+            self._check_running(msg.sandbox_id)
+            if self.hub is None or not self.hub.supervised(msg.sandbox_id):
+                raise SandboxNotRunningError(
+                    f"sandbox {msg.sandbox_id} has no function worker on this agent",
+                    sandbox_id=msg.sandbox_id,
+                )
+            self.hub.output.watch(msg.sandbox_id, identity, request_id)
+        except AviatoError as exc:
+            self.send_now(identity, request_id, error_reply(exc))
 
     def client_gone(self, identity: bytes) -> None:
         """A local client closed its lane (exited, or was killed): what it asked for

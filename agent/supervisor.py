@@ -54,6 +54,7 @@ if __package__:
         to_json,
         too_large_record,
     )
+    from agent.supervisor_output import forward as forward_output
     from aviato import link as schema
 else:
     import aviato_link as schema  # type: ignore[import-not-found,no-redef]
@@ -69,6 +70,7 @@ else:
         to_json,
         too_large_record,
     )
+    from aviato_supervisor_output import forward as forward_output  # type: ignore[import-not-found,no-redef]
 
 #: Headers of streamed files, for agent/supervisor_files.py.
 STREAM_OPS = (
@@ -803,6 +805,8 @@ def _serve(tagged: Any) -> int:
     if error is not None:
         return 3
     _thread.start_new_thread(supervisor.reader, ())
+    if calls is not None:  # its output to its client, if asked (supervisor_output.py)
+        forward_output(supervisor, schema)
     if main_proc is not None:
         code = _wait(main_proc)  # the sandbox lives as long as its command
         _drain(tagged)

@@ -28,6 +28,7 @@ from typing import Any
 
 import cloudpickle
 
+from agent.output_relay import OutputRelay
 from agent.runtime.base import ExecOutput, ExitStatus, Mount, OutputChunk
 from agent.supervisor_launch import LIB_DIR, SOCKET_DIR
 from aviato import _spare as spare
@@ -145,6 +146,7 @@ class WorkerHub:
         #: What keeps a ``fn.ref`` call's result as an object (agent/objects.py).
         self.keep: Keep | None = None
         self._rids = itertools.count(1)
+        self.output = OutputRelay(send)  # functions' prints, to their clients
         self._prepare_lib()
 
     def _prepare_lib(self) -> None:
@@ -152,7 +154,7 @@ class WorkerHub:
         Python)."""
         self.lib.mkdir()
         shutil.copy(Path(__file__).with_name("supervisor.py"), self.lib / "aviato_supervisor.py")
-        for mine in ("supervisor_link", "supervisor_files", "worker_objects"):
+        for mine in ("supervisor_link", "supervisor_files", "worker_objects", "supervisor_output"):
             shutil.copy(Path(__file__).with_name(f"{mine}.py"), self.lib / f"aviato_{mine}.py")
         shutil.copy(Path(schema.__file__), self.lib / "aviato_link.py")
         shutil.copy(
@@ -566,6 +568,8 @@ class WorkerHub:
             if not self._forward(link, header, frames[1:]):
                 log.warning("worker %s sent malformed results", link.sandbox_id)
                 self._end(link)
+        elif isinstance(header, schema.WorkerOutput) and known:
+            self.output.relay(link.sandbox_id, header, frames[1:])
         elif conn is link.framed and isinstance(
             header, Output | Exit | FileDone | ProcReply | Chunk | ChunkAck | StreamEnd | Listing
         ):
@@ -683,6 +687,7 @@ class WorkerHub:
 
     async def close(self, sandbox_id: str, detail: str) -> None:
         link = self._links.pop(sandbox_id, None)
+        self.output.forget(sandbox_id)
         if link is None:
             # Closed already; a runtime that made the directory again after that (a stop
             # that raced its create) must not leave it behind.

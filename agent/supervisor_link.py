@@ -263,12 +263,16 @@ class Outbox:
     (from the flusher thread) while a later call of the batch still runs. The pool
     batches a function's calls when they were quick so far; one that turns out slow
     must not hold its quick neighbours' results back (``aviato.wait`` would see them
-    late). ``send(header, frames)`` is only called under the outbox's lock."""
+    late). ``send(header, frames)`` is only called under the outbox's lock.
+
+    ``before`` (a worker's output forwarder) runs under the lock before each send of
+    outcomes, and may ``send_locked`` messages of its own: they go ahead of them."""
 
     def __init__(self, send: Any, flush: float) -> None:
         self._send = send
         self._flush = flush
-        self._lock = _thread.allocate_lock()
+        self.lock = self._lock = _thread.allocate_lock()
+        self.before: Any = None
         self._outcomes: list[schema.CallOutcome] = []
         self._frames: list[Any] = []
         self._since = 0.0  # when the first unsent outcome came
@@ -303,8 +307,14 @@ class Outbox:
             self._busy = False
             self._send_held()
 
+    def send_locked(self, header: bytes, frames: list[Any]) -> None:
+        """Another message on the outcomes' way, in order with them: under ``lock``."""
+        self._send(header, frames)
+
     def _send_held(self) -> None:
         if self._outcomes:
+            if self.before is not None:
+                self.before()
             outcomes, frames = self._outcomes, self._frames
             self._outcomes, self._frames, self._since = [], [], 0.0
             self._send(results_header(outcomes), frames)

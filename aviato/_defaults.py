@@ -69,6 +69,9 @@ class SandboxDefaults:
     #: Egress allow-list: addresses, CIDRs or host names, each with an optional
     #: ``:port`` (see aviato/_egress.py); None: the whole network.
     network_allow: tuple[str, ...] | None = None
+    #: Show what functions and actors print in their workers on this process's stdout
+    #: and stderr, each line prefixed ``(function sb-3f2a)``; off: in the sandbox's log.
+    forward_output: bool = True
 
     def __post_init__(self) -> None:
         # Accept lists for convenience; keep the frozen value hashable-ish and immutable.

@@ -90,6 +90,8 @@ class WorkerHandle:
     sandbox: Sandbox
     conn: Channel
     record: Worker
+    #: The request its output comes on (``WatchOutput``), if it is forwarded.
+    watch: int | None = None
 
     @property
     def sandbox_id(self) -> str:
@@ -315,7 +317,7 @@ class FunctionPool:
     def _stop_worker(self, action: StopWorker) -> None:
         handle = self._handles.pop(action.worker_id, None)
         if handle is not None:
-            self._task(self._stop_quietly(handle.sandbox))
+            self._task(self._stop_quietly(handle.sandbox, handle))
 
     def _task(self, coro: Any) -> None:
         if self._tasks is None:
@@ -410,9 +412,11 @@ class FunctionPool:
         self._run(self.state.cancel(call))
 
     @staticmethod
-    async def _stop_quietly(sandbox: Sandbox) -> None:
+    async def _stop_quietly(sandbox: Sandbox, handle: WorkerHandle | None = None) -> None:
         with contextlib.suppress(AviatoError):
             await sandbox.stop()
+        if handle is not None and handle.watch is not None:  # its last output is in
+            handle.conn.forget(handle.watch)
 
     # ------------------------------------------------------------------ workers
 
@@ -433,7 +437,10 @@ class FunctionPool:
 
     def _worker_sandbox(self) -> Sandbox:
         # The agent replaces command and args with its worker's; it owns that path.
-        worker = SandboxOptions(command="python", env={"AVIATO_CLIENT_PYTHON": client_python()})
+        env = {"AVIATO_CLIENT_PYTHON": client_python()}
+        if self.session.defaults.forward_output:  # agent/supervisor_output.py
+            env["AVIATO_FORWARD_OUTPUT"] = "1"
+        worker = SandboxOptions(command="python", env=env)
         return Sandbox(
             _merged=worker.over(self.options.sandbox), _session=self.session, _function_worker=True
         )
@@ -470,6 +477,8 @@ class FunctionPool:
             await self._stop_quietly(sandbox)
             return
         handle = self._handles[worker_id] = WorkerHandle(sandbox, conn, record)
+        if self.session.defaults.forward_output:  # asked before its first calls
+            handle.watch = self.session._output().watch(conn, worker_id)
         self._task(self._watch(handle))
         self._run(actions)
 
@@ -505,7 +514,7 @@ class FunctionPool:
         self._run(self.state.close_workers())
         self._handles.clear()
         await asyncio.gather(
-            *(self._stop_quietly(w.sandbox) for w in handles), return_exceptions=True
+            *(self._stop_quietly(w.sandbox, w) for w in handles), return_exceptions=True
         )
 
 

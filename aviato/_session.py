@@ -27,6 +27,7 @@ from aviato._function import (
 )
 from aviato._objects import ObjectManager, ObjectRef
 from aviato._options import SandboxOptions
+from aviato._output import OutputPrinter
 from aviato._pool import FunctionPool
 from aviato._sandbox import Sandbox, scheduler_connection
 from aviato._tasks import TaskGroup
@@ -61,6 +62,7 @@ class Session:
         self._tasks = TaskGroup(f"session {self.session_id}")
         #: Its object refs (aviato/_objects.py), from the first put or fn.ref.
         self._objects: ObjectManager | None = None
+        self._printer: OutputPrinter | None = None  # made at the first worker's output
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -234,6 +236,12 @@ class Session:
         )
         return mine.over(self.defaults.options())
 
+    def _output(self) -> OutputPrinter:
+        """Where its workers' output is shown (aviato/_output.py)."""
+        if self._printer is None:
+            self._printer = OutputPrinter()
+        return self._printer
+
     def _drop_pool(self, options: FunctionOptions) -> FunctionPool | None:
         """Forget the pool of ``options`` (an actor's, closed by its handle)."""
         return self._pools.pop(options.pool_key(), None)
@@ -364,6 +372,8 @@ class Session:
                 await self._tasks.close()
             finally:
                 self._connections.close()
+                if self._printer is not None:  # what its workers printed, all shown
+                    await asyncio.to_thread(self._printer.close)
 
 
 def _live(sb: Sandbox) -> bool:

@@ -188,6 +188,8 @@ class Op(StrEnum):
     CHUNK = "chunk"
     STREAM_END = "stream-end"
     LISTING = "listing"
+    # worker -> agent: a function worker's own stdout/stderr (agent/supervisor_output.py)
+    WORKER_OUT = "worker-out"
 
 
 class Serialization(StrEnum):
@@ -385,6 +387,19 @@ class Output(Header):
     OP = Op.OUT
     rid: int
     fd: int
+
+
+@record
+class WorkerOutput(Header):
+    """Function worker -> agent: a piece of its own stdout (``fd`` 1) or stderr (2), the
+    blob, read while it ran the function ``name``; ``dropped`` bytes of that stream were
+    dropped before it (over its rate limit), the blob then possibly empty. The agent
+    relays it to the client that watches the worker (aviato/protocol/output.py)."""
+
+    OP = Op.WORKER_OUT
+    fd: int
+    name: str = ""
+    dropped: int = 0
 
 
 @record
@@ -633,6 +648,7 @@ HEADERS: dict[Op, type[Header]] = {
         Hello,
         CallsLink,
         Output,
+        WorkerOutput,
         Exit,
         FileDone,
         ProcSpawn,

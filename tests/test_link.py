@@ -72,6 +72,7 @@ from aviato.link import (
     Serialization,
     ShmProbe,
     StreamEnd,
+    WorkerOutput,
     WriteChunk,
     WriteOpen,
     WriteRequest,
@@ -132,6 +133,8 @@ EXAMPLES: list[Header] = [
         )
     ),
     Output(9, 2),
+    WorkerOutput(1, "work", dropped=1 << 20),
+    WorkerOutput(2),
     Exit(9, -9, timed_out=True),
     FileDone(5, error="no such file"),
     FileDone(6, error="too large", too_large=True),
@@ -456,6 +459,7 @@ def test_the_supervisor_starts_on_builtin_modules_only(tmp_path: Path) -> None:
     for source, name in [
         ("agent/supervisor.py", "aviato_supervisor.py"),
         ("agent/supervisor_link.py", "aviato_supervisor_link.py"),
+        ("agent/supervisor_output.py", "aviato_supervisor_output.py"),
         ("aviato/link.py", "aviato_link.py"),
         ("aviato/_spare.py", "aviato_spare.py"),
         ("agent/worker_objects.py", "aviato_worker_objects.py"),

@@ -45,6 +45,7 @@ from aviato.protocol import (
     FileChunk,
     FileListReply,
     FileReply,
+    FunctionOutput,
     GetDashboardView,
     GetLogs,
     GetObject,
@@ -114,6 +115,7 @@ from aviato.protocol import (
     VolumeInfo,
     VolumeListReply,
     WaitSandbox,
+    WatchOutput,
     WriteFile,
     WriteStdin,
     decode,
@@ -328,6 +330,9 @@ SAMPLES: list[Message] = [
     GetTunnels(sandbox_id="sb-1"),
     TunnelsReply(tunnels=(PortTunnel(8000, "10.0.0.1", 32768),)),
     *OBJECT_SAMPLES,
+    # output forwarding (aviato/protocol/output.py, MsgType 200-219)
+    WatchOutput(sandbox_id="sb-1"),
+    FunctionOutput(sandbox_id="sb-1", fd=2, name="work", dropped=4096),
 ]
 
 

@@ -119,6 +119,7 @@ from aviato.protocol.objects import (
     ReleaseObjects,
 )
 from aviato.protocol.observe import DashboardViewReply, GetDashboardView
+from aviato.protocol.output import FunctionOutput, WatchOutput
 from aviato.protocol.processes import (
     MAX_STDIN_CHUNK,
     MAX_TERMINAL,
@@ -204,6 +205,7 @@ __all__ = [
     "FileListReply",
     "FileReply",
     "Frame",
+    "FunctionOutput",
     "GetDashboardView",
     "GetLogs",
     "GetObject",
@@ -275,6 +277,7 @@ __all__ = [
     "VolumeInfo",
     "VolumeListReply",
     "WaitSandbox",
+    "WatchOutput",
     "WriteFile",
     "WriteStdin",
     "decode",

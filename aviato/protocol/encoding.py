@@ -20,6 +20,7 @@ from aviato.protocol import (
     lifecycle,
     objects,
     observe,
+    output,
     processes,
     records,
     storage,
@@ -45,6 +46,7 @@ MESSAGE_MODULES: tuple[ModuleType, ...] = (
     storage,
     observe,
     objects,
+    output,
 )
 
 
