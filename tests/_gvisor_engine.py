@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -148,3 +149,33 @@ def gvisor_engine() -> Iterator[GvisorEngine]:
     finally:
         engine.stop()
     assert not engine.root.exists(), f"{engine.root} was left behind"
+
+
+def gvisor_cluster(
+    tmp: Path,
+    engine: GvisorEngine,
+    isolation: str = "gvisor",
+    *,
+    agents: int = 1,
+    slots: int = 4,
+    agent_args: list[str] | None = None,
+) -> Iterator[Any]:
+    """A fixture's body: a test cluster whose agents run on ``engine`` offering
+    ``isolation`` (e.g. "gvisor", "gvisor,runc"), stopped after the test with no
+    container of theirs left in that engine."""
+    from tests.conftest import Cluster, need_docker
+
+    need_docker()
+    c = Cluster(
+        tmp,
+        agents=agents,
+        slots=slots,
+        agent_env={"DOCKER_HOST": engine.host},
+        agent_args=["--isolation", isolation, *(agent_args or [])],
+    )
+    try:
+        yield c
+    finally:
+        c.close()
+        left = engine.containers(*(f"label=aviato.agent={a}" for a in c.agent_ids))
+        assert not left, f"containers left behind in the gVisor engine: {left}\n{c.logs()}"

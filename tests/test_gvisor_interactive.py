@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 
 from aviato import Sandbox, SandboxDefaults
-from tests._gvisor_engine import GvisorEngine
-from tests.conftest import Cluster, need_docker, wait_until
+from tests._gvisor_engine import GvisorEngine, gvisor_cluster
+from tests.conftest import Cluster, wait_until
 
 IMAGE = "python:3.11"
 
@@ -23,20 +23,7 @@ def gcluster(
     tmp_path_factory: pytest.TempPathFactory, gvisor_engine: GvisorEngine
 ) -> Iterator[Cluster]:
     """One agent on the gVisor engine offering gvisor only: every sandbox runs on runsc."""
-    need_docker()
-    c = Cluster(
-        tmp_path_factory.mktemp("gvisor-io"),
-        agents=1,
-        slots=4,
-        agent_env={"DOCKER_HOST": gvisor_engine.host},
-        agent_args=["--isolation", "gvisor"],
-    )
-    try:
-        yield c
-    finally:
-        c.close()
-        left = gvisor_engine.containers(*(f"label=aviato.agent={a}" for a in c.agent_ids))
-        assert not left, f"containers left behind in the gVisor engine: {left}\n{c.logs()}"
+    yield from gvisor_cluster(tmp_path_factory.mktemp("gvisor-io"), gvisor_engine)
 
 
 @pytest.fixture

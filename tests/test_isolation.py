@@ -22,7 +22,7 @@ from agent.runtime.isolation import parse_isolations, refusal
 from aviato import IsolationUnavailableError, Sandbox, SandboxDefaults, SandboxTimeoutError
 from aviato.exceptions import ConfigurationError
 from aviato.protocol import SandboxSpec
-from tests._gvisor_engine import GvisorEngine
+from tests._gvisor_engine import GvisorEngine, gvisor_cluster
 from tests.conftest import ROOT, Cluster, docker_cluster, need_docker, wait_until
 
 IMAGE = "python:3.11"
@@ -33,20 +33,7 @@ def gcluster(
     tmp_path_factory: pytest.TempPathFactory, gvisor_engine: GvisorEngine
 ) -> Iterator[Cluster]:
     """One agent on the gVisor engine offering gvisor (its default) and runc."""
-    need_docker()
-    c = Cluster(
-        tmp_path_factory.mktemp("gvisor"),
-        agents=1,
-        slots=4,
-        agent_env={"DOCKER_HOST": gvisor_engine.host},
-        agent_args=["--isolation", "gvisor,runc"],
-    )
-    try:
-        yield c
-    finally:
-        c.close()
-        left = gvisor_engine.containers(*(f"label=aviato.agent={a}" for a in c.agent_ids))
-        assert not left, f"containers left behind in the gVisor engine: {left}\n{c.logs()}"
+    yield from gvisor_cluster(tmp_path_factory.mktemp("gvisor"), gvisor_engine, "gvisor,runc")
 
 
 @pytest.fixture

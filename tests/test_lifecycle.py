@@ -32,8 +32,8 @@ from aviato import (
 )
 from aviato._lifecycle import list_snapshots, remove_snapshot
 from aviato.exceptions import ConfigurationError, SandboxNotFoundError
-from tests._gvisor_engine import GvisorEngine
-from tests.conftest import ROOT, Cluster, docker_cluster, need_docker
+from tests._gvisor_engine import GvisorEngine, gvisor_cluster
+from tests.conftest import ROOT, Cluster, docker_cluster
 from tests.test_local_runtime import STATE, _local_cluster, need_cgroups
 from tests.test_sandbox import sandboxes_of, wait_for_async
 
@@ -57,20 +57,7 @@ def cluster(
 
 def _gvisor_cluster(tmp: Path, engine: GvisorEngine) -> Iterator[Cluster]:
     """Two agents on the gVisor engine, offering gvisor only."""
-    need_docker()
-    c = Cluster(
-        tmp,
-        agents=2,
-        slots=4,
-        agent_env={"DOCKER_HOST": engine.host},
-        agent_args=["--isolation", "gvisor"],
-    )
-    try:
-        yield c
-    finally:
-        c.close()
-        left = engine.containers(*(f"label=aviato.agent={a}" for a in c.agent_ids))
-        assert not left, f"containers left behind in the gVisor engine: {left}\n{c.logs()}"
+    yield from gvisor_cluster(tmp, engine, agents=2)
 
 
 def _gvisor(cluster: Cluster) -> bool:

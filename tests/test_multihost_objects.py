@@ -4,14 +4,12 @@ over ZeroMQ between the hosts."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests._netns import MultiHostCluster, leftover_namespaces, netns_problem
-from tests.conftest import need_docker
+from tests._netns import MultiHostCluster, netns_cluster
 
 pytestmark = pytest.mark.netns
 
@@ -20,20 +18,7 @@ SIZE_MIB = 8
 
 @pytest.fixture
 def mh(tmp_path: Path) -> Iterator[MultiHostCluster]:
-    need_docker()
-    problem = netns_problem()
-    if problem is not None:
-        if os.environ.get("AVIATO_REQUIRE_NETNS") == "1":
-            pytest.fail(f"AVIATO_REQUIRE_NETNS=1 but {problem}")
-        pytest.skip(problem)
-    c = MultiHostCluster(tmp_path, agents=2, slots=1)
-    try:
-        yield c
-    finally:
-        c.close()
-        assert not c.left_behind, f"containers left behind: {c.left_behind}\n{c.logs()}"
-        assert not c.killed_at_close, f"needed SIGKILL: {c.killed_at_close}\n{c.logs()}"
-        assert not leftover_namespaces(), leftover_namespaces()
+    yield from netns_cluster(lambda: MultiHostCluster(tmp_path, agents=2, slots=1))
 
 
 def test_a_ref_reaches_workers_on_another_host_once(mh: MultiHostCluster) -> None:

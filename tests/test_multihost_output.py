@@ -4,35 +4,20 @@ client's stdout and stderr, prefixed, over ZeroMQ."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from aviato._output import prefix
-from tests._netns import MultiHostCluster, leftover_namespaces, netns_problem
-from tests.conftest import need_docker
+from tests._netns import MultiHostCluster, netns_cluster
 
 pytestmark = pytest.mark.netns
 
 
 @pytest.fixture
 def mh(tmp_path: Path) -> Iterator[MultiHostCluster]:
-    need_docker()
-    problem = netns_problem()
-    if problem is not None:
-        if os.environ.get("AVIATO_REQUIRE_NETNS") == "1":
-            pytest.fail(f"AVIATO_REQUIRE_NETNS=1 but {problem}")
-        pytest.skip(problem)
-    c = MultiHostCluster(tmp_path, agents=2, slots=2)
-    try:
-        yield c
-    finally:
-        c.close()
-        assert not c.left_behind, f"containers left behind: {c.left_behind}\n{c.logs()}"
-        assert not c.killed_at_close, f"needed SIGKILL: {c.killed_at_close}\n{c.logs()}"
-        assert not leftover_namespaces(), leftover_namespaces()
+    yield from netns_cluster(lambda: MultiHostCluster(tmp_path, agents=2, slots=2))
 
 
 def test_prints_on_other_hosts_show_on_the_clients_stdout_and_stderr(

@@ -6,15 +6,13 @@ labels pick the host, and a create waits until a sandbox on another host stops."
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests._netns import MultiHostCluster, leftover_namespaces, netns_problem
-from tests.conftest import need_docker
+from tests._netns import MultiHostCluster, netns_cluster
 
 pytestmark = pytest.mark.netns
 
@@ -52,20 +50,7 @@ class ResourcesCluster(MultiHostCluster):
 
 @pytest.fixture
 def rmh(tmp_path: Path) -> Iterator[ResourcesCluster]:
-    need_docker()
-    problem = netns_problem()
-    if problem is not None:
-        if os.environ.get("AVIATO_REQUIRE_NETNS") == "1":
-            pytest.fail(f"AVIATO_REQUIRE_NETNS=1 but {problem}")
-        pytest.skip(problem)
-    c = ResourcesCluster(tmp_path, agents=len(AGENT_FLAGS), slots=3)
-    try:
-        yield c
-    finally:
-        c.close()
-        assert not c.left_behind, f"containers left behind: {c.left_behind}\n{c.logs()}"
-        assert not c.killed_at_close, f"needed SIGKILL: {c.killed_at_close}\n{c.logs()}"
-        assert not leftover_namespaces(), leftover_namespaces()
+    yield from netns_cluster(lambda: ResourcesCluster(tmp_path, agents=len(AGENT_FLAGS), slots=3))
 
 
 async def test_gpus_and_labels_place_sandboxes_across_hosts(rmh: ResourcesCluster) -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from agent.runtime.docker_network import egress_rules, internal_name
 from aviato import ConfigurationError, Sandbox, SandboxDefaults, SandboxFailedError
-from tests._gvisor_engine import GvisorEngine
+from tests._gvisor_engine import GvisorEngine, gvisor_cluster
 from tests._tally import Tally, host_address
 from tests.conftest import Cluster, docker_cluster, wait_until
 from tests.test_local_runtime import _local_cluster
@@ -67,18 +67,7 @@ def gcluster(
     tmp_path_factory: pytest.TempPathFactory, gvisor_engine: GvisorEngine
 ) -> Iterator[Cluster]:
     """One agent on the tests' gVisor engine (tests/_gvisor_engine.py)."""
-    c = Cluster(
-        tmp_path_factory.mktemp("network-gvisor"),
-        agents=1,
-        agent_env={"DOCKER_HOST": gvisor_engine.host},
-        agent_args=["--isolation", "gvisor"],
-    )
-    try:
-        yield c
-    finally:
-        c.close()
-        left = gvisor_engine.containers(*(f"label=aviato.agent={a}" for a in c.agent_ids))
-        assert not left, f"containers left behind in the gVisor engine: {left}"
+    yield from gvisor_cluster(tmp_path_factory.mktemp("network-gvisor"), gvisor_engine)
 
 
 def _forward_within(engine: str, networks: list[str]) -> list[list[str]]:
