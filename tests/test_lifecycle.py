@@ -1,8 +1,8 @@
 """State that outlives idleness (issue 13), on both runtimes (Docker; local bubblewrap
 + cgroups) and, with AVIATO_TEST_GVISOR_LIFECYCLE=1, on Docker under gVisor (a second
 engine of the tests' own, tests/_gvisor_engine.py): idle timeouts, lifetime
-extensions, pause and resume, snapshots (refused under gVisor, naming it), and the CLI's pause/resume/snapshot
-commands. Real clusters; every wait has a deadline."""
+extensions, pause and resume, snapshots (refused under gVisor, naming it), and the
+CLI's pause/resume/snapshot commands. Real clusters; every wait has a deadline."""
 
 from __future__ import annotations
 
