@@ -166,6 +166,9 @@ class RemoteFunction(Generic[T]):
         in the arguments (numpy arrays, bytes, memoryviews) are sent without a copy when
         the call is: change none of them until it has been (awaiting it is enough)."""
         self.shipped()
+        if not _objects.made_any:  # no ref exists: none can be among the arguments
+            blob, frames = self.encode_args(args, kwargs)
+            return self._pool().submit(self, blob, frames)
         with _objects.collecting() as refs:
             blob, frames = self.encode_args(args, kwargs)
         if refs:  # the worker's agent hands it their values

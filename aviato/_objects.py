@@ -63,6 +63,9 @@ log = logging.getLogger("aviato.objects")
 WORKER_MODULE = "aviato_worker_objects"
 
 _local = threading.local()
+#: Whether this process ever made an ObjectRef: until it has, no call's arguments can
+#: hold one, and a call skips collecting them (a cost on every call's path).
+made_any = False
 #: A lost ref's call is run again at most this many times (its worker may fail to
 #: start while the scheduler still places on the dead agent).
 _REMAKE_ATTEMPTS = 4
@@ -122,6 +125,8 @@ class ObjectRef:
         ready: asyncio.Future[ObjectSource],
         lineage: _Lineage | None = None,
     ) -> None:
+        global made_any
+        made_any = True
         self.object_id = object_id
         self._manager = manager
         #: Where it is held, once it is (a fn.ref's: once its call succeeded).
