@@ -3,9 +3,7 @@ ProcessPoolExecutor, each started, measured into a ``Result`` and shut down."""
 
 from __future__ import annotations
 
-import logging
 import platform
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
@@ -25,21 +23,15 @@ from benchmarks._fn_common import (
     timed_rate,
     warm_to,
 )
+from benchmarks._ray import ray_started
 
 # ---------------------------------------------------------------------- Ray
 
 
 def run_ray(res: Result, plan: Plan) -> None:
-    import ray
-    import ray.cloudpickle
-
-    res.version = f"ray {ray.__version__}"
-
-    # By value, as from the script's __main__: Ray's workers need not import this checkout.
-    ray.cloudpickle.register_pickle_by_value(sys.modules[noop.__module__])
     t0 = time.perf_counter()
-    ray.init(num_cpus=2, logging_level=logging.ERROR)
-    try:
+    with ray_started(by_value=noop.__module__) as ray:
+        res.version = f"ray {ray.__version__}"
         res.start_s = time.perf_counter() - t0
         res.start_note = "ray.init(num_cpus=2)"
         time.sleep(SETTLE_SECONDS)
@@ -72,8 +64,6 @@ def run_ray(res: Result, plan: Plan) -> None:
             t0 = time.perf_counter()
             who = run(n)
             res.sleep[k] = SleepRun(n, time.perf_counter() - t0, len(set(who)))
-    finally:
-        ray.shutdown()
 
 
 # ---------------------------------------------------------------------- Dask

@@ -25,7 +25,6 @@ if not __package__:
 
 import argparse
 import asyncio
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import Any
 
 from aviato import Sandbox, SandboxDefaults
 from benchmarks._common import IMAGE, add_markdown_option, console, write_markdown
+from benchmarks._ray import ray_missing, ray_started
 from benchmarks._stats import Stats, ms
 
 TIMEOUT = 120.0
@@ -85,17 +85,10 @@ async def run_aviato(res: Results) -> None:
 
 
 def run_ray(res: Results) -> None:
-    try:
-        import ray
-    except ImportError:
-        res.notes.append("Ray is not installed: pip install -e '.[bench]'")
+    if ray_missing(res.notes, "Ray is not installed: pip install -e '.[bench]'"):
         return
-    import ray.cloudpickle
-
-    res.ray_version = ray.__version__
-    ray.cloudpickle.register_pickle_by_value(sys.modules[Counter.__module__])  # type: ignore[no-untyped-call]
-    ray.init(num_cpus=2, logging_level=logging.ERROR)
-    try:
+    with ray_started(by_value=Counter.__module__) as ray:
+        res.ray_version = ray.__version__
         actor: Any = ray.remote(Counter).remote()
         for _ in range(50):
             ray.get(actor.noop.remote(), timeout=TIMEOUT)
@@ -103,8 +96,6 @@ def run_ray(res: Results) -> None:
             t0 = time.perf_counter()
             ray.get(actor.noop.remote(), timeout=TIMEOUT)
             res.ray_actor.add(time.perf_counter() - t0)
-    finally:
-        ray.shutdown()
 
 
 def report(res: Results) -> str:

@@ -39,7 +39,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import logging
 import os
 import signal
 import statistics
@@ -59,6 +58,7 @@ from rich.table import Table
 
 from benchmarks._common import add_markdown_option, write_markdown
 from benchmarks._fn_common import TIMEOUT, console, missing
+from benchmarks._ray import ray_started
 from benchmarks.functions import (
     our_containers,
     ray_or_dask_processes,
@@ -240,10 +240,7 @@ def measure_sync(res: Result, plan: Plan, call: Echo, shared: Callable[[Any], No
 
 
 def run_ray(res: Result, plan: Plan) -> None:
-    import ray
-
-    ray.init(num_cpus=2, logging_level=logging.ERROR)
-    try:
+    with ray_started() as ray:
         recho = ray.remote(echo)
         rnbytes = ray.remote(nbytes)
 
@@ -261,8 +258,6 @@ def run_ray(res: Result, plan: Plan) -> None:
             t0 = time.perf_counter()
             ray.get([rnbytes.remote(small) for _ in range(SHARED_CALLS)], timeout=TIMEOUT)
             res.shared_value.append(time.perf_counter() - t0)
-    finally:
-        ray.shutdown()
 
 
 def run_ppe(res: Result, plan: Plan) -> None:

@@ -35,7 +35,6 @@ if not __package__:
 
 import argparse
 import asyncio
-import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from typing import Any
 
 from aviato import Sandbox, SandboxDefaults
 from benchmarks._common import IMAGE, add_markdown_option, console, write_markdown
+from benchmarks._ray import ray_missing, ray_started
 from benchmarks._stats import Stats, ms
 
 TIMEOUT = 600.0
@@ -131,16 +131,12 @@ async def run_aviato(res: Results) -> None:
 
 
 def run_ray(res: Results) -> None:
-    try:
-        import ray
-    except ImportError:
-        res.notes.append("Ray is not installed: aviato alone (pip install -e '.[bench]')")
+    if ray_missing(res.notes, "Ray is not installed: aviato alone (pip install -e '.[bench]')"):
         return
-    res.ray_version = ray.__version__
     value = os.urandom(res.mib << 20)
     n = res.chain_mib << 20
-    ray.init(num_cpus=2, logging_level=logging.ERROR)
-    try:
+    with ray_started() as ray:
+        res.ray_version = ray.__version__
         size: Any = ray.remote(nbytes)
         f: Any = ray.remote(make)
         g: Any = ray.remote(reverse)
@@ -158,8 +154,6 @@ def run_ray(res: Results) -> None:
             out = ray.get(size.remote(g.remote(f.remote(n))), timeout=TIMEOUT)
             res.chain_ray.add(time.perf_counter() - t0)
             assert out == n
-    finally:
-        ray.shutdown()
 
 
 def _rate(res: Results, side: Side) -> float:
