@@ -226,8 +226,13 @@ class MultiHostCluster(Cluster):
                 "docker",
                 "--bind",
                 f"tcp://{self.hosts.addresses[agent_id]}:0",
+                *self.agent_args(agent_id),
             ],
         )
+
+    def agent_args(self, agent_id: str) -> list[str]:
+        """More flags for this agent (a subclass's: resources, labels, ...)."""
+        return []
 
     def _scheduler_answers(self) -> bool:
         try:

@@ -24,28 +24,9 @@ AGENT_FLAGS = [
 
 
 class ResourcesCluster(MultiHostCluster):
-    def start_agent(self, agent_id: str) -> None:
+    def agent_args(self, agent_id: str) -> list[str]:
         flags = AGENT_FLAGS[self.agent_ids.index(agent_id)]
-        self._spawn_on(
-            agent_id,
-            agent_id,
-            [
-                "agent",
-                "--scheduler",
-                self.address,
-                "--agent-id",
-                agent_id,
-                "--slots",
-                "3",
-                "--runtime",
-                "docker",
-                "--bind",
-                f"tcp://{self.hosts.addresses[agent_id]}:0",
-                "--state-dir",
-                str(self.tmp / f"state-{agent_id}"),
-                *flags,
-            ],
-        )
+        return ["--state-dir", str(self.tmp / f"state-{agent_id}"), *flags]
 
 
 @pytest.fixture
