@@ -204,15 +204,16 @@ async def test_backlog_is_bounded_and_reports_what_was_skipped(
     _, _, defaults = either
     async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
         # 3 MiB of output that nobody reads as it comes. The process ends when told, once
-        # all of it was written: dockerd cuts an exec's output stream 2 s after the exec
-        # exits, and on a loaded machine the agent can be further behind than that.
+        # the agent holds all of it: dockerd cuts an exec's output stream 2 s after the
+        # exec exits, and on a loaded machine the agent can be further behind than that.
         p = await sb.spawn(
-            ["sh", "-c", "head -c 3145728 /dev/zero | tr '\\0' x; echo END; : >/tmp/w; read _ || :"]
+            ["sh", "-c", "head -c 3145728 /dev/zero | tr '\\0' x; echo END; read _ || :"]
         )
-        deadline = asyncio.get_running_loop().time() + 60
-        while not (await sb.exec(["sh", "-c", "test -e /tmp/w"])).ok:
-            assert asyncio.get_running_loop().time() < deadline, "the output never ended"
-            await asyncio.sleep(0.05)
+        # A second handle reads from the end only (offset 3 MiB: what the agent has then),
+        # keeping nothing back; once it saw the last line, the agent has every byte.
+        tail = await sb.process(p.id)
+        tail._offset = 3 << 20
+        assert (await _until_output(tail, b"END\n")).endswith(b"END\n")
         await p.close_stdin()
         assert await p.wait(timeout=60) == 0
         out, _ = await _all_output(p)
