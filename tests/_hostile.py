@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 from aviato import Sandbox, SandboxDefaults
-from aviato.exceptions import AviatoError
+from aviato.exceptions import AviatoError, SandboxTimeoutError
 
 #: The probes run in one exec; argv[1] is JSON: host_pid, host_file, host, port,
 #: scheduler_port. Prints {row: [blocked, what it saw]}.
@@ -96,8 +96,11 @@ except OSError as exc:
 """
 
 #: A bomb that is refused is over in a second or two; under gVisor the limit takes the
-#: sandbox's kernel down with it and the exec answers only at its timeout.
-BOMB_SECONDS = 30
+#: sandbox's kernel down with it and the exec answers only at this deadline.
+BOMB_SECONDS = 15
+#: A hog is OOM-killed in a second or two under runc and bubblewrap; under gVisor the
+#: sandbox's kernel stalls at its limit and the exec answers only at this deadline.
+HOG_SECONDS = 20
 
 BOMB = r"""
 import os, signal, time
@@ -183,6 +186,9 @@ async def probe_level(target: Target) -> dict[str, tuple[bool | None, str]]:
             else:  # the limit took the sandbox down with it (gVisor's sentry): contained
                 last = (r.stderr.decode().strip().splitlines() or [""])[-1]
                 cells["fork bomb"] = (True, f"the sandbox died: {last[-60:]}")
+    except SandboxTimeoutError as exc:  # no count printed: the limit took its kernel down
+        got = exc.exec_result.stdout if exc.exec_result else b""
+        cells["fork bomb"] = (not got, f"killed at its {BOMB_SECONDS} s deadline")
     except AviatoError as exc:  # the limit may take the sandbox down with the bomb
         cells["fork bomb"] = (True, f"sandbox ended: {str(exc)[:60]}")
     if subprocess.run(["true"], timeout=10).returncode != 0:
@@ -191,10 +197,13 @@ async def probe_level(target: Target) -> dict[str, tuple[bool | None, str]]:
         async with Sandbox(
             command="sleep", args=["infinity"], memory_bytes=128 * 1024 * 1024, defaults=d
         ) as sb:
-            r = await sb.exec(["python3", "-c", HOG], timeout_seconds=120)
+            r = await sb.exec(["python3", "-c", HOG], timeout_seconds=HOG_SECONDS)
             held = r.stdout == b"held 1 GiB\n"
             seen = "held 1 GiB" if held else (r.stderr.decode().strip().splitlines() or [""])[-1]
             cells["memory hog"] = (not held, seen or f"exit {r.returncode}")
+    except SandboxTimeoutError as exc:  # it never held 1 GiB: stalled at its limit
+        got = exc.exec_result.stdout if exc.exec_result else b""
+        cells["memory hog"] = (b"held" not in got, f"killed at its {HOG_SECONDS} s deadline")
     except AviatoError as exc:
         cells["memory hog"] = (True, f"sandbox ended: {type(exc).__name__}")
     egress = json.dumps([target.host, target.port])
