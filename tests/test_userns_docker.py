@@ -77,6 +77,7 @@ async def test_root_inside_is_not_root_outside(
     (agent,) = status["agents"]
     assert agent["isolations"] == ["runc"]
     assert agent["userns"] == f"root is uid {userns_engine.base} on the host", agent
+    assert "runc+userns" in _aviato("status", "--scheduler", ucluster.address)
 
     async with Sandbox(command="sleep", args=["infinity"], defaults=udefaults) as sb:
         assert sb.isolation == "runc+userns"
