@@ -60,8 +60,12 @@ class UsernsEngine(GvisorEngine):
         )  # fmt: skip
         self._added_user = True
         for path in SUBID_FILES:
-            with path.open("a") as f:
-                f.write(f"{self.user}:{self.base}:{SPAN}\n")
+            before = path.read_text() if path.exists() else ""
+            with path.open("a") as f:  # on a line of its own, whatever the file ended with
+                f.write(
+                    ("\n" if before and not before.endswith("\n") else "")
+                    + f"{self.user}:{self.base}:{SPAN}\n"
+                )
         # The remapped root must pass through the data root's parents (mkdtemp's 0700).
         self.root.chmod(0o711)
         super().start()
