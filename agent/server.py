@@ -450,6 +450,7 @@ class AgentServer:
             spare_shapes=self.spares.ready_shapes() if self.spares is not None else (),
             isolations=self.runtime.isolations,
             probe=self.runtime.probe_note,
+            userns=self.runtime.userns,
         )
         msg = self.capacity.advertised(msg)
         reply = await self._ask_scheduler(msg, self.register_timeout)

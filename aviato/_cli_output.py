@@ -92,7 +92,9 @@ def agent_row(agent: AgentInfo) -> list[str]:
         agent.address,
         agent.runtime,  # says "NOT isolated" itself when it is not
         # Offered levels, the default first; "(probed)" once a probe sandbox ran.
-        ",".join(agent.isolations) + (" (probed)" if agent.probe else "") or "-",
+        ",".join(i + ("+userns" if agent.userns else "") for i in agent.isolations)
+        + (" (probed)" if agent.probe else "")
+        or "-",
         str(agent.used),
         str(agent.slots - agent.used),
         *resources_cells(agent),
@@ -130,6 +132,7 @@ def status_record(address: str, status: ClusterStatusReply) -> dict[str, Any]:
                 "runtime": a.runtime,
                 "isolations": list(a.isolations),
                 "probe": a.probe,
+                "userns": a.userns,
                 "slots": a.slots,
                 "used": a.used,
                 "spares": a.spares,

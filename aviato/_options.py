@@ -46,7 +46,8 @@ MAX_CPUS = 4096
 MAX_IMAGE_CHARS = 255
 #: Below this Docker refuses to make the container.
 MIN_MEMORY_BYTES = 6 * 1024 * 1024
-#: "internal": the sandboxes of one session on one agent reach each other, nothing else.
+#: "internal": the sandboxes of one session reach each other, nothing else (the scheduler
+#: places them on one agent: an internal network does not span agents).
 NETWORKS = (None, "none", "bridge", "internal")
 #: runc: Docker's default (namespaces, shared kernel); gvisor: Docker with runsc (a
 #: user-space kernel); bwrap: the local runtime's bubblewrap namespaces. None: any,

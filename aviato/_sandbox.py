@@ -378,7 +378,8 @@ class Sandbox(SandboxFiles, SandboxLifecycle):
 
     @property
     def isolation(self) -> str:
-        """The isolation it runs under ("runc", "gvisor", "bwrap"), once started."""
+        """The isolation it runs under ("runc", "gvisor", "bwrap"; "runc+userns" etc.
+        where a user namespace makes its root unprivileged on the host), once started."""
         return self._info.isolation if self._info else ""
 
     @property

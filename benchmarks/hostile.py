@@ -5,7 +5,9 @@ isolation level, each found blocked or allowed.
     python benchmarks/hostile.py [--markdown FILE]
 
 Levels: ``runc`` and ``gvisor`` (Docker, on an engine of this run's own that carries
-the runsc runtimes, tests/_gvisor_engine.py; the host's engine is not touched), ``bwrap``
+the runsc runtimes, tests/_gvisor_engine.py; the host's engine is not touched),
+``runc+userns`` (Docker on a second engine of this run's own with ``--userns-remap``,
+tests/_userns_engine.py: root inside is an unprivileged uid on the host), ``bwrap``
 (the local runtime: bubblewrap + cgroups) and ``bwrap+userns`` (the same with
 ``--userns-uid``: root inside is an unprivileged uid on the host). One scheduler and
 agent per runtime setting, on loopback; image python:3.11.
@@ -64,8 +66,9 @@ from benchmarks._common import (
 from tests._gvisor_engine import GvisorEngine, gvisor_problem
 from tests._hostile import ROWS, Target, probe_level, surprises
 from tests._tally import Tally
+from tests._userns_engine import UsernsEngine, userns_problem
 
-LEVELS = ("runc", "gvisor", "bwrap", "bwrap+userns")
+LEVELS = ("runc", "runc+userns", "gvisor", "bwrap", "bwrap+userns")
 USERNS_BASE = 400_000
 
 
@@ -109,12 +112,12 @@ def _address_of(bridge: str) -> str:
 
 
 async def run(markdown: Path | None) -> None:
-    problem = gvisor_problem()
+    problem = gvisor_problem() or userns_problem()
     if problem:
         raise SystemExit(f"hostile benchmark: {problem}")
     if not shutil.which("bwrap"):
         raise SystemExit("hostile benchmark: bubblewrap is not installed")
-    engine = GvisorEngine()
+    engine, remapping = GvisorEngine(), UsernsEngine()
     tmp = Path(tempfile.mkdtemp(prefix="aviato-bench-hostile-"))
     secret_dir = Path(tempfile.mkdtemp(prefix="aviato-hostile-", dir="/var/tmp"))
     secret_dir.chmod(0o755)
@@ -126,10 +129,14 @@ async def run(markdown: Path | None) -> None:
     try:
         console.print("[dim]starting a Docker engine with the runsc runtimes...[/]")
         engine.start()
+        console.print("[dim]starting a Docker engine with --userns-remap...[/]")
+        remapping.start()
         host = _address_of(engine.bridge)
         settings = (
             ("docker", ("runc", "gvisor"), ["--runtime", "docker", "--isolation", "runc,gvisor"],
              {"DOCKER_HOST": engine.host}),
+            ("remap", ("runc+userns",), ["--runtime", "docker", "--isolation", "runc"],
+             {"DOCKER_HOST": remapping.host}),
             ("local", ("bwrap",), ["--runtime", "local"], {}),
             ("userns", ("bwrap+userns",), ["--runtime", "local", "--userns-uid",
                                             str(USERNS_BASE)], {}),
@@ -155,6 +162,7 @@ async def run(markdown: Path | None) -> None:
         victim.kill()
         victim.wait()
         engine.stop()
+        remapping.stop()
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(secret_dir, ignore_errors=True)
     table, md = render(results)

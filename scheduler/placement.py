@@ -228,7 +228,12 @@ class PlacementState(LifecycleState):
         scheduler/volumes.py); else one holding a ready spare of ``spec``'s shape (the most
         of them; ties by id), so that the create is ready in milliseconds; else spread:
         the live agent with the most free slots (ties by id, for determinism). From the
-        indexes. A spec that asks for resources: see scheduler/placement.py."""
+        indexes. A spec that asks for resources: see scheduler/placement.py. Before all
+        of these, a session's internal sandboxes stay together (``_internal_agent``)."""
+        if spec is not None and spec.network == "internal" and spec.session_id:
+            pinned, keeper = self._internal_agent(spec)
+            if pinned:
+                return keeper
         if spec is not None and resourced(spec):
             return self._choose_fitting(spec)
         if spec is not None and self._snapshot_keys:
@@ -249,6 +254,22 @@ class PlacementState(LifecycleState):
             return self.agents[best] if best is not None else None
         best = self._free.best()
         return self.agents[best] if best is not None else None
+
+    def _internal_agent(self, spec: SandboxSpec) -> tuple[bool, AgentRecord | None]:
+        """A session's ``network="internal"`` sandboxes meet on one agent's network
+        only (sandboxes on two agents do not reach each other), so they share an agent:
+        (True, that agent when it can take ``spec`` now, else None: the create waits
+        for it) while one of them is active there; (False, None) when none is.
+        O(the session's active sandboxes)."""
+        for sid in self._by_session.get(spec.session_id or "", ()):
+            rec = self.live.get(sid)
+            if rec is None or rec.spec.network != "internal" or rec.agent_id is None:
+                continue
+            agent = self.agents.get(rec.agent_id)
+            if agent is None or not agent.alive:
+                continue
+            return True, agent if fits_now(agent, spec) else None
+        return False, None
 
     def _usable(self, agent_id: str) -> AgentRecord | None:
         agent = self.agents.get(agent_id)

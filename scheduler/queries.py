@@ -50,6 +50,13 @@ class Filter:
         )
 
 
+def shown_isolation(asked: str | None, agent: AgentRecord | None) -> str:
+    """The isolation a sandbox runs under: its spec's, else its agent's default; with
+    "+userns" where root inside it is not the host's root."""
+    level = asked or (agent.isolations[0] if agent and agent.isolations else "")
+    return f"{level}+userns" if level and agent is not None and agent.userns else level
+
+
 def sandbox_info(rec: SandboxRecord, agents: Mapping[str, AgentRecord]) -> SandboxInfo:
     """``rec`` as clients see it, with where to reach its agent."""
     agent = agents.get(rec.agent_id) if rec.agent_id else None
@@ -67,7 +74,7 @@ def sandbox_info(rec: SandboxRecord, agents: Mapping[str, AgentRecord]) -> Sandb
         agent_public_key=agent.public_key if agent else "",
         agent_lane=agent.lane if agent else "",
         ended_by=rec.ended_by,
-        isolation=rec.spec.isolation or (agent.isolations[0] if agent and agent.isolations else ""),
+        isolation=shown_isolation(rec.spec.isolation, agent),
         gpu_ids=rec.gpu_ids,
     )
 
@@ -142,6 +149,7 @@ def status_page(
             public_key=a.public_key,
             isolations=a.isolations,
             probe=a.probe,
+            userns=a.userns,
             cpus=a.cpus_milli / 1000,
             memory_bytes=a.memory_bytes,
             gpus=a.gpus,

@@ -123,6 +123,8 @@ class AgentRecord:
     #: Isolation levels it offers, its default first; what its start-up probe found.
     isolations: tuple[str, ...] = ()
     probe: str = ""
+    #: Where root inside its sandboxes is on the host ("": the host's root).
+    userns: str = ""
     #: Its capacity (0 / empty: not advertised, so not limited; see placement.py), CPUs
     #: in thousandths (sums of floats drift), and what its active sandboxes asked for.
     cpus_milli: int = 0

@@ -164,6 +164,7 @@ class SchedulerState(PlacementState):
         self._set_capacity(agent, msg)
         self._agent_added(agent)
         self._set_isolations(agent, tuple(msg.isolations), msg.probe)
+        agent.userns = msg.userns
         self._set_spares(agent, msg.spares, msg.spare_shapes)
         reported = {s.sandbox_id: s for s in msg.sandboxes}
         adopt: list[str] = []

@@ -49,6 +49,9 @@ def gvisor_problem() -> str | None:
 class GvisorEngine:
     """One dockerd of our own; ``host`` is its DOCKER_HOST."""
 
+    #: More dockerd flags (a subclass's: tests/_userns_engine.py).
+    extra_args: tuple[str, ...] = ()
+
     def __init__(self) -> None:
         tag = uuid.uuid4().hex[:6]
         self.root = Path(tempfile.mkdtemp(prefix="avgv-"))
@@ -75,6 +78,7 @@ class GvisorEngine:
                 "--bridge", self.bridge,
                 "--iptables=false",
                 "--ip6tables=false",
+                *self.extra_args,
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -233,6 +233,7 @@ async def probe_level(target: Target) -> dict[str, tuple[bool | None, str]]:
 EGRESS_DEFAULT = "network egress (default network)"
 EXPECTED_ALLOWED: dict[str, frozenset[str]] = {
     "runc": frozenset({EGRESS_DEFAULT}),
+    "runc+userns": frozenset({EGRESS_DEFAULT}),
     "gvisor": frozenset({EGRESS_DEFAULT}),
     "bwrap": frozenset(
         {EGRESS_DEFAULT, "reach the scheduler's port", "read a root-only host file"}
@@ -242,6 +243,7 @@ EXPECTED_ALLOWED: dict[str, frozenset[str]] = {
 #: Rows a level refuses to set up (its typed error), rather than blocking.
 EXPECTED_REFUSED: dict[str, frozenset[str]] = {
     "runc": frozenset(),
+    "runc+userns": frozenset(),
     "gvisor": frozenset(),
     "bwrap": frozenset({"network egress (network_allow, not listed)"}),
     "bwrap+userns": frozenset({"network egress (network_allow, not listed)"}),

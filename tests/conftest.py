@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-pytest_plugins = ["tests._gvisor_engine"]  # the gvisor_engine fixture
+pytest_plugins = ["tests._gvisor_engine", "tests._userns_engine"]  # engine fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "python:3.11"

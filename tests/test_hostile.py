@@ -19,6 +19,7 @@ from aviato import SandboxDefaults
 from tests._gvisor_engine import GvisorEngine
 from tests._hostile import ROWS, Target, probe_level, surprises
 from tests._tally import Tally, host_address
+from tests._userns_engine import UsernsEngine
 from tests.conftest import Cluster, docker_cluster
 from tests.test_local_runtime import _local_cluster
 
@@ -77,15 +78,35 @@ async def test_gvisor(
         agent_args=["--isolation", "gvisor", *PIDS],
     )
     try:
-        bridge = next(
-            a.address
-            for a in psutil.net_if_addrs()[gvisor_engine.bridge]
-            if a.family == socket.AF_INET
-        )
-        await _check("gvisor", c, bridge, host_things)
+        await _check("gvisor", c, _bridge_address(gvisor_engine), host_things)
     finally:
         c.close()
     assert not gvisor_engine.containers(*(f"label=aviato.agent={a}" for a in c.agent_ids))
+
+
+async def test_runc_userns(
+    tmp_path_factory: pytest.TempPathFactory,
+    userns_engine: UsernsEngine,
+    host_things: tuple[int, str],
+) -> None:
+    c = Cluster(
+        tmp_path_factory.mktemp("hostile-remap"),
+        agents=1,
+        agent_env={"DOCKER_HOST": userns_engine.host},
+        agent_args=PIDS,
+    )
+    try:
+        await _check("runc+userns", c, _bridge_address(userns_engine), host_things)
+    finally:
+        c.close()
+    assert not userns_engine.containers(*(f"label=aviato.agent={a}" for a in c.agent_ids))
+
+
+def _bridge_address(engine: GvisorEngine) -> str:
+    """The host's address on a test engine's bridge (its sandboxes' way to the host)."""
+    return next(
+        a.address for a in psutil.net_if_addrs()[engine.bridge] if a.family == socket.AF_INET
+    )
 
 
 async def test_bwrap(

@@ -301,3 +301,34 @@ def test_the_rules() -> None:
     assert "-A OUTPUT -d 192.0.2.7/32 -p udp --dport 53 -j ACCEPT" in rules
     assert ":OUTPUT DROP [0:0]" in rules and rules.endswith("COMMIT\n")
     assert internal_name("a/b", "s 1") == "aviato-int-a_b-s_1"
+
+
+def test_a_sessions_internal_sandboxes_are_placed_together() -> None:
+    """Internal networks do not span agents, so the scheduler keeps a session's
+    internal sandboxes on the agent that has one (waiting for its room), and places
+    other sandboxes as before."""
+    from aviato.protocol import SandboxSpec
+    from tests.test_isolation import _placed_on, _register, _state
+
+    state = _state()
+    _register(state, "a", ("runc",), slots=2)
+    _register(state, "b", ("runc",), slots=3)  # the most free slots: spread's choice
+    now = 10.0
+
+    def spec(session: str, network: str | None = "internal") -> SandboxSpec:
+        return SandboxSpec(
+            image="python:3.11", command="sleep", session_id=session, network=network
+        )
+
+    state.sessions.update({"s1": 1e9, "s2": 1e9})
+    assert _placed_on(state.request_create("k1", spec("s1"), 30, now)) == [("b", "runc")]
+    # Spread would take "a" now (3 free there, 2 here): the session's next stays.
+    assert _placed_on(state.request_create("k2", spec("s1"), 30, now)) == [("b", "runc")]
+    # Not internal: placed by spread, as before.
+    assert _placed_on(state.request_create("k3", spec("s1", None), 30, now)) == [("a", "runc")]
+    # Another session's internal ones: anywhere (a tie of free slots: the smaller id).
+    assert _placed_on(state.request_create("k4", spec("s2"), 30, now)) == [("a", "runc")]
+    assert _placed_on(state.request_create("k5", spec("s1"), 30, now)) == [("b", "runc")]
+    # "b" is full: the session's next internal one waits for it rather than going to "a".
+    assert _placed_on(state.request_create("k6", spec("s1"), 30, now)) == []
+    assert len(state.pending) == 1

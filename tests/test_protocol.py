@@ -185,6 +185,7 @@ AGENT = AgentInfo(
     cpus_used=2.5,
     memory_used=4 << 30,
     gpus_used=("0", "3"),
+    userns="root is uid 231072 on the host",
 )
 
 #: One representative instance per message class, with non-default values.
@@ -256,6 +257,7 @@ SAMPLES: list[Message] = [
         cpus=16.0,
         memory_bytes=64 << 30,
         gpus=("0", "1"),
+        userns="root is uid 231072 on the host",
     ),
     DeregisterAgent(agent_id="agent-a", instance="0123abcd"),
     RegisterReply(heartbeat_interval=0.25, adopt=("sb-1",), reap=("sb-2", "sb-3")),

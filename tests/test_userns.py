@@ -52,6 +52,7 @@ async def test_root_inside_is_not_root_outside(local: Cluster, shared: Path) -> 
         mounts=(Mount(str(shared / "rw"), "/out"), Mount(str(shared / "secret"), "/secret")),
     )
     async with Sandbox(command="sleep", args=["infinity"], defaults=defaults) as sb:
+        assert sb.isolation == "bwrap+userns"
         r = await sb.exec(["sh", "-c", "id -u; cat /proc/self/uid_map"], check=True)
         uid_inside, mapping = r.stdout.decode().split("\n", 1)
         assert uid_inside == "0"

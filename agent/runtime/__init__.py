@@ -54,6 +54,10 @@ def make_runtime(name: str, isolation: str | None = None, **kwargs: Any) -> Runt
         parse_isolations(isolation, "local")  # refuses what it cannot offer
         runtime = LocalRuntime(**kwargs)
         runtime.isolations = ("bwrap",) if runtime.isolated else ("none",)
+        if runtime.userns_base is not None:  # --userns-uid (agent/runtime/local_userns.py)
+            runtime.userns = (
+                f"root is a uid from {runtime.userns_base} on the host (one per sandbox)"
+            )
         if not runtime.isolated:
             log.warning("local runtime WITHOUT isolation: bubblewrap (bwrap) is not installed")
         return runtime

@@ -167,6 +167,9 @@ class Runtime(abc.ABC):
     isolations: tuple[str, ...] = ()
     #: What ``probe`` found at the agent's start (shown in ``aviato status``).
     probe_note: str = ""
+    #: Where root inside its sandboxes is on the host, when a user namespace makes it
+    #: unprivileged there ("" when root inside is the host's root).
+    userns: str = ""
 
     async def probe(self, image: str) -> str:
         """Run a probe sandbox of each offered isolation that needs one, at the agent's

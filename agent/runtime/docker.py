@@ -27,7 +27,7 @@ from typing import Any, TypeVar, TypeVarTuple
 import docker
 import docker.errors
 
-from agent.runtime import docker_gvisor
+from agent.runtime import docker_gvisor, docker_userns
 from agent.runtime.base import (
     LABEL_AGENT,
     LABEL_MANAGED,
@@ -121,6 +121,7 @@ class DockerRuntime(DockerLifecycle, Runtime):
         self.pull = pull
         self.isolations = tuple(isolations)
         self._gvisor: set[str] = set()  # sandbox ids under gVisor (agent/runtime/docker_gvisor.py)
+        self._remap: tuple[int, int] | None = None  # the engine's userns-remap ids
         self._owns_client = client is None
         self._client_obj: Any = client
         self._client_lock = threading.Lock()
@@ -231,6 +232,8 @@ class DockerRuntime(DockerLifecycle, Runtime):
         self, sandbox_id: str, spec: SandboxSpec, labels: dict[str, str], mounts: Sequence[Mount]
     ) -> None:
         api, image = self._api, spec.image
+        if self._remap is not None:  # its root must write to the socket directory
+            docker_userns.grant_mounts(self._remap, mounts)
         host_config = api.create_host_config(
             # Mounts, not binds: Docker creates a missing bind source, and a create that
             # raced its sandbox's stop (or the agent's exit) would remake our socket
@@ -336,8 +339,11 @@ class DockerRuntime(DockerLifecycle, Runtime):
             self._on_event(early)
 
     async def probe(self, image: str) -> str:
-        """Check the engine runs every offered isolation (see agent/runtime/isolation.py)."""
+        """Check the engine runs every offered isolation (see agent/runtime/isolation.py),
+        and whether it remaps root (agent/runtime/docker_userns.py)."""
         await self._run(check_engine, self._client, self.isolations)
+        self._remap = await self._run(docker_userns.engine_remap, self._client)
+        self.userns = docker_userns.describe(self._remap)
         if "gvisor" not in self.isolations:
             return ""
         return await self._run(probe_gvisor, self._client, image)

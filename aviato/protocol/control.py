@@ -181,6 +181,8 @@ class RegisterAgent(Message):
     cpus: float = 0.0
     memory_bytes: int = 0
     gpus: tuple[str, ...] = ()
+    #: Where root inside its sandboxes is on the host ("" when it is the host's root).
+    userns: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -338,6 +338,8 @@ class AgentInfo:
     cpus_used: float = 0.0
     memory_used: int = 0
     gpus_used: tuple[str, ...] = ()
+    #: Where root inside its sandboxes is on the host ("" when it is the host's root).
+    userns: str = ""
 
 
 # --------------------------------------------------------------------------- messages
