@@ -44,6 +44,8 @@ from aviato.protocol import (
     ListVolumes,
     Message,
     MsgType,
+    ObjectSessions,
+    ObjectSessionsEnded,
     OkReply,
     PauseSandbox,
     Ping,
@@ -69,6 +71,7 @@ from aviato.protocol import (
     to_wire,
 )
 from scheduler.metrics import SchedulerMetrics
+from scheduler.object_sessions import ended_sessions
 from scheduler.records import Action, AgentDeclaredDead, Config, Reply, SendToAgent
 from scheduler.state import SchedulerState
 
@@ -207,6 +210,7 @@ class SchedulerServer:
             ExtendLifetime: self._on_extend,
             PauseSandbox: self._on_pause,
             SandboxActivity: self._on_activity,
+            ObjectSessions: self._on_object_sessions,
         }
 
     def stop(self) -> None:
@@ -673,6 +677,13 @@ class SchedulerServer:
         if self._agent_identity.get(d.msg.agent_id) == identity:  # only from the agent
             self.state.activity(d.msg.agent_id, d.msg.sandbox_ids, now)
         return [Reply((identity, d.request_id), OkReply())]
+
+    def _on_object_sessions(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
+        assert isinstance(d.msg, ObjectSessions)
+        ended: tuple[str, ...] = ()
+        if self._agent_identity.get(d.msg.agent_id) == identity:  # only from the agent
+            ended = ended_sessions(self.state, d.msg.session_ids, now)
+        return [Reply((identity, d.request_id), ObjectSessionsEnded(ended))]
 
 
 #: Functions kept per session, and characters per name (a client's report is bounded).

@@ -63,6 +63,8 @@ from aviato.protocol import (
     Message,
     MsgType,
     ObjectData,
+    ObjectSessions,
+    ObjectSessionsEnded,
     ObjectSource,
     ObjectsReleased,
     ObjectStats,
@@ -202,6 +204,9 @@ OBJECT_SAMPLES: list[Message] = [
     ObjectsReleased(count=2, size=1 << 20),
     ObjectStats(),
     ObjectStatsReply("agent-a", 3, 1 << 20, 1 << 30, 2 << 30, 20 << 30, 4, 9, 2),
+    # (aviato/protocol/objects_more.py)
+    ObjectSessions(agent_id="agent-a", session_ids=("ses-1", "ses-2")),
+    ObjectSessionsEnded(session_ids=("ses-2",)),
 ]
 
 LIFECYCLE_SAMPLES: list[Message] = [

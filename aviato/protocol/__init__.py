@@ -118,6 +118,11 @@ from aviato.protocol.objects import (
     PutObject,
     ReleaseObjects,
 )
+from aviato.protocol.objects_more import (
+    MAX_OBJECT_SESSIONS,
+    ObjectSessions,
+    ObjectSessionsEnded,
+)
 from aviato.protocol.observe import DashboardViewReply, GetDashboardView
 from aviato.protocol.output import FunctionOutput, WatchOutput
 from aviato.protocol.processes import (
@@ -167,6 +172,7 @@ __all__ = [
     "CHUNK_BYTES",
     "DEFAULT_WINDOW",
     "MAX_FRAME_BYTES",
+    "MAX_OBJECT_SESSIONS",
     "MAX_PAYLOAD_BYTES",
     "MAX_STDIN_CHUNK",
     "MAX_TERMINAL",
@@ -223,6 +229,8 @@ __all__ = [
     "Message",
     "MsgType",
     "ObjectData",
+    "ObjectSessions",
+    "ObjectSessionsEnded",
     "ObjectSource",
     "ObjectStats",
     "ObjectStatsReply",
