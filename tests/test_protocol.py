@@ -22,6 +22,7 @@ from aviato.protocol import (
     PROTOCOL_VERSION,
     AgentHeartbeat,
     AgentInfo,
+    AgentLocation,
     AgentSpares,
     AgentVolumes,
     CallHeader,
@@ -58,6 +59,7 @@ from aviato.protocol import (
     ListSandboxes,
     ListSnapshots,
     ListVolumes,
+    LocateAgent,
     LogChunk,
     LogsReply,
     Message,
@@ -207,6 +209,8 @@ OBJECT_SAMPLES: list[Message] = [
     # (aviato/protocol/objects_more.py)
     ObjectSessions(agent_id="agent-a", session_ids=("ses-1", "ses-2")),
     ObjectSessionsEnded(session_ids=("ses-2",)),
+    LocateAgent(agent_id="agent-a", wanted="agent-b"),
+    AgentLocation(agent_id="agent-b", address="tcp://h:7000", public_key="K" * 40),
 ]
 
 LIFECYCLE_SAMPLES: list[Message] = [

@@ -120,6 +120,8 @@ from aviato.protocol.objects import (
 )
 from aviato.protocol.objects_more import (
     MAX_OBJECT_SESSIONS,
+    AgentLocation,
+    LocateAgent,
     ObjectSessions,
     ObjectSessionsEnded,
 )
@@ -184,6 +186,7 @@ __all__ = [
     "SNAPSHOT_REPOSITORY",
     "AgentHeartbeat",
     "AgentInfo",
+    "AgentLocation",
     "AgentSpares",
     "AgentVolumes",
     "CallHeader",
@@ -224,6 +227,7 @@ __all__ = [
     "ListSandboxes",
     "ListSnapshots",
     "ListVolumes",
+    "LocateAgent",
     "LogChunk",
     "LogsReply",
     "Message",
