@@ -12,10 +12,13 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from aviato import Sandbox, SandboxDefaults
 from aviato.protocol import MAX_OBJECT_SESSIONS, ObjectStats, ObjectStatsReply
 from scheduler.object_sessions import ended_sessions
-from tests.conftest import IMAGE, ROOT, Cluster
+from tests.conftest import IMAGE, ROOT, Cluster, docker_cluster
+from tests.test_local_runtime import _local_cluster as local_cluster
 from tests.test_state import make_state
 
 # ---------------------------------------------------------------------- pure
@@ -73,6 +76,16 @@ asyncio.run(main())
 LEASE = 3.0
 
 
+@pytest.fixture(scope="module", params=["docker", "local"])
+def either(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Two agents of each runtime: Docker, and local (bubblewrap + cgroups)."""
+    tmp = tmp_path_factory.mktemp(f"object-sessions-{request.param}")
+    if request.param == "docker":
+        yield from docker_cluster(tmp, agents=2, slots=2)
+    else:
+        yield from local_cluster(tmp, agents=2, slots=2)
+
+
 async def _held(session, address: str) -> ObjectStatsReply:
     conn = session._connections.get(address, session.defaults.cluster_token())
     reply = await conn.request(ObjectStats(), timeout=10)
@@ -80,7 +93,8 @@ async def _held(session, address: str) -> ObjectStatsReply:
     return reply.msg
 
 
-async def test_a_killed_clients_objects_are_freed_after_its_lease(cluster: Cluster) -> None:
+async def test_a_killed_clients_objects_are_freed_after_its_lease(either: Cluster) -> None:
+    cluster = either
     d = SandboxDefaults(container_image=IMAGE, scheduler=cluster.address, lease_seconds=LEASE)
     async with Sandbox.session(d) as live:
         kept = os.urandom(1 << 20)
