@@ -25,6 +25,7 @@ from agent.runtime.base import ExitStatus, Runtime
 from agent.runtime.labels import LABEL_CREATED, LABEL_SPARE, spec_from_labels
 from agent.supervisor_hub import WorkerHub
 from aviato._server import sockets
+from aviato._server.auth import data_plane_refusal
 from aviato._server.errors import error_reply
 from aviato.exceptions import AviatoError, SandboxNotFoundError, SandboxNotRunningError
 from aviato.protocol import (
@@ -152,6 +153,7 @@ class DataPlane:
 
     async def serve(self, sock: zmq.asyncio.Socket) -> None:
         """Serve the ROUTER socket's requests (until cancelled)."""
+        keyed = bool(sock.curve_server)  # (then other agents' keys are admitted too)
         while True:
             # A receive (and a send) with messages queued completes without yielding:
             # under a flood this loop would starve every other task (heartbeats, ticks).
@@ -167,7 +169,29 @@ class DataPlane:
                     self.agent_id,
                 )
                 continue
+            if keyed and self._refused_peer(identity, frames):
+                continue
             self.on_message(identity, frames[1:])
+
+    def _refused_peer(self, identity: bytes, frames: Sequence[Any]) -> bool:
+        """Whether the request is another agent's that it may not send (refused, then):
+        an agent's key fetches objects here, nothing else (data_plane_refusal)."""
+        try:
+            peer = str(frames[0].get("User-Id"))
+        except zmq.ZMQError:  # no ZAP verdict on this connection
+            return False
+        if not peer.startswith("agent:"):
+            return False  # a client's key: anything (the common case, decided here)
+        try:
+            decoded = decode(frames[1:])
+        except DecodeError:
+            return False  # on_message answers it
+        refusal = data_plane_refusal(peer, decoded.msg)
+        if not refusal:
+            return False
+        sockets.refusals.warning(log, "agent %s: refused %s: %s", self.agent_id, peer, refusal)
+        self.send_now(identity, decoded.request_id, ErrorReply(ErrorCode.UNAUTHORIZED, refusal))
+        return True
 
     def on_message(self, identity: bytes, frames: Sequence[Any]) -> None:
         """One data-plane request, from ZeroMQ or the lane. Function calls and pings are

@@ -176,6 +176,10 @@ class ObjectStore:
                 self._remove(entry)
         return list(freed.values())
 
+    def sessions(self) -> set[str]:
+        """The sessions whose objects are held (objects put without one aside)."""
+        return {e.session_id for e in self.entries.values() if e.session_id}
+
     def close(self) -> None:
         """Free everything, spill files included."""
         self.entries.clear()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.object_fetch import Fetcher
+from agent.object_sessions import SessionWatch
 from agent.object_store import ObjectStore, budgets_from_env, object_id_problem
 from aviato import link as schema
 from aviato._server.errors import error_reply
@@ -76,6 +77,10 @@ class ObjectService:
         self.store = store
         self.fetcher = Fetcher(plane.agent_id, plane.token, start)
         self.served = self.handed = 0
+        #: Frees the objects of sessions whose client died without closing them.
+        self.sessions = SessionWatch(
+            plane.agent_id, store, lambda: self.fetcher.ask_scheduler, self._free_session, start
+        )
         #: Worker sandbox id -> what it holds; a worker holds at most the memory budget.
         self._given: dict[str, _Given] = {}
 
@@ -104,6 +109,7 @@ class ObjectService:
                 f"PutObject names {msg.buffers} buffers but carries {len(d.payloads)} frames"
             )
         entry = self.store.put(msg.object_id, msg.session_id, d.payloads)
+        self.sessions.ensure()
         self._drop_everywhere([msg.object_id])  # a replaced object: workers forget the old
         reply = ObjectStored(
             msg.object_id, entry.size, self.plane.agent_id, in_memory=entry.frames is not None
@@ -125,6 +131,20 @@ class ObjectService:
         self._drop_everywhere([e.object_id for e in freed])
         reply = ObjectsReleased(len(freed), sum(e.size for e in freed))
         self.plane.send_now(identity, d.request_id, reply)
+
+    def _free_session(self, session_id: str) -> None:
+        """A session ended without its client freeing its objects (it died): free them."""
+        freed = self.store.release((), session_id)
+        self._drop_everywhere([e.object_id for e in freed])
+        if freed:
+            log.info(
+                "agent %s: freed %d object(s), %d bytes, of session %s (it ended: its "
+                "client closed it or went away)",
+                self.plane.agent_id,
+                len(freed),
+                sum(e.size for e in freed),
+                session_id,
+            )
 
     async def _on_stats(self, identity: bytes, d: Decoded) -> None:
         store = self.store
@@ -178,6 +198,7 @@ class ObjectService:
                 frames = await self.fetcher.fetch(source)
                 if source.object_id not in self.store:  # (a concurrent fetch stored it)
                     self.store.put(source.object_id, source.session_id, frames)
+                    self.sessions.ensure()
         except (ObjectLostError, ObjectStoreFullError) as exc:
             self._fail(identity, request_id, msg, [], exc)
             return
@@ -220,6 +241,7 @@ class ObjectService:
         except ObjectStoreFullError as exc:
             record = _error_record(exc)
             return CallOutcome(outcome.call_id, CallStatus.ERROR, outcome.seconds), [record]
+        self.sessions.ensure()
         self._drop_everywhere([keep.object_id])
         return CallOutcome(outcome.call_id, CallStatus.OK, outcome.seconds), [KEPT]
 

@@ -180,7 +180,7 @@ class AgentServer:
             start=self._spawn,
         )
         self._hub: WorkerHub | None = None
-        self.plane.objects.fetcher.ask_scheduler = self._ask_scheduler  # (agent-to-agent)
+        self.plane.objects.fetcher.link(self._ask_scheduler, keys[1] if keys else None)
         self.lifecycle = AgentLifecycle(runtime, agent_id, self.sandboxes, lambda: self._hub)
         self.plane.use_lifecycle(self.lifecycle)
         #: Where clients on this host reach the data plane without ZeroMQ ("": nowhere).

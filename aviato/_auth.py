@@ -8,9 +8,10 @@
 
 Every host gets every public file and the secret of its own key only. The scheduler
 serves CURVE with its keypair and admits the keys in ``agents/`` and ``clients/``;
-each agent serves its data plane with its own keypair and admits client keys only;
-clients learn an agent's public key from the scheduler (``SandboxInfo``). What the
-daemons do with theirs (ZAP, server keys): aviato/_server/auth.py.
+each agent serves its data plane with its own keypair and admits client keys, and
+agent keys for object fetches only (agent to agent, with the same keypair); clients
+learn an agent's public key from the scheduler (``SandboxInfo``). What the daemons do
+with theirs (ZAP, server keys): aviato/_server/auth.py.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@
         print(sb.exec(["echo", "hi"]).stdout)                  # b'hi\\n'
         square = s.function()(lambda n: n * n)
         print([r.value for r in square.map(range(10))])
+        ref = s.put(big_value)                                 # a SyncObjectRef
+        out = square.ref(ref)                                  # kept in the cluster
+        print(out.get())
 
 A session runs the async API on an event loop of its own, in a thread of its own, so
 it works where a loop already runs in the caller's thread (Jupyter) and in plain
@@ -40,11 +43,12 @@ from aviato._actor import ActorClass, ActorHandle
 from aviato._connection import close_all
 from aviato._defaults import SandboxDefaults
 from aviato._function import FunctionResult, RemoteFunction
+from aviato._objects import ObjectRef
 from aviato._sandbox import Sandbox
 from aviato._session import Session
 from aviato._types import ExecResult, OutputChunk
 from aviato.exceptions import ConfigurationError, SandboxTimeoutError
-from aviato.protocol import SandboxStatus
+from aviato.protocol import ObjectSource, SandboxStatus
 
 __all__ = [
     "Blocking",
@@ -52,6 +56,7 @@ __all__ = [
     "SyncActor",
     "SyncActorClass",
     "SyncFunction",
+    "SyncObjectRef",
     "SyncSandbox",
     "SyncSession",
     "session",
@@ -259,6 +264,14 @@ class SyncFunction(Generic[T]):
     async def _call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> FunctionResult[T]:
         return await self.remote(*args, **kwargs)
 
+    def ref(self, *args: Any, **kwargs: Any) -> SyncObjectRef:
+        """Start one call whose result stays in the cluster (``RemoteFunction.ref``)."""
+
+        async def make() -> ObjectRef:  # on the loop: the ref's call starts there
+            return self.remote.ref(*args, **kwargs)
+
+        return SyncObjectRef(self._portal, self._portal.call(make()))
+
     def map(
         self, iterable: Iterable[Any], **kwargs: Any
     ) -> Iterator[FunctionResult[T] | BaseException]:
@@ -271,6 +284,50 @@ class SyncFunction(Generic[T]):
 
     def statistics(self) -> Any:
         return self.remote.statistics()
+
+
+class SyncObjectRef:
+    """An object ref, blocking (``SyncSession.put``, ``SyncFunction.ref``): pass it to
+    remote functions in place of the value; ``ref.get()`` returns the value;
+    ``ref.release()`` frees it (the session's close frees the rest)."""
+
+    __slots__ = ("_portal", "ref")
+
+    def __init__(self, portal: Portal, ref: ObjectRef) -> None:
+        self._portal = portal
+        #: The async ref behind it (use it only on the session's loop).
+        self.ref = ref
+
+    def __repr__(self) -> str:
+        return f"<sync {self.ref!r}>"
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Among a call's arguments (pickled on the session's loop): the ref it wraps.
+        return self.ref.__reduce_ex__(protocol)
+
+    @property
+    def object_id(self) -> str:
+        return self.ref.object_id
+
+    @property
+    def source(self) -> ObjectSource | None:
+        """The agent holding it, once known."""
+        return self.ref.source
+
+    def get(self, *, timeout: float | None = None) -> Any:
+        """The value (a ``fn.ref``'s: once its call is done; its error if it failed)."""
+        return self._portal.call(self.ref.get(timeout=timeout))
+
+    def release(self) -> None:
+        """Free the value where it is held. Idempotent; nothing to do once the session
+        is closed (its close freed it)."""
+        if self._portal.closed:
+            return
+
+        async def release() -> None:  # on the loop: the release is a task of the session's
+            self.ref.release()
+
+        self._portal.call(release())
 
 
 class SyncActorClass(Generic[T]):
@@ -399,6 +456,10 @@ class SyncSession:
 
         return wrap
 
+    def put(self, value: Any) -> SyncObjectRef:
+        """``Session.put``, blocking: ``value`` kept in the cluster, as a ref."""
+        return SyncObjectRef(self.portal, self.portal.call(self.session.put(value)))
+
     def from_id(self, sandbox_id: str) -> SyncSandbox:
         """Reconnect to a sandbox by id, with this session's defaults."""
         found = self.portal.call(Sandbox.from_id(sandbox_id, defaults=self.defaults))
@@ -424,36 +485,60 @@ def session(defaults: SandboxDefaults | None = None) -> SyncSession:
     return SyncSession(defaults)
 
 
+W = TypeVar("W", bound="concurrent.futures.Future[Any] | SyncObjectRef")
+
+
 def wait(
-    futures: Sequence[concurrent.futures.Future[R]],
+    futures: Sequence[W],
     *,
     num_returns: int = 1,
     timeout: float | None = None,
-) -> tuple[list[concurrent.futures.Future[R]], list[concurrent.futures.Future[R]]]:
-    """``aviato.wait`` for the futures ``SyncFunction.submit`` returns: ``(done,
-    pending)``, each in the order given, ``done`` at most ``num_returns`` long."""
-    futures = list(futures)
-    if len({id(f) for f in futures}) != len(futures):
+) -> tuple[list[W], list[W]]:
+    """``aviato.wait`` for the futures ``SyncFunction.submit`` returns and for object
+    refs (one is done once its call is): ``(done, pending)``, each in the order given,
+    ``done`` at most ``num_returns`` long."""
+    given = list(futures)
+    if len({id(f) for f in given}) != len(given):
         raise ConfigurationError("wait: the same future is given twice")
-    if isinstance(num_returns, bool) or not 0 < num_returns <= len(futures):
+    if isinstance(num_returns, bool) or not 0 < num_returns <= len(given):
         raise ConfigurationError(
-            f"num_returns must be between 1 and the number of futures ({len(futures)}), "
+            f"num_returns must be between 1 and the number of futures ({len(given)}), "
             f"not {num_returns!r}"
         )
     if timeout is not None and not timeout >= 0:
         raise ConfigurationError(f"timeout must be None or >= 0 seconds, not {timeout!r}")
+    watched = [_settles(f) for f in given]
     gate = threading.Condition()
 
     def finished(_: object) -> None:
         with gate:
             gate.notify_all()
 
-    for f in futures:
-        f.add_done_callback(finished)
-    with gate:
-        gate.wait_for(lambda: sum(f.done() for f in futures) >= num_returns, timeout)
-    done: list[concurrent.futures.Future[R]] = []
-    pending: list[concurrent.futures.Future[R]] = []
-    for f in futures:
-        (done if f.done() and len(done) < num_returns else pending).append(f)
+    try:
+        for f in watched:
+            f.add_done_callback(finished)
+        with gate:
+            gate.wait_for(lambda: sum(f.done() for f in watched) >= num_returns, timeout)
+        settled = [f.done() for f in watched]
+    finally:
+        for item, f in zip(given, watched, strict=True):
+            if f is not item:
+                f.cancel()  # a ref's watcher, on its session's loop: not left behind
+    done: list[W] = []
+    pending: list[W] = []
+    for item, is_done in zip(given, settled, strict=True):
+        (done if is_done and len(done) < num_returns else pending).append(item)
     return done, pending
+
+
+def _settles(
+    item: concurrent.futures.Future[Any] | SyncObjectRef,
+) -> concurrent.futures.Future[Any]:
+    """What is done when ``item`` is: itself, or for a ref a watcher of where it is held."""
+    if not isinstance(item, SyncObjectRef):
+        return item
+
+    async def settled() -> None:
+        await asyncio.wait([item.ref._ready])
+
+    return item._portal.submit(settled())

@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds after start in which a create waits for agents to register instead of "
         "failing at once with 'no agents registered'",
     )
+    p.add_argument(
+        "--reserve-after",
+        type=float,
+        default=10.0,
+        help="seconds a queued create that asks for resources (and fits nowhere now) waits "
+        "before it reserves an agent: later creates stop being placed there until it is",
+    )
     p.add_argument("--ready-file", help="write the bound address here once listening")
     add_metrics(p)
     p.add_argument(
@@ -101,6 +108,7 @@ async def run(args: argparse.Namespace) -> None:
         orphan_grace_seconds=args.reap_orphans_after,
         forget_dead_seconds=args.forget_dead_after,
         startup_grace_seconds=args.startup_grace,
+        reserve_after_seconds=args.reserve_after,
     )
     keys = None
     if args.keys:

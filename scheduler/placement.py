@@ -18,7 +18,12 @@ placed by a walk of the live agents (O(agents), a few thousand at most):
   fewest free CPUs, then the smallest id (whole agents stay free for big requests);
 - a create that no live agent could hold even empty fails at once
   (``RESOURCES_UNAVAILABLE``: the message names the largest agent); one that could
-  waits in the queue, as creates wait for a slot.
+  waits in the queue, as creates wait for a slot;
+- a queued create that fits nowhere now is passed over (later ones are placed), but
+  once it has waited ``Config.reserve_after_seconds`` it reserves an agent that could
+  hold it (``reserve_for``: the nearest to fitting it): later creates in the queue are
+  not placed there, so what that agent's sandboxes free is left for it, and it is
+  placed once they have freed enough (smaller creates cannot starve it).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ __all__ = [
     "milli",
     "never_fits",
     "pick",
+    "reserve_for",
     "resourced",
 ]
 
@@ -105,6 +111,33 @@ def pick(candidates: Iterable[AgentRecord], spec: SandboxSpec) -> AgentRecord | 
         if not fits_now(agent, spec):
             continue
         key = (sign * agent.free, sign * _free_cpus(agent), agent.agent_id)
+        if best is None or key < best:
+            best, found = key, agent
+    return found
+
+
+def _shortfall(agent: AgentRecord, spec: SandboxSpec) -> tuple[int, int, int, int]:
+    """What ``agent`` lacks now to take ``spec``: GPUs, CPUs (milli), memory, a slot."""
+    gpus = (spec.gpus or 0) - (len(agent.gpus) - len(agent.gpu_holders))
+    cpus = milli(spec.cpus) - _free_cpus(agent)
+    memory = (spec.memory_bytes or 0) - (
+        agent.memory_bytes - agent.memory_used if agent.memory_bytes else 1 << 62
+    )
+    return max(0, gpus), max(0, cpus), max(0, memory), 0 if agent.free > 0 else 1
+
+
+def reserve_for(
+    agents: Iterable[AgentRecord], spec: SandboxSpec, reserved: set[str]
+) -> AgentRecord | None:
+    """The agent a starved create reserves: of the live ones not reserved already that
+    could hold it, the one that lacks the least of it now (GPUs, then CPUs, then
+    memory, then a slot; ties by id). None: every such agent is reserved."""
+    best: tuple[tuple[int, int, int, int], str] | None = None
+    found = None
+    for agent in agents:
+        if not agent.alive or agent.agent_id in reserved or not could_hold(agent, spec):
+            continue
+        key = (_shortfall(agent, spec), agent.agent_id)
         if best is None or key < best:
             best, found = key, agent
     return found
@@ -336,6 +369,25 @@ class PlacementState(LifecycleState):
         if holder is not None and fits_now(holder, spec):
             return holder
         return pick(self.agents.values(), spec)
+
+    def _choose_around(self, spec: SandboxSpec, reserved: set[str]) -> AgentRecord | None:
+        """``choose_agent``, but never a ``reserved`` agent (held for a starved create
+        earlier in the queue): the walk over the others when the choice was one."""
+        agent = self.choose_agent(spec)
+        if agent is None or agent.agent_id not in reserved:
+            return agent
+        if self._snapshot_keys and self.snapshot_agent(spec)[0]:
+            return None  # a snapshot's create goes to its agent only: it waits
+        return pick((a for a in self.agents.values() if a.agent_id not in reserved), spec)
+
+    def _reserve(self, req: PendingCreate, now: float, reserved: set[str]) -> None:
+        """``req`` fits nowhere now: past the bound, it reserves an agent (``reserved``
+        grows; it holds for the rest of this pass, and is found again on the next)."""
+        if now - req.queued_at < self.config.reserve_after_seconds or not resourced(req.spec):
+            return
+        agent = reserve_for(self.agents.values(), req.spec, reserved)
+        if agent is not None:
+            reserved.add(agent.agent_id)
 
     def _fitting(self, spec: SandboxSpec) -> Callable[[str], AgentRecord | None]:
         def usable(agent_id: str) -> AgentRecord | None:

@@ -96,6 +96,10 @@ class Config:
     #: Just after the scheduler starts, agents are still registering (again): a create
     #: then waits for one instead of failing at once with "no agents registered".
     startup_grace_seconds: float = 10.0
+    #: A create that asks for resources and has waited this long reserves the agent it
+    #: would fit on once freed: later creates are not placed there until it is (see
+    #: placement.py's ``reserve_for``), so a stream of small ones cannot starve it.
+    reserve_after_seconds: float = 10.0
 
 
 @dataclass(slots=True)

@@ -24,6 +24,7 @@ from aviato._server.errors import error_reply
 from aviato._server.throttle import LogThrottle, more
 from aviato.protocol import (
     AgentHeartbeat,
+    AgentLocation,
     AgentSpares,
     AgentVolumes,
     ClusterStatus,
@@ -42,8 +43,11 @@ from aviato.protocol import (
     HeartbeatReply,
     ListSandboxes,
     ListVolumes,
+    LocateAgent,
     Message,
     MsgType,
+    ObjectSessions,
+    ObjectSessionsEnded,
     OkReply,
     PauseSandbox,
     Ping,
@@ -69,6 +73,7 @@ from aviato.protocol import (
     to_wire,
 )
 from scheduler.metrics import SchedulerMetrics
+from scheduler.object_sessions import ended_sessions
 from scheduler.records import Action, AgentDeclaredDead, Config, Reply, SendToAgent
 from scheduler.state import SchedulerState
 
@@ -207,6 +212,8 @@ class SchedulerServer:
             ExtendLifetime: self._on_extend,
             PauseSandbox: self._on_pause,
             SandboxActivity: self._on_activity,
+            ObjectSessions: self._on_object_sessions,
+            LocateAgent: self._on_locate_agent,
         }
 
     def stop(self) -> None:
@@ -673,6 +680,22 @@ class SchedulerServer:
         if self._agent_identity.get(d.msg.agent_id) == identity:  # only from the agent
             self.state.activity(d.msg.agent_id, d.msg.sandbox_ids, now)
         return [Reply((identity, d.request_id), OkReply())]
+
+    def _on_object_sessions(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
+        assert isinstance(d.msg, ObjectSessions)
+        ended: tuple[str, ...] = ()
+        if self._agent_identity.get(d.msg.agent_id) == identity:  # only from the agent
+            ended = ended_sessions(self.state, d.msg.session_ids, now)
+        return [Reply((identity, d.request_id), ObjectSessionsEnded(ended))]
+
+    def _on_locate_agent(self, identity: bytes, d: Decoded, now: float) -> list[Action]:
+        assert isinstance(d.msg, LocateAgent)
+        reply = AgentLocation(d.msg.wanted)
+        wanted = self.state.agents.get(d.msg.wanted)
+        asker = self._agent_identity.get(d.msg.agent_id) == identity  # only agents ask
+        if asker and wanted is not None and wanted.alive:
+            reply = AgentLocation(wanted.agent_id, wanted.address, wanted.public_key)
+        return [Reply((identity, d.request_id), reply)]
 
 
 #: Functions kept per session, and characters per name (a client's report is bounded).

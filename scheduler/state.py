@@ -390,14 +390,19 @@ class SchedulerState(PlacementState):
         actions: list[Action] = []
         i = 0
         passed: set[int] = set()  # specs (interned: equal ones are one) that fit nowhere
+        reserved: set[str] = set()  # agents held for starved creates (placement.py)
         while i < len(self.pending) and len(self._free) and len(passed) < MAX_PASSED_SPECS:
             req = self.pending[i]
             if id(req.spec) in passed:
                 i += 1
                 continue
-            agent = self.choose_agent(req.spec)
+            if reserved:
+                agent = self._choose_around(req.spec, reserved)
+            else:
+                agent = self.choose_agent(req.spec)
             if agent is None:
                 passed.add(id(req.spec))
+                self._reserve(req, now, reserved)
                 i += 1
                 continue
             del self.pending[i]

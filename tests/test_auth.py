@@ -25,7 +25,7 @@ from aviato import Sandbox, SandboxDefaults, UnauthorizedError, _connection
 from aviato._auth import CurveKeys, Role, handshake_refusal
 from aviato._connection import Connection
 from aviato._local import LocalCluster
-from aviato._server.auth import request_refusal, role_allows, zap_verdict
+from aviato._server.auth import data_plane_refusal, request_refusal, role_allows, zap_verdict
 from aviato._server.daemon import warn_if_open
 from aviato._server.throttle import LogThrottle
 from aviato.exceptions import ClusterUnavailableError
@@ -35,6 +35,7 @@ from aviato.protocol import (
     ClusterStatusReply,
     CreateSandbox,
     Exec,
+    GetObject,
     ListSandboxes,
     OkReply,
     Ping,
@@ -70,6 +71,15 @@ def test_request_refusal() -> None:
     assert "not its own" in request_refusal("agent:agent-1", forged, agents)
     for nobody in (None, "", "anonymous", "admin:x"):
         assert "not authenticated" in request_refusal(nobody, Ping(), agents)
+
+
+def test_data_plane_refusal() -> None:
+    """An agent's data plane: clients' keys anything, other agents' keys GetObject."""
+    assert data_plane_refusal("client:c", Exec("sb-1", ("true",))) == ""
+    assert data_plane_refusal("agent:agent-2", GetObject("a" * 32)) == ""
+    assert "may only fetch objects" in data_plane_refusal("agent:agent-2", Ping())
+    assert "not send RunCalls" in data_plane_refusal("agent:agent-2", RunCalls("sb-1", ()))
+    assert data_plane_refusal(None, Ping()) == ""  # keys off: the token decides
 
 
 def test_zap_verdict() -> None:
@@ -346,8 +356,10 @@ async def test_agent_key_cannot_act_as_a_client(keyed: Cluster, keys: Path, tmp_
     public, secret = load_certificate(keys / "agents" / "agent-1.key_secret")
     assert secret is not None
     curve = CurveKeys(public, secret, _agent_public(keys))
-    await _refused(Connection(_agent_address(keyed), curve=curve), "refused this client's key")
-    _log_has(keyed, keyed.agent_ids[0], "WARNING", "agent key 'agent-1' is not admitted")
+    # On an agent's data plane an agent key fetches objects (from another agent), and
+    # nothing else (tests/test_objects_curve.py).
+    await _refused(Connection(_agent_address(keyed), curve=curve), "may only fetch objects")
+    _log_has(keyed, keyed.agent_ids[0], "WARNING", "refused agent:agent-1", "Ping")
     assert not containers_of(keyed.agent_ids)
 
 

@@ -22,6 +22,7 @@ from aviato.protocol import (
     PROTOCOL_VERSION,
     AgentHeartbeat,
     AgentInfo,
+    AgentLocation,
     AgentSpares,
     AgentVolumes,
     CallHeader,
@@ -58,11 +59,14 @@ from aviato.protocol import (
     ListSandboxes,
     ListSnapshots,
     ListVolumes,
+    LocateAgent,
     LogChunk,
     LogsReply,
     Message,
     MsgType,
     ObjectData,
+    ObjectSessions,
+    ObjectSessionsEnded,
     ObjectSource,
     ObjectsReleased,
     ObjectStats,
@@ -203,6 +207,11 @@ OBJECT_SAMPLES: list[Message] = [
     ObjectsReleased(count=2, size=1 << 20),
     ObjectStats(),
     ObjectStatsReply("agent-a", 3, 1 << 20, 1 << 30, 2 << 30, 20 << 30, 4, 9, 2),
+    # (aviato/protocol/objects_more.py)
+    ObjectSessions(agent_id="agent-a", session_ids=("ses-1", "ses-2")),
+    ObjectSessionsEnded(session_ids=("ses-2",)),
+    LocateAgent(agent_id="agent-a", wanted="agent-b"),
+    AgentLocation(agent_id="agent-b", address="tcp://h:7000", public_key="K" * 40),
 ]
 
 LIFECYCLE_SAMPLES: list[Message] = [

@@ -249,3 +249,58 @@ def test_actors_on_the_blocking_api(defaults: SandboxDefaults) -> None:
         with pytest.raises(AttributeError, match="no method 'nope'"):
             t.nope  # noqa: B018
         t.close()
+
+
+def _size(data: bytes) -> int:
+    return len(data)
+
+
+def _total(parts: dict[str, list[bytes]]) -> int:
+    return sum(len(p) for ps in parts.values() for p in ps)
+
+
+def _double(data: bytes) -> bytes:
+    return data + data
+
+
+def _refuse(data: bytes) -> bytes:
+    raise ValueError(f"refused {len(data)} bytes")
+
+
+def _nap_then(seconds: float) -> bytes:
+    import time
+
+    time.sleep(seconds)
+    return b"late"
+
+
+def test_object_refs_on_the_blocking_api(defaults: SandboxDefaults) -> None:
+    """``put`` and ``fn.ref`` through aviato.sync, as the async ones (tests/test_objects.py):
+    refs passed (nested too), kept results, ``get``, ``wait`` on refs, ``release``."""
+    with sync.session(defaults) as s:
+        size, total, double = (s.function()(f) for f in (_size, _total, _double))
+        value = os.urandom(1 << 20)
+        ref = s.put(value)
+        assert isinstance(ref, sync.SyncObjectRef) and ref.source is not None
+        assert size(ref).value == len(value)
+        assert total({"a": [ref, ref], "b": [ref]}).value == 3 * len(value)
+        out = double.ref(double.ref(ref))  # pending refs as arguments, held in the cluster
+        assert isinstance(out, sync.SyncObjectRef)
+        assert size(out).value == 4 * len(value)
+        assert out.get() == value * 4
+        refs = [double.ref(b"ab") for _ in range(3)]
+        done, pending = sync.wait(refs, num_returns=3, timeout=120)
+        assert (done, pending) == (refs, [])
+        assert [r.get() for r in done] == [b"abab"] * 3
+        slow = s.function()(_nap_then).ref(60.0)
+        done, pending = sync.wait([slow, refs[0]], num_returns=2, timeout=0.5)
+        assert (done, pending) == ([refs[0]], [slow])
+        with pytest.raises(ValueError, match="refused"):
+            s.function()(_refuse).ref(ref).get()
+        ref.release()
+        ref.release()  # idempotent
+        with pytest.raises(aviato.ObjectLostError, match="released"):
+            ref.get()
+        with pytest.raises(aviato.FunctionSerializationError, match="released"):
+            size(ref)
+    out.release()  # after the close: nothing left to free, no error

@@ -34,10 +34,13 @@ from aviato.protocol import (
     ExtendLifetime,
     GetDashboardView,
     GetLogs,
+    GetObject,
     GetSandbox,
     ListSandboxes,
     ListSnapshots,
+    LocateAgent,
     Message,
+    ObjectSessions,
     OkReply,
     PauseSandbox,
     Ping,
@@ -58,11 +61,13 @@ from aviato.protocol import (
 
 __all__ = [
     "AGENT_MESSAGES",
+    "AGENT_PEER_MESSAGES",
     "CLIENT_MESSAGES",
     "ServerKeys",
     "ZapHandler",
     "ZapVerdict",
     "agent_keys",
+    "data_plane_refusal",
     "load_peers",
     "log_refused_handshakes",
     "parse_user_id",
@@ -89,6 +94,8 @@ AGENT_MESSAGES: frozenset[type[Message]] = frozenset(
         AgentSpares,
         SandboxExited,
         SandboxActivity,
+        ObjectSessions,
+        LocateAgent,
         SandboxReply,
         OkReply,
         ErrorReply,
@@ -120,6 +127,11 @@ CLIENT_MESSAGES: frozenset[type[Message]] = frozenset(
         RemoveSnapshot,
     }
 )
+
+
+#: What an agent's key may ask another agent's data plane: an object's bytes (a fetch
+#: agent-to-agent, agent/object_fetch.py). Clients' keys may ask it anything.
+AGENT_PEER_MESSAGES: frozenset[type[Message]] = frozenset({GetObject})
 
 
 def role_allows(role: Role | None, msg_type: type[Message]) -> bool:
@@ -159,6 +171,18 @@ def request_refusal(peer: str | None, msg: Message, agent_keys: Mapping[str, str
         # authenticated this connection.
         return f"agent key {name!r} announced a data-plane key that is not its own"
     return ""
+
+
+def data_plane_refusal(peer: str | None, msg: Message) -> str:
+    """Why an agent's data plane refuses ``msg`` from the connection whose ZAP User-Id
+    is ``peer`` ("" to serve it): another agent's key fetches objects, nothing else."""
+    parsed = parse_user_id(peer)
+    if parsed is None or parsed[0] is not Role.AGENT or type(msg) in AGENT_PEER_MESSAGES:
+        return ""
+    return (
+        f"agent key {parsed[1]!r} may only fetch objects from another agent, "
+        f"not send {type(msg).__name__}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,11 +257,11 @@ def scheduler_keys(directory: str) -> ServerKeys:
 
 
 def agent_keys(directory: str, name: str | None) -> tuple[ServerKeys, CurveKeys]:
-    """An agent's data-plane server keys (clients only) and its scheduler-link keys."""
+    """An agent's data-plane server keys (clients; agents, which may only fetch objects:
+    ``data_plane_refusal``) and its scheduler-link keys (which also dial other agents)."""
     name, public, secret = own_keypair(directory, Role.AGENT, name)
-    # Agent keys are known (a refusal can say "agent key") but not admitted.
     peers = load_peers(directory, (Role.AGENT, Role.CLIENT))
-    server = ServerKeys(public, secret, peers, frozenset({Role.CLIENT}), directory)
+    server = ServerKeys(public, secret, peers, frozenset(Role), directory)
     return server, CurveKeys(public, secret, scheduler_public_key(directory))
 
 

@@ -118,6 +118,13 @@ from aviato.protocol.objects import (
     PutObject,
     ReleaseObjects,
 )
+from aviato.protocol.objects_more import (
+    MAX_OBJECT_SESSIONS,
+    AgentLocation,
+    LocateAgent,
+    ObjectSessions,
+    ObjectSessionsEnded,
+)
 from aviato.protocol.observe import DashboardViewReply, GetDashboardView
 from aviato.protocol.output import FunctionOutput, WatchOutput
 from aviato.protocol.processes import (
@@ -167,6 +174,7 @@ __all__ = [
     "CHUNK_BYTES",
     "DEFAULT_WINDOW",
     "MAX_FRAME_BYTES",
+    "MAX_OBJECT_SESSIONS",
     "MAX_PAYLOAD_BYTES",
     "MAX_STDIN_CHUNK",
     "MAX_TERMINAL",
@@ -178,6 +186,7 @@ __all__ = [
     "SNAPSHOT_REPOSITORY",
     "AgentHeartbeat",
     "AgentInfo",
+    "AgentLocation",
     "AgentSpares",
     "AgentVolumes",
     "CallHeader",
@@ -218,11 +227,14 @@ __all__ = [
     "ListSandboxes",
     "ListSnapshots",
     "ListVolumes",
+    "LocateAgent",
     "LogChunk",
     "LogsReply",
     "Message",
     "MsgType",
     "ObjectData",
+    "ObjectSessions",
+    "ObjectSessionsEnded",
     "ObjectSource",
     "ObjectStats",
     "ObjectStatsReply",

@@ -19,6 +19,7 @@ from aviato.protocol import (
     files,
     lifecycle,
     objects,
+    objects_more,
     observe,
     output,
     processes,
@@ -46,6 +47,7 @@ MESSAGE_MODULES: tuple[ModuleType, ...] = (
     storage,
     observe,
     objects,
+    objects_more,
     output,
 )
 

@@ -118,6 +118,11 @@ class MsgType(enum.IntEnum):
     OBJECTS_RELEASED = 245
     OBJECT_STATS = 246
     OBJECT_STATS_REPLY = 247
+    # agent <-> scheduler: objects of sessions that ended (protocol/objects_more.py)
+    OBJECT_SESSIONS = 270
+    OBJECT_SESSIONS_ENDED = 271
+    LOCATE_AGENT = 272
+    AGENT_LOCATION = 273
     # output forwarding: a worker's prints, to its client (aviato/protocol/output.py)
     WATCH_OUTPUT = 200
     FUNCTION_OUTPUT = 201
