@@ -155,6 +155,7 @@ class ProcessRequests:
             cols=msg.cols,
         )
         reply, _ = await self._ask(msg.sandbox_id, request, ())
+        self.plane.spawned_in.add(msg.sandbox_id)  # the dashboard asks only these
         out = ProcessReply(tuple(_info(s) for s in reply.procs))
         await self.plane._send(identity, d.request_id, out)
 

@@ -119,6 +119,12 @@ from aviato.protocol.objects import (
     ReleaseObjects,
 )
 from aviato.protocol.observe import DashboardViewReply, GetDashboardView
+from aviato.protocol.observe_more import (
+    AgentSandboxesReply,
+    ExecResultsReply,
+    GetAgentSandboxes,
+    GetExecResults,
+)
 from aviato.protocol.output import FunctionOutput, WatchOutput
 from aviato.protocol.processes import (
     MAX_STDIN_CHUNK,
@@ -178,6 +184,7 @@ __all__ = [
     "SNAPSHOT_REPOSITORY",
     "AgentHeartbeat",
     "AgentInfo",
+    "AgentSandboxesReply",
     "AgentSpares",
     "AgentVolumes",
     "CallHeader",
@@ -200,13 +207,16 @@ __all__ = [
     "Exec",
     "ExecChunk",
     "ExecReply",
+    "ExecResultsReply",
     "ExtendLifetime",
     "FileChunk",
     "FileListReply",
     "FileReply",
     "Frame",
     "FunctionOutput",
+    "GetAgentSandboxes",
     "GetDashboardView",
+    "GetExecResults",
     "GetLogs",
     "GetObject",
     "GetSandbox",

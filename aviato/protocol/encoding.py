@@ -20,6 +20,7 @@ from aviato.protocol import (
     lifecycle,
     objects,
     observe,
+    observe_more,
     output,
     processes,
     records,
@@ -45,6 +46,7 @@ MESSAGE_MODULES: tuple[ModuleType, ...] = (
     lifecycle,
     storage,
     observe,
+    observe_more,
     objects,
     output,
 )
