@@ -61,6 +61,12 @@ async def _until(predicate: Any, timeout: float, what: str) -> Any:
     return await asyncio.to_thread(wait_until, predicate, timeout, 0.1, what)
 
 
+async def _seen(browser: Any, css: str, ok: Any) -> None:
+    """Until ``css``'s text is ``ok``: the page redraws its rows on each snapshot,
+    so one read may meet an element just replaced."""
+    await _until(lambda: ok(_text(browser, css)), 10, f"{css} as expected")
+
+
 async def test_rows_show_tunnels_and_processes_and_the_detail_page_the_last_execs(
     dash: Cluster, browser: Any, tmp_path: Path
 ) -> None:
@@ -91,12 +97,12 @@ async def test_rows_show_tunnels_and_processes_and_the_detail_page_the_last_exec
             20,
             f"{many} processes running in its row",
         )
-        assert "1 ended" in _text(browser, f"{row} td.processes")
+        await _seen(browser, f"{row} td.processes", lambda t: "1 ended" in t)
         assert _count(browser, f"{row} .proc") == dashboard_view.MAX_PROCESSES
         assert _count(browser, f"{row} .proc.off") == 0  # the running ones first
         # A sandbox without ports or processes shows none.
-        assert _text(browser, f'tr[data-sandbox="{other}"] td.tunnels') == "—"
-        assert _text(browser, f'tr[data-sandbox="{other}"] td.processes') == "—"
+        await _seen(browser, f'tr[data-sandbox="{other}"] td.tunnels', lambda t: t == "—")
+        await _seen(browser, f'tr[data-sandbox="{other}"] td.processes', lambda t: t == "—")
         _mark(browser)
         # Live: one killed, the row follows without a reload.
         await procs[0].kill()
@@ -128,8 +134,8 @@ async def test_rows_show_tunnels_and_processes_and_the_detail_page_the_last_exec
         oldest = f"out-{last - keep + 1}"
         assert _text(browser, "#exec-results tr.exec:last-child .stdout") == oldest
         assert re.fullmatch(r"\d+\.\d ms", _text(browser, f"{first_row} td:nth-child(3)"))
-        assert f"{many - 1}" in _text(browser, "#sb-processes")
-        assert "8000 →" in _text(browser, "#sb-tunnels")
+        await _seen(browser, "#sb-processes", lambda t: t.startswith(f"{many - 1} running"))
+        await _seen(browser, "#sb-tunnels", lambda t: "8000 →" in t)
         # A new exec shows up live; its output's tail only, however much it wrote.
         big = exec_history.TAIL_BYTES * 8
         await sb.exec(["sh", "-c", f"head -c {big} /dev/zero | tr '\\0' x; echo; echo END"])
