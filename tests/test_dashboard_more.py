@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +24,16 @@ from aviato import Sandbox, SandboxDefaults
 from aviato import link as schema
 from aviato.protocol import PoolFigures
 from scheduler.server import pool_figures
-from tests.conftest import IMAGE, Cluster, wait_until
-from tests.test_dashboard import DASHBOARD, _mark, _not_reloaded, _text, browser, dashboard_url
+from tests.conftest import IMAGE, ROOT, Cluster, wait_until
+from tests.test_dashboard import (
+    _URL,
+    DASHBOARD,
+    _mark,
+    _not_reloaded,
+    _text,
+    browser,
+    dashboard_url,
+)
 from tests.test_local_runtime import _leftovers
 
 __all__ = ["browser"]  # the fixture, shared
@@ -184,6 +195,49 @@ async def test_the_sessions_table_shows_round_trip_percentiles(
         assert 50 <= run_p99 < 1000, run_p99
         assert ms(".rt-p99") >= 5 * 50, (ms(".rt-p99"), run_p99)  # the 10th waited 9 runs
         browser.save_screenshot(str(tmp_path / "sessions-round-trips.png"))
+
+
+async def test_aviato_dashboard_asks_the_agents_too(
+    dash: Cluster, browser: Any, tmp_path: Path
+) -> None:
+    """`aviato dashboard` (its own process, the scheduler's view asked over ZeroMQ)
+    asks the agents itself: the same tunnels, processes and exec results."""
+    log = tmp_path / "dashboard.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "aviato.cli", "dashboard", "--scheduler", dash.address],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    try:
+
+        def found() -> str | None:
+            m = _URL.search(log.read_text(errors="replace"))
+            return m.group(1) if m else None
+
+        url = await _until(found, 30, "the dashboard's URL")
+        defaults = SandboxDefaults(container_image=IMAGE, scheduler=dash.address, lease_seconds=5)
+        sb = Sandbox(
+            command="python", args=["-m", "http.server", "8000"], ports=[8000], defaults=defaults
+        )
+        async with sb:
+            sid = sb.sandbox_id
+            tunnel = (await sb.tunnels())[8000]
+            await sb.spawn(["sleep", "300"])
+            await sb.exec(["sh", "-c", "echo far-exec"])
+            browser.get(url + "#/sandboxes")
+            row = f'tr[data-sandbox="{sid}"]'
+            await _seen(browser, f"{row} td.tunnels", lambda t: f":{tunnel.port}" in t)
+            await _seen(browser, f"{row} .procs-running", lambda t: t == "1")
+            browser.get(url + f"#/sandbox/{sid}")
+            await _seen(browser, "#exec-results tr.exec .stdout", lambda t: t == "far-exec")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+    assert code == 0, log.read_text(errors="replace")
+    if dash.runtime == "local":
+        await _until(lambda: not _leftovers(dash), 20, "the test's sandboxes to go")
 
 
 # ---------------------------------------------------------------------- units
