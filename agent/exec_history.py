@@ -59,7 +59,7 @@ class ExecRecord:
             "argv": list(self.argv),
             "started": round(self.started, 3),
             "running": self.seconds is None,
-            "seconds": None if self.seconds is None else round(self.seconds, 3),
+            "seconds": None if self.seconds is None else round(self.seconds, 6),
             "exit_code": self.exit_code,
             "timed_out": self.timed_out,
             "error": self.error,

@@ -159,6 +159,7 @@ async def test_rows_show_tunnels_and_processes_and_the_detail_page_the_last_exec
         assert len(shown) <= exec_history.TAIL_BYTES, len(shown)
         assert _count(browser, "#exec-results tr.exec") == keep
         assert _not_reloaded(browser)
+        browser.execute_script("document.querySelector('#exec-results').scrollIntoView()")
         browser.save_screenshot(str(tmp_path / "sandbox-execs.png"))
         for p in procs[1:]:
             await p.kill()
@@ -194,6 +195,7 @@ async def test_the_sessions_table_shows_round_trip_percentiles(
         run_p99 = ms("td:nth-child(7)")
         assert 50 <= run_p99 < 1000, run_p99
         assert ms(".rt-p99") >= 5 * 50, (ms(".rt-p99"), run_p99)  # the 10th waited 9 runs
+        browser.execute_script("document.querySelector('#sessions').scrollIntoView()")
         browser.save_screenshot(str(tmp_path / "sessions-round-trips.png"))
 
 
