@@ -290,3 +290,40 @@ def test_round_trip_figures_are_kept_sanitized() -> None:
         (PoolFigures("f", round_trip_p50_ms=float("nan"), round_trip_p99_ms=12.5),)
     )
     assert kept.round_trip_p50_ms == 0.0 and kept.round_trip_p99_ms == 12.5
+
+
+async def test_agents_are_asked_only_while_a_page_watches() -> None:
+    """Extras (scheduler/dashboard/agents.py) with a stand-in asker: no page open, no
+    question to any agent; one open, every listed agent asked, and its rows kept."""
+    from scheduler.dashboard import agents
+
+    asked: list[str] = []
+
+    class Asker:
+        async def ask(self, address: str, msg: Any, expect: Any) -> Any:
+            asked.append(address)
+            if address == "tcp://down:1":
+                raise RuntimeError("the agent at tcp://down:1 did not answer")
+            return {f"sb-{address[-1]}": {"tunnels": [], "processes": {"running": 1}}}
+
+    watching = False
+    extras = agents.Extras(
+        Asker(),  # type: ignore[arg-type]
+        lambda: ["tcp://a:1", "tcp://a:1", "tcp://b:2", "tcp://down:1"],
+        lambda: watching,
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(extras.run(stop))
+    try:
+        await asyncio.sleep(agents.EXTRAS_SECONDS * 1.5)
+        assert asked == []
+        watching = True
+        await _until(lambda: extras.rows, 10 * agents.EXTRAS_SECONDS, "a round of questions")
+        assert sorted(set(asked)) == ["tcp://a:1", "tcp://b:2", "tcp://down:1"]
+        assert asked.count("tcp://a:1") == asked.count("tcp://b:2")  # each once a round
+        assert set(extras.rows) == {"sb-1", "sb-2"}
+        rows = extras.add_to([{"id": "sb-1"}, {"id": "sb-9"}])
+        assert rows[0]["processes"] == {"running": 1} and rows[1]["tunnels"] is None
+    finally:
+        stop.set()
+        task.cancel()
