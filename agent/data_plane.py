@@ -9,11 +9,13 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence, Set
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq.asyncio
 
 from agent.checks import request_problem, shown
+from agent.dashboard_view import DashboardRequests
+from agent.exec_history import ExecHistory
 from agent.file_streams import FileStreams
 from agent.kept_logs import KeptLogs
 from agent.lane_server import LaneServer
@@ -58,6 +60,9 @@ from aviato.protocol import (
     decode,
     encode,
 )
+
+if TYPE_CHECKING:
+    from agent.ports import PortService
 
 __all__ = ["DataPlane", "Running"]
 
@@ -122,12 +127,19 @@ class DataPlane:
         self.socket: zmq.asyncio.Socket | None = None
         self.lane: LaneServer | None = None
         self.hub: WorkerHub | None = None
+        #: The last execs per sandbox, and the agent's published ports (set by the
+        #: agent): what a dashboard asks for (agent/dashboard_view.py).
+        self.execs = ExecHistory(sandboxes)
+        self.ports: PortService | None = None
+        #: Sandboxes a process was spawned in (others have none to list).
+        self.spawned_in: set[str] = set()
         self._handlers: dict[type[Message], Callable[[bytes, Decoded], Awaitable[None]]] = {
             Exec: self._on_exec,
             WriteFile: self._on_write,
             ReadFile: self._on_read,
             GetLogs: self._on_logs,
             **ProcessRequests(self).handlers(),
+            **DashboardRequests(self).handlers(),
         }
         #: Streamed files and logs (agent/file_streams.py).
         self.files = FileStreams(self)
@@ -338,32 +350,38 @@ class DataPlane:
         via: Runtime | WorkerHub = (
             hub if hub is not None and hub.supervised(msg.sandbox_id) else self.runtime
         )
-        if not msg.stream:
-            out = await via.exec(
+        with self.execs.recorded(msg.sandbox_id, msg.argv) as record:  # the dashboard's
+            if not msg.stream:
+                out = await via.exec(
+                    msg.sandbox_id,
+                    msg.argv,
+                    cwd=msg.cwd,
+                    env=env,
+                    timeout_seconds=msg.timeout_seconds,
+                    stdin=stdin,
+                )
+                record.output(1, out.stdout)
+                record.output(2, out.stderr)
+                record.finish(out.returncode, out.timed_out)
+                reply = ExecReply(out.returncode, out.timed_out)
+                await self._send(identity, d.request_id, reply, (out.stdout, out.stderr))
+                return
+            async for event in via.exec_stream(
                 msg.sandbox_id,
                 msg.argv,
                 cwd=msg.cwd,
                 env=env,
                 timeout_seconds=msg.timeout_seconds,
                 stdin=stdin,
-            )
-            reply = ExecReply(out.returncode, out.timed_out)
-            await self._send(identity, d.request_id, reply, (out.stdout, out.stderr))
-            return
-        async for event in via.exec_stream(
-            msg.sandbox_id,
-            msg.argv,
-            cwd=msg.cwd,
-            env=env,
-            timeout_seconds=msg.timeout_seconds,
-            stdin=stdin,
-        ):
-            if isinstance(event, ExitStatus):
-                await self._send(
-                    identity, d.request_id, ExecReply(event.returncode, event.timed_out)
-                )
-            else:
-                await self._send(identity, d.request_id, ExecChunk(event.fd), (event.data,))
+            ):
+                if isinstance(event, ExitStatus):
+                    record.finish(event.returncode, event.timed_out)
+                    await self._send(
+                        identity, d.request_id, ExecReply(event.returncode, event.timed_out)
+                    )
+                else:
+                    record.output(event.fd, event.data)
+                    await self._send(identity, d.request_id, ExecChunk(event.fd), (event.data,))
 
     def _exec_env(self, sandbox_id: str, env: dict[str, str] | None) -> dict[str, str] | None:
         """A spare's container was made before its spec was known: its env is added here

@@ -155,6 +155,10 @@ class ProcessRequests:
             cols=msg.cols,
         )
         reply, _ = await self._ask(msg.sandbox_id, request, ())
+        spawned = self.plane.spawned_in  # the dashboard asks only these; ended ones go
+        spawned.add(msg.sandbox_id)
+        if len(spawned) > len(self.plane.sandboxes) + 16:
+            spawned.intersection_update(self.plane.sandboxes)
         out = ProcessReply(tuple(_info(s) for s in reply.procs))
         await self.plane._send(identity, d.request_id, out)
 

@@ -199,7 +199,7 @@ class AgentServer:
         self.volumes = VolumeService(volumes, agent_id, self.sandboxes, self._ask_scheduler)
         self.plane.serve_also(RemoveVolume, functools.partial(self.volumes.on_remove, self.plane))
         #: Set once bound: the --publish-host, else our advertised data-plane host.
-        self.ports = PortService(runtime, self.sandboxes, publish_host or "")
+        self.ports = self.plane.ports = PortService(runtime, self.sandboxes, publish_host or "")
         self.plane.serve_also(GetTunnels, functools.partial(self.ports.on_get, self.plane))
 
     def stop(self) -> None:

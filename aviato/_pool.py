@@ -16,6 +16,8 @@ import functools
 import itertools
 import logging
 import sys
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -128,6 +130,8 @@ class PoolStatistics:
 #: Functions per pool, and characters of a name, a keepalive reports (bounded).
 MAX_NAMES = 16
 NAME_CHARS = 120
+#: Round trips kept per function for its percentiles (as many as run times).
+ROUND_TRIPS = 512
 
 
 def _at(ordered: list[float], q: float) -> float:
@@ -168,6 +172,8 @@ class CallFuture(asyncio.Future[FunctionResult[Any]]):
     # Set after asyncio's own __init__ (a Python one here would cost every call).
     pool: FunctionPool
     call: Call
+    #: When it was submitted (``time.perf_counter``): its round trip, at settle.
+    submitted: float
 
     def cancel(self, msg: Any = None) -> bool:
         if not super().cancel(msg):
@@ -190,6 +196,9 @@ class FunctionPool:
         self._timers: dict[int, asyncio.TimerHandle] = {}  # by call id
         self._requests: dict[int, tuple[Channel, int]] = {}  # batch -> its request
         self._functions: dict[str, bytes] = {}  # digest -> the pickled function
+        #: Recent round trips (seconds, submit to outcome) per function name, for at
+        #: most MAX_NAMES names: what ``figures`` reports besides the run time.
+        self._round_trips: dict[str, deque[float]] = {}
         #: Its tasks (worker starts and watches, sizing, stops): also its session's.
         self._tasks: TaskGroup | None = None
         self._carry_out = self._actions()
@@ -231,6 +240,7 @@ class FunctionPool:
         out = []
         for name, tally in list(state.by_name.items())[:MAX_NAMES]:
             recent = sorted(tally.recent)
+            trips = sorted(self._round_trips.get(name, ()))
             out.append(
                 PoolFigures(
                     name=name[:NAME_CHARS],
@@ -242,6 +252,8 @@ class FunctionPool:
                     run_p99_ms=_at(recent, 0.99) * 1e3,
                     retries=state.retried_total,
                     workers_lost=state.lost_total,
+                    round_trip_p50_ms=_at(trips, 0.50) * 1e3,
+                    round_trip_p99_ms=_at(trips, 0.99) * 1e3,
                 )
             )
         return out
@@ -267,6 +279,7 @@ class FunctionPool:
         future = CallFuture(loop=asyncio.get_running_loop())
         future.pool = self
         future.call = call
+        future.submitted = time.perf_counter()
         self._futures[call.call_id] = future
         if before is not None:
             before(call.call_id)
@@ -338,6 +351,12 @@ class FunctionPool:
         if future is None or future.done():
             return
         outcome = action.outcome
+        name = action.call.name
+        trips = self._round_trips.get(name)
+        if trips is None and len(self._round_trips) < MAX_NAMES:
+            trips = self._round_trips[name] = deque(maxlen=ROUND_TRIPS)
+        if trips is not None:
+            trips.append(time.perf_counter() - future.submitted)
         if isinstance(outcome, Done):
             future.set_result(
                 FunctionResult(outcome.value, outcome.worker_id, outcome.attempts, outcome.seconds)

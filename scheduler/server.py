@@ -717,6 +717,8 @@ def pool_figures(pools: tuple[PoolFigures, ...]) -> tuple[PoolFigures, ...]:
             calls_per_second=fine(p.calls_per_second),
             run_p50_ms=fine(p.run_p50_ms),
             run_p99_ms=fine(p.run_p99_ms),
+            round_trip_p50_ms=fine(p.round_trip_p50_ms),
+            round_trip_p99_ms=fine(p.round_trip_p99_ms),
         )
         for p in pools[:MAX_POOLS]
     )

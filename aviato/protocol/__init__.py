@@ -126,6 +126,12 @@ from aviato.protocol.objects_more import (
     ObjectSessionsEnded,
 )
 from aviato.protocol.observe import DashboardViewReply, GetDashboardView
+from aviato.protocol.observe_more import (
+    AgentSandboxesReply,
+    ExecResultsReply,
+    GetAgentSandboxes,
+    GetExecResults,
+)
 from aviato.protocol.output import FunctionOutput, WatchOutput
 from aviato.protocol.processes import (
     MAX_STDIN_CHUNK,
@@ -187,6 +193,7 @@ __all__ = [
     "AgentHeartbeat",
     "AgentInfo",
     "AgentLocation",
+    "AgentSandboxesReply",
     "AgentSpares",
     "AgentVolumes",
     "CallHeader",
@@ -209,13 +216,16 @@ __all__ = [
     "Exec",
     "ExecChunk",
     "ExecReply",
+    "ExecResultsReply",
     "ExtendLifetime",
     "FileChunk",
     "FileListReply",
     "FileReply",
     "Frame",
     "FunctionOutput",
+    "GetAgentSandboxes",
     "GetDashboardView",
+    "GetExecResults",
     "GetLogs",
     "GetObject",
     "GetSandbox",

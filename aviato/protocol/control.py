@@ -73,8 +73,8 @@ class WaitSandbox(Message):
 class PoolFigures:
     """One remote function of a session, as its client sees it (the dashboard's
     Sessions page): its pool's workers and queue, its calls settled so far and per
-    second lately, its own run time (in the worker) over its recent calls, the
-    pool's retries and lost workers."""
+    second lately, its own run time (in the worker) and its round trip (in the
+    client) over its recent calls, the pool's retries and lost workers."""
 
     name: str
     workers: int = 0
@@ -86,6 +86,10 @@ class PoolFigures:
     run_p99_ms: float = 0.0
     retries: int = 0
     workers_lost: int = 0
+    #: Submit to result, as the caller sees it (queueing, batching, the wire and
+    #: the run), over its recent calls.
+    round_trip_p50_ms: float = 0.0
+    round_trip_p99_ms: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

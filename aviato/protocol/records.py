@@ -126,6 +126,11 @@ class MsgType(enum.IntEnum):
     # output forwarding: a worker's prints, to its client (aviato/protocol/output.py)
     WATCH_OUTPUT = 200
     FUNCTION_OUTPUT = 201
+    # dashboard -> agent: tunnels, processes, exec results (protocol/observe_more.py)
+    GET_AGENT_SANDBOXES = 280
+    AGENT_SANDBOXES_REPLY = 281
+    GET_EXEC_RESULTS = 282
+    EXEC_RESULTS_REPLY = 283
 
 
 class SandboxStatus(enum.StrEnum):

@@ -24,6 +24,7 @@ import zmq.asyncio
 from aviato._server.http import HttpServer, Request, Response, is_loopback
 from aviato.exceptions import AddressInUseError
 from aviato.protocol import PoolFigures
+from scheduler.dashboard.agents import AgentAsker, Extras
 from scheduler.dashboard.logs import LogSource, delta
 from scheduler.dashboard.views import StateView, View
 from scheduler.state import SchedulerState
@@ -84,6 +85,11 @@ class Dashboard:
         self.login = secrets.token_urlsafe(18) if (token or curve) else None
         self._ctx = zmq.asyncio.Context()
         self.logs = LogSource(self._ctx, token, curve)
+        self.agents = AgentAsker(self._ctx, token, curve)
+        #: Pages open (event streams): agents are asked for the rows' extras only then.
+        self._watchers = 0
+        self.extras = Extras(self.agents, self._busy_agents, lambda: self._watchers > 0)
+        self._extras: asyncio.Task[None] | None = None
         self._assets = {p.name: p.read_bytes() for p in STATIC.iterdir() if p.suffix in _TYPES}
         self._snapshot: tuple[float, bytes] = (float("-inf"), b"")
         self._stop = asyncio.Event()
@@ -97,6 +103,7 @@ class Dashboard:
                 "/api/sandbox/": self._api_sandbox,
                 "/api/events": self._api_events,
                 "/api/logs/": self._api_logs,
+                "/api/execs/": self._api_execs,
             },
             "dashboard",
         )
@@ -110,6 +117,7 @@ class Dashboard:
                 "another --dashboard HOST:PORT (port 0: any free one)"
             ) from None
         self._sampler = asyncio.get_running_loop().create_task(self.view.run(self._stop))
+        self._extras = asyncio.get_running_loop().create_task(self.extras.run(self._stop))
         url = self.http.url("/")
         shown = f"{url}?login={self.login}" if self.login else url
         # Printed whatever the log level: the operator opens this URL.
@@ -125,8 +133,9 @@ class Dashboard:
 
     async def close(self) -> None:
         self._stop.set()
-        if self._sampler is not None:
-            self._sampler.cancel()
+        for task in (self._sampler, self._extras):
+            if task is not None:
+                task.cancel()
         await self.http.close()
         self._ctx.destroy(linger=0)
 
@@ -178,7 +187,7 @@ class Dashboard:
             return body
         view = {
             "cluster": self.view.cluster(),
-            "sandboxes": self.view.sandboxes(),
+            "sandboxes": self.extras.add_to(self.view.sandboxes()),
         }
         body = _event("snapshot", view)
         self._snapshot = (now, body)
@@ -192,7 +201,7 @@ class Dashboard:
     async def _api_sandboxes(self, request: Request) -> Response:
         if not self._allowed(request):
             return self._refused()
-        return _json(self.view.sandboxes())
+        return _json(self.extras.add_to(self.view.sandboxes()))
 
     async def _api_sandbox(self, request: Request) -> Response:
         if not self._allowed(request):
@@ -214,13 +223,22 @@ class Dashboard:
         yield b"retry: 1000\n\n"
         last = b""
         quiet = 0.0
-        while not self._stop.is_set():
-            body = self._snapshot_bytes()
-            if body != last or quiet >= KEEPALIVE_SECONDS:
-                yield body
-                last, quiet = body, 0.0
-            await asyncio.sleep(SNAPSHOT_SECONDS)
-            quiet += SNAPSHOT_SECONDS
+        self._watchers += 1
+        try:
+            while not self._stop.is_set():
+                body = self._snapshot_bytes()
+                if body != last or quiet >= KEEPALIVE_SECONDS:
+                    yield body
+                    last, quiet = body, 0.0
+                await asyncio.sleep(SNAPSHOT_SECONDS)
+                quiet += SNAPSHOT_SECONDS
+        finally:
+            self._watchers -= 1
+
+    def _busy_agents(self) -> list[str]:
+        """The data-plane addresses of the live agents that run sandboxes."""
+        agents = self.view.cluster().get("agents") or []
+        return [str(a["address"]) for a in agents if a.get("state") == "alive" and a.get("used")]
 
     async def _api_logs(self, request: Request) -> Response:
         if not self._allowed(request):
@@ -256,6 +274,41 @@ class Dashboard:
                 if reset or more:
                     yield _event("logs", {"reset": reset, "text": more})
                     shown = text
+            await asyncio.sleep(LOG_SECONDS)
+
+    async def _api_execs(self, request: Request) -> Response:
+        if not self._allowed(request):
+            return self._refused()
+        sandbox_id = request.path.removeprefix("/api/execs/")
+        try:
+            known = await self.view.sandbox(sandbox_id) is not None
+        except RuntimeError as exc:
+            return _json({"error": str(exc)}, 503)
+        if not known:
+            return _json({"error": "no such sandbox (or it ended long ago)"}, 404)
+        return Response(200, content_type="text/event-stream", stream=self._execs(sandbox_id))
+
+    async def _execs(self, sandbox_id: str) -> AsyncIterator[bytes]:
+        """The sandbox's last exec results (its agent keeps a few), when they change."""
+        yield b"retry: 2000\n\n"
+        shown: object = None
+        problem = ""
+        while not self._stop.is_set():
+            address = await self.view.agent_address(sandbox_id)
+            if address is None:
+                yield _event("error", {"message": "the sandbox or its agent is gone"})
+                return
+            try:
+                results = await self.agents.exec_results(address, sandbox_id)
+            except Exception as exc:  # the page says why; the stream goes on trying
+                if str(exc) != problem:
+                    problem = str(exc)
+                    yield _event("error", {"message": problem})
+            else:
+                problem = ""
+                if results != shown:
+                    yield _event("execs", results)
+                    shown = results
             await asyncio.sleep(LOG_SECONDS)
 
 

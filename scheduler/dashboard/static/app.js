@@ -6,6 +6,7 @@
 let view = null;          // the latest snapshot: {cluster, sandboxes}
 let logStream = null;     // the detail page's EventSource
 let logSandbox = "";
+let execStream = null;    // the detail page's exec results (/api/execs/ID)
 const $ = (sel) => document.querySelector(sel);
 
 function esc(s) {
@@ -44,13 +45,35 @@ function chart(lines, label) {
     ${lines.map(([, pts, cls]) => `<polyline class="${cls}" points="${line(pts)}"/>`).join("")}</svg>`;
 }
 
+function ms(v) {
+  // Round trips come from newer clients only: an older one's show "—".
+  return typeof v === "number" ? `${v.toFixed(2)} ms` : "—";
+}
+
+function tunnels(t) {
+  // A sandbox's published ports, as its agent reports them (null: not asked yet).
+  if (t === null || t === undefined) return '<span class="muted">…</span>';
+  if (!t.length) return '<span class="muted">—</span>';
+  return t.map((x) => `<span class="tunnel" data-port="${x.port}">${x.port} → <span class="mono">${esc(x.address)}</span></span>`).join(" ");
+}
+
+function processes(p) {
+  // Its spawned processes: how many run, and the first few (the running first).
+  if (p === null || p === undefined) return '<span class="muted">…</span>';
+  if (p.unknown) return '<span class="muted">?</span>';
+  if (!p.running && !p.ended) return '<span class="muted">—</span>';
+  const few = p.list.map((x) => `<span class="proc ${x.running ? "on" : "off"}" title="${esc(x.id)}">${esc(x.argv)}${x.running ? "" : ` (${x.exit_code ?? "?"})`}</span>`);
+  return `<span class="procs-running">${p.running}</span> running${p.ended ? `, ${p.ended} ended` : ""}<br>${few.join("<br>")}`;
+}
+
 function pools(s) {
   // A session's functions, as its client reports them on each keepalive.
   if (!s.pools || !s.pools.length) return "";
   return `<tr class="pools"><td colspan="4"><table class="inner"><thead><tr><th>function</th>
-    <th>calls/s</th><th>calls</th><th>run p50</th><th>run p99</th><th>workers</th><th>queued</th>
+    <th>calls/s</th><th>calls</th><th>round trip p50</th><th>round trip p99</th><th>run p50</th><th>run p99</th><th>workers</th><th>queued</th>
     <th>retries</th><th>workers lost</th></tr></thead><tbody>${s.pools.map((p) => `<tr data-function="${esc(p.name)}">
       <td class="mono">${esc(p.name)}</td><td>${p.calls_per_second.toFixed(1)}</td><td>${p.calls}</td>
+      <td class="rt-p50">${ms(p.round_trip_p50_ms)}</td><td class="rt-p99">${ms(p.round_trip_p99_ms)}</td>
       <td>${p.run_p50_ms.toFixed(2)} ms</td><td>${p.run_p99_ms.toFixed(2)} ms</td><td>${p.workers}</td>
       <td>${p.queued}</td><td>${p.retries}</td><td>${p.workers_lost}</td></tr>`).join("")}</tbody></table></td></tr>`;
 }
@@ -104,7 +127,8 @@ function renderSandboxes(params) {
     <td>${esc(s.kind)}</td><td class="mono">${esc(s.agent)}</td><td>${secs(s.age)}</td>
     <td>${secs(s.lifetime_left)}</td>
     <td>${s.tags.map((t) => `<span class="label">${esc(t)}</span>`).join("")}</td>
-    <td class="mono">${esc(s.session.slice(0, 12))}</td></tr>`);
+    <td class="mono">${esc(s.session.slice(0, 12))}</td>
+    <td class="tunnels">${tunnels(s.tunnels)}</td><td class="processes">${processes(s.processes)}</td></tr>`);
   const options = ["", "creating", "running", "completed", "failed", "terminated"]
     .map((o) => `<option value="${o}" ${o === state ? "selected" : ""}>${o || "any state"}</option>`);
   const focused = document.activeElement && document.activeElement.id;
@@ -114,8 +138,8 @@ function renderSandboxes(params) {
       <input id="f-session" placeholder="session" value="${esc(session)}">
       <span class="muted">${shown.length} shown</span></div>
     <table id="sandboxes"><thead><tr><th>sandbox</th><th>state</th><th>image</th><th>kind</th>
-    <th>agent</th><th>age</th><th>lifetime left</th><th>tags</th><th>session</th></tr></thead>
-    <tbody>${rows.join("") || '<tr><td colspan="9" class="muted">no sandboxes</td></tr>'}</tbody></table>`;
+    <th>agent</th><th>age</th><th>lifetime left</th><th>tags</th><th>session</th><th>tunnels</th><th>processes</th></tr></thead>
+    <tbody>${rows.join("") || '<tr><td colspan="11" class="muted">no sandboxes</td></tr>'}</tbody></table>`;
   for (const id of ["f-state", "f-tag", "f-session"]) {
     $(`#${id}`).addEventListener("change", applyFilters);
   }
@@ -136,7 +160,9 @@ function renderSandbox(id) {
   if (!info) {
     $("#view").innerHTML = `<h2>Sandbox <span class="mono">${esc(id)}</span></h2>
       <div id="info"></div><h2>Logs <span class="muted">(live)</span></h2>
-      <div id="log-error" class="err"></div><pre id="logs"></pre>`;
+      <div id="log-error" class="err"></div><pre id="logs"></pre>
+      <h2>Last exec results</h2><div id="exec-error" class="err"></div>
+      <div id="execs"><p class="muted">no execs yet</p></div>`;
     info = $("#info");
   }
   info.innerHTML = s ? `<div class="cards">
@@ -145,7 +171,9 @@ function renderSandbox(id) {
       <div class="card"><div class="n mono">${esc(s.agent)}</div><div class="l">agent</div></div>
       <div class="card"><div class="n">${secs(s.age)}</div><div class="l">age</div></div>
       <div class="card"><div class="n">${s.exit_code ?? "—"}</div><div class="l">exit code</div></div></div>
-      ${s.reason ? `<p class="muted">${esc(s.reason)}</p>` : ""}`
+      ${s.reason ? `<p class="muted">${esc(s.reason)}</p>` : ""}
+      <p>tunnels: <span id="sb-tunnels">${tunnels(s.tunnels)}</span></p>
+      <p>processes: <span id="sb-processes">${processes(s.processes)}</span></p>`
     : `<p class="muted">not in the live list (ended a while ago?)</p>`;
   if (logSandbox !== id) openLogs(id);
 }
@@ -154,6 +182,7 @@ function openLogs(id) {
   closeLogs();
   logSandbox = id;
   logStream = new EventSource(`/api/logs/${encodeURIComponent(id)}`);
+  openExecs(id);
   logStream.addEventListener("logs", (e) => {
     const d = JSON.parse(e.data), pre = $("#logs");
     if (!pre) return;
@@ -170,8 +199,33 @@ function openLogs(id) {
 
 function closeLogs() {
   if (logStream) logStream.close();
-  logStream = null;
+  if (execStream) execStream.close();
+  logStream = execStream = null;
   logSandbox = "";
+}
+
+function renderExecs(list) {
+  // The sandbox's last execs (its agent keeps a few), the latest first.
+  const box = $("#execs");
+  if (!box) return;
+  if (!list.length) { box.innerHTML = '<p class="muted">no execs yet</p>'; return; }
+  box.innerHTML = `<table id="exec-results"><thead><tr><th>argv</th><th>exit code</th><th>duration</th>
+    <th>stdout (tail)</th><th>stderr (tail)</th></tr></thead><tbody>${list.slice().reverse().map((x) => `<tr class="exec">
+    <td class="mono argv">${esc(x.argv.join(" "))}</td>
+    <td class="exit">${x.running ? "running" : esc(x.exit_code ?? (x.error || "—"))}${x.timed_out ? " (timed out)" : ""}</td>
+    <td>${x.seconds === null ? "—" : `${(x.seconds * 1000).toFixed(1)} ms`}</td>
+    <td><pre class="stdout">${esc(x.stdout)}</pre></td><td><pre class="stderr">${esc(x.stderr)}</pre></td></tr>`).join("")}</tbody></table>`;
+}
+
+function openExecs(id) {
+  execStream = new EventSource(`/api/execs/${encodeURIComponent(id)}`);
+  execStream.addEventListener("execs", (e) => {
+    renderExecs(JSON.parse(e.data));
+    if ($("#exec-error")) $("#exec-error").textContent = "";
+  });
+  execStream.addEventListener("error", (e) => {
+    if (e.data && $("#exec-error")) $("#exec-error").textContent = JSON.parse(e.data).message;
+  });
 }
 
 function render() {
