@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # typing costs milliseconds at start-up; only the checker nee
 # result pickling): beside us in the sandbox (/run/aviato-lib/aviato_link.py and
 # aviato_supervisor_link.py), in their packages on the host.
 if __package__:
-    from agent import worker_objects
+    from agent import supervisor_concurrent, worker_objects
     from agent.supervisor_link import (
         SHM,
         FdReader,
@@ -58,6 +58,7 @@ if __package__:
     from aviato import link as schema
 else:
     import aviato_link as schema  # type: ignore[import-not-found,no-redef]
+    import aviato_supervisor_concurrent as supervisor_concurrent  # type: ignore[import-not-found,no-redef]
     import aviato_worker_objects as worker_objects  # type: ignore[import-not-found,no-redef]
     from aviato_supervisor_link import (  # type: ignore[import-not-found,no-redef]
         SHM,
@@ -172,6 +173,7 @@ class Supervisor:
             _queue.SimpleQueue()
         )
         self.functions: dict[str, Any] = {}
+        self.runners: dict[str, Any] = {}  # digest -> its calls' runner, if they run at once
         self.cloudpickle: Any = None
         self.base_env = _user_env()
         self.procs: dict[int, int] = {}  # exec request id -> its process (group) id
@@ -321,8 +323,14 @@ class Supervisor:
                 index += 1
             args_blob = blobs[index]
             index += 1
-            self.mark_running(call.call_id)
             mine = [views[i] for i in call.buffers]
+            if fn_blob is not None:
+                fn_blob = supervisor_concurrent.load(self, call.digest, fn_blob)
+            runner = self.runners.get(call.digest)
+            if runner is not None:  # an actor's with max_concurrency > 1: not in order here
+                runner.submit(call, args_blob, mine)
+                continue
+            self.mark_running(call.call_id)
             outcome, result = self.run_one(call, fn_blob, args_blob, mine)
             self.mark_running(0)
             outbox.add(outcome, result)

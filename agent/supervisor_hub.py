@@ -154,7 +154,13 @@ class WorkerHub:
         Python)."""
         self.lib.mkdir()
         shutil.copy(Path(__file__).with_name("supervisor.py"), self.lib / "aviato_supervisor.py")
-        for mine in ("supervisor_link", "supervisor_files", "worker_objects", "supervisor_output"):
+        for mine in (
+            "supervisor_link",
+            "supervisor_files",
+            "worker_objects",
+            "supervisor_output",
+            "supervisor_concurrent",
+        ):
             shutil.copy(Path(__file__).with_name(f"{mine}.py"), self.lib / f"aviato_{mine}.py")
         shutil.copy(Path(schema.__file__), self.lib / "aviato_link.py")
         shutil.copy(

@@ -44,29 +44,70 @@ C = TypeVar("C")
 _BUILD = "__aviato_build__"
 
 
-def _dispatcher(cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], key: str) -> Any:
+#: ``max_concurrency`` at most: each call running at once holds a thread of the worker,
+#: under its sandbox's process limit (1024 by default).
+MAX_CONCURRENCY = 512
+#: The attribute of an actor's dispatch function that tells its worker how many of its
+#: calls to run at once (agent/supervisor_concurrent.py reads it).
+CONCURRENCY_ATTRIBUTE = "__aviato_max_concurrency__"
+
+
+def check_max_concurrency(value: object) -> int:
+    """``value`` if it is a valid ``max_concurrency``; a ConfigurationError if not."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_CONCURRENCY:
+        raise ConfigurationError(
+            f"max_concurrency must be an int from 1 to {MAX_CONCURRENCY}, not {value!r}: 1 "
+            "runs an instance's calls one at a time in the order sent; N runs up to N at "
+            "once (sync methods on N threads, async def methods on one event loop)"
+        )
+    return value
+
+
+def _dispatcher(
+    cls: type, args: tuple[Any, ...], kwargs: dict[str, Any], key: str, max_concurrency: int
+) -> Any:
     """The function an instance's worker runs: it builds the instance at its first
-    call in that worker process and keeps it (under ``key``) for the calls after."""
+    call in that worker process and keeps it (under ``key``) for the calls after. An
+    ``async def`` method runs on the instance's own event loop (a thread of the worker),
+    so that with ``max_concurrency`` > 1 its calls run there at once. Self-contained:
+    shipped by value to a sandbox that has no aviato package."""
 
     def dispatch(method: str, *call_args: Any, **call_kwargs: Any) -> Any:
         import sys
+        import threading
         import types
 
         store = sys.modules.get("__aviato_actors__")
         if store is None:
-            store = sys.modules["__aviato_actors__"] = types.ModuleType("__aviato_actors__")
-        instance = store.__dict__.get(key)
-        if instance is None:
-            instance = cls(*args, **kwargs)
-            store.__dict__[key] = instance
+            blank = types.ModuleType("__aviato_actors__")
+            store = sys.modules.setdefault("__aviato_actors__", blank)
+        # setdefault is atomic: two first calls on two threads get one state.
+        state = store.__dict__.get(key) or store.__dict__.setdefault(
+            key, {"lock": threading.Lock()}
+        )
+        if "instance" not in state:
+            with state["lock"]:  # __init__ once, before any method (others wait here)
+                if "instance" not in state:
+                    state["instance"] = cls(*args, **kwargs)
         if method == _BUILD:
             return None
-        return getattr(instance, method)(*call_args, **call_kwargs)
+        out = getattr(state["instance"], method)(*call_args, **call_kwargs)
+        if not isinstance(out, types.CoroutineType):
+            return out
+        import asyncio
+
+        with state["lock"]:
+            loop = state.get("loop")
+            if loop is None:
+                loop = state["loop"] = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name=key, daemon=True).start()
+        return asyncio.run_coroutine_threadsafe(out, loop).result()
 
     dispatch.__qualname__ = f"{cls.__qualname__}.<actor>"
     # The class's module is what the sandbox may lack: shipped by value, as a
     # function's module is (RemoteFunction.shipped registers it by this name).
     dispatch.__module__ = cls.__module__
+    setattr(dispatch, CONCURRENCY_ATTRIBUTE, max_concurrency)
     return dispatch
 
 
@@ -91,9 +132,8 @@ class ActorClass(Generic[C]):
         key = f"{self._cls.__qualname__}-{uuid.uuid4().hex[:12]}"
         # A pool of its own: one worker, nothing retried (the state dies with it).
         options = dataclasses.replace(self._options, actor=key, max_workers=1, retries=0)
-        remote: RemoteFunction[Any] = RemoteFunction(
-            _dispatcher(self._cls, args, kwargs, key), self._session, options
-        )
+        dispatch = _dispatcher(self._cls, args, kwargs, key, options.max_concurrency)
+        remote: RemoteFunction[Any] = RemoteFunction(dispatch, self._session, options)
         return ActorHandle(self._cls, remote, key, self._max_restarts)
 
 

@@ -542,6 +542,9 @@ class PoolState:
             # and never with a timeout (it runs from dispatch, so no queueing there).
             prefetch = size > 1 or (pool_full and head.options.timeout_seconds is None)
             room = (2 * size if prefetch else 1) - len(worker.inflight)
+            width = head.options.max_concurrency
+            if width > 1:  # an actor's worker runs this many at once (and queues as many)
+                room = (2 * width if prefetch else width) - len(worker.inflight)
             if head.suspect:
                 room = 0 if worker.inflight else 1  # alone on an idle worker
             if room <= 0:
@@ -672,7 +675,13 @@ class PoolState:
             self.lost_total += 1
         calls = self._drop(worker, actions)
         running = [c for c in calls if c.call_id == culprit] if culprit else []
-        if running:
+        if calls and calls[0].options.max_concurrency > 1:
+            # An actor's worker running calls at once (the note names one at most):
+            # each may have been running, on the state that died with it. None runs
+            # again on a fresh instance unasked: all are lost (the handle decides).
+            for call in calls:
+                self._retry_or_fail(call, detail, actions)
+        elif running:
             for call in reversed(calls):
                 if call is not running[0] and not call.done:
                     call.attempts -= 1

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from aviato._actor import ActorClass
+from aviato._actor import ActorClass, check_max_concurrency
 from aviato._connection import Connections
 from aviato._defaults import SandboxDefaults
 from aviato._function import (
@@ -181,15 +181,13 @@ class Session:
 
         A lost worker fails the calls under way with ``ActorLostError``; with
         ``max_restarts=N`` the next call builds the instance again (N times at most).
+        ``max_concurrency=N`` (N > 1) runs up to N calls of an instance at once: sync
+        methods on N threads of its worker, ``async def`` ones on one event loop there.
         See aviato/_actor.py."""
         self._check_open()
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
             raise ConfigurationError(f"max_restarts must be an int >= 0, not {max_restarts!r}")
-        if max_concurrency != 1:
-            raise ConfigurationError(
-                "max_concurrency other than 1 is not supported yet: an instance runs one "
-                "method at a time, in the order called"
-            )
+        check_max_concurrency(max_concurrency)
         options = FunctionOptions(
             sandbox=self._worker_sandbox(
                 container_image, env, memory_bytes, cpus, gpus, agent_labels, placement, network
@@ -199,6 +197,7 @@ class Session:
             timeout_seconds=timeout_seconds,
             max_workers=1,
             max_result_bytes=max_result_bytes,
+            max_concurrency=max_concurrency,
         )
 
         def decorate(cls: type[C]) -> ActorClass[C]:

@@ -460,6 +460,7 @@ def test_the_supervisor_starts_on_builtin_modules_only(tmp_path: Path) -> None:
         ("agent/supervisor.py", "aviato_supervisor.py"),
         ("agent/supervisor_link.py", "aviato_supervisor_link.py"),
         ("agent/supervisor_output.py", "aviato_supervisor_output.py"),
+        ("agent/supervisor_concurrent.py", "aviato_supervisor_concurrent.py"),
         ("aviato/link.py", "aviato_link.py"),
         ("aviato/_spare.py", "aviato_spare.py"),
         ("agent/worker_objects.py", "aviato_worker_objects.py"),
