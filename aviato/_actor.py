@@ -17,6 +17,11 @@ the method. When the worker is lost, the calls under way fail with
 ``ActorLostError`` (the instance's state went with it). With ``max_restarts=N`` the
 next call builds the instance again in a new worker (``__init__`` runs again), up
 to N times; after that every call fails with ``ActorLostError`` at once.
+
+``max_concurrency=N`` (N > 1): the pool keeps up to N calls running on the worker (and
+N more queued there), and the worker runs them at once (agent/supervisor_concurrent.py):
+sync methods on N threads, ``async def`` methods on the instance's one event loop. Its
+calls then finish in any order; a lost worker fails every call it held.
 """
 
 from __future__ import annotations
