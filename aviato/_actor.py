@@ -28,14 +28,17 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib
 import uuid
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from aviato._function import FunctionOptions, FunctionResult, RemoteFunction
+from aviato._buffers import _Reduce
+from aviato._function import FunctionOptions, FunctionResult, RemoteFunction, Serialization
 from aviato.exceptions import (
     ActorLostError,
     ConfigurationError,
+    FunctionSerializationError,
     SandboxTimeoutError,
     WorkerLostError,
 )
@@ -47,6 +50,23 @@ C = TypeVar("C")
 
 #: The method name that only builds the instance (the handle's background start).
 _BUILD = "__aviato_build__"
+#: The worker's module whose ActorStub a handle unpickles as (agent/worker_actors.py,
+#: mounted in every worker as this name).
+WORKER_MODULE = "aviato_worker_actors"
+
+
+class _Stub:
+    """Pickles as the worker's ``aviato_worker_actors.ActorStub`` (pickle wants a
+    callable in a reduction; this one is only ever called in a worker, as that class)."""
+
+    def __call__(self, *args: Any) -> Any:
+        raise RuntimeError("an actor handle's stub is made in a worker only")
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return getattr, (_Reduce(importlib.import_module, (WORKER_MODULE,)), "ActorStub")
+
+
+_STUB = _Stub()
 
 
 #: ``max_concurrency`` at most: each call running at once holds a thread of the worker,
@@ -139,7 +159,9 @@ class ActorClass(Generic[C]):
         options = dataclasses.replace(self._options, actor=key, max_workers=1, retries=0)
         dispatch = _dispatcher(self._cls, args, kwargs, key, options.max_concurrency)
         remote: RemoteFunction[Any] = RemoteFunction(dispatch, self._session, options)
-        return ActorHandle(self._cls, remote, key, self._max_restarts)
+        handle = ActorHandle(self._cls, remote, key, self._max_restarts)
+        self._session._actor_relay().add(handle)  # reachable from the session's workers
+        return handle
 
 
 class ActorHandle(Generic[C]):
@@ -188,13 +210,44 @@ class ActorHandle(Generic[C]):
     def _submit(
         self, name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]
     ) -> asyncio.Future[FunctionResult[Any]]:
+        return self._track(name, lambda: self._remote(name, *args, **kwargs))
+
+    def _relay(self, name: str, blob: bytes) -> asyncio.Future[FunctionResult[Any]]:
+        """A call from a worker of the session (aviato/_actor_relay.py): its arguments
+        pickled there, run as they are; its value is ``(pickle, buffers)`` unopened, a
+        method's error a ``RelayedError``. The same order and loss as any call here."""
+        if name.startswith("__") or not callable(getattr(self._cls, name, None)):
+            raise ConfigurationError(f"{self._cls.__qualname__} has no method {name!r}")
+        remote = self._remote
+        return self._track(name, lambda: remote._pool().submit(remote, blob, raw=True))
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Passed to a function or an actor: its worker gets a stub that calls this
+        # instance through its agent and this session (agent/worker_actors.py).
+        if self._closed:
+            raise FunctionSerializationError(
+                f"actor {self.actor_id} is closed: its handle cannot be passed any more"
+            )
+        methods = tuple(
+            sorted(
+                name
+                for name in dir(self._cls)
+                if not name.startswith("__") and callable(getattr(self._cls, name, None))
+            )
+        )
+        json = self._remote.options.serialization is Serialization.JSON
+        return _STUB, (self.actor_id, self._cls.__qualname__, methods, json)
+
+    def _track(
+        self, name: str, start: Callable[[], asyncio.Future[FunctionResult[Any]]]
+    ) -> asyncio.Future[FunctionResult[Any]]:
         if self._closed:
             raise ConfigurationError(f"actor {self.actor_id} is closed")
         if self._lost is not None:
             failed: asyncio.Future[FunctionResult[Any]] = asyncio.get_running_loop().create_future()
             failed.set_exception(self._lost)
             return failed
-        inner = self._remote(name, *args, **kwargs)
+        inner = start()
         generation = self._generation
         outer: asyncio.Future[FunctionResult[Any]] = asyncio.get_running_loop().create_future()
 
@@ -260,6 +313,9 @@ class ActorHandle(Generic[C]):
         if self._closed:
             return
         self._closed = True
-        pool = self._remote._session._drop_pool(self._remote.options)
+        session = self._remote._session
+        if session._relay is not None:
+            session._relay.handles.pop(self.actor_id, None)
+        pool = session._drop_pool(self._remote.options)
         if pool is not None:
             await pool.close()

@@ -49,6 +49,7 @@ __all__ = [
     "Note",
     "Outcome",
     "PoolState",
+    "RelayedError",
     "Send",
     "Settle",
     "SizePool",
@@ -67,6 +68,14 @@ MAX_BATCH = 256
 BATCH_BYTES = 64 * 1024 * 1024
 #: Grow the pool only when the queue holds more than this much work per worker.
 GROW_BACKLOG_SECONDS = 0.5
+
+
+class RelayedError(Exception):
+    """A raw call's error: the worker's error record, unopened."""
+
+    def __init__(self, record: bytes) -> None:
+        super().__init__("the method raised (its error is for the calling worker to open)")
+        self.record = record
 
 
 @dataclass(eq=False, slots=True)
@@ -90,6 +99,9 @@ class Call:
     settled: bool = False
     #: Its caller cancelled its future: it is not run (again), and not delivered.
     cancelled: bool = False
+    #: Relayed for a worker (an actor handle used in a sandbox): its result and error
+    #: stay opaque bytes here, for that worker to open (aviato/_actor_relay.py).
+    raw: bool = False
 
     @property
     def done(self) -> bool:
@@ -401,7 +413,7 @@ class PoolState:
                     continue
                 self._settle(call, Done(value, worker_id, call.attempts, outcome.seconds), actions)
             else:
-                error = self._rebuild_error(blob)
+                error = RelayedError(bytes(blob)) if call.raw else self._rebuild_error(blob)
                 # What the daemons' logs name it by, without changing the user's error.
                 error.add_note(
                     f"aviato: call {call_id} of {call.name}(), worker sandbox {worker_id}"

@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from aviato._actor import ActorClass, check_max_concurrency
+from aviato._actor_relay import ActorRelay
 from aviato._connection import Connections
 from aviato._defaults import SandboxDefaults
 from aviato._function import (
@@ -63,6 +64,8 @@ class Session:
         #: Its object refs (aviato/_objects.py), from the first put or fn.ref.
         self._objects: ObjectManager | None = None
         self._printer: OutputPrinter | None = None  # made at the first worker's output
+        #: Its actors, reachable from its workers (aviato/_actor_relay.py): from the first.
+        self._relay: ActorRelay | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -240,6 +243,14 @@ class Session:
         if self._printer is None:
             self._printer = OutputPrinter()
         return self._printer
+
+    def _actor_relay(self) -> ActorRelay:
+        """Made at the first actor: from then on the session's workers can call its
+        actors through handles passed to them."""
+        if self._relay is None:
+            self._relay = ActorRelay(self)
+            self._relay.start()
+        return self._relay
 
     def _drop_pool(self, options: FunctionOptions) -> FunctionPool | None:
         """Forget the pool of ``options`` (an actor's, closed by its handle)."""

@@ -14,6 +14,7 @@ import msgpack
 from aviato._codec import CodecError, brief, decoder, encode_value
 from aviato.exceptions import ProtocolError
 from aviato.protocol import (
+    actors_more,
     control,
     data,
     files,
@@ -47,6 +48,7 @@ MESSAGE_MODULES: tuple[ModuleType, ...] = (
     observe,
     objects,
     output,
+    actors_more,
 )
 
 

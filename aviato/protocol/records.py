@@ -121,6 +121,10 @@ class MsgType(enum.IntEnum):
     # output forwarding: a worker's prints, to its client (aviato/protocol/output.py)
     WATCH_OUTPUT = 200
     FUNCTION_OUTPUT = 201
+    # actor handles used in sandboxes, relayed by their agent (protocol/actors_more.py)
+    WATCH_ACTOR_CALLS = 260
+    ACTOR_CALL_REQUEST = 261
+    ACTOR_CALL_REPLY = 262
 
 
 class SandboxStatus(enum.StrEnum):
