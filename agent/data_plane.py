@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq.asyncio
 
+from agent import actor_relay
 from agent.checks import request_problem, shown
 from agent.dashboard_view import DashboardRequests
 from agent.exec_history import ExecHistory
@@ -147,6 +148,7 @@ class DataPlane:
         #: Object refs (agent/objects.py): put, get, release, and calls that use them.
         self.objects = ObjectService(self, start)
         self._handlers.update(self.objects.handlers())
+        self._handlers.update(actor_relay.handlers(self))  # actor handles in sandboxes
         #: Requests under way, by (client, request id): a Cancel stops one.
         self._inflight: dict[tuple[bytes, int], asyncio.Task[None]] = {}
         #: Activity, pause and snapshots (agent/lifecycle.py), once the agent sets it.

@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # typing costs milliseconds at start-up; only the checker nee
 # result pickling): beside us in the sandbox (/run/aviato-lib/aviato_link.py and
 # aviato_supervisor_link.py), in their packages on the host.
 if __package__:
-    from agent import worker_objects
+    from agent import supervisor_concurrent, worker_actors, worker_objects
     from agent.supervisor_link import (
         SHM,
         FdReader,
@@ -58,6 +58,8 @@ if __package__:
     from aviato import link as schema
 else:
     import aviato_link as schema  # type: ignore[import-not-found,no-redef]
+    import aviato_supervisor_concurrent as supervisor_concurrent  # type: ignore[import-not-found,no-redef]
+    import aviato_worker_actors as worker_actors  # type: ignore[import-not-found,no-redef]
     import aviato_worker_objects as worker_objects  # type: ignore[import-not-found,no-redef]
     from aviato_supervisor_link import (  # type: ignore[import-not-found,no-redef]
         SHM,
@@ -172,6 +174,7 @@ class Supervisor:
             _queue.SimpleQueue()
         )
         self.functions: dict[str, Any] = {}
+        self.runners: dict[str, Any] = {}  # digest -> its calls' runner, if they run at once
         self.cloudpickle: Any = None
         self.base_env = _user_env()
         self.procs: dict[int, int] = {}  # exec request id -> its process (group) id
@@ -188,6 +191,7 @@ class Supervisor:
         self.streams: Any = None  # supervisor_files.Files, made at the first file op
         #: Outcomes on their way (sent by this thread, or the outbox's flusher: locked).
         self.outbox = Outbox(self.send_results, FLUSH_SECONDS)
+        worker_actors.SEND = self.send  # actor handles passed in call this worker's agent
 
     # ------------------------------------------------------------------ sending
 
@@ -222,6 +226,8 @@ class Supervisor:
                     self.calls.put((header, frames[1:]))
                 elif isinstance(header, schema.ObjectFrames | schema.ObjectDrop):
                     worker_objects.on_header(header, frames[1:])
+                elif header.OP == "actor-reply":  # an actor's, to a handle here (a call's)
+                    worker_actors.on_reply(header, frames[1:])
                 elif isinstance(header, schema.ExecRequest):
                     _thread.start_new_thread(self.do_exec, (header, frames[1:]))
                 elif isinstance(header, schema.ReadRequest):
@@ -321,8 +327,14 @@ class Supervisor:
                 index += 1
             args_blob = blobs[index]
             index += 1
-            self.mark_running(call.call_id)
             mine = [views[i] for i in call.buffers]
+            if fn_blob is not None:
+                fn_blob = supervisor_concurrent.load(self, call.digest, fn_blob)
+            runner = self.runners.get(call.digest)
+            if runner is not None:  # an actor's with max_concurrency > 1: not in order here
+                runner.submit(call, args_blob, mine)
+                continue
+            self.mark_running(call.call_id)
             outcome, result = self.run_one(call, fn_blob, args_blob, mine)
             self.mark_running(0)
             outbox.add(outcome, result)

@@ -28,6 +28,7 @@ from typing import Any
 
 import cloudpickle
 
+from agent.actor_relay import ActorRelay
 from agent.output_relay import OutputRelay
 from agent.runtime.base import ExecOutput, ExitStatus, Mount, OutputChunk
 from agent.supervisor_launch import LIB_DIR, SOCKET_DIR
@@ -68,6 +69,7 @@ from aviato.link import (
     StreamEnd,
     WriteRequest,
 )
+from aviato.link_actors import ActorCall
 from aviato.protocol import (
     MAX_FRAME_BYTES,
     MAX_PAYLOAD_BYTES,
@@ -147,6 +149,7 @@ class WorkerHub:
         self.keep: Keep | None = None
         self._rids = itertools.count(1)
         self.output = OutputRelay(send)  # functions' prints, to their clients
+        self.actors = ActorRelay(send, self._to_supervisor)  # actor handles in sandboxes
         self._prepare_lib()
 
     def _prepare_lib(self) -> None:
@@ -154,9 +157,19 @@ class WorkerHub:
         Python)."""
         self.lib.mkdir()
         shutil.copy(Path(__file__).with_name("supervisor.py"), self.lib / "aviato_supervisor.py")
-        for mine in ("supervisor_link", "supervisor_files", "worker_objects", "supervisor_output"):
+        for mine in (
+            "supervisor_link",
+            "supervisor_files",
+            "worker_objects",
+            "supervisor_output",
+            "supervisor_concurrent",
+            "worker_actors",
+        ):
             shutil.copy(Path(__file__).with_name(f"{mine}.py"), self.lib / f"aviato_{mine}.py")
         shutil.copy(Path(schema.__file__), self.lib / "aviato_link.py")
+        shutil.copy(
+            Path(schema.__file__).with_name("link_actors.py"), self.lib / "aviato_link_actors.py"
+        )
         shutil.copy(
             Path(__file__).with_name("process_table.py"), self.lib / "aviato_process_table.py"
         )
@@ -511,6 +524,12 @@ class WorkerHub:
         for keep in msg.keep:
             link.routes[keep.call_id] = Route(identity, request_id, keep)
 
+    def _to_supervisor(self, sandbox_id: str, frames: Sequence[Payload]) -> bool:
+        """Frames to the supervisor's own link (read by a thread of its own: a call
+        waiting on an actor holds the calls link's reader)."""
+        link = self._links.get(sandbox_id)
+        return bool(link and link.framed and not link.closed and link.framed.send(frames))
+
     def send_to_worker(self, sandbox_id: str, frames: Sequence[Payload]) -> None:
         """Frames to a function worker, on the link its batches take (objects first)."""
         link = self._links.get(sandbox_id)
@@ -570,6 +589,8 @@ class WorkerHub:
                 self._end(link)
         elif isinstance(header, schema.WorkerOutput) and known:
             self.output.relay(link.sandbox_id, header, frames[1:])
+        elif isinstance(header, ActorCall) and known:
+            self.actors.on_call(link.sandbox_id, header, frames[1:])
         elif conn is link.framed and isinstance(
             header, Output | Exit | FileDone | ProcReply | Chunk | ChunkAck | StreamEnd | Listing
         ):
@@ -688,6 +709,7 @@ class WorkerHub:
     async def close(self, sandbox_id: str, detail: str) -> None:
         link = self._links.pop(sandbox_id, None)
         self.output.forget(sandbox_id)
+        self.actors.forget(sandbox_id)
         if link is None:
             # Closed already; a runtime that made the directory again after that (a stop
             # that raced its create) must not leave it behind.

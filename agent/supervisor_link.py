@@ -307,6 +307,14 @@ class Outbox:
             self._busy = False
             self._send_held()
 
+    def send_now(self, outcome: schema.CallOutcome, frames: list[Any]) -> None:
+        """An outcome from another thread (a call run at once with others,
+        agent/supervisor_concurrent.py): sent now, with any held before it."""
+        with self._lock:
+            self._outcomes.append(outcome)
+            self._frames.extend(frames)
+            self._send_held()
+
     def send_locked(self, header: bytes, frames: list[Any]) -> None:
         """Another message on the outcomes' way, in order with them: under ``lock``."""
         self._send(header, frames)

@@ -79,6 +79,8 @@ class FunctionOptions:
     max_result_bytes: int = DEFAULT_MAX_RESULT_BYTES
     #: An actor instance's key: its pool is its own ("": calls share pools by shape).
     actor: str = ""
+    #: An actor's calls its one worker may run at once (``@session.cls(max_concurrency=)``).
+    max_concurrency: int = 1
     _pool_key: tuple[Any, ...] = field(init=False, repr=False, compare=False, default=())
 
     def __post_init__(self) -> None:

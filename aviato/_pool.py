@@ -94,6 +94,9 @@ class WorkerHandle:
     record: Worker
     #: The request its output comes on (``WatchOutput``), if it is forwarded.
     watch: int | None = None
+    #: The request its actor calls come on (``WatchActorCalls``), once the session
+    #: has actors (aviato/_actor_relay.py).
+    relay: int | None = None
 
     @property
     def sandbox_id(self) -> str:
@@ -183,6 +186,8 @@ class CallFuture(asyncio.Future[FunctionResult[Any]]):
 
 
 def _decode(call: Call, blob: Payload, buffers: Sequence[Payload]) -> Any:
+    if call.raw:  # for a worker to open (aviato/_actor_relay.py)
+        return bytes(blob), [bytes(b) for b in buffers]
     return decode_value(call.options.serialization, blob, buffers)
 
 
@@ -266,8 +271,11 @@ class FunctionPool:
         args_blob: bytes,
         frames: Frames | None = None,
         before: Callable[[int], object] | None = None,
+        *,
+        raw: bool = False,
     ) -> asyncio.Future[FunctionResult[Any]]:
-        """Queue a call; ``before`` gets its id first (it may be sent at once)."""
+        """Queue a call; ``before`` gets its id first (it may be sent at once). ``raw``:
+        its value is ``(pickle, buffers)`` unopened, its error a ``RelayedError``."""
         if self.state.closed:
             raise SandboxError("the session is closed: call remote functions inside it")
         shipped = fn.shipped()
@@ -276,6 +284,7 @@ class FunctionPool:
         call = Call(
             next(_call_ids), shipped.digest, shipped.name, fn.options, args_blob, frames or Frames()
         )
+        call.raw = raw
         future = CallFuture(loop=asyncio.get_running_loop())
         future.pool = self
         future.call = call
@@ -436,6 +445,8 @@ class FunctionPool:
             await sandbox.stop()
         if handle is not None and handle.watch is not None:  # its last output is in
             handle.conn.forget(handle.watch)
+        if handle is not None and handle.relay is not None:
+            handle.conn.forget(handle.relay)
 
     # ------------------------------------------------------------------ workers
 
@@ -498,6 +509,8 @@ class FunctionPool:
         handle = self._handles[worker_id] = WorkerHandle(sandbox, conn, record)
         if self.session.defaults.forward_output:  # asked before its first calls
             handle.watch = self.session._output().watch(conn, worker_id)
+        if self.session._relay is not None:  # actor handles may be passed to it
+            self.session._relay.watch(handle)
         self._task(self._watch(handle))
         self._run(actions)
 

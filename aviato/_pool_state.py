@@ -49,6 +49,7 @@ __all__ = [
     "Note",
     "Outcome",
     "PoolState",
+    "RelayedError",
     "Send",
     "Settle",
     "SizePool",
@@ -67,6 +68,14 @@ MAX_BATCH = 256
 BATCH_BYTES = 64 * 1024 * 1024
 #: Grow the pool only when the queue holds more than this much work per worker.
 GROW_BACKLOG_SECONDS = 0.5
+
+
+class RelayedError(Exception):
+    """A raw call's error: the worker's error record, unopened."""
+
+    def __init__(self, record: bytes) -> None:
+        super().__init__("the method raised (its error is for the calling worker to open)")
+        self.record = record
 
 
 @dataclass(eq=False, slots=True)
@@ -90,6 +99,9 @@ class Call:
     settled: bool = False
     #: Its caller cancelled its future: it is not run (again), and not delivered.
     cancelled: bool = False
+    #: Relayed for a worker (an actor handle used in a sandbox): its result and error
+    #: stay opaque bytes here, for that worker to open (aviato/_actor_relay.py).
+    raw: bool = False
 
     @property
     def done(self) -> bool:
@@ -401,7 +413,7 @@ class PoolState:
                     continue
                 self._settle(call, Done(value, worker_id, call.attempts, outcome.seconds), actions)
             else:
-                error = self._rebuild_error(blob)
+                error = RelayedError(bytes(blob)) if call.raw else self._rebuild_error(blob)
                 # What the daemons' logs name it by, without changing the user's error.
                 error.add_note(
                     f"aviato: call {call_id} of {call.name}(), worker sandbox {worker_id}"
@@ -542,6 +554,9 @@ class PoolState:
             # and never with a timeout (it runs from dispatch, so no queueing there).
             prefetch = size > 1 or (pool_full and head.options.timeout_seconds is None)
             room = (2 * size if prefetch else 1) - len(worker.inflight)
+            width = head.options.max_concurrency
+            if width > 1:  # an actor's worker runs this many at once (and queues as many)
+                room = (2 * width if prefetch else width) - len(worker.inflight)
             if head.suspect:
                 room = 0 if worker.inflight else 1  # alone on an idle worker
             if room <= 0:
@@ -672,7 +687,13 @@ class PoolState:
             self.lost_total += 1
         calls = self._drop(worker, actions)
         running = [c for c in calls if c.call_id == culprit] if culprit else []
-        if running:
+        if calls and calls[0].options.max_concurrency > 1:
+            # An actor's worker running calls at once (the note names one at most):
+            # each may have been running, on the state that died with it. None runs
+            # again on a fresh instance unasked: all are lost (the handle decides).
+            for call in calls:
+                self._retry_or_fail(call, detail, actions)
+        elif running:
             for call in reversed(calls):
                 if call is not running[0] and not call.done:
                     call.attempts -= 1

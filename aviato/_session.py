@@ -16,7 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
-from aviato._actor import ActorClass
+from aviato._actor import ActorClass, check_max_concurrency
+from aviato._actor_relay import ActorRelay
 from aviato._connection import Connections
 from aviato._defaults import SandboxDefaults
 from aviato._function import (
@@ -63,6 +64,8 @@ class Session:
         #: Its object refs (aviato/_objects.py), from the first put or fn.ref.
         self._objects: ObjectManager | None = None
         self._printer: OutputPrinter | None = None  # made at the first worker's output
+        #: Its actors, reachable from its workers (aviato/_actor_relay.py): from the first.
+        self._relay: ActorRelay | None = None
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
@@ -181,15 +184,13 @@ class Session:
 
         A lost worker fails the calls under way with ``ActorLostError``; with
         ``max_restarts=N`` the next call builds the instance again (N times at most).
+        ``max_concurrency=N`` (N > 1) runs up to N calls of an instance at once: sync
+        methods on N threads of its worker, ``async def`` ones on one event loop there.
         See aviato/_actor.py."""
         self._check_open()
         if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
             raise ConfigurationError(f"max_restarts must be an int >= 0, not {max_restarts!r}")
-        if max_concurrency != 1:
-            raise ConfigurationError(
-                "max_concurrency other than 1 is not supported yet: an instance runs one "
-                "method at a time, in the order called"
-            )
+        check_max_concurrency(max_concurrency)
         options = FunctionOptions(
             sandbox=self._worker_sandbox(
                 container_image, env, memory_bytes, cpus, gpus, agent_labels, placement, network
@@ -199,6 +200,7 @@ class Session:
             timeout_seconds=timeout_seconds,
             max_workers=1,
             max_result_bytes=max_result_bytes,
+            max_concurrency=max_concurrency,
         )
 
         def decorate(cls: type[C]) -> ActorClass[C]:
@@ -241,6 +243,14 @@ class Session:
         if self._printer is None:
             self._printer = OutputPrinter()
         return self._printer
+
+    def _actor_relay(self) -> ActorRelay:
+        """Made at the first actor: from then on the session's workers can call its
+        actors through handles passed to them."""
+        if self._relay is None:
+            self._relay = ActorRelay(self)
+            self._relay.start()
+        return self._relay
 
     def _drop_pool(self, options: FunctionOptions) -> FunctionPool | None:
         """Forget the pool of ``options`` (an actor's, closed by its handle)."""

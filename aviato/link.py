@@ -671,7 +671,7 @@ HEADERS: dict[Op, type[Header]] = {
 }
 
 #: HEADERS by the op's text (an Op hashes and compares as its value).
-_BY_OP: dict[Any, type[Header]] = HEADERS
+_BY_OP: dict[Any, type[Header]] = dict(HEADERS)  # and aviato/link_actors.py's
 
 #: What the agent's probe of a worker's calls link carries, in a memfd.
 SHM_PROBE = b"aviato shared memory probe"

@@ -354,6 +354,9 @@ class SyncActor(Generic[T]):
     def __repr__(self) -> str:
         return f"<sync {self.handle!r}>"
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return self.handle.__reduce_ex__(protocol)  # passed to a function: as its handle
+
     def __getattr__(self, name: str) -> Callable[..., FunctionResult[Any]]:
         # AttributeError for what the class lacks
         method: Callable[..., asyncio.Future[FunctionResult[Any]]] = getattr(self.handle, name)

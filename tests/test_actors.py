@@ -157,7 +157,7 @@ async def test_bad_actor_options_are_refused(defaults: SandboxDefaults) -> None:
         with pytest.raises(ConfigurationError, match="max_restarts"):
             session.cls(max_restarts=-1)
         with pytest.raises(ConfigurationError, match="max_concurrency"):
-            session.cls(max_concurrency=4)
+            session.cls(max_concurrency=0)
         with pytest.raises(ConfigurationError, match="needs a class"):
             session.cls()(len)  # type: ignore[arg-type]
 

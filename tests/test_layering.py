@@ -50,6 +50,11 @@ OPEN_TO_DAEMONS = ("aviato.protocol", "aviato.exceptions", SERVER)
 SHARED: dict[str, tuple[frozenset[str] | None, str]] = {
     "aviato.link": (None, "the worker link's schema and framing: stdlib-only, both ends"),
     "aviato._link_fast": (None, "the link's fast paths for a call's records: part of aviato.link"),
+    "aviato.link_actors": (
+        None,
+        "the link's ops for actor handles used in sandboxes: part of aviato.link, in a "
+        "module of its own",
+    ),
     "aviato._options": (
         None,
         "the sandbox options record and its one problems() check: the protocol is built on"

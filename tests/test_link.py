@@ -460,7 +460,10 @@ def test_the_supervisor_starts_on_builtin_modules_only(tmp_path: Path) -> None:
         ("agent/supervisor.py", "aviato_supervisor.py"),
         ("agent/supervisor_link.py", "aviato_supervisor_link.py"),
         ("agent/supervisor_output.py", "aviato_supervisor_output.py"),
+        ("agent/supervisor_concurrent.py", "aviato_supervisor_concurrent.py"),
+        ("agent/worker_actors.py", "aviato_worker_actors.py"),
         ("aviato/link.py", "aviato_link.py"),
+        ("aviato/link_actors.py", "aviato_link_actors.py"),
         ("aviato/_spare.py", "aviato_spare.py"),
         ("agent/worker_objects.py", "aviato_worker_objects.py"),
     ]:  # as agent/supervisor_hub.py's _prepare_lib lays them out
@@ -485,3 +488,37 @@ def test_the_supervisor_starts_on_builtin_modules_only(tmp_path: Path) -> None:
         if not cheap and not name.startswith("aviato_") and name not in ("struct", "__future__"):
             costly.append(name)
     assert not costly, f"the supervisor imports {costly} at start-up"
+
+
+def test_the_actor_ops_round_trip_both_ways() -> None:
+    """aviato/link_actors.py's headers, added to the link's table by their module, in
+    both builds (a sandbox loads it beside ``aviato_link``)."""
+    from aviato.link_actors import ActorCall, ActorReply
+
+    spec = importlib.util.spec_from_file_location(
+        "aviato_link_actors", Path(link.__file__).with_name("link_actors.py")
+    )
+    assert spec is not None and spec.loader is not None
+    lite_actors = importlib.util.module_from_spec(spec)
+    saved = sys.modules.get("aviato_link")
+    sys.modules["aviato_link"] = lite
+    try:
+        spec.loader.exec_module(lite_actors)
+    finally:
+        if saved is None:
+            del sys.modules["aviato_link"]
+        else:
+            sys.modules["aviato_link"] = saved
+    assert set(HEADERS) == set(Op)  # the link's own table stays its own
+    for header in (
+        ActorCall(4, "Model-0a1b2c3d4e5f", "predict"),
+        ActorReply(4, "ok", buffers=2, sandbox_id="sb-2", seconds=0.5),
+        ActorReply(5, "failed", "its worker was lost", "ActorLostError"),
+    ):
+        wire = encode(header)
+        in_sandbox = lite.decode(marshal.loads(marshal.dumps(wire)))
+        assert type(in_sandbox).__name__ == type(header).__name__
+        assert lite.encode(in_sandbox) == wire
+        assert decode(json.loads(to_json(lite.encode(in_sandbox)))) == header
+    with pytest.raises(ProtocolError):  # checked on the host as any header
+        decode({"op": "actor-call", "rid": "x", "actor": "a", "method": "m"})

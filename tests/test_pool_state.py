@@ -535,3 +535,18 @@ def test_every_call_ends_exactly_once(ops: list[tuple[str, int, list[str]]], bou
     for c in calls:
         assert ended[c.call_id] + (c.call_id in cancelled) == 1, c
     assert state.queued() == 0 and state.in_flight() == 0
+
+
+def test_an_actor_running_calls_at_once_keeps_n_on_its_worker_and_loses_them_all() -> None:
+    """``max_concurrency`` N: its one worker holds N slow calls at once (and N more
+    queued behind them); when it dies, every call it held fails (each may have been
+    running on the instance that died), none runs again unasked."""
+    state = make_state(max_workers=1)
+    calls = [call(n, actor="a", retries=0, max_concurrency=3) for n in range(1, 9)]
+    actions = queued_then_started(state, calls, "w1")
+    assert [ids for _, ids in sends(actions)] == [[n] for n in range(1, 7)]
+    actions = passed(state, state.worker_lost("w1", "its sandbox exited with code 137"))
+    failed = settled(actions)
+    assert sorted(failed) == [1, 2, 3, 4, 5, 6]
+    assert all(isinstance(e, WorkerLostError) for e in failed.values())
+    assert [c.call_id for c in state.queue if not c.done] == [7, 8]

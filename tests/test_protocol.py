@@ -20,6 +20,8 @@ from aviato._types import FileInfo
 from aviato.protocol import (
     MESSAGE_TYPES,
     PROTOCOL_VERSION,
+    ActorCallReply,
+    ActorCallRequest,
     AgentHeartbeat,
     AgentInfo,
     AgentLocation,
@@ -123,6 +125,7 @@ from aviato.protocol import (
     VolumeInfo,
     VolumeListReply,
     WaitSandbox,
+    WatchActorCalls,
     WatchOutput,
     WriteFile,
     WriteStdin,
@@ -355,6 +358,16 @@ SAMPLES: list[Message] = [
     # output forwarding (aviato/protocol/output.py, MsgType 200-219)
     WatchOutput(sandbox_id="sb-1"),
     FunctionOutput(sandbox_id="sb-1", fd=2, name="work", dropped=4096),
+    WatchActorCalls(sandbox_id="sb-1"),
+    ActorCallRequest(sandbox_id="sb-1", rid=3, actor="Model-0a1b2c3d4e5f", method="predict"),
+    ActorCallReply(
+        sandbox_id="sb-1",
+        rid=3,
+        status="ok",
+        buffers=1,
+        actor_sandbox_id="sb-2",
+        seconds=0.25,
+    ),
 ]
 
 

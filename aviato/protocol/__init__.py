@@ -21,6 +21,7 @@ from __future__ import annotations
 # A call's header and outcome travel on to the function worker and back: their
 # records are the worker link's (stdlib-only, as the worker inside a sandbox needs).
 from aviato.link import CallHeader, CallOutcome, CallStatus, Serialization
+from aviato.protocol.actors_more import ActorCallReply, ActorCallRequest, WatchActorCalls
 from aviato.protocol.control import (
     AgentHeartbeat,
     AgentSpares,
@@ -190,6 +191,8 @@ __all__ = [
     "MESSAGE_TYPES",
     "PROTOCOL_VERSION",
     "SNAPSHOT_REPOSITORY",
+    "ActorCallReply",
+    "ActorCallRequest",
     "AgentHeartbeat",
     "AgentInfo",
     "AgentLocation",
@@ -299,6 +302,7 @@ __all__ = [
     "VolumeInfo",
     "VolumeListReply",
     "WaitSandbox",
+    "WatchActorCalls",
     "WatchOutput",
     "WriteFile",
     "WriteStdin",

@@ -14,6 +14,7 @@ import msgpack
 from aviato._codec import CodecError, brief, decoder, encode_value
 from aviato.exceptions import ProtocolError
 from aviato.protocol import (
+    actors_more,
     control,
     data,
     files,
@@ -51,6 +52,7 @@ MESSAGE_MODULES: tuple[ModuleType, ...] = (
     objects,
     objects_more,
     output,
+    actors_more,
 )
 
 

@@ -131,6 +131,10 @@ class MsgType(enum.IntEnum):
     AGENT_SANDBOXES_REPLY = 281
     GET_EXEC_RESULTS = 282
     EXEC_RESULTS_REPLY = 283
+    # actor handles used in sandboxes, relayed by their agent (protocol/actors_more.py)
+    WATCH_ACTOR_CALLS = 260
+    ACTOR_CALL_REQUEST = 261
+    ACTOR_CALL_REPLY = 262
 
 
 class SandboxStatus(enum.StrEnum):
