@@ -68,6 +68,7 @@ from aviato.protocol import (
     open_envelope,
     to_wire,
 )
+from scheduler.hotpath import CreateDecoder
 from scheduler.metrics import SchedulerMetrics
 from scheduler.records import Action, AgentDeclaredDead, Config, Reply, SendToAgent
 from scheduler.state import SchedulerState
@@ -180,6 +181,8 @@ class SchedulerServer:
         self._identity_agent: dict[bytes, str] = {}
         self._outgoing: dict[tuple[bytes, int], Outgoing] = {}
         self._next_id = 0
+        #: CreateSandbox decoded once per distinct spec (scheduler/hotpath.py).
+        self._creates = CreateDecoder()
         #: id(spec) -> (spec, its wire form), see _encode.
         self._spec_wires: dict[int, tuple[SandboxSpec, dict[str, Any]]] = {}
         #: Listings being streamed a page at a time (see ListSandboxes.stream).
@@ -267,7 +270,11 @@ class SchedulerServer:
             env = open_envelope(frames[1:])
             if env.type in _SUCCESS_REPLIES and self._agent_success(identity, env):
                 return
-            decoded = _plain_heartbeat(env) or decode_body(env, frames[1:])
+            decoded = (
+                _plain_heartbeat(env)
+                or self._creates.decode(env, frames[1:])
+                or decode_body(env, frames[1:])
+            )
         except DecodeError as exc:
             assert self._sock is not None
             if self.metrics is not None:
