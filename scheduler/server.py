@@ -68,7 +68,7 @@ from aviato.protocol import (
     open_envelope,
     to_wire,
 )
-from scheduler.hotpath import CreateDecoder
+from scheduler.hotpath import CreateDecoder, peek_success
 from scheduler.metrics import SchedulerMetrics
 from scheduler.records import Action, AgentDeclaredDead, Config, Reply, SendToAgent
 from scheduler.state import SchedulerState
@@ -274,9 +274,15 @@ class SchedulerServer:
     async def _serve_one(self, frames: list[zmq.Frame] | list[bytes]) -> None:
         first = frames[0]
         identity = first if isinstance(first, bytes) else first.bytes
+        if len(frames) == 2 and identity in self._identity_agent:
+            peeked = peek_success(frames[1])
+            if peeked is not None and self._agent_success(identity, *peeked):
+                return
         try:
             env = open_envelope(frames[1:])
-            if env.type in _SUCCESS_REPLIES and self._agent_success(identity, env):
+            if env.type in _SUCCESS_REPLIES and self._agent_success(
+                identity, env.request_id, env.token
+            ):
                 return
             decoded = (
                 _plain_heartbeat(env)
@@ -297,13 +303,13 @@ class SchedulerServer:
             log.exception("scheduler: error handling %s", type(decoded.msg).__name__)
             self._send(identity, error_reply(exc), decoded.request_id)
 
-    def _agent_success(self, identity: bytes, env: Envelope) -> bool:
+    def _agent_success(self, identity: bytes, request_id: int, token: str | None) -> bool:
         """An agent's success reply to a request of ours, handled without checking its
         body (which nothing here reads): the bulk of what agents send in a burst of
         creates. False: take the usual path."""
-        if self.token is not None and env.token != self.token:
+        if self.token is not None and token != self.token:
             return False
-        outgoing = self._outgoing.pop((identity, env.request_id), None)
+        outgoing = self._outgoing.pop((identity, request_id), None)
         if outgoing is None:
             return False
         # Only the agent the request went to can answer it: its identity is its connection.

@@ -17,13 +17,18 @@ from aviato.protocol import (
     ErrorCode,
     ErrorReply,
     MsgType,
+    OkReply,
     RegisterAgent,
+    SandboxInfo,
+    SandboxReply,
     SandboxSpec,
+    SandboxStatus,
     decode,
+    encode,
     open_envelope,
     to_wire,
 )
-from scheduler.hotpath import CreateDecoder
+from scheduler.hotpath import CreateDecoder, peek_success
 from scheduler.state import Config, Reply, SchedulerState, SendToAgent
 
 SPEC = SandboxSpec(image="python:3.11", command="sleep", args=("infinity",), tags=("t",))
@@ -148,3 +153,65 @@ def test_a_bad_spec_object_is_refused_every_time_it_comes() -> None:
     # A bad sandbox id is still refused, with a spec already found good.
     actions = state.request_create("c5", SPEC, 10.0, 1.0, sandbox_id="x" * 5000)
     assert isinstance(actions[0], Reply) and isinstance(actions[0].msg, ErrorReply)
+
+
+# --------------------------------------------------------------------------- peek_success
+
+INFO = SandboxInfo("sb-0123456789abcdef", SPEC, SandboxStatus.RUNNING, agent_id="a1")
+
+
+@pytest.mark.parametrize("token", [None, "s3cret"])
+@pytest.mark.parametrize("msg", [SandboxReply(INFO), OkReply()])
+def test_peek_reads_an_agents_success_reply(msg: Any, token: str | None) -> None:
+    frames = encode(msg, 42, token=token)
+    assert peek_success(frames[0]) == (42, token)
+    assert decode(frames).request_id == 42  # what the checked path reads of it
+
+
+def envelope(**fields: Any) -> bytes:
+    base: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": int(MsgType.OK), "id": 3, "b": {}}
+    base.update(fields)
+    return msgpack.packb({k: v for k, v in base.items() if v is not DROP}, use_bin_type=True)
+
+
+DROP = object()
+GOOD = envelope()
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        envelope(v=PROTOCOL_VERSION + 1),
+        envelope(v=float(PROTOCOL_VERSION)),
+        envelope(v=DROP),
+        envelope(t=int(MsgType.AGENT_HEARTBEAT)),
+        envelope(t=float(MsgType.OK)),
+        envelope(t=DROP),
+        envelope(id=True),
+        envelope(id="3"),
+        envelope(id=DROP),
+        envelope(tok=7),
+        envelope(extra=1),
+        GOOD + b"\x00",  # something after the envelope
+        GOOD[:-1],  # cut short
+        GOOD[:3],
+        msgpack.packb([1, 2, 3]),
+        msgpack.packb({1: "x"}),
+        b"",
+        b"\xc1",  # never valid msgpack
+        envelope(b=b"\xff").replace(b"\xc4\x01\xff", b"\xa1\xff"),  # a str not UTF-8...
+    ],
+)
+def test_peek_leaves_everything_else_to_the_checked_path(frame: bytes) -> None:
+    if frame.endswith(b"\xa1\xff"):
+        # ...in a body the scheduler never reads: taken (the checked path refused it
+        # before; the agent owning the request is the only one who can send it).
+        assert peek_success(frame) == (3, None)
+        return
+    assert peek_success(frame) is None
+
+
+def test_peek_accepts_an_explicit_null_token_as_open_envelope_does() -> None:
+    frame = envelope(tok=None)
+    assert peek_success(frame) == (3, None)
+    assert open_envelope([frame]).token is None
