@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import heapq
 import os
 import subprocess
 import tempfile
@@ -109,6 +110,12 @@ class FakeAgent:
         self.max_heartbeat_gap = 0.0
         self._next_id = 0
         self.interval = 0.5
+        #: Set: this agent's heartbeats stop (``heartbeat_all``), as if it died.
+        self.silent = False
+        self._last_beat = 0.0
+        # The same socket driven synchronously, for heartbeats: a send through the
+        # asyncio socket (a future each) cost more than the heartbeat itself.
+        self._raw: zmq.Socket[bytes] = zmq.Socket.shadow(self.sock.underlying)
 
     def _id(self) -> int:
         self._next_id += 1
@@ -124,32 +131,50 @@ class FakeAgent:
     async def serve(self) -> None:
         sock = self.sock
         while True:
-            frames = await sock.recv_multipart()
-            env = _unpack(frames[0])
-            t, rid, body = env["t"], env["id"], env["b"]
-            if t == MsgType.PLACE_SANDBOX:
-                info = body["sandbox"]
-                self.running.add(info["sandbox_id"])
-                reply = _frame(
-                    MsgType.SANDBOX_REPLY,
-                    rid,
-                    {"sandbox": {**info, "status": SandboxStatus.RUNNING.value}},
-                )
-                if not FakeAgent.checked:
-                    self._check(frames, reply)
-                self.placed += 1
+            reply = self._answer(await sock.recv_multipart())
+            if reply is not None:
                 await sock.send(reply)
-            elif t == MsgType.STOP_SANDBOX:
-                self.running.discard(body["sandbox_id"])
-                self.stopped += 1
-                await sock.send(_frame(MsgType.OK, rid, {}))
-            elif t == MsgType.HEARTBEAT_REPLY:
-                if not body["registered"]:
-                    self.unregistered += 1
-                if body.get("heartbeat_interval"):
-                    self.interval = body["heartbeat_interval"]
-            elif t == MsgType.ERROR:
-                self.errors += 1
+
+    def on_readable(self) -> None:
+        """Every message waiting, read and answered without a future (``serve_all``)."""
+        raw = self._raw
+        while True:
+            try:
+                frames = raw.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            reply = self._answer(frames)
+            if reply is not None:
+                raw.send(reply, zmq.DONTWAIT)
+
+    def _answer(self, frames: list[bytes]) -> bytes | None:
+        """What this fake agent does with a message: its reply, if it has one."""
+        env = _unpack(frames[0])
+        t, rid, body = env["t"], env["id"], env["b"]
+        if t == MsgType.PLACE_SANDBOX:
+            info = body["sandbox"]
+            self.running.add(info["sandbox_id"])
+            reply = _frame(
+                MsgType.SANDBOX_REPLY,
+                rid,
+                {"sandbox": {**info, "status": SandboxStatus.RUNNING.value}},
+            )
+            if not FakeAgent.checked:
+                self._check(frames, reply)
+            self.placed += 1
+            return reply
+        if t == MsgType.STOP_SANDBOX:
+            self.running.discard(body["sandbox_id"])
+            self.stopped += 1
+            return _frame(MsgType.OK, rid, {})
+        if t == MsgType.HEARTBEAT_REPLY:
+            if not body["registered"]:
+                self.unregistered += 1
+            if body.get("heartbeat_interval"):
+                self.interval = body["heartbeat_interval"]
+        elif t == MsgType.ERROR:
+            self.errors += 1
+        return None
 
     @staticmethod
     def _check(frames: list[bytes], reply: bytes) -> None:
@@ -159,6 +184,20 @@ class FakeAgent:
         assert isinstance(ours, SandboxReply) and ours.sandbox.status is SandboxStatus.RUNNING
         assert dataclasses.replace(ours.sandbox, status=place.sandbox.status) == place.sandbox
         FakeAgent.checked = True
+
+    def beat(self, now: float, full_every: int = 20) -> None:
+        """One heartbeat, as ``heartbeat`` sends them, sent at once (never waits)."""
+        if self._last_beat:
+            self.max_heartbeat_gap = max(self.max_heartbeat_gap, now - self._last_beat)
+        self._last_beat = now
+        if self.heartbeats % full_every == 0:
+            body: dict[str, Any] = {"agent_id": self.agent_id, "running": list(self.running)}
+        else:
+            body = {"agent_id": self.agent_id, "full": False}
+        self._raw.send(_frame(MsgType.AGENT_HEARTBEAT, self._id(), body), zmq.DONTWAIT)
+        self.heartbeats += 1
+        # A send can take the socket's wake-up for a message that arrived meanwhile.
+        self.on_readable()
 
     async def heartbeat(self, full_every: int = 20) -> None:
         """As the real agent does: every ``full_every``-th heartbeat lists every sandbox,
@@ -177,6 +216,46 @@ class FakeAgent:
                 body = {"agent_id": self.agent_id, "full": False}
             await self.sock.send(_frame(MsgType.AGENT_HEARTBEAT, self._id(), body))
             self.heartbeats += 1
+
+
+async def serve_all(agents: list[FakeAgent]) -> None:
+    """Every fake agent served from the event loop's own readiness callbacks, without
+    a task, a future or an asyncio socket each (a wake-up cost the load generator
+    several times what the scheduler spends on the same message). Until cancelled.
+    The agents' asyncio sockets must have nothing pending (registration is done)."""
+    loop = asyncio.get_running_loop()
+    fds = []
+    try:
+        for agent in agents:
+            fd = agent.sock.getsockopt(zmq.FD)
+            loop.remove_reader(fd)  # the asyncio socket's own: ours replaces it
+            loop.add_reader(fd, agent.on_readable)
+            fds.append(fd)
+            agent.on_readable()  # what arrived before (the FD signals edges only)
+        await asyncio.Event().wait()
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
+
+
+async def heartbeat_all(agents: list[FakeAgent]) -> None:
+    """Every fake agent's heartbeats from one task, each at its own interval and phase
+    (a task and a timer per agent made the load generator, not the scheduler, the
+    first to fall behind with thousands of agents)."""
+    now = time.monotonic()
+    due = [(now + a.interval * (hash(a.agent_id) % 1000) / 1000, i) for i, a in enumerate(agents)]
+    heapq.heapify(due)
+    while True:
+        now = time.monotonic()
+        while due[0][0] <= now:
+            _, i = due[0]
+            agent = agents[i]
+            if not agent.silent:
+                agent.beat(now)
+            # From now, not from when it was due: a late beat is not followed by a
+            # burst of catching up (the gap it left is recorded, not hidden).
+            heapq.heapreplace(due, (now + agent.interval, i))
+        await asyncio.sleep(max(0.0, due[0][0] - time.monotonic()))
 
 
 # --------------------------------------------------------------------------- clients

@@ -321,7 +321,8 @@ class SchedulerState(PlacementState):
         sandbox_id: str = "",
     ) -> list[Action]:
         """A client asks for a sandbox: refused, queued for a slot, or placed at once."""
-        problem = validate_spec(spec) or _check_sandbox_id(sandbox_id)
+        spec, problem = self._checked_spec(spec)
+        problem = problem or _check_sandbox_id(sandbox_id)
         if problem:
             return [Reply(key, ErrorReply(ErrorCode.BAD_REQUEST, problem))]
         refusal = self.snapshot_problem(spec)
@@ -350,13 +351,25 @@ class SchedulerState(PlacementState):
             # Not heard of since a restart: a lease of its own, renewed by a live client,
             # so that its sandboxes are reaped if none is.
             self._lease(session_id, now + self.config.adopted_lease_seconds, now)
-        spec = self._intern(spec)
         self.pending.append(
             PendingCreate(key, spec, now + max(0.0, timeout_seconds), now, sandbox_id)
         )
         if sandbox_id:
             self._pending_ids.add(sandbox_id)
         return self._dispatch(now)
+
+    def _checked_spec(self, spec: SandboxSpec) -> tuple[SandboxSpec, str | None]:
+        """``spec`` as shared (``_intern``), and why it cannot be placed
+        (``validate_spec``): both pure, so found once per spec object."""
+        known = self._checked.get(id(spec))
+        if known is not None and known[0] is spec:
+            return known[1], known[2]
+        problem = validate_spec(spec)
+        shared = spec if problem else self._intern(spec)
+        if len(self._checked) >= MAX_INTERNED_SPECS:
+            self._checked.clear()  # bounded; an entry holds its spec, so ids stay true
+        self._checked[id(spec)] = (spec, shared, problem)
+        return shared, problem
 
     def _intern(self, spec: SandboxSpec) -> SandboxSpec:
         """One object for equal specs (memory: most sandboxes share a few specs)."""

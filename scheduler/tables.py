@@ -78,6 +78,9 @@ class Tables:
         self._stop_waiters: dict[str, list[Waiter]] = {}
         #: Identical specs (a session's pool asks for many alike) share one object.
         self._specs: dict[tuple[object, ...], SandboxSpec] = {}
+        #: id(spec) -> (that spec, its shared one, why it cannot be placed): checked
+        #: once per object (the scheduler's decoder hands one object per distinct spec).
+        self._checked: dict[int, tuple[SandboxSpec, SandboxSpec, str | None]] = {}
         self._order: RowOrder[SandboxRecord] = RowOrder(_seq_of)
         #: when the scheduler itself could not hear agents (see BlindSpots)
         self.blind = BlindSpots()
